@@ -1,0 +1,3 @@
+"""fixloop dashboard package."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""fixloop device_sim package."""
+
+__all__: list[str] = []

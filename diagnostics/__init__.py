@@ -1,0 +1,3 @@
+"""fixloop diagnostics package."""
+
+__all__: list[str] = []

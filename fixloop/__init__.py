@@ -1,0 +1,3 @@
+"""fixloop fixloop package."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""fixloop notifier package."""
+
+__all__: list[str] = []
