@@ -1,0 +1,97 @@
+"""Settings models of the composition root: the root ``Settings`` and its sections.
+
+``fixloop`` reads settings once (:func:`fixloop.config.load_settings`, from a TOML file
+and the environment) and hands each package its own frozen section. A section is a
+frozen pydantic model owned by its package; adding one is one typed field on
+:class:`Settings`, e.g. ``mqtt: MqttSettings = Field(default_factory=MqttSettings)``,
+after which ``[mqtt]`` in TOML and ``FIXLOOP_MQTT__PORT`` in the environment reach it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import MappingProxyType
+from typing import Final
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "SECTIONS", "Settings", "StackSettings"]
+
+ENV_PREFIX: Final = "FIXLOOP_"
+ENV_NESTED_DELIMITER: Final = "__"
+_MIN_SECRET_CHARS: Final = 16
+
+
+class StackSettings(BaseModel):
+    """The local stack started by ``fixloop up`` (section ``[stack]``).
+
+    Attributes:
+        data_dir: where the stack keeps broker and InfluxDB data, logs and the fleet secret.
+        mqtt_port: broker port; ``0`` picks a free port (a fixed one such as 1883 for
+            real devices).
+        influx_port: InfluxDB HTTP port; ``0`` picks a free port.
+        dashboard_port: reserved for the dashboard; ``0`` picks a free port.
+        fleet_secret: secret device passwords derive from; generated and kept in
+            ``data_dir`` on the first ``fixloop up`` when not given.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path = Path(".fixloop")
+    mqtt_port: int = Field(default=0, ge=0, le=65535)
+    influx_port: int = Field(default=0, ge=0, le=65535)
+    dashboard_port: int = Field(default=0, ge=0, le=65535)
+    fleet_secret: SecretStr | None = None
+
+    @field_validator("fleet_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < _MIN_SECRET_CHARS:
+            raise ValueError(f"must be at least {_MIN_SECRET_CHARS} characters")
+        return value
+
+
+class Settings(BaseSettings):
+    """Root of every setting: one field per section, each a frozen model.
+
+    Built by :func:`fixloop.config.load_settings`; constructing it directly gives the
+    defaults plus the keyword arguments only (the process environment is read by the
+    entry point alone, see STYLE.md).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+        frozen=True,
+        extra="forbid",
+    )
+
+    stack: StackSettings = Field(default_factory=StackSettings)
+    # Sections owned by other packages plug in here, one typed field each:
+    # mqtt, influx, gateway, sim, ...
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Use only the values handed in: ``load_settings`` merges file and environment."""
+        return (init_settings,)
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    sections: dict[str, type[BaseModel]] = {}
+    for name, field in Settings.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            sections[name] = field.annotation
+    return sections
+
+
+#: Section name → model class, derived from :class:`Settings` (for help and checks).
+SECTIONS: Final = MappingProxyType(_sections())

@@ -1,0 +1,523 @@
+"""Local stack runner: a real mosquitto and a real influxd on loopback ports.
+
+Used by ``fixloop up`` (a small install on one machine) and by the test fixtures
+(``tests/conftest.py``). Each server lives in its own directory, on a free port unless
+told otherwise, and is configured by the same renderers as production
+(:mod:`fixloop.broker` for the broker). The runners are synchronous: they start and
+stop processes and wait for them, which is what fixtures and the command line need.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Final, Self
+
+from fixloop.broker import (
+    DEFAULT_MAX_QUEUED_MESSAGES,
+    Listener,
+    device_credentials,
+    render_acl,
+    render_mosquitto_conf,
+    render_password_file,
+)
+from gateway.errors import ConfigError
+
+__all__ = ["InfluxdServer", "MosquittoServer", "free_port"]
+
+LOOPBACK: Final = "127.0.0.1"
+_POLL_S: Final = 0.02
+_LOG_TAIL_LINES: Final = 15
+# Debian installs mosquitto in /usr/sbin, which a non-root PATH often lacks.
+_EXTRA_BIN_DIRS: Final = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """Return a TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _find_binary(name: str, binary: str | None, package: str) -> str:
+    hint = f"install it: apt-get install {package}"
+    if binary is not None:
+        if os.path.isfile(binary) and os.access(binary, os.X_OK):
+            return binary
+        found = shutil.which(binary)
+        if found is None:
+            raise ConfigError(f"{name} binary {binary!r} not found; {hint}")
+        return found
+    path = os.pathsep.join([os.environ.get("PATH", os.defpath), *_EXTRA_BIN_DIRS])
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise ConfigError(f"{name} not found on PATH; {hint}")
+    return found
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class _Server:
+    """Process handling shared by the servers: start, wait until ready, stop, restart."""
+
+    name: str = "server"
+
+    def __init__(self, root: Path, *, startup_timeout_s: float, stop_timeout_s: float) -> None:
+        self.root = Path(root)
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    @property
+    def log_path(self) -> Path:
+        """File that collects the server's log and console output."""
+        return self.root / f"{self.name}.log"
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id while running."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    def _prepare(self) -> None:
+        """Write configuration files; called before every start."""
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _after_start(self) -> None:
+        """Run once the server answers (create databases ...)."""
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """Return the last ``lines`` lines the server logged since its last start."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(self._log_offset)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self) -> Self:
+        """Start the server and wait until it is ready.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ConfigError: the binary is missing, or the server exits or does not get ready
+                within ``startup_timeout_s`` (the message carries the end of its log).
+        """
+        if self.running:
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+        command = self._command()
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self._proc = self._spawn(command, log)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self._ready():
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise ConfigError(self._failure(f"exited with status {code}"))
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ConfigError(self._failure(f"not ready after {self.startup_timeout_s:g} s"))
+            time.sleep(_POLL_S)
+        try:
+            self._after_start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, command: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        # Own session: a Ctrl-C meant for the test run or `fixloop up` must not reach the
+        # server before we stop it in order.
+        return subprocess.Popen(
+            command,
+            cwd=self.root,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _failure(self, what: str) -> str:
+        tail = self.log_tail().replace("\n", "\n  ")
+        return f"{self.name} {what} (log {self.log_path}):\n  {tail}"
+
+    def stop(self) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after ``stop_timeout_s``; wait for it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL (a crash: nothing is saved) and wait for it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+    def restart(self) -> Self:
+        """Stop (if running) and start again on the same port with the same data."""
+        self.stop()
+        return self.start()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class MosquittoServer(_Server):
+    """A mosquitto broker configured by :mod:`fixloop.broker`.
+
+    Every user in ``users`` is a service user (reads all device topics, sends commands,
+    talks on ``fleet/#``); each of ``device_ids`` is a device user whose password derives
+    from ``fleet_secret``.
+
+    Example::
+
+        with MosquittoServer(tmp, users={"fixloop-gateway": pw}) as broker:
+            connect(broker.host, broker.port)
+    """
+
+    name = "mosquitto"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        users: Mapping[str, str] | None = None,
+        device_ids: Sequence[str] = (),
+        fleet_secret: str | None = None,
+        admin_users: Mapping[str, str] | None = None,
+        port: int = 0,
+        bind_address: str = LOOPBACK,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+        persistence: bool = True,
+        autosave_interval_s: int = 60,
+        connection_messages: bool = True,
+        binary: str | None = None,
+        startup_timeout_s: float = 10.0,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
+        """Prepare a broker; nothing runs until :meth:`start`.
+
+        Args:
+            root: directory of its configuration, data and log.
+            users: service users, name → password.
+            device_ids: devices allowed to connect.
+            fleet_secret: secret their passwords derive from (needed with ``device_ids``).
+            admin_users: operators, name → password (every topic).
+            port: TCP port; ``0`` picks a free one, kept across restarts.
+            bind_address: address to listen on.
+            max_queued_messages: per-client queue bound.
+            persistence: keep sessions and queued messages across restarts.
+            autosave_interval_s: seconds between saves of the in-memory database.
+            connection_messages: log connects and disconnects (handy in tests).
+            binary: mosquitto executable; found on PATH and in ``/usr/sbin`` if ``None``.
+            startup_timeout_s: how long to wait for the broker to accept connections.
+            stop_timeout_s: how long to wait after SIGTERM before SIGKILL.
+
+        Raises:
+            ConfigError: device ids without a fleet secret, or a name used twice.
+        """
+        super().__init__(root, startup_timeout_s=startup_timeout_s, stop_timeout_s=stop_timeout_s)
+        self.users = dict(users or {})
+        self.admin_users = dict(admin_users or {})
+        self.device_ids = tuple(device_ids)
+        if self.device_ids and not fleet_secret:
+            raise ConfigError("mosquitto: device_ids need a fleet_secret")
+        devices = device_credentials(fleet_secret or "-", self.device_ids)
+        self.credentials: dict[str, str] = {}
+        for group in (self.users, self.admin_users, devices):
+            clash = sorted(self.credentials.keys() & group.keys())
+            if clash:
+                raise ConfigError(f"mosquitto: user names used twice: {clash}")
+            self.credentials.update(group)
+        self.bind_address = bind_address
+        self.max_queued_messages = max_queued_messages
+        self.persistence = persistence
+        self.autosave_interval_s = autosave_interval_s
+        self.connection_messages = connection_messages
+        self._binary = binary
+        self._port = port
+
+    @property
+    def port(self) -> int:
+        """TCP port of the broker (picked on first use when constructed with ``0``)."""
+        if self._port == 0:
+            self._port = free_port()
+        return self._port
+
+    @property
+    def host(self) -> str:
+        """Address clients connect to."""
+        return LOOPBACK if self.bind_address in ("", "0.0.0.0") else self.bind_address
+
+    @property
+    def url(self) -> str:
+        """``mqtt://host:port``."""
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def conf_path(self) -> Path:
+        """The rendered ``mosquitto.conf``."""
+        return self.root / "mosquitto.conf"
+
+    @property
+    def data_dir(self) -> Path:
+        """Directory of the persistence database."""
+        return self.root / "data"
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        passwd = self.root / "passwd"
+        acl = self.root / "acl"
+        _write_private(passwd, render_password_file(self.credentials))
+        _write_private(
+            acl,
+            render_acl(service_users=sorted(self.users), admin_users=sorted(self.admin_users)),
+        )
+        conf = render_mosquitto_conf(
+            listeners=(Listener(self.port, self.bind_address or None),),
+            data_dir=str(self.data_dir),
+            password_file=str(passwd),
+            acl_file=str(acl),
+            persistence=self.persistence,
+            autosave_interval_s=self.autosave_interval_s,
+            max_queued_messages=self.max_queued_messages,
+            # Its own log file, not stdout: mosquitto flushes file logs per line, and
+            # start() waits for the "running" line.
+            log_file=str(self.log_path),
+            connection_messages=self.connection_messages,
+            run_as_user=getpass.getuser(),
+        )
+        _write_private(self.conf_path, conf)
+
+    def _command(self) -> list[str]:
+        binary = _find_binary("mosquitto", self._binary, "mosquitto")
+        return [binary, "-c", str(self.conf_path)]
+
+    def _ready(self) -> bool:
+        return " running" in self.log_tail(lines=1000) and _tcp_open(self.host, self.port)
+
+
+class InfluxdServer(_Server):
+    """An InfluxDB 1.x ``influxd`` with a database created, on loopback free ports.
+
+    With ``username`` and ``password`` it enables authentication and creates that
+    admin user on first start (to test 401 handling).
+    """
+
+    name = "influxd"
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        database: str = "fixloop",
+        port: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        binary: str | None = None,
+        startup_timeout_s: float = 20.0,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
+        """Prepare an influxd; nothing runs until :meth:`start`.
+
+        Args:
+            root: directory of its configuration, data and log.
+            database: database created after every start (``CREATE DATABASE`` is
+                idempotent).
+            port: HTTP port; ``0`` picks a free one, kept across restarts.
+            username: admin user; with ``password`` it turns authentication on.
+            password: password of ``username``.
+            binary: influxd executable; found on PATH if ``None``.
+            startup_timeout_s: how long to wait for ``/ping``.
+            stop_timeout_s: how long to wait after SIGTERM before SIGKILL.
+        """
+        super().__init__(root, startup_timeout_s=startup_timeout_s, stop_timeout_s=stop_timeout_s)
+        if (username is None) != (password is None):
+            raise ConfigError("influxd: username and password go together")
+        self.database = database
+        self.username = username
+        self.password = password
+        self._binary = binary
+        self._port = port
+        self._rpc_port = 0
+
+    @property
+    def port(self) -> int:
+        """HTTP port (picked on first use when constructed with ``0``)."""
+        if self._port == 0:
+            self._port = free_port()
+        return self._port
+
+    @property
+    def host(self) -> str:
+        """Address clients connect to."""
+        return LOOPBACK
+
+    @property
+    def url(self) -> str:
+        """Base URL of the HTTP API, without a trailing slash."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def conf_path(self) -> Path:
+        """The rendered ``influxd.conf``."""
+        return self.root / "influxd.conf"
+
+    def _prepare(self) -> None:
+        if self._rpc_port == 0:
+            self._rpc_port = free_port()
+        auth = "true" if self.username is not None else "false"
+        root = self.root.resolve()
+        conf = f"""\
+# Rendered by fixloop.stack for a local influxd; not a production configuration.
+reporting-disabled = true
+# The backup/restore RPC port defaults to 8088 on every influxd: give each its own.
+bind-address = "{LOOPBACK}:{self._rpc_port}"
+
+[meta]
+  dir = "{root / "meta"}"
+  logging-enabled = false
+
+[data]
+  dir = "{root / "data"}"
+  wal-dir = "{root / "wal"}"
+  query-log-enabled = false
+
+[monitor]
+  store-enabled = false
+
+[subscriber]
+  enabled = false
+
+[continuous_queries]
+  enabled = false
+
+[http]
+  enabled = true
+  bind-address = "{LOOPBACK}:{self.port}"
+  auth-enabled = {auth}
+  log-enabled = false
+  pprof-enabled = false
+
+[logging]
+  level = "warn"
+  suppress-logo = true
+"""
+        _write_private(self.conf_path, conf)
+
+    def _command(self) -> list[str]:
+        binary = _find_binary("influxd", self._binary, "influxdb")
+        return [binary, "-config", str(self.conf_path)]
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/ping", timeout=1.0) as response:
+                return bool(response.status == 204)
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _after_start(self) -> None:
+        if self.username is not None and self.password is not None:
+            # The first user may be created without credentials; an existing user with
+            # the same password makes this a no-op on restarts.
+            name = self.username.replace('"', '\\"')
+            secret = self.password.replace("'", "\\'")
+            self.query(f"CREATE USER \"{name}\" WITH PASSWORD '{secret}' WITH ALL PRIVILEGES")
+        self.create_database(self.database)
+
+    def create_database(self, name: str) -> None:
+        """Create database ``name`` (no-op when it exists)."""
+        self.query(f'CREATE DATABASE "{_quote_ident(name)}"')
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` and its data."""
+        self.query(f'DROP DATABASE "{_quote_ident(name)}"')
+
+    def query(self, q: str, *, database: str | None = None) -> Any:
+        """Run InfluxQL ``q`` via ``POST /query`` and return the decoded JSON answer.
+
+        Raises:
+            ConfigError: influxd answered an error (the test or setup is wrong).
+        """
+        params = {"q": q}
+        if database is not None:
+            params["db"] = database
+        if self.username is not None and self.password is not None:
+            params |= {"u": self.username, "p": self.password}
+        body = urllib.parse.urlencode(params).encode()
+        request = urllib.request.Request(f"{self.url}/query", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10.0) as response:
+                answer = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace").strip()
+            raise ConfigError(f"influxd query failed ({exc.code}): {detail}") from exc
+        except OSError as exc:
+            raise ConfigError(f"influxd at {self.url} unreachable: {exc}") from exc
+        for result in answer.get("results", []):
+            if "error" in result:
+                raise ConfigError(f"influxd query failed: {result['error']}")
+        return answer
+
+
+def _quote_ident(name: str) -> str:
+    return name.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
