@@ -1,0 +1,209 @@
+r"""InfluxDB line protocol for readings and events (the gateway's storage encoder).
+
+The gateway decodes device payloads into frozen :class:`~gateway.protocol.Reading` and
+:class:`~gateway.protocol.Event` values (:mod:`gateway.protocol.codec`); this module turns
+them into line-protocol lines, which :mod:`gateway.influx` writes (or
+:mod:`gateway.spool` keeps while InfluxDB is away). Timestamps are epoch milliseconds:
+every write uses ``precision=ms``.
+
+Escaping follows the line protocol reference
+(https://docs.influxdata.com/influxdb/v1/write_protocols/line_protocol_reference/):
+
+* measurement: ``,`` and space;
+* tag keys, tag values and field keys: ``,``, ``=`` and space;
+* string field values: ``"`` and ``\``.
+
+Everything from a device is untrusted, so this encoder also escapes ``\`` in names, and
+never lets a line feed or carriage return through raw: they become the two characters
+``\n`` and ``\r``, so a hostile name or text can never start a second point. The
+escaping is injective (two different inputs never give the same line), but InfluxDB
+stores ``\n`` as those two characters, not as a line feed.
+
+Some inputs cannot be written at all and raise
+:class:`~gateway.errors.WriteRejectedError` (a permanent error: quarantine the message):
+an empty name or tag value, a name or tag value ending in a backslash (InfluxDB 1.x
+cannot parse ``\\`` before a separator), text that is not encodable as UTF-8, and
+metrics named ``seq`` or ``status``, which this schema uses for its own fields (InfluxDB
+keeps only the last of two equal field keys, so the metric would be lost silently).
+
+Encoding readings is the gateway's hot path: escaped names and tag values are cached
+(names repeat across a fleet), so a typical reading costs a dict lookup per metric, a
+float ``repr`` and one ``str.encode``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+import orjson
+
+from gateway.errors import WriteRejectedError
+from gateway.protocol.model import Event, MetricValue, Reading
+
+__all__ = [
+    "EVENTS_MEASUREMENT",
+    "RESERVED_FIELDS",
+    "TELEMETRY_MEASUREMENT",
+    "event_to_line",
+    "reading_to_line",
+]
+
+#: Measurement of telemetry points (one point per reading).
+TELEMETRY_MEASUREMENT: Final = "telemetry"
+#: Measurement of device events (one point per event).
+EVENTS_MEASUREMENT: Final = "device_events"
+#: Field keys of telemetry points that are not metrics.
+RESERVED_FIELDS: Final = frozenset(("seq", "status"))
+
+# Names: tag keys, tag values and field keys.
+_NAME_SPECIAL: Final = re.compile(r"[,= \\\n\r]")
+_NAME_ESCAPES: Final = {
+    ord("\\"): "\\\\",
+    ord(","): "\\,",
+    ord("="): "\\=",
+    ord(" "): "\\ ",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+}
+# String field values (inside double quotes).
+_STRING_SPECIAL: Final = re.compile(r'["\\\n\r]')
+_STRING_ESCAPES: Final = {
+    ord("\\"): "\\\\",
+    ord('"'): '\\"',
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+}
+_MEASUREMENT_ESCAPES: Final = {
+    ord("\\"): "\\\\",
+    ord(","): "\\,",
+    ord(" "): "\\ ",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+}
+
+# Caches of escaped names and short string values. Bounded: a hostile fleet inventing
+# names cannot grow them past _CACHE_LIMIT entries (they are cleared and refilled).
+_CACHE_LIMIT: Final = 65_536
+_NAMES: dict[str, str] = {}
+_WORDS: dict[str, str] = {}
+
+_TELEMETRY_PREFIX: Final = TELEMETRY_MEASUREMENT.translate(_MEASUREMENT_ESCAPES) + ",device="
+_EVENTS_PREFIX: Final = EVENTS_MEASUREMENT.translate(_MEASUREMENT_ESCAPES) + ",device="
+
+
+def _escape_name(raw: str) -> str:
+    """Escape a tag key, tag value or field key, and remember the result."""
+    if not raw:
+        raise WriteRejectedError("line protocol has no empty names or tag values")
+    if raw[-1] == "\\":
+        raise WriteRejectedError("line protocol cannot end a name or tag value in a backslash")
+    escaped = raw.translate(_NAME_ESCAPES) if _NAME_SPECIAL.search(raw) else raw
+    if len(_NAMES) >= _CACHE_LIMIT:
+        _NAMES.clear()
+    _NAMES[raw] = escaped
+    return escaped
+
+
+def _escape_string(raw: str) -> str:
+    """Escape a string field value (without its quotes)."""
+    return raw.translate(_STRING_ESCAPES) if _STRING_SPECIAL.search(raw) else raw
+
+
+def _escape_word(raw: str) -> str:
+    """Escape a short, repeating string field value (a status) and remember it."""
+    escaped = _escape_string(raw)
+    if len(_WORDS) >= _CACHE_LIMIT:
+        _WORDS.clear()
+    _WORDS[raw] = escaped
+    return escaped
+
+
+def _reserved_metric(metrics: Mapping[str, MetricValue]) -> WriteRejectedError:
+    names = sorted(RESERVED_FIELDS.intersection(metrics))
+    return WriteRejectedError(f"metric names {names!r} are reserved for the point's own fields")
+
+
+def reading_to_line(reading: Reading) -> bytes:
+    """Encode a reading as one line of the ``telemetry`` measurement.
+
+    The line is ``telemetry,device=<id> <metric>=<value>,...,status="<status>",seq=<n>i
+    <ts_ms>``: floats as their ``repr``, bools as ``true``/``false``, ``status`` only
+    when the reading has one. The result never contains a raw line feed.
+
+    Args:
+        reading: a validated reading.
+
+    Returns:
+        The UTF-8 line, without a trailing newline.
+
+    Raises:
+        WriteRejectedError: the reading cannot be expressed in line protocol (see the
+            module docstring); retrying will not help.
+    """
+    names = _NAMES
+    metrics = reading.metrics
+    if "seq" in metrics or "status" in metrics:
+        raise _reserved_metric(metrics)
+    fields: list[str] = []
+    append = fields.append
+    for name, value in metrics.items():
+        key = names.get(name) or _escape_name(name)
+        if value is True:
+            append(key + "=true")
+        elif value is False:
+            append(key + "=false")
+        else:
+            append(f"{key}={value!r}")
+    status = reading.status
+    if status is not None:
+        append(f'status="{_WORDS.get(status) or _escape_word(status)}"')
+    append(f"seq={reading.seq}i")
+    device = names.get(reading.device_id) or _escape_name(reading.device_id)
+    line = f"{_TELEMETRY_PREFIX}{device} {','.join(fields)} {reading.ts_ms}"
+    try:
+        return line.encode()
+    except UnicodeEncodeError as exc:
+        raise WriteRejectedError("reading holds text that is not valid UTF-8") from exc
+
+
+def event_to_line(event: Event) -> bytes:
+    """Encode an event as one line of the ``device_events`` measurement.
+
+    Tags are ``device`` and ``kind``; fields are ``seq`` (integer), ``code``,
+    ``command_id`` and ``detail`` (strings, when present), ``ok`` (bool, when present)
+    and ``data`` (a JSON object with sorted keys, as a string, when not empty).
+
+    Args:
+        event: a validated event.
+
+    Returns:
+        The UTF-8 line, without a trailing newline.
+
+    Raises:
+        WriteRejectedError: the event cannot be expressed in line protocol.
+    """
+    names = _NAMES
+    fields = [f"seq={event.seq}i"]
+    if event.code is not None:
+        fields.append(f'code="{_escape_string(event.code)}"')
+    if event.command_id is not None:
+        fields.append(f'command_id="{_escape_string(event.command_id)}"')
+    if event.detail is not None:
+        fields.append(f'detail="{_escape_string(event.detail)}"')
+    if event.ok is not None:
+        fields.append("ok=true" if event.ok else "ok=false")
+    if event.data:
+        try:
+            data = orjson.dumps(dict(event.data), option=orjson.OPT_SORT_KEYS).decode()
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise WriteRejectedError(f"event data is not JSON-encodable ({exc})") from exc
+        fields.append(f'data="{_escape_string(data)}"')
+    device = names.get(event.device_id) or _escape_name(event.device_id)
+    kind = names.get(event.kind) or _escape_name(event.kind)
+    line = f"{_EVENTS_PREFIX}{device},kind={kind} {','.join(fields)} {event.ts_ms}"
+    try:
+        return line.encode()
+    except UnicodeEncodeError as exc:
+        raise WriteRejectedError("event holds text that is not valid UTF-8") from exc
