@@ -1,0 +1,213 @@
+"""Gateway health and counters in Prometheus text format (the ingest stage's window).
+
+Counters are plain integers bumped on the event loop (no locks needed); the HTTP
+endpoint renders them on demand: ``/metrics`` (Prometheus text exposition 0.0.4) and
+``/health`` (JSON, 200 when the pipeline can take data, 503 otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+__all__ = ["GatewayMetrics", "MetricsServer"]
+
+_LOG = logging.getLogger(__name__)
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+@dataclass(slots=True)
+class GatewayMetrics:
+    """What the gateway has done since it started.
+
+    Attributes:
+        received: messages taken from the broker, by channel (telemetry, events ...).
+        stored: points written to InfluxDB (directly or replayed from the spool).
+        spooled: points written to the on-disk spool while InfluxDB was away.
+        replayed: points written to InfluxDB from the spool.
+        rejected: messages refused by validation, by reason.
+        store_rejected: points InfluxDB refused with a 400 (set aside, not retried).
+        acked: QoS-1 messages acknowledged to the broker.
+        spool_batches: batches waiting in the spool now.
+        spool_bytes: bytes waiting in the spool now.
+        unacked: messages received but not yet durable (and so not acknowledged).
+        last_point_ts_ms: device timestamp of the newest point written.
+        influx_up: whether the last InfluxDB write succeeded.
+        mqtt_connected: whether the broker connection is up.
+    """
+
+    received: Counter[str] = field(default_factory=Counter)
+    stored: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    store_rejected: int = 0
+    acked: int = 0
+    spool_batches: int = 0
+    spool_bytes: int = 0
+    unacked: int = 0
+    last_write_s: float = 0.0
+    write_seconds_sum: float = 0.0
+    write_count: int = 0
+    last_point_ts_ms: int = 0
+    influx_up: bool = False
+    mqtt_connected: bool = False
+    started_s: float = field(default_factory=time.time)
+
+    def lag_s(self, now_s: float | None = None) -> float:
+        """Seconds between now and the device time of the newest point written."""
+        if not self.last_point_ts_ms:
+            return 0.0
+        now = time.time() if now_s is None else now_s
+        return max(0.0, now - self.last_point_ts_ms / 1000)
+
+    def render(self) -> str:
+        """Render every metric in Prometheus text exposition format."""
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+            full = f"fixloop_gateway_{name}"
+            out.append(f"# HELP {full} {help_text}")
+            out.append(f"# TYPE {full} {kind}")
+            for labels, value in samples:
+                text = str(value) if isinstance(value, int) else f"{value:.6f}"
+                out.append(f"{full}{labels} {text}")
+
+        def by(label: str, counts: Counter[str]) -> list[tuple[str, float]]:
+            return [
+                (f'{{{label}="{_escape_label(key)}"}}', count)
+                for key, count in sorted(counts.items())
+            ] or [("", 0)]
+
+        metric(
+            "received_total",
+            "counter",
+            "Messages taken from the broker.",
+            by("channel", self.received),
+        )
+        metric("stored_points_total", "counter", "Points written to InfluxDB.", [("", self.stored)])
+        metric(
+            "spooled_points_total",
+            "counter",
+            "Points written to the on-disk spool.",
+            [("", self.spooled)],
+        )
+        metric(
+            "replayed_points_total",
+            "counter",
+            "Points replayed from the spool.",
+            [("", self.replayed)],
+        )
+        metric(
+            "rejected_total",
+            "counter",
+            "Messages refused by validation.",
+            by("reason", self.rejected),
+        )
+        metric(
+            "store_rejected_points_total",
+            "counter",
+            "Points InfluxDB refused (400).",
+            [("", self.store_rejected)],
+        )
+        metric("acked_total", "counter", "QoS-1 messages acknowledged.", [("", self.acked)])
+        metric(
+            "spool_batches", "gauge", "Batches waiting in the spool.", [("", self.spool_batches)]
+        )
+        metric("spool_bytes", "gauge", "Bytes waiting in the spool.", [("", self.spool_bytes)])
+        metric(
+            "unacked_messages", "gauge", "Messages received, not yet durable.", [("", self.unacked)]
+        )
+        metric(
+            "lag_seconds",
+            "gauge",
+            "Now minus device time of the newest point written.",
+            [("", self.lag_s())],
+        )
+        metric(
+            "write_seconds_sum",
+            "counter",
+            "Time spent in InfluxDB writes.",
+            [("", self.write_seconds_sum)],
+        )
+        metric("write_seconds_count", "counter", "InfluxDB writes.", [("", self.write_count)])
+        metric(
+            "influx_up",
+            "gauge",
+            "1 if the last InfluxDB write succeeded.",
+            [("", int(self.influx_up))],
+        )
+        metric(
+            "mqtt_connected",
+            "gauge",
+            "1 if the broker connection is up.",
+            [("", int(self.mqtt_connected))],
+        )
+        return "\n".join(out) + "\n"
+
+    def health(self) -> dict[str, object]:
+        """Return a JSON-able health summary."""
+        return {
+            "mqtt_connected": self.mqtt_connected,
+            "influx_up": self.influx_up,
+            "spool_batches": self.spool_batches,
+            "unacked": self.unacked,
+            "stored": self.stored,
+            "rejected": sum(self.rejected.values()),
+            "lag_s": round(self.lag_s(), 3),
+        }
+
+
+class MetricsServer:
+    """HTTP endpoint for ``/metrics`` and ``/health``, an async context manager.
+
+    Args:
+        metrics: the counters to serve.
+        host: address to bind.
+        port: port to bind; 0 picks a free one (see :attr:`port` after start).
+    """
+
+    def __init__(self, metrics: GatewayMetrics, host: str, port: int) -> None:
+        self._metrics = metrics
+        self._host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    async def _metrics_handler(self, request: web.Request) -> web.Response:
+        return web.Response(text=self._metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _health_handler(self, request: web.Request) -> web.Response:
+        health = self._metrics.health()
+        ok = bool(health["mqtt_connected"])
+        return web.json_response(health, status=200 if ok else 503)
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_get("/health", self._health_handler)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self.port)
+        await site.start()
+        if self._runner.addresses:  # the real port when 0 was asked
+            self.port = int(self._runner.addresses[0][1])
+        _LOG.info("gateway metrics on http://%s:%d/metrics", self._host, self.port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()

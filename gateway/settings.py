@@ -1,0 +1,79 @@
+"""Settings of the gateway stage: broker connection, ingest, spool, validation limits.
+
+Built once by ``fixloop`` from a TOML file and ``FIXLOOP_`` variables and passed to
+constructors; nothing here reads the environment.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from gateway.protocol.codec import Limits
+
+__all__ = ["GatewaySettings", "MqttSettings"]
+
+
+class MqttSettings(BaseModel):
+    """How services reach the MQTT broker (section ``[mqtt]``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    ca_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """Return the TLS context to connect with, or None for plain TCP."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        return context
+
+    def secret(self) -> str | None:
+        """Return the password in clear, for the connect call only."""
+        return self.password.get_secret_value() if self.password else None
+
+
+class GatewaySettings(BaseModel):
+    """The ingest pipeline (section ``[gateway]``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    client_id: str = Field("fixloop-gateway", min_length=1, max_length=64)
+    session_expiry_s: int = Field(7 * 86_400, ge=0, description="broker keeps our queue")
+    shared_group: str | None = Field(
+        None, description="MQTT 5 shared-subscription group to spread load over gateways"
+    )
+    batch_max_points: int = Field(5_000, ge=1, le=100_000)
+    batch_linger_s: float = Field(0.1, ge=0, le=10)
+    max_pending_batches: int = Field(8, ge=1, le=1_000)
+    receive_maximum: int = Field(65_535, ge=1, le=65_535)
+    spool_dir: Path = Path(".fixloop/spool")
+    spool_fsync: bool = True
+    spool_max_bytes: int = Field(10 * 2**30, ge=2**20)
+    retry_max_s: float = Field(30.0, gt=0)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
+    max_payload_bytes: int = Field(16_384, ge=256, le=1_048_576)
+    max_metrics: int = Field(64, ge=1, le=1_000)
+    max_age_s: int = Field(35 * 86_400, ge=60, description="backfill window")
+    max_future_s: int = Field(300, ge=0)
+    max_abs_value: float = Field(1e12, gt=0)
+
+    def limits(self) -> Limits:
+        """Return the validation limits as the codec takes them."""
+        return Limits(
+            max_payload_bytes=self.max_payload_bytes,
+            max_metrics=self.max_metrics,
+            max_age_ms=self.max_age_s * 1000,
+            max_future_ms=self.max_future_s * 1000,
+            max_abs_value=self.max_abs_value,
+        )
