@@ -9,6 +9,7 @@ stop processes and wait for them, which is what fixtures and the command line ne
 
 from __future__ import annotations
 
+import base64
 import getpass
 import json
 import os
@@ -495,15 +496,18 @@ bind-address = "{LOOPBACK}:{self._rpc_port}"
         params = {"q": q}
         if database is not None:
             params["db"] = database
-        if self.username is not None and self.password is not None:
-            params |= {"u": self.username, "p": self.password}
         body = urllib.parse.urlencode(params).encode()
         request = urllib.request.Request(f"{self.url}/query", data=body, method="POST")
+        if self.username is not None and self.password is not None:
+            # influxd 1.x reads u/p from the URL or Basic auth, never from a form body.
+            pair = f"{self.username}:{self.password}".encode()
+            request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
         try:
             with urllib.request.urlopen(request, timeout=10.0) as response:
                 answer = json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace").strip()
+            with exc:
+                detail = exc.read().decode(errors="replace").strip()
             raise ConfigError(f"influxd query failed ({exc.code}): {detail}") from exc
         except OSError as exc:
             raise ConfigError(f"influxd at {self.url} unreachable: {exc}") from exc
