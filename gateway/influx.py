@@ -22,6 +22,7 @@ Error policy (ARCHITECTURE.md, "Delivery and safety rules"):
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import logging
 from collections.abc import Mapping, Sequence
@@ -183,14 +184,13 @@ class InfluxClient:
             self._write_url = self._url("/api/v2/write", params)
         self._query_url = self._url("/query", {})
         self._ping_url = self._url("/ping", {})
-        headers = {}
+        self._headers: dict[str, str] = {}
         if settings.token is not None:
-            headers["Authorization"] = f"Token {settings.token.get_secret_value()}"
-        self._headers = headers
-        self._auth: aiohttp.BasicAuth | None = None
-        if settings.token is None and settings.username:
+            self._headers["Authorization"] = f"Token {settings.token.get_secret_value()}"
+        elif settings.username:
             password = settings.password.get_secret_value() if settings.password else ""
-            self._auth = aiohttp.BasicAuth(settings.username, password)
+            pair = f"{settings.username}:{password}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
 
     def _url(self, path: str, params: Mapping[str, str]) -> URL:
         return self._base.with_path(self._prefix + path).with_query(params)
@@ -201,7 +201,7 @@ class InfluxClient:
         return self._settings
 
     async def __aenter__(self) -> Self:
-        self._session = aiohttp.ClientSession(headers=self._headers, auth=self._auth)
+        self._session = aiohttp.ClientSession(headers=self._headers)
         return self
 
     async def __aexit__(

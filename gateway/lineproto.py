@@ -16,8 +16,12 @@ Escaping follows the line protocol reference
 Everything from a device is untrusted, so this encoder also escapes ``\`` in names, and
 never lets a line feed or carriage return through raw: they become the two characters
 ``\n`` and ``\r``, so a hostile name or text can never start a second point. The
-escaping is injective (two different inputs never give the same line), but InfluxDB
-stores ``\n`` as those two characters, not as a line feed.
+escaping is injective (two different inputs never give the same line), but what InfluxDB
+stores differs: it keeps ``\n`` as those two characters, not as a line feed, and InfluxDB
+1.x keeps ``\\`` in tags and field keys as two backslashes (the 2.x reference reads it
+as one).
+None of this reaches well-formed data: the codec's name patterns admit no backslash,
+line feed, carriage return, space, comma or equals sign.
 
 Some inputs cannot be written at all and raise
 :class:`~gateway.errors.WriteRejectedError` (a permanent error: quarantine the message):

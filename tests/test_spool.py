@@ -126,7 +126,11 @@ def test_segments_roll_and_are_deleted_when_read(tmp_path: Path) -> None:
         assert segments(directory)[0].stat().st_size == 3 * record
         for i in range(4):
             assert spool.pop() == batch(i)
-        assert [p.name for p in segments(directory)][0] == "00000002.seg"
+        assert [p.name for p in segments(directory)] == [
+            "00000002.seg",
+            "00000003.seg",
+            "00000004.seg",
+        ]
     with Spool(directory, segment_bytes=3 * record) as spool:
         assert len(spool) == 6
         assert drain(spool) == [batch(i) for i in range(4, 10)]
@@ -261,3 +265,49 @@ def test_acknowledged_batches_survive_sigkill(tmp_path: Path) -> None:
     # every acknowledged batch is there; at most the one being appended at the kill more
     assert acknowledged + 1 <= len(items) <= acknowledged + 2
     assert len(segments(directory)) == 1
+
+
+def test_damaged_cursor_replays_rather_than_loses(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    with Spool(directory) as spool:
+        for i in range(4):
+            spool.append(batch(i))
+        spool.pop()
+    (directory / "cursor").write_bytes(b"garbage")
+    with Spool(directory) as spool:
+        assert drain(spool) == [batch(i) for i in range(4)]  # one batch twice: idempotent
+
+
+def test_consumed_segment_left_by_a_crash_is_removed(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    record = HEADER + 40
+    with Spool(directory, segment_bytes=2 * record) as spool:
+        for i in range(4):
+            spool.append(batch(i))
+        first = segments(directory)[0].read_bytes()
+        spool.pop()
+        spool.pop()
+    # a crash after the cursor moved on but before the old segment was deleted
+    (directory / "00000001.seg").write_bytes(first)
+    with Spool(directory, segment_bytes=2 * record) as spool:
+        assert len(spool) == 2
+        assert not (directory / "00000001.seg").exists()
+        assert drain(spool) == [batch(2), batch(3)]
+
+
+def test_record_damaged_while_open_is_set_aside(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    with Spool(directory) as spool:
+        for i in range(3):
+            spool.append(batch(i))
+        (segment,) = segments(directory)
+        with segment.open("r+b") as file:
+            file.seek(HEADER + 40 + HEADER + 3)  # inside the second record's data
+            file.write(b"#")
+        assert spool.pop() == batch(0)
+        assert spool.peek() is None  # the rest of the segment is set aside, not sent
+        assert len(spool) == 0
+        spool.append(batch(7))
+        assert drain(spool) == [batch(7)]
+    (kept,) = directory.glob("corrupt-*.bin")
+    assert len(kept.read_bytes()) == 2 * (HEADER + 40)
