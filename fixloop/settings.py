@@ -16,6 +16,9 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.influx import InfluxSettings
+from gateway.settings import GatewaySettings, MqttSettings
+
 __all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "SECTIONS", "Settings", "StackSettings"]
 
 ENV_PREFIX: Final = "FIXLOOP_"
@@ -69,8 +72,9 @@ class Settings(BaseSettings):
     )
 
     stack: StackSettings = Field(default_factory=StackSettings)
-    # Sections owned by other packages plug in here, one typed field each:
-    # mqtt, influx, gateway, sim, ...
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    influx: InfluxSettings = Field(default_factory=InfluxSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -170,15 +170,18 @@ class Gateway:
                 async with self._new_client() as client:
                     self._client = client
                     self.metrics.mqtt_connected = True
-                    await client.subscribe(*filters, qos=1)
-                    self._subscribed.set()
-                    _LOG.info(
-                        "gateway subscribed to %s (session resumed: %s)",
-                        filters,
-                        client.session_present,
-                    )
-                    backoff_s = 0.2
-                    await self._consume(client)
+                    # A resumed session gets its queued messages at once, ahead of the
+                    # SUBACK: consume from the start, or the SUBACK waits behind them.
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(self._consume(client), name="gateway-consume")
+                        await client.subscribe(*filters, qos=1)
+                        self._subscribed.set()
+                        _LOG.info(
+                            "gateway subscribed to %s (session resumed: %s)",
+                            filters,
+                            client.session_present,
+                        )
+                        backoff_s = 0.2
             except* BrokerUnavailableError as group_exc:
                 _LOG.warning("broker connection lost: %s", group_exc.exceptions[0])
             finally:

@@ -1,0 +1,162 @@
+"""The ``fixloop`` command (composition root): parse arguments, load settings, run a part.
+
+``fixloop up`` runs the whole local stack; ``fixloop gateway`` and ``fixloop sim`` run one
+part against external servers. Settings come from ``--config`` (or ``./fixloop.toml``)
+and ``FIXLOOP_`` variables; a wrong one ends the command with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from fixloop.config import load_settings
+from fixloop.settings import Settings
+from gateway.errors import ConfigError, FixloopError
+
+__all__ = ["main"]
+
+_LOG = logging.getLogger("fixloop")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fixloop",
+        description="Connected products that look after themselves: telemetry, health, fixes.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (default ./fixloop.toml)")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up", help="start a local broker, InfluxDB, the gateway and a simulated fleet"
+    )
+    up.add_argument("--devices", type=int, help="simulated devices (default from settings)")
+    up.add_argument("--speed", help="simulated seconds per real second, or 'max'")
+    up.add_argument("--data-dir", type=Path, help="where the stack keeps its data")
+    up.add_argument(
+        "--for", dest="run_for_s", type=float, help="stop after this many seconds (default: Ctrl-C)"
+    )
+
+    commands.add_parser(
+        "gateway", help="run the gateway against the configured broker and InfluxDB"
+    )
+
+    sim = commands.add_parser("sim", help="run a simulated fleet against the configured broker")
+    sim.add_argument("--devices", type=int, help="number of devices")
+    sim.add_argument("--speed", help="simulated seconds per real second, or 'max'")
+    sim.add_argument("--duration", type=float, help="simulated seconds to run (default: forever)")
+    sim.add_argument("--ground-truth", type=Path, help="write the injected faults to this CSV")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    """Turn command-line flags into ``FIXLOOP_`` variables (flags beat the environment)."""
+    env: dict[str, str] = {}
+    if getattr(args, "devices", None) is not None:
+        env["FIXLOOP_SIM__DEVICES"] = str(args.devices)
+    if getattr(args, "speed", None) is not None:
+        env["FIXLOOP_SIM__SPEED"] = str(args.speed)
+    if getattr(args, "duration", None) is not None:
+        env["FIXLOOP_SIM__DURATION_S"] = str(args.duration)
+    if getattr(args, "data_dir", None) is not None:
+        env["FIXLOOP_STACK__DATA_DIR"] = str(args.data_dir)
+    return env
+
+
+async def _until_signalled(
+    work: Callable[[asyncio.Event], Awaitable[None]], run_for_s: float | None = None
+) -> None:
+    """Run ``work(stop)``; SIGINT/SIGTERM (or ``run_for_s``) set ``stop``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if run_for_s is not None:
+        loop.call_later(run_for_s, stop.set)
+    try:
+        await work(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_until_stop(coro: Awaitable[None], stop: asyncio.Event) -> None:
+    """Run ``coro`` until it ends or ``stop`` is set (then cancel it)."""
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(coro)  # type: ignore[arg-type]
+        waiter = group.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task not in done:
+            task.cancel()
+        waiter.cancel()
+
+
+async def _gateway(settings: Settings, stop: asyncio.Event) -> None:
+    from gateway.service import Gateway  # noqa: PLC0415 - keep `fixloop --help` light
+
+    async with Gateway(settings.mqtt, settings.influx, settings.gateway) as gateway:
+        _LOG.info(
+            "gateway running: broker %s:%d, InfluxDB %s, metrics http://%s:%s/metrics",
+            settings.mqtt.host,
+            settings.mqtt.port,
+            settings.influx.url,
+            settings.gateway.metrics_host,
+            gateway.metrics_port,
+        )
+        await _run_until_stop(gateway.run(), stop)
+
+
+async def _sim(settings: Settings, stop: asyncio.Event, ground_truth: Path | None) -> None:
+    from device_sim import run_fleet  # noqa: PLC0415
+
+    report = await run_fleet(settings.sim, stop=stop)
+    _LOG.info("fleet stopped: %s", report.summary())
+    if ground_truth is not None:
+        report.write_ground_truth(ground_truth)
+        _LOG.info("ground truth written to %s", ground_truth)
+
+
+async def _up(settings: Settings, stop: asyncio.Event) -> None:
+    from fixloop.local import run_local_stack  # noqa: PLC0415
+
+    await run_local_stack(settings, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fixloop`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    environ = {**os.environ, **_overrides(args)}
+    try:
+        settings = load_settings(args.config, environ)
+        if args.command == "gateway":
+            asyncio.run(_until_signalled(lambda stop: _gateway(settings, stop)))
+        elif args.command == "sim":
+            asyncio.run(_until_signalled(lambda stop: _sim(settings, stop, args.ground_truth)))
+        elif args.command == "up":
+            asyncio.run(_until_signalled(lambda stop: _up(settings, stop), args.run_for_s))
+    except ConfigError as exc:
+        print(f"fixloop: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's voice
+        return 2
+    except FixloopError as exc:
+        print(f"fixloop: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    return 0

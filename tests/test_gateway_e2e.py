@@ -1,0 +1,300 @@
+"""The gateway on real mosquitto and influxd: hostile input, outages, crashes, nothing lost."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+
+from conftest import (
+    DEVICE_IDS,
+    GATEWAY_PASSWORD,
+    MakeInfluxd,
+    MakeMosquitto,
+    device_pw,
+)
+from fixloop.broker import GATEWAY_USER
+from fixloop.stack import InfluxdServer, MosquittoServer
+from gateway.errors import PermanentError
+from gateway.influx import InfluxClient, InfluxSettings
+from gateway.protocol.mqtt import MqttClient
+from gateway.service import Gateway
+from gateway.settings import GatewaySettings, MqttSettings
+
+pytestmark = pytest.mark.integration
+
+OPS_USER, OPS_PASSWORD = "ops-watcher", "ops-watcher-password"
+
+
+def gateway_mqtt(broker: MosquittoServer) -> MqttSettings:
+    return MqttSettings(
+        host=broker.host, port=broker.port, username=GATEWAY_USER, password=GATEWAY_PASSWORD
+    )
+
+
+def reading(device_id: str, seq: int, ts_ms: int, **metrics: float | bool) -> bytes:
+    body = {"v": 1, "id": device_id, "seq": seq, "ts": ts_ms, "metrics": metrics or {"t": 1.5}}
+    return orjson.dumps(body)
+
+
+def device_client(broker: MosquittoServer, device_id: str) -> MqttClient:
+    return MqttClient(
+        broker.host,
+        broker.port,
+        client_id=device_id,
+        username=device_id,
+        password=device_pw(device_id),
+    )
+
+
+async def wait_for(
+    predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.05
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(poll_s)
+
+
+async def count_points(url: str, measurement: str = "telemetry") -> int:
+    async with InfluxClient(InfluxSettings(url=url)) as client:
+        return await client.count(measurement)
+
+
+@asynccontextmanager
+async def running_gateway(
+    broker: MosquittoServer, influx_url: str, spool_dir: Path, **overrides: object
+) -> AsyncIterator[Gateway]:
+    settings = GatewaySettings(
+        spool_dir=spool_dir,
+        metrics_port=0,
+        batch_linger_s=0.02,
+        **overrides,  # type: ignore[arg-type]
+    )
+    async with Gateway(gateway_mqtt(broker), InfluxSettings(url=influx_url), settings) as gw:
+        task = asyncio.create_task(gw.run())
+        try:
+            async with asyncio.timeout(10):
+                await gw.wait_subscribed()
+            yield gw
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+
+async def test_hostile_payloads_are_refused_with_reasons_and_good_ones_stored(
+    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    broker = make_mosquitto(users={GATEWAY_USER: GATEWAY_PASSWORD, OPS_USER: OPS_PASSWORD})
+    influx = make_influxd()
+    now_ms = int(time.time() * 1000)
+    dev = DEVICE_IDS[0]
+    hostile: dict[str, bytes] = {
+        "bad_json": b'{"v": 1, "id": "dev-001", "seq": 1,',
+        "nan": b'{"v":1,"id":"dev-001","seq":1,"ts":%d,"metrics":{"t":NaN}}' % now_ms,
+        "huge": reading(dev, 2, now_ms, t=1e300),
+        "newline_name": reading(dev, 3, now_ms, **{"t\nevil,device=x f=1": 1.0}),
+        "quote_name": reading(dev, 4, now_ms, **{'t"x': 1.0}),
+        "wrong_id": reading("dev-002", 5, now_ms),
+        "newline_id": reading("dev-001\ntelemetry,device=dev-002 t=9", 6, now_ms),
+        "version": orjson.dumps({"v": 9, "id": dev, "seq": 7, "ts": now_ms, "metrics": {"t": 1}}),
+        "too_large": b"{" + b" " * 20_000 + b"}",
+        "old": reading(dev, 8, now_ms - 90 * 86_400_000),
+    }
+    expected_reasons = {
+        "bad_json": "bad_json",
+        "nan": "bad_json",
+        "huge": "bad_value",
+        "newline_name": "bad_metric_name",
+        "quote_name": "bad_metric_name",
+        "wrong_id": "id_mismatch",
+        "newline_id": "bad_id",
+        "version": "unsupported_version",
+        "too_large": "too_large",
+        "old": "too_old",
+    }
+    reports: list[dict[str, object]] = []
+
+    async with (
+        running_gateway(broker, influx.url, tmp_path / "spool") as gw,
+        MqttClient(
+            broker.host, broker.port, client_id="ops", username=OPS_USER, password=OPS_PASSWORD
+        ) as ops,
+        device_client(broker, dev) as device,
+    ):
+        await ops.subscribe("fleet/rejected", qos=0)
+        good = 0
+        for index, payload in enumerate(hostile.values()):
+            await device.publish(f"devices/{dev}/telemetry", payload, qos=1)
+            await device.publish(
+                f"devices/{dev}/telemetry", reading(dev, 100 + index, now_ms - index), qos=1
+            )
+            good += 1
+        # A device may not publish under another device's id: the broker's ACL refuses it.
+        with pytest.raises(PermanentError):
+            await device.publish(
+                f"devices/{DEVICE_IDS[1]}/telemetry", reading(DEVICE_IDS[1], 1, now_ms), qos=1
+            )
+
+        await wait_for(lambda: sum(gw.metrics.rejected.values()) >= len(hostile), 10, "refusals")
+        await wait_for(lambda: gw.metrics.stored >= good, 10, "good points")
+        while len(reports) < len(hostile) and await ops.wait_messages(5):
+            reports.extend(orjson.loads(m.payload) for m in ops.take(100))
+
+        # The gateway keeps going after all that.
+        await device.publish(f"devices/{dev}/telemetry", reading(dev, 999, now_ms + 1), qos=1)
+        await wait_for(lambda: gw.metrics.stored >= good + 1, 10, "a point after the refusals")
+
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{gw.metrics_port}/metrics") as response:
+                text = await response.text()
+        assert 'fixloop_gateway_rejected_total{reason="bad_metric_name"} 2' in text
+        assert f"fixloop_gateway_stored_points_total {good + 1}" in text
+
+    assert sorted(str(r["reason"]) for r in reports) == sorted(expected_reasons.values())
+    assert all(r["device_id"] == dev and r["detail"] for r in reports)
+    assert dict(gw.metrics.rejected) == {
+        reason: list(expected_reasons.values()).count(reason)
+        for reason in set(expected_reasons.values())
+    }
+    assert await count_points(influx.url) == good + 1
+    # Nothing injected a second line, series or field into InfluxDB.
+    async with InfluxClient(InfluxSettings(url=influx.url)) as client:
+        series = await client.query("SHOW SERIES")
+        fields = await client.query("SHOW FIELD KEYS FROM telemetry")
+    assert [row[0] for s in series for row in s.values] == [f"telemetry,device={dev}"]
+    assert sorted(row[0] for s in fields for row in s.values) == ["seq", "t"]
+
+
+async def publish_burst(
+    broker: MosquittoServer, count_per_device: int, base_ms: int, pace_s: float = 0.0
+) -> int:
+    """Publish ``count_per_device`` readings from every test device at QoS 1."""
+
+    async def one(device_id: str) -> None:
+        async with device_client(broker, device_id) as client:
+            pending: list[asyncio.Task[None]] = []
+            for seq in range(count_per_device):
+                payload = reading(device_id, seq, base_ms + seq * 1000, t=seq * 0.5, ok=True)
+                pending.append(
+                    asyncio.create_task(
+                        client.publish(f"devices/{device_id}/telemetry", payload, qos=1)
+                    )
+                )
+                if len(pending) >= 500:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+                    if pace_s:
+                        await asyncio.sleep(pace_s)
+            await asyncio.gather(*pending)
+
+    async with asyncio.TaskGroup() as group:
+        for device_id in DEVICE_IDS:
+            group.create_task(one(device_id))
+    return count_per_device * len(DEVICE_IDS)
+
+
+async def test_influxdb_outage_under_load_loses_nothing(
+    mosquitto: MosquittoServer, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    influx = make_influxd()
+    base_ms = int(time.time() * 1000) - 86_400_000
+    async with running_gateway(mosquitto, influx.url, tmp_path / "spool") as gw:
+        publisher = asyncio.create_task(publish_burst(mosquitto, 8_000, base_ms, pace_s=0.02))
+        await wait_for(lambda: gw.metrics.stored > 2_000, 30, "first points stored")
+        await asyncio.to_thread(influx.stop)
+        await wait_for(lambda: gw.metrics.spooled > 2_000, 30, "points spooled while away")
+        sent = await publisher
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(influx.start)
+        await wait_for(lambda: gw.metrics.spool_batches == 0, 60, "the spool to drain", 0.2)
+        await wait_for(lambda: gw.metrics.unacked == 0, 30, "every message acknowledged")
+        assert gw.metrics.replayed > 0
+    assert await count_points(influx.url) == sent
+
+
+def gateway_process(
+    broker: MosquittoServer, influx: InfluxdServer, spool_dir: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "FIXLOOP_MQTT__HOST": broker.host,
+        "FIXLOOP_MQTT__PORT": str(broker.port),
+        "FIXLOOP_MQTT__USERNAME": GATEWAY_USER,
+        "FIXLOOP_MQTT__PASSWORD": GATEWAY_PASSWORD,
+        "FIXLOOP_INFLUX__URL": influx.url,
+        "FIXLOOP_GATEWAY__SPOOL_DIR": str(spool_dir),
+        "FIXLOOP_GATEWAY__METRICS_PORT": "0",
+    }
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fixloop", "gateway"], env=env, stdout=out, stderr=out
+        )
+
+
+@pytest.mark.parametrize("influx_down", [False, True], ids=["influx-up", "spool-holds-data"])
+async def test_gateway_killed_mid_burst_loses_nothing(
+    mosquitto: MosquittoServer, make_influxd: MakeInfluxd, tmp_path: Path, influx_down: bool
+) -> None:
+    influx = make_influxd()
+    log = tmp_path / "gateway.log"
+    spool = tmp_path / "spool"
+    base_ms = int(time.time() * 1000) - 86_400_000
+    gateway = gateway_process(mosquitto, influx, spool, log)
+    try:
+        # The session must exist before the burst so the broker queues for it.
+        await wait_for(lambda: b"subscribed" in log.read_bytes(), 20, "the gateway to subscribe")
+        if influx_down:
+            await asyncio.to_thread(influx.stop)
+        publisher = asyncio.create_task(publish_burst(mosquitto, 10_000, base_ms, pace_s=0.01))
+        if influx_down:
+            await wait_for(
+                lambda: (
+                    any(spool.glob("*.seg"))
+                    and sum(p.stat().st_size for p in spool.glob("*.seg")) > 200_000
+                ),
+                30,
+                "spooled data",
+            )
+        else:
+            await wait_for(
+                lambda: influx.query("SELECT COUNT(seq) FROM telemetry", database="fixloop")[
+                    "results"
+                ][0].get("series"),
+                30,
+                "first points",
+            )
+        assert not publisher.done(), "the burst must still be running when the gateway dies"
+        gateway.send_signal(signal.SIGKILL)
+        gateway.wait(10)
+        sent = await publisher  # the broker keeps the gateway's queue meanwhile
+        if influx_down:
+            await asyncio.to_thread(influx.start)
+        gateway = gateway_process(mosquitto, influx, spool, log)
+        await wait_for(lambda: b"resumed: True" in log.read_bytes(), 20, "the session resumed")
+
+        async def all_stored() -> bool:
+            return await count_points(influx.url) == sent
+
+        deadline = time.monotonic() + 60
+        while not await all_stored():
+            assert time.monotonic() < deadline, f"only {await count_points(influx.url)} of {sent}"
+            await asyncio.sleep(0.3)
+    finally:
+        gateway.terminate()
+        gateway.wait(10)
+    assert gateway.returncode in (0, -signal.SIGTERM)
