@@ -104,8 +104,12 @@ class Spool:
         self._read_segment = 0
         self._read_offset = 0
         self._write_segment = 0
+        self._roll_next = False
         self._count = 0
         self._pending = 0
+        # The record last read at the cursor (segment, offset, record length, data), so
+        # that ``pop`` after ``peek`` does not read the batch again.
+        self._head: tuple[int, int, int, bytes] | None = None
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(self._dir / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -180,6 +184,7 @@ class Spool:
 
     def _tally(self) -> None:
         """Check every pending record and recount; set damaged tails aside."""
+        self._head = None
         count = pending = 0
         for number in sorted(self._sizes):
             start = self._read_offset if number == self._read_segment else 0
@@ -316,7 +321,7 @@ class Spool:
                 )
             try:
                 size = self._sizes[self._write_segment]
-                if size and size + len(record) > self._segment_bytes:
+                if self._roll_next or (size and size + len(record) > self._segment_bytes):
                     self._roll()
                     size = 0
                 self._write_all(record, size)
@@ -334,9 +339,12 @@ class Spool:
                 view = view[written:]
             self._sync_fd(self._write_fd)
         except OSError:
-            # Leave no partial record behind for the next append to follow.
-            with contextlib.suppress(OSError):
+            # Leave no partial record behind for the next append to follow; if even that
+            # fails, the next append starts a new segment (readers stop at ``size``).
+            try:
                 os.ftruncate(self._write_fd, size)
+            except OSError:
+                self._roll_next = True
             raise
 
     def _roll(self) -> None:
@@ -348,6 +356,7 @@ class Spool:
         self._write_fd = fd
         self._write_segment = number
         self._sizes[number] = 0
+        self._roll_next = False
 
     def peek(self) -> bytes | None:
         """The oldest pending batch, or ``None`` when the spool is empty.
@@ -378,17 +387,26 @@ class Spool:
                 raise IndexError("pop from an empty spool")
             try:
                 head = self._read_head()
-                if head is None:
-                    raise IndexError("pop from an empty spool")
-                length, data = head
-                self._read_offset += length
-                self._count -= 1
-                self._pending -= length
-                self._advance()
-                self._save_cursor()
-                self._drop_consumed()
             except OSError as exc:
-                raise StoreUnavailableError(f"spool pop failed: {exc}") from exc
+                raise StoreUnavailableError(f"spool read failed: {exc}") from exc
+            if head is None:
+                raise IndexError("pop from an empty spool")
+            length, data = head
+            before = (self._read_segment, self._read_offset)
+            self._read_offset += length
+            self._advance()
+            try:
+                self._save_cursor()
+            except OSError as exc:
+                # Not popped: a retry must not skip to the next batch unwritten.
+                self._read_segment, self._read_offset = before
+                raise StoreUnavailableError(f"spool cursor could not be saved: {exc}") from exc
+            self._count -= 1
+            self._pending -= length
+            try:
+                self._drop_consumed()
+            except OSError as exc:  # the next open deletes it; nothing is lost
+                _LOG.warning("spool %s: could not delete a read segment: %s", self._dir, exc)
             return data
 
     def _read_head(self) -> tuple[int, bytes] | None:
@@ -402,13 +420,18 @@ class Spool:
             self._advance()
             if not self._count:
                 return None
+            head = self._head
+            if head is not None and head[:2] == (self._read_segment, self._read_offset):
+                return head[2], head[3]
             fd = self._read_fd_for(self._read_segment)
             header = os.pread(fd, _HEADER.size, self._read_offset)
             if len(header) == _HEADER.size:
                 length, crc = _HEADER.unpack(header)
                 data = os.pread(fd, length, self._read_offset + _HEADER.size)
                 if len(data) == length and zlib.crc32(data) == crc:
-                    return _HEADER.size + length, data
+                    size = _HEADER.size + length
+                    self._head = (self._read_segment, self._read_offset, size, data)
+                    return size, data
             _LOG.error("spool %s: a pending record is damaged; rechecking the spool", self._dir)
             self._tally()
         raise StoreUnavailableError(f"spool {self._dir} keeps returning damaged records")

@@ -311,3 +311,41 @@ def test_record_damaged_while_open_is_set_aside(tmp_path: Path) -> None:
         assert drain(spool) == [batch(7)]
     (kept,) = directory.glob("corrupt-*.bin")
     assert len(kept.read_bytes()) == 2 * (HEADER + 40)
+
+
+def test_failed_pop_keeps_the_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(batch(0))
+        spool.append(batch(1))
+
+        def broken() -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(spool, "_save_cursor", broken)
+        with pytest.raises(StoreUnavailableError, match="cursor"):
+            spool.pop()
+        assert len(spool) == 2
+        assert spool.peek() == batch(0)
+        monkeypatch.undo()
+        assert drain(spool) == [batch(0), batch(1)]
+
+
+def test_failed_append_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(batch(0))
+        (segment,) = segments(spool.directory)
+        size = segment.stat().st_size
+
+        def broken(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(spool, "_sync_fd", broken)
+        with pytest.raises(StoreUnavailableError, match="spool write failed"):
+            spool.append(batch(1))
+        monkeypatch.undo()
+        assert len(spool) == 1
+        assert segment.stat().st_size == size
+        spool.append(batch(2))
+        assert drain(spool) == [batch(0), batch(2)]
