@@ -173,9 +173,13 @@ def _one_line(
 
 
 def _check_sections(environ: Mapping[str, str]) -> None:
-    """Refuse ``FIXLOOP_*`` variables that name no section: a typo must not pass silently."""
+    """Refuse ``FIXLOOP_SECTION__KEY`` variables naming no section: a typo must not pass.
+
+    Variables without ``__`` (``FIXLOOP_INFLUXD`` for a tool, say) are left alone unless
+    they name a section.
+    """
     for key in environ:
-        if not key.upper().startswith(ENV_PREFIX):
+        if not key.upper().startswith(ENV_PREFIX) or ENV_NESTED_DELIMITER not in key:
             continue
         section = key[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER, 1)[0].lower()
         if section not in Settings.model_fields:

@@ -145,7 +145,9 @@ class _Server:
         with self.log_path.open("ab") as log:
             self._proc = self._spawn(command, log)
         deadline = time.monotonic() + self.startup_timeout_s
-        while not self._ready():
+        # Alive first, then ready: a foreign server that grabbed our port in the meantime
+        # must not pass for ours.
+        while self._proc.poll() is not None or not self._ready():
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._proc = None

@@ -132,6 +132,11 @@ def test_unknown_settings_are_refused() -> None:
     assert _error(None, {"FIXLOOP_STAK__MQTT_PORT": "1"}).startswith("setting stak: unknown")
 
 
+def test_fixloop_variables_that_are_not_settings_are_left_alone() -> None:
+    # No "__": a tool's variable (FIXLOOP_INFLUXD=/usr/bin/influxd), not a setting.
+    assert load_settings(None, {"FIXLOOP_INFLUXD": "/usr/bin/influxd"}) == load_settings(None, {})
+
+
 def test_unknown_toml_key_is_refused(tmp_path: Path) -> None:
     path = _toml(tmp_path, '[stack]\nfleet_secert = "oops-a-secret-in-a-typo"\n')
     message = _error(path, {})

@@ -14,10 +14,10 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import pytest
 from conftest import (
@@ -29,7 +29,14 @@ from conftest import (
     device_pw,
 )
 
-from fixloop.broker import GATEWAY_USER, hash_password, render_password_file
+from fixloop.broker import (
+    GATEWAY_USER,
+    Listener,
+    hash_password,
+    render_acl,
+    render_mosquitto_conf,
+    render_password_file,
+)
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from gateway.errors import ConfigError
 
@@ -402,6 +409,45 @@ def test_device_ids_a_broker_cannot_handle_are_refused(tmp_path: Path) -> None:
     # ":" is fine in a device id but splits a mosquitto password-file line.
     with pytest.raises(ConfigError, match="password file"):
         MosquittoServer(tmp_path, device_ids=["dev:1"], fleet_secret=FLEET_SECRET)
+
+
+# --- renderer checks -------------------------------------------------------------------
+
+
+def _conf(*listeners: Listener, **kw: Any) -> str:
+    return render_mosquitto_conf(
+        listeners=listeners,
+        data_dir="/d",
+        password_file="/p",
+        acl_file="/a",
+        **kw,
+    )
+
+
+def test_tls_listener_rendering() -> None:
+    conf = _conf(Listener(8883, "0.0.0.0", certfile="/c.crt", keyfile="/c.key", cafile="/ca"))
+    assert "listener 8883 0.0.0.0\ncertfile /c.crt\nkeyfile /c.key\ncafile /ca\n" in conf
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Listener(0),
+        lambda: Listener(8883, certfile="/c.crt"),
+        lambda: Listener(8883, cafile="/ca"),
+        lambda: _conf(),
+        lambda: _conf(Listener(1883), Listener(1883)),
+        lambda: _conf(Listener(1883), max_queued_messages=-1),
+        lambda: _conf(Listener(1883), log_file="/x\nlistener 1"),
+        lambda: render_acl(service_users=["a b"]),
+        lambda: render_acl(service_users=["svc"], admin_users=["svc"]),
+        lambda: render_password_file({"dev:1": "pw"}),
+        lambda: render_password_file({"dev": ""}),
+    ],
+)
+def test_renderer_refuses_what_mosquitto_would_misread(make: Callable[[], object]) -> None:
+    with pytest.raises(ConfigError):
+        make()
 
 
 # --- influxd ---------------------------------------------------------------------------
