@@ -1,0 +1,269 @@
+"""Ingest benchmark: a burst of telemetry through the gateway into InfluxDB.
+
+Fires a burst of telemetry lines with C clients (``mosquitto_pub -l``) at a running
+gateway (its own process, as in production) and times until every point is in
+InfluxDB: at QoS 0 from one ``mosquitto_pub -l``, and at QoS 1 split over parallel
+``mosquitto_pub -l`` of 25,000 lines each (one long QoS-1 input makes mosquitto_pub
+give up early). In the same run the broker's own pass-through is measured as the
+reference: the same bursts to ``mosquitto_sub`` writing to /dev/null. Prints
+stored/sent, msg/s and the ratio gateway/reference per QoS.
+
+Usage::
+
+    python bench/ingest.py                   # 200,000 messages per burst, 2 rounds
+    python bench/ingest.py --messages 400000 --rounds 3
+    python bench/ingest.py --profile /tmp/gw.prof   # cProfile the gateway, print top
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fixloop.broker import GATEWAY_USER  # noqa: E402
+from fixloop.stack import InfluxdServer, MosquittoServer  # noqa: E402
+from gateway.protocol.credentials import device_password  # noqa: E402
+
+FLEET_SECRET = "bench-fleet-secret-0123456789"
+GATEWAY_PASSWORD = "bench-gateway-password"
+REF_USER, REF_PASSWORD = "bench-reference", "bench-reference-password"
+CHUNK = 25_000
+
+
+def write_lines(path: Path, device_id: str, count: int, base_ms: int) -> None:
+    """Write ``count`` v1 telemetry payloads of one device, one per line."""
+    with path.open("w") as out:
+        for seq in range(count):
+            body = {
+                "v": 1,
+                "id": device_id,
+                "seq": seq,
+                "ts": base_ms + seq,
+                "metrics": {
+                    "drum_rpm": float(1200 + seq % 7),
+                    "water_temp_c": round(40 + (seq % 100) / 10, 1),
+                    "vibration_rms_g": round(0.1 + (seq % 13) / 100, 3),
+                    "power_w": float(1800 + seq % 50),
+                    "door_open": False,
+                },
+                "status": "washing",
+            }
+            out.write(json.dumps(body, separators=(",", ":")) + "\n")
+
+
+def pub_command(broker: MosquittoServer, device_id: str, qos: int, path: Path) -> str:
+    return (
+        f"mosquitto_pub -h {broker.host} -p {broker.port} -i {device_id} -u {device_id} "
+        f"-P {device_password(FLEET_SECRET, device_id)} -t devices/{device_id}/telemetry "
+        f"-q {qos} -l < {path}"
+    )
+
+
+def publish(broker: MosquittoServer, files: list[tuple[str, Path]], qos: int) -> float:
+    """Run one mosquitto_pub per file in parallel; return the start time."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(pub_command(broker, device, qos, path), shell=True)
+        for device, path in files
+    ]
+    for proc in procs:
+        proc.wait()
+    return started
+
+
+def reference(broker: MosquittoServer, files: list[tuple[str, Path]], qos: int, count: int) -> float:
+    """Time the broker passing the burst to mosquitto_sub (to /dev/null); msg/s."""
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-u", REF_USER,
+            "-P", REF_PASSWORD, "-i", f"ref-{qos}-{time.time_ns()}", "-q", str(qos),
+            "-t", "devices/+/telemetry", "-C", str(count),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    started = publish(broker, files, qos)
+    try:
+        sub.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        sub.kill()
+        print(f"  reference QoS {qos}: mosquitto_sub did not get all {count} messages")
+        return float("nan")
+    return count / (time.perf_counter() - started)
+
+
+def metrics_value(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def count_points(influx: InfluxdServer, prefix: str) -> int:
+    answer = influx.query(
+        f"SELECT COUNT(seq) FROM telemetry WHERE device =~ /^{prefix}/", database="fixloop"
+    )
+    series = answer["results"][0].get("series")
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+def through_gateway(
+    broker: MosquittoServer,
+    influx: InfluxdServer,
+    metrics_port: int,
+    files: list[tuple[str, Path]],
+    qos: int,
+    count: int,
+    prefix: str,
+) -> tuple[float, int]:
+    """Time the burst until the gateway has stored every point; (msg/s, stored)."""
+    before = metrics_value(metrics_port, "fixloop_gateway_stored_points_total")
+    started = publish(broker, files, qos)
+    deadline = time.perf_counter() + 600
+    while metrics_value(metrics_port, "fixloop_gateway_stored_points_total") - before < count:
+        if time.perf_counter() > deadline:
+            break
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    return count / elapsed, count_points(influx, prefix)
+
+
+def start_gateway(
+    broker: MosquittoServer, influx: InfluxdServer, root: Path, metrics_port: int, profile: str | None
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "FIXLOOP_MQTT__HOST": broker.host,
+        "FIXLOOP_MQTT__PORT": str(broker.port),
+        "FIXLOOP_MQTT__USERNAME": GATEWAY_USER,
+        "FIXLOOP_MQTT__PASSWORD": GATEWAY_PASSWORD,
+        "FIXLOOP_INFLUX__URL": influx.url,
+        "FIXLOOP_GATEWAY__SPOOL_DIR": str(root / "spool"),
+        "FIXLOOP_GATEWAY__METRICS_PORT": str(metrics_port),
+    }
+    command = [sys.executable]
+    if profile:
+        command += ["-m", "cProfile", "-o", profile]
+    command += ["-m", "fixloop", "--log-level", "WARNING", "gateway"]
+    proc = subprocess.Popen(command, env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if metrics_value(metrics_port, "fixloop_gateway_mqtt_connected") == 1:
+                time.sleep(0.5)
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the gateway did not come up")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=200_000, help="messages per burst")
+    parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement")
+    parser.add_argument("--profile", help="cProfile the gateway into this file and print the top")
+    args = parser.parse_args()
+    count = args.messages
+    chunks = max(1, count // CHUNK)
+    rounds = args.rounds
+    q0_devices = [f"q0-{r}" for r in range(rounds)] + [f"r0-{r}" for r in range(rounds)]
+    q1_devices = [f"q1-{r}-{k}" for r in range(rounds) for k in range(chunks)]
+    q1_devices += [f"r1-{r}-{k}" for r in range(rounds) for k in range(chunks)]
+
+    with tempfile.TemporaryDirectory(prefix="fixloop-bench-") as tmp:
+        root = Path(tmp)
+        base_ms = int(time.time() * 1000) - 86_400_000
+        print(f"writing bursts of {count:,} messages ...", flush=True)
+        burst: dict[str, list[tuple[str, Path]]] = {}
+        for name in q0_devices:
+            path = root / f"{name}.txt"
+            write_lines(path, name, count, base_ms)
+            burst[name] = [(name, path)]
+        for r in range(rounds):
+            for kind in ("q1", "r1"):
+                files = []
+                for k in range(chunks):
+                    device = f"{kind}-{r}-{k}"
+                    path = root / f"{device}.txt"
+                    write_lines(path, device, count // chunks, base_ms)
+                    files.append((device, path))
+                burst[f"{kind}-{r}"] = files
+        def make_broker(name: str) -> MosquittoServer:
+            return MosquittoServer(
+                root / name,
+                users={GATEWAY_USER: GATEWAY_PASSWORD, REF_USER: REF_PASSWORD},
+                device_ids=q0_devices + q1_devices,
+                fleet_secret=FLEET_SECRET,
+                max_queued_messages=count * 2,
+                connection_messages=False,
+            )
+
+        # Two brokers of the same configuration: the reference bursts must not also
+        # reach the gateway (it would ingest them and compete for the CPU).
+        broker = make_broker("mosquitto")
+        ref_broker = make_broker("mosquitto-reference")
+        influx = InfluxdServer(root / "influxd")
+        with broker, ref_broker, influx:
+            metrics_port = _free_port()
+            gateway = start_gateway(broker, influx, root, metrics_port, args.profile)
+            results: dict[int, list[tuple[float, float, int]]] = {0: [], 1: []}
+            try:
+                for r in range(rounds):
+                    for qos in (0, 1):
+                        kind = f"r{qos}-{r}"
+                        ref = reference(ref_broker, burst[kind], qos, count)
+                        kind = f"q{qos}-{r}"
+                        sent = count // chunks * chunks if qos else count
+                        rate, stored = through_gateway(
+                            broker, influx, metrics_port, burst[kind], qos, sent, kind
+                        )
+                        results[qos].append((rate, ref, stored))
+                        print(
+                            f"round {r + 1} QoS {qos}: gateway {rate:9,.0f} msg/s  "
+                            f"reference {ref:9,.0f} msg/s  ratio {rate / ref:.2f}  "
+                            f"stored/sent {stored:,}/{sent:,}",
+                            flush=True,
+                        )
+            finally:
+                gateway.send_signal(signal.SIGTERM)
+                gateway.wait(60)
+        print()
+        print("QoS  sent      stored    stored/sent  gateway msg/s  reference msg/s  ratio")
+        for qos in (0, 1):
+            sent = count // chunks * chunks if qos else count
+            best = max(results[qos], key=lambda item: item[0] / item[1])
+            for rate, ref, stored in results[qos]:
+                mark = "*" if (rate, ref, stored) == best else " "
+                print(
+                    f"{qos}{mark}   {sent:<9,} {stored:<9,} {stored / sent:<12.4f} "
+                    f"{rate:<14,.0f} {ref:<16,.0f} {rate / ref:.2f}"
+                )
+        print("(* best ratio of the rounds; every round is shown)")
+        if args.profile:
+            print()
+            stats = pstats.Stats(args.profile)
+            stats.sort_stats("tottime").print_stats(18)
+
+
+def _free_port() -> int:
+    from fixloop.stack import free_port  # noqa: PLC0415
+
+    return free_port()
+
+
+if __name__ == "__main__":
+    main()
