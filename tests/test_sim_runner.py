@@ -1,0 +1,144 @@
+"""The fleet runner: against a fake connection (no I/O) and against a real mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+
+import orjson
+
+from device_sim import FleetRunner, SimSettings
+from fixloop.broker import GATEWAY_USER
+from gateway.protocol.mqtt import Message, MqttClient, Will
+from tests.conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeMosquitto
+
+
+class FakeConnection:
+    """Records publishes; delivers queued commands."""
+
+    def __init__(self, device_id: str, will: Will) -> None:
+        self.device_id = device_id
+        self.will = will
+        self.published: list[tuple[str, bytes, int, bool]] = []
+        self.subscribed: list[str] = []
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.acked: list[int] = []
+        self.open = False
+
+    async def __aenter__(self) -> FakeConnection:
+        self.open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.open = False
+
+    async def subscribe(self, *topic_filters: str, qos: int = 1) -> None:
+        self.subscribed += topic_filters
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+    ) -> None:
+        await asyncio.sleep(0)
+        self.published.append((topic, payload, qos, retain))
+
+    async def messages(self) -> AsyncIterator[Message]:
+        while True:
+            yield await self.inbox.get()
+
+    def ack(self, message: Message) -> None:
+        self.acked.append(message.packet_id)
+
+
+async def test_runner_publishes_everything_and_answers_commands() -> None:
+    settings = SimSettings(devices=3, fleet_secret=FLEET_SECRET, speed="max", duration_s=600)
+    connections: dict[str, FakeConnection] = {}
+
+    def connect(device_id: str, password: str, will: Will) -> FakeConnection:
+        assert len(password) == 24
+        connections[device_id] = FakeConnection(device_id, will)
+        return connections[device_id]
+
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    async with FleetRunner(settings, start=start, connect=connect) as runner:
+        first = runner.fleet.device_ids[0]
+        command = orjson.dumps({"id": "c-1", "action": "selftest", "args": {}})
+        await connections[first].inbox.put(
+            Message(f"devices/{first}/commands", command, 1, False, 7)
+        )
+        report = await runner.run()
+    assert report.readings_total == 3 * 60
+    assert report.commands_received == 1
+    for device_id, conn in connections.items():
+        assert not conn.open
+        assert conn.subscribed == [f"devices/{device_id}/commands"]
+        assert conn.will == Will(f"devices/{device_id}/status", b"offline", qos=1, retain=True)
+        topics = Counter(t.rsplit("/", 1)[1] for t, *_ in conn.published)
+        assert topics["telemetry"] == report.readings_per_device[device_id] == 60
+        assert all(qos == 1 for _, _, qos, _ in conn.published)
+        status = [(p, retain) for t, p, _, retain in conn.published if t.endswith("/status")]
+        assert status == [(b"online", True), (b"offline", True)]
+    answers = [
+        orjson.loads(p) for t, p, *_ in connections[first].published if t.endswith("/events")
+    ]
+    assert {a["type"] for a in answers if a.get("command_id") == "c-1"} == {
+        "selftest",
+        "command_result",
+    }
+    assert connections[first].acked == [7]
+    assert report.end - report.start == timedelta(seconds=600)
+
+
+async def test_runner_stops_when_told() -> None:
+    settings = SimSettings(devices=2, fleet_secret=FLEET_SECRET, speed=1.0)
+    stop = asyncio.Event()
+
+    def connect(device_id: str, password: str, will: Will) -> FakeConnection:
+        return FakeConnection(device_id, will)
+
+    async with FleetRunner(settings, connect=connect) as runner:
+        task = asyncio.create_task(runner.run(stop))
+        await asyncio.sleep(0.2)
+        stop.set()
+        async with asyncio.timeout(5):
+            report = await task
+    assert report.readings_total <= 2
+
+
+async def test_runner_against_mosquitto(make_mosquitto: MakeMosquitto) -> None:
+    settings = SimSettings(
+        devices=4, fleet_secret=FLEET_SECRET, speed="max", duration_s=1800, interval_s=10
+    )
+    runner = FleetRunner(settings)
+    broker = make_mosquitto(device_ids=tuple(runner.fleet.device_ids))
+    settings = settings.model_copy(update={"mqtt_port": broker.port, "mqtt_host": broker.host})
+    runner = FleetRunner(settings)
+    received: Counter[str] = Counter()
+    async with MqttClient(
+        broker.host,
+        broker.port,
+        client_id="sim-test-sub",
+        username=GATEWAY_USER,
+        password=GATEWAY_PASSWORD,
+    ) as subscriber:
+        await subscriber.subscribe("devices/+/telemetry", "devices/+/events", qos=1)
+        async with runner:
+            report = await runner.run()
+        expected = report.readings_total + report.events_total
+        assert report.readings_total == 4 * 180
+        async with asyncio.timeout(10):
+            async for message in subscriber.messages():
+                subscriber.ack(message)
+                received[message.topic.split("/")[1]] += 1
+                if sum(received.values()) == expected:
+                    break
+    for device_id in runner.fleet.device_ids:
+        per_device = report.readings_per_device[device_id] + report.events_per_device[device_id]
+        assert received[device_id] == per_device
