@@ -52,6 +52,7 @@ __all__ = [
     "TELEMETRY_MEASUREMENT",
     "event_to_line",
     "reading_to_line",
+    "telemetry_line",
 ]
 
 #: Measurement of telemetry points (one point per reading).
@@ -146,8 +147,27 @@ def reading_to_line(reading: Reading) -> bytes:
         WriteRejectedError: the reading cannot be expressed in line protocol (see the
             module docstring); retrying will not help.
     """
+    return telemetry_line(
+        reading.device_id, reading.seq, reading.ts_ms, reading.metrics, reading.status
+    )
+
+
+def telemetry_line(
+    device_id: str,
+    seq: int,
+    ts_ms: int,
+    metrics: Mapping[str, MetricValue],
+    status: str | None,
+) -> bytes:
+    """Encode the parts of a reading as one ``telemetry`` line (see :func:`reading_to_line`).
+
+    The gateway's hot path calls this with the values the codec validated, without
+    building a :class:`Reading` first.
+
+    Raises:
+        WriteRejectedError: the values cannot be expressed in line protocol.
+    """
     names = _NAMES
-    metrics = reading.metrics
     if "seq" in metrics or "status" in metrics:
         raise _reserved_metric(metrics)
     fields: list[str] = []
@@ -160,12 +180,11 @@ def reading_to_line(reading: Reading) -> bytes:
             append(key + "=false")
         else:
             append(f"{key}={value!r}")
-    status = reading.status
     if status is not None:
         append(f'status="{_WORDS.get(status) or _escape_word(status)}"')
-    append(f"seq={reading.seq}i")
-    device = names.get(reading.device_id) or _escape_name(reading.device_id)
-    line = f"{_TELEMETRY_PREFIX}{device} {','.join(fields)} {reading.ts_ms}"
+    append(f"seq={seq}i")
+    device = names.get(device_id) or _escape_name(device_id)
+    line = f"{_TELEMETRY_PREFIX}{device} {','.join(fields)} {ts_ms}"
     try:
         return line.encode()
     except UnicodeEncodeError as exc:

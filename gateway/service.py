@@ -25,11 +25,16 @@ from typing import Final, Self
 
 import orjson
 
-from gateway.errors import BrokerUnavailableError, RejectedError, StoreUnavailableError
+from gateway.errors import (
+    BrokerUnavailableError,
+    RejectedError,
+    StoreUnavailableError,
+    WriteRejectedError,
+)
 from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import event_to_line, reading_to_line
+from gateway.lineproto import event_to_line, telemetry_line
 from gateway.metrics import GatewayMetrics, MetricsServer
-from gateway.protocol.codec import decode_event, decode_reading
+from gateway.protocol.codec import decode_event, validate_reading
 from gateway.protocol.mqtt import Message, MqttClient
 from gateway.protocol.topics import REJECTED_TOPIC, split_device_topic
 from gateway.settings import GatewaySettings, MqttSettings
@@ -172,8 +177,8 @@ class Gateway:
                     self.metrics.mqtt_connected = True
                     # A resumed session gets its queued messages at once, ahead of the
                     # SUBACK: consume from the start, or the SUBACK waits behind them.
-                    async with asyncio.TaskGroup() as group:
-                        group.create_task(self._consume(client), name="gateway-consume")
+                    async with asyncio.TaskGroup() as tasks:
+                        tasks.create_task(self._consume(client), name="gateway-consume")
                         await client.subscribe(*filters, qos=1)
                         self._subscribed.set()
                         _LOG.info(
@@ -228,10 +233,12 @@ class Gateway:
                     device_id, channel = target
                     counts[channel] += 1
                     if channel == "telemetry":
-                        reading = decode_reading(device_id, message.payload, now_ms, limits)
-                        append(reading_to_line(reading))
-                        if reading.ts_ms > newest:
-                            newest = reading.ts_ms
+                        seq, ts_ms, values, status = validate_reading(
+                            device_id, message.payload, now_ms, limits
+                        )
+                        append(telemetry_line(device_id, seq, ts_ms, values, status))
+                        if ts_ms > newest:
+                            newest = ts_ms
                     elif channel == "events":
                         append(
                             event_to_line(decode_event(device_id, message.payload, now_ms, limits))
@@ -240,6 +247,8 @@ class Gateway:
                         raise RejectedError("bad_topic", f"{channel} is not ingested")  # noqa: TRY301
                 except RejectedError as exc:
                     await self._reject(client, message, exc.reason, exc.detail, now_ms)
+                except WriteRejectedError as exc:
+                    await self._reject(client, message, "unstorable", str(exc), now_ms)
             metrics.received.update(counts)
             metrics.unacked += len(messages)
             await queue.put(_Batch(lines, messages, newest))

@@ -30,6 +30,7 @@ from gateway.protocol.model import (
 
 __all__ = [
     "METRIC_NAME_PATTERN",
+    "RESERVED_METRIC_NAMES",
     "Limits",
     "decode_command",
     "decode_event",
@@ -37,6 +38,7 @@ __all__ = [
     "encode_command",
     "encode_event",
     "encode_reading",
+    "validate_reading",
 ]
 
 #: Metric names: a letter, then letters, digits and underscores; short.
@@ -49,6 +51,10 @@ _EVENT_KEYS: Final = frozenset(
     ("v", "id", "seq", "ts", "type", "code", "command_id", "ok", "detail", "data")
 )
 _MAX_SEQ: Final = 2**63 - 1
+#: Names a metric may not take: the stored point's own fields and InfluxQL's time.
+RESERVED_METRIC_NAMES: Final = frozenset(("seq", "status", "time"))
+_KNOWN_NAMES: set[str] = set()
+_KNOWN_NAMES_MAX: Final = 65_536
 _MAX_DETAIL: Final = 500
 
 
@@ -129,6 +135,22 @@ def decode_reading(
     Raises:
         RejectedError: the payload breaks the contract; ``reason`` says how.
     """
+    return Reading(topic_device_id, *validate_reading(topic_device_id, payload, now_ms, limits))
+
+
+def validate_reading(
+    topic_device_id: str, payload: bytes, now_ms: int, limits: Limits = DEFAULT_LIMITS
+) -> tuple[int, int, dict[str, MetricValue], str | None]:
+    """Validate a telemetry payload; return ``(seq, ts_ms, metrics, status)``.
+
+    The same checks as :func:`decode_reading`, without building the :class:`Reading`
+    (the gateway's hot path encodes line protocol straight from these values).
+
+    Raises:
+        RejectedError: the payload breaks the contract; ``reason`` says how.
+    """
+    # The hot path of the gateway: checks are inlined and known-good metric names are
+    # remembered, because every message of a fleet repeats the same few names.
     obj = _load_object(payload, limits)
     if not _READING_KEYS.issuperset(obj):
         extra = sorted(set(obj) - _READING_KEYS)[:3]
@@ -139,28 +161,36 @@ def decode_reading(
         raise RejectedError("bad_metrics", "metrics must be a non-empty object")
     if len(metrics) > limits.max_metrics:
         raise RejectedError("too_many_metrics", f"more than {limits.max_metrics} metrics")
-    clean: dict[str, MetricValue] = {}
     bound = limits.max_abs_value
+    known = _KNOWN_NAMES
     for name, value in metrics.items():
-        if _METRIC_RE.fullmatch(name) is None:
-            raise RejectedError("bad_metric_name", "a metric name breaks the name pattern")
+        if name not in known:
+            _check_metric_name(name)
         kind = type(value)
         if kind is float:
             if not -bound <= value <= bound:  # also false for NaN
                 raise RejectedError("bad_value", f"metric {name} is out of range")
-            clean[name] = value
         elif kind is int:
             if not -bound <= value <= bound:
                 raise RejectedError("bad_value", f"metric {name} is out of range")
-            clean[name] = float(value)
-        elif kind is bool:
-            clean[name] = value
-        else:
+            metrics[name] = float(value)
+        elif kind is not bool:
             raise RejectedError("bad_value", f"metric {name} must be a number or a bool")
     status = obj.get("status")
     if status is not None and (type(status) is not str or _WORD_RE.fullmatch(status) is None):
         raise RejectedError("bad_status", "status must be a short word")
-    return Reading(topic_device_id, seq, ts, clean, status)
+    return seq, ts, metrics, status
+
+
+def _check_metric_name(name: str) -> None:
+    """Refuse a metric name that breaks the pattern or is one of the point's own fields."""
+    if _METRIC_RE.fullmatch(name) is None:
+        raise RejectedError("bad_metric_name", "a metric name breaks the name pattern")
+    if name in RESERVED_METRIC_NAMES:
+        raise RejectedError("bad_metric_name", f"metric name {name!r} is reserved")
+    if len(_KNOWN_NAMES) >= _KNOWN_NAMES_MAX:  # a hostile fleet cannot grow it unbounded
+        _KNOWN_NAMES.clear()
+    _KNOWN_NAMES.add(name)
 
 
 def _short_text(obj: dict[str, Any], key: str, limit: int) -> str | None:
@@ -201,7 +231,7 @@ def decode_event(
     for name, value in data.items():
         if _METRIC_RE.fullmatch(name) is None:
             raise RejectedError("bad_event", "a data name breaks the name pattern")
-        if type(value) is bool or type(value) is str and len(value) <= 200:
+        if type(value) is bool or (type(value) is str and len(value) <= 200):
             clean[name] = value
         elif type(value) in (int, float) and math.isfinite(value):
             clean[name] = float(value)

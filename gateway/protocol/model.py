@@ -26,6 +26,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 1
+_INF: Final = math.inf
+_NEG_INF: Final = -math.inf
 
 MetricValue = float | bool
 EventKind = Literal["boot", "selftest", "error", "command_result", "info"]
@@ -65,9 +67,9 @@ class Reading:
     status: str | None = None
 
     def __post_init__(self) -> None:
-        for name, value in self.metrics.items():
-            if not isinstance(value, bool) and not math.isfinite(value):
-                raise ValueError(f"metric {name!r} is not finite")
+        for value in self.metrics.values():
+            if not _NEG_INF < value < _INF:  # false for NaN and infinities; bools pass
+                raise ValueError(f"reading of {self.device_id} holds a value that is not finite")
 
     @property
     def ts(self) -> datetime:
