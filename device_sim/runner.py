@@ -26,12 +26,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
 from device_sim.clock import SimClock
 from device_sim.device import Outbound
-from device_sim.faults import FaultRecord
+from device_sim.faults import FaultRecord, faults_to_csv
 from device_sim.fleet import Fleet
 from device_sim.settings import SimSettings
 from gateway.errors import BrokerUnavailableError, ConfigError
@@ -103,6 +104,19 @@ class FleetReport:
     dropped: int
     faults: tuple[FaultRecord, ...]
     wall_s: float
+
+    def summary(self) -> str:
+        """One line for logs: what the run published."""
+        return (
+            f"{len(self.readings_per_device)} devices, {self.readings_total} readings, "
+            f"{self.events_total} events, {len(self.faults)} faults, "
+            f"{self.buffered_at_end} still buffered, {self.dropped} dropped, "
+            f"{self.wall_s:.1f} s"
+        )
+
+    def write_ground_truth(self, path: Path) -> None:
+        """Write the injected faults as CSV (see :func:`device_sim.faults.faults_to_csv`)."""
+        path.write_text(faults_to_csv(self.faults), encoding="utf-8")
 
     @property
     def readings_total(self) -> int:
@@ -201,6 +215,10 @@ class FleetRunner:
     async def __aenter__(self) -> Self:
         self._tls_context = self._tls()
         limit = asyncio.Semaphore(self.settings.connect_concurrency)
+        if self.settings.fleet_secret is None:
+            raise ConfigError(
+                "setting sim.fleet_secret: required to derive the devices' broker passwords"
+            )
         secret = self.settings.fleet_secret.get_secret_value()
 
         async def connect(device_id: str) -> None:

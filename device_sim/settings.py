@@ -40,7 +40,8 @@ class SimSettings(BaseModel):
         outage_rate_per_device_month: random connectivity outages per device per 30 days.
         outage_mean_s: mean length of a random outage.
         id_prefix: first part of every device id (``sim`` → ``sim-washer-00000``).
-        fleet_secret: the secret device passwords derive from.
+        fleet_secret: the secret device passwords derive from (``fixloop up`` fills it
+            in from its data folder; ``fixloop sim`` needs it set).
         mqtt_host: the broker's host.
         mqtt_port: the broker's port.
         mqtt_tls: connect with TLS.
@@ -62,7 +63,7 @@ class SimSettings(BaseModel):
     outage_rate_per_device_month: float = Field(default=0.0, ge=0.0, le=1_000.0)
     outage_mean_s: float = Field(default=1_800.0, ge=60.0, le=172_800.0)
     id_prefix: str = "sim"
-    fleet_secret: SecretStr
+    fleet_secret: SecretStr | None = None
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = Field(default=1883, ge=1, le=65_535)
     mqtt_tls: bool = False
@@ -88,8 +89,8 @@ class SimSettings(BaseModel):
 
     @field_validator("fleet_secret")
     @classmethod
-    def _check_secret(cls, value: SecretStr) -> SecretStr:
-        if len(value.get_secret_value()) < 16:
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
             raise ValueError("fleet_secret must be at least 16 characters")
         return value
 

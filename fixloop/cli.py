@@ -102,7 +102,7 @@ async def _run_until_stop(coro: Awaitable[None], stop: asyncio.Event) -> None:
 
 
 async def _gateway(settings: Settings, stop: asyncio.Event) -> None:
-    from gateway.service import Gateway  # noqa: PLC0415 - keep `fixloop --help` light
+    from gateway.service import Gateway
 
     async with Gateway(settings.mqtt, settings.influx, settings.gateway) as gateway:
         _LOG.info(
@@ -117,7 +117,7 @@ async def _gateway(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def _sim(settings: Settings, stop: asyncio.Event, ground_truth: Path | None) -> None:
-    from device_sim import run_fleet  # noqa: PLC0415
+    from device_sim import run_fleet
 
     report = await run_fleet(settings.sim, stop=stop)
     _LOG.info("fleet stopped: %s", report.summary())
@@ -127,7 +127,7 @@ async def _sim(settings: Settings, stop: asyncio.Event, ground_truth: Path | Non
 
 
 async def _up(settings: Settings, stop: asyncio.Event) -> None:
-    from fixloop.local import run_local_stack  # noqa: PLC0415
+    from fixloop.local import run_local_stack
 
     await run_local_stack(settings, stop)
 

@@ -1,0 +1,180 @@
+"""``fixloop up``: the whole local stack in one command, for a first-time user.
+
+Starts (sinks first, sources last) a mosquitto and an influxd from the PATH on
+loopback ports with their data in one folder, the gateway, and a simulated fleet;
+prints where everything is; on Ctrl-C stops the fleet first, lets the gateway drain,
+then stops the gateway and the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Final
+
+from pydantic import SecretStr
+
+from device_sim import FleetRunner
+from fixloop.broker import GATEWAY_USER
+from fixloop.config import ensure_fleet_secret
+from fixloop.settings import Settings
+from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from gateway.protocol.credentials import device_password
+from gateway.service import Gateway
+from gateway.settings import MqttSettings
+
+__all__ = ["run_local_stack", "service_password"]
+
+_LOG = logging.getLogger(__name__)
+
+_STATUS_EVERY_S: Final = 15.0
+_DRAIN_TIMEOUT_S: Final = 15.0
+_DEMO_HISTORY_S: Final = 6 * 3600.0
+
+
+def service_password(fleet_secret: str, user: str) -> str:
+    """Password of a service user of the local stack, derived like a device's."""
+    return device_password(fleet_secret, f"service:{user}")
+
+
+def _banner(
+    data_dir: Path,
+    broker: MosquittoServer,
+    influx: InfluxdServer,
+    metrics_port: int | None,
+    models: Counter[str],
+    speed: object,
+) -> str:
+    fleet = ", ".join(f"{count} {model}" for model, count in sorted(models.items()))
+    return "\n".join(
+        [
+            "",
+            "fixloop is up",
+            f"  broker    mqtt://{broker.host}:{broker.port}  (password file and ACL in "
+            f"{broker.root})",
+            f"  InfluxDB  {influx.url}  database {influx.database}",
+            f"            try: influx -port {influx.port} -database {influx.database} "
+            "-execute 'SELECT COUNT(seq) FROM telemetry'",
+            f"  gateway   http://127.0.0.1:{metrics_port}/metrics  and  /health",
+            f"  fleet     {sum(models.values())} simulated devices ({fleet}), speed {speed}",
+            f"  data      {data_dir}",
+            "Press Ctrl-C to stop.",
+            "",
+        ]
+    )
+
+
+async def _report(gateway: Gateway) -> None:
+    metrics = gateway.metrics
+    while True:
+        await asyncio.sleep(_STATUS_EVERY_S)
+        _LOG.info(
+            "received %d, stored %d, rejected %d, spooled batches %d, lag %.1f s",
+            sum(metrics.received.values()),
+            metrics.stored,
+            sum(metrics.rejected.values()),
+            metrics.spool_batches,
+            metrics.lag_s(),
+        )
+
+
+async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
+    """Run broker, InfluxDB, gateway and simulated fleet until ``stop`` is set.
+
+    Raises:
+        ConfigError: a binary is missing, a port is taken, or a setting is wrong.
+    """
+    settings = ensure_fleet_secret(settings)
+    stack = settings.stack
+    data_dir = stack.data_dir.resolve()
+    assert stack.fleet_secret is not None  # ensure_fleet_secret filled it in
+    secret = stack.fleet_secret.get_secret_value()
+    gateway_password = service_password(secret, GATEWAY_USER)
+    mqtt_port = stack.mqtt_port or free_port()
+
+    chosen = settings.sim.model_fields_set
+    # A first look should show history, not an empty chart: unless told otherwise the
+    # fleet replays the last hours as fast as the stack takes them, then lives on in
+    # real time (the simulator's clock never runs ahead of the wall clock).
+    demo = {
+        "start_offset_s": _DEMO_HISTORY_S if "start_offset_s" not in chosen else None,
+        "speed": "max" if "speed" not in chosen else None,
+    }
+    sim_settings = settings.sim.model_copy(
+        update={
+            "fleet_secret": SecretStr(secret),
+            "mqtt_host": "127.0.0.1",
+            "mqtt_port": mqtt_port,
+            "mqtt_tls": False,
+        }
+        | {key: value for key, value in demo.items() if value is not None}
+    )
+    runner = FleetRunner(sim_settings)
+    device_ids = runner.fleet.device_ids
+    broker = MosquittoServer(
+        data_dir / "mosquitto",
+        users={GATEWAY_USER: gateway_password},
+        device_ids=device_ids,
+        fleet_secret=secret,
+        port=mqtt_port,
+        connection_messages=False,
+    )
+    influx = InfluxdServer(data_dir / "influxdb", port=stack.influx_port)
+    gateway_settings = settings.gateway.model_copy(
+        update={"spool_dir": data_dir / "spool"}
+        | ({} if "metrics_port" in settings.gateway.model_fields_set else {"metrics_port": 0})
+    )
+    mqtt = MqttSettings(
+        host=broker.host, port=mqtt_port, username=GATEWAY_USER, password=gateway_password
+    )
+
+    async with contextlib.AsyncExitStack() as servers:
+        # Sinks first: the servers, then the gateway, then the fleet (the source).
+        _LOG.info("starting mosquitto and influxd in %s", data_dir)
+        await asyncio.to_thread(broker.start)
+        servers.callback(broker.stop)
+        await asyncio.to_thread(influx.start)
+        servers.callback(influx.stop)
+        influx_settings = settings.influx.model_copy(
+            update={"url": influx.url, "flavor": "v1", "database": influx.database}
+        )
+        async with Gateway(mqtt, influx_settings, gateway_settings) as gateway:
+            gateway_task = asyncio.create_task(gateway.run(), name="gateway")
+            report_task = asyncio.create_task(_report(gateway), name="status")
+            try:
+                async with asyncio.timeout(30):
+                    await gateway.wait_subscribed()
+                async with runner:
+                    models = Counter(d.model for d in runner.fleet.devices)
+                    print(  # noqa: T201 - the command's own output for the user
+                        _banner(
+                            data_dir,
+                            broker,
+                            influx,
+                            gateway.metrics_port,
+                            models,
+                            sim_settings.speed,
+                        ),
+                        file=sys.stdout,
+                        flush=True,
+                    )
+                    fleet_report = await runner.run(stop)
+                    _LOG.info("simulated fleet stopped: %s", fleet_report.summary())
+                await stop.wait()  # the fleet may end first (a set duration): stay up
+                # Sources are stopped: give the gateway a moment to store what it holds.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                        while gateway.metrics.unacked:
+                            await asyncio.sleep(0.1)
+            finally:
+                for task in (report_task, gateway_task):
+                    task.cancel()
+                for task in (report_task, gateway_task):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        _LOG.info("stopping influxd and mosquitto")
+    _LOG.info("fixloop stopped; data kept in %s", data_dir)
