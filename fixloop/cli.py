@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from fixloop.config import load_settings
 from fixloop.settings import Settings
@@ -90,10 +91,10 @@ async def _until_signalled(
             loop.remove_signal_handler(sig)
 
 
-async def _run_until_stop(coro: Awaitable[None], stop: asyncio.Event) -> None:
+async def _run_until_stop(coro: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
     """Run ``coro`` until it ends or ``stop`` is set (then cancel it)."""
     async with asyncio.TaskGroup() as group:
-        task = group.create_task(coro)  # type: ignore[arg-type]
+        task = group.create_task(coro)
         waiter = group.create_task(stop.wait())
         done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         if task not in done:

@@ -149,7 +149,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 async with asyncio.timeout(30):
                     await gateway.wait_subscribed()
                 async with runner:
-                    models = Counter(d.model for d in runner.fleet.devices)
+                    models = Counter(str(d.model) for d in runner.fleet.devices)
                     print(  # noqa: T201 - the command's own output for the user
                         _banner(
                             data_dir,
@@ -168,8 +168,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 # Sources are stopped: give the gateway a moment to store what it holds.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_DRAIN_TIMEOUT_S):
-                        while gateway.metrics.unacked:
-                            await asyncio.sleep(0.1)
+                        await gateway.drain()
             finally:
                 for task in (report_task, gateway_task):
                     task.cancel()

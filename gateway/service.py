@@ -90,6 +90,8 @@ class Gateway:
         self._topics: dict[str, tuple[str, str] | None] = {}
         self._client: MqttClient | None = None
         self._subscribed = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -136,6 +138,10 @@ class Gateway:
     async def wait_subscribed(self) -> None:
         """Wait until the gateway is subscribed (tests and the stack runner use it)."""
         await self._subscribed.wait()
+
+    async def drain(self) -> None:
+        """Wait until every message received so far is durable and acknowledged."""
+        await self._drained.wait()
 
     async def run(self) -> None:
         """Consume the broker and replay the spool until cancelled.
@@ -193,6 +199,7 @@ class Gateway:
                 self._client = None
                 self.metrics.mqtt_connected = False
                 self.metrics.unacked = 0
+                self._drained.set()  # what was not acknowledged the broker redelivers
             await asyncio.sleep(backoff_s * (0.5 + random.random()))
             backoff_s = min(backoff_s * 2, self._settings.retry_max_s)
 
@@ -251,6 +258,7 @@ class Gateway:
                     await self._reject(client, message, "unstorable", str(exc), now_ms)
             metrics.received.update(counts)
             metrics.unacked += len(messages)
+            self._drained.clear()
             await queue.put(_Batch(lines, messages, newest))
 
     async def _reject(
@@ -306,6 +314,8 @@ class Gateway:
             acked = sum(1 for m in messages if m.qos)
             self.metrics.acked += acked
             self.metrics.unacked = max(0, self.metrics.unacked - len(messages))
+            if not self.metrics.unacked:
+                self._drained.set()
 
     # -- store side ----------------------------------------------------------------
 

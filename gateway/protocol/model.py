@@ -126,5 +126,3 @@ class Command:
     def __post_init__(self) -> None:
         if self.action not in COMMAND_ACTIONS:
             raise ValueError(f"unknown command action {self.action!r}")
-
-
