@@ -1,0 +1,106 @@
+"""The ``fixloop`` command as a user runs it: ``up`` starts everything and Ctrl-C stops it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fixloop.stack import InfluxdServer
+
+pytestmark = pytest.mark.integration
+
+
+def fixloop(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fixloop", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def count_telemetry(influx_url: str) -> int:
+    port = int(influx_url.rsplit(":", 1)[1])
+    server = InfluxdServer(Path("/nonexistent"), port=port)  # a client of a running one
+    answer = server.query("SELECT COUNT(seq) FROM telemetry", database="fixloop")
+    series = answer["results"][0].get("series")
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+def running_processes(marker: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if marker in line and "ps -eo" not in line]
+
+
+def start_up(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = fixloop("up", "--data-dir", str(data_dir), "--devices", "6")
+    assert proc.stdout is not None
+    banner: list[str] = []
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        banner.append(line)
+        if line.startswith("Press Ctrl-C"):
+            break
+        assert time.monotonic() < deadline, "".join(banner)
+    text = "".join(banner)
+    assert "fixloop is up" in text, text
+    assert "6 simulated devices" in text
+    match = re.search(r"InfluxDB  (http://127\.0\.0\.1:\d+)", text)
+    assert match, text
+    return proc, match.group(1)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def test_up_runs_the_stack_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    data_dir = tmp_path / "stack"
+    proc, influx_url = start_up(data_dir)
+    try:
+        deadline = time.monotonic() + 60
+        while (first := count_telemetry(influx_url)) < 500:
+            assert time.monotonic() < deadline, f"only {first} points after 60 s"
+            time.sleep(0.5)
+    finally:
+        log = stop(proc)
+    assert "fixloop stopped" in log
+    assert running_processes(str(data_dir)) == [], "a server outlived fixloop up"
+    secret = (data_dir / "fleet_secret").read_text()
+
+    # A second run keeps the data, the fleet secret and the broker's session.
+    proc, influx_url = start_up(data_dir)
+    try:
+        assert count_telemetry(influx_url) >= first
+    finally:
+        log = stop(proc)
+    assert (data_dir / "fleet_secret").read_text() == secret
+    assert "session resumed: True" in log
+
+
+def test_a_wrong_setting_is_one_clear_line() -> None:
+    proc = fixloop("up", env={"FIXLOOP_SIM__DEVICES": "0"})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fixloop: error: setting sim.devices:")
+    assert "FIXLOOP_SIM__DEVICES" in lines[0]
+
+
+def test_an_unknown_setting_is_refused() -> None:
+    proc = fixloop("gateway", env={"FIXLOOP_GATEWAY__BATCH_SIZE": "10"})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "gateway.batch_size" in err
