@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fixloop.broker import GATEWAY_USER  # noqa: E402
-from fixloop.stack import InfluxdServer, MosquittoServer  # noqa: E402
-from gateway.protocol.credentials import device_password  # noqa: E402
+from fixloop.broker import GATEWAY_USER
+from fixloop.stack import InfluxdServer, MosquittoServer
+from gateway.protocol.credentials import device_password
 
 FLEET_SECRET = "bench-fleet-secret-0123456789"
 GATEWAY_PASSWORD = "bench-gateway-password"
@@ -82,13 +82,29 @@ def publish(broker: MosquittoServer, files: list[tuple[str, Path]], qos: int) ->
     return started
 
 
-def reference(broker: MosquittoServer, files: list[tuple[str, Path]], qos: int, count: int) -> float:
+def reference(
+    broker: MosquittoServer, files: list[tuple[str, Path]], qos: int, count: int
+) -> float:
     """Time the broker passing the burst to mosquitto_sub (to /dev/null); msg/s."""
     sub = subprocess.Popen(
         [
-            "mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-u", REF_USER,
-            "-P", REF_PASSWORD, "-i", f"ref-{qos}-{time.time_ns()}", "-q", str(qos),
-            "-t", "devices/+/telemetry", "-C", str(count),
+            "mosquitto_sub",
+            "-h",
+            broker.host,
+            "-p",
+            str(broker.port),
+            "-u",
+            REF_USER,
+            "-P",
+            REF_PASSWORD,
+            "-i",
+            f"ref-{qos}-{time.time_ns()}",
+            "-q",
+            str(qos),
+            "-t",
+            "devices/+/telemetry",
+            "-C",
+            str(count),
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -141,7 +157,11 @@ def through_gateway(
 
 
 def start_gateway(
-    broker: MosquittoServer, influx: InfluxdServer, root: Path, metrics_port: int, profile: str | None
+    broker: MosquittoServer,
+    influx: InfluxdServer,
+    root: Path,
+    metrics_port: int,
+    profile: str | None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -202,6 +222,7 @@ def main() -> None:
                     write_lines(path, device, count // chunks, base_ms)
                     files.append((device, path))
                 burst[f"{kind}-{r}"] = files
+
         def make_broker(name: str) -> MosquittoServer:
             return MosquittoServer(
                 root / name,
@@ -260,7 +281,7 @@ def main() -> None:
 
 
 def _free_port() -> int:
-    from fixloop.stack import free_port  # noqa: PLC0415
+    from fixloop.stack import free_port
 
     return free_port()
 

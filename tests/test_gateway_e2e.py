@@ -9,13 +9,12 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
-
 from conftest import (
     DEVICE_IDS,
     GATEWAY_PASSWORD,
@@ -23,6 +22,7 @@ from conftest import (
     MakeMosquitto,
     device_pw,
 )
+
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
 from gateway.errors import PermanentError
@@ -90,10 +90,8 @@ async def running_gateway(
             yield gw
         finally:
             task.cancel()
-            try:
+            with suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
 
 
 async def test_hostile_payloads_are_refused_with_reasons_and_good_ones_stored(
@@ -159,9 +157,9 @@ async def test_hostile_payloads_are_refused_with_reasons_and_good_ones_stored(
         await device.publish(f"devices/{dev}/telemetry", reading(dev, 999, now_ms + 1), qos=1)
         await wait_for(lambda: gw.metrics.stored >= good + 1, 10, "a point after the refusals")
 
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"http://127.0.0.1:{gw.metrics_port}/metrics") as response:
-                text = await response.text()
+        url = f"http://127.0.0.1:{gw.metrics_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            text = await response.text()
         assert 'fixloop_gateway_rejected_total{reason="bad_metric_name"} 2' in text
         assert f"fixloop_gateway_stored_points_total {good + 1}" in text
 
