@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeInfluxd, MakeMosquitto
 from pydantic import SecretStr
 
-from conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeInfluxd, MakeMosquitto
 from device_sim import FleetRunner, SimSettings
 from fixloop.broker import GATEWAY_USER
 from gateway.influx import InfluxClient, InfluxSettings
