@@ -1,0 +1,405 @@
+"""The import rules of ARCHITECTURE.md ("Layout") and STYLE.md, enforced on the source.
+
+Every ``.py`` file of every package is parsed with :mod:`ast`; imports anywhere in a
+file count (inside functions too, and ``importlib.import_module("...")`` with a literal
+name). The rules:
+
+* data flows one way: a package imports only the packages above it in the layout table
+  (``device_sim`` only the gateway's device protocol and its error tree);
+* no package imports a ``_private`` name (or module) of another package;
+* ``__init__.py`` holds a docstring, imports and ``__all__``, nothing else.
+
+Each checker is also run on a small synthetic source that breaks its rule, so a checker
+that stopped finding anything would fail here instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Package -> the other packages (or modules of them) it may import. ``None``: anything.
+ALLOWED: dict[str, frozenset[str] | None] = {
+    "gateway": frozenset(),
+    "device_sim": frozenset({"gateway.protocol", "gateway.errors"}),
+    "diagnostics": frozenset({"gateway"}),
+    "notifier": frozenset({"diagnostics", "gateway"}),
+    "dashboard": frozenset({"notifier", "diagnostics", "gateway"}),
+    "fixloop": None,
+}
+PACKAGES = frozenset(ALLOWED)
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """One module to check: its dotted name, whether it is a package, its text."""
+
+    module: str
+    is_package: bool
+    text: str
+    path: str
+
+    @property
+    def package(self) -> str:
+        return self.module.split(".", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Import:
+    """One imported module (resolved, absolute) and the names taken from it."""
+
+    target: str
+    names: tuple[str, ...]
+    line: int
+
+
+# -- collecting sources ------------------------------------------------------------------
+
+
+def _module_name(path: Path) -> tuple[str, bool]:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        return ".".join(parts[:-1]), True
+    return ".".join(parts), False
+
+
+def repo_sources() -> list[Source]:
+    """Every module of every package in the layout table."""
+    sources = []
+    for package in sorted(PACKAGES):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            module, is_package = _module_name(path)
+            text = path.read_text(encoding="utf-8")
+            sources.append(Source(module, is_package, text, str(path.relative_to(ROOT))))
+    return sources
+
+
+def _module_exists(module: str) -> bool:
+    base = ROOT.joinpath(*module.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _reexports(package: str) -> dict[str, str]:
+    """Name -> the absolute module a package's ``__init__.py`` imports it from."""
+    init = ROOT.joinpath(*package.split("."), "__init__.py")
+    if not init.is_file():
+        return {}
+    found: dict[str, str] = {}
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom):
+            base = _absolute(package, True, node.level, node.module)
+            for alias in node.names:
+                found[alias.asname or alias.name] = base
+    return found
+
+
+# -- resolving imports -------------------------------------------------------------------
+
+
+def _absolute(module: str, is_package: bool, level: int, name: str | None) -> str:
+    """Resolve ``from <level dots><name> import ...`` inside ``module`` to an absolute name."""
+    if level == 0:
+        return name or ""
+    parts = module.split(".") if is_package else module.split(".")[:-1]
+    parts = parts[: len(parts) - (level - 1)] if level > 1 else parts
+    return ".".join([*parts, name] if name else parts)
+
+
+def _resolve_from(base: str, name: str, seen: frozenset[str] = frozenset()) -> str:
+    """The module ``from base import name`` really reaches.
+
+    A submodule (``from gateway import errors``) is that module; a name a package's
+    ``__init__.py`` re-exports is followed to where it comes from; anything else is
+    ``base`` itself.
+    """
+    if base.split(".", 1)[0] not in PACKAGES or base in seen:
+        return base
+    if _module_exists(f"{base}.{name}"):
+        return f"{base}.{name}"
+    origin = _reexports(base).get(name)
+    if origin is not None and origin != base:
+        return _resolve_from(origin, name, seen | {base})
+    return base
+
+
+def imports_of(source: Source) -> Iterator[Import]:
+    """Every import of a module, at any depth of its syntax tree."""
+    tree = ast.parse(source.text, filename=source.path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield Import(alias.name, (), node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(source.module, source.is_package, node.level, node.module)
+            for alias in node.names:
+                if alias.name == "*":
+                    yield Import(base, ("*",), node.lineno)
+                else:
+                    yield Import(_resolve_from(base, alias.name), (alias.name,), node.lineno)
+        elif (
+            isinstance(node, ast.Call)
+            and _dotted(node.func) in {"importlib.import_module", "import_module", "__import__"}
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            yield Import(node.args[0].value, (), node.lineno)
+
+
+def _dotted(node: ast.expr) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+# -- the checkers ------------------------------------------------------------------------
+
+
+def layer_violations(source: Source) -> list[str]:
+    """Imports of packages (or modules) the layout table does not allow."""
+    allowed = ALLOWED[source.package]
+    found = []
+    for imp in imports_of(source):
+        top = imp.target.split(".", 1)[0]
+        if top not in PACKAGES or top == source.package or allowed is None:
+            continue
+        if not any(imp.target == ok or imp.target.startswith(ok + ".") for ok in allowed):
+            found.append(f"{source.path}:{imp.line}: {source.package} imports {imp.target}")
+    return found
+
+
+def private_violations(source: Source) -> list[str]:
+    """Imports of another package's ``_private`` names or modules, and attribute use."""
+    found = []
+    bound: set[str] = set()  # local names of modules of another package
+    for imp in imports_of(source):
+        top = imp.target.split(".", 1)[0]
+        if top not in PACKAGES or top == source.package:
+            continue
+        hidden = [p for p in imp.target.split(".") if _is_private(p)]
+        hidden += [n for n in imp.names if _is_private(n)]
+        if hidden:
+            found.append(f"{source.path}:{imp.line}: uses {imp.target} {', '.join(hidden)}")
+    tree = ast.parse(source.text, filename=source.path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".", 1)[0] in PACKAGES - {source.package}:
+                    bound.add(alias.asname or alias.name.split(".", 1)[0])
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                target = _resolve_from(node.module, alias.name)
+                if target.split(".", 1)[0] in PACKAGES - {source.package} and target.endswith(
+                    "." + alias.name
+                ):
+                    bound.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            root = _dotted(node.value).split(".", 1)[0]
+            if root in bound:
+                found.append(f"{source.path}:{node.lineno}: uses {_dotted(node)}")
+    return found
+
+
+def init_violations(source: Source) -> list[str]:
+    """Statements in an ``__init__.py`` other than a docstring, imports and ``__all__``."""
+    if not source.is_package:
+        return []
+    found = []
+    body = ast.parse(source.text, filename=source.path).body
+    for index, node in enumerate(body):
+        if index == 0 and isinstance(node, ast.Expr) and _is_text(node.value):
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        if _is_all_assignment(node):
+            continue
+        found.append(f"{source.path}:{node.lineno}: {type(node).__name__} in __init__.py")
+    return found
+
+
+def _is_text(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _is_all_assignment(node: ast.stmt) -> bool:
+    if isinstance(node, ast.Assign):
+        targets, value = node.targets, node.value
+    elif isinstance(node, ast.AnnAssign) and node.value is not None:
+        targets, value = [node.target], node.value
+    else:
+        return False
+    if len(targets) != 1 or not isinstance(targets[0], ast.Name) or targets[0].id != "__all__":
+        return False
+    return isinstance(value, ast.List | ast.Tuple) and all(_is_text(item) for item in value.elts)
+
+
+SOURCES = repo_sources()
+
+
+def _ids(sources: list[Source]) -> list[str]:
+    return [s.path for s in sources]
+
+
+# -- the rules on the real code -----------------------------------------------------------
+
+
+def test_every_package_has_a_rule() -> None:
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert packages == PACKAGES, "a new top-level package needs a row in ALLOWED"
+
+
+def test_the_checkers_see_the_code() -> None:
+    assert {s.package for s in SOURCES} == PACKAGES
+    assert any(s.module == "gateway.protocol.codec" for s in SOURCES)
+    device = next(s for s in SOURCES if s.module == "device_sim.runner")
+    assert any(i.target == "gateway.protocol.mqtt" for i in imports_of(device))
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=_ids(SOURCES))
+def test_imports_follow_the_layout(source: Source) -> None:
+    assert layer_violations(source) == []
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=_ids(SOURCES))
+def test_no_private_names_of_other_packages(source: Source) -> None:
+    assert private_violations(source) == []
+
+
+@pytest.mark.parametrize(
+    "source", [s for s in SOURCES if s.is_package], ids=_ids([s for s in SOURCES if s.is_package])
+)
+def test_init_files_hold_no_logic(source: Source) -> None:
+    assert init_violations(source) == []
+
+
+def test_device_sim_loads_no_backend_module() -> None:
+    """What ``import device_sim`` really loads: the device protocol, not the gateway service.
+
+    ``import gateway.protocol`` runs ``gateway/__init__.py`` first, so a re-export there
+    would reach the simulator even though its own imports follow the rules.
+    """
+    code = (
+        "import sys, device_sim\n"
+        "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'gateway', 'diagnostics', 'notifier', 'dashboard', 'fixloop', 'aiohttp'})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = result.stdout.split()
+    allowed = ALLOWED["device_sim"]
+    assert allowed is not None
+    backend = [
+        m
+        for m in loaded
+        if m != "gateway" and not any(m == ok or m.startswith(ok + ".") for ok in allowed)
+    ]
+    assert backend == []
+    assert "gateway.protocol.codec" in loaded
+
+
+# -- the checkers on sources that break the rules -----------------------------------------
+
+
+def _fake(module: str, text: str, *, is_package: bool = False) -> Source:
+    return Source(module, is_package, text, f"<{module}>")
+
+
+@pytest.mark.parametrize(
+    ("module", "text"),
+    [
+        ("gateway.service", "import device_sim\n"),
+        ("gateway.service", "from fixloop.settings import Settings\n"),
+        ("gateway.influx", "def f():\n    from diagnostics import x\n"),
+        ("device_sim.runner", "from gateway.service import Gateway\n"),
+        ("device_sim.runner", "from gateway import service\n"),
+        ("device_sim.runner", "import gateway.influx\n"),
+        ("device_sim.runner", "import importlib\nimportlib.import_module('gateway.spool')\n"),
+        ("device_sim.device", "from ..gateway.metrics import GatewayMetrics\n"),
+        ("diagnostics.detectors", "from notifier.cases import Case\n"),
+        ("diagnostics.detectors", "from device_sim import Fleet\n"),
+        ("notifier.cases", "from dashboard.keys import KEY\n"),
+        ("dashboard.app", "from fixloop.cli import main\n"),
+    ],
+)
+def test_layer_checker_finds_upstream_breaks(module: str, text: str) -> None:
+    assert layer_violations(_fake(module, text)) != []
+
+
+@pytest.mark.parametrize(
+    ("module", "text"),
+    [
+        ("device_sim.runner", "from gateway.protocol.mqtt import MqttClient\n"),
+        ("device_sim.runner", "from gateway.errors import ConfigError\n"),
+        ("device_sim.runner", "from gateway import errors\n"),
+        ("device_sim.runner", "from gateway.protocol import Limits\n"),
+        ("gateway.service", "from .spool import Spool\n"),
+        ("notifier.cases", "from diagnostics import x\nimport gateway.service\n"),
+        ("fixloop.local", "from gateway.service import Gateway\nfrom device_sim import Fleet\n"),
+    ],
+)
+def test_layer_checker_lets_allowed_imports_pass(module: str, text: str) -> None:
+    assert layer_violations(_fake(module, text)) == []
+
+
+@pytest.mark.parametrize(
+    ("module", "text"),
+    [
+        ("fixloop.local", "from gateway.service import _Batch\n"),
+        ("fixloop.local", "def f():\n    from gateway.protocol.codec import _KNOWN_NAMES\n"),
+        ("fixloop.local", "import gateway.service\nx = gateway.service._LOG\n"),
+        ("fixloop.local", "from gateway.protocol import codec\ncodec._METRIC_RE\n"),
+        ("fixloop.local", "from gateway._hidden import thing\n"),
+    ],
+)
+def test_private_checker_finds_private_use(module: str, text: str) -> None:
+    assert private_violations(_fake(module, text)) != []
+
+
+@pytest.mark.parametrize(
+    ("module", "text"),
+    [
+        ("gateway.service", "from gateway.protocol.codec import _KNOWN_NAMES\n"),
+        ("fixloop.local", "from gateway.service import Gateway\nGateway.__name__\n"),
+        ("fixloop.local", "import os\nos._exit\n"),
+    ],
+)
+def test_private_checker_lets_public_and_own_names_pass(module: str, text: str) -> None:
+    assert private_violations(_fake(module, text)) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '"""Doc."""\nimport logging\nlogging.basicConfig()\n',
+        '"""Doc."""\n__all__ = ["x"]\ndef x():\n    pass\n',
+        '"""Doc."""\nVERSION = "1"\n__all__ = []\n',
+        '"""Doc."""\ntry:\n    import orjson\nexcept ImportError:\n    orjson = None\n',
+        '"""Doc."""\n__all__ = [name for name in ("a", "b")]\n',
+    ],
+)
+def test_init_checker_finds_logic(text: str) -> None:
+    assert init_violations(_fake("gateway", text, is_package=True)) != []
+
+
+def test_init_checker_lets_reexports_pass() -> None:
+    text = (
+        '"""Doc."""\n\nfrom gateway.errors import ConfigError\n'
+        'from . import protocol\n\n__all__: list[str] = ["ConfigError", "protocol"]\n'
+    )
+    assert init_violations(_fake("gateway", text, is_package=True)) == []
