@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 
 from gateway.errors import RejectedError
 from gateway.protocol import (
@@ -25,9 +26,6 @@ from gateway.protocol import (
     decode_event,
     decode_reading,
 )
-
-# PyYAML is not a runtime dependency; it has to be in the test extras for this to run.
-yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read asyncapi.yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = yaml.safe_load((ROOT / "asyncapi.yaml").read_text(encoding="utf-8"))
