@@ -39,6 +39,8 @@ FLEET_SECRET = "bench-fleet-secret-0123456789"
 GATEWAY_PASSWORD = "bench-gateway-password"
 REF_USER, REF_PASSWORD = "bench-reference", "bench-reference-password"
 CHUNK = 25_000
+#: Processes whose CPU use is reported per gateway run: where the time goes.
+CPU_PIDS: dict[str, int | None] = {}
 
 
 def write_lines(path: Path, device_id: str, count: int, base_ms: int) -> None:
@@ -119,6 +121,17 @@ def reference(
     return count / (time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (from /proc)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def metrics_value(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         for line in response.read().decode().splitlines():
@@ -146,6 +159,7 @@ def through_gateway(
 ) -> tuple[float, int]:
     """Time the burst until the gateway has stored every point; (msg/s, stored)."""
     before = metrics_value(metrics_port, "fixloop_gateway_stored_points_total")
+    cpu_before = {name: cpu_seconds(pid) for name, pid in CPU_PIDS.items()}
     started = publish(broker, files, qos)
     deadline = time.perf_counter() + 600
     while metrics_value(metrics_port, "fixloop_gateway_stored_points_total") - before < count:
@@ -153,6 +167,14 @@ def through_gateway(
             break
         time.sleep(0.02)
     elapsed = time.perf_counter() - started
+    used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in CPU_PIDS.items()}
+    print(
+        f"  QoS {qos} CPU over {elapsed:.1f} s: "
+        + ", ".join(
+            f"{name} {seconds:.1f} s ({seconds / elapsed:.0%})" for name, seconds in used.items()
+        ),
+        flush=True,
+    )
     return count / elapsed, count_points(influx, prefix)
 
 
@@ -174,7 +196,10 @@ def start_gateway(
         "FIXLOOP_GATEWAY__METRICS_PORT": str(metrics_port),
     }
     command = [sys.executable]
-    if profile:
+    if profile and profile.endswith(".txt"):  # sampling profile, little overhead
+        command = ["py-spy", "record", "--format", "raw", "-r", "250", "-o", profile, "--"]
+        command += [sys.executable]
+    elif profile:
         command += ["-m", "cProfile", "-o", profile]
     command += ["-m", "fixloop", "--log-level", "WARNING", "gateway"]
     proc = subprocess.Popen(command, env=env)
@@ -241,6 +266,8 @@ def main() -> None:
         with broker, ref_broker, influx:
             metrics_port = _free_port()
             gateway = start_gateway(broker, influx, root, metrics_port, args.profile)
+            gateway_pid = python_pid(gateway.pid)
+            CPU_PIDS.update(gateway=gateway_pid, broker=broker.pid, influxd=influx.pid)
             results: dict[int, list[tuple[float, float, int]]] = {0: [], 1: []}
             try:
                 for r in range(rounds):
@@ -260,7 +287,7 @@ def main() -> None:
                             flush=True,
                         )
             finally:
-                gateway.send_signal(signal.SIGTERM)
+                os.kill(gateway_pid, signal.SIGTERM)  # under py-spy: the profiled child
                 gateway.wait(60)
         print()
         print("QoS  sent      stored    stored/sent  gateway msg/s  reference msg/s  ratio")
@@ -274,10 +301,48 @@ def main() -> None:
                     f"{rate:<14,.0f} {ref:<16,.0f} {rate / ref:.2f}"
                 )
         print("(* best ratio of the rounds; every round is shown)")
-        if args.profile:
+        if args.profile and args.profile.endswith(".txt"):
+            print()
+            print_collapsed(Path(args.profile))
+        elif args.profile:
             print()
             stats = pstats.Stats(args.profile)
             stats.sort_stats("tottime").print_stats(18)
+
+
+def python_pid(pid: int) -> int:
+    """The gateway's Python process: ``pid`` itself, or its child when run by py-spy."""
+    deadline = time.time() + 5
+    while time.time() < deadline:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return pid
+        if children or "py-spy" not in Path(f"/proc/{pid}/cmdline").read_text():
+            return int(children[0]) if children else pid
+        time.sleep(0.05)
+    return pid
+
+
+def print_collapsed(path: Path, top: int = 25) -> None:
+    """Summarise a py-spy collapsed-stack file: share of samples per function."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        count = int(count_text)
+        total += count
+        frames = [
+            f.split(" (")[0] + " " + f.rsplit("/", 1)[-1].split(":")[0] for f in stack.split(";")
+        ]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    print(f"gateway samples: {total}")
+    print("own share  inclusive  function")
+    for frame, count in sorted(own.items(), key=lambda item: -item[1])[:top]:
+        print(f"{count / total:8.1%}  {inclusive[frame] / total:9.1%}  {frame}")
 
 
 def _free_port() -> int:

@@ -211,6 +211,7 @@ class _Protocol(asyncio.Protocol):
         client = self._client
         inbox = client._inbox
         topics = self._topics
+        new_message = tuple.__new__  # skips the NamedTuple's Python-level __new__
         try:
             while size - pos >= 2:
                 first = buf[pos]
@@ -256,7 +257,11 @@ class _Protocol(asyncio.Protocol):
                     else:
                         plen, j = _read_varint(buf, j)
                         j += plen
-                    inbox.append(Message(topic, bytes(buf[j:end]), qos, bool(first & 1), packet_id))
+                    inbox.append(
+                        new_message(
+                            Message, (topic, bytes(buf[j:end]), qos, bool(first & 1), packet_id)
+                        )
+                    )
                 else:
                     client._on_control(first, bytes(buf[i:end]))
                 pos = end
