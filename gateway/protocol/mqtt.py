@@ -619,6 +619,33 @@ class MqttClient:
         if data:
             self._write(data)
 
+    async def gather(self, delay_s: float) -> None:
+        """Stop reading the socket for ``delay_s``, then read what piled up at once.
+
+        Keep-alive is unaffected: ``delay_s`` is milliseconds against a keep-alive of
+        seconds. Nothing is lost: the kernel's socket buffer (and then TCP flow
+        control) holds the data meanwhile.
+        """
+        protocol = self._protocol
+        if protocol is None or protocol.transport is None or self._paused:
+            await asyncio.sleep(delay_s)
+            return
+        protocol.transport.pause_reading()
+        try:
+            await asyncio.sleep(delay_s)
+        finally:
+            if not self._paused and not protocol.transport.is_closing():
+                protocol.transport.resume_reading()
+        # The read is queued by the next poll of the event loop, behind this task's own
+        # wake-up; two yields let it run before the caller takes the messages.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    @property
+    def pending(self) -> int:
+        """How many received messages wait to be taken."""
+        return len(self._inbox)
+
     def take(self, max_count: int) -> list[Message]:
         """Take up to ``max_count`` received messages without waiting."""
         inbox = self._inbox
