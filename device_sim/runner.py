@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
@@ -245,6 +246,18 @@ class FleetRunner:
             self.settings.mqtt_host,
             self.settings.mqtt_port,
         )
+        # Devices power on as soon as they are connected: each runs its first tick (its
+        # phase within the first interval) now, so it boots and answers commands at
+        # once rather than up to one interval later.
+        powered_on: list[Outbound] = []
+        for device in self.fleet.devices:
+            device.step_until(device.next_tick_ms, powered_on)
+        powered_on.sort(key=itemgetter(0))
+        try:
+            await self._publish_batch(powered_on)
+        except BaseException:
+            await self._stack.aclose()
+            raise
         return self
 
     async def __aexit__(
