@@ -48,8 +48,8 @@ _INGEST_FILTERS: Final = ("devices/+/telemetry", "devices/+/events")
 _TOPIC_CACHE_MAX: Final = 200_000
 _PREVIEW_BYTES: Final = 200
 _LOUD_REJECTS_PER_REASON: Final = 20
-_MIN_CHUNK: Final = 200
-_GATHER_S: Final = 0.003
+_MIN_CHUNK: Final = 1_000
+_GATHER_S: Final = 0.01
 
 
 @dataclass(slots=True)
