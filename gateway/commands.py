@@ -19,7 +19,6 @@ from typing import Self
 from gateway.errors import BrokerUnavailableError, RejectedError, TransientError
 from gateway.protocol.codec import decode_event, encode_command
 from gateway.protocol.model import Command, CommandAction, Event
-from gateway.protocol.mqtt import MqttClient
 from gateway.protocol.topics import commands_topic, is_valid_device_id, split_device_topic
 from gateway.settings import MqttSettings
 
@@ -48,17 +47,7 @@ class CommandChannel:
         client_id: str = "fixloop-commands",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._client = MqttClient(
-            mqtt.host,
-            mqtt.port,
-            client_id=client_id,
-            username=mqtt.username,
-            password=mqtt.secret(),
-            clean_start=True,
-            keepalive_s=mqtt.keepalive_s,
-            tls=mqtt.tls_context(),
-            connect_timeout_s=mqtt.connect_timeout_s,
-        )
+        self._client = mqtt.client(client_id)
         self._clock = clock
         self._waiting: dict[str, asyncio.Future[Event]] = {}
         self._listener: asyncio.Task[None] | None = None

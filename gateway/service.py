@@ -158,19 +158,11 @@ class Gateway:
     # -- broker side ---------------------------------------------------------------
 
     def _new_client(self) -> MqttClient:
-        mqtt = self._mqtt
-        return MqttClient(
-            mqtt.host,
-            mqtt.port,
-            client_id=self._settings.client_id,
-            username=mqtt.username,
-            password=mqtt.secret(),
+        return self._mqtt.client(
+            self._settings.client_id,
             clean_start=False,
             session_expiry_s=self._settings.session_expiry_s,
-            keepalive_s=mqtt.keepalive_s,
             receive_maximum=self._settings.receive_maximum,
-            tls=mqtt.tls_context(),
-            connect_timeout_s=mqtt.connect_timeout_s,
             max_buffered=max(self._settings.batch_max_points * 4, 10_000),
         )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from gateway.protocol.codec import Limits
+from gateway.protocol.mqtt import MqttClient
 
 __all__ = ["GatewaySettings", "MqttSettings"]
 
@@ -40,6 +41,31 @@ class MqttSettings(BaseModel):
     def secret(self) -> str | None:
         """Return the password in clear, for the connect call only."""
         return self.password.get_secret_value() if self.password else None
+
+    def client(
+        self,
+        client_id: str,
+        *,
+        clean_start: bool = True,
+        session_expiry_s: int = 0,
+        receive_maximum: int = 65_535,
+        max_buffered: int = 100_000,
+    ) -> MqttClient:
+        """Build (not connect) an MQTT client for a service with these settings."""
+        return MqttClient(
+            self.host,
+            self.port,
+            client_id=client_id,
+            username=self.username,
+            password=self.secret(),
+            clean_start=clean_start,
+            session_expiry_s=session_expiry_s,
+            keepalive_s=self.keepalive_s,
+            receive_maximum=receive_maximum,
+            tls=self.tls_context(),
+            connect_timeout_s=self.connect_timeout_s,
+            max_buffered=max_buffered,
+        )
 
 
 class GatewaySettings(BaseModel):

@@ -12,33 +12,32 @@ import base64
 import gzip
 import itertools
 import socket
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import MakeInfluxd
 from pydantic import SecretStr
 
+from fixloop.stack import InfluxdServer, free_port
 from gateway.errors import PermanentError, StoreUnavailableError
 from gateway.influx import InfluxClient, InfluxSettings, WriteOutcome
 from gateway.lineproto import reading_to_line
 from gateway.protocol import Reading
-from tests.influxd_proc import InfluxdProcess, free_port, start_influxd
 
 T0 = 1_700_000_000_000
 _DB_NUMBERS = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def influx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxdProcess]:
-    server = start_influxd(tmp_path_factory.mktemp("influxd"))
-    yield server
-    server.stop()
+@pytest.fixture
+def influx_server(influxd: InfluxdServer) -> InfluxdServer:
+    """The session's influxd (each test writes to a database of its own)."""
+    return influxd
 
 
 @pytest.fixture
-async def client(influx_server: InfluxdProcess) -> AsyncIterator[InfluxClient]:
+async def client(influx_server: InfluxdServer) -> AsyncIterator[InfluxClient]:
     settings = InfluxSettings(
         url=influx_server.url, database=f"test{next(_DB_NUMBERS)}", timeout_s=5
     )
@@ -136,21 +135,21 @@ async def test_query_errors_are_permanent(client: InfluxClient) -> None:
         await client.query("SELECT temp FROM telemetry; SELECT nosuchfn(temp) FROM telemetry")
 
 
-async def test_query_on_missing_database_is_permanent(influx_server: InfluxdProcess) -> None:
+async def test_query_on_missing_database_is_permanent(influx_server: InfluxdServer) -> None:
     settings = InfluxSettings(url=influx_server.url, database="nowhere")
     async with InfluxClient(settings) as influx:
         with pytest.raises(PermanentError, match="database not found"):
             await influx.query("SELECT * FROM telemetry")
 
 
-async def test_missing_database_is_unavailable(influx_server: InfluxdProcess) -> None:
+async def test_missing_database_is_unavailable(influx_server: InfluxdServer) -> None:
     settings = InfluxSettings(url=influx_server.url, database="never_created")
     async with InfluxClient(settings) as influx:
         with pytest.raises(StoreUnavailableError, match="HTTP 404"):
             await influx.write([line("d1", 1)])
 
 
-async def test_gzip_writes(influx_server: InfluxdProcess) -> None:
+async def test_gzip_writes(influx_server: InfluxdServer) -> None:
     settings = InfluxSettings(url=influx_server.url, database="gzipped", gzip=True)
     async with InfluxClient(settings) as influx:
         await influx.ensure_database()
@@ -159,8 +158,8 @@ async def test_gzip_writes(influx_server: InfluxdProcess) -> None:
         assert await influx.count("telemetry") == 3000
 
 
-async def test_stopped_influxd_is_unavailable(tmp_path: Path) -> None:
-    server = start_influxd(tmp_path / "influxd")
+async def test_stopped_influxd_is_unavailable(make_influxd: MakeInfluxd) -> None:
+    server = make_influxd()
     settings = InfluxSettings(url=server.url, database="gone", timeout_s=2)
     try:
         async with InfluxClient(settings) as influx:

@@ -80,7 +80,7 @@ class Limits:
 DEFAULT_LIMITS: Final = Limits()
 
 
-def _load_object(payload: bytes, limits: Limits) -> dict[str, Any]:
+def _load_object(payload: bytes, limits: Limits, keys: frozenset[str]) -> dict[str, Any]:
     if len(payload) > limits.max_payload_bytes:
         raise RejectedError(
             "too_large", f"payload of {len(payload)} bytes exceeds {limits.max_payload_bytes}"
@@ -97,6 +97,9 @@ def _load_object(payload: bytes, limits: Limits) -> dict[str, Any]:
             "unsupported_version",
             f"schema version {version!r} is not supported (this gateway speaks {SCHEMA_VERSION})",
         )
+    if not keys.issuperset(obj):
+        extra = sorted(set(obj) - keys)[:3]
+        raise RejectedError("unknown_field", f"unknown top-level fields {extra!r}")
     return obj
 
 
@@ -151,10 +154,7 @@ def validate_reading(
     """
     # The hot path of the gateway: checks are inlined and known-good metric names are
     # remembered, because every message of a fleet repeats the same few names.
-    obj = _load_object(payload, limits)
-    if not _READING_KEYS.issuperset(obj):
-        extra = sorted(set(obj) - _READING_KEYS)[:3]
-        raise RejectedError("unknown_field", f"unknown top-level fields {extra!r}")
+    obj = _load_object(payload, limits, _READING_KEYS)
     seq, ts = _header(obj, topic_device_id, now_ms, limits)
     metrics = obj.get("metrics")
     if type(metrics) is not dict or not metrics:
@@ -210,10 +210,7 @@ def decode_event(
     Raises:
         RejectedError: the payload breaks the contract; ``reason`` says how.
     """
-    obj = _load_object(payload, limits)
-    if not _EVENT_KEYS.issuperset(obj):
-        extra = sorted(set(obj) - _EVENT_KEYS)[:3]
-        raise RejectedError("unknown_field", f"unknown top-level fields {extra!r}")
+    obj = _load_object(payload, limits, _EVENT_KEYS)
     seq, ts = _header(obj, topic_device_id, now_ms, limits)
     kind = obj.get("type")
     if kind not in EVENT_KINDS:
