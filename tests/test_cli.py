@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FLEET_SECRET, MakeMosquitto
+from pydantic import SecretStr
 
-from fixloop.stack import InfluxdServer
+from device_sim import FleetRunner, SimSettings
+from fixloop.stack import InfluxdServer, MosquittoServer
 
 pytestmark = pytest.mark.integration
 
@@ -104,3 +107,42 @@ def test_an_unknown_setting_is_refused() -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert "gateway.batch_size" in err
+
+
+def test_sim_runs_a_fleet_against_any_broker(make_mosquitto: MakeMosquitto, tmp_path: Path) -> None:
+    settings = SimSettings(
+        devices=4, fault_rate_per_device_month=100.0, fleet_secret=SecretStr(FLEET_SECRET)
+    )
+    broker = make_mosquitto(device_ids=FleetRunner(settings).fleet.device_ids)
+    truth = tmp_path / "faults.csv"
+    proc = fixloop(
+        "sim",
+        "--devices",
+        "4",
+        "--speed",
+        "max",
+        "--duration",
+        "86400",
+        "--ground-truth",
+        str(truth),
+        env={
+            "FIXLOOP_SIM__FLEET_SECRET": FLEET_SECRET,
+            "FIXLOOP_SIM__MQTT_PORT": str(broker.port),
+            "FIXLOOP_SIM__FAULT_RATE_PER_DEVICE_MONTH": "100",
+        },
+    )
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    match = re.search(r"fleet stopped: 4 devices, (\d+) readings", err)
+    assert match, err[-3000:]
+    assert int(match.group(1)) >= 4 * 8_000  # a day at one reading per 10 s, less reboots
+    rows = truth.read_text().splitlines()
+    assert rows[0].startswith("device_id,")
+    assert len(rows) > 1, "a fault rate of 100 a month gives faults within a day"
+
+
+def test_sim_without_a_fleet_secret_says_so(mosquitto: MosquittoServer) -> None:
+    proc = fixloop("sim", env={"FIXLOOP_SIM__MQTT_PORT": str(mosquitto.port)})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "sim.fleet_secret" in err.strip().splitlines()[-1]
