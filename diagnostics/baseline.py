@@ -1,0 +1,116 @@
+"""Per-device adaptive baseline (diagnostics, "Detect": each device against its own past).
+
+For every device and feature, :class:`BaselineTable` keeps an exponentially weighted mean
+and variance of the feature's *level* (from :class:`diagnostics.features.FeatureTable`)
+over the device's healthy history. A feature's z-score is its level's distance from that
+mean in units of the baseline spread (never below the feature's noise floor). Learning
+runs on a time constant of days, and is frozen while the device is flagged, so a slow
+drift is not learnt away. The score maps the largest z-score to ``[0, 1]``, higher =
+more anomalous (STYLE.md rule 10).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from diagnostics.features import FeatureSpec
+
+__all__ = ["BaselineTable", "z_to_score"]
+
+F32 = npt.NDArray[np.float32]
+_Z_HALF: Final = 8.0
+
+
+def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> F32:
+    """Map a non-negative z-score to ``[0, 1)``: ``z² / (z² + z_half²)`` (0.5 at ``z_half``)."""
+    z2 = np.square(np.asarray(z, dtype=np.float32))
+    return (z2 / (z2 + np.float32(z_half * z_half))).astype(np.float32)
+
+
+class BaselineTable:
+    """Healthy baselines of all devices of one product model (structure of arrays).
+
+    Args:
+        spec: the product model's features.
+        tau_days: memory of the baseline once warm (days of history).
+        capacity: initial number of device slots.
+    """
+
+    def __init__(self, spec: FeatureSpec, *, tau_days: float = 10.0, capacity: int = 64) -> None:
+        n = len(spec.features)
+        self.tau_days = tau_days
+        self.floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
+        self.min_count = np.array([f.min_count for f in spec.features], dtype=np.float32)
+        self.mean: F32 = np.zeros((capacity, n), dtype=np.float32)
+        self.var: F32 = np.zeros((capacity, n), dtype=np.float32)
+        self.count: F32 = np.zeros((capacity, n), dtype=np.float32)
+        self.learnt_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
+
+    @property
+    def capacity(self) -> int:
+        """The number of slots allocated."""
+        return int(self.mean.shape[0])
+
+    def ensure(self, slots: int) -> None:
+        """Grow the arrays to hold at least ``slots`` slots."""
+        cap = self.capacity
+        if slots <= cap:
+            return
+        new = max(slots, 2 * cap)
+        for name in ("mean", "var", "count", "learnt_s"):
+            old = getattr(self, name)
+            grown = np.zeros((new, *old.shape[1:]), dtype=old.dtype)
+            grown[:cap] = old
+            setattr(self, name, grown)
+
+    def zscores(self, slots: npt.NDArray[np.intp], level: F32) -> F32:
+        """Return signed z-scores of ``level`` rows (0 where the baseline is not warm yet)."""
+        ready = (self.count[slots] >= self.min_count) & ~np.isnan(level)
+        spread = np.sqrt(self.var[slots] + self.floor2)
+        z = np.where(ready, (level - self.mean[slots]) / spread, 0.0)
+        return z.astype(np.float32)
+
+    def score(self, z: F32) -> F32:
+        """Return each row's score in ``[0, 1]`` from its largest absolute z-score."""
+        if z.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        return z_to_score(np.abs(z).max(axis=1))
+
+    def learn(
+        self,
+        slots: npt.NDArray[np.intp],
+        level: F32,
+        now_s: npt.NDArray[np.int32],
+        mask: npt.NDArray[np.bool_],
+    ) -> None:
+        """Fold ``level`` rows into the baselines of the rows where ``mask`` holds.
+
+        A running mean while a feature warms up, then an exponentially weighted one whose
+        weight follows the time since the last update (``tau_days``), so features that
+        update often and rarely forget at the same pace.
+        """
+        if not mask.any():
+            return
+        s = slots[mask]
+        x = level[mask]
+        t = now_s[mask][:, None]
+        present = ~np.isnan(x)
+        count = self.count[s] + present
+        dt_days = np.clip((t - self.learnt_s[s]).astype(np.float32) / 86_400.0, 0.0, 30.0)
+        ew = 1.0 - np.exp(-dt_days / np.float32(self.tau_days))
+        weight = np.where(present, np.maximum(1.0 / np.maximum(count, 1.0), ew), 0.0)
+        mean = self.mean[s]
+        delta = np.where(present, x - mean, 0.0)
+        self.mean[s] = mean + weight * delta
+        self.var[s] = (1.0 - weight) * (self.var[s] + weight * delta * delta)
+        self.count[s] = count
+        self.learnt_s[s] = np.where(present, t, self.learnt_s[s])
+
+    def state_bytes(self) -> int:
+        """Bytes of numpy state per device slot."""
+        return int(self.mean[0].nbytes + self.var[0].nbytes + self.count[0].nbytes) + int(
+            self.learnt_s[0].nbytes
+        )

@@ -1,0 +1,430 @@
+"""The diagnostics engine: readings and events in, scores and diagnosis changes out.
+
+:class:`DiagnosticsEngine` is pure and I/O-free (the service around it feeds it what the
+gateway decoded and publishes what it returns on ``fleet/diagnoses``). For each product
+model it keeps a :class:`~diagnostics.features.FeatureTable` and a
+:class:`~diagnostics.baseline.BaselineTable` over device slots, scores every reading with
+the device's own baseline and, once trained, the product model's
+:class:`~diagnostics.fleet.FleetModel`, and hands the scores and the device's events to a
+:class:`~diagnostics.policy.DiagnosisPolicy`.
+
+A device's product model comes from its ``boot`` event (``data["model"]``) or from the
+``registry`` given to the engine; readings of devices of unknown model are counted and
+skipped. A reading older than the device's last one (out of order) is scored against the
+current state but changes nothing: late data is history, never a live spike. In-order
+backfill is processed normally on its own timestamps.
+
+Trained fleet models are saved in a versioned format: a pickle of a dict holding
+``format_version`` and the models, next to a JSON manifest (``<path>.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from diagnostics.baseline import BaselineTable
+from diagnostics.features import FEATURE_SPECS, FeatureSpec, FeatureTable
+from diagnostics.fleet import FleetMethod, FleetModel
+from diagnostics.model import Diagnosis
+from diagnostics.policy import DiagnosisPolicy, PolicyConfig
+from gateway.errors import ConfigError
+from gateway.protocol import Event, Reading
+
+__all__ = ["FORMAT_VERSION", "DiagnosticsEngine", "EngineResult", "ReadingScore"]
+
+_LOG = logging.getLogger(__name__)
+F32 = npt.NDArray[np.float32]
+#: Version of the saved-model format.
+FORMAT_VERSION: Final = 1
+_MAX_TRAINING_ROWS: Final = 40_000
+
+
+@dataclass(frozen=True, slots=True)
+class ReadingScore:
+    """The score of one reading.
+
+    Attributes:
+        device_id: the device.
+        ts_ms: the reading's own time.
+        score: combined anomaly score in ``[0, 1]`` (higher = more anomalous).
+        baseline: the device-baseline score.
+        fleet: the fleet-model score (0 without a fleet model).
+        late: the reading was older than the device's last one: scored, changed nothing.
+    """
+
+    device_id: str
+    ts_ms: int
+    score: float
+    baseline: float
+    fleet: float
+    late: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EngineResult:
+    """What one call of :meth:`DiagnosticsEngine.process` produced.
+
+    Attributes:
+        scores: one per reading of a device of known model, in input order per device.
+        diagnoses: diagnosis changes (open, update, closed), in the order they happened.
+    """
+
+    scores: tuple[ReadingScore, ...]
+    diagnoses: tuple[Diagnosis, ...]
+
+
+@dataclass(slots=True)
+class _ModelState:
+    """Everything the engine keeps for one product model (mutable, private)."""
+
+    spec: FeatureSpec
+    features: FeatureTable
+    baseline: BaselineTable
+    slots: dict[str, int] = field(default_factory=dict)
+    watched: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(64, dtype=np.bool_))
+    fleet: FleetModel | None = None
+    training: list[F32] = field(default_factory=list)
+    training_seen: int = 0
+
+    def slot(self, device_id: str) -> int:
+        slot = self.slots.get(device_id)
+        if slot is None:
+            slot = self.slots[device_id] = len(self.slots)
+            if slot >= self.features.capacity:
+                self.features.ensure(slot + 1)
+                self.baseline.ensure(slot + 1)
+                grown = np.zeros(self.features.capacity, dtype=np.bool_)
+                grown[: len(self.watched)] = self.watched
+                self.watched = grown
+        return slot
+
+
+class DiagnosticsEngine:
+    """Scores readings and turns scores and device events into diagnoses (no I/O).
+
+    Args:
+        registry: device id to product model, for devices whose boot event is not seen.
+        policy: thresholds of the diagnosis policy.
+        fleet_models: trained fleet models by product model (see :meth:`fit_fleet_models`).
+        collect_training: keep a sample of healthy feature levels for fitting fleet models
+            (this share of healthy updates, 0 = none).
+        seed: seed of the training sample.
+        baseline_tau_days: memory of the per-device baselines.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: Mapping[str, str] | None = None,
+        policy: PolicyConfig | None = None,
+        fleet_models: Mapping[str, FleetModel] | None = None,
+        collect_training: float = 0.0,
+        seed: int = 0,
+        baseline_tau_days: float = 10.0,
+    ) -> None:
+        self._models: dict[str, str] = {}
+        if registry:
+            for device_id, model in registry.items():
+                self._known_model(model)
+                self._models[device_id] = model
+        self.policy = DiagnosisPolicy(policy)
+        self._collect = collect_training
+        self._rng = np.random.default_rng(seed)
+        self._tau_days = baseline_tau_days
+        self._state: dict[str, _ModelState] = {}
+        self.unknown_readings = 0
+        self.late_readings = 0
+        for model, fleet in (fleet_models or {}).items():
+            self.set_fleet_model(model, fleet)
+        if not fleet_models:
+            _LOG.info("no fleet model trained: scoring with per-device baselines only")
+
+    # -- models ------------------------------------------------------------------------
+    @staticmethod
+    def _known_model(model: str) -> FeatureSpec:
+        spec = FEATURE_SPECS.get(model)
+        if spec is None:
+            raise ConfigError(f"unknown product model {model!r}; known: {sorted(FEATURE_SPECS)}")
+        return spec
+
+    def _model_state(self, model: str) -> _ModelState:
+        state = self._state.get(model)
+        if state is None:
+            spec = FEATURE_SPECS[model]
+            state = self._state[model] = _ModelState(
+                spec, FeatureTable(spec), BaselineTable(spec, tau_days=self._tau_days)
+            )
+        return state
+
+    def model_of(self, device_id: str) -> str | None:
+        """Return the product model of ``device_id`` if known."""
+        return self._models.get(device_id)
+
+    def set_fleet_model(self, model: str, fleet: FleetModel) -> None:
+        """Use a trained fleet model for product model ``model``.
+
+        Raises:
+            ConfigError: the model is unknown or the fleet model's features differ.
+        """
+        spec = self._known_model(model)
+        if fleet.features != spec.names:
+            raise ConfigError(f"fleet model for {model} has other features than {spec.names}")
+        self._model_state(model).fleet = fleet
+
+    @property
+    def fleet_models(self) -> dict[str, FleetModel]:
+        """The trained fleet models, by product model."""
+        return {m: s.fleet for m, s in self._state.items() if s.fleet is not None}
+
+    # -- the stream --------------------------------------------------------------------
+    def process(self, items: Iterable[Reading | Event]) -> EngineResult:
+        """Score readings and handle events (any mix of devices); return what changed.
+
+        Readings are gathered into batches between events, so a device's events and
+        readings keep their order.
+        """
+        scores: list[ReadingScore] = []
+        diagnoses: list[Diagnosis] = []
+        pending: list[Reading] = []
+        for item in items:
+            if isinstance(item, Reading):
+                pending.append(item)
+                continue
+            if pending:
+                self._readings(pending, scores, diagnoses)
+                pending = []
+            self._event(item, diagnoses)
+        if pending:
+            self._readings(pending, scores, diagnoses)
+        return EngineResult(tuple(scores), tuple(diagnoses))
+
+    def _event(self, event: Event, diagnoses: list[Diagnosis]) -> None:
+        if event.kind == "boot":
+            model = event.data.get("model")
+            if isinstance(model, str) and model in FEATURE_SPECS:
+                self._models[event.device_id] = model
+        model_name = self._models.get(event.device_id)
+        if model_name is None:
+            return
+        state = self._state.get(model_name)
+        if state is not None:
+            slot = state.slots.get(event.device_id)
+            if slot is not None and event.ts_ms < int(state.features.last_ts_ms[slot]):
+                return  # out of order: history, not live evidence
+        diagnoses += self.policy.on_event(event, model_name)
+        if state is not None and event.device_id in state.slots:
+            state.watched[state.slots[event.device_id]] = self.policy.is_watched(event.device_id)
+
+    def _readings(
+        self, readings: Sequence[Reading], scores: list[ReadingScore], diagnoses: list[Diagnosis]
+    ) -> None:
+        by_model: dict[str, list[Reading]] = {}
+        models = self._models
+        for reading in readings:
+            model = models.get(reading.device_id)
+            if model is None:
+                self.unknown_readings += 1
+                continue
+            by_model.setdefault(model, []).append(reading)
+        for model, group in by_model.items():
+            self._model_batch(self._model_state(model), group, scores, diagnoses)
+
+    def _model_batch(
+        self,
+        state: _ModelState,
+        group: list[Reading],
+        scores: list[ReadingScore],
+        diagnoses: list[Diagnosis],
+    ) -> None:
+        # a round holds each device at most once; later readings of a device go to later rounds
+        rounds: list[list[tuple[Reading, int]]] = []
+        seen: dict[int, int] = {}
+        for reading in group:
+            slot = state.slot(reading.device_id)
+            n = seen.get(slot, 0)
+            seen[slot] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append((reading, slot))
+        for batch in rounds:
+            self._round(state, batch, scores, diagnoses)
+
+    def _round(
+        self,
+        state: _ModelState,
+        batch: list[tuple[Reading, int]],
+        scores: list[ReadingScore],
+        diagnoses: list[Diagnosis],
+    ) -> None:
+        features = state.features
+        baseline = state.baseline
+        readings = [r for r, _ in batch]
+        slots = np.fromiter((s for _, s in batch), dtype=np.intp, count=len(batch))
+        ts_ms = np.fromiter((r.ts_ms for r in readings), dtype=np.int64, count=len(batch))
+        late = ts_ms <= features.last_ts_ms[slots]
+        live = ~late
+        if late.any():
+            self.late_readings += int(late.sum())
+        if live.all():
+            x = features.raw(readings, slots)
+            features.update(slots, ts_ms, x)
+        elif live.any():
+            live_slots = slots[live]
+            x = features.raw([r for r, ok in zip(readings, live, strict=True) if ok], live_slots)
+            features.update(live_slots, ts_ms[live], x)
+        level = features.level[slots]
+        ready = features.count[slots] >= baseline.min_count
+        level = np.where(ready, level, np.nan).astype(np.float32)
+        bz = baseline.zscores(slots, level)
+        bscore = baseline.score(bz)
+        fleet = state.fleet
+        if fleet is not None:
+            fscore, fz = fleet.score(level)
+            score = np.maximum(bscore, fscore)
+            z = np.where(np.abs(bz) >= np.abs(fz), bz, fz).astype(np.float32)
+            reference = np.where(
+                baseline.count[slots] >= baseline.min_count, baseline.mean[slots], fleet.center
+            )
+        else:
+            fscore = np.zeros_like(bscore)
+            score = bscore
+            z = bz
+            reference = baseline.mean[slots]
+        change = (level - reference).astype(np.float32)
+        threshold = self.policy.config.close_threshold
+        watched = state.watched[slots]
+        now_s = ((ts_ms - (features.epoch_ms or 0)) // 1000).astype(np.int32)
+        learn = live & ~watched & (score < threshold)
+        baseline.learn(slots, level, now_s, learn)
+        if self._collect > 0.0:
+            self._sample(state, level[learn])
+        spec = state.spec
+        policy = self.policy
+        for i in np.flatnonzero(live & (watched | (score >= threshold))):
+            reading = readings[i]
+            device_id = reading.device_id
+            diagnoses += policy.on_score(
+                device_id, spec, reading.ts_ms, float(score[i]), z[i], change[i]
+            )
+            state.watched[slots[i]] = policy.is_watched(device_id)
+        score_l = score.tolist()
+        bscore_l = bscore.tolist()
+        fscore_l = fscore.tolist()
+        late_l = late.tolist()
+        scores += [
+            ReadingScore(r.device_id, r.ts_ms, s, b, f, lt)
+            for r, s, b, f, lt in zip(readings, score_l, bscore_l, fscore_l, late_l, strict=True)
+        ]
+
+    # -- training ------------------------------------------------------------------------
+    def _sample(self, state: _ModelState, rows: F32) -> None:
+        if rows.shape[0] == 0:
+            return
+        take = self._rng.random(rows.shape[0]) < self._collect
+        picked = rows[take]
+        if picked.shape[0] == 0:
+            return
+        state.training_seen += picked.shape[0]
+        state.training.append(picked.copy())
+        total = sum(block.shape[0] for block in state.training)
+        if total > 2 * _MAX_TRAINING_ROWS:
+            merged = np.concatenate(state.training)
+            keep = self._rng.choice(merged.shape[0], _MAX_TRAINING_ROWS, replace=False)
+            state.training = [merged[np.sort(keep)]]
+
+    def training_rows(self, model: str) -> F32:
+        """Return the healthy feature-level rows sampled so far for ``model`` (a copy)."""
+        state = self._state.get(model)
+        if state is None or not state.training:
+            return np.zeros((0, len(self._known_model(model).features)), dtype=np.float32)
+        return np.concatenate(state.training)
+
+    def fit_fleet_models(
+        self, *, method: FleetMethod = "gaussian", seed: int = 0
+    ) -> dict[str, FleetModel]:
+        """Fit and use a fleet model per product model from the sampled healthy rows.
+
+        CPU work: call it off the event loop (``asyncio.to_thread``). Models with too few
+        rows are left without one (and logged).
+        """
+        fitted: dict[str, FleetModel] = {}
+        for model in sorted(self._state):
+            spec = self._state[model].spec
+            rows = self.training_rows(model)
+            floors = np.array([f.floor for f in spec.features], dtype=np.float32)
+            try:
+                fleet = FleetModel.fit(model, spec.names, rows, floors, method=method, seed=seed)
+            except ConfigError as exc:
+                _LOG.warning("no fleet model for %s: %s", model, exc)
+                continue
+            self._state[model].fleet = fleet
+            fitted[model] = fleet
+        return fitted
+
+    # -- persistence ---------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Save the trained fleet models to ``path`` and a JSON manifest to ``path.json``."""
+        models = self.fleet_models
+        blob: dict[str, Any] = {"format_version": FORMAT_VERSION, "fleet_models": models}
+        path.write_bytes(pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "models": {
+                m: {"method": f.method, "features": list(f.features), "rows": f.rows}
+                for m, f in models.items()
+            },
+        }
+        path.with_name(path.name + ".json").write_bytes(
+            orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        registry: Mapping[str, str] | None = None,
+        policy: PolicyConfig | None = None,
+    ) -> DiagnosticsEngine:
+        """Build an engine with the fleet models saved at ``path`` (only trusted files).
+
+        Raises:
+            ConfigError: the file is missing, unreadable or of another format version.
+        """
+        try:
+            blob = pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError) as exc:
+            raise ConfigError(f"cannot read diagnostics models from {path}: {exc}") from exc
+        if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
+            raise ConfigError(f"{path}: not a diagnostics model file of version {FORMAT_VERSION}")
+        return cls(registry=registry, policy=policy, fleet_models=blob["fleet_models"])
+
+    # -- size ----------------------------------------------------------------------------
+    @property
+    def devices(self) -> int:
+        """Devices with scoring state."""
+        return sum(len(s.slots) for s in self._state.values())
+
+    def state_bytes(self) -> int:
+        """Approximate bytes of per-device state held (arrays, id maps, policy).
+
+        Arrays count their allocated rows; a device id in the slot and model maps counts
+        about 150 bytes (string, dict entries).
+        """
+        total = 0
+        for state in self._state.values():
+            rows = state.features.capacity
+            total += rows * (state.features.state_bytes() + state.baseline.state_bytes() + 1)
+            total += 150 * len(state.slots)
+        total += 100 * len(self._models)
+        total += 400 * len(self.policy.open_diagnoses()) + self.policy.predictor.state_bytes()
+        return total

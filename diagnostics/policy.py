@@ -1,0 +1,472 @@
+"""Diagnosis policy (diagnostics, "Decide": from scores and device codes to a diagnosis).
+
+Scorers only score (higher = more anomalous, STYLE.md rule 10); :class:`DiagnosisPolicy`
+decides. It names the fault behind an anomaly from the catalog's signatures (which
+features moved which way), merges that with the device's own self-diagnosis (error and
+self-test codes, watchdog reboots), and keeps at most one open :class:`Diagnosis` per
+device and fault:
+
+* **hysteresis**: a model-based diagnosis opens after ``open_after`` updates in a row at or
+  above ``open_threshold`` and closes after ``close_after`` updates in a row below
+  ``close_threshold``; a device code opens one at once and it closes after the fault's
+  quiet time without new codes (or on a boot that clears the fault, e.g. a firmware update);
+* **no storms**: an open diagnosis is re-sent only when its confidence or predicted time to
+  failure moved materially, or at most every ``update_every_s``; a device has at most one
+  model-based diagnosis, revised only after ``revise_after`` updates of a clearly better
+  hypothesis;
+* **time**: every timestamp is the device's own (``ts_ms``); the engine keeps late,
+  out-of-order data away from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from diagnostics.catalog import CATALOG, FaultEntry, ModelCatalog
+from diagnostics.features import FeatureSpec
+from diagnostics.model import Contribution, Diagnosis
+from diagnostics.predictor import TimeToFailure, TrendPredictor, progress_of
+from gateway.protocol import Event, ms_to_datetime
+
+__all__ = ["DiagnosisPolicy", "Hypothesis", "PolicyConfig"]
+
+_LOG = logging.getLogger(__name__)
+UNKNOWN: Final = "unknown"
+_NOISE_Z: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Thresholds of the diagnosis policy.
+
+    Attributes:
+        open_threshold: score at or above which an update counts toward opening.
+        close_threshold: score below which an update counts toward closing (and below
+            which the device's baseline may learn).
+        open_after: updates in a row at or above ``open_threshold`` to open.
+        close_after: updates in a row below ``close_threshold`` to close.
+        min_evidence: signature evidence (sum of weighted z) needed to name a fault.
+        revise_after: updates in a row of a clearly better hypothesis to revise one.
+        update_every_s: longest time between two updates of an open diagnosis.
+        confidence_step: confidence change that is worth an update.
+    """
+
+    open_threshold: float = 0.5
+    close_threshold: float = 0.2
+    open_after: int = 3
+    close_after: int = 60
+    min_evidence: float = 4.0
+    revise_after: int = 10
+    update_every_s: float = 12 * 3_600.0
+    confidence_step: float = 0.15
+
+
+@dataclass(frozen=True, slots=True)
+class Hypothesis:
+    """A named fault behind a vector of feature deviations.
+
+    Attributes:
+        fault: the fault's name, or ``unknown``.
+        evidence: weighted sum of the signature's deviations.
+        confidence: the share of all deviations the fault explains, in ``[0, 1]``.
+        drivers: the features that moved, largest first.
+    """
+
+    fault: str
+    evidence: float
+    confidence: float
+    drivers: tuple[Contribution, ...]
+
+
+@dataclass(slots=True)
+class _Case:
+    """An open diagnosis and what the policy needs to keep it (mutable, private)."""
+
+    diagnosis: Diagnosis
+    from_model: bool
+    last_code_ms: int | None = None
+    last_sent_ms: int = 0
+    sent_confidence: float = 0.0
+
+
+@dataclass(slots=True)
+class _DeviceState:
+    above: int = 0
+    below: int = 0
+    rival: str | None = None
+    rival_count: int = 0
+    cases: dict[str, _Case] = field(default_factory=dict)
+
+
+class DiagnosisPolicy:
+    """Turns scores and self-diagnosis into :class:`Diagnosis` changes.
+
+    Args:
+        config: thresholds.
+        catalog: the fault catalog per product model.
+    """
+
+    def __init__(
+        self,
+        config: PolicyConfig | None = None,
+        catalog: Mapping[str, ModelCatalog] | None = None,
+    ) -> None:
+        self.config = config or PolicyConfig()
+        self.catalog = CATALOG if catalog is None else catalog
+        self.predictor = TrendPredictor()
+        self._devices: dict[str, _DeviceState] = {}
+
+    # -- queries ---------------------------------------------------------------------
+    def is_watched(self, device_id: str) -> bool:
+        """Whether the device has an open diagnosis or is on its way to one."""
+        return device_id in self._devices
+
+    def open_diagnoses(self, device_id: str | None = None) -> list[Diagnosis]:
+        """Return the open diagnoses (of one device, or of all)."""
+        states = (
+            self._devices.items()
+            if device_id is None
+            else [(device_id, self._devices[device_id])]
+            if device_id in self._devices
+            else []
+        )
+        return [case.diagnosis for _, state in states for case in state.cases.values()]
+
+    # -- naming ----------------------------------------------------------------------
+    def name_fault(self, spec: FeatureSpec, z: npt.NDArray[np.float32]) -> Hypothesis:
+        """Name the fault whose catalog signature best explains deviations ``z``."""
+        names = spec.names
+        absz = np.abs(z)
+        moved = [(float(absz[i]), i) for i in range(len(names)) if absz[i] >= _NOISE_Z]
+        total = sum(a for a, _ in moved)
+        drivers = tuple(
+            Contribution(
+                names[i], spec.features[i].metrics, float(z[i]), a / total if total else 0.0
+            )
+            for a, i in sorted(moved, reverse=True)[:5]
+        )
+        best, best_evidence = UNKNOWN, 0.0
+        table = self.catalog.get(spec.model)
+        if table is not None:
+            for entry in table.faults.values():
+                evidence = 0.0
+                for sig in entry.signature:
+                    i = spec.index(sig.feature)
+                    if i < 0:
+                        continue
+                    value = float(z[i])
+                    moved_z = abs(value) if sig.direction == 0 else sig.direction * value
+                    evidence += sig.weight * max(moved_z, 0.0)
+                if evidence > best_evidence:
+                    best, best_evidence = entry.fault, evidence
+        if best_evidence < self.config.min_evidence:
+            return Hypothesis(UNKNOWN, best_evidence, 0.0, drivers)
+        confidence = min(1.0, best_evidence / max(total, best_evidence))
+        return Hypothesis(best, best_evidence, confidence, drivers)
+
+    # -- scores ----------------------------------------------------------------------
+    def on_score(
+        self,
+        device_id: str,
+        spec: FeatureSpec,
+        ts_ms: int,
+        score: float,
+        z: npt.NDArray[np.float32],
+        change: npt.NDArray[np.float32],
+    ) -> list[Diagnosis]:
+        """Take one live reading's score and deviations; return the diagnosis changes.
+
+        Args:
+            device_id: the device.
+            spec: its product model's features.
+            ts_ms: the reading's own time.
+            score: its anomaly score in ``[0, 1]``.
+            z: per-feature signed deviations (baseline, or fleet while no baseline).
+            change: per-feature level minus healthy reference, in feature units.
+        """
+        cfg = self.config
+        state = self._devices.get(device_id)
+        if state is None:
+            if score < cfg.close_threshold:
+                return []
+            state = self._devices[device_id] = _DeviceState()
+        if score >= cfg.open_threshold:
+            state.above += 1
+            state.below = 0
+        elif score < cfg.close_threshold:
+            state.below += 1
+            state.above = 0
+        else:
+            state.above = 0
+            state.below = 0
+        changes: list[Diagnosis] = []
+        model_case = next((c for c in state.cases.values() if c.from_model), None)
+        if score >= cfg.close_threshold:
+            hypothesis = self.name_fault(spec, z)
+            self._observe(device_id, spec, hypothesis.fault, ts_ms, change)
+            if model_case is None and state.above >= cfg.open_after:
+                changes += self._open_model(device_id, spec, ts_ms, score, hypothesis, state)
+            elif model_case is not None:
+                changes += self._follow(
+                    device_id, spec, ts_ms, score, hypothesis, state, model_case
+                )
+        changes += self._close_quiet(device_id, state, ts_ms, score)
+        if not state.cases and state.above == 0 and score < cfg.close_threshold:
+            del self._devices[device_id]
+        return changes
+
+    def _observe(
+        self,
+        device_id: str,
+        spec: FeatureSpec,
+        fault: str,
+        ts_ms: int,
+        change: npt.NDArray[np.float32],
+    ) -> None:
+        table = self.catalog.get(spec.model)
+        entry = None if table is None else table.faults.get(fault)
+        if entry is None or entry.degradation is None:
+            return
+        i = spec.index(entry.degradation.feature)
+        if i < 0 or not np.isfinite(change[i]):
+            return
+        progress = progress_of(float(change[i]), entry.degradation)
+        self.predictor.observe(device_id, fault, ts_ms / 1000.0, progress)
+
+    def _ttf(self, device_id: str, fault: str, ts_ms: int) -> TimeToFailure | None:
+        return self.predictor.predict(device_id, fault, ts_ms / 1000.0)
+
+    def _entry(self, model: str, fault: str) -> FaultEntry | None:
+        table = self.catalog.get(model)
+        return None if table is None else table.faults.get(fault)
+
+    def _open_model(
+        self,
+        device_id: str,
+        spec: FeatureSpec,
+        ts_ms: int,
+        score: float,
+        hypothesis: Hypothesis,
+        state: _DeviceState,
+    ) -> list[Diagnosis]:
+        existing = state.cases.get(hypothesis.fault)
+        if existing is not None:
+            # the device already said so itself: the scores now agree with it
+            existing.from_model = True
+            return self._send(existing, ts_ms, score=score, source="both", force=True)
+        entry = self._entry(spec.model, hypothesis.fault)
+        at = ms_to_datetime(ts_ms)
+        diagnosis = Diagnosis(
+            device_id=device_id,
+            model=spec.model,
+            fault=hypothesis.fault,
+            confidence=round(score * max(hypothesis.confidence, 0.1), 4),
+            status="open",
+            opened_at=at,
+            updated_at=at,
+            score=score,
+            source="model",
+            time_to_failure=self._ttf(device_id, hypothesis.fault, ts_ms),
+            drivers=hypothesis.drivers,
+            remedies=() if entry is None else entry.remedies,
+            evidence=(f"score {score:.2f} for {state.above} updates",),
+        )
+        state.cases[hypothesis.fault] = _Case(
+            diagnosis, from_model=True, last_sent_ms=ts_ms, sent_confidence=diagnosis.confidence
+        )
+        _LOG.info("%s: opened %s (score %.2f)", device_id, hypothesis.fault, score)
+        return [diagnosis]
+
+    def _follow(
+        self,
+        device_id: str,
+        spec: FeatureSpec,
+        ts_ms: int,
+        score: float,
+        hypothesis: Hypothesis,
+        state: _DeviceState,
+        case: _Case,
+    ) -> list[Diagnosis]:
+        cfg = self.config
+        current = case.diagnosis.fault
+        if hypothesis.fault not in (current, UNKNOWN):
+            if state.rival == hypothesis.fault:
+                state.rival_count += 1
+            else:
+                state.rival, state.rival_count = hypothesis.fault, 1
+            if (
+                state.rival_count >= cfg.revise_after
+                and score >= cfg.open_threshold
+                and (current == UNKNOWN or hypothesis.confidence >= 0.6)
+                and case.last_code_ms is None
+            ):
+                state.rival, state.rival_count = None, 0
+                closed = self._close(
+                    device_id, state, current, ts_ms, f"revised to {hypothesis.fault}"
+                )
+                return closed + self._open_model(device_id, spec, ts_ms, score, hypothesis, state)
+            return self._send(case, ts_ms, score=score)
+        state.rival, state.rival_count = None, 0
+        confidence = round(score * max(hypothesis.confidence, 0.1), 4)
+        if case.last_code_ms is not None:
+            confidence = max(confidence, case.diagnosis.confidence)
+        return self._send(
+            case,
+            ts_ms,
+            score=score,
+            confidence=confidence,
+            drivers=hypothesis.drivers or case.diagnosis.drivers,
+        )
+
+    def _send(
+        self,
+        case: _Case,
+        ts_ms: int,
+        *,
+        score: float | None = None,
+        confidence: float | None = None,
+        drivers: tuple[Contribution, ...] | None = None,
+        source: str | None = None,
+        evidence: str | None = None,
+        force: bool = False,
+    ) -> list[Diagnosis]:
+        old = case.diagnosis
+        ttf = self._ttf(old.device_id, old.fault, ts_ms) or old.time_to_failure
+        new_conf = old.confidence if confidence is None else confidence
+        new = replace(
+            old,
+            status="update",
+            updated_at=ms_to_datetime(ts_ms),
+            score=old.score if score is None else score,
+            confidence=new_conf,
+            drivers=old.drivers if drivers is None else drivers,
+            source=old.source if source is None else source,  # type: ignore[arg-type]
+            time_to_failure=ttf,
+            evidence=old.evidence if evidence is None else (*old.evidence[-9:], evidence),
+        )
+        case.diagnosis = new
+        material = force or abs(new_conf - case.sent_confidence) >= self.config.confidence_step
+        if ttf is not None and old.time_to_failure is None:
+            material = True
+        elif ttf is not None and old.time_to_failure is not None:
+            before = max(old.time_to_failure.p50_s, 1.0)
+            material = material or abs(ttf.p50_s - before) / before > 0.5
+        due = (ts_ms - case.last_sent_ms) / 1000.0 >= self.config.update_every_s
+        if not (material or due):
+            return []
+        case.last_sent_ms = ts_ms
+        case.sent_confidence = new_conf
+        return [new]
+
+    # -- closing ---------------------------------------------------------------------
+    def _close(
+        self, device_id: str, state: _DeviceState, fault: str, ts_ms: int, why: str
+    ) -> list[Diagnosis]:
+        case = state.cases.pop(fault)
+        self.predictor.forget(device_id, fault)
+        old = case.diagnosis
+        closed = replace(
+            old,
+            status="closed",
+            updated_at=ms_to_datetime(ts_ms),
+            evidence=(*old.evidence[-9:], why),
+        )
+        _LOG.info("%s: closed %s (%s)", device_id, fault, why)
+        return [closed]
+
+    def _close_quiet(
+        self, device_id: str, state: _DeviceState, ts_ms: int, score: float
+    ) -> list[Diagnosis]:
+        if state.below < self.config.close_after or not state.cases:
+            return []
+        changes: list[Diagnosis] = []
+        for fault, case in list(state.cases.items()):
+            if case.last_code_ms is not None:
+                entry = self._entry(case.diagnosis.model, fault)
+                quiet_s = 86_400.0 if entry is None else entry.quiet_close_s
+                if (ts_ms - case.last_code_ms) / 1000.0 < quiet_s:
+                    continue
+            changes += self._close(device_id, state, fault, ts_ms, f"scores normal ({score:.2f})")
+        return changes
+
+    # -- self-diagnosis ----------------------------------------------------------------
+    def on_event(self, event: Event, model: str) -> list[Diagnosis]:
+        """Take one live device event of a ``model`` device; return the diagnosis changes."""
+        table = self.catalog.get(model)
+        if table is None:
+            return []
+        device_id = event.device_id
+        changes: list[Diagnosis] = []
+        if event.kind == "boot":
+            reason = str(event.data.get("reset_reason", ""))
+            state = self._devices.get(device_id)
+            if state is not None:
+                for fault in list(state.cases):
+                    entry = table.faults.get(fault)
+                    if entry is not None and reason in entry.cleared_by:
+                        changes += self._close(
+                            device_id, state, fault, event.ts_ms, f"boot after {reason}"
+                        )
+                self._forget_if_idle(device_id, state)
+            entry = table.by_boot_reason(reason)
+            if entry is not None:
+                changes += self._hit(event, model, entry, f"reboot by {reason}", 0.6)
+            return changes
+        if event.code is None:
+            return changes
+        if event.kind == "error" or (event.kind == "selftest" and event.ok is False):
+            entry = table.by_code(event.code)
+            if entry is not None:
+                what = "self-test" if event.kind == "selftest" else "error"
+                changes += self._hit(event, model, entry, f"{what} {event.code}", 0.85)
+        return changes
+
+    def _forget_if_idle(self, device_id: str, state: _DeviceState) -> None:
+        if not state.cases and state.above == 0:
+            self._devices.pop(device_id, None)
+
+    def _hit(
+        self, event: Event, model: str, entry: FaultEntry, what: str, confidence: float
+    ) -> list[Diagnosis]:
+        device_id = event.device_id
+        state = self._devices.setdefault(device_id, _DeviceState())
+        ts_ms = event.ts_ms
+        stamp = f"{what} at {ms_to_datetime(ts_ms).isoformat()}"
+        case = state.cases.get(entry.fault)
+        if case is not None:
+            known = case.last_code_ms is not None
+            case.last_code_ms = ts_ms
+            source = "both" if case.from_model else "device"
+            conf = min(0.99, max(case.diagnosis.confidence, confidence) + (0.05 if known else 0.2))
+            return self._send(
+                case, ts_ms, confidence=conf, source=source, evidence=stamp, force=not known
+            )
+        at = ms_to_datetime(ts_ms)
+        diagnosis = Diagnosis(
+            device_id=device_id,
+            model=model,
+            fault=entry.fault,
+            confidence=confidence,
+            status="open",
+            opened_at=at,
+            updated_at=at,
+            score=confidence,
+            source="device",
+            remedies=entry.remedies,
+            evidence=(stamp,),
+        )
+        state.cases[entry.fault] = _Case(
+            diagnosis,
+            from_model=False,
+            last_code_ms=ts_ms,
+            last_sent_ms=ts_ms,
+            sent_confidence=confidence,
+        )
+        _LOG.info("%s: opened %s (%s)", device_id, entry.fault, what)
+        return [diagnosis]
