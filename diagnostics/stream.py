@@ -354,7 +354,7 @@ class StreamDetector:
             )
         ignored = np.flatnonzero(~informative)
         if ignored.size:
-            _LOG.info("columns constant or empty during warm-up, not scored: %s", ignored.tolist())
+            _LOG.debug("columns constant or empty during warm-up, not scored: %s", ignored.tolist())
         mean, std = mean[active], std[active]
         z = (data[:, active] - mean) / std
         z = _forward_fill(z)
