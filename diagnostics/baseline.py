@@ -21,7 +21,7 @@ from diagnostics.features import FeatureSpec
 __all__ = ["BaselineTable", "z_to_score"]
 
 F32 = npt.NDArray[np.float32]
-_Z_HALF: Final = 8.0
+_Z_HALF: Final = 6.0
 
 
 def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> F32:
@@ -36,12 +36,21 @@ class BaselineTable:
     Args:
         spec: the product model's features.
         tau_days: memory of the baseline once warm (days of history).
+        freeze_z: a feature deviating more than this is not learnt.
         capacity: initial number of device slots.
     """
 
-    def __init__(self, spec: FeatureSpec, *, tau_days: float = 10.0, capacity: int = 64) -> None:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        tau_days: float = 10.0,
+        freeze_z: float = 1.5,
+        capacity: int = 64,
+    ) -> None:
         n = len(spec.features)
         self.tau_days = tau_days
+        self.freeze_z = freeze_z
         self.floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
         self.min_count = np.array([f.min_count for f in spec.features], dtype=np.float32)
         self.mean: F32 = np.zeros((capacity, n), dtype=np.float32)
@@ -85,8 +94,12 @@ class BaselineTable:
         level: F32,
         now_s: npt.NDArray[np.int32],
         mask: npt.NDArray[np.bool_],
+        z: F32 | None = None,
     ) -> None:
         """Fold ``level`` rows into the baselines of the rows where ``mask`` holds.
+
+        A feature whose deviation ``z`` is already beyond ``freeze_z`` is not learnt even
+        on an unflagged device: a drift must not teach the baseline its own spread.
 
         A running mean while a feature warms up, then an exponentially weighted one whose
         weight follows the time since the last update (``tau_days``), so features that
@@ -98,6 +111,8 @@ class BaselineTable:
         x = level[mask]
         t = now_s[mask][:, None]
         present = ~np.isnan(x)
+        if z is not None:
+            present &= np.abs(z[mask]) < self.freeze_z
         count = self.count[s] + present
         dt_days = np.clip((t - self.learnt_s[s]).astype(np.float32) / 86_400.0, 0.0, 30.0)
         ew = 1.0 - np.exp(-dt_days / np.float32(self.tau_days))

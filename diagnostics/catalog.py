@@ -341,7 +341,7 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     _visit("evaporator_coil", "cleaning or swapping the coil cures it"),
                 ),
             ),
-            *_common("standby_offset_k"),
+            *_common("flow_offset_k"),
         ),
     ),
 }

@@ -129,7 +129,7 @@ class DiagnosticsEngine:
         fleet_models: Mapping[str, FleetModel] | None = None,
         collect_training: float = 0.0,
         seed: int = 0,
-        baseline_tau_days: float = 10.0,
+        baseline_tau_days: float = 20.0,
     ) -> None:
         self._models: dict[str, str] = {}
         if registry:
@@ -304,7 +304,7 @@ class DiagnosticsEngine:
         watched = state.watched[slots]
         now_s = ((ts_ms - (features.epoch_ms or 0)) // 1000).astype(np.int32)
         learn = live & ~watched & (score < threshold)
-        baseline.learn(slots, level, now_s, learn)
+        baseline.learn(slots, level, now_s, learn, bz)
         if self._collect > 0.0:
             self._sample(state, level[learn])
         spec = state.spec

@@ -39,6 +39,7 @@ I64 = npt.NDArray[np.int64]
 _NAN: Final = math.nan
 _TREND_TAU_DAYS: Final = 1.0
 _RUN_FULL: Final = 20.0
+_FLOW_W_PER_K: Final = 0.35 * 4186.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +144,13 @@ def _heat_pump(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
             factor = min(1.15, max(0.5, 0.7 + 0.015 * (outdoor + 7.0)))
             capacity = _f(m, "heat_output_w") / modulation / factor
     defrost = 1.0 if status == "defrost" else 0.0
-    standby = flow - _f(m, "return_temp_c") if status == "standby" else _NAN
+    # the firmware reports its true heat output; the water flow is fixed (0.35 l/s), so
+    # flow minus return must match it: what is left over is the flow sensor's offset
+    offset = flow - _f(m, "return_temp_c") - _f(m, "heat_output_w") / _FLOW_W_PER_K
+    if status not in ("heating", "standby", "dhw"):
+        offset = _NAN
     error = 1.0 if status == "error" else 0.0
-    return [efficiency, capacity, defrost, standby, _NAN, error]
+    return [efficiency, capacity, defrost, offset, _NAN, error]
 
 
 def _repeat() -> FeatureDef:
@@ -284,12 +289,12 @@ FEATURE_SPECS: Final[Mapping[str, FeatureSpec]] = {
                 "share of readings in defrost",
             ),
             FeatureDef(
-                "standby_offset_k",
-                ("flow_temp_c", "return_temp_c"),
+                "flow_offset_k",
+                ("flow_temp_c", "return_temp_c", "heat_output_w"),
                 0.05,
-                0.4,
-                100,
-                "flow minus return sensor in standby (K)",
+                0.3,
+                200,
+                "flow minus return sensor beyond what the heat output explains (K)",
             ),
             _repeat(),
             _error(),

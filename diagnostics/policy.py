@@ -303,7 +303,7 @@ class DiagnosisPolicy:
             if (
                 state.rival_count >= cfg.revise_after
                 and score >= cfg.open_threshold
-                and (current == UNKNOWN or hypothesis.confidence >= 0.6)
+                and current == UNKNOWN
                 and case.last_code_ms is None
             ):
                 state.rival, state.rival_count = None, 0
