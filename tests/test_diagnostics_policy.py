@@ -1,0 +1,132 @@
+"""Diagnosis policy: hysteresis, one open diagnosis per device and fault, device codes,
+late data, and the diagnosis JSON codec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diagnostics.engine import DiagnosticsEngine
+from diagnostics.features import FEATURE_SPECS
+from diagnostics.model import Diagnosis, decode_diagnosis, encode_diagnosis
+from diagnostics.policy import DiagnosisPolicy, PolicyConfig
+from gateway.errors import RejectedError
+from gateway.protocol import Event, Reading
+
+SPEC = FEATURE_SPECS["washer"]
+T0 = 1_736_121_600_000
+MIN = 60_000
+
+
+def _z(**values: float) -> np.ndarray:
+    z = np.zeros(len(SPEC.features), dtype=np.float32)
+    for name, value in values.items():
+        z[SPEC.index(name)] = value
+    return z
+
+
+def _feed(policy: DiagnosisPolicy, scores: list[float], z: np.ndarray, t0: int = T0) -> list[Diagnosis]:
+    out: list[Diagnosis] = []
+    for i, s in enumerate(scores):
+        out += policy.on_score("w1", SPEC, t0 + i * MIN, s, z, z * 0.01)
+    return out
+
+
+def test_opens_only_after_k_updates_above_and_closes_after_m_below() -> None:
+    cfg = PolicyConfig(open_threshold=0.5, close_threshold=0.2, open_after=3, close_after=4)
+    policy = DiagnosisPolicy(cfg)
+    z = _z(spin_vibration=12.0)
+    # two above, one dip: no diagnosis (not sustained)
+    assert _feed(policy, [0.9, 0.9, 0.3, 0.9, 0.9], z) == []
+    changes = _feed(policy, [0.9], z, T0 + 5 * MIN)
+    assert [d.status for d in changes] == ["open"]
+    assert changes[0].fault == "bearing_wear"
+    assert changes[0].remedies[-1].part == "bearing"
+    # scores between the thresholds keep it open; three low ones are not enough
+    assert all(d.status != "closed" for d in _feed(policy, [0.3, 0.1, 0.1, 0.1], z, T0 + 6 * MIN))
+    closed = _feed(policy, [0.1], z, T0 + 10 * MIN)
+    assert [d.status for d in closed] == ["closed"]
+    assert not policy.is_watched("w1")
+
+
+def test_one_open_diagnosis_per_device_and_fault_without_storms() -> None:
+    cfg = PolicyConfig(open_after=2, close_after=1000, update_every_s=6 * 3600)
+    policy = DiagnosisPolicy(cfg)
+    changes = _feed(policy, [0.9] * 600, _z(spin_vibration=12.0))
+    opens = [d for d in changes if d.status == "open"]
+    assert len(opens) == 1
+    # 10 hours of high scores: at most a handful of updates, never a second open
+    assert len(changes) <= 4
+    assert len(policy.open_diagnoses("w1")) == 1
+
+
+def test_device_code_opens_at_once_and_merges_with_the_model() -> None:
+    policy = DiagnosisPolicy(PolicyConfig(open_after=2))
+    error = Event("w1", 1, T0, "error", code="E21")
+    first = policy.on_event(error, "washer")
+    assert [(d.status, d.fault, d.source) for d in first] == [("open", "drain_clog", "device")]
+    assert first[0].remedies[0].action == "cleaning_cycle"
+    # the same code again updates the same diagnosis
+    again = policy.on_event(Event("w1", 2, T0 + MIN, "error", code="E21"), "washer")
+    assert all(d.status == "update" for d in again)
+    # the scores agree: still one diagnosis, now from both
+    changes = _feed(policy, [0.9, 0.9, 0.9], _z(drain_flow_l_min=-10.0), T0 + 2 * MIN)
+    assert all(d.fault == "drain_clog" and d.status == "update" for d in changes)
+    assert changes and changes[-1].source == "both"
+    assert len(policy.open_diagnoses("w1")) == 1
+
+
+def test_boot_after_firmware_update_clears_firmware_faults_only() -> None:
+    policy = DiagnosisPolicy()
+    policy.on_event(Event("f1", 1, T0, "error", code="F07"), "fridge")
+    policy.on_event(Event("f1", 2, T0, "error", code="E90"), "fridge")
+    boot = Event("f1", 3, T0 + MIN, "boot", data={"model": "fridge", "reset_reason": "restart_command"})
+    closed = policy.on_event(boot, "fridge")
+    assert [(d.fault, d.status) for d in closed] == [("controller_hang", "closed")]
+    update = Event("f1", 4, T0 + 2 * MIN, "boot", data={"reset_reason": "firmware_update"})
+    assert [(d.fault, d.status) for d in policy.on_event(update, "fridge")] == [
+        ("firmware_bug", "closed")
+    ]
+    watchdog = Event("f1", 5, T0 + 3 * MIN, "boot", data={"reset_reason": "watchdog"})
+    assert [(d.fault, d.status) for d in policy.on_event(watchdog, "fridge")] == [
+        ("crash_loop", "open")
+    ]
+
+
+def test_late_readings_change_nothing_live() -> None:
+    engine = DiagnosticsEngine(registry={"w1": "washer"})
+    metrics = {"water_temp_c": 20.0, "drum_rpm": 0.0, "water_level_l": 0.0, "ambient_temp_c": 20.0}
+    live = [Reading("w1", i, T0 + i * MIN, metrics, "idle") for i in range(1, 50)]
+    engine.process(live)
+    state = engine._state["washer"]
+    before = state.features.level.copy(), state.baseline.mean.copy()
+    stale = Reading("w1", 999, T0, {**metrics, "water_temp_c": 90.0}, "idle")
+    result = engine.process([stale])
+    assert result.scores[0].late
+    assert result.diagnoses == ()
+    assert np.array_equal(state.features.level, before[0], equal_nan=True)
+    assert np.array_equal(state.baseline.mean, before[1])
+    assert engine.late_readings == 1
+    # an out-of-order device code is history too
+    assert engine.process([Event("w1", 1000, T0, "error", code="E21")]).diagnoses == ()
+
+
+def test_diagnosis_json_round_trip_and_refusals() -> None:
+    policy = DiagnosisPolicy(PolicyConfig(open_after=1))
+    (diagnosis,) = _feed(policy, [0.9], _z(spin_vibration=12.0, tumble_power_w=3.0))
+    payload = encode_diagnosis(diagnosis)
+    decoded = decode_diagnosis(payload)
+    assert encode_diagnosis(decoded) == payload
+    assert (decoded.device_id, decoded.fault, decoded.opened_at) == (
+        diagnosis.device_id,
+        diagnosis.fault,
+        diagnosis.opened_at,
+    )
+    assert decoded.remedies == diagnosis.remedies
+    assert diagnosis.key == "w1/bearing_wear"
+    with pytest.raises(RejectedError):
+        decode_diagnosis(b"{}")
+    with pytest.raises(RejectedError):
+        decode_diagnosis(b"not json")
+    with pytest.raises(RejectedError):
+        decode_diagnosis(encode_diagnosis(diagnosis).replace(b'"open"', b'"maybe"'))
