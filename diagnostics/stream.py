@@ -11,9 +11,11 @@ How it scores (all statistics come from the first ``warmup_rows`` rows, never fr
    any scale weigh alike. Columns that are constant (or empty) during warm-up carry no
    information about normal variation and are ignored.
 2. Predict each column from its own last ``lags`` values with a ridge-regularised
-   autoregression fitted on warm-up. A slowly wandering signal (a temperature) is well
-   predicted from its past, so drift costs little; a signal that is normally noise around
-   a level (a flow rate) is predicted by that level, so a sustained shift shows.
+   autoregression fitted on warm-up. A signal that is normally noise around a level (a
+   flow rate) is predicted by that level, so a sustained shift shows. A wandering signal
+   (a temperature: weights summing to ``unit_root`` or more) is modelled by its changes
+   instead, so slow drift beyond anything seen in warm-up is not an alarm while a sudden
+   jump or a change of slope is. (Slow degradation trends are the failure predictors' job.)
 3. Smooth each column's prediction residual with a time-aware EWMA (a sustained bias is
    what separates a fault from noise), square the standardised result, average over
    columns, and smooth that again.
@@ -22,11 +24,14 @@ How it scores (all statistics come from the first ``warmup_rows`` rows, never fr
    ``score = raw / (raw + raw_threshold)``.
 
 Irregular timestamps are fine: EWMAs decay by elapsed time in units of the warm-up's
-median step. A gap longer than ``gap_factor`` median steps is a break: the lag memory is
-restarted from the current row. Missing cells (NaN, inf) are imputed by the model's own
-prediction (they add no evidence); a row with no usable cell is skipped. Rows are copied
-on entry and never modified. The detector draws no random numbers: the same rows in the
-same order always give the same scores, and a pickled detector resumes exactly.
+median step. A gap longer than ``gap_factor`` median steps is a break: the lag memory
+restarts from the current row and the smoothed evidence from its typical warm-up level.
+Missing cells (NaN, inf) are imputed by the model's own prediction (they add no
+evidence); a row with no usable cell is skipped. Rows are copied on entry and never
+modified. A lone glitch is clipped and smoothed away: it raises the score but sustained
+deviations are what cross the operating point. The detector draws no random numbers:
+the same rows in the same order always give the same scores, and a pickled detector
+resumes exactly.
 
 Fitting and scoring are CPU work: async callers run them through ``asyncio.to_thread``
 (STYLE.md rule 13).
@@ -75,6 +80,8 @@ class StreamConfig:
             cannot hold the score up for long.
         min_scale: floor of the residual spreads, as a fraction of a column's warm-up
             standard deviation, so a perfectly predictable column cannot dominate.
+        unit_root: a column whose autoregression weights sum to at least this is
+            modelled by its changes (above 1: never).
     """
 
     warmup_rows: int = 400
@@ -87,6 +94,7 @@ class StreamConfig:
     gap_factor: float = 10.0
     clip_z: float = 10.0
     min_scale: float = 0.05
+    unit_root: float = 0.9
 
     def __post_init__(self) -> None:
         if self.lags < 1:
@@ -101,6 +109,7 @@ class StreamConfig:
             "margin": self.margin,
             "clip_z": self.clip_z,
             "min_scale": self.min_scale,
+            "unit_root": self.unit_root,
         }
         for name, value in positive.items():
             if not value > 0 or not math.isfinite(value):
@@ -121,19 +130,21 @@ class _Model:
     active: npt.NDArray[np.intp]  # indices of the columns that are scored
     mean: FloatArray  # per active column
     std: FloatArray
-    coef: FloatArray  # (active, lags): weight of lag k+1
+    coef: FloatArray  # (active, lags): weight of lag k+1 (of the change, if integrated)
     intercept: FloatArray
+    integrated: npt.NDArray[np.bool_]  # columns modelled by their changes
     resid_scale: FloatArray
     smooth_scale: FloatArray
     median_step: float
     raw_threshold: float
+    rest_score: float  # typical warm-up raw score: where the evidence restarts after a break
 
 
 @dataclass(frozen=True, slots=True)
 class _State:
     """Short-term memory carried from one row to the next (replaced, never mutated)."""
 
-    lags: FloatArray | None  # (lags, active) standardised values, newest first
+    lags: FloatArray | None  # (lags + 1, active) standardised values, newest first
     smooth: FloatArray | None  # EWMA of the scaled residuals per active column
     score: float  # EWMA of the combined score (raw units)
     last_ts: float | None
@@ -313,21 +324,30 @@ class StreamDetector:
         if missing.all():
             # Nothing to learn from: keep the memory, report the current level.
             return _squash(state.score, model.raw_threshold), state, None
+        cfg = self._config
         steps = _steps(state.last_ts, stamp, model.median_step)
-        lags = state.lags
-        if lags is None or steps > self._config.gap_factor:
-            # A break (or the very first row): restart the lag memory from this row.
-            lags = np.repeat(np.where(missing, 0.0, z)[None, :], self._config.lags, axis=0)
-        predicted = model.intercept + np.einsum("ij,ji->i", model.coef, lags)
-        z = np.where(missing, predicted, z)
-        resid = np.clip(
-            (z - predicted) / model.resid_scale, -self._config.clip_z, self._config.clip_z
+        lags, smooth, score = state.lags, state.smooth, state.score
+        if lags is None or smooth is None or steps > cfg.gap_factor:
+            # A break (or the very first row): restart the lag memory from this row and
+            # the evidence from its typical level; time alone is no evidence either way.
+            lags = np.repeat(np.where(missing, 0.0, z)[None, :], cfg.lags + 1, axis=0)
+            smooth = np.zeros_like(z)
+            score = model.rest_score
+            steps = 1.0
+        level = lags[:-1]
+        changes = level - lags[1:]
+        predicted = model.intercept + np.where(
+            model.integrated,
+            lags[0] + np.einsum("ij,ji->i", model.coef, changes),
+            np.einsum("ij,ji->i", model.coef, level),
         )
-        keep_r = _keep(self._config.residual_span, steps)
-        smooth = resid if state.smooth is None else keep_r * state.smooth + (1 - keep_r) * resid
+        z = np.where(missing, predicted, z)
+        resid = np.clip((z - predicted) / model.resid_scale, -cfg.clip_z, cfg.clip_z)
+        keep_r = _keep(cfg.residual_span, steps)
+        smooth = keep_r * smooth + (1 - keep_r) * resid
         instant = float(np.mean((smooth / model.smooth_scale) ** 2))
-        keep_s = _keep(self._config.score_span, steps)
-        score = keep_s * state.score + (1 - keep_s) * instant
+        keep_s = _keep(cfg.score_span, steps)
+        score = keep_s * score + (1 - keep_s) * instant
         new_lags = np.concatenate([z[None, :], lags[:-1]], axis=0)
         next_state = _State(new_lags, smooth, score, stamp)
         return _squash(score, model.raw_threshold), next_state, resid
@@ -360,7 +380,9 @@ class StreamDetector:
         z = _forward_fill(z)
 
         breaks = np.concatenate([[True], steps / median_step > cfg.gap_factor])
-        coef, intercept = _fit_autoregression(z, breaks, cfg.lags, cfg.ridge)
+        coef, intercept, integrated = _fit_autoregression(
+            z, breaks, cfg.lags, cfg.ridge, cfg.unit_root
+        )
         unit = np.ones(active.size)
         draft = _Model(
             active=active,
@@ -368,10 +390,12 @@ class StreamDetector:
             std=std,
             coef=coef,
             intercept=intercept,
+            integrated=integrated,
             resid_scale=unit,
             smooth_scale=unit,
             median_step=median_step,
             raw_threshold=1.0,
+            rest_score=0.0,
         )
         # Early warm-up rows are skipped in every spread: the EWMAs are still filling.
         burn = len(self._warm_rows) // 4
@@ -386,7 +410,7 @@ class StreamDetector:
         threshold = float(np.quantile(raw, cfg.quantile)) * cfg.margin
         if not threshold > 0:
             threshold = float(np.finfo(np.float64).tiny)
-        self._model = replace(draft, raw_threshold=threshold)
+        self._model = replace(draft, raw_threshold=threshold, rest_score=float(np.median(raw)))
         self._state = stages[3]
         self._warm_rows = []
         self._warm_ts = []
@@ -401,7 +425,7 @@ class StreamDetector:
             _, state, resid = self._advance(model, state, row, float(stamp))
             if resid is None:
                 continue
-            assert state.smooth is not None
+            assert state.smooth is not None  # set by every row that had a value
             resids.append(resid)
             smooths.append(state.smooth)
             scores.append(state.score)
@@ -437,31 +461,53 @@ def _forward_fill(z: FloatArray) -> FloatArray:
 
 
 def _fit_autoregression(
-    z: FloatArray, breaks: npt.NDArray[np.bool_], lags: int, ridge: float
-) -> tuple[FloatArray, FloatArray]:
+    z: FloatArray, breaks: npt.NDArray[np.bool_], lags: int, ridge: float, unit_root: float
+) -> tuple[FloatArray, FloatArray, npt.NDArray[np.bool_]]:
     """Ridge autoregression of each column on its own lags, within unbroken stretches.
 
+    A column whose level weights sum to ``unit_root`` or more is refitted on its changes.
+
     Returns:
-        ``(coef, intercept)`` with ``coef[j, k]`` the weight of column j's lag k+1.
+        ``(coef, intercept, integrated)``: ``coef[j, k]`` weighs column j's lag k+1 (of
+        its level, or of its change where ``integrated[j]``).
     """
     n, d = z.shape
-    # Row i is a training target when none of rows i-lags+1 .. i starts a new stretch.
-    segment = np.cumsum(breaks)
-    usable = np.array([i >= lags and segment[i] == segment[i - lags] for i in range(n)], dtype=bool)
-    targets = np.flatnonzero(usable)
     coef = np.zeros((d, lags))
     intercept = np.zeros(d)
-    if targets.size < lags + 2:
+    integrated = np.zeros(d, dtype=bool)
+    # Row i is a target when rows i-span .. i lie in one unbroken stretch.
+    segment = np.cumsum(breaks)
+    rows = np.arange(n)
+
+    def targets(span: int) -> npt.NDArray[np.intp]:
+        ok = (rows >= span) & (segment == segment[np.maximum(rows - span, 0)])
+        return np.flatnonzero(ok)
+
+    level_rows, change_rows = targets(lags), targets(lags + 1)
+    if change_rows.size < lags + 2:
         _LOG.info("warm-up has too few unbroken stretches to fit lags; using levels only")
-        return coef, intercept
-    penalty = ridge * np.eye(lags + 1)
-    penalty[-1, -1] = 0.0  # the intercept is not shrunk
+        return coef, intercept, integrated
+    changes = np.diff(z, axis=0, prepend=z[:1])
     for j in range(d):
-        design = np.column_stack(
-            [z[targets - k, j] for k in range(1, lags + 1)] + [np.ones(targets.size)]
-        )
-        gram = design.T @ design + penalty
-        beta = np.linalg.solve(gram, design.T @ z[targets, j])
+        beta = _ridge(z[:, j], level_rows, lags, ridge)
+        if beta[:lags].sum() >= unit_root:
+            beta = _ridge(changes[:, j], change_rows, lags, ridge)
+            integrated[j] = True
         coef[j] = beta[:lags]
         intercept[j] = beta[lags]
-    return coef, intercept
+    return coef, intercept, integrated
+
+
+def _ridge(
+    series: FloatArray, targets: npt.NDArray[np.intp], lags: int, ridge: float
+) -> FloatArray:
+    """Weights of ``series``'s lags 1..lags, then the intercept (not shrunk)."""
+    design = np.column_stack(
+        [series[targets - k] for k in range(1, lags + 1)] + [np.ones(targets.size)]
+    )
+    penalty = ridge * np.eye(lags + 1)
+    penalty[-1, -1] = 0.0
+    result: FloatArray = np.linalg.solve(
+        design.T @ design + penalty, design.T @ series[targets]
+    ).astype(np.float64)
+    return result
