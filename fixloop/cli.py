@@ -1,8 +1,10 @@
 """The ``fixloop`` command (composition root): parse arguments, load settings, run a part.
 
-``fixloop up`` runs the whole local stack; ``fixloop gateway`` and ``fixloop sim`` run one
-part against external servers. Settings come from ``--config`` (or ``./fixloop.toml``)
-and ``FIXLOOP_`` variables; a wrong one ends the command with a one-line error.
+``fixloop up`` runs the whole local stack; ``fixloop gateway``, ``fixloop diagnostics`` and
+``fixloop sim`` run one part against external servers; ``fixloop train`` learns the health
+models from stored history and ``fixloop detect`` scores a CSV time series. Settings come
+from ``--config`` (or ``./fixloop.toml``) and ``FIXLOOP_`` variables; a wrong one ends
+the command with a one-line error.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         "gateway", help="run the gateway against the configured broker and InfluxDB"
     )
 
+    commands.add_parser(
+        "diagnostics",
+        help="score the fleet and publish diagnoses (models from `fixloop train`, if any)",
+    )
+    train = commands.add_parser(
+        "train", help="learn the fleet health models from the history in InfluxDB"
+    )
+    train.add_argument("--days", type=float, help="history to learn from (default 7)")
+
     sim = commands.add_parser("sim", help="run a simulated fleet against the configured broker")
     sim.add_argument("--devices", type=int, help="number of devices")
     sim.add_argument("--speed", help="simulated seconds per real second, or 'max'")
@@ -83,6 +94,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
         env["FIXLOOP_SIM__SPEED"] = str(args.speed)
     if getattr(args, "duration", None) is not None:
         env["FIXLOOP_SIM__DURATION_S"] = str(args.duration)
+    if getattr(args, "days", None) is not None:
+        env["FIXLOOP_DIAGNOSTICS__TRAIN_DAYS"] = str(args.days)
     if getattr(args, "data_dir", None) is not None:
         env["FIXLOOP_STACK__DATA_DIR"] = str(args.data_dir)
     return env
@@ -163,6 +176,38 @@ def _detect(args: argparse.Namespace) -> None:
     )
 
 
+async def _diagnostics(settings: Settings, stop: asyncio.Event) -> None:
+    from diagnostics.service import DiagnosticsService
+
+    async with DiagnosticsService(settings.mqtt, settings.influx, settings.diagnostics) as service:
+        await _run_until_stop(service.run(), stop)
+
+
+def _progress_bar(done: float, readings: int) -> None:
+    """One line on stderr, redrawn in place on a terminal."""
+    width = 30
+    filled = round(done * width)
+    line = f"training [{'#' * filled}{'.' * (width - filled)}] {done:4.0%}  {readings:,} readings"
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + ("\n" if done >= 1 else ""))
+    elif done >= 1 or filled % 5 == 0:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+async def _train(settings: Settings) -> None:
+    from diagnostics.training import train_from_influx
+
+    report = await train_from_influx(settings.influx, settings.diagnostics, progress=_progress_bar)
+    _LOG.info(
+        "trained on %d readings of %d devices: %s; saved to %s",
+        report.readings,
+        report.devices,
+        ", ".join(f"{model} ({rows} rows)" for model, rows in sorted(report.models.items())),
+        report.path,
+    )
+
+
 async def _up(settings: Settings, stop: asyncio.Event) -> None:
     from fixloop.local import run_local_stack
 
@@ -188,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_until_signalled(lambda stop: _up(settings, stop), args.run_for_s))
         elif args.command == "detect":
             _detect(args)
+        elif args.command == "diagnostics":
+            asyncio.run(_until_signalled(lambda stop: _diagnostics(settings, stop)))
+        elif args.command == "train":
+            asyncio.run(_train(settings))
     except ConfigError as exc:
         print(f"fixloop: error: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's voice
         return 2

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from device_sim.settings import SimSettings
+from diagnostics.settings import DiagnosticsSettings
 from gateway.influx import InfluxSettings
 from gateway.settings import GatewaySettings, MqttSettings
 
@@ -77,6 +78,7 @@ class Settings(BaseSettings):
     influx: InfluxSettings = Field(default_factory=InfluxSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     sim: SimSettings = Field(default_factory=SimSettings)
+    diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -51,6 +51,7 @@ __all__ = [
     "RESERVED_FIELDS",
     "TELEMETRY_MEASUREMENT",
     "event_to_line",
+    "point_line",
     "reading_to_line",
     "telemetry_line",
 ]
@@ -244,3 +245,42 @@ def event_to_line(event: Event) -> bytes:
         return line.encode()
     except UnicodeEncodeError as exc:
         raise WriteRejectedError("event holds text that is not valid UTF-8") from exc
+
+
+def point_line(
+    measurement: str,
+    tags: Mapping[str, str],
+    fields: Mapping[str, float | int | bool | str],
+    ts_ms: int,
+) -> bytes:
+    """Encode one point of any measurement (the later stages' scores, for example).
+
+    Floats are written as floats, ints as integers (``5i``), bools as ``true``/``false``
+    and strings quoted; every name and value is escaped like the telemetry lines.
+
+    Raises:
+        WriteRejectedError: no fields, a non-finite float, or text line protocol
+            cannot hold.
+    """
+    if not fields:
+        raise WriteRejectedError("a point needs at least one field")
+    parts: list[str] = []
+    for name, value in fields.items():
+        key = _NAMES.get(name) or _escape_name(name)
+        if value is True or value is False:
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, int):
+            parts.append(f"{key}={value}i")
+        elif isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise WriteRejectedError(f"field {name!r} is not finite")
+            parts.append(f"{key}={value!r}")
+        else:
+            parts.append(f'{key}="{_escape_string(value)}"')
+    head = measurement.translate(_MEASUREMENT_ESCAPES)
+    for name, value in tags.items():
+        head += f",{_NAMES.get(name) or _escape_name(name)}={_escape_name(value)}"
+    try:
+        return f"{head} {','.join(parts)} {ts_ms}".encode()
+    except UnicodeEncodeError as exc:
+        raise WriteRejectedError("point holds text that is not valid UTF-8") from exc

@@ -1,0 +1,267 @@
+"""The diagnostics service: telemetry and events in over MQTT, diagnoses out.
+
+Pipeline place: it subscribes to the same device topics the gateway stores (its own
+persistent QoS-1 session, or a shared subscription across workers), feeds each batch
+to the I/O-free :class:`~diagnostics.engine.DiagnosticsEngine` off the event loop,
+publishes every diagnosis change on ``fleet/diagnoses`` (QoS 1), writes each reading's
+scores next to the telemetry in InfluxDB (measurement ``health``), and only then
+acknowledges the batch, so a crash replays it rather than losing a diagnosis.
+
+Readings the gateway refuses are skipped here without a report (the gateway reports
+them on ``fleet/rejected``); a device's product model comes from its boot event, or at
+start from the boot events already stored in InfluxDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Final, Self
+
+import orjson
+
+from diagnostics.engine import DiagnosticsEngine, EngineResult
+from diagnostics.features import FEATURE_SPECS
+from diagnostics.model import encode_diagnosis
+from diagnostics.settings import DiagnosticsSettings
+from gateway.errors import (
+    BrokerUnavailableError,
+    PermanentError,
+    RejectedError,
+    StoreUnavailableError,
+)
+from gateway.influx import InfluxClient, InfluxSettings
+from gateway.lineproto import point_line
+from gateway.protocol import (
+    DIAGNOSES_TOPIC,
+    Event,
+    Reading,
+    decode_event,
+    decode_reading,
+    split_device_topic,
+)
+from gateway.protocol.mqtt import Message, MqttClient
+from gateway.settings import MqttSettings
+
+__all__ = ["HEALTH_MEASUREMENT", "DiagnosticsService", "load_engine", "stored_registry"]
+
+_LOG = logging.getLogger(__name__)
+
+#: Measurement of the per-reading scores, next to ``telemetry``.
+HEALTH_MEASUREMENT: Final = "health"
+_FILTERS: Final = ("devices/+/telemetry", "devices/+/events")
+_SCORE_WRITE_TRIES: Final = 5
+
+
+def load_engine(
+    settings: DiagnosticsSettings, registry: Mapping[str, str] | None = None
+) -> DiagnosticsEngine:
+    """Load the trained engine, or a baselines-only one when nothing is trained yet.
+
+    Args:
+        settings: where the models are.
+        registry: device id to product model, for devices whose boot is not seen.
+
+    Raises:
+        ConfigError: a model file exists but cannot be used.
+    """
+    path = settings.model_path
+    if path.exists():
+        engine = DiagnosticsEngine.load(path, registry=registry)
+        _LOG.info("diagnostics models loaded from %s: %s", path, sorted(engine.fleet_models))
+        return engine
+    _LOG.warning(
+        "no trained diagnostics model at %s: scoring with per-device baselines only "
+        "(run `fixloop train` once there is history)",
+        path,
+    )
+    return DiagnosticsEngine(registry=registry)
+
+
+async def stored_registry(influx: InfluxClient) -> dict[str, str]:
+    """Device id to product model, from the boot events already in InfluxDB."""
+    series = await influx.query(
+        "SELECT LAST(data) FROM device_events WHERE kind = 'boot' GROUP BY device"
+    )
+    registry: dict[str, str] = {}
+    known = set(FEATURE_SPECS)
+    for item in series:
+        device = item.tags.get("device")
+        if not device or not item.values:
+            continue
+        try:
+            data = orjson.loads(item.values[0][1])
+        except (orjson.JSONDecodeError, TypeError):
+            continue
+        model = data.get("model") if isinstance(data, dict) else None
+        if model in known:
+            registry[device] = model
+        else:
+            _LOG.warning("device %s booted as unknown product model %r", device, model)
+    return registry
+
+
+def _decode(messages: Iterable[Message], now_ms: int) -> list[Reading | Event]:
+    items: list[Reading | Event] = []
+    for message in messages:
+        target = split_device_topic(message.topic)
+        if target is None:
+            continue
+        device_id, channel = target
+        try:
+            if channel == "telemetry":
+                items.append(decode_reading(device_id, message.payload, now_ms))
+            elif channel == "events":
+                items.append(decode_event(device_id, message.payload, now_ms))
+        except RejectedError:
+            continue  # the gateway reports what it refuses
+    return items
+
+
+class DiagnosticsService:
+    """Scores the fleet as it speaks; an async context manager, :meth:`run` until cancelled.
+
+    Args:
+        mqtt: how to reach the broker (a service user).
+        influx: where telemetry lives and scores go.
+        settings: the service's settings.
+        engine: an engine to use instead of loading ``settings.model_path``.
+        clock: wall clock in seconds.
+    """
+
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        influx: InfluxSettings,
+        settings: DiagnosticsSettings,
+        *,
+        engine: DiagnosticsEngine | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._mqtt = mqtt
+        self._influx_settings = influx
+        self._settings = settings
+        self._clock = clock
+        self.engine = engine
+        self._influx: InfluxClient | None = None
+        self._subscribed = asyncio.Event()
+        self.diagnoses_published = 0
+        self.readings_scored = 0
+        self.scores_dropped = 0
+
+    async def __aenter__(self) -> Self:
+        self._influx = InfluxClient(self._influx_settings)
+        await self._influx.__aenter__()
+        if self.engine is None:
+            try:
+                registry = await stored_registry(self._influx)
+            except (StoreUnavailableError, PermanentError) as exc:
+                _LOG.warning("cannot read the device registry from InfluxDB yet: %s", exc)
+                registry = {}
+            _LOG.info("diagnostics knows %d devices from stored boot events", len(registry))
+            try:
+                self.engine = await asyncio.to_thread(load_engine, self._settings, registry)
+            except BaseException:
+                await self._influx.__aexit__(None, None, None)
+                raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._influx is not None:
+            await self._influx.__aexit__(exc_type, exc, tb)
+
+    async def wait_subscribed(self) -> None:
+        """Wait until the service is subscribed."""
+        await self._subscribed.wait()
+
+    async def run(self) -> None:
+        """Consume, score and publish until cancelled; reconnect with backoff.
+
+        Raises:
+            ConfigError: the broker refused our credentials.
+        """
+        settings = self._settings
+        group = settings.shared_group
+        filters = [f"$share/{group}/{f}" if group else f for f in _FILTERS]
+        backoff_s = 0.2
+        while True:
+            client = self._mqtt.client(
+                settings.client_id,
+                clean_start=False,
+                session_expiry_s=settings.session_expiry_s,
+                max_buffered=settings.batch_max * 4,
+            )
+            try:
+                async with client, asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._consume(client))
+                    await client.subscribe(*filters, qos=1)
+                    self._subscribed.set()
+                    _LOG.info("diagnostics subscribed to %s", filters)
+                    backoff_s = 0.2
+            except* BrokerUnavailableError as errors:
+                _LOG.warning("broker connection lost: %s", errors.exceptions[0])
+            await asyncio.sleep(backoff_s * (0.5 + random.random()))
+            backoff_s = min(backoff_s * 2, 30.0)
+
+    async def _consume(self, client: MqttClient) -> None:
+        engine = self.engine
+        assert engine is not None
+        while True:
+            await client.wait_messages()
+            messages = client.take(self._settings.batch_max)
+            items = _decode(messages, int(self._clock() * 1000))
+            result = await asyncio.to_thread(engine.process, items)
+            await self._publish(client, result)
+            client.ack_many(messages)
+
+    async def _publish(self, client: MqttClient, result: EngineResult) -> None:
+        for diagnosis in result.diagnoses:
+            await client.publish(DIAGNOSES_TOPIC, encode_diagnosis(diagnosis), qos=1)
+            self.diagnoses_published += 1
+            _LOG.info(
+                "diagnosis %s: %s on %s (confidence %.2f)",
+                diagnosis.status,
+                diagnosis.fault,
+                diagnosis.device_id,
+                diagnosis.confidence,
+            )
+        self.readings_scored += len(result.scores)
+        if not (self._settings.write_scores and result.scores):
+            return
+        lines = [
+            point_line(
+                HEALTH_MEASUREMENT,
+                {"device": s.device_id},
+                {"score": s.score, "baseline": s.baseline, "fleet": s.fleet},
+                s.ts_ms,
+            )
+            for s in result.scores
+            if not s.late
+        ]
+        await self._write_scores(lines)
+
+    async def _write_scores(self, lines: list[bytes]) -> None:
+        """Write scores; they are derived data, so after a few tries they are let go."""
+        assert self._influx is not None
+        delay_s = 0.2
+        for attempt in range(_SCORE_WRITE_TRIES):
+            try:
+                await self._influx.write(lines)
+            except StoreUnavailableError as exc:
+                if attempt == _SCORE_WRITE_TRIES - 1:
+                    self.scores_dropped += len(lines)
+                    _LOG.warning("scores not stored (%s): %d dropped", exc, len(lines))
+                    return
+                await asyncio.sleep(delay_s)
+                delay_s *= 2
+            else:
+                return

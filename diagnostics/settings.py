@@ -1,0 +1,38 @@
+"""Settings of the diagnostics stage (section ``[diagnostics]``), passed in by ``fixloop``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["DiagnosticsSettings"]
+
+
+class DiagnosticsSettings(BaseModel):
+    """The diagnostics service and ``fixloop train``.
+
+    Attributes:
+        client_id: MQTT client id (fixed: the broker keeps a session for it).
+        session_expiry_s: how long the broker keeps the session while the service is away.
+        shared_group: MQTT 5 shared-subscription group to spread devices over workers.
+        model_path: where ``fixloop train`` saves the fleet models and the service loads
+            them; without a file the service scores with per-device baselines only.
+        batch_max: most messages handled in one step.
+        write_scores: write each reading's scores to InfluxDB (measurement ``health``).
+        train_days: how much history ``fixloop train`` reads from InfluxDB.
+        train_window_s: the span of one InfluxDB query while training.
+        train_sample: share of healthy updates kept as training rows.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    client_id: str = Field("fixloop-diagnostics", min_length=1, max_length=64)
+    session_expiry_s: int = Field(86_400, ge=0)
+    shared_group: str | None = None
+    model_path: Path = Path(".fixloop/models/diagnostics.pkl")
+    batch_max: int = Field(5_000, ge=1, le=100_000)
+    write_scores: bool = True
+    train_days: float = Field(7.0, gt=0, le=400)
+    train_window_s: int = Field(3_600, ge=60, le=86_400)
+    train_sample: float = Field(0.2, gt=0, le=1)
