@@ -227,7 +227,8 @@ class DiagnosticsService:
         for diagnosis in result.diagnoses:
             await client.publish(DIAGNOSES_TOPIC, encode_diagnosis(diagnosis), qos=1)
             self.diagnoses_published += 1
-            _LOG.info(
+            _LOG.log(
+                logging.DEBUG if diagnosis.status == "update" else logging.INFO,
                 "diagnosis %s: %s on %s (confidence %.2f)",
                 diagnosis.status,
                 diagnosis.fault,

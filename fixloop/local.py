@@ -1,7 +1,8 @@
 """``fixloop up``: the whole local stack in one command, for a first-time user.
 
 Starts (sinks first, sources last) a mosquitto and an influxd from the PATH on
-loopback ports with their data in one folder, the gateway, and a simulated fleet;
+loopback ports with their data in one folder, the gateway, the diagnostics service
+and a simulated fleet;
 prints where everything is; on Ctrl-C stops the fleet first, lets the gateway drain,
 then stops the gateway and the servers.
 """
@@ -19,6 +20,7 @@ from typing import Final
 from pydantic import SecretStr
 
 from device_sim import FleetRunner
+from diagnostics.service import DiagnosticsService
 from fixloop.broker import GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
 from fixloop.settings import Settings
@@ -48,6 +50,7 @@ def _banner(
     metrics_port: int | None,
     models: Counter[str],
     speed: object,
+    trained: list[str],
 ) -> str:
     fleet = ", ".join(f"{count} {model}" for model, count in sorted(models.items()))
     return "\n".join(
@@ -60,6 +63,12 @@ def _banner(
             f"            try: influx -port {influx.port} -database {influx.database} "
             "-execute 'SELECT COUNT(seq) FROM telemetry'",
             f"  gateway   http://127.0.0.1:{metrics_port}/metrics  and  /health",
+            "  health    diagnoses on fleet/diagnoses, scores in measurement health; "
+            + (
+                f"fleet models for {', '.join(trained)}"
+                if trained
+                else "per-device baselines only (run `fixloop train` once there is history)"
+            ),
             f"  fleet     {sum(models.values())} simulated devices ({fleet}), speed {speed}",
             f"  data      {data_dir}",
             "Press Ctrl-C to stop.",
@@ -68,17 +77,20 @@ def _banner(
     )
 
 
-async def _report(gateway: Gateway) -> None:
+async def _report(gateway: Gateway, diagnostics: DiagnosticsService) -> None:
     metrics = gateway.metrics
     while True:
         await asyncio.sleep(_STATUS_EVERY_S)
         _LOG.info(
-            "received %d, stored %d, rejected %d, spooled batches %d, lag %.1f s",
+            "received %d, stored %d, rejected %d, spooled batches %d, lag %.1f s, "
+            "scored %d, diagnosis changes %d",
             sum(metrics.received.values()),
             metrics.stored,
             sum(metrics.rejected.values()),
             metrics.spool_batches,
             metrics.lag_s(),
+            diagnostics.readings_scored,
+            diagnostics.diagnoses_published,
         )
 
 
@@ -142,14 +154,27 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         influx_settings = settings.influx.model_copy(
             update={"url": influx.url, "flavor": "v1", "database": influx.database}
         )
-        async with Gateway(mqtt, influx_settings, gateway_settings) as gateway:
-            gateway_task = asyncio.create_task(gateway.run(), name="gateway")
-            report_task = asyncio.create_task(_report(gateway), name="status")
+        diagnostics_settings = settings.diagnostics.model_copy(
+            update={}
+            if "model_path" in settings.diagnostics.model_fields_set
+            else {"model_path": data_dir / "models" / "diagnostics.pkl"}
+        )
+        async with (
+            Gateway(mqtt, influx_settings, gateway_settings) as gateway,
+            DiagnosticsService(mqtt, influx_settings, diagnostics_settings) as diagnostics,
+        ):
+            tasks = [
+                asyncio.create_task(gateway.run(), name="gateway"),
+                asyncio.create_task(diagnostics.run(), name="diagnostics"),
+                asyncio.create_task(_report(gateway, diagnostics), name="status"),
+            ]
             try:
                 async with asyncio.timeout(30):
                     await gateway.wait_subscribed()
+                    await diagnostics.wait_subscribed()
                 async with runner:
                     models = Counter(str(d.model) for d in runner.fleet.devices)
+                    assert diagnostics.engine is not None
                     print(  # noqa: T201 - the command's own output for the user
                         _banner(
                             data_dir,
@@ -158,6 +183,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                             gateway.metrics_port,
                             models,
                             sim_settings.speed,
+                            sorted(diagnostics.engine.fleet_models),
                         ),
                         file=sys.stdout,
                         flush=True,
@@ -170,9 +196,9 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                     async with asyncio.timeout(_DRAIN_TIMEOUT_S):
                         await gateway.drain()
             finally:
-                for task in (report_task, gateway_task):
+                for task in reversed(tasks):
                     task.cancel()
-                for task in (report_task, gateway_task):
+                for task in reversed(tasks):
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
         _LOG.info("stopping influxd and mosquitto")
