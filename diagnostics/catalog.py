@@ -168,15 +168,19 @@ def _visit(part: str, note: str) -> Remedy:
 _SENSOR_PART: Final = "temperature_sensor"
 
 
-def _common(primary_offset: str) -> tuple[FaultEntry, ...]:
-    """The faults every model shares (sensor and firmware), around its main sensor."""
+def _common(primary_offset: str, offset_weight: float) -> tuple[FaultEntry, ...]:
+    """The faults every model shares (sensor and firmware), around its main sensor.
+
+    ``offset_weight`` says how telling the main sensor's offset feature is: only a sensor
+    fault moves the heat pump's and the washer's; a leak moves the fridge's a little too.
+    """
     return (
         FaultEntry(
             "sensor_drift",
             "main temperature sensor drifting off",
             gradual=True,
             codes=frozenset({"E31"}),
-            signature=(Signature(primary_offset, 0, 1.0),),
+            signature=(Signature(primary_offset, 0, offset_weight),),
             degradation=Degradation(primary_offset, 5.0, 1.0, two_sided=True),
             remedies=(
                 _selftest("compares the sensor with the reference sensor (E31 when off)"),
@@ -294,7 +298,7 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     _visit("drain_pump", "a serviced drain pump cures any clog"),
                 ),
             ),
-            *_common("idle_temp_offset_k"),
+            *_common("idle_temp_offset_k", 2.0),
         ),
     ),
     "fridge": _table(
@@ -318,7 +322,7 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     _visit("refrigerant_circuit", "sealing and recharging cures it"),
                 ),
             ),
-            *_common("evaporator_off_offset_k"),
+            *_common("evaporator_off_offset_k", 1.0),
         ),
     ),
     "heat_pump": _table(
@@ -341,7 +345,7 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     _visit("evaporator_coil", "cleaning or swapping the coil cures it"),
                 ),
             ),
-            *_common("flow_offset_k"),
+            *_common("flow_offset_k", 2.0),
         ),
     ),
 }

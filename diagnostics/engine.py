@@ -57,7 +57,8 @@ class ReadingScore:
         ts_ms: the reading's own time.
         score: combined anomaly score in ``[0, 1]`` (higher = more anomalous).
         baseline: the device-baseline score.
-        fleet: the fleet-model score (0 without a fleet model).
+        fleet: the fleet-model score (0 without a fleet model, or once the device's own
+            baseline is warm for most features).
         late: the reading was older than the device's last one: scored, changed nothing.
     """
 
@@ -289,6 +290,11 @@ class DiagnosticsEngine:
         fleet = state.fleet
         if fleet is not None:
             fscore, fz = fleet.score(level)
+            # the fleet model speaks for devices whose own baseline is still cold (new, or
+            # faulty from day one); a warm baseline knows the device better than its peers
+            warm = (baseline.count[slots] >= baseline.min_count).sum(axis=1)
+            cold = warm * 2 < baseline.min_count.shape[0]
+            fscore = np.where(cold, fscore, 0.0).astype(np.float32)
             score = np.maximum(bscore, fscore)
             z = np.where(np.abs(bz) >= np.abs(fz), bz, fz).astype(np.float32)
             reference = np.where(
@@ -417,12 +423,12 @@ class DiagnosticsEngine:
     def state_bytes(self) -> int:
         """Approximate bytes of per-device state held (arrays, id maps, policy).
 
-        Arrays count their allocated rows; a device id in the slot and model maps counts
-        about 150 bytes (string, dict entries).
+        Arrays count the rows in use (they grow by doubling, so up to twice that may be
+        allocated); a device id in the slot and model maps counts about 150 bytes.
         """
         total = 0
         for state in self._state.values():
-            rows = state.features.capacity
+            rows = len(state.slots)
             total += rows * (state.features.state_bytes() + state.baseline.state_bytes() + 1)
             total += 150 * len(state.slots)
         total += 100 * len(self._models)

@@ -131,18 +131,21 @@ def _fridge(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
 def _heat_pump(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
     flow = _f(m, "flow_temp_c")
     outdoor = _f(m, "outdoor_temp_c")
-    cop = _f(m, "cop")
+    heat = _f(m, "heat_output_w")
+    power = _f(m, "power_w")
     efficiency = _NAN
     capacity = _NAN
-    if status == "heating" and cop == cop:
+    if status == "heating" and heat > 0.0 and power > 0.0:
+        # COP from the reported heat output and the power meter, not the firmware's own
+        # ``cop`` (that one is computed from the flow sensor, so a drifting sensor moves it)
         hot_k = flow + 276.15
         cold_k = outdoor + 267.15
-        efficiency = cop * max(hot_k - cold_k, 1.0) / hot_k
+        efficiency = heat / power * max(hot_k - cold_k, 1.0) / hot_k
         hz = _f(m, "compressor_hz")
         if hz > 25.0:
             modulation = (hz - 20.0) / 70.0
             factor = min(1.15, max(0.5, 0.7 + 0.015 * (outdoor + 7.0)))
-            capacity = _f(m, "heat_output_w") / modulation / factor
+            capacity = heat / modulation / factor
     defrost = 1.0 if status == "defrost" else 0.0
     # the firmware reports its true heat output; the water flow is fixed (0.35 l/s), so
     # flow minus return must match it: what is left over is the flow sensor's offset
@@ -266,7 +269,7 @@ FEATURE_SPECS: Final[Mapping[str, FeatureSpec]] = {
         (
             FeatureDef(
                 "cop_efficiency",
-                ("cop", "flow_temp_c", "outdoor_temp_c"),
+                ("heat_output_w", "power_w", "flow_temp_c", "outdoor_temp_c"),
                 0.03,
                 0.02,
                 200,

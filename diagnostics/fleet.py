@@ -51,7 +51,8 @@ class FleetModel:
         features: the feature names, in vector order.
         method: ``gaussian`` or ``isolation_forest``.
         center: per-feature median of the training rows.
-        scale: per-feature robust spread (IQR / 1.349, at least the noise floor).
+        scale: per-feature robust spread (IQR / 1.349, at least the noise floor and a
+            tenth of the median).
         precision: inverse covariance of standardized rows (``gaussian``).
         reference: the calibration distance (training quantile) that maps to score 0.2.
         estimator: the fitted IsolationForest (``isolation_forest``).
@@ -103,7 +104,10 @@ class FleetModel:
             if column.size:
                 center[j] = float(np.median(column))
                 q75, q25 = np.percentile(column, [75.0, 25.0])
-                scale[j] = max(float(q75 - q25) / 1.349, scale[j])
+                # devices of one model differ by build tolerance: never trust a spread
+                # tighter than a tenth of the typical value, however few devices trained it
+                spread = max(float(q75 - q25) / 1.349, 0.1 * abs(center[j]))
+                scale[j] = max(spread, scale[j])
         z = np.where(np.isnan(data), 0.0, (data - center) / scale)
         z = np.clip(z, -50.0, 50.0)
         result = cls(

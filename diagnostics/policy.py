@@ -52,6 +52,8 @@ class PolicyConfig:
         open_after: updates in a row at or above ``open_threshold`` to open.
         close_after: updates in a row below ``close_threshold`` to close.
         min_evidence: signature evidence (sum of weighted z) needed to name a fault.
+        min_driver_z: a model-based diagnosis opens only when a feature deviates this much
+            (a score no single feature explains names nothing to fix).
         revise_after: updates in a row of a clearly better hypothesis to revise one.
         update_every_s: longest time between two updates of an open diagnosis.
         confidence_step: confidence change that is worth an update.
@@ -62,6 +64,7 @@ class PolicyConfig:
     open_after: int = 3
     close_after: int = 60
     min_evidence: float = 4.0
+    min_driver_z: float = 3.0
     revise_after: int = 10
     update_every_s: float = 12 * 3_600.0
     confidence_step: float = 0.15
@@ -210,7 +213,8 @@ class DiagnosisPolicy:
         if score >= cfg.close_threshold:
             hypothesis = self.name_fault(spec, z)
             self._observe(device_id, spec, hypothesis.fault, ts_ms, change)
-            if model_case is None and state.above >= cfg.open_after:
+            explained = any(abs(c.z) >= cfg.min_driver_z for c in hypothesis.drivers)
+            if model_case is None and state.above >= cfg.open_after and explained:
                 changes += self._open_model(device_id, spec, ts_ms, score, hypothesis, state)
             elif model_case is not None:
                 changes += self._follow(

@@ -25,7 +25,9 @@ def _z(**values: float) -> np.ndarray:
     return z
 
 
-def _feed(policy: DiagnosisPolicy, scores: list[float], z: np.ndarray, t0: int = T0) -> list[Diagnosis]:
+def _feed(
+    policy: DiagnosisPolicy, scores: list[float], z: np.ndarray, t0: int = T0
+) -> list[Diagnosis]:
     out: list[Diagnosis] = []
     for i, s in enumerate(scores):
         out += policy.on_score("w1", SPEC, t0 + i * MIN, s, z, z * 0.01)
@@ -72,7 +74,8 @@ def test_device_code_opens_at_once_and_merges_with_the_model() -> None:
     # the scores agree: still one diagnosis, now from both
     changes = _feed(policy, [0.9, 0.9, 0.9], _z(drain_flow_l_min=-10.0), T0 + 2 * MIN)
     assert all(d.fault == "drain_clog" and d.status == "update" for d in changes)
-    assert changes and changes[-1].source == "both"
+    assert changes
+    assert changes[-1].source == "both"
     assert len(policy.open_diagnoses("w1")) == 1
 
 
@@ -80,7 +83,9 @@ def test_boot_after_firmware_update_clears_firmware_faults_only() -> None:
     policy = DiagnosisPolicy()
     policy.on_event(Event("f1", 1, T0, "error", code="F07"), "fridge")
     policy.on_event(Event("f1", 2, T0, "error", code="E90"), "fridge")
-    boot = Event("f1", 3, T0 + MIN, "boot", data={"model": "fridge", "reset_reason": "restart_command"})
+    boot = Event(
+        "f1", 3, T0 + MIN, "boot", data={"model": "fridge", "reset_reason": "restart_command"}
+    )
     closed = policy.on_event(boot, "fridge")
     assert [(d.fault, d.status) for d in closed] == [("controller_hang", "closed")]
     update = Event("f1", 4, T0 + 2 * MIN, "boot", data={"reset_reason": "firmware_update"})

@@ -1,0 +1,229 @@
+"""The detector contract for the scorers (device baselines, fleet models) and the engine on
+a small simulated fleet with injected faults (STYLE.md rule 11)."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from device_sim import Fleet
+from diagnostics.engine import DiagnosticsEngine, EngineResult
+from diagnostics.features import FEATURE_SPECS
+from diagnostics.fleet import FleetModel
+from gateway.protocol import Event, Reading, decode_event, decode_reading
+
+START = datetime(2025, 1, 6, tzinfo=UTC)
+DAYS = 6.0
+ONSET = START + timedelta(days=2.5)
+# device index -> injected fault (0, 1, 2 of each model stay healthy)
+FAULTS = {
+    3: ("sensor_drift", 2.0),  # washer
+    4: ("refrigerant_leak", 2.5),  # fridge
+    5: ("sensor_drift", 2.0),  # heat pump
+    6: ("controller_hang", 0.0),  # washer
+    7: ("firmware_bug", 0.0),  # fridge
+    8: ("crash_loop", 0.0),  # heat pump
+    10: ("sensor_stuck", 0.0),  # fridge
+}
+
+
+def _decode(fleet: Fleet, until: datetime) -> list[Reading | Event]:
+    items: list[Reading | Event] = []
+    for batch in fleet.iter_until(until):
+        for ts, topic, payload in batch:
+            _, device_id, channel = topic.split("/")
+            if channel == "telemetry":
+                items.append(decode_reading(device_id, payload, ts))
+            elif channel == "events":
+                items.append(decode_event(device_id, payload, ts))
+    return items
+
+
+@cache
+def healthy_stream() -> tuple[Reading | Event, ...]:
+    fleet = Fleet(6, start=START, seed=101, interval_s=120)
+    return tuple(_decode(fleet, START + timedelta(days=3)))
+
+
+@cache
+def faulty_stream() -> tuple[tuple[Reading | Event, ...], dict[str, tuple[str, int]]]:
+    fleet = Fleet(12, start=START, seed=5, interval_s=120)
+    truth: dict[str, tuple[str, int]] = {}
+    for index, (fault, days) in FAULTS.items():
+        device_id = fleet.device_ids[index]
+        duration = timedelta(days=days) if days else None
+        record = fleet.inject(device_id, fault, at=ONSET, duration_to_failure=duration)  # type: ignore[arg-type]
+        truth[device_id] = (fault, round(record.onset.timestamp() * 1000))
+    return tuple(_decode(fleet, START + timedelta(days=DAYS))), truth
+
+
+@cache
+def trained() -> dict[str, FleetModel]:
+    engine = DiagnosticsEngine(collect_training=0.2, seed=3)
+    engine.process(healthy_stream())
+    return engine.fit_fleet_models(seed=3)
+
+
+def _run(engine: DiagnosticsEngine, items: tuple[Reading | Event, ...]) -> EngineResult:
+    scores = []
+    diagnoses = []
+    for i in range(0, len(items), 500):
+        result = engine.process(items[i : i + 500])
+        scores += result.scores
+        diagnoses += result.diagnoses
+    return EngineResult(tuple(scores), tuple(diagnoses))
+
+
+# -- detector contract ---------------------------------------------------------------
+
+
+@pytest.fixture(params=["baseline", "gaussian"])
+def make_engine(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    def build() -> DiagnosticsEngine:
+        if request.param == "baseline":
+            return DiagnosticsEngine()
+        return DiagnosticsEngine(fleet_models=trained())
+
+    return build
+
+
+def test_scores_in_unit_interval_and_same_seed_same_scores(make_engine) -> None:  # type: ignore[no-untyped-def]
+    items, _ = faulty_stream()
+    first = _run(make_engine(), items[:20_000])
+    second = _run(make_engine(), items[:20_000])
+    a = np.array([s.score for s in first.scores])
+    assert a.size > 1000
+    assert np.all((a >= 0.0) & (a <= 1.0))
+    assert np.array_equal(a, np.array([s.score for s in second.scores]))
+    assert first.diagnoses == second.diagnoses
+
+
+def test_inputs_are_not_modified(make_engine) -> None:  # type: ignore[no-untyped-def]
+    items, _ = faulty_stream()
+    chunk = items[:3000]
+    snapshot = pickle.dumps(chunk)
+    _run(make_engine(), chunk)
+    assert pickle.dumps(chunk) == snapshot
+    rows = np.random.default_rng(0).normal(size=(200, 6)).astype(np.float32)
+    rows[::7, 2] = np.nan
+    copy = rows.copy()
+    model = FleetModel.fit(
+        "washer", FEATURE_SPECS["washer"].names, rows, np.full(6, 0.1, np.float32)
+    )
+    model.score(rows)
+    assert np.array_equal(rows, copy, equal_nan=True)
+
+
+def test_only_past_data_is_used(make_engine) -> None:  # type: ignore[no-untyped-def]
+    items, _ = faulty_stream()
+    short = _run(make_engine(), items[:6000])
+    longer = _run(make_engine(), items[:12000])
+    n = len(short.scores)
+    assert [s.score for s in longer.scores[:n]] == [s.score for s in short.scores]
+
+
+def test_state_pickles_and_models_round_trip(make_engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    items, _ = faulty_stream()
+    engine = make_engine()
+    _run(engine, items[:8000])
+    clone = pickle.loads(pickle.dumps(engine))
+    rest = items[8000:12000]
+    assert [s.score for s in _run(engine, rest).scores] == [
+        s.score for s in _run(clone, rest).scores
+    ]
+    engine.save(tmp_path / "models.pkl")
+    assert (tmp_path / "models.pkl.json").exists()
+    loaded = DiagnosticsEngine.load(tmp_path / "models.pkl")
+    fresh = make_engine()
+    assert [s.score for s in _run(loaded, items[:6000]).scores] == [
+        s.score for s in _run(fresh, items[:6000]).scores
+    ]
+
+
+def test_roc_auc_on_simulated_faults(make_engine) -> None:  # type: ignore[no-untyped-def]
+    items, truth = faulty_stream()
+    result = _run(make_engine(), items)
+    labels, scores = [], []
+    for s in result.scores:
+        fault = truth.get(s.device_id)
+        if fault is not None and fault[0] in ("firmware_bug", "crash_loop"):
+            continue  # seen in device events, not in telemetry
+        if fault is not None and s.ts_ms < fault[1] + 86_400_000:
+            continue  # give a fault a day to show
+        labels.append(fault is not None)
+        scores.append(s.score)
+    assert roc_auc_score(labels, scores) >= 0.5
+
+
+def test_load_refuses_other_formats(tmp_path: Path) -> None:
+    from gateway.errors import ConfigError
+
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps({"format_version": 99}))
+    with pytest.raises(ConfigError):
+        DiagnosticsEngine.load(path)
+
+
+# -- the engine on a small simulated fleet -----------------------------------------------
+
+
+def test_faulty_devices_get_the_right_fault_and_healthy_ones_none() -> None:
+    items, truth = faulty_stream()
+    engine = DiagnosticsEngine(fleet_models=trained())
+    result = _run(engine, items)
+    opened: dict[str, list[str]] = {}
+    for d in result.diagnoses:
+        if d.status == "open":
+            opened.setdefault(d.device_id, []).append(d.fault)
+    for device_id, (fault, _) in truth.items():
+        named = [f for f in opened.get(device_id, []) if f != "unknown"]
+        assert named[:1] == [fault], (device_id, opened.get(device_id))
+    healthy = set(engine._models) - set(truth)
+    assert len(healthy) == 5
+    assert {d for d in opened if d in healthy} == set()
+    assert engine.unknown_readings == 0
+    assert 0 < engine.state_bytes() / engine.devices < 4_000
+
+
+def test_registry_and_unknown_models() -> None:
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        DiagnosticsEngine(registry={"x": "toaster"})
+    engine = DiagnosticsEngine(registry={"w1": "washer"})
+    result = engine.process(
+        [
+            Reading("w1", 1, 1_000_000, {"drum_rpm": 0.0}, "idle"),
+            Reading("nobody", 1, 1_000_000, {"drum_rpm": 0.0}, "idle"),
+        ]
+    )
+    assert [s.device_id for s in result.scores] == ["w1"]
+    assert engine.unknown_readings == 1
+
+
+@pytest.mark.parametrize("method", ["gaussian", "isolation_forest"])
+def test_fleet_model_contract(method: str) -> None:
+    rng = np.random.default_rng(1)
+    names = FEATURE_SPECS["washer"].names
+    healthy = rng.normal(size=(600, len(names))).astype(np.float32)
+    healthy[::5, 1] = np.nan
+    floors = np.full(len(names), 0.1, np.float32)
+    kept = healthy.copy()
+    a = FleetModel.fit("washer", names, healthy, floors, method=method, seed=4)  # type: ignore[arg-type]
+    b = FleetModel.fit("washer", names, healthy, floors, method=method, seed=4)  # type: ignore[arg-type]
+    assert np.array_equal(healthy, kept, equal_nan=True)
+    test = rng.normal(size=(300, len(names))).astype(np.float32)
+    test[150:, 0] += 6.0  # a fault moves one feature
+    scores, z = a.score(test)
+    assert np.array_equal(scores, b.score(test)[0])
+    assert np.all((scores >= 0.0) & (scores <= 1.0))
+    assert np.array_equal(pickle.loads(pickle.dumps(a)).score(test)[0], scores)
+    labels = np.arange(300) >= 150
+    assert roc_auc_score(labels, scores) >= 0.7
+    assert z.shape == test.shape
