@@ -120,9 +120,7 @@ def _events(series: list[Series]) -> list[Event]:
     return out
 
 
-async def history_items(
-    influx: InfluxClient, start_ms: int, end_ms: int
-) -> list[Reading | Event]:
+async def history_items(influx: InfluxClient, start_ms: int, end_ms: int) -> list[Reading | Event]:
     """Readings and events stored in ``[start_ms, end_ms)``, in time order."""
     where = f"time >= {start_ms}ms AND time < {end_ms}ms"
     telemetry = await influx.query(f"SELECT * FROM telemetry WHERE {where} GROUP BY device")
