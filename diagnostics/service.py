@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -28,8 +27,8 @@ from diagnostics.engine import DiagnosticsEngine, EngineResult
 from diagnostics.features import FEATURE_SPECS
 from diagnostics.model import encode_diagnosis
 from diagnostics.settings import DiagnosticsSettings
+from gateway.consumer import consume_forever, shared_filters
 from gateway.errors import (
-    BrokerUnavailableError,
     PermanentError,
     RejectedError,
     StoreUnavailableError,
@@ -190,27 +189,17 @@ class DiagnosticsService:
             ConfigError: the broker refused our credentials.
         """
         settings = self._settings
-        group = settings.shared_group
-        filters = [f"$share/{group}/{f}" if group else f for f in _FILTERS]
-        backoff_s = 0.2
-        while True:
-            client = self._mqtt.client(
+        await consume_forever(
+            lambda: self._mqtt.client(
                 settings.client_id,
                 clean_start=False,
                 session_expiry_s=settings.session_expiry_s,
                 max_buffered=settings.batch_max * 4,
-            )
-            try:
-                async with client, asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._consume(client))
-                    await client.subscribe(*filters, qos=1)
-                    self._subscribed.set()
-                    _LOG.info("diagnostics subscribed to %s", filters)
-                    backoff_s = 0.2
-            except* BrokerUnavailableError as errors:
-                _LOG.warning("broker connection lost: %s", errors.exceptions[0])
-            await asyncio.sleep(backoff_s * (0.5 + random.random()))
-            backoff_s = min(backoff_s * 2, 30.0)
+            ),
+            shared_filters(_FILTERS, settings.shared_group),
+            self._consume,
+            on_subscribed=lambda _: self._subscribed.set(),
+        )
 
     async def _consume(self, client: MqttClient) -> None:
         engine = self.engine

@@ -25,6 +25,7 @@ from typing import Final, Self
 
 import orjson
 
+from gateway.consumer import consume_forever, shared_filters
 from gateway.errors import (
     BrokerUnavailableError,
     RejectedError,
@@ -167,35 +168,25 @@ class Gateway:
         )
 
     async def _connection_loop(self) -> None:
-        backoff_s = 0.2
-        group = self._settings.shared_group
-        filters = [f"$share/{group}/{f}" if group else f for f in _INGEST_FILTERS]
-        while True:
-            try:
-                async with self._new_client() as client:
-                    self._client = client
-                    self.metrics.mqtt_connected = True
-                    # A resumed session gets its queued messages at once, ahead of the
-                    # SUBACK: consume from the start, or the SUBACK waits behind them.
-                    async with asyncio.TaskGroup() as tasks:
-                        tasks.create_task(self._consume(client), name="gateway-consume")
-                        await client.subscribe(*filters, qos=1)
-                        self._subscribed.set()
-                        _LOG.info(
-                            "gateway subscribed to %s (session resumed: %s)",
-                            filters,
-                            client.session_present,
-                        )
-                        backoff_s = 0.2
-            except* BrokerUnavailableError as group_exc:
-                _LOG.warning("broker connection lost: %s", group_exc.exceptions[0])
-            finally:
-                self._client = None
-                self.metrics.mqtt_connected = False
-                self.metrics.unacked = 0
-                self._drained.set()  # what was not acknowledged the broker redelivers
-            await asyncio.sleep(backoff_s * (0.5 + random.random()))
-            backoff_s = min(backoff_s * 2, self._settings.retry_max_s)
+        def subscribed(client: MqttClient) -> None:
+            self._client = client
+            self.metrics.mqtt_connected = True
+            self._subscribed.set()
+
+        def lost() -> None:
+            self._client = None
+            self.metrics.mqtt_connected = False
+            self.metrics.unacked = 0
+            self._drained.set()  # what was not acknowledged the broker redelivers
+
+        await consume_forever(
+            self._new_client,
+            shared_filters(_INGEST_FILTERS, self._settings.shared_group),
+            self._consume,
+            on_subscribed=subscribed,
+            on_lost=lost,
+            retry_max_s=self._settings.retry_max_s,
+        )
 
     async def _consume(self, client: MqttClient) -> None:
         # Overflow policy "block": a full queue stops the reader, the client stops

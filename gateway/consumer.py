@@ -1,0 +1,76 @@
+"""A service's persistent MQTT subscription, kept alive across broker outages.
+
+The gateway and the diagnostics service both consume device topics the same way: a
+fixed client id with a persistent session (so the broker queues while they are away),
+consumption that starts before the SUBACK (a resumed session delivers its queue at
+once, ahead of the SUBACK, which would otherwise wait behind it), and reconnection
+with jittered exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from gateway.errors import BrokerUnavailableError
+from gateway.protocol.mqtt import MqttClient
+
+__all__ = ["consume_forever", "shared_filters"]
+
+_LOG = logging.getLogger(__name__)
+
+
+def shared_filters(filters: Sequence[str], group: str | None) -> list[str]:
+    """Prefix topic filters with an MQTT 5 shared-subscription group, if one is set."""
+    return [f"$share/{group}/{f}" if group else f for f in filters]
+
+
+async def consume_forever(
+    new_client: Callable[[], MqttClient],
+    filters: Sequence[str],
+    consume: Callable[[MqttClient], Coroutine[Any, Any, None]],
+    *,
+    on_subscribed: Callable[[MqttClient], None] | None = None,
+    on_lost: Callable[[], None] | None = None,
+    retry_max_s: float = 30.0,
+) -> None:
+    """Connect, subscribe at QoS 1 and run ``consume(client)``; reconnect until cancelled.
+
+    Args:
+        new_client: builds a fresh (unconnected) client for each attempt.
+        filters: topic filters to subscribe to.
+        consume: reads the client's messages; returns or raises when the connection ends.
+        on_subscribed: called once the broker granted the subscription.
+        on_lost: called after every connection ends (also a failed attempt).
+        retry_max_s: the longest pause between attempts.
+
+    Raises:
+        ConfigError: the broker refused the credentials (no retry cures that).
+        PermanentError: the broker refused the subscription.
+    """
+    backoff_s = 0.2
+    while True:
+        client = new_client()
+        try:
+            async with client, asyncio.TaskGroup() as tasks:
+                tasks.create_task(consume(client), name=f"consume-{client.client_id}")
+                await client.subscribe(*filters, qos=1)
+                _LOG.info(
+                    "%s subscribed to %s (session resumed: %s)",
+                    client.client_id,
+                    list(filters),
+                    client.session_present,
+                )
+                if on_subscribed is not None:
+                    on_subscribed(client)
+                backoff_s = 0.2
+        except* BrokerUnavailableError as errors:
+            _LOG.warning("%s: broker connection lost: %s", client.client_id, errors.exceptions[0])
+        finally:
+            if on_lost is not None:
+                on_lost()
+        await asyncio.sleep(backoff_s * (0.5 + random.random()))
+        backoff_s = min(backoff_s * 2, retry_max_s)
