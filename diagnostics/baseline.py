@@ -11,6 +11,7 @@ more anomalous (STYLE.md rule 10).
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 import numpy as np
@@ -37,6 +38,7 @@ class BaselineTable:
         spec: the product model's features.
         tau_days: memory of the baseline once warm (days of history).
         freeze_z: a feature deviating more than this is not learnt.
+        warmup_s: device time a feature's baseline must cover before it is trusted.
         capacity: initial number of device slots.
     """
 
@@ -46,17 +48,24 @@ class BaselineTable:
         *,
         tau_days: float = 10.0,
         freeze_z: float = 1.5,
+        warmup_s: float = 86_400.0,
         capacity: int = 64,
     ) -> None:
         n = len(spec.features)
         self.tau_days = tau_days
         self.freeze_z = freeze_z
+        self.warmup_s = warmup_s
+        # variance kept by a normal truncated at ±c: 1 - 2c·φ(c) / (2Φ(c) - 1)
+        c = freeze_z
+        pdf = math.exp(-0.5 * c * c) / math.sqrt(2.0 * math.pi)
+        self._kept_var = 1.0 - 2.0 * c * pdf / math.erf(c / math.sqrt(2.0))
         self.floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
         self.min_count = np.array([f.min_count for f in spec.features], dtype=np.float32)
         self.mean: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.var: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.count: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.learnt_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
+        self.first_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
 
     @property
     def capacity(self) -> int:
@@ -69,15 +78,26 @@ class BaselineTable:
         if slots <= cap:
             return
         new = max(slots, 2 * cap)
-        for name in ("mean", "var", "count", "learnt_s"):
+        for name in ("mean", "var", "count", "learnt_s", "first_s"):
             old = getattr(self, name)
             grown = np.zeros((new, *old.shape[1:]), dtype=old.dtype)
             grown[:cap] = old
             setattr(self, name, grown)
 
-    def zscores(self, slots: npt.NDArray[np.intp], level: F32) -> F32:
+    def warm(
+        self, slots: npt.NDArray[np.intp], now_s: npt.NDArray[np.int32]
+    ) -> npt.NDArray[np.bool_]:
+        """Return which baselines of ``slots`` are trusted at ``now_s`` (one row per slot).
+
+        Warm = at least the feature's ``min_count`` updates learnt, the first of them at
+        least ``warmup_s`` of device time ago.
+        """
+        span = now_s[:, None].astype(np.int64) - self.first_s[slots]
+        return (self.count[slots] >= self.min_count) & (span >= self.warmup_s)
+
+    def zscores(self, slots: npt.NDArray[np.intp], level: F32, now_s: npt.NDArray[np.int32]) -> F32:
         """Return signed z-scores of ``level`` rows (0 where the baseline is not warm yet)."""
-        ready = (self.count[slots] >= self.min_count) & ~np.isnan(level)
+        ready = self.warm(slots, now_s) & ~np.isnan(level)
         spread = np.sqrt(self.var[slots] + self.floor2)
         z = np.where(ready, (level - self.mean[slots]) / spread, 0.0)
         return z.astype(np.float32)
@@ -111,8 +131,17 @@ class BaselineTable:
         x = level[mask]
         t = now_s[mask][:, None]
         present = ~np.isnan(x)
+        # the spread learnt from values inside ±freeze_z is that of a truncated normal,
+        # too narrow by the factor below; left uncorrected each pass narrows the next
+        # window, until the spread collapses onto the floor and daily habits read as z 6
+        inflate = np.ones_like(x)
         if z is not None:
-            present &= np.abs(z[mask]) < self.freeze_z
+            zm = z[mask]
+            gated = (self.count[s] >= self.min_count) & (zm != 0.0)
+            present &= np.abs(zm) < self.freeze_z
+            inflate = np.where(gated, np.float32(1.0 / self._kept_var), inflate)
+        fresh = present & (self.count[s] == 0)
+        self.first_s[s] = np.where(fresh, t, self.first_s[s])
         count = self.count[s] + present
         dt_days = np.clip((t - self.learnt_s[s]).astype(np.float32) / 86_400.0, 0.0, 30.0)
         ew = 1.0 - np.exp(-dt_days / np.float32(self.tau_days))
@@ -120,12 +149,12 @@ class BaselineTable:
         mean = self.mean[s]
         delta = np.where(present, x - mean, 0.0)
         self.mean[s] = mean + weight * delta
-        self.var[s] = (1.0 - weight) * (self.var[s] + weight * delta * delta)
+        self.var[s] = (1.0 - weight) * (self.var[s] + weight * delta * delta * inflate)
         self.count[s] = count
         self.learnt_s[s] = np.where(present, t, self.learnt_s[s])
 
     def state_bytes(self) -> int:
         """Bytes of numpy state per device slot."""
         return int(self.mean[0].nbytes + self.var[0].nbytes + self.count[0].nbytes) + int(
-            self.learnt_s[0].nbytes
+            self.learnt_s[0].nbytes + self.first_s[0].nbytes
         )

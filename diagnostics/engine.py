@@ -282,24 +282,23 @@ class DiagnosticsEngine:
             live_slots = slots[live]
             x = features.raw([r for r, ok in zip(readings, live, strict=True) if ok], live_slots)
             features.update(live_slots, ts_ms[live], x)
+        now_s = ((ts_ms - (features.epoch_ms or 0)) // 1000).astype(np.int32)
         level = features.level[slots]
         ready = features.count[slots] >= baseline.min_count
         level = np.where(ready, level, np.nan).astype(np.float32)
-        bz = baseline.zscores(slots, level)
+        warm = baseline.warm(slots, now_s)
+        cold = warm.sum(axis=1) * 2 < warm.shape[1]
+        bz = baseline.zscores(slots, level, now_s)
         bscore = baseline.score(bz)
         fleet = state.fleet
         if fleet is not None:
             fscore, fz = fleet.score(level)
             # the fleet model speaks for devices whose own baseline is still cold (new, or
             # faulty from day one); a warm baseline knows the device better than its peers
-            warm = (baseline.count[slots] >= baseline.min_count).sum(axis=1)
-            cold = warm * 2 < baseline.min_count.shape[0]
             fscore = np.where(cold, fscore, 0.0).astype(np.float32)
             score = np.maximum(bscore, fscore)
             z = np.where(np.abs(bz) >= np.abs(fz), bz, fz).astype(np.float32)
-            reference = np.where(
-                baseline.count[slots] >= baseline.min_count, baseline.mean[slots], fleet.center
-            )
+            reference = np.where(warm, baseline.mean[slots], fleet.center)
         else:
             fscore = np.zeros_like(bscore)
             score = bscore
@@ -308,8 +307,10 @@ class DiagnosticsEngine:
         change = (level - reference).astype(np.float32)
         threshold = self.policy.config.close_threshold
         watched = state.watched[slots]
-        now_s = ((ts_ms - (features.epoch_ms or 0)) // 1000).astype(np.int32)
-        learn = live & ~watched & (score < threshold)
+        # the baseline learns from the device's own readings while cold, whatever the fleet
+        # thinks of them (else a device a little off its peers would never warm up); once
+        # warm it learns only while neither it nor the policy sees anything amiss
+        learn = live & (bscore < threshold) & (cold | (~watched & (score < threshold)))
         baseline.learn(slots, level, now_s, learn, bz)
         if self._collect > 0.0:
             self._sample(state, level[learn])

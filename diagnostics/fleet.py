@@ -38,6 +38,7 @@ F32 = npt.NDArray[np.float32]
 FleetMethod = Literal["gaussian", "isolation_forest"]
 _MIN_ROWS: Final = 50
 _CALIBRATION_QUANTILE: Final = 0.999
+_BUILD_TOLERANCE: Final = 0.2
 
 
 @dataclass(slots=True)
@@ -52,7 +53,7 @@ class FleetModel:
         method: ``gaussian`` or ``isolation_forest``.
         center: per-feature median of the training rows.
         scale: per-feature robust spread (IQR / 1.349, at least the noise floor and a
-            tenth of the median).
+            fifth of the median).
         precision: inverse covariance of standardized rows (``gaussian``).
         reference: the calibration distance (training quantile) that maps to score 0.2.
         estimator: the fitted IsolationForest (``isolation_forest``).
@@ -104,9 +105,10 @@ class FleetModel:
             if column.size:
                 center[j] = float(np.median(column))
                 q75, q25 = np.percentile(column, [75.0, 25.0])
-                # devices of one model differ by build tolerance: never trust a spread
-                # tighter than a tenth of the typical value, however few devices trained it
-                spread = max(float(q75 - q25) / 1.349, 0.1 * abs(center[j]))
+                # devices of one model differ by build tolerance (a heat pump's capacity by
+                # ±20% across a product line): never trust a spread tighter than a fifth of
+                # the typical value, however few devices trained it
+                spread = max(float(q75 - q25) / 1.349, _BUILD_TOLERANCE * abs(center[j]))
                 scale[j] = max(spread, scale[j])
         z = np.where(np.isnan(data), 0.0, (data - center) / scale)
         z = np.clip(z, -50.0, 50.0)

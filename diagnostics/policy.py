@@ -10,10 +10,12 @@ device and fault:
   above ``open_threshold`` and closes after ``close_after`` updates in a row below
   ``close_threshold``; a device code opens one at once and it closes after the fault's
   quiet time without new codes (or on a boot that clears the fault, e.g. a firmware update);
-* **no storms**: an open diagnosis is re-sent only when its confidence or predicted time to
-  failure moved materially, or at most every ``update_every_s``; a device has at most one
-  model-based diagnosis, revised only after ``revise_after`` updates of a clearly better
-  hypothesis;
+* **no storms**: ``open`` and ``closed`` are always sent; an ``update`` only when something
+  changed materially since the last one *sent* (confidence by ``confidence_step``, the
+  predicted failure time by ``ttf_step`` of the time left, the remedies or the source), or
+  at most every ``update_every_s`` of device time; a device has at most one model-based
+  diagnosis, revised (closed and reopened under the new name) only after ``revise_after``
+  updates of a clearly better hypothesis;
 * **time**: every timestamp is the device's own (``ts_ms``); the engine keeps late,
   out-of-order data away from here.
 """
@@ -50,6 +52,8 @@ class PolicyConfig:
         close_threshold: score below which an update counts toward closing (and below
             which the device's baseline may learn).
         open_after: updates in a row at or above ``open_threshold`` to open.
+        open_after_s: device time those updates must span for a model-based diagnosis
+            (sustained evidence: a burst of a few readings is not a fault).
         close_after: updates in a row below ``close_threshold`` to close.
         min_evidence: signature evidence (sum of weighted z) needed to name a fault.
         min_driver_z: a model-based diagnosis opens only when a feature deviates this much
@@ -57,17 +61,21 @@ class PolicyConfig:
         revise_after: updates in a row of a clearly better hypothesis to revise one.
         update_every_s: longest time between two updates of an open diagnosis.
         confidence_step: confidence change that is worth an update.
+        ttf_step: change of the predicted time to failure (p50), as a share of the time
+            left that the last sent prediction implies, that is worth an update.
     """
 
     open_threshold: float = 0.5
     close_threshold: float = 0.2
     open_after: int = 3
+    open_after_s: float = 1_800.0
     close_after: int = 60
     min_evidence: float = 4.0
     min_driver_z: float = 3.0
     revise_after: int = 10
     update_every_s: float = 12 * 3_600.0
-    confidence_step: float = 0.15
+    confidence_step: float = 0.1
+    ttf_step: float = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +103,13 @@ class _Case:
     from_model: bool
     last_code_ms: int | None = None
     last_sent_ms: int = 0
-    sent_confidence: float = 0.0
+    sent: Diagnosis | None = None
 
 
 @dataclass(slots=True)
 class _DeviceState:
     above: int = 0
+    above_since_ms: int = 0
     below: int = 0
     rival: str | None = None
     rival_count: int = 0
@@ -200,6 +209,8 @@ class DiagnosisPolicy:
                 return []
             state = self._devices[device_id] = _DeviceState()
         if score >= cfg.open_threshold:
+            if state.above == 0:
+                state.above_since_ms = ts_ms
             state.above += 1
             state.below = 0
         elif score < cfg.close_threshold:
@@ -214,7 +225,11 @@ class DiagnosisPolicy:
             hypothesis = self.name_fault(spec, z)
             self._observe(device_id, spec, hypothesis.fault, ts_ms, change)
             explained = any(abs(c.z) >= cfg.min_driver_z for c in hypothesis.drivers)
-            if model_case is None and state.above >= cfg.open_after and explained:
+            sustained = (
+                state.above >= cfg.open_after
+                and (ts_ms - state.above_since_ms) / 1000.0 >= cfg.open_after_s
+            )
+            if model_case is None and sustained and explained:
                 changes += self._open_model(device_id, spec, ts_ms, score, hypothesis, state)
             elif model_case is not None:
                 changes += self._follow(
@@ -282,7 +297,7 @@ class DiagnosisPolicy:
             evidence=(f"score {score:.2f} for {state.above} updates",),
         )
         state.cases[hypothesis.fault] = _Case(
-            diagnosis, from_model=True, last_sent_ms=ts_ms, sent_confidence=diagnosis.confidence
+            diagnosis, from_model=True, last_sent_ms=ts_ms, sent=diagnosis
         )
         _LOG.info("%s: opened %s (score %.2f)", device_id, hypothesis.fault, score)
         return [diagnosis]
@@ -355,18 +370,36 @@ class DiagnosisPolicy:
             evidence=old.evidence if evidence is None else (*old.evidence[-9:], evidence),
         )
         case.diagnosis = new
-        material = force or abs(new_conf - case.sent_confidence) >= self.config.confidence_step
-        if ttf is not None and old.time_to_failure is None:
-            material = True
-        elif ttf is not None and old.time_to_failure is not None:
-            before = max(old.time_to_failure.p50_s, 1.0)
-            material = material or abs(ttf.p50_s - before) / before > 0.5
-        due = (ts_ms - case.last_sent_ms) / 1000.0 >= self.config.update_every_s
-        if not (material or due):
+        elapsed_s = (ts_ms - case.last_sent_ms) / 1000.0
+        if not (
+            force
+            or elapsed_s >= self.config.update_every_s
+            or self._material(case.sent or old, new, elapsed_s)
+        ):
             return []
         case.last_sent_ms = ts_ms
-        case.sent_confidence = new_conf
+        case.sent = new
         return [new]
+
+    def _material(self, sent: Diagnosis, new: Diagnosis, elapsed_s: float) -> bool:
+        """Whether ``new`` differs from the last diagnosis sent enough to send it."""
+        cfg = self.config
+        if (
+            new.fault != sent.fault
+            or new.source != sent.source
+            or new.remedies != sent.remedies
+            or abs(new.confidence - sent.confidence) >= cfg.confidence_step - 1e-9
+        ):
+            return True
+        before, now = sent.time_to_failure, new.time_to_failure
+        if now is None:
+            return False
+        if before is None:
+            return True
+        # compare with what the sent prediction says now: a failure that stays on schedule
+        # (the countdown running) is no news; one that moves by a share of the time left is
+        left_s = max(before.p50_s - elapsed_s, 3_600.0)
+        return abs(now.p50_s - left_s) >= cfg.ttf_step * left_s
 
     # -- closing ---------------------------------------------------------------------
     def _close(
@@ -470,7 +503,7 @@ class DiagnosisPolicy:
             from_model=False,
             last_code_ms=ts_ms,
             last_sent_ms=ts_ms,
-            sent_confidence=confidence,
+            sent=diagnosis,
         )
         _LOG.info("%s: opened %s (%s)", device_id, entry.fault, what)
         return [diagnosis]

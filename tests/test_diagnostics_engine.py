@@ -227,3 +227,24 @@ def test_fleet_model_contract(method: str) -> None:
     labels = np.arange(300) >= 150
     assert roc_auc_score(labels, scores) >= 0.7
     assert z.shape == test.shape
+
+
+def test_baselines_only_warm_up_opens_no_model_diagnosis_on_a_healthy_fleet() -> None:
+    # no fleet model and baselines still warming up (6 h of device time): minutes of
+    # readings have seen one compressor cycle, not a day, so nothing model-based opens
+    fleet = Fleet(30, start=START, seed=1, interval_s=20)
+    engine = DiagnosticsEngine()
+    result = engine.process(_decode(fleet, START + timedelta(hours=6)))
+    assert len(result.scores) > 30_000
+    assert [d for d in result.diagnoses if d.source != "device"] == []
+    # scores stay quiet too: a cold baseline says nothing rather than cry wolf
+    assert max(s.score for s in result.scores) < 0.5
+
+
+def test_device_codes_open_at_once_during_warm_up() -> None:
+    engine = DiagnosticsEngine(registry={"f1": "fridge"})
+    error = Event("f1", 1, int(START.timestamp() * 1000), "error", code="F07")
+    result = engine.process([error])
+    assert [(d.status, d.fault, d.source) for d in result.diagnoses] == [
+        ("open", "firmware_bug", "device")
+    ]

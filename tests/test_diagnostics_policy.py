@@ -3,6 +3,8 @@ late data, and the diagnosis JSON codec."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -35,7 +37,13 @@ def _feed(
 
 
 def test_opens_only_after_k_updates_above_and_closes_after_m_below() -> None:
-    cfg = PolicyConfig(open_threshold=0.5, close_threshold=0.2, open_after=3, close_after=4)
+    cfg = PolicyConfig(
+        open_threshold=0.5,
+        close_threshold=0.2,
+        open_after=3,
+        close_after=4,
+        open_after_s=120.0,
+    )
     policy = DiagnosisPolicy(cfg)
     z = _z(spin_vibration=12.0)
     # two above, one dip: no diagnosis (not sustained)
@@ -52,7 +60,7 @@ def test_opens_only_after_k_updates_above_and_closes_after_m_below() -> None:
 
 
 def test_one_open_diagnosis_per_device_and_fault_without_storms() -> None:
-    cfg = PolicyConfig(open_after=2, close_after=1000, update_every_s=6 * 3600)
+    cfg = PolicyConfig(open_after=2, open_after_s=0.0, close_after=1000, update_every_s=6 * 3600)
     policy = DiagnosisPolicy(cfg)
     changes = _feed(policy, [0.9] * 600, _z(spin_vibration=12.0))
     opens = [d for d in changes if d.status == "open"]
@@ -63,7 +71,7 @@ def test_one_open_diagnosis_per_device_and_fault_without_storms() -> None:
 
 
 def test_device_code_opens_at_once_and_merges_with_the_model() -> None:
-    policy = DiagnosisPolicy(PolicyConfig(open_after=2))
+    policy = DiagnosisPolicy(PolicyConfig(open_after=2, open_after_s=0.0))
     error = Event("w1", 1, T0, "error", code="E21")
     first = policy.on_event(error, "washer")
     assert [(d.status, d.fault, d.source) for d in first] == [("open", "drain_clog", "device")]
@@ -117,7 +125,7 @@ def test_late_readings_change_nothing_live() -> None:
 
 
 def test_diagnosis_json_round_trip_and_refusals() -> None:
-    policy = DiagnosisPolicy(PolicyConfig(open_after=1))
+    policy = DiagnosisPolicy(PolicyConfig(open_after=1, open_after_s=0.0))
     (diagnosis,) = _feed(policy, [0.9], _z(spin_vibration=12.0, tumble_power_w=3.0))
     payload = encode_diagnosis(diagnosis)
     decoded = decode_diagnosis(payload)
@@ -135,3 +143,26 @@ def test_diagnosis_json_round_trip_and_refusals() -> None:
         decode_diagnosis(b"not json")
     with pytest.raises(RejectedError):
         decode_diagnosis(encode_diagnosis(diagnosis).replace(b'"open"', b'"maybe"'))
+
+
+def test_updates_only_on_material_change_or_when_due() -> None:
+    cfg = PolicyConfig(open_after=2, open_after_s=0.0, close_after=10_000, update_every_s=6 * 3600)
+    policy = DiagnosisPolicy(cfg)
+    z = _z(spin_vibration=12.0)
+    # 24 hours of one reading a minute whose score wobbles by less than the confidence step
+    scores = [0.9 + 0.04 * ((i % 7) - 3) / 3 for i in range(24 * 60)]
+    changes = _feed(policy, scores, z)
+    assert [d.status for d in changes[:1]] == ["open"]
+    updates = [d for d in changes if d.status == "update"]
+    # the first time-to-failure prediction is news; after that nothing material, so only
+    # the periodic refresh, once per 6 h of device time
+    assert changes[0].time_to_failure is None
+    assert updates[0].time_to_failure is not None
+    assert 2 <= len(updates) <= 5
+    gaps = [(b.updated_at - a.updated_at).total_seconds() for a, b in itertools.pairwise(updates)]
+    assert min(gaps) >= 6 * 3600
+    # a material move (confidence down by more than the step) is sent at once
+    t = T0 + 24 * 60 * MIN
+    moved = _feed(policy, [0.6], z, t)
+    assert [d.status for d in moved] == ["update"]
+    assert _feed(policy, [0.6], z, t + MIN) == []
