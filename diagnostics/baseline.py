@@ -7,6 +7,13 @@ mean in units of the baseline spread (never below the feature's noise floor). Le
 runs on a time constant of days, and is frozen while the device is flagged, so a slow
 drift is not learnt away. The score maps the largest z-score to ``[0, 1]``, higher =
 more anomalous (STYLE.md rule 10).
+
+A slow drift stops the baseline from learning at a moderate z, and may sit there for days
+before its z is large enough to score: :meth:`BaselineTable.trending` catches it earlier. It
+keeps, per feature, the run of updates in which the z-score stayed moderate on one side, and
+flags the feature once such a run has lasted a sustained device time while its trend heads
+away from the baseline, significantly (slope over its standard error). A daily cycle or a
+cold spell breaks such a run or turns its trend; a fault keeps both.
 """
 
 from __future__ import annotations
@@ -66,6 +73,10 @@ class BaselineTable:
         self.count: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.learnt_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
         self.first_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
+        # the current one-sided run of moderate z: when it began and its side (0 = none,
+        # +-1 = running, +-2 = flagged as a drift)
+        self.run_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
+        self.run_side: npt.NDArray[np.int8] = np.zeros((capacity, n), dtype=np.int8)
 
     @property
     def capacity(self) -> int:
@@ -78,7 +89,7 @@ class BaselineTable:
         if slots <= cap:
             return
         new = max(slots, 2 * cap)
-        for name in ("mean", "var", "count", "learnt_s", "first_s"):
+        for name in ("mean", "var", "count", "learnt_s", "first_s", "run_s", "run_side"):
             old = getattr(self, name)
             grown = np.zeros((new, *old.shape[1:]), dtype=old.dtype)
             grown[:cap] = old
@@ -153,8 +164,64 @@ class BaselineTable:
         self.count[s] = count
         self.learnt_s[s] = np.where(present, t, self.learnt_s[s])
 
+    def trending(
+        self,
+        slots: npt.NDArray[np.intp],
+        z: F32,
+        slope_t: F32,
+        now_s: npt.NDArray[np.int32],
+        mask: npt.NDArray[np.bool_],
+        *,
+        z_on: float,
+        z_off: float,
+        hold_s: float,
+        min_slope_t: float,
+    ) -> npt.NDArray[np.bool_]:
+        """Track runs of moderate z; return which features drift away (one row per slot).
+
+        A run starts when ``|z|`` reaches ``z_on`` and lasts while ``z`` stays beyond
+        ``z_off`` on the same side. A run is flagged once it has lasted ``hold_s`` of device
+        time with its trend's significance ``slope_t`` (slope over its standard error)
+        heading away from the baseline by at least ``min_slope_t``; it stays flagged until
+        the run ends. Only rows where ``mask`` holds change the state.
+
+        Args:
+            slots: device slots (distinct).
+            z: signed baseline z-scores, one row per slot.
+            slope_t: signed trend significance of each feature, one row per slot.
+            now_s: device time of each row.
+            mask: rows that may change the state (live readings).
+            z_on: ``|z|`` that starts a run.
+            z_off: ``|z|`` below which a run ends.
+            hold_s: device time a run must last before it is flagged.
+            min_slope_t: trend significance away from the baseline needed to flag it.
+        """
+        side = self.run_side[slots].astype(np.int32)
+        since = self.run_s[slots]
+        t = now_s[:, None]
+        sign = np.sign(z).astype(np.int32)
+        absz = np.abs(z)
+        going = (side != 0) & (sign == np.sign(side)) & (absz >= z_off)
+        starting = ~going & (absz >= z_on)
+        new_side = np.where(going, side, np.where(starting, sign, 0))
+        new_since = np.where(starting, t, since)
+        lasted = (t - new_since).astype(np.float32) >= np.float32(hold_s)
+        away = slope_t * sign.astype(np.float32) >= np.float32(min_slope_t)
+        flag = going & (np.abs(side) == 1) & lasted & away
+        new_side = np.where(flag, 2 * sign, new_side)
+        keep = ~mask[:, None]
+        new_side = np.where(keep, side, new_side)
+        new_since = np.where(keep, since, new_since)
+        self.run_side[slots] = new_side.astype(np.int8)
+        self.run_s[slots] = new_since.astype(np.int32)
+        flagged: npt.NDArray[np.bool_] = np.abs(new_side) == 2
+        return flagged
+
     def state_bytes(self) -> int:
         """Bytes of numpy state per device slot."""
         return int(self.mean[0].nbytes + self.var[0].nbytes + self.count[0].nbytes) + int(
-            self.learnt_s[0].nbytes + self.first_s[0].nbytes
+            self.learnt_s[0].nbytes
+            + self.first_s[0].nbytes
+            + self.run_s[0].nbytes
+            + self.run_side[0].nbytes
         )

@@ -55,7 +55,8 @@ class ReadingScore:
     Attributes:
         device_id: the device.
         ts_ms: the reading's own time.
-        score: combined anomaly score in ``[0, 1]`` (higher = more anomalous).
+        score: combined anomaly score in ``[0, 1]`` (higher = more anomalous; at least the
+            policy's open threshold while a wear indicator drifts away, see the trend trigger).
         baseline: the device-baseline score.
         fleet: the fleet-model score (0 without a fleet model, or once the device's own
             baseline is warm for most features).
@@ -95,6 +96,7 @@ class _ModelState:
     fleet: FleetModel | None = None
     training: list[F32] = field(default_factory=list)
     training_seen: int = 0
+    indicators: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, np.bool_))
 
     def slot(self, device_id: str) -> int:
         slot = self.slots.get(device_id)
@@ -162,7 +164,10 @@ class DiagnosticsEngine:
         if state is None:
             spec = FEATURE_SPECS[model]
             state = self._state[model] = _ModelState(
-                spec, FeatureTable(spec), BaselineTable(spec, tau_days=self._tau_days)
+                spec,
+                FeatureTable(spec),
+                BaselineTable(spec, tau_days=self._tau_days),
+                indicators=self.policy.drift_indicators(spec),
             )
         return state
 
@@ -305,7 +310,30 @@ class DiagnosticsEngine:
             z = bz
             reference = baseline.mean[slots]
         change = (level - reference).astype(np.float32)
-        threshold = self.policy.config.close_threshold
+        cfg = self.policy.config
+        # the trend trigger: a wear indicator drifting steadily away from the device's
+        # baseline counts as an anomaly long before its z alone would score
+        # (most rounds have no moderate z and no run going: skip the bookkeeping then)
+        if (np.abs(bz) >= cfg.trend_z_off).any() or baseline.run_side[slots].any():
+            drifting = baseline.trending(
+                slots,
+                bz,
+                features.slope_t(slots),
+                now_s,
+                live,
+                z_on=cfg.trend_z,
+                z_off=cfg.trend_z_off,
+                hold_s=cfg.trend_hold_s,
+                min_slope_t=cfg.trend_min_t,
+            )
+            drifting &= state.indicators[None, :]
+            drift = drifting.any(axis=1)
+            if drift.any():
+                score = np.where(drift, np.maximum(score, cfg.open_threshold), score)
+                score = score.astype(np.float32)
+        else:
+            drifting = np.zeros(bz.shape, dtype=np.bool_)
+        threshold = cfg.close_threshold
         watched = state.watched[slots]
         # the baseline learns from the device's own readings while cold, whatever the fleet
         # thinks of them (else a device a little off its peers would never warm up); once
@@ -320,7 +348,7 @@ class DiagnosticsEngine:
             reading = readings[i]
             device_id = reading.device_id
             diagnoses += policy.on_score(
-                device_id, spec, reading.ts_ms, float(score[i]), z[i], change[i]
+                device_id, spec, reading.ts_ms, float(score[i]), z[i], change[i], drifting[i]
             )
             state.watched[slots[i]] = policy.is_watched(device_id)
         score_l = score.tolist()

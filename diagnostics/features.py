@@ -329,6 +329,7 @@ class FeatureTable:
         n = len(spec.features)
         self.width = n
         self.alpha = np.array([f.alpha for f in spec.features], dtype=np.float32)
+        self._floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
         self._repeat = spec.index("sensor_repeat")
         self.level: F32 = np.full((capacity, n), np.nan, dtype=np.float32)
         self.spread: F32 = np.zeros((capacity, n), dtype=np.float32)
@@ -411,6 +412,20 @@ class FeatureTable:
         self.count[slots] += present
         self.updated_s[slots] = np.where(present, now_s[:, None], self.updated_s[slots])
         self.last_ts_ms[slots] = ts_ms
+
+    def slope_t(self, slots: npt.NDArray[np.intp]) -> F32:
+        """Return each feature's trend over its standard error (signed, one row per slot).
+
+        The trend is about the level's change over the trend's memory (``_TREND_TAU_DAYS``)
+        divided by it, so its error is that of the difference of two levels a memory apart:
+        the level's own noise (the spread shrunk by the level's smoothing, ``a / (2 - a)``)
+        times the square root of 2, and never below the feature's noise floor.
+        """
+        shrink = self.alpha / (2.0 - self.alpha)
+        noise2 = 2.0 * self.spread[slots] * shrink[None, :] + self._floor2[None, :]
+        se = np.sqrt(noise2) / np.float32(_TREND_TAU_DAYS)
+        slope_t: F32 = (self.trend[slots] / se).astype(np.float32)
+        return slope_t
 
     def state_bytes(self) -> int:
         """Bytes of numpy state per device slot."""

@@ -63,6 +63,13 @@ class PolicyConfig:
         confidence_step: confidence change that is worth an update.
         ttf_step: change of the predicted time to failure (p50), as a share of the time
             left that the last sent prediction implies, that is worth an update.
+        trend_z: baseline ``|z|`` from which a feature's drift is watched (the trend
+            trigger: a slow fault sits at a moderate z for days before it scores).
+        trend_z_off: ``|z|`` below which a watched drift is dropped.
+        trend_hold_s: device time a drift must stay beyond ``trend_z`` on one side before
+            it counts (daily cycles and weather swing back within it).
+        trend_min_t: trend significance (slope over its standard error) heading away from
+            the baseline that a drift needs to count.
     """
 
     open_threshold: float = 0.5
@@ -76,6 +83,10 @@ class PolicyConfig:
     update_every_s: float = 12 * 3_600.0
     confidence_step: float = 0.1
     ttf_step: float = 0.2
+    trend_z: float = 2.0
+    trend_z_off: float = 1.5
+    trend_hold_s: float = 18 * 3_600.0
+    trend_min_t: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +161,15 @@ class DiagnosisPolicy:
         )
         return [case.diagnosis for _, state in states for case in state.cases.values()]
 
+    def drift_indicators(self, spec: FeatureSpec) -> npt.NDArray[np.bool_]:
+        """Return which of ``spec``'s features are a wear fault's health indicator."""
+        table = self.catalog.get(spec.model)
+        flags = np.zeros(len(spec.features), dtype=np.bool_)
+        for entry in () if table is None else table.faults.values():
+            if entry.degradation is not None and spec.index(entry.degradation.feature) >= 0:
+                flags[spec.index(entry.degradation.feature)] = True
+        return flags
+
     # -- naming ----------------------------------------------------------------------
     def name_fault(self, spec: FeatureSpec, z: npt.NDArray[np.float32]) -> Hypothesis:
         """Name the fault whose catalog signature best explains deviations ``z``."""
@@ -182,6 +202,45 @@ class DiagnosisPolicy:
         confidence = min(1.0, best_evidence / max(total, best_evidence))
         return Hypothesis(best, best_evidence, confidence, drivers)
 
+    def name_drift(
+        self, spec: FeatureSpec, z: npt.NDArray[np.float32], drifting: npt.NDArray[np.bool_]
+    ) -> Hypothesis:
+        """Name the wear fault whose health indicator is among the ``drifting`` features.
+
+        The catalog's degradation signatures say which feature a wear fault moves, and
+        which way; the drifting feature furthest from its baseline that way names it.
+        """
+        names = spec.names
+        absz = np.abs(z)
+        moved = [
+            (float(absz[i]), i)
+            for i in range(len(names))
+            if drifting[i] or absz[i] >= self.config.min_driver_z
+        ]
+        total = sum(a for a, _ in moved)
+        drivers = tuple(
+            Contribution(
+                names[i], spec.features[i].metrics, float(z[i]), a / total if total else 0.0
+            )
+            for a, i in sorted(moved, reverse=True)[:5]
+        )
+        best, best_evidence = UNKNOWN, 0.0
+        table = self.catalog.get(spec.model)
+        for entry in () if table is None else table.faults.values():
+            degradation = entry.degradation
+            if degradation is None:
+                continue
+            i = spec.index(degradation.feature)
+            if i < 0 or not drifting[i]:
+                continue
+            value = float(z[i])
+            way = value if degradation.two_sided else value * np.sign(degradation.failure_delta)
+            evidence = abs(value) if degradation.two_sided else float(way)
+            if evidence > best_evidence:
+                best, best_evidence = entry.fault, evidence
+        confidence = min(1.0, best_evidence / total) if total and best != UNKNOWN else 0.0
+        return Hypothesis(best, best_evidence, confidence, drivers)
+
     # -- scores ----------------------------------------------------------------------
     def on_score(
         self,
@@ -191,6 +250,7 @@ class DiagnosisPolicy:
         score: float,
         z: npt.NDArray[np.float32],
         change: npt.NDArray[np.float32],
+        drifting: npt.NDArray[np.bool_] | None = None,
     ) -> list[Diagnosis]:
         """Take one live reading's score and deviations; return the diagnosis changes.
 
@@ -201,6 +261,9 @@ class DiagnosisPolicy:
             score: its anomaly score in ``[0, 1]``.
             z: per-feature signed deviations (baseline, or fleet while no baseline).
             change: per-feature level minus healthy reference, in feature units.
+            drifting: per feature, whether the trend trigger sees it drift away from its
+                baseline (see :meth:`~diagnostics.baseline.BaselineTable.trending`); such a
+                drift explains the score and names a wear fault when ``z`` alone does not.
         """
         cfg = self.config
         state = self._devices.get(device_id)
@@ -223,8 +286,17 @@ class DiagnosisPolicy:
         model_case = next((c for c in state.cases.values() if c.from_model), None)
         if score >= cfg.close_threshold:
             hypothesis = self.name_fault(spec, z)
-            self._observe(device_id, spec, hypothesis.fault, ts_ms, change)
             explained = any(abs(c.z) >= cfg.min_driver_z for c in hypothesis.drivers)
+            if (
+                drifting is not None
+                and drifting.any()
+                and (hypothesis.fault == UNKNOWN or not explained)
+            ):
+                # a drift explains the score only as a wear fault's indicator on its way
+                drift = self.name_drift(spec, z, drifting)
+                if drift.fault != UNKNOWN:
+                    hypothesis, explained = drift, True
+            self._observe(device_id, spec, hypothesis.fault, ts_ms, change)
             sustained = (
                 state.above >= cfg.open_after
                 and (ts_ms - state.above_since_ms) / 1000.0 >= cfg.open_after_s

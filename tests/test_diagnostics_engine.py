@@ -248,3 +248,37 @@ def test_device_codes_open_at_once_during_warm_up() -> None:
     assert [(d.status, d.fault, d.source) for d in result.diagnoses] == [
         ("open", "firmware_bug", "device")
     ]
+
+
+def test_trend_trigger_flags_a_sustained_drift_away_not_a_swing() -> None:
+    from diagnostics.baseline import BaselineTable
+
+    table = BaselineTable(FEATURE_SPECS["washer"], capacity=2)
+    slots = np.array([0, 1], dtype=np.intp)
+    live = np.ones(2, dtype=np.bool_)
+    width = len(FEATURE_SPECS["washer"].features)
+    flagged = []
+    for hour in range(48):
+        z = np.zeros((2, width), dtype=np.float32)
+        z[0, 3] = 2.0 + hour / 24.0  # drifts away, steadily
+        z[1, 3] = 2.5 if hour % 12 < 10 else 0.5  # swings back within the hold
+        slope = np.zeros((2, width), dtype=np.float32)
+        slope[:, 3] = 2.0
+        now = np.full(2, hour * 3_600, dtype=np.int32)
+        flags = table.trending(
+            slots, z, slope, now, live, z_on=2.0, z_off=1.5, hold_s=18 * 3_600, min_slope_t=1.0
+        )
+        flagged.append(flags[:, 3].tolist())
+    assert [f[0] for f in flagged].index(True) == 18
+    assert not any(f[1] for f in flagged)
+    # a run ends when z falls back, and late readings change nothing
+    back = np.zeros((2, width), dtype=np.float32)
+    now = np.full(2, 49 * 3_600, dtype=np.int32)
+    kept = table.trending(
+        slots, back, slope, now, ~live, z_on=2.0, z_off=1.5, hold_s=18 * 3_600, min_slope_t=1.0
+    )
+    assert kept[0, 3]
+    ended = table.trending(
+        slots, back, slope, now, live, z_on=2.0, z_off=1.5, hold_s=18 * 3_600, min_slope_t=1.0
+    )
+    assert not ended.any()

@@ -166,3 +166,29 @@ def test_updates_only_on_material_change_or_when_due() -> None:
     moved = _feed(policy, [0.6], z, t)
     assert [d.status for d in moved] == ["update"]
     assert _feed(policy, [0.6], z, t + MIN) == []
+
+
+def test_a_drifting_wear_indicator_names_its_fault_at_a_moderate_z() -> None:
+    policy = DiagnosisPolicy()
+    z = _z(idle_temp_offset_k=-2.4)
+    drifting = np.zeros(len(SPEC.features), dtype=np.bool_)
+    drifting[SPEC.index("idle_temp_offset_k")] = True
+    assert policy.drift_indicators(SPEC)[SPEC.index("idle_temp_offset_k")]
+    assert not policy.drift_indicators(SPEC)[SPEC.index("error_status")]
+    hypothesis = policy.name_drift(SPEC, z, drifting)
+    assert hypothesis.fault == "sensor_drift"
+    assert [c.feature for c in hypothesis.drivers] == ["idle_temp_offset_k"]
+    # a wear fault drifts one way only: drain flow rising is no clog
+    drifting[:] = False
+    drifting[SPEC.index("drain_flow_l_min")] = True
+    assert policy.name_drift(SPEC, _z(drain_flow_l_min=2.5), drifting).fault == "unknown"
+    # without the drift, z 2.4 explains nothing; with it, a diagnosis opens
+    out: list[Diagnosis] = []
+    for i in range(40):
+        out += policy.on_score("w1", SPEC, T0 + i * MIN, 0.5, z, z * 0.01)
+    assert out == []
+    drifting[:] = False
+    drifting[SPEC.index("idle_temp_offset_k")] = True
+    for i in range(40, 80):
+        out += policy.on_score("w1", SPEC, T0 + i * MIN, 0.5, z, z * 0.01, drifting)
+    assert [(d.status, d.fault) for d in out] == [("open", "sensor_drift")]
