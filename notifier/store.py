@@ -1,0 +1,187 @@
+"""The case store interface (notifier; read by the dashboard).
+
+Cases, appointments, ratings, owners, the device registry, push channels, notifications,
+tasks for people and the audit trail live behind :class:`CaseStore`. The default
+implementation is SQLite in WAL mode (:class:`notifier.sqlite.SqliteStore`); a
+PostgreSQL implementation can take over for a large fleet by implementing this protocol.
+
+Every method is a coroutine: an implementation does its blocking I/O off the event loop.
+Writes that must not race (booking a slot, moving a case) are atomic in the store:
+:meth:`CaseStore.update_case` is a compare-and-set on the case state, and
+:meth:`CaseStore.book` refuses an overlapping visit of the same technician.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal, Protocol
+
+from notifier.model import (
+    Appointment,
+    AuditEntry,
+    Case,
+    DeviceRecord,
+    Notification,
+    Owner,
+    PushChannel,
+    Rating,
+    Task,
+    Technician,
+)
+
+__all__ = ["CaseStore", "Principal", "PrincipalKind"]
+
+PrincipalKind = Literal["owner", "technician", "ops"]
+#: Who an API token stands for: ``(kind, id)``.
+Principal = tuple[PrincipalKind, str]
+
+
+class CaseStore(Protocol):
+    """What the owner loop, the owner API and the dashboard need to keep.
+
+    Lookups return ``None`` (or an empty list) for what does not exist; writes of a
+    record whose id exists replace it (``put_*``) unless said otherwise.
+    """
+
+    async def close(self) -> None:
+        """Release the store."""
+
+    # -- owners, tokens, devices, channels -----------------------------------------
+    async def put_owner(self, owner: Owner) -> None:
+        """Insert or replace an owner."""
+
+    async def get_owner(self, owner_id: str) -> Owner | None:
+        """Return an owner."""
+
+    async def add_token(self, token: str, principal: Principal) -> None:
+        """Remember an API token (only its hash is kept) for a principal."""
+
+    async def resolve_token(self, token: str) -> Principal | None:
+        """Return who a token stands for, or ``None`` for an unknown token."""
+
+    async def put_device(self, device: DeviceRecord) -> None:
+        """Insert or replace a device registry entry."""
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        """Return a device's registry entry."""
+
+    async def devices(self, owner_id: str | None = None) -> list[DeviceRecord]:
+        """Return the devices of one owner, or all."""
+
+    async def put_channel(self, channel: PushChannel) -> None:
+        """Insert or replace a push channel."""
+
+    async def channels(self, owner_id: str, *, active_only: bool = True) -> list[PushChannel]:
+        """Return an owner's push channels, oldest first."""
+
+    # -- cases and the audit trail --------------------------------------------------
+    async def add_case(self, case: Case) -> None:
+        """Insert a new case.
+
+        Raises:
+            ConflictError: a case with that id exists, or an open case for the same
+                device and fault exists (one open case per device and fault).
+        """
+
+    async def get_case(self, case_id: str) -> Case | None:
+        """Return a case."""
+
+    async def open_case(self, device_id: str, fault: str) -> Case | None:
+        """Return the open case of a device and fault, if any."""
+
+    async def update_case(self, case: Case, *, expected_state: str) -> None:
+        """Replace a case if its stored state is still ``expected_state``.
+
+        Raises:
+            ConflictError: the stored case moved on (or does not exist).
+        """
+
+    async def cases(
+        self,
+        *,
+        owner_id: str | None = None,
+        device_id: str | None = None,
+        states: Sequence[str] | None = None,
+        limit: int = 1000,
+    ) -> list[Case]:
+        """Return cases, newest first, filtered by owner, device and states."""
+
+    async def add_audit(self, entry: AuditEntry) -> None:
+        """Append to the audit trail (never changed or removed, except by erasure)."""
+
+    async def audit(self, case_id: str) -> list[AuditEntry]:
+        """Return a case's audit trail, oldest first."""
+
+    # -- technicians and appointments ----------------------------------------------
+    async def put_technician(self, technician: Technician) -> None:
+        """Insert or replace a technician."""
+
+    async def get_technician(self, technician_id: str) -> Technician | None:
+        """Return a technician."""
+
+    async def technicians(self, region: str | None = None) -> list[Technician]:
+        """Return the technicians (of one region)."""
+
+    async def put_appointment(self, appointment: Appointment) -> None:
+        """Insert or replace an appointment that is not ``booked`` (use :meth:`book`)."""
+
+    async def book(self, appointment: Appointment) -> None:
+        """Store an appointment as ``booked``, atomically refusing a double booking.
+
+        Raises:
+            ConflictError: the technician has another booked visit overlapping it.
+        """
+
+    async def get_appointment(self, appointment_id: str) -> Appointment | None:
+        """Return an appointment."""
+
+    async def appointments(
+        self,
+        *,
+        technician_id: str | None = None,
+        case_id: str | None = None,
+        states: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[Appointment]:
+        """Return appointments by start time (``since``/``until`` bound the start)."""
+
+    # -- ratings, notifications, tasks ---------------------------------------------
+    async def add_rating(self, rating: Rating) -> None:
+        """Store the rating of a case.
+
+        Raises:
+            ConflictError: the case is rated already (one rating per case).
+        """
+
+    async def get_rating(self, case_id: str) -> Rating | None:
+        """Return a case's rating."""
+
+    async def ratings(self, since: datetime | None = None) -> list[Rating]:
+        """Return ratings, oldest first."""
+
+    async def add_notification(self, notification: Notification) -> None:
+        """Insert or replace a notification."""
+
+    async def notifications(
+        self, owner_id: str, *, status: str | None = None, since: datetime | None = None
+    ) -> list[Notification]:
+        """Return an owner's notifications, oldest first."""
+
+    async def add_task(self, task: Task) -> None:
+        """Insert or replace a task for a person."""
+
+    async def tasks(self, *, state: str | None = None, case_id: str | None = None) -> list[Task]:
+        """Return tasks, oldest first."""
+
+    # -- the owner's rights -----------------------------------------------------------
+    async def export_owner(self, owner_id: str) -> dict[str, Any]:
+        """Return everything kept about an owner, as JSON-serialisable data."""
+
+    async def erase_owner(self, owner_id: str) -> int:
+        """Erase an owner and everything personal about them; return rows removed.
+
+        Cases and ratings are kept for the fleet's statistics with the owner's id,
+        comments and contacts removed; channels, tokens, notifications go.
+        """
