@@ -1,0 +1,989 @@
+"""The case machine (notifier, "Decide", "Act", "Verify", "Close" of the loop).
+
+:class:`OwnerLoop` turns :class:`~diagnostics.Diagnosis` messages into cases and carries
+each case through its lifecycle (:data:`notifier.model.TRANSITIONS`):
+
+1. **open** one case per device and fault (a repeated diagnosis updates it), with an
+   urgency from the predicted time to failure;
+2. **remote fix** first: the catalog's remote remedies that can cure the fault, in
+   catalog order, each once; run at once or after the owner's consent, as the owner's
+   consent policy says; a device that refuses (an interlock: door open, mid-cycle) or does
+   not answer is asked again later, a few times, before the next remedy;
+3. **verify** from the stored scores: after a settling time the device's scores must stay
+   at its healthy baseline for a window of device time, and the fault must not come back;
+4. **appointment** when no remote remedy is left: the planner's best slots before the
+   predicted failure; the owner books one, asks for others or declines; the technician
+   completes the visit and the device is verified again;
+5. **close**: resolved with the owner told and asked once for a rating; a low rating, a
+   comment or "nothing was wrong" hands the case to a person.
+
+Every decision is written to the audit trail with its reason and evidence. Commands run
+as tasks of the loop's task group; a lock per case keeps a diagnosis, a command result
+and an owner's request from interleaving on one case, and the store's compare-and-set on
+the state catches anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Final, Protocol, Self
+
+from diagnostics import CATALOG, Diagnosis, ModelCatalog
+from gateway.errors import PermanentError, TransientError
+from gateway.protocol import CommandAction, Event
+from notifier.actions import HealthPoint, HealthReader
+from notifier.errors import (
+    ConflictError,
+    IllegalTransitionError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from notifier.model import (
+    TRANSITIONS,
+    Actor,
+    Appointment,
+    AuditEntry,
+    Case,
+    CaseState,
+    Owner,
+    Rating,
+    Slot,
+    Task,
+)
+from notifier.scheduling import PlannerConfig, check_bookable, plan_slots, urgency_from
+from notifier.store import CaseStore
+
+__all__ = [
+    "CaseSink",
+    "DeviceCommander",
+    "LoopConfig",
+    "Notice",
+    "OwnerLoop",
+    "OwnerNotifier",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: Remote actions that take the appliance out of use for a while (consent policy).
+INTERRUPTING: Final = frozenset(("restart", "firmware_update", "cleaning_cycle"))
+#: Faults whose urgency is critical whatever the time to failure (food, water, heat).
+SAFETY_FAULTS: Final = frozenset(("refrigerant_leak",))
+_SERVICE: Final = "technician_visit"
+
+
+@dataclass(frozen=True, slots=True)
+class LoopConfig:
+    """Timing and limits of the case machine.
+
+    Attributes:
+        command_timeout_s: how long to wait for a device's command result.
+        retry_after_s: wall time before a refused or unanswered command is sent again.
+        max_refusals: refusals or timeouts of one remedy before the next one.
+        settle_s: device time after a fix before its scores count (a reboot, a cycle).
+        verify_window_s: device time the scores must stay healthy to call it fixed.
+        healthy_score: a score below this is healthy.
+        healthy_share: share of scores in the window that must be healthy.
+        verify_timeout_s: wall time after which a check that saw too little data fails.
+        consent_expiry_s: wall time an unanswered consent request or slot offer waits.
+        tick_s: how often timers (retries, checks, expiry) are looked at.
+        low_rating: ratings at or below this go to a person.
+        firmware: the firmware version to install, by product model.
+        planner: the appointment planner's settings.
+    """
+
+    command_timeout_s: float = 30.0
+    retry_after_s: float = 300.0
+    max_refusals: int = 3
+    settle_s: float = 600.0
+    verify_window_s: float = 3_600.0
+    healthy_score: float = 0.3
+    healthy_share: float = 0.9
+    verify_timeout_s: float = 6 * 3_600.0
+    consent_expiry_s: float = 7 * 86_400.0
+    tick_s: float = 1.0
+    low_rating: int = 2
+    firmware: Mapping[str, str] = field(default_factory=dict)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """What a message to the owner is about, beyond the case itself.
+
+    Attributes:
+        kind: the message template (``consent_request``, ``fixed_remotely`` ...).
+        action: the remote remedy concerned.
+        reason: the device's words when it refused.
+        slots: offered slots.
+        appointment: the booked visit.
+        urgent: may override quiet hours.
+    """
+
+    kind: str
+    action: str | None = None
+    reason: str | None = None
+    slots: tuple[Slot, ...] = ()
+    appointment: Appointment | None = None
+    urgent: bool = False
+
+
+class OwnerNotifier(Protocol):
+    """Writes and delivers messages to owners (:class:`notifier.outbox.Outbox`)."""
+
+    async def notify(self, owner: Owner, case: Case, notice: Notice) -> None:
+        """Tell the owner; must not raise for delivery trouble (it keeps the message)."""
+
+
+class DeviceCommander(Protocol):
+    """Sends a command and returns the device's result (:class:`gateway.commands.CommandChannel`)."""
+
+    async def send(
+        self,
+        device_id: str,
+        action: CommandAction,
+        args: Mapping[str, float | bool | str] | None = None,
+        *,
+        timeout_s: float = 30.0,
+    ) -> Event:
+        """Publish a command and wait for its ``command_result`` event."""
+
+
+#: Called with every changed case (the service publishes it on ``fleet/cases``).
+CaseSink = Callable[[Case], Awaitable[None]]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _no_sink(_: Case) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class _Timer:
+    due: datetime
+    what: str  # "retry" | "verify"
+
+
+class OwnerLoop:
+    """The case machine; implements :class:`notifier.actions.CaseActions`.
+
+    Use it as an async context manager: it owns the task group its commands run in.
+
+    Args:
+        store: the case store.
+        commands: the command downlink.
+        health: the stored scores.
+        notifier: the owner's messages.
+        config: timing and limits.
+        catalog: the fault catalog (remedies per fault).
+        sink: called with every changed case.
+        clock: wall clock (UTC).
+    """
+
+    def __init__(
+        self,
+        store: CaseStore,
+        commands: DeviceCommander,
+        health: HealthReader,
+        notifier: OwnerNotifier,
+        *,
+        config: LoopConfig | None = None,
+        catalog: Mapping[str, ModelCatalog] | None = None,
+        sink: CaseSink = _no_sink,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.store = store
+        self.commands = commands
+        self.health = health
+        self.notifier = notifier
+        self.config = config or LoopConfig()
+        self.catalog = CATALOG if catalog is None else catalog
+        self._sink = sink
+        self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._timers: dict[str, _Timer] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._running: set[str] = set()
+        self.diagnoses_seen = 0
+        self.unowned = 0
+
+    async def __aenter__(self) -> Self:
+        self._group = asyncio.TaskGroup()
+        await self._group.__aenter__()
+        await self._resume()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            await group.__aexit__(exc_type, exc, tb)
+
+    async def _resume(self) -> None:
+        """After a restart, pick up the cases that were waiting on a timer."""
+        now = self._clock()
+        for case in await self.store.cases(states=["remote_fix", "verifying"]):
+            what = "verify" if case.state == "verifying" else "retry"
+            self._timers[case.case_id] = _Timer(now, what)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _lock(self, case_id: str) -> asyncio.Lock:
+        lock = self._locks.get(case_id)
+        if lock is None:
+            lock = self._locks[case_id] = asyncio.Lock()
+        return lock
+
+    async def _audit(
+        self,
+        case: Case | None,
+        actor: Actor,
+        action: str,
+        reason: str,
+        evidence: dict[str, Any] | None = None,
+        *,
+        from_state: str | None = None,
+        to_state: str | None = None,
+    ) -> None:
+        await self.store.add_audit(
+            AuditEntry(
+                case_id=None if case is None else case.case_id,
+                at=self._clock(),
+                actor=actor,
+                action=action,
+                reason=reason,
+                evidence=evidence or {},
+                from_state=from_state,
+                to_state=to_state,
+            )
+        )
+
+    async def _move(
+        self,
+        case: Case,
+        state: CaseState,
+        reason: str,
+        *,
+        actor: Actor = "system",
+        evidence: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> Case:
+        """Move a case to ``state`` (audited, stored by compare-and-set, published)."""
+        if state not in TRANSITIONS[case.state]:
+            raise IllegalTransitionError(f"a case cannot go from {case.state} to {state}")
+        moved = replace(case, state=state, updated_at=self._clock(), **changes)
+        await self.store.update_case(moved, expected_state=case.state)
+        await self._audit(
+            moved,
+            actor,
+            "transition",
+            reason,
+            evidence,
+            from_state=case.state,
+            to_state=state,
+        )
+        _LOG.info("case %s: %s -> %s (%s)", case.case_id, case.state, state, reason)
+        await self._publish(moved)
+        return moved
+
+    async def _save(self, case: Case, **changes: Any) -> Case:
+        changed = replace(case, updated_at=self._clock(), **changes)
+        await self.store.update_case(changed, expected_state=case.state)
+        await self._publish(changed)
+        return changed
+
+    async def _publish(self, case: Case) -> None:
+        try:
+            await self._sink(case)
+        except TransientError as exc:
+            _LOG.warning("case %s: change not published (%s)", case.case_id, exc)
+
+    async def _owner(self, owner_id: str) -> Owner:
+        owner = await self.store.get_owner(owner_id)
+        if owner is None:
+            raise NotFoundError(f"no owner {owner_id}")
+        return owner
+
+    async def _tell(self, case: Case, notice: Notice) -> None:
+        owner = await self.store.get_owner(case.owner_id)
+        if owner is None:
+            return
+        await self.notifier.notify(owner, case, notice)
+        await self._audit(
+            case,
+            "system",
+            "notify",
+            f"told the owner: {notice.kind}",
+            {"kind": notice.kind, "action": notice.action, "urgent": notice.urgent},
+        )
+
+    async def _owned_case(self, owner_id: str, case_id: str) -> Case:
+        case = await self.store.get_case(case_id)
+        if case is None or case.owner_id != owner_id:
+            raise NotFoundError(f"no case {case_id}")
+        return case
+
+    def _next_remote(self, case: Case) -> str | None:
+        """The next remote remedy that can cure the fault and was not tried yet."""
+        for remedy in case.remedies:
+            if remedy.startswith(_SERVICE) or remedy.startswith("~"):
+                continue
+            if remedy not in case.tried:
+                return remedy
+        return None
+
+    @staticmethod
+    def _service_part(case: Case) -> str | None:
+        for remedy in case.remedies:
+            if remedy.startswith(_SERVICE):
+                _, _, part = remedy.partition(":")
+                return part or None
+        return None
+
+    @staticmethod
+    def _has_service(case: Case) -> bool:
+        return any(r.startswith(_SERVICE) for r in case.remedies)
+
+    # -- diagnoses in ------------------------------------------------------------------
+    async def handle_diagnosis(self, diagnosis: Diagnosis) -> Case | None:
+        """Open, update or note a case for a diagnosis; return the case touched."""
+        self.diagnoses_seen += 1
+        key = f"{diagnosis.device_id}/{diagnosis.fault}"
+        async with self._lock(key):
+            case = await self.store.open_case(diagnosis.device_id, diagnosis.fault)
+            if diagnosis.status == "closed":
+                if case is not None:
+                    await self._audit(
+                        case,
+                        "system",
+                        "diagnosis_closed",
+                        "the device's scores are back to normal",
+                        {"score": diagnosis.score, "at": diagnosis.updated_at.isoformat()},
+                    )
+                return case
+            if case is None:
+                return await self._open(diagnosis)
+            return await self._update(case, diagnosis)
+
+    def _remedies(self, diagnosis: Diagnosis) -> tuple[str, ...]:
+        """The case's remedies: curing remote actions and visits, in catalog order."""
+        out: list[str] = []
+        for remedy in diagnosis.remedies:
+            if remedy.kind == "service":
+                out.append(f"{_SERVICE}:{remedy.part or ''}")
+            elif remedy.cures:
+                out.append(remedy.action)
+        return tuple(dict.fromkeys(out))
+
+    async def _open(self, diagnosis: Diagnosis) -> Case | None:
+        device = await self.store.get_device(diagnosis.device_id)
+        if device is None:
+            self.unowned += 1
+            _LOG.warning(
+                "diagnosis %s for device %s, which no owner registered: no case opened",
+                diagnosis.fault,
+                diagnosis.device_id,
+            )
+            return None
+        now = self._clock()
+        ttf = diagnosis.time_to_failure
+        failure_at = None if ttf is None else now + timedelta(seconds=ttf.p50_s)
+        case = Case(
+            case_id=uuid.uuid4().hex[:16],
+            device_id=diagnosis.device_id,
+            owner_id=device.owner_id,
+            model=diagnosis.model,
+            fault=diagnosis.fault,
+            state="opened",
+            urgency=urgency_from(failure_at, now, safety=diagnosis.fault in SAFETY_FAULTS),
+            opened_at=now,
+            updated_at=now,
+            confidence=diagnosis.confidence,
+            failure_at=failure_at,
+            remedies=self._remedies(diagnosis),
+            evidence=diagnosis.evidence[:10],
+        )
+        try:
+            await self.store.add_case(case)
+        except ConflictError:
+            return await self.store.open_case(diagnosis.device_id, diagnosis.fault)
+        await self._audit(
+            case,
+            "system",
+            "transition",
+            f"diagnostics named {diagnosis.fault} (confidence {diagnosis.confidence:.2f})",
+            _diagnosis_evidence(diagnosis),
+            to_state="opened",
+        )
+        await self._publish(case)
+        if case.urgency == "critical":
+            await self._tell(case, Notice("urgent_safety", urgent=True))
+        return await self._advance(case, "the case opened")
+
+    async def _update(self, case: Case, diagnosis: Diagnosis) -> Case:
+        now = self._clock()
+        ttf = diagnosis.time_to_failure
+        failure_at = case.failure_at if ttf is None else now + timedelta(seconds=ttf.p50_s)
+        urgency = urgency_from(failure_at, now, safety=diagnosis.fault in SAFETY_FAULTS)
+        if _URGENCY_RANK[urgency] < _URGENCY_RANK[case.urgency]:
+            urgency = case.urgency  # urgency only rises while a case is open
+        changed = replace(case, confidence=diagnosis.confidence, failure_at=failure_at)
+        if urgency != case.urgency:
+            changed = replace(changed, urgency=urgency)
+            await self._audit(
+                case,
+                "system",
+                "urgency",
+                f"urgency {case.urgency} -> {urgency} from the new time to failure",
+                _diagnosis_evidence(diagnosis),
+            )
+        if changed != case:
+            case = await self._save(case, **_diff(case, changed))
+        if case.state == "verifying" and case.fix_at is not None:
+            # a diagnosis that closed with the fix and opens again: the fault is back
+            if diagnosis.status == "open" and diagnosis.updated_at > case.fix_at + timedelta(
+                seconds=self.config.settle_s
+            ):
+                return await self._not_verified(
+                    case, "the fault came back after the fix", _diagnosis_evidence(diagnosis)
+                )
+        return case
+
+    # -- deciding the next step ----------------------------------------------------------
+    async def _advance(self, case: Case, why: str) -> Case:
+        """Pick the next remedy for a case that is not waiting on anything."""
+        action = self._next_remote(case)
+        if action is not None:
+            owner = await self.store.get_owner(case.owner_id)
+            policy = "ask_if_interrupting" if owner is None else owner.consent
+            ask = policy == "always_ask" or (
+                policy == "ask_if_interrupting" and action in INTERRUPTING
+            )
+            if ask:
+                case = await self._move(
+                    case,
+                    "awaiting_consent",
+                    f"{action} interrupts use; the owner's policy ({policy}) asks first",
+                    evidence={"action": action, "after": why},
+                    pending_action=action,
+                )
+                await self._tell(case, Notice("consent_request", action=action))
+                return case
+            return await self._start_fix(case, action, f"{why}; {policy} allows {action}")
+        if self._has_service(case):
+            return await self._propose(case, f"{why}; no remote remedy left")
+        return await self._to_person(case, f"{why}; the catalog has no remedy for this fault")
+
+    async def _start_fix(self, case: Case, action: str, reason: str) -> Case:
+        case = await self._move(
+            case,
+            "remote_fix",
+            reason,
+            evidence={"action": action},
+            pending_action=action,
+            tried=(*case.tried, action),
+        )
+        self._spawn_command(case)
+        return case
+
+    def _spawn_command(self, case: Case) -> None:
+        if case.case_id in self._running:
+            return
+        self._timers.pop(case.case_id, None)
+        self._running.add(case.case_id)
+        if self._group is None:
+            raise InvalidRequestError("the case machine is not running")
+        self._group.create_task(self._run_command(case.case_id), name=f"fix-{case.case_id}")
+
+    def _command_args(self, case: Case, action: str) -> dict[str, float | bool | str]:
+        if action == "firmware_update":
+            version = self.config.firmware.get(case.model)
+            if version is None:
+                raise InvalidRequestError(f"no firmware release is set for {case.model}")
+            return {"version": version}
+        return {}
+
+    async def _run_command(self, case_id: str) -> None:
+        try:
+            await self._command_once(case_id)
+        except PermanentError as exc:
+            _LOG.warning("case %s: command step failed: %s", case_id, exc)
+        finally:
+            self._running.discard(case_id)
+
+    async def _command_once(self, case_id: str) -> None:
+        case = await self.store.get_case(case_id)
+        if case is None or case.state != "remote_fix" or case.pending_action is None:
+            return
+        action = case.pending_action
+        try:
+            args = self._command_args(case, action)
+        except InvalidRequestError as exc:
+            async with self._lock(f"{case.device_id}/{case.fault}"):
+                case = await self._fresh(case)
+                await self._audit(case, "system", "command_skipped", str(exc), {"action": action})
+                await self._after_failed_remedy(case, str(exc))
+            return
+        await self._audit(case, "system", "command", f"sent {action}", {"action": action, **args})
+        try:
+            result: Event | None = await self.commands.send(
+                case.device_id,
+                action,  # type: ignore[arg-type]
+                args,
+                timeout_s=self.config.command_timeout_s,
+            )
+            error = None
+        except TransientError as exc:
+            result, error = None, str(exc)
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            if case.state != "remote_fix":
+                return
+            if result is not None and result.ok:
+                case = await self._move(
+                    case,
+                    "verifying",
+                    f"the device did {action}: {result.detail or 'ok'}",
+                    evidence={"action": action, "detail": result.detail, "code": result.code},
+                    fix_at=result.ts,
+                )
+                self._timers[case.case_id] = _Timer(
+                    self._clock() + timedelta(seconds=self.config.tick_s), "verify"
+                )
+                return
+            reason = error or (result.detail if result is not None else None) or "no answer"
+            refusals = await self._refusals(case, action)
+            await self._audit(
+                case,
+                "system",
+                "command_refused",
+                f"{action} not done: {reason}",
+                {"action": action, "reason": reason, "refusals": refusals + 1},
+            )
+            if refusals + 1 < self.config.max_refusals:
+                if refusals == 0 and result is not None:
+                    await self._tell(case, Notice("fix_waiting", action=action, reason=reason))
+                self._timers[case.case_id] = _Timer(
+                    self._clock() + timedelta(seconds=self.config.retry_after_s), "retry"
+                )
+                return
+            await self._after_failed_remedy(case, f"{action} could not be done: {reason}")
+
+    async def _refusals(self, case: Case, action: str) -> int:
+        return sum(
+            1
+            for entry in await self.store.audit(case.case_id)
+            if entry.action == "command_refused" and entry.evidence.get("action") == action
+        )
+
+    async def _fresh(self, case: Case) -> Case:
+        fresh = await self.store.get_case(case.case_id)
+        if fresh is None:
+            raise NotFoundError(f"case {case.case_id} is gone")
+        return fresh
+
+    async def _after_failed_remedy(self, case: Case, why: str) -> Case:
+        """A remedy did not work: the next remote one, a visit, or a person."""
+        action = self._next_remote(case)
+        if action is not None:
+            return await self._start_fix(case, action, f"{why}; trying {action} next")
+        if self._has_service(case):
+            return await self._propose(case, f"{why}; a technician is needed")
+        return await self._to_person(case, f"{why}; nothing else to try remotely")
+
+    async def _to_person(self, case: Case, reason: str) -> Case:
+        case = await self._move(case, "escalated", reason, needs_person=reason)
+        await self.store.add_task(
+            Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
+        )
+        await self._tell(case, Notice("not_fixed_escalated"))
+        return case
+
+    # -- verification ---------------------------------------------------------------------
+    async def _verify(self, case: Case) -> Case:
+        """Check a verifying case's scores; resolve, fail, or look again later."""
+        assert case.fix_at is not None
+        config = self.config
+        start = case.fix_at + timedelta(seconds=config.settle_s)
+        points = await self.health.since(case.device_id, start)
+        evidence = _health_evidence(points, config.healthy_score)
+        span_s = (points[-1].at - start).total_seconds() if points else 0.0
+        if span_s >= config.verify_window_s:
+            window = [p for p in points if (p.at - start).total_seconds() <= config.verify_window_s]
+            healthy = sum(1 for p in window if p.score < config.healthy_score)
+            if healthy >= config.healthy_share * len(window):
+                return await self._resolved(case, evidence)
+            return await self._not_verified(
+                case,
+                f"only {healthy} of {len(window)} scores healthy in the check window",
+                evidence,
+            )
+        waited_s = (self._clock() - case.updated_at).total_seconds()
+        if waited_s >= config.verify_timeout_s:
+            return await self._not_verified(
+                case, f"too little data after the fix ({len(points)} scores)", evidence
+            )
+        self._timers[case.case_id] = _Timer(
+            self._clock() + timedelta(seconds=config.tick_s), "verify"
+        )
+        return case
+
+    async def _resolved(self, case: Case, evidence: dict[str, Any]) -> Case:
+        visited = case.appointment_id is not None
+        case = await self._move(
+            case,
+            "resolved",
+            "the device's scores stayed at its healthy baseline after the fix",
+            evidence=evidence,
+        )
+        last = case.tried[-1] if case.tried else None
+        await self._tell(case, Notice("resolved" if visited else "fixed_remotely", action=last))
+        await self._tell(case, Notice("rating_request"))
+        return case
+
+    async def _not_verified(self, case: Case, why: str, evidence: dict[str, Any]) -> Case:
+        await self._audit(case, "system", "verification_failed", why, evidence)
+        if case.appointment_id is not None:
+            return await self._to_person(case, f"still not right after the visit: {why}")
+        return await self._after_failed_remedy(case, f"the check failed: {why}")
+
+    # -- appointments ------------------------------------------------------------------------
+    async def _propose(
+        self, case: Case, why: str, *, exclude: Sequence[Slot] = (), actor: Actor = "system"
+    ) -> Case:
+        owner = await self._owner(case.owner_id)
+        now = self._clock()
+        technicians = await self.store.technicians(owner.region)
+        booked = await self.store.appointments(states=["booked"], since=now - timedelta(days=1))
+        part = self._service_part(case)
+        slots = plan_slots(
+            technicians=technicians,
+            booked=booked,
+            owner=owner,
+            part=part,
+            urgency=case.urgency,
+            now=now,
+            failure_at=case.failure_at,
+            exclude=exclude,
+            config=self.config.planner,
+        )
+        if not slots:
+            return await self._to_person(case, f"{why}; no technician has a free slot")
+        if case.appointment_id is not None:
+            previous = await self.store.get_appointment(case.appointment_id)
+            if previous is not None and previous.state == "proposed":
+                await self.store.put_appointment(replace(previous, state="cancelled"))
+        appointment = Appointment(
+            appointment_id=uuid.uuid4().hex[:16],
+            case_id=case.case_id,
+            technician_id=None,
+            start=None,
+            end=None,
+            state="proposed",
+            part=part,
+            offered=tuple(slots),
+        )
+        await self.store.put_appointment(appointment)
+        case = await self._move(
+            case,
+            "appointment_proposed",
+            f"{why}; offered {len(slots)} slots",
+            actor=actor,
+            evidence={
+                "part": part,
+                "slots": [s.start.isoformat() for s in slots],
+                "failure_at": None if case.failure_at is None else case.failure_at.isoformat(),
+            },
+            appointment_id=appointment.appointment_id,
+            pending_action=None,
+        )
+        await self._tell(case, Notice("appointment_offer", slots=tuple(slots)))
+        return case
+
+    async def _proposal(self, case: Case) -> Appointment:
+        if case.state != "appointment_proposed" or case.appointment_id is None:
+            raise ConflictError("no visit times are on offer for this case")
+        appointment = await self.store.get_appointment(case.appointment_id)
+        if appointment is None or appointment.state != "proposed":
+            raise ConflictError("no visit times are on offer for this case")
+        return appointment
+
+    # -- the owner's and technician's requests (CaseActions) ---------------------------------
+    async def accept_fix(self, owner_id: str, case_id: str) -> Case:
+        """The owner agrees to the remote fix the case waits for."""
+        case = await self._owned_case(owner_id, case_id)
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            if case.state != "awaiting_consent" or case.pending_action is None:
+                raise ConflictError("this case is not waiting for your go-ahead")
+            await self._audit(case, "owner", "consent", f"the owner agreed to {case.pending_action}")
+            return await self._start_fix(case, case.pending_action, "the owner agreed")
+
+    async def decline_fix(self, owner_id: str, case_id: str) -> Case:
+        """The owner declines the remote fix; a visit is offered instead."""
+        case = await self._owned_case(owner_id, case_id)
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            if case.state != "awaiting_consent":
+                raise ConflictError("this case is not waiting for your go-ahead")
+            await self._audit(
+                case, "owner", "consent", f"the owner declined {case.pending_action}"
+            )
+            if self._has_service(case):
+                return await self._propose(case, "the owner declined the remote fix", actor="owner")
+            return await self._move(
+                case, "dismissed", "the owner declined the only remedy", actor="owner",
+                pending_action=None,
+            )
+
+    async def choose_slot(self, owner_id: str, case_id: str, slot_index: int) -> Appointment:
+        """The owner books one of the offered slots."""
+        case = await self._owned_case(owner_id, case_id)
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            proposal = await self._proposal(case)
+            if not 0 <= slot_index < len(proposal.offered):
+                raise InvalidRequestError(
+                    f"slot {slot_index} is not on offer (0 to {len(proposal.offered) - 1})"
+                )
+            slot = proposal.offered[slot_index]
+            technician = await self.store.get_technician(slot.technician_id)
+            if technician is None:
+                raise ConflictError("that technician is no longer available")
+            booked = await self.store.appointments(
+                technician_id=slot.technician_id, states=["booked"]
+            )
+            appointment = replace(
+                proposal,
+                technician_id=slot.technician_id,
+                start=slot.start,
+                end=slot.end,
+                state="booked",
+            )
+            try:
+                check_bookable(slot, technician, booked, self.config.planner)
+                await self.store.book(appointment)
+            except ConflictError:
+                await self._audit(case, "owner", "slot_taken", "the chosen slot was taken")
+                await self._propose(
+                    case, "the chosen slot was taken meanwhile", exclude=proposal.offered,
+                    actor="owner",
+                )
+                raise
+            await self._move(
+                case,
+                "booked",
+                f"the owner booked {slot.start.isoformat()} with {technician.name}",
+                actor="owner",
+                evidence={"technician_id": technician.technician_id, "start": slot.start.isoformat()},
+            )
+            await self._tell(case, Notice("appointment_booked", appointment=appointment))
+            return appointment
+
+    async def request_other_slots(self, owner_id: str, case_id: str) -> Appointment:
+        """The owner asks for other times."""
+        case = await self._owned_case(owner_id, case_id)
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            proposal = await self._proposal(case)
+            seen = list(proposal.offered)
+            for earlier in await self.store.appointments(case_id=case.case_id, states=["cancelled"]):
+                seen.extend(earlier.offered)
+            case = await self._propose(
+                case, "the owner asked for other times", exclude=seen, actor="owner"
+            )
+            if case.state != "appointment_proposed" or case.appointment_id is None:
+                raise ConflictError("no other times are free; our service team will call you")
+            appointment = await self.store.get_appointment(case.appointment_id)
+            assert appointment is not None
+            return appointment
+
+    async def decline_visit(self, owner_id: str, case_id: str) -> Case:
+        """The owner does not want a visit."""
+        case = await self._owned_case(owner_id, case_id)
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            if case.state not in ("appointment_proposed", "booked"):
+                raise ConflictError("no visit is planned for this case")
+            if case.appointment_id is not None:
+                appointment = await self.store.get_appointment(case.appointment_id)
+                if appointment is not None:
+                    await self.store.put_appointment(replace(appointment, state="cancelled"))
+            if case.urgency in ("high", "critical"):
+                reason = f"the owner declined a visit for an {case.urgency}-urgency fault"
+                case = await self._move(
+                    case, "escalated", reason, actor="owner", needs_person=reason
+                )
+                await self.store.add_task(
+                    Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
+                )
+                return case
+            return await self._move(case, "dismissed", "the owner declined a visit", actor="owner")
+
+    async def rate(
+        self,
+        owner_id: str,
+        case_id: str,
+        stars: int,
+        comment: str | None = None,
+        *,
+        nothing_wrong: bool = False,
+    ) -> Rating:
+        """The owner rates a resolved case."""
+        if not 1 <= stars <= 5:
+            raise InvalidRequestError("stars must be from 1 to 5")
+        case = await self._owned_case(owner_id, case_id)
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            if case.state not in ("resolved", "escalated"):
+                raise ConflictError("a case can be rated once it is resolved")
+            comment = (comment or "").strip() or None
+            rating = Rating(case.case_id, stars, comment, nothing_wrong, self._clock())
+            await self.store.add_rating(rating)
+            await self._audit(
+                case,
+                "owner",
+                "rating",
+                f"the owner rated it {stars} of 5",
+                {"stars": stars, "nothing_wrong": nothing_wrong, "comment": comment is not None},
+            )
+            reasons = []
+            if stars <= self.config.low_rating:
+                reasons.append(f"low rating ({stars} of 5)")
+            if nothing_wrong:
+                reasons.append("the owner says nothing was wrong (possible false alarm)")
+            if comment:
+                reasons.append("the owner left a comment")
+            if reasons:
+                reason = "; ".join(reasons)
+                await self.store.add_task(
+                    Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
+                )
+                if case.state == "resolved":
+                    await self._move(
+                        case, "escalated", reason, actor="owner", needs_person=reason, rating=stars
+                    )
+                else:
+                    await self._save(case, rating=stars, needs_person=reason)
+            else:
+                await self._save(case, rating=stars)
+            return rating
+
+    async def complete_visit(
+        self, technician_id: str, appointment_id: str, note: str | None = None
+    ) -> Appointment:
+        """The technician marks the visit done; the device is verified again."""
+        appointment = await self.store.get_appointment(appointment_id)
+        if appointment is None or appointment.technician_id != technician_id:
+            raise NotFoundError(f"no visit {appointment_id}")
+        if appointment.state != "booked":
+            raise ConflictError(f"this visit is {appointment.state}, not booked")
+        case = await self.store.get_case(appointment.case_id)
+        if case is None:
+            raise NotFoundError(f"no case for visit {appointment_id}")
+        async with self._lock(f"{case.device_id}/{case.fault}"):
+            case = await self._fresh(case)
+            done = replace(appointment, state="done", note=note)
+            await self.store.put_appointment(done)
+            latest = (await self.health.latest([case.device_id])).get(case.device_id)
+            fix_at = self._clock() if latest is None else max(latest.at, case.opened_at)
+            case = await self._move(
+                case,
+                "visited",
+                "the technician completed the visit",
+                actor="technician",
+                evidence={"technician_id": technician_id, "note": note is not None},
+            )
+            await self._tell(case, Notice("visit_done_checking"))
+            case = await self._move(
+                case, "verifying", "checking the device after the visit", fix_at=fix_at
+            )
+            self._timers[case.case_id] = _Timer(self._clock(), "verify")
+            return done
+
+    # -- timers ------------------------------------------------------------------------------
+    async def tick(self) -> None:
+        """Run due timers: command retries, verification checks, expiry of stale cases."""
+        now = self._clock()
+        due = [cid for cid, t in self._timers.items() if t.due <= now]
+        for case_id in due:
+            timer = self._timers.pop(case_id)
+            case = await self.store.get_case(case_id)
+            if case is None:
+                continue
+            try:
+                async with self._lock(f"{case.device_id}/{case.fault}"):
+                    case = await self._fresh(case)
+                    if timer.what == "verify" and case.state == "verifying":
+                        await self._verify(case)
+                    elif timer.what == "retry" and case.state == "remote_fix":
+                        self._spawn_command(case)
+            except (ConflictError, TransientError) as exc:
+                _LOG.warning("case %s: %s; trying again", case_id, exc)
+                self._timers[case_id] = _Timer(now + timedelta(seconds=5), timer.what)
+        await self._expire(now)
+
+    async def _expire(self, now: datetime) -> None:
+        limit = timedelta(seconds=self.config.consent_expiry_s)
+        for case in await self.store.cases(states=["awaiting_consent", "appointment_proposed"]):
+            if now - case.updated_at < limit:
+                continue
+            async with self._lock(f"{case.device_id}/{case.fault}"):
+                case = await self._fresh(case)
+                if case.state in ("awaiting_consent", "appointment_proposed"):
+                    await self._move(case, "expired", "the owner did not answer in time")
+
+    async def run(self) -> None:
+        """Run the timers until cancelled."""
+        while True:
+            await self.tick()
+            await asyncio.sleep(self.config.tick_s)
+
+
+_URGENCY_RANK: Final = {"low": 0, "normal": 1, "high": 2, "critical": 3}
+
+
+def _diff(old: Case, new: Case) -> dict[str, Any]:
+    return {
+        name: getattr(new, name)
+        for name in ("confidence", "failure_at", "urgency")
+        if getattr(old, name) != getattr(new, name)
+    }
+
+
+def _diagnosis_evidence(diagnosis: Diagnosis) -> dict[str, Any]:
+    ttf = diagnosis.time_to_failure
+    return {
+        "status": diagnosis.status,
+        "source": diagnosis.source,
+        "confidence": round(diagnosis.confidence, 3),
+        "score": round(diagnosis.score, 3),
+        "at": diagnosis.updated_at.isoformat(),
+        "time_to_failure_s": None if ttf is None else round(ttf.p50_s),
+        "drivers": [f"{c.feature} z={c.z:+.1f}" for c in diagnosis.drivers[:3]],
+        "evidence": list(diagnosis.evidence[:5]),
+    }
+
+
+def _health_evidence(points: Sequence[HealthPoint], healthy: float) -> dict[str, Any]:
+    if not points:
+        return {"scores": 0}
+    scores = [p.score for p in points]
+    return {
+        "scores": len(scores),
+        "healthy": sum(1 for s in scores if s < healthy),
+        "max": round(max(scores), 3),
+        "from": points[0].at.isoformat(),
+        "to": points[-1].at.isoformat(),
+    }

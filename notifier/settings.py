@@ -1,0 +1,74 @@
+"""Settings of the owner loop (section ``[notifier]``), passed in by ``fixloop``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+__all__ = ["NotifierSettings", "PushSettings"]
+
+
+class PushSettings(BaseModel):
+    """The push services (section ``[notifier.push]``); a channel kind without its
+    settings is not offered.
+
+    Attributes:
+        fcm_service_account: path of the Firebase service account JSON file.
+        fcm_base_url: FCM HTTP v1 API root.
+        vapid_private_key: Web Push VAPID private key (PEM or base64url raw P-256).
+        vapid_subject: contact for push services (``mailto:`` or ``https:``).
+        ntfy_token: access token for the ntfy server, if it needs one.
+        timeout_s: how long one delivery may take.
+        attempts: tries per channel before the next one.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    fcm_service_account: Path | None = None
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    vapid_private_key: SecretStr | None = None
+    vapid_subject: str = "mailto:service@example.com"
+    ntfy_token: SecretStr | None = None
+    timeout_s: float = Field(10.0, gt=0, le=120)
+    attempts: int = Field(4, ge=1, le=20)
+
+
+class NotifierSettings(BaseModel):
+    """The notifier service: cases, commands, verification, appointments, owner API.
+
+    Attributes:
+        client_id: MQTT client id of the diagnoses consumer (persistent session).
+        session_expiry_s: how long the broker keeps that session while we are away.
+        db_path: the SQLite case store.
+        api_host: where the owner REST API listens.
+        api_port: its port (0: a free one).
+        public_url: the API's public address, for one-tap action links.
+        command_timeout_s: how long to wait for a device's command result.
+        retry_after_s: pause before a refused or unanswered command is sent again.
+        settle_s: device time after a fix before its scores count.
+        verify_window_s: device time the scores must stay healthy to call it fixed.
+        verify_timeout_s: wall time after which a check with too little data fails.
+        healthy_score: scores below this are healthy.
+        firmware: firmware release to install by product model (``firmware_update``).
+        push: the push services.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    client_id: str = Field("fixloop-notifier", min_length=1, max_length=64)
+    session_expiry_s: int = Field(86_400, ge=0)
+    db_path: Path = Path(".fixloop/cases.sqlite3")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8_088, ge=0, le=65_535)
+    public_url: str | None = None
+    command_timeout_s: float = Field(60.0, gt=0, le=3_600)
+    retry_after_s: float = Field(300.0, gt=0)
+    settle_s: float = Field(600.0, ge=0)
+    verify_window_s: float = Field(3_600.0, gt=0)
+    verify_timeout_s: float = Field(6 * 3_600.0, gt=0)
+    healthy_score: float = Field(0.3, gt=0, lt=1)
+    firmware: dict[str, str] = Field(
+        default_factory=lambda: {"washer": "2.4.0", "fridge": "2.4.0", "heat_pump": "2.4.0"}
+    )
+    push: PushSettings = Field(default_factory=PushSettings)
