@@ -10,8 +10,10 @@ __all__ = ["NotifierSettings", "PushSettings"]
 
 
 class PushSettings(BaseModel):
-    """The push services (section ``[notifier.push]``); a channel kind without its
-    settings is not offered.
+    """The push services (section ``[notifier.push]``).
+
+    A channel kind without its settings is not offered (FCM needs a service account,
+    Web Push a VAPID key); ntfy and webhooks need nothing.
 
     Attributes:
         fcm_service_account: path of the Firebase service account JSON file.
