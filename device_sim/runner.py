@@ -375,6 +375,20 @@ class FleetRunner:
             else:
                 self._status += 1
 
+    async def repair(self, device_id: str, part: str) -> list[str]:
+        """A technician services ``part`` of a connected device now; return the faults cured.
+
+        The device reboots (reset reason ``service``) and its messages are published
+        like any other.
+
+        Raises:
+            ConfigError: unknown device, or the model has no such part.
+        """
+        cured, messages = self.fleet.repair(device_id, part, at=self.fleet.now)
+        if device_id in self._clients:
+            await self._publish(device_id, messages)
+        return list(cured)
+
     async def _listen(self, device_id: str, client: DeviceConnection) -> None:
         topic = commands_topic(device_id)
         async for message in client.messages():
