@@ -1,0 +1,1414 @@
+"""The SQLite case store (notifier; the default :class:`~notifier.store.CaseStore`).
+
+The owner loop, the owner API and the dashboard keep cases, appointments, ratings,
+owners, the device registry, push channels, notifications, tasks and the audit trail
+here. One file in WAL mode serves a small install; PostgreSQL can take over for a large
+fleet behind the same protocol.
+
+How it works:
+
+* **One connection, one thread.** A connection belongs to the thread that made it, so
+  every statement runs on a dedicated worker thread (a one-thread executor) and the
+  event loop only awaits it. The worker runs one job at a time, so a job's transaction
+  never interleaves with another job of the same store; ``BEGIN IMMEDIATE`` and
+  ``busy_timeout`` keep other processes on the same file out of the way.
+* **Migrations.** ``schema_version`` holds the file's version; :data:`MIGRATIONS` are the
+  steps, oldest first. Opening an older file applies the missing steps in one
+  transaction; a file from a newer fixloop is refused with
+  :class:`~gateway.errors.ConfigError`.
+* **Rows.** Datetimes are ISO 8601 UTC text with microseconds (fixed width, so text order
+  is time order) and come back UTC-aware; tuples, dicts and sets are JSON; local times
+  are ``HH:MM``.
+* **Rules in the schema.** One open case per device and fault is a partial unique index
+  over the open states; a case move is a compare-and-set ``UPDATE ... WHERE state = ?``;
+  a booking checks for overlapping visits of the technician inside ``BEGIN IMMEDIATE``;
+  one rating per case is the ratings table's key. Appointments, ratings and tasks need
+  their case (:class:`~notifier.errors.NotFoundError` otherwise).
+* **Owner data.** API tokens are kept as SHA-256 only. Erasure deletes with
+  ``secure_delete`` on and checkpoints the write-ahead log, so erased contacts do not
+  linger in the file. Nothing here logs contacts, names or tokens.
+
+Errors: a locked or failing database raises :class:`~gateway.errors.StoreUnavailableError`
+(retry), a record that breaks a rule :class:`~notifier.errors.InvalidRequestError`, a
+file that cannot be opened or migrated :class:`~gateway.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import fields, is_dataclass, replace
+from datetime import UTC, datetime, time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, NoReturn, Self, TypeVar
+from urllib.parse import urlsplit
+
+from gateway.errors import ConfigError, StoreUnavailableError
+from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
+from notifier.model import (
+    OPEN_STATES,
+    Appointment,
+    AuditEntry,
+    Case,
+    DeviceRecord,
+    Notification,
+    Owner,
+    PushChannel,
+    Rating,
+    Slot,
+    Task,
+    Technician,
+    Window,
+)
+from notifier.store import Principal
+
+__all__ = ["ERASED_OWNER", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
+
+_LOG = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: What an erased owner's cases keep as their owner id.
+ERASED_OWNER: Final = "erased"
+
+_PRINCIPAL_KINDS: Final = frozenset(("owner", "technician", "ops"))
+_OPEN: Final = tuple(sorted(OPEN_STATES))
+
+# The partial index names the open states of notifier.model.OPEN_STATES as they were when
+# the step was written; tests check that they still agree.
+_V1: Final[tuple[str, ...]] = (
+    """CREATE TABLE owners (
+        owner_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        language TEXT NOT NULL,
+        timezone TEXT NOT NULL,
+        region TEXT NOT NULL,
+        consent TEXT NOT NULL,
+        quiet_start TEXT,
+        quiet_end TEXT,
+        availability TEXT NOT NULL,
+        channels TEXT NOT NULL,
+        max_per_day INTEGER NOT NULL
+    )""",
+    """CREATE TABLE tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        principal_id TEXT NOT NULL
+    )""",
+    "CREATE INDEX tokens_principal ON tokens (kind, principal_id)",
+    """CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        firmware TEXT,
+        label TEXT,
+        batch TEXT
+    )""",
+    "CREATE INDEX devices_owner ON devices (owner_id)",
+    """CREATE TABLE channels (
+        channel_id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        keys TEXT NOT NULL,
+        active INTEGER NOT NULL,
+        created_at TEXT,
+        failures INTEGER NOT NULL
+    )""",
+    "CREATE INDEX channels_owner ON channels (owner_id)",
+    """CREATE TABLE cases (
+        case_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        owner_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        fault TEXT NOT NULL,
+        state TEXT NOT NULL,
+        urgency TEXT NOT NULL,
+        opened_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        confidence REAL NOT NULL,
+        failure_at TEXT,
+        remedies TEXT NOT NULL,
+        tried TEXT NOT NULL,
+        pending_action TEXT,
+        fix_at TEXT,
+        appointment_id TEXT,
+        needs_person TEXT,
+        rating INTEGER,
+        evidence TEXT NOT NULL
+    )""",
+    """CREATE UNIQUE INDEX cases_one_open ON cases (device_id, fault)
+        WHERE state IN ('appointment_proposed', 'awaiting_consent', 'booked', 'opened',
+                        'remote_fix', 'verifying', 'visited')""",
+    "CREATE INDEX cases_owner ON cases (owner_id, opened_at)",
+    "CREATE INDEX cases_device ON cases (device_id, opened_at)",
+    "CREATE INDEX cases_opened ON cases (opened_at)",
+    """CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        case_id TEXT,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT
+    )""",
+    "CREATE INDEX audit_case ON audit (case_id, at)",
+    """CREATE TABLE technicians (
+        technician_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        region TEXT NOT NULL,
+        skills TEXT NOT NULL,
+        timezone TEXT NOT NULL,
+        hours TEXT NOT NULL
+    )""",
+    """CREATE TABLE appointments (
+        appointment_id TEXT PRIMARY KEY,
+        case_id TEXT NOT NULL REFERENCES cases (case_id),
+        technician_id TEXT,
+        start_at TEXT,
+        end_at TEXT,
+        state TEXT NOT NULL,
+        part TEXT,
+        offered TEXT NOT NULL,
+        note TEXT
+    )""",
+    "CREATE INDEX appointments_case ON appointments (case_id)",
+    "CREATE INDEX appointments_start ON appointments (start_at)",
+    """CREATE TABLE ratings (
+        case_id TEXT PRIMARY KEY REFERENCES cases (case_id),
+        stars INTEGER NOT NULL CHECK (stars BETWEEN 1 AND 5),
+        comment TEXT,
+        nothing_wrong INTEGER NOT NULL,
+        at TEXT NOT NULL
+    )""",
+    "CREATE INDEX ratings_at ON ratings (at)",
+    """CREATE TABLE notifications (
+        notification_id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL,
+        case_id TEXT,
+        kind TEXT NOT NULL,
+        title TEXT NOT NULL,
+        body TEXT NOT NULL,
+        actions TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        status TEXT NOT NULL,
+        channel_id TEXT
+    )""",
+    "CREATE INDEX notifications_owner ON notifications (owner_id, created_at)",
+    """CREATE TABLE tasks (
+        task_id TEXT PRIMARY KEY,
+        case_id TEXT NOT NULL REFERENCES cases (case_id),
+        reason TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        state TEXT NOT NULL,
+        assignee TEXT
+    )""",
+    "CREATE INDEX tasks_created ON tasks (created_at)",
+)
+
+# The double-booking check of book() looks only at booked visits of one technician.
+_V2: Final[tuple[str, ...]] = (
+    """CREATE INDEX appointments_booked ON appointments (technician_id, start_at)
+        WHERE state = 'booked'""",
+)
+
+#: Schema steps, oldest first: step ``n`` (from 1) takes a file from version ``n - 1``
+#: to ``n``. Append only; never edit a step that has shipped.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
+#: The schema version this code writes.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+# -- rows and records ----------------------------------------------------------------------
+
+
+def _ts(value: datetime) -> str:
+    """A UTC-aware datetime as fixed-width ISO 8601 UTC text."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRequestError("the case store keeps UTC-aware datetimes only, not naive ones")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _ts_opt(value: datetime | None) -> str | None:
+    return None if value is None else _ts(value)
+
+
+def _dt(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def _dt_opt(text: str | None) -> datetime | None:
+    return None if text is None else _dt(text)
+
+
+def _hhmm(value: time) -> str:
+    """A local time as ``HH:MM`` (seconds too, should it have any)."""
+    if value.second or value.microsecond:
+        return value.isoformat()
+    return value.isoformat(timespec="minutes")
+
+
+def _hhmm_opt(value: time | None) -> str | None:
+    return None if value is None else _hhmm(value)
+
+
+def _time_opt(text: str | None) -> time | None:
+    return None if text is None else time.fromisoformat(text)
+
+
+def _json(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"not JSON-serialisable: {exc}") from exc
+
+
+def _windows_json(windows: tuple[Window, ...]) -> str:
+    return _json([[w.weekday, _hhmm(w.start), _hhmm(w.end)] for w in windows])
+
+
+def _windows(text: str) -> tuple[Window, ...]:
+    return tuple(
+        Window(weekday, time.fromisoformat(start), time.fromisoformat(end))
+        for weekday, start, end in json.loads(text)
+    )
+
+
+def _owner_row(owner: Owner) -> dict[str, Any]:
+    return {
+        "owner_id": owner.owner_id,
+        "name": owner.name,
+        "language": owner.language,
+        "timezone": owner.timezone,
+        "region": owner.region,
+        "consent": owner.consent,
+        "quiet_start": _hhmm_opt(owner.quiet_start),
+        "quiet_end": _hhmm_opt(owner.quiet_end),
+        "availability": _windows_json(owner.availability),
+        "channels": _json(list(owner.channels)),
+        "max_per_day": owner.max_per_day,
+    }
+
+
+def _owner(row: sqlite3.Row) -> Owner:
+    return Owner(
+        owner_id=row["owner_id"],
+        name=row["name"],
+        language=row["language"],
+        timezone=row["timezone"],
+        region=row["region"],
+        consent=row["consent"],
+        quiet_start=_time_opt(row["quiet_start"]),
+        quiet_end=_time_opt(row["quiet_end"]),
+        availability=_windows(row["availability"]),
+        channels=tuple(json.loads(row["channels"])),
+        max_per_day=row["max_per_day"],
+    )
+
+
+def _device_row(device: DeviceRecord) -> dict[str, Any]:
+    return {
+        "device_id": device.device_id,
+        "owner_id": device.owner_id,
+        "model": device.model,
+        "firmware": device.firmware,
+        "label": device.label,
+        "batch": device.batch,
+    }
+
+
+def _device(row: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        device_id=row["device_id"],
+        owner_id=row["owner_id"],
+        model=row["model"],
+        firmware=row["firmware"],
+        label=row["label"],
+        batch=row["batch"],
+    )
+
+
+def _channel_row(channel: PushChannel) -> dict[str, Any]:
+    return {
+        "channel_id": channel.channel_id,
+        "owner_id": channel.owner_id,
+        "kind": channel.kind,
+        "target": channel.target,
+        "keys": _json(channel.keys),
+        "active": int(channel.active),
+        "created_at": _ts_opt(channel.created_at),
+        "failures": channel.failures,
+    }
+
+
+def _channel(row: sqlite3.Row) -> PushChannel:
+    return PushChannel(
+        channel_id=row["channel_id"],
+        owner_id=row["owner_id"],
+        kind=row["kind"],
+        target=row["target"],
+        keys=json.loads(row["keys"]),
+        active=bool(row["active"]),
+        created_at=_dt_opt(row["created_at"]),
+        failures=row["failures"],
+    )
+
+
+def _case_row(case: Case) -> dict[str, Any]:
+    return {
+        "case_id": case.case_id,
+        "device_id": case.device_id,
+        "owner_id": case.owner_id,
+        "model": case.model,
+        "fault": case.fault,
+        "state": case.state,
+        "urgency": case.urgency,
+        "opened_at": _ts(case.opened_at),
+        "updated_at": _ts(case.updated_at),
+        "confidence": case.confidence,
+        "failure_at": _ts_opt(case.failure_at),
+        "remedies": _json(list(case.remedies)),
+        "tried": _json(list(case.tried)),
+        "pending_action": case.pending_action,
+        "fix_at": _ts_opt(case.fix_at),
+        "appointment_id": case.appointment_id,
+        "needs_person": case.needs_person,
+        "rating": case.rating,
+        "evidence": _json(list(case.evidence)),
+    }
+
+
+def _case(row: sqlite3.Row) -> Case:
+    return Case(
+        case_id=row["case_id"],
+        device_id=row["device_id"],
+        owner_id=row["owner_id"],
+        model=row["model"],
+        fault=row["fault"],
+        state=row["state"],
+        urgency=row["urgency"],
+        opened_at=_dt(row["opened_at"]),
+        updated_at=_dt(row["updated_at"]),
+        confidence=row["confidence"],
+        failure_at=_dt_opt(row["failure_at"]),
+        remedies=tuple(json.loads(row["remedies"])),
+        tried=tuple(json.loads(row["tried"])),
+        pending_action=row["pending_action"],
+        fix_at=_dt_opt(row["fix_at"]),
+        appointment_id=row["appointment_id"],
+        needs_person=row["needs_person"],
+        rating=row["rating"],
+        evidence=tuple(json.loads(row["evidence"])),
+    )
+
+
+def _audit_row(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "case_id": entry.case_id,
+        "at": _ts(entry.at),
+        "actor": entry.actor,
+        "action": entry.action,
+        "reason": entry.reason,
+        "evidence": _json(entry.evidence),
+        "from_state": entry.from_state,
+        "to_state": entry.to_state,
+    }
+
+
+def _audit(row: sqlite3.Row) -> AuditEntry:
+    return AuditEntry(
+        case_id=row["case_id"],
+        at=_dt(row["at"]),
+        actor=row["actor"],
+        action=row["action"],
+        reason=row["reason"],
+        evidence=json.loads(row["evidence"]),
+        from_state=row["from_state"],
+        to_state=row["to_state"],
+    )
+
+
+def _technician_row(technician: Technician) -> dict[str, Any]:
+    return {
+        "technician_id": technician.technician_id,
+        "name": technician.name,
+        "region": technician.region,
+        "skills": _json(sorted(technician.skills)),
+        "timezone": technician.timezone,
+        "hours": _windows_json(technician.hours),
+    }
+
+
+def _technician(row: sqlite3.Row) -> Technician:
+    return Technician(
+        technician_id=row["technician_id"],
+        name=row["name"],
+        region=row["region"],
+        skills=frozenset(json.loads(row["skills"])),
+        timezone=row["timezone"],
+        hours=_windows(row["hours"]),
+    )
+
+
+def _appointment_row(appointment: Appointment) -> dict[str, Any]:
+    offered = [
+        {
+            "technician_id": slot.technician_id,
+            "start": _ts(slot.start),
+            "end": _ts(slot.end),
+            "score": slot.score,
+        }
+        for slot in appointment.offered
+    ]
+    return {
+        "appointment_id": appointment.appointment_id,
+        "case_id": appointment.case_id,
+        "technician_id": appointment.technician_id,
+        "start_at": _ts_opt(appointment.start),
+        "end_at": _ts_opt(appointment.end),
+        "state": appointment.state,
+        "part": appointment.part,
+        "offered": _json(offered),
+        "note": appointment.note,
+    }
+
+
+def _appointment(row: sqlite3.Row) -> Appointment:
+    offered = tuple(
+        Slot(slot["technician_id"], _dt(slot["start"]), _dt(slot["end"]), slot["score"])
+        for slot in json.loads(row["offered"])
+    )
+    return Appointment(
+        appointment_id=row["appointment_id"],
+        case_id=row["case_id"],
+        technician_id=row["technician_id"],
+        start=_dt_opt(row["start_at"]),
+        end=_dt_opt(row["end_at"]),
+        state=row["state"],
+        part=row["part"],
+        offered=offered,
+        note=row["note"],
+    )
+
+
+def _rating_row(rating: Rating) -> dict[str, Any]:
+    return {
+        "case_id": rating.case_id,
+        "stars": rating.stars,
+        "comment": rating.comment,
+        "nothing_wrong": int(rating.nothing_wrong),
+        "at": _ts(rating.at),
+    }
+
+
+def _rating(row: sqlite3.Row) -> Rating:
+    return Rating(
+        case_id=row["case_id"],
+        stars=row["stars"],
+        comment=row["comment"],
+        nothing_wrong=bool(row["nothing_wrong"]),
+        at=_dt(row["at"]),
+    )
+
+
+def _notification_row(notification: Notification) -> dict[str, Any]:
+    return {
+        "notification_id": notification.notification_id,
+        "owner_id": notification.owner_id,
+        "case_id": notification.case_id,
+        "kind": notification.kind,
+        "title": notification.title,
+        "body": notification.body,
+        "actions": _json([list(action) for action in notification.actions]),
+        "created_at": _ts(notification.created_at),
+        "status": notification.status,
+        "channel_id": notification.channel_id,
+    }
+
+
+def _notification(row: sqlite3.Row) -> Notification:
+    return Notification(
+        notification_id=row["notification_id"],
+        owner_id=row["owner_id"],
+        case_id=row["case_id"],
+        kind=row["kind"],
+        title=row["title"],
+        body=row["body"],
+        actions=tuple((action_id, label) for action_id, label in json.loads(row["actions"])),
+        created_at=_dt(row["created_at"]),
+        status=row["status"],
+        channel_id=row["channel_id"],
+    )
+
+
+def _task_row(task: Task) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "case_id": task.case_id,
+        "reason": task.reason,
+        "created_at": _ts(task.created_at),
+        "state": task.state,
+        "assignee": task.assignee,
+    }
+
+
+def _task(row: sqlite3.Row) -> Task:
+    return Task(
+        task_id=row["task_id"],
+        case_id=row["case_id"],
+        reason=row["reason"],
+        created_at=_dt(row["created_at"]),
+        state=row["state"],
+        assignee=row["assignee"],
+    )
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A record (or a value inside one) as JSON-serialisable data."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, datetime):
+        return _ts(value)
+    if isinstance(value, time):
+        return _hhmm(value)
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, frozenset | set):
+        return sorted(_plain(item) for item in value)
+    return value
+
+
+def _mask_target(target: str) -> str:
+    """A push target with its secret part hidden: a URL keeps its scheme and host."""
+    parts = urlsplit(target)
+    if parts.scheme and parts.hostname:
+        return f"{parts.scheme}://{parts.hostname}/***"
+    return f"***{target[-4:]}" if len(target) >= 16 else "***"
+
+
+def _exported_channel(channel: PushChannel) -> dict[str, Any]:
+    # secrets (keys, the full target) stay out of an export: it is a file that travels
+    return {
+        "channel_id": channel.channel_id,
+        "kind": channel.kind,
+        "target": _mask_target(channel.target),
+        "active": channel.active,
+        "created_at": _ts_opt(channel.created_at),
+        "failures": channel.failures,
+    }
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+def _in(column: str, values: Sequence[str]) -> str:
+    return f"{column} IN ({', '.join('?' for _ in values)})"
+
+
+def _upsert(conn: sqlite3.Connection, table: str, key: str, row: dict[str, Any]) -> None:
+    columns = ", ".join(row)
+    marks = ", ".join(f":{column}" for column in row)
+    updates = ", ".join(f"{column} = excluded.{column}" for column in row if column != key)
+    conn.execute(
+        f"INSERT INTO {table} ({columns}) VALUES ({marks}) "
+        f"ON CONFLICT ({key}) DO UPDATE SET {updates}",
+        row,
+    )
+
+
+def _insert(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
+    columns = ", ".join(row)
+    marks = ", ".join(f":{column}" for column in row)
+    conn.execute(f"INSERT INTO {table} ({columns}) VALUES ({marks})", row)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[None]:
+    """One transaction: ``BEGIN IMMEDIATE`` takes the write lock before the first read."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _constraint(exc: sqlite3.IntegrityError) -> str:
+    return getattr(exc, "sqlite_errorname", "")
+
+
+def _raise_missing_case(exc: sqlite3.IntegrityError, case_id: str) -> NoReturn:
+    """Raise :class:`NotFoundError` for a record whose case is missing, else ``exc``."""
+    if _constraint(exc) == "SQLITE_CONSTRAINT_FOREIGNKEY":
+        raise NotFoundError(f"no case {case_id!r}") from exc
+    raise exc
+
+
+class SqliteStore:
+    """The case store in one SQLite file (WAL mode), or in memory for tests.
+
+    Use as ``async with SqliteStore(path) as store:``, or ``store = await
+    SqliteStore(path).open()`` and later ``await store.close()``. Implements
+    :class:`~notifier.store.CaseStore`.
+
+    Args:
+        path: the database file (created if missing, its folder must exist), or
+            ``":memory:"`` for a private in-memory store.
+        busy_timeout_s: how long a statement waits for another process's lock before
+            :class:`~gateway.errors.StoreUnavailableError`.
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
+        if busy_timeout_s < 0:
+            raise ConfigError(f"busy_timeout_s must not be negative, not {busy_timeout_s}")
+        self._path = path
+        self._busy_timeout_s = busy_timeout_s
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> Self:
+        """Open the file, set it up (WAL, foreign keys, busy timeout) and migrate it.
+
+        Returns:
+            The store itself.
+
+        Raises:
+            ConfigError: the file cannot be opened, is not a case store, comes from a
+                newer fixloop, or a migration failed (the file is left as it was).
+        """
+        if self._conn is not None:
+            return self
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="case-store")
+        try:
+            self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._executor = executor
+        return self
+
+    async def close(self) -> None:
+        """Close the connection and stop the worker thread (closing twice is harmless)."""
+        conn, executor = self._conn, self._executor
+        self._conn = self._executor = None
+        if executor is None:
+            return
+        try:
+            if conn is not None:
+                await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        finally:
+            executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open and migrate the database (on the worker thread)."""
+        where = str(self._path)
+        try:
+            conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open the case store {where}: {exc}") from exc
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {round(self._busy_timeout_s * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal" and where != ":memory:":
+                _LOG.warning("case store %s runs in journal mode %s, not WAL", where, mode)
+            conn.execute("PRAGMA foreign_keys = ON")
+            # Erased owner data is overwritten with zeros rather than left in free space.
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("PRAGMA synchronous = FULL")
+            self._migrate(conn, where)
+        except ConfigError:
+            conn.close()
+            raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise ConfigError(f"cannot open the case store {where}: {exc}") from exc
+        return conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, where: str) -> None:
+        steps = MIGRATIONS  # read at open time, so that tests can add a step
+        with _transaction(conn):
+            tables = {
+                row[0]
+                for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if "schema_version" in tables:
+                version = conn.execute("SELECT version FROM schema_version").fetchone()[0]
+            elif tables:
+                raise ConfigError(
+                    f"{where} is an SQLite file but not a fixloop case store "
+                    "(it has no schema_version table)"
+                )
+            else:
+                conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+                version = 0
+            if version > len(steps):
+                raise ConfigError(
+                    f"the case store {where} has schema version {version}, but this fixloop "
+                    f"knows versions up to {len(steps)}: run a newer fixloop, or point it "
+                    "at another file"
+                )
+            for number in range(version + 1, len(steps) + 1):
+                try:
+                    for statement in steps[number - 1]:
+                        conn.execute(statement)
+                except sqlite3.Error as exc:
+                    raise ConfigError(
+                        f"migrating the case store {where} to version {number} failed "
+                        f"(the file is left at version {version}): {exc}"
+                    ) from exc
+                conn.execute("UPDATE schema_version SET version = ?", (number,))
+        if version < len(steps):
+            _LOG.info(
+                "case store %s migrated from schema version %d to %d", where, version, len(steps)
+            )
+
+    async def _run(self, job: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``job`` with the connection on the worker thread."""
+        conn, executor = self._conn, self._executor
+        if conn is None or executor is None:
+            raise StoreUnavailableError("the case store is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, job, conn)
+        except sqlite3.IntegrityError as exc:
+            raise InvalidRequestError(f"the record breaks a rule of the case store: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"the case store failed: {exc}") from exc
+
+    # -- owners, tokens, devices, channels -----------------------------------------------------
+
+    async def put_owner(self, owner: Owner) -> None:
+        """Insert or replace an owner."""
+        row = _owner_row(owner)
+        await self._run(lambda conn: _upsert(conn, "owners", "owner_id", row))
+
+    async def get_owner(self, owner_id: str) -> Owner | None:
+        """Return an owner."""
+
+        def job(conn: sqlite3.Connection) -> Owner | None:
+            row = conn.execute("SELECT * FROM owners WHERE owner_id = ?", (owner_id,)).fetchone()
+            return None if row is None else _owner(row)
+
+        return await self._run(job)
+
+    async def add_token(self, token: str, principal: Principal) -> None:
+        """Remember an API token (only its SHA-256 is kept) for a principal.
+
+        Raises:
+            InvalidRequestError: an empty token or an unknown principal kind.
+        """
+        kind, principal_id = principal
+        if not token:
+            raise InvalidRequestError("an API token must not be empty")
+        if kind not in _PRINCIPAL_KINDS:
+            raise InvalidRequestError(f"unknown principal kind {kind!r}")
+        row = {"token_sha256": _token_hash(token), "kind": kind, "principal_id": principal_id}
+        await self._run(lambda conn: _upsert(conn, "tokens", "token_sha256", row))
+
+    async def resolve_token(self, token: str) -> Principal | None:
+        """Return who a token stands for, or ``None`` for an unknown token."""
+        digest = _token_hash(token)
+
+        def job(conn: sqlite3.Connection) -> Principal | None:
+            row = conn.execute(
+                "SELECT kind, principal_id FROM tokens WHERE token_sha256 = ?", (digest,)
+            ).fetchone()
+            return None if row is None else (row["kind"], row["principal_id"])
+
+        return await self._run(job)
+
+    async def put_device(self, device: DeviceRecord) -> None:
+        """Insert or replace a device registry entry."""
+        row = _device_row(device)
+        await self._run(lambda conn: _upsert(conn, "devices", "device_id", row))
+
+    async def get_device(self, device_id: str) -> DeviceRecord | None:
+        """Return a device's registry entry."""
+
+        def job(conn: sqlite3.Connection) -> DeviceRecord | None:
+            row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+            return None if row is None else _device(row)
+
+        return await self._run(job)
+
+    async def devices(self, owner_id: str | None = None) -> list[DeviceRecord]:
+        """Return the devices of one owner, or all, by device id."""
+
+        def job(conn: sqlite3.Connection) -> list[DeviceRecord]:
+            if owner_id is None:
+                rows = conn.execute("SELECT * FROM devices ORDER BY device_id")
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM devices WHERE owner_id = ? ORDER BY device_id", (owner_id,)
+                )
+            return [_device(row) for row in rows]
+
+        return await self._run(job)
+
+    async def put_channel(self, channel: PushChannel) -> None:
+        """Insert or replace a push channel."""
+        row = _channel_row(channel)
+        await self._run(lambda conn: _upsert(conn, "channels", "channel_id", row))
+
+    async def channels(self, owner_id: str, *, active_only: bool = True) -> list[PushChannel]:
+        """Return an owner's push channels, oldest first (unknown times first)."""
+
+        def job(conn: sqlite3.Connection) -> list[PushChannel]:
+            where = "owner_id = ? AND active = 1" if active_only else "owner_id = ?"
+            rows = conn.execute(
+                f"SELECT * FROM channels WHERE {where} ORDER BY created_at, rowid", (owner_id,)
+            )
+            return [_channel(row) for row in rows]
+
+        return await self._run(job)
+
+    # -- cases and the audit trail -------------------------------------------------------------
+
+    async def add_case(self, case: Case) -> None:
+        """Insert a new case.
+
+        Raises:
+            ConflictError: a case with that id exists, or an open case for the same
+                device and fault exists (one open case per device and fault).
+        """
+        row = _case_row(case)
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                _insert(conn, "cases", row)
+            except sqlite3.IntegrityError as exc:
+                if _constraint(exc) == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise ConflictError(f"case {case.case_id!r} exists") from exc
+                if _constraint(exc) == "SQLITE_CONSTRAINT_UNIQUE":
+                    raise ConflictError(
+                        f"device {case.device_id!r} has an open case for {case.fault!r}"
+                    ) from exc
+                raise
+
+        await self._run(job)
+
+    async def get_case(self, case_id: str) -> Case | None:
+        """Return a case."""
+
+        def job(conn: sqlite3.Connection) -> Case | None:
+            row = conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+            return None if row is None else _case(row)
+
+        return await self._run(job)
+
+    async def open_case(self, device_id: str, fault: str) -> Case | None:
+        """Return the open case of a device and fault, if any."""
+
+        def job(conn: sqlite3.Connection) -> Case | None:
+            row = conn.execute(
+                f"SELECT * FROM cases WHERE device_id = ? AND fault = ? AND {_in('state', _OPEN)}",
+                (device_id, fault, *_OPEN),
+            ).fetchone()
+            return None if row is None else _case(row)
+
+        return await self._run(job)
+
+    async def update_case(self, case: Case, *, expected_state: str) -> None:
+        """Replace a case if its stored state is still ``expected_state``.
+
+        Raises:
+            ConflictError: the stored case moved on (or does not exist), or the new
+                state would give the device a second open case for the fault.
+        """
+        row = _case_row(case)
+        updates = ", ".join(f"{column} = :{column}" for column in row if column != "case_id")
+        params = {**row, "expected_state": expected_state}
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                cursor = conn.execute(
+                    f"UPDATE cases SET {updates} "
+                    "WHERE case_id = :case_id AND state = :expected_state",
+                    params,
+                )
+            except sqlite3.IntegrityError as exc:
+                if _constraint(exc) == "SQLITE_CONSTRAINT_UNIQUE":
+                    raise ConflictError(
+                        f"device {case.device_id!r} has another open case for {case.fault!r}"
+                    ) from exc
+                raise
+            if cursor.rowcount == 0:
+                raise ConflictError(
+                    f"case {case.case_id!r} is not in state {expected_state!r} (or does not exist)"
+                )
+
+        await self._run(job)
+
+    async def cases(
+        self,
+        *,
+        owner_id: str | None = None,
+        device_id: str | None = None,
+        states: Sequence[str] | None = None,
+        limit: int = 1000,
+    ) -> list[Case]:
+        """Return cases, newest first, filtered by owner, device and states."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if owner_id is not None:
+            clauses.append("owner_id = ?")
+            params.append(owner_id)
+        if device_id is not None:
+            clauses.append("device_id = ?")
+            params.append(device_id)
+        if states is not None:
+            if not states:
+                return []
+            clauses.append(_in("state", states))
+            params.extend(states)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(max(limit, 0))
+
+        def job(conn: sqlite3.Connection) -> list[Case]:
+            rows = conn.execute(
+                f"SELECT * FROM cases {where} ORDER BY opened_at DESC, case_id DESC LIMIT ?",
+                params,
+            )
+            return [_case(row) for row in rows]
+
+        return await self._run(job)
+
+    async def add_audit(self, entry: AuditEntry) -> None:
+        """Append to the audit trail (never changed or removed, except by erasure)."""
+        row = _audit_row(entry)
+        await self._run(lambda conn: _insert(conn, "audit", row))
+
+    async def audit(self, case_id: str) -> list[AuditEntry]:
+        """Return a case's audit trail, oldest first (entries of one instant as written)."""
+
+        def job(conn: sqlite3.Connection) -> list[AuditEntry]:
+            rows = conn.execute(
+                "SELECT * FROM audit WHERE case_id = ? ORDER BY at, seq", (case_id,)
+            )
+            return [_audit(row) for row in rows]
+
+        return await self._run(job)
+
+    # -- technicians and appointments ----------------------------------------------------------
+
+    async def put_technician(self, technician: Technician) -> None:
+        """Insert or replace a technician."""
+        row = _technician_row(technician)
+        await self._run(lambda conn: _upsert(conn, "technicians", "technician_id", row))
+
+    async def get_technician(self, technician_id: str) -> Technician | None:
+        """Return a technician."""
+
+        def job(conn: sqlite3.Connection) -> Technician | None:
+            row = conn.execute(
+                "SELECT * FROM technicians WHERE technician_id = ?", (technician_id,)
+            ).fetchone()
+            return None if row is None else _technician(row)
+
+        return await self._run(job)
+
+    async def technicians(self, region: str | None = None) -> list[Technician]:
+        """Return the technicians (of one region), by id."""
+
+        def job(conn: sqlite3.Connection) -> list[Technician]:
+            if region is None:
+                rows = conn.execute("SELECT * FROM technicians ORDER BY technician_id")
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM technicians WHERE region = ? ORDER BY technician_id", (region,)
+                )
+            return [_technician(row) for row in rows]
+
+        return await self._run(job)
+
+    async def put_appointment(self, appointment: Appointment) -> None:
+        """Insert or replace an appointment that is not ``booked`` (use :meth:`book`).
+
+        Raises:
+            InvalidRequestError: the appointment is ``booked``.
+            NotFoundError: its case does not exist.
+        """
+        if appointment.state == "booked":
+            raise InvalidRequestError("a booked appointment is stored with book()")
+        row = _appointment_row(appointment)
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                _upsert(conn, "appointments", "appointment_id", row)
+            except sqlite3.IntegrityError as exc:
+                _raise_missing_case(exc, appointment.case_id)
+
+        await self._run(job)
+
+    async def book(self, appointment: Appointment) -> None:
+        """Store an appointment as ``booked``, atomically refusing a double booking.
+
+        Visits are half-open ``[start, end)``: one may start when another ends.
+
+        Raises:
+            ConflictError: the technician has another booked visit overlapping it.
+            InvalidRequestError: the technician, start or end is missing, or the end is
+                not after the start.
+            NotFoundError: its case does not exist.
+        """
+        if appointment.technician_id is None or appointment.start is None:
+            raise InvalidRequestError("a booking needs a technician, a start and an end")
+        if appointment.end is None:
+            raise InvalidRequestError("a booking needs a technician, a start and an end")
+        if appointment.end <= appointment.start:
+            raise InvalidRequestError("a booking must end after it starts")
+        row = _appointment_row(replace(appointment, state="booked"))
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                clash = conn.execute(
+                    "SELECT appointment_id FROM appointments "
+                    "WHERE technician_id = ? AND state = 'booked' AND appointment_id != ? "
+                    "AND start_at < ? AND end_at > ? LIMIT 1",
+                    (row["technician_id"], row["appointment_id"], row["end_at"], row["start_at"]),
+                ).fetchone()
+                if clash is not None:
+                    raise ConflictError(
+                        f"technician {appointment.technician_id!r} is booked then "
+                        f"(appointment {clash[0]!r})"
+                    )
+                try:
+                    _upsert(conn, "appointments", "appointment_id", row)
+                except sqlite3.IntegrityError as exc:
+                    _raise_missing_case(exc, appointment.case_id)
+
+        await self._run(job)
+
+    async def get_appointment(self, appointment_id: str) -> Appointment | None:
+        """Return an appointment."""
+
+        def job(conn: sqlite3.Connection) -> Appointment | None:
+            row = conn.execute(
+                "SELECT * FROM appointments WHERE appointment_id = ?", (appointment_id,)
+            ).fetchone()
+            return None if row is None else _appointment(row)
+
+        return await self._run(job)
+
+    async def appointments(
+        self,
+        *,
+        technician_id: str | None = None,
+        case_id: str | None = None,
+        states: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[Appointment]:
+        """Return appointments by start time (``since <= start < until``).
+
+        Appointments without a start (proposals) come last, and only when neither
+        ``since`` nor ``until`` is given.
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if technician_id is not None:
+            clauses.append("technician_id = ?")
+            params.append(technician_id)
+        if case_id is not None:
+            clauses.append("case_id = ?")
+            params.append(case_id)
+        if states is not None:
+            if not states:
+                return []
+            clauses.append(_in("state", states))
+            params.extend(states)
+        if since is not None:
+            clauses.append("start_at >= ?")
+            params.append(_ts(since))
+        if until is not None:
+            clauses.append("start_at < ?")
+            params.append(_ts(until))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+        def job(conn: sqlite3.Connection) -> list[Appointment]:
+            rows = conn.execute(
+                f"SELECT * FROM appointments {where} "
+                "ORDER BY start_at IS NULL, start_at, appointment_id",
+                params,
+            )
+            return [_appointment(row) for row in rows]
+
+        return await self._run(job)
+
+    # -- ratings, notifications, tasks ---------------------------------------------------------
+
+    async def add_rating(self, rating: Rating) -> None:
+        """Store the rating of a case.
+
+        Raises:
+            ConflictError: the case is rated already (one rating per case).
+            NotFoundError: the case does not exist.
+            InvalidRequestError: the stars are not 1 to 5.
+        """
+        row = _rating_row(rating)
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                _insert(conn, "ratings", row)
+            except sqlite3.IntegrityError as exc:
+                if _constraint(exc) == "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise ConflictError(f"case {rating.case_id!r} is rated already") from exc
+                if _constraint(exc) == "SQLITE_CONSTRAINT_CHECK":
+                    raise InvalidRequestError(
+                        f"a rating is 1 to 5 stars, not {rating.stars}"
+                    ) from exc
+                _raise_missing_case(exc, rating.case_id)
+
+        await self._run(job)
+
+    async def get_rating(self, case_id: str) -> Rating | None:
+        """Return a case's rating."""
+
+        def job(conn: sqlite3.Connection) -> Rating | None:
+            row = conn.execute("SELECT * FROM ratings WHERE case_id = ?", (case_id,)).fetchone()
+            return None if row is None else _rating(row)
+
+        return await self._run(job)
+
+    async def ratings(self, since: datetime | None = None) -> list[Rating]:
+        """Return ratings, oldest first (``since`` inclusive)."""
+        bound = _ts_opt(since)
+
+        def job(conn: sqlite3.Connection) -> list[Rating]:
+            if bound is None:
+                rows = conn.execute("SELECT * FROM ratings ORDER BY at, case_id")
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM ratings WHERE at >= ? ORDER BY at, case_id", (bound,)
+                )
+            return [_rating(row) for row in rows]
+
+        return await self._run(job)
+
+    async def add_notification(self, notification: Notification) -> None:
+        """Insert or replace a notification."""
+        row = _notification_row(notification)
+        await self._run(lambda conn: _upsert(conn, "notifications", "notification_id", row))
+
+    async def notifications(
+        self, owner_id: str, *, status: str | None = None, since: datetime | None = None
+    ) -> list[Notification]:
+        """Return an owner's notifications, oldest first (``since`` inclusive)."""
+        clauses = ["owner_id = ?"]
+        params: list[Any] = [owner_id]
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(status)
+        if since is not None:
+            clauses.append("created_at >= ?")
+            params.append(_ts(since))
+        where = " AND ".join(clauses)
+
+        def job(conn: sqlite3.Connection) -> list[Notification]:
+            rows = conn.execute(
+                f"SELECT * FROM notifications WHERE {where} ORDER BY created_at, notification_id",
+                params,
+            )
+            return [_notification(row) for row in rows]
+
+        return await self._run(job)
+
+    async def add_task(self, task: Task) -> None:
+        """Insert or replace a task for a person.
+
+        Raises:
+            NotFoundError: its case does not exist.
+        """
+        row = _task_row(task)
+
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                _upsert(conn, "tasks", "task_id", row)
+            except sqlite3.IntegrityError as exc:
+                _raise_missing_case(exc, task.case_id)
+
+        await self._run(job)
+
+    async def tasks(self, *, state: str | None = None, case_id: str | None = None) -> list[Task]:
+        """Return tasks, oldest first."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(state)
+        if case_id is not None:
+            clauses.append("case_id = ?")
+            params.append(case_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+        def job(conn: sqlite3.Connection) -> list[Task]:
+            rows = conn.execute(f"SELECT * FROM tasks {where} ORDER BY created_at, task_id", params)
+            return [_task(row) for row in rows]
+
+        return await self._run(job)
+
+    # -- the owner's rights --------------------------------------------------------------------
+
+    async def export_owner(self, owner_id: str) -> dict[str, Any]:
+        """Return everything kept about an owner, as JSON-serialisable data.
+
+        Keys: ``owner`` (``None`` for an unknown owner), ``devices``, ``channels`` (kind
+        and a masked target, no secrets), ``cases`` (each with its ``audit`` trail),
+        ``appointments``, ``ratings``, ``notifications`` and ``tasks``. Datetimes are ISO
+        8601 UTC text, local times ``HH:MM``. API tokens are not exported: only their
+        hashes are kept.
+        """
+
+        def job(conn: sqlite3.Connection) -> dict[str, Any]:
+            # one read transaction: a consistent picture even while the loop writes
+            with _transaction(conn, immediate=False):
+                owner = conn.execute(
+                    "SELECT * FROM owners WHERE owner_id = ?", (owner_id,)
+                ).fetchone()
+                devices = conn.execute(
+                    "SELECT * FROM devices WHERE owner_id = ? ORDER BY device_id", (owner_id,)
+                ).fetchall()
+                channels = conn.execute(
+                    "SELECT * FROM channels WHERE owner_id = ? ORDER BY created_at, rowid",
+                    (owner_id,),
+                ).fetchall()
+                cases = [
+                    _case(row)
+                    for row in conn.execute(
+                        "SELECT * FROM cases WHERE owner_id = ? ORDER BY opened_at, case_id",
+                        (owner_id,),
+                    )
+                ]
+                ids = [case.case_id for case in cases]
+                case_rows: list[dict[str, Any]] = []
+                for case in cases:
+                    trail = conn.execute(
+                        "SELECT * FROM audit WHERE case_id = ? ORDER BY at, seq", (case.case_id,)
+                    )
+                    case_rows.append({**_plain(case), "audit": [_plain(_audit(r)) for r in trail]})
+                appointments = self._of_cases(
+                    conn, "appointments", ids, "start_at IS NULL, start_at, appointment_id"
+                )
+                ratings = self._of_cases(conn, "ratings", ids, "at, case_id")
+                tasks = self._of_cases(conn, "tasks", ids, "created_at, task_id")
+                notifications = conn.execute(
+                    "SELECT * FROM notifications WHERE owner_id = ? "
+                    "ORDER BY created_at, notification_id",
+                    (owner_id,),
+                ).fetchall()
+            return {
+                "owner": None if owner is None else _plain(_owner(owner)),
+                "devices": [_plain(_device(row)) for row in devices],
+                "channels": [_exported_channel(_channel(row)) for row in channels],
+                "cases": case_rows,
+                "appointments": [_plain(_appointment(row)) for row in appointments],
+                "ratings": [_plain(_rating(row)) for row in ratings],
+                "notifications": [_plain(_notification(row)) for row in notifications],
+                "tasks": [_plain(_task(row)) for row in tasks],
+            }
+
+        return await self._run(job)
+
+    @staticmethod
+    def _of_cases(
+        conn: sqlite3.Connection, table: str, case_ids: list[str], order: str
+    ) -> list[sqlite3.Row]:
+        rows: list[sqlite3.Row] = []
+        # chunks stay below SQLite's limit on host parameters
+        for first in range(0, len(case_ids), 500):
+            chunk = case_ids[first : first + 500]
+            rows.extend(
+                conn.execute(
+                    f"SELECT * FROM {table} WHERE {_in('case_id', chunk)} ORDER BY {order}", chunk
+                )
+            )
+        return rows
+
+    async def erase_owner(self, owner_id: str) -> int:
+        """Erase an owner and everything personal about them; return the rows touched.
+
+        Deleted: the owner, their API tokens, push channels, notifications and the
+        registry entries of their devices. Kept for the fleet's statistics: their cases
+        (owner id set to :data:`ERASED_OWNER`), appointments, tasks, ratings (comments
+        removed) and the audit trail (``notify`` entries lose their evidence, which may
+        name contacts). The write-ahead log is then checkpointed so that the erased data
+        leaves the files on disk (deleted content is zeroed by ``secure_delete``).
+        """
+
+        def job(conn: sqlite3.Connection) -> int:
+            touched = 0
+            with _transaction(conn):
+                ids = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT case_id FROM cases WHERE owner_id = ?", (owner_id,)
+                    )
+                ]
+                for sql in (
+                    "DELETE FROM owners WHERE owner_id = ?",
+                    "DELETE FROM tokens WHERE kind = 'owner' AND principal_id = ?",
+                    "DELETE FROM channels WHERE owner_id = ?",
+                    "DELETE FROM notifications WHERE owner_id = ?",
+                    "DELETE FROM devices WHERE owner_id = ?",
+                ):
+                    touched += conn.execute(sql, (owner_id,)).rowcount
+                touched += conn.execute(
+                    "UPDATE cases SET owner_id = ? WHERE owner_id = ?", (ERASED_OWNER, owner_id)
+                ).rowcount
+                for first in range(0, len(ids), 500):
+                    chunk = ids[first : first + 500]
+                    touched += conn.execute(
+                        "UPDATE ratings SET comment = NULL "
+                        f"WHERE comment IS NOT NULL AND {_in('case_id', chunk)}",
+                        chunk,
+                    ).rowcount
+                    touched += conn.execute(
+                        "UPDATE audit SET evidence = '{}' WHERE action = 'notify' "
+                        f"AND evidence != '{{}}' AND {_in('case_id', chunk)}",
+                        chunk,
+                    ).rowcount
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            if busy:
+                _LOG.warning(
+                    "erased owner data stays in the case store's write-ahead log until the "
+                    "next checkpoint: a reader held it"
+                )
+            return touched
+
+        touched = await self._run(job)
+        _LOG.info("erased an owner from the case store: %d rows touched", touched)
+        return touched
