@@ -94,7 +94,15 @@ def test_compose_file_structure() -> None:
     text = COMPOSE.read_text(encoding="utf-8")
     compose: dict[str, Any] = yaml.safe_load(text)
     services = compose["services"]
-    assert set(services) == {"mosquitto", "influxdb", "gateway"}
+    assert set(services) == {"mosquitto", "influxdb", "gateway", "diagnostics", "notifier"}
+    for name in ("diagnostics", "notifier"):
+        service = services[name]
+        assert service["command"] == [name]
+        assert service["environment"]["FIXLOOP_MQTT__USERNAME"] == f"fixloop-{name}"
+        assert service["depends_on"]["influxdb"]["condition"] == "service_healthy"
+    assert services["notifier"]["environment"]["FIXLOOP_NOTIFIER__DB_PATH"].startswith(
+        "/var/lib/fixloop/"
+    )
     mosquitto = services["mosquitto"]
     assert mosquitto["ports"] == ["8883:8883", "127.0.0.1:1883:1883"]
     gateway = services["gateway"]
