@@ -604,6 +604,26 @@ def _mask_target(target: str) -> str:
     return f"***{target[-4:]}" if len(target) >= 16 else "***"
 
 
+def _redacted(value: Any, secrets: dict[str, str]) -> Any:
+    """``value`` with every string that is a channel secret replaced by its mask."""
+    if isinstance(value, str):
+        return secrets.get(value, value)
+    if isinstance(value, dict):
+        return {key: _redacted(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item, secrets) for item in value]
+    return value
+
+
+def _channel_secrets(channels: Sequence[PushChannel]) -> dict[str, str]:
+    """Each channel's target and key values -> what an export shows instead."""
+    secrets: dict[str, str] = {}
+    for channel in channels:
+        secrets[channel.target] = _mask_target(channel.target)
+        secrets.update((key, "***") for key in channel.keys.values())
+    return secrets
+
+
 def _exported_channel(channel: PushChannel) -> dict[str, Any]:
     # secrets (keys, the full target) stay out of an export: it is a file that travels
     return {
@@ -1287,7 +1307,8 @@ class SqliteStore:
         """Return everything kept about an owner, as JSON-serialisable data.
 
         Keys: ``owner`` (``None`` for an unknown owner), ``devices``, ``channels`` (kind
-        and a masked target, no secrets), ``cases`` (each with its ``audit`` trail),
+        and a masked target, no secrets), ``cases`` (each with its ``audit`` trail, where
+        evidence quoting a channel's target or key shows the mask instead),
         ``appointments``, ``ratings``, ``notifications`` and ``tasks``. Datetimes are ISO
         8601 UTC text, local times ``HH:MM``. API tokens are not exported: only their
         hashes are kept.
@@ -1302,10 +1323,15 @@ class SqliteStore:
                 devices = conn.execute(
                     "SELECT * FROM devices WHERE owner_id = ? ORDER BY device_id", (owner_id,)
                 ).fetchall()
-                channels = conn.execute(
-                    "SELECT * FROM channels WHERE owner_id = ? ORDER BY created_at, rowid",
-                    (owner_id,),
-                ).fetchall()
+                channels = [
+                    _channel(row)
+                    for row in conn.execute(
+                        "SELECT * FROM channels WHERE owner_id = ? ORDER BY created_at, rowid",
+                        (owner_id,),
+                    )
+                ]
+                # the audit trail's evidence may quote a target or key: masked like the channels
+                secrets = _channel_secrets(channels)
                 cases = [
                     _case(row)
                     for row in conn.execute(
@@ -1319,7 +1345,8 @@ class SqliteStore:
                     trail = conn.execute(
                         "SELECT * FROM audit WHERE case_id = ? ORDER BY at, seq", (case.case_id,)
                     )
-                    case_rows.append({**_plain(case), "audit": [_plain(_audit(r)) for r in trail]})
+                    audit = [_redacted(_plain(_audit(row)), secrets) for row in trail]
+                    case_rows.append({**_plain(case), "audit": audit})
                 appointments = self._of_cases(
                     conn, "appointments", ids, "start_at IS NULL, start_at, appointment_id"
                 )
@@ -1333,7 +1360,7 @@ class SqliteStore:
             return {
                 "owner": None if owner is None else _plain(_owner(owner)),
                 "devices": [_plain(_device(row)) for row in devices],
-                "channels": [_exported_channel(_channel(row)) for row in channels],
+                "channels": [_exported_channel(channel) for channel in channels],
                 "cases": case_rows,
                 "appointments": [_plain(_appointment(row)) for row in appointments],
                 "ratings": [_plain(_rating(row)) for row in ratings],
