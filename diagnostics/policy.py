@@ -23,6 +23,7 @@ device and fault:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
@@ -30,7 +31,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from diagnostics.catalog import CATALOG, FaultEntry, ModelCatalog
+from diagnostics.catalog import CATALOG, Degradation, FaultEntry, ModelCatalog
 from diagnostics.features import FeatureSpec
 from diagnostics.model import Contribution, Diagnosis
 from diagnostics.predictor import TimeToFailure, TrendPredictor, progress_of
@@ -127,6 +128,73 @@ class _DeviceState:
     cases: dict[str, _Case] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A product model's catalog resolved to feature positions (built once per model).
+
+    Attributes:
+        spec: the features it was built for.
+        names: feature names, in vector order.
+        metrics: each feature's metrics.
+        signatures: per fault in catalog order, its signature as (position, direction,
+            weight), features the model lacks left out.
+        degradations: per wear fault in catalog order, its indicator's position, whether
+            it is two-sided and the sign of its failure change.
+        indicator: wear fault to its indicator's position and degradation.
+    """
+
+    spec: FeatureSpec
+    names: tuple[str, ...]
+    metrics: tuple[tuple[str, ...], ...]
+    signatures: tuple[tuple[str, tuple[tuple[int, int, float], ...]], ...]
+    degradations: tuple[tuple[str, int, bool, float], ...]
+    indicator: Mapping[str, tuple[int, Degradation]]
+
+    @classmethod
+    def of(cls, spec: FeatureSpec, table: ModelCatalog | None) -> _Layout:
+        entries = () if table is None else tuple(table.faults.values())
+        signatures = tuple(
+            (
+                entry.fault,
+                tuple(
+                    (spec.index(sig.feature), sig.direction, sig.weight)
+                    for sig in entry.signature
+                    if spec.index(sig.feature) >= 0
+                ),
+            )
+            for entry in entries
+        )
+        indicator = {
+            entry.fault: (spec.index(entry.degradation.feature), entry.degradation)
+            for entry in entries
+            if entry.degradation is not None and spec.index(entry.degradation.feature) >= 0
+        }
+        degradations = tuple(
+            (fault, i, d.two_sided, float(np.sign(d.failure_delta)))
+            for fault, (i, d) in indicator.items()
+        )
+        return cls(
+            spec,
+            spec.names,
+            tuple(f.metrics for f in spec.features),
+            signatures,
+            degradations,
+            indicator,
+        )
+
+    def drivers(
+        self, moved: list[tuple[float, int]], values: list[float]
+    ) -> tuple[tuple[Contribution, ...], float]:
+        """Return the largest five moved features as contributions, and the total moved."""
+        total = sum(a for a, _ in moved)
+        names, metrics = self.names, self.metrics
+        drivers = tuple(
+            Contribution(names[i], metrics[i], values[i], a / total if total else 0.0)
+            for a, i in sorted(moved, reverse=True)[:5]
+        )
+        return drivers, total
+
+
 class DiagnosisPolicy:
     """Turns scores and self-diagnosis into :class:`Diagnosis` changes.
 
@@ -144,6 +212,7 @@ class DiagnosisPolicy:
         self.catalog = CATALOG if catalog is None else catalog
         self.predictor = TrendPredictor()
         self._devices: dict[str, _DeviceState] = {}
+        self._layouts: dict[str, _Layout] = {}
 
     # -- queries ---------------------------------------------------------------------
     def is_watched(self, device_id: str) -> bool:
@@ -171,32 +240,27 @@ class DiagnosisPolicy:
         return flags
 
     # -- naming ----------------------------------------------------------------------
+    def _layout(self, spec: FeatureSpec) -> _Layout:
+        layout = self._layouts.get(spec.model)
+        if layout is None or layout.spec is not spec:
+            layout = self._layouts[spec.model] = _Layout.of(spec, self.catalog.get(spec.model))
+        return layout
+
     def name_fault(self, spec: FeatureSpec, z: npt.NDArray[np.float32]) -> Hypothesis:
         """Name the fault whose catalog signature best explains deviations ``z``."""
-        names = spec.names
-        absz = np.abs(z)
-        moved = [(float(absz[i]), i) for i in range(len(names)) if absz[i] >= _NOISE_Z]
-        total = sum(a for a, _ in moved)
-        drivers = tuple(
-            Contribution(
-                names[i], spec.features[i].metrics, float(z[i]), a / total if total else 0.0
-            )
-            for a, i in sorted(moved, reverse=True)[:5]
-        )
+        layout = self._layout(spec)
+        values: list[float] = z.tolist()
+        moved = [(abs(v), i) for i, v in enumerate(values) if abs(v) >= _NOISE_Z]
+        drivers, total = layout.drivers(moved, values)
         best, best_evidence = UNKNOWN, 0.0
-        table = self.catalog.get(spec.model)
-        if table is not None:
-            for entry in table.faults.values():
-                evidence = 0.0
-                for sig in entry.signature:
-                    i = spec.index(sig.feature)
-                    if i < 0:
-                        continue
-                    value = float(z[i])
-                    moved_z = abs(value) if sig.direction == 0 else sig.direction * value
-                    evidence += sig.weight * max(moved_z, 0.0)
-                if evidence > best_evidence:
-                    best, best_evidence = entry.fault, evidence
+        for fault, signature in layout.signatures:
+            evidence = 0.0
+            for i, direction, weight in signature:
+                value = values[i]
+                moved_z = abs(value) if direction == 0 else direction * value
+                evidence += weight * max(moved_z, 0.0)
+            if evidence > best_evidence:
+                best, best_evidence = fault, evidence
         if best_evidence < self.config.min_evidence:
             return Hypothesis(UNKNOWN, best_evidence, 0.0, drivers)
         confidence = min(1.0, best_evidence / max(total, best_evidence))
@@ -210,34 +274,20 @@ class DiagnosisPolicy:
         The catalog's degradation signatures say which feature a wear fault moves, and
         which way; the drifting feature furthest from its baseline that way names it.
         """
-        names = spec.names
-        absz = np.abs(z)
-        moved = [
-            (float(absz[i]), i)
-            for i in range(len(names))
-            if drifting[i] or absz[i] >= self.config.min_driver_z
-        ]
-        total = sum(a for a, _ in moved)
-        drivers = tuple(
-            Contribution(
-                names[i], spec.features[i].metrics, float(z[i]), a / total if total else 0.0
-            )
-            for a, i in sorted(moved, reverse=True)[:5]
-        )
+        layout = self._layout(spec)
+        values: list[float] = z.tolist()
+        flags: list[bool] = drifting.tolist()
+        min_z = self.config.min_driver_z
+        moved = [(abs(v), i) for i, v in enumerate(values) if flags[i] or abs(v) >= min_z]
+        drivers, total = layout.drivers(moved, values)
         best, best_evidence = UNKNOWN, 0.0
-        table = self.catalog.get(spec.model)
-        for entry in () if table is None else table.faults.values():
-            degradation = entry.degradation
-            if degradation is None:
+        for fault, i, two_sided, sign in layout.degradations:
+            if not flags[i]:
                 continue
-            i = spec.index(degradation.feature)
-            if i < 0 or not drifting[i]:
-                continue
-            value = float(z[i])
-            way = value if degradation.two_sided else value * np.sign(degradation.failure_delta)
-            evidence = abs(value) if degradation.two_sided else float(way)
+            value = values[i]
+            evidence = abs(value) if two_sided else value * sign
             if evidence > best_evidence:
-                best, best_evidence = entry.fault, evidence
+                best, best_evidence = fault, evidence
         confidence = min(1.0, best_evidence / total) if total and best != UNKNOWN else 0.0
         return Hypothesis(best, best_evidence, confidence, drivers)
 
@@ -320,14 +370,14 @@ class DiagnosisPolicy:
         ts_ms: int,
         change: npt.NDArray[np.float32],
     ) -> None:
-        table = self.catalog.get(spec.model)
-        entry = None if table is None else table.faults.get(fault)
-        if entry is None or entry.degradation is None:
+        indicator = self._layout(spec).indicator.get(fault)
+        if indicator is None:
             return
-        i = spec.index(entry.degradation.feature)
-        if i < 0 or not np.isfinite(change[i]):
+        i, degradation = indicator
+        value = float(change[i])
+        if not math.isfinite(value):
             return
-        progress = progress_of(float(change[i]), entry.degradation)
+        progress = progress_of(value, degradation)
         self.predictor.observe(device_id, fault, ts_ms / 1000.0, progress)
 
     def _ttf(self, device_id: str, fault: str, ts_ms: int) -> TimeToFailure | None:
