@@ -19,6 +19,7 @@ cold spell breaks such a run or turns its trend; a fault keeps both.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Final
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy.typing as npt
 
 from diagnostics.features import FeatureSpec
 
-__all__ = ["BaselineTable", "z_to_score"]
+__all__ = ["BaselineRows", "BaselineTable", "z_to_score"]
 
 F32 = npt.NDArray[np.float32]
 _Z_HALF: Final = 6.0
@@ -38,6 +39,29 @@ def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> 
     return (z2 / (z2 + np.float32(z_half * z_half))).astype(np.float32)
 
 
+@dataclass(frozen=True, slots=True)
+class BaselineRows:
+    """Some slots' baselines, gathered once, and readings judged against them.
+
+    Attributes:
+        count: updates learnt, per feature.
+        first_s: device time of the first update learnt.
+        mean: the baseline means.
+        var: the baseline variances.
+        warm: which baselines are trusted (see :meth:`BaselineTable.warm`).
+        z: signed z-scores of the judged levels (0 where not warm).
+        score: each row's score from its largest ``|z|`` (see :meth:`BaselineTable.score`).
+    """
+
+    count: F32
+    first_s: npt.NDArray[np.int32]
+    mean: F32
+    var: F32
+    warm: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros((0, 0), np.bool_))
+    z: F32 = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    score: F32 = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
 class BaselineTable:
     """Healthy baselines of all devices of one product model (structure of arrays).
 
@@ -47,6 +71,11 @@ class BaselineTable:
         freeze_z: a feature deviating more than this is not learnt.
         warmup_s: device time a feature's baseline must cover before it is trusted.
         capacity: initial number of device slots.
+        trend_features: which features :meth:`trending` tracks (default: all); runs are
+            kept for these only.
+
+    Attributes:
+        trend_columns: the positions of the features :meth:`trending` tracks.
     """
 
     def __init__(
@@ -57,8 +86,13 @@ class BaselineTable:
         freeze_z: float = 1.5,
         warmup_s: float = 86_400.0,
         capacity: int = 64,
+        trend_features: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         n = len(spec.features)
+        tracked = np.ones(n, np.bool_) if trend_features is None else trend_features
+        self.trend_columns: npt.NDArray[np.intp] = np.flatnonzero(tracked)
+        self._all_tracked = len(self.trend_columns) == n
+        k = len(self.trend_columns)
         self.tau_days = tau_days
         self.freeze_z = freeze_z
         self.warmup_s = warmup_s
@@ -66,6 +100,7 @@ class BaselineTable:
         c = freeze_z
         pdf = math.exp(-0.5 * c * c) / math.sqrt(2.0 * math.pi)
         self._kept_var = 1.0 - 2.0 * c * pdf / math.erf(c / math.sqrt(2.0))
+        self._inflate = np.float32(1.0 / self._kept_var)
         self.floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
         self.min_count = np.array([f.min_count for f in spec.features], dtype=np.float32)
         self.mean: F32 = np.zeros((capacity, n), dtype=np.float32)
@@ -75,8 +110,8 @@ class BaselineTable:
         self.first_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
         # the current one-sided run of moderate z: when it began and its side (0 = none,
         # +-1 = running, +-2 = flagged as a drift)
-        self.run_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
-        self.run_side: npt.NDArray[np.int8] = np.zeros((capacity, n), dtype=np.int8)
+        self.run_s: npt.NDArray[np.int32] = np.zeros((capacity, k), dtype=np.int32)
+        self.run_side: npt.NDArray[np.int8] = np.zeros((capacity, k), dtype=np.int8)
 
     @property
     def capacity(self) -> int:
@@ -119,6 +154,24 @@ class BaselineTable:
             return np.zeros(0, dtype=np.float32)
         return z_to_score(np.abs(z).max(axis=1))
 
+    def assess(
+        self, slots: npt.NDArray[np.intp], level: F32, now_s: npt.NDArray[np.int32]
+    ) -> BaselineRows:
+        """Gather the slots' baselines and judge ``level`` rows against them.
+
+        The same as :meth:`warm`, :meth:`zscores` and :meth:`score` together, gathering each
+        array once; pass the result to :meth:`learn` to reuse it.
+        """
+        count = self.count[slots]
+        first = self.first_s[slots]
+        mean = self.mean[slots]
+        var = self.var[slots]
+        warm = (count >= self.min_count) & ((now_s[:, None] - first) >= self.warmup_s)
+        ready = warm & ~np.isnan(level)
+        z = np.where(ready, (level - mean) / np.sqrt(var + self.floor2), np.float32(0.0))
+        peak = np.abs(z).max(axis=1) if z.shape[1] else np.zeros(z.shape[0], np.float32)
+        return BaselineRows(count, first, mean, var, warm, z, z_to_score(peak))
+
     def learn(
         self,
         slots: npt.NDArray[np.intp],
@@ -126,8 +179,11 @@ class BaselineTable:
         now_s: npt.NDArray[np.int32],
         mask: npt.NDArray[np.bool_],
         z: F32 | None = None,
+        rows: BaselineRows | None = None,
     ) -> None:
         """Fold ``level`` rows into the baselines of the rows where ``mask`` holds.
+
+        ``rows``, when given, is :meth:`assess` of the same slots, not changed since.
 
         A feature whose deviation ``z`` is already beyond ``freeze_z`` is not learnt even
         on an unflagged device: a drift must not teach the baseline its own spread.
@@ -136,33 +192,44 @@ class BaselineTable:
         weight follows the time since the last update (``tau_days``), so features that
         update often and rarely forget at the same pace.
         """
-        if not mask.any():
+        every = bool(mask.all())
+        if not every and not mask.any():
             return
-        s = slots[mask]
-        x = level[mask]
-        t = now_s[mask][:, None]
+        if rows is None:
+            rows = BaselineRows(
+                self.count[slots], self.first_s[slots], self.mean[slots], self.var[slots]
+            )
+        if every:
+            s, x, t, zm = slots, level, now_s[:, None], z
+            count0, first, mean, var = rows.count, rows.first_s, rows.mean, rows.var
+        else:
+            s, x, t = slots[mask], level[mask], now_s[mask][:, None]
+            zm = None if z is None else z[mask]
+            count0, first = rows.count[mask], rows.first_s[mask]
+            mean, var = rows.mean[mask], rows.var[mask]
         present = ~np.isnan(x)
         # the spread learnt from values inside ±freeze_z is that of a truncated normal,
         # too narrow by the factor below; left uncorrected each pass narrows the next
         # window, until the spread collapses onto the floor and daily habits read as z 6
-        inflate = np.ones_like(x)
-        if z is not None:
-            zm = z[mask]
-            gated = (self.count[s] >= self.min_count) & (zm != 0.0)
+        if zm is not None:
+            gated = (count0 >= self.min_count) & (zm != 0.0)
             present &= np.abs(zm) < self.freeze_z
-            inflate = np.where(gated, np.float32(1.0 / self._kept_var), inflate)
-        fresh = present & (self.count[s] == 0)
-        self.first_s[s] = np.where(fresh, t, self.first_s[s])
-        count = self.count[s] + present
-        dt_days = np.clip((t - self.learnt_s[s]).astype(np.float32) / 86_400.0, 0.0, 30.0)
+            inflate = np.where(gated, self._inflate, np.float32(1.0))
+        else:
+            inflate = np.ones_like(x)
+        fresh = present & (count0 == 0)
+        self.first_s[s] = np.where(fresh, t, first)
+        count = count0 + present
+        learnt = self.learnt_s[s]
+        dt_days = (t - learnt).astype(np.float32) / np.float32(86_400.0)
+        np.clip(dt_days, 0.0, 30.0, out=dt_days)
         ew = 1.0 - np.exp(-dt_days / np.float32(self.tau_days))
         weight = np.where(present, np.maximum(1.0 / np.maximum(count, 1.0), ew), 0.0)
-        mean = self.mean[s]
-        delta = np.where(present, x - mean, 0.0)
+        delta = np.where(present, x - mean, np.float32(0.0))
         self.mean[s] = mean + weight * delta
-        self.var[s] = (1.0 - weight) * (self.var[s] + weight * delta * delta * inflate)
+        self.var[s] = (1.0 - weight) * (var + weight * delta * delta * inflate)
         self.count[s] = count
-        self.learnt_s[s] = np.where(present, t, self.learnt_s[s])
+        self.learnt_s[s] = np.where(present, t, learnt)
 
     def trending(
         self,
@@ -183,7 +250,8 @@ class BaselineTable:
         ``z_off`` on the same side. A run is flagged once it has lasted ``hold_s`` of device
         time with its trend's significance ``slope_t`` (slope over its standard error)
         heading away from the baseline by at least ``min_slope_t``; it stays flagged until
-        the run ends. Only rows where ``mask`` holds change the state.
+        the run ends. Only rows where ``mask`` holds change the state; features not among
+        ``trend_features`` are never flagged.
 
         Args:
             slots: device slots (distinct).
@@ -195,6 +263,50 @@ class BaselineTable:
             z_off: ``|z|`` below which a run ends.
             hold_s: device time a run must last before it is flagged.
             min_slope_t: trend significance away from the baseline needed to flag it.
+        """
+        if not self._all_tracked:
+            columns = self.trend_columns
+            flags = np.zeros(z.shape, dtype=np.bool_)
+            flags[:, columns] = self.trend_rows(
+                slots,
+                z[:, columns],
+                slope_t[:, columns],
+                now_s,
+                mask,
+                z_on=z_on,
+                z_off=z_off,
+                hold_s=hold_s,
+                min_slope_t=min_slope_t,
+            )
+            return flags
+        return self.trend_rows(
+            slots,
+            z,
+            slope_t,
+            now_s,
+            mask,
+            z_on=z_on,
+            z_off=z_off,
+            hold_s=hold_s,
+            min_slope_t=min_slope_t,
+        )
+
+    def trend_rows(
+        self,
+        slots: npt.NDArray[np.intp],
+        z: F32,
+        slope_t: F32,
+        now_s: npt.NDArray[np.int32],
+        mask: npt.NDArray[np.bool_],
+        *,
+        z_on: float,
+        z_off: float,
+        hold_s: float,
+        min_slope_t: float,
+    ) -> npt.NDArray[np.bool_]:
+        """:meth:`trending` on the tracked features only (``z`` and ``slope_t`` of those).
+
+        Returns one column per tracked feature (see :attr:`trend_columns`).
         """
         side = self.run_side[slots].astype(np.int32)
         since = self.run_s[slots]

@@ -25,13 +25,13 @@ import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from diagnostics.baseline import BaselineTable
+from diagnostics.baseline import BaselineRows, BaselineTable
 from diagnostics.features import FEATURE_SPECS, FeatureSpec, FeatureTable
 from diagnostics.fleet import FleetMethod, FleetModel
 from diagnostics.model import Diagnosis
@@ -111,6 +111,10 @@ class _ModelState:
         return slot
 
 
+def _first(pair: tuple[int, Diagnosis]) -> int:
+    return pair[0]
+
+
 class DiagnosticsEngine:
     """Scores readings and turns scores and device events into diagnoses (no I/O).
 
@@ -166,7 +170,9 @@ class DiagnosticsEngine:
             state = self._state[model] = _ModelState(
                 spec,
                 FeatureTable(spec),
-                BaselineTable(spec, tau_days=self._tau_days),
+                BaselineTable(
+                    spec, tau_days=self._tau_days, trend_features=self.policy.drift_indicators(spec)
+                ),
                 indicators=self.policy.drift_indicators(spec),
             )
         return state
@@ -195,130 +201,121 @@ class DiagnosticsEngine:
     def process(self, items: Iterable[Reading | Event]) -> EngineResult:
         """Score readings and handle events (any mix of devices); return what changed.
 
-        Readings are gathered into batches between events, so a device's events and
-        readings keep their order.
+        Each device's items keep their order: the n-th item of every device in ``items``
+        goes into the n-th round, so a round holds each device at most once and its
+        readings are scored together, whatever the events of other devices around them.
+        Diagnosis changes come out in the order of the items that caused them.
         """
+        batch = items if isinstance(items, Sequence) else list(items)
+        rounds: list[list[int]] = [[]]
+        seen: dict[str, int] = {}
+        for i, item in enumerate(batch):
+            device_id = item.device_id
+            n = seen.get(device_id, 0)
+            seen[device_id] = n + 1
+            if n == len(rounds):
+                rounds.append([])
+            rounds[n].append(i)
         scores: list[ReadingScore] = []
-        diagnoses: list[Diagnosis] = []
-        pending: list[Reading] = []
-        for item in items:
-            if isinstance(item, Reading):
-                pending.append(item)
-                continue
-            if pending:
-                self._readings(pending, scores, diagnoses)
-                pending = []
-            self._event(item, diagnoses)
-        if pending:
-            self._readings(pending, scores, diagnoses)
-        return EngineResult(tuple(scores), tuple(diagnoses))
+        caused: list[tuple[int, Diagnosis]] = []
+        for members in rounds:
+            self._round_of_items(batch, members, scores, caused)
+        if len(caused) > 1:
+            caused.sort(key=_first)
+        return EngineResult(tuple(scores), tuple(d for _, d in caused))
 
-    def _event(self, event: Event, diagnoses: list[Diagnosis]) -> None:
+    def _round_of_items(
+        self,
+        batch: Sequence[Reading | Event],
+        members: list[int],
+        scores: list[ReadingScore],
+        caused: list[tuple[int, Diagnosis]],
+    ) -> None:
+        # distinct devices: their events and readings do not interact, events go first
+        models = self._models
+        by_model: dict[str, list[int]] = {}
+        for i in members:
+            item = batch[i]
+            if isinstance(item, Reading):
+                model = models.get(item.device_id)
+                if model is None:
+                    self.unknown_readings += 1
+                    continue
+                group = by_model.get(model)
+                if group is None:
+                    by_model[model] = [i]
+                else:
+                    group.append(i)
+            else:
+                caused += [(i, d) for d in self._event(item)]
+        for model, group in by_model.items():
+            readings = cast("list[Reading]", [batch[i] for i in group])
+            self._round(self._model_state(model), readings, group, scores, caused)
+
+    def _event(self, event: Event) -> list[Diagnosis]:
         if event.kind == "boot":
             model = event.data.get("model")
             if isinstance(model, str) and model in FEATURE_SPECS:
                 self._models[event.device_id] = model
         model_name = self._models.get(event.device_id)
         if model_name is None:
-            return
+            return []
         state = self._state.get(model_name)
         if state is not None:
             slot = state.slots.get(event.device_id)
             if slot is not None and event.ts_ms < int(state.features.last_ts_ms[slot]):
-                return  # out of order: history, not live evidence
-        diagnoses += self.policy.on_event(event, model_name)
+                return []  # out of order: history, not live evidence
+        diagnoses = self.policy.on_event(event, model_name)
         if state is not None and event.device_id in state.slots:
             state.watched[state.slots[event.device_id]] = self.policy.is_watched(event.device_id)
-
-    def _readings(
-        self, readings: Sequence[Reading], scores: list[ReadingScore], diagnoses: list[Diagnosis]
-    ) -> None:
-        by_model: dict[str, list[Reading]] = {}
-        models = self._models
-        for reading in readings:
-            model = models.get(reading.device_id)
-            if model is None:
-                self.unknown_readings += 1
-                continue
-            by_model.setdefault(model, []).append(reading)
-        for model, group in by_model.items():
-            self._model_batch(self._model_state(model), group, scores, diagnoses)
-
-    def _model_batch(
-        self,
-        state: _ModelState,
-        group: list[Reading],
-        scores: list[ReadingScore],
-        diagnoses: list[Diagnosis],
-    ) -> None:
-        # a round holds each device at most once; later readings of a device go to later rounds
-        rounds: list[list[tuple[Reading, int]]] = []
-        seen: dict[int, int] = {}
-        for reading in group:
-            slot = state.slot(reading.device_id)
-            n = seen.get(slot, 0)
-            seen[slot] = n + 1
-            if n == len(rounds):
-                rounds.append([])
-            rounds[n].append((reading, slot))
-        for batch in rounds:
-            self._round(state, batch, scores, diagnoses)
+        return diagnoses
 
     def _round(
         self,
         state: _ModelState,
-        batch: list[tuple[Reading, int]],
+        readings: list[Reading],
+        order: list[int],
         scores: list[ReadingScore],
-        diagnoses: list[Diagnosis],
+        caused: list[tuple[int, Diagnosis]],
     ) -> None:
         features = state.features
         baseline = state.baseline
-        readings = [r for r, _ in batch]
-        slots = np.fromiter((s for _, s in batch), dtype=np.intp, count=len(batch))
-        ts_ms = np.fromiter((r.ts_ms for r in readings), dtype=np.int64, count=len(batch))
-        late = ts_ms <= features.last_ts_ms[slots]
+        slot_of = state.slots.get
+        found = [slot_of(r.device_id) for r in readings]
+        if None in found:
+            found = [state.slot(r.device_id) for r in readings]
+        slots = np.array(found, dtype=np.intp)
+        ts_ms = np.array([r.ts_ms for r in readings], dtype=np.int64)
+        level, count, now_s, late = features.advance(readings, slots, ts_ms)
+        any_late = bool(late.any())
         live = ~late
-        if late.any():
+        if any_late:
             self.late_readings += int(late.sum())
-        if live.all():
-            x = features.raw(readings, slots)
-            features.update(slots, ts_ms, x)
-        elif live.any():
-            live_slots = slots[live]
-            x = features.raw([r for r, ok in zip(readings, live, strict=True) if ok], live_slots)
-            features.update(live_slots, ts_ms[live], x)
-        now_s = ((ts_ms - (features.epoch_ms or 0)) // 1000).astype(np.int32)
-        level = features.level[slots]
-        ready = features.count[slots] >= baseline.min_count
-        level = np.where(ready, level, np.nan).astype(np.float32)
-        warm = baseline.warm(slots, now_s)
-        cold = warm.sum(axis=1) * 2 < warm.shape[1]
-        bz = baseline.zscores(slots, level, now_s)
-        bscore = baseline.score(bz)
+        level = np.where(count >= baseline.min_count, level, np.float32(np.nan))
+        rows = baseline.assess(slots, level, now_s)
+        warm, bz, bscore = rows.warm, rows.z, rows.score
+        width = bz.shape[1]
+        cold = warm.sum(axis=1) * 2 < width
         fleet = state.fleet
-        if fleet is not None:
-            fscore, fz = fleet.score(level)
+        fscore: F32 | None = None
+        score = bscore
+        if fleet is not None and cold.any():
             # the fleet model speaks for devices whose own baseline is still cold (new, or
             # faulty from day one); a warm baseline knows the device better than its peers
-            fscore = np.where(cold, fscore, 0.0).astype(np.float32)
+            fscore = np.where(cold, fleet.score(level)[0], np.float32(0.0))
             score = np.maximum(bscore, fscore)
-            z = np.where(np.abs(bz) >= np.abs(fz), bz, fz).astype(np.float32)
-            reference = np.where(warm, baseline.mean[slots], fleet.center)
-        else:
-            fscore = np.zeros_like(bscore)
-            score = bscore
-            z = bz
-            reference = baseline.mean[slots]
-        change = (level - reference).astype(np.float32)
         cfg = self.policy.config
         # the trend trigger: a wear indicator drifting steadily away from the device's
         # baseline counts as an anomaly long before its z alone would score
         # (most rounds have no moderate z and no run going: skip the bookkeeping then)
-        if (np.abs(bz) >= cfg.trend_z_off).any() or baseline.run_side[slots].any():
-            drifting = baseline.trending(
+        tracked = baseline.trend_columns
+        drifting: npt.NDArray[np.bool_] | None = None
+        tz = bz[:, tracked]
+        if (np.abs(tz) >= cfg.trend_z_off).any() or baseline.run_side[slots].any():
+            flags = baseline.trend_rows(
                 slots,
-                bz,
-                features.slope_t(slots),
+                tz,
+                features.slope_t(slots, tracked),
                 now_s,
                 live,
                 z_on=cfg.trend_z,
@@ -326,39 +323,90 @@ class DiagnosticsEngine:
                 hold_s=cfg.trend_hold_s,
                 min_slope_t=cfg.trend_min_t,
             )
-            drifting &= state.indicators[None, :]
-            drift = drifting.any(axis=1)
+            drift = flags.any(axis=1)
             if drift.any():
-                score = np.where(drift, np.maximum(score, cfg.open_threshold), score)
-                score = score.astype(np.float32)
-        else:
-            drifting = np.zeros(bz.shape, dtype=np.bool_)
+                drifting = np.zeros(bz.shape, dtype=np.bool_)
+                drifting[:, tracked] = flags
+                score = np.where(drift, np.maximum(score, np.float32(cfg.open_threshold)), score)
         threshold = cfg.close_threshold
         watched = state.watched[slots]
+        quiet = bscore < threshold
         # the baseline learns from the device's own readings while cold, whatever the fleet
         # thinks of them (else a device a little off its peers would never warm up); once
         # warm it learns only while neither it nor the policy sees anything amiss
-        learn = live & (bscore < threshold) & (cold | (~watched & (score < threshold)))
-        baseline.learn(slots, level, now_s, learn, bz)
+        learn = quiet & (cold | (~watched & (score < threshold)))
+        if any_late:
+            learn &= live
+        baseline.learn(slots, level, now_s, learn, bz, rows)
         if self._collect > 0.0:
             self._sample(state, level[learn])
-        spec = state.spec
-        policy = self.policy
-        for i in np.flatnonzero(live & (watched | (score >= threshold))):
-            reading = readings[i]
-            device_id = reading.device_id
-            diagnoses += policy.on_score(
-                device_id, spec, reading.ts_ms, float(score[i]), z[i], change[i], drifting[i]
+        judge = watched | (score >= threshold)
+        if any_late:
+            judge &= live
+        if judge.any():
+            self._judge(
+                state,
+                readings,
+                order,
+                slots,
+                np.flatnonzero(judge),
+                rows,
+                level,
+                score,
+                drifting,
+                caused,
             )
-            state.watched[slots[i]] = policy.is_watched(device_id)
-        score_l = score.tolist()
-        bscore_l = bscore.tolist()
-        fscore_l = fscore.tolist()
-        late_l = late.tolist()
+        fscores = [0.0] * len(readings) if fscore is None else fscore.tolist()
         scores += [
             ReadingScore(r.device_id, r.ts_ms, s, b, f, lt)
-            for r, s, b, f, lt in zip(readings, score_l, bscore_l, fscore_l, late_l, strict=True)
+            for r, s, b, f, lt in zip(
+                readings, score.tolist(), bscore.tolist(), fscores, late.tolist(), strict=True
+            )
         ]
+
+    def _judge(
+        self,
+        state: _ModelState,
+        readings: list[Reading],
+        order: list[int],
+        slots: npt.NDArray[np.intp],
+        picked: npt.NDArray[np.intp],
+        rows: BaselineRows,
+        level: F32,
+        score: F32,
+        drifting: npt.NDArray[np.bool_] | None,
+        caused: list[tuple[int, Diagnosis]],
+    ) -> None:
+        """Hand the ``picked`` rows' deviations to the policy (watched or scoring high)."""
+        bz = rows.z[picked]
+        mean = rows.mean[picked]
+        level = level[picked]
+        fleet = state.fleet
+        if fleet is not None:
+            fz = fleet.standardize(level)
+            # per feature the stronger witness: the device's own baseline, or its peers
+            z = np.where(np.abs(bz) >= np.abs(fz), bz, fz)
+            reference = np.where(rows.warm[picked], mean, fleet.center)
+        else:
+            z, reference = bz, mean
+        change = level - reference
+        spec = state.spec
+        policy = self.policy
+        watched = state.watched
+        for k, i in enumerate(picked.tolist()):
+            device_id = readings[i].device_id
+            made = policy.on_score(
+                device_id,
+                spec,
+                readings[i].ts_ms,
+                float(score[i]),
+                z[k],
+                change[k],
+                None if drifting is None else drifting[i],
+            )
+            if made:
+                caused += [(order[i], d) for d in made]
+            watched[slots[i]] = policy.is_watched(device_id)
 
     # -- training ------------------------------------------------------------------------
     def _sample(self, state: _ModelState, rows: F32) -> None:

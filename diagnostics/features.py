@@ -329,6 +329,7 @@ class FeatureTable:
         n = len(spec.features)
         self.width = n
         self.alpha = np.array([f.alpha for f in spec.features], dtype=np.float32)
+        self._keep = (np.float32(1.0) - self.alpha).astype(np.float32)
         self._floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
         self._repeat = spec.index("sensor_repeat")
         self.level: F32 = np.full((capacity, n), np.nan, dtype=np.float32)
@@ -413,18 +414,91 @@ class FeatureTable:
         self.updated_s[slots] = np.where(present, now_s[:, None], self.updated_s[slots])
         self.last_ts_ms[slots] = ts_ms
 
-    def slope_t(self, slots: npt.NDArray[np.intp]) -> F32:
+    def advance(
+        self, readings: Sequence[Reading], slots: npt.NDArray[np.intp], ts_ms: I64
+    ) -> tuple[F32, F32, npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
+        """Fold ``readings`` (one per slot, slots distinct) into the slots' state.
+
+        The same as :meth:`raw` then :meth:`update`, in fewer steps, except that a reading
+        not newer than its slot's last one (late) changes nothing.
+
+        Returns:
+            the slots' levels and update counts after the step, each reading's device time
+            (seconds since :attr:`epoch_ms`) and which readings were late.
+        """
+        last = self.last_ts_ms[slots]
+        late = ts_ms <= last
+        all_live = not late.any()
+        if self.epoch_ms is None:
+            self.epoch_ms = int(ts_ms.min()) if len(ts_ms) else 0
+        now_s = ((ts_ms - self.epoch_ms) // 1000).astype(np.int32)
+        spec = self.spec
+        extract = spec.extract
+        x = np.array([extract(r.metrics, r.status) for r in readings], dtype=np.float32)
+        x = x.reshape(len(readings), self.width)
+        if self._repeat >= 0:
+            name = spec.primary_metric
+            primary = np.array([r.metrics.get(name, _NAN) for r in readings], dtype=np.float32)
+            previous = self.last_primary[slots]
+            old_run = self.run[slots]
+            run = np.where(primary == previous, old_run + np.float32(1.0), np.float32(0.0))
+            missing = np.isnan(primary)
+            x[:, self._repeat] = np.where(
+                missing | np.isnan(previous), np.nan, np.minimum(run / _RUN_FULL, 1.0)
+            )
+            kept = np.where(missing, previous, primary)
+            if not all_live:
+                run = np.where(late, old_run, run)
+                kept = np.where(late, previous, kept)
+            self.run[slots] = run
+            self.last_primary[slots] = kept
+        if not all_live:
+            x[late] = np.nan
+        present = ~np.isnan(x)
+        level = self.level[slots]
+        fresh = present & np.isnan(level)
+        seen = present ^ fresh
+        updated = self.updated_s[slots]
+        dt_days = (now_s[:, None] - updated).astype(np.float32) / np.float32(86_400.0)
+        np.clip(dt_days, 0.0, 30.0, out=dt_days)
+        alpha = self.alpha
+        error = np.where(seen, x - level, np.float32(0.0))
+        # where not seen the error is 0 and the level stays (NaN included)
+        new_level = np.where(fresh, x, level + alpha * error)
+        weight = np.minimum(dt_days / np.float32(_TREND_TAU_DAYS), np.float32(1.0))
+        step = (new_level - level) / np.maximum(dt_days, np.float32(1e-6))
+        trend = self.trend[slots]
+        self.trend[slots] = np.where(seen, trend + weight * (step - trend), trend)
+        spread = self.spread[slots]
+        self.spread[slots] = np.where(seen, self._keep * (spread + alpha * error * error), spread)
+        self.level[slots] = new_level
+        count = self.count[slots] + present
+        self.count[slots] = count
+        self.updated_s[slots] = np.where(present, now_s[:, None], updated)
+        self.last_ts_ms[slots] = ts_ms if all_live else np.where(late, last, ts_ms)
+        return new_level, count, now_s, late
+
+    def slope_t(
+        self, slots: npt.NDArray[np.intp], columns: npt.NDArray[np.intp] | None = None
+    ) -> F32:
         """Return each feature's trend over its standard error (signed, one row per slot).
+
+        With ``columns``, only those features' (in that order).
 
         The trend is about the level's change over the trend's memory (``_TREND_TAU_DAYS``)
         divided by it, so its error is that of the difference of two levels a memory apart:
         the level's own noise (the spread shrunk by the level's smoothing, ``a / (2 - a)``)
         times the square root of 2, and never below the feature's noise floor.
         """
-        shrink = self.alpha / (2.0 - self.alpha)
-        noise2 = 2.0 * self.spread[slots] * shrink[None, :] + self._floor2[None, :]
+        alpha, floor2 = self.alpha, self._floor2
+        spread, trend = self.spread[slots], self.trend[slots]
+        if columns is not None:
+            alpha, floor2 = alpha[columns], floor2[columns]
+            spread, trend = spread[:, columns], trend[:, columns]
+        shrink = alpha / (2.0 - alpha)
+        noise2 = 2.0 * spread * shrink[None, :] + floor2[None, :]
         se = np.sqrt(noise2) / np.float32(_TREND_TAU_DAYS)
-        slope_t: F32 = (self.trend[slots] / se).astype(np.float32)
+        slope_t: F32 = (trend / se).astype(np.float32)
         return slope_t
 
     def state_bytes(self) -> int:
