@@ -141,7 +141,7 @@ class OwnerNotifier(Protocol):
 
 
 class DeviceCommander(Protocol):
-    """Sends a command and returns the device's result (:class:`gateway.commands.CommandChannel`)."""
+    """Sends a command and returns the device's result (``gateway.commands.CommandChannel``)."""
 
     async def send(
         self,
@@ -450,14 +450,16 @@ class OwnerLoop:
             )
         if changed != case:
             case = await self._save(case, **_diff(case, changed))
-        if case.state == "verifying" and case.fix_at is not None:
-            # a diagnosis that closed with the fix and opens again: the fault is back
-            if diagnosis.status == "open" and diagnosis.updated_at > case.fix_at + timedelta(
-                seconds=self.config.settle_s
-            ):
-                return await self._not_verified(
-                    case, "the fault came back after the fix", _diagnosis_evidence(diagnosis)
-                )
+        # a diagnosis that closed with the fix and opens again: the fault is back
+        if (
+            case.state == "verifying"
+            and case.fix_at is not None
+            and diagnosis.status == "open"
+            and diagnosis.updated_at > case.fix_at + timedelta(seconds=self.config.settle_s)
+        ):
+            return await self._not_verified(
+                case, "the fault came back after the fix", _diagnosis_evidence(diagnosis)
+            )
         return case
 
     # -- deciding the next step ----------------------------------------------------------
@@ -604,9 +606,7 @@ class OwnerLoop:
 
     async def _to_person(self, case: Case, reason: str) -> Case:
         case = await self._move(case, "escalated", reason, needs_person=reason)
-        await self.store.add_task(
-            Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
-        )
+        await self.store.add_task(Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock()))
         await self._tell(case, Notice("not_fixed_escalated"))
         return case
 
@@ -727,7 +727,9 @@ class OwnerLoop:
             case = await self._fresh(case)
             if case.state != "awaiting_consent" or case.pending_action is None:
                 raise ConflictError("this case is not waiting for your go-ahead")
-            await self._audit(case, "owner", "consent", f"the owner agreed to {case.pending_action}")
+            await self._audit(
+                case, "owner", "consent", f"the owner agreed to {case.pending_action}"
+            )
             return await self._start_fix(case, case.pending_action, "the owner agreed")
 
     async def decline_fix(self, owner_id: str, case_id: str) -> Case:
@@ -737,13 +739,14 @@ class OwnerLoop:
             case = await self._fresh(case)
             if case.state != "awaiting_consent":
                 raise ConflictError("this case is not waiting for your go-ahead")
-            await self._audit(
-                case, "owner", "consent", f"the owner declined {case.pending_action}"
-            )
+            await self._audit(case, "owner", "consent", f"the owner declined {case.pending_action}")
             if self._has_service(case):
                 return await self._propose(case, "the owner declined the remote fix", actor="owner")
             return await self._move(
-                case, "dismissed", "the owner declined the only remedy", actor="owner",
+                case,
+                "dismissed",
+                "the owner declined the only remedy",
+                actor="owner",
                 pending_action=None,
             )
 
@@ -777,7 +780,9 @@ class OwnerLoop:
             except ConflictError:
                 await self._audit(case, "owner", "slot_taken", "the chosen slot was taken")
                 await self._propose(
-                    case, "the chosen slot was taken meanwhile", exclude=proposal.offered,
+                    case,
+                    "the chosen slot was taken meanwhile",
+                    exclude=proposal.offered,
                     actor="owner",
                 )
                 raise
@@ -786,7 +791,10 @@ class OwnerLoop:
                 "booked",
                 f"the owner booked {slot.start.isoformat()} with {technician.name}",
                 actor="owner",
-                evidence={"technician_id": technician.technician_id, "start": slot.start.isoformat()},
+                evidence={
+                    "technician_id": technician.technician_id,
+                    "start": slot.start.isoformat(),
+                },
             )
             await self._tell(case, Notice("appointment_booked", appointment=appointment))
             return appointment
@@ -798,7 +806,9 @@ class OwnerLoop:
             case = await self._fresh(case)
             proposal = await self._proposal(case)
             seen = list(proposal.offered)
-            for earlier in await self.store.appointments(case_id=case.case_id, states=["cancelled"]):
+            for earlier in await self.store.appointments(
+                case_id=case.case_id, states=["cancelled"]
+            ):
                 seen.extend(earlier.offered)
             case = await self._propose(
                 case, "the owner asked for other times", exclude=seen, actor="owner"
