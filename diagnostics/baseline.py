@@ -192,8 +192,9 @@ class BaselineTable:
         weight follows the time since the last update (``tau_days``), so features that
         update often and rarely forget at the same pace.
         """
-        every = bool(mask.all())
-        if not every and not mask.any():
+        picked = np.count_nonzero(mask)
+        every = picked == len(mask)
+        if not picked:
             return
         if rows is None:
             rows = BaselineRows(
@@ -222,7 +223,7 @@ class BaselineTable:
         count = count0 + present
         learnt = self.learnt_s[s]
         dt_days = (t - learnt).astype(np.float32) / np.float32(86_400.0)
-        np.clip(dt_days, 0.0, 30.0, out=dt_days)
+        np.minimum(np.maximum(dt_days, np.float32(0.0), out=dt_days), np.float32(30.0), out=dt_days)
         ew = 1.0 - np.exp(-dt_days / np.float32(self.tau_days))
         weight = np.where(present, np.maximum(1.0 / np.maximum(count, 1.0), ew), 0.0)
         delta = np.where(present, x - mean, np.float32(0.0))

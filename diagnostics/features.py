@@ -428,7 +428,7 @@ class FeatureTable:
         """
         last = self.last_ts_ms[slots]
         late = ts_ms <= last
-        all_live = not late.any()
+        all_live = not np.count_nonzero(late)
         if self.epoch_ms is None:
             self.epoch_ms = int(ts_ms.min()) if len(ts_ms) else 0
         now_s = ((ts_ms - self.epoch_ms) // 1000).astype(np.int32)
@@ -460,7 +460,7 @@ class FeatureTable:
         seen = present ^ fresh
         updated = self.updated_s[slots]
         dt_days = (now_s[:, None] - updated).astype(np.float32) / np.float32(86_400.0)
-        np.clip(dt_days, 0.0, 30.0, out=dt_days)
+        np.minimum(np.maximum(dt_days, np.float32(0.0), out=dt_days), np.float32(30.0), out=dt_days)
         alpha = self.alpha
         error = np.where(seen, x - level, np.float32(0.0))
         # where not seen the error is 0 and the level stays (NaN included)
