@@ -1,3 +1,71 @@
-"""fixloop notifier package."""
+"""The owner loop (notifier: diagnostics -> here -> dashboard).
 
-__all__: list[str] = []
+Only the light parts are re-exported here: the records of the loop, its error tree,
+the store and request interfaces, and the settings. Import the working parts from
+their modules: ``notifier.loop`` (``OwnerLoop``, the case machine), ``notifier.sqlite``
+(``SqliteStore``), ``notifier.scheduling`` (the appointment planner),
+``notifier.messages`` (the owner's messages), ``notifier.push`` (push channels),
+``notifier.outbox`` (``Outbox``), ``notifier.api`` (the owner REST API) and
+``notifier.service`` (``NotifierService``).
+"""
+
+from notifier.actions import CaseActions, HealthPoint, HealthReader
+from notifier.errors import (
+    ConflictError,
+    DeadTokenError,
+    DeliveryError,
+    ForbiddenError,
+    IllegalTransitionError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from notifier.model import (
+    CLOSED_STATES,
+    OPEN_STATES,
+    TRANSITIONS,
+    Appointment,
+    AuditEntry,
+    Case,
+    DeviceRecord,
+    Notification,
+    Owner,
+    PushChannel,
+    Rating,
+    Slot,
+    Task,
+    Technician,
+    Window,
+)
+from notifier.settings import NotifierSettings, PushSettings
+from notifier.store import CaseStore
+
+__all__ = [
+    "CLOSED_STATES",
+    "OPEN_STATES",
+    "TRANSITIONS",
+    "Appointment",
+    "AuditEntry",
+    "Case",
+    "CaseActions",
+    "CaseStore",
+    "ConflictError",
+    "DeadTokenError",
+    "DeliveryError",
+    "DeviceRecord",
+    "ForbiddenError",
+    "HealthPoint",
+    "HealthReader",
+    "IllegalTransitionError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "Notification",
+    "NotifierSettings",
+    "Owner",
+    "PushChannel",
+    "PushSettings",
+    "Rating",
+    "Slot",
+    "Task",
+    "Technician",
+    "Window",
+]
