@@ -1,0 +1,1807 @@
+"""The owner REST API (notifier; owners' and technicians' apps -> here -> the case machine).
+
+Owners see their profile, push channels, devices (health in plain words) and cases (with
+their history in plain words) and answer what the loop asks them: agree to a remote fix,
+choose a visit time, rate the outcome. Technicians see their visits and mark them done.
+Owners can export and erase their data. ``GET /openapi.json`` describes every route.
+
+How it works:
+
+* **Auth.** ``Authorization: Bearer <token>``; the store says whom a token stands for
+  (:meth:`~notifier.store.CaseStore.resolve_token`). No or an unknown token: 401 with
+  ``WWW-Authenticate: Bearer``; a token of the wrong kind for the route: 403. Another
+  owner's device or case, or another technician's visit, answers 404, exactly like one
+  that does not exist, so ids do not leak.
+* **Edge.** Bodies are at most :data:`MAX_BODY_BYTES` (else 413) of JSON checked by strict
+  pydantic models that refuse unknown fields; a violation is a 400 naming the field.
+* **Errors.** Every error is ``{"error": {"code": ..., "message": ..., "field": ...}}``:
+  :class:`~notifier.errors.NotFoundError` 404, :class:`~notifier.errors.ForbiddenError`
+  403, :class:`~notifier.errors.ConflictError` and
+  :class:`~notifier.errors.IllegalTransitionError` 409,
+  :class:`~notifier.errors.InvalidRequestError` 422, a :class:`~gateway.errors.TransientError`
+  503; anything unexpected is a 500 with a generic message, logged with the request id
+  (the ``X-Request-Id`` header of every response). The app keeps serving.
+* **Privacy.** Owners never see scores or diagnostic evidence; push targets are masked and
+  channel secrets never leave; nothing here logs contacts, tokens or targets. Responses
+  with personal data are ``Cache-Control: no-store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import logging
+import re
+import uuid
+import zoneinfo
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, time, timedelta
+from typing import Annotated, Any, Final, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import TransientError
+from notifier.actions import CaseActions, HealthPoint, HealthReader
+from notifier.errors import (
+    ConflictError,
+    ForbiddenError,
+    IllegalTransitionError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from notifier.keys import (
+    ACTION_BASE_URL_KEY,
+    ACTIONS_KEY,
+    CLOCK_KEY,
+    HEALTH_KEY,
+    OPENAPI_KEY,
+    STORE_KEY,
+)
+from notifier.model import (
+    CLOSED_STATES,
+    OPEN_STATES,
+    Appointment,
+    AuditEntry,
+    Case,
+    CaseState,
+    ChannelKind,
+    ConsentPolicy,
+    DeviceRecord,
+    Owner,
+    PushChannel,
+    Rating,
+    Urgency,
+)
+from notifier.openapi import Operation, QueryParam, Reply, build_document
+from notifier.store import CaseStore, PrincipalKind
+
+__all__ = [
+    "API_PREFIX",
+    "MAX_BODY_BYTES",
+    "REQUEST_ID_HEADER",
+    "AppointmentChoice",
+    "AppointmentView",
+    "CaseDetailView",
+    "CaseList",
+    "CaseView",
+    "ChannelList",
+    "ChannelRequest",
+    "ChannelView",
+    "CompleteVisitRequest",
+    "DeviceList",
+    "DeviceView",
+    "EraseRequest",
+    "ErasedView",
+    "ErrorView",
+    "FixChoice",
+    "HealthWord",
+    "OfferView",
+    "ProfilePatch",
+    "ProfileView",
+    "RatingRequest",
+    "RatingView",
+    "VisitList",
+    "VisitView",
+    "create_api",
+    "mask_target",
+]
+
+_LOG = logging.getLogger(__name__)
+
+#: Where the API's routes live.
+API_PREFIX: Final = "/api/v1"
+#: The largest request body taken (larger: 413).
+MAX_BODY_BYTES: Final = 64 * 1024
+#: The header naming each request (taken from the caller when sane, else made here).
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+
+#: How long the device list waits for stored health before showing it as unknown.
+_HEALTH_TIMEOUT_S: Final = 5.0
+#: A stored score at or above this reads "needs attention" (diagnostics' opening threshold).
+_ATTENTION_SCORE: Final = 0.5
+#: Most push channels one owner may register.
+_MAX_CHANNELS: Final = 20
+#: Longest id taken in a path (longer ones cannot exist: 404).
+_MAX_ID_CHARS: Final = 128
+#: Longest token looked up (longer ones cannot exist: 401).
+_MAX_TOKEN_CHARS: Final = 512
+#: Longest span of visits one request may list.
+_MAX_VISIT_SPAN: Final = timedelta(days=92)
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_LANGUAGE: Final = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+_LOOPBACK_HOSTS: Final = frozenset(("127.0.0.1", "localhost", "::1"))
+_CHANNEL_KINDS: Final = ("fcm", "webpush", "ntfy", "webhook")
+_URGENT: Final = frozenset(("high", "critical"))
+_REQUEST_ID_ATTR: Final = "fixloop.request_id"
+
+HealthWord = Literal["good", "needs attention", "problem", "unknown"]
+WaitingFor = Literal["your_consent", "your_choice", "your_rating"]
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+# -- errors at the edge ---------------------------------------------------------------------
+
+
+class _ApiError(Exception):
+    """An HTTP error answer, raised by a handler and written by the error middleware."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+#: Errors of the owner loop -> status and code (first match wins: subclasses first).
+_MAPPED: Final[tuple[tuple[type[Exception], int, str], ...]] = (
+    (NotFoundError, 404, "not_found"),
+    (ForbiddenError, 403, "forbidden"),
+    (IllegalTransitionError, 409, "illegal_transition"),
+    (ConflictError, 409, "conflict"),
+    (InvalidRequestError, 422, "invalid_request"),
+)
+
+#: aiohttp's own HTTP errors (routing, body size) -> code and plain words.
+_HTTP_WORDS: Final[dict[int, tuple[str, str]]] = {
+    400: ("bad_request", "the request could not be read"),
+    404: ("not_found", "there is nothing at this address"),
+    405: ("method_not_allowed", "this address does not take that method"),
+    413: ("too_large", f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB"),
+}
+
+
+# -- request bodies -------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    # strict: JSON types as written (no "true" for true); unknown fields are refused
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class QuietHours(_Body):
+    """Quiet hours in the owner's time zone (``end`` before ``start``: overnight).
+
+    Attributes:
+        start: local start (``HH:MM``).
+        end: local end (``HH:MM``).
+    """
+
+    start: time
+    end: time
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHours:
+        if self.start == self.end:
+            raise ValueError("quiet hours must not start and end at the same time")
+        return self
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+class ProfilePatch(_Body):
+    """Changes to the owner's profile; an absent field (or ``null``) keeps its value.
+
+    Attributes:
+        language: message language (``en``, ``de``, ``pt-BR`` ...).
+        timezone: IANA time zone (``Europe/Berlin``).
+        consent: which remote fixes may run without asking.
+        quiet_hours: when no push may come (``null``: no quiet hours).
+        channels: preferred channel kinds, first first (empty: any active channel).
+    """
+
+    language: Annotated[str, Field(pattern=_LANGUAGE, max_length=35)] | None = None
+    timezone: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    consent: ConsentPolicy | None = None
+    quiet_hours: QuietHours | None = None
+    channels: Annotated[list[ChannelKind], Field(max_length=len(_CHANNEL_KINDS))] | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str | None) -> str | None:
+        if value is not None and value not in _zones():
+            raise ValueError(f"{value!r} is not an IANA time zone (like Europe/Berlin)")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _each_once(cls, value: list[ChannelKind] | None) -> list[ChannelKind] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("name each channel kind once")
+        return value
+
+
+def _b64url(value: str) -> bytes:
+    """Decode unpadded (or padded) base64url; ``ValueError`` if it is not."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", value):
+        raise ValueError("must be base64url (A-Z, a-z, 0-9, '-' and '_')")
+    try:
+        return base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))
+    except binascii.Error as exc:
+        raise ValueError("must be base64url") from exc
+
+
+def _url(value: str, *, schemes: frozenset[str], what: str) -> str:
+    """Check a push URL: scheme, host, no credentials, no spaces."""
+    if any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise ValueError(f"{what} must not contain spaces or control characters")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"{what} is not a valid URL") from exc
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"{what} must be a {' or '.join(sorted(schemes))} URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"{what} must not carry a user name or password")
+    del port
+    return value
+
+
+_TargetUrl = Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+class WebPushKeys(_Body):
+    """Keys of a Web Push subscription (RFC 8291), as the browser gives them.
+
+    Attributes:
+        p256dh: the subscription's P-256 public key, uncompressed (65 bytes), base64url.
+        auth: the 16-byte authentication secret, base64url.
+    """
+
+    p256dh: Annotated[str, Field(min_length=1, max_length=128)]
+    auth: Annotated[str, Field(min_length=1, max_length=64)]
+
+    @field_validator("p256dh")
+    @classmethod
+    def _point(cls, value: str) -> str:
+        raw = _b64url(value)
+        if len(raw) != 65 or raw[0] != 0x04:
+            raise ValueError("must be an uncompressed P-256 point (65 bytes, base64url)")
+        try:
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
+        except ValueError as exc:
+            raise ValueError("is not a point on the P-256 curve") from exc
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        if len(_b64url(value)) != 16:
+            raise ValueError("must be 16 bytes, base64url")
+        return value
+
+
+class WebPushChannel(_Body):
+    """A browser's Web Push subscription.
+
+    Attributes:
+        kind: ``webpush``.
+        target: the subscription's endpoint (https).
+        keys: the subscription's keys.
+    """
+
+    kind: Literal["webpush"]
+    target: _TargetUrl
+    keys: WebPushKeys
+
+    @field_validator("target")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        return _url(value, schemes=frozenset(("https",)), what="a Web Push endpoint")
+
+
+class FcmChannel(_Body):
+    """A Firebase Cloud Messaging registration token of the owner's app.
+
+    Attributes:
+        kind: ``fcm``.
+        target: the registration token.
+        keys: none.
+    """
+
+    kind: Literal["fcm"]
+    target: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\s]+$")]
+    keys: Annotated[dict[str, str], Field(max_length=0)] = Field(default_factory=dict)
+
+
+class NtfyKeys(_Body):
+    """Credentials of an ntfy topic.
+
+    Attributes:
+        token: an ntfy access token for a protected topic.
+    """
+
+    token: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s]+$")] | None = None
+
+
+class NtfyChannel(_Body):
+    """An ntfy topic.
+
+    Attributes:
+        kind: ``ntfy``.
+        target: the topic URL (``https://ntfy.sh/my-topic``).
+        keys: optional credentials.
+    """
+
+    kind: Literal["ntfy"]
+    target: _TargetUrl
+    keys: NtfyKeys = Field(default_factory=NtfyKeys)
+
+    @field_validator("target")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        _url(value, schemes=frozenset(("http", "https")), what="an ntfy topic")
+        if not urlsplit(value).path.strip("/"):
+            raise ValueError("an ntfy topic URL must name the topic (https://ntfy.sh/topic)")
+        return value
+
+
+class WebhookKeys(_Body):
+    """The webhook's signing secret.
+
+    Attributes:
+        secret: shared secret the deliveries are signed with (16 to 256 characters).
+    """
+
+    secret: Annotated[str, Field(min_length=16, max_length=256)]
+
+
+class WebhookChannel(_Body):
+    """A webhook the owner runs (home automation).
+
+    Attributes:
+        kind: ``webhook``.
+        target: https URL (http only to 127.0.0.1 or localhost).
+        keys: the signing secret.
+    """
+
+    kind: Literal["webhook"]
+    target: _TargetUrl
+    keys: WebhookKeys
+
+    @field_validator("target")
+    @classmethod
+    def _https(cls, value: str) -> str:
+        _url(value, schemes=frozenset(("http", "https")), what="a webhook")
+        parts = urlsplit(value)
+        if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+            raise ValueError("a webhook must be https (http only to 127.0.0.1 or localhost)")
+        return value
+
+
+class ChannelRequest(
+    RootModel[
+        Annotated[
+            WebPushChannel | FcmChannel | NtfyChannel | WebhookChannel,
+            Field(discriminator="kind"),
+        ]
+    ]
+):
+    """A push channel to register: ``kind`` says which of the four it is."""
+
+    model_config = ConfigDict(strict=True, frozen=True)
+
+
+class FixChoice(_Body):
+    """The owner's answer to a remote fix that waits for consent.
+
+    Attributes:
+        accept: ``true`` runs it now, ``false`` declines it (a visit is offered instead).
+    """
+
+    accept: bool
+
+
+class AppointmentChoice(_Body):
+    """The owner's answer to a visit offer: exactly one of the three.
+
+    Attributes:
+        slot: index of the chosen slot in the offer.
+        other_times: ask for other times.
+        decline: no visit wanted.
+    """
+
+    slot: Annotated[int, Field(ge=0, le=99)] | None = None
+    other_times: Literal[True] | None = None
+    decline: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AppointmentChoice:
+        given = [v for v in (self.slot, self.other_times, self.decline) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of slot, other_times or decline")
+        return self
+
+
+class RatingRequest(_Body):
+    """The owner's rating of a resolved case.
+
+    Attributes:
+        stars: 1 (bad) to 5 (great).
+        comment: optional words (at most 2000 characters).
+        nothing_wrong: the owner says there was nothing wrong with the device.
+    """
+
+    stars: Annotated[int, Field(ge=1, le=5)]
+    comment: Annotated[str, Field(max_length=2000)] | None = None
+    nothing_wrong: bool = False
+
+
+class EraseRequest(_Body):
+    """Confirmation that the owner's data is to be erased.
+
+    Attributes:
+        confirm: must be ``erase``.
+    """
+
+    confirm: Literal["erase"]
+
+
+class CompleteVisitRequest(_Body):
+    """The technician's report of a visit.
+
+    Attributes:
+        note: what was done (at most 2000 characters).
+    """
+
+    note: Annotated[str, Field(max_length=2000)] | None = None
+
+
+# -- response bodies ------------------------------------------------------------------------
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ErrorDetail(_View):
+    """What went wrong.
+
+    Attributes:
+        code: machine-readable reason (``not_found``, ``invalid_body`` ...).
+        message: plain words.
+        field: the body field or query parameter at fault, if one is.
+    """
+
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorView(_View):
+    """Every error answer.
+
+    Attributes:
+        error: what went wrong.
+    """
+
+    error: ErrorDetail
+
+
+class QuietHoursView(_View):
+    """Quiet hours, local ``HH:MM``.
+
+    Attributes:
+        start: local start.
+        end: local end.
+    """
+
+    start: str
+    end: str
+
+
+class ProfileView(_View):
+    """The owner's profile.
+
+    Attributes:
+        name: how messages address them.
+        language: message language.
+        timezone: IANA time zone.
+        region: service region.
+        consent: which remote fixes may run without asking.
+        quiet_hours: when no push comes (``null``: none).
+        channels: preferred channel kinds, first first.
+        max_per_day: notifications per day before the rest go into a digest.
+    """
+
+    name: str
+    language: str
+    timezone: str
+    region: str
+    consent: ConsentPolicy
+    quiet_hours: QuietHoursView | None
+    channels: list[ChannelKind]
+    max_per_day: int
+
+
+class ChannelView(_View):
+    """A registered push channel (its target masked, its secrets never shown).
+
+    Attributes:
+        channel_id: id.
+        kind: which service.
+        target: the target, masked.
+        active: whether pushes go to it.
+        created_at: when it was registered.
+    """
+
+    channel_id: str
+    kind: ChannelKind
+    target: str
+    active: bool
+    created_at: AwareDatetime | None
+
+
+class ChannelList(_View):
+    """The owner's active push channels, oldest first.
+
+    Attributes:
+        channels: the channels.
+    """
+
+    channels: list[ChannelView]
+
+
+class DeviceView(_View):
+    """A device and how it is doing, in plain words.
+
+    Attributes:
+        device_id: id.
+        label: the owner's name for it.
+        model: product model.
+        firmware: installed firmware version.
+        health: ``good``, ``needs attention``, ``problem`` or ``unknown`` (no reading yet).
+        open_cases: ids of its open cases, newest first.
+    """
+
+    device_id: str
+    label: str | None
+    model: str
+    firmware: str | None
+    health: HealthWord
+    open_cases: list[str]
+
+
+class DeviceList(_View):
+    """The owner's devices.
+
+    Attributes:
+        devices: the devices, by id.
+    """
+
+    devices: list[DeviceView]
+
+
+class CaseView(_View):
+    """A case as its owner sees it.
+
+    Attributes:
+        case_id: id.
+        device_id: the device.
+        device_label: the owner's name for the device.
+        title: the problem in plain words.
+        state: lifecycle stage.
+        open: whether it is still being worked on.
+        urgency: how soon it matters.
+        waiting_for: what the loop waits for from the owner, if anything.
+        pending_fix: the remote fix waiting for consent or its result.
+        appointment_id: the current appointment.
+        rating: the owner's stars, once rated.
+        opened_at: when it opened.
+        updated_at: last change.
+    """
+
+    case_id: str
+    device_id: str
+    device_label: str | None
+    title: str
+    state: CaseState
+    open: bool
+    urgency: Urgency
+    waiting_for: WaitingFor | None
+    pending_fix: str | None
+    appointment_id: str | None
+    rating: int | None
+    opened_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class CaseDetailView(CaseView):
+    """A case with its history in plain words.
+
+    Attributes:
+        history: what happened, oldest first, one sentence each.
+    """
+
+    history: list[str]
+
+
+class CaseList(_View):
+    """The owner's cases, newest first.
+
+    Attributes:
+        cases: the cases.
+    """
+
+    cases: list[CaseView]
+
+
+class SlotView(_View):
+    """A visit time on offer.
+
+    Attributes:
+        index: what to send back to choose it.
+        start: start (UTC).
+        end: end (UTC).
+        technician: who would come.
+    """
+
+    index: int
+    start: AwareDatetime
+    end: AwareDatetime
+    technician: str | None
+
+
+class OfferView(_View):
+    """The visit times on offer for a case.
+
+    Attributes:
+        appointment_id: the proposal (``null``: nothing on offer).
+        slots: the times, in the offer's order.
+    """
+
+    appointment_id: str | None
+    slots: list[SlotView]
+
+
+class AppointmentView(_View):
+    """A booked (or done, or cancelled) visit, as the owner sees it.
+
+    Attributes:
+        appointment_id: id.
+        case_id: the case.
+        state: ``proposed``, ``booked``, ``done`` or ``cancelled``.
+        start: start (UTC).
+        end: end (UTC).
+        technician: who comes.
+    """
+
+    appointment_id: str
+    case_id: str
+    state: str
+    start: AwareDatetime | None
+    end: AwareDatetime | None
+    technician: str | None
+
+
+class RatingView(_View):
+    """A stored rating.
+
+    Attributes:
+        case_id: the case.
+        stars: 1 to 5.
+        comment: the owner's words.
+        nothing_wrong: the owner said there was nothing wrong.
+        at: when.
+    """
+
+    case_id: str
+    stars: int
+    comment: str | None
+    nothing_wrong: bool
+    at: AwareDatetime
+
+
+class ErasedView(_View):
+    """The result of an erasure.
+
+    Attributes:
+        erased: always ``true``.
+        rows: how many stored rows were removed or anonymised.
+    """
+
+    erased: bool
+    rows: int
+
+
+class VisitView(_View):
+    """A visit as its technician sees it.
+
+    Attributes:
+        appointment_id: id.
+        case_id: the case.
+        device_id: the device.
+        model: product model.
+        fault: the diagnosed fault.
+        part: the part to service.
+        state: ``booked``, ``done`` or ``cancelled``.
+        start: start (UTC).
+        end: end (UTC).
+        note: the technician's note once done.
+        evidence: the diagnosis's facts in plain words.
+    """
+
+    appointment_id: str
+    case_id: str
+    device_id: str | None
+    model: str | None
+    fault: str | None
+    part: str | None
+    state: str
+    start: AwareDatetime | None
+    end: AwareDatetime | None
+    note: str | None
+    evidence: list[str]
+
+
+class VisitList(_View):
+    """A technician's visits, by start.
+
+    Attributes:
+        visits: the visits.
+    """
+
+    visits: list[VisitView]
+
+
+# -- plain words ----------------------------------------------------------------------------
+
+try:  # the message catalogue, where installed; plain English below otherwise
+    from notifier.messages import (  # type: ignore[import-not-found, unused-ignore]
+        fault_title as _catalog_title,
+    )
+    from notifier.messages import (  # type: ignore[import-not-found, unused-ignore]
+        plain_history as _catalog_history,
+    )
+except ImportError:  # pragma: no cover - depends on the installed modules
+    _catalog_title = None
+    _catalog_history = None
+
+_STATE_WORDS: Final[dict[str, str]] = {
+    "opened": "We noticed something that needs looking at",
+    "awaiting_consent": "We asked you before fixing it remotely",
+    "remote_fix": "We started fixing it remotely",
+    "verifying": "We are checking that it works properly again",
+    "appointment_proposed": "We offered times for a technician visit",
+    "booked": "A technician visit was booked",
+    "visited": "The technician has been",
+    "resolved": "It is fixed",
+    "dismissed": "We closed it: nothing more needs doing",
+    "escalated": "A person from our team is looking at it",
+    "expired": "We closed it",
+}
+
+
+def _title(case: Case, language: str) -> str:
+    if _catalog_title is not None:
+        return str(_catalog_title(case.fault, case.model, language))
+    return case.fault.replace("_", " ").strip().capitalize() or "A problem"
+
+
+def _history(trail: Sequence[AuditEntry], owner: Owner) -> list[str]:
+    entries = [(e.at, e.action, e.from_state, e.to_state) for e in trail]
+    if _catalog_history is not None:
+        return [str(line) for line in _catalog_history(entries, owner.language, owner.timezone)]
+    zone = zoneinfo.ZoneInfo(owner.timezone) if owner.timezone in _zones() else UTC
+    lines: list[str] = []
+    for at, _action, from_state, to_state in entries:
+        # only state changes are told: the other entries are the loop's own bookkeeping
+        if to_state is None or to_state == from_state or to_state not in _STATE_WORDS:
+            continue
+        when = at.astimezone(zone).strftime("%d %b %Y, %H:%M")
+        lines.append(f"{when}: {_STATE_WORDS[to_state]}.")
+    return lines
+
+
+def mask_target(target: str) -> str:
+    """Return a push target with its secret part hidden.
+
+    A URL keeps its scheme and host (``https://fcm.googleapis.com/…``); a token keeps
+    its last four characters if it is long enough for that to reveal nothing.
+
+    Args:
+        target: a registration token or URL.
+
+    Returns:
+        What may be shown of it.
+    """
+    try:
+        parts = urlsplit(target)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if parts.scheme in ("http", "https") and host:
+        return f"{parts.scheme}://{host}/…"
+    return f"…{target[-4:]}" if len(target) >= 24 else "…"
+
+
+def _waiting_for(case: Case) -> WaitingFor | None:
+    if case.state == "awaiting_consent":
+        return "your_consent"
+    if case.state == "appointment_proposed":
+        return "your_choice"
+    if case.state == "resolved" and case.rating is None:
+        return "your_rating"
+    return None
+
+
+def _case_view(case: Case, label: str | None, language: str) -> CaseView:
+    return CaseView(
+        case_id=case.case_id,
+        device_id=case.device_id,
+        device_label=label,
+        title=_title(case, language),
+        state=case.state,
+        open=case.is_open,
+        urgency=case.urgency,
+        waiting_for=_waiting_for(case),
+        pending_fix=case.pending_action,
+        appointment_id=case.appointment_id,
+        rating=case.rating,
+        opened_at=case.opened_at,
+        updated_at=case.updated_at,
+    )
+
+
+def _health_word(point: HealthPoint | None, open_cases: Sequence[Case]) -> HealthWord:
+    if any(case.urgency in _URGENT for case in open_cases):
+        return "problem"
+    if open_cases:
+        return "needs attention"
+    if point is None:
+        return "unknown"
+    return "needs attention" if point.score >= _ATTENTION_SCORE else "good"
+
+
+def _profile_view(owner: Owner) -> ProfileView:
+    quiet = (
+        None
+        if owner.quiet_start is None or owner.quiet_end is None
+        else QuietHoursView(
+            start=owner.quiet_start.strftime("%H:%M"), end=owner.quiet_end.strftime("%H:%M")
+        )
+    )
+    return ProfileView(
+        name=owner.name,
+        language=owner.language,
+        timezone=owner.timezone,
+        region=owner.region,
+        consent=owner.consent,
+        quiet_hours=quiet,
+        channels=list(owner.channels),
+        max_per_day=owner.max_per_day,
+    )
+
+
+def _channel_view(channel: PushChannel) -> ChannelView:
+    return ChannelView(
+        channel_id=channel.channel_id,
+        kind=channel.kind,
+        target=mask_target(channel.target),
+        active=channel.active,
+        created_at=channel.created_at,
+    )
+
+
+def _rating_view(rating: Rating) -> RatingView:
+    return RatingView(
+        case_id=rating.case_id,
+        stars=rating.stars,
+        comment=rating.comment,
+        nothing_wrong=rating.nothing_wrong,
+        at=rating.at,
+    )
+
+
+# -- request helpers ------------------------------------------------------------------------
+
+
+def _json(view: BaseModel, status: int = 200) -> web.Response:
+    return web.Response(
+        body=view.model_dump_json().encode("utf-8"),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _error(
+    status: int, code: str, message: str, field: str | None = None, **headers: str
+) -> web.Response:
+    response = _json(ErrorView(error=ErrorDetail(code=code, message=message, field=field)), status)
+    response.headers.update(headers)
+    return response
+
+
+def _clean_message(text: str) -> str:
+    return text.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+
+
+def _invalid_body(exc: ValidationError, *, tagged: bool) -> _ApiError:
+    """The 400 for the first thing wrong with a body, naming its field."""
+    first = exc.errors(include_url=False)[0]
+    loc = list(first["loc"])
+    if tagged and loc:
+        loc = loc[1:]  # a discriminated union puts the tag ahead of the field
+    kind = first["type"]
+    if kind == "json_invalid":
+        return _ApiError(400, "invalid_json", "the body is not valid JSON")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        words = f"kind must be one of {', '.join(_CHANNEL_KINDS)}"
+        return _ApiError(400, "invalid_body", words, "kind")
+    field = ".".join(str(part) for part in loc) or None
+    if kind == "extra_forbidden":
+        words = "is not a known field"
+    elif kind == "missing":
+        words = "is required"
+    else:
+        words = _clean_message(str(first["msg"]))
+    if field is None:
+        if kind in ("model_type", "dict_type", "model_attributes_type"):
+            return _ApiError(400, "invalid_body", "the body must be a JSON object")
+        return _ApiError(400, "invalid_body", words)
+    return _ApiError(400, "invalid_body", f"{field}: {words}", field)
+
+
+async def _read_body(request: web.Request, model: type[_M], *, tagged: bool = False) -> _M:
+    """Read and check a JSON body (size, media type, schema)."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=MAX_BODY_BYTES, actual_size=request.content_length
+        )
+    if "Content-Type" in request.headers:
+        ctype = request.content_type
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise _ApiError(415, "unsupported_media_type", "the body must be application/json")
+    raw = await request.read()  # the app's client_max_size stops longer chunked bodies (413)
+    if not raw.strip():
+        raise _ApiError(400, "invalid_body", "the request needs a JSON body")
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid_body(exc, tagged=tagged) from exc
+
+
+def _path_id(request: web.Request, name: str = "id") -> str:
+    value = request.match_info[name]
+    if not value or len(value) > _MAX_ID_CHARS:
+        raise _ApiError(404, "not_found", "there is nothing at this address")
+    return value
+
+
+def _query_time(request: web.Request, name: str) -> datetime | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        message = f"{name}: must be an ISO 8601 time like 2025-03-01T08:00:00Z"
+        raise _ApiError(400, "invalid_query", message, name) from exc
+    if value.tzinfo is None:
+        message = f"{name}: must say its time zone (Z or +01:00)"
+        raise _ApiError(400, "invalid_query", message, name)
+    return value.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    """Who is calling: the principal's id (and the owner, for owner routes)."""
+
+    principal_id: str
+    owner: Owner | None = None
+
+
+_UNAUTHORIZED_WORDS: Final = "sign in again: the request needs a valid token"
+_FORBIDDEN_WORDS: Final[dict[str, str]] = {
+    "owner": "this is for device owners",
+    "technician": "this is for technicians",
+    "ops": "this is for the operations team",
+}
+
+
+async def _authenticate(request: web.Request, kind: PrincipalKind) -> _Caller:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _ApiError(401, "unauthorized", _UNAUTHORIZED_WORDS)
+    principal = None
+    if len(token) <= _MAX_TOKEN_CHARS:
+        principal = await request.app[STORE_KEY].resolve_token(token)
+    if principal is None:
+        raise _ApiError(401, "invalid_token", _UNAUTHORIZED_WORDS)
+    principal_kind, principal_id = principal
+    if principal_kind != kind:
+        raise _ApiError(403, "forbidden", _FORBIDDEN_WORDS[kind])
+    if kind != "owner":
+        return _Caller(principal_id)
+    owner = await request.app[STORE_KEY].get_owner(principal_id)
+    if owner is None:
+        # a token left behind by an erased owner stands for no one
+        raise _ApiError(401, "invalid_token", _UNAUTHORIZED_WORDS)
+    return _Caller(principal_id, owner)
+
+
+def _owner_of(caller: _Caller) -> Owner:
+    if caller.owner is None:  # pragma: no cover - owner routes authenticate as owners
+        raise _ApiError(403, "forbidden", _FORBIDDEN_WORDS["owner"])
+    return caller.owner
+
+
+async def _own_case(store: CaseStore, owner_id: str, case_id: str) -> Case:
+    case = await store.get_case(case_id)
+    if case is None or case.owner_id != owner_id:
+        raise _ApiError(404, "not_found", f"there is no case {case_id}")
+    return case
+
+
+async def _label(store: CaseStore, device_id: str) -> str | None:
+    device = await store.get_device(device_id)
+    return None if device is None else device.label
+
+
+class _Names:
+    """Technician names, looked up once per request."""
+
+    def __init__(self, store: CaseStore) -> None:
+        self._store = store
+        self._names: dict[str, str | None] = {}
+
+    async def name(self, technician_id: str | None) -> str | None:
+        if technician_id is None:
+            return None
+        if technician_id not in self._names:
+            technician = await self._store.get_technician(technician_id)
+            self._names[technician_id] = None if technician is None else technician.name
+        return self._names[technician_id]
+
+
+async def _offer_view(store: CaseStore, proposal: Appointment | None) -> OfferView:
+    if proposal is None:
+        return OfferView(appointment_id=None, slots=[])
+    names = _Names(store)
+    slots = [
+        SlotView(
+            index=index,
+            start=slot.start,
+            end=slot.end,
+            technician=await names.name(slot.technician_id),
+        )
+        for index, slot in enumerate(proposal.offered)
+    ]
+    return OfferView(appointment_id=proposal.appointment_id, slots=slots)
+
+
+async def _appointment_view(store: CaseStore, appointment: Appointment) -> AppointmentView:
+    return AppointmentView(
+        appointment_id=appointment.appointment_id,
+        case_id=appointment.case_id,
+        state=appointment.state,
+        start=appointment.start,
+        end=appointment.end,
+        technician=await _Names(store).name(appointment.technician_id),
+    )
+
+
+def _visit_view(appointment: Appointment, case: Case | None) -> VisitView:
+    return VisitView(
+        appointment_id=appointment.appointment_id,
+        case_id=appointment.case_id,
+        device_id=None if case is None else case.device_id,
+        model=None if case is None else case.model,
+        fault=None if case is None else case.fault,
+        part=appointment.part,
+        state=appointment.state,
+        start=appointment.start,
+        end=appointment.end,
+        note=appointment.note,
+        evidence=[] if case is None else list(case.evidence),
+    )
+
+
+# -- owner handlers ---------------------------------------------------------------------------
+
+
+async def _get_me(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    return _json(_profile_view(owner))
+
+
+async def _patch_me(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    patch = await _read_body(request, ProfilePatch)
+    changes: dict[str, Any] = {}
+    if patch.language is not None:
+        changes["language"] = patch.language
+    if patch.timezone is not None:
+        changes["timezone"] = patch.timezone
+    if patch.consent is not None:
+        changes["consent"] = patch.consent
+    if "quiet_hours" in patch.model_fields_set:
+        quiet = patch.quiet_hours
+        changes["quiet_start"] = None if quiet is None else quiet.start
+        changes["quiet_end"] = None if quiet is None else quiet.end
+    if patch.channels is not None:
+        changes["channels"] = tuple(patch.channels)
+    if changes:
+        owner = replace(owner, **changes)
+        await request.app[STORE_KEY].put_owner(owner)
+    return _json(_profile_view(owner))
+
+
+async def _list_channels(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    channels = await request.app[STORE_KEY].channels(owner.owner_id, active_only=True)
+    return _json(ChannelList(channels=[_channel_view(channel) for channel in channels]))
+
+
+def _channel_keys(
+    body: WebPushChannel | FcmChannel | NtfyChannel | WebhookChannel,
+) -> dict[str, str]:
+    if isinstance(body, WebPushChannel):
+        return {"p256dh": body.keys.p256dh, "auth": body.keys.auth}
+    if isinstance(body, WebhookChannel):
+        return {"secret": body.keys.secret}
+    if isinstance(body, NtfyChannel) and body.keys.token is not None:
+        return {"token": body.keys.token}
+    return {}
+
+
+async def _add_channel(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    body = (await _read_body(request, ChannelRequest, tagged=True)).root
+    store = request.app[STORE_KEY]
+    keys = _channel_keys(body)
+    existing = await store.channels(owner.owner_id, active_only=False)
+    for channel in existing:
+        if channel.kind == body.kind and channel.target == body.target:
+            # the same subscription again (an app reinstall): refresh it, keep its id
+            renewed = replace(channel, keys=keys, active=True, failures=0)
+            await store.put_channel(renewed)
+            return _json(_channel_view(renewed))
+    if sum(channel.active for channel in existing) >= _MAX_CHANNELS:
+        raise InvalidRequestError(
+            f"at most {_MAX_CHANNELS} push channels: remove one you no longer use first"
+        )
+    channel = PushChannel(
+        channel_id=f"ch-{uuid.uuid4().hex}",
+        owner_id=owner.owner_id,
+        kind=body.kind,
+        target=body.target,
+        keys=keys,
+        active=True,
+        created_at=request.app[CLOCK_KEY](),
+    )
+    await store.put_channel(channel)
+    return _json(_channel_view(channel), 201)
+
+
+async def _delete_channel(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    channel_id = _path_id(request)
+    store = request.app[STORE_KEY]
+    for channel in await store.channels(owner.owner_id, active_only=True):
+        if channel.channel_id == channel_id:
+            # the store keeps channels by id; a removed one keeps no secret and no target
+            await store.put_channel(
+                replace(channel, active=False, keys={}, target=mask_target(channel.target))
+            )
+            return web.Response(status=204)
+    raise _ApiError(404, "not_found", f"there is no push channel {channel_id}")
+
+
+async def _device_views(
+    request: web.Request, devices: Sequence[DeviceRecord], owner_id: str
+) -> list[DeviceView]:
+    store = request.app[STORE_KEY]
+    open_cases: dict[str, list[Case]] = {}
+    for case in await store.cases(owner_id=owner_id, states=sorted(OPEN_STATES)):
+        open_cases.setdefault(case.device_id, []).append(case)
+    latest: dict[str, HealthPoint] = {}
+    if devices:
+        try:
+            async with asyncio.timeout(_HEALTH_TIMEOUT_S):
+                latest = await request.app[HEALTH_KEY].latest([d.device_id for d in devices])
+        except (TransientError, TimeoutError) as exc:
+            # cases still say what is wrong; only the readings are missing for now
+            _LOG.warning("device health unavailable for the device list: %s", exc)
+    return [
+        DeviceView(
+            device_id=device.device_id,
+            label=device.label,
+            model=device.model,
+            firmware=device.firmware,
+            health=_health_word(latest.get(device.device_id), open_cases.get(device.device_id, [])),
+            open_cases=[case.case_id for case in open_cases.get(device.device_id, [])],
+        )
+        for device in devices
+    ]
+
+
+async def _list_devices(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    devices = await request.app[STORE_KEY].devices(owner.owner_id)
+    return _json(DeviceList(devices=await _device_views(request, devices, owner.owner_id)))
+
+
+async def _get_device(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    device_id = _path_id(request)
+    device = await request.app[STORE_KEY].get_device(device_id)
+    if device is None or device.owner_id != owner.owner_id:
+        raise _ApiError(404, "not_found", f"there is no device {device_id}")
+    (view,) = await _device_views(request, [device], owner.owner_id)
+    return _json(view)
+
+
+async def _list_cases(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    which = request.query.get("state")
+    states: list[str] | None
+    if which is None or which == "":
+        states = None
+    elif which == "open":
+        states = sorted(OPEN_STATES)
+    elif which == "closed":
+        states = sorted(CLOSED_STATES)
+    else:
+        raise _ApiError(400, "invalid_query", "state: must be open or closed", "state")
+    store = request.app[STORE_KEY]
+    cases = await store.cases(owner_id=owner.owner_id, states=states)
+    labels = {device.device_id: device.label for device in await store.devices(owner.owner_id)}
+    views = [_case_view(case, labels.get(case.device_id), owner.language) for case in cases]
+    return _json(CaseList(cases=views))
+
+
+async def _get_case(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    store = request.app[STORE_KEY]
+    case = await _own_case(store, owner.owner_id, _path_id(request))
+    view = _case_view(case, await _label(store, case.device_id), owner.language)
+    history = _history(await store.audit(case.case_id), owner)
+    return _json(CaseDetailView(**view.model_dump(), history=history))
+
+
+async def _post_fix(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    store = request.app[STORE_KEY]
+    case = await _own_case(store, owner.owner_id, _path_id(request))
+    choice = await _read_body(request, FixChoice)
+    actions = request.app[ACTIONS_KEY]
+    if choice.accept:
+        case = await actions.accept_fix(owner.owner_id, case.case_id)
+    else:
+        case = await actions.decline_fix(owner.owner_id, case.case_id)
+    return _json(_case_view(case, await _label(store, case.device_id), owner.language))
+
+
+async def _current_proposal(store: CaseStore, case: Case) -> Appointment | None:
+    proposals = await store.appointments(case_id=case.case_id, states=["proposed"])
+    for proposal in proposals:
+        if proposal.appointment_id == case.appointment_id:
+            return proposal
+    return proposals[-1] if proposals else None
+
+
+async def _get_slots(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    store = request.app[STORE_KEY]
+    case = await _own_case(store, owner.owner_id, _path_id(request))
+    return _json(await _offer_view(store, await _current_proposal(store, case)))
+
+
+async def _post_appointment(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    store = request.app[STORE_KEY]
+    case = await _own_case(store, owner.owner_id, _path_id(request))
+    choice = await _read_body(request, AppointmentChoice)
+    actions = request.app[ACTIONS_KEY]
+    if choice.slot is not None:
+        booked = await actions.choose_slot(owner.owner_id, case.case_id, choice.slot)
+        return _json(await _appointment_view(store, booked), 201)
+    if choice.other_times:
+        proposal = await actions.request_other_slots(owner.owner_id, case.case_id)
+        return _json(await _offer_view(store, proposal))
+    case = await actions.decline_visit(owner.owner_id, case.case_id)
+    return _json(_case_view(case, await _label(store, case.device_id), owner.language))
+
+
+async def _post_rating(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    store = request.app[STORE_KEY]
+    case = await _own_case(store, owner.owner_id, _path_id(request))
+    body = await _read_body(request, RatingRequest)
+    comment = None if body.comment is None else body.comment.strip() or None
+    rating = await request.app[ACTIONS_KEY].rate(
+        owner.owner_id, case.case_id, body.stars, comment, nothing_wrong=body.nothing_wrong
+    )
+    return _json(_rating_view(rating), 201)
+
+
+async def _export_me(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    data = await request.app[STORE_KEY].export_owner(owner.owner_id)
+    day = request.app[CLOCK_KEY]().astimezone(UTC).strftime("%Y-%m-%d")
+    response = web.json_response(data)
+    response.headers["Content-Disposition"] = f'attachment; filename="fixloop-data-{day}.json"'
+    return response
+
+
+async def _delete_me(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    await _read_body(request, EraseRequest)
+    rows = await request.app[STORE_KEY].erase_owner(owner.owner_id)
+    _LOG.info("an owner erased their data (%d rows)", rows)
+    return _json(ErasedView(erased=True, rows=rows))
+
+
+# -- technician handlers --------------------------------------------------------------------
+
+
+async def _list_visits(request: web.Request) -> web.Response:
+    caller = await _authenticate(request, "technician")
+    now = request.app[CLOCK_KEY]()
+    since = _query_time(request, "from") or now - timedelta(days=7)
+    until = _query_time(request, "to") or since + timedelta(days=30)
+    if until <= since:
+        raise _ApiError(400, "invalid_query", "to: must be after from", "to")
+    if until - since > _MAX_VISIT_SPAN:
+        message = f"to: at most {_MAX_VISIT_SPAN.days} days after from"
+        raise _ApiError(400, "invalid_query", message, "to")
+    store = request.app[STORE_KEY]
+    visits = await store.appointments(
+        technician_id=caller.principal_id,
+        states=["booked", "done", "cancelled"],
+        since=since,
+        until=until,
+    )
+    views = [_visit_view(visit, await store.get_case(visit.case_id)) for visit in visits]
+    return _json(VisitList(visits=views))
+
+
+async def _complete_visit(request: web.Request) -> web.Response:
+    caller = await _authenticate(request, "technician")
+    appointment_id = _path_id(request)
+    store = request.app[STORE_KEY]
+    visit = await store.get_appointment(appointment_id)
+    if visit is None or visit.technician_id != caller.principal_id or visit.state == "proposed":
+        raise _ApiError(404, "not_found", f"there is no visit {appointment_id}")
+    body = await _read_body(request, CompleteVisitRequest)
+    note = None if body.note is None else body.note.strip() or None
+    done = await request.app[ACTIONS_KEY].complete_visit(caller.principal_id, appointment_id, note)
+    return _json(_visit_view(done, await store.get_case(done.case_id)))
+
+
+async def _get_openapi(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI_KEY])
+
+
+# -- the route table ------------------------------------------------------------------------
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_ID = "{id}"
+
+
+def _p(path: str) -> str:
+    return f"{API_PREFIX}{path}"
+
+
+_VISIT_TIME: Final[dict[str, Any]] = {"type": "string", "format": "date-time"}
+
+_ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
+    (
+        Operation(
+            "GET",
+            "/openapi.json",
+            "getOpenApi",
+            "This document",
+            "meta",
+            None,
+            replies=(Reply(200, "The OpenAPI 3.1 document.", schema={"type": "object"}),),
+        ),
+        _get_openapi,
+    ),
+    (
+        Operation(
+            "GET",
+            _p("/me"),
+            "getProfile",
+            "The owner's profile",
+            "owner",
+            "owner",
+            replies=(Reply(200, "The profile.", ProfileView),),
+        ),
+        _get_me,
+    ),
+    (
+        Operation(
+            "PATCH",
+            _p("/me"),
+            "updateProfile",
+            "Change language, time zone, consent, quiet hours or channel order",
+            "owner",
+            "owner",
+            body=ProfilePatch,
+            replies=(Reply(200, "The changed profile.", ProfileView),),
+        ),
+        _patch_me,
+    ),
+    (
+        Operation(
+            "DELETE",
+            _p("/me"),
+            "eraseOwner",
+            "Erase the owner's data",
+            "owner",
+            "owner",
+            body=EraseRequest,
+            replies=(Reply(200, "Erased; the token no longer works.", ErasedView),),
+            description=(
+                "Contacts, push channels, tokens, notifications and devices go; cases and "
+                "ratings stay for the fleet's statistics without the owner's id or comments."
+            ),
+        ),
+        _delete_me,
+    ),
+    (
+        Operation(
+            "GET",
+            _p("/me/export"),
+            "exportOwner",
+            "Everything kept about the owner, as a JSON file",
+            "owner",
+            "owner",
+            replies=(
+                Reply(
+                    200,
+                    "The owner's data.",
+                    schema={"type": "object"},
+                    headers=(("Content-Disposition", "attachment; filename=..."),),
+                ),
+            ),
+        ),
+        _export_me,
+    ),
+    (
+        Operation(
+            "GET",
+            _p("/me/channels"),
+            "listChannels",
+            "The owner's push channels",
+            "owner",
+            "owner",
+            replies=(Reply(200, "The active channels, targets masked.", ChannelList),),
+        ),
+        _list_channels,
+    ),
+    (
+        Operation(
+            "POST",
+            _p("/me/channels"),
+            "addChannel",
+            "Register a push channel (FCM, Web Push, ntfy or a webhook)",
+            "owner",
+            "owner",
+            body=ChannelRequest,
+            replies=(
+                Reply(201, "Registered; the target masked, secrets not shown.", ChannelView),
+                Reply(200, "The same channel was registered before: refreshed.", ChannelView),
+            ),
+        ),
+        _add_channel,
+    ),
+    (
+        Operation(
+            "DELETE",
+            _p(f"/me/channels/{_ID}"),
+            "deleteChannel",
+            "Remove a push channel",
+            "owner",
+            "owner",
+            replies=(Reply(204, "Removed."),),
+        ),
+        _delete_channel,
+    ),
+    (
+        Operation(
+            "GET",
+            _p("/devices"),
+            "listDevices",
+            "The owner's devices and how they are doing",
+            "owner",
+            "owner",
+            replies=(Reply(200, "The devices.", DeviceList),),
+        ),
+        _list_devices,
+    ),
+    (
+        Operation(
+            "GET",
+            _p(f"/devices/{_ID}"),
+            "getDevice",
+            "One device and how it is doing",
+            "owner",
+            "owner",
+            replies=(Reply(200, "The device.", DeviceView),),
+        ),
+        _get_device,
+    ),
+    (
+        Operation(
+            "GET",
+            _p("/cases"),
+            "listCases",
+            "The owner's cases, newest first",
+            "owner",
+            "owner",
+            query=(
+                QueryParam(
+                    "state",
+                    "only open or only closed cases",
+                    {"type": "string", "enum": ["open", "closed"]},
+                ),
+            ),
+            replies=(Reply(200, "The cases.", CaseList),),
+        ),
+        _list_cases,
+    ),
+    (
+        Operation(
+            "GET",
+            _p(f"/cases/{_ID}"),
+            "getCase",
+            "One case with its history in plain words",
+            "owner",
+            "owner",
+            replies=(Reply(200, "The case.", CaseDetailView),),
+        ),
+        _get_case,
+    ),
+    (
+        Operation(
+            "POST",
+            _p(f"/cases/{_ID}/fix"),
+            "answerFix",
+            "Agree to (or decline) the remote fix the case waits for",
+            "owner",
+            "owner",
+            body=FixChoice,
+            replies=(Reply(200, "The case after the answer.", CaseView),),
+        ),
+        _post_fix,
+    ),
+    (
+        Operation(
+            "GET",
+            _p(f"/cases/{_ID}/slots"),
+            "listSlots",
+            "The visit times on offer",
+            "owner",
+            "owner",
+            replies=(Reply(200, "The offer (empty when nothing is on offer).", OfferView),),
+        ),
+        _get_slots,
+    ),
+    (
+        Operation(
+            "POST",
+            _p(f"/cases/{_ID}/appointment"),
+            "answerAppointment",
+            "Choose a visit time, ask for other times, or decline the visit",
+            "owner",
+            "owner",
+            body=AppointmentChoice,
+            replies=(
+                Reply(201, "Booked (for ``slot``).", AppointmentView),
+                Reply(
+                    200,
+                    "The new offer (``other_times``) or the case (``decline``).",
+                    None,
+                    schema={
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/OfferView"},
+                            {"$ref": "#/components/schemas/CaseView"},
+                        ]
+                    },
+                ),
+            ),
+        ),
+        _post_appointment,
+    ),
+    (
+        Operation(
+            "POST",
+            _p(f"/cases/{_ID}/rating"),
+            "rateCase",
+            "Rate how a resolved case went",
+            "owner",
+            "owner",
+            body=RatingRequest,
+            replies=(Reply(201, "The stored rating.", RatingView),),
+        ),
+        _post_rating,
+    ),
+    (
+        Operation(
+            "GET",
+            _p("/technician/visits"),
+            "listVisits",
+            "The technician's visits",
+            "technician",
+            "technician",
+            query=(
+                QueryParam("from", "earliest start (default: a week ago)", _VISIT_TIME),
+                QueryParam("to", "latest start (default: 30 days after from)", _VISIT_TIME),
+            ),
+            replies=(Reply(200, "The visits, by start.", VisitList),),
+        ),
+        _list_visits,
+    ),
+    (
+        Operation(
+            "POST",
+            _p(f"/technician/visits/{_ID}/complete"),
+            "completeVisit",
+            "Mark a visit done",
+            "technician",
+            "technician",
+            body=CompleteVisitRequest,
+            replies=(Reply(200, "The visit.", VisitView),),
+        ),
+        _complete_visit,
+    ),
+)
+
+
+# -- the app --------------------------------------------------------------------------------
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def _from_http(exc: web.HTTPException) -> web.Response:
+    code, words = _HTTP_WORDS.get(exc.status, ("http_error", exc.reason.lower()))
+    response = _error(exc.status, code, words)
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
+@web.middleware
+async def _edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Request id, JSON errors and the last line of defence."""
+    request_id = _request_id(request)
+    request[_REQUEST_ID_ATTR] = request_id
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except _ApiError as exc:
+        response = _error(exc.status, exc.code, exc.message, exc.field)
+        if exc.status == 401:
+            error = "invalid_token" if exc.code == "invalid_token" else None
+            response.headers["WWW-Authenticate"] = f'Bearer error="{error}"' if error else "Bearer"
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = _from_http(exc)
+    except (NotFoundError, ForbiddenError, ConflictError, InvalidRequestError) as exc:
+        status, code = next((s, c) for kind, s, c in _MAPPED if isinstance(exc, kind))
+        response = _error(status, code, str(exc) or code.replace("_", " "))
+    except IllegalTransitionError as exc:
+        response = _error(409, "illegal_transition", str(exc) or "the case has moved on")
+    except TransientError:
+        _LOG.warning(
+            "request %s %s %s: a store or service is briefly unavailable",
+            request_id,
+            request.method,
+            request.path,
+            exc_info=True,
+        )
+        response = _error(
+            503, "unavailable", "please try again in a moment", **{"Retry-After": "5"}
+        )
+    except Exception:
+        # the last line of defence: a bug answers 500, is logged, and the app goes on
+        _LOG.exception("request %s %s %s failed", request_id, request.method, request.path)
+        response = _error(500, "internal_error", "something went wrong on our side")
+    response.headers[REQUEST_ID_HEADER] = request_id
+    if request.path.startswith(API_PREFIX):
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _server_url(action_base_url: str | None) -> str | None:
+    if action_base_url is None:
+        return None
+    return action_base_url.rstrip("/").removesuffix(API_PREFIX) or None
+
+
+def create_api(
+    *,
+    store: CaseStore,
+    actions: CaseActions,
+    health: HealthReader,
+    clock: Callable[[], datetime] = _utc_now,
+    action_base_url: str | None = None,
+) -> web.Application:
+    """Build the owner REST API.
+
+    Args:
+        store: the case store.
+        actions: the case machine the owners' and technicians' requests go to.
+        health: where device health is read from.
+        clock: the wall clock (UTC-aware).
+        action_base_url: the public URL the API is reached at
+            (``https://fixloop.example.org``, with or without ``/api/v1``), named as
+            the server of the OpenAPI document.
+
+    Returns:
+        The app: routes under ``/api/v1`` and ``GET /openapi.json``.
+    """
+    app = web.Application(middlewares=[_edge], client_max_size=MAX_BODY_BYTES)
+    app[STORE_KEY] = store
+    app[ACTIONS_KEY] = actions
+    app[HEALTH_KEY] = health
+    app[CLOCK_KEY] = clock
+    app[ACTION_BASE_URL_KEY] = action_base_url
+    for operation, handler in _ROUTES:
+        app.router.add_route(operation.method, operation.path, handler, name=operation.operation_id)
+    app[OPENAPI_KEY] = build_document(
+        [operation for operation, _ in _ROUTES],
+        title="fixloop owner API",
+        version="1",
+        description=(
+            "What device owners and technicians ask of fixloop: devices and how they are "
+            "doing, cases and their history, remote-fix consent, visit times, ratings, "
+            "push channels, data export and erasure."
+        ),
+        error_model=ErrorView,
+        server_url=_server_url(action_base_url),
+        request_id_header=REQUEST_ID_HEADER,
+    )
+    return app

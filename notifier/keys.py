@@ -1,0 +1,38 @@
+"""Typed state of the owner REST API (notifier; built by :func:`notifier.api.create_api`).
+
+Handlers read what :func:`~notifier.api.create_api` was given through these keys, never
+through module globals, so that several apps (tests, one per store) can live side by side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Final
+
+from aiohttp import web
+
+from notifier.actions import CaseActions, HealthReader
+from notifier.store import CaseStore
+
+__all__ = [
+    "ACTIONS_KEY",
+    "ACTION_BASE_URL_KEY",
+    "CLOCK_KEY",
+    "HEALTH_KEY",
+    "OPENAPI_KEY",
+    "STORE_KEY",
+]
+
+#: The case store (owners, channels, devices, cases, appointments, the audit trail).
+STORE_KEY: Final = web.AppKey("store", CaseStore)
+#: The case machine the owner's and the technician's requests go to.
+ACTIONS_KEY: Final = web.AppKey("actions", CaseActions)
+#: Where device health (stored anomaly scores) is read from.
+HEALTH_KEY: Final = web.AppKey("health", HealthReader)
+#: The wall clock (UTC-aware).
+CLOCK_KEY: Final = web.AppKey[Callable[[], datetime]]("clock")
+#: The public base URL of the API (``https://example.org/api/v1``), if it is known.
+ACTION_BASE_URL_KEY: Final = web.AppKey[str | None]("action_base_url")
+#: The OpenAPI document of the app, built once with it.
+OPENAPI_KEY: Final = web.AppKey[dict[str, Any]]("openapi")
