@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import importlib
 import logging
 import re
 import uuid
@@ -39,6 +40,7 @@ import zoneinfo
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
+from types import ModuleType
 from typing import Annotated, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -147,7 +149,6 @@ _LANGUAGE: Final = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
 _LOOPBACK_HOSTS: Final = frozenset(("127.0.0.1", "localhost", "::1"))
 _CHANNEL_KINDS: Final = ("fcm", "webpush", "ntfy", "webhook")
 _URGENT: Final = frozenset(("high", "critical"))
-_REQUEST_ID_ATTR: Final = "fixloop.request_id"
 
 HealthWord = Literal["good", "needs attention", "problem", "unknown"]
 WaitingFor = Literal["your_consent", "your_choice", "your_rating"]
@@ -786,16 +787,27 @@ class VisitList(_View):
 
 # -- plain words ----------------------------------------------------------------------------
 
-try:  # the message catalogue, where installed; plain English below otherwise
-    from notifier.messages import (  # type: ignore[import-not-found, unused-ignore]
-        fault_title as _catalog_title,
-    )
-    from notifier.messages import (  # type: ignore[import-not-found, unused-ignore]
-        plain_history as _catalog_history,
-    )
-except ImportError:  # pragma: no cover - depends on the installed modules
-    _catalog_title = None
-    _catalog_history = None
+_HistoryEntry = tuple[datetime, str, str | None, str | None]
+
+
+def _load_messages() -> ModuleType | None:
+    """The message catalogue (:mod:`notifier.messages`), or ``None`` where it is missing."""
+    try:
+        return importlib.import_module("notifier.messages")
+    except ModuleNotFoundError as exc:
+        if exc.name != "notifier.messages":
+            raise  # the catalogue is there but broken: that must show
+        return None
+
+
+#: The catalogue's ``fault_title(fault, model, language)``, if installed.
+_CATALOG_TITLE: Final[Callable[[str, str, str], str] | None] = getattr(
+    _load_messages(), "fault_title", None
+)
+#: The catalogue's ``plain_history(entries, language, timezone)``, if installed.
+_CATALOG_HISTORY: Final[Callable[[Sequence[_HistoryEntry], str, str], list[str]] | None] = getattr(
+    _load_messages(), "plain_history", None
+)
 
 _STATE_WORDS: Final[dict[str, str]] = {
     "opened": "We noticed something that needs looking at",
@@ -813,15 +825,15 @@ _STATE_WORDS: Final[dict[str, str]] = {
 
 
 def _title(case: Case, language: str) -> str:
-    if _catalog_title is not None:
-        return str(_catalog_title(case.fault, case.model, language))
+    if _CATALOG_TITLE is not None:
+        return str(_CATALOG_TITLE(case.fault, case.model, language))
     return case.fault.replace("_", " ").strip().capitalize() or "A problem"
 
 
 def _history(trail: Sequence[AuditEntry], owner: Owner) -> list[str]:
-    entries = [(e.at, e.action, e.from_state, e.to_state) for e in trail]
-    if _catalog_history is not None:
-        return [str(line) for line in _catalog_history(entries, owner.language, owner.timezone)]
+    entries: list[_HistoryEntry] = [(e.at, e.action, e.from_state, e.to_state) for e in trail]
+    if _CATALOG_HISTORY is not None:
+        return [str(line) for line in _CATALOG_HISTORY(entries, owner.language, owner.timezone)]
     zone = zoneinfo.ZoneInfo(owner.timezone) if owner.timezone in _zones() else UTC
     lines: list[str] = []
     for at, _action, from_state, to_state in entries:
@@ -1712,7 +1724,6 @@ def _from_http(exc: web.HTTPException) -> web.Response:
 async def _edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Request id, JSON errors and the last line of defence."""
     request_id = _request_id(request)
-    request[_REQUEST_ID_ATTR] = request_id
     response: web.StreamResponse
     try:
         response = await handler(request)
