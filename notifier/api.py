@@ -267,14 +267,15 @@ def _url(value: str, *, schemes: frozenset[str], what: str) -> str:
         raise ValueError(f"{what} must not contain spaces or control characters")
     try:
         parts = urlsplit(value)
-        port = parts.port
+        port = parts.port  # reading the port refuses one that is not a number
     except ValueError as exc:
         raise ValueError(f"{what} is not a valid URL") from exc
+    if port == 0:
+        raise ValueError(f"{what} must not use port 0")
     if parts.scheme not in schemes or not parts.hostname:
         raise ValueError(f"{what} must be a {' or '.join(sorted(schemes))} URL with a host")
     if parts.username is not None or parts.password is not None:
         raise ValueError(f"{what} must not carry a user name or password")
-    del port
     return value
 
 
@@ -859,11 +860,11 @@ def mask_target(target: str) -> str:
     """
     try:
         parts = urlsplit(target)
-        host = parts.hostname
-    except ValueError:
-        host = None
-    if parts.scheme in ("http", "https") and host:
-        return f"{parts.scheme}://{host}/…"
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:  # not a URL after all (an unbalanced "[" in a token)
+        scheme, host = "", None
+    if scheme in ("http", "https") and host:
+        return f"{scheme}://{host}/…"
     return f"…{target[-4:]}" if len(target) >= 24 else "…"
 
 

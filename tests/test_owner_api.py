@@ -743,6 +743,8 @@ async def test_a_valid_channel_is_registered_and_its_secrets_never_returned(
         ({"kind": "fcm", "target": "two words"}, "target"),
         ({"kind": "fcm", "target": "tok", "keys": {"secret": "x"}}, "keys"),
         ({"kind": "ntfy", "target": "ftp://ntfy.sh/topic"}, "target"),
+        ({"kind": "ntfy", "target": "https://ntfy.sh:http/topic"}, "target"),
+        ({"kind": "ntfy", "target": "https://[::1/topic"}, "target"),
         ({"kind": "ntfy", "target": "https://ntfy.sh/"}, "target"),
         (
             {"kind": "ntfy", "target": "https://ntfy.sh/t", "keys": {"password": "x"}},
@@ -814,6 +816,7 @@ def test_targets_are_masked() -> None:
     )
     assert mask_target("abcdefghijklmnopqrstuvwxyz") == "…wxyz"
     assert mask_target("short-token") == "…"
+    assert mask_target("http://[broken/abcdefghijklmnopqrstuvwxyz") == "…wxyz"
 
 
 # -- devices and cases ---------------------------------------------------------------------
