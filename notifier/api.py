@@ -1644,10 +1644,10 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
             "owner",
             body=AppointmentChoice,
             replies=(
-                Reply(201, "Booked (for ``slot``).", AppointmentView),
+                Reply(201, "Booked (for `slot`).", AppointmentView),
                 Reply(
                     200,
-                    "The new offer (``other_times``) or the case (``decline``).",
+                    "The new offer (`other_times`) or the case (`decline`).",
                     None,
                     schema={
                         "oneOf": [

@@ -145,7 +145,7 @@ def _error_replies(op: Operation, error_ref: dict[str, Any]) -> dict[str, dict[s
         if status == 401:
             reply["headers"] = {
                 "WWW-Authenticate": {
-                    "description": "``Bearer`` (RFC 6750).",
+                    "description": "`Bearer` (RFC 6750).",
                     "schema": {"type": "string"},
                 }
             }

@@ -1161,3 +1161,32 @@ async def test_openapi_names_the_public_server() -> None:
         assert app[OPENAPI_KEY]["servers"] == [{"url": "https://fixloop.example.org"}]
     finally:
         await store.close()
+
+
+async def test_history_and_titles_come_from_the_message_catalogue_when_installed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import notifier.api as api
+
+    seen: list[tuple[Any, ...]] = []
+
+    def plain_history(entries: Sequence[Any], language: str, timezone: str) -> list[str]:
+        seen.append((list(entries), language, timezone))
+        return ["Told in plain words."]
+
+    def fault_title(fault: str, model: str, language: str) -> str:
+        return f"title of {fault} on {model} in {language}"
+
+    monkeypatch.setattr(api, "_CATALOG_HISTORY", plain_history)
+    monkeypatch.setattr(api, "_CATALOG_TITLE", fault_title)
+    case = await (await world.client.get(f"{API_PREFIX}/cases/c-a1", headers=_hdr(ALICE))).json()
+    assert case["history"] == ["Told in plain words."]
+    assert case["title"] == "title of fan_bearing_wear on heatpump-x in en"
+    ((entries, language, timezone),) = seen
+    assert (language, timezone) == ("en", "Europe/Berlin")
+    assert [e[1:] for e in entries] == [
+        ("diagnosis", None, "opened"),
+        ("transition", "opened", "awaiting_consent"),
+        ("notify", None, None),
+    ]
+    assert entries[0][0] == NOW - timedelta(hours=5)
