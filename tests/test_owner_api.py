@@ -279,7 +279,7 @@ async def _seed(store: SqliteStore) -> None:
             "booked",
         )
     )
-    trail = [
+    trail: list[tuple[str | None, str | None, str, dict[str, Any]]] = [
         (None, "opened", "diagnosis", {"score": 0.87}),
         ("opened", "awaiting_consent", "transition", {"score": 0.87, "confidence": 0.87}),
         (None, None, "notify", {"channel": "ch-1"}),
