@@ -96,6 +96,7 @@ class _ModelState:
     fleet: FleetModel | None = None
     training: list[F32] = field(default_factory=list)
     training_seen: int = 0
+    training_held: int = 0
     indicators: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, np.bool_))
 
     def slot(self, device_id: str) -> int:
@@ -424,11 +425,12 @@ class DiagnosticsEngine:
             return
         state.training_seen += picked.shape[0]
         state.training.append(picked.copy())
-        total = sum(block.shape[0] for block in state.training)
-        if total > 2 * _MAX_TRAINING_ROWS:
+        state.training_held += picked.shape[0]
+        if state.training_held > 2 * _MAX_TRAINING_ROWS:
             merged = np.concatenate(state.training)
             keep = self._rng.choice(merged.shape[0], _MAX_TRAINING_ROWS, replace=False)
             state.training = [merged[np.sort(keep)]]
+            state.training_held = _MAX_TRAINING_ROWS
 
     def training_rows(self, model: str) -> F32:
         """Return the healthy feature-level rows sampled so far for ``model`` (a copy)."""
