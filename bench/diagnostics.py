@@ -13,16 +13,21 @@ the detector's scoring throughput (rows/s, warm-up fitting included).
 
 The data (GPL-3.0) is read from ``shared/datasets/skab/`` and never copied.
 
+Simulated part: see :func:`simulated_fleet`; its throughput figures are printed beside a
+reference measured in the same run (the gateway's decoding of the same messages).
+
 Usage::
 
     python bench/diagnostics.py                  # --part all
     python bench/diagnostics.py --part skab --data /path/to/skab --per-file
+    python bench/diagnostics.py --part sim --eval-devices 300 --days 30 --train-devices 60
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -151,17 +156,48 @@ def skab(root: Path, per_file: bool = False, seed: int = 0) -> dict[str, Counts]
     return {"stream": ours, "isolation_forest": forest}
 
 
-def simulated_fleet() -> None:
+@dataclass(frozen=True, slots=True)
+class SimSize:
+    """Size of the simulated-fleet part (command line, defaults from ``SIM_*``)."""
+
+    devices: int
+    days: float
+    train_devices: int
+    train_days: float
+    share: float
+    interval_s: float
+    seed: int
+    scale_devices: int
+    scale_hours: float
+    batch_max: int
+
+
+@dataclass
+class Pace:
+    """Engine and reference time of one run of the simulated fleet."""
+
+    engine_s: float = 0.0
+    readings: int = 0
+    decode_s: float = 0.0
+    messages: int = 0
+
+    def rate(self) -> float:
+        return self.readings / max(self.engine_s, 1e-9)
+
+    def reference(self) -> float:
+        return self.messages / max(self.decode_s, 1e-9)
+
+
+def simulated_fleet(size: SimSize) -> None:
     """Health models on the simulated fleet (device_sim faults as ground truth).
 
     A healthy training fleet first (its sampled feature levels fit the fleet models,
     saved and loaded back), then an evaluation fleet of other devices with one fault
-    injected into a share of them at a random onset after a warm-up. Size from the
-    environment: ``SIM_DEVICES`` (90), ``SIM_DAYS`` (30), ``SIM_TRAIN_DEVICES`` (60),
-    ``SIM_TRAIN_DAYS`` (7), ``SIM_FAULTY_SHARE`` (0.5), ``SIM_INTERVAL_S`` (60),
-    ``SIM_SEED`` (7); e.g. ``SIM_DEVICES=300`` for the full fleet-month.
+    injected into a share of them at a random onset after a warm-up, then (unless
+    ``--scale-devices 0``) a large fleet fed in batches of the service's size, for the
+    throughput where it matters: when ingest runs at tens of thousands of messages a
+    second, the service's batches are full and hold thousands of devices.
     """
-    import os
     import random
     import tempfile
     from datetime import timedelta
@@ -169,26 +205,19 @@ def simulated_fleet() -> None:
     from device_sim import FAULTS, Fleet, faults_for_model
     from diagnostics.engine import DiagnosticsEngine
 
-    env = os.environ.get
-    devices = int(env("SIM_DEVICES", "90"))
-    days = float(env("SIM_DAYS", "30"))
-    train_devices = int(env("SIM_TRAIN_DEVICES", "60"))
-    train_days = float(env("SIM_TRAIN_DAYS", "7"))
-    share = float(env("SIM_FAULTY_SHARE", "0.5"))
-    interval_s = float(env("SIM_INTERVAL_S", "60"))
-    seed = int(env("SIM_SEED", "7"))
+    devices, days, interval_s, seed = size.devices, size.days, size.interval_s, size.seed
     warmup_days = 3.0
     start = datetime(2025, 1, 6, tzinfo=UTC)
     print(
-        f"simulated fleet: train {train_devices} healthy devices x {train_days:g} days, "
-        f"evaluate {devices} devices x {days:g} days at {interval_s:g} s"
+        f"simulated fleet: train {size.train_devices} healthy devices x {size.train_days:g} "
+        f"days, evaluate {devices} devices x {days:g} days at {interval_s:g} s"
     )
 
     # -- training on a separate healthy fleet -------------------------------------------
     trainer = DiagnosticsEngine(collect_training=0.02, seed=seed)
-    train_fleet = Fleet(train_devices, start=start, seed=seed + 10_000, interval_s=interval_s)
+    train_fleet = Fleet(size.train_devices, start=start, seed=seed + 10_000, interval_s=interval_s)
     t0 = time.perf_counter()
-    _sim_run(train_fleet, trainer, start + timedelta(days=train_days), None)
+    _sim_run(train_fleet, trainer, start, start + timedelta(days=size.train_days), None, "training")
     fit_t = time.perf_counter()
     fitted = trainer.fit_fleet_models(seed=seed)
     print(
@@ -199,13 +228,14 @@ def simulated_fleet() -> None:
         path = Path(tmp) / "models.pkl"
         trainer.save(path)
         engine = DiagnosticsEngine.load(path)
+        scale_engine = DiagnosticsEngine.load(path)
 
     # -- evaluation fleet with injected faults -------------------------------------------
     fleet = Fleet(devices, start=start, seed=seed, interval_s=interval_s)
     rng = random.Random(seed)
     end = start + timedelta(days=days)
     for device in fleet.devices:
-        if rng.random() >= share:
+        if rng.random() >= size.share:
             continue
         onset = start + timedelta(days=rng.uniform(warmup_days, days - 1.0))
         left_days = (end - onset).total_seconds() / 86_400
@@ -222,38 +252,90 @@ def simulated_fleet() -> None:
             duration = timedelta(days=rng.uniform(spec.min_days, min(spec.max_days, left_days)))
         fleet.inject(device.device_id, fault, at=onset, duration_to_failure=duration)
     opened: dict[str, list[tuple[int, str]]] = {}
-    elapsed, readings = _sim_run(fleet, engine, end, opened)
+    pace = _sim_run(fleet, engine, start, end, opened, "evaluation")
     truth = fleet.ground_truth()
-    _sim_report(fleet, engine, truth, opened, start, end, elapsed, readings)
+    _sim_report(fleet, engine, truth, opened, start, end, pace)
+
+    # -- throughput at the service's batch size ------------------------------------------
+    if size.scale_devices > 0:
+        big = Fleet(size.scale_devices, start=start, seed=seed + 20_000, interval_s=interval_s)
+        until = start + timedelta(hours=size.scale_hours)
+        scale = _sim_run(big, scale_engine, start, until, None, "at scale", size.batch_max)
+        print(
+            f"  at scale: {size.scale_devices:,} new devices x {size.scale_hours:g} h in "
+            f"batches of up to {size.batch_max:,} messages (the service's batch_max): "
+            f"{scale.rate():,.0f} device updates/s, reference {scale.reference():,.0f} msg/s, "
+            f"ratio {scale.rate() / scale.reference():.2f} ({scale.readings:,} readings)"
+        )
+    print(
+        "  reference: the gateway's own decoding of the same MQTT payloads into readings and\n"
+        "  events (gateway.protocol.decode_reading/decode_event, the first step of ingest),\n"
+        "  timed in the same run on the same machine; scoring at ratio 1 costs a message as\n"
+        "  much as decoding it. Ingest as a whole (bench/ingest.py: broker, decoding, InfluxDB\n"
+        "  line protocol) is the rate to keep up with."
+    )
 
 
-def _sim_run(fleet, engine, until, opened):  # type: ignore[no-untyped-def]
-    """Stream the fleet into the engine; return engine seconds and readings scored."""
+def _sim_run(fleet, engine, start, until, opened, label, batch_max=0):  # type: ignore[no-untyped-def]
+    """Stream the fleet into the engine; return engine and reference (decoding) time.
+
+    Batches are the fleet's intervals, or with ``batch_max`` chunks of that many messages
+    (what the service takes at once when messages queue up). Progress goes to stderr.
+    """
     from gateway.protocol import decode_event, decode_reading
 
-    elapsed = 0.0
-    readings = 0
-    for batch in fleet.iter_until(until):
-        items = []
-        for ts, topic, payload in batch:
-            _, device_id, channel = topic.split("/")
-            if channel == "telemetry":
-                items.append(decode_reading(device_id, payload, ts))
-            elif channel == "events":
-                items.append(decode_event(device_id, payload, ts))
-        t = time.perf_counter()
-        result = engine.process(items)
-        elapsed += time.perf_counter() - t
-        readings += len(result.scores)
-        if opened is not None:
-            for d in result.diagnoses:
-                if d.status == "open":
-                    ts_ms = round(d.updated_at.timestamp() * 1000)
-                    opened.setdefault(d.device_id, []).append((ts_ms, d.fault))
-    return elapsed, readings
+    pace = Pace()
+    span_ms = max((until - start).total_seconds() * 1000, 1.0)
+    start_ms = start.timestamp() * 1000
+    shown = time.monotonic()
+    pending: list = []  # type: ignore[type-arg]
+    for step in fleet.iter_until(until):
+        pending += step
+        if batch_max and len(pending) < batch_max:
+            continue
+        while pending:
+            batch = pending[:batch_max] if batch_max else pending
+            pending = pending[len(batch) :]
+            _sim_batch(batch, engine, opened, pace, decode_reading, decode_event)
+            if batch_max and len(pending) < batch_max:
+                break
+        if time.monotonic() - shown >= 10.0:
+            shown = time.monotonic()
+            done = (step[-1][0] - start_ms) / span_ms if step else 0.0
+            print(
+                f"    {label}: {done:.0%} of device time, {pace.readings:,} readings, "
+                f"{pace.rate():,.0f} updates/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    if pending:
+        _sim_batch(pending, engine, opened, pace, decode_reading, decode_event)
+    return pace
 
 
-def _sim_report(fleet, engine, truth, opened, start, end, elapsed, readings):  # type: ignore[no-untyped-def]
+def _sim_batch(batch, engine, opened, pace, decode_reading, decode_event):  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    items = []
+    for ts, topic, payload in batch:
+        _, device_id, channel = topic.split("/")
+        if channel == "telemetry":
+            items.append(decode_reading(device_id, payload, ts))
+        elif channel == "events":
+            items.append(decode_event(device_id, payload, ts))
+    pace.decode_s += time.perf_counter() - t
+    pace.messages += len(items)
+    t = time.perf_counter()
+    result = engine.process(items)
+    pace.engine_s += time.perf_counter() - t
+    pace.readings += len(result.scores)
+    if opened is not None:
+        for d in result.diagnoses:
+            if d.status == "open":
+                ts_ms = round(d.updated_at.timestamp() * 1000)
+                opened.setdefault(d.device_id, []).append((ts_ms, d.fault))
+
+
+def _sim_report(fleet, engine, truth, opened, start, end, pace):  # type: ignore[no-untyped-def]
     """Print recall, false alarms, lead time, right fault, throughput and state size."""
     end_ms = round(end.timestamp() * 1000)
     start_ms = round(start.timestamp() * 1000)
@@ -308,8 +390,10 @@ def _sim_report(fleet, engine, truth, opened, start, end, elapsed, readings):  #
         print(f"    {fault:17s} injected {count:3d} detected {hit:3d} named right {ok:3d}")
     per_device = engine.state_bytes() / max(engine.devices, 1)
     print(
-        f"  throughput: {readings / elapsed:,.0f} device updates/s on one core "
-        f"({readings:,} readings in {elapsed:.1f} s of engine time)"
+        f"  throughput: {pace.rate():,.0f} device updates/s on one core "
+        f"({pace.readings:,} readings in {pace.engine_s:.1f} s of engine time, batches of one "
+        f"interval), reference {pace.reference():,.0f} msg/s, ratio "
+        f"{pace.rate() / pace.reference():.2f}"
     )
     print(
         f"  state: {per_device:,.0f} bytes per device -> "
@@ -323,11 +407,46 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_SKAB, help="SKAB data folder")
     parser.add_argument("--per-file", action="store_true", help="SKAB figures per file")
     parser.add_argument("--seed", type=int, default=0, help="IsolationForest seed")
+    env = os.environ.get
+    sim = parser.add_argument_group("simulated fleet (defaults from SIM_* variables)")
+    sim.add_argument("--eval-devices", type=int, default=int(env("SIM_DEVICES", "90")))
+    sim.add_argument("--days", type=float, default=float(env("SIM_DAYS", "30")))
+    sim.add_argument("--train-devices", type=int, default=int(env("SIM_TRAIN_DEVICES", "60")))
+    sim.add_argument("--train-days", type=float, default=float(env("SIM_TRAIN_DAYS", "7")))
+    sim.add_argument("--faulty-share", type=float, default=float(env("SIM_FAULTY_SHARE", "0.5")))
+    sim.add_argument("--interval-s", type=float, default=float(env("SIM_INTERVAL_S", "60")))
+    sim.add_argument("--sim-seed", type=int, default=int(env("SIM_SEED", "7")))
+    sim.add_argument(
+        "--scale-devices",
+        type=int,
+        default=int(env("SIM_SCALE_DEVICES", "5000")),
+        help="devices of the throughput run at the service's batch size (0 = skip it)",
+    )
+    sim.add_argument("--scale-hours", type=float, default=float(env("SIM_SCALE_HOURS", "2")))
+    sim.add_argument(
+        "--batch-max", type=int, default=5_000, help="messages per batch of the scale run"
+    )
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    if args.days <= 4.0:
+        parser.error("--days must exceed the 3-day warm-up plus a day")
     if args.part in {"skab", "all"}:
         skab(args.data, per_file=args.per_file, seed=args.seed)
     if args.part in {"sim", "all"}:
-        simulated_fleet()
+        simulated_fleet(
+            SimSize(
+                devices=args.eval_devices,
+                days=args.days,
+                train_devices=args.train_devices,
+                train_days=args.train_days,
+                share=args.faulty_share,
+                interval_s=args.interval_s,
+                seed=args.sim_seed,
+                scale_devices=args.scale_devices,
+                scale_hours=args.scale_hours,
+                batch_max=args.batch_max,
+            )
+        )
 
 
 if __name__ == "__main__":

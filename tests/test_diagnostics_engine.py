@@ -282,3 +282,85 @@ def test_trend_trigger_flags_a_sustained_drift_away_not_a_swing() -> None:
         slots, back, slope, now, live, z_on=2.0, z_off=1.5, hold_s=18 * 3_600, min_slope_t=1.0
     )
     assert not ended.any()
+
+
+def test_feature_step_matches_raw_then_update_and_late_rows_change_nothing() -> None:
+    from diagnostics.features import FeatureTable
+
+    readings = [r for r in healthy_stream() if isinstance(r, Reading)]
+    washers = [r for r in readings if r.device_id.startswith("sim-washer")]
+    devices = sorted({r.device_id for r in washers})
+    slot = {d: i for i, d in enumerate(devices)}
+    fused, plain = FeatureTable(FEATURE_SPECS["washer"]), FeatureTable(FEATURE_SPECS["washer"])
+    by_device: dict[str, list[Reading]] = {d: [] for d in devices}
+    for r in washers:
+        by_device[r.device_id].append(r)
+    for step in range(400):
+        batch = [by_device[d][step] for d in devices if step < len(by_device[d])]
+        slots = np.array([slot[r.device_id] for r in batch], dtype=np.intp)
+        ts_ms = np.array([r.ts_ms for r in batch], dtype=np.int64)
+        level, count, _, late = fused.advance(batch, slots, ts_ms)
+        plain.update(slots, ts_ms, plain.raw(batch, slots))
+        assert not late.any()
+        assert np.array_equal(level, plain.level[slots], equal_nan=True)
+        assert np.array_equal(count, plain.count[slots])
+    for name in ("level", "spread", "trend", "count", "updated_s", "run", "last_primary"):
+        assert np.array_equal(getattr(fused, name), getattr(plain, name), equal_nan=True), name
+    # a reading not newer than its slot's last one is history: nothing moves
+    before = {n: getattr(fused, n).copy() for n in ("level", "count", "run", "last_ts_ms")}
+    stale = [by_device[devices[0]][0]]
+    _, _, _, late = fused.advance(stale, np.array([0], dtype=np.intp), np.array([0], np.int64))
+    assert late.tolist() == [True]
+    for name, old in before.items():
+        assert np.array_equal(getattr(fused, name), old, equal_nan=True), name
+
+
+def test_baseline_assess_matches_warm_zscores_and_score() -> None:
+    from diagnostics.baseline import BaselineTable
+
+    spec = FEATURE_SPECS["fridge"]
+    table = BaselineTable(spec, capacity=4, warmup_s=600.0)
+    plain = BaselineTable(spec, capacity=4, warmup_s=600.0)
+    rng = np.random.default_rng(3)
+    slots = np.arange(4, dtype=np.intp)
+    width = len(spec.features)
+    for minute in range(400):
+        level = rng.normal(5.0, 1.0, (4, width)).astype(np.float32)
+        level[rng.random((4, width)) < 0.2] = np.nan
+        now = np.full(4, minute * 60, dtype=np.int32)
+        rows = table.assess(slots, level, now)
+        z = table.zscores(slots, level, now)
+        assert np.array_equal(rows.warm, table.warm(slots, now))
+        assert np.array_equal(rows.z, z)
+        assert np.array_equal(rows.score, table.score(z))
+        mask = rng.random(4) < 0.8
+        table.learn(slots, level, now, mask, rows.z, rows)
+        plain.learn(slots, level, now, mask, plain.zscores(slots, level, now))
+    assert (table.count > 200).all()
+    for name in ("mean", "var", "count", "learnt_s", "first_s"):
+        assert np.array_equal(getattr(table, name), getattr(plain, name)), name
+
+
+def test_events_between_readings_keep_each_devices_order() -> None:
+    engine = DiagnosticsEngine(registry={"w1": "washer", "f1": "fridge"})
+    metrics = {"water_temp_c": 20.0, "drum_rpm": 0.0, "water_level_l": 0.0, "ambient_temp_c": 20.0}
+    fridge = {"cabinet_temp_c": 4.0, "evaporator_temp_c": -20.0, "compressor_on": True}
+    t0 = int(START.timestamp() * 1000)
+    items: list[Reading | Event] = [
+        Reading("w1", 1, t0, metrics, "idle"),
+        Event("f1", 2, t0 + 1, "error", code="F07"),
+        Reading("w1", 3, t0 + 60_000, metrics, "idle"),
+        Reading("f1", 4, t0 + 2, fridge, "cooling"),
+        Event("w1", 5, t0 + 60_001, "error", code="E21"),
+        Reading("w1", 6, t0 + 120_000, metrics, "idle"),
+    ]
+    result = engine.process(items)
+    assert [(s.device_id, s.ts_ms - t0) for s in result.scores if s.device_id == "w1"] == [
+        ("w1", 0),
+        ("w1", 60_000),
+        ("w1", 120_000),
+    ]
+    assert [s.device_id for s in result.scores].count("f1") == 1
+    # the diagnoses come in the order of the events that caused them
+    assert [(d.device_id, d.status) for d in result.diagnoses] == [("f1", "open"), ("w1", "open")]
+    assert engine.late_readings == 0
