@@ -257,6 +257,7 @@ class _Calendar:
         day: a date with weekday (``{wd}``, ``{d}``, ``{mon}``).
         date: a date without weekday (history lines).
         clock: a time of day (``{h}``, ``{m}`` as numbers).
+        whole_hour: a time on the hour, if the language writes it shorter.
         first_day: how the first of a month is written (French ``1er``).
     """
 
@@ -265,6 +266,7 @@ class _Calendar:
     day: str
     date: str
     clock: str
+    whole_hour: str | None = None
     first_day: str = "1"
 
 
@@ -356,10 +358,10 @@ _EN: Final = _Catalogue(
         "appointment_offer": _Template(
             "A technician visit for {device}",
             (
-                "{hi} we noticed that {fault}, and a technician needs to take a look.",
+                "{hi} we noticed that {fault}; a technician should take a look.",
                 "Left as it is, it could stop working {when}.",
                 "{urgent}",
-                "Free times: {slots}. Tap one that suits you, or ask for other times.",
+                "Pick a time that suits you: {slots}.",
                 "{no_slots}",
             ),
             (_SLOT_ACTION, "other_times"),
@@ -469,20 +471,32 @@ _EN: Final = _Catalogue(
         "restart": ("Remote restart", "restart {device} remotely", "restarted {device} remotely"),
         "firmware_update": (
             "Software update",
-            "install a software update",
-            "installed a software update",
+            "install a software update on {device}",
+            "installed a software update on {device}",
         ),
-        "cleaning_cycle": ("Cleaning cycle", "run a cleaning cycle", "ran a cleaning cycle"),
-        "selftest": ("Self-check", "run a short self-check", "ran a short self-check"),
-        "config_set": ("Setting adjusted", "adjust a setting", "adjusted a setting"),
+        "cleaning_cycle": (
+            "Cleaning cycle",
+            "run a cleaning cycle on {device}",
+            "ran a cleaning cycle on {device}",
+        ),
+        "selftest": (
+            "Self-check",
+            "run a short self-check on {device}",
+            "ran a short self-check on {device}",
+        ),
+        "config_set": (
+            "Setting adjusted",
+            "adjust a setting on {device}",
+            "adjusted a setting on {device}",
+        ),
         "technician_visit": ("Technician visit", "send a technician", "sent a technician"),
         "": ("Remote fix", "fix {device} remotely", "fixed {device} remotely"),
     },
     action_models={
         "cleaning_cycle/washer": (
             "Cleaning cycle for the drain pump",
-            "run a cleaning cycle for the drain pump",
-            "ran a cleaning cycle for the drain pump",
+            "run a cleaning cycle for the drain pump of {device}",
+            "ran a cleaning cycle for the drain pump of {device}",
         ),
     },
     reasons={
@@ -538,7 +552,7 @@ _EN: Final = _Catalogue(
         "slots_join": " or ",
         "span": "{day}, {start}–{end}",
         "span_days": "{day}, {start} – {end_day}, {end}",
-        "urgent": "As it's urgent, these are the earliest times we have.",
+        "urgent": "As it's urgent, these are our earliest times.",
         "no_slots": "We'll send you times for the visit very soon.",
         "when_days_2": "very soon",
         "when_days_7": "within the next few days",
@@ -594,7 +608,7 @@ _DE: Final = _Catalogue(
             "{Device} läuft wieder",
             (
                 "{hi} wir haben bemerkt, dass {fault}.",
-                "Wir haben {action_done} und danach geprüft: Jetzt läuft wieder alles normal.",
+                "Wir haben {action_done} und geprüft: Jetzt läuft alles wieder normal.",
                 "Sie müssen nichts weiter tun.",
             ),
         ),
@@ -625,7 +639,7 @@ _DE: Final = _Catalogue(
                 "{hi} wir haben bemerkt, dass {fault}; das sollte sich ein Techniker ansehen.",
                 "Sonst könnte das Gerät {when} ausfallen.",
                 "{urgent}",
-                "Freie Termine: {slots}. Bitte wählen Sie einen aus.",
+                "Wählen Sie einen Termin: {slots}.",
                 "{no_slots}",
             ),
             (_SLOT_ACTION, "other_times"),
@@ -717,7 +731,7 @@ _DE: Final = _Catalogue(
         ),
         "coil_fouling": (
             "Verschmutzter Wärmetauscher",
-            "der Wärmetauscher im Außengerät verschmutzt",
+            "der Wärmetauscher im Außengerät zunehmend verschmutzt",
         ),
         "sensor_drift": (
             "Temperaturfühler ungenau",
@@ -746,23 +760,23 @@ _DE: Final = _Catalogue(
         ),
         "firmware_update": (
             "Software-Update",
-            "ein Software-Update installieren",
-            "ein Software-Update installiert",
+            "ein Software-Update auf {device_dat} installieren",
+            "ein Software-Update auf {device_dat} installiert",
         ),
         "cleaning_cycle": (
             "Reinigungsprogramm",
-            "ein Reinigungsprogramm laufen lassen",
-            "ein Reinigungsprogramm laufen lassen",
+            "bei {device_dat} ein Reinigungsprogramm laufen lassen",
+            "bei {device_dat} ein Reinigungsprogramm laufen lassen",
         ),
         "selftest": (
             "Selbstprüfung",
-            "eine kurze Selbstprüfung starten",
-            "eine kurze Selbstprüfung gemacht",
+            "bei {device_dat} eine kurze Selbstprüfung starten",
+            "bei {device_dat} eine kurze Selbstprüfung gemacht",
         ),
         "config_set": (
             "Einstellung angepasst",
-            "eine Einstellung anpassen",
-            "eine Einstellung angepasst",
+            "bei {device_dat} eine Einstellung anpassen",
+            "bei {device_dat} eine Einstellung angepasst",
         ),
         "technician_visit": (
             "Technikerbesuch",
@@ -778,8 +792,8 @@ _DE: Final = _Catalogue(
     action_models={
         "cleaning_cycle/washer": (
             "Reinigungsprogramm für die Laugenpumpe",
-            "ein Reinigungsprogramm für die Laugenpumpe laufen lassen",
-            "ein Reinigungsprogramm für die Laugenpumpe laufen lassen",
+            "bei {device_dat} ein Reinigungsprogramm für die Laugenpumpe laufen lassen",
+            "bei {device_dat} ein Reinigungsprogramm für die Laugenpumpe laufen lassen",
         ),
     },
     reasons={
@@ -838,7 +852,7 @@ _DE: Final = _Catalogue(
         "slots_join": " oder ",
         "span": "{day}, {start}–{end}",
         "span_days": "{day}, {start} – {end_day}, {end}",
-        "urgent": "Weil es eilt, sind das unsere frühesten Termine.",
+        "urgent": "Da es eilt: unsere frühesten Termine.",
         "no_slots": "Wir schicken Ihnen sehr bald Termine für den Besuch.",
         "when_days_2": "sehr bald",
         "when_days_7": "in den nächsten Tagen",
@@ -924,10 +938,10 @@ _FR: Final = _Catalogue(
         "appointment_offer": _Template(
             "Visite d'un technicien pour {device}",
             (
-                "{hi} nous avons remarqué que {fault} ; un technicien doit y jeter un œil.",
-                "Sinon, l'appareil pourrait tomber en panne {when}.",
+                "{hi} nous avons remarqué que {fault} ; un technicien doit venir voir.",
+                "Sinon, une panne est possible {when}.",
                 "{urgent}",
-                "Créneaux libres : {slots}. Choisissez celui qui vous convient.",
+                "Choisissez un créneau : {slots}.",
                 "{no_slots}",
             ),
             (_SLOT_ACTION, "other_times"),
@@ -993,8 +1007,7 @@ _FR: Final = _Catalogue(
             (
                 "{hi} nous avons remarqué que {fault}.",
                 "{safety}",
-                "Nous organisons au plus vite la visite d'un technicien et vous enverrons des"
-                " créneaux.",
+                "Nous organisons vite la visite d'un technicien et vous enverrons des créneaux.",
             ),
         ),
         "digest": _Template(
@@ -1046,16 +1059,24 @@ _FR: Final = _Catalogue(
         ),
         "firmware_update": (
             "Mise à jour du logiciel",
-            "installer une mise à jour du logiciel",
-            "installé une mise à jour du logiciel",
+            "installer une mise à jour du logiciel sur {device}",
+            "installé une mise à jour du logiciel sur {device}",
         ),
         "cleaning_cycle": (
             "Programme de nettoyage",
-            "lancer un programme de nettoyage",
-            "lancé un programme de nettoyage",
+            "lancer un programme de nettoyage sur {device}",
+            "lancé un programme de nettoyage sur {device}",
         ),
-        "selftest": ("Autocontrôle", "lancer un court autocontrôle", "lancé un court autocontrôle"),
-        "config_set": ("Réglage ajusté", "ajuster un réglage", "ajusté un réglage"),
+        "selftest": (
+            "Autocontrôle",
+            "lancer un court autocontrôle sur {device}",
+            "lancé un court autocontrôle sur {device}",
+        ),
+        "config_set": (
+            "Réglage ajusté",
+            "ajuster un réglage sur {device}",
+            "ajusté un réglage sur {device}",
+        ),
         "technician_visit": (
             "Visite d'un technicien",
             "envoyer un technicien",
@@ -1066,8 +1087,8 @@ _FR: Final = _Catalogue(
     action_models={
         "cleaning_cycle/washer": (
             "Nettoyage de la pompe de vidange",
-            "lancer un programme de nettoyage de la pompe de vidange",
-            "lancé un programme de nettoyage de la pompe de vidange",
+            "lancer un nettoyage de la pompe de vidange sur {device}",
+            "lancé un nettoyage de la pompe de vidange sur {device}",
         ),
     },
     reasons={
@@ -1127,7 +1148,7 @@ _FR: Final = _Catalogue(
         "slots_join": " ou ",
         "span": "{day}, {start}–{end}",
         "span_days": "{day}, {start} – {end_day}, {end}",
-        "urgent": "Comme c'est urgent, voici nos créneaux les plus proches.",
+        "urgent": "C'est urgent : voici nos premiers créneaux.",
         "no_slots": "Nous vous enverrons très bientôt des créneaux pour la visite.",
         "when_days_2": "très bientôt",
         "when_days_7": "dans les prochains jours",
@@ -1139,8 +1160,8 @@ _FR: Final = _Catalogue(
         "more": "\nEt {n} autres dans l'appli.",
         "safety_washer": "Pour éviter d'autres dégâts, merci de ne pas l'utiliser avant la visite"
         " du technicien.",
-        "safety_fridge": "Vos aliments risquent de ne plus rester au frais : gardez la porte"
-        " fermée et mettez les produits fragiles au frais ailleurs.",
+        "safety_fridge": "Vos aliments risquent de se réchauffer : gardez la porte fermée et"
+        " mettez les produits fragiles au frais ailleurs.",
         "safety_heat_pump": "Le chauffage et l'eau chaude peuvent faiblir ; gardez si possible un"
         " autre chauffage à portée de main.",
         "safety_": "Par précaution, merci de ne pas utiliser l'appareil avant la visite du"
@@ -1167,6 +1188,7 @@ _FR: Final = _Catalogue(
         day="{wd} {d} {mon}",
         date="{d} {mon}",
         clock="{h} h {m:02d}",
+        whole_hour="{h} h",
         first_day="1er",
     ),
     elisions=((r"\b([Qq]u|[Dd]|[Ll]|[Nn]|[Jj])e ([aeiouyéèêàâîôûAEIOUYÉ])", r"\1'\2"),),
@@ -1421,7 +1443,10 @@ def _date(calendar: _Calendar, local: datetime) -> str:
 
 
 def _clock(calendar: _Calendar, local: datetime) -> str:
-    return calendar.clock.format(h=local.hour, m=local.minute)
+    pattern = calendar.clock
+    if local.minute == 0 and calendar.whole_hour is not None:
+        pattern = calendar.whole_hour
+    return pattern.format(h=local.hour, m=local.minute)
 
 
 def _span(catalogue: _Catalogue, start: datetime, end: datetime, zone: ZoneInfo) -> str:
