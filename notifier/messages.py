@@ -14,7 +14,9 @@ Each language is one :class:`_Catalogue`: the same templates with the same place
 and actions, and the same product, fault, action, reason and state phrases.
 :func:`catalogue_problems` lists any difference (the tests require none). A template's
 body is a run of sentences; a sentence whose placeholder has no value (no predicted
-failure time, no reason the device gave) is simply left out. German needs its nouns in
+failure time, no reason the device gave) is simply left out, and when a long name or
+label would make a body too long, the sentences a template marks as optional give way
+first (a text is cut short only as a last resort). German needs its nouns in
 more than one grammatical case: ``{device_acc}`` and ``{device_dat}`` are forms of
 ``{device}`` and count as the same placeholder; ``{Device}`` starts a sentence.
 """
@@ -26,7 +28,7 @@ import math
 import re
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -39,11 +41,16 @@ from notifier.errors import InvalidRequestError
 
 __all__ = [
     "DEFAULT_LANGUAGE",
+    "FAULTS",
     "KINDS",
     "LANGUAGES",
     "MAX_ACTIONS",
     "MAX_BODY",
     "MAX_TITLE",
+    "MODELS",
+    "REFUSALS",
+    "REMOTE_ACTIONS",
+    "STATES",
     "MessageContext",
     "OwnerMessage",
     "action_title",
@@ -204,7 +211,7 @@ class MessageContext:
     urgent: bool = False
     days_to_failure: float | None = None
     count: int = 0
-    items: tuple[str, ...] = field(default=())
+    items: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         times = [t for slot in self.slots for t in slot]
@@ -1240,8 +1247,18 @@ def catalogue_problems(
     catalogues = _CATALOGUES if catalogues is None else catalogues
     reference = catalogues[DEFAULT_LANGUAGE]
     problems: list[str] = []
-    missing_kinds = set(KINDS) - set(reference.templates)
-    problems += [f"en: no template for {kind}" for kind in sorted(missing_kinds)]
+    required = {
+        "templates": KINDS,
+        "products": MODELS,
+        "faults": FAULTS,
+        "actions": (*REMOTE_ACTIONS, "technician_visit", ""),
+        "reasons": REFUSALS,
+        "states": STATES,
+        "steps": HISTORY_STEPS,
+    }
+    for table, names in required.items():
+        missing = set(names) - set(getattr(reference, table))
+        problems += [f"en: no {table} entry for {name!r}" for name in sorted(missing)]
     for code, catalogue in catalogues.items():
         for table in (
             "templates",

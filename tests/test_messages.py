@@ -134,6 +134,17 @@ def test_the_catalogue_check_notices_differences() -> None:
     assert any("faults differ" in p and "drain_clog" in p for p in problems)
 
 
+def test_the_catalogue_check_notices_missing_phrases_in_english_too() -> None:
+    assert set(TRANSITIONS) <= set(messages.STATES)
+    english = messages._CATALOGUES["en"]
+    states = {k: v for k, v in english.states.items() if k != "visited"}
+    products = {k: v for k, v in english.products.items() if k != "fridge"}
+    broken = dataclasses.replace(english, states=states, products=products)
+    problems = catalogue_problems({"en": broken})
+    assert "en: no states entry for 'visited'" in problems
+    assert "en: no products entry for 'fridge'" in problems
+
+
 def test_case_forms_count_as_one_placeholder() -> None:
     assert messages._placeholders("{Device} für {device_acc} mit {device_dat}") == {"device"}
     assert messages._placeholders("{hi} {slots}") == {"hi", "slots"}
