@@ -1,0 +1,319 @@
+"""What every push channel shares (notifier: outbox -> push -> push services).
+
+The message the outbox hands to :mod:`notifier.push`, the :class:`PushSender` protocol
+each channel kind implements, the errors a sender raises beyond
+:mod:`notifier.errors`, and :class:`HttpSender`, the HTTP plumbing of the senders:
+one :class:`aiohttp.ClientSession` per sender, ``asyncio.timeout`` on every request,
+and status codes mapped onto the error tree. Tokens, endpoints and keys never appear
+in an error message or a log line: only the channel id does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Final, Protocol, Self
+
+import aiohttp
+
+from gateway.errors import ConfigError, PermanentError
+from notifier.errors import DeadTokenError, DeliveryError, InvalidRequestError
+from notifier.model import ChannelKind, PushChannel
+
+__all__ = [
+    "HttpAnswer",
+    "HttpSender",
+    "PushAction",
+    "PushMessage",
+    "PushRefusedError",
+    "PushSender",
+    "RetryLaterError",
+    "b64url_decode",
+    "b64url_encode",
+    "parse_retry_after",
+]
+
+_LOG = logging.getLogger(__name__)
+#: The most of a push service's answer we read (error documents are small).
+_MAX_ANSWER_BYTES: Final = 64 * 1024
+
+
+def b64url_encode(data: bytes) -> str:
+    """Base64url without padding (RFC 7515 section 2), as JWTs and Web Push keys use it."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Decode base64url with or without padding.
+
+    Raises:
+        ValueError: ``text`` is not base64url.
+    """
+    stripped = text.strip().rstrip("=")
+    return base64.b64decode(stripped + "=" * (-len(stripped) % 4), altchars=b"-_", validate=True)
+
+
+@dataclass(frozen=True, slots=True)
+class PushAction:
+    """A one-tap action on a message.
+
+    The link is built by whoever writes the message (the outbox knows the owner API's
+    public address); channels that can open links (ntfy, Web Push, webhooks, the app
+    through FCM data) carry it, and an action without a link is still offered where the
+    app itself handles ``action_id``.
+
+    Attributes:
+        action_id: what the tap means (``accept_fix``, ``choose_slot:0``, ``rate_good`` ...).
+        label: the button's words.
+        url: where a tap goes, if the message has a link for it.
+        background: ``True``: a tap sends a POST to ``url`` without opening anything
+            (ntfy's ``http`` action); ``False``: a tap opens ``url`` (ntfy's ``view``).
+    """
+
+    action_id: str
+    label: str
+    url: str | None = None
+    background: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """The action as a JSON object (``action``, ``label``, ``url``)."""
+        return {"action": self.action_id, "label": self.label, "url": self.url}
+
+
+def _new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class PushMessage:
+    """What to push to an owner.
+
+    Attributes:
+        title: short title.
+        body: plain words.
+        actions: one-tap actions, in the order they are shown.
+        data: string keys and values for the app (``case_id``, ``kind``, ``url`` ...).
+        urgent: deliver at high priority (wakes the phone, rings through ntfy).
+        collapse_key: a newer message with the same key replaces an undelivered older one.
+        ttl_s: how long a push service may keep the message for an offline device.
+        message_id: stable id of the message: every retry and channel carries the same one,
+            so that receivers can drop duplicates.
+
+    Raises:
+        InvalidRequestError: a negative ``ttl_s`` or a ``data`` value that is not a string.
+    """
+
+    title: str
+    body: str
+    actions: tuple[PushAction, ...] = ()
+    data: Mapping[str, str] = field(default_factory=dict)
+    urgent: bool = False
+    collapse_key: str | None = None
+    ttl_s: int = 86_400
+    message_id: str = field(default_factory=_new_message_id)
+
+    def __post_init__(self) -> None:
+        if self.ttl_s < 0:
+            raise InvalidRequestError(f"ttl_s must not be negative, got {self.ttl_s}")
+        for key, value in self.data.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise InvalidRequestError(f"push data must map strings to strings ({key!r})")
+
+    def to_json(self) -> dict[str, Any]:
+        """The message as a JSON object (the Web Push payload and the webhook body).
+
+        Returns:
+            ``id``, ``title``, ``body``, ``actions`` (``action``, ``label``, ``url``),
+            ``data`` and ``urgent``.
+        """
+        return {
+            "id": self.message_id,
+            "title": self.title,
+            "body": self.body,
+            "actions": [action.to_json() for action in self.actions],
+            "data": dict(self.data),
+            "urgent": self.urgent,
+        }
+
+
+class PushSender(Protocol):
+    """Delivers messages over one kind of channel.
+
+    Attributes:
+        kind: the channel kind it serves.
+    """
+
+    kind: ChannelKind
+
+    async def send(self, channel: PushChannel, message: PushMessage) -> None:
+        """Deliver ``message`` to ``channel``.
+
+        Raises:
+            DeliveryError: the service is away or throttles (5xx, 429, network, timeout):
+                retry later (:class:`RetryLaterError` says when, if the service did).
+            DeadTokenError: the token or subscription is gone: retire the channel.
+            PermanentError: any other refusal (:class:`PushRefusedError`): do not retry.
+        """
+        ...
+
+
+class PushRefusedError(PermanentError):
+    """A push service refused the message for good (a 4xx other than a dead token)."""
+
+
+class RetryLaterError(DeliveryError):
+    """A push service is away or throttles (429, 5xx).
+
+    Attributes:
+        retry_after_s: how long the service asked us to wait (``Retry-After``), if it did.
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3).
+
+    Args:
+        value: the header: delay seconds or an HTTP date.
+        now: the current time for a date (default: the wall clock).
+
+    Returns:
+        The delay in seconds (never negative), or ``None`` without a usable header.
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = datetime.now(UTC) if now is None else now
+    return max(0.0, (when - current).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """A push service's answer.
+
+    Attributes:
+        status: HTTP status.
+        body: the start of the body (at most 64 KiB).
+        retry_after_s: the parsed ``Retry-After``, if any.
+    """
+
+    status: int
+    body: bytes
+    retry_after_s: float | None
+
+
+class HttpSender:
+    """The HTTP side of a sender: one session, a deadline on every request.
+
+    Use it with ``async with``; a request outside raises :class:`PushRefusedError`.
+
+    Args:
+        timeout_s: the longest one request may take.
+
+    Raises:
+        ConfigError: ``timeout_s`` is not positive.
+    """
+
+    kind: ChannelKind
+
+    def __init__(self, *, timeout_s: float = 10.0) -> None:
+        if timeout_s <= 0:
+            raise ConfigError(f"push timeout_s must be positive, got {timeout_s}")
+        self._timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Self:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            headers={"User-Agent": "fixloop-notifier"},
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def request(
+        self, channel_id: str, url: str, *, method: str = "POST", **kwargs: Any
+    ) -> HttpAnswer:
+        """Make one request, never following redirects.
+
+        Args:
+            channel_id: for error messages (the URL never appears in them).
+            url: where to.
+            method: HTTP method.
+            **kwargs: passed to :meth:`aiohttp.ClientSession.request`.
+
+        Returns:
+            The answer, whatever its status.
+
+        Raises:
+            DeliveryError: network trouble or the deadline passed.
+            PushRefusedError: the sender is not open.
+        """
+        session = self._session
+        if session is None:
+            raise PushRefusedError(f"the {self.kind} sender is not open: use 'async with'")
+        try:
+            async with (
+                asyncio.timeout(self._timeout_s),
+                session.request(method, url, allow_redirects=False, **kwargs) as response,
+            ):
+                body = await response.content.read(_MAX_ANSWER_BYTES)
+                return HttpAnswer(
+                    response.status, body, parse_retry_after(response.headers.get("Retry-After"))
+                )
+        except TimeoutError as exc:
+            raise DeliveryError(f"{self.kind} channel {channel_id}: timed out") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            # the exception's text names the host: keep only its type
+            raise DeliveryError(
+                f"{self.kind} channel {channel_id}: unreachable ({type(exc).__name__})"
+            ) from exc
+
+    def check(self, channel_id: str, answer: HttpAnswer, *, dead: frozenset[int]) -> None:
+        """Map a non-2xx answer onto the error tree (2xx returns).
+
+        Args:
+            channel_id: for the error message.
+            answer: the service's answer.
+            dead: statuses that mean the token or subscription is gone.
+
+        Raises:
+            DeadTokenError: a status in ``dead``.
+            RetryLaterError: 429 or 5xx.
+            PushRefusedError: anything else (3xx, other 4xx).
+        """
+        status = answer.status
+        if 200 <= status < 300:
+            return
+        what = f"{self.kind} channel {channel_id}: HTTP {status}"
+        if status in dead:
+            raise DeadTokenError(what)
+        if status == 429 or status >= 500:
+            raise RetryLaterError(what, answer.retry_after_s)
+        raise PushRefusedError(what)

@@ -1,0 +1,218 @@
+"""Choosing the owner's channel and retrying (notifier: outbox -> here -> push senders).
+
+:class:`PushDispatcher` tries an owner's active channels in their order of
+preference (the owner's preferred kinds first, in that order, then every other
+channel as the store lists them) until one takes the message:
+
+* :class:`~notifier.errors.DeliveryError` (the service is away or throttles) is retried
+  on the same channel with jittered exponential backoff, up to the policy's attempts,
+  then the next channel is tried. A ``Retry-After`` is honoured: the pause is what the
+  service asked for; when it asks for more than the policy's longest pause, the
+  channel is given up for this message rather than holding up the owner's other
+  channels.
+* :class:`~notifier.errors.DeadTokenError` retires the channel: it comes back in the
+  report as ``replace(channel, active=False)`` and is not tried again.
+* any other :class:`~gateway.errors.PermanentError` moves on to the next channel at once.
+
+The dispatcher changes no store: the caller saves the retired channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from gateway.errors import ConfigError, PermanentError
+from notifier.errors import DeadTokenError, DeliveryError
+from notifier.model import ChannelKind, PushChannel
+from notifier.push_base import PushMessage, PushSender, RetryLaterError
+
+__all__ = ["DeliveryReport", "PushDispatcher", "RetryPolicy"]
+
+_LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard to try one channel.
+
+    Attributes:
+        attempts: tries per channel before the next one (at least 1).
+        base_delay_s: the first pause; each further pause doubles, up to ``max_delay_s``.
+        max_delay_s: the longest pause, and the longest ``Retry-After`` waited for.
+
+    Raises:
+        ConfigError: fewer than one attempt or a negative or inverted delay.
+    """
+
+    attempts: int = 4
+    base_delay_s: float = 0.5
+    max_delay_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"push attempts must be at least 1, got {self.attempts}")
+        if not 0 <= self.base_delay_s <= self.max_delay_s:
+            raise ConfigError("push delays need 0 <= base_delay_s <= max_delay_s")
+
+    def backoff_s(self, retry: int, rng: random.Random) -> float:
+        """The pause before retry number ``retry`` (0 for the first).
+
+        "Equal jitter": half the exponential step, plus a random part of the other
+        half, so pauses grow yet clients that failed together do not retry together.
+        """
+        step = min(self.max_delay_s, self.base_delay_s * 2.0**retry)
+        return step / 2 + rng.uniform(0.0, step / 2)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """What one :meth:`PushDispatcher.deliver` did.
+
+    Attributes:
+        delivered_via: the channel that took the message, or ``None`` if none did.
+        retired: channels the push services called dead, now ``active=False``: save them.
+        attempts: send calls made, over all channels.
+        errors: why each failed call failed, in order (channel ids, never tokens).
+    """
+
+    delivered_via: PushChannel | None
+    retired: tuple[PushChannel, ...]
+    attempts: int
+    errors: tuple[str, ...]
+
+    @property
+    def delivered(self) -> bool:
+        """Whether some channel took the message."""
+        return self.delivered_via is not None
+
+
+class PushDispatcher:
+    """Delivers a message over the first of an owner's channels that takes it.
+
+    Args:
+        senders: the sender for each channel kind (channels of other kinds are skipped).
+        attempts: tries per channel (see :class:`RetryPolicy`).
+        base_delay_s: the first backoff pause.
+        max_delay_s: the longest pause, and the longest ``Retry-After`` waited for.
+        sleep: how to pause (injectable for tests).
+        rng: the jitter's random source (injectable for tests).
+
+    Raises:
+        ConfigError: an invalid retry policy.
+    """
+
+    def __init__(
+        self,
+        senders: Mapping[ChannelKind, PushSender] | Mapping[str, PushSender],
+        *,
+        attempts: int = 4,
+        base_delay_s: float = 0.5,
+        max_delay_s: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._senders: dict[str, PushSender] = dict(senders.items())
+        self.policy = RetryPolicy(attempts, base_delay_s, max_delay_s)
+        self._sleep = sleep
+        self._rng = random.Random() if rng is None else rng
+
+    def order(
+        self, channels: Sequence[PushChannel], preferred: Sequence[ChannelKind]
+    ) -> list[PushChannel]:
+        """The active channels in the order they will be tried.
+
+        Args:
+            channels: the owner's channels, as the store lists them.
+            preferred: the owner's preferred kinds, first first.
+
+        Returns:
+            Channels of the preferred kinds (in the order of ``preferred``), then the rest,
+            each group in the store's order; inactive channels left out.
+        """
+        active = [c for c in channels if c.active]
+        rank = {kind: i for i, kind in reversed(list(enumerate(preferred)))}
+        return sorted(active, key=lambda c: rank.get(c.kind, len(rank)))
+
+    async def deliver(
+        self,
+        channels: Sequence[PushChannel],
+        preferred: Sequence[ChannelKind],
+        message: PushMessage,
+    ) -> DeliveryReport:
+        """Deliver ``message`` over the first channel that takes it.
+
+        Args:
+            channels: the owner's channels.
+            preferred: the owner's preferred kinds, first first (empty: store order).
+            message: what to deliver.
+
+        Returns:
+            Which channel delivered (if any), the channels to retire, the calls made and
+            the reasons of the failures.
+        """
+        retired: list[PushChannel] = []
+        errors: list[str] = []
+        calls = 0
+        for channel in self.order(channels, preferred):
+            sender = self._senders.get(channel.kind)
+            if sender is None:
+                errors.append(f"{channel.kind} channel {channel.channel_id}: no sender configured")
+                continue
+            for attempt in range(1, self.policy.attempts + 1):
+                calls += 1
+                try:
+                    await sender.send(channel, message)
+                except DeadTokenError as exc:
+                    errors.append(str(exc))
+                    retired.append(replace(channel, active=False))
+                    _LOG.info("push channel %s is gone: retired", channel.channel_id)
+                    break
+                except DeliveryError as exc:
+                    errors.append(str(exc))
+                    if attempt == self.policy.attempts:
+                        _LOG.warning(
+                            "push channel %s failed %d times: trying the next",
+                            channel.channel_id,
+                            attempt,
+                        )
+                        break
+                    pause_s = self._pause_s(exc, attempt)
+                    if pause_s is None:
+                        _LOG.warning(
+                            "push channel %s asks for a long pause: trying the next",
+                            channel.channel_id,
+                        )
+                        break
+                    _LOG.info(
+                        "push channel %s failed (%s): retrying in %.1f s",
+                        channel.channel_id,
+                        type(exc).__name__,
+                        pause_s,
+                    )
+                    await self._sleep(pause_s)
+                except PermanentError as exc:
+                    errors.append(str(exc))
+                    _LOG.warning("push channel %s refused the message", channel.channel_id)
+                    break
+                else:
+                    _LOG.info(
+                        "message %s delivered via push channel %s",
+                        message.message_id,
+                        channel.channel_id,
+                    )
+                    return DeliveryReport(channel, tuple(retired), calls, tuple(errors))
+        _LOG.warning("message %s reached no push channel", message.message_id)
+        return DeliveryReport(None, tuple(retired), calls, tuple(errors))
+
+    def _pause_s(self, exc: DeliveryError, attempt: int) -> float | None:
+        """The pause before the next try, or ``None`` to give up on the channel."""
+        asked = exc.retry_after_s if isinstance(exc, RetryLaterError) else None
+        if asked is None:
+            return self.policy.backoff_s(attempt - 1, self._rng)
+        if asked > self.policy.max_delay_s:
+            return None
+        return asked
