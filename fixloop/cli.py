@@ -1,10 +1,10 @@
 """The ``fixloop`` command (composition root): parse arguments, load settings, run a part.
 
-``fixloop up`` runs the whole local stack; ``fixloop gateway``, ``fixloop diagnostics`` and
-``fixloop sim`` run one part against external servers; ``fixloop train`` learns the health
-models from stored history and ``fixloop detect`` scores a CSV time series. Settings come
-from ``--config`` (or ``./fixloop.toml``) and ``FIXLOOP_`` variables; a wrong one ends
-the command with a one-line error.
+``fixloop up`` runs the whole local stack; ``fixloop gateway``, ``fixloop diagnostics``,
+``fixloop notifier`` and ``fixloop sim`` run one part against external servers;
+``fixloop train`` learns the health models from stored history and ``fixloop detect``
+scores a CSV time series. Settings come from ``--config`` (or ``./fixloop.toml``) and
+``FIXLOOP_`` variables; a wrong one ends the command with a one-line error.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "diagnostics",
         help="score the fleet and publish diagnoses (models from `fixloop train`, if any)",
+    )
+    commands.add_parser(
+        "notifier",
+        help="run the owner loop: cases, remote fixes, appointments, push, owner API",
     )
     train = commands.add_parser(
         "train", help="learn the fleet health models from the history in InfluxDB"
@@ -183,6 +187,14 @@ async def _diagnostics(settings: Settings, stop: asyncio.Event) -> None:
         await _run_until_stop(service.run(), stop)
 
 
+async def _notifier(settings: Settings, stop: asyncio.Event) -> None:
+    from notifier.service import NotifierService
+
+    async with NotifierService(settings.mqtt, settings.influx, settings.notifier) as service:
+        _LOG.info("owner API on %s (OpenAPI at /openapi.json)", service.api_url)
+        await _run_until_stop(service.run(), stop)
+
+
 def _progress_bar(done: float, readings: int) -> None:
     """One line on stderr, redrawn in place on a terminal."""
     width = 30
@@ -235,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _detect(args)
         elif args.command == "diagnostics":
             asyncio.run(_until_signalled(lambda stop: _diagnostics(settings, stop)))
+        elif args.command == "notifier":
+            asyncio.run(_until_signalled(lambda stop: _notifier(settings, stop)))
         elif args.command == "train":
             asyncio.run(_train(settings))
     except ConfigError as exc:

@@ -1,8 +1,9 @@
 """``fixloop up``: the whole local stack in one command, for a first-time user.
 
 Starts (sinks first, sources last) a mosquitto and an influxd from the PATH on
-loopback ports with their data in one folder, the gateway, the diagnostics service
-and a simulated fleet;
+loopback ports with their data in one folder, the gateway, the diagnostics service,
+the notifier (the owner loop and its REST API, with simulated owners and technicians
+playing their part) and a simulated fleet;
 prints where everything is; on Ctrl-C stops the fleet first, lets the gateway drain,
 then stops the gateway and the servers.
 """
@@ -23,11 +24,13 @@ from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
 from fixloop.broker import GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
+from fixloop.demo import SimulatedPeople, seed_people
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from gateway.protocol.credentials import device_password
 from gateway.service import Gateway
 from gateway.settings import MqttSettings
+from notifier.service import NotifierService
 
 __all__ = ["run_local_stack", "service_password"]
 
@@ -51,6 +54,8 @@ def _banner(
     models: Counter[str],
     speed: object,
     trained: list[str],
+    api_url: str,
+    owner_token: str,
 ) -> str:
     fleet = ", ".join(f"{count} {model}" for model, count in sorted(models.items()))
     return "\n".join(
@@ -69,6 +74,8 @@ def _banner(
                 if trained
                 else "per-device baselines only (run `fixloop train` once there is history)"
             ),
+            f"  owners    {api_url}  (OpenAPI at {api_url.removesuffix('/api/v1')}/openapi.json)",
+            f"            try: curl -H 'Authorization: Bearer {owner_token}' {api_url}/cases",
             f"  fleet     {sum(models.values())} simulated devices ({fleet}), speed {speed}",
             f"  data      {data_dir}",
             "Press Ctrl-C to stop.",
@@ -77,13 +84,15 @@ def _banner(
     )
 
 
-async def _report(gateway: Gateway, diagnostics: DiagnosticsService) -> None:
+async def _report(
+    gateway: Gateway, diagnostics: DiagnosticsService, notifier: NotifierService
+) -> None:
     metrics = gateway.metrics
     while True:
         await asyncio.sleep(_STATUS_EVERY_S)
         _LOG.info(
             "received %d, stored %d, rejected %d, spooled batches %d, lag %.1f s, "
-            "scored %d, diagnosis changes %d",
+            "scored %d, diagnosis changes %d, cases handled %d, owners told %d",
             sum(metrics.received.values()),
             metrics.stored,
             sum(metrics.rejected.values()),
@@ -91,6 +100,8 @@ async def _report(gateway: Gateway, diagnostics: DiagnosticsService) -> None:
             metrics.lag_s(),
             diagnostics.readings_scored,
             diagnostics.diagnoses_published,
+            notifier.diagnoses_handled,
+            0 if notifier.outbox is None else notifier.outbox.sent + notifier.outbox.held,
         )
 
 
@@ -159,20 +170,38 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
             if "model_path" in settings.diagnostics.model_fields_set
             else {"model_path": data_dir / "models" / "diagnostics.pkl"}
         )
+        notifier_settings = settings.notifier.model_copy(
+            update=(
+                {}
+                if "db_path" in settings.notifier.model_fields_set
+                else {"db_path": data_dir / "cases.sqlite3"}
+            )
+            | ({} if "api_port" in settings.notifier.model_fields_set else {"api_port": 0})
+        )
         async with (
             Gateway(mqtt, influx_settings, gateway_settings) as gateway,
             DiagnosticsService(mqtt, influx_settings, diagnostics_settings) as diagnostics,
+            NotifierService(mqtt, influx_settings, notifier_settings) as notifier,
         ):
+            assert notifier.store is not None
+            assert notifier.loop is not None
+            people = await seed_people(
+                notifier.store, [(d.device_id, str(d.model)) for d in runner.fleet.devices], secret
+            )
             tasks = [
                 asyncio.create_task(gateway.run(), name="gateway"),
                 asyncio.create_task(diagnostics.run(), name="diagnostics"),
-                asyncio.create_task(_report(gateway, diagnostics), name="status"),
+                asyncio.create_task(notifier.run(), name="notifier"),
+                asyncio.create_task(_report(gateway, diagnostics, notifier), name="status"),
             ]
             try:
                 async with asyncio.timeout(30):
                     await gateway.wait_subscribed()
                     await diagnostics.wait_subscribed()
+                    await notifier.wait_subscribed()
                 async with runner:
+                    simulated = SimulatedPeople(notifier.store, notifier.loop, runner)
+                    tasks.append(asyncio.create_task(simulated.run(), name="people"))
                     models = Counter(str(d.model) for d in runner.fleet.devices)
                     assert diagnostics.engine is not None
                     print(  # noqa: T201 - the command's own output for the user
@@ -184,6 +213,8 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                             models,
                             sim_settings.speed,
                             sorted(diagnostics.engine.fleet_models),
+                            notifier.api_url,
+                            people.first_owner_token,
                         ),
                         file=sys.stdout,
                         flush=True,

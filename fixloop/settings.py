@@ -20,6 +20,7 @@ from device_sim.settings import SimSettings
 from diagnostics.settings import DiagnosticsSettings
 from gateway.influx import InfluxSettings
 from gateway.settings import GatewaySettings, MqttSettings
+from notifier.settings import NotifierSettings
 
 __all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "SECTIONS", "Settings", "StackSettings"]
 
@@ -79,6 +80,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     sim: SimSettings = Field(default_factory=SimSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
+    notifier: NotifierSettings = Field(default_factory=NotifierSettings)
 
     @classmethod
     def settings_customise_sources(

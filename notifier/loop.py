@@ -907,7 +907,8 @@ class OwnerLoop:
             done = replace(appointment, state="done", note=note)
             await self.store.put_appointment(done)
             latest = (await self.health.latest([case.device_id])).get(case.device_id)
-            fix_at = self._clock() if latest is None else max(latest.at, case.opened_at)
+            # device time: the scores that count are the device's readings after now
+            fix_at = self._clock() if latest is None else latest.at
             case = await self._move(
                 case,
                 "visited",

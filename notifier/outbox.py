@@ -1,0 +1,304 @@
+"""The outbox: what the owner is told, when, and through which channel (notifier).
+
+The case machine says *what* happened (a :class:`~notifier.loop.Notice`); the outbox
+writes it in the owner's language (:mod:`notifier.messages`), keeps it in the case
+store, and delivers it through the owner's push channels (:mod:`notifier.push`) on a
+worker of its own, so that a slow push service never holds up the case machine.
+
+Owners are not flooded: during their quiet hours (in their own time zone) and past
+their daily limit a message is *held*, unless it is urgent; held messages go out as one
+digest when the owner can be reached again. A channel the push service calls dead is
+retired at once and never tried again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from datetime import UTC, datetime, time, timedelta
+from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+
+from notifier.loop import Notice
+from notifier.messages import MessageContext, render
+from notifier.model import Case, Notification, Owner
+from notifier.push import (
+    FcmSender,
+    NtfySender,
+    PushAction,
+    PushDispatcher,
+    PushMessage,
+    PushSender,
+    WebhookSender,
+    WebPushSender,
+)
+from notifier.settings import PushSettings
+from notifier.store import CaseStore
+
+__all__ = ["Outbox", "build_dispatcher", "in_quiet_hours"]
+
+_LOG = logging.getLogger(__name__)
+_QUEUE_MAX: Final = 10_000
+_DAY: Final = timedelta(days=1)
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+def in_quiet_hours(owner: Owner, at: datetime) -> bool:
+    """Whether ``at`` falls in the owner's quiet hours (their local time; may wrap midnight)."""
+    start, end = owner.quiet_start, owner.quiet_end
+    if start is None or end is None or start == end:
+        return False
+    local: time = at.astimezone(_zone(owner.timezone)).time()
+    if start < end:
+        return start <= local < end
+    return local >= start or local < end
+
+
+@contextlib.asynccontextmanager
+async def build_dispatcher(settings: PushSettings) -> AsyncIterator[PushDispatcher]:
+    """Open the push senders the settings allow and yield a dispatcher over them."""
+    async with contextlib.AsyncExitStack() as stack:
+        senders: dict[str, PushSender] = {}
+        senders["ntfy"] = await stack.enter_async_context(
+            NtfySender(
+                token=None
+                if settings.ntfy_token is None
+                else settings.ntfy_token.get_secret_value(),
+                timeout_s=settings.timeout_s,
+            )
+        )
+        senders["webhook"] = await stack.enter_async_context(
+            WebhookSender(timeout_s=settings.timeout_s)
+        )
+        if settings.fcm_service_account is not None:
+            account = orjson.loads(settings.fcm_service_account.read_bytes())
+            senders["fcm"] = await stack.enter_async_context(
+                FcmSender(account, base_url=settings.fcm_base_url, timeout_s=settings.timeout_s)
+            )
+        if settings.vapid_private_key is not None:
+            senders["webpush"] = await stack.enter_async_context(
+                WebPushSender(
+                    settings.vapid_private_key.get_secret_value(),
+                    subject=settings.vapid_subject,
+                    timeout_s=settings.timeout_s,
+                )
+            )
+        yield PushDispatcher(senders, attempts=settings.attempts)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Outbox:
+    """Writes, keeps and delivers owner messages; implements :class:`~notifier.loop.OwnerNotifier`.
+
+    Args:
+        store: where notifications are kept (and channels retired).
+        dispatcher: delivers over the owner's channels (``None``: keep only).
+        clock: wall clock (UTC).
+        action_base_url: base address of the owner API for one-tap action links.
+    """
+
+    def __init__(
+        self,
+        store: CaseStore,
+        dispatcher: PushDispatcher | None,
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+        action_base_url: str | None = None,
+    ) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._clock = clock
+        self._base = (action_base_url or "").rstrip("/")
+        self._queue: asyncio.Queue[tuple[Owner, Notification, bool]] = asyncio.Queue(_QUEUE_MAX)
+        self._held_owners: set[str] = set()
+        self.sent = 0
+        self.held = 0
+        self.failed = 0
+        self.dropped = 0
+
+    # -- writing ---------------------------------------------------------------------
+    async def _context(self, owner: Owner, case: Case, notice: Notice) -> MessageContext:
+        device = await self._store.get_device(case.device_id)
+        appointment = notice.appointment
+        technician = None
+        if appointment is not None and appointment.technician_id is not None:
+            tech = await self._store.get_technician(appointment.technician_id)
+            technician = None if tech is None else tech.name.split()[0]
+        days = None
+        if case.failure_at is not None:
+            days = max(0.0, (case.failure_at - self._clock()).total_seconds() / 86_400)
+        return MessageContext(
+            owner_name=owner.name,
+            device_label=None if device is None else device.label,
+            model=case.model,
+            fault=case.fault,
+            action=notice.action,
+            slots=tuple((s.start, s.end) for s in notice.slots),
+            appointment=None
+            if appointment is None or appointment.start is None or appointment.end is None
+            else (appointment.start, appointment.end, technician),
+            timezone=owner.timezone,
+            reason=notice.reason,
+            urgent=notice.urgent,
+            days_to_failure=days,
+        )
+
+    async def notify(self, owner: Owner, case: Case, notice: Notice) -> None:
+        """Write the message, keep it, and queue it for delivery (or hold it)."""
+        ctx = await self._context(owner, case, notice)
+        message = render(notice.kind, owner.language, ctx)
+        now = self._clock()
+        hold = not notice.urgent and (
+            in_quiet_hours(owner, now) or await self._over_limit(owner, now)
+        )
+        notification = Notification(
+            notification_id=uuid.uuid4().hex[:16],
+            owner_id=owner.owner_id,
+            case_id=case.case_id,
+            kind=notice.kind,
+            title=message.title,
+            body=message.body,
+            actions=tuple(message.actions),
+            created_at=now,
+            status="held" if hold else "queued",
+        )
+        await self._store.add_notification(notification)
+        if hold:
+            self.held += 1
+            self._held_owners.add(owner.owner_id)
+            return
+        self._enqueue(owner, notification, notice.urgent)
+
+    def _enqueue(self, owner: Owner, notification: Notification, urgent: bool) -> None:
+        try:
+            self._queue.put_nowait((owner, notification, urgent))
+        except asyncio.QueueFull:
+            # the message stays in the store (status queued) and in the owner's app
+            self.dropped += 1
+            _LOG.warning(
+                "outbox full: notification %s kept, not pushed", notification.notification_id
+            )
+
+    async def _over_limit(self, owner: Owner, now: datetime) -> bool:
+        recent = await self._store.notifications(owner.owner_id, since=now - _DAY)
+        pushed = sum(1 for n in recent if n.status in ("sent", "queued", "failed"))
+        return pushed >= owner.max_per_day
+
+    # -- delivering ------------------------------------------------------------------
+    def _push_message(self, notification: Notification, urgent: bool) -> PushMessage:
+        case_id = notification.case_id or ""
+        actions = tuple(
+            PushAction(
+                action_id,
+                label,
+                f"{self._base}/cases/{case_id}?action={action_id}" if self._base else None,
+            )
+            for action_id, label in notification.actions
+        )
+        return PushMessage(
+            title=notification.title,
+            body=notification.body,
+            actions=actions,
+            data={
+                "notification_id": notification.notification_id,
+                "case_id": case_id,
+                "kind": notification.kind,
+            },
+            urgent=urgent,
+            collapse_key=case_id or None,
+        )
+
+    async def deliver(self, owner: Owner, notification: Notification, urgent: bool) -> None:
+        """Push one notification over the owner's channels and record the outcome."""
+        status, channel_id = "failed", None
+        if self._dispatcher is not None:
+            channels = await self._store.channels(owner.owner_id)
+            report = await self._dispatcher.deliver(
+                channels, owner.channels, self._push_message(notification, urgent)
+            )
+            for retired in report.retired:
+                await self._store.put_channel(retired)
+                _LOG.info("retired push channel %s of owner %s", retired.channel_id, owner.owner_id)
+            if report.delivered_via is not None:
+                status, channel_id = "sent", report.delivered_via.channel_id
+        await self._store.add_notification(
+            replace(notification, status=status, channel_id=channel_id)
+        )
+        if status == "sent":
+            self.sent += 1
+        else:
+            self.failed += 1
+
+    async def run(self) -> None:
+        """Deliver queued notifications until cancelled."""
+        while True:
+            owner, notification, urgent = await self._queue.get()
+            try:
+                await self.deliver(owner, notification, urgent)
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every queued notification was tried."""
+        await self._queue.join()
+
+    async def flush(self) -> int:
+        """Send one digest to each owner with held messages who can be reached now."""
+        now = self._clock()
+        sent = 0
+        for owner_id in sorted(self._held_owners):
+            owner = await self._store.get_owner(owner_id)
+            if owner is None:
+                self._held_owners.discard(owner_id)
+                continue
+            if in_quiet_hours(owner, now) or await self._over_limit(owner, now):
+                continue
+            held = await self._store.notifications(owner_id, status="held")
+            self._held_owners.discard(owner_id)
+            if not held:
+                continue
+            message = render(
+                "digest",
+                owner.language,
+                MessageContext(
+                    owner_name=owner.name,
+                    device_label=None,
+                    model="",
+                    fault="unknown",
+                    timezone=owner.timezone,
+                    count=len(held),
+                    items=tuple(n.title for n in held),
+                ),
+            )
+            for one in held:
+                await self._store.add_notification(replace(one, status="digested"))
+            digest = Notification(
+                notification_id=uuid.uuid4().hex[:16],
+                owner_id=owner_id,
+                case_id=held[-1].case_id,
+                kind="digest",
+                title=message.title,
+                body=message.body,
+                actions=tuple(message.actions),
+                created_at=now,
+                status="queued",
+            )
+            await self._store.add_notification(digest)
+            self._enqueue(owner, digest, False)
+            sent += 1
+        return sent

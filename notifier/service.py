@@ -1,0 +1,251 @@
+"""The notifier service: diagnoses in, cases out, commands down, owners told (notifier).
+
+Composition of the owner loop for one process, sinks first: the case store, InfluxDB
+(stored scores for verification), the command downlink, the push channels and the
+outbox, the case machine, the owner REST API; then the source, a persistent QoS-1
+subscription to ``fleet/diagnoses`` (a diagnosis is acknowledged only once the case
+machine has stored what it decided). Every case change goes out on ``fleet/cases``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final, Self
+
+import orjson
+from aiohttp import web
+
+from diagnostics import decode_diagnosis
+from gateway.commands import CommandChannel
+from gateway.consumer import consume_forever
+from gateway.errors import BrokerUnavailableError, PermanentError, RejectedError
+from gateway.influx import InfluxClient, InfluxSettings
+from gateway.protocol import CASES_TOPIC, DIAGNOSES_TOPIC
+from gateway.protocol.mqtt import MqttClient
+from gateway.settings import MqttSettings
+from notifier.api import create_api
+from notifier.health import InfluxHealth
+from notifier.loop import LoopConfig, OwnerLoop
+from notifier.model import Case
+from notifier.outbox import Outbox, build_dispatcher
+from notifier.settings import NotifierSettings
+from notifier.sqlite import SqliteStore
+from notifier.store import CaseStore
+
+__all__ = ["NotifierService", "case_message"]
+
+_LOG = logging.getLogger(__name__)
+_BATCH_MAX: Final = 500
+_DIGEST_EVERY_S: Final = 60.0
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def case_message(case: Case) -> bytes:
+    """Return the JSON form of a case change for ``fleet/cases`` (no owner contacts)."""
+    doc: dict[str, Any] = {
+        "v": 1,
+        "case_id": case.case_id,
+        "device_id": case.device_id,
+        "owner_id": case.owner_id,
+        "model": case.model,
+        "fault": case.fault,
+        "state": case.state,
+        "urgency": case.urgency,
+        "opened_at": case.opened_at.isoformat(),
+        "updated_at": case.updated_at.isoformat(),
+        "confidence": round(case.confidence, 4),
+        "failure_at": None if case.failure_at is None else case.failure_at.isoformat(),
+        "tried": list(case.tried),
+        "pending_action": case.pending_action,
+        "appointment_id": case.appointment_id,
+        "needs_person": case.needs_person,
+        "rating": case.rating,
+    }
+    return orjson.dumps(doc)
+
+
+class NotifierService:
+    """The owner loop as a service; an async context manager, :meth:`run` until cancelled.
+
+    Args:
+        mqtt: how to reach the broker (a service user).
+        influx: where the stored scores are.
+        settings: the notifier's settings.
+        store: a case store to use instead of opening ``settings.db_path``.
+        clock: wall clock (UTC).
+    """
+
+    def __init__(
+        self,
+        mqtt: MqttSettings,
+        influx: InfluxSettings,
+        settings: NotifierSettings,
+        *,
+        store: CaseStore | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self._mqtt = mqtt
+        self._influx_settings = influx
+        self._settings = settings
+        self._clock = clock
+        self._given_store = store
+        self.store: CaseStore | None = store
+        self.loop: OwnerLoop | None = None
+        self.outbox: Outbox | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._publisher: MqttClient | None = None
+        self._subscribed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.api_port: int | None = None
+        self.diagnoses_handled = 0
+        self.diagnoses_refused = 0
+
+    async def __aenter__(self) -> Self:
+        settings = self._settings
+        stack = self._stack
+        try:
+            if self.store is None:
+                settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+                self.store = await stack.enter_async_context(SqliteStore(settings.db_path))
+            store = self.store
+            influx = await stack.enter_async_context(InfluxClient(self._influx_settings))
+            health = InfluxHealth(influx)
+            commands = await stack.enter_async_context(
+                CommandChannel(self._mqtt, client_id=f"{settings.client_id}-commands")
+            )
+            self._publisher = self._mqtt.client(f"{settings.client_id}-cases")
+            await self._publisher.connect()
+            stack.push_async_callback(self._publisher.disconnect)
+            dispatcher = await stack.enter_async_context(build_dispatcher(settings.push))
+            self.outbox = Outbox(
+                store, dispatcher, clock=self._clock, action_base_url=self._public_url()
+            )
+            self.loop = await stack.enter_async_context(
+                OwnerLoop(
+                    store,
+                    commands,
+                    health,
+                    self.outbox,
+                    config=LoopConfig(
+                        command_timeout_s=settings.command_timeout_s,
+                        retry_after_s=settings.retry_after_s,
+                        settle_s=settings.settle_s,
+                        verify_window_s=settings.verify_window_s,
+                        verify_timeout_s=settings.verify_timeout_s,
+                        healthy_score=settings.healthy_score,
+                        firmware=dict(settings.firmware),
+                    ),
+                    sink=self._publish_case,
+                    clock=self._clock,
+                )
+            )
+            app = create_api(store=store, actions=self.loop, health=health, clock=self._clock)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            stack.push_async_callback(self._runner.cleanup)
+            site = web.TCPSite(self._runner, settings.api_host, settings.api_port)
+            await site.start()
+            # aiohttp exposes the bound port only on the site's server
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            self.api_port = sockets[0].getsockname()[1] if sockets else settings.api_port
+            _LOG.info("owner API on http://%s:%s/api/v1", settings.api_host, self.api_port)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    def _public_url(self) -> str | None:
+        return self._settings.public_url
+
+    @property
+    def api_url(self) -> str:
+        """The owner API's base address."""
+        return f"http://{self._settings.api_host}:{self.api_port}/api/v1"
+
+    async def wait_subscribed(self) -> None:
+        """Wait until the service is subscribed to the diagnoses."""
+        await self._subscribed.wait()
+
+    async def _publish_case(self, case: Case) -> None:
+        if self._publisher is None:
+            return
+        try:
+            await self._publisher.publish(CASES_TOPIC, case_message(case), qos=1)
+        except BrokerUnavailableError:
+            _LOG.warning("case %s: change not published, broker away", case.case_id)
+            with contextlib.suppress(BrokerUnavailableError):
+                await self._publisher.connect()
+
+    async def run(self) -> None:
+        """Consume diagnoses and run the case timers until cancelled.
+
+        Raises:
+            ConfigError: the broker refused our credentials.
+        """
+        assert self.loop is not None
+        assert self.outbox is not None
+        settings = self._settings
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.loop.run(), name="case-timers")
+            group.create_task(self.outbox.run(), name="push-delivery")
+            group.create_task(self._digests(), name="digests")
+            await consume_forever(
+                lambda: self._mqtt.client(
+                    settings.client_id,
+                    clean_start=False,
+                    session_expiry_s=settings.session_expiry_s,
+                    max_buffered=_BATCH_MAX * 4,
+                ),
+                [DIAGNOSES_TOPIC],
+                self._consume,
+                on_subscribed=lambda _: self._subscribed.set(),
+            )
+
+    async def _digests(self) -> None:
+        assert self.outbox is not None
+        while True:
+            await asyncio.sleep(_DIGEST_EVERY_S)
+            await self.outbox.flush()
+
+    async def _consume(self, client: MqttClient) -> None:
+        loop = self.loop
+        assert loop is not None
+        while True:
+            await client.wait_messages()
+            messages = client.take(_BATCH_MAX)
+            for message in messages:
+                try:
+                    diagnosis = decode_diagnosis(message.payload)
+                except RejectedError as exc:
+                    self.diagnoses_refused += 1
+                    _LOG.warning("refused a message on %s: %s", message.topic, exc)
+                    continue
+                try:
+                    await loop.handle_diagnosis(diagnosis)
+                except PermanentError as exc:
+                    self.diagnoses_refused += 1
+                    _LOG.warning(
+                        "diagnosis %s of device %s not handled: %s",
+                        diagnosis.fault,
+                        diagnosis.device_id,
+                        exc,
+                    )
+                self.diagnoses_handled += 1
+            client.ack_many(messages)
