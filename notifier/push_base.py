@@ -10,6 +10,7 @@ in an error message or a log line: only the channel id does.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import base64
 import logging
@@ -220,10 +221,11 @@ class HttpAnswer:
     retry_after_s: float | None
 
 
-class HttpSender:
+class HttpSender(abc.ABC):
     """The HTTP side of a sender: one session, a deadline on every request.
 
-    Use it with ``async with``; a request outside raises :class:`PushRefusedError`.
+    Subclasses implement :meth:`send` (and so the :class:`PushSender` protocol). Use
+    them with ``async with``; a request outside raises :class:`PushRefusedError`.
 
     Args:
         timeout_s: the longest one request may take.
@@ -256,6 +258,10 @@ class HttpSender:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+    @abc.abstractmethod
+    async def send(self, channel: PushChannel, message: PushMessage) -> None:
+        """Deliver ``message`` to ``channel`` (see :meth:`PushSender.send`)."""
 
     async def request(
         self, channel_id: str, url: str, *, method: str = "POST", **kwargs: Any
