@@ -238,6 +238,11 @@ class OwnerLoop:
             what = "verify" if case.state == "verifying" else "retry"
             self._timers[case.case_id] = _Timer(now, what)
 
+    @property
+    def commands_running(self) -> int:
+        """Remote fixes waiting for the device's answer right now."""
+        return len(self._running)
+
     # -- helpers ---------------------------------------------------------------------
     def _lock(self, case_id: str) -> asyncio.Lock:
         lock = self._locks.get(case_id)

@@ -140,9 +140,11 @@ class Rig:
     clock: Clock
 
     async def settle(self) -> None:
-        for _ in range(50):
-            await asyncio.sleep(0)
-        await asyncio.sleep(0.01)
+        """Wait until the remote fixes started so far have their answers."""
+        await asyncio.sleep(0)
+        async with asyncio.timeout(10):
+            while self.loop.commands_running:  # noqa: ASYNC110 - polls the loop's own count
+                await asyncio.sleep(0.001)
 
     async def tick(self) -> None:
         self.clock.advance(1)
