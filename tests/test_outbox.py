@@ -1,0 +1,148 @@
+"""The outbox: messages written in the owner's language, held in quiet hours and past the
+daily limit, sent as one digest later, and dead channels retired."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, time, timedelta
+
+import pytest
+
+from notifier.errors import DeadTokenError
+from notifier.loop import Notice
+from notifier.model import Case, DeviceRecord, Owner, PushChannel
+from notifier.outbox import Outbox, in_quiet_hours
+from notifier.push import PushDispatcher, PushMessage
+from notifier.sqlite import SqliteStore
+
+NOON = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+@dataclass
+class Sender:
+    kind: str = "webhook"
+    sent: list[tuple[str, PushMessage]] = field(default_factory=list)
+    dead: set[str] = field(default_factory=set)
+
+    async def send(self, channel: PushChannel, message: PushMessage) -> None:
+        if channel.channel_id in self.dead:
+            raise DeadTokenError("gone")
+        self.sent.append((channel.channel_id, message))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOON
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def case(case_id: str, owner_id: str = "eva") -> Case:
+    return Case(case_id, "w-1", owner_id, "washer", "bearing_wear", "opened", "normal", NOON, NOON)
+
+
+Rig = tuple[Outbox, SqliteStore, "Sender", "Clock"]
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    clock, sender = Clock(), Sender()
+    async with SqliteStore(":memory:") as store:
+        await store.put_owner(
+            Owner("eva", "Eva", language="de", timezone="Europe/Berlin", max_per_day=2)
+        )
+        await store.put_device(DeviceRecord("w-1", "eva", "washer", label="Keller"))
+        for cid in ("old", "new"):
+            await store.put_channel(
+                PushChannel(cid, "eva", "webhook", f"http://127.0.0.1:1/{cid}", {"secret": "s"})
+            )
+        dispatcher = PushDispatcher({"webhook": sender}, attempts=1)  # type: ignore[dict-item]
+        outbox = Outbox(store, dispatcher, clock=clock, action_base_url="https://api.example/v1")
+        worker = asyncio.create_task(outbox.run())
+        try:
+            yield outbox, store, sender, clock
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+
+
+async def test_message_in_the_owners_language_with_action_links(rig: Rig) -> None:
+    outbox, store, sender, _ = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    await outbox.notify(owner, case("c1"), Notice("consent_request", action="restart"))
+    await outbox.drain()
+    assert len(sender.sent) == 1
+    channel_id, message = sender.sent[0]
+    assert channel_id == "old"
+    assert "Keller" in message.body  # the owner's own name for the device, in German
+    assert message.data["case_id"] == "c1"
+    assert message.data["kind"] == "consent_request"
+    ids = [a.action_id for a in message.actions]
+    assert ids == ["accept_fix", "decline_fix"]
+    assert message.actions[0].url == "https://api.example/v1/cases/c1?action=accept_fix"
+    kept = await store.notifications("eva")
+    assert [(n.kind, n.status, n.channel_id) for n in kept] == [("consent_request", "sent", "old")]
+
+
+async def test_dead_channel_is_retired_and_the_next_used(rig: Rig) -> None:
+    outbox, store, sender, _ = rig
+    sender.dead.add("old")
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    await outbox.notify(owner, case("c1"), Notice("fix_waiting", action="restart"))
+    await outbox.drain()
+    assert [cid for cid, _ in sender.sent] == ["new"]
+    assert [c.channel_id for c in await store.channels("eva")] == ["new"]
+    await outbox.notify(owner, case("c1"), Notice("fixed_remotely", action="restart"))
+    await outbox.drain()
+    assert [cid for cid, _ in sender.sent] == ["new", "new"]
+
+
+async def test_quiet_hours_hold_then_one_digest(rig: Rig) -> None:
+    outbox, store, sender, clock = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    clock.now = datetime(2026, 12, 7, 22, 30, tzinfo=UTC)  # 23:30 in Berlin
+    assert in_quiet_hours(owner, clock.now)
+    await outbox.notify(owner, case("c1"), Notice("appointment_booked"))
+    await outbox.notify(owner, case("c2"), Notice("resolved"))
+    # urgent messages go through quiet hours
+    await outbox.notify(owner, case("c3"), Notice("urgent_safety", urgent=True))
+    await outbox.drain()
+    assert [m.data["kind"] for _, m in sender.sent] == ["urgent_safety"]
+    assert await outbox.flush() == 0  # still quiet
+    clock.now = datetime(2026, 12, 8, 7, 30, tzinfo=UTC)  # 08:30 in Berlin
+    assert await outbox.flush() == 1
+    await outbox.drain()
+    assert [m.data["kind"] for _, m in sender.sent] == ["urgent_safety", "digest"]
+    statuses = sorted(n.status for n in await store.notifications("eva"))
+    assert statuses == ["digested", "digested", "sent", "sent"]
+
+
+async def test_daily_limit_holds_the_rest(rig: Rig) -> None:
+    outbox, store, sender, clock = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    for n in range(4):
+        await outbox.notify(owner, case(f"c{n}"), Notice("fixed_remotely", action="restart"))
+    await outbox.drain()
+    assert len(sender.sent) == 2  # max_per_day
+    assert [n.status for n in await store.notifications("eva", status="held")] == ["held"] * 2
+    assert await outbox.flush() == 0  # the day's budget is spent
+    clock.now += timedelta(days=1, minutes=1)
+    assert await outbox.flush() == 1
+    await outbox.drain()
+    assert sender.sent[-1][1].data["kind"] == "digest"
+
+
+def test_quiet_hours_wrap_midnight_in_the_owners_zone() -> None:
+    owner = Owner("x", "X", timezone="America/New_York", quiet_start=time(22), quiet_end=time(7))
+    assert in_quiet_hours(owner, datetime(2026, 12, 7, 4, 0, tzinfo=UTC))  # 23:00 NY
+    assert in_quiet_hours(owner, datetime(2026, 12, 7, 11, 30, tzinfo=UTC))  # 06:30 NY
+    assert not in_quiet_hours(owner, datetime(2026, 12, 7, 12, 30, tzinfo=UTC))  # 07:30 NY
+    never = replace(owner, quiet_start=None, quiet_end=None)
+    assert not in_quiet_hours(never, datetime(2026, 12, 7, 4, 0, tzinfo=UTC))
