@@ -221,6 +221,8 @@ class Outbox:
             },
             urgent=urgent,
             collapse_key=case_id or None,
+            # the same id on every retry: receivers drop what they already have
+            message_id=notification.notification_id,
         )
 
     async def deliver(self, owner: Owner, notification: Notification, urgent: bool) -> None:
