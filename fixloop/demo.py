@@ -19,16 +19,16 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import time
+from datetime import time, timedelta
 from typing import Final
 
-from device_sim import FleetRunner
+from device_sim import FaultName, FleetRunner, faults_for_model
 from gateway.errors import ConfigError, PermanentError
 from notifier.actions import CaseActions
 from notifier.model import DeviceRecord, Owner, Technician, Window
 from notifier.store import CaseStore
 
-__all__ = ["DemoPeople", "SimulatedPeople", "demo_token", "seed_people"]
+__all__ = ["DemoPeople", "SimulatedPeople", "demo_faults", "demo_token", "seed_people"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -124,6 +124,42 @@ async def seed_people(
         tuple(t[0] for t in _TECHNICIANS),
         demo_token(fleet_secret, owners[0]) if owners else "",
     )
+
+
+#: Faults the demo gives its fleet in turn: mostly remote-curable, some for a technician.
+_DEMO_FAULTS: Final[tuple[tuple[FaultName, float | None], ...]] = (
+    ("controller_hang", None),
+    ("firmware_bug", None),
+    ("drain_clog", 6.0),
+    ("crash_loop", None),
+    ("bearing_wear", 2.0),
+    ("refrigerant_leak", 3.0),
+)
+
+
+async def demo_faults(runner: FleetRunner, *, every_s: float = 120.0, seed: int = 0) -> None:
+    """Give a random device of the live fleet a fault every ``every_s`` seconds, forever.
+
+    Wear faults reach failure in a few hours, so that a demo sees them coming.
+    """
+    rng = random.Random(seed)
+    turn = 0
+    while True:
+        await asyncio.sleep(every_s)
+        fault, hours = _DEMO_FAULTS[turn % len(_DEMO_FAULTS)]
+        turn += 1
+        candidates = [
+            d
+            for d in runner.fleet.devices
+            if fault in faults_for_model(d.model) and not d.active_faults
+        ]
+        if not candidates:
+            continue
+        device = rng.choice(candidates)
+        at = runner.fleet.now + timedelta(seconds=5)
+        duration = None if hours is None else timedelta(hours=hours)
+        runner.fleet.inject(device.device_id, fault, at=at, duration_to_failure=duration)
+        _LOG.info("demo: %s on %s from %s", fault, device.device_id, at.isoformat())
 
 
 class SimulatedPeople:

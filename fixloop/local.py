@@ -24,7 +24,7 @@ from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
 from fixloop.broker import GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
-from fixloop.demo import SimulatedPeople, seed_people
+from fixloop.demo import SimulatedPeople, demo_faults, seed_people
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from gateway.protocol.credentials import device_password
@@ -39,6 +39,7 @@ _LOG = logging.getLogger(__name__)
 _STATUS_EVERY_S: Final = 15.0
 _DRAIN_TIMEOUT_S: Final = 15.0
 _DEMO_HISTORY_S: Final = 6 * 3600.0
+_DEMO_VERIFY: Final = {"settle_s": 60.0, "verify_window_s": 180.0, "retry_after_s": 30.0}
 
 
 def service_password(fleet_secret: str, user: str) -> str:
@@ -177,6 +178,12 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 else {"db_path": data_dir / "cases.sqlite3"}
             )
             | ({} if "api_port" in settings.notifier.model_fields_set else {"api_port": 0})
+            # a demo shows a fix verified in minutes, not in the production hour
+            | {
+                key: value
+                for key, value in _DEMO_VERIFY.items()
+                if key not in settings.notifier.model_fields_set
+            }
         )
         async with (
             Gateway(mqtt, influx_settings, gateway_settings) as gateway,
@@ -202,6 +209,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 async with runner:
                     simulated = SimulatedPeople(notifier.store, notifier.loop, runner)
                     tasks.append(asyncio.create_task(simulated.run(), name="people"))
+                    tasks.append(asyncio.create_task(demo_faults(runner), name="faults"))
                     models = Counter(str(d.model) for d in runner.fleet.devices)
                     assert diagnostics.engine is not None
                     print(  # noqa: T201 - the command's own output for the user
