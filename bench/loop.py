@@ -314,6 +314,9 @@ async def remote(devices: int, days: float) -> None:
         mine = by_key.get((device_id, fault), [])
         ok = any(c.state == "resolved" and c.appointment_id is None for c in mine)
         remote_ok += ok
+        if not ok:
+            ended = ", ".join(f"{c.state} after {list(c.tried)}" for c in mine) or "no case"
+            print(f"  missed: {fault} on {device_id}: {ended}")
         rows.setdefault(fault, [0, 0])
         rows[fault][0] += ok
         rows[fault][1] += 1
