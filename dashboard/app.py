@@ -1,0 +1,1072 @@
+"""The manufacturer's ops web app: JSON API, live stream and page (dashboard; last stage).
+
+:func:`create_app` builds an :class:`aiohttp.web.Application` from what the composition
+root hands it: the case store, an InfluxDB client, the ops users, a live
+:class:`~dashboard.feed.CaseFeed` and a :class:`~dashboard.ops.CampaignStarter`.
+Everything lives under ``/ops``:
+
+* ``/ops/`` the page (``static/index.html``, plain ES modules, uPlot vendored);
+* ``/ops/login`` and ``/ops/logout``;
+* ``/ops/api/...`` the JSON API the page uses (see :data:`ROUTES` below for the list);
+* ``/ops/api/events`` server-sent events with every case change.
+
+Handlers parse, read and answer JSON; the only writes are the ops changes of
+:mod:`dashboard.ops` (take over, write to the owner, close) and campaigns. Every
+``/ops/api`` request needs a session; every state change also needs the session's CSRF
+token in ``X-CSRF-Token``. Owners appear only by name, only on a case's page, and only
+for agents and admins; their contacts and push channels are never read except to mask
+them out of audit evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from yarl import URL
+
+from dashboard import influxql, ops, stats
+from dashboard.auth import (
+    LoginLimiter,
+    MappingUsers,
+    OpsUser,
+    Role,
+    Session,
+    SessionStore,
+    UserStore,
+    check_login,
+    has_role,
+)
+from dashboard.feed import CaseFeed, Subscription
+from dashboard.fleet import FleetCache, overview
+from dashboard.keys import (
+    ACTIONS_KEY,
+    CACHE_KEY,
+    CAMPAIGN_KEY,
+    CLOCK_KEY,
+    FEED_KEY,
+    INFLUX_KEY,
+    LIMITER_KEY,
+    MEASUREMENTS_KEY,
+    SESSIONS_KEY,
+    SETTINGS_KEY,
+    STORE_KEY,
+    STREAMS_KEY,
+    USERS_KEY,
+)
+from dashboard.settings import DashboardSettings
+from gateway.errors import PermanentError, TransientError
+from gateway.influx import InfluxClient
+from notifier.actions import CaseActions
+from notifier.errors import (
+    ConflictError,
+    ForbiddenError,
+    IllegalTransitionError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from notifier.model import OPEN_STATES, TRANSITIONS, AuditEntry, Case
+from notifier.store import CaseStore
+
+__all__ = ["COOKIE_NAME", "CSRF_HEADER", "create_app"]
+
+_LOG = logging.getLogger(__name__)
+
+#: The session cookie.
+COOKIE_NAME: Final = "fixloop_ops"
+#: The header that carries the session's CSRF token on state changes.
+CSRF_HEADER: Final = "X-CSRF-Token"
+
+STATIC_DIR: Final = Path(__file__).parent / "static"
+_SAFE_METHODS: Final = frozenset(("GET", "HEAD", "OPTIONS"))
+_SESSION_KEY: Final = web.RequestKey("ops_session", Session)
+_RANGES: Final = {
+    "1h": timedelta(hours=1),
+    "6h": timedelta(hours=6),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+    "30d": timedelta(days=30),
+    "90d": timedelta(days=90),
+}
+_STAGES: Final = tuple(TRANSITIONS)
+_CLOSED_PER_STAGE: Final = 50
+_NAME: Final = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_TEXT_LIMIT: Final = 4096
+# Evidence keys that could hold an owner's contacts; their values never reach the page.
+_CONTACT_KEYS: Final = frozenset(
+    ("target", "token", "keys", "endpoint", "p256dh", "auth", "secret", "email", "phone",
+     "address", "url", "channel", "channels")
+)  # fmt: skip
+_CSP: Final = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- JSON ------------------------------------------------------------------------------
+
+
+def _json(data: Any, *, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS),
+        status=status,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return _json({"error": message, **extra}, status=status)
+
+
+def _iso(at: datetime | None) -> str | None:
+    return None if at is None else at.isoformat()
+
+
+def _case_json(case: Case) -> dict[str, Any]:
+    """A case for the page: no owner id, nothing of the owner."""
+    return {
+        "case_id": case.case_id,
+        "device_id": case.device_id,
+        "model": case.model,
+        "fault": case.fault,
+        "state": case.state,
+        "open": case.is_open,
+        "urgency": case.urgency,
+        "opened_at": _iso(case.opened_at),
+        "updated_at": _iso(case.updated_at),
+        "confidence": round(case.confidence, 3),
+        "failure_at": _iso(case.failure_at),
+        "remedies": list(case.remedies),
+        "tried": list(case.tried),
+        "pending_action": case.pending_action,
+        "fix_at": _iso(case.fix_at),
+        "appointment_id": case.appointment_id,
+        "needs_person": case.needs_person,
+        "rating": case.rating,
+        "evidence": list(case.evidence),
+    }
+
+
+def _mask(value: Any, secrets: Sequence[str]) -> Any:
+    """Evidence with contact-like keys dropped and any known secret text masked."""
+    if isinstance(value, Mapping):
+        return {
+            str(k): ("[hidden]" if str(k).lower() in _CONTACT_KEYS else _mask(v, secrets))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_mask(v, secrets) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret and secret in value:
+                value = value.replace(secret, "[hidden]")
+        return value
+    return value
+
+
+def _audit_json(entry: AuditEntry, secrets: Sequence[str]) -> dict[str, Any]:
+    return {
+        "at": _iso(entry.at),
+        "actor": entry.actor,
+        "action": entry.action,
+        "reason": _mask(entry.reason, secrets),
+        "evidence": _mask(entry.evidence, secrets),
+        "from_state": entry.from_state,
+        "to_state": entry.to_state,
+    }
+
+
+async def _owner_secrets(store: CaseStore, owner_id: str) -> list[str]:
+    """The texts that must never reach the page for one owner (channel targets and keys)."""
+    found: list[str] = []
+    for channel in await store.channels(owner_id, active_only=False):
+        found.append(channel.target)
+        found.extend(v for v in channel.keys.values() if len(v) >= 4)
+    return sorted(set(found), key=len, reverse=True)
+
+
+# -- request bodies --------------------------------------------------------------------
+
+
+class _Login(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    username: str = Field(min_length=1, max_length=128)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    body: str = Field(min_length=1, max_length=_TEXT_LIMIT)
+    title: str | None = Field(default=None, max_length=200)
+
+
+class _Close(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    outcome: Literal["resolved", "dismissed"]
+    note: str | None = Field(default=None, max_length=_TEXT_LIMIT)
+
+
+class _Campaign(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fault: str = Field(pattern=_NAME.pattern)
+    dimension: stats.Dimension
+    value: str = Field(min_length=1, max_length=128)
+    action: str = Field(pattern=_NAME.pattern)
+    reason: str | None = Field(default=None, max_length=500)
+    model: str | None = Field(default=None, max_length=128)
+
+
+async def _body(request: web.Request, model: type[BaseModel]) -> Any:
+    try:
+        raw = await request.read()
+        if len(raw) > 64 * 1024:
+            raise InvalidRequestError("the request body is too large")
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise InvalidRequestError(f"invalid request: {problems}") from exc
+
+
+# -- middlewares -----------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except NotFoundError as exc:
+        return _error(404, str(exc))
+    except ForbiddenError as exc:
+        return _error(403, str(exc))
+    except (ConflictError, IllegalTransitionError) as exc:
+        return _error(409, str(exc))
+    except InvalidRequestError as exc:
+        return _error(422, str(exc))
+    except TransientError as exc:
+        _LOG.warning("%s %s: a store is unavailable: %s", request.method, request.path, exc)
+        return _error(503, "a data store is unavailable; try again shortly")
+    except PermanentError as exc:
+        _LOG.warning("%s %s failed: %s", request.method, request.path, exc)
+        return _error(502, "a data store refused the request")
+
+
+@web.middleware
+async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers.setdefault("Content-Security-Policy", _CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
+
+
+def _public(path: str) -> bool:
+    return not path.startswith("/ops/api/") and path != "/ops/logout"
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if _public(request.path):
+        return await handler(request)
+    session_id = request.cookies.get(COOKIE_NAME)
+    session = request.app[SESSIONS_KEY].get(session_id) if session_id else None
+    if session is None:
+        return _error(401, "log in first")
+    if request.method not in _SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
+            return _error(403, "missing or wrong CSRF token")
+    request[_SESSION_KEY] = session
+    return await handler(request)
+
+
+def _session(request: web.Request, role: Role = "viewer") -> Session:
+    session = request[_SESSION_KEY]
+    if not has_role(session.role, role):
+        raise ForbiddenError(f"this needs the {role} role")
+    return session
+
+
+# -- page, login, session --------------------------------------------------------------
+
+
+async def _root(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPFound("/ops/")
+
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    response = web.FileResponse(STATIC_DIR / "index.html")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None or origin == "null":
+        return origin is None
+    url = URL(origin)
+    return url.host is not None and f"{url.host}:{url.port}" == (
+        f"{request.url.host}:{request.url.port}"
+    )
+
+
+async def _login(request: web.Request) -> web.StreamResponse:
+    if not _same_origin(request):
+        return _error(403, "cross-site login refused")
+    form = request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data")
+    if form:
+        data = await request.post()
+        raw: dict[str, Any] = {k: data.get(k) for k in ("username", "password")}
+    else:
+        try:
+            loaded = orjson.loads(await request.read() or b"{}")
+        except orjson.JSONDecodeError:
+            return _error(400, "send the user name and password as a form or JSON")
+        raw = loaded if isinstance(loaded, dict) else {}
+    try:
+        login = _Login.model_validate(raw)
+    except ValidationError:
+        return _error(400, "send a user name and a password")
+    limiter = request.app[LIMITER_KEY]
+    keys = (f"user:{login.username.casefold()}", f"addr:{_client(request)}")
+    wait_s = limiter.retry_after_s(*keys)
+    if wait_s > 0:
+        return web.Response(
+            body=orjson.dumps({"error": "too many failed logins; try again later"}),
+            status=429,
+            content_type="application/json",
+            headers={"Retry-After": str(max(1, round(wait_s)))},
+        )
+    user = await check_login(request.app[USERS_KEY], login.username, login.password)
+    if user is None:
+        limiter.failed(*keys)
+        _LOG.info("failed ops login from %s", _client(request))
+        return _error(401, "wrong user name or password")
+    limiter.succeeded(keys[0])
+    session_id, session = request.app[SESSIONS_KEY].create(user)
+    response: web.StreamResponse
+    if form:
+        response = web.Response(status=303, headers={"Location": "/ops/"})
+    else:
+        response = _json(_session_json(session, user))
+    response.set_cookie(
+        COOKIE_NAME,
+        session_id,
+        path="/ops",
+        httponly=True,
+        samesite="Strict",
+        secure=request.app[SETTINGS_KEY].cookie_secure,
+    )
+    _LOG.info("ops user %s logged in", user.username)
+    return response
+
+
+def _session_json(session: Session, user: OpsUser | None = None) -> dict[str, Any]:
+    return {
+        "username": session.username,
+        "name": (user.name if user is not None and user.name else session.username),
+        "role": session.role,
+        "csrf_token": session.csrf_token,
+        "expires_at": _iso(session.expires_at),
+    }
+
+
+async def _logout(request: web.Request) -> web.StreamResponse:
+    session_id = request.cookies.get(COOKIE_NAME)
+    if session_id:
+        request.app[SESSIONS_KEY].end(session_id)
+    response = _json({"ok": True})
+    response.del_cookie(COOKIE_NAME, path="/ops")
+    return response
+
+
+async def _whoami(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    user = await request.app[USERS_KEY].get_user(session.username)
+    return _json(_session_json(session, user))
+
+
+async def _ping(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    return _json({"ok": True})
+
+
+# -- fleet -----------------------------------------------------------------------------
+
+
+def _iso_ms(at_ms: int) -> str:
+    return datetime.fromtimestamp(at_ms / 1000, UTC).isoformat()
+
+
+async def _fleet(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    settings = request.app[SETTINGS_KEY]
+    snapshot = await request.app[CACHE_KEY].snapshot()
+    data = await asyncio.to_thread(
+        overview,
+        snapshot,
+        healthy_below=settings.healthy_below,
+        anomalous_from=settings.anomalous_from,
+        iso=_iso_ms,
+    )
+    data["generated_at"] = _iso(request.app[CLOCK_KEY]())
+    data["scores_available"] = request.app[INFLUX_KEY] is not None
+    return _json(data)
+
+
+async def _devices(request: web.Request) -> web.StreamResponse:
+    """Devices matching a filter (model, firmware, batch, an id prefix), worst first."""
+    _session(request)
+    query = request.query
+    try:
+        limit = min(max(int(query.get("limit", "100")), 1), 1000)
+    except ValueError as exc:
+        raise InvalidRequestError("limit must be a number") from exc
+    snapshot = await request.app[CACHE_KEY].snapshot()
+    prefix = query.get("q", "")
+    rows: list[tuple[float, dict[str, Any]]] = []
+    for device in snapshot.devices.values():
+        if any(
+            query.get(name) is not None and query.get(name) != (getattr(device, name) or "unknown")
+            for name in ("model", "firmware", "batch")
+        ):
+            continue
+        if prefix and not device.device_id.startswith(prefix):
+            continue
+        latest = snapshot.scores.get(device.device_id)
+        row = {
+            "device_id": device.device_id,
+            "model": device.model,
+            "firmware": device.firmware,
+            "batch": device.batch,
+            "score": None if latest is None else round(latest[1], 4),
+        }
+        rows.append((-1.0 if latest is None else latest[1], row))
+    rows.sort(key=lambda item: (-item[0], item[1]["device_id"]))
+    return _json({"total": len(rows), "devices": [row for _, row in rows[:limit]]})
+
+
+def _time_range(request: web.Request, now: datetime) -> tuple[datetime, datetime]:
+    query = request.query
+    settings = request.app[SETTINGS_KEY]
+    if "start" in query or "end" in query:
+        try:
+            start = datetime.fromisoformat(query["start"])
+            end = datetime.fromisoformat(query["end"]) if "end" in query else now
+        except (KeyError, ValueError) as exc:
+            raise InvalidRequestError("start and end are ISO 8601 times with a zone") from exc
+        if start.tzinfo is None or end.tzinfo is None:
+            raise InvalidRequestError("start and end need a time zone (UTC: 'Z' or '+00:00')")
+        start, end = start.astimezone(UTC), end.astimezone(UTC)
+    else:
+        span = _RANGES.get(query.get("range", "24h"))
+        if span is None:
+            raise InvalidRequestError(f"range is one of {', '.join(_RANGES)}")
+        start, end = now - span, now
+    if end <= start:
+        raise InvalidRequestError("the range must end after it starts")
+    if end - start > timedelta(days=settings.max_range_days):
+        raise InvalidRequestError(f"a range is at most {settings.max_range_days} days")
+    return start, end
+
+
+def _marks(
+    audits: Mapping[str, Sequence[AuditEntry]],
+    events: Sequence[dict[str, Any]],
+    cases: Sequence[Case],
+    start: datetime,
+    end: datetime,
+) -> list[dict[str, Any]]:
+    """Diagnoses, commands, case steps and device events in ``[start, end)``, by time."""
+    marks: list[dict[str, Any]] = []
+    for case_id, trail in audits.items():
+        for entry in trail:
+            if not start <= entry.at < end:
+                continue
+            if entry.action == "transition" and entry.to_state == "opened":
+                kind, label = "diagnosis", entry.reason
+            elif entry.action in ("command", "command_result", "command_skipped"):
+                kind, label = "command", entry.reason
+            elif entry.action == "transition":
+                kind, label = "case", f"{entry.from_state} → {entry.to_state}"
+            else:
+                continue
+            marks.append(
+                {"at_ms": int(entry.at.timestamp() * 1000), "kind": kind, "label": label,
+                 "case_id": case_id}
+            )  # fmt: skip
+    for event in events:
+        kind = "command" if event.get("command_id") else "event"
+        label = str(event.get("kind"))
+        if event.get("code"):
+            label += f" {event['code']}"
+        if event.get("ok") is not None:
+            label += " ok" if event["ok"] else " failed"
+        marks.append({"at_ms": event["at_ms"], "kind": kind, "label": label, "case_id": None})
+    for case in cases:
+        if case.is_open and case.failure_at is not None:
+            marks.append(
+                {"at_ms": int(case.failure_at.timestamp() * 1000), "kind": "failure",
+                 "label": f"predicted {case.fault} failure", "case_id": case.case_id}
+            )  # fmt: skip
+    marks.sort(key=lambda m: m["at_ms"])
+    return marks
+
+
+async def _device(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    app = request.app
+    store = app[STORE_KEY]
+    device_id = request.match_info["device_id"]
+    device = await store.get_device(device_id)
+    if device is None:
+        raise NotFoundError(f"no device {device_id}")
+    start, end = _time_range(request, app[CLOCK_KEY]())
+    influx = app[INFLUX_KEY]
+    measurements = app[MEASUREMENTS_KEY]
+    cases = await store.cases(device_id=device_id, limit=50)
+    recent = cases[:20]
+    trails, secrets = await asyncio.gather(
+        asyncio.gather(*(store.audit(c.case_id) for c in recent)),
+        _owner_secrets(store, device.owner_id),
+    )
+    audits = {case.case_id: trail for case, trail in zip(recent, trails, strict=True)}
+    series: influxql.DeviceSeries | None = None
+    events: list[dict[str, Any]] = []
+    if influx is not None:
+        series, events = await asyncio.gather(
+            influxql.device_series(
+                influx,
+                device_id,
+                start,
+                end,
+                max_points=app[SETTINGS_KEY].max_points,
+                measurements=measurements,
+            ),
+            influxql.device_events(influx, device_id, start, end, measurements=measurements),
+        )
+    marks = _marks(audits, events, cases, start, end)
+    for mark in marks:
+        mark["label"] = _mask(mark["label"], secrets)
+    return _json(
+        {
+            "device": {
+                "device_id": device.device_id,
+                "model": device.model,
+                "firmware": device.firmware,
+                "batch": device.batch,
+            },
+            "range": {
+                "start": _iso(start),
+                "end": _iso(end),
+                "bucket_s": None if series is None else series.bucket_s,
+                "max_points": app[SETTINGS_KEY].max_points,
+            },
+            "telemetry": None
+            if series is None
+            else {"times_ms": series.times_ms, "metrics": series.metrics},
+            "score": None
+            if series is None
+            else {
+                "times_ms": series.score_times_ms,
+                "score": series.score,
+                "score_max": series.score_max,
+                "baseline": series.baseline,
+            },
+            "events": [
+                {k: _mask(v, secrets) if isinstance(v, str) else v for k, v in e.items()}
+                for e in events
+            ],
+            "marks": marks,
+            "cases": [_case_json(c) for c in cases],
+        }
+    )
+
+
+# -- cases -----------------------------------------------------------------------------
+
+
+async def _board(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    try:
+        per_stage = min(max(int(request.query.get("per_stage", "100")), 1), 1000)
+    except ValueError as exc:
+        raise InvalidRequestError("per_stage must be a number") from exc
+    snapshot = await request.app[CACHE_KEY].snapshot()
+    wanted = request.query.get("model")
+    stages: defaultdict[str, list[Case]] = defaultdict(list)
+    counts: Counter[str] = Counter()
+    for case in snapshot.cases:
+        if wanted and case.model != wanted:
+            continue
+        counts[case.state] += 1
+        limit = per_stage if case.state in OPEN_STATES else min(per_stage, _CLOSED_PER_STAGE)
+        if len(stages[case.state]) < limit:
+            stages[case.state].append(case)
+    return _json(
+        {
+            "stages": [
+                {
+                    "state": state,
+                    "open": state in OPEN_STATES,
+                    "count": counts.get(state, 0),
+                    "cases": [_case_json(c) for c in stages.get(state, [])],
+                }
+                for state in _STAGES
+            ]
+        }
+    )
+
+
+async def _case(request: web.Request) -> web.StreamResponse:
+    session = _session(request)
+    store = request.app[STORE_KEY]
+    case_id = request.match_info["case_id"]
+    case = await store.get_case(case_id)
+    if case is None:
+        raise NotFoundError(f"no case {case_id}")
+    trail, rating, appointments, tasks, secrets = await asyncio.gather(
+        store.audit(case_id),
+        store.get_rating(case_id),
+        store.appointments(case_id=case_id),
+        store.tasks(case_id=case_id),
+        _owner_secrets(store, case.owner_id),
+    )
+    data: dict[str, Any] = {
+        "case": _case_json(case),
+        "audit": [_audit_json(e, secrets) for e in trail],
+        "rating": None
+        if rating is None
+        else {
+            "stars": rating.stars,
+            "comment": _mask(rating.comment, secrets),
+            "nothing_wrong": rating.nothing_wrong,
+            "at": _iso(rating.at),
+        },
+        "appointments": [
+            {
+                "appointment_id": a.appointment_id,
+                "technician_id": a.technician_id,
+                "start": _iso(a.start),
+                "end": _iso(a.end),
+                "state": a.state,
+                "part": a.part,
+                "note": _mask(a.note, secrets),
+            }
+            for a in appointments
+        ],
+        "tasks": [_task_json(t) for t in tasks],
+        "owner": None,
+    }
+    if has_role(session.role, "agent"):
+        # the one place an owner shows: by name, for a person who may write to them
+        owner = await store.get_owner(case.owner_id)
+        if owner is not None:
+            data["owner"] = {"name": owner.name, "language": owner.language}
+    return _json(data)
+
+
+def _task_json(task: Any) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "case_id": task.case_id,
+        "reason": task.reason,
+        "created_at": _iso(task.created_at),
+        "state": task.state,
+        "assignee": task.assignee,
+    }
+
+
+async def _queue(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    store = request.app[STORE_KEY]
+    tasks = [*await store.tasks(state="open"), *await store.tasks(state="taken")]
+    tasks.sort(key=lambda t: t.created_at)
+    cases = await asyncio.gather(*(store.get_case(t.case_id) for t in tasks))
+    return _json(
+        {
+            "tasks": [
+                {**_task_json(task), "case": None if case is None else _case_json(case)}
+                for task, case in zip(tasks, cases, strict=True)
+            ]
+        }
+    )
+
+
+def _changed(request: web.Request, case: Case | None = None) -> None:
+    request.app[CACHE_KEY].invalidate()
+    feed = request.app[FEED_KEY]
+    if case is None:
+        feed.touch()
+    else:
+        feed.publish(case)
+
+
+async def _take(request: web.Request) -> web.StreamResponse:
+    session = _session(request, "agent")
+    task = await ops.take_over(
+        request.app[STORE_KEY],
+        request.match_info["task_id"],
+        session.username,
+        request.app[CLOCK_KEY],
+        override=has_role(session.role, "admin"),
+    )
+    _changed(request)
+    return _json({"task": _task_json(task)})
+
+
+async def _message(request: web.Request) -> web.StreamResponse:
+    session = _session(request, "agent")
+    body: _Message = await _body(request, _Message)
+    notification = await ops.write_to_owner(
+        request.app[STORE_KEY],
+        request.match_info["task_id"],
+        session.username,
+        body.body,
+        request.app[CLOCK_KEY],
+        title=body.title,
+        override=has_role(session.role, "admin"),
+    )
+    return _json(
+        {
+            "notification_id": notification.notification_id,
+            "case_id": notification.case_id,
+            "kind": notification.kind,
+            "status": notification.status,
+        },
+        status=201,
+    )
+
+
+async def _close(request: web.Request) -> web.StreamResponse:
+    session = _session(request, "agent")
+    body: _Close = await _body(request, _Close)
+    task, case = await ops.close_task(
+        request.app[STORE_KEY],
+        request.match_info["task_id"],
+        session.username,
+        body.outcome,
+        request.app[CLOCK_KEY],
+        note=body.note,
+        override=has_role(session.role, "admin"),
+    )
+    _changed(request, case)
+    return _json({"task": _task_json(task), "case": _case_json(case)})
+
+
+# -- appointments, outcomes, insight ---------------------------------------------------
+
+
+def _week_start(request: web.Request, now: datetime) -> datetime:
+    raw = request.query.get("week")
+    try:
+        day = date.fromisoformat(raw) if raw else now.date()
+    except ValueError as exc:
+        raise InvalidRequestError("week is a date, YYYY-MM-DD") from exc
+    monday = day - timedelta(days=day.weekday())
+    return datetime(monday.year, monday.month, monday.day, tzinfo=UTC)
+
+
+async def _appointments(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    store = request.app[STORE_KEY]
+    start = _week_start(request, request.app[CLOCK_KEY]())
+    end = start + timedelta(days=7)
+    visits, technicians, snapshot = await asyncio.gather(
+        store.appointments(since=start, until=end),
+        store.technicians(),
+        request.app[CACHE_KEY].snapshot(),
+    )
+    names = {t.technician_id: t.name for t in technicians}
+    cases = {c.case_id: c for c in snapshot.cases}
+    rows = []
+    for visit in visits:
+        case = cases.get(visit.case_id)
+        rows.append(
+            {
+                "appointment_id": visit.appointment_id,
+                "case_id": visit.case_id,
+                "state": visit.state,
+                "start": _iso(visit.start),
+                "end": _iso(visit.end),
+                "technician_id": visit.technician_id,
+                "technician": names.get(visit.technician_id or ""),
+                "part": visit.part,
+                "device_id": None if case is None else case.device_id,
+                "model": None if case is None else case.model,
+                "fault": None if case is None else case.fault,
+            }
+        )
+    return _json(
+        {
+            "week_start": start.date().isoformat(),
+            "days": [(start + timedelta(days=i)).date().isoformat() for i in range(7)],
+            "previous": (start - timedelta(days=7)).date().isoformat(),
+            "next": end.date().isoformat(),
+            "appointments": rows,
+        }
+    )
+
+
+def _since(request: web.Request, default_days: int) -> datetime | None:
+    raw = request.query.get("days", str(default_days))
+    try:
+        days = int(raw)
+    except ValueError as exc:
+        raise InvalidRequestError("days must be a whole number") from exc
+    if days <= 0:
+        return None
+    return request.app[CLOCK_KEY]() - timedelta(days=min(days, 3650))
+
+
+async def _outcomes(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    store = request.app[STORE_KEY]
+    since = _since(request, 0)
+    snapshot = await request.app[CACHE_KEY].snapshot()
+    cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
+    ratings, visits = await asyncio.gather(store.ratings(), store.appointments())
+    resolved_at = await request.app[CACHE_KEY].resolved_at(cases)
+    data = await asyncio.to_thread(
+        stats.outcomes,
+        cases,
+        ratings,
+        snapshot.devices,
+        resolved_at,
+        {v.case_id for v in visits if v.state != "cancelled"},
+    )
+    data["since"] = _iso(since)
+    return _json(data)
+
+
+async def _insight(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    since = _since(request, 0)
+    snapshot = await request.app[CACHE_KEY].snapshot()
+    cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
+    groups = await asyncio.to_thread(stats.fleet_insight, list(snapshot.devices.values()), cases)
+    flagged = [g for g in groups if g.flagged]
+    rest = [g for g in groups if not g.flagged][:100]
+    return _json(
+        {
+            "since": _iso(since),
+            "devices": len(snapshot.devices),
+            "flagged": [g.as_json() for g in flagged],
+            "groups": [g.as_json() for g in rest],
+        }
+    )
+
+
+async def _campaign(request: web.Request) -> web.StreamResponse:
+    session = _session(request, "admin")
+    body: _Campaign = await _body(request, _Campaign)
+    starter = request.app[CAMPAIGN_KEY]
+    if starter is None:
+        return _error(503, "campaigns are not available in this install")
+    snapshot = await request.app[CACHE_KEY].snapshot()
+    device_ids = sorted(
+        device.device_id
+        for device in snapshot.devices.values()
+        if stats.group_of(device, body.dimension) == body.value
+        and (body.model is None or device.model == body.model)
+    )
+    if not device_ids:
+        raise NotFoundError(f"no devices with {body.dimension} {body.value}")
+    reason = body.reason or (
+        f"pre-emptive {body.action} for {body.fault} on {body.dimension} {body.value}, "
+        f"started by {session.username}"
+    )
+    started = await starter.start(device_ids, body.action, reason)
+    await request.app[STORE_KEY].add_audit(
+        AuditEntry(
+            case_id=None,
+            at=request.app[CLOCK_KEY](),
+            actor="ops",
+            action="campaign",
+            reason=reason,
+            evidence={
+                "user": session.username,
+                "fault": body.fault,
+                "dimension": body.dimension,
+                "value": body.value,
+                "action": body.action,
+                "devices": len(device_ids),
+                "cases": started,
+            },
+        )
+    )
+    _LOG.info(
+        "campaign %s for %s on %s %s by %s: %d devices, %d cases",
+        body.action,
+        body.fault,
+        body.dimension,
+        body.value,
+        session.username,
+        len(device_ids),
+        started,
+    )
+    _changed(request)
+    return _json({"devices": len(device_ids), "cases": started}, status=201)
+
+
+# -- live stream -----------------------------------------------------------------------
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _events(request: web.Request) -> web.StreamResponse:
+    _session(request)
+    app = request.app
+    session_id = request.cookies.get(COOKIE_NAME, "")
+    heartbeat_s = app[SETTINGS_KEY].heartbeat_s
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    streams = app[STREAMS_KEY]
+    async with app[FEED_KEY].subscribe() as subscription:
+        streams.add(subscription)
+        try:
+            await response.write(b"retry: 3000\n\n" + _sse("hello", {"ok": True}))
+            reported = 0
+            while True:
+                try:
+                    async with asyncio.timeout(heartbeat_s):
+                        case = await subscription.get()
+                except TimeoutError:
+                    if app[SESSIONS_KEY].get(session_id) is None:
+                        await response.write(_sse("logout", {"reason": "session ended"}))
+                        break
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if case is None:
+                    break
+                if subscription.dropped != reported:
+                    reported = subscription.dropped
+                    await response.write(_sse("dropped", {"dropped": reported}))
+                await response.write(_sse("case", _case_json(case)))
+        except (ConnectionResetError, ConnectionError):
+            _LOG.debug("live stream closed by the browser")
+        finally:
+            streams.discard(subscription)
+    return response
+
+
+async def _end_streams(app: web.Application) -> None:
+    streams: set[Subscription] = app[STREAMS_KEY]
+    for subscription in tuple(streams):
+        subscription.close()
+
+
+# -- the app ---------------------------------------------------------------------------
+
+#: The JSON API: method, path, handler (each handler checks the role it needs).
+ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
+    ("GET", "/ops/api/session", _whoami),
+    ("GET", "/ops/api/ping", _ping),
+    ("GET", "/ops/api/fleet", _fleet),
+    ("GET", "/ops/api/devices", _devices),
+    ("GET", "/ops/api/devices/{device_id}", _device),
+    ("GET", "/ops/api/cases", _board),
+    ("GET", "/ops/api/cases/{case_id}", _case),
+    ("GET", "/ops/api/queue", _queue),
+    ("POST", "/ops/api/tasks/{task_id}/take", _take),
+    ("POST", "/ops/api/tasks/{task_id}/message", _message),
+    ("POST", "/ops/api/tasks/{task_id}/close", _close),
+    ("GET", "/ops/api/appointments", _appointments),
+    ("GET", "/ops/api/outcomes", _outcomes),
+    ("GET", "/ops/api/insight", _insight),
+    ("POST", "/ops/api/campaigns", _campaign),
+    ("GET", "/ops/api/events", _events),
+)
+
+
+def create_app(
+    *,
+    store: CaseStore,
+    influx: InfluxClient | None,
+    actions: CaseActions | None,
+    users: Mapping[str, OpsUser] | UserStore,
+    clock: Callable[[], datetime] = _utcnow,
+    campaign: ops.CampaignStarter | None = None,
+    feed: CaseFeed | None = None,
+    settings: DashboardSettings | None = None,
+    measurements: influxql.Measurements | None = None,
+) -> web.Application:
+    """Build the ops dashboard.
+
+    Args:
+        store: the case store (opened; the caller closes it).
+        influx: InfluxDB for charts and scores (opened), or ``None``.
+        actions: the case machine's requests, or ``None``.
+        users: the ops users, by login name or as a user store.
+        clock: the wall clock (UTC-aware).
+        campaign: starts pre-emptive campaigns, or ``None`` (then 503).
+        feed: live case changes to stream (a private one when ``None``).
+        settings: the dashboard's settings (defaults when ``None``).
+        measurements: the InfluxDB measurement names (the pipeline's when ``None``).
+
+    Returns:
+        The application; serve it, or mount it, with ``/ops`` as its root.
+    """
+    config = settings or DashboardSettings()
+    names = measurements or influxql.Measurements()
+    live = feed or CaseFeed()
+    app = web.Application(middlewares=[_errors, _headers, _auth], client_max_size=256 * 1024)
+    app[STORE_KEY] = store
+    app[INFLUX_KEY] = influx
+    app[ACTIONS_KEY] = actions
+    app[CAMPAIGN_KEY] = campaign
+    app[USERS_KEY] = MappingUsers(users) if isinstance(users, Mapping) else users
+    app[SESSIONS_KEY] = SessionStore(
+        clock, idle_s=config.session_idle_s, max_age_s=config.session_max_s
+    )
+    app[LIMITER_KEY] = LoginLimiter(
+        clock, max_failures=config.login_max_failures, window_s=config.login_window_s
+    )
+    app[FEED_KEY] = live
+    streams: set[Subscription] = set()
+    app[STREAMS_KEY] = streams
+    app[CACHE_KEY] = FleetCache(store, influx, live, cache_s=config.cache_s, measurements=names)
+    app[CLOCK_KEY] = clock
+    app[SETTINGS_KEY] = config
+    app[MEASUREMENTS_KEY] = names
+    app.router.add_get("/ops", _root)
+    app.router.add_get("/ops/", _index)
+    app.router.add_post("/ops/login", _login)
+    app.router.add_post("/ops/logout", _logout)
+    app.router.add_static("/ops/static/", STATIC_DIR, append_version=False)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    app.on_shutdown.append(_end_streams)
+    return app

@@ -1,0 +1,126 @@
+"""Live case changes for the dashboard's pages (notifier's ``fleet/cases`` -> here -> browsers).
+
+The composition root feeds a :class:`CaseFeed` from the ``fleet/cases`` MQTT topic (or
+straight from the case machine in a one-process install) with :meth:`CaseFeed.publish`;
+each open server-sent-events stream holds a :class:`Subscription` with its own bounded
+queue. A slow browser never holds up the feed: when its queue is full the oldest change
+is dropped and counted (the page refetches when it learns it missed some).
+
+Every publish also bumps :attr:`CaseFeed.version`, which the dashboard's short-lived
+caches of fleet-wide reads compare to know when to read the store again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Final, Self
+
+from gateway.errors import ConfigError
+from notifier.model import Case
+
+__all__ = ["CaseFeed", "Subscription"]
+
+_LOG = logging.getLogger(__name__)
+
+_DEFAULT_QUEUE: Final = 256
+
+
+class Subscription:
+    """One listener's bounded queue of case changes (drop-oldest when full).
+
+    Use it as an async context manager (from :meth:`CaseFeed.subscribe`); leaving it
+    unregisters the listener.
+    """
+
+    def __init__(self, feed: CaseFeed, maxsize: int) -> None:
+        self._feed = feed
+        self._queue: asyncio.Queue[Case | None] = asyncio.Queue(maxsize=maxsize)
+        self.dropped = 0
+        self.closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._feed._unsubscribe(self)
+
+    def _offer(self, item: Case | None) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.dropped += 1
+            self._feed.dropped += 1
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        """End this listener's stream: :meth:`get` returns ``None`` after what is queued."""
+        self._offer(None)
+
+    async def get(self) -> Case | None:
+        """Wait for the next change; ``None`` once the feed is closed."""
+        if self.closed and self._queue.empty():
+            return None
+        item = await self._queue.get()
+        if item is None:
+            self.closed = True
+        return item
+
+
+class CaseFeed:
+    """Fan-out of case changes to every open live stream.
+
+    Args:
+        queue_size: the bound of each listener's queue.
+    """
+
+    def __init__(self, *, queue_size: int = _DEFAULT_QUEUE) -> None:
+        if queue_size < 1:
+            raise ConfigError("queue_size must be at least 1")
+        self._queue_size = queue_size
+        self._subscribers: set[Subscription] = set()
+        self._closed = False
+        #: Changes published so far (a cache key for fleet-wide reads).
+        self.version = 0
+        #: Changes dropped across all listeners because their queue was full.
+        self.dropped = 0
+
+    @property
+    def subscribers(self) -> int:
+        """How many listeners are registered."""
+        return len(self._subscribers)
+
+    def publish(self, case: Case) -> None:
+        """Hand a changed case to every listener (never blocks; call on the event loop)."""
+        self.version += 1
+        for subscriber in self._subscribers:
+            subscriber._offer(case)
+
+    def touch(self) -> None:
+        """Note a change made without a case to publish (fleet-wide caches are stale)."""
+        self.version += 1
+
+    def subscribe(self) -> Subscription:
+        """Register a listener; use the result with ``async with``."""
+        subscription = Subscription(self, self._queue_size)
+        if self._closed:
+            subscription._offer(None)
+        else:
+            self._subscribers.add(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        self._subscribers.discard(subscription)
+
+    def close(self) -> None:
+        """End every listener's stream (on shutdown); later subscriptions end at once."""
+        self._closed = True
+        for subscriber in list(self._subscribers):
+            subscriber.close()
+        if self.dropped:
+            _LOG.info("case feed closed; %d changes were dropped for slow listeners", self.dropped)

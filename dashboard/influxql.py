@@ -1,0 +1,246 @@
+"""The dashboard's reads of InfluxDB (gateway's and diagnostics' measurements -> here -> pages).
+
+InfluxDB does the aggregation: a chart over any range asks for ``GROUP BY time(<w>)``
+with ``w`` chosen by :func:`bucket_s` so that at most ``max_points`` buckets fall in the
+range, and ``fill(none)`` leaves out empty ones. Everything here is read-only InfluxQL
+over :meth:`gateway.influx.InfluxClient.query`, the common ground of InfluxDB 1.x, 2.x
+and 3.x.
+
+Measurements read: ``telemetry`` (tag ``device``, one field per metric, plus ``seq`` and
+``status``), ``health`` (tag ``device``, fields ``score``, ``baseline``, ``fleet``) and
+``device_events`` (tags ``device``, ``kind``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from diagnostics.service import HEALTH_MEASUREMENT
+from gateway.influx import InfluxClient
+from gateway.lineproto import EVENTS_MEASUREMENT, RESERVED_FIELDS, TELEMETRY_MEASUREMENT
+
+__all__ = [
+    "DeviceSeries",
+    "Measurements",
+    "bucket_s",
+    "device_events",
+    "device_series",
+    "latest_scores",
+    "quote_ident",
+    "quote_string",
+]
+
+#: Bucket widths offered, in seconds: round numbers a person reads at a glance.
+_STEPS_S: Final = (
+    1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200,
+    86400, 2 * 86400, 7 * 86400, 14 * 86400, 30 * 86400,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Measurements:
+    """The measurement names the dashboard reads (the pipeline's by default).
+
+    Attributes:
+        telemetry: device readings.
+        health: anomaly scores.
+        events: device events.
+    """
+
+    telemetry: str = TELEMETRY_MEASUREMENT
+    health: str = HEALTH_MEASUREMENT
+    events: str = EVENTS_MEASUREMENT
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSeries:
+    """A device's downsampled charts over a range.
+
+    Attributes:
+        bucket_s: the width of each point's bucket.
+        times_ms: bucket starts of the telemetry (epoch ms).
+        metrics: metric name to its bucket means (``None`` where absent), aligned with
+            ``times_ms``.
+        score_times_ms: bucket starts of the scores.
+        score: mean anomaly score per bucket.
+        score_max: highest anomaly score per bucket.
+        baseline: mean baseline score per bucket.
+    """
+
+    bucket_s: int
+    times_ms: list[int]
+    metrics: dict[str, list[float | None]]
+    score_times_ms: list[int]
+    score: list[float | None]
+    score_max: list[float | None]
+    baseline: list[float | None]
+
+
+def quote_ident(name: str) -> str:
+    """Quote an InfluxQL identifier (measurement, field or tag key)."""
+    escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def quote_string(value: str) -> str:
+    """Quote an InfluxQL string literal (a tag value in ``WHERE``)."""
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return f"'{escaped}'"
+
+
+def bucket_s(start: datetime, end: datetime, max_points: int) -> int:
+    """The bucket width so that ``[start, end)`` holds at most ``max_points`` buckets.
+
+    ``GROUP BY time(w)`` aligns buckets to multiples of ``w`` since the epoch, so a range
+    of span ``S`` touches at most ``ceil(S / w) + 1`` of them; ``w >= S / (max_points - 1)``
+    keeps that within ``max_points``.
+
+    Args:
+        start: range start.
+        end: range end (after ``start``).
+        max_points: at least 2.
+
+    Returns:
+        A width from a list of round values (1 s ... 30 days), or a multiple of 30 days.
+    """
+    span_s = max((end - start).total_seconds(), 1.0)
+    least = span_s / max(max_points - 1, 1)
+    for step in _STEPS_S:
+        if step >= least:
+            return step
+    month = _STEPS_S[-1]
+    return month * math.ceil(least / month)
+
+
+def _ms(at: datetime) -> int:
+    return int(at.timestamp() * 1000)
+
+
+def _range(device_id: str, start: datetime, end: datetime) -> str:
+    return f"device = {quote_string(device_id)} AND time >= {_ms(start)}ms AND time < {_ms(end)}ms"
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+async def latest_scores(
+    influx: InfluxClient, *, measurements: Measurements = Measurements()
+) -> dict[str, tuple[int, float]]:
+    """Each device's newest anomaly score: device id to ``(epoch ms, score)``."""
+    series = await influx.query(
+        f"SELECT LAST(score) FROM {quote_ident(measurements.health)} GROUP BY device"
+    )
+    latest: dict[str, tuple[int, float]] = {}
+    for one in series:
+        device = one.tags.get("device")
+        if not device or not one.values:
+            continue
+        row = one.values[0]
+        score = _number(row[1]) if len(row) > 1 else None
+        if score is not None and isinstance(row[0], int):
+            latest[device] = (row[0], score)
+    return latest
+
+
+def _columns(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:
+    return {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+
+
+async def device_series(
+    influx: InfluxClient,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    *,
+    max_points: int = 500,
+    measurements: Measurements = Measurements(),
+) -> DeviceSeries:
+    """A device's telemetry and scores over ``[start, end)``, downsampled by InfluxDB.
+
+    Both statements go in one request. Numeric metrics come back as bucket means; boolean
+    and text fields, and the ``seq`` counter, are left out.
+    """
+    width = bucket_s(start, end, max_points)
+    where = _range(device_id, start, end)
+    group = f"GROUP BY time({width}s) fill(none)"
+    statement = (
+        f"SELECT MEAN(*) FROM {quote_ident(measurements.telemetry)} WHERE {where} {group}; "
+        f"SELECT MEAN(score) AS score, MAX(score) AS score_max, MEAN(baseline) AS baseline "
+        f"FROM {quote_ident(measurements.health)} WHERE {where} {group}"
+    )
+    series = await influx.query(statement)
+    times: list[int] = []
+    metrics: dict[str, list[float | None]] = {}
+    score_times: list[int] = []
+    scores: dict[str, list[Any]] = {}
+    for one in series:
+        table = _columns(one.columns, one.values)
+        if one.name == measurements.health:
+            score_times = [int(t) for t in table.get("time", [])]
+            scores = table
+            continue
+        times = [int(t) for t in table.get("time", [])]
+        for column, values in table.items():
+            if not column.startswith("mean_"):
+                continue
+            name = column[len("mean_") :]
+            if name in RESERVED_FIELDS:
+                continue
+            metrics[name] = [_number(v) for v in values]
+    return DeviceSeries(
+        bucket_s=width,
+        times_ms=times,
+        metrics=dict(sorted(metrics.items())),
+        score_times_ms=score_times,
+        score=[_number(v) for v in scores.get("score", [])],
+        score_max=[_number(v) for v in scores.get("score_max", [])],
+        baseline=[_number(v) for v in scores.get("baseline", [])],
+    )
+
+
+async def device_events(
+    influx: InfluxClient,
+    device_id: str,
+    start: datetime,
+    end: datetime,
+    *,
+    limit: int = 200,
+    measurements: Measurements = Measurements(),
+) -> list[dict[str, Any]]:
+    """A device's newest events in ``[start, end)`` (at most ``limit``), oldest first.
+
+    Each event is ``{"at_ms", "kind", "code", "command_id", "detail", "ok"}``; the
+    free-form ``data`` field is not passed on (it is device-made and unbounded).
+    """
+    series = await influx.query(
+        f"SELECT kind, code, command_id, detail, ok FROM {quote_ident(measurements.events)} "
+        f"WHERE {_range(device_id, start, end)} ORDER BY time DESC LIMIT {int(limit)}"
+    )
+    events: list[dict[str, Any]] = []
+    for one in series:
+        for row in one.values:
+            item: Mapping[str, Any] = dict(zip(one.columns, row, strict=False))
+            events.append(
+                {
+                    "at_ms": item.get("time"),
+                    "kind": item.get("kind"),
+                    "code": item.get("code"),
+                    "command_id": item.get("command_id"),
+                    "detail": item.get("detail"),
+                    "ok": item.get("ok"),
+                }
+            )
+    events.sort(key=lambda e: e["at_ms"] if isinstance(e["at_ms"], int) else 0)
+    return events
+
+
+def iso_ms(at_ms: int) -> str:
+    """An epoch-milliseconds time as ISO 8601 UTC (for the page's labels)."""
+    return datetime.fromtimestamp(at_ms / 1000, UTC).isoformat()

@@ -1,0 +1,48 @@
+"""Settings of the ops dashboard (section ``[dashboard]``), passed in by ``fixloop``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["DashboardSettings"]
+
+
+class DashboardSettings(BaseModel):
+    """How the ops dashboard behaves.
+
+    Attributes:
+        session_idle_s: a session ends this long after its last request.
+        session_max_s: a session ends this long after login, used or not.
+        cookie_secure: mark the session cookie ``Secure`` (behind HTTPS; a plain-HTTP
+            local install leaves it off).
+        login_max_failures: failed logins per user name or client address in the window
+            before logins are refused.
+        login_window_s: that window, and how long a refusal lasts.
+        cache_s: how long fleet-wide reads (registry, cases, latest scores) are reused;
+            any case change on the live feed ends it sooner.
+        max_points: most points per chart series (InfluxDB downsamples to it).
+        max_range_days: the longest chart range.
+        heartbeat_s: comment lines on the live stream this often (keeps proxies open).
+        healthy_below: scores below this are healthy.
+        anomalous_from: scores from this on are anomalous (between: watch).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    session_idle_s: float = Field(3600.0, gt=0)
+    session_max_s: float = Field(12 * 3600.0, gt=0)
+    cookie_secure: bool = False
+    login_max_failures: int = Field(5, ge=1)
+    login_window_s: float = Field(300.0, gt=0)
+    cache_s: float = Field(5.0, ge=0)
+    max_points: int = Field(500, ge=10, le=10_000)
+    max_range_days: int = Field(400, ge=1)
+    heartbeat_s: float = Field(15.0, gt=0)
+    healthy_below: float = Field(0.3, gt=0, lt=1)
+    anomalous_from: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_levels(self) -> DashboardSettings:
+        if self.anomalous_from < self.healthy_below:
+            raise ValueError("anomalous_from must not be below healthy_below")
+        return self

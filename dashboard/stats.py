@@ -1,0 +1,422 @@
+"""Outcome figures and fleet insight from the case store's records (dashboard; no I/O).
+
+Pure functions over cases, ratings, appointments and the device registry, so that they
+are tested on a known seed without a store and run in a worker thread for a big fleet.
+
+*Outcomes*: ratings over time, the share of resolved cases fixed remotely (resolved
+without any technician appointment), the median time from opening to resolution, and
+the false alarms owners reported (ratings with "nothing was wrong"), for the whole fleet
+and by product model and firmware.
+
+*Insight*: for every fault and every group of devices (a firmware, a product model, a
+production batch) the rate of devices that had a case of the fault, against the rate in
+the rest of the population. A group is flagged when it has at least ``min_devices``
+affected devices, its rate is at least ``min_ratio`` times the rest's, and the one-sided
+binomial test of its count under the rest's rate gives ``p < alpha``. The population is
+the devices of the product models that have had the fault: faults come from each model's
+own catalog, so a fault only one model can have is no cluster on that model, and firmware
+versions and batches are compared with their own model's peers.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal
+
+from notifier.model import Case, DeviceRecord, Rating
+
+__all__ = [
+    "Dimension",
+    "GroupRate",
+    "binomial_sf",
+    "fleet_insight",
+    "outcomes",
+]
+
+Dimension = Literal["firmware", "model", "batch"]
+DIMENSIONS: Final[tuple[Dimension, ...]] = ("firmware", "model", "batch")
+_UNKNOWN: Final = "unknown"
+_VISIT_PREFIX: Final = "technician_visit"
+
+
+# -- outcomes ---------------------------------------------------------------------------
+
+
+def _week(at: datetime) -> str:
+    start = (at - timedelta(days=at.weekday())).date()
+    return start.isoformat()
+
+
+@dataclass(slots=True)
+class _Tally:
+    cases: int = 0
+    resolved: int = 0
+    remote: int = 0
+    ratings: int = 0
+    stars: int = 0
+    false_alarms: int = 0
+    durations_s: list[float] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "cases": self.cases,
+            "resolved": self.resolved,
+            "fixed_remotely": self.remote,
+            "fixed_remotely_share": _share(self.remote, self.resolved),
+            "median_resolution_s": (
+                statistics.median(self.durations_s) if self.durations_s else None
+            ),
+            "ratings": self.ratings,
+            "mean_stars": round(self.stars / self.ratings, 3) if self.ratings else None,
+            "false_alarms": self.false_alarms,
+            "false_alarm_share": _share(self.false_alarms, self.ratings),
+        }
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def outcomes(
+    cases: Sequence[Case],
+    ratings: Sequence[Rating],
+    devices: Mapping[str, DeviceRecord],
+    resolved_at: Mapping[str, datetime],
+    visited_cases: Iterable[str],
+    *,
+    comments: int = 20,
+) -> dict[str, Any]:
+    """The owners' verdict and the loop's results.
+
+    Args:
+        cases: the cases to count.
+        ratings: the owners' ratings (of any case; those of other cases are ignored).
+        devices: the registry by device id (for the firmware).
+        resolved_at: when each resolved case was resolved (from the audit trail); a case
+            in it counts as resolved even if it moved on (a low rating escalates it).
+        visited_cases: ids of cases that had any technician appointment.
+        comments: how many of the newest comments to return.
+
+    Returns:
+        ``totals``, ``by_model`` and ``by_firmware`` (each: cases, resolved, fixed
+        remotely and its share, median resolution time, ratings, mean stars, false
+        alarms and their share), ``ratings_by_week`` and the newest ``comments``.
+    """
+    visited = set(visited_cases)
+    by_id = {case.case_id: case for case in cases}
+    total = _Tally()
+    models: defaultdict[str, _Tally] = defaultdict(_Tally)
+    firmwares: defaultdict[str, _Tally] = defaultdict(_Tally)
+
+    def firmware(case: Case) -> str:
+        record = devices.get(case.device_id)
+        return (record.firmware if record is not None else None) or _UNKNOWN
+
+    for case in cases:
+        tallies = (total, models[case.model], firmwares[firmware(case)])
+        done = resolved_at.get(case.case_id)
+        for tally in tallies:
+            tally.cases += 1
+        if done is None:
+            continue
+        remote = case.appointment_id is None and case.case_id not in visited
+        duration_s = max((done - case.opened_at).total_seconds(), 0.0)
+        for tally in tallies:
+            tally.resolved += 1
+            tally.remote += remote
+            tally.durations_s.append(duration_s)
+    weeks: defaultdict[str, list[Rating]] = defaultdict(list)
+    notes: list[dict[str, Any]] = []
+    for rating in ratings:
+        rated = by_id.get(rating.case_id)
+        if rated is None:
+            continue
+        case = rated
+        for tally in (total, models[case.model], firmwares[firmware(case)]):
+            tally.ratings += 1
+            tally.stars += rating.stars
+            tally.false_alarms += rating.nothing_wrong
+        weeks[_week(rating.at)].append(rating)
+        if rating.comment:
+            notes.append(
+                {
+                    "case_id": rating.case_id,
+                    "at": rating.at.isoformat(),
+                    "stars": rating.stars,
+                    "nothing_wrong": rating.nothing_wrong,
+                    "comment": rating.comment,
+                    "model": case.model,
+                    "firmware": firmware(case),
+                    "fault": case.fault,
+                }
+            )
+    notes.sort(key=lambda n: str(n["at"]), reverse=True)
+    return {
+        "totals": total.as_json(),
+        "by_model": {name: t.as_json() for name, t in sorted(models.items())},
+        "by_firmware": {name: t.as_json() for name, t in sorted(firmwares.items())},
+        "ratings_by_week": [
+            {
+                "week": week,
+                "ratings": len(group),
+                "mean_stars": round(sum(r.stars for r in group) / len(group), 3),
+                "false_alarms": sum(1 for r in group if r.nothing_wrong),
+            }
+            for week, group in sorted(weeks.items())
+        ],
+        "comments": notes[:comments],
+    }
+
+
+# -- insight ----------------------------------------------------------------------------
+
+
+def binomial_sf(k: int, n: int, p: float) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)`` (exact, summed in log space).
+
+    The terms past the mode shrink geometrically, so the sum stops once they no longer
+    change it; for ``k`` below the mean the complement is summed instead.
+    """
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if p <= 0.0:
+        return 0.0
+    if p >= 1.0:
+        return 1.0
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_n = math.lgamma(n + 1)
+
+    def pmf(i: int) -> float:
+        return math.exp(
+            log_n - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+        )
+
+    if k <= n * p:
+        # the lower tail is the short sum
+        lower = 0.0
+        for i in range(k - 1, -1, -1):
+            term = pmf(i)
+            lower += term
+            if term < lower * 1e-15 and i < n * p:
+                break
+        return min(max(1.0 - lower, 0.0), 1.0)
+    upper = 0.0
+    for i in range(k, n + 1):
+        term = pmf(i)
+        upper += term
+        if term < upper * 1e-15:
+            break
+    return min(upper, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRate:
+    """How often one fault struck one group of devices, against the rest.
+
+    Attributes:
+        fault: the fault.
+        dimension: ``firmware``, ``model`` or ``batch``.
+        value: the group's firmware, model or batch.
+        devices: devices in the group.
+        affected: devices in the group that had a case of the fault.
+        rest_devices: devices in the rest of the population.
+        rest_affected: affected devices in the rest.
+        share_of_cases: the group's share of the fault's affected devices.
+        share_of_fleet: the group's share of the population.
+        p_value: one-sided binomial test of ``affected`` under the rest's rate.
+        flagged: the group clusters the fault (see the module docstring).
+        open_cases: affected devices with a case of the fault still open.
+        suggested_action: the remote remedy most often planned for these cases.
+        models: the product models in the group.
+    """
+
+    fault: str
+    dimension: Dimension
+    value: str
+    devices: int
+    affected: int
+    rest_devices: int
+    rest_affected: int
+    share_of_cases: float
+    share_of_fleet: float
+    p_value: float
+    flagged: bool
+    open_cases: int
+    suggested_action: str | None
+    models: tuple[str, ...]
+
+    @property
+    def rate(self) -> float:
+        """Affected share of the group."""
+        return self.affected / self.devices if self.devices else 0.0
+
+    @property
+    def rest_rate(self) -> float:
+        """Affected share of the rest."""
+        return self.rest_affected / self.rest_devices if self.rest_devices else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready form (with the rates and their ratio)."""
+        ratio = self.rate / self.rest_rate if self.rest_rate else None
+        return {
+            "fault": self.fault,
+            "dimension": self.dimension,
+            "value": self.value,
+            "devices": self.devices,
+            "affected": self.affected,
+            "rate": round(self.rate, 5),
+            "rest_devices": self.rest_devices,
+            "rest_affected": self.rest_affected,
+            "rest_rate": round(self.rest_rate, 5),
+            "ratio": None if ratio is None else round(ratio, 3),
+            "share_of_cases": round(self.share_of_cases, 4),
+            "share_of_fleet": round(self.share_of_fleet, 4),
+            "p_value": self.p_value,
+            "flagged": self.flagged,
+            "open_cases": self.open_cases,
+            "suggested_action": self.suggested_action,
+            "models": list(self.models),
+        }
+
+
+def group_of(device: DeviceRecord, dimension: Dimension) -> str:
+    """The group a device belongs to along one dimension (``unknown`` when unset)."""
+    if dimension == "model":
+        return device.model
+    value = device.firmware if dimension == "firmware" else device.batch
+    return value or _UNKNOWN
+
+
+def fleet_insight(
+    devices: Sequence[DeviceRecord],
+    cases: Sequence[Case],
+    *,
+    min_devices: int = 3,
+    min_ratio: float = 2.0,
+    alpha: float = 1e-3,
+) -> list[GroupRate]:
+    """Rate of each fault in each group against the rest; flagged groups first.
+
+    Args:
+        devices: the fleet.
+        cases: the cases to count (a device counts once per fault).
+        min_devices: fewest affected devices for a flag.
+        min_ratio: least ratio of the group's rate to the rest's for a flag.
+        alpha: significance level of the binomial test.
+
+    Returns:
+        One entry per fault and group with at least one affected device: flagged ones
+        first (most significant first), then the rest by p-value.
+    """
+    registry = {device.device_id: device for device in devices}
+    affected: defaultdict[str, set[str]] = defaultdict(set)
+    open_devices: defaultdict[str, set[str]] = defaultdict(set)
+    remedies: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for case in cases:
+        if case.device_id not in registry:
+            continue
+        affected[case.fault].add(case.device_id)
+        if case.is_open:
+            open_devices[case.fault].add(case.device_id)
+        remote = [r for r in case.remedies if not r.startswith(_VISIT_PREFIX)]
+        if remote:
+            remedies[(case.fault, case.device_id)][remote[0]] += 1
+    # group sizes once per dimension and product model
+    sizes: dict[Dimension, Counter[tuple[str, str]]] = {d: Counter() for d in DIMENSIONS}
+    model_sizes: Counter[str] = Counter()
+    for device in devices:
+        model_sizes[device.model] += 1
+        for dimension in DIMENSIONS:
+            sizes[dimension][(device.model, group_of(device, dimension))] += 1
+    results: list[GroupRate] = []
+    for fault, hit in sorted(affected.items()):
+        fault_models = {registry[d].model for d in hit}
+        for dimension in DIMENSIONS:
+            population = sum(model_sizes[m] for m in fault_models)
+            group_sizes: Counter[str] = Counter()
+            for (model, group), n in sizes[dimension].items():
+                if model in fault_models:
+                    group_sizes[group] += n
+            hits: Counter[str] = Counter(group_of(registry[d], dimension) for d in hit)
+            for group, count in hits.items():
+                results.append(
+                    _rate(
+                        fault,
+                        dimension,
+                        group,
+                        group_sizes[group],
+                        count,
+                        population,
+                        len(hit),
+                        hit,
+                        open_devices[fault],
+                        registry,
+                        remedies,
+                        min_devices,
+                        min_ratio,
+                        alpha,
+                    )
+                )
+    results.sort(key=lambda r: (not r.flagged, r.p_value, -r.affected, r.fault, r.value))
+    return results
+
+
+def _rate(
+    fault: str,
+    dimension: Dimension,
+    group: str,
+    size: int,
+    count: int,
+    population: int,
+    total: int,
+    hit: set[str],
+    still_open: set[str],
+    registry: Mapping[str, DeviceRecord],
+    remedies: Mapping[tuple[str, str], Counter[str]],
+    min_devices: int,
+    min_ratio: float,
+    alpha: float,
+) -> GroupRate:
+    rest_devices = population - size
+    rest_affected = total - count
+    rest_rate = rest_affected / rest_devices if rest_devices else 0.0
+    rate = count / size if size else 0.0
+    if rest_devices <= 0:
+        p_value = 1.0  # nothing to compare with
+    elif rest_rate == 0.0:
+        p_value = 0.0
+    else:
+        p_value = binomial_sf(count, size, rest_rate)
+    flagged = (
+        rest_devices > 0
+        and count >= min_devices
+        and (rest_rate == 0.0 or rate >= min_ratio * rest_rate)
+        and p_value < alpha
+    )
+    members = [d for d in hit if group_of(registry[d], dimension) == group]
+    planned: Counter[str] = Counter()
+    for device_id in members:
+        planned.update(remedies.get((fault, device_id), Counter()))
+    return GroupRate(
+        fault=fault,
+        dimension=dimension,
+        value=group,
+        devices=size,
+        affected=count,
+        rest_devices=rest_devices,
+        rest_affected=rest_affected,
+        share_of_cases=count / total if total else 0.0,
+        share_of_fleet=size / population if population else 0.0,
+        p_value=p_value,
+        flagged=flagged,
+        open_cases=sum(1 for d in members if d in still_open),
+        suggested_action=planned.most_common(1)[0][0] if planned else None,
+        models=tuple(sorted({registry[d].model for d in members})),
+    )
