@@ -93,7 +93,7 @@ async def _report(
         await asyncio.sleep(_STATUS_EVERY_S)
         _LOG.info(
             "received %d, stored %d, rejected %d, spooled batches %d, lag %.1f s, "
-            "scored %d, diagnosis changes %d, cases handled %d, owners told %d",
+            "scored %d, diagnosis changes %d, cases handled %d, owner messages %d",
             sum(metrics.received.values()),
             metrics.stored,
             sum(metrics.rejected.values()),
@@ -102,7 +102,7 @@ async def _report(
             diagnostics.readings_scored,
             diagnostics.diagnoses_published,
             notifier.diagnoses_handled,
-            0 if notifier.outbox is None else notifier.outbox.sent + notifier.outbox.held,
+            0 if notifier.outbox is None else notifier.outbox.written,
         )
 
 

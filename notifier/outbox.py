@@ -126,6 +126,7 @@ class Outbox:
         self._base = (action_base_url or "").rstrip("/")
         self._queue: asyncio.Queue[tuple[Owner, Notification, bool]] = asyncio.Queue(_QUEUE_MAX)
         self._held_owners: set[str] = set()
+        self.written = 0
         self.sent = 0
         self.held = 0
         self.failed = 0
@@ -178,6 +179,7 @@ class Outbox:
             status="held" if hold else "queued",
         )
         await self._store.add_notification(notification)
+        self.written += 1
         if hold:
             self.held += 1
             self._held_owners.add(owner.owner_id)
