@@ -12,7 +12,8 @@ and by product model and firmware.
 production batch) the rate of devices that had a case of the fault, against the rate in
 the rest of the population. A group is flagged when it has at least ``min_devices``
 affected devices, its rate is at least ``min_ratio`` times the rest's, and the one-sided
-binomial test of its count under the rest's rate gives ``p < alpha``. The population is
+binomial test of its count under the rest's rate (with half a pseudo-case added, so that
+peers without any case still leave room for chance) gives ``p < alpha``. The population is
 the devices of the product models that have had the fault: faults come from each model's
 own catalog, so a fault only one model can have is no cluster on that model, and firmware
 versions and batches are compared with their own model's peers.
@@ -230,7 +231,7 @@ class GroupRate:
         rest_affected: affected devices in the rest.
         share_of_cases: the group's share of the fault's affected devices.
         share_of_fleet: the group's share of the population.
-        p_value: one-sided binomial test of ``affected`` under the rest's rate.
+        p_value: one-sided binomial test of ``affected`` under the rest's (smoothed) rate.
         flagged: the group clusters the fault (see the module docstring).
         open_cases: affected devices with a case of the fault still open.
         suggested_action: the remote remedy most often planned for these cases.
@@ -390,10 +391,11 @@ def _rate(
     rate = count / size if size else 0.0
     if rest_devices <= 0:
         p_value = 1.0  # nothing to compare with
-    elif rest_rate == 0.0:
-        p_value = 0.0
     else:
-        p_value = binomial_sf(count, size, rest_rate)
+        # the rest's rate with half a pseudo-case (Jeffreys), so that peers without a case
+        # do not make a single affected device infinitely significant
+        expected = (rest_affected + 0.5) / (rest_devices + 1)
+        p_value = binomial_sf(count, size, expected)
     flagged = (
         rest_devices > 0
         and count >= min_devices

@@ -1071,6 +1071,12 @@ def test_insight_flags_a_planted_firmware_cluster() -> None:
     assert top.share_of_cases == pytest.approx(30 / 38)
     assert top.share_of_fleet == pytest.approx(0.25)
     seals = [g for g in groups if g.fault == "door_seal_leak"]
+    # one affected device among peers without a case is no cluster
+    lone = fleet_insight(devices[:20], [make_case("x", devices[0], "rare_fault", "opened")])
+    assert [
+        (g.affected, g.rest_affected, g.flagged) for g in lone if g.dimension == "firmware"
+    ] == [(1, 0, False)]
+    assert all(g.p_value > 0.05 for g in lone)
     assert seals
     assert not any(g.flagged for g in seals)
 

@@ -1,0 +1,294 @@
+"""The ops dashboard in a real browser: Debian's headless Chromium driven by Playwright.
+
+The app is served on 127.0.0.1 with a seeded SQLite case store and telemetry in a real
+influxd. A person logs in, sees the fleet, opens a device and its chart, follows a case
+from its diagnosis to the owner's rating, takes over the person-needed case, writes to
+the owner and closes it, and starts a campaign. Screenshots go to ``$FIXLOOP_ARTIFACTS``
+(default ``build/screenshots/``); with ``FIXLOOP_UPDATE_SCREENSHOT=1`` the fleet view is
+also saved as ``docs/dashboard.png`` for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from test_dashboard import NOW, PASSWORDS, Clock, RecordingCampaign, Seed, ops_users, seed_fleet
+
+from dashboard.app import create_app
+from dashboard.feed import CaseFeed
+from dashboard.settings import DashboardSettings
+from fixloop.stack import InfluxdServer
+from gateway.influx import InfluxClient, InfluxSettings
+from gateway.lineproto import point_line
+from notifier.sqlite import SqliteStore
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _artifacts() -> Path:
+    folder = Path(os.environ.get("FIXLOOP_ARTIFACTS") or ROOT / "build" / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Served:
+    url: str
+    store: SqliteStore
+    feed: CaseFeed
+    campaign: RecordingCampaign
+    seed: Seed
+
+
+async def _telemetry(influx: InfluxClient, seed: Seed) -> None:
+    """A day of readings every 5 minutes for two devices, and a score for every device."""
+    lines = []
+    start = NOW - timedelta(days=1)
+    for device in seed.devices[:2]:
+        for i in range(24 * 12):
+            at = start + timedelta(minutes=5 * i)
+            ts_ms = int(at.timestamp() * 1000)
+            drift = max(0, i - 200) / 88
+            lines.append(
+                point_line(
+                    "telemetry",
+                    {"device": device.device_id},
+                    {"temp_c": 4.0 + 0.3 * (i % 12) / 12 + 3 * drift, "power_w": 80.0 + i % 7},
+                    ts_ms,
+                )
+            )
+            lines.append(
+                point_line(
+                    "health",
+                    {"device": device.device_id},
+                    {"score": min(0.05 + 0.8 * drift, 1.0), "baseline": 0.1, "fleet": 0.1},
+                    ts_ms,
+                )
+            )
+    at_ms = int((NOW - timedelta(minutes=2)).timestamp() * 1000)
+    for n, device in enumerate(seed.devices[2:]):
+        score = 0.62 if n % 9 == 0 else 0.35 if n % 5 == 0 else 0.08
+        lines.append(
+            point_line(
+                "health",
+                {"device": device.device_id},
+                {"score": score, "baseline": 0.1, "fleet": 0.1},
+                at_ms,
+            )
+        )
+    outcome = await influx.write(lines)
+    assert not outcome.rejected
+
+
+@pytest.fixture
+async def served(tmp_path: Path, influxd: InfluxdServer) -> AsyncIterator[Served]:
+    settings = InfluxSettings(url=influxd.url, database=f"browser_{uuid.uuid4().hex[:8]}")
+    async with SqliteStore(tmp_path / "cases.db") as store, InfluxClient(settings) as influx:
+        await influx.ensure_database()
+        seed = await seed_fleet(store, devices=60)
+        await _telemetry(influx, seed)
+        feed = CaseFeed()
+        campaign = RecordingCampaign()
+        app = create_app(
+            store=store,
+            influx=influx,
+            actions=None,
+            users=ops_users(),
+            clock=Clock(),
+            campaign=campaign,
+            feed=feed,
+            settings=DashboardSettings(heartbeat_s=1.0),
+        )
+        runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await runner.setup()
+        port = _free_port()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        try:
+            yield Served(f"http://127.0.0.1:{port}", store, feed, campaign, seed)
+        finally:
+            await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed: apt-get install chromium"
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    async with async_playwright() as driver:
+        launched = await driver.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def _page(browser: Browser, errors: list[str]) -> Page:
+    context = await browser.new_context(viewport={"width": 1440, "height": 900})
+    page = await context.new_page()
+
+    def console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            errors.append(message.text)
+
+    page.on("console", console)
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "response",
+        lambda resp: (
+            errors.append(f"HTTP {resp.status} {resp.url}") if resp.status >= 400 else None
+        ),
+    )
+    return page
+
+
+async def _login(page: Page, url: str, username: str, errors: list[str]) -> None:
+    await page.goto(f"{url}/ops/")
+    await expect(page.locator("#login-form")).to_be_visible()
+    await page.fill("#username", username)
+    await page.fill("#password", PASSWORDS[username])
+    await page.click("#login-form button[type=submit]")
+    await expect(page.locator("#who")).to_contain_text(username.title())
+    # the browser logs the 401s of the session probe and of refused logins before this
+    errors.clear()
+
+
+async def test_an_ops_day_in_the_browser(served: Served, browser: Browser) -> None:
+    errors: list[str] = []
+    page = await _page(browser, errors)
+    shots = _artifacts()
+
+    # a wrong password is refused on the page
+    await page.goto(f"{served.url}/ops/")
+    await page.fill("#username", "ada")
+    await page.fill("#password", "not it")
+    await page.click("#login-form button[type=submit]")
+    await expect(page.locator("#login-error")).to_have_text("wrong user name or password")
+    # log in, see the fleet
+    await _login(page, served.url, "ada", errors)
+    await expect(page.locator("#fleet-devices")).to_have_text("60")
+    await expect(page.locator("#by-model")).to_contain_text("fridge-a1")
+    await expect(page.locator("#live")).to_contain_text("live")
+    await page.screenshot(path=str(shots / "fleet.png"), full_page=True)
+    if os.environ.get("FIXLOOP_UPDATE_SCREENSHOT") == "1":
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copyfile(shots / "fleet.png", ROOT / "docs" / "dashboard.png")
+
+    # a live case change reaches the page without reloading
+    moved = replace(served.seed.open_case, state="remote_fix")
+    served.feed.publish(moved)
+    await expect(page.locator("#live")).to_contain_text(f"{moved.device_id}: remote fix")
+
+    # open a device and its chart
+    await page.click("a.device-link >> nth=0")
+    await expect(page.locator("#device-chart canvas")).to_have_count(1)
+    await expect(page.locator("#device-chart .u-legend")).to_contain_text("score (mean)")
+    await page.click("text=7d")
+    await expect(page.locator("#device-chart canvas")).to_have_count(1)
+    await page.screenshot(path=str(shots / "device.png"), full_page=True)
+
+    # follow a case from diagnosis to rating
+    await page.click("#nav a[data-view=cases]")
+    card = page.locator('.column[data-stage="escalated"] .case-card[data-case-id="case-rated"]')
+    await expect(card).to_be_visible()
+    await page.screenshot(path=str(shots / "cases.png"), full_page=True)
+    await card.click()
+    audit = page.locator("#audit li")
+    await expect(audit.first).to_contain_text("diagnostics named door_seal_leak")
+    await expect(audit.last).to_contain_text("low rating (2 of 5)")
+    await expect(page.locator("#audit")).to_contain_text("sent defrost_cycle")
+    await expect(page.locator("#rating")).to_contain_text("still noisy at night")
+    await expect(page.locator("#owner-name")).to_contain_text("Grace Hopperton")
+    await expect(page.locator("#audit")).not_to_contain_text("SECRET")
+    await page.screenshot(path=str(shots / "case.png"), full_page=True)
+
+    # take over the person-needed case, write to the owner, close it
+    await page.click("#nav a[data-view=queue]")
+    task = page.locator('.task[data-task-id="task-1"]')
+    await task.locator("button.take").click()
+    await expect(task).to_contain_text("taken by ada")
+    await task.locator("textarea").fill("We are sorry about the noise; a technician will call.")
+    await task.locator("button.write").click()
+    await expect(page.locator("#toast")).to_contain_text("Message stored")
+    await page.screenshot(path=str(shots / "queue.png"), full_page=True)
+    await task.locator("button.close-resolved").click()
+    await expect(page.locator("#queue-empty")).to_be_visible()
+    case = await served.store.get_case("case-rated")
+    assert case is not None
+    assert case.state == "resolved"
+    messages = [n for n in await served.store.notifications("own-1") if n.kind == "ops_message"]
+    assert [m.body for m in messages] == ["We are sorry about the noise; a technician will call."]
+
+    # the calendar and the outcomes
+    await page.click("#nav a[data-view=calendar]")
+    await expect(page.locator("#week .visit")).to_contain_text("Tom Tech")
+    await page.screenshot(path=str(shots / "calendar.png"), full_page=True)
+    await page.click("#nav a[data-view=outcomes]")
+    await expect(page.locator("#fixed-remotely")).to_have_text("100%")
+    await page.screenshot(path=str(shots / "outcomes.png"), full_page=True)
+
+    # start a campaign for the firmware cluster
+    await page.click("#nav a[data-view=insight]")
+    row = page.locator("#clusters tr", has_text="1.5.2").filter(has_text="compressor stall")
+    await expect(row).to_have_count(1)
+    page.once("dialog", lambda dialog: dialog.accept("firmware_update"))
+    await row.locator("button.campaign").click()
+    await expect(page.locator("#campaign-result")).to_contain_text("Campaign started")
+    [(device_ids, action, _)] = served.campaign.calls
+    assert action == "firmware_update"
+    assert device_ids == sorted(d.device_id for d in served.seed.devices if d.firmware == "1.5.2")
+    await page.screenshot(path=str(shots / "insight.png"), full_page=True)
+
+    # log out: the API answers 401 and the login form is back
+    await page.click("#logout")
+    await expect(page.locator("#login-form")).to_be_visible()
+    assert errors == []
+
+
+async def test_a_viewer_gets_no_buttons_that_change_anything(
+    served: Served, browser: Browser
+) -> None:
+    errors: list[str] = []
+    page = await _page(browser, errors)
+    await _login(page, served.url, "vera", errors)
+    await page.click("#nav a[data-view=queue]")
+    task = page.locator('.task[data-task-id="task-1"]')
+    await expect(task).to_contain_text("Agents can take this over.")
+    await expect(task.locator("button")).to_have_count(0)
+    await page.click("#nav a[data-view=insight]")
+    await expect(page.locator("#clusters")).to_contain_text("admins can start a campaign")
+    await expect(page.locator("button.campaign")).to_have_count(0)
+    await page.click("#nav a[data-view=cases]")
+    await page.click('.case-card[data-case-id="case-rated"]')
+    await expect(page.locator("#audit")).to_be_visible()
+    await expect(page.locator("#owner-name")).to_have_count(0)
+    assert errors == []
