@@ -436,6 +436,58 @@ class OwnerLoop:
             await self._tell(case, Notice("urgent_safety", urgent=True))
         return await self._advance(case, "the case opened")
 
+    async def start_campaign(self, device_ids: Sequence[str], action: str, reason: str) -> int:
+        """Open a pre-emptive case with ``action`` as its remedy on each device.
+
+        The cases run like any other: the owner's consent policy, the device's
+        interlocks, verification afterwards. A device that already has an open case of
+        this campaign is skipped; unregistered devices too. Returns how many opened.
+
+        Raises:
+            InvalidRequestError: ``action`` is not a remote remedy a device understands.
+        """
+        if action not in _CAMPAIGN_ACTIONS:
+            raise InvalidRequestError(
+                f"a campaign runs a remote remedy ({', '.join(sorted(_CAMPAIGN_ACTIONS))})"
+            )
+        opened = 0
+        fault = f"campaign_{action}"
+        for device_id in dict.fromkeys(device_ids):
+            async with self._lock(f"{device_id}/{fault}"):
+                device = await self.store.get_device(device_id)
+                if device is None or await self.store.open_case(device_id, fault):
+                    continue
+                now = self._clock()
+                case = Case(
+                    case_id=uuid.uuid4().hex[:16],
+                    device_id=device_id,
+                    owner_id=device.owner_id,
+                    model=device.model,
+                    fault=fault,
+                    state="opened",
+                    urgency="low",
+                    opened_at=now,
+                    updated_at=now,
+                    remedies=(action,),
+                    evidence=(reason[:200],),
+                )
+                try:
+                    await self.store.add_case(case)
+                except ConflictError:
+                    continue
+                await self._audit(
+                    case,
+                    "ops",
+                    "transition",
+                    f"pre-emptive campaign: {reason}",
+                    {"action": action, "devices": len(device_ids)},
+                    to_state="opened",
+                )
+                await self._publish(case)
+                await self._advance(case, "a pre-emptive campaign")
+                opened += 1
+        return opened
+
     async def _update(self, case: Case, diagnosis: Diagnosis) -> Case:
         now = self._clock()
         ttf = diagnosis.time_to_failure
@@ -967,6 +1019,7 @@ class OwnerLoop:
             await asyncio.sleep(self.config.tick_s)
 
 
+_CAMPAIGN_ACTIONS: Final = frozenset(("restart", "firmware_update", "cleaning_cycle", "selftest"))
 _URGENCY_RANK: Final = {"low": 0, "normal": 1, "high": 2, "critical": 3}
 
 

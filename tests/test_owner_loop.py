@@ -461,3 +461,18 @@ async def test_unowned_devices_open_no_case_and_unanswered_requests_expire(rig: 
     again = await rig.loop.handle_diagnosis(diagnosis("w-cem", "washer", "firmware_bug"))
     assert again is not None
     assert again.case_id != case.case_id
+
+
+async def test_a_campaign_runs_through_the_case_machine(rig: Rig) -> None:
+    with pytest.raises(InvalidRequestError):
+        await rig.loop.start_campaign(["w-ann"], "technician_visit", "no")
+    opened = await rig.loop.start_campaign(
+        ["w-ann", "w-bob", "w-ann", "nobody"], "firmware_update", "F07 cluster on 2.3.1"
+    )
+    assert opened == 2
+    await rig.settle()
+    # Ann lets fixes run; Bob is asked first (an update interrupts use)
+    assert rig.commander.sent == [("w-ann", "firmware_update", {"version": "2.4.0"})]
+    bob = await rig.store.cases(device_id="w-bob")
+    assert [(c.fault, c.state) for c in bob] == [("campaign_firmware_update", "awaiting_consent")]
+    assert await rig.loop.start_campaign(["w-bob"], "firmware_update", "again") == 0
