@@ -15,21 +15,28 @@ import contextlib
 import logging
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Final
 
+from aiohttp import web
 from pydantic import SecretStr
 
+from dashboard.app import create_app
+from dashboard.auth import MappingUsers, OpsUser, hash_password
+from dashboard.feed import CaseFeed
 from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
 from fixloop.broker import GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
-from fixloop.demo import SimulatedPeople, demo_faults, seed_people
+from fixloop.demo import SimulatedPeople, demo_faults, demo_token, seed_people
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from gateway.influx import InfluxClient
 from gateway.protocol.credentials import device_password
 from gateway.service import Gateway
 from gateway.settings import MqttSettings
+from notifier.loop import OwnerLoop
 from notifier.service import NotifierService
 
 __all__ = ["run_local_stack", "service_password"]
@@ -40,6 +47,31 @@ _STATUS_EVERY_S: Final = 15.0
 _DRAIN_TIMEOUT_S: Final = 15.0
 _DEMO_HISTORY_S: Final = 6 * 3600.0
 _DEMO_VERIFY: Final = {"settle_s": 60.0, "verify_window_s": 180.0, "retry_after_s": 30.0}
+
+
+class _Campaigns:
+    """The dashboard's campaign button, carried out by the case machine."""
+
+    def __init__(self, loop: OwnerLoop) -> None:
+        self._loop = loop
+
+    async def start(self, device_ids: Sequence[str], action: str, reason: str) -> int:
+        return await self._loop.start_campaign(device_ids, action, reason)
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: web.Application, port: int) -> AsyncIterator[str]:
+    """Serve an aiohttp app on loopback; yield its address."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        bound = sockets[0].getsockname()[1] if sockets else port
+        yield f"http://127.0.0.1:{bound}/ops/"
+    finally:
+        await runner.cleanup()
 
 
 def service_password(fleet_secret: str, user: str) -> str:
@@ -57,6 +89,8 @@ def _banner(
     trained: list[str],
     api_url: str,
     owner_token: str,
+    dashboard_url: str,
+    ops_password: str,
 ) -> str:
     fleet = ", ".join(f"{count} {model}" for model, count in sorted(models.items()))
     return "\n".join(
@@ -75,6 +109,7 @@ def _banner(
                 if trained
                 else "per-device baselines only (run `fixloop train` once there is history)"
             ),
+            f"  dashboard {dashboard_url}  (log in as ops, password {ops_password})",
             f"  owners    {api_url}  (OpenAPI at {api_url.removesuffix('/api/v1')}/openapi.json)",
             f"            try: curl -H 'Authorization: Bearer {owner_token}' {api_url}/cases",
             f"  fleet     {sum(models.values())} simulated devices ({fleet}), speed {speed}",
@@ -185,16 +220,35 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 if key not in settings.notifier.model_fields_set
             }
         )
+        feed = CaseFeed()
         async with (
             Gateway(mqtt, influx_settings, gateway_settings) as gateway,
             DiagnosticsService(mqtt, influx_settings, diagnostics_settings) as diagnostics,
-            NotifierService(mqtt, influx_settings, notifier_settings) as notifier,
+            NotifierService(
+                mqtt, influx_settings, notifier_settings, on_case=feed.publish
+            ) as notifier,
+            InfluxClient(influx_settings) as dashboard_influx,
         ):
             assert notifier.store is not None
             assert notifier.loop is not None
             people = await seed_people(
                 notifier.store, [(d.device_id, str(d.model)) for d in runner.fleet.devices], secret
             )
+            ops_password = demo_token(secret, "ops")[:16]
+            dashboard_site = _serve(
+                create_app(
+                    store=notifier.store,
+                    influx=dashboard_influx,
+                    actions=notifier.loop,
+                    users=MappingUsers(
+                        {"ops": OpsUser("ops", "admin", hash_password(ops_password), "Ops")}
+                    ),
+                    campaign=_Campaigns(notifier.loop),
+                    feed=feed,
+                ),
+                stack.dashboard_port,
+            )
+            dashboard = await dashboard_site.__aenter__()
             tasks = [
                 asyncio.create_task(gateway.run(), name="gateway"),
                 asyncio.create_task(diagnostics.run(), name="diagnostics"),
@@ -223,6 +277,8 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                             sorted(diagnostics.engine.fleet_models),
                             notifier.api_url,
                             people.first_owner_token,
+                            dashboard,
+                            ops_password,
                         ),
                         file=sys.stdout,
                         flush=True,
@@ -240,5 +296,6 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 for task in reversed(tasks):
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                await dashboard_site.__aexit__(None, None, None)
         _LOG.info("stopping influxd and mosquitto")
     _LOG.info("fixloop stopped; data kept in %s", data_dir)

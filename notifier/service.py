@@ -80,6 +80,7 @@ class NotifierService:
         influx: where the stored scores are.
         settings: the notifier's settings.
         store: a case store to use instead of opening ``settings.db_path``.
+        on_case: also called with every case change (e.g. a dashboard's live feed).
         clock: wall clock (UTC).
     """
 
@@ -90,8 +91,10 @@ class NotifierService:
         settings: NotifierSettings,
         *,
         store: CaseStore | None = None,
+        on_case: Callable[[Case], None] | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
+        self._on_case = on_case
         self._mqtt = mqtt
         self._influx_settings = influx
         self._settings = settings
@@ -184,6 +187,8 @@ class NotifierService:
         await self._subscribed.wait()
 
     async def _publish_case(self, case: Case) -> None:
+        if self._on_case is not None:
+            self._on_case(case)
         if self._publisher is None:
             return
         try:
