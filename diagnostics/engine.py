@@ -397,23 +397,19 @@ class DiagnosticsEngine:
         else:
             z, reference = bz, mean
         change = level - reference
-        spec = state.spec
-        policy = self.policy
-        watched = state.watched
-        for k, i in enumerate(picked.tolist()):
-            device_id = readings[i].device_id
-            made = policy.on_score(
-                device_id,
-                spec,
-                readings[i].ts_ms,
-                float(score[i]),
-                z[k],
-                change[k],
-                None if drifting is None else drifting[i],
-            )
-            if made:
-                caused += [(order[i], d) for d in made]
-            watched[slots[i]] = policy.is_watched(device_id)
+        members = picked.tolist()
+        made, watched = self.policy.on_scores(
+            [readings[i].device_id for i in members],
+            state.spec,
+            [readings[i].ts_ms for i in members],
+            score[picked],
+            z,
+            change,
+            None if drifting is None else drifting[picked],
+        )
+        if made:
+            caused += [(order[members[k]], d) for k, d in made]
+        state.watched[slots[picked]] = watched
 
     # -- training ------------------------------------------------------------------------
     def _sample(self, state: _ModelState, rows: F32) -> None:

@@ -18,15 +18,20 @@ device and fault:
   updates of a clearly better hypothesis;
 * **time**: every timestamp is the device's own (``ts_ms``); the engine keeps late,
   out-of-order data away from here.
+
+The engine hands a round's readings over at once (:meth:`DiagnosisPolicy.on_scores`): the
+faults are named for all of them together, and a reading that changes nothing worth sending
+builds no :class:`Diagnosis` (an open case keeps its latest fields and builds the record
+only when it is sent or read).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -107,15 +112,142 @@ class Hypothesis:
     drivers: tuple[Contribution, ...]
 
 
-@dataclass(slots=True)
-class _Case:
-    """An open diagnosis and what the policy needs to keep it (mutable, private)."""
+class _Named:
+    """A hypothesis as the policy follows it: drivers drawn from the deviations on demand."""
 
-    diagnosis: Diagnosis
-    from_model: bool
-    last_code_ms: int | None = None
-    last_sent_ms: int = 0
-    sent: Diagnosis | None = None
+    __slots__ = ("_drivers", "_layout", "_values", "confidence", "explained", "fault", "moved")
+
+    def __init__(
+        self,
+        fault: str,
+        confidence: float,
+        explained: bool,
+        moved: bool,
+        drivers: tuple[Contribution, ...] | None,
+        layout: _Layout | None = None,
+        values: list[float] | None = None,
+    ) -> None:
+        self.fault = fault
+        self.confidence = confidence
+        self.explained = explained
+        self.moved = moved
+        self._drivers = drivers
+        self._layout = layout
+        self._values = values
+
+    @classmethod
+    def of(cls, hypothesis: Hypothesis, explained: bool) -> _Named:
+        drivers = hypothesis.drivers
+        return cls(hypothesis.fault, hypothesis.confidence, explained, bool(drivers), drivers)
+
+    @property
+    def drivers(self) -> tuple[Contribution, ...]:
+        drivers = self._drivers
+        if drivers is None:
+            assert self._layout is not None
+            assert self._values is not None
+            drivers = self._drivers = self._layout.noise_drivers(self._values)
+            self._values = None
+        return drivers
+
+
+Source = Literal["model", "device", "both"]
+
+
+class _Case:
+    """An open diagnosis and what the policy needs to keep it (mutable, private).
+
+    The latest fields are kept as they change; :attr:`diagnosis` builds the record from
+    them only when it is sent or read.
+    """
+
+    __slots__ = (
+        "_built",
+        "_drivers_from",
+        "_stale",
+        "confidence",
+        "device_id",
+        "drivers",
+        "evidence",
+        "fault",
+        "from_model",
+        "last_code_ms",
+        "last_sent_ms",
+        "model",
+        "score",
+        "sent",
+        "source",
+        "time_to_failure",
+        "updated_ms",
+    )
+
+    def __init__(
+        self, diagnosis: Diagnosis, *, from_model: bool, last_code_ms: int | None, ts_ms: int
+    ) -> None:
+        self._built = diagnosis
+        self._stale = False
+        self._drivers_from: _Named | None = None
+        self.device_id = diagnosis.device_id
+        self.model = diagnosis.model
+        self.fault = diagnosis.fault
+        self.from_model = from_model
+        self.last_code_ms = last_code_ms
+        self.last_sent_ms = ts_ms
+        self.sent = diagnosis
+        self.updated_ms = ts_ms
+        self.score = diagnosis.score
+        self.confidence = diagnosis.confidence
+        self.drivers = diagnosis.drivers
+        self.source: Source = diagnosis.source
+        self.time_to_failure = diagnosis.time_to_failure
+        self.evidence = diagnosis.evidence
+
+    def revise(
+        self,
+        ts_ms: int,
+        *,
+        score: float | None,
+        confidence: float | None,
+        drivers: _Named | None,
+        source: Source | None,
+        evidence: str | None,
+        time_to_failure: TimeToFailure | None,
+    ) -> None:
+        """Take a reading's or a code's changes (the record is built later, if at all)."""
+        self._stale = True
+        self.updated_ms = ts_ms
+        if score is not None:
+            self.score = score
+        if confidence is not None:
+            self.confidence = confidence
+        if drivers is not None:
+            self._drivers_from = drivers
+        if source is not None:
+            self.source = source
+        if evidence is not None:
+            self.evidence = (*self.evidence[-9:], evidence)
+        self.time_to_failure = time_to_failure
+
+    @property
+    def diagnosis(self) -> Diagnosis:
+        """The diagnosis as it stands now (status ``update`` once anything revised it)."""
+        if self._stale:
+            if self._drivers_from is not None:
+                self.drivers = self._drivers_from.drivers
+                self._drivers_from = None
+            self._built = replace(
+                self._built,
+                status="update",
+                updated_at=ms_to_datetime(self.updated_ms),
+                score=self.score,
+                confidence=self.confidence,
+                drivers=self.drivers,
+                source=self.source,
+                time_to_failure=self.time_to_failure,
+                evidence=self.evidence,
+            )
+            self._stale = False
+        return self._built
 
 
 @dataclass(slots=True)
@@ -149,6 +281,11 @@ class _Layout:
     signatures: tuple[tuple[str, tuple[tuple[int, int, float], ...]], ...]
     degradations: tuple[tuple[str, int, bool, float], ...]
     indicator: Mapping[str, tuple[int, Degradation]]
+    faults: tuple[str, ...]
+    at: npt.NDArray[np.intp]
+    direction: npt.NDArray[np.float64]
+    two_way: npt.NDArray[np.bool_]
+    weight: npt.NDArray[np.float64]
 
     @classmethod
     def of(cls, spec: FeatureSpec, table: ModelCatalog | None) -> _Layout:
@@ -173,6 +310,16 @@ class _Layout:
             (fault, i, d.two_sided, float(np.sign(d.failure_delta)))
             for fault, (i, d) in indicator.items()
         )
+        # the signatures as (fault, term) arrays, short ones padded with a zero-weight term
+        # on an extra column that is always 0
+        width = len(spec.features)
+        terms = max((len(sig) for _, sig in signatures), default=0)
+        at = np.full((len(signatures), terms), width, dtype=np.intp)
+        direction = np.ones((len(signatures), terms), dtype=np.float64)
+        weight = np.zeros((len(signatures), terms), dtype=np.float64)
+        for f, (_, signature) in enumerate(signatures):
+            for k, (i, d, w) in enumerate(signature):
+                at[f, k], direction[f, k], weight[f, k] = i, d, w
         return cls(
             spec,
             spec.names,
@@ -180,7 +327,52 @@ class _Layout:
             signatures,
             degradations,
             indicator,
+            tuple(fault for fault, _ in signatures),
+            at,
+            direction,
+            direction == 0.0,
+            weight,
         )
+
+    def noise_drivers(self, values: list[float]) -> tuple[Contribution, ...]:
+        """Return the drivers of deviations ``values``: the features beyond the noise."""
+        moved = [(abs(v), i) for i, v in enumerate(values) if abs(v) >= _NOISE_Z]
+        return self.drivers(moved, values)[0]
+
+    def evidence_rows(
+        self, z: npt.NDArray[np.float32]
+    ) -> tuple[list[int], list[float], list[float], list[bool], npt.NDArray[np.float64]]:
+        """Score every signature against each row of ``z`` at once.
+
+        The sums run term by term in signature order, as :meth:`DiagnosisPolicy.name_fault`
+        adds them, so the figures are the same to the last bit.
+
+        Returns:
+            per row the best fault's position (-1 for none), its evidence, the total of
+            the deviations beyond the noise, whether any is, and the ``|z|`` rows.
+        """
+        rows = z.shape[0]
+        values = np.zeros((rows, z.shape[1] + 1), dtype=np.float64)
+        values[:, :-1] = z
+        size = np.abs(values[:, :-1])
+        beyond = size >= _NOISE_Z
+        total = np.add.accumulate(np.where(beyond, size, 0.0), axis=1)[:, -1]
+        totals: list[float] = total.tolist()
+        moved: list[bool] = np.any(beyond, axis=1).tolist()
+        if not self.faults or self.at.shape[1] == 0:
+            return [-1] * rows, [0.0] * rows, totals, moved, size
+        picked = values[:, self.at]
+        toward = np.where(self.two_way, np.abs(picked), self.direction * picked)
+        term = self.weight * np.maximum(toward, 0.0)
+        evidence = np.zeros(term.shape[:2], dtype=np.float64)
+        for k in range(term.shape[2]):
+            evidence += term[:, :, k]
+        evidence = np.where(evidence > 0.0, evidence, 0.0)
+        best = evidence.argmax(axis=1)
+        best_evidence = evidence[np.arange(rows), best]
+        positions: list[int] = np.where(best_evidence > 0.0, best, -1).tolist()
+        evidences: list[float] = best_evidence.tolist()
+        return positions, evidences, totals, moved, size
 
     def drivers(
         self, moved: list[tuple[float, int]], values: list[float]
@@ -316,10 +508,119 @@ class DiagnosisPolicy:
                 drift explains the score and names a wear fault when ``z`` alone does not.
         """
         cfg = self.config
+        if score < cfg.close_threshold:
+            if device_id not in self._devices:
+                return []
+            return self._step(device_id, spec, ts_ms, score, None, change)
+        hypothesis = self.name_fault(spec, z)
+        explained = any(abs(c.z) >= cfg.min_driver_z for c in hypothesis.drivers)
+        named = _Named.of(hypothesis, explained)
+        if (
+            drifting is not None
+            and drifting.any()
+            and (hypothesis.fault == UNKNOWN or not explained)
+        ):
+            named = self._drift(spec, z, drifting) or named
+        return self._step(device_id, spec, ts_ms, score, named, change)
+
+    def on_scores(
+        self,
+        device_ids: Sequence[str],
+        spec: FeatureSpec,
+        ts_ms: Sequence[int],
+        scores: npt.NDArray[np.float32],
+        z: npt.NDArray[np.float32],
+        change: npt.NDArray[np.float32],
+        drifting: npt.NDArray[np.bool_] | None = None,
+    ) -> tuple[list[tuple[int, Diagnosis]], list[bool]]:
+        """Take many live readings of one product model, in order (see :meth:`on_score`).
+
+        The same as :meth:`on_score` for each row in turn, with the faults named for all
+        rows at once. ``z`` must not change afterwards (a diagnosis may draw its drivers
+        from it later).
+
+        Args:
+            device_ids: each row's device.
+            spec: the product model's features.
+            ts_ms: each row's reading time.
+            scores: each row's anomaly score.
+            z: per row and feature, signed deviations.
+            change: per row and feature, level minus healthy reference.
+            drifting: per row and feature, whether the trend trigger sees a drift.
+
+        Returns:
+            the diagnosis changes with the row that made each, and per row whether its
+            device is watched afterwards.
+        """
+        cfg = self.config
+        low = cfg.close_threshold
+        score_list: list[float] = scores.tolist()
+        changes: list[tuple[int, Diagnosis]] = []
+        watched: list[bool] = []
+        named_rows = [k for k, s in enumerate(score_list) if s >= low]
+        names: dict[int, _Named] = {}
+        if named_rows:
+            layout = self._layout(spec)
+            rows = z if len(named_rows) == len(score_list) else z[named_rows]
+            best, best_evidence, total, moved, size = layout.evidence_rows(rows)
+            # a driver of at least min_driver_z is among the top five beyond the noise
+            # exactly when the largest deviation is
+            explained: list[bool] = np.any(size >= max(cfg.min_driver_z, _NOISE_Z), axis=1).tolist()
+            values: list[list[float]] = rows.tolist()
+            faults = layout.faults
+            min_evidence = cfg.min_evidence
+            drift_rows: list[bool] | None = None
+            if drifting is not None:
+                drift_rows = np.any(drifting[named_rows], axis=1).tolist()
+            for j, k in enumerate(named_rows):
+                evidence = best_evidence[j]
+                if best[j] < 0 or evidence < min_evidence:
+                    fault, confidence = UNKNOWN, 0.0
+                else:
+                    fault = faults[best[j]]
+                    confidence = min(1.0, evidence / max(total[j], evidence))
+                named = _Named(fault, confidence, explained[j], moved[j], None, layout, values[j])
+                if (
+                    drift_rows is not None
+                    and drift_rows[j]
+                    and (fault == UNKNOWN or not explained[j])
+                ):
+                    assert drifting is not None
+                    named = self._drift(spec, z[k], drifting[k]) or named
+                names[k] = named
+        devices = self._devices
+        change_rows: list[list[float]] | None = None
+        for k, device_id in enumerate(device_ids):
+            named_k = names.get(k)
+            if named_k is not None or device_id in devices:
+                if change_rows is None:
+                    change_rows = change.tolist()
+                made = self._step(device_id, spec, ts_ms[k], score_list[k], named_k, change_rows[k])
+                if made:
+                    changes += [(k, d) for d in made]
+            watched.append(device_id in devices)
+        return changes, watched
+
+    def _drift(
+        self, spec: FeatureSpec, z: npt.NDArray[np.float32], drifting: npt.NDArray[np.bool_]
+    ) -> _Named | None:
+        # a drift explains the score only as a wear fault's indicator on its way
+        drift = self.name_drift(spec, z, drifting)
+        return None if drift.fault == UNKNOWN else _Named.of(drift, True)
+
+    def _step(
+        self,
+        device_id: str,
+        spec: FeatureSpec,
+        ts_ms: int,
+        score: float,
+        named: _Named | None,
+        change: Sequence[float] | npt.NDArray[np.float32],
+    ) -> list[Diagnosis]:
+        """Follow one reading: ``named`` is its hypothesis when it scores at all."""
+        cfg = self.config
         state = self._devices.get(device_id)
         if state is None:
-            if score < cfg.close_threshold:
-                return []
             state = self._devices[device_id] = _DeviceState()
         if score >= cfg.open_threshold:
             if state.above == 0:
@@ -333,31 +634,23 @@ class DiagnosisPolicy:
             state.above = 0
             state.below = 0
         changes: list[Diagnosis] = []
-        model_case = next((c for c in state.cases.values() if c.from_model), None)
-        if score >= cfg.close_threshold:
-            hypothesis = self.name_fault(spec, z)
-            explained = any(abs(c.z) >= cfg.min_driver_z for c in hypothesis.drivers)
-            if (
-                drifting is not None
-                and drifting.any()
-                and (hypothesis.fault == UNKNOWN or not explained)
-            ):
-                # a drift explains the score only as a wear fault's indicator on its way
-                drift = self.name_drift(spec, z, drifting)
-                if drift.fault != UNKNOWN:
-                    hypothesis, explained = drift, True
-            self._observe(device_id, spec, hypothesis.fault, ts_ms, change)
-            sustained = (
-                state.above >= cfg.open_after
+        if named is not None:
+            model_case = None
+            for case in state.cases.values():
+                if case.from_model:
+                    model_case = case
+                    break
+            self._observe(device_id, spec, named.fault, ts_ms, change)
+            if model_case is not None:
+                changes = self._follow(device_id, spec, ts_ms, score, named, state, model_case)
+            elif (
+                named.explained
+                and state.above >= cfg.open_after
                 and (ts_ms - state.above_since_ms) / 1000.0 >= cfg.open_after_s
-            )
-            if model_case is None and sustained and explained:
-                changes += self._open_model(device_id, spec, ts_ms, score, hypothesis, state)
-            elif model_case is not None:
-                changes += self._follow(
-                    device_id, spec, ts_ms, score, hypothesis, state, model_case
-                )
-        changes += self._close_quiet(device_id, state, ts_ms, score)
+            ):
+                changes = self._open_model(device_id, spec, ts_ms, score, named, state)
+        if state.below >= cfg.close_after and state.cases:
+            changes += self._close_quiet(device_id, state, ts_ms, score)
         if not state.cases and state.above == 0 and score < cfg.close_threshold:
             del self._devices[device_id]
         return changes
@@ -368,7 +661,7 @@ class DiagnosisPolicy:
         spec: FeatureSpec,
         fault: str,
         ts_ms: int,
-        change: npt.NDArray[np.float32],
+        change: Sequence[float] | npt.NDArray[np.float32],
     ) -> None:
         indicator = self._layout(spec).indicator.get(fault)
         if indicator is None:
@@ -393,7 +686,7 @@ class DiagnosisPolicy:
         spec: FeatureSpec,
         ts_ms: int,
         score: float,
-        hypothesis: Hypothesis,
+        hypothesis: _Named,
         state: _DeviceState,
     ) -> list[Diagnosis]:
         existing = state.cases.get(hypothesis.fault)
@@ -419,7 +712,7 @@ class DiagnosisPolicy:
             evidence=(f"score {score:.2f} for {state.above} updates",),
         )
         state.cases[hypothesis.fault] = _Case(
-            diagnosis, from_model=True, last_sent_ms=ts_ms, sent=diagnosis
+            diagnosis, from_model=True, last_code_ms=None, ts_ms=ts_ms
         )
         _LOG.info("%s: opened %s (score %.2f)", device_id, hypothesis.fault, score)
         return [diagnosis]
@@ -430,13 +723,13 @@ class DiagnosisPolicy:
         spec: FeatureSpec,
         ts_ms: int,
         score: float,
-        hypothesis: Hypothesis,
+        hypothesis: _Named,
         state: _DeviceState,
         case: _Case,
     ) -> list[Diagnosis]:
         cfg = self.config
-        current = case.diagnosis.fault
-        if hypothesis.fault not in (current, UNKNOWN):
+        current = case.fault
+        if hypothesis.fault != current and hypothesis.fault != UNKNOWN:
             if state.rival == hypothesis.fault:
                 state.rival_count += 1
             else:
@@ -456,13 +749,14 @@ class DiagnosisPolicy:
         state.rival, state.rival_count = None, 0
         confidence = round(score * max(hypothesis.confidence, 0.1), 4)
         if case.last_code_ms is not None:
-            confidence = max(confidence, case.diagnosis.confidence)
+            confidence = max(confidence, case.confidence)
+        # deviations all within the noise keep the drivers seen last
         return self._send(
             case,
             ts_ms,
             score=score,
             confidence=confidence,
-            drivers=hypothesis.drivers or case.diagnosis.drivers,
+            drivers=hypothesis if hypothesis.moved else None,
         )
 
     def _send(
@@ -472,48 +766,46 @@ class DiagnosisPolicy:
         *,
         score: float | None = None,
         confidence: float | None = None,
-        drivers: tuple[Contribution, ...] | None = None,
-        source: str | None = None,
+        drivers: _Named | None = None,
+        source: Source | None = None,
         evidence: str | None = None,
         force: bool = False,
     ) -> list[Diagnosis]:
-        old = case.diagnosis
-        ttf = self._ttf(old.device_id, old.fault, ts_ms) or old.time_to_failure
-        new_conf = old.confidence if confidence is None else confidence
-        new = replace(
-            old,
-            status="update",
-            updated_at=ms_to_datetime(ts_ms),
-            score=old.score if score is None else score,
-            confidence=new_conf,
-            drivers=old.drivers if drivers is None else drivers,
-            source=old.source if source is None else source,  # type: ignore[arg-type]
+        ttf = self._ttf(case.device_id, case.fault, ts_ms) or case.time_to_failure
+        case.revise(
+            ts_ms,
+            score=score,
+            confidence=confidence,
+            drivers=drivers,
+            source=source,
+            evidence=evidence,
             time_to_failure=ttf,
-            evidence=old.evidence if evidence is None else (*old.evidence[-9:], evidence),
         )
-        case.diagnosis = new
         elapsed_s = (ts_ms - case.last_sent_ms) / 1000.0
         if not (
             force
             or elapsed_s >= self.config.update_every_s
-            or self._material(case.sent or old, new, elapsed_s)
+            or self._material(case.sent, case, elapsed_s)
         ):
             return []
+        new = case.diagnosis
         case.last_sent_ms = ts_ms
         case.sent = new
         return [new]
 
-    def _material(self, sent: Diagnosis, new: Diagnosis, elapsed_s: float) -> bool:
-        """Whether ``new`` differs from the last diagnosis sent enough to send it."""
+    def _material(self, sent: Diagnosis, case: _Case, elapsed_s: float) -> bool:
+        """Whether the case differs from the last diagnosis sent enough to send it.
+
+        A case keeps its fault and remedies; its source, confidence and predicted failure
+        time are what may have moved.
+        """
         cfg = self.config
         if (
-            new.fault != sent.fault
-            or new.source != sent.source
-            or new.remedies != sent.remedies
-            or abs(new.confidence - sent.confidence) >= cfg.confidence_step - 1e-9
+            case.source != sent.source
+            or abs(case.confidence - sent.confidence) >= cfg.confidence_step - 1e-9
         ):
             return True
-        before, now = sent.time_to_failure, new.time_to_failure
+        before, now = sent.time_to_failure, case.time_to_failure
         if now is None:
             return False
         if before is None:
@@ -547,7 +839,7 @@ class DiagnosisPolicy:
         changes: list[Diagnosis] = []
         for fault, case in list(state.cases.items()):
             if case.last_code_ms is not None:
-                entry = self._entry(case.diagnosis.model, fault)
+                entry = self._entry(case.model, fault)
                 quiet_s = 86_400.0 if entry is None else entry.quiet_close_s
                 if (ts_ms - case.last_code_ms) / 1000.0 < quiet_s:
                     continue
@@ -601,8 +893,8 @@ class DiagnosisPolicy:
         if case is not None:
             known = case.last_code_ms is not None
             case.last_code_ms = ts_ms
-            source = "both" if case.from_model else "device"
-            conf = min(0.99, max(case.diagnosis.confidence, confidence) + (0.05 if known else 0.2))
+            source: Source = "both" if case.from_model else "device"
+            conf = min(0.99, max(case.confidence, confidence) + (0.05 if known else 0.2))
             return self._send(
                 case, ts_ms, confidence=conf, source=source, evidence=stamp, force=not known
             )
@@ -621,11 +913,7 @@ class DiagnosisPolicy:
             evidence=(stamp,),
         )
         state.cases[entry.fault] = _Case(
-            diagnosis,
-            from_model=False,
-            last_code_ms=ts_ms,
-            last_sent_ms=ts_ms,
-            sent=diagnosis,
+            diagnosis, from_model=False, last_code_ms=ts_ms, ts_ms=ts_ms
         )
         _LOG.info("%s: opened %s (%s)", device_id, entry.fault, what)
         return [diagnosis]

@@ -192,3 +192,62 @@ def test_a_drifting_wear_indicator_names_its_fault_at_a_moderate_z() -> None:
     for i in range(40, 80):
         out += policy.on_score("w1", SPEC, T0 + i * MIN, 0.5, z, z * 0.01, drifting)
     assert [(d.status, d.fault) for d in out] == [("open", "sensor_drift")]
+
+
+def _stream(seed: int, devices: int, steps: int) -> list[tuple[str, int, float, np.ndarray]]:
+    """Readings of a few washers drifting in and out of faults, with noise and gaps."""
+    rng = np.random.default_rng(seed)
+    width = len(SPEC.features)
+    out = []
+    for step in range(steps):
+        for d in range(devices):
+            phase = (step // 40 + d) % 4
+            z = rng.normal(0.0, 1.5, width).astype(np.float32)
+            if phase == 1:
+                z[SPEC.index("spin_vibration")] += 8.0 + rng.normal(0.0, 3.0)
+            elif phase == 2:
+                z[SPEC.index("drain_flow_l_min")] -= 6.0 + rng.normal(0.0, 2.0)
+            if rng.random() < 0.05:
+                z[rng.integers(width)] = np.nan
+            if rng.random() < 0.05:
+                z[:] = 0.0
+            score = np.clip(rng.normal(0.6, 0.25) if phase else rng.normal(0.05, 0.05), 0, 1)
+            # scores come as float32, like the engine's
+            out.append((f"w{d}", T0 + step * MIN, float(np.float32(score)), z))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_many_readings_at_once_decide_as_one_at_a_time(seed: int) -> None:
+    cfg = PolicyConfig(open_after=2, open_after_s=0.0, close_after=20, revise_after=3)
+    one, many = DiagnosisPolicy(cfg), DiagnosisPolicy(cfg)
+    stream = _stream(seed, devices=3, steps=400)
+    drift_at = SPEC.index("idle_temp_offset_k")
+    expected: list[bytes] = []
+    got: list[bytes] = []
+    for start in range(0, len(stream), 3):
+        rows = stream[start : start + 3]
+        z = np.stack([r[3] for r in rows])
+        change = z * np.float32(0.05)
+        drifting = np.zeros(z.shape, dtype=np.bool_)
+        drifting[:, drift_at] = [(start // 3 + k) % 9 == 0 for k in range(len(rows))]
+        for k, (device_id, ts_ms, score, _) in enumerate(rows):
+            made = one.on_score(device_id, SPEC, ts_ms, score, z[k], change[k], drifting[k])
+            expected += [encode_diagnosis(d) for d in made]
+        changes, watched = many.on_scores(
+            [r[0] for r in rows],
+            SPEC,
+            [r[1] for r in rows],
+            np.array([r[2] for r in rows], dtype=np.float32),
+            z,
+            change,
+            drifting,
+        )
+        got += [encode_diagnosis(d) for _, d in changes]
+        assert watched == [one.is_watched(r[0]) for r in rows]
+    statuses = {decode_diagnosis(d).status for d in expected}
+    assert statuses == {"open", "update", "closed"}
+    assert got == expected
+    assert [encode_diagnosis(d) for d in many.open_diagnoses()] == [
+        encode_diagnosis(d) for d in one.open_diagnoses()
+    ]
