@@ -425,14 +425,19 @@ def _iso_ms(at_ms: int) -> str:
 async def _fleet(request: web.Request) -> web.StreamResponse:
     _session(request)
     settings = request.app[SETTINGS_KEY]
-    snapshot = await request.app[CACHE_KEY].snapshot()
-    data = await asyncio.to_thread(
-        overview,
-        snapshot,
-        healthy_below=settings.healthy_below,
-        anomalous_from=settings.anomalous_from,
-        iso=_iso_ms,
-    )
+    cache = request.app[CACHE_KEY]
+    snapshot = await cache.snapshot()
+    data = cache.derived(snapshot, "fleet")
+    if data is None:
+        data = await asyncio.to_thread(
+            overview,
+            snapshot,
+            healthy_below=settings.healthy_below,
+            anomalous_from=settings.anomalous_from,
+            iso=_iso_ms,
+        )
+        cache.keep(snapshot, "fleet", data)
+    data = dict(data)
     data["generated_at"] = _iso(request.app[CLOCK_KEY]())
     data["scores_available"] = request.app[INFLUX_KEY] is not None
     return _json(data)
@@ -847,38 +852,47 @@ async def _outcomes(request: web.Request) -> web.StreamResponse:
     _session(request)
     store = request.app[STORE_KEY]
     since = _since(request, 0)
-    snapshot = await request.app[CACHE_KEY].snapshot()
-    cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
-    ratings, visits = await asyncio.gather(store.ratings(), store.appointments())
-    resolved_at = await request.app[CACHE_KEY].resolved_at(cases)
-    data = await asyncio.to_thread(
-        stats.outcomes,
-        cases,
-        ratings,
-        snapshot.devices,
-        resolved_at,
-        {v.case_id for v in visits if v.state != "cancelled"},
-    )
-    data["since"] = _iso(since)
+    cache = request.app[CACHE_KEY]
+    snapshot = await cache.snapshot()
+    key = ("outcomes", request.query.get("days", "0"))
+    data = cache.derived(snapshot, key)
+    if data is None:
+        cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
+        ratings, visits = await asyncio.gather(store.ratings(), store.appointments())
+        resolved_at = await cache.resolved_at(cases)
+        data = await asyncio.to_thread(
+            stats.outcomes,
+            cases,
+            ratings,
+            snapshot.devices,
+            resolved_at,
+            {v.case_id for v in visits if v.state != "cancelled"},
+        )
+        data["since"] = _iso(since)
+        cache.keep(snapshot, key, data)
     return _json(data)
 
 
 async def _insight(request: web.Request) -> web.StreamResponse:
     _session(request)
     since = _since(request, 0)
-    snapshot = await request.app[CACHE_KEY].snapshot()
-    cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
-    groups = await asyncio.to_thread(stats.fleet_insight, list(snapshot.devices.values()), cases)
-    flagged = [g for g in groups if g.flagged]
-    rest = [g for g in groups if not g.flagged][:100]
-    return _json(
-        {
+    cache = request.app[CACHE_KEY]
+    snapshot = await cache.snapshot()
+    key = ("insight", request.query.get("days", "0"))
+    data = cache.derived(snapshot, key)
+    if data is None:
+        cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
+        groups = await asyncio.to_thread(
+            stats.fleet_insight, list(snapshot.devices.values()), cases
+        )
+        data = {
             "since": _iso(since),
             "devices": len(snapshot.devices),
-            "flagged": [g.as_json() for g in flagged],
-            "groups": [g.as_json() for g in rest],
+            "flagged": [g.as_json() for g in groups if g.flagged],
+            "groups": [g.as_json() for g in groups if not g.flagged][:100],
         }
-    )
+        cache.keep(snapshot, key, data)
+    return _json(data)
 
 
 async def _campaign(request: web.Request) -> web.StreamResponse:
@@ -988,6 +1002,10 @@ async def _end_streams(app: web.Application) -> None:
         subscription.close()
 
 
+async def _close_cache(app: web.Application) -> None:
+    await app[CACHE_KEY].close()
+
+
 # -- the app ---------------------------------------------------------------------------
 
 #: The JSON API: method, path, handler (each handler checks the role it needs).
@@ -1069,4 +1087,5 @@ def create_app(
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.on_shutdown.append(_end_streams)
+    app.on_cleanup.append(_close_cache)
     return app

@@ -5,7 +5,8 @@ every case; with 10,000 devices that is the expensive part of an answer. A
 :class:`FleetCache` keeps one snapshot for ``cache_s`` seconds and drops it as soon as
 the live :class:`~dashboard.feed.CaseFeed` reports a change (its version moves on), so
 a page never shows a case state older than the feed it listens to. Concurrent requests
-share one refresh.
+share one refresh. The latest scores are refreshed in the background (see
+:meth:`FleetCache.snapshot`), and answers computed from a snapshot are kept with it.
 
 The resolution time of a case comes from its audit trail (the ``transition`` to
 ``resolved``); an audit trail is only appended to, so once found it is kept for good.
@@ -14,20 +15,25 @@ The resolution time of a case comes from its audit trail (the ``transition`` to
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 from dashboard.feed import CaseFeed
 from dashboard.influxql import Measurements, latest_scores
+from gateway.errors import PermanentError, TransientError
 from gateway.influx import InfluxClient
 from notifier.model import OPEN_STATES, Case, DeviceRecord
 from notifier.store import CaseStore
 
 __all__ = ["FleetCache", "Snapshot", "health_level", "overview"]
+
+_LOG = logging.getLogger(__name__)
 
 #: Fleet-wide reads take every row; the store's default limit is for pages.
 ALL_ROWS: Final = 10_000_000
@@ -82,6 +88,12 @@ class FleetCache:
         self._lock = asyncio.Lock()
         self._resolved: dict[str, datetime] = {}
         self._unresolved: dict[str, datetime] = {}
+        self._derived: dict[Hashable, Any] = {}
+        self._scores: dict[str, tuple[int, float]] | None = None
+        self._scores_at = 0.0
+        self._scores_task: asyncio.Task[None] | None = None
+        #: Score reads that failed in the background (the old scores stayed in use).
+        self.score_failures = 0
 
     def _fresh(self, snapshot: Snapshot | None) -> bool:
         return (
@@ -91,37 +103,81 @@ class FleetCache:
         )
 
     async def snapshot(self) -> Snapshot:
-        """The current snapshot (read now if the last one is stale)."""
-        if self._fresh(self._snapshot):
-            assert self._snapshot is not None
-            return self._snapshot
+        """The current snapshot (the store is read again if it is stale).
+
+        Case states are never older than the feed: a feed change makes the next request
+        read the store. The latest scores (one InfluxDB query over every device's series,
+        the slow part with a big fleet) are refreshed in the background once older than
+        ``cache_s``, and the previous ones are used meanwhile.
+        """
+        snapshot = self._snapshot
+        if self._fresh(snapshot) and not self._scores_stale():
+            assert snapshot is not None
+            return snapshot
         async with self._lock:
-            if self._fresh(self._snapshot):
-                assert self._snapshot is not None
-                return self._snapshot
-            version = self._feed.version
-            devices, cases, scores = await asyncio.gather(
-                self._store.devices(),
-                self._store.cases(limit=ALL_ROWS),
-                self._scores(),
-            )
-            self._snapshot = Snapshot(
-                devices={d.device_id: d for d in devices},
-                cases=cases,
-                scores=scores,
-                read_at=time.monotonic(),
-                version=version,
-            )
+            if self._scores is None or self._cache_s == 0:
+                self._scores = await self._read_scores()
+                self._scores_at = time.monotonic()
+            elif self._scores_stale() and self._scores_task is None:
+                self._scores_task = asyncio.create_task(self._refresh_scores())
+            snapshot = self._snapshot
+            if self._fresh(snapshot) and snapshot is not None:
+                if snapshot.scores is self._scores:
+                    return snapshot
+                devices: Mapping[str, DeviceRecord] = snapshot.devices
+                cases: Sequence[Case] = snapshot.cases
+                read_at, version = snapshot.read_at, snapshot.version
+            else:
+                version = self._feed.version
+                records, cases = await asyncio.gather(
+                    self._store.devices(), self._store.cases(limit=ALL_ROWS)
+                )
+                devices = {d.device_id: d for d in records}
+                read_at = time.monotonic()
+            self._snapshot = Snapshot(devices, cases, self._scores, read_at, version)
+            self._derived.clear()
             return self._snapshot
 
-    async def _scores(self) -> dict[str, tuple[int, float]]:
+    def _scores_stale(self) -> bool:
+        return self._scores is None or time.monotonic() - self._scores_at >= self._cache_s
+
+    async def _read_scores(self) -> dict[str, tuple[int, float]]:
         if self._influx is None:
             return {}
         return await latest_scores(self._influx, measurements=self._measurements)
 
+    async def _refresh_scores(self) -> None:
+        try:
+            self._scores = await self._read_scores()
+            self._scores_at = time.monotonic()
+        except (TransientError, PermanentError) as exc:
+            self.score_failures += 1
+            self._scores_at = time.monotonic()  # try again after another cache_s
+            _LOG.warning("latest scores not read (%s); the previous ones stay", exc)
+        finally:
+            self._scores_task = None
+
+    async def close(self) -> None:
+        """Stop a background score read (on app cleanup)."""
+        task, self._scores_task = self._scores_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def derived(self, snapshot: Snapshot, key: Hashable) -> Any:
+        """A result computed from ``snapshot`` before (``None`` if not)."""
+        return self._derived.get(key) if snapshot is self._snapshot else None
+
+    def keep(self, snapshot: Snapshot, key: Hashable, value: Any) -> None:
+        """Remember a result computed from ``snapshot`` until the next snapshot."""
+        if snapshot is self._snapshot:
+            self._derived[key] = value
+
     def invalidate(self) -> None:
         """Forget the snapshot (after a change the dashboard made itself)."""
         self._snapshot = None
+        self._derived.clear()
 
     async def resolved_at(self, cases: Sequence[Case]) -> dict[str, datetime]:
         """When each of ``cases`` that was ever resolved was resolved (audit trail)."""

@@ -345,18 +345,19 @@ def fleet_insight(
             for (model, group), n in sizes[dimension].items():
                 if model in fault_models:
                     group_sizes[group] += n
-            hits: Counter[str] = Counter(group_of(registry[d], dimension) for d in hit)
-            for group, count in hits.items():
+            members: defaultdict[str, list[str]] = defaultdict(list)
+            for device_id in hit:
+                members[group_of(registry[device_id], dimension)].append(device_id)
+            for group, mine in members.items():
                 results.append(
                     _rate(
                         fault,
                         dimension,
                         group,
                         group_sizes[group],
-                        count,
+                        mine,
                         population,
                         len(hit),
-                        hit,
                         open_devices[fault],
                         registry,
                         remedies,
@@ -374,10 +375,9 @@ def _rate(
     dimension: Dimension,
     group: str,
     size: int,
-    count: int,
+    members: list[str],
     population: int,
     total: int,
-    hit: set[str],
     still_open: set[str],
     registry: Mapping[str, DeviceRecord],
     remedies: Mapping[tuple[str, str], Counter[str]],
@@ -385,6 +385,7 @@ def _rate(
     min_ratio: float,
     alpha: float,
 ) -> GroupRate:
+    count = len(members)
     rest_devices = population - size
     rest_affected = total - count
     rest_rate = rest_affected / rest_devices if rest_devices else 0.0
@@ -402,7 +403,6 @@ def _rate(
         and (rest_rate == 0.0 or rate >= min_ratio * rest_rate)
         and p_value < alpha
     )
-    members = [d for d in hit if group_of(registry[d], dimension) == group]
     planned: Counter[str] = Counter()
     for device_id in members:
         planned.update(remedies.get((fault, device_id), Counter()))

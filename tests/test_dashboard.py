@@ -23,7 +23,8 @@ from aiohttp.test_utils import TestClient
 from dashboard.app import COOKIE_NAME, CSRF_HEADER, create_app
 from dashboard.auth import OpsUser, hash_password, verify_password
 from dashboard.feed import CaseFeed
-from dashboard.influxql import bucket_s
+from dashboard.fleet import FleetCache
+from dashboard.influxql import Measurements, bucket_s
 from dashboard.settings import DashboardSettings
 from dashboard.stats import binomial_sf, fleet_insight, outcomes
 from fixloop.stack import InfluxdServer
@@ -1148,3 +1149,42 @@ async def test_feed_queues_are_bounded_and_drop_the_oldest() -> None:
         assert await fast.get() is None
     assert feed.subscribers == 0
     assert feed.version == 5
+
+
+async def test_fleet_cache_follows_the_feed_and_refreshes_scores_behind(
+    store: SqliteStore, influx: InfluxClient
+) -> None:
+    seed = await seed_fleet(store)
+    feed = CaseFeed()
+    cache = FleetCache(store, influx, feed, cache_s=0.3, measurements=Measurements())
+
+    async def score(value: float, at: datetime) -> None:
+        line = point_line(
+            "health",
+            {"device": "dev-0000"},
+            {"score": value, "baseline": 0.1, "fleet": 0.1},
+            int(at.timestamp() * 1000),
+        )
+        assert not (await influx.write([line])).rejected
+
+    await score(0.1, NOW - timedelta(minutes=2))
+    first = await cache.snapshot()
+    assert first.scores["dev-0000"][1] == 0.1
+    new = make_case("case-new", seed.devices[5], "drain_clog", "opened")
+    await store.add_case(new)
+    assert await cache.snapshot() is first  # reused within cache_s ...
+    feed.publish(new)
+    second = await cache.snapshot()  # ... but never past a change on the feed
+    assert "case-new" in {c.case_id for c in second.cases}
+    await score(0.9, NOW - timedelta(minutes=1))
+    await asyncio.sleep(0.35)
+    latest = (await cache.snapshot()).scores["dev-0000"][1]  # starts a read behind
+    assert latest in (0.1, 0.9)
+    for _ in range(250):  # the background read lands within a few event-loop turns
+        await asyncio.sleep(0.02)
+        latest = (await cache.snapshot()).scores["dev-0000"][1]
+        if latest == 0.9:
+            break
+    assert latest == 0.9
+    assert cache.score_failures == 0
+    await cache.close()
