@@ -239,7 +239,8 @@ async def _scenarios(
     assert ann_case["device_id"] == fw_device
     assert runner.fleet.device(fw_device).firmware == "2.4.0"
     assert "firmware_bug" not in runner.fleet.device(fw_device).active_faults
-    assert "rating_request" in receiver.kinds("ann")
+    # the rating request follows the good news, a push of its own
+    await until("Ann asked to rate", lambda: _kinds(receiver, "ann", "rating_request"), 30)
     status, _ = await _post(http, "ann", f"/cases/{ann_case['case_id']}/rating", {"stars": 5})
     assert status == 201
 
@@ -250,7 +251,7 @@ async def _scenarios(
         timeout_s=180,
     )
     assert bob_case["device_id"] == bearing_device
-    assert "appointment_offer" in receiver.kinds("bob")
+    await until("Bob offered times", lambda: _kinds(receiver, "bob", "appointment_offer"), 30)
     case_id = bob_case["case_id"]
     status, slots = await _get(http, "bob", f"/cases/{case_id}/slots")
     assert status == 200
@@ -276,7 +277,7 @@ async def _scenarios(
         for entry in await store.audit(case_id):  # what the case machine saw and did
             print(entry.at, entry.action, entry.to_state, entry.reason, entry.evidence)
         raise
-    assert "resolved" in receiver.kinds("bob")
+    await until("Bob told it is fixed", lambda: _kinds(receiver, "bob", "resolved"), 30)
 
     # (3) a low rating reaches a person
     status, _ = await _post(
