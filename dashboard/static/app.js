@@ -167,10 +167,20 @@ function stopLive() {
   state.live = null;
 }
 
+function typing() {
+  // a live refresh must not wipe what a person is writing
+  const active = document.activeElement;
+  if (active && ["TEXTAREA", "INPUT", "SELECT"].includes(active.tagName) && $("view").contains(active)) return true;
+  return [...document.querySelectorAll("#view textarea")].some((t) => t.value.trim() !== "");
+}
+
 function scheduleRefresh() {
   if (!["fleet", "cases", "queue", "case"].includes(state.view)) return;
   clearTimeout(state.refreshTimer);
-  state.refreshTimer = setTimeout(() => route({ quiet: true }), 1000);
+  state.refreshTimer = setTimeout(() => {
+    if (typing()) scheduleRefresh();
+    else route({ quiet: true, live: true });
+  }, 1000);
 }
 
 // -- views ---------------------------------------------------------------------------------
@@ -520,8 +530,9 @@ async function viewInsight() {
 
 // -- routing ---------------------------------------------------------------------------------
 
-async function route({ quiet = false } = {}) {
+async function route({ quiet = false, live = false } = {}) {
   if (!state.session) return;
+  if (live && !["fleet", "cases", "queue", "case"].includes(state.view)) return;
   const [path, query] = (location.hash.slice(1) || "/fleet").split("?");
   const params = new URLSearchParams(query || "");
   const parts = path.split("/").filter(Boolean);
