@@ -48,7 +48,7 @@ from dashboard.auth import (
     has_role,
 )
 from dashboard.feed import CaseFeed, Subscription
-from dashboard.fleet import FleetCache, overview
+from dashboard.fleet import FleetCache, fleet_health, overview
 from dashboard.keys import (
     ACTIONS_KEY,
     CACHE_KEY,
@@ -123,8 +123,12 @@ def _utcnow() -> datetime:
 
 
 def _json(data: Any, *, status: int = 200) -> web.Response:
+    return _json_body(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS), status=status)
+
+
+def _json_body(body: bytes, *, status: int = 200) -> web.Response:
     return web.Response(
-        body=orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS),
+        body=body,
         status=status,
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
@@ -429,12 +433,25 @@ async def _fleet(request: web.Request) -> web.StreamResponse:
     snapshot = await cache.snapshot()
     data = cache.derived(snapshot, "fleet")
     if data is None:
+        # the device half is kept while the registry and the scores stay the same
+        inputs = (snapshot.devices, snapshot.scores)
+        health = cache.reused("fleet_health", inputs)
+        if health is None:
+            health = await asyncio.to_thread(
+                fleet_health,
+                snapshot.devices,
+                snapshot.scores,
+                healthy_below=settings.healthy_below,
+                anomalous_from=settings.anomalous_from,
+            )
+            cache.remember("fleet_health", inputs, health)
         data = await asyncio.to_thread(
             overview,
             snapshot,
             healthy_below=settings.healthy_below,
             anomalous_from=settings.anomalous_from,
             iso=_iso_ms,
+            health=health,
         )
         cache.keep(snapshot, "fleet", data)
     data = dict(data)
@@ -621,30 +638,37 @@ async def _board(request: web.Request) -> web.StreamResponse:
         per_stage = min(max(int(request.query.get("per_stage", "100")), 1), 1000)
     except ValueError as exc:
         raise InvalidRequestError("per_stage must be a number") from exc
-    snapshot = await request.app[CACHE_KEY].snapshot()
+    cache = request.app[CACHE_KEY]
+    snapshot = await cache.snapshot()
     wanted = request.query.get("model")
-    stages: defaultdict[str, list[Case]] = defaultdict(list)
-    counts: Counter[str] = Counter()
-    for case in snapshot.cases:
-        if wanted and case.model != wanted:
-            continue
-        counts[case.state] += 1
-        limit = per_stage if case.state in OPEN_STATES else min(per_stage, _CLOSED_PER_STAGE)
-        if len(stages[case.state]) < limit:
-            stages[case.state].append(case)
-    return _json(
-        {
-            "stages": [
-                {
-                    "state": state,
-                    "open": state in OPEN_STATES,
-                    "count": counts.get(state, 0),
-                    "cases": [_case_json(c) for c in stages.get(state, [])],
-                }
-                for state in _STAGES
-            ]
-        }
-    )
+    key = ("board", per_stage, wanted or None)
+    body: bytes | None = cache.derived(snapshot, key)
+    if body is None:
+        stages: defaultdict[str, list[Case]] = defaultdict(list)
+        counts: Counter[str] = Counter()
+        for case in snapshot.cases:
+            if wanted and case.model != wanted:
+                continue
+            counts[case.state] += 1
+            limit = per_stage if case.state in OPEN_STATES else min(per_stage, _CLOSED_PER_STAGE)
+            if len(stages[case.state]) < limit:
+                stages[case.state].append(case)
+        body = orjson.dumps(
+            {
+                "stages": [
+                    {
+                        "state": state,
+                        "open": state in OPEN_STATES,
+                        "count": counts.get(state, 0),
+                        # a card is rendered once per case record, not once per answer
+                        "cases": [cache.rendered(c, _case_json) for c in stages.get(state, [])],
+                    }
+                    for state in _STAGES
+                ]
+            }
+        )
+        cache.keep(snapshot, key, body)
+    return _json_body(body)
 
 
 async def _case(request: web.Request) -> web.StreamResponse:
@@ -709,21 +733,25 @@ def _task_json(task: Any) -> dict[str, Any]:
 async def _queue(request: web.Request) -> web.StreamResponse:
     _session(request)
     store = request.app[STORE_KEY]
+    cache = request.app[CACHE_KEY]
     tasks = [*await store.tasks(state="open"), *await store.tasks(state="taken")]
     tasks.sort(key=lambda t: t.created_at)
-    cases = await asyncio.gather(*(store.get_case(t.case_id) for t in tasks))
-    return _json(
-        {
-            "tasks": [
-                {**_task_json(task), "case": None if case is None else _case_json(case)}
-                for task, case in zip(tasks, cases, strict=True)
-            ]
-        }
-    )
+    # every task's case at once (from the snapshot the feed keeps current), not one by one
+    cases = await cache.cases_by_id(t.case_id for t in tasks)
+    rows = []
+    for task in tasks:
+        case = cases.get(task.case_id)
+        rows.append(
+            {
+                **_task_json(task),
+                "case": None if case is None else cache.rendered(case, _case_json),
+            }
+        )
+    return _json({"tasks": rows})
 
 
 def _changed(request: web.Request, case: Case | None = None) -> None:
-    request.app[CACHE_KEY].invalidate()
+    """Tell the feed (and so every cache that follows it) about a change made here."""
     feed = request.app[FEED_KEY]
     if case is None:
         feed.touch()
@@ -740,7 +768,7 @@ async def _take(request: web.Request) -> web.StreamResponse:
         request.app[CLOCK_KEY],
         override=has_role(session.role, "admin"),
     )
-    _changed(request)
+    # only the task changed: no case, nothing fleet-wide (the queue reads tasks each time)
     return _json({"task": _task_json(task)})
 
 
@@ -807,7 +835,7 @@ async def _appointments(request: web.Request) -> web.StreamResponse:
         request.app[CACHE_KEY].snapshot(),
     )
     names = {t.technician_id: t.name for t in technicians}
-    cases = {c.case_id: c for c in snapshot.cases}
+    cases = snapshot.by_id
     rows = []
     for visit in visits:
         case = cases.get(visit.case_id)
@@ -850,7 +878,6 @@ def _since(request: web.Request, default_days: int) -> datetime | None:
 
 async def _outcomes(request: web.Request) -> web.StreamResponse:
     _session(request)
-    store = request.app[STORE_KEY]
     since = _since(request, 0)
     cache = request.app[CACHE_KEY]
     snapshot = await cache.snapshot()
@@ -858,15 +885,10 @@ async def _outcomes(request: web.Request) -> web.StreamResponse:
     data = cache.derived(snapshot, key)
     if data is None:
         cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
-        ratings, visits = await asyncio.gather(store.ratings(), store.appointments())
+        ratings, visited = await cache.outcome_records()
         resolved_at = await cache.resolved_at(cases)
         data = await asyncio.to_thread(
-            stats.outcomes,
-            cases,
-            ratings,
-            snapshot.devices,
-            resolved_at,
-            {v.case_id for v in visits if v.state != "cancelled"},
+            stats.outcomes, cases, ratings, snapshot.devices, resolved_at, visited
         )
         data["since"] = _iso(since)
         cache.keep(snapshot, key, data)
@@ -882,8 +904,13 @@ async def _insight(request: web.Request) -> web.StreamResponse:
     data = cache.derived(snapshot, key)
     if data is None:
         cases = [c for c in snapshot.cases if since is None or c.opened_at >= since]
+        # the registry's groups are kept while the registry stays the same
+        grouped = cache.reused("population", (snapshot.devices,))
+        if grouped is None:
+            grouped = await asyncio.to_thread(stats.population, snapshot.devices.values())
+            cache.remember("population", (snapshot.devices,), grouped)
         groups = await asyncio.to_thread(
-            stats.fleet_insight, list(snapshot.devices.values()), cases
+            stats.fleet_insight, list(snapshot.devices.values()), cases, grouped=grouped
         )
         data = {
             "since": _iso(since),

@@ -6,14 +6,19 @@ each open server-sent-events stream holds a :class:`Subscription` with its own b
 queue. A slow browser never holds up the feed: when its queue is full the oldest change
 is dropped and counted (the page refetches when it learns it missed some).
 
-Every publish also bumps :attr:`CaseFeed.version`, which the dashboard's short-lived
-caches of fleet-wide reads compare to know when to read the store again.
+Every publish also bumps :attr:`CaseFeed.version` and is kept in a short log of recent
+changes, so the dashboard's cache of fleet-wide reads can catch up with
+:meth:`CaseFeed.changes_since` (apply the changed cases to what it holds) instead of
+reading every case again. A change without a case (:meth:`CaseFeed.touch`), or a gap
+longer than the log, tells the cache to read the store again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+from collections import deque
 from types import TracebackType
 from typing import Final, Self
 
@@ -25,6 +30,7 @@ __all__ = ["CaseFeed", "Subscription"]
 _LOG = logging.getLogger(__name__)
 
 _DEFAULT_QUEUE: Final = 256
+_DEFAULT_LOG: Final = 4096
 
 
 class Subscription:
@@ -77,14 +83,19 @@ class CaseFeed:
 
     Args:
         queue_size: the bound of each listener's queue.
+        log_size: how many recent changes :meth:`changes_since` can hand out.
     """
 
-    def __init__(self, *, queue_size: int = _DEFAULT_QUEUE) -> None:
+    def __init__(self, *, queue_size: int = _DEFAULT_QUEUE, log_size: int = _DEFAULT_LOG) -> None:
         if queue_size < 1:
             raise ConfigError("queue_size must be at least 1")
+        if log_size < 1:
+            raise ConfigError("log_size must be at least 1")
         self._queue_size = queue_size
         self._subscribers: set[Subscription] = set()
         self._closed = False
+        # (version, case) of the newest changes; ``None``: a change without a case
+        self._log: deque[tuple[int, Case | None]] = deque(maxlen=log_size)
         #: Changes published so far (a cache key for fleet-wide reads).
         self.version = 0
         #: Changes dropped across all listeners because their queue was full.
@@ -98,12 +109,40 @@ class CaseFeed:
     def publish(self, case: Case) -> None:
         """Hand a changed case to every listener (never blocks; call on the event loop)."""
         self.version += 1
+        self._log.append((self.version, case))
         for subscriber in self._subscribers:
             subscriber._offer(case)
 
     def touch(self) -> None:
         """Note a change made without a case to publish (fleet-wide caches are stale)."""
         self.version += 1
+        self._log.append((self.version, None))
+
+    def changes_since(self, version: int) -> list[Case] | None:
+        """The cases published after ``version``, oldest first.
+
+        Args:
+            version: a value :attr:`version` had before.
+
+        Returns:
+            The changed cases in the order they were published (empty when nothing
+            changed), or ``None`` when they are not known: a change without a case
+            (:meth:`touch`) came after ``version``, or the log no longer reaches back
+            to it.
+        """
+        if version == self.version:
+            return []
+        if not self._log or version > self.version:
+            return None
+        first = self._log[0][0]
+        if version + 1 < first:
+            return None  # older than the log
+        changes: list[Case] = []
+        for _, case in itertools.islice(self._log, version + 1 - first, None):
+            if case is None:
+                return None
+            changes.append(case)
+        return changes
 
     def subscribe(self) -> Subscription:
         """Register a listener; use the result with ``async with``."""

@@ -1,12 +1,26 @@
-"""Fleet-wide reads for the dashboard, kept briefly (case store and InfluxDB -> pages).
+"""Fleet-wide reads for the dashboard, kept and followed live (case store and InfluxDB -> pages).
 
 The overview, the board, the outcomes and the insight all read the whole registry and
 every case; with 10,000 devices that is the expensive part of an answer. A
-:class:`FleetCache` keeps one snapshot for ``cache_s`` seconds and drops it as soon as
-the live :class:`~dashboard.feed.CaseFeed` reports a change (its version moves on), so
-a page never shows a case state older than the feed it listens to. Concurrent requests
-share one refresh. The latest scores are refreshed in the background (see
-:meth:`FleetCache.snapshot`), and answers computed from a snapshot are kept with it.
+:class:`FleetCache` reads them once into a :class:`Snapshot` and then follows the live
+:class:`~dashboard.feed.CaseFeed`: each case published there replaces (or adds) that
+case in a new snapshot, so a page never shows a case state older than the feed it
+listens to, and a case change costs no store read. An update older than the case the
+snapshot holds (by ``updated_at``) is ignored, so late or replayed messages cannot undo
+a newer state.
+
+The store is still read in full as a safety net: behind the answers once a snapshot is
+``cache_s`` old (the current one, kept up to date by the feed, serves meanwhile), before
+the answer once it is ``3 * cache_s`` old (nobody asked for a while), and at once after a
+change the feed cannot describe (:meth:`~dashboard.feed.CaseFeed.touch`, or more
+changes than its log keeps). A missed message is thus corrected within seconds. The
+latest scores are refreshed behind the answers the same way (see
+:meth:`FleetCache.snapshot`).
+
+Answers computed from a snapshot are kept with it (:meth:`FleetCache.derived`); the
+parts of an answer that depend only on the registry or the scores are kept across
+snapshots for as long as those stay the same (:meth:`FleetCache.reused`), so a case
+change recomputes only what counts cases.
 
 The resolution time of a case comes from its audit trail (the ``transition`` to
 ``resolved``); an audit trail is only appended to, so once found it is kept for good.
@@ -19,54 +33,111 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from dashboard.feed import CaseFeed
 from dashboard.influxql import Measurements, latest_scores
 from gateway.errors import PermanentError, TransientError
 from gateway.influx import InfluxClient
-from notifier.model import OPEN_STATES, Case, DeviceRecord
+from notifier.model import OPEN_STATES, Case, DeviceRecord, Rating
 from notifier.store import CaseStore
 
-__all__ = ["FleetCache", "Snapshot", "health_level", "overview"]
+__all__ = [
+    "FleetCache",
+    "FleetHealth",
+    "Snapshot",
+    "apply_changes",
+    "fleet_health",
+    "health_level",
+    "overview",
+]
 
 _LOG = logging.getLogger(__name__)
 
 #: Fleet-wide reads take every row; the store's default limit is for pages.
 ALL_ROWS: Final = 10_000_000
 _WORST: Final = 20
+#: A snapshot this many times ``cache_s`` old is read again before the answer.
+_MAX_AGE_FACTOR: Final = 3
+#: Up to this many changed cases, their ratings and visits are looked up one by one;
+#: past it, all ratings and visits are read again (two queries).
+_LOOKUPS: Final = 32
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The registry, every case and the latest scores, read together.
+    """The registry, every case and the latest scores, as of one feed version.
 
     Attributes:
         devices: the registry by device id.
-        cases: every case, newest first.
+        cases: every case, newest first (by opening time, then case id, as the store).
+        by_id: the same cases by case id.
         scores: device id to its newest ``(epoch ms, score)``.
-        read_at: monotonic time of the read.
-        version: the feed version it was read at.
+        read_at: monotonic time of the full store read this snapshot descends from.
+        version: the feed version it is current with.
     """
 
     devices: Mapping[str, DeviceRecord]
     cases: Sequence[Case]
+    by_id: Mapping[str, Case]
     scores: Mapping[str, tuple[int, float]]
     read_at: float
     version: int
 
 
+def _newest_first(case: Case) -> tuple[datetime, str]:
+    return case.opened_at, case.case_id
+
+
+def apply_changes(
+    snapshot: Snapshot, changes: Iterable[Case], version: int
+) -> tuple[Snapshot, set[str]]:
+    """A new snapshot with changed cases put in place of their older records.
+
+    Args:
+        snapshot: the snapshot to start from (left as it is).
+        changes: changed or new cases, oldest change first.
+        version: the feed version the result is current with.
+
+    Returns:
+        The new snapshot and the ids of the cases that changed in it. A change whose
+        ``updated_at`` is older than the record held is skipped (a late or replayed
+        message must not undo a newer state); one as new replaces it (the later message
+        wins).
+    """
+    by_id = dict(snapshot.by_id)
+    changed: dict[str, Case] = {}
+    reorder = False
+    for case in changes:
+        known = by_id.get(case.case_id)
+        if known is not None and case.updated_at < known.updated_at:
+            continue
+        if known is None or known.opened_at != case.opened_at:
+            reorder = True
+        by_id[case.case_id] = changed[case.case_id] = case
+    if not changed:
+        return replace(snapshot, version=version), set()
+    if reorder:
+        cases = sorted(by_id.values(), key=_newest_first, reverse=True)
+    else:
+        cases = [changed.get(case.case_id, case) for case in snapshot.cases]
+    return replace(snapshot, cases=cases, by_id=by_id, version=version), set(changed)
+
+
 class FleetCache:
-    """Shares fleet-wide reads between requests for a few seconds.
+    """Keeps fleet-wide reads between requests and follows the live feed.
 
     Args:
         store: the case store.
         influx: InfluxDB (``None``: no scores).
-        feed: the live feed whose version ends a snapshot.
-        cache_s: the most a snapshot is reused (``0``: never).
+        feed: the live feed whose changes the snapshot follows.
+        cache_s: how old a snapshot (and the scores) may get before they are read again
+            behind the answers (``0``: every request reads everything).
         measurements: the InfluxDB measurement names.
     """
 
@@ -83,60 +154,133 @@ class FleetCache:
         self._influx = influx
         self._feed = feed
         self._cache_s = cache_s
+        self._max_age_s = cache_s * _MAX_AGE_FACTOR
         self._measurements = measurements
         self._snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._resolved: dict[str, datetime] = {}
         self._unresolved: dict[str, datetime] = {}
         self._derived: dict[Hashable, Any] = {}
+        self._memo: dict[Hashable, tuple[tuple[object, ...], Any]] = {}
+        self._views: dict[str, tuple[Case, Callable[[Case], Any], Any]] = {}
         self._scores: dict[str, tuple[int, float]] | None = None
         self._scores_at = 0.0
         self._scores_task: asyncio.Task[None] | None = None
+        self._reread_task: asyncio.Task[None] | None = None
+        self._reread_after = 0.0
+        # ratings and technician visits for the outcomes, kept up to date per changed case
+        self._records_lock = asyncio.Lock()
+        self._ratings: dict[str, Rating] = {}
+        self._visited: set[str] = set()
+        self._records_stale = True
+        self._unchecked: set[str] = set()
         #: Score reads that failed in the background (the old scores stayed in use).
         self.score_failures = 0
+        #: Full store reads behind the answers that failed (the snapshot stayed in use).
+        self.read_failures = 0
+        #: Full reads of the registry and every case so far.
+        self.store_reads = 0
+        #: Case changes from the feed applied to a snapshot so far.
+        self.applied = 0
 
-    def _fresh(self, snapshot: Snapshot | None) -> bool:
-        return (
-            snapshot is not None
-            and snapshot.version == self._feed.version
-            and time.monotonic() - snapshot.read_at < self._cache_s
-        )
+    def _age_s(self, snapshot: Snapshot) -> float:
+        return time.monotonic() - snapshot.read_at
+
+    def _install(self, snapshot: Snapshot) -> Snapshot:
+        self._snapshot = snapshot
+        self._derived.clear()
+        return snapshot
+
+    def _caught_up(self) -> Snapshot | None:
+        """The snapshot with the feed's changes applied (``None``: read the store first)."""
+        snapshot = self._snapshot
+        if snapshot is None or self._age_s(snapshot) >= self._max_age_s:
+            return None
+        if snapshot.version != self._feed.version:
+            changes = self._feed.changes_since(snapshot.version)
+            if changes is None:
+                return None
+            snapshot, changed = apply_changes(snapshot, changes, self._feed.version)
+            self.applied += len(changes)
+            self._unchecked |= changed
+            self._install(snapshot)
+        if self._scores is not None and snapshot.scores is not self._scores:
+            snapshot = self._install(replace(snapshot, scores=self._scores))
+        return snapshot
 
     async def snapshot(self) -> Snapshot:
-        """The current snapshot (the store is read again if it is stale).
+        """The current snapshot.
 
-        Case states are never older than the feed: a feed change makes the next request
-        read the store. The latest scores (one InfluxDB query over every device's series,
-        the slow part with a big fleet) are refreshed in the background once older than
-        ``cache_s``, and the previous ones are used meanwhile.
+        Case states are never older than the feed: changes published there are applied
+        to the snapshot before it is handed out. The store is read in full when there is
+        no snapshot yet, after a change the feed cannot describe, and once the snapshot
+        is ``3 * cache_s`` old; from ``cache_s`` on, it is read again behind the answers.
+        The latest scores (one InfluxDB query over every device's series, the slow part
+        with a big fleet) are refreshed behind the answers once older than ``cache_s``,
+        and the previous ones are used meanwhile.
         """
-        snapshot = self._snapshot
-        if self._fresh(snapshot) and not self._scores_stale():
-            assert snapshot is not None
-            return snapshot
-        async with self._lock:
-            if self._scores is None or self._cache_s == 0:
+        if self._cache_s == 0:
+            async with self._lock:
                 self._scores = await self._read_scores()
                 self._scores_at = time.monotonic()
-            elif self._scores_stale() and self._scores_task is None:
-                self._scores_task = asyncio.create_task(self._refresh_scores())
-            snapshot = self._snapshot
-            if self._fresh(snapshot) and snapshot is not None:
-                if snapshot.scores is self._scores:
-                    return snapshot
-                devices: Mapping[str, DeviceRecord] = snapshot.devices
-                cases: Sequence[Case] = snapshot.cases
-                read_at, version = snapshot.read_at, snapshot.version
-            else:
-                version = self._feed.version
-                records, cases = await asyncio.gather(
-                    self._store.devices(), self._store.cases(limit=ALL_ROWS)
-                )
-                devices = {d.device_id: d for d in records}
-                read_at = time.monotonic()
-            self._snapshot = Snapshot(devices, cases, self._scores, read_at, version)
-            self._derived.clear()
-            return self._snapshot
+                return await self._read_store()
+        snapshot = self._caught_up()
+        if snapshot is None:
+            async with self._lock:
+                snapshot = self._caught_up()
+                if snapshot is None:
+                    if self._scores is None:
+                        self._scores = await self._read_scores()
+                        self._scores_at = time.monotonic()
+                    snapshot = await self._read_store()
+        self._refresh_behind(snapshot)
+        return snapshot
+
+    async def _read_store(self) -> Snapshot:
+        """Read the registry and every case, then apply what the feed published meanwhile."""
+        version = self._feed.version
+        started = time.monotonic()
+        records, cases = await asyncio.gather(
+            self._store.devices(), self._store.cases(limit=ALL_ROWS)
+        )
+        self.store_reads += 1
+        snapshot = self._install(
+            Snapshot(
+                devices={d.device_id: d for d in records},
+                cases=cases,
+                by_id={c.case_id: c for c in cases},
+                scores=self._scores or {},
+                read_at=started,
+                version=version,
+            )
+        )
+        self._records_stale = True  # the outcomes' ratings and visits are read again too
+        # if the feed cannot say what changed during the read, the next request reads again
+        return self._caught_up() or snapshot
+
+    def _refresh_behind(self, snapshot: Snapshot) -> None:
+        now = time.monotonic()
+        if self._scores_stale() and self._scores_task is None:
+            self._scores_task = asyncio.create_task(self._refresh_scores())
+        if (
+            self._age_s(snapshot) >= self._cache_s
+            and now >= self._reread_after
+            and self._reread_task is None
+        ):
+            self._reread_task = asyncio.create_task(self._reread())
+
+    async def _reread(self) -> None:
+        try:
+            async with self._lock:
+                current = self._snapshot
+                if current is None or self._age_s(current) >= self._cache_s:
+                    await self._read_store()
+        except (TransientError, PermanentError) as exc:
+            self.read_failures += 1
+            self._reread_after = time.monotonic() + self._cache_s  # not on every request
+            _LOG.warning("fleet not read again (%s); the snapshot stays, kept by the feed", exc)
+        finally:
+            self._reread_task = None
 
     def _scores_stale(self) -> bool:
         return self._scores is None or time.monotonic() - self._scores_at >= self._cache_s
@@ -158,10 +302,12 @@ class FleetCache:
             self._scores_task = None
 
     async def close(self) -> None:
-        """Stop a background score read (on app cleanup)."""
-        task, self._scores_task = self._scores_task, None
-        if task is not None:
+        """Stop the reads behind the answers (on app cleanup)."""
+        tasks = [t for t in (self._scores_task, self._reread_task) if t is not None]
+        self._scores_task = self._reread_task = None
+        for task in tasks:
             task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
@@ -174,10 +320,99 @@ class FleetCache:
         if snapshot is self._snapshot:
             self._derived[key] = value
 
+    def reused(self, key: Hashable, inputs: tuple[object, ...]) -> Any:
+        """A result :meth:`remember`-ed for the very same ``inputs`` objects (or ``None``).
+
+        For parts of an answer that depend on a snapshot's registry or scores only:
+        a case change makes a new snapshot but keeps those objects, so the part is
+        reused until the registry is read again or new scores arrive.
+        """
+        kept = self._memo.get(key)
+        if kept is None or len(kept[0]) != len(inputs):
+            return None
+        if all(a is b for a, b in zip(kept[0], inputs, strict=True)):
+            return kept[1]
+        return None
+
+    def remember(self, key: Hashable, inputs: tuple[object, ...], value: Any) -> None:
+        """Keep ``value`` as computed from ``inputs`` (see :meth:`reused`)."""
+        self._memo[key] = (inputs, value)
+
+    def rendered(self, case: Case, render: Callable[[Case], _T]) -> _T:
+        """``render(case)``, kept until the case changes (records are immutable)."""
+        kept = self._views.get(case.case_id)
+        if kept is not None and kept[0] is case and kept[1] is render:
+            value: _T = kept[2]
+            return value
+        value = render(case)
+        self._views[case.case_id] = (case, render, value)
+        return value
+
     def invalidate(self) -> None:
-        """Forget the snapshot (after a change the dashboard made itself)."""
+        """Forget the snapshot: the next request reads the store."""
         self._snapshot = None
         self._derived.clear()
+
+    async def cases_by_id(self, case_ids: Iterable[str]) -> dict[str, Case]:
+        """The current record of each of ``case_ids`` that exists.
+
+        From the snapshot when the cache is on (a case newer than it, not yet on the
+        feed, is looked up on its own); with the cache off, from one read of every case
+        rather than one query per case.
+        """
+        wanted = set(case_ids)
+        if not wanted:
+            return {}
+        if self._cache_s == 0:
+            index: Mapping[str, Case] = {
+                c.case_id: c for c in await self._store.cases(limit=ALL_ROWS)
+            }
+        else:
+            index = (await self.snapshot()).by_id
+        found = {case_id: index[case_id] for case_id in wanted if case_id in index}
+        missing = sorted(wanted - found.keys()) if self._cache_s else []
+        for case in await asyncio.gather(*(self._store.get_case(c) for c in missing)):
+            if case is not None:
+                found[case.case_id] = case
+        return found
+
+    async def outcome_records(self) -> tuple[list[Rating], set[str]]:
+        """The owners' ratings (oldest first) and the ids of cases with a technician visit.
+
+        Both are read in full once per snapshot read from the store; in between, only the
+        cases the feed changed are looked up again (two small queries each).
+        """
+        if self._cache_s == 0:
+            ratings, visits = await asyncio.gather(
+                self._store.ratings(), self._store.appointments()
+            )
+            return ratings, {v.case_id for v in visits if v.state != "cancelled"}
+        async with self._records_lock:
+            unchecked, self._unchecked = self._unchecked, set()
+            if self._records_stale or len(unchecked) > _LOOKUPS:
+                self._records_stale = False
+                ratings, visits = await asyncio.gather(
+                    self._store.ratings(), self._store.appointments()
+                )
+                self._ratings = {r.case_id: r for r in ratings}
+                self._visited = {v.case_id for v in visits if v.state != "cancelled"}
+            else:
+                ordered = sorted(unchecked)
+                found = await asyncio.gather(
+                    asyncio.gather(*(self._store.get_rating(c) for c in ordered)),
+                    asyncio.gather(*(self._store.appointments(case_id=c) for c in ordered)),
+                )
+                for case_id, rating, visits in zip(ordered, *found, strict=True):
+                    if rating is None:
+                        self._ratings.pop(case_id, None)
+                    else:
+                        self._ratings[case_id] = rating
+                    if any(v.state != "cancelled" for v in visits):
+                        self._visited.add(case_id)
+                    else:
+                        self._visited.discard(case_id)
+            ratings = sorted(self._ratings.values(), key=lambda r: (r.at, r.case_id))
+            return ratings, set(self._visited)
 
     async def resolved_at(self, cases: Sequence[Case]) -> dict[str, datetime]:
         """When each of ``cases`` that was ever resolved was resolved (audit trail)."""
@@ -219,30 +454,48 @@ def _counts() -> dict[str, int]:
     return {"devices": 0, "healthy": 0, "watch": 0, "anomalous": 0, "unknown": 0, "open": 0}
 
 
-def overview(
-    snapshot: Snapshot,
+_GROUPINGS: Final = ("model", "firmware", "batch")
+_LEVELS: Final = ("healthy", "watch", "anomalous", "unknown")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetHealth:
+    """The device half of the overview: it depends on the registry and the scores only.
+
+    With 10,000 devices this is the costly half, so it is kept while neither changes and
+    a case change only counts the open cases again (see :func:`overview`).
+
+    Attributes:
+        health: devices per health level.
+        groups: per grouping (``model``, ``firmware``, ``batch``), the group key to its
+            device counts per level (``open`` is left at 0 here).
+        keys: device id to its group key in each grouping, in that order.
+        worst: ``(score, epoch ms, device id)`` of the highest scores at watch level or
+            above, highest first.
+    """
+
+    health: Mapping[str, int]
+    groups: Mapping[str, Mapping[tuple[str, ...], Mapping[str, int]]]
+    keys: Mapping[str, tuple[tuple[str, ...], ...]]
+    worst: Sequence[tuple[float, int, str]]
+
+
+def fleet_health(
+    devices: Mapping[str, DeviceRecord],
+    scores: Mapping[str, tuple[int, float]],
     *,
     healthy_below: float,
     anomalous_from: float,
-    iso: Callable[[int], str],
-) -> dict[str, Any]:
-    """The fleet overview: devices by model, firmware, batch and health, open cases.
-
-    Returns:
-        ``devices`` (count), ``health`` (devices per level), ``by_model``,
-        ``by_firmware`` and ``by_batch`` (rows with device counts per level and open
-        cases), ``open_cases`` (total and by state) and ``worst`` (the devices with the
-        highest scores at watch level or above).
-    """
+) -> FleetHealth:
+    """Count the devices by grouping and health level (one pass over the registry)."""
     health: Counter[str] = Counter()
     groups: dict[str, defaultdict[tuple[str, ...], dict[str, int]]] = {
-        "model": defaultdict(_counts),
-        "firmware": defaultdict(_counts),
-        "batch": defaultdict(_counts),
+        name: defaultdict(_counts) for name in _GROUPINGS
     }
+    by_model, by_firmware, by_batch = (groups[name] for name in _GROUPINGS)
     keys: dict[str, tuple[tuple[str, ...], ...]] = {}
-    for device in snapshot.devices.values():
-        latest = snapshot.scores.get(device.device_id)
+    for device in devices.values():
+        latest = scores.get(device.device_id)
         level = health_level(latest[1] if latest else None, healthy_below, anomalous_from)
         health[level] += 1
         mine = (
@@ -251,11 +504,61 @@ def overview(
             (device.model, device.batch or "unknown"),
         )
         keys[device.device_id] = mine
-        for name, key in zip(("model", "firmware", "batch"), mine, strict=True):
-            row = groups[name][key]
+        for rows, key in ((by_model, mine[0]), (by_firmware, mine[1]), (by_batch, mine[2])):
+            row = rows[key]
             row["devices"] += 1
             row[level] += 1
+    worst = sorted(
+        (
+            (score, at, device_id)
+            for device_id, (at, score) in scores.items()
+            if score >= healthy_below and device_id in devices
+        ),
+        reverse=True,
+    )[:_WORST]
+    return FleetHealth(
+        health={level: health.get(level, 0) for level in _LEVELS},
+        groups={name: dict(rows) for name, rows in groups.items()},
+        keys=keys,
+        worst=worst,
+    )
+
+
+def overview(
+    snapshot: Snapshot,
+    *,
+    healthy_below: float,
+    anomalous_from: float,
+    iso: Callable[[int], str],
+    health: FleetHealth | None = None,
+) -> dict[str, Any]:
+    """The fleet overview: devices by model, firmware, batch and health, open cases.
+
+    Args:
+        snapshot: the fleet.
+        healthy_below: scores below this are healthy.
+        anomalous_from: scores from this on are anomalous.
+        iso: epoch milliseconds to ISO 8601 text.
+        health: :func:`fleet_health` of the snapshot's devices and scores, when known
+            (then only the cases are counted here).
+
+    Returns:
+        ``devices`` (count), ``health`` (devices per level), ``by_model``,
+        ``by_firmware`` and ``by_batch`` (rows with device counts per level and open
+        cases), ``open_cases`` (total and by state) and ``worst`` (the devices with the
+        highest scores at watch level or above).
+    """
+    if health is None:
+        health = fleet_health(
+            snapshot.devices,
+            snapshot.scores,
+            healthy_below=healthy_below,
+            anomalous_from=anomalous_from,
+        )
     by_state: Counter[str] = Counter()
+    opened: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name in _GROUPINGS}
+    open_model, open_firmware, open_batch = (opened[name] for name in _GROUPINGS)
+    keys = health.keys
     for case in snapshot.cases:
         if case.state not in OPEN_STATES:
             continue
@@ -263,28 +566,21 @@ def overview(
         found = keys.get(case.device_id)
         if found is None:
             continue
-        for name, key in zip(("model", "firmware", "batch"), found, strict=True):
-            groups[name][key]["open"] += 1
-    worst = sorted(
-        (
-            (score, at, device_id)
-            for device_id, (at, score) in snapshot.scores.items()
-            if score >= healthy_below and device_id in snapshot.devices
-        ),
-        reverse=True,
-    )[:_WORST]
+        open_model[found[0]] += 1
+        open_firmware[found[1]] += 1
+        open_batch[found[2]] += 1
 
     def rows(name: str, labels: tuple[str, ...]) -> list[dict[str, Any]]:
+        counted = opened[name]
         return [
-            {**dict(zip(labels, key, strict=True)), **counts}
-            for key, counts in sorted(groups[name].items())
+            {**dict(zip(labels, key, strict=True)), **counts, "open": counted.get(key, 0)}
+            for key, counts in sorted(health.groups[name].items())
         ]
 
+    devices = snapshot.devices
     return {
-        "devices": len(snapshot.devices),
-        "health": {
-            level: health.get(level, 0) for level in _counts() if level not in ("devices", "open")
-        },
+        "devices": len(devices),
+        "health": dict(health.health),
         "by_model": rows("model", ("model",)),
         "by_firmware": rows("firmware", ("model", "firmware")),
         "by_batch": rows("batch", ("model", "batch")),
@@ -292,13 +588,14 @@ def overview(
         "worst": [
             {
                 "device_id": device_id,
-                "model": snapshot.devices[device_id].model,
-                "firmware": snapshot.devices[device_id].firmware,
-                "batch": snapshot.devices[device_id].batch,
+                "model": devices[device_id].model,
+                "firmware": devices[device_id].firmware,
+                "batch": devices[device_id].batch,
                 "score": round(score, 4),
                 "level": health_level(score, healthy_below, anomalous_from),
                 "at": iso(at),
             }
-            for score, at, device_id in worst
+            for score, at, device_id in health.worst
+            if device_id in devices
         ],
     }

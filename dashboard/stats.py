@@ -34,9 +34,12 @@ from notifier.model import Case, DeviceRecord, Rating
 __all__ = [
     "Dimension",
     "GroupRate",
+    "Population",
     "binomial_sf",
     "fleet_insight",
+    "group_of",
     "outcomes",
+    "population",
 ]
 
 Dimension = Literal["firmware", "model", "batch"]
@@ -295,6 +298,56 @@ def group_of(device: DeviceRecord, dimension: Dimension) -> str:
     return value or _UNKNOWN
 
 
+@dataclass(frozen=True, slots=True)
+class Population:
+    """The fleet grouped for :func:`fleet_insight`; it depends on the registry alone.
+
+    Counting the groups is the part of the insight that grows with the fleet, so a
+    caller keeps one :class:`Population` for as long as the registry stays the same and
+    only the cases are counted again when they change.
+
+    Attributes:
+        registry: the devices by id.
+        groups: device id to its group along each of :data:`DIMENSIONS`, in that order.
+        sizes: per dimension, ``(model, group)`` to its number of devices.
+        model_sizes: devices per product model.
+    """
+
+    registry: Mapping[str, DeviceRecord]
+    groups: Mapping[str, tuple[str, str, str]]
+    sizes: Mapping[Dimension, Mapping[tuple[str, str], int]]
+    model_sizes: Mapping[str, int]
+
+
+def population(devices: Iterable[DeviceRecord]) -> Population:
+    """Group the fleet by every dimension (once per registry, see :class:`Population`)."""
+    registry: dict[str, DeviceRecord] = {}
+    groups: dict[str, tuple[str, str, str]] = {}
+    sizes: dict[Dimension, Counter[tuple[str, str]]] = {d: Counter() for d in DIMENSIONS}
+    model_sizes: Counter[str] = Counter()
+    by_firmware, by_model, by_batch = (sizes[d] for d in DIMENSIONS)
+    for device in devices:
+        model = device.model
+        firmware, batch = device.firmware or _UNKNOWN, device.batch or _UNKNOWN
+        registry[device.device_id] = device
+        groups[device.device_id] = (firmware, model, batch)
+        model_sizes[model] += 1
+        by_firmware[(model, firmware)] += 1
+        by_model[(model, model)] += 1
+        by_batch[(model, batch)] += 1
+    return Population(registry, groups, sizes, model_sizes)
+
+
+@dataclass(slots=True)
+class _Members:
+    """The affected devices of one fault in one group, counted in one pass."""
+
+    devices: int = 0
+    still_open: int = 0
+    planned: dict[str, int] = field(default_factory=dict)
+    models: set[str] = field(default_factory=set)
+
+
 def fleet_insight(
     devices: Sequence[DeviceRecord],
     cases: Sequence[Case],
@@ -302,6 +355,7 @@ def fleet_insight(
     min_devices: int = 3,
     min_ratio: float = 2.0,
     alpha: float = 1e-3,
+    grouped: Population | None = None,
 ) -> list[GroupRate]:
     """Rate of each fault in each group against the rest; flagged groups first.
 
@@ -311,56 +365,68 @@ def fleet_insight(
         min_devices: fewest affected devices for a flag.
         min_ratio: least ratio of the group's rate to the rest's for a flag.
         alpha: significance level of the binomial test.
+        grouped: ``devices`` grouped by :func:`population` before (saves the pass over
+            the fleet; it must be of the same devices).
 
     Returns:
         One entry per fault and group with at least one affected device: flagged ones
         first (most significant first), then the rest by p-value.
     """
-    registry = {device.device_id: device for device in devices}
-    affected: defaultdict[str, set[str]] = defaultdict(set)
+    fleet = grouped if grouped is not None else population(devices)
+    registry, groups = fleet.registry, fleet.groups
+    # fault -> affected device -> how often each first remote remedy was planned for it
+    affected: dict[str, dict[str, dict[str, int]]] = {}
     open_devices: defaultdict[str, set[str]] = defaultdict(set)
-    remedies: defaultdict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for case in cases:
-        if case.device_id not in registry:
+        device_id = case.device_id
+        if device_id not in registry:
             continue
-        affected[case.fault].add(case.device_id)
+        hit = affected.get(case.fault)
+        if hit is None:
+            hit = affected[case.fault] = {}
+        planned = hit.get(device_id)
+        if planned is None:
+            planned = hit[device_id] = {}
+        for remedy in case.remedies:
+            if not remedy.startswith(_VISIT_PREFIX):
+                planned[remedy] = planned.get(remedy, 0) + 1
+                break
         if case.is_open:
-            open_devices[case.fault].add(case.device_id)
-        remote = [r for r in case.remedies if not r.startswith(_VISIT_PREFIX)]
-        if remote:
-            remedies[(case.fault, case.device_id)][remote[0]] += 1
-    # group sizes once per dimension and product model
-    sizes: dict[Dimension, Counter[tuple[str, str]]] = {d: Counter() for d in DIMENSIONS}
-    model_sizes: Counter[str] = Counter()
-    for device in devices:
-        model_sizes[device.model] += 1
-        for dimension in DIMENSIONS:
-            sizes[dimension][(device.model, group_of(device, dimension))] += 1
+            open_devices[case.fault].add(device_id)
     results: list[GroupRate] = []
     for fault, hit in sorted(affected.items()):
+        still_open = open_devices.get(fault, set())
         fault_models = {registry[d].model for d in hit}
-        for dimension in DIMENSIONS:
-            population = sum(model_sizes[m] for m in fault_models)
+        size_of_population = sum(fleet.model_sizes[m] for m in fault_models)
+        for index, dimension in enumerate(DIMENSIONS):
             group_sizes: Counter[str] = Counter()
-            for (model, group), n in sizes[dimension].items():
+            for (model, group), n in fleet.sizes[dimension].items():
                 if model in fault_models:
                     group_sizes[group] += n
-            members: defaultdict[str, list[str]] = defaultdict(list)
-            for device_id in hit:
-                members[group_of(registry[device_id], dimension)].append(device_id)
-            for group, mine in members.items():
+            members: dict[str, _Members] = {}
+            for device_id, planned in hit.items():
+                mine = groups[device_id]
+                tally = members.get(mine[index])
+                if tally is None:
+                    tally = members[mine[index]] = _Members()
+                tally.devices += 1
+                if device_id in still_open:
+                    tally.still_open += 1
+                if planned:
+                    counts = tally.planned
+                    for remedy, n in planned.items():
+                        counts[remedy] = counts.get(remedy, 0) + n
+                tally.models.add(mine[1])
+            for group, tally in members.items():
                 results.append(
                     _rate(
                         fault,
                         dimension,
                         group,
                         group_sizes[group],
-                        mine,
-                        population,
+                        tally,
+                        size_of_population,
                         len(hit),
-                        open_devices[fault],
-                        registry,
-                        remedies,
                         min_devices,
                         min_ratio,
                         alpha,
@@ -375,17 +441,14 @@ def _rate(
     dimension: Dimension,
     group: str,
     size: int,
-    members: list[str],
+    members: _Members,
     population: int,
     total: int,
-    still_open: set[str],
-    registry: Mapping[str, DeviceRecord],
-    remedies: Mapping[tuple[str, str], Counter[str]],
     min_devices: int,
     min_ratio: float,
     alpha: float,
 ) -> GroupRate:
-    count = len(members)
+    count = members.devices
     rest_devices = population - size
     rest_affected = total - count
     rest_rate = rest_affected / rest_devices if rest_devices else 0.0
@@ -403,9 +466,8 @@ def _rate(
         and (rest_rate == 0.0 or rate >= min_ratio * rest_rate)
         and p_value < alpha
     )
-    planned: Counter[str] = Counter()
-    for device_id in members:
-        planned.update(remedies.get((fault, device_id), Counter()))
+    # the most planned remedy; a tie goes to the first by name, so answers are stable
+    suggested = min(members.planned.items(), key=lambda item: (-item[1], item[0]), default=None)
     return GroupRate(
         fault=fault,
         dimension=dimension,
@@ -418,7 +480,7 @@ def _rate(
         share_of_fleet=size / population if population else 0.0,
         p_value=p_value,
         flagged=flagged,
-        open_cases=sum(1 for d in members if d in still_open),
-        suggested_action=planned.most_common(1)[0][0] if planned else None,
-        models=tuple(sorted({registry[d].model for d in members})),
+        open_cases=members.still_open,
+        suggested_action=None if suggested is None else suggested[0],
+        models=tuple(sorted(members.models)),
     )
