@@ -5,8 +5,9 @@ the store and request interfaces, and the settings. Import the working parts fro
 their modules: ``notifier.loop`` (``OwnerLoop``, the case machine), ``notifier.sqlite``
 (``SqliteStore``), ``notifier.scheduling`` (the appointment planner),
 ``notifier.messages`` (the owner's messages), ``notifier.push`` (push channels),
-``notifier.outbox`` (``Outbox``), ``notifier.api`` (the owner REST API) and
-``notifier.service`` (``NotifierService``).
+``notifier.outbox`` (``Outbox``), ``notifier.links`` (signed one-tap action links),
+``notifier.addresses`` (where webhooks may point), ``notifier.api`` (the owner REST API)
+and ``notifier.service`` (``NotifierService``).
 """
 
 from notifier.actions import CaseActions, HealthPoint, HealthReader
@@ -14,10 +15,14 @@ from notifier.errors import (
     ConflictError,
     DeadTokenError,
     DeliveryError,
+    ExpiredLinkError,
     ForbiddenError,
     IllegalTransitionError,
+    InvalidLinkError,
     InvalidRequestError,
     NotFoundError,
+    UnsafeAddressError,
+    UsedLinkError,
 )
 from notifier.model import (
     CLOSED_STATES,
@@ -52,10 +57,12 @@ __all__ = [
     "DeadTokenError",
     "DeliveryError",
     "DeviceRecord",
+    "ExpiredLinkError",
     "ForbiddenError",
     "HealthPoint",
     "HealthReader",
     "IllegalTransitionError",
+    "InvalidLinkError",
     "InvalidRequestError",
     "NotFoundError",
     "Notification",
@@ -67,5 +74,7 @@ __all__ = [
     "Slot",
     "Task",
     "Technician",
+    "UnsafeAddressError",
+    "UsedLinkError",
     "Window",
 ]

@@ -32,6 +32,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import html
 import importlib
 import logging
 import re
@@ -59,21 +60,29 @@ from pydantic import (
 
 from gateway.errors import TransientError
 from notifier.actions import CaseActions, HealthPoint, HealthReader
+from notifier.addresses import check_webhook_url
 from notifier.errors import (
     ConflictError,
+    ExpiredLinkError,
     ForbiddenError,
     IllegalTransitionError,
+    InvalidLinkError,
     InvalidRequestError,
     NotFoundError,
+    UnsafeAddressError,
+    UsedLinkError,
 )
 from notifier.keys import (
     ACTION_BASE_URL_KEY,
     ACTIONS_KEY,
     CLOCK_KEY,
     HEALTH_KEY,
+    LINKS_KEY,
     OPENAPI_KEY,
     STORE_KEY,
+    WEBHOOK_INTERNAL_KEY,
 )
+from notifier.links import ActionLinks, LinkGrant
 from notifier.model import (
     CLOSED_STATES,
     OPEN_STATES,
@@ -96,6 +105,8 @@ __all__ = [
     "API_PREFIX",
     "MAX_BODY_BYTES",
     "REQUEST_ID_HEADER",
+    "TAP_ACTIONS",
+    "ActionLinkView",
     "AppointmentChoice",
     "AppointmentView",
     "CaseDetailView",
@@ -146,7 +157,6 @@ _MAX_TOKEN_CHARS: Final = 512
 _MAX_VISIT_SPAN: Final = timedelta(days=92)
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _LANGUAGE: Final = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
-_LOOPBACK_HOSTS: Final = frozenset(("127.0.0.1", "localhost", "::1"))
 _CHANNEL_KINDS: Final = ("fcm", "webpush", "ntfy", "webhook")
 _URGENT: Final = frozenset(("high", "critical"))
 
@@ -172,6 +182,10 @@ class _ApiError(Exception):
 
 #: Errors of the owner loop -> status and code (first match wins: subclasses first).
 _MAPPED: Final[tuple[tuple[type[Exception], int, str], ...]] = (
+    (ExpiredLinkError, 410, "link_expired"),
+    (InvalidLinkError, 403, "invalid_link"),
+    (UsedLinkError, 409, "link_used"),
+    (UnsafeAddressError, 422, "unsafe_target"),
     (NotFoundError, 404, "not_found"),
     (ForbiddenError, 403, "forbidden"),
     (IllegalTransitionError, 409, "illegal_transition"),
@@ -391,9 +405,13 @@ class WebhookKeys(_Body):
 class WebhookChannel(_Body):
     """A webhook the owner runs (home automation).
 
+    Where it may point is checked once the body is read (:mod:`notifier.addresses`):
+    an https URL without credentials to a public host; a URL to ``localhost`` or to an
+    internal address is refused with 422 (unless this install allows internal webhooks).
+
     Attributes:
         kind: ``webhook``.
-        target: https URL (http only to 127.0.0.1 or localhost).
+        target: https URL to a public host.
         keys: the signing secret.
     """
 
@@ -403,11 +421,9 @@ class WebhookChannel(_Body):
 
     @field_validator("target")
     @classmethod
-    def _https(cls, value: str) -> str:
-        _url(value, schemes=frozenset(("http", "https")), what="a webhook")
-        parts = urlsplit(value)
-        if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
-            raise ValueError("a webhook must be https (http only to 127.0.0.1 or localhost)")
+    def _no_spaces(cls, value: str) -> str:
+        if any(ch.isspace() or ord(ch) < 32 for ch in value):
+            raise ValueError("a webhook must not contain spaces or control characters")
         return value
 
 
@@ -732,6 +748,24 @@ class RatingView(_View):
     comment: str | None
     nothing_wrong: bool
     at: AwareDatetime
+
+
+class ActionLinkView(_View):
+    """What a one-tap action link will do (``POST`` the same link to do it).
+
+    Attributes:
+        case_id: the case.
+        action: the action (``accept_fix``, ``choose_slot:0``, ``rate_good`` ...).
+        title: the case's problem in plain words, in the owner's language.
+        does: what the action does, in plain words.
+        expires_at: when the link stops working.
+    """
+
+    case_id: str
+    action: str
+    title: str
+    does: str
+    expires_at: AwareDatetime
 
 
 class ErasedView(_View):
@@ -1202,6 +1236,11 @@ def _channel_keys(
 async def _add_channel(request: web.Request) -> web.Response:
     owner = _owner_of(await _authenticate(request, "owner"))
     body = (await _read_body(request, ChannelRequest, tagged=True)).root
+    if isinstance(body, WebhookChannel):
+        try:
+            check_webhook_url(body.target, allow_internal=request.app[WEBHOOK_INTERNAL_KEY])
+        except UnsafeAddressError as exc:
+            raise _ApiError(422, "unsafe_target", f"target: {exc}", "target") from exc
     store = request.app[STORE_KEY]
     keys = _channel_keys(body)
     existing = await store.channels(owner.owner_id, active_only=False)
@@ -1231,15 +1270,9 @@ async def _add_channel(request: web.Request) -> web.Response:
 async def _delete_channel(request: web.Request) -> web.Response:
     owner = _owner_of(await _authenticate(request, "owner"))
     channel_id = _path_id(request)
-    store = request.app[STORE_KEY]
-    for channel in await store.channels(owner.owner_id, active_only=True):
-        if channel.channel_id == channel_id:
-            # the store keeps channels by id; a removed one keeps no secret and no target
-            await store.put_channel(
-                replace(channel, active=False, keys={}, target=mask_target(channel.target))
-            )
-            return web.Response(status=204)
-    raise _ApiError(404, "not_found", f"there is no push channel {channel_id}")
+    if not await request.app[STORE_KEY].delete_channel(owner.owner_id, channel_id):
+        raise _ApiError(404, "not_found", f"there is no push channel {channel_id}")
+    return web.Response(status=204)
 
 
 async def _device_views(
@@ -1424,6 +1457,193 @@ async def _complete_visit(request: web.Request) -> web.Response:
     return _json(_visit_view(done, await store.get_case(done.case_id)))
 
 
+# -- one-tap action links ---------------------------------------------------------------------
+
+#: The actions a one-tap link may carry -> what they do (``choose_slot:N`` books slot ``N``
+#: of the offer, ``rate:N`` rates ``N`` of 5; the others take no number).
+TAP_ACTIONS: Final[dict[str, str]] = {
+    "accept_fix": "Yes, go ahead with the remote fix",
+    "decline_fix": "No remote fix, thanks (a technician visit is offered instead)",
+    "choose_slot": "Book visit time {n}",
+    "other_times": "Ask for other visit times",
+    "decline_visit": "No visit, thanks",
+    "rate_good": "Rate it: it went well",
+    "rate_bad": "Rate it: it did not go so well",
+    "nothing_wrong": "Tell us nothing was wrong in the first place",
+    "rate": "Rate it {n} of 5",
+}
+#: Stars of the rating buttons; "nothing was wrong" is neutral about the service itself
+#: and hands the case to a person through its flag.
+_TAP_STARS: Final[dict[str, int]] = {"rate_good": 5, "rate_bad": 2, "nothing_wrong": 3}
+_NUMBERED: Final[dict[str, tuple[int, int]]] = {"choose_slot": (0, 99), "rate": (1, 5)}
+_PAGE_HEADERS: Final[dict[str, str]] = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    # the link is the credential: it must not leak to another site as a referrer
+    "Referrer-Policy": "no-referrer",
+}
+_PAGE_STYLE: Final = (
+    "body{font-family:system-ui,sans-serif;max-width:32rem;margin:3rem auto;padding:0 1rem;"
+    "line-height:1.5}button{font-size:1.1rem;padding:.7rem 1.4rem}"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Tap:
+    """A checked one-tap link: what it allows, on which case, for whom."""
+
+    grant: LinkGrant
+    name: str
+    number: int | None
+    case: Case
+    owner: Owner
+
+
+def _tap_action(action: str) -> tuple[str, int | None]:
+    """Split ``choose_slot:1`` into its name and number (400 for anything unknown)."""
+    name, sep, arg = action.partition(":")
+    if name in _NUMBERED and sep and arg.isascii() and arg.isdigit() and len(arg) <= 2:
+        low, high = _NUMBERED[name]
+        if low <= int(arg) <= high:
+            return name, int(arg)
+    elif name in TAP_ACTIONS and name not in _NUMBERED and not sep:
+        return name, None
+    raise _ApiError(400, "invalid_query", "action: not an action a link can carry", "action")
+
+
+def _does(tap: _Tap) -> str:
+    words = TAP_ACTIONS[tap.name]
+    if tap.number is None:
+        return words
+    return words.format(n=tap.number + 1 if tap.name == "choose_slot" else tap.number)
+
+
+def _wants_html(request: web.Request) -> bool:
+    return "text/html" in request.headers.get("Accept", "").lower()
+
+
+def _page(status: int, heading: str, text: str, *, button: str | None = None) -> web.Response:
+    """A small page for a link opened in a browser (no script; a form posts the link)."""
+    form = (
+        ""
+        if button is None
+        else f'<form method="post"><button type="submit">{html.escape(button)}</button></form>'
+    )
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{html.escape(heading)}</title><style>{_PAGE_STYLE}</style></head>"
+        f"<body><h1>{html.escape(heading)}</h1><p>{html.escape(text)}</p>{form}</body></html>"
+    )
+    response = web.Response(text=body, status=status, content_type="text/html")
+    response.headers.update(_PAGE_HEADERS)
+    return response
+
+
+def _error_page(exc: Exception) -> web.Response | None:
+    """The page for an error a link can meet, or ``None`` to let the JSON answer it."""
+    if isinstance(exc, _ApiError):
+        return _page(exc.status, "This link did not work", exc.message)
+    for kind, status, _code in _MAPPED:
+        if isinstance(exc, kind):
+            return _page(status, "This link did not work", str(exc) or "open the app instead")
+    return None
+
+
+async def _checked_tap(request: web.Request) -> _Tap:
+    case_id = _path_id(request)
+    name, number = _tap_action(request.query.get("action", ""))
+    links = request.app[LINKS_KEY]
+    if links is None:
+        raise InvalidLinkError("one-tap links are not taken here: open the app to answer")
+    grant = links.verify(
+        request.query.get("token", ""),
+        case_id,
+        request.query["action"],
+        now=request.app[CLOCK_KEY](),
+    )
+    store = request.app[STORE_KEY]
+    case = await store.get_case(case_id)
+    owner = None if case is None else await store.get_owner(case.owner_id)
+    if case is None or owner is None:
+        raise _ApiError(404, "not_found", f"there is no case {case_id}")
+    return _Tap(grant, name, number, case, owner)
+
+
+async def _get_tap(request: web.Request) -> web.Response:
+    try:
+        tap = await _checked_tap(request)
+    except Exception as exc:
+        page = _error_page(exc) if _wants_html(request) else None
+        if page is None:
+            raise
+        return page
+    title = _title(tap.case, tap.owner.language)
+    until = tap.grant.expires_at.strftime("%d %b %Y, %H:%M UTC")
+    if _wants_html(request):
+        text = f"Tap the button to confirm. This link works once, until {until}."
+        return _page(200, title, text, button=_does(tap))
+    view = ActionLinkView(
+        case_id=tap.case.case_id,
+        action=request.query["action"],
+        title=title,
+        does=_does(tap),
+        expires_at=tap.grant.expires_at,
+    )
+    response = _json(view)
+    response.headers.update(_PAGE_HEADERS)
+    return response
+
+
+async def _perform_tap(request: web.Request, tap: _Tap) -> tuple[BaseModel, int]:
+    """Use the link once and make the same request to the case machine as its route."""
+    store, actions = request.app[STORE_KEY], request.app[ACTIONS_KEY]
+    now = request.app[CLOCK_KEY]()
+    if not await store.use_link(tap.grant.link_id, tap.grant.expires_at, now=now):
+        raise UsedLinkError("this link was used already: open the app to see where things stand")
+    owner_id, case_id, language = tap.owner.owner_id, tap.case.case_id, tap.owner.language
+    _LOG.info("case %s: one-tap link %s used", case_id, tap.name)
+    if tap.name in ("accept_fix", "decline_fix", "decline_visit"):
+        answer = {
+            "accept_fix": actions.accept_fix,
+            "decline_fix": actions.decline_fix,
+            "decline_visit": actions.decline_visit,
+        }[tap.name]
+        case = await answer(owner_id, case_id)
+        return _case_view(case, await _label(store, case.device_id), language), 200
+    if tap.name == "choose_slot":
+        assert tap.number is not None
+        booked = await actions.choose_slot(owner_id, case_id, tap.number)
+        return await _appointment_view(store, booked), 201
+    if tap.name == "other_times":
+        return await _offer_view(store, await actions.request_other_slots(owner_id, case_id)), 200
+    stars = tap.number if tap.name == "rate" else _TAP_STARS[tap.name]
+    assert stars is not None
+    rating = await actions.rate(
+        owner_id, case_id, stars, None, nothing_wrong=tap.name == "nothing_wrong"
+    )
+    return _rating_view(rating), 201
+
+
+async def _post_tap(request: web.Request) -> web.Response:
+    try:
+        tap = await _checked_tap(request)
+        view, status = await _perform_tap(request, tap)
+    except Exception as exc:
+        page = _error_page(exc) if _wants_html(request) else None
+        if page is None:
+            raise
+        return page
+    if _wants_html(request):
+        text = "We have your answer. The app shows what happens next."
+        return _page(status, "Thank you", text)
+    response = _json(view, status)
+    response.headers.update(_PAGE_HEADERS)
+    return response
+
+
 async def _get_openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI_KEY])
 
@@ -1439,6 +1659,21 @@ def _p(path: str) -> str:
 
 
 _VISIT_TIME: Final[dict[str, Any]] = {"type": "string", "format": "date-time"}
+_TAP_QUERY: Final = (
+    QueryParam(
+        "action",
+        "the action (`accept_fix`, `decline_fix`, `choose_slot:N`, `other_times`, "
+        "`decline_visit`, `rate_good`, `rate_bad`, `nothing_wrong`, `rate:N`)",
+        {"type": "string", "maxLength": 32},
+        required=True,
+    ),
+    QueryParam(
+        "token",
+        "the link's signed token: `{expires}.{nonce}.{mac}`",
+        {"type": "string", "maxLength": 128},
+        required=True,
+    ),
+)
 
 _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
     (
@@ -1676,6 +1911,81 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
     (
         Operation(
             "GET",
+            _p(f"/cases/{_ID}/tap"),
+            "describeActionLink",
+            "What a one-tap action link from a push message will do",
+            "links",
+            None,
+            query=_TAP_QUERY,
+            replies=(
+                Reply(200, "What the link does (a browser: a page to confirm).", ActionLinkView),
+                Reply(403, "The link is not valid (changed, or for another case).", ErrorView),
+                Reply(410, "The link has expired.", ErrorView),
+            ),
+            description=(
+                "The link is its own credential: no token is needed. Nothing changes here; "
+                "a browser (``Accept: text/html``) gets a small page whose button posts the "
+                "link."
+            ),
+        ),
+        _get_tap,
+    ),
+    (
+        Operation(
+            "POST",
+            _p(f"/cases/{_ID}/tap"),
+            "useActionLink",
+            "Do what a one-tap action link from a push message says, once",
+            "links",
+            None,
+            query=_TAP_QUERY,
+            replies=(
+                Reply(
+                    200,
+                    "Answered: the case (`accept_fix`, `decline_fix`, `decline_visit`) or the "
+                    "new offer (`other_times`).",
+                    None,
+                    schema={
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/CaseView"},
+                            {"$ref": "#/components/schemas/OfferView"},
+                        ]
+                    },
+                ),
+                Reply(
+                    201,
+                    "Booked (`choose_slot:N`) or rated (`rate_good`, `rate_bad`, "
+                    "`nothing_wrong`, `rate:N`).",
+                    None,
+                    schema={
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/AppointmentView"},
+                            {"$ref": "#/components/schemas/RatingView"},
+                        ]
+                    },
+                ),
+                Reply(403, "The link is not valid (changed, or for another case).", ErrorView),
+                Reply(
+                    409,
+                    "The link was used already, or the case has moved on.",
+                    ErrorView,
+                ),
+                Reply(410, "The link has expired.", ErrorView),
+                Reply(422, "The action cannot be carried out (no such slot).", ErrorView),
+            ),
+            description=(
+                "The same request to the case machine as the matching owner route "
+                "(`answerFix`, `answerAppointment`, `rateCase`), authorised by the link's "
+                "signed token instead of a bearer token: it allows that one action on that "
+                "one case, once, until it expires. A browser (``Accept: text/html``) gets "
+                "a page instead of JSON."
+            ),
+        ),
+        _post_tap,
+    ),
+    (
+        Operation(
+            "GET",
             _p("/technician/visits"),
             "listVisits",
             "The technician's visits",
@@ -1780,6 +2090,8 @@ def create_api(
     health: HealthReader,
     clock: Callable[[], datetime] = _utc_now,
     action_base_url: str | None = None,
+    links: ActionLinks | None = None,
+    webhook_allow_private: bool = False,
 ) -> web.Application:
     """Build the owner REST API.
 
@@ -1791,6 +2103,10 @@ def create_api(
         action_base_url: the public URL the API is reached at
             (``https://fixloop.example.org``, with or without ``/api/v1``), named as
             the server of the OpenAPI document.
+        links: checks the one-tap action links of push messages (``None``: links are
+            refused with 403).
+        webhook_allow_private: accept webhooks to internal addresses and over plain
+            http (local installs and tests only).
 
     Returns:
         The app: routes under ``/api/v1`` and ``GET /openapi.json``.
@@ -1801,6 +2117,8 @@ def create_api(
     app[HEALTH_KEY] = health
     app[CLOCK_KEY] = clock
     app[ACTION_BASE_URL_KEY] = action_base_url
+    app[LINKS_KEY] = links
+    app[WEBHOOK_INTERNAL_KEY] = webhook_allow_private
     for operation, handler in _ROUTES:
         app.router.add_route(operation.method, operation.path, handler, name=operation.operation_id)
     app[OPENAPI_KEY] = build_document(

@@ -9,8 +9,12 @@
     │   ├── IllegalTransitionError a case cannot move to that state
     │   ├── NotFoundError          no such case, device, owner, slot (API: 404)
     │   ├── ForbiddenError         not this owner's or technician's (API: 403/404)
+    │   │   └── InvalidLinkError   a one-tap link tampered with or for something else (403)
+    │   │       └── ExpiredLinkError   a one-tap link past its expiry (API: 410)
     │   ├── ConflictError          the slot was taken, the case moved on (API: 409)
+    │   │   └── UsedLinkError      a one-tap link that was used already (API: 409)
     │   ├── InvalidRequestError    a request that cannot be carried out (API: 400/422)
+    │   │   └── UnsafeAddressError a webhook pointing at an internal address (API: 422)
     │   └── DeadTokenError         the push service says the token is gone: retire it
     └── ConfigError
 """
@@ -23,10 +27,14 @@ __all__ = [
     "ConflictError",
     "DeadTokenError",
     "DeliveryError",
+    "ExpiredLinkError",
     "ForbiddenError",
     "IllegalTransitionError",
+    "InvalidLinkError",
     "InvalidRequestError",
     "NotFoundError",
+    "UnsafeAddressError",
+    "UsedLinkError",
 ]
 
 
@@ -56,3 +64,19 @@ class InvalidRequestError(PermanentError):
 
 class DeadTokenError(PermanentError):
     """The push service says the token or subscription no longer exists."""
+
+
+class InvalidLinkError(ForbiddenError):
+    """A one-tap action link whose signature does not hold, or that is for another case."""
+
+
+class ExpiredLinkError(InvalidLinkError):
+    """A one-tap action link past its expiry."""
+
+
+class UsedLinkError(ConflictError):
+    """A one-tap action link that was used already (each works once)."""
+
+
+class UnsafeAddressError(InvalidRequestError):
+    """A webhook URL that points, or resolves, at an internal address (or is no https URL)."""

@@ -13,6 +13,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from notifier.actions import CaseActions, HealthReader
+from notifier.links import ActionLinks
 from notifier.store import CaseStore
 
 __all__ = [
@@ -20,8 +21,10 @@ __all__ = [
     "ACTION_BASE_URL_KEY",
     "CLOCK_KEY",
     "HEALTH_KEY",
+    "LINKS_KEY",
     "OPENAPI_KEY",
     "STORE_KEY",
+    "WEBHOOK_INTERNAL_KEY",
 ]
 
 #: The case store (owners, channels, devices, cases, appointments, the audit trail).
@@ -36,3 +39,7 @@ CLOCK_KEY: Final = web.AppKey[Callable[[], datetime]]("clock")
 ACTION_BASE_URL_KEY: Final = web.AppKey[str | None]("action_base_url")
 #: The OpenAPI document of the app, built once with it.
 OPENAPI_KEY: Final = web.AppKey[dict[str, Any]]("openapi")
+#: Checks one-tap action links (``None``: links are not taken).
+LINKS_KEY: Final = web.AppKey[ActionLinks | None]("links")
+#: Whether webhooks may point at internal addresses (local installs and tests only).
+WEBHOOK_INTERNAL_KEY: Final = web.AppKey[bool]("webhook_internal")

@@ -7,8 +7,13 @@ worker of its own, so that a slow push service never holds up the case machine.
 
 Owners are not flooded: during their quiet hours (in their own time zone) and past
 their daily limit a message is *held*, unless it is urgent; held messages go out as one
-digest when the owner can be reached again. A channel the push service calls dead is
-retired at once and never tried again.
+digest when the owner can be reached again. After each delivery the channels' records
+are brought up to date (:class:`~notifier.push.DeliveryReport` ``updated``): failures in
+a row counted or reset, and a channel retired when the push service calls it dead or
+it has failed ``max_failures`` deliveries in a row.
+
+One-tap buttons carry a signed link (:mod:`notifier.links`) to the owner API, so that
+a tap works without signing in, for that one action on that one case, once.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
+from notifier.links import ActionLinks
 from notifier.loop import Notice
 from notifier.messages import MessageContext, render
 from notifier.model import Case, Notification, Owner
@@ -80,7 +86,9 @@ async def build_dispatcher(settings: PushSettings) -> AsyncIterator[PushDispatch
             )
         )
         senders["webhook"] = await stack.enter_async_context(
-            WebhookSender(timeout_s=settings.timeout_s)
+            WebhookSender(
+                timeout_s=settings.timeout_s, allow_internal=settings.webhook_allow_private
+            )
         )
         if settings.fcm_service_account is not None:
             account = orjson.loads(settings.fcm_service_account.read_bytes())
@@ -95,7 +103,9 @@ async def build_dispatcher(settings: PushSettings) -> AsyncIterator[PushDispatch
                     timeout_s=settings.timeout_s,
                 )
             )
-        yield PushDispatcher(senders, attempts=settings.attempts)
+        yield PushDispatcher(
+            senders, attempts=settings.attempts, max_failures=settings.max_failures
+        )
 
 
 def _utc_now() -> datetime:
@@ -110,6 +120,8 @@ class Outbox:
         dispatcher: delivers over the owner's channels (``None``: keep only).
         clock: wall clock (UTC).
         action_base_url: base address of the owner API for one-tap action links.
+        links: signs the one-tap action links (``None``, or no ``action_base_url``: the
+            buttons carry no link and the app handles their action ids).
     """
 
     def __init__(
@@ -119,11 +131,13 @@ class Outbox:
         *,
         clock: Callable[[], datetime] = _utc_now,
         action_base_url: str | None = None,
+        links: ActionLinks | None = None,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
         self._clock = clock
         self._base = (action_base_url or "").rstrip("/")
+        self._links = links
         self._queue: asyncio.Queue[tuple[Owner, Notification, bool]] = asyncio.Queue(_QUEUE_MAX)
         self._held_owners: set[str] = set()
         self.written = 0
@@ -204,11 +218,16 @@ class Outbox:
     # -- delivering ------------------------------------------------------------------
     def _push_message(self, notification: Notification, urgent: bool) -> PushMessage:
         case_id = notification.case_id or ""
+        links, now = self._links, self._clock()
         actions = tuple(
             PushAction(
                 action_id,
                 label,
-                f"{self._base}/cases/{case_id}?action={action_id}" if self._base else None,
+                None
+                if links is None or not self._base or not case_id
+                else links.url(self._base, case_id, action_id, now=now),
+                # ntfy posts to the link in the background: one tap, nothing to open
+                background=links is not None and bool(self._base) and bool(case_id),
             )
             for action_id, label in notification.actions
         )
@@ -235,9 +254,15 @@ class Outbox:
             report = await self._dispatcher.deliver(
                 channels, owner.channels, self._push_message(notification, urgent)
             )
-            for retired in report.retired:
-                await self._store.put_channel(retired)
-                _LOG.info("retired push channel %s of owner %s", retired.channel_id, owner.owner_id)
+            for changed in report.updated:
+                # only the delivery state: a channel removed meanwhile stays removed
+                await self._store.update_channel_state(
+                    changed.channel_id, active=changed.active, failures=changed.failures
+                )
+                if not changed.active:
+                    _LOG.info(
+                        "retired push channel %s of owner %s", changed.channel_id, owner.owner_id
+                    )
             if report.delivered_via is not None:
                 status, channel_id = "sent", report.delivered_via.channel_id
         await self._store.add_notification(

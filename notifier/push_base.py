@@ -242,8 +242,17 @@ class HttpSender(abc.ABC):
         self._timeout_s = timeout_s
         self._session: aiohttp.ClientSession | None = None
 
+    def connector(self) -> aiohttp.BaseConnector | None:
+        """The connector of the sender's session (``None``: aiohttp's default).
+
+        Called once, when the sender is opened; a sender that must control where it
+        connects (the webhook sender's address check) returns its own.
+        """
+        return None
+
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
+            connector=self.connector(),
             timeout=aiohttp.ClientTimeout(total=self._timeout_s),
             headers={"User-Agent": "fixloop-notifier"},
         )

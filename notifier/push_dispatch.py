@@ -14,7 +14,14 @@ channel as the store lists them) until one takes the message:
   report as ``replace(channel, active=False)`` and is not tried again.
 * any other :class:`~gateway.errors.PermanentError` moves on to the next channel at once.
 
-The dispatcher changes no store: the caller saves the retired channels.
+**Failures in a row.** Each channel that did not take the message (after its retries,
+refused, or dead) counts one more failed delivery in :attr:`PushChannel.failures`; the
+channel that took it goes back to 0. A channel whose count reaches ``max_failures`` is
+retired like a dead one. This is the one place channels are retired: the report's
+``updated`` holds every channel whose record changed (``retired`` the ones among them
+now inactive).
+
+The dispatcher changes no store: the caller saves the updated channels.
 """
 
 from __future__ import annotations
@@ -73,16 +80,21 @@ class DeliveryReport:
     """What one :meth:`PushDispatcher.deliver` did.
 
     Attributes:
-        delivered_via: the channel that took the message, or ``None`` if none did.
-        retired: channels the push services called dead, now ``active=False``: save them.
+        delivered_via: the channel that took the message (its failures back to 0), or
+            ``None`` if none did.
+        retired: channels now ``active=False``: dead, or failed ``max_failures`` times
+            in a row.
         attempts: send calls made, over all channels.
         errors: why each failed call failed, in order (channel ids, never tokens).
+        updated: every channel whose record changed (failures counted or reset, retired),
+            in the order tried: save them.
     """
 
     delivered_via: PushChannel | None
     retired: tuple[PushChannel, ...]
     attempts: int
     errors: tuple[str, ...]
+    updated: tuple[PushChannel, ...] = ()
 
     @property
     def delivered(self) -> bool:
@@ -98,11 +110,12 @@ class PushDispatcher:
         attempts: tries per channel (see :class:`RetryPolicy`).
         base_delay_s: the first backoff pause.
         max_delay_s: the longest pause, and the longest ``Retry-After`` waited for.
+        max_failures: failed deliveries in a row after which a channel is retired.
         sleep: how to pause (injectable for tests).
         rng: the jitter's random source (injectable for tests).
 
     Raises:
-        ConfigError: an invalid retry policy.
+        ConfigError: an invalid retry policy or ``max_failures`` below 1.
     """
 
     def __init__(
@@ -112,11 +125,15 @@ class PushDispatcher:
         attempts: int = 4,
         base_delay_s: float = 0.5,
         max_delay_s: float = 30.0,
+        max_failures: int = 10,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
     ) -> None:
+        if max_failures < 1:
+            raise ConfigError(f"push max_failures must be at least 1, got {max_failures}")
         self._senders: dict[str, PushSender] = dict(senders.items())
         self.policy = RetryPolicy(attempts, base_delay_s, max_delay_s)
+        self.max_failures = max_failures
         self._sleep = sleep
         self._rng = random.Random() if rng is None else rng
 
@@ -151,62 +168,100 @@ class PushDispatcher:
             message: what to deliver.
 
         Returns:
-            Which channel delivered (if any), the channels to retire, the calls made and
-            the reasons of the failures.
+            Which channel delivered (if any), the channels whose record changed (failures
+            counted or reset) and those among them now retired, the calls made and the
+            reasons of the failures.
         """
-        retired: list[PushChannel] = []
+        updated: list[PushChannel] = []
         errors: list[str] = []
         calls = 0
         for channel in self.order(channels, preferred):
             sender = self._senders.get(channel.kind)
             if sender is None:
+                # not the channel's fault: this install has no settings for its service
                 errors.append(f"{channel.kind} channel {channel.channel_id}: no sender configured")
                 continue
-            for attempt in range(1, self.policy.attempts + 1):
-                calls += 1
-                try:
-                    await sender.send(channel, message)
-                except DeadTokenError as exc:
-                    errors.append(str(exc))
-                    retired.append(replace(channel, active=False))
-                    _LOG.info("push channel %s is gone: retired", channel.channel_id)
-                    break
-                except DeliveryError as exc:
-                    errors.append(str(exc))
-                    if attempt == self.policy.attempts:
-                        _LOG.warning(
-                            "push channel %s failed %d times: trying the next",
-                            channel.channel_id,
-                            attempt,
-                        )
-                        break
-                    pause_s = self._pause_s(exc, attempt)
-                    if pause_s is None:
-                        _LOG.warning(
-                            "push channel %s asks for a long pause: trying the next",
-                            channel.channel_id,
-                        )
-                        break
-                    _LOG.info(
-                        "push channel %s failed (%s): retrying in %.1f s",
-                        channel.channel_id,
-                        type(exc).__name__,
-                        pause_s,
-                    )
-                    await self._sleep(pause_s)
-                except PermanentError as exc:
-                    errors.append(str(exc))
-                    _LOG.warning("push channel %s refused the message", channel.channel_id)
-                    break
-                else:
-                    _LOG.info(
-                        "message %s delivered via push channel %s",
-                        message.message_id,
-                        channel.channel_id,
-                    )
-                    return DeliveryReport(channel, tuple(retired), calls, tuple(errors))
+            outcome, tries = await self._try_channel(sender, channel, message, errors)
+            calls += tries
+            if outcome == "sent":
+                if channel.failures:
+                    updated.append(replace(channel, failures=0))
+                _LOG.info(
+                    "message %s delivered via push channel %s",
+                    message.message_id,
+                    channel.channel_id,
+                )
+                return self._report(replace(channel, failures=0), updated, calls, errors)
+            updated.append(self._failed(channel, dead=outcome == "dead"))
         _LOG.warning("message %s reached no push channel", message.message_id)
-        return DeliveryReport(None, tuple(retired), calls, tuple(errors))
+        return self._report(None, updated, calls, errors)
+
+    @staticmethod
+    def _report(
+        via: PushChannel | None, updated: list[PushChannel], calls: int, errors: list[str]
+    ) -> DeliveryReport:
+        retired = tuple(c for c in updated if not c.active)
+        return DeliveryReport(via, retired, calls, tuple(errors), tuple(updated))
+
+    def _failed(self, channel: PushChannel, *, dead: bool) -> PushChannel:
+        """The channel after one more failed delivery (retired if dead or at the limit)."""
+        failures = channel.failures + 1
+        if dead:
+            _LOG.info("push channel %s is gone: retired", channel.channel_id)
+            return replace(channel, failures=failures, active=False)
+        if failures >= self.max_failures:
+            _LOG.warning(
+                "push channel %s failed %d deliveries in a row: retired",
+                channel.channel_id,
+                failures,
+            )
+            return replace(channel, failures=failures, active=False)
+        return replace(channel, failures=failures)
+
+    async def _try_channel(
+        self, sender: PushSender, channel: PushChannel, message: PushMessage, errors: list[str]
+    ) -> tuple[str, int]:
+        """Try one channel with retries: ``("sent" | "dead" | "failed", send calls)``."""
+        for attempt in range(1, self.policy.attempts + 1):
+            try:
+                await sender.send(channel, message)
+            except DeadTokenError as exc:
+                errors.append(str(exc))
+                return "dead", attempt
+            except DeliveryError as exc:
+                errors.append(str(exc))
+                if attempt == self.policy.attempts:
+                    _LOG.warning(
+                        "push channel %s failed %d times: trying the next",
+                        channel.channel_id,
+                        attempt,
+                    )
+                    return "failed", attempt
+                pause_s = self._pause_s(exc, attempt)
+                if pause_s is None:
+                    _LOG.warning(
+                        "push channel %s asks for a long pause: trying the next",
+                        channel.channel_id,
+                    )
+                    return "failed", attempt
+                _LOG.info(
+                    "push channel %s failed (%s): retrying in %.1f s",
+                    channel.channel_id,
+                    type(exc).__name__,
+                    pause_s,
+                )
+                await self._sleep(pause_s)
+            except PermanentError as exc:
+                errors.append(str(exc))
+                _LOG.warning(
+                    "push channel %s refused the message (%s)",
+                    channel.channel_id,
+                    type(exc).__name__,
+                )
+                return "failed", attempt
+            else:
+                return "sent", attempt
+        return "failed", self.policy.attempts  # pragma: no cover - the loop always returns
 
     def _pause_s(self, exc: DeliveryError, attempt: int) -> float | None:
         """The pause before the next try, or ``None`` to give up on the channel."""

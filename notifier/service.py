@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -30,6 +31,7 @@ from gateway.protocol.mqtt import MqttClient
 from gateway.settings import MqttSettings
 from notifier.api import create_api
 from notifier.health import InfluxHealth
+from notifier.links import ActionLinks
 from notifier.loop import LoopConfig, OwnerLoop
 from notifier.model import Case
 from notifier.outbox import Outbox, build_dispatcher
@@ -128,8 +130,13 @@ class NotifierService:
             await self._publisher.connect()
             stack.push_async_callback(self._publisher.disconnect)
             dispatcher = await stack.enter_async_context(build_dispatcher(settings.push))
+            links = self._links()
             self.outbox = Outbox(
-                store, dispatcher, clock=self._clock, action_base_url=self._public_url()
+                store,
+                dispatcher,
+                clock=self._clock,
+                action_base_url=self._public_url(),
+                links=links,
             )
             self.loop = await stack.enter_async_context(
                 OwnerLoop(
@@ -150,7 +157,15 @@ class NotifierService:
                     clock=self._clock,
                 )
             )
-            app = create_api(store=store, actions=self.loop, health=health, clock=self._clock)
+            app = create_api(
+                store=store,
+                actions=self.loop,
+                health=health,
+                clock=self._clock,
+                action_base_url=self._public_url(),
+                links=links,
+                webhook_allow_private=settings.push.webhook_allow_private,
+            )
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             stack.push_async_callback(self._runner.cleanup)
@@ -176,6 +191,18 @@ class NotifierService:
 
     def _public_url(self) -> str | None:
         return self._settings.public_url
+
+    def _links(self) -> ActionLinks:
+        settings = self._settings
+        ttl = timedelta(seconds=settings.link_ttl_s)
+        if settings.link_secret is not None:
+            return ActionLinks(settings.link_secret.get_secret_value(), ttl=ttl)
+        if settings.public_url is not None:
+            _LOG.warning(
+                "no notifier link_secret set: one-tap links are signed with a key of this "
+                "run only and stop working when the service restarts"
+            )
+        return ActionLinks(secrets.token_bytes(32), ttl=ttl)
 
     @property
     def api_url(self) -> str:

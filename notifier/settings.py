@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 __all__ = ["NotifierSettings", "PushSettings"]
+
+_MIN_LINK_SECRET_CHARS: Final = 32
 
 
 class PushSettings(BaseModel):
@@ -23,6 +26,9 @@ class PushSettings(BaseModel):
         ntfy_token: access token for the ntfy server, if it needs one.
         timeout_s: how long one delivery may take.
         attempts: tries per channel before the next one.
+        max_failures: failed deliveries in a row after which a channel is retired.
+        webhook_allow_private: let webhooks point at internal addresses (loopback,
+            private networks ...) and use plain http: for local installs and tests only.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -34,6 +40,8 @@ class PushSettings(BaseModel):
     ntfy_token: SecretStr | None = None
     timeout_s: float = Field(10.0, gt=0, le=120)
     attempts: int = Field(4, ge=1, le=20)
+    max_failures: int = Field(10, ge=1, le=1_000)
+    webhook_allow_private: bool = False
 
 
 class NotifierSettings(BaseModel):
@@ -46,6 +54,9 @@ class NotifierSettings(BaseModel):
         api_host: where the owner REST API listens.
         api_port: its port (0: a free one).
         public_url: the API's public address, for one-tap action links.
+        link_secret: key that signs one-tap action links (at least 32 characters; none:
+            a random key per run, so links stop working when the service restarts).
+        link_ttl_s: how long a one-tap action link works.
         command_timeout_s: how long to wait for a device's command result.
         retry_after_s: pause before a refused or unanswered command is sent again.
         settle_s: device time after a fix before its scores count.
@@ -64,6 +75,8 @@ class NotifierSettings(BaseModel):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8_088, ge=0, le=65_535)
     public_url: str | None = None
+    link_secret: SecretStr | None = None
+    link_ttl_s: float = Field(7 * 86_400.0, gt=0, le=90 * 86_400.0)
     command_timeout_s: float = Field(60.0, gt=0, le=3_600)
     retry_after_s: float = Field(300.0, gt=0)
     settle_s: float = Field(600.0, ge=0)
@@ -74,3 +87,10 @@ class NotifierSettings(BaseModel):
         default_factory=lambda: {"washer": "2.4.0", "fridge": "2.4.0", "heat_pump": "2.4.0"}
     )
     push: PushSettings = Field(default_factory=PushSettings)
+
+    @field_validator("link_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < _MIN_LINK_SECRET_CHARS:
+            raise ValueError(f"must be at least {_MIN_LINK_SECRET_CHARS} characters")
+        return value

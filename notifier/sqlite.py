@@ -221,9 +221,22 @@ _V2: Final[tuple[str, ...]] = (
         WHERE state = 'booked'""",
 )
 
+# One-tap action links work once: their use is kept until they expire. Channels an owner
+# removed used to stay as blank, inactive rows (a masked target, no keys); removing now
+# deletes, so those rows go too.
+_V3: Final[tuple[str, ...]] = (
+    """CREATE TABLE used_links (
+        link_id TEXT PRIMARY KEY,
+        expires_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX used_links_expiry ON used_links (expires_at)",
+    """DELETE FROM channels WHERE active = 0 AND keys = '{}'
+        AND (target LIKE '%/…' OR target LIKE '…%')""",
+)
+
 #: Schema steps, oldest first: step ``n`` (from 1) takes a file from version ``n - 1``
 #: to ``n``. Append only; never edit a step that has shipped.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -913,6 +926,76 @@ class SqliteStore:
                 f"SELECT * FROM channels WHERE {where} ORDER BY created_at, rowid", (owner_id,)
             )
             return [_channel(row) for row in rows]
+
+        return await self._run(job)
+
+    async def update_channel_state(self, channel_id: str, *, active: bool, failures: int) -> bool:
+        """Change a stored channel's ``active`` and ``failures`` only; never re-create it."""
+        if failures < 0:
+            raise InvalidRequestError(f"failures must not be negative, got {failures}")
+
+        def job(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE channels SET active = ?, failures = ? WHERE channel_id = ?",
+                (int(active), failures, channel_id),
+            )
+            return cursor.rowcount > 0
+
+        return await self._run(job)
+
+    async def delete_channel(self, owner_id: str, channel_id: str) -> bool:
+        """Delete one of an owner's push channels (with ``secure_delete``: zeroed on disk).
+
+        Audit evidence of the owner's cases that quotes the channel's target or a key is
+        masked first, as an export would show it, so nothing of the channel stays.
+        """
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                row = conn.execute(
+                    "SELECT * FROM channels WHERE channel_id = ? AND owner_id = ?",
+                    (channel_id, owner_id),
+                ).fetchone()
+                if row is None:
+                    return False
+                secrets = _channel_secrets([_channel(row)])
+                trail = conn.execute(
+                    "SELECT audit.seq, audit.evidence FROM audit JOIN cases "
+                    "ON cases.case_id = audit.case_id WHERE cases.owner_id = ?",
+                    (owner_id,),
+                ).fetchall()
+                for seq, text in trail:
+                    evidence = json.loads(text)
+                    masked = _redacted(evidence, secrets)
+                    if masked != evidence:
+                        conn.execute(
+                            "UPDATE audit SET evidence = ? WHERE seq = ?", (_json(masked), seq)
+                        )
+                conn.execute("DELETE FROM channels WHERE channel_id = ?", (channel_id,))
+            return True
+
+        deleted = await self._run(job)
+        if deleted:
+            _LOG.info("deleted push channel %s", channel_id)
+        return deleted
+
+    async def use_link(self, link_id: str, expires_at: datetime, *, now: datetime) -> bool:
+        """Record a one-tap link's use; ``False`` if it was used before.
+
+        Uses of links expired before ``now`` are forgotten on the way (they no longer work).
+        """
+        row = {"link_id": link_id, "expires_at": _ts(expires_at)}
+        cutoff = _ts(now)
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute("DELETE FROM used_links WHERE expires_at < ?", (cutoff,))
+                cursor = conn.execute(
+                    "INSERT INTO used_links (link_id, expires_at) VALUES (:link_id, :expires_at) "
+                    "ON CONFLICT (link_id) DO NOTHING",
+                    row,
+                )
+                return cursor.rowcount > 0
 
         return await self._run(job)
 

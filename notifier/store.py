@@ -75,6 +75,38 @@ class CaseStore(Protocol):
     async def channels(self, owner_id: str, *, active_only: bool = True) -> list[PushChannel]:
         """Return an owner's push channels, oldest first."""
 
+    async def update_channel_state(self, channel_id: str, *, active: bool, failures: int) -> bool:
+        """Change a stored channel's delivery state (whether it is used, failures in a row).
+
+        Nothing else of the channel changes, and a channel removed meanwhile is not made
+        again.
+
+        Returns:
+            Whether the channel exists.
+        """
+
+    async def delete_channel(self, owner_id: str, channel_id: str) -> bool:
+        """Remove one of an owner's push channels for good (target and secrets too).
+
+        Notifications keep the id of the channel that delivered them; the audit trail's
+        evidence never quotes a target or key.
+
+        Returns:
+            Whether the owner had that channel.
+        """
+
+    async def use_link(self, link_id: str, expires_at: datetime, *, now: datetime) -> bool:
+        """Record that a one-tap action link was used; each works once.
+
+        Args:
+            link_id: the link's id (a hash of its token).
+            expires_at: when the link expires (the record may be forgotten after).
+            now: the current time: records of links that expired before it may go.
+
+        Returns:
+            ``True`` the first time, ``False`` if the link was used before.
+        """
+
     # -- cases and the audit trail --------------------------------------------------
     async def add_case(self, case: Case) -> None:
         """Insert a new case.

@@ -7,10 +7,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from notifier.errors import DeadTokenError
+from notifier.errors import DeadTokenError, DeliveryError
+from notifier.links import ActionLinks
 from notifier.loop import Notice
 from notifier.model import Case, DeviceRecord, Owner, PushChannel
 from notifier.outbox import Outbox, in_quiet_hours
@@ -18,6 +20,7 @@ from notifier.push import PushDispatcher, PushMessage
 from notifier.sqlite import SqliteStore
 
 NOON = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+LINKS = ActionLinks("a-link-secret-for-the-outbox-tests", ttl=timedelta(days=2))
 
 
 @dataclass
@@ -25,10 +28,13 @@ class Sender:
     kind: str = "webhook"
     sent: list[tuple[str, PushMessage]] = field(default_factory=list)
     dead: set[str] = field(default_factory=set)
+    down: set[str] = field(default_factory=set)
 
     async def send(self, channel: PushChannel, message: PushMessage) -> None:
         if channel.channel_id in self.dead:
             raise DeadTokenError("gone")
+        if channel.channel_id in self.down:
+            raise DeliveryError("away")
         self.sent.append((channel.channel_id, message))
 
 
@@ -59,8 +65,14 @@ async def rig() -> AsyncIterator[Rig]:
             await store.put_channel(
                 PushChannel(cid, "eva", "webhook", f"http://127.0.0.1:1/{cid}", {"secret": "s"})
             )
-        dispatcher = PushDispatcher({"webhook": sender}, attempts=1)  # type: ignore[dict-item]
-        outbox = Outbox(store, dispatcher, clock=clock, action_base_url="https://api.example/v1")
+        dispatcher = PushDispatcher(
+            {"webhook": sender},  # type: ignore[dict-item]
+            attempts=1,
+            max_failures=3,
+        )
+        outbox = Outbox(
+            store, dispatcher, clock=clock, action_base_url="https://api.example/v1", links=LINKS
+        )
         worker = asyncio.create_task(outbox.run())
         try:
             yield outbox, store, sender, clock
@@ -83,7 +95,19 @@ async def test_message_in_the_owners_language_with_action_links(rig: Rig) -> Non
     assert message.data["kind"] == "consent_request"
     ids = [a.action_id for a in message.actions]
     assert ids == ["accept_fix", "decline_fix"]
-    assert message.actions[0].url == "https://api.example/v1/cases/c1?action=accept_fix"
+    for action in message.actions:
+        # a signed link for that one action on that case, posted in the background by ntfy
+        assert action.background
+        assert action.url is not None
+        url = urlsplit(action.url)
+        assert f"{url.scheme}://{url.netloc}{url.path}" == "https://api.example/v1/cases/c1/tap"
+        query = parse_qs(url.query)
+        assert query["action"] == [action.action_id]
+        (token,) = query["token"]
+        grant = LINKS.verify(token, "c1", action.action_id, now=NOON)
+        assert grant.expires_at == NOON + timedelta(days=2)
+    first, second = (parse_qs(urlsplit(a.url or "").query)["token"][0] for a in message.actions)
+    assert first != second
     kept = await store.notifications("eva")
     assert [(n.kind, n.status, n.channel_id) for n in kept] == [("consent_request", "sent", "old")]
 
@@ -146,3 +170,76 @@ def test_quiet_hours_wrap_midnight_in_the_owners_zone() -> None:
     assert not in_quiet_hours(owner, datetime(2026, 12, 7, 12, 30, tzinfo=UTC))  # 07:30 NY
     never = replace(owner, quiet_start=None, quiet_end=None)
     assert not in_quiet_hours(never, datetime(2026, 12, 7, 4, 0, tzinfo=UTC))
+
+
+async def test_buttons_carry_no_link_without_a_signer() -> None:
+    async with SqliteStore(":memory:") as store:
+        owner = Owner("eva", "Eva", quiet_start=None, quiet_end=None)
+        await store.put_owner(owner)
+        sender = Sender()
+        dispatcher = PushDispatcher({"webhook": sender})  # type: ignore[dict-item]
+        await store.put_channel(PushChannel("one", "eva", "webhook", "https://h.example/x"))
+        outbox = Outbox(store, dispatcher, clock=Clock(), action_base_url="https://api.example/v1")
+        await outbox.notify(owner, case("c1"), Notice("consent_request", action="restart"))
+        notification = (await store.notifications("eva"))[0]
+        await outbox.deliver(owner, notification, False)
+    ((_, message),) = sender.sent
+    assert [(a.action_id, a.url, a.background) for a in message.actions] == [
+        ("accept_fix", None, False),
+        ("decline_fix", None, False),
+    ]
+
+
+async def test_failures_are_kept_reset_and_retire_the_channel(rig: Rig) -> None:
+    outbox, store, sender, _ = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    sender.down.add("old")
+
+    async def push(n: int) -> None:
+        await outbox.notify(owner, case(f"c{n}"), Notice("urgent_safety", urgent=True))
+        await outbox.drain()
+
+    async def failures() -> dict[str, tuple[int, bool]]:
+        kept = await store.channels("eva", active_only=False)
+        return {c.channel_id: (c.failures, c.active) for c in kept}
+
+    await push(1)
+    assert await failures() == {"old": (1, True), "new": (0, True)}
+    await push(2)
+    assert await failures() == {"old": (2, True), "new": (0, True)}
+    sender.down.clear()
+    await push(3)
+    assert await failures() == {"old": (0, True), "new": (0, True)}  # a success resets
+    sender.down.add("old")
+    for n in range(4, 7):
+        await push(n)
+    assert await failures() == {"old": (3, False), "new": (0, True)}  # the limit: retired
+    await push(7)
+    assert [cid for cid, _ in sender.sent][-1] == "new"
+    assert (await failures())["old"] == (3, False)  # no longer tried
+
+
+async def test_a_channel_removed_during_a_delivery_stays_removed(rig: Rig) -> None:
+    _, store, _, clock = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+
+    @dataclass
+    class RemovedMeanwhile(Sender):
+        async def send(self, channel: PushChannel, message: PushMessage) -> None:
+            if channel.channel_id == "old":
+                # the owner removes the channel while the push service is failing it
+                assert await store.delete_channel("eva", "old")
+                raise DeliveryError("away")
+            await Sender.send(self, channel, message)
+
+    sender = RemovedMeanwhile()
+    dispatcher = PushDispatcher({"webhook": sender}, attempts=1)  # type: ignore[dict-item]
+    outbox = Outbox(store, dispatcher, clock=clock)
+    await outbox.notify(owner, case("c1"), Notice("urgent_safety", urgent=True))
+    notification = (await store.notifications("eva"))[-1]
+    await outbox.deliver(owner, notification, True)
+    assert [cid for cid, _ in sender.sent] == ["new"]
+    # the failure reported for the deleted channel did not bring it back
+    assert [c.channel_id for c in await store.channels("eva", active_only=False)] == ["new"]

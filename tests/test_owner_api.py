@@ -651,7 +651,7 @@ def _valid_channels() -> list[dict[str, Any]]:
         },
         {
             "kind": "webhook",
-            "target": "http://127.0.0.1:8123/api/webhook/fixloop",
+            "target": "https://93.184.215.14:8443/api/webhook/fixloop",
             "keys": {"secret": "another-shared-secret"},
         },
     ]
@@ -753,7 +753,7 @@ async def test_a_valid_channel_is_registered_and_its_secrets_never_returned(
         (
             {
                 "kind": "webhook",
-                "target": "http://home.example.org/hook",
+                "target": "https://home.example.org/two words",
                 "keys": {"secret": "a-long-shared-secret-42"},
             },
             "target",
@@ -794,20 +794,124 @@ async def test_registering_a_channel_again_refreshes_it(world: World) -> None:
     assert len(await world.store.channels("o-alice")) == 1
 
 
-async def test_a_removed_channel_is_gone_with_its_secrets(world: World) -> None:
+async def test_a_removed_channel_is_deleted_and_no_longer_exported(world: World) -> None:
     body = _valid_channels()[4]
     resp = await world.client.post(f"{API_PREFIX}/me/channels", json=body, headers=_hdr(ALICE))
     channel_id = (await resp.json())["channel_id"]
+    kept = await world.client.post(
+        f"{API_PREFIX}/me/channels", json=_valid_channels()[2], headers=_hdr(ALICE)
+    )
+    kept_id = (await kept.json())["channel_id"]
+    resp = await world.client.delete(f"{API_PREFIX}/me/channels/{channel_id}", headers=_hdr(BOB))
+    await _error(resp, 404)  # not Bob's
     resp = await world.client.delete(f"{API_PREFIX}/me/channels/{channel_id}", headers=_hdr(ALICE))
     assert resp.status == 204
     listed = await (await world.client.get(f"{API_PREFIX}/me/channels", headers=_hdr(ALICE))).json()
-    assert listed == {"channels": []}
-    (kept,) = await world.store.channels("o-alice", active_only=False)
-    assert not kept.active
-    assert kept.keys == {}
-    assert "s3cr3t" not in kept.target
+    assert [c["channel_id"] for c in listed["channels"]] == [kept_id]
+    stored = await world.store.channels("o-alice", active_only=False)
+    assert [c.channel_id for c in stored] == [kept_id]
+    export = await world.client.get(f"{API_PREFIX}/me/export", headers=_hdr(ALICE))
+    text = await export.text()
+    assert [c["channel_id"] for c in json.loads(text)["channels"]] == [kept_id]
+    assert channel_id not in text
+    assert "home.example.org" not in text
     resp = await world.client.delete(f"{API_PREFIX}/me/channels/{channel_id}", headers=_hdr(ALICE))
     await _error(resp, 404)
+
+
+async def test_a_retired_channel_can_be_deleted_too(world: World) -> None:
+    await world.store.put_channel(
+        PushChannel("ch-dead", "o-alice", "fcm", "t" * 40, active=False, failures=10)
+    )
+    resp = await world.client.delete(f"{API_PREFIX}/me/channels/ch-dead", headers=_hdr(ALICE))
+    assert resp.status == 204
+    assert await world.store.channels("o-alice", active_only=False) == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "ftp://hooks.example.org/x",
+        "hooks.example.org/x",
+        "http://home.example.org/hook",  # plain http to a public host
+        "https://user:pw@hooks.example.org/x",
+        "https://:pw@hooks.example.org/x",
+        "https://hooks.example.org:http/x",
+        "https://[::1/x",
+        "https://localhost/x",
+        "https://LOCALHOST./x",
+        "https://printer.localhost/x",
+        "https://127.0.0.1/x",
+        "https://127.1/x",
+        "https://0x7f.1/x",
+        "https://0x7F000001/x",
+        "https://2130706433/x",
+        "https://0177.0.0.1/x",
+        "https://017700000001/x",
+        "https://127.0.0.1./x",
+        "https://10.1.2.3/x",
+        "https://172.16.0.1/x",
+        "https://192.168.1.20:8123/x",
+        "https://169.254.169.254/latest/meta-data",
+        "https://100.64.0.1/x",
+        "https://0.0.0.0/x",
+        "https://0/x",
+        "https://224.0.0.1/x",
+        "https://255.255.255.255/x",
+        "https://240.0.0.1/x",
+        "https://[::1]/x",
+        "https://[::]/x",
+        "https://[::ffff:127.0.0.1]/x",
+        "https://[::ffff:7f00:1]/x",
+        "https://[::ffff:a9fe:a9fe]/x",
+        "https://[fe80::1]/x",
+        "https://[fc00::1]/x",
+        "https://[ff02::1]/x",
+        "https://[2002:7f00:1::]/x",
+        "https://[64:ff9b::a00:1]/x",
+        "https://1.2.3.4.5/x",
+        "https://256.0.0.1/x",
+        "https://0x100000000/x",
+    ],
+)
+async def test_a_webhook_to_an_internal_or_odd_address_is_refused(
+    world: World, target: str
+) -> None:
+    body = {"kind": "webhook", "target": target, "keys": {"secret": "a-long-shared-secret-42"}}
+    resp = await world.client.post(f"{API_PREFIX}/me/channels", json=body, headers=_hdr(ALICE))
+    error = await _error(resp, 422)
+    assert error["field"] == "target"
+    assert error["code"] == "unsafe_target"
+    assert await world.store.channels("o-alice", active_only=False) == []
+
+
+async def test_internal_webhooks_are_taken_where_the_install_allows_them(
+    aiohttp_client: ClientFactory,
+) -> None:
+    store = await SqliteStore(":memory:").open()
+    try:
+        await _seed(store)
+        app = create_api(
+            store=store,
+            actions=FakeActions(store),
+            health=FakeHealth(),
+            clock=lambda: NOW,
+            webhook_allow_private=True,
+        )
+        client = await aiohttp_client(app)
+        for target in (
+            "http://127.0.0.1:8123/hook",
+            "http://localhost:8080/h",
+            "https://10.0.0.2/",
+        ):
+            body = {"kind": "webhook", "target": target, "keys": {"secret": "s" * 16}}
+            resp = await client.post(f"{API_PREFIX}/me/channels", json=body, headers=_hdr(ALICE))
+            assert resp.status == 201, await resp.text()
+        body = {"kind": "webhook", "target": "ftp://10.0.0.2/", "keys": {"secret": "s" * 16}}
+        resp = await client.post(f"{API_PREFIX}/me/channels", json=body, headers=_hdr(ALICE))
+        await _error(resp, 422)
+    finally:
+        await store.close()
 
 
 def test_targets_are_masked() -> None:
@@ -1115,7 +1219,7 @@ async def test_openapi_describes_every_route_and_only_those(world: World) -> Non
     }
     described = {(method, path) for path, item in doc["paths"].items() for method in item}
     assert routes == described
-    assert len(routes) == 18
+    assert len(routes) == 20
     assert doc["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
@@ -1128,7 +1232,8 @@ async def test_openapi_describes_every_route_and_only_those(world: World) -> Non
             names = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
             assert names == set(path.replace("}", "{").split("{")[1::2]), (method, path)
             assert op["responses"], (method, path)
-            if path == "/openapi.json":
+            if path == "/openapi.json" or path.endswith("/tap"):
+                # the document is public; a one-tap link is its own credential
                 assert op["security"] == []
             else:
                 assert op["security"] == [{"bearer": []}]

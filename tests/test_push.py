@@ -14,9 +14,10 @@ import hashlib
 import hmac
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -31,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pytest_aiohttp import AiohttpServer
 
 from gateway.errors import ConfigError, PermanentError
-from notifier.errors import DeadTokenError, DeliveryError, InvalidRequestError
+from notifier.errors import DeadTokenError, DeliveryError, InvalidRequestError, UnsafeAddressError
 from notifier.model import PushChannel
 from notifier.push import (
     DeliveryReport,
@@ -699,7 +700,7 @@ async def test_webhook_is_signed_and_verifiable(aiohttp_server: AiohttpServer) -
     channel = PushChannel(
         "h1", "ann", "webhook", str(server.make_url("/hook/a")), {"secret": SECRET}
     )
-    async with WebhookSender(timeout_s=5) as sender:
+    async with WebhookSender(allow_internal=True, timeout_s=5) as sender:
         await sender.send(channel, MESSAGE)
     assert receiver.verified == [True]
     ts, body, signature = receiver.raw[0]
@@ -738,7 +739,7 @@ async def test_webhook_statuses(aiohttp_server: AiohttpServer) -> None:
             f"h-{name}", "ann", "webhook", target, {"secret": SECRET} if keys is None else keys
         )
 
-    async with WebhookSender(timeout_s=5) as sender:
+    async with WebhookSender(allow_internal=True, timeout_s=5) as sender:
         with pytest.raises(DeadTokenError):
             await sender.send(hook("gone"), MESSAGE)
         with pytest.raises(RetryLaterError):
@@ -776,7 +777,7 @@ async def test_timeouts_and_unreachable_services_are_delivery_errors(
     closed = PushChannel(
         "h-closed", "ann", "webhook", "http://127.0.0.1:9/hook", {"secret": SECRET}
     )
-    async with WebhookSender(timeout_s=0.2) as sender:
+    async with WebhookSender(allow_internal=True, timeout_s=0.2) as sender:
         started = time.monotonic()
         with pytest.raises(DeliveryError, match="timed out"):
             await sender.send(slow_hook, MESSAGE)
@@ -789,7 +790,7 @@ async def test_timeouts_and_unreachable_services_are_delivery_errors(
 async def test_a_sender_must_be_opened() -> None:
     channel = PushChannel("h1", "ann", "webhook", "http://127.0.0.1:9/hook", {"secret": SECRET})
     with pytest.raises(PushRefusedError, match="not open"):
-        await WebhookSender().send(channel, MESSAGE)
+        await WebhookSender(allow_internal=True).send(channel, MESSAGE)
 
 
 def test_message_checks_its_data() -> None:
@@ -825,7 +826,7 @@ async def test_nothing_secret_is_logged(
             "hook-1", "ann", "webhook", str(hook_server.make_url("/hook/gone")), {"secret": SECRET}
         ),
     ]
-    async with fcm, WebhookSender(timeout_s=5) as hook:
+    async with fcm, WebhookSender(allow_internal=True, timeout_s=5) as hook:
         dispatcher = PushDispatcher({"fcm": fcm, "webhook": hook}, attempts=2, sleep=no_sleep)
         report = await dispatcher.deliver(channels, (), MESSAGE)
     assert report.delivered_via is None
@@ -896,7 +897,7 @@ async def dispatch_setup(
 async def test_dispatcher_follows_preference_order(aiohttp_server: AiohttpServer) -> None:
     scripted, channel, sleeps = await dispatch_setup(aiohttp_server, {})
     hook, topic = channel("webhook", "hook-a"), channel("ntfy", "topic-a")
-    async with WebhookSender(timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+    async with WebhookSender(allow_internal=True, timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
         dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, sleep=sleeps)
         report = await dispatcher.deliver([hook, topic], ["ntfy"], MESSAGE)
         assert report == DeliveryReport(topic, (), 1, ())
@@ -917,7 +918,7 @@ async def test_dispatcher_retries_503_with_backoff_then_succeeds(
     scripted, channel, sleeps = await dispatch_setup(
         aiohttp_server, {"hook-a": [503, 503, 503, 204]}
     )
-    async with WebhookSender(timeout_s=5) as wh:
+    async with WebhookSender(allow_internal=True, timeout_s=5) as wh:
         dispatcher = PushDispatcher(
             {"webhook": wh},
             attempts=4,
@@ -942,13 +943,15 @@ async def test_dispatcher_retries_503_with_backoff_then_succeeds(
 async def test_dispatcher_retires_dead_token_and_uses_next(aiohttp_server: AiohttpServer) -> None:
     scripted, channel, sleeps = await dispatch_setup(aiohttp_server, {"hook-dead": [410]})
     dead, alive = channel("webhook", "hook-dead"), channel("ntfy", "topic-b")
-    async with WebhookSender(timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+    async with WebhookSender(allow_internal=True, timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
         dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, sleep=sleeps)
         report = await dispatcher.deliver([alive, dead], ["webhook"], MESSAGE)
     assert report.delivered_via == alive
-    assert report.retired == (
-        PushChannel(dead.channel_id, "ann", "webhook", dead.target, dead.keys, active=False),
+    retired = PushChannel(
+        dead.channel_id, "ann", "webhook", dead.target, dead.keys, active=False, failures=1
     )
+    assert report.retired == (retired,)
+    assert report.updated == (retired,)  # the one that delivered had no failures to reset
     assert report.attempts == 2
     assert scripted.calls == ["hook-dead", "topic-b"]  # the dead one tried once, no retry
     assert sleeps.delays == []
@@ -964,7 +967,7 @@ async def test_dispatcher_all_channels_failing(aiohttp_server: AiohttpServer) ->
         channel("ntfy", "topic-c"),
     ]
     fcm_only = PushChannel("fcm-1", "ann", "fcm", "token")
-    async with WebhookSender(timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+    async with WebhookSender(allow_internal=True, timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
         dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, attempts=3, sleep=sleeps)
         report = await dispatcher.deliver([*channels, fcm_only], ["fcm"], MESSAGE)
     assert report.delivered_via is None
@@ -980,7 +983,7 @@ async def test_dispatcher_all_channels_failing(aiohttp_server: AiohttpServer) ->
 async def test_dispatcher_honours_retry_after(aiohttp_server: AiohttpServer) -> None:
     scripted, channel, sleeps = await dispatch_setup(aiohttp_server, {"hook-a": [429, 204]})
     scripted.headers = {"Retry-After": "7"}
-    async with WebhookSender(timeout_s=5) as wh:
+    async with WebhookSender(allow_internal=True, timeout_s=5) as wh:
         dispatcher = PushDispatcher({"webhook": wh}, max_delay_s=10.0, sleep=sleeps)
         report = await dispatcher.deliver([channel("webhook", "hook-a")], [], MESSAGE)
         assert report.delivered
@@ -1009,3 +1012,163 @@ def test_retry_policy_is_checked() -> None:
     assert all(0.25 <= s <= 30 for s in steps)
     assert steps[-1] >= 15  # capped at the longest pause, jittered in its upper half
     assert isinstance(PushRefusedError("x"), PermanentError)
+
+
+# -- failures in a row ---------------------------------------------------------------------
+
+
+async def test_failures_are_counted_reset_on_success_and_retire_at_the_limit(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    scripted, channel, sleeps = await dispatch_setup(
+        aiohttp_server, {"hook-a": [400], "hook-b": [204]}
+    )
+    flaky = replace(channel("webhook", "hook-a"), failures=1)
+    backup = replace(channel("webhook", "hook-b"), failures=4)
+    async with WebhookSender(allow_internal=True, timeout_s=5) as wh:
+        dispatcher = PushDispatcher({"webhook": wh}, max_failures=3, sleep=sleeps)
+        report = await dispatcher.deliver([flaky, backup], [], MESSAGE)
+        # the refusing channel counts one more; the one that took it is back to 0
+        assert report.delivered_via == replace(backup, failures=0)
+        assert report.updated == (replace(flaky, failures=2), replace(backup, failures=0))
+        assert report.retired == ()
+
+        report = await dispatcher.deliver([replace(flaky, failures=2)], [], MESSAGE)
+    # the third failure in a row reaches the limit: retired like a dead token
+    gone = replace(flaky, failures=3, active=False)
+    assert report.updated == (gone,)
+    assert report.retired == (gone,)
+    assert dispatcher.order([gone, backup], []) == [backup]
+    assert scripted.calls == ["hook-a", "hook-b", "hook-a"]
+
+
+async def test_a_clean_success_changes_no_record(aiohttp_server: AiohttpServer) -> None:
+    _, channel, sleeps = await dispatch_setup(aiohttp_server, {})
+    async with WebhookSender(allow_internal=True, timeout_s=5) as wh:
+        report = await PushDispatcher({"webhook": wh}, sleep=sleeps).deliver(
+            [channel("webhook", "hook-a")], [], MESSAGE
+        )
+    assert report.delivered
+    assert report.updated == ()
+
+
+def test_max_failures_is_checked() -> None:
+    with pytest.raises(ConfigError):
+        PushDispatcher({}, max_failures=0)
+
+
+# -- webhooks and internal addresses -------------------------------------------------------
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> Callable[[dict[str, list[str]]], list[str]]:
+    """Answers name lookups of the running loop from a table; returns the names asked."""
+    asked: list[str] = []
+
+    def install(table: dict[str, list[str]]) -> list[str]:
+        loop = asyncio.get_running_loop()
+
+        async def getaddrinfo(host: str, port: int, **_kw: Any) -> list[Any]:
+            asked.append(host)
+            if host not in table:
+                raise socket.gaierror(socket.EAI_NONAME, "unknown name")
+            return [
+                (
+                    socket.AF_INET6 if ":" in addr else socket.AF_INET,
+                    socket.SOCK_STREAM,
+                    6,
+                    "",
+                    (addr, port, 0, 0) if ":" in addr else (addr, port),
+                )
+                for addr in table[host]
+            ]
+
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        return asked
+
+    return install
+
+
+async def test_webhook_to_an_internal_address_is_refused_unless_allowed(
+    aiohttp_server: AiohttpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver = HookReceiver()
+    server = await aiohttp_server(receiver.app())
+    channel = PushChannel(
+        "h-local", "ann", "webhook", str(server.make_url("/hook/a")), {"secret": SECRET}
+    )
+    caplog.set_level(logging.WARNING, logger="notifier.push_webhook")
+    async with WebhookSender(timeout_s=5) as sender:
+        with pytest.raises(UnsafeAddressError) as refused:
+            await sender.send(channel, MESSAGE)
+    assert isinstance(refused.value, PermanentError)
+    assert "h-local" in str(refused.value)
+    assert "127.0.0.1" not in str(refused.value)
+    assert receiver.raw == []
+    assert "h-local" in caplog.text
+    assert "internal address" in caplog.text
+    async with WebhookSender(timeout_s=5, allow_internal=True) as sender:
+        await sender.send(channel, MESSAGE)
+    assert receiver.verified == [True]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [["127.0.0.1"], ["93.184.215.14", "10.0.0.7"], ["::1"], ["::ffff:169.254.169.254"]],
+)
+async def test_a_name_that_resolves_inside_is_refused_before_connecting(
+    aiohttp_server: AiohttpServer,
+    fake_dns: Callable[[dict[str, list[str]]], list[str]],
+    answers: list[str],
+) -> None:
+    receiver = HookReceiver()
+    server = await aiohttp_server(receiver.app())
+    asked = fake_dns({"hooks.example.net": answers})
+    target = f"https://hooks.example.net:{server.port}/hook/a"
+    channel = PushChannel("h-dns", "ann", "webhook", target, {"secret": SECRET})
+    async with WebhookSender(timeout_s=5) as sender:
+        with pytest.raises(UnsafeAddressError, match="internal address"):
+            await sender.send(channel, MESSAGE)
+    assert asked == ["hooks.example.net"]
+    assert receiver.raw == []
+
+
+async def test_the_checked_address_is_the_one_connected_to(
+    aiohttp_server: AiohttpServer, fake_dns: Callable[[dict[str, list[str]]], list[str]]
+) -> None:
+    # allowed internal: the name resolves through the same checked resolver and is used
+    receiver = HookReceiver()
+    server = await aiohttp_server(receiver.app())
+    fake_dns({"hooks.home.test": ["127.0.0.1"]})
+    target = f"http://hooks.home.test:{server.port}/hook/a"
+    channel = PushChannel("h-home", "ann", "webhook", target, {"secret": SECRET})
+    async with WebhookSender(timeout_s=5, allow_internal=True) as sender:
+        await sender.send(channel, MESSAGE)
+    assert receiver.verified == [True]
+
+
+async def test_a_name_that_does_not_resolve_is_a_delivery_error(
+    fake_dns: Callable[[dict[str, list[str]]], list[str]],
+) -> None:
+    fake_dns({})
+    channel = PushChannel(
+        "h-none", "ann", "webhook", "https://nowhere.example.net/h", {"secret": SECRET}
+    )
+    async with WebhookSender(timeout_s=5) as sender:
+        with pytest.raises(DeliveryError):
+            await sender.send(channel, MESSAGE)
+
+
+async def test_a_refused_webhook_counts_as_a_failed_delivery(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    scripted, channel, sleeps = await dispatch_setup(aiohttp_server, {})
+    hook, topic = channel("webhook", "hook-a"), channel("ntfy", "topic-a")
+    async with WebhookSender(timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+        dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, max_failures=1, sleep=sleeps)
+        report = await dispatcher.deliver([hook, topic], [], MESSAGE)
+    assert report.delivered_via == topic
+    assert report.attempts == 2  # a refusal is not retried
+    assert report.retired == (replace(hook, failures=1, active=False),)
+    assert scripted.calls == ["topic-a"]  # nothing reached the internal webhook
+    assert sleeps.delays == []
