@@ -17,8 +17,9 @@ way into our own network (server-side request forgery). Two checks share this mo
 
 "Internal" (:func:`is_internal_ip`) is anything Python's :mod:`ipaddress` does not call
 globally reachable, or calls private, loopback, link-local, multicast, reserved or
-unspecified; an IPv6 address that carries an IPv4 one (IPv4-mapped, IPv4-compatible,
-6to4, Teredo, NAT64 ``64:ff9b::/96``) is judged by that IPv4 address as well.
+unspecified; an IPv6 address that carries an IPv4 one (IPv4-compatible, 6to4, Teredo,
+NAT64 ``64:ff9b::/96``) is judged by that IPv4 address as well, and an IPv4-mapped one
+(``::ffff:0:0/96``, never globally reachable as such) is refused whatever it carries.
 Local installs and tests, whose receivers run on 127.0.0.1, switch the check off with
 ``allow_internal=True`` (``[notifier.push] webhook_allow_private``).
 """

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 from aiohttp import web
@@ -28,6 +29,7 @@ from notifier.errors import (
     NotFoundError,
 )
 from notifier.keys import OPENAPI_KEY
+from notifier.links import ActionLinks
 from notifier.model import (
     Appointment,
     AuditEntry,
@@ -1295,3 +1297,95 @@ async def test_history_and_titles_come_from_the_message_catalogue_when_installed
         ("notify", None, None),
     ]
     assert entries[0][0] == NOW - timedelta(hours=5)
+
+
+# -- one-tap action links --------------------------------------------------------------------
+
+LINKS = ActionLinks("the-owner-api-tests-link-secret", ttl=timedelta(hours=6))
+
+
+@pytest.fixture
+async def linked(aiohttp_client: ClientFactory) -> AsyncIterator[World]:
+    store = await SqliteStore(":memory:").open()
+    try:
+        await _seed(store)
+        actions, health = FakeActions(store), FakeHealth()
+        app = create_api(
+            store=store, actions=actions, health=health, clock=lambda: NOW, links=LINKS
+        )
+        yield World(await aiohttp_client(app), store, actions, health)
+    finally:
+        await store.close()
+
+
+def _tap(case_id: str, action: str) -> str:
+    return urlsplit(LINKS.url(API_PREFIX, case_id, action, now=NOW)).geturl()
+
+
+@pytest.mark.parametrize(
+    ("case_id", "action", "status", "call"),
+    [
+        ("c-a1", "accept_fix", 200, ("accept_fix", "o-alice", "c-a1")),
+        ("c-a1", "decline_fix", 200, ("decline_fix", "o-alice", "c-a1")),
+        ("c-a3", "choose_slot:1", 201, ("choose_slot", "o-alice", "c-a3", 1)),
+        ("c-a3", "other_times", 200, ("request_other_slots", "o-alice", "c-a3")),
+        ("c-a3", "decline_visit", 200, ("decline_visit", "o-alice", "c-a3")),
+        ("c-a2", "rate_good", 201, ("rate", "o-alice", "c-a2", 5, None, False)),
+        ("c-a2", "rate_bad", 201, ("rate", "o-alice", "c-a2", 2, None, False)),
+        ("c-a2", "nothing_wrong", 201, ("rate", "o-alice", "c-a2", 3, None, True)),
+        ("c-a2", "rate:4", 201, ("rate", "o-alice", "c-a2", 4, None, False)),
+        ("c-b1", "accept_fix", 200, ("accept_fix", "o-bob", "c-b1")),
+    ],
+)
+async def test_each_link_makes_the_request_of_its_route_once(
+    linked: World, case_id: str, action: str, status: int, call: tuple[Any, ...]
+) -> None:
+    url = _tap(case_id, action)
+    described = await linked.client.get(url)
+    assert described.status == 200
+    about = await described.json()
+    assert (about["case_id"], about["action"]) == (case_id, action)
+    assert about["expires_at"] == "2025-03-03T15:00:00Z"
+    assert linked.actions.calls == []  # looking is not doing
+    resp = await linked.client.post(url)  # no bearer token: the link is the credential
+    assert resp.status == status, await resp.text()
+    assert linked.actions.calls == [call]
+    again = await linked.client.post(url)
+    assert (await _error(again, 409))["code"] == "link_used"
+    assert linked.actions.calls == [call]
+
+
+@pytest.mark.parametrize(
+    "action", ["", "restart", "choose_slot", "choose_slot:x", "choose_slot:100", "rate:6",
+               "rate:0", "accept_fix:1", "rate_good:5"],
+)  # fmt: skip
+async def test_an_action_no_link_carries_is_a_400(linked: World, action: str) -> None:
+    url = f"{API_PREFIX}/cases/c-a1/tap?{urlencode({'action': action, 'token': 'x'})}"
+    error = await _error(await linked.client.post(url), 400)
+    assert error["field"] == "action"
+    assert linked.actions.calls == []
+
+
+async def test_links_are_refused_where_none_are_signed(world: World) -> None:
+    resp = await world.client.post(_tap("c-a1", "accept_fix"))
+    assert (await _error(resp, 403))["code"] == "invalid_link"
+    page = await world.client.get(_tap("c-a1", "accept_fix"), headers={"Accept": "text/html"})
+    assert page.status == 403
+    assert page.content_type == "text/html"
+    assert world.actions.calls == []
+
+
+async def test_a_link_of_an_erased_owner_finds_no_case(linked: World) -> None:
+    url = _tap("c-b1", "accept_fix")
+    await linked.store.erase_owner("o-bob")
+    await _error(await linked.client.post(url), 404)
+    assert linked.actions.calls == []
+
+
+async def test_a_failed_request_through_a_link_answers_like_its_route(linked: World) -> None:
+    linked.actions.fail = ConflictError("this case is not waiting for your go-ahead")
+    resp = await linked.client.post(_tap("c-a1", "accept_fix"), headers={"Accept": "text/html"})
+    assert resp.status == 409
+    text = await resp.text()
+    assert "not waiting for your go-ahead" in text
+    assert "<script" not in text
