@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -23,7 +24,7 @@ from aiohttp.test_utils import TestClient
 from dashboard.app import COOKIE_NAME, CSRF_HEADER, create_app
 from dashboard.auth import OpsUser, hash_password, verify_password
 from dashboard.feed import CaseFeed
-from dashboard.fleet import FleetCache
+from dashboard.fleet import FleetCache, Snapshot, apply_changes
 from dashboard.influxql import Measurements, bucket_s
 from dashboard.settings import DashboardSettings
 from dashboard.stats import binomial_sf, fleet_insight, outcomes
@@ -42,6 +43,7 @@ from notifier.model import (
     Technician,
 )
 from notifier.sqlite import SqliteStore
+from notifier.store import CaseStore
 
 NOW = datetime(2024, 5, 15, 12, 0, tzinfo=UTC)  # a Wednesday
 PASSWORDS = {"vera": "viewer-pass-1", "alex": "agent-pass-2", "ada": "admin-pass-3"}
@@ -1188,3 +1190,270 @@ async def test_fleet_cache_follows_the_feed_and_refreshes_scores_behind(
     assert latest == 0.9
     assert cache.score_failures == 0
     await cache.close()
+
+
+# -- the fleet cache follows the feed -----------------------------------------------------
+
+
+class CountingStore:
+    """A case store that counts the calls of each of its methods and passes them on."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.inner = store
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+async def cached_world(
+    aiohttp_client: ClientFactory, store: SqliteStore, **settings: Any
+) -> tuple[World, CountingStore]:
+    """A seeded dashboard with its cache on, reading the store through a call counter."""
+    seed = await seed_fleet(store)
+    counting = CountingStore(store)
+    feed = CaseFeed(queue_size=4)
+    campaign = RecordingCampaign()
+    app = create_app(
+        store=cast(CaseStore, counting),
+        influx=None,
+        actions=None,
+        users=ops_users(),
+        clock=Clock(),
+        campaign=campaign,
+        feed=feed,
+        settings=DashboardSettings(**settings),
+    )
+    client = await aiohttp_client(app)
+    return World(client, store, Clock(), feed, campaign, seed), counting
+
+
+def _stage(board: dict[str, Any], state: str) -> list[str]:
+    [stage] = [s for s in board["stages"] if s["state"] == state]
+    return [c["case_id"] for c in stage["cases"]]
+
+
+async def test_a_case_on_the_feed_reaches_every_answer_without_reading_the_store(
+    aiohttp_client: ClientFactory, store: SqliteStore
+) -> None:
+    world, counting = await cached_world(aiohttp_client, store, cache_s=60)
+    client = world.client
+    csrf = await login(client, "alex")
+    board = await (await client.get("/ops/api/cases")).json()
+    fleet = await (await client.get("/ops/api/fleet")).json()
+    insight = await (await client.get("/ops/api/insight")).json()
+    await client.get("/ops/api/outcomes")
+    await client.get("/ops/api/appointments")
+    assert "case-stall-1" in _stage(board, "opened")
+    assert counting.calls["cases"] == 1
+    assert counting.calls["devices"] == 1
+
+    # the case machine moves a case and opens one; only the feed tells the dashboard
+    moved = replace(
+        world.seed.open_case,
+        state="remote_fix",
+        pending_action="firmware_update",
+        updated_at=NOW - timedelta(minutes=1),
+    )
+    fresh = make_case(
+        "case-fresh",
+        world.seed.devices[8],  # a fridge on 1.4.0 without a stall so far
+        "compressor_stall",
+        "opened",
+        opened_at=NOW - timedelta(minutes=5),
+    )
+    world.feed.publish(moved)
+    world.feed.publish(fresh)
+    board = await (await client.get("/ops/api/cases")).json()
+    assert "case-stall-1" not in _stage(board, "opened")
+    assert "case-stall-1" in _stage(board, "remote_fix")
+    assert _stage(board, "opened")[0] == "case-fresh"  # newest first
+    after = await (await client.get("/ops/api/fleet")).json()
+    before_states = fleet["open_cases"]["by_state"]
+    assert after["open_cases"]["by_state"] == {
+        **before_states,
+        "remote_fix": 1,
+        "opened": before_states["opened"],  # one moved on, one came
+    }
+    older = {(r["model"], r["firmware"]): r["open"] for r in fleet["by_firmware"]}
+    newer = {(r["model"], r["firmware"]): r["open"] for r in after["by_firmware"]}
+    assert newer[("fridge-a1", "1.4.0")] == older[("fridge-a1", "1.4.0")] + 1
+
+    def stalls(data: dict[str, Any]) -> int:
+        return next(
+            g["affected"]
+            for g in data["flagged"] + data["groups"]
+            if (g["fault"], g["dimension"], g["value"])
+            == ("compressor_stall", "model", "fridge-a1")
+        )
+
+    assert stalls(await (await client.get("/ops/api/insight")).json()) == stalls(insight) + 1
+    outcomes_now = await (await client.get("/ops/api/outcomes")).json()
+    assert outcomes_now["totals"]["cases"] == 14  # 13 seeded, one new
+    # the queue shows its task's case from the snapshot: no lookup per task
+    queue = await (await client.get("/ops/api/queue")).json()
+    assert queue["tasks"][0]["case"]["state"] == "escalated"
+    assert counting.calls["get_case"] == 0
+    # a change made on the dashboard goes the same way
+    assert (await post(client, "/ops/api/tasks/task-1/close", csrf, {"outcome": "resolved"})).ok
+    board = await (await client.get("/ops/api/cases")).json()
+    assert "case-rated" in _stage(board, "resolved")
+    assert "case-rated" not in _stage(board, "escalated")
+    assert counting.calls["cases"] == 1  # never read again
+    assert counting.calls["devices"] == 1
+    assert counting.calls["ratings"] == 1  # outcomes looked up only the changed cases
+    assert counting.calls["get_rating"] == 2
+
+
+async def test_an_older_update_does_not_overwrite_a_newer_one(
+    aiohttp_client: ClientFactory, store: SqliteStore
+) -> None:
+    world, counting = await cached_world(aiohttp_client, store, cache_s=60)
+    await login(world.client, "vera")
+    board = await (await world.client.get("/ops/api/cases")).json()
+    assert "case-stall-1" in _stage(board, "opened")
+    base = world.seed.open_case
+    newer = replace(base, state="remote_fix", updated_at=NOW + timedelta(minutes=2))
+    older = replace(base, state="awaiting_consent", updated_at=NOW + timedelta(minutes=1))
+    world.feed.publish(newer)
+    world.feed.publish(older)  # late, e.g. redelivered after a reconnect
+    board = await (await world.client.get("/ops/api/cases")).json()
+    assert "case-stall-1" in _stage(board, "remote_fix")
+    assert "case-stall-1" not in _stage(board, "awaiting_consent")
+    # the late one arriving on its own later changes nothing either
+    world.feed.publish(older)
+    board = await (await world.client.get("/ops/api/cases")).json()
+    assert "case-stall-1" in _stage(board, "remote_fix")
+    # a change with the same time as the one held is the later message: it wins
+    same = replace(newer, state="verifying")
+    world.feed.publish(same)
+    board = await (await world.client.get("/ops/api/cases")).json()
+    assert "case-stall-1" in _stage(board, "verifying")
+    assert counting.calls["cases"] == 1
+
+
+def test_applied_changes_keep_the_store_order_and_skip_older_records() -> None:
+    device = DeviceRecord("d", "o", "m")
+    cases = [
+        make_case(f"c{n}", device, "f", "opened", opened_at=NOW - timedelta(days=n))
+        for n in range(5)
+    ]
+    snapshot = Snapshot({}, cases, {c.case_id: c for c in cases}, {}, 0.0, 3)
+    moved = replace(cases[2], state="remote_fix", updated_at=cases[2].updated_at + timedelta(1))
+    stale = replace(cases[3], state="dismissed", updated_at=cases[3].updated_at - timedelta(1))
+    between = make_case("c9", device, "g", "opened", opened_at=NOW - timedelta(days=1, hours=1))
+    after, changed = apply_changes(snapshot, [moved, stale, between], 6)
+    assert changed == {"c2", "c9"}
+    assert [c.case_id for c in after.cases] == ["c0", "c1", "c9", "c2", "c3", "c4"]
+    assert after.by_id["c2"] is moved
+    assert after.by_id["c3"] is cases[3]
+    assert after.version == 6
+    assert [c.case_id for c in snapshot.cases] == ["c0", "c1", "c2", "c3", "c4"]  # untouched
+    assert snapshot.by_id["c2"] is cases[2]
+    # in place when no case is new: same order, no sorting needed
+    again, changed = apply_changes(after, [replace(moved, state="verifying")], 7)
+    assert [c.case_id for c in again.cases] == [c.case_id for c in after.cases]
+    assert again.by_id["c2"].state == "verifying"
+
+
+def test_the_feed_hands_out_recent_changes_until_it_cannot() -> None:
+    feed = CaseFeed(log_size=3)
+    case = make_case("c", DeviceRecord("d", "o", "m"), "f", "opened")
+    assert feed.changes_since(0) == []
+    for n in range(2):
+        feed.publish(replace(case, case_id=f"c{n}"))
+    assert [c.case_id for c in feed.changes_since(0) or []] == ["c0", "c1"]
+    assert [c.case_id for c in feed.changes_since(1) or []] == ["c1"]
+    assert feed.changes_since(2) == []
+    feed.touch()
+    assert feed.changes_since(1) is None  # a change without a case: read the store
+    assert feed.changes_since(3) == []
+    for n in range(2, 6):
+        feed.publish(replace(case, case_id=f"c{n}"))
+    # versions 5, 6 and 7 are kept: back to 4 is known, 3 is older than the log
+    assert [c.case_id for c in feed.changes_since(5) or []] == ["c4", "c5"]
+    assert [c.case_id for c in feed.changes_since(4) or []] == ["c3", "c4", "c5"]
+    assert feed.changes_since(3) is None
+    assert feed.changes_since(99) is None  # a version this feed never had
+
+
+async def test_the_store_is_read_again_after_max_age_and_after_a_touch(
+    store: SqliteStore,
+) -> None:
+    seed = await seed_fleet(store)
+    counting = CountingStore(store)
+    feed = CaseFeed()
+    cache = FleetCache(
+        cast(CaseStore, counting), None, feed, cache_s=0.2, measurements=Measurements()
+    )
+    try:
+        first = await cache.snapshot()
+        assert counting.calls["cases"] == 1
+        # a change the feed never carried (a lost message)
+        missed = make_case("case-missed", seed.devices[7], "drain_clog", "opened")
+        await store.add_case(missed)
+        assert await cache.snapshot() is first
+        await asyncio.sleep(0.25)
+        # past cache_s: this answer is still the kept snapshot, the store is read behind it
+        behind = await cache.snapshot()
+        assert "case-missed" not in behind.by_id
+        found = behind
+        for _ in range(250):
+            await asyncio.sleep(0.02)
+            found = await cache.snapshot()
+            if "case-missed" in found.by_id:
+                break
+        assert "case-missed" in found.by_id
+        assert counting.calls["cases"] == 2
+        # read behind the answers at 0.25 s, not before one at 0.6 s
+        assert found.read_at - first.read_at < 0.5
+        # nobody asked for three times cache_s: the store is read before the answer
+        other = make_case("case-missed-2", seed.devices[9], "drain_clog", "opened")
+        await store.add_case(other)
+        await asyncio.sleep(0.65)
+        assert "case-missed-2" in (await cache.snapshot()).by_id
+        assert counting.calls["cases"] == 3
+        # a change the feed cannot describe: the next snapshot reads the store at once
+        third = make_case("case-missed-3", seed.devices[11], "drain_clog", "opened")
+        await store.add_case(third)
+        feed.touch()
+        assert "case-missed-3" in (await cache.snapshot()).by_id
+        assert counting.calls["cases"] == 4
+        assert cache.read_failures == 0
+    finally:
+        await cache.close()
+
+
+async def test_outcomes_follow_a_rated_case_with_lookups_of_that_case_only(
+    aiohttp_client: ClientFactory, store: SqliteStore
+) -> None:
+    world, counting = await cached_world(aiohttp_client, store, cache_s=60)
+    await login(world.client, "vera")
+    first = await (await world.client.get("/ops/api/outcomes")).json()
+    assert first["totals"]["ratings"] == 1
+    # the owner loop resolves a stall and the owner rates it 5 stars
+    case = await store.get_case("case-stall-1")
+    assert case is not None
+    done = NOW - timedelta(hours=1)
+    await audit(
+        store, case, done, "transition", "fixed", from_state="verifying", to_state="resolved"
+    )
+    await store.add_rating(Rating(case.case_id, 5, "great", False, NOW))
+    rated = replace(case, state="resolved", rating=5, updated_at=NOW)
+    await store.update_case(rated, expected_state="opened")
+    world.feed.publish(rated)
+    second = await (await world.client.get("/ops/api/outcomes")).json()
+    assert second["totals"]["ratings"] == 2
+    assert second["totals"]["resolved"] == first["totals"]["resolved"] + 1
+    assert second["totals"]["mean_stars"] == pytest.approx(3.5)
+    assert second["comments"][0]["case_id"] == "case-stall-1"
+    assert counting.calls["ratings"] == 1  # read once in full ...
+    assert counting.calls["get_rating"] == 1  # ... then only the changed case
+    assert counting.calls["appointments"] == 2  # all, then the changed case's
+    assert counting.calls["cases"] == 1
