@@ -35,7 +35,7 @@ from gateway.settings import GatewaySettings, MqttSettings
 from notifier.model import DeviceRecord, Owner, PushChannel, Technician, Window
 from notifier.push import verify_webhook_signature
 from notifier.service import NotifierService
-from notifier.settings import NotifierSettings
+from notifier.settings import NotifierSettings, PushSettings
 from notifier.sqlite import SqliteStore
 
 pytestmark = pytest.mark.integration
@@ -160,6 +160,7 @@ async def test_owner_loop_end_to_end(
         verify_window_s=4 * 3_600,
         verify_timeout_s=300,
         firmware={"washer": "2.4.0"},
+        push=PushSettings(webhook_allow_private=True),  # the owners' webhooks are on 127.0.0.1
     )
     stop = asyncio.Event()
     try:
