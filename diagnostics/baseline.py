@@ -25,12 +25,14 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from diagnostics.features import FeatureSpec
+from diagnostics.features import FeatureSpec, FeatureTable
+from diagnostics.kernels import assess_rows, learn_rows, trend_flags
 
 __all__ = ["BaselineRows", "BaselineTable", "z_to_score"]
 
 F32 = npt.NDArray[np.float32]
 _Z_HALF: Final = 6.0
+_NO_Z: Final = np.zeros((0, 0), dtype=np.float32)
 
 
 def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> F32:
@@ -162,15 +164,20 @@ class BaselineTable:
         The same as :meth:`warm`, :meth:`zscores` and :meth:`score` together, gathering each
         array once; pass the result to :meth:`learn` to reuse it.
         """
-        count = self.count[slots]
-        first = self.first_s[slots]
-        mean = self.mean[slots]
-        var = self.var[slots]
-        warm = (count >= self.min_count) & ((now_s[:, None] - first) >= self.warmup_s)
-        ready = warm & ~np.isnan(level)
-        z = np.where(ready, (level - mean) / np.sqrt(var + self.floor2), np.float32(0.0))
-        peak = np.abs(z).max(axis=1) if z.shape[1] else np.zeros(z.shape[0], np.float32)
-        return BaselineRows(count, first, mean, var, warm, z, z_to_score(peak))
+        count, first, mean, var, warm, z, score = assess_rows(
+            slots,
+            level,
+            now_s,
+            self.count,
+            self.first_s,
+            self.mean,
+            self.var,
+            self.min_count,
+            self.floor2,
+            self.warmup_s,
+            _Z_HALF,
+        )
+        return BaselineRows(count, first, mean, var, warm, z, score)
 
     def learn(
         self,
@@ -179,11 +186,8 @@ class BaselineTable:
         now_s: npt.NDArray[np.int32],
         mask: npt.NDArray[np.bool_],
         z: F32 | None = None,
-        rows: BaselineRows | None = None,
     ) -> None:
         """Fold ``level`` rows into the baselines of the rows where ``mask`` holds.
-
-        ``rows``, when given, is :meth:`assess` of the same slots, not changed since.
 
         A feature whose deviation ``z`` is already beyond ``freeze_z`` is not learnt even
         on an unflagged device: a drift must not teach the baseline its own spread.
@@ -192,45 +196,62 @@ class BaselineTable:
         weight follows the time since the last update (``tau_days``), so features that
         update often and rarely forget at the same pace.
         """
-        picked = np.count_nonzero(mask)
-        every = picked == len(mask)
-        if not picked:
-            return
-        if rows is None:
-            rows = BaselineRows(
-                self.count[slots], self.first_s[slots], self.mean[slots], self.var[slots]
-            )
-        if every:
-            s, x, t, zm = slots, level, now_s[:, None], z
-            count0, first, mean, var = rows.count, rows.first_s, rows.mean, rows.var
-        else:
-            s, x, t = slots[mask], level[mask], now_s[mask][:, None]
-            zm = None if z is None else z[mask]
-            count0, first = rows.count[mask], rows.first_s[mask]
-            mean, var = rows.mean[mask], rows.var[mask]
-        present = ~np.isnan(x)
-        # the spread learnt from values inside ±freeze_z is that of a truncated normal,
-        # too narrow by the factor below; left uncorrected each pass narrows the next
-        # window, until the spread collapses onto the floor and daily habits read as z 6
-        if zm is not None:
-            gated = (count0 >= self.min_count) & (zm != 0.0)
-            present &= np.abs(zm) < self.freeze_z
-            inflate = np.where(gated, self._inflate, np.float32(1.0))
-        else:
-            inflate = np.ones_like(x)
-        fresh = present & (count0 == 0)
-        self.first_s[s] = np.where(fresh, t, first)
-        count = count0 + present
-        learnt = self.learnt_s[s]
-        dt_days = (t - learnt).astype(np.float32) / np.float32(86_400.0)
-        np.minimum(np.maximum(dt_days, np.float32(0.0), out=dt_days), np.float32(30.0), out=dt_days)
-        ew = 1.0 - np.exp(-dt_days / np.float32(self.tau_days))
-        weight = np.where(present, np.maximum(1.0 / np.maximum(count, 1.0), ew), 0.0)
-        delta = np.where(present, x - mean, np.float32(0.0))
-        self.mean[s] = mean + weight * delta
-        self.var[s] = (1.0 - weight) * (var + weight * delta * delta * inflate)
-        self.count[s] = count
-        self.learnt_s[s] = np.where(present, t, learnt)
+        learn_rows(
+            slots,
+            level,
+            now_s,
+            mask,
+            _NO_Z if z is None else z,
+            z is not None,
+            self.count,
+            self.first_s,
+            self.mean,
+            self.var,
+            self.learnt_s,
+            self.min_count,
+            self.freeze_z,
+            float(self._inflate),
+            self.tau_days,
+        )
+
+    def drift(
+        self,
+        slots: npt.NDArray[np.intp],
+        z: F32,
+        features: FeatureTable,
+        now_s: npt.NDArray[np.int32],
+        mask: npt.NDArray[np.bool_],
+        *,
+        z_on: float,
+        z_off: float,
+        hold_s: float,
+        min_slope_t: float,
+    ) -> npt.NDArray[np.bool_]:
+        """:meth:`trend_rows` with the trend's significance taken from ``features`` itself.
+
+        ``z`` holds every feature's z-score (one row per slot); the result has one column
+        per tracked feature (see :attr:`trend_columns`). The same flags and state changes
+        as :meth:`trend_rows` given ``features.slope_t(slots, trend_columns)``, in one pass.
+        """
+        flags: npt.NDArray[np.bool_] = trend_flags(
+            slots,
+            z,
+            self.trend_columns,
+            now_s,
+            mask,
+            self.run_side,
+            self.run_s,
+            features.trend,
+            features.spread,
+            features.alpha,
+            features.floor2,
+            features.trend_tau_days,
+            z_on,
+            z_off,
+            hold_s,
+            min_slope_t,
+        )
+        return flags
 
     def trending(
         self,

@@ -311,27 +311,23 @@ class DiagnosticsEngine:
         cfg = self.policy.config
         # the trend trigger: a wear indicator drifting steadily away from the device's
         # baseline counts as an anomaly long before its z alone would score
-        # (most rounds have no moderate z and no run going: skip the bookkeeping then)
-        tracked = baseline.trend_columns
         drifting: npt.NDArray[np.bool_] | None = None
-        tz = bz[:, tracked]
-        if _count(np.abs(tz) >= cfg.trend_z_off) or _count(baseline.run_side[slots]):
-            flags = baseline.trend_rows(
-                slots,
-                tz,
-                features.slope_t(slots, tracked),
-                now_s,
-                live,
-                z_on=cfg.trend_z,
-                z_off=cfg.trend_z_off,
-                hold_s=cfg.trend_hold_s,
-                min_slope_t=cfg.trend_min_t,
-            )
+        flags = baseline.drift(
+            slots,
+            bz,
+            features,
+            now_s,
+            live,
+            z_on=cfg.trend_z,
+            z_off=cfg.trend_z_off,
+            hold_s=cfg.trend_hold_s,
+            min_slope_t=cfg.trend_min_t,
+        )
+        if flags.any():
             drift = flags.any(axis=1)
-            if _count(drift):
-                drifting = np.zeros(bz.shape, dtype=np.bool_)
-                drifting[:, tracked] = flags
-                score = np.where(drift, np.maximum(score, np.float32(cfg.open_threshold)), score)
+            drifting = np.zeros(bz.shape, dtype=np.bool_)
+            drifting[:, baseline.trend_columns] = flags
+            score = np.where(drift, np.maximum(score, np.float32(cfg.open_threshold)), score)
         threshold = cfg.close_threshold
         watched = state.watched[slots]
         quiet = bscore < threshold
@@ -341,7 +337,7 @@ class DiagnosticsEngine:
         learn = quiet & (cold | (~watched & (score < threshold)))
         if any_late:
             learn &= live
-        baseline.learn(slots, level, now_s, learn, bz, rows)
+        baseline.learn(slots, level, now_s, learn, bz)
         if self._collect > 0.0:
             self._sample(state, level[learn])
         judge = watched | (score >= threshold)

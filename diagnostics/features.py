@@ -10,7 +10,10 @@ states). A raw feature is ``NaN`` when the reading does not show it (no spin, no
 :class:`FeatureTable` keeps, per device and feature, an exponentially weighted level,
 spread and linear trend (per day, weighted by the time each step covers), so memory is O(1) per
 metric: a few float32 numbers. The table is a structure of arrays over device slots and is
-updated for a whole batch at once with numpy; a batch holds each slot at most once.
+updated for a whole batch at once (a batch holds each slot at most once): by one compiled
+loop in :meth:`FeatureTable.advance` (:mod:`diagnostics.kernels`), the engine's path, and
+by whole-array numpy in :meth:`FeatureTable.raw` and :meth:`FeatureTable.update`, the
+plain statement of the same arithmetic that the tests hold the loop to.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from diagnostics.kernels import advance_rows
 from gateway.protocol import MetricValue, Reading
 
 __all__ = [
@@ -40,6 +44,7 @@ _NAN: Final = math.nan
 _TREND_TAU_DAYS: Final = 1.0
 _RUN_FULL: Final = 20.0
 _FLOW_W_PER_K: Final = 0.35 * 4186.0
+_NO_PRIMARY: Final = np.zeros(0, dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +335,8 @@ class FeatureTable:
         self.width = n
         self.alpha = np.array([f.alpha for f in spec.features], dtype=np.float32)
         self._keep = (np.float32(1.0) - self.alpha).astype(np.float32)
-        self._floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
+        self.floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
+        self.trend_tau_days = _TREND_TAU_DAYS
         self._repeat = spec.index("sensor_repeat")
         self.level: F32 = np.full((capacity, n), np.nan, dtype=np.float32)
         self.spread: F32 = np.zeros((capacity, n), dtype=np.float32)
@@ -419,19 +425,16 @@ class FeatureTable:
     ) -> tuple[F32, F32, npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
         """Fold ``readings`` (one per slot, slots distinct) into the slots' state.
 
-        The same as :meth:`raw` then :meth:`update`, in fewer steps, except that a reading
-        not newer than its slot's last one (late) changes nothing.
+        The same as :meth:`raw` then :meth:`update`, in one compiled pass
+        (:func:`diagnostics.kernels.advance_rows`), except that a reading not newer than its
+        slot's last one (late) changes nothing.
 
         Returns:
             the slots' levels and update counts after the step, each reading's device time
             (seconds since :attr:`epoch_ms`) and which readings were late.
         """
-        last = self.last_ts_ms[slots]
-        late = ts_ms <= last
-        all_live = not np.count_nonzero(late)
         if self.epoch_ms is None:
             self.epoch_ms = int(ts_ms.min()) if len(ts_ms) else 0
-        now_s = ((ts_ms - self.epoch_ms) // 1000).astype(np.int32)
         spec = self.spec
         extract = spec.extract
         x = np.array([extract(r.metrics, r.status) for r in readings], dtype=np.float32)
@@ -439,44 +442,29 @@ class FeatureTable:
         if self._repeat >= 0:
             name = spec.primary_metric
             primary = np.array([r.metrics.get(name, _NAN) for r in readings], dtype=np.float32)
-            previous = self.last_primary[slots]
-            old_run = self.run[slots]
-            run = np.where(primary == previous, old_run + np.float32(1.0), np.float32(0.0))
-            missing = np.isnan(primary)
-            x[:, self._repeat] = np.where(
-                missing | np.isnan(previous), np.nan, np.minimum(run / _RUN_FULL, 1.0)
-            )
-            kept = np.where(missing, previous, primary)
-            if not all_live:
-                run = np.where(late, old_run, run)
-                kept = np.where(late, previous, kept)
-            self.run[slots] = run
-            self.last_primary[slots] = kept
-        if not all_live:
-            x[late] = np.nan
-        present = ~np.isnan(x)
-        level = self.level[slots]
-        fresh = present & np.isnan(level)
-        seen = present ^ fresh
-        updated = self.updated_s[slots]
-        dt_days = (now_s[:, None] - updated).astype(np.float32) / np.float32(86_400.0)
-        np.minimum(np.maximum(dt_days, np.float32(0.0), out=dt_days), np.float32(30.0), out=dt_days)
-        alpha = self.alpha
-        error = np.where(seen, x - level, np.float32(0.0))
-        # where not seen the error is 0 and the level stays (NaN included)
-        new_level = np.where(fresh, x, level + alpha * error)
-        weight = np.minimum(dt_days / np.float32(_TREND_TAU_DAYS), np.float32(1.0))
-        step = (new_level - level) / np.maximum(dt_days, np.float32(1e-6))
-        trend = self.trend[slots]
-        self.trend[slots] = np.where(seen, trend + weight * (step - trend), trend)
-        spread = self.spread[slots]
-        self.spread[slots] = np.where(seen, self._keep * (spread + alpha * error * error), spread)
-        self.level[slots] = new_level
-        count = self.count[slots] + present
-        self.count[slots] = count
-        self.updated_s[slots] = np.where(present, now_s[:, None], updated)
-        self.last_ts_ms[slots] = ts_ms if all_live else np.where(late, last, ts_ms)
-        return new_level, count, now_s, late
+        else:
+            primary = _NO_PRIMARY
+        level, count, now_s, late = advance_rows(
+            x,
+            primary,
+            self._repeat,
+            _RUN_FULL,
+            slots,
+            ts_ms,
+            self.epoch_ms,
+            self.level,
+            self.spread,
+            self.trend,
+            self.count,
+            self.updated_s,
+            self.last_primary,
+            self.run,
+            self.last_ts_ms,
+            self.alpha,
+            self._keep,
+            _TREND_TAU_DAYS,
+        )
+        return level, count, now_s, late
 
     def slope_t(
         self, slots: npt.NDArray[np.intp], columns: npt.NDArray[np.intp] | None = None
@@ -490,7 +478,7 @@ class FeatureTable:
         the level's own noise (the spread shrunk by the level's smoothing, ``a / (2 - a)``)
         times the square root of 2, and never below the feature's noise floor.
         """
-        alpha, floor2 = self.alpha, self._floor2
+        alpha, floor2 = self.alpha, self.floor2
         spread, trend = self.spread[slots], self.trend[slots]
         if columns is not None:
             alpha, floor2 = alpha[columns], floor2[columns]

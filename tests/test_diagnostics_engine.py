@@ -315,7 +315,29 @@ def test_feature_step_matches_raw_then_update_and_late_rows_change_nothing() -> 
         assert np.array_equal(getattr(fused, name), old, equal_nan=True), name
 
 
-def test_baseline_assess_matches_warm_zscores_and_score() -> None:
+def _learn_by_arrays(table, slots, level, now_s, mask, z):  # type: ignore[no-untyped-def]
+    """The baseline update written as whole-array numpy: the oracle for the compiled loop."""
+    s, x, t, zm = slots[mask], level[mask], now_s[mask][:, None], z[mask]
+    count0, first = table.count[s], table.first_s[s]
+    mean, var = table.mean[s], table.var[s]
+    present = ~np.isnan(x)
+    gated = (count0 >= table.min_count) & (zm != 0.0)
+    present &= np.abs(zm) < table.freeze_z
+    inflate = np.where(gated, table._inflate, np.float32(1.0))
+    table.first_s[s] = np.where(present & (count0 == 0), t, first)
+    count = count0 + present
+    learnt = table.learnt_s[s]
+    dt_days = np.clip((t - learnt).astype(np.float32) / np.float32(86_400.0), 0.0, 30.0)
+    ew = 1.0 - np.exp(-dt_days.astype(np.float32) / np.float32(table.tau_days))
+    weight = np.where(present, np.maximum(1.0 / np.maximum(count, 1.0), ew), 0.0)
+    delta = np.where(present, x - mean, np.float32(0.0))
+    table.mean[s] = mean + weight * delta
+    table.var[s] = (1.0 - weight) * (var + weight * delta * delta * inflate)
+    table.count[s] = count
+    table.learnt_s[s] = np.where(present, t, learnt)
+
+
+def test_baseline_assess_and_learn_match_their_whole_array_forms() -> None:
     from diagnostics.baseline import BaselineTable
 
     spec = FEATURE_SPECS["fridge"]
@@ -333,12 +355,50 @@ def test_baseline_assess_matches_warm_zscores_and_score() -> None:
         assert np.array_equal(rows.warm, table.warm(slots, now))
         assert np.array_equal(rows.z, z)
         assert np.array_equal(rows.score, table.score(z))
+        assert np.array_equal(rows.mean, table.mean[slots])
         mask = rng.random(4) < 0.8
-        table.learn(slots, level, now, mask, rows.z, rows)
-        plain.learn(slots, level, now, mask, plain.zscores(slots, level, now))
+        table.learn(slots, level, now, mask, rows.z)
+        _learn_by_arrays(plain, slots, level, now, mask, plain.zscores(slots, level, now))
     assert (table.count > 200).all()
-    for name in ("mean", "var", "count", "learnt_s", "first_s"):
+    for name in ("count", "learnt_s", "first_s"):
         assert np.array_equal(getattr(table, name), getattr(plain, name)), name
+    # float32 exp may differ in its last bit between numpy and the compiled loop
+    for name in ("mean", "var"):
+        assert np.allclose(getattr(table, name), getattr(plain, name), rtol=1e-5), name
+
+
+def test_drift_matches_trend_rows_on_the_feature_tables_significance() -> None:
+    from diagnostics.baseline import BaselineTable
+    from diagnostics.features import FeatureTable
+
+    spec = FEATURE_SPECS["heat_pump"]
+    tracked = np.zeros(len(spec.features), dtype=np.bool_)
+    tracked[[0, 1, 3]] = True
+    fused = BaselineTable(spec, capacity=6, trend_features=tracked)
+    plain = BaselineTable(spec, capacity=6, trend_features=tracked)
+    features = FeatureTable(spec, capacity=6)
+    rng = np.random.default_rng(11)
+    slots = np.arange(6, dtype=np.intp)
+    width = len(spec.features)
+    columns = fused.trend_columns
+    flagged = 0
+    for hour in range(300):
+        features.trend[:] = rng.normal(0.0, 3.0, features.trend.shape).astype(np.float32)
+        features.spread[:] = rng.random(features.spread.shape).astype(np.float32)
+        z = rng.normal(0.0, 2.5, (6, width)).astype(np.float32)
+        z[rng.random((6, width)) < 0.1] = 0.0
+        now = np.full(6, hour * 3_600, dtype=np.int32)
+        live = rng.random(6) < 0.9
+        kwargs = {"z_on": 2.0, "z_off": 1.0, "hold_s": 4 * 3_600.0, "min_slope_t": 0.5}
+        got = fused.drift(slots, z, features, now, live, **kwargs)
+        want = plain.trend_rows(
+            slots, z[:, columns], features.slope_t(slots, columns), now, live, **kwargs
+        )
+        assert np.array_equal(got, want)
+        flagged += int(got.sum())
+    assert np.array_equal(fused.run_side, plain.run_side)
+    assert np.array_equal(fused.run_s, plain.run_s)
+    assert flagged > 0
 
 
 def test_events_between_readings_keep_each_devices_order() -> None:

@@ -1,0 +1,290 @@
+"""Compiled inner loops of the diagnostics engine (feature, baseline and trend updates).
+
+The engine scores one *round* at a time: every device of one product model at most once,
+often only a few dozen devices. Written as whole-array numpy, a round costs some sixty
+small array operations whatever its size, which is most of the time of a small round.
+These kernels do the same arithmetic row by row in one compiled call (numba, compiled
+once and cached next to this file), in float32 like the tables they update. They are the
+bodies of :meth:`diagnostics.features.FeatureTable.advance`,
+:meth:`diagnostics.baseline.BaselineTable.assess`, :meth:`~diagnostics.baseline.BaselineTable.learn`
+and :meth:`~diagnostics.baseline.BaselineTable.trend_rows`; see those for the meaning.
+The whole-array versions stay beside them as references (``FeatureTable.update``,
+``BaselineTable.zscores``) and the tests hold the two to the same results.
+
+Arguments are numpy arrays of the tables' own dtypes; every slot in one call is distinct.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import numba
+import numpy as np
+
+__all__ = ["advance_rows", "assess_rows", "learn_rows", "trend_flags"]
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _compiled(fn: _Fn) -> _Fn:
+    return cast("_Fn", numba.njit(cache=True, nogil=True, error_model="numpy")(fn))
+
+
+@_compiled
+def advance_rows(
+    x: Any,
+    primary: Any,
+    repeat_col: int,
+    run_full: float,
+    slots: Any,
+    ts_ms: Any,
+    epoch_ms: int,
+    level: Any,
+    spread: Any,
+    trend: Any,
+    count: Any,
+    updated_s: Any,
+    last_primary: Any,
+    run: Any,
+    last_ts_ms: Any,
+    alpha: Any,
+    keep: Any,
+    trend_tau_days: float,
+) -> tuple[Any, Any, Any, Any]:
+    """Fold raw features ``x`` into the slots; return levels, counts, device times, late."""
+    n, width = x.shape
+    out_level = np.empty((n, width), np.float32)
+    out_count = np.empty((n, width), np.float32)
+    now_s = np.empty(n, np.int32)
+    late = np.empty(n, np.bool_)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    day_s = np.float32(86_400.0)
+    max_days = np.float32(30.0)
+    tiny = np.float32(1e-6)
+    tau = np.float32(trend_tau_days)
+    full = np.float32(run_full)
+    for i in range(n):
+        s = slots[i]
+        t = ts_ms[i]
+        stale = t <= last_ts_ms[s]
+        late[i] = stale
+        now = np.int32((t - epoch_ms) // 1000)
+        now_s[i] = now
+        if repeat_col >= 0:
+            value = primary[i]
+            previous = last_primary[s]
+            length = run[s] + one if value == previous else zero
+            if math.isnan(value) or math.isnan(previous):
+                x[i, repeat_col] = np.nan
+            else:
+                x[i, repeat_col] = min(length / full, one)
+            if not stale:
+                run[s] = length
+                if not math.isnan(value):
+                    last_primary[s] = value
+        for j in range(width):
+            old = level[s, j]
+            seen = count[s, j]
+            value = x[i, j]
+            if stale or math.isnan(value):
+                out_level[i, j] = old
+                out_count[i, j] = seen
+                continue
+            seen += one
+            count[s, j] = seen
+            out_count[i, j] = seen
+            if math.isnan(old):
+                level[s, j] = value
+                out_level[i, j] = value
+                updated_s[s, j] = now
+                continue
+            dt_days = np.float32(now - updated_s[s, j]) / day_s
+            dt_days = min(max(dt_days, zero), max_days)
+            a = alpha[j]
+            error = value - old
+            new = old + a * error
+            weight = min(dt_days / tau, one)
+            step = (new - old) / max(dt_days, tiny)
+            trend[s, j] = trend[s, j] + weight * (step - trend[s, j])
+            spread[s, j] = keep[j] * (spread[s, j] + a * error * error)
+            level[s, j] = new
+            out_level[i, j] = new
+            updated_s[s, j] = now
+        if not stale:
+            last_ts_ms[s] = t
+    return out_level, out_count, now_s, late
+
+
+@_compiled
+def assess_rows(
+    slots: Any,
+    level: Any,
+    now_s: Any,
+    count: Any,
+    first_s: Any,
+    mean: Any,
+    var: Any,
+    min_count: Any,
+    floor2: Any,
+    warmup_s: float,
+    z_half: float,
+) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
+    """Gather the slots' baselines and z-score ``level``; see ``BaselineTable.assess``."""
+    n, width = level.shape
+    g_count = np.empty((n, width), np.float32)
+    g_first = np.empty((n, width), np.int32)
+    g_mean = np.empty((n, width), np.float32)
+    g_var = np.empty((n, width), np.float32)
+    warm = np.empty((n, width), np.bool_)
+    z = np.empty((n, width), np.float32)
+    score = np.empty(n, np.float32)
+    half2 = np.float32(z_half * z_half)
+    for i in range(n):
+        s = slots[i]
+        peak = np.float32(0.0)
+        for j in range(width):
+            c = count[s, j]
+            f = first_s[s, j]
+            m = mean[s, j]
+            v = var[s, j]
+            g_count[i, j] = c
+            g_first[i, j] = f
+            g_mean[i, j] = m
+            g_var[i, j] = v
+            ok = c >= min_count[j] and (now_s[i] - f) >= warmup_s
+            warm[i, j] = ok
+            value = level[i, j]
+            if ok and not math.isnan(value):
+                zz = (value - m) / np.sqrt(v + floor2[j])
+                z[i, j] = zz
+                peak = max(peak, abs(zz))
+            else:
+                z[i, j] = np.float32(0.0)
+        p2 = peak * peak
+        score[i] = p2 / (p2 + half2)
+    return g_count, g_first, g_mean, g_var, warm, z, score
+
+
+@_compiled
+def learn_rows(
+    slots: Any,
+    level: Any,
+    now_s: Any,
+    mask: Any,
+    z: Any,
+    gate: bool,
+    count: Any,
+    first_s: Any,
+    mean: Any,
+    var: Any,
+    learnt_s: Any,
+    min_count: Any,
+    freeze_z: float,
+    inflate: float,
+    tau_days: float,
+) -> None:
+    """Fold ``level`` rows into the baselines where ``mask``; see ``BaselineTable.learn``."""
+    n, width = level.shape
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    day_s = np.float32(86_400.0)
+    max_days = np.float32(30.0)
+    tau = np.float32(tau_days)
+    widen = np.float32(inflate)
+    for i in range(n):
+        if not mask[i]:
+            continue
+        s = slots[i]
+        t = now_s[i]
+        for j in range(width):
+            value = level[i, j]
+            if math.isnan(value):
+                continue
+            factor = one
+            c0 = count[s, j]
+            if gate:
+                zz = z[i, j]
+                if abs(zz) >= freeze_z:
+                    continue
+                if c0 >= min_count[j] and zz != zero:
+                    factor = widen
+            if c0 == zero:
+                first_s[s, j] = t
+            c = c0 + one
+            dt_days = np.float32(t - learnt_s[s, j]) / day_s
+            dt_days = min(max(dt_days, zero), max_days)
+            ew = one - np.float32(np.exp(-dt_days / tau))
+            weight = max(one / max(c, one), ew)
+            delta = value - mean[s, j]
+            mean[s, j] = mean[s, j] + weight * delta
+            var[s, j] = (one - weight) * (var[s, j] + weight * delta * delta * factor)
+            count[s, j] = c
+            learnt_s[s, j] = t
+
+
+@_compiled
+def trend_flags(
+    slots: Any,
+    z: Any,
+    columns: Any,
+    now_s: Any,
+    mask: Any,
+    run_side: Any,
+    run_s: Any,
+    trend: Any,
+    spread: Any,
+    alpha: Any,
+    floor2: Any,
+    trend_tau_days: float,
+    z_on: float,
+    z_off: float,
+    hold_s: float,
+    min_slope_t: float,
+) -> Any:
+    """Track the runs of moderate z of the tracked ``columns``; see ``BaselineTable.trend_rows``.
+
+    The trend's significance is computed here from the feature table's ``trend``,
+    ``spread``, ``alpha`` and ``floor2`` (as ``FeatureTable.slope_t``). Returns one flag
+    column per tracked feature.
+    """
+    n = z.shape[0]
+    k = columns.shape[0]
+    flags = np.zeros((n, k), np.bool_)
+    two = np.float32(2.0)
+    tau = np.float32(trend_tau_days)
+    for i in range(n):
+        s = slots[i]
+        t = now_s[i]
+        for c in range(k):
+            col = columns[c]
+            zz = z[i, col]
+            side = np.int32(run_side[s, c])
+            since = run_s[s, c]
+            sign = np.int32(0)
+            if zz > 0:
+                sign = np.int32(1)
+            elif zz < 0:
+                sign = np.int32(-1)
+            absz = abs(zz)
+            side_sign = np.int32(1) if side > 0 else np.int32(-1)
+            going = side != 0 and sign == side_sign and absz >= z_off
+            starting = not going and absz >= z_on
+            new_side = side if going else (sign if starting else np.int32(0))
+            new_since = t if starting else since
+            if going and abs(side) == 1 and np.float32(t - new_since) >= np.float32(hold_s):
+                a = alpha[col]
+                shrink = a / (two - a)
+                noise2 = two * spread[s, col] * shrink + floor2[col]
+                slope_t = trend[s, col] / (np.sqrt(noise2) / tau)
+                if slope_t * np.float32(sign) >= np.float32(min_slope_t):
+                    new_side = 2 * sign
+            if mask[i]:
+                run_side[s, c] = new_side
+                run_s[s, c] = new_since
+            else:
+                new_side = side
+            flags[i, c] = abs(new_side) == 2
+    return flags
