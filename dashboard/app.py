@@ -909,8 +909,17 @@ async def _insight(request: web.Request) -> web.StreamResponse:
         if grouped is None:
             grouped = await asyncio.to_thread(stats.population, snapshot.devices.values())
             cache.remember("population", (snapshot.devices,), grouped)
+        # and each fault's rates while its cases stay the same: a change recounts one fault
+        kept: stats.InsightKept | None = cache.reused(key, (grouped,))
+        if kept is None:
+            kept = {}
+            cache.remember(key, (grouped,), kept)
         groups = await asyncio.to_thread(
-            stats.fleet_insight, list(snapshot.devices.values()), cases, grouped=grouped
+            stats.fleet_insight,
+            list(snapshot.devices.values()),
+            cases,
+            grouped=grouped,
+            kept=kept,
         )
         data = {
             "since": _iso(since),

@@ -18,8 +18,9 @@ class DashboardSettings(BaseModel):
         login_max_failures: failed logins per user name or client address in the window
             before logins are refused.
         login_window_s: that window, and how long a refusal lasts.
-        cache_s: how long fleet-wide reads (registry, cases, latest scores) are reused;
-            any case change on the live feed ends it sooner.
+        cache_s: how old fleet-wide reads (registry, cases, latest scores) get before
+            they are read again behind the answers (case changes on the live feed are
+            applied as they come; ``0``: every request reads everything).
         max_points: most points per chart series (InfluxDB downsamples to it).
         max_range_days: the longest chart range.
         heartbeat_s: comment lines on the live stream this often (keeps proxies open).

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal
@@ -34,6 +34,7 @@ from notifier.model import Case, DeviceRecord, Rating
 __all__ = [
     "Dimension",
     "GroupRate",
+    "InsightKept",
     "Population",
     "binomial_sf",
     "fleet_insight",
@@ -65,6 +66,15 @@ class _Tally:
     stars: int = 0
     false_alarms: int = 0
     durations_s: list[float] = field(default_factory=list)
+
+    def add(self, other: _Tally) -> None:
+        self.cases += other.cases
+        self.resolved += other.resolved
+        self.remote += other.remote
+        self.ratings += other.ratings
+        self.stars += other.stars
+        self.false_alarms += other.false_alarms
+        self.durations_s.extend(other.durations_s)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -111,55 +121,69 @@ def outcomes(
         remotely and its share, median resolution time, ratings, mean stars, false
         alarms and their share), ``ratings_by_week`` and the newest ``comments``.
     """
-    visited = set(visited_cases)
-    by_id = {case.case_id: case for case in cases}
-    total = _Tally()
-    models: defaultdict[str, _Tally] = defaultdict(_Tally)
-    firmwares: defaultdict[str, _Tally] = defaultdict(_Tally)
+    visited = visited_cases if isinstance(visited_cases, set | frozenset) else set(visited_cases)
+    by_id: dict[str, Case] = {}
+    # one tally per (model, firmware) cell in the pass over the cases; the model, firmware
+    # and fleet tallies are sums of cells (a handful), not three updates per case
+    cells: dict[tuple[str, str], _Tally] = {}
+    firmware_of: dict[str, str] = {}
 
-    def firmware(case: Case) -> str:
-        record = devices.get(case.device_id)
-        return (record.firmware if record is not None else None) or _UNKNOWN
+    def cell_of(case: Case) -> tuple[str, str]:
+        firmware = firmware_of.get(case.device_id)
+        if firmware is None:
+            record = devices.get(case.device_id)
+            firmware = (record.firmware if record is not None else None) or _UNKNOWN
+            firmware_of[case.device_id] = firmware
+        return case.model, firmware
 
     for case in cases:
-        tallies = (total, models[case.model], firmwares[firmware(case)])
+        by_id[case.case_id] = case
+        key = cell_of(case)
+        tally = cells.get(key)
+        if tally is None:
+            tally = cells[key] = _Tally()
+        tally.cases += 1
         done = resolved_at.get(case.case_id)
-        for tally in tallies:
-            tally.cases += 1
         if done is None:
             continue
-        remote = case.appointment_id is None and case.case_id not in visited
-        duration_s = max((done - case.opened_at).total_seconds(), 0.0)
-        for tally in tallies:
-            tally.resolved += 1
-            tally.remote += remote
-            tally.durations_s.append(duration_s)
+        tally.resolved += 1
+        if case.appointment_id is None and case.case_id not in visited:
+            tally.remote += 1
+        tally.durations_s.append(max((done - case.opened_at).total_seconds(), 0.0))
     weeks: defaultdict[str, list[Rating]] = defaultdict(list)
-    notes: list[dict[str, Any]] = []
+    commented: list[tuple[Rating, Case]] = []
     for rating in ratings:
         rated = by_id.get(rating.case_id)
         if rated is None:
             continue
-        case = rated
-        for tally in (total, models[case.model], firmwares[firmware(case)]):
-            tally.ratings += 1
-            tally.stars += rating.stars
-            tally.false_alarms += rating.nothing_wrong
+        tally = cells[cell_of(rated)]
+        tally.ratings += 1
+        tally.stars += rating.stars
+        tally.false_alarms += rating.nothing_wrong
         weeks[_week(rating.at)].append(rating)
         if rating.comment:
-            notes.append(
-                {
-                    "case_id": rating.case_id,
-                    "at": rating.at.isoformat(),
-                    "stars": rating.stars,
-                    "nothing_wrong": rating.nothing_wrong,
-                    "comment": rating.comment,
-                    "model": case.model,
-                    "firmware": firmware(case),
-                    "fault": case.fault,
-                }
-            )
-    notes.sort(key=lambda n: str(n["at"]), reverse=True)
+            commented.append((rating, rated))
+    total = _Tally()
+    models: defaultdict[str, _Tally] = defaultdict(_Tally)
+    firmwares: defaultdict[str, _Tally] = defaultdict(_Tally)
+    for (model, firmware), cell in cells.items():
+        for tally in (total, models[model], firmwares[firmware]):
+            tally.add(cell)
+    # newest first; a stable sort keeps the ratings' order among equal times
+    commented.sort(key=lambda pair: pair[0].at, reverse=True)
+    notes = [
+        {
+            "case_id": rating.case_id,
+            "at": rating.at.isoformat(),
+            "stars": rating.stars,
+            "nothing_wrong": rating.nothing_wrong,
+            "comment": rating.comment,
+            "model": case.model,
+            "firmware": cell_of(case)[1],
+            "fault": case.fault,
+        }
+        for rating, case in commented[:comments]
+    ]
     return {
         "totals": total.as_json(),
         "by_model": {name: t.as_json() for name, t in sorted(models.items())},
@@ -173,7 +197,7 @@ def outcomes(
             }
             for week, group in sorted(weeks.items())
         ],
-        "comments": notes[:comments],
+        "comments": notes,
     }
 
 
@@ -348,6 +372,10 @@ class _Members:
     models: set[str] = field(default_factory=set)
 
 
+#: Results of :func:`fleet_insight` by fault, with the cases they were counted from.
+InsightKept = MutableMapping[str, tuple[tuple[Case, ...], list["GroupRate"]]]
+
+
 def fleet_insight(
     devices: Sequence[DeviceRecord],
     cases: Sequence[Case],
@@ -356,6 +384,7 @@ def fleet_insight(
     min_ratio: float = 2.0,
     alpha: float = 1e-3,
     grouped: Population | None = None,
+    kept: InsightKept | None = None,
 ) -> list[GroupRate]:
     """Rate of each fault in each group against the rest; flagged groups first.
 
@@ -367,23 +396,57 @@ def fleet_insight(
         alpha: significance level of the binomial test.
         grouped: ``devices`` grouped by :func:`population` before (saves the pass over
             the fleet; it must be of the same devices).
+        kept: the results of earlier calls by fault, updated here; a fault whose cases
+            are the same as then is not counted again, so a case change recounts its
+            own fault only. Use one per ``grouped`` and settings.
 
     Returns:
         One entry per fault and group with at least one affected device: flagged ones
         first (most significant first), then the rest by p-value.
     """
     fleet = grouped if grouped is not None else population(devices)
+    registry = fleet.registry
+    by_fault: dict[str, list[Case]] = {}
+    for case in cases:
+        if case.device_id in registry:
+            mine = by_fault.get(case.fault)
+            if mine is None:
+                mine = by_fault[case.fault] = []
+            mine.append(case)
+    results: list[GroupRate] = []
+    for fault, mine in sorted(by_fault.items()):
+        counted = tuple(mine)
+        earlier = kept.get(fault) if kept is not None else None
+        # tuples compare element by element, identical records first: cheap when equal
+        if earlier is not None and earlier[0] == counted:
+            rates = earlier[1]
+        else:
+            rates = _fault_rates(fault, counted, fleet, min_devices, min_ratio, alpha)
+            if kept is not None:
+                kept[fault] = (counted, rates)
+        results.extend(rates)
+    if kept is not None:
+        for gone in kept.keys() - by_fault.keys():
+            del kept[gone]
+    results.sort(key=lambda r: (not r.flagged, r.p_value, -r.affected, r.fault, r.value))
+    return results
+
+
+def _fault_rates(
+    fault: str,
+    cases: Sequence[Case],
+    fleet: Population,
+    min_devices: int,
+    min_ratio: float,
+    alpha: float,
+) -> list[GroupRate]:
+    """Every group's rate of one fault (``cases``: the fault's, of registered devices)."""
     registry, groups = fleet.registry, fleet.groups
-    # fault -> affected device -> how often each first remote remedy was planned for it
-    affected: dict[str, dict[str, dict[str, int]]] = {}
-    open_devices: defaultdict[str, set[str]] = defaultdict(set)
+    # affected device -> how often each first remote remedy was planned for it
+    hit: dict[str, dict[str, int]] = {}
+    still_open: set[str] = set()
     for case in cases:
         device_id = case.device_id
-        if device_id not in registry:
-            continue
-        hit = affected.get(case.fault)
-        if hit is None:
-            hit = affected[case.fault] = {}
         planned = hit.get(device_id)
         if planned is None:
             planned = hit[device_id] = {}
@@ -392,48 +455,45 @@ def fleet_insight(
                 planned[remedy] = planned.get(remedy, 0) + 1
                 break
         if case.is_open:
-            open_devices[case.fault].add(device_id)
-    results: list[GroupRate] = []
-    for fault, hit in sorted(affected.items()):
-        still_open = open_devices.get(fault, set())
-        fault_models = {registry[d].model for d in hit}
-        size_of_population = sum(fleet.model_sizes[m] for m in fault_models)
-        for index, dimension in enumerate(DIMENSIONS):
-            group_sizes: Counter[str] = Counter()
-            for (model, group), n in fleet.sizes[dimension].items():
-                if model in fault_models:
-                    group_sizes[group] += n
-            members: dict[str, _Members] = {}
-            for device_id, planned in hit.items():
-                mine = groups[device_id]
-                tally = members.get(mine[index])
-                if tally is None:
-                    tally = members[mine[index]] = _Members()
-                tally.devices += 1
-                if device_id in still_open:
-                    tally.still_open += 1
-                if planned:
-                    counts = tally.planned
-                    for remedy, n in planned.items():
-                        counts[remedy] = counts.get(remedy, 0) + n
-                tally.models.add(mine[1])
-            for group, tally in members.items():
-                results.append(
-                    _rate(
-                        fault,
-                        dimension,
-                        group,
-                        group_sizes[group],
-                        tally,
-                        size_of_population,
-                        len(hit),
-                        min_devices,
-                        min_ratio,
-                        alpha,
-                    )
+            still_open.add(device_id)
+    fault_models = {registry[d].model for d in hit}
+    size_of_population = sum(fleet.model_sizes[m] for m in fault_models)
+    rates: list[GroupRate] = []
+    for index, dimension in enumerate(DIMENSIONS):
+        group_sizes: Counter[str] = Counter()
+        for (model, group), n in fleet.sizes[dimension].items():
+            if model in fault_models:
+                group_sizes[group] += n
+        members: dict[str, _Members] = {}
+        for device_id, planned in hit.items():
+            mine = groups[device_id]
+            tally = members.get(mine[index])
+            if tally is None:
+                tally = members[mine[index]] = _Members()
+            tally.devices += 1
+            if device_id in still_open:
+                tally.still_open += 1
+            if planned:
+                counts = tally.planned
+                for remedy, n in planned.items():
+                    counts[remedy] = counts.get(remedy, 0) + n
+            tally.models.add(mine[1])
+        for group, tally in members.items():
+            rates.append(
+                _rate(
+                    fault,
+                    dimension,
+                    group,
+                    group_sizes[group],
+                    tally,
+                    size_of_population,
+                    len(hit),
+                    min_devices,
+                    min_ratio,
+                    alpha,
                 )
-    results.sort(key=lambda r: (not r.flagged, r.p_value, -r.affected, r.fault, r.value))
-    return results
+            )
+    return rates
 
 
 def _rate(

@@ -8,6 +8,7 @@ The seed helpers here also serve the browser tests (``test_dashboard_browser.py`
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,7 +28,7 @@ from dashboard.feed import CaseFeed
 from dashboard.fleet import FleetCache, Snapshot, apply_changes
 from dashboard.influxql import Measurements, bucket_s
 from dashboard.settings import DashboardSettings
-from dashboard.stats import binomial_sf, fleet_insight, outcomes
+from dashboard.stats import binomial_sf, fleet_insight, outcomes, population
 from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
 from gateway.lineproto import point_line
@@ -1457,3 +1458,36 @@ async def test_outcomes_follow_a_rated_case_with_lookups_of_that_case_only(
     assert counting.calls["get_rating"] == 1  # ... then only the changed case
     assert counting.calls["appointments"] == 2  # all, then the changed case's
     assert counting.calls["cases"] == 1
+
+
+def test_insight_kept_by_fault_matches_counting_everything_again() -> None:
+    rng = random.Random(23)
+    devices = [
+        _device(i, "fridge" if i % 3 else "washer", f"{i % 4}.0", batch=f"b{i % 5}")
+        for i in range(300)
+    ]
+    faults = ("stall", "leak", "clog")
+    cases = [
+        make_case(
+            f"c{n}",
+            rng.choice(devices),
+            rng.choice(faults),
+            rng.choice(("opened", "resolved", "remote_fix")),
+            remedies=(rng.choice(("reset", "flush", "technician_visit:x")), "update"),
+        )
+        for n in range(120)
+    ]
+    grouped = population(devices)
+    kept: dict[str, Any] = {}
+    for step in range(40):
+        if step % 4 == 0:
+            cases.append(make_case(f"new{step}", rng.choice(devices), rng.choice(faults), "opened"))
+        else:
+            n = rng.randrange(len(cases))
+            cases[n] = replace(cases[n], state=rng.choice(("opened", "resolved", "dismissed")))
+        reused = fleet_insight(devices, cases, grouped=grouped, kept=kept)
+        assert reused == fleet_insight(devices, cases)
+        assert set(kept) == {c.fault for c in cases}
+    # a fault whose last case went away is dropped from what is kept
+    fleet_insight(devices, [c for c in cases if c.fault != "leak"], grouped=grouped, kept=kept)
+    assert set(kept) == {"stall", "clog"}
