@@ -19,7 +19,7 @@ cold spell breaks such a run or turns its trend; a fault keeps both.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -33,6 +33,7 @@ __all__ = ["BaselineRows", "BaselineTable", "z_to_score"]
 F32 = npt.NDArray[np.float32]
 _Z_HALF: Final = 6.0
 _NO_Z: Final = np.zeros((0, 0), dtype=np.float32)
+_NO_COUNTS: Final = _NO_Z
 
 
 def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> F32:
@@ -43,25 +44,24 @@ def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> 
 
 @dataclass(frozen=True, slots=True)
 class BaselineRows:
-    """Some slots' baselines, gathered once, and readings judged against them.
+    """Readings judged against their devices' baselines (see :meth:`BaselineTable.assess`).
 
     Attributes:
-        count: updates learnt, per feature.
-        first_s: device time of the first update learnt.
-        mean: the baseline means.
-        var: the baseline variances.
+        level: the judged levels: the given ones, ``NaN`` where the feature has had fewer
+            than its ``min_count`` updates (too few to say anything).
+        mean: the baseline means, gathered.
         warm: which baselines are trusted (see :meth:`BaselineTable.warm`).
+        warm_features: per row, how many of its features' baselines are warm.
         z: signed z-scores of the judged levels (0 where not warm).
         score: each row's score from its largest ``|z|`` (see :meth:`BaselineTable.score`).
     """
 
-    count: F32
-    first_s: npt.NDArray[np.int32]
+    level: F32
     mean: F32
-    var: F32
-    warm: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros((0, 0), np.bool_))
-    z: F32 = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-    score: F32 = field(default_factory=lambda: np.zeros(0, np.float32))
+    warm: npt.NDArray[np.bool_]
+    warm_features: npt.NDArray[np.int32]
+    z: F32
+    score: F32
 
 
 class BaselineTable:
@@ -157,16 +157,24 @@ class BaselineTable:
         return z_to_score(np.abs(z).max(axis=1))
 
     def assess(
-        self, slots: npt.NDArray[np.intp], level: F32, now_s: npt.NDArray[np.int32]
+        self,
+        slots: npt.NDArray[np.intp],
+        level: F32,
+        now_s: npt.NDArray[np.int32],
+        updates: F32 | None = None,
     ) -> BaselineRows:
-        """Gather the slots' baselines and judge ``level`` rows against them.
+        """Judge ``level`` rows against the slots' baselines, gathering them once.
 
-        The same as :meth:`warm`, :meth:`zscores` and :meth:`score` together, gathering each
-        array once; pass the result to :meth:`learn` to reuse it.
+        The same as :meth:`warm`, :meth:`zscores` and :meth:`score` together, in one
+        compiled pass (:func:`diagnostics.kernels.assess_rows`). With ``updates`` (the
+        feature table's update counts of the same rows), a level updated fewer than its
+        feature's ``min_count`` times is judged as missing.
         """
-        count, first, mean, var, warm, z, score = assess_rows(
+        judged, mean, warm, warm_features, z, score = assess_rows(
             slots,
             level,
+            _NO_COUNTS if updates is None else updates,
+            updates is not None,
             now_s,
             self.count,
             self.first_s,
@@ -177,7 +185,7 @@ class BaselineTable:
             self.warmup_s,
             _Z_HALF,
         )
-        return BaselineRows(count, first, mean, var, warm, z, score)
+        return BaselineRows(judged, mean, warm, warm_features, z, score)
 
     def learn(
         self,

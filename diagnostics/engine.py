@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -39,7 +39,7 @@ from diagnostics.policy import DiagnosisPolicy, PolicyConfig
 from gateway.errors import ConfigError
 from gateway.protocol import Event, Reading
 
-__all__ = ["FORMAT_VERSION", "DiagnosticsEngine", "EngineResult", "ReadingScore"]
+__all__ = ["FORMAT_VERSION", "DiagnosticsEngine", "EngineResult", "ReadingScore", "ReadingScores"]
 
 _LOG = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -72,6 +72,73 @@ class ReadingScore:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadingScores(Sequence[ReadingScore]):
+    """The scores of many readings, held by column; a sequence of :class:`ReadingScore`.
+
+    The engine scores readings in arrays and the service writes them out column by
+    column, so a round's scores are never turned into one object per reading unless a
+    caller indexes or iterates.
+
+    Attributes:
+        device_ids: each reading's device.
+        ts_ms: each reading's own time.
+        score: combined anomaly scores (see :attr:`ReadingScore.score`).
+        baseline: device-baseline scores.
+        fleet: fleet-model scores.
+        late: which readings were late.
+    """
+
+    device_ids: tuple[str, ...] = ()
+    ts_ms: tuple[int, ...] = ()
+    score: tuple[float, ...] = ()
+    baseline: tuple[float, ...] = ()
+    fleet: tuple[float, ...] = ()
+    late: tuple[bool, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.device_ids)
+
+    @overload
+    def __getitem__(self, index: int) -> ReadingScore: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ReadingScores: ...
+
+    def __getitem__(self, index: int | slice) -> ReadingScore | ReadingScores:
+        if isinstance(index, slice):
+            return ReadingScores(*(column[index] for column in self._columns()))
+        return ReadingScore(*(column[index] for column in self._columns()))
+
+    def __iter__(self) -> Iterator[ReadingScore]:
+        return map(ReadingScore, *self._columns())
+
+    def _columns(self) -> tuple[tuple[Any, ...], ...]:
+        return (self.device_ids, self.ts_ms, self.score, self.baseline, self.fleet, self.late)
+
+
+@dataclass(slots=True)
+class _ScoreColumns:
+    """The columns of :class:`ReadingScores` while a batch is being scored (private)."""
+
+    device_ids: list[str] = field(default_factory=list)
+    ts_ms: list[int] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+    fleet: list[float] = field(default_factory=list)
+    late: list[bool] = field(default_factory=list)
+
+    def freeze(self) -> ReadingScores:
+        return ReadingScores(
+            tuple(self.device_ids),
+            tuple(self.ts_ms),
+            tuple(self.score),
+            tuple(self.baseline),
+            tuple(self.fleet),
+            tuple(self.late),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class EngineResult:
     """What one call of :meth:`DiagnosticsEngine.process` produced.
 
@@ -80,7 +147,7 @@ class EngineResult:
         diagnoses: diagnosis changes (open, update, closed), in the order they happened.
     """
 
-    scores: tuple[ReadingScore, ...]
+    scores: ReadingScores
     diagnoses: tuple[Diagnosis, ...]
 
 
@@ -220,19 +287,19 @@ class DiagnosticsEngine:
             if n == len(rounds):
                 rounds.append([])
             rounds[n].append(i)
-        scores: list[ReadingScore] = []
+        scores = _ScoreColumns()
         caused: list[tuple[int, Diagnosis]] = []
         for members in rounds:
             self._round_of_items(batch, members, scores, caused)
         if len(caused) > 1:
             caused.sort(key=_first)
-        return EngineResult(tuple(scores), tuple(d for _, d in caused))
+        return EngineResult(scores.freeze(), tuple(d for _, d in caused))
 
     def _round_of_items(
         self,
         batch: Sequence[Reading | Event],
         members: list[int],
-        scores: list[ReadingScore],
+        scores: _ScoreColumns,
         caused: list[tuple[int, Diagnosis]],
     ) -> None:
         # distinct devices: their events and readings do not interact, events go first
@@ -279,15 +346,16 @@ class DiagnosticsEngine:
         state: _ModelState,
         readings: list[Reading],
         order: list[int],
-        scores: list[ReadingScore],
+        scores: _ScoreColumns,
         caused: list[tuple[int, Diagnosis]],
     ) -> None:
         features = state.features
         baseline = state.baseline
         slot_of = state.slots.get
-        found = [slot_of(r.device_id) for r in readings]
+        device_ids = [r.device_id for r in readings]
+        found = [slot_of(d) for d in device_ids]
         if None in found:
-            found = [state.slot(r.device_id) for r in readings]
+            found = [state.slot(d) for d in device_ids]
         slots = np.array(found, dtype=np.intp)
         ts_ms = np.array([r.ts_ms for r in readings], dtype=np.int64)
         level, count, now_s, late = features.advance(readings, slots, ts_ms)
@@ -295,11 +363,9 @@ class DiagnosticsEngine:
         live = ~late
         if any_late:
             self.late_readings += int(_count(late))
-        level = np.where(count >= baseline.min_count, level, np.float32(np.nan))
-        rows = baseline.assess(slots, level, now_s)
-        warm, bz, bscore = rows.warm, rows.z, rows.score
-        width = bz.shape[1]
-        cold = np.count_nonzero(warm, axis=1) * 2 < width
+        rows = baseline.assess(slots, level, now_s, count)
+        level, bz, bscore = rows.level, rows.z, rows.score
+        cold = rows.warm_features * 2 < bz.shape[1]
         fleet = state.fleet
         fscore: F32 | None = None
         score = bscore
@@ -356,16 +422,12 @@ class DiagnosticsEngine:
                 drifting,
                 caused,
             )
-        fscores = [0.0] * len(readings) if fscore is None else fscore.tolist()
-        scores += map(
-            ReadingScore,
-            [r.device_id for r in readings],
-            ts_ms.tolist(),
-            score.tolist(),
-            bscore.tolist(),
-            fscores,
-            late.tolist(),
-        )
+        scores.device_ids += device_ids
+        scores.ts_ms += ts_ms.tolist()
+        scores.score += score.tolist()
+        scores.baseline += bscore.tolist()
+        scores.fleet += [0.0] * len(readings) if fscore is None else fscore.tolist()
+        scores.late += late.tolist()
 
     def _judge(
         self,

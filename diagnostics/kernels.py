@@ -122,6 +122,8 @@ def advance_rows(
 def assess_rows(
     slots: Any,
     level: Any,
+    updates: Any,
+    gate: bool,
     now_s: Any,
     count: Any,
     first_s: Any,
@@ -131,14 +133,13 @@ def assess_rows(
     floor2: Any,
     warmup_s: float,
     z_half: float,
-) -> tuple[Any, Any, Any, Any, Any, Any, Any]:
-    """Gather the slots' baselines and z-score ``level``; see ``BaselineTable.assess``."""
+) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """Judge ``level`` rows against the slots' baselines; see ``BaselineTable.assess``."""
     n, width = level.shape
-    g_count = np.empty((n, width), np.float32)
-    g_first = np.empty((n, width), np.int32)
+    judged = np.empty((n, width), np.float32)
     g_mean = np.empty((n, width), np.float32)
-    g_var = np.empty((n, width), np.float32)
     warm = np.empty((n, width), np.bool_)
+    warm_features = np.zeros(n, np.int32)
     z = np.empty((n, width), np.float32)
     score = np.empty(n, np.float32)
     half2 = np.float32(z_half * z_half)
@@ -146,26 +147,25 @@ def assess_rows(
         s = slots[i]
         peak = np.float32(0.0)
         for j in range(width):
-            c = count[s, j]
-            f = first_s[s, j]
-            m = mean[s, j]
-            v = var[s, j]
-            g_count[i, j] = c
-            g_first[i, j] = f
-            g_mean[i, j] = m
-            g_var[i, j] = v
-            ok = c >= min_count[j] and (now_s[i] - f) >= warmup_s
-            warm[i, j] = ok
             value = level[i, j]
+            if gate and updates[i, j] < min_count[j]:
+                value = np.float32(np.nan)
+            judged[i, j] = value
+            m = mean[s, j]
+            g_mean[i, j] = m
+            ok = count[s, j] >= min_count[j] and (now_s[i] - first_s[s, j]) >= warmup_s
+            warm[i, j] = ok
+            if ok:
+                warm_features[i] += 1
             if ok and not math.isnan(value):
-                zz = (value - m) / np.sqrt(v + floor2[j])
+                zz = (value - m) / np.sqrt(var[s, j] + floor2[j])
                 z[i, j] = zz
                 peak = max(peak, abs(zz))
             else:
                 z[i, j] = np.float32(0.0)
         p2 = peak * peak
         score[i] = p2 / (p2 + half2)
-    return g_count, g_first, g_mean, g_var, warm, z, score
+    return judged, g_mean, warm, warm_features, z, score
 
 
 @_compiled

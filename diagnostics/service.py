@@ -227,15 +227,24 @@ class DiagnosticsService:
         self.readings_scored += len(result.scores)
         if not (self._settings.write_scores and result.scores):
             return
+        scores = result.scores
         lines = [
             point_line(
                 HEALTH_MEASUREMENT,
-                {"device": s.device_id},
-                {"score": s.score, "baseline": s.baseline, "fleet": s.fleet},
-                s.ts_ms,
+                {"device": device_id},
+                {"score": score, "baseline": baseline, "fleet": fleet},
+                ts_ms,
             )
-            for s in result.scores
-            if not s.late
+            for device_id, ts_ms, score, baseline, fleet, late in zip(
+                scores.device_ids,
+                scores.ts_ms,
+                scores.score,
+                scores.baseline,
+                scores.fleet,
+                scores.late,
+                strict=True,
+            )
+            if not late
         ]
         await self._write_scores(lines)
 

@@ -356,6 +356,12 @@ def test_baseline_assess_and_learn_match_their_whole_array_forms() -> None:
         assert np.array_equal(rows.z, z)
         assert np.array_equal(rows.score, table.score(z))
         assert np.array_equal(rows.mean, table.mean[slots])
+        assert np.array_equal(rows.warm_features, rows.warm.sum(axis=1))
+        updates = rng.integers(0, 400, (4, width)).astype(np.float32)
+        gated = table.assess(slots, level, now, updates)
+        masked = np.where(updates >= table.min_count, level, np.float32(np.nan))
+        assert np.array_equal(gated.level, masked, equal_nan=True)
+        assert np.array_equal(gated.z, table.zscores(slots, masked, now))
         mask = rng.random(4) < 0.8
         table.learn(slots, level, now, mask, rows.z)
         _learn_by_arrays(plain, slots, level, now, mask, plain.zscores(slots, level, now))
