@@ -23,7 +23,7 @@ from typing import Any, TypeVar, cast
 import numba
 import numpy as np
 
-__all__ = ["advance_rows", "assess_rows", "learn_rows", "trend_flags"]
+__all__ = ["advance_rows", "assess_rows", "evidence_rows", "learn_rows", "trend_flags"]
 
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
@@ -288,3 +288,60 @@ def trend_flags(
                 new_side = side
             flags[i, c] = abs(new_side) == 2
     return flags
+
+
+@_compiled
+def evidence_rows(
+    z: Any,
+    at: Any,
+    direction: Any,
+    two_way: Any,
+    weight: Any,
+    noise_z: float,
+    explain_z: float,
+) -> tuple[Any, Any, Any, Any, Any]:
+    """Score every fault signature against each row of ``z``; see ``_Layout.evidence_rows``.
+
+    Sums run term by term in signature order, in float64, as the policy's own
+    ``name_fault`` adds them, so the figures are the same to the last bit. ``at`` holds
+    each signature's feature positions, padded with the position one past the last
+    feature (a value of 0).
+    """
+    rows, width = z.shape
+    faults, terms = at.shape
+    best = np.full(rows, -1, np.int64)
+    best_evidence = np.zeros(rows, np.float64)
+    totals = np.zeros(rows, np.float64)
+    moved = np.zeros(rows, np.bool_)
+    explained = np.zeros(rows, np.bool_)
+    for i in range(rows):
+        total = 0.0
+        for j in range(width):
+            size = abs(np.float64(z[i, j]))
+            if size >= noise_z:
+                total += size
+                moved[i] = True
+            if size >= explain_z:
+                explained[i] = True
+        totals[i] = total
+        top = 0.0
+        top_at = 0
+        for f in range(faults):
+            evidence = 0.0
+            for k in range(terms):
+                col = at[f, k]
+                value = 0.0 if col >= width else np.float64(z[i, col])
+                toward = abs(value) if two_way[f, k] else direction[f, k] * value
+                if toward > 0.0:
+                    evidence += weight[f, k] * toward
+                elif math.isnan(toward):
+                    evidence = math.nan  # a missing deviation voids the signature
+            if not evidence > 0.0:
+                evidence = 0.0
+            if f == 0 or evidence > top:
+                top = evidence
+                top_at = f
+        if faults > 0 and top > 0.0:
+            best[i] = top_at
+            best_evidence[i] = top
+    return best, best_evidence, totals, moved, explained

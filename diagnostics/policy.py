@@ -36,6 +36,7 @@ from typing import Final, Literal
 import numpy as np
 import numpy.typing as npt
 
+from diagnostics import kernels
 from diagnostics.catalog import CATALOG, Degradation, FaultEntry, ModelCatalog
 from diagnostics.features import FeatureSpec
 from diagnostics.model import Contribution, Diagnosis
@@ -340,39 +341,22 @@ class _Layout:
         return self.drivers(moved, values)[0]
 
     def evidence_rows(
-        self, z: npt.NDArray[np.float32]
-    ) -> tuple[list[int], list[float], list[float], list[bool], npt.NDArray[np.float64]]:
-        """Score every signature against each row of ``z`` at once.
+        self, z: npt.NDArray[np.float32], explain_z: float
+    ) -> tuple[list[int], list[float], list[float], list[bool], list[bool]]:
+        """Score every signature against each row of ``z`` at once (one compiled pass).
 
         The sums run term by term in signature order, as :meth:`DiagnosisPolicy.name_fault`
         adds them, so the figures are the same to the last bit.
 
         Returns:
             per row the best fault's position (-1 for none), its evidence, the total of
-            the deviations beyond the noise, whether any is, and the ``|z|`` rows.
+            the deviations beyond the noise, whether any is, and whether any deviation
+            reaches ``explain_z``.
         """
-        rows = z.shape[0]
-        values = np.zeros((rows, z.shape[1] + 1), dtype=np.float64)
-        values[:, :-1] = z
-        size = np.abs(values[:, :-1])
-        beyond = size >= _NOISE_Z
-        total = np.add.accumulate(np.where(beyond, size, 0.0), axis=1)[:, -1]
-        totals: list[float] = total.tolist()
-        moved: list[bool] = np.any(beyond, axis=1).tolist()
-        if not self.faults or self.at.shape[1] == 0:
-            return [-1] * rows, [0.0] * rows, totals, moved, size
-        picked = values[:, self.at]
-        toward = np.where(self.two_way, np.abs(picked), self.direction * picked)
-        term = self.weight * np.maximum(toward, 0.0)
-        evidence = np.zeros(term.shape[:2], dtype=np.float64)
-        for k in range(term.shape[2]):
-            evidence += term[:, :, k]
-        evidence = np.where(evidence > 0.0, evidence, 0.0)
-        best = evidence.argmax(axis=1)
-        best_evidence = evidence[np.arange(rows), best]
-        positions: list[int] = np.where(best_evidence > 0.0, best, -1).tolist()
-        evidences: list[float] = best_evidence.tolist()
-        return positions, evidences, totals, moved, size
+        best, evidence, totals, moved, explained = kernels.evidence_rows(
+            z, self.at, self.direction, self.two_way, self.weight, _NOISE_Z, explain_z
+        )
+        return best.tolist(), evidence.tolist(), totals.tolist(), moved.tolist(), explained.tolist()
 
     def drivers(
         self, moved: list[tuple[float, int]], values: list[float]
@@ -562,10 +546,11 @@ class DiagnosisPolicy:
         if named_rows:
             layout = self._layout(spec)
             rows = z if len(named_rows) == len(score_list) else z[named_rows]
-            best, best_evidence, total, moved, size = layout.evidence_rows(rows)
             # a driver of at least min_driver_z is among the top five beyond the noise
             # exactly when the largest deviation is
-            explained: list[bool] = np.any(size >= max(cfg.min_driver_z, _NOISE_Z), axis=1).tolist()
+            best, best_evidence, total, moved, explained = layout.evidence_rows(
+                rows, max(cfg.min_driver_z, _NOISE_Z)
+            )
             values: list[list[float]] = rows.tolist()
             faults = layout.faults
             min_evidence = cfg.min_evidence

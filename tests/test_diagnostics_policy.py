@@ -251,3 +251,29 @@ def test_many_readings_at_once_decide_as_one_at_a_time(seed: int) -> None:
     assert [encode_diagnosis(d) for d in many.open_diagnoses()] == [
         encode_diagnosis(d) for d in one.open_diagnoses()
     ]
+
+
+@pytest.mark.parametrize("model", sorted(FEATURE_SPECS))
+def test_rows_scored_at_once_name_the_fault_one_row_would(model: str) -> None:
+    spec = FEATURE_SPECS[model]
+    policy = DiagnosisPolicy()
+    layout = policy._layout(spec)
+    rng = np.random.default_rng(5)
+    z = rng.normal(0.0, 4.0, (500, len(spec.features))).astype(np.float32)
+    z[rng.random(z.shape) < 0.03] = np.nan
+    z[rng.random(z.shape) < 0.2] = 0.0
+    best, evidence, totals, moved, explained = layout.evidence_rows(z, 3.0)
+    named = 0
+    for k in range(z.shape[0]):
+        one = policy.name_fault(spec, z[k])
+        fault = layout.faults[best[k]] if best[k] >= 0 else "unknown"
+        if evidence[k] < policy.config.min_evidence:
+            fault = "unknown"
+        assert fault == one.fault
+        assert evidence[k] == one.evidence
+        size = np.abs(z[k].astype(np.float64))
+        assert totals[k] == sum(v for v in size.tolist() if v >= 2.0)
+        assert moved[k] == bool((size >= 2.0).any())
+        assert explained[k] == bool((size >= 3.0).any())
+        named += fault != "unknown"
+    assert named > 100
