@@ -16,6 +16,7 @@ Arguments are numpy arrays of the tables' own dtypes; every slot in one call is 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -25,11 +26,18 @@ import numpy as np
 
 __all__ = ["advance_rows", "assess_rows", "evidence_rows", "learn_rows", "trend_flags"]
 
+_LOG = logging.getLogger(__name__)
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
 def _compiled(fn: _Fn) -> _Fn:
-    return cast("_Fn", numba.njit(cache=True, nogil=True, error_model="numpy")(fn))
+    try:
+        jitted = numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+    except RuntimeError:
+        # no writable place for the cache (read-only install, no home): compile each start
+        _LOG.info("compiled diagnostics loops not cached: no writable cache directory")
+        jitted = numba.njit(cache=False, nogil=True, error_model="numpy")(fn)
+    return cast("_Fn", jitted)
 
 
 @_compiled
