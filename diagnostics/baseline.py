@@ -28,7 +28,7 @@ import numpy.typing as npt
 from diagnostics.features import FeatureSpec, FeatureTable
 from diagnostics.kernels import assess_rows, learn_rows, trend_flags
 
-__all__ = ["BaselineRows", "BaselineTable", "z_to_score"]
+__all__ = ["BaselineRows", "BaselineTable", "TrendRule", "z_to_score"]
 
 F32 = npt.NDArray[np.float32]
 _Z_HALF: Final = 6.0
@@ -40,6 +40,24 @@ def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> 
     """Map a non-negative z-score to ``[0, 1)``: ``z² / (z² + z_half²)`` (0.5 at ``z_half``)."""
     z2 = np.square(np.asarray(z, dtype=np.float32))
     return (z2 / (z2 + np.float32(z_half * z_half))).astype(np.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class TrendRule:
+    """When a run of moderate deviations counts as a drift (see :meth:`BaselineTable.trending`).
+
+    Attributes:
+        z_on: ``|z|`` that starts a run.
+        z_off: ``|z|`` below which a run ends.
+        hold_s: device time a run must last before it is flagged.
+        min_slope_t: trend significance (slope over its standard error) away from the
+            baseline needed to flag it.
+    """
+
+    z_on: float = 2.0
+    z_off: float = 1.5
+    hold_s: float = 18 * 3_600.0
+    min_slope_t: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,11 +247,7 @@ class BaselineTable:
         features: FeatureTable,
         now_s: npt.NDArray[np.int32],
         mask: npt.NDArray[np.bool_],
-        *,
-        z_on: float,
-        z_off: float,
-        hold_s: float,
-        min_slope_t: float,
+        rule: TrendRule,
     ) -> npt.NDArray[np.bool_]:
         """:meth:`trend_rows` with the trend's significance taken from ``features`` itself.
 
@@ -254,10 +268,10 @@ class BaselineTable:
             features.alpha,
             features.floor2,
             features.trend_tau_days,
-            z_on,
-            z_off,
-            hold_s,
-            min_slope_t,
+            rule.z_on,
+            rule.z_off,
+            rule.hold_s,
+            rule.min_slope_t,
         )
         return flags
 
@@ -268,20 +282,16 @@ class BaselineTable:
         slope_t: F32,
         now_s: npt.NDArray[np.int32],
         mask: npt.NDArray[np.bool_],
-        *,
-        z_on: float,
-        z_off: float,
-        hold_s: float,
-        min_slope_t: float,
+        rule: TrendRule,
     ) -> npt.NDArray[np.bool_]:
         """Track runs of moderate z; return which features drift away (one row per slot).
 
-        A run starts when ``|z|`` reaches ``z_on`` and lasts while ``z`` stays beyond
-        ``z_off`` on the same side. A run is flagged once it has lasted ``hold_s`` of device
-        time with its trend's significance ``slope_t`` (slope over its standard error)
-        heading away from the baseline by at least ``min_slope_t``; it stays flagged until
-        the run ends. Only rows where ``mask`` holds change the state; features not among
-        ``trend_features`` are never flagged.
+        A run starts when ``|z|`` reaches ``rule.z_on`` and lasts while ``z`` stays beyond
+        ``rule.z_off`` on the same side. A run is flagged once it has lasted ``rule.hold_s``
+        of device time with its trend's significance ``slope_t`` (slope over its standard
+        error) heading away from the baseline by at least ``rule.min_slope_t``; it stays
+        flagged until the run ends. Only rows where ``mask`` holds change the state;
+        features not among ``trend_features`` are never flagged.
 
         Args:
             slots: device slots (distinct).
@@ -289,10 +299,7 @@ class BaselineTable:
             slope_t: signed trend significance of each feature, one row per slot.
             now_s: device time of each row.
             mask: rows that may change the state (live readings).
-            z_on: ``|z|`` that starts a run.
-            z_off: ``|z|`` below which a run ends.
-            hold_s: device time a run must last before it is flagged.
-            min_slope_t: trend significance away from the baseline needed to flag it.
+            rule: when a run starts, ends and is flagged.
         """
         if not self._all_tracked:
             columns = self.trend_columns
@@ -303,10 +310,7 @@ class BaselineTable:
                 slope_t[:, columns],
                 now_s,
                 mask,
-                z_on=z_on,
-                z_off=z_off,
-                hold_s=hold_s,
-                min_slope_t=min_slope_t,
+                rule,
             )
             return flags
         return self.trend_rows(
@@ -315,10 +319,7 @@ class BaselineTable:
             slope_t,
             now_s,
             mask,
-            z_on=z_on,
-            z_off=z_off,
-            hold_s=hold_s,
-            min_slope_t=min_slope_t,
+            rule,
         )
 
     def trend_rows(
@@ -328,11 +329,7 @@ class BaselineTable:
         slope_t: F32,
         now_s: npt.NDArray[np.int32],
         mask: npt.NDArray[np.bool_],
-        *,
-        z_on: float,
-        z_off: float,
-        hold_s: float,
-        min_slope_t: float,
+        rule: TrendRule,
     ) -> npt.NDArray[np.bool_]:
         """:meth:`trending` on the tracked features only (``z`` and ``slope_t`` of those).
 
@@ -343,12 +340,12 @@ class BaselineTable:
         t = now_s[:, None]
         sign = np.sign(z).astype(np.int32)
         absz = np.abs(z)
-        going = (side != 0) & (sign == np.sign(side)) & (absz >= z_off)
-        starting = ~going & (absz >= z_on)
+        going = (side != 0) & (sign == np.sign(side)) & (absz >= rule.z_off)
+        starting = ~going & (absz >= rule.z_on)
         new_side = np.where(going, side, np.where(starting, sign, 0))
         new_since = np.where(starting, t, since)
-        lasted = (t - new_since).astype(np.float32) >= np.float32(hold_s)
-        away = slope_t * sign.astype(np.float32) >= np.float32(min_slope_t)
+        lasted = (t - new_since).astype(np.float32) >= np.float32(rule.hold_s)
+        away = slope_t * sign.astype(np.float32) >= np.float32(rule.min_slope_t)
         flag = going & (np.abs(side) == 1) & lasted & away
         new_side = np.where(flag, 2 * sign, new_side)
         keep = ~mask[:, None]

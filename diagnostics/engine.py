@@ -384,10 +384,7 @@ class DiagnosticsEngine:
             features,
             now_s,
             live,
-            z_on=cfg.trend_z,
-            z_off=cfg.trend_z_off,
-            hold_s=cfg.trend_hold_s,
-            min_slope_t=cfg.trend_min_t,
+            cfg.trend_rule,
         )
         if flags.any():
             drift = flags.any(axis=1)

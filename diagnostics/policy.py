@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from diagnostics import kernels
+from diagnostics.baseline import TrendRule
 from diagnostics.catalog import CATALOG, Degradation, FaultEntry, ModelCatalog
 from diagnostics.features import FeatureSpec
 from diagnostics.model import Contribution, Diagnosis
@@ -94,6 +95,11 @@ class PolicyConfig:
     trend_z_off: float = 1.5
     trend_hold_s: float = 18 * 3_600.0
     trend_min_t: float = 1.0
+
+    @property
+    def trend_rule(self) -> TrendRule:
+        """The trend trigger's settings, for :meth:`BaselineTable.drift`."""
+        return TrendRule(self.trend_z, self.trend_z_off, self.trend_hold_s, self.trend_min_t)
 
 
 @dataclass(frozen=True, slots=True)

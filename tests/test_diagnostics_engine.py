@@ -251,7 +251,7 @@ def test_device_codes_open_at_once_during_warm_up() -> None:
 
 
 def test_trend_trigger_flags_a_sustained_drift_away_not_a_swing() -> None:
-    from diagnostics.baseline import BaselineTable
+    from diagnostics.baseline import BaselineTable, TrendRule
 
     table = BaselineTable(FEATURE_SPECS["washer"], capacity=2)
     slots = np.array([0, 1], dtype=np.intp)
@@ -265,22 +265,16 @@ def test_trend_trigger_flags_a_sustained_drift_away_not_a_swing() -> None:
         slope = np.zeros((2, width), dtype=np.float32)
         slope[:, 3] = 2.0
         now = np.full(2, hour * 3_600, dtype=np.int32)
-        flags = table.trending(
-            slots, z, slope, now, live, z_on=2.0, z_off=1.5, hold_s=18 * 3_600, min_slope_t=1.0
-        )
+        flags = table.trending(slots, z, slope, now, live, TrendRule(2.0, 1.5, 18 * 3_600, 1.0))
         flagged.append(flags[:, 3].tolist())
     assert [f[0] for f in flagged].index(True) == 18
     assert not any(f[1] for f in flagged)
     # a run ends when z falls back, and late readings change nothing
     back = np.zeros((2, width), dtype=np.float32)
     now = np.full(2, 49 * 3_600, dtype=np.int32)
-    kept = table.trending(
-        slots, back, slope, now, ~live, z_on=2.0, z_off=1.5, hold_s=18 * 3_600, min_slope_t=1.0
-    )
+    kept = table.trending(slots, back, slope, now, ~live, TrendRule(2.0, 1.5, 18 * 3_600, 1.0))
     assert kept[0, 3]
-    ended = table.trending(
-        slots, back, slope, now, live, z_on=2.0, z_off=1.5, hold_s=18 * 3_600, min_slope_t=1.0
-    )
+    ended = table.trending(slots, back, slope, now, live, TrendRule(2.0, 1.5, 18 * 3_600, 1.0))
     assert not ended.any()
 
 
@@ -374,7 +368,7 @@ def test_baseline_assess_and_learn_match_their_whole_array_forms() -> None:
 
 
 def test_drift_matches_trend_rows_on_the_feature_tables_significance() -> None:
-    from diagnostics.baseline import BaselineTable
+    from diagnostics.baseline import BaselineTable, TrendRule
     from diagnostics.features import FeatureTable
 
     spec = FEATURE_SPECS["heat_pump"]
@@ -395,10 +389,10 @@ def test_drift_matches_trend_rows_on_the_feature_tables_significance() -> None:
         z[rng.random((6, width)) < 0.1] = 0.0
         now = np.full(6, hour * 3_600, dtype=np.int32)
         live = rng.random(6) < 0.9
-        kwargs = {"z_on": 2.0, "z_off": 1.0, "hold_s": 4 * 3_600.0, "min_slope_t": 0.5}
-        got = fused.drift(slots, z, features, now, live, **kwargs)
+        rule = TrendRule(z_on=2.0, z_off=1.0, hold_s=4 * 3_600.0, min_slope_t=0.5)
+        got = fused.drift(slots, z, features, now, live, rule)
         want = plain.trend_rows(
-            slots, z[:, columns], features.slope_t(slots, columns), now, live, **kwargs
+            slots, z[:, columns], features.slope_t(slots, columns), now, live, rule
         )
         assert np.array_equal(got, want)
         flagged += int(got.sum())
