@@ -44,7 +44,6 @@ _NAN: Final = math.nan
 _TREND_TAU_DAYS: Final = 1.0
 _RUN_FULL: Final = 20.0
 _FLOW_W_PER_K: Final = 0.35 * 4186.0
-_NO_PRIMARY: Final = np.zeros(0, dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +79,8 @@ class FeatureSpec:
         primary_metric: the main temperature sensor's metric (for ``sensor_repeat``).
         features: the features, in vector order.
         extract: metrics and status to raw feature values (``NaN`` when not shown); the
-            ``sensor_repeat`` slot is left ``NaN`` and filled by :class:`FeatureTable`.
+            ``sensor_repeat`` slot carries the main sensor's own value, which
+            :class:`FeatureTable` turns into the repeat share (it needs the history).
     """
 
     model: str
@@ -100,8 +100,7 @@ class FeatureSpec:
 
 
 def _f(values: Mapping[str, MetricValue], name: str) -> float:
-    value = values.get(name)
-    return _NAN if value is None else float(value)
+    return float(values.get(name, _NAN))
 
 
 def _washer(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
@@ -114,7 +113,7 @@ def _washer(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
     idle = status == "idle" and rpm == 0.0 and _f(m, "water_level_l") == 0.0
     offset = _f(m, "water_temp_c") - _f(m, "ambient_temp_c") if idle else _NAN
     error = 1.0 if status == "error" else 0.0
-    return [spin, power, drain, offset, _NAN, error]
+    return [spin, power, drain, offset, _f(m, "water_temp_c"), error]
 
 
 def _fridge(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
@@ -130,7 +129,7 @@ def _fridge(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
     evap_off = evaporator - cabinet if settled else _NAN
     lift = max(_f(m, "ambient_temp_c") - cabinet, 5.0)
     error = 1.0 if status == "error" else 0.0
-    return [evap_on, power_on, duty, duty / lift, evap_off, _NAN, error]
+    return [evap_on, power_on, duty, duty / lift, evap_off, cabinet, error]
 
 
 def _heat_pump(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
@@ -158,7 +157,7 @@ def _heat_pump(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
     if status not in ("heating", "standby", "dhw"):
         offset = _NAN
     error = 1.0 if status == "error" else 0.0
-    return [efficiency, capacity, defrost, offset, _NAN, error]
+    return [efficiency, capacity, defrost, offset, flow, error]
 
 
 def _repeat() -> FeatureDef:
@@ -313,8 +312,16 @@ FEATURE_SPECS: Final[Mapping[str, FeatureSpec]] = {
 
 
 def extract_features(spec: FeatureSpec, reading: Reading) -> list[float]:
-    """Return the raw features of one reading (``NaN`` where the reading shows none)."""
-    return spec.extract(reading.metrics, reading.status)
+    """Return the raw features of one reading (``NaN`` where the reading shows none).
+
+    ``sensor_repeat`` is ``NaN`` too: it needs the device's history (see
+    :class:`FeatureTable`).
+    """
+    values = spec.extract(reading.metrics, reading.status)
+    repeat = spec.index("sensor_repeat")
+    if repeat >= 0:
+        values[repeat] = _NAN
+    return values
 
 
 class FeatureTable:
@@ -439,14 +446,8 @@ class FeatureTable:
         extract = spec.extract
         x = np.array([extract(r.metrics, r.status) for r in readings], dtype=np.float32)
         x = x.reshape(len(readings), self.width)
-        if self._repeat >= 0:
-            name = spec.primary_metric
-            primary = np.array([r.metrics.get(name, _NAN) for r in readings], dtype=np.float32)
-        else:
-            primary = _NO_PRIMARY
         level, count, now_s, late = advance_rows(
             x,
-            primary,
             self._repeat,
             _RUN_FULL,
             slots,

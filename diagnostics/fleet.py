@@ -136,8 +136,10 @@ class FleetModel:
 
     def standardize(self, levels: F32) -> F32:
         """Return standardized deviations of ``levels`` rows (0 where a level is missing)."""
-        z = (levels - self.center) / self.scale
-        return np.clip(np.where(np.isnan(z), 0.0, z), -50.0, 50.0).astype(np.float32)
+        z = ((levels - self.center) / self.scale).astype(np.float32)
+        np.nan_to_num(z, copy=False, nan=0.0)
+        clipped: F32 = np.clip(z, np.float32(-50.0), np.float32(50.0), out=z)
+        return clipped
 
     def _distance(self, z: F32) -> npt.NDArray[np.float64]:
         if self.method == "gaussian":

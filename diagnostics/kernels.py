@@ -43,7 +43,6 @@ def _compiled(fn: _Fn) -> _Fn:
 @_compiled
 def advance_rows(
     x: Any,
-    primary: Any,
     repeat_col: int,
     run_full: float,
     slots: Any,
@@ -61,7 +60,11 @@ def advance_rows(
     keep: Any,
     trend_tau_days: float,
 ) -> tuple[Any, Any, Any, Any]:
-    """Fold raw features ``x`` into the slots; return levels, counts, device times, late."""
+    """Fold raw features ``x`` into the slots; return levels, counts, device times, late.
+
+    Column ``repeat_col`` (if any) comes in holding the main sensor's value and leaves
+    holding the repeat share.
+    """
     n, width = x.shape
     out_level = np.empty((n, width), np.float32)
     out_count = np.empty((n, width), np.float32)
@@ -82,7 +85,7 @@ def advance_rows(
         now = np.int32((t - epoch_ms) // 1000)
         now_s[i] = now
         if repeat_col >= 0:
-            value = primary[i]
+            value = x[i, repeat_col]  # the main sensor's value, until it becomes the share
             previous = last_primary[s]
             length = run[s] + one if value == previous else zero
             if math.isnan(value) or math.isnan(previous):
