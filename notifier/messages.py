@@ -80,6 +80,10 @@ KINDS: Final = (
     "appointment_offer",
     "appointment_booked",
     "appointment_reminder",
+    "visit_moving",
+    "visit_cancelled",
+    "visit_cancelled_call",
+    "visit_move_limit",
     "visit_done_checking",
     "resolved",
     "not_fixed_escalated",
@@ -130,6 +134,8 @@ HISTORY_STEPS: Final = (
     "consent",
     "verification_failed",
     "slot_taken",
+    "visit_moved",
+    "visit_cancelled",
     "rating",
 )
 #: Rough minutes a remote remedy keeps the device busy (what the consent question says).
@@ -392,6 +398,46 @@ _EN: Final = _Catalogue(
             ),
             ("other_times",),
         ),
+        "visit_moving": _Template(
+            "New times for your technician visit",
+            (
+                "{hi} no problem: we've cancelled the visit {appointment} for {device}.",
+                "Pick a new time that suits you: {slots}.",
+                "{no_slots}",
+            ),
+            (_SLOT_ACTION, "other_times"),
+        ),
+        "visit_cancelled": _Template(
+            "Your technician visit is cancelled",
+            (
+                "{hi} as you asked, we've cancelled the technician visit {appointment}"
+                " for {device}.",
+                "If we notice anything else, we'll let you know.",
+                "There's nothing you need to do.",
+            ),
+            optional=(2,),
+        ),
+        "visit_cancelled_call": _Template(
+            "We'll be in touch about {device}",
+            (
+                "{hi} as you asked, we've cancelled the technician visit {appointment}.",
+                "As {device} needs fixing soon, a person from our service team will contact"
+                " you to find another way.",
+                "There's nothing you need to do until then.",
+            ),
+            optional=(2,),
+        ),
+        "visit_move_limit": _Template(
+            "We'll call you to find a visit time",
+            (
+                "{hi} we're sorry that finding a good time for the visit for {device} hasn't"
+                " been easy.",
+                "We've freed up the visit {appointment}, and a person from our service team"
+                " will call you soon to agree on a time that suits you.",
+                "There's nothing you need to do until then.",
+            ),
+            optional=(2,),
+        ),
         "visit_done_checking": _Template(
             "The technician visit is done",
             (
@@ -537,6 +583,8 @@ _EN: Final = _Catalogue(
         "consent": "You answered our question.",
         "verification_failed": "Our check showed it wasn't quite right yet.",
         "slot_taken": "The time you picked had just been taken.",
+        "visit_moved": "You asked to move the visit, so we freed up the booked time.",
+        "visit_cancelled": "The booked technician visit was cancelled.",
         "rating": "You told us how it went. Thank you!",
     },
     labels={
@@ -670,6 +718,46 @@ _DE: Final = _Catalogue(
                 "Bitte sorgen Sie dafür, dass jemand zu Hause ist.",
             ),
             ("other_times",),
+        ),
+        "visit_moving": _Template(
+            "Neue Termine für Ihren Technikerbesuch",
+            (
+                "{hi} kein Problem: Wir haben den Besuch {appointment} für {device_acc} abgesagt.",
+                "Wählen Sie einen neuen Termin, der Ihnen passt: {slots}.",
+                "{no_slots}",
+            ),
+            (_SLOT_ACTION, "other_times"),
+        ),
+        "visit_cancelled": _Template(
+            "Ihr Technikerbesuch ist abgesagt",
+            (
+                "{hi} wie gewünscht haben wir den Technikerbesuch {appointment} für"
+                " {device_acc} abgesagt.",
+                "Sollte uns noch etwas auffallen, melden wir uns bei Ihnen.",
+                "Sie müssen nichts weiter tun.",
+            ),
+            optional=(2,),
+        ),
+        "visit_cancelled_call": _Template(
+            "Wir melden uns wegen {device_dat}",
+            (
+                "{hi} wie gewünscht haben wir den Technikerbesuch {appointment} abgesagt.",
+                "Da {device} bald repariert werden sollte, meldet sich jemand aus unserem"
+                " Service-Team bei Ihnen, um eine andere Lösung zu finden.",
+                "Bis dahin müssen Sie nichts tun.",
+            ),
+            optional=(2,),
+        ),
+        "visit_move_limit": _Template(
+            "Wir rufen Sie an, um einen Termin zu finden",
+            (
+                "{hi} es tut uns leid, dass es so schwierig ist, einen passenden Termin für"
+                " {device_acc} zu finden.",
+                "Wir haben den Besuch {appointment} freigegeben; jemand aus unserem"
+                " Service-Team ruft Sie bald an, um einen Termin zu vereinbaren.",
+                "Bis dahin müssen Sie nichts tun.",
+            ),
+            optional=(2,),
         ),
         "visit_done_checking": _Template(
             "Der Technikerbesuch ist abgeschlossen",
@@ -837,6 +925,8 @@ _DE: Final = _Catalogue(
         "consent": "Sie haben unsere Frage beantwortet.",
         "verification_failed": "Unsere Prüfung hat gezeigt, dass noch nicht alles stimmt.",
         "slot_taken": "Der gewählte Termin war gerade vergeben.",
+        "visit_moved": "Sie wollten den Besuch verschieben; wir haben den Termin freigegeben.",
+        "visit_cancelled": "Der gebuchte Technikerbesuch wurde abgesagt.",
         "rating": "Sie haben uns gesagt, wie es lief. Danke!",
     },
     labels={
@@ -971,6 +1061,48 @@ _FR: Final = _Catalogue(
                 "Merci de vous assurer que quelqu'un sera présent.",
             ),
             ("other_times",),
+        ),
+        "visit_moving": _Template(
+            "De nouveaux créneaux pour la visite du technicien",
+            (
+                "{hi} pas de souci : nous avons annulé la visite prévue {appointment} pour"
+                " {device}.",
+                "Choisissez un nouveau créneau qui vous convient : {slots}.",
+                "{no_slots}",
+            ),
+            (_SLOT_ACTION, "other_times"),
+        ),
+        "visit_cancelled": _Template(
+            "Votre rendez-vous avec le technicien est annulé",
+            (
+                "{hi} comme vous l'avez demandé, nous avons annulé la visite du technicien"
+                " prévue {appointment} pour {device}.",
+                "Si nous remarquons autre chose, nous vous le dirons.",
+                "Vous n'avez rien à faire.",
+            ),
+            optional=(2,),
+        ),
+        "visit_cancelled_call": _Template(
+            "Nous vous recontactons au sujet de {device}",
+            (
+                "{hi} comme vous l'avez demandé, nous avons annulé la visite du technicien"
+                " prévue {appointment}.",
+                "Comme il faut réparer {device} bientôt, une personne de notre service client"
+                " vous contactera pour trouver une autre solution.",
+                "D'ici là, vous n'avez rien à faire.",
+            ),
+            optional=(2,),
+        ),
+        "visit_move_limit": _Template(
+            "Nous vous appelons pour trouver un créneau",
+            (
+                "{hi} nous sommes désolés : trouver un bon moment pour la visite concernant"
+                " {device} n'a pas été simple.",
+                "Nous avons libéré la visite prévue {appointment} ; une personne de notre"
+                " service client vous appellera bientôt pour convenir d'un horaire.",
+                "D'ici là, vous n'avez rien à faire.",
+            ),
+            optional=(2,),
         ),
         "visit_done_checking": _Template(
             "La visite du technicien est terminée",
@@ -1133,6 +1265,8 @@ _FR: Final = _Catalogue(
         "consent": "Vous avez répondu à notre question.",
         "verification_failed": "Notre vérification a montré que tout n'était pas encore réglé.",
         "slot_taken": "Le créneau choisi venait d'être pris.",
+        "visit_moved": "Vous avez demandé à déplacer la visite ; nous avons libéré le créneau.",
+        "visit_cancelled": "La visite prévue du technicien a été annulée.",
         "rating": "Vous nous avez dit comment cela s'est passé. Merci !",
     },
     labels={

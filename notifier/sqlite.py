@@ -21,7 +21,8 @@ How it works:
   are ``HH:MM``.
 * **Rules in the schema.** One open case per device and fault is a partial unique index
   over the open states; a case move is a compare-and-set ``UPDATE ... WHERE state = ?``;
-  a booking checks for overlapping visits of the technician inside ``BEGIN IMMEDIATE``;
+  a booking checks for overlapping visits of the technician inside ``BEGIN IMMEDIATE``,
+  and a release frees a booked visit only while it has not started, in the same way;
   one rating per case is the ratings table's key. Appointments, ratings and tasks need
   their case (:class:`~notifier.errors.NotFoundError` otherwise).
 * **Owner data.** API tokens are kept as SHA-256 only. Erasure deletes with
@@ -1215,6 +1216,48 @@ class SqliteStore:
                     _raise_missing_case(exc, appointment.case_id)
 
         await self._run(job)
+
+    async def release(self, appointment_id: str, *, now: datetime) -> Appointment:
+        """Cancel a booked visit that has not started, freeing the technician's time.
+
+        The check and the change are one ``BEGIN IMMEDIATE`` transaction, so a release
+        never interleaves with a :meth:`book` of the same time: whichever comes second
+        sees the first.
+
+        Args:
+            appointment_id: the booked visit.
+            now: the current time (UTC); a visit starting at or before it is too late.
+
+        Returns:
+            The visit as it is now stored (``cancelled``).
+
+        Raises:
+            NotFoundError: no such appointment.
+            ConflictError: it is not booked (done, cancelled, only proposed), or it has
+                started already.
+        """
+        cutoff = _ts(now)
+
+        def job(conn: sqlite3.Connection) -> Appointment:
+            with _transaction(conn):
+                row = conn.execute(
+                    "SELECT * FROM appointments WHERE appointment_id = ?", (appointment_id,)
+                ).fetchone()
+                if row is None:
+                    raise NotFoundError(f"no appointment {appointment_id!r}")
+                appointment = _appointment(row)
+                if appointment.state != "booked":
+                    raise ConflictError(f"the visit is {appointment.state}, not booked")
+                if row["start_at"] is None or row["start_at"] <= cutoff:
+                    raise ConflictError("the visit has started already")
+                conn.execute(
+                    "UPDATE appointments SET state = 'cancelled' "
+                    "WHERE appointment_id = ? AND state = 'booked'",
+                    (appointment_id,),
+                )
+            return replace(appointment, state="cancelled")
+
+        return await self._run(job)
 
     async def get_appointment(self, appointment_id: str) -> Appointment | None:
         """Return an appointment."""

@@ -8,7 +8,8 @@ PostgreSQL implementation can take over for a large fleet by implementing this p
 Every method is a coroutine: an implementation does its blocking I/O off the event loop.
 Writes that must not race (booking a slot, moving a case) are atomic in the store:
 :meth:`CaseStore.update_case` is a compare-and-set on the case state, and
-:meth:`CaseStore.book` refuses an overlapping visit of the same technician.
+:meth:`CaseStore.book` refuses an overlapping visit of the same technician, and
+:meth:`CaseStore.release` frees a booked visit's time only while it has not started.
 """
 
 from __future__ import annotations
@@ -163,6 +164,25 @@ class CaseStore(Protocol):
 
         Raises:
             ConflictError: the technician has another booked visit overlapping it.
+        """
+
+    async def release(self, appointment_id: str, *, now: datetime) -> Appointment:
+        """Cancel a booked visit that has not started, freeing the technician's time.
+
+        Atomic like :meth:`book`: the visit is cancelled only if it is still booked and
+        starts after ``now``, and a booking made afterwards may take its time at once.
+
+        Args:
+            appointment_id: the booked visit.
+            now: the current time (UTC); a visit starting at or before it is too late.
+
+        Returns:
+            The visit as it is now stored (``cancelled``).
+
+        Raises:
+            NotFoundError: no such appointment.
+            ConflictError: it is not booked (done, cancelled, only proposed), or it has
+                started already.
         """
 
     async def get_appointment(self, appointment_id: str) -> Appointment | None:

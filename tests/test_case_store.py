@@ -173,7 +173,7 @@ async def test_implements_the_case_store_protocol(store: SqliteStore) -> None:
         for name, value in vars(CaseStore).items()
         if not name.startswith("_") and inspect.iscoroutinefunction(value)
     }
-    assert len(protocol_methods) == 36
+    assert len(protocol_methods) == 37
     assert protocol_methods <= set(dir(as_protocol))
     for name in protocol_methods:
         assert inspect.signature(getattr(SqliteStore, name)) == inspect.signature(
@@ -621,6 +621,74 @@ async def test_concurrent_bookings_from_two_connections(db_path: Path) -> None:
             assert sum(isinstance(r, ConflictError) for r in results) == 1, results
             assert results.count(None) == 1
         assert len(await second.appointments(states=["booked"])) == 5
+
+
+async def test_a_released_visit_frees_its_time_for_another_booking(store: SqliteStore) -> None:
+    await with_case(store)
+    await with_case(store, make_case("case-2", device_id="dev-2"))
+    await store.book(make_appointment("a-1", start=at(60), end=at(120)))
+    with pytest.raises(ConflictError):
+        await store.book(make_appointment("a-2", case_id="case-2", start=at(60), end=at(120)))
+    released = await store.release("a-1", now=at(0))
+    assert released == make_appointment("a-1", start=at(60), end=at(120), state="cancelled")
+    assert_same(await store.get_appointment("a-1"), released)
+    await store.book(make_appointment("a-2", case_id="case-2", start=at(60), end=at(120)))
+    booked = await store.appointments(technician_id="tech-1", states=["booked"])
+    assert [a.appointment_id for a in booked] == ["a-2"]
+
+
+async def test_a_visit_that_started_is_done_or_gone_is_not_released(store: SqliteStore) -> None:
+    await with_case(store)
+    await store.book(make_appointment("a-1", start=at(60), end=at(120)))
+    for now in (at(60), at(90), at(200)):
+        with pytest.raises(ConflictError, match="started"):
+            await store.release("a-1", now=now)
+    await store.book(make_appointment("a-2", start=at(300), end=at(360)))
+    await store.put_appointment(make_appointment("a-2", start=at(300), end=at(360), state="done"))
+    with pytest.raises(ConflictError, match="done"):
+        await store.release("a-2", now=at(0))
+    await store.put_appointment(make_appointment("a-3", start=None, end=None))
+    with pytest.raises(ConflictError, match="proposed"):
+        await store.release("a-3", now=at(0))
+    with pytest.raises(NotFoundError):
+        await store.release("a-404", now=at(0))
+    with pytest.raises(InvalidRequestError):
+        await store.release("a-1", now=datetime(2025, 3, 10, 8, 0))  # naive on purpose
+    await store.release("a-1", now=at(0))
+    with pytest.raises(ConflictError, match="cancelled"):
+        await store.release("a-1", now=at(0))  # a release happens once
+    states = {a.appointment_id: a.state for a in await store.appointments()}
+    assert states == {"a-1": "cancelled", "a-2": "done", "a-3": "proposed"}
+
+
+async def test_release_and_a_booking_of_the_same_time_never_double_book(db_path: Path) -> None:
+    async with SqliteStore(db_path) as first, SqliteStore(db_path) as second:
+        await with_case(first)
+        await with_case(first, make_case("case-2", device_id="dev-2"))
+        for round_ in range(6):
+            start = at(1000 * (round_ + 1))
+            end = start + timedelta(hours=1)
+            held = make_appointment(f"h-{round_}", start=start, end=end)
+            await first.book(held)
+            taker = make_appointment(f"t-{round_}", case_id="case-2", start=start, end=end)
+            results = await asyncio.gather(
+                first.release(held.appointment_id, now=at(0)),
+                second.book(taker),
+                return_exceptions=True,
+            )
+            assert isinstance(results[0], Appointment), results
+            # the booking either came first and was refused, or came second and got the time
+            assert results[1] is None or isinstance(results[1], ConflictError), results
+            booked = await second.appointments(
+                technician_id="tech-1", states=["booked"], since=start, until=end
+            )
+            assert len(booked) == (1 if results[1] is None else 0)
+            if results[1] is not None:
+                await second.book(taker)  # once released, the time is free
+            booked = await second.appointments(
+                technician_id="tech-1", states=["booked"], since=start, until=end
+            )
+            assert [a.appointment_id for a in booked] == [taker.appointment_id]
 
 
 async def test_booking_needs_technician_start_and_end(store: SqliteStore) -> None:
