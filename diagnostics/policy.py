@@ -762,7 +762,11 @@ class DiagnosisPolicy:
         evidence: str | None = None,
         force: bool = False,
     ) -> list[Diagnosis]:
-        ttf = self._ttf(case.device_id, case.fault, ts_ms) or case.time_to_failure
+        ttf = self._ttf(case.device_id, case.fault, ts_ms)
+        if ttf is None and case.time_to_failure is not None:
+            # nothing new from the predictor: the last prediction, counted down to this
+            # reading's time, so that a sent prediction is always as of its updated_at
+            ttf = case.time_to_failure.aged((ts_ms - case.updated_ms) / 1000.0)
         case.revise(
             ts_ms,
             score=score,
@@ -813,10 +817,12 @@ class DiagnosisPolicy:
         case = state.cases.pop(fault)
         self.predictor.forget(device_id, fault)
         old = case.diagnosis
+        ttf = old.time_to_failure
         closed = replace(
             old,
             status="closed",
             updated_at=ms_to_datetime(ts_ms),
+            time_to_failure=None if ttf is None else ttf.aged((ts_ms - case.updated_ms) / 1000.0),
             evidence=(*old.evidence[-9:], why),
         )
         _LOG.info("%s: closed %s (%s)", device_id, fault, why)

@@ -52,6 +52,27 @@ class TimeToFailure:
     p90_s: float
     progress: float
 
+    def aged(self, elapsed_s: float) -> TimeToFailure:
+        """Return the same prediction as of ``elapsed_s`` seconds later (its clock run on).
+
+        Every percentile counts down by the elapsed time (not below 0); a band open above
+        (p90 at the one-year cap) stays open. Progress moves on along the line the median
+        implies: what was left of it shrinks in proportion to the median's time used up.
+
+        Args:
+            elapsed_s: device time since the prediction's own time (negative counts as 0).
+        """
+        elapsed_s = max(elapsed_s, 0.0)
+        if elapsed_s == 0.0:
+            return self
+        used = 1.0 if self.p50_s <= elapsed_s else elapsed_s / self.p50_s
+        return TimeToFailure(
+            p10_s=max(self.p10_s - elapsed_s, 0.0),
+            p50_s=max(self.p50_s - elapsed_s, 0.0),
+            p90_s=self.p90_s if self.p90_s >= _MAX_TTF_S else max(self.p90_s - elapsed_s, 0.0),
+            progress=min(self.progress + (1.0 - self.progress) * used, 1.0),
+        )
+
 
 def progress_of(change: float, degradation: Degradation) -> float:
     """Return the progress toward failure in ``[0, 1]`` of an indicator ``change``."""

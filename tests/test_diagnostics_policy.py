@@ -12,6 +12,7 @@ from diagnostics.engine import DiagnosticsEngine
 from diagnostics.features import FEATURE_SPECS
 from diagnostics.model import Diagnosis, decode_diagnosis, encode_diagnosis
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
+from diagnostics.predictor import TimeToFailure, TrendPredictor
 from gateway.errors import RejectedError
 from gateway.protocol import Event, Reading
 
@@ -277,3 +278,74 @@ def test_rows_scored_at_once_name_the_fault_one_row_would(model: str) -> None:
         assert explained[k] == bool((size >= 3.0).any())
         named += fault != "unknown"
     assert named > 100
+
+
+class _SilentAfter(TrendPredictor):
+    """A predictor that has nothing new to say once ``silent`` is set."""
+
+    silent = False
+
+    def predict(self, device_id: str, fault: str, t_s: float) -> TimeToFailure | None:
+        return None if self.silent else super().predict(device_id, fault, t_s)
+
+
+def test_a_resent_time_to_failure_counts_down_to_its_updated_at() -> None:
+    cfg = PolicyConfig(open_after=2, open_after_s=0.0, close_after=30, update_every_s=3600)
+    policy = DiagnosisPolicy(cfg)
+    predictor = _SilentAfter()
+    policy.predictor = predictor
+    z = _z(spin_vibration=12.0)
+    i_spin = SPEC.index("spin_vibration")
+    out: list[Diagnosis] = []
+    # bearing wear rising steadily for a day: the predictor has a time to failure
+    for i in range(24 * 60):
+        change = np.zeros(len(SPEC.features), dtype=np.float32)
+        change[i_spin] = 0.3 + 0.2 * i / (24 * 60)
+        out += policy.on_score("w1", SPEC, T0 + i * MIN, 0.9, z, change)
+    assert any(d.time_to_failure is not None for d in out)
+    last_s = (T0 + (24 * 60 - 1) * MIN) / 1000.0
+    latest = predictor.predict("w1", "bearing_wear", last_s)
+    assert latest is not None
+    due_s = last_s + latest.p50_s  # when the latest prediction says it fails
+    # then half a day with nothing new from the predictor: each update re-sends the
+    # prediction as of its own time, the failure moment unchanged
+    predictor.silent = True
+    later: list[Diagnosis] = []
+    t1 = T0 + 24 * 60 * MIN
+    for i in range(12 * 60):
+        later += policy.on_score("w1", SPEC, t1 + i * MIN, 0.9, z, change)
+    updates = [d for d in later if d.status == "update"]
+    assert len(updates) >= 10
+    for d in updates:
+        ttf = d.time_to_failure
+        assert ttf is not None
+        assert d.updated_at.timestamp() + ttf.p50_s == pytest.approx(due_s, abs=1.0)
+        assert ttf.p50_s < latest.p50_s
+        assert ttf.progress >= latest.progress
+    # closing sends it as of the closing time too
+    t2 = t1 + 12 * 60 * MIN
+    closed = [
+        d
+        for i in range(40)
+        for d in policy.on_score("w1", SPEC, t2 + i * MIN, 0.0, _z(), change * 0)
+        if d.status == "closed"
+    ]
+    assert len(closed) == 1
+    final = closed[0].time_to_failure
+    assert final is not None
+    assert closed[0].updated_at.timestamp() + final.p50_s == pytest.approx(due_s, abs=1.0)
+
+
+def test_an_aged_prediction_counts_down_and_keeps_an_open_band_open() -> None:
+    ttf = TimeToFailure(p10_s=3_600.0, p50_s=4 * 3_600.0, p90_s=365 * 86_400.0, progress=0.6)
+    assert ttf.aged(0.0) == ttf
+    assert ttf.aged(-5.0) == ttf
+    two_hours = ttf.aged(2 * 3_600.0)
+    assert two_hours.p10_s == 0.0
+    assert two_hours.p50_s == 2 * 3_600.0
+    assert two_hours.p90_s == 365 * 86_400.0  # open above: still open
+    assert two_hours.progress == pytest.approx(0.8)
+    past = ttf.aged(10 * 3_600.0)
+    assert (past.p50_s, past.progress) == (0.0, 1.0)
+    closed_band = TimeToFailure(p10_s=10.0, p50_s=20.0, p90_s=40.0, progress=0.5)
+    assert closed_band.aged(30.0).p90_s == 10.0
