@@ -66,10 +66,28 @@ class CaseActions(Protocol):
         """
 
     async def request_other_slots(self, owner_id: str, case_id: str) -> Appointment:
-        """The owner asks for other times; returns the new proposal."""
+        """The owner asks for other times than those offered or the one booked.
+
+        A booked visit is moved: its time is freed for others and new slots are offered.
+
+        Returns:
+            The new proposal.
+
+        Raises:
+            ConflictError: nothing is on offer or booked; the visit has started, is past
+                or was completed; no other time is free (a booked visit then stays); or
+                the visit was moved too often (it is freed and a person takes over).
+        """
 
     async def decline_visit(self, owner_id: str, case_id: str) -> Case:
-        """The owner does not want a visit; the case ends (or goes to a person if urgent)."""
+        """The owner does not want a visit, offered or booked (a booked one is freed).
+
+        The case ends (or goes to a person if urgent).
+
+        Raises:
+            ConflictError: no visit is offered or booked, or the booked one has started,
+                is past or was completed.
+        """
 
     async def rate(
         self,

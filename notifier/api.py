@@ -2,7 +2,8 @@
 
 Owners see their profile, push channels, devices (health in plain words) and cases (with
 their history in plain words) and answer what the loop asks them: agree to a remote fix,
-choose a visit time, rate the outcome. Technicians see their visits and mark them done.
+choose a visit time, move or cancel a booked visit, rate the outcome. Technicians see
+their visits (a moved or cancelled one is gone from the list) and mark them done.
 Owners can export and erase their data. ``GET /openapi.json`` describes every route.
 
 How it works:
@@ -451,12 +452,12 @@ class FixChoice(_Body):
 
 
 class AppointmentChoice(_Body):
-    """The owner's answer to a visit offer: exactly one of the three.
+    """The owner's answer to a visit offer or a booked visit: exactly one of the three.
 
     Attributes:
         slot: index of the chosen slot in the offer.
-        other_times: ask for other times.
-        decline: no visit wanted.
+        other_times: ask for other times (for a booked visit: move it, freeing its time).
+        decline: no visit wanted (for a booked visit: cancel it, freeing its time).
     """
 
     slot: Annotated[int, Field(ge=0, le=99)] | None = None
@@ -1436,7 +1437,7 @@ async def _list_visits(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     visits = await store.appointments(
         technician_id=caller.principal_id,
-        states=["booked", "done", "cancelled"],
+        states=["booked", "done"],  # a moved or cancelled visit is no longer the technician's
         since=since,
         until=until,
     )
@@ -1891,6 +1892,19 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
                         ]
                     },
                 ),
+                Reply(
+                    409,
+                    "Nothing is on offer or booked; the booked visit has started, is past or "
+                    "was completed; no other time is free; or the visit was moved too often "
+                    "(a person takes over). The message says which.",
+                    ErrorView,
+                ),
+            ),
+            description=(
+                "Before a visit is booked: choose one of the offered times, ask for others, "
+                "or decline. After booking and until the visit starts: `other_times` moves "
+                "it (its time is freed for others at once and new times are offered; after "
+                "a few moves a person calls the owner instead) and `decline` cancels it."
             ),
         ),
         _post_appointment,

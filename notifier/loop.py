@@ -12,8 +12,10 @@ each case through its lifecycle (:data:`notifier.model.TRANSITIONS`):
 3. **verify** from the stored scores: after a settling time the device's scores must stay
    at its healthy baseline for a window of device time, and the fault must not come back;
 4. **appointment** when no remote remedy is left: the planner's best slots before the
-   predicted failure; the owner books one, asks for others or declines; the technician
-   completes the visit and the device is verified again;
+   predicted failure; the owner books one, asks for others or declines; until the visit
+   starts the owner may move it (its time is freed and new slots offered, a few times
+   before a person takes over) or cancel it; the technician completes the visit and the
+   device is verified again;
 5. **close**: resolved with the owner told and asked once for a rating; a low rating, a
    comment or "nothing was wrong" hands the case to a person.
 
@@ -75,6 +77,9 @@ INTERRUPTING: Final = frozenset(("restart", "firmware_update", "cleaning_cycle")
 #: Faults whose urgency is critical whatever the time to failure (food, water, heat).
 SAFETY_FAULTS: Final = frozenset(("refrigerant_leak",))
 _SERVICE: Final = "technician_visit"
+#: Audit steps of a booked visit the owner moved or cancelled (its time freed).
+_MOVED: Final = "visit_moved"
+_CANCELLED: Final = "visit_cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,8 @@ class LoopConfig:
         consent_expiry_s: wall time an unanswered consent request or slot offer waits.
         tick_s: how often timers (retries, checks, expiry) are looked at.
         low_rating: ratings at or below this go to a person.
+        max_reschedules: how often an owner may move a booked visit; asking once more
+            hands the case to a person, who agrees a time with the owner.
         firmware: the firmware version to install, by product model.
         planner: the appointment planner's settings.
     """
@@ -108,6 +115,7 @@ class LoopConfig:
     consent_expiry_s: float = 7 * 86_400.0
     tick_s: float = 1.0
     low_rating: int = 2
+    max_reschedules: int = 3
     firmware: Mapping[str, str] = field(default_factory=dict)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 
@@ -716,27 +724,47 @@ class OwnerLoop:
         return await self._after_failed_remedy(case, f"the check failed: {why}")
 
     # -- appointments ------------------------------------------------------------------------
-    async def _propose(
-        self, case: Case, why: str, *, exclude: Sequence[Slot] = (), actor: Actor = "system"
-    ) -> Case:
+    async def _plan(
+        self, case: Case, *, exclude: Sequence[Slot] = (), freed: Appointment | None = None
+    ) -> list[Slot]:
+        """The planner's best slots for a case (``freed``: a visit of its own not to count)."""
         owner = await self._owner(case.owner_id)
         now = self._clock()
         technicians = await self.store.technicians(owner.region)
         booked = await self.store.appointments(states=["booked"], since=now - timedelta(days=1))
-        part = self._service_part(case)
-        slots = plan_slots(
+        if freed is not None:
+            booked = [a for a in booked if a.appointment_id != freed.appointment_id]
+        return plan_slots(
             technicians=technicians,
             booked=booked,
             owner=owner,
-            part=part,
+            part=self._service_part(case),
             urgency=case.urgency,
             now=now,
             failure_at=case.failure_at,
             exclude=exclude,
             config=self.config.planner,
         )
+
+    async def _propose(
+        self, case: Case, why: str, *, exclude: Sequence[Slot] = (), actor: Actor = "system"
+    ) -> Case:
+        slots = await self._plan(case, exclude=exclude)
         if not slots:
             return await self._to_person(case, f"{why}; no technician has a free slot")
+        return await self._offer(case, slots, why, actor=actor)
+
+    async def _offer(
+        self,
+        case: Case,
+        slots: Sequence[Slot],
+        why: str,
+        *,
+        actor: Actor = "system",
+        notice: Notice | None = None,
+    ) -> Case:
+        """Offer ``slots`` to the owner: a new proposal, the case moved, the owner told."""
+        part = self._service_part(case)
         if case.appointment_id is not None:
             previous = await self.store.get_appointment(case.appointment_id)
             if previous is not None and previous.state == "proposed":
@@ -765,8 +793,118 @@ class OwnerLoop:
             appointment_id=appointment.appointment_id,
             pending_action=None,
         )
-        await self._tell(case, Notice("appointment_offer", slots=tuple(slots)))
+        await self._tell(case, notice or Notice("appointment_offer", slots=tuple(slots)))
         return case
+
+    async def _booked_visit(self, case: Case, change: str) -> Appointment:
+        """The case's booked visit while it can still be ``change`` (moved, cancelled).
+
+        Raises:
+            ConflictError: no visit is booked, or it is too late: it has started, its
+                time has passed, or the technician completed it.
+        """
+        visit = None
+        if case.appointment_id is not None:
+            visit = await self.store.get_appointment(case.appointment_id)
+        if visit is not None and visit.state == "done":
+            raise ConflictError(
+                f"the technician has already completed this visit, so it can no longer be {change}"
+            )
+        if case.state != "booked" or visit is None or visit.state != "booked":
+            raise ConflictError("no visit is booked for this case")
+        now = self._clock()
+        if visit.start is not None and visit.start <= now:
+            if visit.end is not None and visit.end <= now:
+                raise ConflictError(
+                    f"the time of this visit has passed, so it can no longer be {change}"
+                )
+            raise ConflictError(f"this visit has already started, so it can no longer be {change}")
+        return visit
+
+    async def _release(self, case: Case, visit: Appointment, change: str) -> Appointment:
+        """Free a booked visit's time in the store (atomic: it must not have started)."""
+        try:
+            released = await self.store.release(visit.appointment_id, now=self._clock())
+        except ConflictError as exc:
+            raise ConflictError(f"this visit can no longer be {change}: {exc}") from exc
+        _LOG.info("case %s: visit %s released (%s)", case.case_id, visit.appointment_id, change)
+        return released
+
+    async def _moves(self, case: Case) -> int:
+        """How often the owner moved a booked visit of this case."""
+        return sum(1 for entry in await self.store.audit(case.case_id) if entry.action == _MOVED)
+
+    @staticmethod
+    def _visit_evidence(visit: Appointment) -> dict[str, Any]:
+        return {
+            "appointment_id": visit.appointment_id,
+            "technician_id": visit.technician_id,
+            "start": None if visit.start is None else visit.start.isoformat(),
+        }
+
+    async def _reschedule(self, case: Case) -> Appointment:
+        """Move a booked visit: free its time and offer new slots, within the limit."""
+        visit = await self._booked_visit(case, "moved")
+        when = "?" if visit.start is None else visit.start.isoformat()
+        moves = await self._moves(case)
+        limit = self.config.max_reschedules
+        if moves >= limit:
+            visit = await self._release(case, visit, "moved")
+            await self._audit(
+                case,
+                "owner",
+                _CANCELLED,
+                f"the owner asked to move the visit of {when} once more, after {moves} moves",
+                {**self._visit_evidence(visit), "moves": moves, "limit": limit},
+            )
+            reason = (
+                f"the owner asked to move the visit again after {moves} moves "
+                f"(limit {limit}); a person should agree a time with them"
+            )
+            case = await self._move(
+                case,
+                "escalated",
+                reason,
+                actor="owner",
+                evidence={"moves": moves, "limit": limit},
+                needs_person=reason,
+            )
+            await self.store.add_task(
+                Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
+            )
+            await self._tell(case, Notice("visit_move_limit", appointment=visit))
+            raise ConflictError(
+                f"this visit has been moved {moves} times already; someone from our service "
+                "team will call you to find a time that suits you"
+            )
+        # the booked time itself is what no longer suits: it is not offered again
+        booked_time: tuple[Slot, ...] = ()
+        if visit.technician_id is not None and visit.start is not None and visit.end is not None:
+            booked_time = (Slot(visit.technician_id, visit.start, visit.end),)
+        slots = await self._plan(case, exclude=booked_time, freed=visit)
+        if not slots:
+            raise ConflictError(
+                "no other times are free before the repair is due, so your visit stays as booked"
+            )
+        visit = await self._release(case, visit, "moved")
+        await self._audit(
+            case,
+            "owner",
+            _MOVED,
+            f"the owner asked to move the visit of {when}; its time is free again",
+            {**self._visit_evidence(visit), "moves": moves + 1, "limit": limit},
+        )
+        case = await self._offer(
+            case,
+            slots,
+            f"the owner asked to move the visit of {when} (move {moves + 1} of {limit})",
+            actor="owner",
+            notice=Notice("visit_moving", slots=tuple(slots), appointment=visit),
+        )
+        assert case.appointment_id is not None
+        proposal = await self.store.get_appointment(case.appointment_id)
+        assert proposal is not None
+        return proposal
 
     async def _proposal(self, case: Case) -> Appointment:
         if case.state != "appointment_proposed" or case.appointment_id is None:
@@ -857,10 +995,17 @@ class OwnerLoop:
             return appointment
 
     async def request_other_slots(self, owner_id: str, case_id: str) -> Appointment:
-        """The owner asks for other times."""
+        """The owner asks for other times: of the offer, or instead of the booked visit.
+
+        A booked visit that has not started is released (its time is free for others at
+        once) and new slots are offered; after ``config.max_reschedules`` moves the visit
+        is released and the case goes to a person instead.
+        """
         case = await self._owned_case(owner_id, case_id)
         async with self._lock(f"{case.device_id}/{case.fault}"):
             case = await self._fresh(case)
+            if case.state != "appointment_proposed":
+                return await self._reschedule(case)
             proposal = await self._proposal(case)
             seen = list(proposal.offered)
             for earlier in await self.store.appointments(
@@ -877,15 +1022,28 @@ class OwnerLoop:
             return appointment
 
     async def decline_visit(self, owner_id: str, case_id: str) -> Case:
-        """The owner does not want a visit."""
+        """The owner does not want a visit: the offer is withdrawn or the booked visit cancelled.
+
+        A booked visit can be cancelled until it starts; its time is free for others at once.
+        """
         case = await self._owned_case(owner_id, case_id)
         async with self._lock(f"{case.device_id}/{case.fault}"):
             case = await self._fresh(case)
-            if case.state not in ("appointment_proposed", "booked"):
-                raise ConflictError("no visit is planned for this case")
-            if case.appointment_id is not None:
+            cancelled: Appointment | None = None
+            if case.state != "appointment_proposed":
+                visit = await self._booked_visit(case, "cancelled")
+                cancelled = await self._release(case, visit, "cancelled")
+                when = "?" if visit.start is None else visit.start.isoformat()
+                await self._audit(
+                    case,
+                    "owner",
+                    _CANCELLED,
+                    f"the owner cancelled the visit of {when}; its time is free again",
+                    self._visit_evidence(visit),
+                )
+            elif case.appointment_id is not None:
                 appointment = await self.store.get_appointment(case.appointment_id)
-                if appointment is not None:
+                if appointment is not None and appointment.state == "proposed":
                     await self.store.put_appointment(replace(appointment, state="cancelled"))
             if case.urgency in ("high", "critical"):
                 reason = f"the owner declined a visit for an {case.urgency}-urgency fault"
@@ -895,8 +1053,13 @@ class OwnerLoop:
                 await self.store.add_task(
                     Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
                 )
+                if cancelled is not None:
+                    await self._tell(case, Notice("visit_cancelled_call", appointment=cancelled))
                 return case
-            return await self._move(case, "dismissed", "the owner declined a visit", actor="owner")
+            case = await self._move(case, "dismissed", "the owner declined a visit", actor="owner")
+            if cancelled is not None:
+                await self._tell(case, Notice("visit_cancelled", appointment=cancelled))
+            return case
 
     async def rate(
         self,
@@ -961,6 +1124,11 @@ class OwnerLoop:
             raise NotFoundError(f"no case for visit {appointment_id}")
         async with self._lock(f"{case.device_id}/{case.fault}"):
             case = await self._fresh(case)
+            # the owner may have moved or cancelled it while we waited for the lock
+            appointment = await self.store.get_appointment(appointment_id)
+            if appointment is None or appointment.state != "booked" or case.state != "booked":
+                state = "gone" if appointment is None else appointment.state
+                raise ConflictError(f"this visit is {state}, not booked")
             done = replace(appointment, state="done", note=note)
             await self.store.put_appointment(done)
             latest = (await self.health.latest([case.device_id])).get(case.device_id)

@@ -11,9 +11,14 @@ anything else with :class:`~notifier.errors.IllegalTransitionError`)::
     opened ──▶ awaiting_consent ──▶ remote_fix ──▶ verifying ──▶ resolved
       │              │                  │              │
       │              └──(declined)──────┴──▶ appointment_proposed ──▶ booked ──▶ visited
-      │                                                                          │
-      └──────────────▶ appointment_proposed                            verifying ◀┘
+      │                                           ▲                    │          │
+      └──────────────▶ appointment_proposed       └────(moved)─────────┘ verifying ◀┘
     any open state ──▶ dismissed | escalated | expired
+
+A booked visit the owner moves before it starts frees its time and goes back to
+``appointment_proposed`` with new slots (a few times; then ``escalated`` to a person);
+one the owner cancels ends like a declined offer (``dismissed``, or ``escalated`` when
+urgent).
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ TRANSITIONS: Final[dict[str, frozenset[str]]] = {
     # a failed check tries the next remote remedy or goes to an appointment
     "verifying": frozenset(("resolved", "remote_fix", "appointment_proposed", *_ENDINGS)),
     "appointment_proposed": frozenset(("appointment_proposed", "booked", *_ENDINGS)),
+    # the owner moved the visit before it started: its time is freed and new slots offered
     "booked": frozenset(("visited", "appointment_proposed", *_ENDINGS)),
     "visited": frozenset(("verifying", *_ENDINGS)),
     # a resolved case may still go to a person (low rating, "nothing was wrong")

@@ -85,7 +85,8 @@ class Operation:
         principal: who may call it (``None``: anyone, no token).
         body: the request body's model, if it takes one.
         query: its query parameters.
-        replies: its success responses (errors are added by :func:`build_document`).
+        replies: its responses; the usual errors are added by :func:`build_document`
+            unless given here in its own words.
         description: longer plain words, if useful.
     """
 
@@ -211,7 +212,9 @@ def _operation(
         )
         entry["headers"] = headers
         responses[str(reply.status)] = entry
-    responses.update(_error_replies(op, error_ref))
+    # an operation that describes one of the usual errors in its own words keeps them
+    for status, error in _error_replies(op, error_ref).items():
+        responses.setdefault(status, error)
     doc["responses"] = responses
     doc["security"] = [] if op.principal is None else [{"bearer": []}]
     return doc

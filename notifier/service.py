@@ -151,6 +151,7 @@ class NotifierService:
                         verify_window_s=settings.verify_window_s,
                         verify_timeout_s=settings.verify_timeout_s,
                         healthy_score=settings.healthy_score,
+                        max_reschedules=settings.max_reschedules,
                         firmware=dict(settings.firmware),
                     ),
                     sink=self._publish_case,

@@ -63,6 +63,8 @@ class NotifierSettings(BaseModel):
         verify_window_s: device time the scores must stay healthy to call it fixed.
         verify_timeout_s: wall time after which a check with too little data fails.
         healthy_score: scores below this are healthy.
+        max_reschedules: how often an owner may move a booked visit before a person
+            agrees a time with them.
         firmware: firmware release to install by product model (``firmware_update``).
         push: the push services.
     """
@@ -83,6 +85,7 @@ class NotifierSettings(BaseModel):
     verify_window_s: float = Field(3_600.0, gt=0)
     verify_timeout_s: float = Field(6 * 3_600.0, gt=0)
     healthy_score: float = Field(0.3, gt=0, lt=1)
+    max_reschedules: int = Field(3, ge=0, le=20)
     firmware: dict[str, str] = Field(
         default_factory=lambda: {"washer": "2.4.0", "fridge": "2.4.0", "heat_pump": "2.4.0"}
     )

@@ -21,7 +21,7 @@ from notifier.actions import HealthPoint
 from notifier.api import create_api
 from notifier.errors import ConflictError
 from notifier.links import ActionLinks
-from notifier.loop import LoopConfig, OwnerLoop
+from notifier.loop import LoopConfig, Notice, OwnerLoop
 from notifier.model import DeviceRecord, Owner, PushChannel, Technician, Window
 from notifier.outbox import Outbox
 from notifier.push import PushDispatcher, PushMessage
@@ -256,11 +256,37 @@ async def test_other_times_from_the_offer_and_the_booking(rig: Rig) -> None:
     await rig.pushed()
     resp = await rig.client.post(rig.phone.link("appointment_offer", "choose_slot:0"))
     assert resp.status == 201
+    booked = await resp.json()
     await rig.pushed()
-    # the booking message's "other times" meets what the REST route says for a booked case
+    # the booking message's "other times" moves the booked visit: its time is freed
     resp = await rig.client.post(rig.phone.link("appointment_booked", "other_times"))
+    assert resp.status == 200, await resp.text()
+    moved = await resp.json()
+    assert moved["slots"]
+    assert booked["start"] not in [s["start"] for s in moved["slots"]]
+    assert await rig.state(case_id) == "appointment_proposed"
+    old = await rig.store.get_appointment(booked["appointment_id"])
+    assert old is not None
+    assert old.state == "cancelled"
+    await rig.pushed()
+    assert rig.phone.got[-1].data["kind"] == "visit_moving"
+    # a new time is booked from the moving message's own buttons
+    resp = await rig.client.post(rig.phone.link("visit_moving", "choose_slot:0"))
+    assert resp.status == 201, await resp.text()
+    again = await resp.json()
+    assert again["start"] == moved["slots"][0]["start"]
+    assert await rig.state(case_id) == "booked"
+    # once the visit has started, the reminder's "other times" answers like the REST route
+    rig.clock.now = datetime.fromisoformat(again["start"])
+    owner, case = await rig.store.get_owner("ann"), await rig.store.get_case(case_id)
+    assert owner is not None
+    assert case is not None
+    await rig.outbox.notify(owner, case, Notice("appointment_reminder"))
+    await rig.pushed()
+    resp = await rig.client.post(rig.phone.link("appointment_reminder", "other_times"))
     assert resp.status == 409
     message = (await resp.json())["error"]["message"]
+    assert "already started" in message
     with pytest.raises(ConflictError) as direct:
         await rig.loop.request_other_slots("ann", case_id)
     assert str(direct.value) == message
