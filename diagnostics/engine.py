@@ -34,6 +34,7 @@ import orjson
 from diagnostics.baseline import BaselineRows, BaselineTable
 from diagnostics.features import FEATURE_SPECS, FeatureSpec, FeatureTable
 from diagnostics.fleet import FleetMethod, FleetModel
+from diagnostics.kernels import round_masks
 from diagnostics.model import Diagnosis
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
 from gateway.errors import ConfigError
@@ -46,6 +47,7 @@ F32 = npt.NDArray[np.float32]
 #: Version of the saved-model format.
 FORMAT_VERSION: Final = 1
 _MAX_TRAINING_ROWS: Final = 40_000
+_NO_SCORES: Final = np.zeros(0, dtype=np.float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,44 +370,35 @@ class DiagnosticsEngine:
         cold = rows.warm_features * 2 < bz.shape[1]
         fleet = state.fleet
         fscore: F32 | None = None
-        score = bscore
         if fleet is not None and _count(cold):
             # the fleet model speaks for devices whose own baseline is still cold (new, or
             # faulty from day one); a warm baseline knows the device better than its peers
             fscore = np.where(cold, fleet.score(level)[0], np.float32(0.0))
-            score = np.maximum(bscore, fscore)
         cfg = self.policy.config
         # the trend trigger: a wear indicator drifting steadily away from the device's
         # baseline counts as an anomaly long before its z alone would score
-        drifting: npt.NDArray[np.bool_] | None = None
-        flags = baseline.drift(
-            slots,
-            bz,
-            features,
-            now_s,
-            live,
-            cfg.trend_rule,
-        )
-        if flags.any():
-            drift = flags.any(axis=1)
-            drifting = np.zeros(bz.shape, dtype=np.bool_)
-            drifting[:, baseline.trend_columns] = flags
-            score = np.where(drift, np.maximum(score, np.float32(cfg.open_threshold)), score)
-        threshold = cfg.close_threshold
-        watched = state.watched[slots]
-        quiet = bscore < threshold
+        flags = baseline.drift(slots, bz, features, now_s, live, cfg.trend_rule)
         # the baseline learns from the device's own readings while cold, whatever the fleet
         # thinks of them (else a device a little off its peers would never warm up); once
         # warm it learns only while neither it nor the policy sees anything amiss
-        learn = quiet & (cold | (~watched & (score < threshold)))
-        if any_late:
-            learn &= live
+        watched = state.watched[slots]
+        score, drift, learn, judge = round_masks(
+            bscore,
+            _NO_SCORES if fscore is None else fscore,
+            cold,
+            flags,
+            watched,
+            late,
+            cfg.open_threshold,
+            cfg.close_threshold,
+        )
+        drifting: npt.NDArray[np.bool_] | None = None
+        if _count(drift):
+            drifting = np.zeros(bz.shape, dtype=np.bool_)
+            drifting[:, baseline.trend_columns] = flags
         baseline.learn(slots, level, now_s, learn, bz)
         if self._collect > 0.0:
             self._sample(state, level[learn])
-        judge = watched | (score >= threshold)
-        if any_late:
-            judge &= live
         if _count(judge):
             self._judge(
                 state,

@@ -24,7 +24,14 @@ from typing import Any, TypeVar, cast
 import numba
 import numpy as np
 
-__all__ = ["advance_rows", "assess_rows", "evidence_rows", "learn_rows", "trend_flags"]
+__all__ = [
+    "advance_rows",
+    "assess_rows",
+    "evidence_rows",
+    "learn_rows",
+    "round_masks",
+    "trend_flags",
+]
 
 _LOG = logging.getLogger(__name__)
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
@@ -356,3 +363,51 @@ def evidence_rows(
             best[i] = top_at
             best_evidence[i] = top
     return best, best_evidence, totals, moved, explained
+
+
+@_compiled
+def round_masks(
+    baseline_score: Any,
+    fleet_score: Any,
+    cold: Any,
+    flags: Any,
+    watched: Any,
+    late: Any,
+    open_threshold: float,
+    close_threshold: float,
+) -> tuple[Any, Any, Any, Any]:
+    """Combine a round's scores and say which rows learn and which the policy judges.
+
+    The fleet model's score counts for cold rows (``fleet_score`` may be empty: no fleet
+    model); a drifting row (any of its ``flags``) scores at least ``open_threshold``.
+    A row learns while its own baseline sees nothing amiss and it is cold, or unwatched
+    and quiet altogether; the policy judges watched rows and rows at ``close_threshold``
+    or above. Late rows do neither.
+
+    Returns:
+        the combined scores, which rows drift, which learn and which are judged.
+    """
+    n = baseline_score.shape[0]
+    with_fleet = fleet_score.shape[0] == n
+    score = np.empty(n, np.float32)
+    drift = np.zeros(n, np.bool_)
+    learn = np.zeros(n, np.bool_)
+    judge = np.zeros(n, np.bool_)
+    floor = np.float32(open_threshold)
+    for i in range(n):
+        own = baseline_score[i]
+        value = own
+        if with_fleet and cold[i] and fleet_score[i] > value:
+            value = fleet_score[i]
+        for c in range(flags.shape[1]):
+            if flags[i, c]:
+                drift[i] = True
+        if drift[i] and value < floor:
+            value = floor
+        score[i] = value
+        if late[i]:
+            continue
+        quiet = own < close_threshold
+        learn[i] = quiet and (cold[i] or (not watched[i] and value < close_threshold))
+        judge[i] = watched[i] or value >= close_threshold
+    return score, drift, learn, judge
