@@ -424,3 +424,31 @@ def test_events_between_readings_keep_each_devices_order() -> None:
     # the diagnoses come in the order of the events that caused them
     assert [(d.device_id, d.status) for d in result.diagnoses] == [("f1", "open"), ("w1", "open")]
     assert engine.late_readings == 0
+
+
+def test_round_masks_match_their_whole_array_form() -> None:
+    from diagnostics.kernels import round_masks
+
+    rng = np.random.default_rng(8)
+    for with_fleet in (True, False):
+        n = 400
+        bscore = rng.random(n).astype(np.float32)
+        cold = rng.random(n) < 0.3
+        fscore = np.where(cold, rng.random(n), 0.0).astype(np.float32)
+        flags = rng.random((n, 2)) < 0.1
+        watched = rng.random(n) < 0.4
+        late = rng.random(n) < 0.05
+        score, drift, learn, judge = round_masks(
+            bscore, fscore if with_fleet else np.zeros(0, np.float32), cold, flags, watched,
+            late, 0.5, 0.3,
+        )  # fmt: skip
+        want = np.maximum(bscore, fscore) if with_fleet else bscore
+        want_drift = flags.any(axis=1)
+        want = np.where(want_drift, np.maximum(want, np.float32(0.5)), want)
+        assert np.array_equal(score, want)
+        assert np.array_equal(drift, want_drift)
+        quiet = bscore < 0.3
+        assert np.array_equal(learn, quiet & (cold | (~watched & (want < 0.3))) & ~late)
+        assert np.array_equal(judge, (watched | (want >= 0.3)) & ~late)
+        assert learn.any()
+        assert judge.any()
