@@ -601,3 +601,51 @@ def test_plain_history_tells_the_owner_what_happened_in_local_time() -> None:
 def test_plain_history_refuses_naive_times() -> None:
     with pytest.raises(InvalidRequestError):
         plain_history([(datetime(2024, 12, 3, 9), "transition", None, "opened")], "en", "UTC")
+
+
+# -- a booked visit moved or cancelled ----------------------------------------------------
+
+#: The visit booked for Tue 3 Dec, 09:00-11:00 UTC, as each language writes it in Berlin.
+_BOOKED_AT = {"en": "Tue 3 Dec, 10:00–12:00", "de": "Di., 3. Dez., 10:00–12:00", "fr": "10 h–12 h"}
+
+
+@pytest.mark.parametrize("language", ["en", "de", "fr"])
+def test_a_moved_visit_names_the_old_time_and_offers_new_ones(language: str) -> None:
+    message = render("visit_moving", language, context())
+    assert _BOOKED_AT[language] in message.body
+    assert [a for a, _ in message.actions] == ["choose_slot:0", "choose_slot:1", "other_times"]
+    # the new times are in the body too, in the owner's time zone
+    second = {"en": "Thu 5 Dec, 14:00", "de": "Do., 5. Dez., 14:00", "fr": "jeu. 5 déc., 14 h"}
+    assert second[language] in message.body
+    assert_plain(text_of(message))
+    without = render("visit_moving", language, context(slots=()))
+    assert [a for a, _ in without.actions] == ["other_times"]
+    assert messages._CATALOGUES[language].words["no_slots"] in without.body
+
+
+@pytest.mark.parametrize("language", ["en", "de", "fr"])
+@pytest.mark.parametrize("kind", ["visit_cancelled", "visit_cancelled_call", "visit_move_limit"])
+def test_a_cancelled_visit_is_told_warmly_with_its_time(language: str, kind: str) -> None:
+    message = render(kind, language, context())
+    assert _BOOKED_AT[language] in message.body
+    assert message.actions == ()  # nothing to tap: it is done, or a person will call
+    assert_plain(text_of(message))
+    person = {"en": "person", "de": "jemand", "fr": "personne"}[language]
+    assert (person in message.body) == (kind != "visit_cancelled")
+
+
+def test_the_history_tells_a_moved_and_a_cancelled_visit() -> None:
+    trail = [
+        (at(2, 9), "visit_moved", None, None),
+        (at(2, 9), "transition", "booked", "appointment_proposed"),
+        (at(2, 10), "visit_cancelled", None, None),
+    ]
+    for language, words in (
+        ("en", ("move the visit", "cancelled")),
+        ("de", ("verschieben", "abgesagt")),
+        ("fr", ("déplacer", "annulée")),
+    ):
+        lines = plain_history(trail, language, "Europe/Berlin")
+        assert len(lines) == 3
+        assert words[0] in lines[0]
+        assert words[1] in lines[2]
