@@ -1,19 +1,21 @@
-"""Where an owner's webhook may point (notifier: owner API and webhook sender -> here).
+"""Where an owner's push targets may point (notifier: owner API and push senders -> here).
 
-A webhook URL is the one push target an owner writes themselves, so it must not become a
-way into our own network (server-side request forgery). Two checks share this module:
+Owners give the URLs their messages go to (a webhook, an ntfy server, a browser's Web
+Push endpoint), so none may become a way into our own network (server-side request
+forgery). Two checks share this module:
 
-* :func:`check_webhook_url`, when the owner registers the URL (the owner API) and again
-  before every delivery: the scheme is ``https`` (``http`` only where internal addresses
+* :func:`check_webhook_url`, when the owner registers a webhook (the owner API) and
+  before every delivery to any owner-given target
+  (:class:`notifier.push_base.CheckedHttpSender`): the scheme is ``https`` (``http`` only where internal addresses
   are allowed), no user name or password, and a host that is not ``localhost`` (or a
   name under ``.localhost``, RFC 6761) nor a literal internal address, in any of the forms
   a URL parser or ``inet_aton`` accepts (``0x7f.1``, ``2130706433``, ``0177.0.0.1``,
   ``[::ffff:127.0.0.1]`` ...; WHATWG URL "IPv4 parser").
 * :func:`resolve_public`, at connect time: the host name is resolved through the event
   loop's ``getaddrinfo`` under a deadline, and if *any* address is internal the
-  connection is refused, which defeats a public name that points inside. The webhook
-  sender connects only to the addresses checked here (its resolver), so a name cannot
-  change its answer between the check and the connection.
+  connection is refused, which defeats a public name that points inside. The senders
+  connect only to the addresses checked here (their resolver), so a name cannot change
+  its answer between the check and the connection.
 
 "Internal" (:func:`is_internal_ip`) is anything Python's :mod:`ipaddress` does not call
 globally reachable, or calls private, loopback, link-local, multicast, reserved or
@@ -165,7 +167,7 @@ def _is_localhost(host: str) -> bool:
 
 
 def check_webhook_url(url: str, *, allow_internal: bool = False) -> SplitResult:
-    """Check that a webhook URL points at the public internet.
+    """Check that a push target URL (a webhook, an ntfy server, a Web Push endpoint) is public.
 
     Args:
         url: the owner's webhook URL.
@@ -184,20 +186,20 @@ def check_webhook_url(url: str, *, allow_internal: bool = False) -> SplitResult:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - reading the port refuses one that is not a number
     except ValueError as exc:
-        raise UnsafeAddressError("a webhook must be a valid URL") from exc
+        raise UnsafeAddressError("a push target must be a valid URL") from exc
     schemes = ("http", "https") if allow_internal else ("https",)
     if parts.scheme not in schemes or not parts.hostname:
-        raise UnsafeAddressError(f"a webhook must be an {' or '.join(schemes)} URL with a host")
+        raise UnsafeAddressError(f"a push target must be an {' or '.join(schemes)} URL with a host")
     if parts.username is not None or parts.password is not None:
-        raise UnsafeAddressError("a webhook URL must not carry a user name or password")
+        raise UnsafeAddressError("a push target URL must not carry a user name or password")
     if allow_internal:
         literal_ip(parts.hostname)  # still refuses a host that is no address and no name
         return parts
     if _is_localhost(parts.hostname):
-        raise UnsafeAddressError("a webhook must not point at localhost")
+        raise UnsafeAddressError("a push target must not point at localhost")
     address = literal_ip(parts.hostname)
     if address is not None and is_internal_ip(address):
-        raise UnsafeAddressError("a webhook must not point at an internal address")
+        raise UnsafeAddressError("a push target must not point at an internal address")
     return parts
 
 
@@ -221,7 +223,7 @@ async def resolve_public(
         OSError: the name does not resolve (:class:`socket.gaierror`).
     """
     if not allow_internal and _is_localhost(host):
-        raise UnsafeAddressError("a webhook must not point at localhost")
+        raise UnsafeAddressError("a push target must not point at localhost")
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -229,7 +231,7 @@ async def resolve_public(
     for family, _type, _proto, _name, sockaddr in infos:
         text = str(sockaddr[0]).split("%", 1)[0]
         if not allow_internal and is_internal_ip(ipaddress.ip_address(text)):
-            raise UnsafeAddressError("the webhook's host name resolves to an internal address")
+            raise UnsafeAddressError("the push target's host name resolves to an internal address")
         if (family, str(sockaddr[0])) not in found:
             found.append((family, str(sockaddr[0])))
     return found

@@ -83,6 +83,7 @@ async def build_dispatcher(settings: PushSettings) -> AsyncIterator[PushDispatch
                 if settings.ntfy_token is None
                 else settings.ntfy_token.get_secret_value(),
                 timeout_s=settings.timeout_s,
+                allow_internal=settings.webhook_allow_private,
             )
         )
         senders["webhook"] = await stack.enter_async_context(
@@ -101,6 +102,7 @@ async def build_dispatcher(settings: PushSettings) -> AsyncIterator[PushDispatch
                     settings.vapid_private_key.get_secret_value(),
                     subject=settings.vapid_subject,
                     timeout_s=settings.timeout_s,
+                    allow_internal=settings.webhook_allow_private,
                 )
             )
         yield PushDispatcher(

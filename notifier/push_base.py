@@ -14,6 +14,7 @@ import abc
 import asyncio
 import base64
 import logging
+import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,12 +24,20 @@ from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from gateway.errors import ConfigError, PermanentError
-from notifier.errors import DeadTokenError, DeliveryError, InvalidRequestError
+from notifier.addresses import check_webhook_url, resolve_public
+from notifier.errors import (
+    DeadTokenError,
+    DeliveryError,
+    InvalidRequestError,
+    UnsafeAddressError,
+)
 from notifier.model import ChannelKind, PushChannel
 
 __all__ = [
+    "CheckedHttpSender",
     "HttpAnswer",
     "HttpSender",
     "PushAction",
@@ -332,3 +341,81 @@ class HttpSender(abc.ABC):
         if status == 429 or status >= 500:
             raise RetryLaterError(what, answer.retry_after_s)
         raise PushRefusedError(what)
+
+
+class _CheckedResolver(AbstractResolver):
+    """Resolves through the event loop and refuses names that lead to internal addresses."""
+
+    def __init__(self, *, timeout_s: float, allow_internal: bool) -> None:
+        self._timeout_s = timeout_s
+        self._allow_internal = allow_internal
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        found = await resolve_public(
+            host, port, timeout_s=self._timeout_s, allow_internal=self._allow_internal
+        )
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=found_family,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+            for found_family, address in found
+            if family == socket.AF_UNSPEC or found_family == family
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class CheckedHttpSender(HttpSender):
+    """A sender whose targets come from owners: it never connects inside the network.
+
+    Owners give the URL a message goes to (a webhook, an ntfy server, a browser's Web
+    Push endpoint), so an owner could point it at the manufacturer's own network. Every
+    target URL must be public ``https`` (no credentials, no internal literal address,
+    no ``localhost``), and the connection goes only to resolved addresses that were
+    checked (no DNS cache, so a name cannot change its answer between check and use).
+
+    Args:
+        timeout_s: the longest one request (and one name lookup) may take.
+        allow_internal: deliver to internal addresses (loopback, private networks) and
+            over plain http: for local installs and tests only.
+    """
+
+    def __init__(self, *, timeout_s: float = 10.0, allow_internal: bool = False) -> None:
+        super().__init__(timeout_s=timeout_s)
+        self._allow_internal = allow_internal
+
+    def connector(self) -> aiohttp.BaseConnector:
+        """A connector whose resolver lets only checked addresses through (no DNS cache)."""
+        resolver = _CheckedResolver(timeout_s=self._timeout_s, allow_internal=self._allow_internal)
+        return aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, family=socket.AF_UNSPEC)
+
+    async def checked_request(self, channel: PushChannel, url: str, **kwargs: Any) -> HttpAnswer:
+        """:meth:`HttpSender.request` to ``url`` once it is known to lead outside.
+
+        Raises:
+            UnsafeAddressError: the URL or its host name leads to an internal address
+                (logged with the channel; a permanent failure of the channel).
+            DeliveryError: network trouble or a failed name lookup.
+        """
+        try:
+            check_webhook_url(url, allow_internal=self._allow_internal)
+            return await self.request(channel.channel_id, url, **kwargs)
+        except UnsafeAddressError as exc:
+            _LOG.warning(
+                "%s channel %s: not sent, its URL leads to an internal address (%s)",
+                channel.kind,
+                channel.channel_id,
+                exc,
+            )
+            raise UnsafeAddressError(
+                f"{channel.kind} channel {channel.channel_id}: refused, it leads to an "
+                "internal address"
+            ) from exc

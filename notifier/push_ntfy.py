@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from notifier.model import ChannelKind, PushChannel
-from notifier.push_base import HttpSender, PushMessage, PushRefusedError
+from notifier.push_base import CheckedHttpSender, PushMessage, PushRefusedError
 
 __all__ = ["NtfySender", "ntfy_document", "split_topic_url"]
 
@@ -86,7 +86,7 @@ def ntfy_document(topic: str, message: PushMessage) -> dict[str, Any]:
     return doc
 
 
-class NtfySender(HttpSender):
+class NtfySender(CheckedHttpSender):
     """Publishes to ntfy topics.
 
     Args:
@@ -97,8 +97,10 @@ class NtfySender(HttpSender):
 
     kind: ChannelKind = "ntfy"
 
-    def __init__(self, *, token: str | None = None, timeout_s: float = 10.0) -> None:
-        super().__init__(timeout_s=timeout_s)
+    def __init__(
+        self, *, token: str | None = None, timeout_s: float = 10.0, allow_internal: bool = False
+    ) -> None:
+        super().__init__(timeout_s=timeout_s, allow_internal=allow_internal)
         self._token = token
 
     async def send(self, channel: PushChannel, message: PushMessage) -> None:
@@ -106,6 +108,7 @@ class NtfySender(HttpSender):
 
         Raises:
             DeliveryError: network trouble, 429 or 5xx.
+            UnsafeAddressError: the server's URL or host name leads to an internal address.
             PushRefusedError: not a topic URL, or any other status outside 2xx.
         """
         try:
@@ -116,8 +119,8 @@ class NtfySender(HttpSender):
         token = channel.keys.get("token") or self._token
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        answer = await self.request(
-            channel.channel_id,
+        answer = await self.checked_request(
+            channel,
             server,
             data=orjson.dumps(ntfy_document(topic, message)),
             headers=headers,

@@ -27,20 +27,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import socket
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Final
 
-import aiohttp
 import orjson
-from aiohttp.abc import AbstractResolver, ResolveResult
 
-from notifier.addresses import check_webhook_url, resolve_public
-from notifier.errors import UnsafeAddressError
 from notifier.model import ChannelKind, PushChannel
-from notifier.push_base import HttpSender, PushMessage, PushRefusedError
+from notifier.push_base import CheckedHttpSender, PushMessage, PushRefusedError
 
 __all__ = ["WebhookSender", "sign_webhook", "verify_webhook_signature"]
 
@@ -103,37 +98,7 @@ def verify_webhook_signature(
     )
 
 
-class _CheckedResolver(AbstractResolver):
-    """Resolves through the event loop and refuses names that lead to internal addresses."""
-
-    def __init__(self, *, timeout_s: float, allow_internal: bool) -> None:
-        self._timeout_s = timeout_s
-        self._allow_internal = allow_internal
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        found = await resolve_public(
-            host, port, timeout_s=self._timeout_s, allow_internal=self._allow_internal
-        )
-        return [
-            ResolveResult(
-                hostname=host,
-                host=address,
-                port=port,
-                family=found_family,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-            for found_family, address in found
-            if family == socket.AF_UNSPEC or found_family == family
-        ]
-
-    async def close(self) -> None:
-        return None
-
-
-class WebhookSender(HttpSender):
+class WebhookSender(CheckedHttpSender):
     """Posts signed JSON to the owner's webhook URL (the channel's target).
 
     Args:
@@ -152,14 +117,8 @@ class WebhookSender(HttpSender):
         clock: Callable[[], float] = time.time,
         allow_internal: bool = False,
     ) -> None:
-        super().__init__(timeout_s=timeout_s)
+        super().__init__(timeout_s=timeout_s, allow_internal=allow_internal)
         self._clock = clock
-        self._allow_internal = allow_internal
-
-    def connector(self) -> aiohttp.BaseConnector:
-        """A connector whose resolver lets only checked addresses through (no DNS cache)."""
-        resolver = _CheckedResolver(timeout_s=self._timeout_s, allow_internal=self._allow_internal)
-        return aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, family=socket.AF_UNSPEC)
 
     async def send(self, channel: PushChannel, message: PushMessage) -> None:
         """POST the message with its timestamp and signature.
@@ -176,26 +135,15 @@ class WebhookSender(HttpSender):
         ts = int(self._clock())
         timestamp = str(ts)
         body = orjson.dumps({"ts": ts, **message.to_json()})
-        try:
-            check_webhook_url(channel.target, allow_internal=self._allow_internal)
-            answer = await self.request(
-                channel.channel_id,
-                channel.target,
-                data=body,
-                headers={
-                    "Content-Type": "application/json",
-                    "X-Fixloop-Timestamp": timestamp,
-                    "X-Fixloop-Signature": sign_webhook(secret, timestamp, body),
-                },
-            )
-        except UnsafeAddressError as exc:
-            _LOG.warning(
-                "webhook channel %s: not sent, its URL leads to an internal address (%s)",
-                channel.channel_id,
-                exc,
-            )
-            raise UnsafeAddressError(
-                f"webhook channel {channel.channel_id}: refused, it leads to an internal address"
-            ) from exc
+        answer = await self.checked_request(
+            channel,
+            channel.target,
+            data=body,
+            headers={
+                "Content-Type": "application/json",
+                "X-Fixloop-Timestamp": timestamp,
+                "X-Fixloop-Signature": sign_webhook(secret, timestamp, body),
+            },
+        )
         self.check(channel.channel_id, answer, dead=_DEAD)
         _LOG.debug("webhook channel %s took message %s", channel.channel_id, message.message_id)

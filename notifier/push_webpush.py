@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gateway.errors import ConfigError
 from notifier.model import ChannelKind, PushChannel
 from notifier.push_base import (
-    HttpSender,
+    CheckedHttpSender,
     PushMessage,
     PushRefusedError,
     b64url_decode,
@@ -243,7 +243,7 @@ def web_push_topic(collapse_key: str) -> str:
     return b64url_encode(hashlib.sha256(collapse_key.encode()).digest())[:_MAX_TOPIC]
 
 
-class WebPushSender(HttpSender):
+class WebPushSender(CheckedHttpSender):
     """Sends encrypted Web Push messages, identified by VAPID.
 
     Args:
@@ -265,8 +265,9 @@ class WebPushSender(HttpSender):
         subject: str,
         timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        allow_internal: bool = False,
     ) -> None:
-        super().__init__(timeout_s=timeout_s)
+        super().__init__(timeout_s=timeout_s, allow_internal=allow_internal)
         if not subject.startswith(("mailto:", "https:")):
             raise ConfigError("the VAPID subject must be a mailto: or https: contact")
         self._key = load_vapid_key(private_key)
@@ -324,10 +325,11 @@ class WebPushSender(HttpSender):
         Raises:
             DeliveryError: network trouble, 429 or 5xx.
             DeadTokenError: ``404`` or ``410``: the subscription is gone.
+            UnsafeAddressError: the endpoint or its host name leads to an internal address.
             PushRefusedError: malformed keys, a payload too large, or another 4xx.
         """
         # ECDH, HKDF and the ES256 signature are CPU work: keep them off the event loop
         body, headers = await asyncio.to_thread(self._prepare, channel, message)
-        answer = await self.request(channel.channel_id, channel.target, data=body, headers=headers)
+        answer = await self.checked_request(channel, channel.target, data=body, headers=headers)
         self.check(channel.channel_id, answer, dead=_DEAD)
         _LOG.debug("webpush channel %s took message %s", channel.channel_id, message.message_id)

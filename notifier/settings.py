@@ -27,8 +27,9 @@ class PushSettings(BaseModel):
         timeout_s: how long one delivery may take.
         attempts: tries per channel before the next one.
         max_failures: failed deliveries in a row after which a channel is retired.
-        webhook_allow_private: let webhooks point at internal addresses (loopback,
-            private networks ...) and use plain http: for local installs and tests only.
+        webhook_allow_private: let the targets owners give (webhooks, ntfy servers, Web
+            Push endpoints) point at internal addresses (loopback, private networks ...)
+            and use plain http: for local installs and tests only.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -485,7 +485,11 @@ async def webpush_setup(
     service.origin = f"http://127.0.0.1:{server.port}"
     keys = generate_vapid_keys()
     sender = WebPushSender(
-        keys.private_key, subject="mailto:ops@fixloop.example", timeout_s=5, **kw
+        keys.private_key,
+        subject="mailto:ops@fixloop.example",
+        timeout_s=5,
+        allow_internal=True,  # the push service stands in on 127.0.0.1
+        **kw,
     )
     assert sender.public_key == keys.public_key
 
@@ -605,7 +609,7 @@ async def test_ntfy_publishes_json_with_bearer(aiohttp_server: AiohttpServer) ->
         ),
         data={"url": "https://api.example/cases/c1"},
     )
-    async with NtfySender(token="tk_server", timeout_s=5) as sender:
+    async with NtfySender(token="tk_server", timeout_s=5, allow_internal=True) as sender:
         await sender.send(PushChannel("n1", "ann", "ntfy", topic_url), message)
         await sender.send(PushChannel("n2", "ann", "ntfy", topic_url, {"token": "tk_own"}), MESSAGE)
         prefixed = str(server.make_url("/ntfy/fixloop-bob"))
@@ -648,7 +652,7 @@ async def test_ntfy_publishes_json_with_bearer(aiohttp_server: AiohttpServer) ->
 async def test_ntfy_errors(aiohttp_server: AiohttpServer, status: int, error: type) -> None:
     ntfy = NtfyServer(status=status)
     server = await aiohttp_server(ntfy.app())
-    async with NtfySender(timeout_s=5) as sender:
+    async with NtfySender(timeout_s=5, allow_internal=True) as sender:
         with pytest.raises(error) as raised:
             await sender.send(PushChannel("n1", "ann", "ntfy", str(server.make_url("/t"))), MESSAGE)
     assert not isinstance(raised.value, DeadTokenError)  # ntfy topics never die
@@ -897,7 +901,10 @@ async def dispatch_setup(
 async def test_dispatcher_follows_preference_order(aiohttp_server: AiohttpServer) -> None:
     scripted, channel, sleeps = await dispatch_setup(aiohttp_server, {})
     hook, topic = channel("webhook", "hook-a"), channel("ntfy", "topic-a")
-    async with WebhookSender(allow_internal=True, timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+    async with (
+        WebhookSender(allow_internal=True, timeout_s=5) as wh,
+        NtfySender(timeout_s=5, allow_internal=True) as nt,
+    ):
         dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, sleep=sleeps)
         report = await dispatcher.deliver([hook, topic], ["ntfy"], MESSAGE)
         assert report == DeliveryReport(topic, (), 1, ())
@@ -943,7 +950,10 @@ async def test_dispatcher_retries_503_with_backoff_then_succeeds(
 async def test_dispatcher_retires_dead_token_and_uses_next(aiohttp_server: AiohttpServer) -> None:
     scripted, channel, sleeps = await dispatch_setup(aiohttp_server, {"hook-dead": [410]})
     dead, alive = channel("webhook", "hook-dead"), channel("ntfy", "topic-b")
-    async with WebhookSender(allow_internal=True, timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+    async with (
+        WebhookSender(allow_internal=True, timeout_s=5) as wh,
+        NtfySender(timeout_s=5, allow_internal=True) as nt,
+    ):
         dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, sleep=sleeps)
         report = await dispatcher.deliver([alive, dead], ["webhook"], MESSAGE)
     assert report.delivered_via == alive
@@ -967,7 +977,10 @@ async def test_dispatcher_all_channels_failing(aiohttp_server: AiohttpServer) ->
         channel("ntfy", "topic-c"),
     ]
     fcm_only = PushChannel("fcm-1", "ann", "fcm", "token")
-    async with WebhookSender(allow_internal=True, timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+    async with (
+        WebhookSender(allow_internal=True, timeout_s=5) as wh,
+        NtfySender(timeout_s=5, allow_internal=True) as nt,
+    ):
         dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, attempts=3, sleep=sleeps)
         report = await dispatcher.deliver([*channels, fcm_only], ["fcm"], MESSAGE)
     assert report.delivered_via is None
@@ -1164,7 +1177,10 @@ async def test_a_refused_webhook_counts_as_a_failed_delivery(
 ) -> None:
     scripted, channel, sleeps = await dispatch_setup(aiohttp_server, {})
     hook, topic = channel("webhook", "hook-a"), channel("ntfy", "topic-a")
-    async with WebhookSender(timeout_s=5) as wh, NtfySender(timeout_s=5) as nt:
+    async with (
+        WebhookSender(timeout_s=5) as wh,
+        NtfySender(timeout_s=5, allow_internal=True) as nt,
+    ):
         dispatcher = PushDispatcher({"webhook": wh, "ntfy": nt}, max_failures=1, sleep=sleeps)
         report = await dispatcher.deliver([hook, topic], [], MESSAGE)
     assert report.delivered_via == topic
@@ -1172,3 +1188,47 @@ async def test_a_refused_webhook_counts_as_a_failed_delivery(
     assert report.retired == (replace(hook, failures=1, active=False),)
     assert scripted.calls == ["topic-a"]  # nothing reached the internal webhook
     assert sleeps.delays == []
+
+
+async def test_ntfy_and_webpush_targets_inside_the_network_are_refused(
+    aiohttp_server: AiohttpServer,
+) -> None:
+    hits: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(status=201)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(app)
+    keys = generate_vapid_keys()
+    p256dh = b64url_encode(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    )
+    webpush_keys = {"p256dh": p256dh, "auth": b64url_encode(b"0123456789abcdef")}
+    targets = (
+        f"http://127.0.0.1:{server.port}/topic",
+        f"https://127.0.0.1:{server.port}/topic",
+        f"https://localhost:{server.port}/topic",
+        f"https://[::ffff:127.0.0.1]:{server.port}/topic",
+        f"https://2130706433:{server.port}/topic",
+    )
+    async with (
+        NtfySender(timeout_s=5) as ntfy,
+        WebPushSender(keys.private_key, subject="mailto:ops@fixloop.example", timeout_s=5) as wp,
+    ):
+        for n, target in enumerate(targets):
+            topic = PushChannel(f"nt-{n}", "owner-1", "ntfy", target)
+            with pytest.raises(UnsafeAddressError, match="internal address"):
+                await ntfy.send(topic, MESSAGE)
+            endpoint = PushChannel(f"wp-{n}", "owner-1", "webpush", target, keys=webpush_keys)
+            with pytest.raises(UnsafeAddressError, match="internal address"):
+                await wp.send(endpoint, MESSAGE)
+    assert hits == []
+    # the same senders deliver there once internal targets are allowed (a local install)
+    async with NtfySender(timeout_s=5, allow_internal=True) as ntfy:
+        await ntfy.send(PushChannel("nt-ok", "owner-1", "ntfy", targets[0]), MESSAGE)
+    assert hits == ["/"]
