@@ -1981,7 +1981,9 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
                 Reply(403, "The link is not valid (changed, or for another case).", ErrorView),
                 Reply(
                     409,
-                    "The link was used already, or the case has moved on.",
+                    "The link was used already, or the case has moved on (for "
+                    "`other_times`: the booked visit has started, is past or was completed, "
+                    "or was moved too often; the message says which).",
                     ErrorView,
                 ),
                 Reply(410, "The link has expired.", ErrorView),

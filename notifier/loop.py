@@ -811,7 +811,7 @@ class OwnerLoop:
                 f"the technician has already completed this visit, so it can no longer be {change}"
             )
         if case.state != "booked" or visit is None or visit.state != "booked":
-            raise ConflictError("no visit is booked for this case")
+            raise ConflictError("no visit is offered or booked for this case")
         now = self._clock()
         if visit.start is not None and visit.start <= now:
             if visit.end is not None and visit.end <= now:

@@ -460,3 +460,28 @@ async def test_the_openapi_document_tells_what_a_booked_visit_allows(rig: Rig) -
     operation = doc["paths"][f"{API_PREFIX}/cases/{{id}}/appointment"]["post"]
     assert "moves" in operation["description"]
     assert "started" in operation["responses"]["409"]["description"]
+
+
+async def test_a_case_without_a_visit_has_nothing_to_move_or_cancel(rig: Rig) -> None:
+    case = await rig.loop.handle_diagnosis(
+        Diagnosis(
+            device_id="w-ann",
+            model="washer",
+            fault="firmware_bug",
+            confidence=0.9,
+            status="open",
+            opened_at=T0,
+            updated_at=T0,
+            score=0.8,
+            source="device",
+            time_to_failure=None,
+            remedies=CATALOG["washer"].faults["firmware_bug"].remedies,
+        )
+    )
+    assert case is not None
+    assert case.state == "awaiting_consent"  # a software update asks Ann first
+    for body in ({"other_times": True}, {"decline": True}):
+        resp = await rig.answer(ANN, case.case_id, body)
+        assert resp.status == 409
+        assert "no visit is offered or booked" in (await resp.json())["error"]["message"]
+    assert (await rig.case(case.case_id)).state == "awaiting_consent"
