@@ -85,19 +85,30 @@ class Degradation:
 
     The indicator is ``feature``'s change from the device's healthy baseline; the fault
     fails when the change reaches ``failure_delta`` (its sign gives the direction, a
-    ``two_sided`` indicator may go either way). Severity grows as ``progress ** shape``.
+    ``two_sided`` indicator may go either way). The fault's progress from onset (0) to
+    failure (1) grows evenly in time, and the indicator's share of its change at failure
+    grows as ``progress ** shape``: ``shape`` > 1 when the indicator moves late (wear
+    that accelerates, or physics that hides the first part of a fault).
+
+    The values are the manufacturer's statement for its product: each one below says
+    how it follows from the product's physics and what the indicator was measured at
+    when simulated devices failed (the mean over devices; tests/test_diagnostics_catalog.py
+    checks them against the simulator).
 
     Attributes:
         feature: the health indicator feature.
         failure_delta: the indicator's change at failure, in the feature's unit.
-        shape: degradation exponent (wear accelerates: > 1).
+        shape: exponent of the indicator's share of its failure change in progress.
         two_sided: the indicator may move either way (sensor drift).
+        opposite_delta: for a two-sided indicator, its change at failure when it moves
+            against ``failure_delta``'s sign (``None``: ``-failure_delta``, symmetric).
     """
 
     feature: str
     failure_delta: float
     shape: float = 1.0
     two_sided: bool = False
+    opposite_delta: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,11 +179,14 @@ def _visit(part: str, note: str) -> Remedy:
 _SENSOR_PART: Final = "temperature_sensor"
 
 
-def _common(primary_offset: str, offset_weight: float) -> tuple[FaultEntry, ...]:
+def _common(
+    primary_offset: str, offset_weight: float, drift: Degradation
+) -> tuple[FaultEntry, ...]:
     """The faults every model shares (sensor and firmware), around its main sensor.
 
     ``offset_weight`` says how telling the main sensor's offset feature is: only a sensor
     fault moves the heat pump's and the washer's; a leak moves the fridge's a little too.
+    ``drift`` is how a drifting main sensor moves that offset feature up to failure.
     """
     return (
         FaultEntry(
@@ -181,7 +195,7 @@ def _common(primary_offset: str, offset_weight: float) -> tuple[FaultEntry, ...]
             gradual=True,
             codes=frozenset({"E31"}),
             signature=(Signature(primary_offset, 0, offset_weight),),
-            degradation=Degradation(primary_offset, 5.0, 1.0, two_sided=True),
+            degradation=drift,
             remedies=(
                 _selftest("compares the sensor with the reference sensor (E31 when off)"),
                 _visit(_SENSOR_PART, "a new sensor cures the drift"),
@@ -272,7 +286,9 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     Signature("spin_vibration", 1, 1.0),
                     Signature("tumble_power_w", 1, 0.5),
                 ),
-                # spin vibration per (krpm)^2 rises by 1.5 g at failure, wear accelerates
+                # spin vibration per (krpm)^2 is 0.22 g + 0.25 g x load imbalance + 1.5 g x
+                # wear, and wear grows as progress squared: +1.5 at failure, shape 2
+                # (measured at failure: +1.45 to +1.50, mean +1.48, 10 washers)
                 degradation=Degradation("spin_vibration", 1.5, 2.0),
                 remedies=(
                     _selftest("spins at 800 rpm and measures vibration (E52 when worn)"),
@@ -285,7 +301,8 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                 gradual=True,
                 codes=frozenset({"E21"}),
                 signature=(Signature("drain_flow_l_min", -1, 1.0),),
-                # full clog: drain flow falls by 95 % of its nominal 12 l/min
+                # drain flow is 12 l/min x (1 - 0.95 x clog), the clog growing evenly: a
+                # full clog takes 95 % of it, -11.4 l/min, shape 1 (measured: -11.4, 6 washers)
                 degradation=Degradation("drain_flow_l_min", -11.4, 1.0),
                 remedies=(
                     Remedy(
@@ -298,7 +315,9 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     _visit("drain_pump", "a serviced drain pump cures any clog"),
                 ),
             ),
-            *_common("idle_temp_offset_k", 2.0),
+            # the drum sensor reads its full 5 K drift against the room sensor once the
+            # drum has cooled to room temperature: +-5 K, shape 1 (measured: 4.97 to 5.02)
+            *_common("idle_temp_offset_k", 2.0, Degradation("idle_temp_offset_k", 5.0, 1.0, True)),
         ),
     ),
     "fridge": _table(
@@ -315,14 +334,33 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     Signature("compressor_duty", 1, 0.3),
                     Signature("duty_per_lift", 1, 0.3),
                 ),
-                # the evaporator runs 14 K warmer with the charge gone
-                degradation=Degradation("evaporator_on_c", 14.0, 1.0),
+                # while cooling, the evaporator heads for -24 C + 14 K x leak (time constant
+                # 4 min) and the compressor keeps 1 - 0.75 x leak of its cooling. Healthy,
+                # it cools in short runs that start at cabinet temperature, averaging -14.7
+                # to -16.5 C. With the charge gone the compressor can no longer hold the
+                # cabinet and runs without pause at -10 C: a rise of 3.5 to 6.5 K, not 14.
+                # The first part of a leak lengthens the runs, so the evaporator gets
+                # closer to its (rising) target and the two nearly cancel: the indicator
+                # moves late, as progress ** 2.7. Measured at failure: +4.7 to +6.5 K, mean
+                # +5.7 K (12 fridges); best shape over their progress 2.67.
+                degradation=Degradation("evaporator_on_c", 5.7, 2.7),
                 remedies=(
                     _selftest("measures suction pressure (E14 when low)"),
                     _visit("refrigerant_circuit", "sealing and recharging cures it"),
                 ),
             ),
-            *_common("evaporator_off_offset_k", 1.0),
+            # evaporator minus the cabinet sensor while the compressor rests: a sensor
+            # reading 5 K low raises it by 5 K, but one reading 5 K high lowers it by only
+            # about 4 K: the feature keeps the evaporator only within 8 K below the
+            # reading, that is within 3 K of the true cabinet temperature, and so drops
+            # the coldest readings of each rest, which a healthy level (about -3 K)
+            # includes. Measured at failure: +4.86 to +5.03 K (mean +4.94) and -3.89 to
+            # -4.17 K (mean -4.03), 6 fridges each way; shape 1.
+            *_common(
+                "evaporator_off_offset_k",
+                1.0,
+                Degradation("evaporator_off_offset_k", 4.9, 1.0, True, opposite_delta=-4.0),
+            ),
         ),
     ),
     "heat_pump": _table(
@@ -338,14 +376,21 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                     Signature("capacity_w", -1, 0.7),
                     Signature("defrost_share", 1, 0.3),
                 ),
-                # efficiency against the Carnot limit falls by about 0.2 when fully fouled
-                degradation=Degradation("cop_efficiency", -0.2, 1.0),
+                # COP is 0.5 x (1 - 0.25 x fouling) of the Carnot COP at an outdoor coil
+                # 6 K + 10 K x fouling below the air; the feature compares with the limit
+                # at 6 K, so fully fouled it is 0.375 x D / (D + 10), D = flow - outdoor +
+                # 9 K (about 40-50 K in heating weather), against 0.5 healthy: -0.17 to
+                # -0.2 (the 40 W pumps shave a little off both), about even in progress.
+                # Measured at failure: -0.17 to -0.20, mean -0.18 (6 heat pumps); shape 1.
+                degradation=Degradation("cop_efficiency", -0.18, 1.0),
                 remedies=(
                     _selftest("measures the evaporator approach (E61 when the coil is fouled)"),
                     _visit("evaporator_coil", "cleaning or swapping the coil cures it"),
                 ),
             ),
-            *_common("flow_offset_k", 2.0),
+            # flow minus return sensor beyond what the heat output explains is the flow
+            # sensor's offset itself: +-5 K at failure, shape 1 (measured: 4.99 to 5.01)
+            *_common("flow_offset_k", 2.0, Degradation("flow_offset_k", 5.0, 1.0, True)),
         ),
     ),
 }

@@ -77,7 +77,10 @@ class TimeToFailure:
 def progress_of(change: float, degradation: Degradation) -> float:
     """Return the progress toward failure in ``[0, 1]`` of an indicator ``change``."""
     delta = degradation.failure_delta
-    ratio = abs(change / delta) if degradation.two_sided else change / delta
+    if degradation.two_sided and change * delta < 0.0:
+        opposite = degradation.opposite_delta
+        delta = -delta if opposite is None else opposite
+    ratio = change / delta
     ratio = min(max(ratio, 0.0), 1.0)
     return float(ratio ** (1.0 / degradation.shape))
 

@@ -189,3 +189,13 @@ def test_progress_inverts_the_wear_shape() -> None:
     assert progress_of(-1.0, bearing) == 0.0
     drift = Degradation("offset", 5.0, 1.0, two_sided=True)
     assert progress_of(-2.5, drift) == pytest.approx(0.5)
+
+
+def test_progress_of_a_two_sided_indicator_uses_each_side_s_failure_change() -> None:
+    offset = Degradation("offset", 4.9, 1.0, two_sided=True, opposite_delta=-4.0)
+    assert progress_of(2.45, offset) == pytest.approx(0.5)
+    assert progress_of(-2.0, offset) == pytest.approx(0.5)
+    assert progress_of(-4.0, offset) == 1.0
+    leak = Degradation("evaporator_on_c", 5.7, 2.7)
+    assert progress_of(5.7 * 0.5**2.7, leak) == pytest.approx(0.5)
+    assert progress_of(-1.0, leak) == 0.0
