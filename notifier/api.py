@@ -1237,7 +1237,7 @@ def _channel_keys(
 async def _add_channel(request: web.Request) -> web.Response:
     owner = _owner_of(await _authenticate(request, "owner"))
     body = (await _read_body(request, ChannelRequest, tagged=True)).root
-    if isinstance(body, WebhookChannel):
+    if not isinstance(body, FcmChannel):  # an FCM target is a token, not an address
         try:
             check_webhook_url(body.target, allow_internal=request.app[WEBHOOK_INTERNAL_KEY])
         except UnsafeAddressError as exc:

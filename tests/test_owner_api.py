@@ -645,7 +645,7 @@ def _valid_channels() -> list[dict[str, Any]]:
         },
         {"kind": "fcm", "target": "fcm-registration-token-" + "a1B2" * 40},
         {"kind": "ntfy", "target": "https://ntfy.sh/alice-heatpump-7f3k"},
-        {"kind": "ntfy", "target": "http://ntfy.home.lan/alerts", "keys": {"token": "tk_abc123"}},
+        {"kind": "ntfy", "target": "https://ntfy.example.org/a", "keys": {"token": "tk_abc123"}},
         {
             "kind": "webhook",
             "target": "https://home.example.org/hooks/fixloop?key=s3cr3t",
@@ -880,6 +880,27 @@ async def test_a_webhook_to_an_internal_or_odd_address_is_refused(
     world: World, target: str
 ) -> None:
     body = {"kind": "webhook", "target": target, "keys": {"secret": "a-long-shared-secret-42"}}
+    resp = await world.client.post(f"{API_PREFIX}/me/channels", json=body, headers=_hdr(ALICE))
+    error = await _error(resp, 422)
+    assert error["field"] == "target"
+    assert error["code"] == "unsafe_target"
+    assert await world.store.channels("o-alice", active_only=False) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"kind": "ntfy", "target": "http://ntfy.home.lan/alerts"},
+        {"kind": "ntfy", "target": "https://192.168.1.20/alerts"},
+        {"kind": "ntfy", "target": "https://localhost/alerts"},
+        {"kind": "webpush", "target": "https://10.0.0.5/wpush/v2/x"},
+    ],
+)
+async def test_ntfy_and_webpush_targets_inside_the_network_are_refused(
+    world: World, body: dict[str, Any]
+) -> None:
+    if body["kind"] == "webpush":
+        body = {**body, "keys": {"p256dh": _p256dh(), "auth": _b64(os.urandom(16))}}
     resp = await world.client.post(f"{API_PREFIX}/me/channels", json=body, headers=_hdr(ALICE))
     error = await _error(resp, 422)
     assert error["field"] == "target"
