@@ -4,11 +4,11 @@ Owners give the URLs their messages go to (a webhook, an ntfy server, a browser'
 Push endpoint), so none may become a way into our own network (server-side request
 forgery). Two checks share this module:
 
-* :func:`check_webhook_url`, when the owner registers a webhook (the owner API) and
-  before every delivery to any owner-given target
-  (:class:`notifier.push_base.CheckedHttpSender`): the scheme is ``https`` (``http`` only where internal addresses
-  are allowed), no user name or password, and a host that is not ``localhost`` (or a
-  name under ``.localhost``, RFC 6761) nor a literal internal address, in any of the forms
+* :func:`check_webhook_url`, when the owner registers a target (the owner API) and
+  before every delivery (:class:`notifier.push_base.CheckedHttpSender`): the scheme is
+  ``https`` (``http`` only where internal addresses are allowed), no user name or
+  password, and a host that is not ``localhost`` (or a name under ``.localhost``,
+  RFC 6761) nor a literal internal address, in any of the forms
   a URL parser or ``inet_aton`` accepts (``0x7f.1``, ``2130706433``, ``0177.0.0.1``,
   ``[::ffff:127.0.0.1]`` ...; WHATWG URL "IPv4 parser").
 * :func:`resolve_public`, at connect time: the host name is resolved through the event

@@ -100,6 +100,8 @@ class LoopConfig:
         low_rating: ratings at or below this go to a person.
         max_reschedules: how often an owner may move a booked visit; asking once more
             hands the case to a person, who agrees a time with the owner.
+        reminder_before_s: how long before a booked visit the owner is reminded of it
+            (once per visit; 0: never).
         firmware: the firmware version to install, by product model.
         planner: the appointment planner's settings.
     """
@@ -116,6 +118,7 @@ class LoopConfig:
     tick_s: float = 1.0
     low_rating: int = 2
     max_reschedules: int = 3
+    reminder_before_s: float = 86_400.0
     firmware: Mapping[str, str] = field(default_factory=dict)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 
@@ -220,6 +223,8 @@ class OwnerLoop:
         self._timers: dict[str, _Timer] = {}
         self._group: asyncio.TaskGroup | None = None
         self._running: set[str] = set()
+        self._reminded: set[str] = set()
+        self._reminders_due = datetime.min.replace(tzinfo=UTC)
         self.diagnoses_seen = 0
         self.unowned = 0
 
@@ -1169,6 +1174,50 @@ class OwnerLoop:
                 _LOG.warning("case %s: %s; trying again", case_id, exc)
                 self._timers[case_id] = _Timer(now + timedelta(seconds=5), timer.what)
         await self._expire(now)
+        if now >= self._reminders_due:
+            self._reminders_due = now + _REMINDER_CHECK
+            await self._remind(now)
+
+    async def _remind(self, now: datetime) -> None:
+        """Remind owners of booked visits that start within ``reminder_before_s``, once.
+
+        A reminder is kept in the case's audit trail (``visit_reminder``, with the visit's
+        id), so a restart does not send it again; a visit moved to a new time is a new
+        visit and is reminded of in its turn.
+        """
+        before = timedelta(seconds=self.config.reminder_before_s)
+        if before <= timedelta(0):
+            return
+        visits = await self.store.appointments(states=["booked"], since=now, until=now + before)
+        for visit in visits:
+            if visit.appointment_id in self._reminded:
+                continue
+            case = await self.store.get_case(visit.case_id)
+            if case is None or case.state != "booked":
+                continue
+            if case.appointment_id != visit.appointment_id:
+                continue
+            async with self._lock(f"{case.device_id}/{case.fault}"):
+                entries = await self.store.audit(case.case_id)
+                if any(
+                    e.action == "visit_reminder"
+                    and e.evidence.get("appointment_id") == visit.appointment_id
+                    for e in entries
+                ):
+                    self._reminded.add(visit.appointment_id)
+                    continue
+                await self._audit(
+                    case,
+                    "system",
+                    "visit_reminder",
+                    "the visit is near: the owner is reminded of it",
+                    {
+                        "appointment_id": visit.appointment_id,
+                        "start": None if visit.start is None else visit.start.isoformat(),
+                    },
+                )
+                self._reminded.add(visit.appointment_id)
+                await self._tell(case, Notice("appointment_reminder", appointment=visit))
 
     async def _expire(self, now: datetime) -> None:
         limit = timedelta(seconds=self.config.consent_expiry_s)
@@ -1187,6 +1236,7 @@ class OwnerLoop:
             await asyncio.sleep(self.config.tick_s)
 
 
+_REMINDER_CHECK: Final = timedelta(seconds=60)
 _CAMPAIGN_ACTIONS: Final = frozenset(("restart", "firmware_update", "cleaning_cycle", "selftest"))
 _URGENCY_RANK: Final = {"low": 0, "normal": 1, "high": 2, "critical": 3}
 

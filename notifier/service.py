@@ -152,6 +152,7 @@ class NotifierService:
                         verify_timeout_s=settings.verify_timeout_s,
                         healthy_score=settings.healthy_score,
                         max_reschedules=settings.max_reschedules,
+                        reminder_before_s=settings.reminder_before_s,
                         firmware=dict(settings.firmware),
                     ),
                     sink=self._publish_case,

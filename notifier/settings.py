@@ -66,6 +66,8 @@ class NotifierSettings(BaseModel):
         healthy_score: scores below this are healthy.
         max_reschedules: how often an owner may move a booked visit before a person
             agrees a time with them.
+        reminder_before_s: how long before a booked visit the owner is reminded of it
+            (0: never).
         firmware: firmware release to install by product model (``firmware_update``).
         push: the push services.
     """
@@ -87,6 +89,7 @@ class NotifierSettings(BaseModel):
     verify_timeout_s: float = Field(6 * 3_600.0, gt=0)
     healthy_score: float = Field(0.3, gt=0, lt=1)
     max_reschedules: int = Field(3, ge=0, le=20)
+    reminder_before_s: float = Field(86_400.0, ge=0, le=14 * 86_400.0)
     firmware: dict[str, str] = Field(
         default_factory=lambda: {"washer": "2.4.0", "fridge": "2.4.0", "heat_pump": "2.4.0"}
     )

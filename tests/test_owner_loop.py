@@ -476,3 +476,30 @@ async def test_a_campaign_runs_through_the_case_machine(rig: Rig) -> None:
     bob = await rig.store.cases(device_id="w-bob")
     assert [(c.fault, c.state) for c in bob] == [("campaign_firmware_update", "awaiting_consent")]
     assert await rig.loop.start_campaign(["w-bob"], "firmware_update", "again") == 0
+
+
+async def test_a_booked_visit_is_reminded_of_once_a_day_before(rig: Rig) -> None:
+    case = await rig.loop.handle_diagnosis(
+        diagnosis("w-ann", "washer", "bearing_wear", ttf_days=6, source="model")
+    )
+    assert case is not None
+    booked = await rig.loop.choose_slot("ann", case.case_id, 0)
+    assert booked.start is not None
+    rig.clock.now = booked.start - timedelta(days=1, minutes=5)
+    for _ in range(3):
+        await rig.tick()
+    assert "appointment_reminder" not in rig.told.kinds(case.case_id)  # not yet a day before
+    rig.clock.now = booked.start - timedelta(hours=23)
+    for _ in range(3):
+        rig.clock.advance(120)  # past the reminder check's pace
+        await rig.tick()
+    assert rig.told.kinds(case.case_id).count("appointment_reminder") == 1
+    entries = [e for e in await rig.store.audit(case.case_id) if e.action == "visit_reminder"]
+    assert [e.evidence["appointment_id"] for e in entries] == [booked.appointment_id]
+    # a restarted case machine reads the trail and does not remind again
+    fresh = OwnerLoop(
+        rig.store, rig.commander, rig.health, rig.told, config=rig.loop.config, clock=rig.clock
+    )
+    async with fresh:
+        await fresh.tick()
+    assert rig.told.kinds(case.case_id).count("appointment_reminder") == 1
