@@ -336,9 +336,9 @@ CATALOG: Final[Mapping[str, ModelCatalog]] = {
                 ),
                 # while cooling, the evaporator heads for -24 C + 14 K x leak (time constant
                 # 4 min) and the compressor keeps 1 - 0.75 x leak of its cooling. Healthy,
-                # it cools in short runs that start at cabinet temperature, averaging -14.7
+                # it cools in short runs that start at cabinet temperature, averaging -14
                 # to -16.5 C. With the charge gone the compressor can no longer hold the
-                # cabinet and runs without pause at -10 C: a rise of 3.5 to 6.5 K, not 14.
+                # cabinet and runs without pause at -10 C: a rise of 4 to 6.5 K, not 14.
                 # The first part of a leak lengthens the runs, so the evaporator gets
                 # closer to its (rising) target and the two nearly cancel: the indicator
                 # moves late, as progress ** 2.7. Measured at failure: +4.7 to +6.5 K, mean
