@@ -387,7 +387,7 @@ _EN: Final = _Catalogue(
                 "Please make sure someone is at home.",
                 "If the time no longer suits you, you can change it.",
             ),
-            ("other_times",),
+            ("other_times", "decline_visit"),
             optional=(2,),
         ),
         "appointment_reminder": _Template(
@@ -396,7 +396,7 @@ _EN: Final = _Catalogue(
                 "{hi} just a reminder that {who} will come {appointment} to look at {device}.",
                 "Please make sure someone is at home.",
             ),
-            ("other_times",),
+            ("other_times", "decline_visit"),
         ),
         "visit_moving": _Template(
             "New times for your technician visit",
@@ -592,6 +592,7 @@ _EN: Final = _Catalogue(
         "decline_fix": "No, thanks",
         _SLOT_ACTION: "{slot}",
         "other_times": "Other times",
+        "decline_visit": "Cancel the visit",
         "rate_good": "It went well",
         "rate_bad": "Not so well",
         "nothing_wrong": "Nothing was wrong",
@@ -707,7 +708,7 @@ _DE: Final = _Catalogue(
                 "Bitte sorgen Sie dafür, dass jemand zu Hause ist.",
                 "Passt der Termin nicht mehr, können Sie ihn ändern.",
             ),
-            ("other_times",),
+            ("other_times", "decline_visit"),
             optional=(2,),
         ),
         "appointment_reminder": _Template(
@@ -717,7 +718,7 @@ _DE: Final = _Catalogue(
                 " {device_acc} an.",
                 "Bitte sorgen Sie dafür, dass jemand zu Hause ist.",
             ),
-            ("other_times",),
+            ("other_times", "decline_visit"),
         ),
         "visit_moving": _Template(
             "Neue Termine für Ihren Technikerbesuch",
@@ -934,6 +935,7 @@ _DE: Final = _Catalogue(
         "decline_fix": "Nein, danke",
         _SLOT_ACTION: "{slot}",
         "other_times": "Andere Zeiten",
+        "decline_visit": "Besuch absagen",
         "rate_good": "Gut gelaufen",
         "rate_bad": "Nicht so gut",
         "nothing_wrong": "Es war nichts kaputt",
@@ -1051,7 +1053,7 @@ _FR: Final = _Catalogue(
                 "Merci de vous assurer que quelqu'un sera présent.",
                 "Si l'horaire ne vous convient plus, vous pouvez le modifier.",
             ),
-            ("other_times",),
+            ("other_times", "decline_visit"),
             optional=(2,),
         ),
         "appointment_reminder": _Template(
@@ -1060,7 +1062,7 @@ _FR: Final = _Catalogue(
                 "{hi} petit rappel : {who} passera {appointment} pour examiner {device}.",
                 "Merci de vous assurer que quelqu'un sera présent.",
             ),
-            ("other_times",),
+            ("other_times", "decline_visit"),
         ),
         "visit_moving": _Template(
             "De nouveaux créneaux pour la visite du technicien",
@@ -1274,6 +1276,7 @@ _FR: Final = _Catalogue(
         "decline_fix": "Non, merci",
         _SLOT_ACTION: "{slot}",
         "other_times": "Autres horaires",
+        "decline_visit": "Annuler la visite",
         "rate_good": "Très bien",
         "rate_bad": "Pas terrible",
         "nothing_wrong": "Rien n'était en panne",

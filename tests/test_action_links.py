@@ -293,6 +293,25 @@ async def test_other_times_from_the_offer_and_the_booking(rig: Rig) -> None:
     assert await rig.state(case_id) == "booked"
 
 
+async def test_a_booked_visit_is_cancelled_from_its_button(rig: Rig) -> None:
+    case_id = await rig.open("w-ann", "bearing_wear", source="model")
+    resp = await rig.client.post(rig.phone.link("appointment_offer", "choose_slot:0"))
+    assert resp.status == 201, await resp.text()
+    booked = await resp.json()
+    await rig.pushed()
+    booking = rig.phone.got[-1]
+    assert booking.data["kind"] == "appointment_booked"
+    assert [b.action_id for b in booking.actions] == ["other_times", "decline_visit"]
+    resp = await rig.client.post(rig.phone.link("appointment_booked", "decline_visit"))
+    assert resp.status == 200, await resp.text()
+    assert await rig.state(case_id) == "dismissed"
+    visit = await rig.store.get_appointment(booked["appointment_id"])
+    assert visit is not None
+    assert visit.state == "cancelled"
+    await rig.pushed()
+    assert rig.phone.got[-1].data["kind"] == "visit_cancelled"
+
+
 @pytest.mark.parametrize(
     ("action", "stars", "nothing_wrong", "state"),
     [
