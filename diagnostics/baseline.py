@@ -33,6 +33,10 @@ __all__ = ["BaselineRows", "BaselineTable", "TrendRule", "z_to_score"]
 F32 = npt.NDArray[np.float32]
 _Z_HALF: Final = 6.0
 _NO_Z: Final = np.zeros((0, 0), dtype=np.float32)
+#: A feature whose recent mean z (memory ``_SIDE_DAYS``) is beyond this is not learnt: a
+#: slow drift keeps its deviation on one side, a healthy level swings both ways.
+_ONE_SIDED_Z: Final = 0.8
+_SIDE_DAYS: Final = 1.0
 _NO_COUNTS: Final = _NO_Z
 
 
@@ -127,6 +131,9 @@ class BaselineTable:
         self.var: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.count: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.learnt_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
+        # the recent mean of each feature's signed z (about a day's memory): a healthy
+        # level swings both ways around its baseline, a drift keeps to one side
+        self.side_z: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.first_s: npt.NDArray[np.int32] = np.zeros((capacity, n), dtype=np.int32)
         # the current one-sided run of moderate z: when it began and its side (0 = none,
         # +-1 = running, +-2 = flagged as a drift)
@@ -144,7 +151,7 @@ class BaselineTable:
         if slots <= cap:
             return
         new = max(slots, 2 * cap)
-        for name in ("mean", "var", "count", "learnt_s", "first_s", "run_s", "run_side"):
+        for name in ("mean", "var", "count", "learnt_s", "first_s", "side_z", "run_s", "run_side"):
             old = getattr(self, name)
             grown = np.zeros((new, *old.shape[1:]), dtype=old.dtype)
             grown[:cap] = old
@@ -234,8 +241,11 @@ class BaselineTable:
             self.mean,
             self.var,
             self.learnt_s,
+            self.side_z,
             self.min_count,
             self.freeze_z,
+            _ONE_SIDED_Z,
+            _SIDE_DAYS,
             float(self._inflate),
             self.tau_days,
         )
@@ -360,6 +370,7 @@ class BaselineTable:
         """Bytes of numpy state per device slot."""
         return int(self.mean[0].nbytes + self.var[0].nbytes + self.count[0].nbytes) + int(
             self.learnt_s[0].nbytes
+            + self.side_z[0].nbytes
             + self.first_s[0].nbytes
             + self.run_s[0].nbytes
             + self.run_side[0].nbytes

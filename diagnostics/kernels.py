@@ -199,8 +199,11 @@ def learn_rows(
     mean: Any,
     var: Any,
     learnt_s: Any,
+    side_z: Any,
     min_count: Any,
     freeze_z: float,
+    one_sided_z: float,
+    side_days: float,
     inflate: float,
     tau_days: float,
 ) -> None:
@@ -212,6 +215,7 @@ def learn_rows(
     max_days = np.float32(30.0)
     tau = np.float32(tau_days)
     widen = np.float32(inflate)
+    side_tau = np.float32(side_days)
     for i in range(n):
         if not mask[i]:
             continue
@@ -223,8 +227,17 @@ def learn_rows(
                 continue
             factor = one
             c0 = count[s, j]
+            dt_days = np.float32(t - learnt_s[s, j]) / day_s
+            dt_days = min(max(dt_days, zero), max_days)
             if gate:
                 zz = z[i, j]
+                if zz != zero:
+                    # a deviation that keeps to one side is a drift, not the device's habit
+                    w = one - np.float32(np.exp(-dt_days / side_tau))
+                    side = side_z[s, j] + w * (zz - side_z[s, j])
+                    side_z[s, j] = side
+                    if abs(side) >= one_sided_z:
+                        continue
                 if abs(zz) >= freeze_z:
                     continue
                 if c0 >= min_count[j] and zz != zero:
@@ -232,8 +245,6 @@ def learn_rows(
             if c0 == zero:
                 first_s[s, j] = t
             c = c0 + one
-            dt_days = np.float32(t - learnt_s[s, j]) / day_s
-            dt_days = min(max(dt_days, zero), max_days)
             ew = one - np.float32(np.exp(-dt_days / tau))
             weight = max(one / max(c, one), ew)
             delta = value - mean[s, j]

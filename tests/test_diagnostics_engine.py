@@ -315,13 +315,19 @@ def _learn_by_arrays(table, slots, level, now_s, mask, z):  # type: ignore[no-un
     count0, first = table.count[s], table.first_s[s]
     mean, var = table.mean[s], table.var[s]
     present = ~np.isnan(x)
+    learnt = table.learnt_s[s]
+    dt_days = np.clip((t - learnt).astype(np.float32) / np.float32(86_400.0), 0.0, 30.0)
+    # the recent mean z of each feature; one that keeps to one side is not learnt
+    moved = present & (zm != 0.0)
+    weight_z = 1.0 - np.exp(-dt_days.astype(np.float32) / np.float32(1.0))
+    side = np.where(moved, table.side_z[s] + weight_z * (zm - table.side_z[s]), table.side_z[s])
+    table.side_z[s] = side
+    present &= ~(moved & (np.abs(side) >= 0.8))
     gated = (count0 >= table.min_count) & (zm != 0.0)
     present &= np.abs(zm) < table.freeze_z
     inflate = np.where(gated, table._inflate, np.float32(1.0))
     table.first_s[s] = np.where(present & (count0 == 0), t, first)
     count = count0 + present
-    learnt = table.learnt_s[s]
-    dt_days = np.clip((t - learnt).astype(np.float32) / np.float32(86_400.0), 0.0, 30.0)
     ew = 1.0 - np.exp(-dt_days.astype(np.float32) / np.float32(table.tau_days))
     weight = np.where(present, np.maximum(1.0 / np.maximum(count, 1.0), ew), 0.0)
     delta = np.where(present, x - mean, np.float32(0.0))
@@ -342,6 +348,7 @@ def test_baseline_assess_and_learn_match_their_whole_array_forms() -> None:
     width = len(spec.features)
     for minute in range(400):
         level = rng.normal(5.0, 1.0, (4, width)).astype(np.float32)
+        level[0] += np.float32(minute * 0.02)  # one device drifts: its deviation keeps to a side
         level[rng.random((4, width)) < 0.2] = np.nan
         now = np.full(4, minute * 60, dtype=np.int32)
         rows = table.assess(slots, level, now)
@@ -359,12 +366,14 @@ def test_baseline_assess_and_learn_match_their_whole_array_forms() -> None:
         mask = rng.random(4) < 0.8
         table.learn(slots, level, now, mask, rows.z)
         _learn_by_arrays(plain, slots, level, now, mask, plain.zscores(slots, level, now))
-    assert (table.count > 200).all()
+    assert (table.count[1:] > 200).all()
+    assert (np.abs(table.side_z[0]) >= 0.8).any()  # the drifting device stopped learning
+    assert (table.count[0] < table.count[1:].min(axis=0)).any()
     for name in ("count", "learnt_s", "first_s"):
         assert np.array_equal(getattr(table, name), getattr(plain, name)), name
     # float32 exp may differ in its last bit between numpy and the compiled loop
-    for name in ("mean", "var"):
-        assert np.allclose(getattr(table, name), getattr(plain, name), rtol=1e-5), name
+    for name in ("mean", "var", "side_z"):
+        assert np.allclose(getattr(table, name), getattr(plain, name), rtol=1e-5, atol=1e-5), name
 
 
 def test_drift_matches_trend_rows_on_the_feature_tables_significance() -> None:
@@ -452,3 +461,31 @@ def test_round_masks_match_their_whole_array_form() -> None:
         assert np.array_equal(judge, (watched | (want >= 0.3)) & ~late)
         assert learn.any()
         assert judge.any()
+
+
+def test_a_slow_one_sided_drift_is_diagnosed_before_failure() -> None:
+    """A fouling coil: the efficiency falls for weeks, the baseline must not follow it."""
+    import random
+
+    from device_sim.appliances import HeatPump
+
+    engine = DiagnosticsEngine(registry={"hp-1": "heat_pump"})
+    pump = HeatPump(random.Random(3))
+    t0 = int(START.timestamp() * 1000)
+    onset_ms, failure_ms = 3 * 86_400_000, 28 * 86_400_000
+    t, opened = t0, []
+    for seq in range(1, 26 * 1_440):
+        for _ in range(6):
+            t += 10_000
+            elapsed = t - t0
+            share = (elapsed - onset_ms) / (failure_ms - onset_ms)
+            pump.severity["coil_fouling"] = min(1.0, max(0.0, share))
+            pump.step(t, 10.0)
+        result = engine.process([Reading("hp-1", seq, t, pump.metrics(), pump.status())])
+        opened += [(t - t0, d.fault) for d in result.diagnoses if d.status == "open"]
+        if opened:
+            break
+    assert opened, "the drift was never diagnosed"
+    at_ms, fault = opened[0]
+    assert fault == "coil_fouling"
+    assert onset_ms < at_ms < failure_ms
