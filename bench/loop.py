@@ -324,6 +324,9 @@ async def remote(devices: int, days: float) -> None:
         rows[fault][0] += ok
         rows[fault][1] += 1
     others = [c for c in cases if (c.device_id, c.fault) not in set(injected)]
+    for case in others:
+        tried = list(case.tried)
+        print(f"  other case: {case.fault} on {case.device_id}, {case.state} after {tried}")
     share = remote_ok / len(injected) if injected else float("nan")
     print("  by fault: " + ", ".join(f"{f} {ok}/{n}" for f, (ok, n) in sorted(rows.items())))
     print(

@@ -157,6 +157,11 @@ class BaselineTable:
             grown[:cap] = old
             setattr(self, name, grown)
 
+    def forget(self, slot: int) -> None:
+        """Drop what ``slot``'s baseline has learnt: it warms up again from its next readings."""
+        for name in ("mean", "var", "count", "learnt_s", "first_s", "side_z", "run_s", "run_side"):
+            getattr(self, name)[slot] = 0
+
     def warm(
         self, slots: npt.NDArray[np.intp], now_s: npt.NDArray[np.int32]
     ) -> npt.NDArray[np.bool_]:
@@ -219,8 +224,14 @@ class BaselineTable:
         now_s: npt.NDArray[np.int32],
         mask: npt.NDArray[np.bool_],
         z: F32 | None = None,
+        trend: F32 | None = None,
     ) -> None:
         """Fold ``level`` rows into the baselines of the rows where ``mask`` holds.
+
+        With ``trend`` (the feature table's trends of the same rows), a feature whose
+        recent deviation keeps to one side while its level still heads away is not
+        learnt: a slow drift must not become the device's normal, while a step that has
+        settled (a new firmware, a new place) is learnt.
 
         A feature whose deviation ``z`` is already beyond ``freeze_z`` is not learnt even
         on an unflagged device: a drift must not teach the baseline its own spread.
@@ -236,6 +247,7 @@ class BaselineTable:
             mask,
             _NO_Z if z is None else z,
             z is not None,
+            _NO_Z if trend is None else trend,
             self.count,
             self.first_s,
             self.mean,

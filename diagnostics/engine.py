@@ -222,6 +222,7 @@ class DiagnosticsEngine:
         self._tau_days = baseline_tau_days
         self._state: dict[str, _ModelState] = {}
         self.unknown_readings = 0
+        self._firmware: dict[str, str] = {}
         self.late_readings = 0
         for model, fleet in (fleet_models or {}).items():
             self.set_fleet_model(model, fleet)
@@ -338,6 +339,16 @@ class DiagnosticsEngine:
             slot = state.slots.get(event.device_id)
             if slot is not None and event.ts_ms < int(state.features.last_ts_ms[slot]):
                 return []  # out of order: history, not live evidence
+        if event.kind == "boot":
+            firmware = event.data.get("firmware")
+            before = self._firmware.get(event.device_id)
+            if isinstance(firmware, str):
+                self._firmware[event.device_id] = firmware
+                if before is not None and before != firmware and state is not None:
+                    slot = state.slots.get(event.device_id)
+                    if slot is not None:
+                        # new firmware runs the device its own way: learn its normal anew
+                        state.baseline.forget(slot)
         diagnoses = self.policy.on_event(event, model_name)
         if state is not None and event.device_id in state.slots:
             state.watched[state.slots[event.device_id]] = self.policy.is_watched(event.device_id)
@@ -396,7 +407,7 @@ class DiagnosticsEngine:
         if _count(drift):
             drifting = np.zeros(bz.shape, dtype=np.bool_)
             drifting[:, baseline.trend_columns] = flags
-        baseline.learn(slots, level, now_s, learn, bz)
+        baseline.learn(slots, level, now_s, learn, bz, features.trend[slots])
         if self._collect > 0.0:
             self._sample(state, level[learn])
         if _count(judge):

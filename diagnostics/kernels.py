@@ -194,6 +194,7 @@ def learn_rows(
     mask: Any,
     z: Any,
     gate: bool,
+    trend: Any,
     count: Any,
     first_s: Any,
     mean: Any,
@@ -216,6 +217,7 @@ def learn_rows(
     tau = np.float32(tau_days)
     widen = np.float32(inflate)
     side_tau = np.float32(side_days)
+    with_trend = trend.shape[0] == n
     for i in range(n):
         if not mask[i]:
             continue
@@ -236,7 +238,9 @@ def learn_rows(
                     w = one - np.float32(np.exp(-dt_days / side_tau))
                     side = side_z[s, j] + w * (zz - side_z[s, j])
                     side_z[s, j] = side
-                    if abs(side) >= one_sided_z:
+                    # a step that has settled (its level no longer moving away) is
+                    # learnt: the device's new normal; a drift still heading away is not
+                    if abs(side) >= one_sided_z and (with_trend and trend[i, j] * side > zero):
                         continue
                 if abs(zz) >= freeze_z:
                     continue

@@ -309,7 +309,7 @@ def test_feature_step_matches_raw_then_update_and_late_rows_change_nothing() -> 
         assert np.array_equal(getattr(fused, name), old, equal_nan=True), name
 
 
-def _learn_by_arrays(table, slots, level, now_s, mask, z):  # type: ignore[no-untyped-def]
+def _learn_by_arrays(table, slots, level, now_s, mask, z, trend):  # type: ignore[no-untyped-def]
     """The baseline update written as whole-array numpy: the oracle for the compiled loop."""
     s, x, t, zm = slots[mask], level[mask], now_s[mask][:, None], z[mask]
     count0, first = table.count[s], table.first_s[s]
@@ -322,7 +322,7 @@ def _learn_by_arrays(table, slots, level, now_s, mask, z):  # type: ignore[no-un
     weight_z = 1.0 - np.exp(-dt_days.astype(np.float32) / np.float32(1.0))
     side = np.where(moved, table.side_z[s] + weight_z * (zm - table.side_z[s]), table.side_z[s])
     table.side_z[s] = side
-    present &= ~(moved & (np.abs(side) >= 0.8))
+    present &= ~(moved & (np.abs(side) >= 0.8) & (trend[mask] * side > 0.0))
     gated = (count0 >= table.min_count) & (zm != 0.0)
     present &= np.abs(zm) < table.freeze_z
     inflate = np.where(gated, table._inflate, np.float32(1.0))
@@ -364,8 +364,10 @@ def test_baseline_assess_and_learn_match_their_whole_array_forms() -> None:
         assert np.array_equal(gated.level, masked, equal_nan=True)
         assert np.array_equal(gated.z, table.zscores(slots, masked, now))
         mask = rng.random(4) < 0.8
-        table.learn(slots, level, now, mask, rows.z)
-        _learn_by_arrays(plain, slots, level, now, mask, plain.zscores(slots, level, now))
+        trend = rng.normal(0.0, 1.0, (4, width)).astype(np.float32)
+        trend[0] = np.float32(0.5)  # the drifting device's level keeps heading away
+        table.learn(slots, level, now, mask, rows.z, trend)
+        _learn_by_arrays(plain, slots, level, now, mask, plain.zscores(slots, level, now), trend)
     assert (table.count[1:] > 200).all()
     assert (np.abs(table.side_z[0]) >= 0.8).any()  # the drifting device stopped learning
     assert (table.count[0] < table.count[1:].min(axis=0)).any()
@@ -489,3 +491,25 @@ def test_a_slow_one_sided_drift_is_diagnosed_before_failure() -> None:
     at_ms, fault = opened[0]
     assert fault == "coil_fouling"
     assert onset_ms < at_ms < failure_ms
+
+
+def test_new_firmware_makes_the_device_learn_its_normal_anew() -> None:
+    engine = DiagnosticsEngine()
+    items = healthy_stream()
+    engine.process(items)
+    device_id = next(i.device_id for i in items if isinstance(i, Event) and i.kind == "boot")
+    boot = next(i for i in items if isinstance(i, Event) and i.device_id == device_id)
+    model = engine._models[device_id]
+    state = engine._state[model]
+    slot = state.slots[device_id]
+    learnt = state.baseline.count[slot].copy()
+    assert learnt.max() > 0
+    t = int(state.features.last_ts_ms[slot]) + 1_000
+    same = Event(device_id, 10**6, t, "boot", data=dict(boot.data))
+    engine.process([same])
+    assert np.array_equal(state.baseline.count[slot], learnt)  # a plain restart keeps it
+    newer = Event(device_id, 10**6 + 1, t + 1_000, "boot", data={**boot.data, "firmware": "9.9.9"})
+    engine.process([newer])
+    assert not state.baseline.count[slot].any()
+    others = [s for d, s in state.slots.items() if d != device_id]
+    assert state.baseline.count[others].max() > 0
