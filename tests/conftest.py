@@ -10,6 +10,7 @@ or restart. Every server a fixture started is stopped at teardown, also on failu
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,16 @@ def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxdServer]
     """One influxd for the session, with database ``fixloop``; do not stop it."""
     with InfluxdServer(tmp_path_factory.mktemp("influxd-session")) as server:
         yield server
+
+
+class ManualClock:
+    """A wall clock (UTC) the test sets and moves; call it for the time."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)

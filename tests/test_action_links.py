@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import ManualClock
 
 from diagnostics import CATALOG, Diagnosis
 from gateway.protocol import Event
@@ -33,14 +34,6 @@ ALL_WEEK = tuple(Window(d, time(0), time(23, 59)) for d in range(7))
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[[web.Application], Awaitable[Client]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass
@@ -107,7 +100,7 @@ class Rig:
     phone: Phone
     health: Health
     device: Device
-    clock: Clock
+    clock: ManualClock
 
     async def pushed(self) -> None:
         await self.outbox.drain()
@@ -150,7 +143,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(aiohttp_client: ClientFactory) -> AsyncIterator[Rig]:
-    clock, phone, health, device = Clock(), Phone(), Health(), Device()
+    clock, phone, health, device = ManualClock(T0), Phone(), Health(), Device()
     links = ActionLinks("a-long-secret-only-these-tests-know", ttl=timedelta(days=3))
     async with SqliteStore(":memory:") as store:
         for owner_id, consent in (("ann", "fix_and_tell"), ("cem", "always_ask")):

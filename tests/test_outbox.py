@@ -10,6 +10,7 @@ from datetime import UTC, datetime, time, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from conftest import ManualClock
 
 from notifier.errors import DeadTokenError, DeliveryError
 from notifier.links import ActionLinks
@@ -38,24 +39,16 @@ class Sender:
         self.sent.append((channel.channel_id, message))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = NOON
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 def case(case_id: str, owner_id: str = "eva") -> Case:
     return Case(case_id, "w-1", owner_id, "washer", "bearing_wear", "opened", "normal", NOON, NOON)
 
 
-Rig = tuple[Outbox, SqliteStore, "Sender", "Clock"]
+Rig = tuple[Outbox, SqliteStore, "Sender", "ManualClock"]
 
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    clock, sender = Clock(), Sender()
+    clock, sender = ManualClock(NOON), Sender()
     async with SqliteStore(":memory:") as store:
         await store.put_owner(
             Owner("eva", "Eva", language="de", timezone="Europe/Berlin", max_per_day=2)
@@ -179,7 +172,9 @@ async def test_buttons_carry_no_link_without_a_signer() -> None:
         sender = Sender()
         dispatcher = PushDispatcher({"webhook": sender})  # type: ignore[dict-item]
         await store.put_channel(PushChannel("one", "eva", "webhook", "https://h.example/x"))
-        outbox = Outbox(store, dispatcher, clock=Clock(), action_base_url="https://api.example/v1")
+        outbox = Outbox(
+            store, dispatcher, clock=ManualClock(NOON), action_base_url="https://api.example/v1"
+        )
         await outbox.notify(owner, case("c1"), Notice("consent_request", action="restart"))
         notification = (await store.notifications("eva"))[0]
         await outbox.deliver(owner, notification, False)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
 
 import pytest
+from conftest import ManualClock
 
 from diagnostics import CATALOG, Diagnosis, TimeToFailure
 from gateway.errors import TransientError
@@ -19,17 +20,6 @@ from notifier.model import TRANSITIONS, Case, DeviceRecord, Owner, Technician, W
 from notifier.sqlite import SqliteStore
 
 T0 = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)  # a Monday
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -137,7 +127,7 @@ class Rig:
     commander: Commander
     health: Health
     told: Told
-    clock: Clock
+    clock: ManualClock
 
     async def settle(self) -> None:
         """Wait until the remote fixes started so far have their answers."""
@@ -158,7 +148,7 @@ class Rig:
 
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
-    clock = Clock()
+    clock = ManualClock(T0)
     commander, health, told = Commander(), Health(), Told()
     async with SqliteStore(":memory:") as store:
         for owner in (

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from conftest import ManualClock
 
 from diagnostics import CATALOG, Diagnosis, TimeToFailure
 from gateway.protocol import Event
@@ -32,14 +33,6 @@ ANN, BOB, TINA, TOM = "tok-ann-0123456789", "tok-bob-0123456789", "tok-tina-0123
 
 Client = TestClient[web.Request, web.Application]
 ClientFactory = Callable[[web.Application], Awaitable[Client]]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 class Device:
@@ -81,7 +74,7 @@ class Rig:
     loop: OwnerLoop
     store: SqliteStore
     told: Told
-    clock: Clock
+    clock: ManualClock
     client: Client
 
     async def open(self, device_id: str, *, ttf_days: float | None = None) -> Case:
@@ -151,7 +144,7 @@ def _no_overlaps(visits: Sequence[Appointment]) -> bool:
 
 @pytest.fixture
 async def rig(aiohttp_client: ClientFactory, tmp_path: Path) -> AsyncIterator[Rig]:
-    clock, told = Clock(), Told()
+    clock, told = ManualClock(T0), Told()
     async with SqliteStore(tmp_path / "cases.sqlite3") as store:
         for owner in (
             Owner("ann", "Ann"),
