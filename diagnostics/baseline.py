@@ -9,7 +9,7 @@ drift is not learnt away. The score maps the largest z-score to ``[0, 1]``, high
 more anomalous (STYLE.md rule 10).
 
 A slow drift stops the baseline from learning at a moderate z, and may sit there for days
-before its z is large enough to score: :meth:`BaselineTable.trending` catches it earlier. It
+before its z is large enough to score: :meth:`BaselineTable.drift` catches it earlier. It
 keeps, per feature, the run of updates in which the z-score stayed moderate on one side, and
 flags the feature once such a run has lasted a sustained device time while its trend heads
 away from the baseline, significantly (slope over its standard error). A daily cycle or a
@@ -48,7 +48,7 @@ def z_to_score(z: npt.NDArray[np.floating] | float, z_half: float = _Z_HALF) -> 
 
 @dataclass(frozen=True, slots=True)
 class TrendRule:
-    """When a run of moderate deviations counts as a drift (see :meth:`BaselineTable.trending`).
+    """When a run of moderate deviations counts as a drift (see :meth:`BaselineTable.drift`).
 
     Attributes:
         z_on: ``|z|`` that starts a run.
@@ -72,10 +72,10 @@ class BaselineRows:
         level: the judged levels: the given ones, ``NaN`` where the feature has had fewer
             than its ``min_count`` updates (too few to say anything).
         mean: the baseline means, gathered.
-        warm: which baselines are trusted (see :meth:`BaselineTable.warm`).
+        warm: which baselines are trusted (see :meth:`BaselineTable.assess`).
         warm_features: per row, how many of its features' baselines are warm.
         z: signed z-scores of the judged levels (0 where not warm).
-        score: each row's score from its largest ``|z|`` (see :meth:`BaselineTable.score`).
+        score: each row's score from its largest ``|z|`` (see :func:`z_to_score`).
     """
 
     level: F32
@@ -95,11 +95,11 @@ class BaselineTable:
         freeze_z: a feature deviating more than this is not learnt.
         warmup_s: device time a feature's baseline must cover before it is trusted.
         capacity: initial number of device slots.
-        trend_features: which features :meth:`trending` tracks (default: all); runs are
+        trend_features: which features :meth:`drift` tracks (default: all); runs are
             kept for these only.
 
     Attributes:
-        trend_columns: the positions of the features :meth:`trending` tracks.
+        trend_columns: the positions of the features :meth:`drift` tracks.
     """
 
     def __init__(
@@ -162,30 +162,6 @@ class BaselineTable:
         for name in ("mean", "var", "count", "learnt_s", "first_s", "side_z", "run_s", "run_side"):
             getattr(self, name)[slot] = 0
 
-    def warm(
-        self, slots: npt.NDArray[np.intp], now_s: npt.NDArray[np.int32]
-    ) -> npt.NDArray[np.bool_]:
-        """Return which baselines of ``slots`` are trusted at ``now_s`` (one row per slot).
-
-        Warm = at least the feature's ``min_count`` updates learnt, the first of them at
-        least ``warmup_s`` of device time ago.
-        """
-        span = now_s[:, None].astype(np.int64) - self.first_s[slots]
-        return (self.count[slots] >= self.min_count) & (span >= self.warmup_s)
-
-    def zscores(self, slots: npt.NDArray[np.intp], level: F32, now_s: npt.NDArray[np.int32]) -> F32:
-        """Return signed z-scores of ``level`` rows (0 where the baseline is not warm yet)."""
-        ready = self.warm(slots, now_s) & ~np.isnan(level)
-        spread = np.sqrt(self.var[slots] + self.floor2)
-        z = np.where(ready, (level - self.mean[slots]) / spread, 0.0)
-        return z.astype(np.float32)
-
-    def score(self, z: F32) -> F32:
-        """Return each row's score in ``[0, 1]`` from its largest absolute z-score."""
-        if z.shape[0] == 0:
-            return np.zeros(0, dtype=np.float32)
-        return z_to_score(np.abs(z).max(axis=1))
-
     def assess(
         self,
         slots: npt.NDArray[np.intp],
@@ -195,8 +171,11 @@ class BaselineTable:
     ) -> BaselineRows:
         """Judge ``level`` rows against the slots' baselines, gathering them once.
 
-        The same as :meth:`warm`, :meth:`zscores` and :meth:`score` together, in one
-        compiled pass (:func:`diagnostics.kernels.assess_rows`). With ``updates`` (the
+        Warm = at least the feature's ``min_count`` updates learnt, the first of them at
+        least ``warmup_s`` of device time ago; z is the level's distance from the mean in
+        units of the spread (never below the noise floor), 0 where not warm; the score maps
+        the largest ``|z|`` through :func:`z_to_score`. One compiled pass
+        (:func:`diagnostics.kernels.assess_rows`). With ``updates`` (the
         feature table's update counts of the same rows), a level updated fewer than its
         feature's ``min_count`` times is judged as missing.
         """
@@ -271,11 +250,25 @@ class BaselineTable:
         mask: npt.NDArray[np.bool_],
         rule: TrendRule,
     ) -> npt.NDArray[np.bool_]:
-        """:meth:`trend_rows` with the trend's significance taken from ``features`` itself.
+        """Track runs of moderate z; return which tracked features drift away.
 
-        ``z`` holds every feature's z-score (one row per slot); the result has one column
-        per tracked feature (see :attr:`trend_columns`). The same flags and state changes
-        as :meth:`trend_rows` given ``features.slope_t(slots, trend_columns)``, in one pass.
+        A run starts when ``|z|`` reaches ``rule.z_on`` and lasts while ``z`` stays beyond
+        ``rule.z_off`` on the same side. A run is flagged once it has lasted ``rule.hold_s``
+        of device time with its trend's significance (slope over its standard error, from
+        ``features``) heading away from the baseline by at least ``rule.min_slope_t``; it
+        stays flagged until the run ends. Only rows where ``mask`` holds change the state.
+        One compiled pass (:func:`diagnostics.kernels.trend_flags`).
+
+        Args:
+            slots: device slots (distinct).
+            z: every feature's signed z-score, one row per slot.
+            features: the feature table of the same slots (trend and spread).
+            now_s: device time of each row.
+            mask: rows that may change the state (live readings).
+            rule: when a run starts, ends and is flagged.
+
+        Returns:
+            one column per tracked feature (see :attr:`trend_columns`).
         """
         flags: npt.NDArray[np.bool_] = trend_flags(
             slots,
@@ -296,87 +289,6 @@ class BaselineTable:
             rule.min_slope_t,
         )
         return flags
-
-    def trending(
-        self,
-        slots: npt.NDArray[np.intp],
-        z: F32,
-        slope_t: F32,
-        now_s: npt.NDArray[np.int32],
-        mask: npt.NDArray[np.bool_],
-        rule: TrendRule,
-    ) -> npt.NDArray[np.bool_]:
-        """Track runs of moderate z; return which features drift away (one row per slot).
-
-        A run starts when ``|z|`` reaches ``rule.z_on`` and lasts while ``z`` stays beyond
-        ``rule.z_off`` on the same side. A run is flagged once it has lasted ``rule.hold_s``
-        of device time with its trend's significance ``slope_t`` (slope over its standard
-        error) heading away from the baseline by at least ``rule.min_slope_t``; it stays
-        flagged until the run ends. Only rows where ``mask`` holds change the state;
-        features not among ``trend_features`` are never flagged.
-
-        Args:
-            slots: device slots (distinct).
-            z: signed baseline z-scores, one row per slot.
-            slope_t: signed trend significance of each feature, one row per slot.
-            now_s: device time of each row.
-            mask: rows that may change the state (live readings).
-            rule: when a run starts, ends and is flagged.
-        """
-        if not self._all_tracked:
-            columns = self.trend_columns
-            flags = np.zeros(z.shape, dtype=np.bool_)
-            flags[:, columns] = self.trend_rows(
-                slots,
-                z[:, columns],
-                slope_t[:, columns],
-                now_s,
-                mask,
-                rule,
-            )
-            return flags
-        return self.trend_rows(
-            slots,
-            z,
-            slope_t,
-            now_s,
-            mask,
-            rule,
-        )
-
-    def trend_rows(
-        self,
-        slots: npt.NDArray[np.intp],
-        z: F32,
-        slope_t: F32,
-        now_s: npt.NDArray[np.int32],
-        mask: npt.NDArray[np.bool_],
-        rule: TrendRule,
-    ) -> npt.NDArray[np.bool_]:
-        """:meth:`trending` on the tracked features only (``z`` and ``slope_t`` of those).
-
-        Returns one column per tracked feature (see :attr:`trend_columns`).
-        """
-        side = self.run_side[slots].astype(np.int32)
-        since = self.run_s[slots]
-        t = now_s[:, None]
-        sign = np.sign(z).astype(np.int32)
-        absz = np.abs(z)
-        going = (side != 0) & (sign == np.sign(side)) & (absz >= rule.z_off)
-        starting = ~going & (absz >= rule.z_on)
-        new_side = np.where(going, side, np.where(starting, sign, 0))
-        new_since = np.where(starting, t, since)
-        lasted = (t - new_since).astype(np.float32) >= np.float32(rule.hold_s)
-        away = slope_t * sign.astype(np.float32) >= np.float32(rule.min_slope_t)
-        flag = going & (np.abs(side) == 1) & lasted & away
-        new_side = np.where(flag, 2 * sign, new_side)
-        keep = ~mask[:, None]
-        new_side = np.where(keep, side, new_side)
-        new_since = np.where(keep, since, new_since)
-        self.run_side[slots] = new_side.astype(np.int8)
-        self.run_s[slots] = new_since.astype(np.int32)
-        flagged: npt.NDArray[np.bool_] = np.abs(new_side) == 2
-        return flagged
 
     def state_bytes(self) -> int:
         """Bytes of numpy state per device slot."""

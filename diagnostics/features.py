@@ -10,10 +10,8 @@ states). A raw feature is ``NaN`` when the reading does not show it (no spin, no
 :class:`FeatureTable` keeps, per device and feature, an exponentially weighted level,
 spread and linear trend (per day, weighted by the time each step covers), so memory is O(1) per
 metric: a few float32 numbers. The table is a structure of arrays over device slots and is
-updated for a whole batch at once (a batch holds each slot at most once): by one compiled
-loop in :meth:`FeatureTable.advance` (:mod:`diagnostics.kernels`), the engine's path, and
-by whole-array numpy in :meth:`FeatureTable.raw` and :meth:`FeatureTable.update`, the
-plain statement of the same arithmetic that the tests hold the loop to.
+updated for a whole batch at once (a batch holds each slot at most once), by one compiled
+loop in :meth:`FeatureTable.advance` (:mod:`diagnostics.kernels`).
 """
 
 from __future__ import annotations
@@ -376,65 +374,13 @@ class FeatureTable:
         ts[:cap] = self.last_ts_ms
         self.last_ts_ms = ts
 
-    def raw(self, readings: Sequence[Reading], slots: npt.NDArray[np.intp]) -> F32:
-        """Return the raw features of ``readings`` (one row each), repeat share included."""
-        spec = self.spec
-        extract = spec.extract
-        rows = [extract(r.metrics, r.status) for r in readings]
-        x = np.array(rows, dtype=np.float32).reshape(len(rows), self.width)
-        if self._repeat >= 0:
-            primary_name = spec.primary_metric
-            primary = np.array(
-                [float(r.metrics.get(primary_name, _NAN)) for r in readings], dtype=np.float32
-            )
-            previous = self.last_primary[slots]
-            same = primary == previous
-            run = np.where(same, self.run[slots] + 1.0, 0.0).astype(np.float32)
-            self.run[slots] = run
-            x[:, self._repeat] = np.where(
-                np.isnan(primary) | np.isnan(previous), np.nan, np.minimum(run / _RUN_FULL, 1.0)
-            )
-            self.last_primary[slots] = np.where(np.isnan(primary), previous, primary)
-        return x
-
-    def update(self, slots: npt.NDArray[np.intp], ts_ms: I64, x: F32) -> None:
-        """Fold raw features ``x`` taken at ``ts_ms`` into the slots' state (slots distinct)."""
-        if self.epoch_ms is None:
-            self.epoch_ms = int(ts_ms.min()) if len(ts_ms) else 0
-        now_s = ((ts_ms - self.epoch_ms) // 1000).astype(np.int32)
-        present = ~np.isnan(x)
-        level = self.level[slots]
-        trend = self.trend[slots]
-        fresh = present & np.isnan(level)
-        seen = present & ~fresh
-        dt_days = (now_s[:, None] - self.updated_s[slots]).astype(np.float32) / 86_400.0
-        dt_days = np.clip(dt_days, 0.0, 30.0)
-        alpha = self.alpha[None, :]
-        error = np.where(seen, x - level, 0.0).astype(np.float32)
-        new_level = np.where(seen, level + alpha * error, level)
-        new_level = np.where(fresh, x, new_level)
-        # slope per day: EW over time, each step weighted by its length, so a burst of
-        # close samples and a long gap count by the time they cover (bounded, no blow-up)
-        weight = np.minimum(dt_days / _TREND_TAU_DAYS, 1.0)
-        step = (new_level - level) / np.maximum(dt_days, 1e-6)
-        new_trend = np.where(seen, trend + weight * (step - trend), trend)
-        spread = self.spread[slots]
-        new_spread = np.where(seen, (1.0 - alpha) * (spread + alpha * error * error), spread)
-        self.level[slots] = new_level
-        self.trend[slots] = new_trend.astype(np.float32)
-        self.spread[slots] = new_spread.astype(np.float32)
-        self.count[slots] += present
-        self.updated_s[slots] = np.where(present, now_s[:, None], self.updated_s[slots])
-        self.last_ts_ms[slots] = ts_ms
-
     def advance(
         self, readings: Sequence[Reading], slots: npt.NDArray[np.intp], ts_ms: I64
     ) -> tuple[F32, F32, npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
         """Fold ``readings`` (one per slot, slots distinct) into the slots' state.
 
-        The same as :meth:`raw` then :meth:`update`, in one compiled pass
-        (:func:`diagnostics.kernels.advance_rows`), except that a reading not newer than its
-        slot's last one (late) changes nothing.
+        One compiled pass (:func:`diagnostics.kernels.advance_rows`); a reading not newer
+        than its slot's last one (late) changes nothing.
 
         Returns:
             the slots' levels and update counts after the step, each reading's device time
@@ -466,29 +412,6 @@ class FeatureTable:
             _TREND_TAU_DAYS,
         )
         return level, count, now_s, late
-
-    def slope_t(
-        self, slots: npt.NDArray[np.intp], columns: npt.NDArray[np.intp] | None = None
-    ) -> F32:
-        """Return each feature's trend over its standard error (signed, one row per slot).
-
-        With ``columns``, only those features' (in that order).
-
-        The trend is about the level's change over the trend's memory (``_TREND_TAU_DAYS``)
-        divided by it, so its error is that of the difference of two levels a memory apart:
-        the level's own noise (the spread shrunk by the level's smoothing, ``a / (2 - a)``)
-        times the square root of 2, and never below the feature's noise floor.
-        """
-        alpha, floor2 = self.alpha, self.floor2
-        spread, trend = self.spread[slots], self.trend[slots]
-        if columns is not None:
-            alpha, floor2 = alpha[columns], floor2[columns]
-            spread, trend = spread[:, columns], trend[:, columns]
-        shrink = alpha / (2.0 - alpha)
-        noise2 = 2.0 * spread * shrink[None, :] + floor2[None, :]
-        se = np.sqrt(noise2) / np.float32(_TREND_TAU_DAYS)
-        slope_t: F32 = (trend / se).astype(np.float32)
-        return slope_t
 
     def state_bytes(self) -> int:
         """Bytes of numpy state per device slot."""

@@ -7,9 +7,9 @@ These kernels do the same arithmetic row by row in one compiled call (numba, com
 once and cached next to this file), in float32 like the tables they update. They are the
 bodies of :meth:`diagnostics.features.FeatureTable.advance`,
 :meth:`diagnostics.baseline.BaselineTable.assess`, :meth:`~diagnostics.baseline.BaselineTable.learn`
-and :meth:`~diagnostics.baseline.BaselineTable.trend_rows`; see those for the meaning.
-The whole-array versions stay beside them as references (``FeatureTable.update``,
-``BaselineTable.zscores``) and the tests hold the two to the same results.
+and :meth:`~diagnostics.baseline.BaselineTable.drift`, and of the policy's fault naming;
+see those for the meaning. The tests hold each loop to the same arithmetic written as
+whole-array numpy.
 
 Arguments are numpy arrays of the tables' own dtypes; every slot in one call is distinct.
 """
@@ -277,10 +277,10 @@ def trend_flags(
     hold_s: float,
     min_slope_t: float,
 ) -> Any:
-    """Track the runs of moderate z of the tracked ``columns``; see ``BaselineTable.trend_rows``.
+    """Track the runs of moderate z of the tracked ``columns``; see ``BaselineTable.drift``.
 
     The trend's significance is computed here from the feature table's ``trend``,
-    ``spread``, ``alpha`` and ``floor2`` (as ``FeatureTable.slope_t``). Returns one flag
+    ``spread``, ``alpha`` and ``floor2``: the trend over its standard error. Returns one flag
     column per tracked feature.
     """
     n = z.shape[0]

@@ -494,7 +494,7 @@ class DiagnosisPolicy:
             z: per-feature signed deviations (baseline, or fleet while no baseline).
             change: per-feature level minus healthy reference, in feature units.
             drifting: per feature, whether the trend trigger sees it drift away from its
-                baseline (see :meth:`~diagnostics.baseline.BaselineTable.trending`); such a
+                baseline (see :meth:`~diagnostics.baseline.BaselineTable.drift`); such a
                 drift explains the score and names a wear fault when ``z`` alone does not.
         """
         cfg = self.config

@@ -17,6 +17,7 @@ from diagnostics.engine import DiagnosticsEngine, EngineResult
 from diagnostics.features import FEATURE_SPECS
 from diagnostics.fleet import FleetModel
 from gateway.protocol import Event, Reading, decode_event, decode_reading
+from tests import array_forms
 
 START = datetime(2025, 1, 6, tzinfo=UTC)
 DAYS = 6.0
@@ -258,6 +259,7 @@ def test_trend_trigger_flags_a_sustained_drift_away_not_a_swing() -> None:
     live = np.ones(2, dtype=np.bool_)
     width = len(FEATURE_SPECS["washer"].features)
     flagged = []
+    rule = TrendRule(2.0, 1.5, 18 * 3_600, 1.0)
     for hour in range(48):
         z = np.zeros((2, width), dtype=np.float32)
         z[0, 3] = 2.0 + hour / 24.0  # drifts away, steadily
@@ -265,16 +267,16 @@ def test_trend_trigger_flags_a_sustained_drift_away_not_a_swing() -> None:
         slope = np.zeros((2, width), dtype=np.float32)
         slope[:, 3] = 2.0
         now = np.full(2, hour * 3_600, dtype=np.int32)
-        flags = table.trending(slots, z, slope, now, live, TrendRule(2.0, 1.5, 18 * 3_600, 1.0))
+        flags = array_forms.trending(table, slots, z, slope, now, live, rule)
         flagged.append(flags[:, 3].tolist())
     assert [f[0] for f in flagged].index(True) == 18
     assert not any(f[1] for f in flagged)
     # a run ends when z falls back, and late readings change nothing
     back = np.zeros((2, width), dtype=np.float32)
     now = np.full(2, 49 * 3_600, dtype=np.int32)
-    kept = table.trending(slots, back, slope, now, ~live, TrendRule(2.0, 1.5, 18 * 3_600, 1.0))
+    kept = array_forms.trending(table, slots, back, slope, now, ~live, rule)
     assert kept[0, 3]
-    ended = table.trending(slots, back, slope, now, live, TrendRule(2.0, 1.5, 18 * 3_600, 1.0))
+    ended = array_forms.trending(table, slots, back, slope, now, live, rule)
     assert not ended.any()
 
 
@@ -294,7 +296,7 @@ def test_feature_step_matches_raw_then_update_and_late_rows_change_nothing() -> 
         slots = np.array([slot[r.device_id] for r in batch], dtype=np.intp)
         ts_ms = np.array([r.ts_ms for r in batch], dtype=np.int64)
         level, count, _, late = fused.advance(batch, slots, ts_ms)
-        plain.update(slots, ts_ms, plain.raw(batch, slots))
+        array_forms.update(plain, slots, ts_ms, array_forms.raw(plain, batch, slots))
         assert not late.any()
         assert np.array_equal(level, plain.level[slots], equal_nan=True)
         assert np.array_equal(count, plain.count[slots])
@@ -352,22 +354,24 @@ def test_baseline_assess_and_learn_match_their_whole_array_forms() -> None:
         level[rng.random((4, width)) < 0.2] = np.nan
         now = np.full(4, minute * 60, dtype=np.int32)
         rows = table.assess(slots, level, now)
-        z = table.zscores(slots, level, now)
-        assert np.array_equal(rows.warm, table.warm(slots, now))
+        z = array_forms.zscores(table, slots, level, now)
+        assert np.array_equal(rows.warm, array_forms.warm(table, slots, now))
         assert np.array_equal(rows.z, z)
-        assert np.array_equal(rows.score, table.score(z))
+        assert np.array_equal(rows.score, array_forms.score(table, z))
         assert np.array_equal(rows.mean, table.mean[slots])
         assert np.array_equal(rows.warm_features, rows.warm.sum(axis=1))
         updates = rng.integers(0, 400, (4, width)).astype(np.float32)
         gated = table.assess(slots, level, now, updates)
         masked = np.where(updates >= table.min_count, level, np.float32(np.nan))
         assert np.array_equal(gated.level, masked, equal_nan=True)
-        assert np.array_equal(gated.z, table.zscores(slots, masked, now))
+        assert np.array_equal(gated.z, array_forms.zscores(table, slots, masked, now))
         mask = rng.random(4) < 0.8
         trend = rng.normal(0.0, 1.0, (4, width)).astype(np.float32)
         trend[0] = np.float32(0.5)  # the drifting device's level keeps heading away
         table.learn(slots, level, now, mask, rows.z, trend)
-        _learn_by_arrays(plain, slots, level, now, mask, plain.zscores(slots, level, now), trend)
+        _learn_by_arrays(
+            plain, slots, level, now, mask, array_forms.zscores(plain, slots, level, now), trend
+        )
     assert (table.count[1:] > 200).all()
     assert (np.abs(table.side_z[0]) >= 0.8).any()  # the drifting device stopped learning
     assert (table.count[0] < table.count[1:].min(axis=0)).any()
@@ -402,8 +406,14 @@ def test_drift_matches_trend_rows_on_the_feature_tables_significance() -> None:
         live = rng.random(6) < 0.9
         rule = TrendRule(z_on=2.0, z_off=1.0, hold_s=4 * 3_600.0, min_slope_t=0.5)
         got = fused.drift(slots, z, features, now, live, rule)
-        want = plain.trend_rows(
-            slots, z[:, columns], features.slope_t(slots, columns), now, live, rule
+        want = array_forms.trend_rows(
+            plain,
+            slots,
+            z[:, columns],
+            array_forms.slope_t(features, slots, columns),
+            now,
+            live,
+            rule,
         )
         assert np.array_equal(got, want)
         flagged += int(got.sum())
