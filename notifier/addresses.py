@@ -7,10 +7,15 @@ forgery). Two checks share this module:
 * :func:`check_webhook_url`, when the owner registers a target (the owner API) and
   before every delivery (:class:`notifier.push_base.CheckedHttpSender`): the scheme is
   ``https`` (``http`` only where internal addresses are allowed), no user name or
-  password, and a host that is not ``localhost`` (or a name under ``.localhost``,
-  RFC 6761) nor a literal internal address, in any of the forms
+  password, a port that is not 0, and a host that is not ``localhost`` (or a name under
+  ``.localhost``, RFC 6761) nor a literal internal address, in any of the forms
   a URL parser or ``inet_aton`` accepts (``0x7f.1``, ``2130706433``, ``0177.0.0.1``,
-  ``[::ffff:127.0.0.1]`` ...; WHATWG URL "IPv4 parser").
+  ``[::ffff:127.0.0.1]`` ...; WHATWG URL "IPv4 parser"). The host is judged as the HTTP
+  client will connect to it: yarl (under aiohttp) maps a non-ASCII host through IDNA
+  (UTS #46), which turns full-width digits, ideographic and full-width dots, circled
+  digits and the like into ASCII, so ``https://127。0。0。1/`` *is* ``https://127.0.0.1/``
+  to the connection and an IP literal skips the resolver below. Both the host as written
+  and the host yarl makes of it must pass.
 * :func:`resolve_public`, at connect time: the host name is resolved through the event
   loop's ``getaddrinfo`` under a deadline, and if *any* address is internal the
   connection is refused, which defeats a public name that points inside. The senders
@@ -33,6 +38,8 @@ import ipaddress
 import socket
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
+
+import yarl
 
 from notifier.errors import UnsafeAddressError
 
@@ -166,6 +173,31 @@ def _is_localhost(host: str) -> bool:
     return name == "localhost" or name.endswith(".localhost")
 
 
+def _connect_host(url: str) -> tuple[str, int | None]:
+    """The host and port the HTTP client (aiohttp, through yarl) will connect to.
+
+    Raises:
+        UnsafeAddressError: yarl cannot read the URL or its host (so neither can aiohttp).
+    """
+    try:
+        parsed = yarl.URL(url)
+        host = parsed.raw_host
+        port = parsed.explicit_port
+    except (ValueError, UnicodeError) as exc:
+        raise UnsafeAddressError("a push target must be a valid URL") from exc
+    if not host:
+        raise UnsafeAddressError("a push target must be a URL with a host")
+    return host, port
+
+
+def _judge_host(host: str) -> None:
+    if _is_localhost(host):
+        raise UnsafeAddressError("a push target must not point at localhost")
+    address = literal_ip(host)
+    if address is not None and is_internal_ip(address):
+        raise UnsafeAddressError("a push target must not point at an internal address")
+
+
 def check_webhook_url(url: str, *, allow_internal: bool = False) -> SplitResult:
     """Check that a push target URL (a webhook, an ntfy server, a Web Push endpoint) is public.
 
@@ -179,8 +211,8 @@ def check_webhook_url(url: str, *, allow_internal: bool = False) -> SplitResult:
 
     Raises:
         UnsafeAddressError: not ``https`` (``http`` where internal hosts are allowed), a
-            user name or password in it, no host, or a host that is ``localhost`` or a
-            literal internal address.
+            user name or password in it, no host, port 0, or a host that is ``localhost``
+            or a literal internal address as written or as the HTTP client reads it.
     """
     try:
         parts = urlsplit(url)
@@ -192,14 +224,15 @@ def check_webhook_url(url: str, *, allow_internal: bool = False) -> SplitResult:
         raise UnsafeAddressError(f"a push target must be an {' or '.join(schemes)} URL with a host")
     if parts.username is not None or parts.password is not None:
         raise UnsafeAddressError("a push target URL must not carry a user name or password")
+    host, port = _connect_host(url)
+    if port == 0 or parts.port == 0:
+        raise UnsafeAddressError("a push target must not use port 0")
     if allow_internal:
         literal_ip(parts.hostname)  # still refuses a host that is no address and no name
+        literal_ip(host)
         return parts
-    if _is_localhost(parts.hostname):
-        raise UnsafeAddressError("a push target must not point at localhost")
-    address = literal_ip(parts.hostname)
-    if address is not None and is_internal_ip(address):
-        raise UnsafeAddressError("a push target must not point at an internal address")
+    _judge_host(parts.hostname)
+    _judge_host(host)
     return parts
 
 

@@ -51,3 +51,69 @@ def test_names_are_left_to_the_resolver(name: str) -> None:
 def test_public_addresses_pass() -> None:
     for host in ("8.8.8.8", "[2606:4700:4700::1111]", "93.184.215.14"):
         check_webhook_url(f"https://{host}/x")
+
+
+#: Every form of an internal address we know of, each as a push target must refuse it.
+#: The HTTP client (aiohttp through yarl) maps a non-ASCII host through IDNA, so Unicode
+#: digits and dots become an ASCII IP literal that never meets the checked resolver.
+INTERNAL_FORMS = [
+    # literal, decimal, octal, hex and short forms of loopback and the metadata address
+    "https://127.0.0.1/x",
+    "https://2130706433/x",
+    "https://0177.0.0.1/x",
+    "https://0x7f.0.0.1/x",
+    "https://0x7f000001/x",
+    "https://127.1/x",
+    "https://0/x",
+    "https://0.0.0.0/x",
+    "https://169.254.169.254/latest",
+    "https://2852039166/latest",
+    "https://10.0.0.1/x",
+    "https://192.168.1.1./x",
+    # IPv6 forms, with and without an embedded IPv4 address
+    "https://[::1]/x",
+    "https://[0:0:0:0:0:0:0:1]/x",
+    "https://[::]/x",
+    "https://[::ffff:127.0.0.1]/x",
+    "https://[::ffff:7f00:1]/x",
+    "https://[::127.0.0.1]/x",
+    "https://[64:ff9b::a9fe:a9fe]/x",
+    "https://[2002:7f00:1::]/x",
+    "https://[fe80::1%25eth0]/x",
+    "https://[fc00::1]/x",
+    # Unicode dots and digits (ideographic and full-width full stops, full-width digits)
+    "https://127。0。0。1:8443/x",
+    "https://127．0．0．1/x",
+    "https://127｡0｡0｡1/x",
+    "https://１６９.２５４.１６９.２５４/",
+    "https://10．0．0．1/x",
+    "https://１２７.０.０.１/x",
+    "https://①②⑦.0.0.1/x",
+    # names that mean this machine
+    "https://localhost/x",
+    "https://LOCALHOST./x",
+    "https://api.localhost/x",
+    "https://ｌｏｃａｌｈｏｓｔ/x",
+    "https://localhost。/x",
+    # user-info tricks: the host is what follows the last @
+    "https://hooks.example.org@127.0.0.1/x",
+    "https://user:pw@hooks.example.org/x",
+    "https://hooks.example.org:443@10.0.0.1/x",
+    # other schemes and ports
+    "http://hooks.example.org/x",
+    "file:///etc/passwd",
+    "https://hooks.example.org:0/x",
+]
+
+
+@pytest.mark.parametrize("url", INTERNAL_FORMS)
+def test_every_known_internal_form_is_refused(url: str) -> None:
+    with pytest.raises(UnsafeAddressError):
+        check_webhook_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://hooks.example.org/x", "https://bücher.example/x", "https://8.8.8.8:8443/x"]
+)
+def test_public_targets_still_pass(url: str) -> None:
+    assert check_webhook_url(url).hostname is not None

@@ -874,6 +874,11 @@ async def test_a_retired_channel_can_be_deleted_too(world: World) -> None:
         "https://1.2.3.4.5/x",
         "https://256.0.0.1/x",
         "https://0x100000000/x",
+        "https://127。0。0。1:8443/x",
+        "https://１６９.２５４.１６９.２５４/",
+        "https://10．0．0．1/x",
+        "https://ｌｏｃａｌｈｏｓｔ/x",
+        "https://hooks.example.org:0/x",
     ],
 )
 async def test_a_webhook_to_an_internal_or_odd_address_is_refused(
@@ -894,6 +899,8 @@ async def test_a_webhook_to_an_internal_or_odd_address_is_refused(
         {"kind": "ntfy", "target": "https://192.168.1.20/alerts"},
         {"kind": "ntfy", "target": "https://localhost/alerts"},
         {"kind": "webpush", "target": "https://10.0.0.5/wpush/v2/x"},
+        {"kind": "ntfy", "target": "https://127。0。0。1/alerts"},
+        {"kind": "webpush", "target": "https://１６９.２５４.１６９.２５４/wpush/v2/x"},
     ],
 )
 async def test_ntfy_and_webpush_targets_inside_the_network_are_refused(

@@ -1126,6 +1126,23 @@ async def test_webhook_to_an_internal_address_is_refused_unless_allowed(
 
 
 @pytest.mark.parametrize(
+    "host", ["127。0。0。1", "127．0．0．1", "１２７.０.０.１", "127｡0｡0｡1", "①②⑦.0.0.1"]
+)
+async def test_a_unicode_spelling_of_loopback_reaches_nothing(
+    aiohttp_server: AiohttpServer, host: str
+) -> None:
+    # the HTTP client would map these to 127.0.0.1 through IDNA and skip the resolver
+    receiver = HookReceiver()
+    server = await aiohttp_server(receiver.app())
+    target = f"https://{host}:{server.port}/hook/a"
+    channel = PushChannel("h-uni", "ann", "webhook", target, {"secret": SECRET})
+    async with WebhookSender(timeout_s=5) as sender:
+        with pytest.raises(UnsafeAddressError):
+            await sender.send(channel, MESSAGE)
+    assert receiver.raw == []
+
+
+@pytest.mark.parametrize(
     "answers",
     [["127.0.0.1"], ["93.184.215.14", "10.0.0.7"], ["::1"], ["::ffff:169.254.169.254"]],
 )
