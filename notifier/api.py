@@ -222,6 +222,17 @@ class QuietHours(_Body):
     start: time
     end: time
 
+    @field_validator("start", "end")
+    @classmethod
+    def _wall_clock(cls, value: time) -> time:
+        # local wall-clock times in the owner's zone: an offset would make them
+        # incomparable with the local time of day (and means nothing across DST)
+        if value.tzinfo is not None:
+            raise ValueError(
+                "quiet hours are local times in your time zone (HH:MM), without a UTC offset"
+            )
+        return value
+
     @model_validator(mode="after")
     def _not_empty(self) -> QuietHours:
         if self.start == self.end:

@@ -227,6 +227,8 @@ class OwnerLoop:
         self._reminders_due = datetime.min.replace(tzinfo=UTC)
         self.diagnoses_seen = 0
         self.unowned = 0
+        #: case steps (timers, expiry, reminders, commands) that raised the unforeseen
+        self.timer_errors = 0
 
     async def __aenter__(self) -> Self:
         self._group = asyncio.TaskGroup()
@@ -337,7 +339,21 @@ class OwnerLoop:
         owner = await self.store.get_owner(case.owner_id)
         if owner is None:
             return
-        await self.notifier.notify(owner, case, notice)
+        try:
+            await self.notifier.notify(owner, case, notice)
+        except TransientError:
+            raise
+        except Exception:
+            # the case goes on; a person sees in the trail that the owner was not told
+            self._case_failed(case.case_id, f"telling the owner ({notice.kind})")
+            await self._audit(
+                case,
+                "system",
+                "notify_failed",
+                f"could not tell the owner: {notice.kind}",
+                {"kind": notice.kind, "action": notice.action, "urgent": notice.urgent},
+            )
+            return
         await self._audit(
             case,
             "system",
@@ -591,6 +607,9 @@ class OwnerLoop:
             await self._command_once(case_id)
         except PermanentError as exc:
             _LOG.warning("case %s: command step failed: %s", case_id, exc)
+        except Exception:
+            # a task of the case machine's group: raising here would stop every case
+            self._case_failed(case_id, "the remote fix")
         finally:
             self._running.discard(case_id)
 
@@ -1173,10 +1192,18 @@ class OwnerLoop:
             except (ConflictError, TransientError) as exc:
                 _LOG.warning("case %s: %s; trying again", case_id, exc)
                 self._timers[case_id] = _Timer(now + timedelta(seconds=5), timer.what)
+            except Exception:
+                # one case that trips its timer must not stop every other case's
+                self._case_failed(case_id, f"its {timer.what} timer")
         await self._expire(now)
         if now >= self._reminders_due:
             self._reminders_due = now + _REMINDER_CHECK
             await self._remind(now)
+
+    def _case_failed(self, case_id: str, what: str) -> None:
+        """Log and count a case step that raised something unforeseen; the others go on."""
+        self.timer_errors += 1
+        _LOG.exception("case %s: %s failed; the case is left as it is", case_id, what)
 
     async def _remind(self, now: datetime) -> None:
         """Remind owners of booked visits that start within ``reminder_before_s``, once.
@@ -1224,10 +1251,15 @@ class OwnerLoop:
         for case in await self.store.cases(states=["awaiting_consent", "appointment_proposed"]):
             if now - case.updated_at < limit:
                 continue
-            async with self._lock(f"{case.device_id}/{case.fault}"):
-                case = await self._fresh(case)
-                if case.state in ("awaiting_consent", "appointment_proposed"):
-                    await self._move(case, "expired", "the owner did not answer in time")
+            try:
+                async with self._lock(f"{case.device_id}/{case.fault}"):
+                    case = await self._fresh(case)
+                    if case.state in ("awaiting_consent", "appointment_proposed"):
+                        await self._move(case, "expired", "the owner did not answer in time")
+            except (ConflictError, TransientError) as exc:
+                _LOG.warning("case %s: %s; expiry tried again later", case.case_id, exc)
+            except Exception:
+                self._case_failed(case.case_id, "expiry")
 
     async def run(self) -> None:
         """Run the timers until cancelled."""

@@ -30,6 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
+from gateway.errors import TransientError
 from notifier.links import ActionLinks
 from notifier.loop import Notice
 from notifier.messages import MessageContext, render
@@ -64,7 +65,11 @@ def _zone(name: str) -> ZoneInfo:
 def in_quiet_hours(owner: Owner, at: datetime) -> bool:
     """Whether ``at`` falls in the owner's quiet hours (their local time; may wrap midnight)."""
     start, end = owner.quiet_start, owner.quiet_end
-    if start is None or end is None or start == end:
+    if start is None or end is None:
+        return False
+    # wall-clock times: an offset (refused at the API) must not make them incomparable
+    start, end = start.replace(tzinfo=None), end.replace(tzinfo=None)
+    if start == end:
         return False
     local: time = at.astimezone(_zone(owner.timezone)).time()
     if start < end:
@@ -147,6 +152,8 @@ class Outbox:
         self.held = 0
         self.failed = 0
         self.dropped = 0
+        #: notifications whose delivery raised something unforeseen (marked ``failed``)
+        self.errors = 0
 
     # -- writing ---------------------------------------------------------------------
     async def _context(self, owner: Owner, case: Case, notice: Notice) -> MessageContext:
@@ -281,8 +288,30 @@ class Outbox:
             owner, notification, urgent = await self._queue.get()
             try:
                 await self.deliver(owner, notification, urgent)
+            except TransientError:
+                # the store is away: the message stays queued in the store and the app
+                self.failed += 1
+                _LOG.warning(
+                    "notification %s not delivered: store away", notification.notification_id
+                )
+            except Exception:
+                # one message that trips delivery must not stop everyone else's
+                self.errors += 1
+                _LOG.exception(
+                    "notification %s could not be delivered; marked failed, delivery goes on",
+                    notification.notification_id,
+                )
+                await self._mark_failed(notification)
             finally:
                 self._queue.task_done()
+
+    async def _mark_failed(self, notification: Notification) -> None:
+        try:
+            await self._store.add_notification(replace(notification, status="failed"))
+        except Exception:
+            _LOG.exception(
+                "notification %s: its failure could not be stored", notification.notification_id
+            )
 
     async def drain(self) -> None:
         """Wait until every queued notification was tried."""
@@ -293,43 +322,55 @@ class Outbox:
         now = self._clock()
         sent = 0
         for owner_id in sorted(self._held_owners):
-            owner = await self._store.get_owner(owner_id)
-            if owner is None:
+            try:
+                sent += await self._flush_owner(owner_id, now)
+            except TransientError:
+                raise
+            except Exception:
+                # one owner's digest that fails must not hold back everyone else's
+                self.errors += 1
                 self._held_owners.discard(owner_id)
-                continue
-            if in_quiet_hours(owner, now) or await self._over_limit(owner, now):
-                continue
-            held = await self._store.notifications(owner_id, status="held")
-            self._held_owners.discard(owner_id)
-            if not held:
-                continue
-            message = render(
-                "digest",
-                owner.language,
-                MessageContext(
-                    owner_name=owner.name,
-                    device_label=None,
-                    model="",
-                    fault="unknown",
-                    timezone=owner.timezone,
-                    count=len(held),
-                    items=tuple(n.title for n in held),
-                ),
-            )
-            for one in held:
-                await self._store.add_notification(replace(one, status="digested"))
-            digest = Notification(
-                notification_id=uuid.uuid4().hex[:16],
-                owner_id=owner_id,
-                case_id=held[-1].case_id,
-                kind="digest",
-                title=message.title,
-                body=message.body,
-                actions=tuple(message.actions),
-                created_at=now,
-                status="queued",
-            )
-            await self._store.add_notification(digest)
-            self._enqueue(owner, digest, False)
-            sent += 1
+                _LOG.exception("digest for owner %s failed; the others go on", owner_id)
         return sent
+
+    async def _flush_owner(self, owner_id: str, now: datetime) -> int:
+        """Send one owner's digest if they have held messages and can be reached now."""
+        owner = await self._store.get_owner(owner_id)
+        if owner is None:
+            self._held_owners.discard(owner_id)
+            return 0
+        if in_quiet_hours(owner, now) or await self._over_limit(owner, now):
+            return 0
+        held = await self._store.notifications(owner_id, status="held")
+        self._held_owners.discard(owner_id)
+        if not held:
+            return 0
+        message = render(
+            "digest",
+            owner.language,
+            MessageContext(
+                owner_name=owner.name,
+                device_label=None,
+                model="",
+                fault="unknown",
+                timezone=owner.timezone,
+                count=len(held),
+                items=tuple(n.title for n in held),
+            ),
+        )
+        for one in held:
+            await self._store.add_notification(replace(one, status="digested"))
+        digest = Notification(
+            notification_id=uuid.uuid4().hex[:16],
+            owner_id=owner_id,
+            case_id=held[-1].case_id,
+            kind="digest",
+            title=message.title,
+            body=message.body,
+            actions=tuple(message.actions),
+            created_at=now,
+            status="queued",
+        )
+        await self._store.add_notification(digest)
+        self._enqueue(owner, digest, False)
+        return 1

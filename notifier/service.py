@@ -24,11 +24,12 @@ from aiohttp import web
 from diagnostics import decode_diagnosis
 from gateway.commands import CommandChannel
 from gateway.consumer import consume_forever
-from gateway.errors import BrokerUnavailableError, PermanentError, RejectedError
+from gateway.errors import BrokerUnavailableError, PermanentError, RejectedError, TransientError
 from gateway.influx import InfluxClient, InfluxSettings
 from gateway.protocol import CASES_TOPIC, DIAGNOSES_TOPIC
 from gateway.protocol.mqtt import MqttClient
 from gateway.settings import MqttSettings
+from gateway.supervisor import StageHealth, supervise
 from notifier.api import create_api
 from notifier.health import InfluxHealth
 from notifier.links import ActionLinks
@@ -112,6 +113,9 @@ class NotifierService:
         self.api_port: int | None = None
         self.diagnoses_handled = 0
         self.diagnoses_refused = 0
+        self.diagnoses_failed = 0
+        #: which stages are down, and restarts per stage (``/health``)
+        self.stages = StageHealth()
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -168,6 +172,7 @@ class NotifierService:
                 links=links,
                 webhook_allow_private=settings.push.webhook_allow_private,
             )
+            app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             stack.push_async_callback(self._runner.cleanup)
@@ -236,21 +241,45 @@ class NotifierService:
         assert self.loop is not None
         assert self.outbox is not None
         settings = self._settings
+        stages = self.stages
+        loop, outbox = self.loop, self.outbox
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.loop.run(), name="case-timers")
-            group.create_task(self.outbox.run(), name="push-delivery")
-            group.create_task(self._digests(), name="digests")
-            await consume_forever(
-                lambda: self._mqtt.client(
-                    settings.client_id,
-                    clean_start=False,
-                    session_expiry_s=settings.session_expiry_s,
-                    max_buffered=_BATCH_MAX * 4,
+            # each stage isolates a bad item itself; one that dies anyway is logged at
+            # once, shown on /health and restarted, while the others go on
+            group.create_task(supervise("case-timers", loop.run, stages), name="case-timers")
+            group.create_task(supervise("push-delivery", outbox.run, stages), name="push-delivery")
+            group.create_task(supervise("digests", self._digests, stages), name="digests")
+            await supervise(
+                "diagnoses",
+                lambda: consume_forever(
+                    lambda: self._mqtt.client(
+                        settings.client_id,
+                        clean_start=False,
+                        session_expiry_s=settings.session_expiry_s,
+                        max_buffered=_BATCH_MAX * 4,
+                    ),
+                    [DIAGNOSES_TOPIC],
+                    self._consume,
+                    on_subscribed=lambda _: self._subscribed.set(),
                 ),
-                [DIAGNOSES_TOPIC],
-                self._consume,
-                on_subscribed=lambda _: self._subscribed.set(),
+                stages,
             )
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        """``GET /health``: 200 while every stage runs, 503 while any is down."""
+        stages = self.stages
+        body = {
+            "ok": stages.ok,
+            "down": dict(stages.down),
+            "restarts": dict(stages.restarts),
+            "diagnoses_failed": self.diagnoses_failed,
+            "notifications_failed_internally": 0 if self.outbox is None else self.outbox.errors,
+        }
+        return web.Response(
+            body=orjson.dumps(body),
+            status=200 if stages.ok else 503,
+            content_type="application/json",
+        )
 
     async def _digests(self) -> None:
         assert self.outbox is not None
@@ -280,6 +309,16 @@ class NotifierService:
                         diagnosis.fault,
                         diagnosis.device_id,
                         exc,
+                    )
+                except TransientError:
+                    raise  # not acknowledged: the broker delivers it again
+                except Exception:
+                    # one diagnosis that trips the case machine must not stop the others
+                    self.diagnoses_failed += 1
+                    _LOG.exception(
+                        "diagnosis %s of device %s failed; it is skipped, the others go on",
+                        diagnosis.fault,
+                        diagnosis.device_id,
                     )
                 self.diagnoses_handled += 1
             client.ack_many(messages)

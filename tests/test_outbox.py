@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta, timezone
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -238,3 +238,41 @@ async def test_a_channel_removed_during_a_delivery_stays_removed(rig: Rig) -> No
     assert [cid for cid, _ in sender.sent] == ["new"]
     # the failure reported for the deleted channel did not bring it back
     assert [c.channel_id for c in await store.channels("eva", active_only=False)] == ["new"]
+
+
+def test_quiet_hours_with_an_offset_are_read_as_wall_clock_times() -> None:
+    # such values are refused at the API; one that reached the store must not crash delivery
+    plus_one = timezone(timedelta(hours=1))
+    owner = Owner(
+        "x",
+        "X",
+        timezone="Europe/Berlin",
+        quiet_start=time(22, tzinfo=plus_one),
+        quiet_end=time(7, tzinfo=plus_one),
+    )
+    assert in_quiet_hours(owner, datetime(2026, 12, 7, 22, 30, tzinfo=UTC))  # 23:30 Berlin
+    assert not in_quiet_hours(owner, datetime(2026, 12, 7, 12, 0, tzinfo=UTC))
+
+
+async def test_one_message_that_trips_delivery_does_not_stop_the_others(rig: Rig) -> None:
+    outbox, store, sender, _ = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    real_send = sender.send
+    calls = 0
+
+    async def send_once_broken(channel: PushChannel, message: PushMessage) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise TypeError("an unforeseen bug in one message")
+        await real_send(channel, message)
+
+    sender.send = send_once_broken  # type: ignore[method-assign]
+    await outbox.notify(owner, case("c1"), Notice("fix_waiting", action="restart"))
+    await outbox.notify(owner, case("c2"), Notice("fixed_remotely", action="restart"))
+    await outbox.drain()
+    assert outbox.errors == 1
+    assert [m.data["case_id"] for _, m in sender.sent] == ["c2"]
+    statuses = {n.case_id: n.status for n in await store.notifications("eva")}
+    assert statuses == {"c1": "failed", "c2": "sent"}

@@ -514,6 +514,13 @@ async def test_visit_list_refuses_bad_times(
         ("PATCH", "/me", {"consent": "whenever"}, "consent"),
         ("PATCH", "/me", {"quiet_hours": {"start": "22:00", "end": "22:00"}}, "quiet_hours"),
         ("PATCH", "/me", {"quiet_hours": {"start": "25:00", "end": "07:00"}}, "quiet_hours.start"),
+        (
+            "PATCH",
+            "/me",
+            {"quiet_hours": {"start": "22:00:00+01:00", "end": "07:00:00+01:00"}},
+            "quiet_hours.start",
+        ),
+        ("PATCH", "/me", {"quiet_hours": {"start": "22:00", "end": "07:00Z"}}, "quiet_hours.end"),
         ("PATCH", "/me", {"channels": ["fcm", "fcm"]}, "channels"),
         ("PATCH", "/me", {"channels": ["pigeon"]}, "channels.0"),
         ("PATCH", "/me", {"name": "Mallory"}, "name"),

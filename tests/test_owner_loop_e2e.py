@@ -186,6 +186,9 @@ async def test_owner_loop_end_to_end(
                 await gateway.wait_subscribed()
                 await diagnostics.wait_subscribed()
                 await notifier.wait_subscribed()
+                async with http.get("/health") as response:
+                    assert response.status == 200
+                    assert (await response.json())["ok"] is True
                 async with runner:
                     fleet = asyncio.create_task(runner.run(stop))
                     await _scenarios(http, runner, receiver, store, fw_device, bearing_device)
