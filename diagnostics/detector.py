@@ -1,0 +1,753 @@
+"""The one streaming anomaly-detection core (diagnostics stage), shared by every door.
+
+Place in the pipeline: the gateway hands telemetry to ``diagnostics``; ``fixloop detect``
+(:mod:`diagnostics.csvdetect`) feeds exported files through the same code. A
+:class:`DetectorTable` holds many independent *slots* (one per device, or one per file),
+each watching ``n_columns`` numbers, as a structure of arrays. One compiled loop steps
+any mix of rows: one stream with many rows (a CSV file) or many slots with one row each
+(a round of the live service). Rows of one slot are taken in the order given.
+
+API (for the live engine and any other caller)::
+
+    table = DetectorTable(n_slots=1000, n_columns=6, config=DetectorConfig())
+    out = table.step(slots, t_s, values)   # slots: int[R], t_s: float[R], values: float[R, C]
+    out.score      # float[R]: 1 - tail probability of the row under the learnt normal
+    out.event      # bool[R]: rising edge of an alert (what opens a case / flags a row)
+    out.active     # bool[R]: the alert is up (event row, then until re-armed)
+    out.deviation  # float[R, C]: signed standardised deviation per column (NaN: unscored)
+    out.late       # bool[R]: row older than its slot's last one: scored, nothing learnt
+    table.add_slots(k) -> range of the new slot indices;  table.reset_slots(slots)
+    pickle.dumps(table)  # the whole state is numpy arrays and a frozen config
+
+``t_s`` is seconds (any epoch); NaN means "no timestamp": a slot whose first row has none
+counts rows instead, and its cycles are looked for in rows (:attr:`DetectorConfig.row_periods`).
+``values`` holds NaN for a missing cell. Products with different metrics use one table
+per column set, or one wide table where a slot leaves the columns it lacks NaN (they
+cost memory only). ``step(..., learn=False)`` scores without changing anything.
+
+How a row is scored, per column (all learnt online, with forgetting, from that slot only):
+
+1. Four predictors of the next value run side by side: a fast level (follows a wandering
+   signal), a slow level (noise around a level), the slow level plus a daily profile and
+   plus a weekly profile (interpolated between bins by the row's phase in the period; with
+   no timestamps, periods of :attr:`~DetectorConfig.row_periods` rows). Each keeps an
+   exponentially weighted mean squared error; the column is predicted by the one with the
+   least error, a cyclic one only once a whole period has been seen and only when it
+   beats the others by :attr:`~DetectorConfig.season_gain`. That is the periodicity test:
+   daily, weekly or none, per column, revised continuously.
+2. The row's error over that predictor's spread (floored at a share of the column's
+   long-run spread, so flat stretches cannot make it infinite), widened while the column
+   is young (``1 + young / n``), is the signed deviation. Updates are Huber-clipped, so a
+   glitch moves the model little while a lasting change is followed.
+3. Two statistics per row: the mean squared deviation over the scored columns, and the
+   same of their exponentially smoothed deviations (a small lasting bias). Each is turned
+   into a tail probability by that slot's own forgetting histogram of past values, with a
+   chi-square prior worth :attr:`~DetectorConfig.prior_rows` rows (so early rows are
+   scored, conservatively). The row's score is ``1 - min(1, 2 * min(p1, p2))``.
+
+Events: a slot is *armed*; a row with tail probability at or under
+:attr:`~DetectorConfig.alpha` (score at or above :attr:`DetectorTable.threshold`), after
+the first :attr:`~DetectorConfig.min_rows` rows, is an *event* and the alert goes up. While
+it is up the model is held (it does not learn what it is alerting about) and the row's
+deviation is still measured against it. When :attr:`~DetectorConfig.calm_rows` rows in a
+row are back to normal (tail probability at least :attr:`~DetectorConfig.calm_p`), after at
+least that many rows, the alert ends and the slot is re-armed. If the deviation lasts
+:attr:`~DetectorConfig.settle_rows` rows it is a settled change: the levels jump to where
+the signal now is (tracked meanwhile), the alert ends, and the new level is normal from then.
+
+Data quality never stops a slot: a missing cell adds no evidence; a column that has
+only ever held one value (leading zeros, a constant) is not scored until it changes; a
+gap longer than :attr:`~DetectorConfig.gap_factor` typical steps restarts the smoothed
+evidence and widens the uncertainty again; a repeated timestamp is a row like any other;
+an out-of-order row is scored against the current state and changes nothing. Each case
+is flagged per row so callers can count it. No random numbers are drawn: the same rows
+give the same outputs, and a pickled table resumes exactly.
+
+Stepping is CPU work: async callers run it through ``asyncio.to_thread`` (STYLE.md rule 13).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Final, TypeVar, cast
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+from gateway.errors import ConfigError, PermanentError
+
+__all__ = ["ROW_GAP", "ROW_LATE", "ROW_REPEATED", "DetectorConfig", "DetectorTable", "StepResult"]
+
+_LOG = logging.getLogger(__name__)
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+#: Row flags in :attr:`StepResult.flags`.
+ROW_LATE: Final = 1
+ROW_REPEATED: Final = 2
+ROW_GAP: Final = 4
+
+_N_MODELS: Final = 4  # fast level, slow level, slow + daily, slow + weekly
+_N_BINS: Final = 48  # tail histogram: log10(statistic) from -2 to 6, six bins a decade
+_LOG_LOW: Final = -2.0
+_PER_DECADE: Final = 6.0
+_MAX_Z: Final = 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class DetectorConfig:
+    """Settings of a :class:`DetectorTable` (the defaults are chosen by ``bench/diagnostics.py``).
+
+    Attributes:
+        alpha: tail probability at or under which a row raises an alert.
+        calm_p: a row with a tail probability at least this counts as back to normal.
+        calm_rows: normal rows in a row that end an alert (also its shortest length).
+        settle_rows: an alert lasting this many rows is a settled change and is learnt.
+        min_rows: rows a slot must have seen before it may raise an alert.
+        fast_alpha: EWMA weight of the fast level.
+        slow_alpha: EWMA weight of the slow levels.
+        error_alpha: EWMA weight of the predictors' squared errors (their spreads).
+        profile_alpha: smallest weight of a cycle profile bin's update.
+        season_gain: a cyclic predictor is used only when its error is under this
+            share of the best acyclic one.
+        smooth_span: EWMA span, in rows, of the smoothed deviations.
+        forget_rows: memory of the tail histograms, in rows.
+        prior_rows: weight of the chi-square prior in the tail probability, in rows.
+        young: uncertainty widening of a young column: scale times ``1 + young / n``.
+        min_column_rows: rows a column must have learnt before it is scored.
+        floor: smallest spread, as a share of the column's long-run standard deviation.
+        clip: Huber clip of the updates, in spreads.
+        gap_factor: a step longer than this many typical steps is a gap.
+        day_bins: bins of the daily profile.
+        week_bins: bins of the weekly profile.
+        periods_s: the two cycle lengths looked for, with timestamps (day, week).
+        row_periods: the two cycle lengths looked for, in rows, without timestamps.
+    """
+
+    alpha: float = 1e-3
+    calm_p: float = 0.05
+    calm_rows: int = 5
+    settle_rows: int = 400
+    min_rows: int = 20
+    fast_alpha: float = 0.3
+    slow_alpha: float = 0.02
+    error_alpha: float = 0.02
+    profile_alpha: float = 0.1
+    season_gain: float = 0.9
+    smooth_span: float = 10.0
+    forget_rows: float = 2000.0
+    prior_rows: float = 50.0
+    young: float = 10.0
+    min_column_rows: int = 10
+    floor: float = 0.01
+    clip: float = 5.0
+    gap_factor: float = 10.0
+    day_bins: int = 48
+    week_bins: int = 168
+    periods_s: tuple[float, float] = (86_400.0, 604_800.0)
+    row_periods: tuple[float, float] = (24.0, 168.0)
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "calm_p", "fast_alpha", "slow_alpha", "error_alpha"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ConfigError(f"detector {name} must be in (0, 1) (got {value})")
+        if not 0 < self.profile_alpha <= 1 or not 0 < self.season_gain <= 1:
+            raise ConfigError("detector profile_alpha and season_gain must be in (0, 1]")
+        for name in ("calm_rows", "settle_rows", "min_column_rows", "day_bins", "week_bins"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"detector {name} must be >= 1 (got {getattr(self, name)})")
+        if self.min_rows < 0:
+            raise ConfigError(f"detector min_rows must be >= 0 (got {self.min_rows})")
+        for name in ("smooth_span", "forget_rows"):
+            if not getattr(self, name) >= 1:
+                raise ConfigError(f"detector {name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("prior_rows", "young", "floor", "clip"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"detector {name} must be a number >= 0 (got {value})")
+        if not self.clip > 0:
+            raise ConfigError(f"detector clip must be > 0 (got {self.clip})")
+        if not self.gap_factor > 1:
+            raise ConfigError(f"detector gap_factor must be > 1 (got {self.gap_factor})")
+        for name in ("periods_s", "row_periods"):
+            pair = getattr(self, name)
+            if len(pair) != 2 or not all(p > 0 and math.isfinite(p) for p in pair):
+                raise ConfigError(f"detector {name} must be two positive lengths (got {pair})")
+
+    @property
+    def threshold(self) -> float:
+        """The score at or above which a row is anomalous: ``1 - alpha``."""
+        return 1.0 - self.alpha
+
+    def _params(self) -> FloatArray:
+        """The settings as the compiled loop takes them (order fixed by ``_P_*``)."""
+        return np.array(
+            [
+                self.alpha,
+                self.calm_p,
+                self.calm_rows,
+                self.settle_rows,
+                self.min_rows,
+                self.fast_alpha,
+                self.slow_alpha,
+                self.error_alpha,
+                self.profile_alpha,
+                self.season_gain,
+                2.0 / (self.smooth_span + 1.0),
+                1.0 / self.forget_rows,
+                self.prior_rows,
+                self.young,
+                self.min_column_rows,
+                self.floor,
+                self.clip,
+                self.gap_factor,
+                self.periods_s[0],
+                self.periods_s[1],
+                self.row_periods[0],
+                self.row_periods[1],
+            ],
+            dtype=np.float64,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What :meth:`DetectorTable.step` says about each row it was given.
+
+    Attributes:
+        score: 1 - the row's tail probability, in [0, 1] (0 when nothing is scored).
+        event: the row raised an alert (its rising edge).
+        active: the alert is up at this row (the event row included).
+        deviation: signed standardised deviation of each column (NaN: not scored).
+        flags: per row, a bit set of :data:`ROW_LATE`, :data:`ROW_REPEATED`, :data:`ROW_GAP`.
+    """
+
+    score: FloatArray
+    event: BoolArray
+    active: BoolArray
+    deviation: FloatArray
+    flags: npt.NDArray[np.int8]
+
+    @property
+    def late(self) -> BoolArray:
+        """Rows older than their slot's previous row (scored only, nothing learnt)."""
+        result: BoolArray = (self.flags & ROW_LATE) != 0
+        return result
+
+
+def _compiled(fn: _Fn) -> _Fn:
+    try:
+        jitted = numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+    except RuntimeError:
+        # no writable place for the cache (read-only install, no home): compile each start
+        _LOG.info("compiled detector loop not cached: no writable cache directory")
+        jitted = numba.njit(cache=False, nogil=True, error_model="numpy")(fn)
+    return cast("_Fn", jitted)
+
+
+@_compiled
+def _chi2_sf(value: float, dof: float) -> float:
+    """P(chi2_dof / dof >= value), Wilson-Hilferty approximation (a prior only)."""
+    if value <= 0.0:
+        return 1.0
+    v = 2.0 / (9.0 * dof)
+    zz = (value ** (1.0 / 3.0) - (1.0 - v)) / math.sqrt(v)
+    return 0.5 * math.erfc(zz / math.sqrt(2.0))
+
+
+@_compiled
+def _tail(hist: Any, total: float, stat: float, dof: float, prior_rows: float) -> float:
+    """Tail probability of ``stat``: forgetting histogram blended with the prior."""
+    pos = (math.log10(max(stat, 1e-300)) - _LOG_LOW) * _PER_DECADE
+    above = 0.0
+    if pos < 0.0:
+        above = total
+    else:
+        b = int(pos)
+        if b >= _N_BINS:
+            b = _N_BINS - 1
+            frac = 1.0
+        else:
+            frac = pos - b
+        for k in range(b + 1, _N_BINS):
+            above += hist[k]
+        above += hist[b] * (1.0 - frac)
+    # the prior is read at half the statistic: real errors have heavier tails
+    prior = _chi2_sf(stat * 0.5, dof)
+    return (above + prior_rows * prior) / (total + prior_rows)
+
+
+@_compiled
+def _remember(hist: Any, totals: Any, s: int, which: int, stat: float, forget: float) -> None:
+    keep = 1.0 - forget
+    for k in range(_N_BINS):
+        hist[s, k] *= keep
+    pos = (math.log10(max(stat, 1e-300)) - _LOG_LOW) * _PER_DECADE
+    b = min(max(int(pos), 0), _N_BINS - 1) if pos > 0.0 else 0
+    hist[s, b] += 1.0
+    totals[s, which] = totals[s, which] * keep + 1.0
+
+
+@_compiled
+def _phase(t: float, period: float, bins: int) -> tuple[int, int, float]:
+    """The two profile bins around ``t`` and the weight of the second one."""
+    pos = (t % period) / period * bins - 0.5
+    lo = math.floor(pos)
+    frac = pos - lo
+    i0 = int(lo) % bins
+    i1 = (i0 + 1) % bins
+    return i0, i1, frac
+
+
+@_compiled
+def _step_rows(  # noqa: C901, PLR0912, PLR0915
+    par: Any,
+    slots: Any,
+    t_in: Any,
+    x: Any,
+    learn: bool,
+    rows: Any,
+    last_t: Any,
+    t0: Any,
+    step_log: Any,
+    has_time: Any,
+    active: Any,
+    act_rows: Any,
+    calm: Any,
+    hist_i: Any,
+    hist_s: Any,
+    totals: Any,
+    n_col: Any,
+    first: Any,
+    level: Any,
+    err: Any,
+    trk: Any,
+    sm: Any,
+    lmean: Any,
+    lvar: Any,
+    prof_d: Any,
+    cnt_d: Any,
+    prof_w: Any,
+    cnt_w: Any,
+    score: Any,
+    event: Any,
+    up: Any,
+    dev: Any,
+    flags: Any,
+) -> None:
+    alpha, calm_p, calm_rows, settle_rows, min_rows = par[0], par[1], par[2], par[3], par[4]
+    a_fast, a_slow, a_err, a_prof, season_gain = par[5], par[6], par[7], par[8], par[9]
+    beta, forget, prior_rows, young, min_col = par[10], par[11], par[12], par[13], par[14]
+    floor_share, clip, gap_factor = par[15], par[16], par[17]
+    n_rows, n_cols = x.shape
+    bd = prof_d.shape[2]
+    bw = prof_w.shape[2]
+    sm_norm = math.sqrt(beta / (2.0 - beta))
+    pred = np.empty(_N_MODELS)
+    sm_new = np.empty(n_cols)
+    for r in range(n_rows):
+        s = slots[r]
+        t = t_in[r]
+        flag = 0
+        if has_time[s] < 0:
+            has_time[s] = 0 if math.isnan(t) else 1
+        typical = math.exp(step_log[s])
+        if has_time[s] == 0:
+            t = float(rows[s])
+            period_d, period_w = par[20], par[21]
+        else:
+            period_d, period_w = par[18], par[19]
+            if math.isnan(t):
+                t = last_t[s] + typical if rows[s] > 0 else 0.0
+        late = False
+        gap = False
+        if rows[s] > 0:
+            step = t - last_t[s]
+            if step < 0.0:
+                late = True
+                flag |= 1
+            elif step == 0.0:
+                flag |= 2
+            elif step > gap_factor * typical and rows[s] > 2:
+                gap = True
+                flag |= 4
+        else:
+            t0[s] = t
+            step = 0.0
+        elapsed = t - t0[s]
+        d0, d1, dfrac = _phase(t, period_d, bd)
+        w0, w1, wfrac = _phase(t, period_w, bw)
+        # -- deviations ------------------------------------------------------------------
+        m = 0
+        sum_i = 0.0
+        sum_s = 0.0
+        for c in range(n_cols):
+            dev[r, c] = np.nan
+            sm_new[c] = 0.0 if gap else sm[s, c]
+            v = x[r, c]
+            if math.isnan(v) or n_col[s, c] < min_col:
+                continue
+            pd_ = prof_d[s, c, d0] * (1.0 - dfrac) + prof_d[s, c, d1] * dfrac
+            pw_ = prof_w[s, c, w0] * (1.0 - wfrac) + prof_w[s, c, w1] * wfrac
+            pred[0] = level[s, c, 0]
+            pred[1] = level[s, c, 1]
+            pred[2] = level[s, c, 2] + pd_
+            pred[3] = level[s, c, 3] + pw_
+            best = 0 if err[s, c, 0] <= err[s, c, 1] else 1
+            if elapsed >= period_d and err[s, c, 2] < season_gain * err[s, c, best]:
+                best = 2
+            if elapsed >= period_w and err[s, c, 3] < season_gain * err[s, c, best]:
+                best = 3
+            fl = floor_share * floor_share * lvar[s, c] + 1e-24 * (1.0 + lmean[s, c] ** 2)
+            spread = math.sqrt(err[s, c, best] + fl) * (1.0 + young / n_col[s, c])
+            z = (v - pred[best]) / spread
+            z = min(max(z, -_MAX_Z), _MAX_Z)
+            dev[r, c] = z
+            zc = min(max(z, -clip), clip)
+            sm_new[c] = (1.0 - beta) * sm_new[c] + beta * zc
+            m += 1
+            sum_i += z * z
+            q = sm_new[c] / sm_norm
+            sum_s += q * q
+        p = 1.0
+        stat_i = 0.0
+        stat_s = 0.0
+        if m > 0:
+            stat_i = sum_i / m
+            stat_s = sum_s / m
+            p_i = _tail(hist_i[s], totals[s, 0], stat_i, float(m), prior_rows)
+            p_s = _tail(hist_s[s], totals[s, 1], stat_s, float(m), prior_rows)
+            p = min(1.0, 2.0 * min(p_i, p_s))
+        score[r] = 1.0 - p
+        flags[r] = flag
+        if late or not learn:
+            event[r] = False
+            up[r] = active[s] == 1
+            continue
+        # -- time ----------------------------------------------------------------------
+        if rows[s] > 0 and step > 0.0:
+            lstep = math.log(step)
+            if rows[s] == 1:
+                step_log[s] = lstep
+            elif not gap:
+                step_log[s] += 0.05 * (lstep - step_log[s])
+        rows[s] += 1
+        last_t[s] = t
+        for c in range(n_cols):
+            sm[s, c] = sm_new[c]
+        # -- events --------------------------------------------------------------------
+        fired = False
+        hold = False
+        if active[s] == 0:
+            if m > 0 and p <= alpha and rows[s] > min_rows:
+                fired = True
+                active[s] = 1
+                act_rows[s] = 0
+                calm[s] = 0
+                hold = True
+                for c in range(n_cols):
+                    for k in range(_N_MODELS):
+                        trk[s, c, k] = level[s, c, k]
+        else:
+            act_rows[s] += 1
+            calm[s] = calm[s] + 1 if p >= calm_p else 0
+            hold = True
+            if calm[s] >= calm_rows and act_rows[s] >= calm_rows:
+                active[s] = 0
+            elif act_rows[s] >= settle_rows:
+                # a settled change: the levels move to where the signal is now
+                active[s] = 0
+                for c in range(n_cols):
+                    sm[s, c] = 0.0
+                    if n_col[s, c] >= 1:
+                        for k in range(_N_MODELS):
+                            level[s, c, k] = trk[s, c, k]
+        event[r] = fired
+        up[r] = fired or hold
+        # -- learning ------------------------------------------------------------------
+        for c in range(n_cols):
+            v = x[r, c]
+            if math.isnan(v):
+                continue
+            if n_col[s, c] == 0:
+                # a column is learnt from its first change on (a constant tells nothing)
+                if math.isnan(first[s, c]):
+                    first[s, c] = v
+                    continue
+                if v == first[s, c]:
+                    continue
+                for k in range(_N_MODELS):
+                    level[s, c, k] = v
+                    err[s, c, k] = 0.0
+                lmean[s, c] = 0.5 * (v + first[s, c])
+                lvar[s, c] = 0.25 * (v - first[s, c]) ** 2
+                n_col[s, c] = 1
+                continue
+            pd_ = prof_d[s, c, d0] * (1.0 - dfrac) + prof_d[s, c, d1] * dfrac
+            pw_ = prof_w[s, c, w0] * (1.0 - wfrac) + prof_w[s, c, w1] * wfrac
+            if hold:
+                # the model is held while alerting; only the would-be levels follow
+                ka = 0.1
+                trk[s, c, 0] += ka * (v - trk[s, c, 0])
+                trk[s, c, 1] += ka * (v - trk[s, c, 1])
+                trk[s, c, 2] += ka * (v - pd_ - trk[s, c, 2])
+                trk[s, c, 3] += ka * (v - pw_ - trk[s, c, 3])
+                continue
+            n = n_col[s, c]
+            inv = 1.0 / (n + 1.0)
+            la = max(0.001, inv)
+            delta = v - lmean[s, c]
+            lmean[s, c] += la * delta
+            lvar[s, c] = (1.0 - la) * (lvar[s, c] + la * delta * delta)
+            fl = floor_share * floor_share * lvar[s, c] + 1e-24 * (1.0 + lmean[s, c] ** 2)
+            ae = max(a_err, inv)
+            for k in range(_N_MODELS):
+                if k == 0:
+                    target, rate = v, max(a_fast, inv)
+                elif k == 1:
+                    target, rate = v, max(a_slow, inv)
+                elif k == 2:
+                    target, rate = v - pd_, max(a_slow, inv)
+                else:
+                    target, rate = v - pw_, max(a_slow, inv)
+                resid = target - level[s, c, k]
+                bound = clip * math.sqrt(err[s, c, k] + fl) if n > 2 else abs(resid)
+                rc = min(max(resid, -bound), bound)
+                err[s, c, k] = (1.0 - ae) * err[s, c, k] + ae * rc * rc
+                level[s, c, k] += rate * rc
+                if k == 2:
+                    g = v - level[s, c, 2] - pd_
+                    g = min(max(g, -bound), bound)
+                    cnt_d[s, c, d0] += 1.0 - dfrac
+                    prof_d[s, c, d0] += (1.0 - dfrac) * max(a_prof, 1.0 / cnt_d[s, c, d0]) * g
+                    cnt_d[s, c, d1] += dfrac
+                    prof_d[s, c, d1] += dfrac * max(a_prof, 1.0 / cnt_d[s, c, d1]) * g
+                elif k == 3:
+                    g = v - level[s, c, 3] - pw_
+                    g = min(max(g, -bound), bound)
+                    cnt_w[s, c, w0] += 1.0 - wfrac
+                    prof_w[s, c, w0] += (1.0 - wfrac) * max(a_prof, 1.0 / cnt_w[s, c, w0]) * g
+                    cnt_w[s, c, w1] += wfrac
+                    prof_w[s, c, w1] += wfrac * max(a_prof, 1.0 / cnt_w[s, c, w1]) * g
+            n_col[s, c] = min(n + 1, 1_000_000_000)
+            if gap and n_col[s, c] > 2 * min_col:
+                n_col[s, c] = 2 * min_col  # after a gap the uncertainty widens again
+        if m > 0 and not hold:
+            _remember(hist_i, totals, s, 0, stat_i, forget)
+            _remember(hist_s, totals, s, 1, stat_s, forget)
+
+
+class DetectorTable:
+    """Many independent detector slots stepped together (see the module docstring).
+
+    Args:
+        n_slots: slots to create (more can be added with :meth:`add_slots`).
+        n_columns: numbers per row, the same for every slot of this table.
+        config: the settings; the defaults when None.
+
+    Raises:
+        ConfigError: a size is not positive.
+    """
+
+    def __init__(self, n_slots: int, n_columns: int, config: DetectorConfig | None = None) -> None:
+        if n_slots < 0 or n_columns < 1:
+            raise ConfigError(f"a detector table needs slots >= 0 and columns >= 1 "
+                              f"(got {n_slots}, {n_columns})")  # fmt: skip
+        self._config = config if config is not None else DetectorConfig()
+        self._params = self._config._params()
+        self._n_columns = n_columns
+        self._state: dict[str, np.ndarray[Any, Any]] = {}
+        self._n_slots = 0
+        self._grow(n_slots)
+
+    # -- shape ---------------------------------------------------------------------------
+
+    @property
+    def config(self) -> DetectorConfig:
+        """The settings this table was built with."""
+        return self._config
+
+    @property
+    def threshold(self) -> float:
+        """Operating point: a score at or above it raises an alert (``1 - alpha``)."""
+        return self._config.threshold
+
+    @property
+    def n_slots(self) -> int:
+        """Number of slots."""
+        return self._n_slots
+
+    @property
+    def n_columns(self) -> int:
+        """Numbers per row."""
+        return self._n_columns
+
+    def rows_seen(self, slot: int) -> int:
+        """Rows a slot has learnt (late rows not counted)."""
+        return int(self._state["rows"][slot])
+
+    def active(self, slot: int) -> bool:
+        """Whether the slot's alert is up."""
+        return bool(self._state["active"][slot])
+
+    def scored_columns(self, slot: int) -> tuple[int, ...]:
+        """Columns of a slot that have changed at least once, so are learnt and scored."""
+        n_col = self._state["n_col"][slot]
+        return tuple(int(c) for c in np.flatnonzero(n_col > 0))
+
+    def predictors(self, slot: int) -> tuple[str, ...]:
+        """Which predictor each column of a slot uses now: fast, slow, daily or weekly."""
+        st, cfg = self._state, self._config
+        periods = cfg.periods_s if st["has_time"][slot] == 1 else cfg.row_periods
+        if st["has_time"][slot] == 1:
+            elapsed = float(st["last_t"][slot] - st["t0"][slot])
+        else:
+            elapsed = float(st["rows"][slot])
+        names = []
+        for c in range(self._n_columns):
+            err = st["err"][slot, c]
+            best = 0 if err[0] <= err[1] else 1
+            if elapsed >= periods[0] and err[2] < cfg.season_gain * err[best]:
+                best = 2
+            if elapsed >= periods[1] and err[3] < cfg.season_gain * err[best]:
+                best = 3
+            names.append(("fast", "slow", "daily", "weekly")[best])
+        return tuple(names)
+
+    def state_bytes(self) -> int:
+        """Memory held by the state arrays."""
+        return sum(int(a.nbytes) for a in self._state.values())
+
+    def add_slots(self, count: int) -> range:
+        """Add ``count`` fresh slots; returns their indices."""
+        if count < 0:
+            raise ConfigError(f"cannot add {count} slots")
+        start = self._n_slots
+        self._grow(count)
+        return range(start, start + count)
+
+    def reset_slots(self, slots: npt.ArrayLike) -> None:
+        """Forget everything about the given slots (as if new)."""
+        index = np.asarray(slots, dtype=np.int64)
+        fresh = self._fresh(index.size)
+        for name, array in self._state.items():
+            array[index] = fresh[name]
+
+    # -- stepping ------------------------------------------------------------------------
+
+    def step(
+        self,
+        slots: npt.ArrayLike,
+        t_s: npt.ArrayLike,
+        values: npt.ArrayLike,
+        *,
+        learn: bool = True,
+    ) -> StepResult:
+        """Score rows (each against its slot's state so far), then learn them.
+
+        Args:
+            slots: slot index per row; a slot may appear many times (taken in order).
+            t_s: timestamp per row in seconds; NaN when there is none.
+            values: ``(rows, n_columns)`` numbers, NaN (or inf) for a missing cell. Never
+                modified.
+            learn: False scores only: nothing in the table changes.
+
+        Returns:
+            Scores, events, alert states, per-column deviations and flags, per row.
+
+        Raises:
+            PermanentError: shapes disagree or a slot index is out of range.
+        """
+        index = np.ascontiguousarray(slots, dtype=np.int64).reshape(-1)
+        stamps = np.ascontiguousarray(t_s, dtype=np.float64).reshape(-1)
+        data = np.array(values, dtype=np.float64, copy=True, ndmin=2)
+        if data.ndim != 2 or data.shape[1] != self._n_columns:
+            raise PermanentError(
+                f"rows have {data.shape[-1]} values, the table has {self._n_columns} columns"
+            )
+        n = data.shape[0]
+        if index.size != n or stamps.size != n:
+            raise PermanentError(f"{n} rows but {index.size} slots and {stamps.size} times")
+        if n and (index.min() < 0 or index.max() >= self._n_slots):
+            raise PermanentError(f"slot index out of range (table has {self._n_slots})")
+        data[~np.isfinite(data)] = np.nan
+        stamps = np.where(np.isfinite(stamps), stamps, np.nan)
+        score = np.empty(n)
+        event = np.empty(n, dtype=np.bool_)
+        up = np.empty(n, dtype=np.bool_)
+        dev = np.empty((n, self._n_columns))
+        flags = np.empty(n, dtype=np.int8)
+        st = self._state
+        _step_rows(
+            self._params, index, stamps, data, learn,
+            st["rows"], st["last_t"], st["t0"], st["step_log"], st["has_time"],
+            st["active"], st["act_rows"], st["calm"], st["hist_i"], st["hist_s"],
+            st["totals"], st["n_col"], st["first"], st["level"], st["err"], st["trk"],
+            st["sm"], st["lmean"], st["lvar"], st["prof_d"], st["cnt_d"], st["prof_w"],
+            st["cnt_w"], score, event, up, dev, flags,
+        )  # fmt: skip
+        return StepResult(score, event, up, dev, flags)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _fresh(self, count: int) -> dict[str, np.ndarray[Any, Any]]:
+        c, cfg = self._n_columns, self._config
+        f8, f4 = np.float64, np.float32
+        return {
+            "rows": np.zeros(count, np.int64),
+            "last_t": np.zeros(count, f8),
+            "t0": np.zeros(count, f8),
+            "step_log": np.zeros(count, f8),
+            "has_time": np.full(count, -1, np.int8),
+            "active": np.zeros(count, np.int8),
+            "act_rows": np.zeros(count, np.int32),
+            "calm": np.zeros(count, np.int32),
+            "hist_i": np.zeros((count, _N_BINS), f8),
+            "hist_s": np.zeros((count, _N_BINS), f8),
+            "totals": np.zeros((count, 2), f8),
+            "n_col": np.zeros((count, c), np.int32),
+            "first": np.full((count, c), np.nan, f8),
+            "level": np.zeros((count, c, _N_MODELS), f8),
+            "err": np.zeros((count, c, _N_MODELS), f8),
+            "trk": np.zeros((count, c, _N_MODELS), f8),
+            "sm": np.zeros((count, c), f8),
+            "lmean": np.zeros((count, c), f8),
+            "lvar": np.zeros((count, c), f8),
+            "prof_d": np.zeros((count, c, cfg.day_bins), f4),
+            "cnt_d": np.zeros((count, c, cfg.day_bins), f4),
+            "prof_w": np.zeros((count, c, cfg.week_bins), f4),
+            "cnt_w": np.zeros((count, c, cfg.week_bins), f4),
+        }
+
+    def _grow(self, count: int) -> None:
+        fresh = self._fresh(count)
+        if not self._state:
+            self._state = fresh
+        else:
+            self._state = {
+                name: np.concatenate([self._state[name], fresh[name]]) for name in fresh
+            }
+        self._n_slots += count
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"config": self._config, "n_columns": self._n_columns,
+                "n_slots": self._n_slots, "state": self._state}  # fmt: skip
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._config = state["config"]
+        self._params = self._config._params()
+        self._n_columns = state["n_columns"]
+        self._n_slots = state["n_slots"]
+        self._state = state["state"]
+
+
+def config_fields() -> tuple[str, ...]:
+    """Names of the :class:`DetectorConfig` settings (for benchmarks and help texts)."""
+    return tuple(f.name for f in fields(DetectorConfig))
