@@ -62,6 +62,7 @@ from pydantic import (
 from gateway.errors import TransientError
 from notifier.actions import CaseActions, HealthPoint, HealthReader
 from notifier.addresses import check_webhook_url
+from notifier.devicedata import DeviceData, EraseMode
 from notifier.errors import (
     ConflictError,
     ExpiredLinkError,
@@ -77,6 +78,8 @@ from notifier.keys import (
     ACTION_BASE_URL_KEY,
     ACTIONS_KEY,
     CLOCK_KEY,
+    DEVICE_DATA_KEY,
+    ERASE_MODE_KEY,
     HEALTH_KEY,
     LINKS_KEY,
     OPENAPI_KEY,
@@ -1424,10 +1427,47 @@ async def _export_me(request: web.Request) -> web.Response:
     return response
 
 
+async def _owner_device_ids(store: CaseStore, owner_id: str) -> list[str]:
+    """Every device the owner has or had a case about (their data in InfluxDB)."""
+    ids = {device.device_id for device in await store.devices(owner_id)}
+    ids |= {case.device_id for case in await store.cases(owner_id=owner_id, limit=1_000_000)}
+    return sorted(ids)
+
+
+async def _export_telemetry(request: web.Request) -> web.StreamResponse:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    data = request.app[DEVICE_DATA_KEY]
+    devices = await _owner_device_ids(request.app[STORE_KEY], owner.owner_id)
+    day = request.app[CLOCK_KEY]().astimezone(UTC).strftime("%Y-%m-%d")
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "application/x-ndjson",
+            "Content-Disposition": f'attachment; filename="fixloop-device-data-{day}.jsonl"',
+            "Cache-Control": "no-store",
+            REQUEST_ID_HEADER: _request_id(request),
+            **_SECURITY_HEADERS,
+        }
+    )
+    await response.prepare(request)
+    if data is not None and devices:
+        async for line in data.export(devices):
+            await response.write(line)
+    await response.write_eof()
+    return response
+
+
 async def _delete_me(request: web.Request) -> web.Response:
     owner = _owner_of(await _authenticate(request, "owner"))
     await _read_body(request, EraseRequest)
-    rows = await request.app[STORE_KEY].erase_owner(owner.owner_id)
+    store = request.app[STORE_KEY]
+    data = request.app[DEVICE_DATA_KEY]
+    if data is not None:
+        # the devices' points first: should InfluxDB be away, nothing is erased yet and
+        # the owner (whose token still works) can simply ask again
+        devices = await _owner_device_ids(store, owner.owner_id)
+        if devices:
+            await data.erase(devices, mode=request.app[ERASE_MODE_KEY])
+    rows = await store.erase_owner(owner.owner_id)
     _LOG.info("an owner erased their data (%d rows)", rows)
     return _json(ErasedView(erased=True, rows=rows))
 
@@ -1488,6 +1528,13 @@ TAP_ACTIONS: Final[dict[str, str]] = {
 #: and hands the case to a person through its flag.
 _TAP_STARS: Final[dict[str, int]] = {"rate_good": 5, "rate_bad": 2, "nothing_wrong": 3}
 _NUMBERED: Final[dict[str, tuple[int, int]]] = {"choose_slot": (0, 99), "rate": (1, 5)}
+#: Sent with every answer of the API (a page sets a looser CSP of its own first).
+_SECURITY_HEADERS: Final[dict[str, str]] = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
 _PAGE_HEADERS: Final[dict[str, str]] = {
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
@@ -1760,6 +1807,28 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
             ),
         ),
         _export_me,
+    ),
+    (
+        Operation(
+            "GET",
+            _p("/me/export/device-data"),
+            "exportDeviceData",
+            "Everything the owner's devices sent and what was made of it, as JSON lines",
+            "owner",
+            "owner",
+            replies=(
+                Reply(
+                    200,
+                    "One JSON object a line: a point of telemetry, a device event or a "
+                    "health score (`measurement`, `device`, `time` and the point's values), "
+                    "device by device, oldest first; streamed.",
+                    schema={"type": "string"},
+                    media_type="application/x-ndjson",
+                    headers=(("Content-Disposition", "attachment; filename=..."),),
+                ),
+            ),
+        ),
+        _export_telemetry,
     ),
     (
         Operation(
@@ -2094,7 +2163,11 @@ async def _edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
         # the last line of defence: a bug answers 500, is logged, and the app goes on
         _LOG.exception("request %s %s %s failed", request_id, request.method, request.path)
         response = _error(500, "internal_error", "something went wrong on our side")
+    if response.prepared:  # a streamed answer set its headers before it began
+        return response
     response.headers[REQUEST_ID_HEADER] = request_id
+    for name, value in _SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
     if request.path.startswith(API_PREFIX):
         response.headers.setdefault("Cache-Control", "no-store")
     return response
@@ -2119,6 +2192,8 @@ def create_api(
     action_base_url: str | None = None,
     links: ActionLinks | None = None,
     webhook_allow_private: bool = False,
+    device_data: DeviceData | None = None,
+    erase_mode: EraseMode = "delete",
 ) -> web.Application:
     """Build the owner REST API.
 
@@ -2134,6 +2209,10 @@ def create_api(
             refused with 403).
         webhook_allow_private: accept webhooks to internal addresses and over plain
             http (local installs and tests only).
+        device_data: where the owners' devices' points are kept, exported with the
+            owner's data and erased with it (``None``: the API touches no telemetry).
+        erase_mode: what an erasure does to those points: ``delete`` them, or ``rekey``
+            them to anonymous device ids first (history kept, linked to no one).
 
     Returns:
         The app: routes under ``/api/v1`` and ``GET /openapi.json``.
@@ -2146,6 +2225,8 @@ def create_api(
     app[ACTION_BASE_URL_KEY] = action_base_url
     app[LINKS_KEY] = links
     app[WEBHOOK_INTERNAL_KEY] = webhook_allow_private
+    app[DEVICE_DATA_KEY] = device_data
+    app[ERASE_MODE_KEY] = erase_mode
     for operation, handler in _ROUTES:
         app.router.add_route(operation.method, operation.path, handler, name=operation.operation_id)
     app[OPENAPI_KEY] = build_document(

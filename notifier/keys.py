@@ -13,6 +13,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from notifier.actions import CaseActions, HealthReader
+from notifier.devicedata import DeviceData, EraseMode
 from notifier.links import ActionLinks
 from notifier.store import CaseStore
 
@@ -20,6 +21,8 @@ __all__ = [
     "ACTIONS_KEY",
     "ACTION_BASE_URL_KEY",
     "CLOCK_KEY",
+    "DEVICE_DATA_KEY",
+    "ERASE_MODE_KEY",
     "HEALTH_KEY",
     "LINKS_KEY",
     "OPENAPI_KEY",
@@ -43,3 +46,8 @@ OPENAPI_KEY: Final = web.AppKey[dict[str, Any]]("openapi")
 LINKS_KEY: Final = web.AppKey[ActionLinks | None]("links")
 #: Whether webhooks may point at internal addresses (local installs and tests only).
 WEBHOOK_INTERNAL_KEY: Final = web.AppKey[bool]("webhook_internal")
+#: Where the owner's devices' telemetry, events and scores are (``None``: not exported
+#: nor erased by the API, for installs that keep no telemetry).
+DEVICE_DATA_KEY: Final = web.AppKey[DeviceData | None]("device_data")
+#: What erasure does to the devices' stored points: ``delete`` or ``rekey``.
+ERASE_MODE_KEY: Final = web.AppKey[EraseMode]("erase_mode")

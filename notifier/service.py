@@ -31,6 +31,7 @@ from gateway.protocol.mqtt import MqttClient
 from gateway.settings import MqttSettings
 from gateway.supervisor import StageHealth, supervise
 from notifier.api import create_api
+from notifier.devicedata import InfluxDeviceData
 from notifier.health import InfluxHealth
 from notifier.links import ActionLinks
 from notifier.loop import LoopConfig, OwnerLoop
@@ -127,6 +128,7 @@ class NotifierService:
             store = self.store
             influx = await stack.enter_async_context(InfluxClient(self._influx_settings))
             health = InfluxHealth(influx)
+            device_data = InfluxDeviceData(influx)
             commands = await stack.enter_async_context(
                 CommandChannel(self._mqtt, client_id=f"{settings.client_id}-commands")
             )
@@ -171,6 +173,8 @@ class NotifierService:
                 action_base_url=self._public_url(),
                 links=links,
                 webhook_allow_private=settings.push.webhook_allow_private,
+                device_data=device_data,
+                erase_mode=settings.erase_device_data,
             )
             app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)

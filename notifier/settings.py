@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
@@ -70,6 +70,9 @@ class NotifierSettings(BaseModel):
             (0: never).
         firmware: firmware release to install by product model (``firmware_update``).
         push: the push services.
+        erase_device_data: what an owner's erasure does to their devices' telemetry,
+            events and scores in InfluxDB: ``delete`` them, or ``rekey`` them to anonymous
+            device ids first (for a manufacturer who keeps device history).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -94,6 +97,7 @@ class NotifierSettings(BaseModel):
         default_factory=lambda: {"washer": "2.4.0", "fridge": "2.4.0", "heat_pump": "2.4.0"}
     )
     push: PushSettings = Field(default_factory=PushSettings)
+    erase_device_data: Literal["delete", "rekey"] = "delete"
 
     @field_validator("link_secret")
     @classmethod

@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -655,6 +656,37 @@ def _exported_channel(channel: PushChannel) -> dict[str, Any]:
 
 def _in(column: str, values: Sequence[str]) -> str:
     return f"{column} IN ({', '.join('?' for _ in values)})"
+
+
+def _anonymise_devices(conn: sqlite3.Connection, case_ids: Sequence[str], devices: set[str]) -> int:
+    """Give an erased owner's cases anonymous device ids, also where text quotes them.
+
+    Each device gets one new random id (``anon-`` and 16 hex digits) across the owner's
+    cases, so the fleet's statistics keep counting one device as one, while nothing
+    leads back to the device, and so to its owner. Only the owner's own cases change: a
+    device sold on keeps its id in its new owner's cases.
+    """
+    touched = 0
+    replacements = [(device, f"anon-{secrets.token_hex(8)}") for device in sorted(devices)]
+    for first in range(0, len(case_ids), 500):
+        chunk = list(case_ids[first : first + 500])
+        for old, new in replacements:
+            touched += conn.execute(
+                f"UPDATE cases SET device_id = ? WHERE device_id = ? AND {_in('case_id', chunk)}",
+                [new, old, *chunk],
+            ).rowcount
+            for table, column in (
+                ("audit", "evidence"),
+                ("audit", "reason"),
+                ("tasks", "reason"),
+                ("appointments", "note"),
+            ):
+                touched += conn.execute(
+                    f"UPDATE {table} SET {column} = REPLACE({column}, ?, ?) "
+                    f"WHERE instr({column}, ?) > 0 AND {_in('case_id', chunk)}",
+                    [old, new, old, *chunk],
+                ).rowcount
+    return touched
 
 
 def _upsert(conn: sqlite3.Connection, table: str, key: str, row: dict[str, Any]) -> None:
@@ -1366,9 +1398,28 @@ class SqliteStore:
         return await self._run(job)
 
     async def add_notification(self, notification: Notification) -> None:
-        """Insert or replace a notification."""
+        """Insert or replace a notification, while its owner exists.
+
+        A delivery still under way when its owner erased their data finishes by storing
+        its outcome: checked in the same step as the write, an erased owner's message is
+        dropped rather than brought back (with their name and the device's label).
+        """
         row = _notification_row(notification)
-        await self._run(lambda conn: _upsert(conn, "notifications", "notification_id", row))
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                known = conn.execute(
+                    "SELECT 1 FROM owners WHERE owner_id = ?", (notification.owner_id,)
+                ).fetchone()
+                if known is None:
+                    _LOG.info(
+                        "notification %s not kept: its owner is gone",
+                        notification.notification_id,
+                    )
+                    return
+                _upsert(conn, "notifications", "notification_id", row)
+
+        await self._run(job)
 
     async def notifications(
         self, owner_id: str, *, status: str | None = None, since: datetime | None = None
@@ -1516,10 +1567,13 @@ class SqliteStore:
 
         Deleted: the owner, their API tokens, push channels, notifications and the
         registry entries of their devices. Kept for the fleet's statistics: their cases
-        (owner id set to :data:`ERASED_OWNER`), appointments, tasks, ratings (comments
-        removed) and the audit trail (``notify`` entries lose their evidence, which may
-        name contacts). The write-ahead log is then checkpointed so that the erased data
-        leaves the files on disk (deleted content is zeroed by ``secure_delete``).
+        (owner id set to :data:`ERASED_OWNER`, each device id replaced by an anonymous
+        ``anon-`` id, also where the trail, tasks and visit notes quote it), appointments,
+        tasks, ratings (comments removed) and the audit trail (``notify`` entries lose
+        their evidence, which may name contacts). A tombstone without any identifier
+        (``owner_erased``, with counts) is added to the trail. The write-ahead log is then
+        checkpointed so that the erased data leaves the files on disk (deleted content is
+        zeroed by ``secure_delete``).
         """
 
         def job(conn: sqlite3.Connection) -> int:
@@ -1531,6 +1585,15 @@ class SqliteStore:
                         "SELECT case_id FROM cases WHERE owner_id = ?", (owner_id,)
                     )
                 ]
+                devices = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT device_id FROM devices WHERE owner_id = ? "
+                        "UNION SELECT device_id FROM cases WHERE owner_id = ?",
+                        (owner_id, owner_id),
+                    )
+                }
+                touched += _anonymise_devices(conn, ids, devices)
                 for sql in (
                     "DELETE FROM owners WHERE owner_id = ?",
                     "DELETE FROM tokens WHERE kind = 'owner' AND principal_id = ?",
@@ -1554,6 +1617,15 @@ class SqliteStore:
                         f"AND evidence != '{{}}' AND {_in('case_id', chunk)}",
                         chunk,
                     ).rowcount
+                conn.execute(
+                    "INSERT INTO audit (case_id, at, actor, action, reason, evidence) "
+                    "VALUES (NULL, ?, 'system', 'owner_erased', ?, ?)",
+                    (
+                        _ts(datetime.now(UTC)),
+                        "an owner's personal data was erased at their request",
+                        _json({"rows": touched, "cases": len(ids), "devices": len(devices)}),
+                    ),
+                )
             busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
             if busy:
                 _LOG.warning(

@@ -356,6 +356,8 @@ async def test_notification_round_trip_and_filters(store: SqliteStore) -> None:
     )
     held = Notification("n-1", "owner-1", None, "digest", "t", "b", (), at(1), status="held")
     other = Notification("n-3", "owner-2", None, "rate", "t", "b", (), at(0))
+    for owner_id in ("owner-1", "owner-2"):
+        await store.put_owner(Owner(owner_id, owner_id.title()))
     for notification in (sent, held, other):
         await store.add_notification(notification)
     got = await store.notifications("owner-1")
@@ -926,10 +928,11 @@ async def test_erase_owner_leaves_nothing_in_the_file(store: SqliteStore, db_pat
         assert value in before, value
 
     touched = await store.erase_owner(OWNER_ID)
-    # owner, token, 2 channels, notification, device; case owner; rating comment; notify evidence
-    assert touched == 9
+    # owner, token, 2 channels, notification, device; case owner; rating comment; notify
+    # evidence; the case's device id
+    assert touched == 10
     after = file_bytes(db_path)
-    for value in [*personal, hashlib.sha256(TOKEN.encode()).hexdigest().encode()]:
+    for value in [*personal, hashlib.sha256(TOKEN.encode()).hexdigest().encode(), b"dev-7731"]:
         assert value not in after, value
 
     assert await store.get_owner(OWNER_ID) is None
@@ -941,6 +944,7 @@ async def test_erase_owner_leaves_nothing_in_the_file(store: SqliteStore, db_pat
     case = await store.get_case("case-7731")
     assert case is not None
     assert case.owner_id == ERASED_OWNER
+    assert case.device_id.startswith("anon-")
     assert await store.cases(owner_id=ERASED_OWNER) == [case]
     rating = await store.get_rating("case-7731")
     assert rating is not None
@@ -1171,3 +1175,13 @@ async def test_lock_held_too_long_is_transient(db_path: Path) -> None:
             await store.put_owner(make_owner())
         finally:
             other.close()
+
+
+async def test_a_delivery_finishing_after_erasure_brings_nothing_back(store: SqliteStore) -> None:
+    await store.put_owner(Owner("owner-9", "Nina"))
+    queued = Notification("n-9", "owner-9", None, "resolved", "Nina, all fixed", "b", (), at(1))
+    await store.add_notification(queued)
+    await store.erase_owner("owner-9")
+    # the push that was under way stores its outcome afterwards
+    await store.add_notification(replace(queued, status="sent", channel_id="ch-9"))
+    assert await store.notifications("owner-9") == []
