@@ -13,8 +13,6 @@ case machine requests as the owner REST API.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import random
 from collections.abc import Sequence
@@ -24,6 +22,7 @@ from typing import Final
 
 from device_sim import FaultName, FleetRunner, faults_for_model
 from gateway.errors import ConfigError, PermanentError
+from gateway.protocol.credentials import derive
 from notifier.actions import CaseActions
 from notifier.model import DeviceRecord, Owner, Technician, Window
 from notifier.store import CaseStore
@@ -66,8 +65,7 @@ _TECHNICIANS: Final = (
 
 def demo_token(fleet_secret: str, principal: str) -> str:
     """The API token of a demo person, derived from the fleet secret (stable across runs)."""
-    digest = hmac.new(fleet_secret.encode(), f"api:{principal}".encode(), hashlib.sha256)
-    return digest.hexdigest()[:40]
+    return derive(fleet_secret, "demo api token", principal).hex()[:40]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ then stops the gateway and the servers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import sys
@@ -29,11 +30,11 @@ from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
 from fixloop.broker import GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
-from fixloop.demo import SimulatedPeople, demo_faults, demo_token, seed_people
+from fixloop.demo import SimulatedPeople, demo_faults, seed_people
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from gateway.influx import InfluxClient
-from gateway.protocol.credentials import device_password
+from gateway.protocol.credentials import derive
 from gateway.service import Gateway
 from gateway.settings import MqttSettings
 from notifier.loop import OwnerLoop
@@ -75,8 +76,8 @@ async def _serve(app: web.Application, port: int) -> AsyncIterator[str]:
 
 
 def service_password(fleet_secret: str, user: str) -> str:
-    """Password of a service user of the local stack, derived like a device's."""
-    return device_password(fleet_secret, f"service:{user}")
+    """Password of a service user of the local stack (a key of its own, not a device's)."""
+    return base64.urlsafe_b64encode(derive(fleet_secret, "service password", user)[:18]).decode()
 
 
 def _banner(
@@ -234,7 +235,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
             people = await seed_people(
                 notifier.store, [(d.device_id, str(d.model)) for d in runner.fleet.devices], secret
             )
-            ops_password = demo_token(secret, "ops")[:16]
+            ops_password = derive(secret, "demo ops password", "ops").hex()[:16]
             dashboard_site = _serve(
                 create_app(
                     store=notifier.store,
