@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -325,7 +327,32 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 
 def _client(request: web.Request) -> str:
-    return request.remote or "unknown"
+    """The client's address: the peer, or what trusted proxies say it is.
+
+    ``X-Forwarded-For`` is believed only when the peer is a trusted proxy, and then
+    read from the right (the hop the nearest proxy saw) past every trusted proxy, so a
+    client cannot choose its address by sending the header itself.
+    """
+    peer = request.remote or "unknown"
+    proxies = request.app[SETTINGS_KEY].trusted_proxies
+    if not proxies:
+        return peer
+    try:
+        hop: IPv4Address | IPv6Address = ip_address(peer)
+    except ValueError:
+        return peer
+    hops = [
+        part.strip()
+        for header in request.headers.getall("X-Forwarded-For", ())
+        for part in header.split(",")
+    ]
+    client = hop
+    while any(client in network for network in proxies) and hops:
+        try:
+            client = ip_address(hops.pop())
+        except ValueError:
+            break
+    return str(client)
 
 
 def _same_origin(request: web.Request) -> bool:
@@ -355,22 +382,23 @@ async def _login(request: web.Request) -> web.StreamResponse:
         login = _Login.model_validate(raw)
     except ValidationError:
         return _error(400, "send a user name and a password")
-    limiter = request.app[LIMITER_KEY]
-    keys = (f"user:{login.username.casefold()}", f"addr:{_client(request)}")
-    wait_s = limiter.retry_after_s(*keys)
+    limiter, source = request.app[LIMITER_KEY], _client(request)
+    # counted before the password is checked, with no await in between (issue 12)
+    wait_s = limiter.begin(login.username, source)
     if wait_s > 0:
+        await _audit_login(request, "login_throttled", login.username, source, wait_s)
         return web.Response(
             body=orjson.dumps({"error": "too many failed logins; try again later"}),
             status=429,
             content_type="application/json",
-            headers={"Retry-After": str(max(1, round(wait_s)))},
+            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
         )
     user = await check_login(request.app[USERS_KEY], login.username, login.password)
     if user is None:
-        limiter.failed(*keys)
-        _LOG.info("failed ops login from %s", _client(request))
+        await _audit_login(request, "login_failed", login.username, source)
         return _error(401, "wrong user name or password")
-    limiter.succeeded(keys[0])
+    limiter.succeeded(login.username, source)
+    await _audit_login(request, "login", user.username, source)
     session_id, session = request.app[SESSIONS_KEY].create(user)
     response: web.StreamResponse
     if form:
@@ -385,8 +413,53 @@ async def _login(request: web.Request) -> web.StreamResponse:
         samesite="Strict",
         secure=request.app[SETTINGS_KEY].cookie_secure,
     )
-    _LOG.info("ops user %s logged in", user.username)
     return response
+
+
+_LOGIN_REASONS: Final = {
+    "login": "ops user logged in",
+    "login_failed": "wrong user name or password",
+    "login_throttled": "refused without checking the password: too many failed logins",
+}
+
+
+async def _audit_login(
+    request: web.Request,
+    action: Literal["login", "login_failed", "login_throttled"],
+    username: str,
+    source: str,
+    retry_after_s: float | None = None,
+) -> None:
+    """Record a login, a failed one or a refused one in the audit trail (and the log).
+
+    The user name is kept only if such a user exists: a password typed into the name
+    field must not end up in the trail. If the store cannot take the entry, the log
+    line (``security event``) still has it and the login is answered as usual.
+    """
+    known = await request.app[USERS_KEY].get_user(username) is not None
+    evidence: dict[str, Any] = {"user": username if known else None, "source": source}
+    if retry_after_s is not None:
+        evidence["retry_after_s"] = round(retry_after_s, 1)
+    log = _LOG.info if action == "login" else _LOG.warning
+    log(
+        "security event %s: user %s from %s",
+        action,
+        username if known else "(unknown)",
+        source,
+    )
+    try:
+        await request.app[STORE_KEY].add_audit(
+            AuditEntry(
+                case_id=None,
+                at=request.app[CLOCK_KEY](),
+                actor="ops",
+                action=action,
+                reason=_LOGIN_REASONS[action],
+                evidence=evidence,
+            )
+        )
+    except (TransientError, PermanentError, OSError):
+        _LOG.exception("security event %s from %s not kept in the audit trail", action, source)
 
 
 def _session_json(session: Session, user: OpsUser | None = None) -> dict[str, Any]:
@@ -1106,7 +1179,12 @@ def create_app(
         clock, idle_s=config.session_idle_s, max_age_s=config.session_max_s
     )
     app[LIMITER_KEY] = LoginLimiter(
-        clock, max_failures=config.login_max_failures, window_s=config.login_window_s
+        clock,
+        source_failures=config.login_max_failures,
+        account_failures=config.login_account_failures,
+        backoff_s=config.login_backoff_s,
+        max_backoff_s=config.login_max_backoff_s,
+        window_s=config.login_window_s,
     )
     app[FEED_KEY] = live
     streams: set[Subscription] = set()

@@ -8,9 +8,12 @@ constant time), so a page on another site can neither read nor forge a request.
 
 Passwords are stored as scrypt hashes with a random salt (``hashlib.scrypt``, RFC 7914),
 encoded as ``scrypt$<n>$<r>$<p>$<salt>$<hash>`` (base64url, no padding). Hashing runs in a
-worker thread: it is deliberately slow. Failed logins are counted per user name and per
-client address; past the limit, logins are refused for a while without checking the
-password.
+worker thread: it is deliberately slow. Every login attempt is counted before its password
+is checked, per source address and per account (:class:`LoginLimiter`); past a few free
+failures each further one opens a delay that doubles, during which that source (or, for
+sources the account has not logged in from, that account) is refused without checking a
+password. Nobody is locked out: the right password from a clean address still gets in while
+a guessing address waits (issue 12).
 
 Roles are ordered: ``viewer`` reads, ``agent`` also works person-needed cases (take over,
 write to the owner, close), ``admin`` also starts campaigns.
@@ -22,9 +25,10 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -286,65 +290,175 @@ class SessionStore:
             del self._sessions[key]
 
 
+@dataclass(slots=True)
+class _Tries:
+    """Failed (or not yet judged) logins of one source or account."""
+
+    failures: int
+    last_at: datetime
+    blocked_until: datetime
+
+
 class LoginLimiter:
-    """Counts failed logins per user name and per client address in a sliding window.
+    """Slows password guessing per source address and per account, without locking anyone out.
+
+    Every attempt is counted *before* its password is checked, in one step with the
+    check of the limits (no ``await`` in between), so parallel requests cannot all slip
+    through before the first failure is counted; a login that then succeeds takes its
+    count back. Past the free failures, each further failure opens a delay that doubles
+    (``backoff_s``, ``2 * backoff_s`` ... up to ``max_backoff_s``) during which the
+    source, or the account, is refused without checking a password. Counts are forgotten
+    ``window_s`` after the last failure once no delay runs.
+
+    * **Per source address** (IPv6 by its /64, which one host usually owns):
+      ``source_failures`` free failures, whatever the account.
+    * **Per account**: ``account_failures`` free failures from all sources together
+      (a guess spread over many addresses). The account's delay applies only to
+      sources the account has not logged in from lately (``trust_s``): its own people
+      keep getting in, and one attacker's source is stopped by its own limit long
+      before the account's, so a clean address is not refused because of it.
 
     Args:
         clock: the wall clock.
-        max_failures: failures in the window after which logins are refused.
-        window_s: the window, also how long the refusal lasts after the last failure.
-        max_keys: bound on the names and addresses tracked (oldest go first).
+        source_failures: free failures per source address.
+        account_failures: free failures per account, over all sources.
+        backoff_s: the first delay.
+        max_backoff_s: the longest delay.
+        window_s: quiet time after which failures are forgotten.
+        trust_s: how long an address an account logged in from is spared the account's delay.
+        max_keys: bound on the sources, accounts and trusted pairs tracked (oldest go first).
+
+    Raises:
+        ConfigError: a limit below 1 or a delay that is not positive.
     """
 
     def __init__(
         self,
         clock: Callable[[], datetime],
         *,
-        max_failures: int = 5,
+        source_failures: int = 5,
+        account_failures: int = 20,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 900.0,
         window_s: float = 300.0,
+        trust_s: float = 30 * 86_400.0,
         max_keys: int = 10_000,
     ) -> None:
+        if source_failures < 1 or account_failures < 1 or max_keys < 1:
+            raise ConfigError("login limits must be at least 1")
+        if not 0 < backoff_s <= max_backoff_s or window_s <= 0 or trust_s < 0:
+            raise ConfigError("login delays need 0 < backoff_s <= max_backoff_s, window_s > 0")
         self._clock = clock
-        self._max = max_failures
+        self._source_free = source_failures
+        self._account_free = account_failures
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
         self._window = timedelta(seconds=window_s)
+        self._trust = timedelta(seconds=trust_s)
         self._max_keys = max_keys
-        self._failures: OrderedDict[str, deque[datetime]] = OrderedDict()
+        self._sources: OrderedDict[str, _Tries] = OrderedDict()
+        self._accounts: OrderedDict[str, _Tries] = OrderedDict()
+        self._trusted: OrderedDict[tuple[str, str], datetime] = OrderedDict()
 
-    def _recent(self, key: str, now: datetime) -> deque[datetime] | None:
-        times = self._failures.get(key)
-        if times is None:
+    @staticmethod
+    def source_key(address: str) -> str:
+        """The key a source address is counted under (an IPv6 address by its /64)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if ip.version == 6 and ip.ipv4_mapped is None:
+            return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip if ip.version == 4 else ip.ipv4_mapped)
+
+    def delay_s(self, failures: int, free: int) -> float:
+        """The delay after ``failures`` failures with ``free`` free ones (0: none)."""
+        if failures < free:
+            return 0.0
+        steps = min(failures - free, 60)  # 2**60 s is far past any cap
+        return min(self._max_backoff_s, self._backoff_s * 2.0**steps)
+
+    def _live(self, table: OrderedDict[str, _Tries], key: str, now: datetime) -> _Tries | None:
+        tries = table.get(key)
+        if tries is not None and now >= tries.blocked_until and now - tries.last_at >= self._window:
+            del table[key]
             return None
-        while times and now - times[0] >= self._window:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return None
-        return times
+        return tries
 
-    def retry_after_s(self, *keys: str) -> float:
-        """Seconds until a login for these keys is allowed again (0: allowed now)."""
+    def _is_trusted(self, account: str, source: str, now: datetime) -> bool:
+        until = self._trusted.get((account, source))
+        if until is None:
+            return False
+        if now >= until:
+            del self._trusted[(account, source)]
+            return False
+        return True
+
+    def _count(self, table: OrderedDict[str, _Tries], key: str, free: int, now: datetime) -> None:
+        tries = self._live(table, key, now)
+        if tries is None:
+            tries = table[key] = _Tries(0, now, now)
+        tries.failures += 1
+        tries.last_at = now
+        wait = timedelta(seconds=self.delay_s(tries.failures, free))
+        tries.blocked_until = max(tries.blocked_until, now + wait)
+        table.move_to_end(key)
+        while len(table) > self._max_keys:
+            table.popitem(last=False)
+
+    def begin(self, account: str, address: str) -> float:
+        """Count one login attempt before its password is checked, or refuse it.
+
+        Synchronous on purpose: the limits are checked and the attempt counted in one
+        step, so concurrent attempts cannot pass the check before one of them is counted.
+
+        Args:
+            account: the user name as typed (compared case-insensitively).
+            address: the client's address.
+
+        Returns:
+            0 when the attempt is counted and the password may be checked; else the
+            seconds until this source may try this account again (nothing counted).
+        """
         now = self._clock()
-        wait_s = 0.0
-        for key in keys:
-            times = self._recent(key, now)
-            if times is not None and len(times) >= self._max:
-                until = times[-self._max] + self._window
-                wait_s = max(wait_s, (until - now).total_seconds())
-        return wait_s
+        account, source = account.casefold(), self.source_key(address)
+        waits = [0.0]
+        by_source = self._live(self._sources, source, now)
+        if by_source is not None:
+            waits.append((by_source.blocked_until - now).total_seconds())
+        by_account = self._live(self._accounts, account, now)
+        if by_account is not None and not self._is_trusted(account, source, now):
+            waits.append((by_account.blocked_until - now).total_seconds())
+        wait_s = max(waits)
+        if wait_s > 0:
+            return wait_s
+        self._count(self._sources, source, self._source_free, now)
+        self._count(self._accounts, account, self._account_free, now)
+        return 0.0
 
-    def failed(self, *keys: str) -> None:
-        """Count one failed login for each key."""
+    def succeeded(self, account: str, address: str) -> None:
+        """Take back the count of an attempt whose password was right, and trust its source.
+
+        The count is taken back from the source and the account (a running delay ends only
+        if that brings the count below the free failures); the source is spared the
+        account's delay for ``trust_s``.
+        """
         now = self._clock()
-        for key in keys:
-            times = self._failures.get(key)
-            if times is None:
-                times = self._failures[key] = deque(maxlen=self._max)
-            times.append(now)
-            self._failures.move_to_end(key)
-        while len(self._failures) > self._max_keys:
-            self._failures.popitem(last=False)
-
-    def succeeded(self, *keys: str) -> None:
-        """Forget the failures of these keys."""
-        for key in keys:
-            self._failures.pop(key, None)
+        account, source = account.casefold(), self.source_key(address)
+        for table, key, free in (
+            (self._sources, source, self._source_free),
+            (self._accounts, account, self._account_free),
+        ):
+            tries = table.get(key)
+            if tries is None:
+                continue
+            tries.failures = max(0, tries.failures - 1)
+            if tries.failures == 0 and now >= tries.blocked_until:
+                del table[key]
+            elif tries.failures < free:
+                tries.blocked_until = min(tries.blocked_until, now)
+        if self._trust:
+            self._trusted[(account, source)] = now + self._trust
+            self._trusted.move_to_end((account, source))
+            while len(self._trusted) > self._max_keys:
+                self._trusted.popitem(last=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
 __all__ = ["DashboardSettings"]
 
@@ -15,9 +15,18 @@ class DashboardSettings(BaseModel):
         session_max_s: a session ends this long after login, used or not.
         cookie_secure: mark the session cookie ``Secure`` (behind HTTPS; a plain-HTTP
             local install leaves it off).
-        login_max_failures: failed logins per user name or client address in the window
-            before logins are refused.
-        login_window_s: that window, and how long a refusal lasts.
+        login_max_failures: free failed logins per client address; each further one
+            opens a delay that doubles (``login_backoff_s`` up to ``login_max_backoff_s``)
+            during which that address is refused without its password being checked.
+        login_account_failures: free failed logins per account from all addresses
+            together; past them the account's delay applies to addresses it has not
+            logged in from lately (it is never locked for everyone).
+        login_backoff_s: the first delay.
+        login_max_backoff_s: the longest delay.
+        login_window_s: quiet time after which failed logins are forgotten.
+        trusted_proxies: addresses or networks of reverse proxies whose
+            ``X-Forwarded-For`` is believed (empty: the client is the peer address, and
+            the header is ignored).
         cache_s: how old fleet-wide reads (registry, cases, latest scores) get before
             they are read again behind the answers (case changes on the live feed are
             applied as they come; ``0``: every request reads everything).
@@ -34,7 +43,11 @@ class DashboardSettings(BaseModel):
     session_max_s: float = Field(12 * 3600.0, gt=0)
     cookie_secure: bool = False
     login_max_failures: int = Field(5, ge=1)
+    login_account_failures: int = Field(20, ge=1)
+    login_backoff_s: float = Field(1.0, gt=0)
+    login_max_backoff_s: float = Field(900.0, gt=0)
     login_window_s: float = Field(300.0, gt=0)
+    trusted_proxies: tuple[IPvAnyNetwork, ...] = ()
     cache_s: float = Field(5.0, ge=0)
     max_points: int = Field(500, ge=10, le=10_000)
     max_range_days: int = Field(400, ge=1)
@@ -46,4 +59,6 @@ class DashboardSettings(BaseModel):
     def _check_levels(self) -> DashboardSettings:
         if self.anomalous_from < self.healthy_below:
             raise ValueError("anomalous_from must not be below healthy_below")
+        if self.login_max_backoff_s < self.login_backoff_s:
+            raise ValueError("login_max_backoff_s must not be below login_backoff_s")
         return self

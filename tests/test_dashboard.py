@@ -498,7 +498,8 @@ async def test_failed_logins_are_rate_limited(world: World) -> None:
     for _ in range(5):
         resp = await client.post("/ops/login", json={"username": "ada", "password": "guess"})
         assert resp.status == 401
-    # now even the right password is refused until the window passes
+    # this address now waits, even with the right password (tests/test_dashboard_login.py
+    # shows the delay growing, and the account still open to other addresses)
     resp = await client.post("/ops/login", json={"username": "ada", "password": PASSWORDS["ada"]})
     assert resp.status == 429
     assert int(resp.headers["Retry-After"]) > 0
