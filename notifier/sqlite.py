@@ -40,6 +40,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -658,6 +659,23 @@ def _in(column: str, values: Sequence[str]) -> str:
     return f"{column} IN ({', '.join('?' for _ in values)})"
 
 
+def _owner_only(path: Path) -> None:
+    """Create the database file readable by its owner only (0600), or make it so.
+
+    It holds owners' names, contacts and push tokens; SQLite gives the write-ahead log
+    and shared-memory files the database file's mode.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        for one in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if one.exists() and one.stat().st_mode & 0o077:
+                one.chmod(0o600)
+                _LOG.info("case store file %s made readable by its owner only", one.name)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the case store {path}: {exc}") from exc
+
+
 def _anonymise_devices(conn: sqlite3.Connection, case_ids: Sequence[str], devices: set[str]) -> int:
     """Give an erased owner's cases anonymous device ids, also where text quotes them.
 
@@ -800,6 +818,8 @@ class SqliteStore:
     def _connect(self) -> sqlite3.Connection:
         """Open and migrate the database (on the worker thread)."""
         where = str(self._path)
+        if where != ":memory:" and not where.startswith("file:"):
+            _owner_only(Path(where))
         try:
             conn = sqlite3.connect(self._path, timeout=self._busy_timeout_s, isolation_level=None)
         except sqlite3.Error as exc:

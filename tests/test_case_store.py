@@ -1185,3 +1185,14 @@ async def test_a_delivery_finishing_after_erasure_brings_nothing_back(store: Sql
     # the push that was under way stores its outcome afterwards
     await store.add_notification(replace(queued, status="sent", channel_id="ch-9"))
     assert await store.notifications("owner-9") == []
+
+
+async def test_the_database_and_its_log_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "cases.sqlite3"
+    async with SqliteStore(path) as store:
+        await store.put_owner(make_owner())
+        for one in (path, Path(f"{path}-wal")):
+            assert one.stat().st_mode & 0o777 == 0o600, one
+    path.chmod(0o644)
+    async with SqliteStore(path) as store:
+        assert path.stat().st_mode & 0o777 == 0o600
