@@ -77,6 +77,7 @@ from notifier.errors import (
 from notifier.keys import (
     ACTION_BASE_URL_KEY,
     ACTIONS_KEY,
+    CHANNEL_VERIFIER_KEY,
     CLOCK_KEY,
     DEVICE_DATA_KEY,
     ERASE_MODE_KEY,
@@ -103,6 +104,7 @@ from notifier.model import (
     Urgency,
 )
 from notifier.openapi import Operation, QueryParam, Reply, build_document
+from notifier.push_base import ChannelVerifier
 from notifier.store import CaseStore, PrincipalKind
 
 __all__ = [
@@ -151,7 +153,7 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 _HEALTH_TIMEOUT_S: Final = 5.0
 #: A stored score at or above this reads "needs attention" (diagnostics' opening threshold).
 _ATTENTION_SCORE: Final = 0.5
-#: Most push channels one owner may register.
+#: Most push channels one owner may keep, active or retired (issue 12).
 _MAX_CHANNELS: Final = 20
 #: Longest id taken in a path (longer ones cannot exist: 404).
 _MAX_ID_CHARS: Final = 128
@@ -594,7 +596,8 @@ class ChannelView(_View):
         channel_id: id.
         kind: which service.
         target: the target, masked.
-        active: whether pushes go to it.
+        active: whether pushes go to it (``false``: retired after failing or being
+            called dead; re-verify it to use it again).
         created_at: when it was registered.
     """
 
@@ -606,7 +609,7 @@ class ChannelView(_View):
 
 
 class ChannelList(_View):
-    """The owner's active push channels, oldest first.
+    """The owner's push channels, active and retired, oldest first.
 
     Attributes:
         channels: the channels.
@@ -1232,7 +1235,8 @@ async def _patch_me(request: web.Request) -> web.Response:
 
 async def _list_channels(request: web.Request) -> web.Response:
     owner = _owner_of(await _authenticate(request, "owner"))
-    channels = await request.app[STORE_KEY].channels(owner.owner_id, active_only=True)
+    # retired ones too: they count towards the limit, and the owner re-verifies or removes them
+    channels = await request.app[STORE_KEY].channels(owner.owner_id, active_only=False)
     return _json(ChannelList(channels=[_channel_view(channel) for channel in channels]))
 
 
@@ -1261,11 +1265,12 @@ async def _add_channel(request: web.Request) -> web.Response:
     existing = await store.channels(owner.owner_id, active_only=False)
     for channel in existing:
         if channel.kind == body.kind and channel.target == body.target:
-            # the same subscription again (an app reinstall): refresh it, keep its id
-            renewed = replace(channel, keys=keys, active=True, failures=0)
+            # the same subscription again (an app reinstall): refresh its keys, keep its id
+            # and its state: a retired channel comes back only by re-verification (issue 12)
+            renewed = replace(channel, keys=keys)
             await store.put_channel(renewed)
             return _json(_channel_view(renewed))
-    if sum(channel.active for channel in existing) >= _MAX_CHANNELS:
+    if len(existing) >= _MAX_CHANNELS:  # retired ones too: they are kept until removed
         raise InvalidRequestError(
             f"at most {_MAX_CHANNELS} push channels: remove one you no longer use first"
         )
@@ -1280,6 +1285,32 @@ async def _add_channel(request: web.Request) -> web.Response:
     )
     await store.put_channel(channel)
     return _json(_channel_view(channel), 201)
+
+
+async def _verify_channel(request: web.Request) -> web.Response:
+    owner = _owner_of(await _authenticate(request, "owner"))
+    channel_id = _path_id(request)
+    store = request.app[STORE_KEY]
+    channel = next(
+        (
+            c
+            for c in await store.channels(owner.owner_id, active_only=False)
+            if c.channel_id == channel_id
+        ),
+        None,
+    )
+    if channel is None:
+        raise _ApiError(404, "not_found", f"there is no push channel {channel_id}")
+    verifier = request.app[CHANNEL_VERIFIER_KEY]
+    if verifier is None:
+        raise _ApiError(503, "unavailable", "push delivery is not running here")
+    if not await verifier.verify_channel(owner, channel):
+        raise _ApiError(
+            409,
+            "not_verified",
+            "the test message did not reach the channel; it stays as it was",
+        )
+    return _json(_channel_view(replace(channel, active=True, failures=0)))
 
 
 async def _delete_channel(request: web.Request) -> web.Response:
@@ -1838,7 +1869,7 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
             "The owner's push channels",
             "owner",
             "owner",
-            replies=(Reply(200, "The active channels, targets masked.", ChannelList),),
+            replies=(Reply(200, "The channels, active and retired, targets masked.", ChannelList),),
         ),
         _list_channels,
     ),
@@ -1853,10 +1884,40 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
             body=ChannelRequest,
             replies=(
                 Reply(201, "Registered; the target masked, secrets not shown.", ChannelView),
-                Reply(200, "The same channel was registered before: refreshed.", ChannelView),
+                Reply(
+                    200,
+                    "The same channel was registered before: its keys refreshed, its state "
+                    "kept (a retired one stays retired until re-verified).",
+                    ChannelView,
+                ),
+            ),
+            description=(
+                "An owner keeps at most 20 channels, retired ones included (422 past that: "
+                "remove one first)."
             ),
         ),
         _add_channel,
+    ),
+    (
+        Operation(
+            "POST",
+            _p(f"/me/channels/{_ID}/verify"),
+            "verifyChannel",
+            "Re-verify a push channel with a test message",
+            "owner",
+            "owner",
+            replies=(
+                Reply(200, "The test message was taken: the channel is active.", ChannelView),
+                Reply(409, "The test message was not taken: the channel is unchanged.", ErrorView),
+                Reply(503, "Push delivery is not running here.", ErrorView),
+            ),
+            description=(
+                "Sends a test message over this channel only. If its push service takes "
+                "it, the channel is active again with no failures counted; otherwise it "
+                "stays as it was. This is the only way a retired channel comes back."
+            ),
+        ),
+        _verify_channel,
     ),
     (
         Operation(
@@ -2194,6 +2255,7 @@ def create_api(
     webhook_allow_private: bool = False,
     device_data: DeviceData | None = None,
     erase_mode: EraseMode = "delete",
+    verifier: ChannelVerifier | None = None,
 ) -> web.Application:
     """Build the owner REST API.
 
@@ -2213,6 +2275,8 @@ def create_api(
             owner's data and erased with it (``None``: the API touches no telemetry).
         erase_mode: what an erasure does to those points: ``delete`` them, or ``rekey``
             them to anonymous device ids first (history kept, linked to no one).
+        verifier: sends the test message that re-verifies a push channel (``None``:
+            re-verification answers 503).
 
     Returns:
         The app: routes under ``/api/v1`` and ``GET /openapi.json``.
@@ -2225,6 +2289,7 @@ def create_api(
     app[ACTION_BASE_URL_KEY] = action_base_url
     app[LINKS_KEY] = links
     app[WEBHOOK_INTERNAL_KEY] = webhook_allow_private
+    app[CHANNEL_VERIFIER_KEY] = verifier
     app[DEVICE_DATA_KEY] = device_data
     app[ERASE_MODE_KEY] = erase_mode
     for operation, handler in _ROUTES:

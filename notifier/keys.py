@@ -15,11 +15,13 @@ from aiohttp import web
 from notifier.actions import CaseActions, HealthReader
 from notifier.devicedata import DeviceData, EraseMode
 from notifier.links import ActionLinks
+from notifier.push_base import ChannelVerifier
 from notifier.store import CaseStore
 
 __all__ = [
     "ACTIONS_KEY",
     "ACTION_BASE_URL_KEY",
+    "CHANNEL_VERIFIER_KEY",
     "CLOCK_KEY",
     "DEVICE_DATA_KEY",
     "ERASE_MODE_KEY",
@@ -46,6 +48,8 @@ OPENAPI_KEY: Final = web.AppKey[dict[str, Any]]("openapi")
 LINKS_KEY: Final = web.AppKey[ActionLinks | None]("links")
 #: Whether webhooks may point at internal addresses (local installs and tests only).
 WEBHOOK_INTERNAL_KEY: Final = web.AppKey[bool]("webhook_internal")
+#: Sends the test message that re-verifies a push channel (``None``: not offered).
+CHANNEL_VERIFIER_KEY: Final = web.AppKey[ChannelVerifier | None]("channel_verifier")
 #: Where the owner's devices' telemetry, events and scores are (``None``: not exported
 #: nor erased by the API, for installs that keep no telemetry).
 DEVICE_DATA_KEY: Final = web.AppKey[DeviceData | None]("device_data")

@@ -14,6 +14,14 @@ it has failed ``max_failures`` deliveries in a row.
 
 One-tap buttons carry a signed link (:mod:`notifier.links`) to the owner API, so that
 a tap works without signing in, for that one action on that one case, once.
+
+**Fair delivery** (issue 12). Several delivery workers (:class:`~notifier.push.DeliveryLimits`
+``workers``) take messages owner by owner in turn, and at most ``per_owner`` of one
+owner's messages are out at a time, so one owner's backlog or slow channels hold at most
+that share of the workers while everyone else's messages go on; each message has a
+time budget (``budget_s``, all channels and retries included), past which it is recorded
+as ``failed`` and its worker moves on. A retired channel is used again only after the
+owner re-verifies it (:meth:`Outbox.verify_channel`: a test message that arrives).
 """
 
 from __future__ import annotations
@@ -22,8 +30,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -34,8 +43,9 @@ from gateway.errors import TransientError
 from notifier.links import ActionLinks
 from notifier.loop import Notice
 from notifier.messages import MessageContext, render
-from notifier.model import Case, Notification, Owner
+from notifier.model import Case, Notification, Owner, PushChannel
 from notifier.push import (
+    DeliveryLimits,
     FcmSender,
     NtfySender,
     PushAction,
@@ -53,6 +63,16 @@ __all__ = ["Outbox", "build_dispatcher", "in_quiet_hours"]
 _LOG = logging.getLogger(__name__)
 _QUEUE_MAX: Final = 10_000
 _DAY: Final = timedelta(days=1)
+#: The longest a channel's re-verification may take (the owner waits for the answer).
+_VERIFY_BUDGET_S: Final = 30.0
+
+
+#: The words of a channel's test message, by language.
+_TEST_WORDS: Final = {
+    "en": "This is a test message: your notifications arrive here again.",
+    "de": "Dies ist eine Testnachricht: Ihre Benachrichtigungen kommen hier wieder an.",
+    "fr": "Ceci est un message de test : vos notifications arrivent de nouveau ici.",
+}
 
 
 def _zone(name: str) -> ZoneInfo:
@@ -111,12 +131,27 @@ async def build_dispatcher(settings: PushSettings) -> AsyncIterator[PushDispatch
                 )
             )
         yield PushDispatcher(
-            senders, attempts=settings.attempts, max_failures=settings.max_failures
+            senders,
+            attempts=settings.attempts,
+            max_failures=settings.max_failures,
+            limits=DeliveryLimits(
+                workers=settings.workers,
+                per_owner=settings.per_owner,
+                per_channel=settings.per_channel,
+                budget_s=settings.message_budget_s,
+            ),
         )
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    owner: Owner
+    notification: Notification
+    urgent: bool
 
 
 class Outbox:
@@ -129,6 +164,7 @@ class Outbox:
         action_base_url: base address of the owner API for one-tap action links.
         links: signs the one-tap action links (``None``, or no ``action_base_url``: the
             buttons carry no link and the app handles their action ids).
+        limits: delivery workers and the per-owner share (default: the dispatcher's).
     """
 
     def __init__(
@@ -139,13 +175,26 @@ class Outbox:
         clock: Callable[[], datetime] = _utc_now,
         action_base_url: str | None = None,
         links: ActionLinks | None = None,
+        limits: DeliveryLimits | None = None,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
         self._clock = clock
         self._base = (action_base_url or "").rstrip("/")
         self._links = links
-        self._queue: asyncio.Queue[tuple[Owner, Notification, bool]] = asyncio.Queue(_QUEUE_MAX)
+        if limits is None:
+            limits = DeliveryLimits() if dispatcher is None else dispatcher.limits
+        self._limits = limits
+        # messages waiting, by owner; owners with one waiting and a free share, in turn
+        self._waiting: dict[str, deque[_Item]] = {}
+        self._turns: deque[str] = deque()
+        self._in_turns: set[str] = set()
+        self._out: Counter[str] = Counter()
+        self._size = 0
+        self._unfinished = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._ready = asyncio.Event()
         self._held_owners: set[str] = set()
         self.written = 0
         self.sent = 0
@@ -154,6 +203,8 @@ class Outbox:
         self.dropped = 0
         #: notifications whose delivery raised something unforeseen (marked ``failed``)
         self.errors = 0
+        #: notifications given up because their time budget ran out (marked ``failed``)
+        self.out_of_time = 0
 
     # -- writing ---------------------------------------------------------------------
     async def _context(self, owner: Owner, case: Case, notice: Notice) -> MessageContext:
@@ -210,14 +261,56 @@ class Outbox:
         self._enqueue(owner, notification, notice.urgent)
 
     def _enqueue(self, owner: Owner, notification: Notification, urgent: bool) -> None:
-        try:
-            self._queue.put_nowait((owner, notification, urgent))
-        except asyncio.QueueFull:
+        if self._size >= _QUEUE_MAX:
             # the message stays in the store (status queued) and in the owner's app
             self.dropped += 1
             _LOG.warning(
                 "outbox full: notification %s kept, not pushed", notification.notification_id
             )
+            return
+        owner_id = owner.owner_id
+        self._waiting.setdefault(owner_id, deque()).append(_Item(owner, notification, urgent))
+        self._size += 1
+        self._unfinished += 1
+        self._idle.clear()
+        self._offer(owner_id)
+
+    def _offer(self, owner_id: str) -> None:
+        """Give the owner a turn if they have a message waiting and a free share."""
+        if (
+            owner_id in self._waiting
+            and owner_id not in self._in_turns
+            and self._out[owner_id] < self._limits.per_owner
+        ):
+            self._turns.append(owner_id)
+            self._in_turns.add(owner_id)
+            self._ready.set()
+
+    async def _next(self) -> _Item:
+        """The next message to deliver: the oldest of the owner whose turn it is."""
+        while not self._turns:
+            self._ready.clear()
+            await self._ready.wait()
+        owner_id = self._turns.popleft()
+        self._in_turns.discard(owner_id)
+        waiting = self._waiting[owner_id]
+        item = waiting.popleft()
+        if not waiting:
+            del self._waiting[owner_id]
+        self._size -= 1
+        self._out[owner_id] += 1
+        self._offer(owner_id)  # to the back of the line, if they may have another out
+        return item
+
+    def _finished(self, item: _Item) -> None:
+        owner_id = item.owner.owner_id
+        self._out[owner_id] -= 1
+        if self._out[owner_id] <= 0:
+            del self._out[owner_id]
+        self._offer(owner_id)
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._idle.set()
 
     async def _over_limit(self, owner: Owner, now: datetime) -> bool:
         recent = await self._store.notifications(owner.owner_id, since=now - _DAY)
@@ -263,6 +356,13 @@ class Outbox:
             report = await self._dispatcher.deliver(
                 channels, owner.channels, self._push_message(notification, urgent)
             )
+            if report.out_of_time:
+                self.out_of_time += 1
+                _LOG.warning(
+                    "notification %s: its time budget ran out before a channel took it; "
+                    "marked failed",
+                    notification.notification_id,
+                )
             for changed in report.updated:
                 # only the delivery state: a channel removed meanwhile stays removed
                 await self._store.update_channel_state(
@@ -282,10 +382,58 @@ class Outbox:
         else:
             self.failed += 1
 
+    async def verify_channel(self, owner: Owner, channel: PushChannel) -> bool:
+        """Send a test message over one channel; bring it back into use if it arrives.
+
+        This is how a retired channel is re-verified: registering it again does not
+        bring it back. The test goes over that channel only (retries within a short
+        budget); if the push service takes it, the channel is made active with no
+        failures in a row, else it stays as it is.
+
+        Args:
+            owner: the channel's owner (the message is in their language's words).
+            channel: the channel, as stored.
+
+        Returns:
+            Whether the channel took the test message (and is active now).
+        """
+        if self._dispatcher is None or channel.owner_id != owner.owner_id:
+            return False
+        message = PushMessage(
+            title="fixloop",
+            body=_TEST_WORDS.get(owner.language.split("-")[0], _TEST_WORDS["en"]),
+            data={"kind": "channel_test", "channel_id": channel.channel_id},
+            ttl_s=3_600,
+        )
+        report = await self._dispatcher.deliver(
+            [replace(channel, active=True)],
+            (),
+            message,
+            budget_s=min(_VERIFY_BUDGET_S, self._limits.budget_s),
+        )
+        if not report.delivered:
+            _LOG.info(
+                "push channel %s of owner %s: test message not taken",
+                channel.channel_id,
+                owner.owner_id,
+            )
+            return False
+        if not await self._store.update_channel_state(channel.channel_id, active=True, failures=0):
+            return False  # removed meanwhile: it stays removed
+        _LOG.info("push channel %s of owner %s re-verified", channel.channel_id, owner.owner_id)
+        return True
+
     async def run(self) -> None:
-        """Deliver queued notifications until cancelled."""
+        """Deliver queued notifications with the delivery workers until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            for n in range(self._limits.workers):
+                group.create_task(self._work(), name=f"push-delivery-{n}")
+
+    async def _work(self) -> None:
+        """One delivery worker: one message at a time, each failure kept to its message."""
         while True:
-            owner, notification, urgent = await self._queue.get()
+            item = await self._next()
+            owner, notification, urgent = item.owner, item.notification, item.urgent
             try:
                 await self.deliver(owner, notification, urgent)
             except TransientError:
@@ -303,7 +451,7 @@ class Outbox:
                 )
                 await self._mark_failed(notification)
             finally:
-                self._queue.task_done()
+                self._finished(item)
 
     async def _mark_failed(self, notification: Notification) -> None:
         try:
@@ -314,8 +462,8 @@ class Outbox:
             )
 
     async def drain(self) -> None:
-        """Wait until every queued notification was tried."""
-        await self._queue.join()
+        """Wait until every queued notification was tried (needs :meth:`run` running)."""
+        await self._idle.wait()
 
     async def flush(self) -> int:
         """Send one digest to each owner with held messages who can be reached now."""

@@ -36,7 +36,7 @@ from notifier.push_base import (
     PushSender,
     RetryLaterError,
 )
-from notifier.push_dispatch import DeliveryReport, PushDispatcher, RetryPolicy
+from notifier.push_dispatch import DeliveryLimits, DeliveryReport, PushDispatcher, RetryPolicy
 from notifier.push_fcm import FcmSender
 from notifier.push_ntfy import NtfySender
 from notifier.push_webhook import WebhookSender, sign_webhook, verify_webhook_signature
@@ -48,6 +48,7 @@ from notifier.push_webpush import (
 )
 
 __all__ = [
+    "DeliveryLimits",
     "DeliveryReport",
     "FcmSender",
     "NtfySender",

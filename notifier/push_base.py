@@ -34,9 +34,10 @@ from notifier.errors import (
     InvalidRequestError,
     UnsafeAddressError,
 )
-from notifier.model import ChannelKind, PushChannel
+from notifier.model import ChannelKind, Owner, PushChannel
 
 __all__ = [
+    "ChannelVerifier",
     "CheckedHttpSender",
     "HttpAnswer",
     "HttpSender",
@@ -170,6 +171,18 @@ class PushSender(Protocol):
                 retry later (:class:`RetryLaterError` says when, if the service did).
             DeadTokenError: the token or subscription is gone: retire the channel.
             PermanentError: any other refusal (:class:`PushRefusedError`): do not retry.
+        """
+        ...
+
+
+class ChannelVerifier(Protocol):
+    """Re-verifies an owner's push channel (:meth:`notifier.outbox.Outbox.verify_channel`)."""
+
+    async def verify_channel(self, owner: Owner, channel: PushChannel) -> bool:
+        """Send a test message over ``channel`` only; make it active if it arrives.
+
+        Returns:
+            Whether the channel took the test message (and is active now).
         """
         ...
 

@@ -175,6 +175,7 @@ class NotifierService:
                 webhook_allow_private=settings.push.webhook_allow_private,
                 device_data=device_data,
                 erase_mode=settings.erase_device_data,
+                verifier=self.outbox,
             )
             app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 __all__ = ["NotifierSettings", "PushSettings"]
 
@@ -27,6 +27,12 @@ class PushSettings(BaseModel):
         timeout_s: how long one delivery may take.
         attempts: tries per channel before the next one.
         max_failures: failed deliveries in a row after which a channel is retired.
+        workers: messages delivered at the same time.
+        per_owner: of those, at most this many for one owner (one owner's backlog or
+            slow channels cannot take more of the workers).
+        per_channel: messages using one channel at the same time.
+        message_budget_s: the time one message may take, all channels, retries and
+            ``Retry-After`` pauses included; past it the message is recorded as failed.
         webhook_allow_private: let the targets owners give (webhooks, ntfy servers, Web
             Push endpoints) point at internal addresses (loopback, private networks ...)
             and use plain http: for local installs and tests only.
@@ -42,7 +48,17 @@ class PushSettings(BaseModel):
     timeout_s: float = Field(10.0, gt=0, le=120)
     attempts: int = Field(4, ge=1, le=20)
     max_failures: int = Field(10, ge=1, le=1_000)
+    workers: int = Field(4, ge=1, le=64)
+    per_owner: int = Field(1, ge=1, le=64)
+    per_channel: int = Field(1, ge=1, le=64)
+    message_budget_s: float = Field(120.0, gt=0, le=3_600)
     webhook_allow_private: bool = False
+
+    @model_validator(mode="after")
+    def _share_fits(self) -> PushSettings:
+        if self.per_owner > self.workers:
+            raise ValueError("per_owner must not exceed workers")
+        return self
 
 
 class NotifierSettings(BaseModel):

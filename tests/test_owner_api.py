@@ -1256,7 +1256,7 @@ async def test_openapi_describes_every_route_and_only_those(world: World) -> Non
     }
     described = {(method, path) for path, item in doc["paths"].items() for method in item}
     assert routes == described
-    assert len(routes) == 21
+    assert len(routes) == 22
     assert doc["components"]["securitySchemes"]["bearer"] == {
         "type": "http",
         "scheme": "bearer",
