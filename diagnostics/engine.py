@@ -9,8 +9,18 @@ the device's own baseline and, once trained, the product model's
 :class:`~diagnostics.policy.DiagnosisPolicy`.
 
 A device's product model comes from its ``boot`` event (``data["model"]``) or from the
-``registry`` given to the engine; readings of devices of unknown model are counted and
-skipped. A reading older than the device's last one (out of order) is scored against the
+``registry`` given to the engine. The product files (:mod:`diagnostics.product`) say what
+each model's features and faults are; any model is scored, described or not. A model
+without a file gets the *generic product*: every metric the device sends (numbers and
+booleans) is a feature of its own, scored against the device's own baseline, and an
+anomaly opens the generic ``unusual_behaviour`` diagnosis with its evidence (which
+metrics, how far, since when). A described model's device that sends metrics its file
+does not list gets those scored the same way, next to its product features. Both
+mismatches are counted (:attr:`DiagnosticsEngine.unknown_readings`,
+:attr:`DiagnosticsEngine.unlisted_metrics`). A device whose model is not known at all
+(no boot seen, not in the registry) is scored as model ``unknown``.
+
+A reading older than the device's last one (out of order) is scored against the
 current state but changes nothing: late data is history, never a live spike. In-order
 backfill is processed normally on its own timestamps.
 
@@ -32,15 +42,24 @@ import numpy.typing as npt
 import orjson
 
 from diagnostics.baseline import BaselineRows, BaselineTable
-from diagnostics.features import FEATURE_SPECS, FeatureSpec, FeatureTable
+from diagnostics.catalog import ModelCatalog
+from diagnostics.features import FeatureSpec, FeatureTable, spec_of
 from diagnostics.fleet import FleetMethod, FleetModel
 from diagnostics.kernels import round_masks
 from diagnostics.model import Diagnosis
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
+from diagnostics.product import ProductSet, builtin_products
 from gateway.errors import ConfigError
 from gateway.protocol import Event, Reading
 
-__all__ = ["FORMAT_VERSION", "DiagnosticsEngine", "EngineResult", "ReadingScore", "ReadingScores"]
+__all__ = [
+    "FORMAT_VERSION",
+    "UNKNOWN_MODEL",
+    "DiagnosticsEngine",
+    "EngineResult",
+    "ReadingScore",
+    "ReadingScores",
+]
 
 _LOG = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
@@ -48,6 +67,9 @@ F32 = npt.NDArray[np.float32]
 FORMAT_VERSION: Final = 1
 _MAX_TRAINING_ROWS: Final = 40_000
 _NO_SCORES: Final = np.zeros(0, dtype=np.float32)
+#: The model of a device whose model is not known at all (no boot seen, no registry entry).
+UNKNOWN_MODEL: Final = "unknown"
+_MAX_MODEL_LENGTH: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,11 +177,17 @@ class EngineResult:
 
 @dataclass(slots=True)
 class _ModelState:
-    """Everything the engine keeps for one product model (mutable, private)."""
+    """Everything the engine keeps for one product model (mutable, private).
+
+    ``described`` is how many of the spec's features come from a product file (the rest
+    are metrics scored generically); ``known`` the metrics the spec covers either way.
+    """
 
     spec: FeatureSpec
     features: FeatureTable
     baseline: BaselineTable
+    described: int = 0
+    known: frozenset[str] = frozenset()
     slots: dict[str, int] = field(default_factory=dict)
     watched: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(64, dtype=np.bool_))
     fleet: FleetModel | None = None
@@ -199,6 +227,15 @@ class DiagnosticsEngine:
             (this share of healthy updates, 0 = none).
         seed: seed of the training sample.
         baseline_tau_days: memory of the per-device baselines.
+        products: the product models described by files (default: the built-in ones).
+
+    Attributes:
+        unknown_readings: readings of devices whose model no product file describes
+            (scored with the generic product).
+        unlisted_metrics: metric values in readings of described models that their file
+            does not list (scored generically next to the product's features).
+        unlisted: per described model, the metrics seen that its file does not list.
+        late_readings: readings older than their device's last one.
     """
 
     def __init__(
@@ -210,18 +247,19 @@ class DiagnosticsEngine:
         collect_training: float = 0.0,
         seed: int = 0,
         baseline_tau_days: float = 20.0,
+        products: ProductSet | None = None,
     ) -> None:
-        self._models: dict[str, str] = {}
-        if registry:
-            for device_id, model in registry.items():
-                self._known_model(model)
-                self._models[device_id] = model
-        self.policy = DiagnosisPolicy(policy)
+        self.products = builtin_products() if products is None else products
+        self._models: dict[str, str] = dict(registry or {})
+        self._catalogs: dict[str, ModelCatalog] = {}
+        self.policy = DiagnosisPolicy(policy, self._catalogs)
         self._collect = collect_training
         self._rng = np.random.default_rng(seed)
         self._tau_days = baseline_tau_days
         self._state: dict[str, _ModelState] = {}
         self.unknown_readings = 0
+        self.unlisted_metrics = 0
+        self.unlisted: dict[str, set[str]] = {}
         self._firmware: dict[str, str] = {}
         self.late_readings = 0
         for model, fleet in (fleet_models or {}).items():
@@ -230,26 +268,66 @@ class DiagnosticsEngine:
             _LOG.info("no fleet model trained: scoring with per-device baselines only")
 
     # -- models ------------------------------------------------------------------------
-    @staticmethod
-    def _known_model(model: str) -> FeatureSpec:
-        spec = FEATURE_SPECS.get(model)
-        if spec is None:
-            raise ConfigError(f"unknown product model {model!r}; known: {sorted(FEATURE_SPECS)}")
-        return spec
+    def _described(self, model: str) -> FeatureSpec:
+        product = self.products.get(model)
+        if product is None:
+            known = sorted(self.products.products)
+            raise ConfigError(f"no product file for model {model!r}; described: {known}")
+        return spec_of(product)
+
+    def _catalog(self, model: str) -> ModelCatalog:
+        """The faults the policy may name for ``model``: its file's, then the generic ones."""
+        catalog = self._catalogs.get(model)
+        if catalog is None:
+            product = self.products.get(model)
+            generic = self.products.generic.catalog.faults
+            own = {} if product is None else dict(product.catalog.faults)
+            rest = {f: e for f, e in generic.items() if f not in own}
+            catalog = self._catalogs[model] = ModelCatalog(model, {**own, **rest})
+        return catalog
 
     def _model_state(self, model: str) -> _ModelState:
         state = self._state.get(model)
         if state is None:
-            spec = FEATURE_SPECS[model]
+            product = self.products.get(model)
+            spec = spec_of(self.products.generic if product is None else product, model)
+            self._catalog(model)
+            indicators = self.policy.drift_indicators(spec)
             state = self._state[model] = _ModelState(
                 spec,
                 FeatureTable(spec),
-                BaselineTable(
-                    spec, tau_days=self._tau_days, trend_features=self.policy.drift_indicators(spec)
-                ),
-                indicators=self.policy.drift_indicators(spec),
+                BaselineTable(spec, tau_days=self._tau_days, trend_features=indicators),
+                described=len(spec.features),
+                known=spec.listed,
+                indicators=indicators,
             )
         return state
+
+    def _widen(self, state: _ModelState, first: dict[str, Any]) -> None:
+        """Append metrics no file describes to a model's features (new columns start cold)."""
+        spec = state.spec.with_metrics(first)
+        state.spec = spec
+        state.known = state.known | first.keys()
+        state.features.widen(spec)
+        old = state.baseline
+        width = len(old.min_count)
+        indicators = self.policy.drift_indicators(spec)
+        new = BaselineTable(
+            spec,
+            tau_days=old.tau_days,
+            freeze_z=old.freeze_z,
+            warmup_s=old.warmup_s,
+            capacity=old.capacity,
+            trend_features=indicators,
+        )
+        for name in ("mean", "var", "count", "learnt_s", "first_s", "side_z"):
+            getattr(new, name)[:, :width] = getattr(old, name)
+        # the tracked (wear indicator) columns are the product's own: the same runs
+        new.run_s[:] = old.run_s
+        new.run_side[:] = old.run_side
+        state.baseline = new
+        state.indicators = indicators
+        _LOG.info("%s: scoring metrics no product file lists: %s", spec.model, sorted(first))
 
     def model_of(self, device_id: str) -> str | None:
         """Return the product model of ``device_id`` if known."""
@@ -259,9 +337,10 @@ class DiagnosticsEngine:
         """Use a trained fleet model for product model ``model``.
 
         Raises:
-            ConfigError: the model is unknown or the fleet model's features differ.
+            ConfigError: no product file describes the model, or the fleet model's
+                features differ from the file's.
         """
-        spec = self._known_model(model)
+        spec = self._described(model)
         if fleet.features != spec.names:
             raise ConfigError(f"fleet model for {model} has other features than {spec.names}")
         self._model_state(model).fleet = fleet
@@ -313,8 +392,7 @@ class DiagnosticsEngine:
             if isinstance(item, Reading):
                 model = models.get(item.device_id)
                 if model is None:
-                    self.unknown_readings += 1
-                    continue
+                    model = UNKNOWN_MODEL
                 group = by_model.get(model)
                 if group is None:
                     by_model[model] = [i]
@@ -329,7 +407,7 @@ class DiagnosticsEngine:
     def _event(self, event: Event) -> list[Diagnosis]:
         if event.kind == "boot":
             model = event.data.get("model")
-            if isinstance(model, str) and model in FEATURE_SPECS:
+            if isinstance(model, str) and 0 < len(model) <= _MAX_MODEL_LENGTH:
                 self._models[event.device_id] = model
         model_name = self._models.get(event.device_id)
         if model_name is None:
@@ -349,6 +427,7 @@ class DiagnosticsEngine:
                     if slot is not None:
                         # new firmware runs the device its own way: learn its normal anew
                         state.baseline.forget(slot)
+        self._catalog(model_name)
         diagnoses = self.policy.on_event(event, model_name)
         if state is not None and event.device_id in state.slots:
             state.watched[state.slots[event.device_id]] = self.policy.is_watched(event.device_id)
@@ -362,6 +441,29 @@ class DiagnosticsEngine:
         scores: _ScoreColumns,
         caused: list[tuple[int, Diagnosis]],
     ) -> None:
+        known = state.known
+        first: dict[str, Any] | None = None
+        unlisted = 0
+        for reading in readings:
+            metrics = reading.metrics
+            if not known.issuperset(metrics):
+                # metrics no product file describes: scored generically, and counted
+                extra = metrics.keys() - known
+                if first is None:
+                    first = {}
+                for name in extra:
+                    first.setdefault(name, metrics[name])
+            if state.described and not state.spec.listed.issuperset(metrics):
+                unlisted += len(metrics.keys() - state.spec.listed)
+        if state.described:
+            if unlisted:
+                self.unlisted_metrics += unlisted
+        else:
+            self.unknown_readings += len(readings)
+        if first:
+            if state.described:
+                self.unlisted.setdefault(state.spec.model, set()).update(first)
+            self._widen(state, first)
         features = state.features
         baseline = state.baseline
         slot_of = state.slots.get
@@ -384,7 +486,8 @@ class DiagnosticsEngine:
         if fleet is not None and _count(cold):
             # the fleet model speaks for devices whose own baseline is still cold (new, or
             # faulty from day one); a warm baseline knows the device better than its peers
-            fscore = np.where(cold, fleet.score(level)[0], np.float32(0.0))
+            own = level[:, : len(fleet.features)]
+            fscore = np.where(cold, fleet.score(own)[0], np.float32(0.0))
         cfg = self.policy.config
         # the trend trigger: a wear indicator drifting steadily away from the device's
         # baseline counts as an anomaly long before its z alone would score
@@ -408,8 +511,8 @@ class DiagnosticsEngine:
             drifting = np.zeros(bz.shape, dtype=np.bool_)
             drifting[:, baseline.trend_columns] = flags
         baseline.learn(slots, level, now_s, learn, bz, features.trend[slots])
-        if self._collect > 0.0:
-            self._sample(state, level[learn])
+        if self._collect > 0.0 and state.described:
+            self._sample(state, level[learn][:, : state.described])
         if _count(judge):
             self._judge(
                 state,
@@ -449,10 +552,15 @@ class DiagnosticsEngine:
         level = level[picked]
         fleet = state.fleet
         if fleet is not None:
-            fz = fleet.standardize(level)
+            # the fleet model knows the product's own features; the rest have no peers
+            width = len(fleet.features)
+            fz = np.zeros_like(bz)
+            fz[:, :width] = fleet.standardize(level[:, :width])
+            center = np.full(bz.shape[1], np.nan, dtype=np.float32)
+            center[:width] = fleet.center
             # per feature the stronger witness: the device's own baseline, or its peers
             z = np.where(np.abs(bz) >= np.abs(fz), bz, fz)
-            reference = np.where(rows.warm[picked], mean, fleet.center)
+            reference = np.where(rows.warm[picked], mean, center)
         else:
             z, reference = bz, mean
         change = level - reference
@@ -491,7 +599,7 @@ class DiagnosticsEngine:
         """Return the healthy feature-level rows sampled so far for ``model`` (a copy)."""
         state = self._state.get(model)
         if state is None or not state.training:
-            return np.zeros((0, len(self._known_model(model).features)), dtype=np.float32)
+            return np.zeros((0, len(self._described(model).features)), dtype=np.float32)
         return np.concatenate(state.training)
 
     def fit_fleet_models(
@@ -504,11 +612,15 @@ class DiagnosticsEngine:
         """
         fitted: dict[str, FleetModel] = {}
         for model in sorted(self._state):
-            spec = self._state[model].spec
+            state = self._state[model]
+            if not state.described:
+                continue  # no product file: no features shared across the fleet
+            own = state.spec.features[: state.described]
             rows = self.training_rows(model)
-            floors = np.array([f.floor for f in spec.features], dtype=np.float32)
+            floors = np.array([f.floor for f in own], dtype=np.float32)
+            names = tuple(f.name for f in own)
             try:
-                fleet = FleetModel.fit(model, spec.names, rows, floors, method=method, seed=seed)
+                fleet = FleetModel.fit(model, names, rows, floors, method=method, seed=seed)
             except ConfigError as exc:
                 _LOG.warning("no fleet model for %s: %s", model, exc)
                 continue
@@ -540,6 +652,7 @@ class DiagnosticsEngine:
         *,
         registry: Mapping[str, str] | None = None,
         policy: PolicyConfig | None = None,
+        products: ProductSet | None = None,
     ) -> DiagnosticsEngine:
         """Build an engine with the fleet models saved at ``path`` (only trusted files).
 
@@ -552,7 +665,9 @@ class DiagnosticsEngine:
             raise ConfigError(f"cannot read diagnostics models from {path}: {exc}") from exc
         if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"{path}: not a diagnostics model file of version {FORMAT_VERSION}")
-        return cls(registry=registry, policy=policy, fleet_models=blob["fleet_models"])
+        return cls(
+            registry=registry, policy=policy, fleet_models=blob["fleet_models"], products=products
+        )
 
     # -- size ----------------------------------------------------------------------------
     @property

@@ -1,11 +1,17 @@
 """Streaming per-device features (diagnostics, first step of "Detect").
 
 Every telemetry :class:`~gateway.protocol.Reading` becomes a short vector of *raw
-features* for its product model: physical quantities that stay comparable across
-operating states (vibration per squared drum speed while spinning, drain flow while
-draining, evaporator temperature while the compressor runs, COP against its Carnot
-limit, the main sensor's offset from a second sensor while idle, duty cycles of on/off
-states). A raw feature is ``NaN`` when the reading does not show it (no spin, no drain).
+features* for its product model, as the model's product file (:mod:`diagnostics.product`)
+declares them: physical quantities that stay comparable across operating states
+(vibration per squared drum speed while spinning, COP against its Carnot limit, a
+sensor's offset from a second sensor while idle, shares of time in a state). A raw
+feature is ``NaN`` when the reading does not show it (its ``when`` condition is false).
+Metrics no product file describes (every metric of a model without a file) are features
+of their own, appended as they are first seen (:meth:`FeatureSpec.with_metrics`).
+
+:class:`FeatureProgram` evaluates a product's checked expressions
+(:mod:`diagnostics.expressions`) as whole-column numpy operations over a batch of
+readings; nothing from a file is ever run as Python code.
 
 :class:`FeatureTable` keeps, per device and feature, an exponentially weighted level,
 spread and linear trend (per day, weighted by the time each step covers), so memory is O(1) per
@@ -16,23 +22,30 @@ loop in :meth:`FeatureTable.advance` (:mod:`diagnostics.kernels`).
 
 from __future__ import annotations
 
+import ast
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
+from diagnostics.expressions import STATUS, Checked
 from diagnostics.kernels import advance_rows
+from diagnostics.product import GenericScoring, Product, builtin_products
+from gateway.errors import ConfigError
 from gateway.protocol import MetricValue, Reading
 
 __all__ = [
     "FEATURE_SPECS",
     "FeatureDef",
+    "FeatureProgram",
     "FeatureSpec",
     "FeatureTable",
     "extract_features",
+    "spec_of",
 ]
 
 F32 = npt.NDArray[np.float32]
@@ -41,7 +54,7 @@ I64 = npt.NDArray[np.int64]
 _NAN: Final = math.nan
 _TREND_TAU_DAYS: Final = 1.0
 _RUN_FULL: Final = 20.0
-_FLOW_W_PER_K: Final = 0.35 * 4186.0
+_DEFAULT_GENERIC: Final = GenericScoring()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +68,8 @@ class FeatureDef:
         floor: smallest change that matters (sensor noise and quantization), feature unit.
         min_count: updates before the device's own baseline of it is trusted.
         description: plain words.
+        unit: its unit.
+        generic: a metric no product file describes, scored as it comes.
     """
 
     name: str
@@ -63,28 +78,232 @@ class FeatureDef:
     floor: float
     min_count: int
     description: str
+    unit: str = ""
+    generic: bool = False
 
 
-Extractor = Callable[[Mapping[str, MetricValue], str | None], list[float]]
+Env = dict[str, Any]
+_Fn = Callable[[Env], Any]
+
+_BINARY: Final[Mapping[type[ast.operator], Callable[[Any, Any], Any]]] = {
+    ast.Add: np.add,
+    ast.Sub: np.subtract,
+    ast.Mult: np.multiply,
+    ast.Div: np.divide,
+}
+_COMPARE: Final[Mapping[type[ast.cmpop], Callable[[Any, Any], Any]]] = {
+    ast.Lt: np.less,
+    ast.LtE: np.less_equal,
+    ast.Gt: np.greater,
+    ast.GtE: np.greater_equal,
+    ast.Eq: np.equal,
+    ast.NotEq: np.not_equal,
+}
+_CALLS: Final[Mapping[str, Callable[..., Any]]] = {
+    "abs": np.abs,
+    "sqrt": np.sqrt,
+    "exp": np.exp,
+    "log": np.log,
+}
 
 
-@dataclass(frozen=True, slots=True)
+def _compile(node: ast.expr, constants: Mapping[str, float]) -> _Fn:
+    """Turn a checked expression tree into a function of the batch's columns.
+
+    Only the node types :mod:`diagnostics.expressions` accepts reach here; each becomes a
+    numpy call on whole columns (``NaN`` compares false, as in the readings themselves).
+    """
+    if isinstance(node, ast.Constant):
+        value = node.value
+        return lambda env: value
+    if isinstance(node, ast.Name):
+        name = node.id
+        if name in constants:
+            number = constants[name]
+            return lambda env: number
+        return lambda env: env[name]
+    if isinstance(node, ast.UnaryOp):
+        operand = _compile(node.operand, constants)
+        if isinstance(node.op, ast.Not):
+            return lambda env: np.logical_not(operand(env))
+        if isinstance(node.op, ast.USub):
+            return lambda env: np.negative(operand(env))
+        return operand
+    if isinstance(node, ast.BinOp):
+        left = _compile(node.left, constants)
+        if isinstance(node.op, ast.Pow):
+            exponent = float(ast.literal_eval(node.right))
+            return lambda env: np.power(left(env), exponent)
+        right = _compile(node.right, constants)
+        op = _BINARY[type(node.op)]
+        return lambda env: op(left(env), right(env))
+    if isinstance(node, ast.BoolOp):
+        parts = [_compile(v, constants) for v in node.values]
+        combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
+        return lambda env: functools.reduce(combine, [p(env) for p in parts])
+    if isinstance(node, ast.Compare):
+        return _compile_compare(node, constants)
+    if isinstance(node, ast.Call):
+        assert isinstance(node.func, ast.Name)
+        args = [_compile(a, constants) for a in node.args]
+        name = node.func.id
+        if name in ("min", "max"):
+            pair = np.minimum if name == "min" else np.maximum
+            return lambda env: functools.reduce(pair, [a(env) for a in args])
+        fn = _CALLS[name]
+        (arg,) = args
+        return lambda env: fn(arg(env))
+    raise TypeError(f"unchecked expression node {type(node).__name__}")  # pragma: no cover
+
+
+def _member(left: _Fn, words: list[str], negate: bool) -> _Fn:
+    def member(env: Env) -> Any:
+        column = left(env)
+        found = functools.reduce(np.logical_or, [column == w for w in words])
+        return np.logical_not(found) if negate else found
+
+    return member
+
+
+def _comparison(compare: Callable[[Any, Any], Any], left: _Fn, right: _Fn) -> _Fn:
+    return lambda env: compare(left(env), right(env))
+
+
+def _compile_compare(node: ast.Compare, constants: Mapping[str, float]) -> _Fn:
+    operands = [node.left, *node.comparators]
+    tests: list[_Fn] = []
+    for op, a, b in zip(node.ops, operands[:-1], operands[1:], strict=True):
+        left = _compile(a, constants)
+        if isinstance(op, ast.In | ast.NotIn):
+            assert isinstance(b, ast.Tuple | ast.List)
+            words = [str(ast.literal_eval(item)) for item in b.elts]
+            negate = isinstance(op, ast.NotIn)
+
+            tests.append(_member(left, words, negate))
+            continue
+        tests.append(_comparison(_COMPARE[type(op)], left, _compile(b, constants)))
+    if len(tests) == 1:
+        return tests[0]
+    return lambda env: functools.reduce(np.logical_and, [t(env) for t in tests])
+
+
+class FeatureProgram:
+    """A product's features as whole-column numpy operations over a batch of readings.
+
+    Args:
+        product: the product (its checked states and features); ``None`` for none.
+        generic: metrics scored as they come, appended after the product's features.
+    """
+
+    def __init__(self, product: Product | None, generic: Sequence[str] = ()) -> None:
+        self.product = product
+        self.generic = tuple(generic)
+        constants: dict[str, float] = {}
+        self._bools: frozenset[str] = frozenset()
+        self._states: list[tuple[str, _Fn]] = []
+        self._features: list[tuple[_Fn | None, _Fn | None, str | None, bool]] = []
+        used: dict[str, None] = {}
+        if product is not None:
+            constants = {c.name: c.value for c in product.constants.values()}
+            self._bools = frozenset(m.name for m in product.metrics.values() if m.is_bool)
+
+            def need(checked: Checked | None) -> _Fn | None:
+                if checked is None:
+                    return None
+                for name in checked.names:
+                    if name in product.metrics:
+                        used.setdefault(name)
+                return _compile(checked.tree, constants)
+
+            for state in product.states:
+                fn = need(state.condition)
+                assert fn is not None
+                self._states.append((state.name, fn))
+            for feature in product.features:
+                if feature.repeat is not None:
+                    used.setdefault(feature.repeat)
+                as_share = feature.expr is not None and feature.expr.kind == "bool"
+                self._features.append(
+                    (need(feature.expr), need(feature.when), feature.repeat, as_share)
+                )
+        self._metrics = tuple(used)
+        self.width = len(self._features) + len(self.generic)
+
+    def __reduce__(self) -> tuple[type[FeatureProgram], tuple[Product | None, tuple[str, ...]]]:
+        # the compiled functions are rebuilt from the product (a pickle holds no code)
+        return (FeatureProgram, (self.product, self.generic))
+
+    def with_metrics(self, names: Sequence[str]) -> FeatureProgram:
+        """Return the program with more generic metrics appended."""
+        return FeatureProgram(self.product, (*self.generic, *names))
+
+    def rows(
+        self, metrics: Sequence[Mapping[str, MetricValue]], statuses: Sequence[str | None]
+    ) -> F64:
+        """Return the raw features of a batch (one row per reading, ``NaN`` where none)."""
+        n = len(metrics)
+        out = np.empty((n, self.width), dtype=np.float64)
+        columns: dict[str, F64] = {}
+
+        def column(name: str) -> F64:
+            found = columns.get(name)
+            if found is None:
+                found = columns[name] = np.fromiter(
+                    (m.get(name, _NAN) for m in metrics), dtype=np.float64, count=n
+                )
+            return found
+
+        if self._features:
+            env: Env = {STATUS: np.array([s or "" for s in statuses], dtype=str)}
+            for name in self._metrics:
+                values = column(name)
+                if name in self._bools:
+                    # a missing true/false metric is false
+                    env[name] = np.logical_and(values != 0.0, ~np.isnan(values))
+                else:
+                    env[name] = values
+            with np.errstate(all="ignore"):
+                for name, fn in self._states:
+                    env[name] = np.broadcast_to(fn(env), (n,))
+                for j, (value, when, repeat, as_share) in enumerate(self._features):
+                    if repeat is not None:
+                        out[:, j] = column(repeat)
+                        continue
+                    assert value is not None
+                    x = value(env)
+                    if as_share:
+                        x = np.where(x, 1.0, 0.0)
+                    if when is not None:
+                        x = np.where(when(env), x, _NAN)
+                    out[:, j] = x
+        base = len(self._features)
+        for k, name in enumerate(self.generic):
+            out[:, base + k] = column(name)
+        return out
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class FeatureSpec:
-    """The features of one product model and how to compute them from a reading.
+    """The features of one product model and how to compute them from readings.
 
     Attributes:
         model: the product model.
         primary_metric: the main temperature sensor's metric (for ``sensor_repeat``).
-        features: the features, in vector order.
-        extract: metrics and status to raw feature values (``NaN`` when not shown); the
-            ``sensor_repeat`` slot carries the main sensor's own value, which
-            :class:`FeatureTable` turns into the repeat share (it needs the history).
+        features: the features, in vector order: the product file's, then the metrics
+            no file describes (:attr:`FeatureDef.generic`).
+        program: computes the raw features of a batch of readings; the repeat feature's
+            slot carries the metric's own value, which :class:`FeatureTable` turns into
+            the repeat share (it needs the history).
+        listed: the metrics the product file lists (the rest are scored generically).
+        generic: how metrics no file describes are scored.
     """
 
     model: str
     primary_metric: str
     features: tuple[FeatureDef, ...]
-    extract: Extractor
+    program: FeatureProgram
+    listed: frozenset[str] = frozenset()
+    generic: GenericScoring = _DEFAULT_GENERIC
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -96,216 +315,70 @@ class FeatureSpec:
         names = self.names
         return names.index(name) if name in names else -1
 
+    @property
+    def repeat_index(self) -> int:
+        """The position of the repeat feature (``-1``: none)."""
+        product = self.program.product
+        if product is None:
+            return -1
+        for i, feature in enumerate(product.features):
+            if feature.repeat is not None:
+                return i
+        return -1
 
-def _f(values: Mapping[str, MetricValue], name: str) -> float:
-    return float(values.get(name, _NAN))
+    def extract(self, metrics: Mapping[str, MetricValue], status: str | None) -> list[float]:
+        """Return the raw features of one reading (see :attr:`program`)."""
+        row: list[float] = self.program.rows([metrics], [status])[0].tolist()
+        return row
 
+    def with_metrics(self, first: Mapping[str, MetricValue]) -> FeatureSpec:
+        """Return the spec with the metrics ``first`` holds appended as generic features.
 
-def _washer(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
-    rpm = _f(m, "drum_rpm")
-    spin = _f(m, "vibration_rms_g") / (rpm / 1000.0) ** 2 if rpm >= 600.0 else _NAN
-    tumbling = status in ("washing", "rinsing") and 40.0 <= rpm <= 60.0
-    power = _f(m, "power_w") if tumbling else _NAN
-    flow = _f(m, "drain_flow_l_min")
-    drain = flow if status == "draining" and flow > 0.0 else _NAN
-    idle = status == "idle" and rpm == 0.0 and _f(m, "water_level_l") == 0.0
-    offset = _f(m, "water_temp_c") - _f(m, "ambient_temp_c") if idle else _NAN
-    error = 1.0 if status == "error" else 0.0
-    return [spin, power, drain, offset, _f(m, "water_temp_c"), error]
-
-
-def _fridge(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
-    on = bool(m.get("compressor_on", False))
-    cabinet = _f(m, "cabinet_temp_c")
-    evaporator = _f(m, "evaporator_temp_c")
-    duty = _f(m, "compressor_duty")
-    door = bool(m.get("door_open", False))
-    evap_on = evaporator if on and status == "cooling" else _NAN
-    power_on = _f(m, "power_w") if on and not door and status == "cooling" else _NAN
-    # the evaporator settles at the true cabinet temperature while the compressor rests
-    settled = status == "idle" and not on and evaporator > cabinet - 8.0
-    evap_off = evaporator - cabinet if settled else _NAN
-    lift = max(_f(m, "ambient_temp_c") - cabinet, 5.0)
-    error = 1.0 if status == "error" else 0.0
-    return [evap_on, power_on, duty, duty / lift, evap_off, cabinet, error]
-
-
-def _heat_pump(m: Mapping[str, MetricValue], status: str | None) -> list[float]:
-    flow = _f(m, "flow_temp_c")
-    outdoor = _f(m, "outdoor_temp_c")
-    heat = _f(m, "heat_output_w")
-    power = _f(m, "power_w")
-    efficiency = _NAN
-    capacity = _NAN
-    if status == "heating" and heat > 0.0 and power > 0.0:
-        # COP from the reported heat output and the power meter, not the firmware's own
-        # ``cop`` (that one is computed from the flow sensor, so a drifting sensor moves it)
-        hot_k = flow + 276.15
-        cold_k = outdoor + 267.15
-        efficiency = heat / power * max(hot_k - cold_k, 1.0) / hot_k
-        hz = _f(m, "compressor_hz")
-        if hz > 25.0:
-            modulation = (hz - 20.0) / 70.0
-            factor = min(1.15, max(0.5, 0.7 + 0.015 * (outdoor + 7.0)))
-            capacity = heat / modulation / factor
-    defrost = 1.0 if status == "defrost" else 0.0
-    # the firmware reports its true heat output; the water flow is fixed (0.35 l/s), so
-    # flow minus return must match it: what is left over is the flow sensor's offset
-    offset = flow - _f(m, "return_temp_c") - _f(m, "heat_output_w") / _FLOW_W_PER_K
-    if status not in ("heating", "standby", "dhw"):
-        offset = _NAN
-    error = 1.0 if status == "error" else 0.0
-    return [efficiency, capacity, defrost, offset, flow, error]
+        Each value (the first seen) sets the metric's noise floor: the generic scoring's
+        ``relative_floor`` of it, at least ``min_floor``.
+        """
+        rule = self.generic
+        added = tuple(
+            FeatureDef(
+                name,
+                (name,),
+                rule.alpha,
+                max(rule.min_floor, rule.relative_floor * abs(float(value))),
+                rule.min_count,
+                f"metric {name}, as the device sends it",
+                generic=True,
+            )
+            for name, value in first.items()
+        )
+        return FeatureSpec(
+            self.model,
+            self.primary_metric,
+            (*self.features, *added),
+            self.program.with_metrics(list(first)),
+            self.listed,
+            self.generic,
+        )
 
 
-def _repeat() -> FeatureDef:
-    return FeatureDef(
-        "sensor_repeat",
-        (),
-        0.1,
-        0.1,
-        100,
-        "how long the main sensor has repeated one value exactly (1 = 20 readings or more)",
+def spec_of(product: Product, model: str | None = None) -> FeatureSpec:
+    """Return the features of ``product`` (for devices of ``model``, default its own)."""
+    features = tuple(
+        FeatureDef(f.name, f.metrics, f.alpha, f.floor, f.min_count, f.description, f.unit)
+        for f in product.features
+    )
+    return FeatureSpec(
+        product.model if model is None else model,
+        product.primary_metric,
+        features,
+        FeatureProgram(product),
+        frozenset(product.metrics),
+        product.generic,
     )
 
 
-def _error() -> FeatureDef:
-    return FeatureDef("error_status", (), 0.3, 0.1, 60, "share of readings in status error")
-
-
-#: Feature specs, keyed by product model.
+#: Feature specs of the built-in product models (``diagnostics/products/*.toml``).
 FEATURE_SPECS: Final[Mapping[str, FeatureSpec]] = {
-    "washer": FeatureSpec(
-        "washer",
-        "water_temp_c",
-        (
-            FeatureDef(
-                "spin_vibration",
-                ("vibration_rms_g", "drum_rpm"),
-                0.15,
-                0.04,
-                16,
-                "drum vibration per squared spin speed (g per krpm²), spins above 600 rpm",
-            ),
-            FeatureDef(
-                "tumble_power_w",
-                ("power_w", "drum_rpm"),
-                0.1,
-                6.0,
-                30,
-                "motor power while tumbling (W)",
-            ),
-            FeatureDef(
-                "drain_flow_l_min",
-                ("drain_flow_l_min",),
-                0.3,
-                0.4,
-                4,
-                "drain flow while draining (l/min)",
-            ),
-            FeatureDef(
-                "idle_temp_offset_k",
-                ("water_temp_c", "ambient_temp_c"),
-                0.05,
-                0.4,
-                200,
-                "drum sensor minus room sensor while idle and empty (K)",
-            ),
-            _repeat(),
-            _error(),
-        ),
-        _washer,
-    ),
-    "fridge": FeatureSpec(
-        "fridge",
-        "cabinet_temp_c",
-        (
-            FeatureDef(
-                "evaporator_on_c",
-                ("evaporator_temp_c", "compressor_on"),
-                0.05,
-                0.8,
-                100,
-                "evaporator temperature while the compressor cools (°C)",
-            ),
-            FeatureDef(
-                "power_on_w",
-                ("power_w", "compressor_on"),
-                0.05,
-                0.3,
-                100,
-                "power while the compressor runs, door shut (W)",
-            ),
-            FeatureDef(
-                "compressor_duty",
-                ("compressor_duty",),
-                0.02,
-                0.05,
-                300,
-                "compressor duty over the last hour",
-            ),
-            FeatureDef(
-                "duty_per_lift",
-                ("compressor_duty", "ambient_temp_c", "cabinet_temp_c"),
-                0.02,
-                0.004,
-                300,
-                "compressor duty per kelvin between room and cabinet",
-            ),
-            FeatureDef(
-                "evaporator_off_offset_k",
-                ("evaporator_temp_c", "cabinet_temp_c"),
-                0.05,
-                0.5,
-                200,
-                "evaporator minus cabinet sensor while the compressor rests (K)",
-            ),
-            _repeat(),
-            _error(),
-        ),
-        _fridge,
-    ),
-    "heat_pump": FeatureSpec(
-        "heat_pump",
-        "flow_temp_c",
-        (
-            FeatureDef(
-                "cop_efficiency",
-                ("heat_output_w", "power_w", "flow_temp_c", "outdoor_temp_c"),
-                0.03,
-                0.02,
-                200,
-                "COP over its Carnot limit at the flow and outdoor temperatures",
-            ),
-            FeatureDef(
-                "capacity_w",
-                ("heat_output_w", "compressor_hz", "outdoor_temp_c"),
-                0.03,
-                250.0,
-                200,
-                "heat output at full modulation, corrected for outdoor temperature (W)",
-            ),
-            FeatureDef(
-                "defrost_share",
-                (),
-                0.005,
-                0.03,
-                600,
-                "share of readings in defrost",
-            ),
-            FeatureDef(
-                "flow_offset_k",
-                ("flow_temp_c", "return_temp_c", "heat_output_w"),
-                0.05,
-                0.3,
-                200,
-                "flow minus return sensor beyond what the heat output explains (K)",
-            ),
-            _repeat(),
-            _error(),
-        ),
-        _heat_pump,
-    ),
+    model: spec_of(product) for model, product in builtin_products().products.items()
 }
 
 
@@ -316,7 +389,7 @@ def extract_features(spec: FeatureSpec, reading: Reading) -> list[float]:
     :class:`FeatureTable`).
     """
     values = spec.extract(reading.metrics, reading.status)
-    repeat = spec.index("sensor_repeat")
+    repeat = spec.repeat_index
     if repeat >= 0:
         values[repeat] = _NAN
     return values
@@ -342,7 +415,7 @@ class FeatureTable:
         self._keep = (np.float32(1.0) - self.alpha).astype(np.float32)
         self.floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
         self.trend_tau_days = _TREND_TAU_DAYS
-        self._repeat = spec.index("sensor_repeat")
+        self._repeat = spec.repeat_index
         self.level: F32 = np.full((capacity, n), np.nan, dtype=np.float32)
         self.spread: F32 = np.zeros((capacity, n), dtype=np.float32)
         self.trend: F32 = np.zeros((capacity, n), dtype=np.float32)
@@ -374,6 +447,24 @@ class FeatureTable:
         ts[:cap] = self.last_ts_ms
         self.last_ts_ms = ts
 
+    def widen(self, spec: FeatureSpec) -> None:
+        """Take ``spec``, the same features with more appended (new columns start empty)."""
+        old = self.width
+        n = len(spec.features)
+        if spec.names[:old] != self.spec.names:
+            raise ConfigError(f"{spec.model}: a wider spec must keep the features before it")
+        self.spec = spec
+        self.width = n
+        self.alpha = np.array([f.alpha for f in spec.features], dtype=np.float32)
+        self._keep = (np.float32(1.0) - self.alpha).astype(np.float32)
+        self.floor2 = np.array([f.floor**2 for f in spec.features], dtype=np.float32)
+        self._repeat = spec.repeat_index
+        for name in ("level", "spread", "trend", "count", "updated_s"):
+            before = getattr(self, name)
+            grown = np.full((before.shape[0], n), np.nan if name == "level" else 0, before.dtype)
+            grown[:, :old] = before
+            setattr(self, name, grown)
+
     def advance(
         self, readings: Sequence[Reading], slots: npt.NDArray[np.intp], ts_ms: I64
     ) -> tuple[F32, F32, npt.NDArray[np.int32], npt.NDArray[np.bool_]]:
@@ -388,10 +479,8 @@ class FeatureTable:
         """
         if self.epoch_ms is None:
             self.epoch_ms = int(ts_ms.min()) if len(ts_ms) else 0
-        spec = self.spec
-        extract = spec.extract
-        x = np.array([extract(r.metrics, r.status) for r in readings], dtype=np.float32)
-        x = x.reshape(len(readings), self.width)
+        rows = self.spec.program.rows([r.metrics for r in readings], [r.status for r in readings])
+        x = rows.astype(np.float32)
         level, count, now_s, late = advance_rows(
             x,
             self._repeat,

@@ -132,6 +132,7 @@ def encode_diagnosis(diagnosis: Diagnosis) -> bytes:
                     "cures": r.cures,
                     "part": r.part,
                     "note": r.note,
+                    "skill": r.skill,
                 }
                 for r in diagnosis.remedies
             ],
@@ -199,6 +200,7 @@ def decode_diagnosis(payload: bytes) -> Diagnosis:
                     bool(r["cures"]),
                     None if r["part"] is None else str(r["part"]),
                     str(r["note"]),
+                    None if r.get("skill") is None else str(r["skill"]),
                 )
                 for r in obj["remedies"]
             ),

@@ -38,7 +38,7 @@ import numpy.typing as npt
 
 from diagnostics import kernels
 from diagnostics.baseline import TrendRule
-from diagnostics.catalog import CATALOG, Degradation, FaultEntry, ModelCatalog
+from diagnostics.catalog import ANY_FEATURE, CATALOG, Degradation, FaultEntry, ModelCatalog
 from diagnostics.features import FeatureSpec
 from diagnostics.model import Contribution, Diagnosis
 from diagnostics.predictor import TimeToFailure, TrendPredictor, progress_of
@@ -297,13 +297,20 @@ class _Layout:
     @classmethod
     def of(cls, spec: FeatureSpec, table: ModelCatalog | None) -> _Layout:
         entries = () if table is None else tuple(table.faults.values())
+        # a signature on ANY_FEATURE stands for every feature no product file describes
+        generic = [i for i, f in enumerate(spec.features) if f.generic]
         signatures = tuple(
             (
                 entry.fault,
                 tuple(
-                    (spec.index(sig.feature), sig.direction, sig.weight)
+                    term
                     for sig in entry.signature
-                    if spec.index(sig.feature) >= 0
+                    for term in (
+                        [(i, sig.direction, sig.weight) for i in generic]
+                        if sig.feature == ANY_FEATURE
+                        else [(spec.index(sig.feature), sig.direction, sig.weight)]
+                    )
+                    if term[0] >= 0
                 ),
             )
             for entry in entries
@@ -375,6 +382,13 @@ class _Layout:
             for a, i in sorted(moved, reverse=True)[:5]
         )
         return drivers, total
+
+
+def _moved(drivers: Sequence[Contribution]) -> str:
+    """Plain words on which features moved and how far (in units of their healthy spread)."""
+    if not drivers:
+        return "no single feature beyond its noise"
+    return "moved: " + ", ".join(f"{c.feature} {c.z:+.1f} sd" for c in drivers)
 
 
 class DiagnosisPolicy:
@@ -700,7 +714,11 @@ class DiagnosisPolicy:
             time_to_failure=self._ttf(device_id, hypothesis.fault, ts_ms),
             drivers=hypothesis.drivers,
             remedies=() if entry is None else entry.remedies,
-            evidence=(f"score {score:.2f} for {state.above} updates",),
+            evidence=(
+                f"score {score:.2f} for {state.above} updates since "
+                f"{ms_to_datetime(state.above_since_ms).isoformat()}",
+                _moved(hypothesis.drivers),
+            ),
         )
         state.cases[hypothesis.fault] = _Case(
             diagnosis, from_model=True, last_code_ms=None, ts_ms=ts_ms

@@ -193,19 +193,18 @@ def test_faulty_devices_get_the_right_fault_and_healthy_ones_none() -> None:
 
 
 def test_registry_and_unknown_models() -> None:
-    from gateway.errors import ConfigError
-
-    with pytest.raises(ConfigError):
-        DiagnosticsEngine(registry={"x": "toaster"})
-    engine = DiagnosticsEngine(registry={"w1": "washer"})
+    # any model is scored: one without a product file (or none known) generically
+    engine = DiagnosticsEngine(registry={"w1": "washer", "x": "toaster"})
     result = engine.process(
         [
             Reading("w1", 1, 1_000_000, {"drum_rpm": 0.0}, "idle"),
             Reading("nobody", 1, 1_000_000, {"drum_rpm": 0.0}, "idle"),
+            Reading("x", 1, 1_000_000, {"slot_temp_c": 180.0, "on": True}, "toasting"),
         ]
     )
-    assert [s.device_id for s in result.scores] == ["w1"]
-    assert engine.unknown_readings == 1
+    assert [s.device_id for s in result.scores] == ["w1", "nobody", "x"]
+    assert engine.unknown_readings == 2
+    assert engine.unlisted_metrics == 0
 
 
 @pytest.mark.parametrize("method", ["gaussian", "isolation_forest"])
