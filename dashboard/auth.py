@@ -295,7 +295,7 @@ class _Tries:
     """Failed (or not yet judged) logins of one source or account."""
 
     failures: int
-    last_at: datetime
+    #: the end of the delay the last failure opened (the failure's time, without one)
     blocked_until: datetime
 
 
@@ -308,15 +308,16 @@ class LoginLimiter:
     count back. Past the free failures, each further failure opens a delay that doubles
     (``backoff_s``, ``2 * backoff_s`` ... up to ``max_backoff_s``) during which the
     source, or the account, is refused without checking a password. Counts are forgotten
-    ``window_s`` after the last failure once no delay runs.
+    after ``window_s`` of quiet once the last delay ended.
 
     * **Per source address** (IPv6 by its /64, which one host usually owns):
       ``source_failures`` free failures, whatever the account.
     * **Per account**: ``account_failures`` free failures from all sources together
-      (a guess spread over many addresses). The account's delay applies only to
-      sources the account has not logged in from lately (``trust_s``): its own people
-      keep getting in, and one attacker's source is stopped by its own limit long
-      before the account's, so a clean address is not refused because of it.
+      (a guess spread over many addresses). Only a source's own free failures count
+      towards its account: one source past its limit is slowed by that limit alone, so
+      however long it keeps guessing, a clean address is not refused because of it.
+      The account's delay applies only to sources the account has not logged in from
+      lately (``trust_s``): its own people keep getting in during a spread-out guess.
 
     Args:
         clock: the wall clock.
@@ -324,7 +325,8 @@ class LoginLimiter:
         account_failures: free failures per account, over all sources.
         backoff_s: the first delay.
         max_backoff_s: the longest delay.
-        window_s: quiet time after which failures are forgotten.
+        window_s: quiet time after the last failure's delay after which failures are
+            forgotten.
         trust_s: how long an address an account logged in from is spared the account's delay.
         max_keys: bound on the sources, accounts and trusted pairs tracked (oldest go first).
 
@@ -380,7 +382,8 @@ class LoginLimiter:
 
     def _live(self, table: OrderedDict[str, _Tries], key: str, now: datetime) -> _Tries | None:
         tries = table.get(key)
-        if tries is not None and now >= tries.blocked_until and now - tries.last_at >= self._window:
+        # quiet for the window after the last failure and after its delay ended
+        if tries is not None and now - tries.blocked_until >= self._window:
             del table[key]
             return None
         return tries
@@ -394,17 +397,18 @@ class LoginLimiter:
             return False
         return True
 
-    def _count(self, table: OrderedDict[str, _Tries], key: str, free: int, now: datetime) -> None:
+    def _count(self, table: OrderedDict[str, _Tries], key: str, free: int, now: datetime) -> int:
+        """Count one failure under ``key``; return the failures counted now."""
         tries = self._live(table, key, now)
         if tries is None:
-            tries = table[key] = _Tries(0, now, now)
+            tries = table[key] = _Tries(0, now)
         tries.failures += 1
-        tries.last_at = now
         wait = timedelta(seconds=self.delay_s(tries.failures, free))
         tries.blocked_until = max(tries.blocked_until, now + wait)
         table.move_to_end(key)
         while len(table) > self._max_keys:
             table.popitem(last=False)
+        return tries.failures
 
     def begin(self, account: str, address: str) -> float:
         """Count one login attempt before its password is checked, or refuse it.
@@ -432,8 +436,8 @@ class LoginLimiter:
         wait_s = max(waits)
         if wait_s > 0:
             return wait_s
-        self._count(self._sources, source, self._source_free, now)
-        self._count(self._accounts, account, self._account_free, now)
+        if self._count(self._sources, source, self._source_free, now) <= self._source_free:
+            self._count(self._accounts, account, self._account_free, now)
         return 0.0
 
     def succeeded(self, account: str, address: str) -> None:
@@ -445,10 +449,11 @@ class LoginLimiter:
         """
         now = self._clock()
         account, source = account.casefold(), self.source_key(address)
-        for table, key, free in (
-            (self._sources, source, self._source_free),
-            (self._accounts, account, self._account_free),
-        ):
+        by_source = self._sources.get(source)
+        counted = [(self._sources, source, self._source_free)]
+        if by_source is None or by_source.failures <= self._source_free:
+            counted.append((self._accounts, account, self._account_free))  # as begin() did
+        for table, key, free in counted:
             tries = table.get(key)
             if tries is None:
                 continue

@@ -23,7 +23,8 @@ class DashboardSettings(BaseModel):
             logged in from lately (it is never locked for everyone).
         login_backoff_s: the first delay.
         login_max_backoff_s: the longest delay.
-        login_window_s: quiet time after which failed logins are forgotten.
+        login_window_s: quiet time, once the last delay ended, after which failed logins
+            are forgotten.
         trusted_proxies: addresses or networks of reverse proxies whose
             ``X-Forwarded-For`` is believed (empty: the client is the peer address, and
             the header is ignored).

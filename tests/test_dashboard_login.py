@@ -149,6 +149,22 @@ async def test_the_delay_doubles_with_each_failure_and_is_forgotten(make_rig: Ri
     assert (await rig.login(ATTACKER, PASSWORD)).status == 200
 
 
+async def test_a_long_guess_from_one_address_never_shuts_out_a_clean_one(
+    make_rig: RigFactory, hashes: list[str]
+) -> None:
+    rig = await make_rig()
+    for _ in range(40):  # the attacker waits out each delay and guesses again
+        answer = await rig.login(ATTACKER, "wrong")
+        if answer.status == 429:
+            rig.clock.advance(int(answer.headers["Retry-After"]))
+            assert (await rig.login(ATTACKER, "wrong")).status == 401
+    assert len(hashes) > 20  # more guesses than the account's own free failures
+    assert (await rig.login(COLLEAGUE, PASSWORD)).status == 200  # never used before
+    refused = await rig.login(ATTACKER, "wrong")
+    assert refused.status == 429
+    assert int(refused.headers["Retry-After"]) == 900  # the longest delay by now
+
+
 async def test_the_account_limit_slows_new_addresses_but_never_locks_the_account(
     make_rig: RigFactory,
 ) -> None:
