@@ -1,10 +1,19 @@
 """Score a CSV file of telemetry with the streaming detector (behind ``fixloop detect``).
 
 Place in the pipeline: an offline door into ``diagnostics`` for exported telemetry or any
-numeric time series. Rows stream through :class:`~diagnostics.stream.StreamDetector` in
-file order, each scored from the rows before it only, and are written back unchanged
-with two columns added: ``anomaly_score`` in [0, 1] and ``anomaly`` (1 at or above the
-detector's operating threshold, 0 below). Rows in the warm-up score 0.
+numeric time series. Rows stream in file order through one slot of the same detector
+core the live service runs (:class:`~diagnostics.detector.DetectorTable`), each scored
+from the rows before it only, and are written back unchanged with two columns added:
+
+- ``anomaly``: 1 on the row where an alert *starts* (its rising edge: an event), else 0.
+  A lasting deviation is one event, not a run of flagged rows, so a scorer that counts
+  every flagged row as a detection (NAB-style windows: the first detection in a window
+  earns, every detection outside one costs) sees one detection per alert.
+- ``anomaly_score``: the row's score in [0, 1], one minus the tail probability of its
+  deviation under the learnt normal behaviour. Outside an event row it is held just
+  under the operating threshold ``1 - alpha``, so ``anomaly_score >= threshold`` marks
+  exactly the ``anomaly`` rows, and a scorer that sweeps its own threshold over the score
+  ranks events by how unlikely they were.
 
 What the file may look like:
 
@@ -13,13 +22,17 @@ What the file may look like:
 - The timestamp column is the first one whose cells parse as ISO 8601 date-times, or the
   one named by ``timestamp_column`` (which may also hold plain numbers: seconds). Without
   one, rows are taken as equally spaced. Times without a zone are read as UTC.
-- Timestamps may be irregular and may repeat, but must not go back: a file out of order
-  is refused with the line number, so that nothing is silently reordered.
+- Timestamps may be irregular, repeat, jump (a gap) or go back. A row earlier than the
+  one before it is scored against what was learnt so far and teaches nothing; a cell
+  that is not a time is taken as one typical step after the previous row. Each case is
+  counted and reported on stderr as a warning; the file is never refused for it.
 - Every other column whose cells are numbers (the first rows decide) is watched; other
   columns are ignored with a warning. Empty cells and ``NaN``/``NA``/``null`` are missing
   values; a later cell that is not a number is also taken as missing and counted.
 - Columns already named ``anomaly_score`` or ``anomaly`` (an earlier run's output, or
   labels) are never watched.
+- A column that holds one value only (a constant, or leading zeros) is not scored until
+  it changes; one that never changes is reported as not scored.
 """
 
 from __future__ import annotations
@@ -36,8 +49,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TextIO
 
-from diagnostics.stream import StreamConfig, StreamDetector
-from gateway.errors import ConfigError, PermanentError
+import numpy as np
+
+from diagnostics.detector import ROW_GAP, ROW_LATE, ROW_REPEATED, DetectorConfig, DetectorTable
+from gateway.errors import ConfigError
 
 __all__ = ["OUTPUT_COLUMNS", "DetectSummary", "detect_csv"]
 
@@ -49,6 +64,7 @@ OUTPUT_COLUMNS: Final = ("anomaly_score", "anomaly")
 _MISSING: Final = frozenset({"", "nan", "na", "n/a", "null", "none", "-"})
 _SNIFF_ROWS: Final = 200
 _PROGRESS_EVERY: Final = 10_000
+_CHUNK_ROWS: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +73,16 @@ class DetectSummary:
 
     Attributes:
         rows: data rows written.
-        anomalies: rows flagged at the operating threshold.
+        anomalies: alert events (rows with ``anomaly`` 1).
         columns: the watched columns, in file order.
         ignored: columns not watched (not numeric, or named like the output).
         timestamp_column: the column read as time, or None for equal steps.
         bad_cells: cells in watched columns that were not numbers (taken as missing).
+        late_rows: rows earlier than the row before them (scored, not learnt).
+        repeated_times: rows with the same time as the row before them.
+        gaps: steps longer than the detector's gap factor times the typical step.
+        bad_times: time cells that could not be read (taken as one step on).
+        not_scored: watched columns that never changed, so were never scored.
     """
 
     rows: int
@@ -70,6 +91,11 @@ class DetectSummary:
     ignored: tuple[str, ...]
     timestamp_column: str | None
     bad_cells: int
+    late_rows: int = 0
+    repeated_times: int = 0
+    gaps: int = 0
+    bad_times: int = 0
+    not_scored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +138,10 @@ def detect_csv(
     out: str | os.PathLike[str] | TextIO,
     *,
     timestamp_column: str | None = None,
-    warmup_rows: int = 400,
+    warmup_rows: int | None = None,
     separator: str | None = None,
     progress: TextIO | None = None,
-    config: StreamConfig | None = None,
+    config: DetectorConfig | None = None,
 ) -> DetectSummary:
     """Score every row of a CSV file and write it back with the score columns.
 
@@ -123,21 +149,25 @@ def detect_csv(
         in_path: the CSV file to read.
         out: a path to write (replaced atomically when done) or an open text stream.
         timestamp_column: the column holding time; guessed when None.
-        warmup_rows: rows the detector learns from before it scores.
+        warmup_rows: rows learnt before an alert may be raised (scores are given from
+            the first rows on); None keeps the detector's own (``min_rows``, 20).
         separator: ``,`` or ``;``; guessed from the header when None.
         progress: where to write a progress line every 10,000 rows (None: silent).
-        config: detector settings; ``warmup_rows`` overrides its warm-up length.
+        config: detector settings; ``warmup_rows`` overrides its ``min_rows``.
 
     Returns:
         A summary of the run.
 
     Raises:
-        ConfigError: the file is missing, empty or malformed, has no numeric column,
-            unparsable or decreasing timestamps, or a setting is wrong.
+        ConfigError: the file is missing, empty or malformed (not UTF-8, ragged rows),
+            has no numeric column, or a setting is wrong. Data quality (times out of
+            order, constant or empty stretches, bad cells) is counted, never refused.
     """
     path = Path(in_path)
-    base = config if config is not None else StreamConfig()
-    detector_config = replace(base, warmup_rows=warmup_rows)
+    base = config if config is not None else DetectorConfig()
+    if warmup_rows is not None and warmup_rows < 0:
+        raise ConfigError(f"warm-up rows must be >= 0 (got {warmup_rows})")
+    detector_config = base if warmup_rows is None else replace(base, min_rows=warmup_rows)
     if separator is not None and separator not in {",", ";"}:
         raise ConfigError(f"separator must be ',' or ';' (got {separator!r})")
     try:
@@ -161,7 +191,7 @@ def _to_file(
     out_path: Path,
     separator: str | None,
     timestamp_column: str | None,
-    config: StreamConfig,
+    config: DetectorConfig,
     progress: TextIO | None,
 ) -> DetectSummary:
     """Write to a temporary file beside ``out_path`` and rename it into place at the end."""
@@ -195,7 +225,7 @@ def _run(
     sink: TextIO,
     separator: str | None,
     timestamp_column: str | None,
-    config: StreamConfig,
+    config: DetectorConfig,
     progress: TextIO | None,
 ) -> DetectSummary:
     tracker = _LineTracker(source)
@@ -238,70 +268,131 @@ def _run(
     if time_name is None:
         _LOG.info("no timestamp column found: rows are taken as equally spaced")
 
-    detector = StreamDetector(config)
+    table = DetectorTable(1, len(layout.value_indices), config)
     sink.write(f"{header_text}{sep}{sep.join(OUTPUT_COLUMNS)}{newline}")
-    rows = anomalies = bad_cells = 0
-    previous: tuple[float, int] | None = None
+    count = _Counts()
 
     def all_records() -> Iterator[tuple[int, list[str], str]]:
         yield from ahead
         yield from records
 
-    for line_no, fields, raw in all_records():
-        stamp: float | None = None
-        if layout.time_index is not None:
-            stamp = _parse_time(fields[layout.time_index], layout.time_is_numeric)
-            if stamp is None:
-                raise ConfigError(
-                    f"{path} line {line_no}: cannot read timestamp "
-                    f"{fields[layout.time_index]!r} in column {time_name!r}"
-                )
-            if previous is not None and stamp < previous[0]:
-                raise ConfigError(
-                    f"{path} line {line_no}: timestamp {fields[layout.time_index]!r} is "
-                    f"earlier than line {previous[1]}'s; sort the file by time first "
-                    "(irregular or repeated times are fine, going back is not)"
-                )
-            previous = (stamp, line_no)
-        values = []
-        for index in layout.value_indices:
-            value = _parse_number(fields[index], sep)
-            if value is None:
-                bad_cells += 1
-                value = math.nan
-            values.append(value)
-        try:
-            score = detector.score_stream([values], None if stamp is None else [stamp])[0]
-        except PermanentError as exc:
-            raise ConfigError(f"{path} line {line_no}: {exc}") from exc
-        flag = int(score >= detector.threshold)
-        anomalies += flag
-        rows += 1
-        sink.write(f"{raw}{sep}{score:.6f}{sep}{flag}{newline}")
-        if progress is not None and rows % _PROGRESS_EVERY == 0:
-            progress.write(f"fixloop detect: {rows} rows, {anomalies} anomalous\n")
-            progress.flush()
-    if detector.ready and detector.ignored_columns:
-        _LOG.info(
-            "constant or empty during warm-up, so not scored: %s",
-            ", ".join(watched[i] for i in detector.ignored_columns),
-        )
-    if not detector.ready:
-        _LOG.warning(
-            "only %d rows with values: the warm-up needs %d, so every score is 0",
-            rows,
-            config.warmup_rows,
-        )
-    if bad_cells:
-        _LOG.warning("%d cells were not numbers and were taken as missing", bad_cells)
+    chunk: list[tuple[int, list[str], str]] = []
+    for record in all_records():
+        chunk.append(record)
+        if len(chunk) >= _CHUNK_ROWS:
+            _score_chunk(chunk, layout, sep, table, sink, newline, count, progress)
+            chunk = []
+    if chunk:
+        _score_chunk(chunk, layout, sep, table, sink, newline, count, progress)
+    never = tuple(name for i, name in enumerate(watched) if i not in set(table.scored_columns(0)))
+    _warn_counts(count, never, time_name)
     return DetectSummary(
-        rows=rows,
-        anomalies=anomalies,
+        rows=count.rows,
+        anomalies=count.events,
         columns=watched,
         ignored=layout.not_numeric + layout.output_named,
         timestamp_column=time_name,
-        bad_cells=bad_cells,
+        bad_cells=count.bad_cells,
+        late_rows=count.late,
+        repeated_times=count.repeated,
+        gaps=count.gaps,
+        bad_times=count.bad_times,
+        not_scored=never,
     )
+
+
+@dataclass(slots=True)
+class _Counts:
+    """Running tallies of one run (rows, events and every data-quality case)."""
+
+    rows: int = 0
+    events: int = 0
+    bad_cells: int = 0
+    bad_times: int = 0
+    late: int = 0
+    repeated: int = 0
+    gaps: int = 0
+    first_late_line: int = 0
+
+
+def _score_chunk(
+    chunk: list[tuple[int, list[str], str]],
+    layout: _Layout,
+    sep: str,
+    table: DetectorTable,
+    sink: TextIO,
+    newline: str,
+    count: _Counts,
+    progress: TextIO | None,
+) -> None:
+    """Parse, score and write one chunk of records (one compiled call per chunk)."""
+    n = len(chunk)
+    values = np.empty((n, len(layout.value_indices)))
+    stamps = np.full(n, math.nan)
+    time_index = layout.time_index
+    for r, (_, fields, _) in enumerate(chunk):
+        if time_index is not None:
+            stamp = _parse_time(fields[time_index], layout.time_is_numeric)
+            if stamp is None:
+                count.bad_times += 1
+            else:
+                stamps[r] = stamp
+        for j, index in enumerate(layout.value_indices):
+            value = _parse_number(fields[index], sep)
+            if value is None:
+                count.bad_cells += 1
+                value = math.nan
+            values[r, j] = value
+    result = table.step(np.zeros(n, dtype=np.int64), stamps, values)
+    threshold = table.threshold
+    # Rows that are not an event keep their score, held just under the threshold.
+    below = threshold - 1e-6
+    scores = np.where(result.event, result.score, np.minimum(result.score, below))
+    flags = result.flags
+    late = (flags & ROW_LATE) != 0
+    if late.any() and not count.first_late_line:
+        count.first_late_line = chunk[int(np.argmax(late))][0]
+    count.late += int(late.sum())
+    count.repeated += int(((flags & ROW_REPEATED) != 0).sum())
+    count.gaps += int(((flags & ROW_GAP) != 0).sum())
+    events = result.event.astype(np.int8).tolist()
+    count.events += int(sum(events))
+    sink.write(
+        "".join(
+            f"{raw}{sep}{score:.6f}{sep}{flag}{newline}"
+            for (_, _, raw), score, flag in zip(chunk, scores.tolist(), events, strict=True)
+        )
+    )
+    before = count.rows // _PROGRESS_EVERY
+    count.rows += n
+    if progress is not None and count.rows // _PROGRESS_EVERY > before:
+        progress.write(f"fixloop detect: {count.rows} rows, {count.events} alerts\n")
+        progress.flush()
+
+
+def _warn_counts(count: _Counts, never: tuple[str, ...], time_name: str | None) -> None:
+    """One warning line per data-quality case met (the file was scored regardless)."""
+    if count.late:
+        _LOG.warning(
+            "%d rows earlier than the row before them (first at line %d): scored against "
+            "what was learnt so far, not learnt",
+            count.late,
+            count.first_late_line,
+        )
+    if count.bad_times:
+        _LOG.warning(
+            "%d cells in column %r were not times: taken as one typical step on",
+            count.bad_times,
+            time_name,
+        )
+    if count.repeated:
+        _LOG.warning("%d rows repeat the time of the row before them", count.repeated)
+    if count.gaps:
+        _LOG.warning("%d gaps in time: the uncertainty widened after each", count.gaps)
+    if count.bad_cells:
+        _LOG.warning("%d cells were not numbers and were taken as missing", count.bad_cells)
+    if never:
+        _LOG.warning("never changed, so not scored: %s", ", ".join(never))
 
 
 def _replay_first(first: str, tracker: _LineTracker) -> Iterator[str]:

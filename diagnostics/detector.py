@@ -93,6 +93,36 @@ ROW_LATE: Final = 1
 ROW_REPEATED: Final = 2
 ROW_GAP: Final = 4
 
+#: State arrays in the order the compiled loop takes them.
+_STATE_ORDER: Final = (
+    "rows",
+    "last_t",
+    "t0",
+    "step_log",
+    "has_time",
+    "active",
+    "act_rows",
+    "calm",
+    "hist_i",
+    "hist_s",
+    "totals",
+    "n_col",
+    "first",
+    "level",
+    "err",
+    "sel",
+    "ref",
+    "ref_err",
+    "sm",
+    "sm_ref",
+    "smv",
+    "lmean",
+    "lvar",
+    "prof_d",
+    "cnt_d",
+    "prof_w",
+    "cnt_w",
+)
 _N_MODELS: Final = 4  # fast level, slow level, slow + daily, slow + weekly
 _N_BINS: Final = 48  # tail histogram: log10(statistic) from -2 to 6, six bins a decade
 _LOG_LOW: Final = -2.0
@@ -113,6 +143,7 @@ class DetectorConfig:
         fast_alpha: EWMA weight of the fast level.
         slow_alpha: EWMA weight of the slow levels.
         error_alpha: EWMA weight of the predictors' squared errors (their spreads).
+        select_alpha: EWMA weight of the longer-memory errors that choose the predictor.
         profile_alpha: smallest weight of a cycle profile bin's update.
         season_gain: a cyclic predictor is used only when its error is under this
             share of the best acyclic one.
@@ -137,7 +168,8 @@ class DetectorConfig:
     min_rows: int = 20
     fast_alpha: float = 0.3
     slow_alpha: float = 0.02
-    error_alpha: float = 0.02
+    error_alpha: float = 0.005
+    select_alpha: float = 0.005
     profile_alpha: float = 0.1
     season_gain: float = 0.9
     smooth_span: float = 10.0
@@ -154,7 +186,7 @@ class DetectorConfig:
     row_periods: tuple[float, float] = (24.0, 168.0)
 
     def __post_init__(self) -> None:
-        for name in ("alpha", "calm_p", "fast_alpha", "slow_alpha", "error_alpha"):
+        for name in ("alpha", "calm_p", "fast_alpha", "slow_alpha", "error_alpha", "select_alpha"):
             value = getattr(self, name)
             if not 0 < value < 1:
                 raise ConfigError(f"detector {name} must be in (0, 1) (got {value})")
@@ -212,6 +244,7 @@ class DetectorConfig:
                 self.periods_s[1],
                 self.row_periods[0],
                 self.row_periods[1],
+                self.select_alpha,
             ],
             dtype=np.float64,
         )
@@ -253,13 +286,15 @@ def _compiled(fn: _Fn) -> _Fn:
 
 
 @_compiled
-def _chi2_sf(value: float, dof: float) -> float:
-    """P(chi2_dof / dof >= value), Wilson-Hilferty approximation (a prior only)."""
+def _max_sf(value: float, m: float) -> float:
+    """P(max of m squared standard normals >= value): the prior of a row's statistic."""
     if value <= 0.0:
         return 1.0
-    v = 2.0 / (9.0 * dof)
-    zz = (value ** (1.0 / 3.0) - (1.0 - v)) / math.sqrt(v)
-    return 0.5 * math.erfc(zz / math.sqrt(2.0))
+    one = math.erfc(math.sqrt(0.5 * value))
+    if one < 1e-8:
+        return m * one
+    tail: float = 1.0 - (1.0 - one) ** m
+    return tail
 
 
 @_compiled
@@ -279,9 +314,10 @@ def _tail(hist: Any, total: float, stat: float, dof: float, prior_rows: float) -
         for k in range(b + 1, _N_BINS):
             above += hist[k]
         above += hist[b] * (1.0 - frac)
-    # the prior is read at half the statistic: real errors have heavier tails
-    prior = _chi2_sf(stat * 0.5, dof)
-    return (above + prior_rows * prior) / (total + prior_rows)
+    prior = _max_sf(stat, dof)
+    # never rarer than the prior says: an empty tail in a few hundred rows proves little
+    blended: float = (above + prior_rows * prior) / (total + prior_rows)
+    return max(blended, prior)
 
 
 @_compiled
@@ -307,7 +343,7 @@ def _phase(t: float, period: float, bins: int) -> tuple[int, int, float]:
 
 
 @_compiled
-def _step_rows(  # noqa: C901, PLR0912, PLR0915
+def _step_rows(
     par: Any,
     slots: Any,
     t_in: Any,
@@ -328,8 +364,12 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
     first: Any,
     level: Any,
     err: Any,
-    trk: Any,
+    sel: Any,
+    ref: Any,
+    ref_err: Any,
     sm: Any,
+    sm_ref: Any,
+    smv: Any,
     lmean: Any,
     lvar: Any,
     prof_d: Any,
@@ -345,13 +385,14 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
     alpha, calm_p, calm_rows, settle_rows, min_rows = par[0], par[1], par[2], par[3], par[4]
     a_fast, a_slow, a_err, a_prof, season_gain = par[5], par[6], par[7], par[8], par[9]
     beta, forget, prior_rows, young, min_col = par[10], par[11], par[12], par[13], par[14]
-    floor_share, clip, gap_factor = par[15], par[16], par[17]
+    floor_share, clip, gap_factor, a_sel = par[15], par[16], par[17], par[22]
     n_rows, n_cols = x.shape
     bd = prof_d.shape[2]
     bw = prof_w.shape[2]
     sm_norm = math.sqrt(beta / (2.0 - beta))
     pred = np.empty(_N_MODELS)
     sm_new = np.empty(n_cols)
+    smr_new = np.empty(n_cols)
     for r in range(n_rows):
         s = slots[r]
         t = t_in[r]
@@ -388,9 +429,13 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
         m = 0
         sum_i = 0.0
         sum_s = 0.0
+        ref_i = 0.0
+        ref_s = 0.0
+        alerting = active[s] == 1
         for c in range(n_cols):
             dev[r, c] = np.nan
             sm_new[c] = 0.0 if gap else sm[s, c]
+            smr_new[c] = 0.0 if gap else sm_ref[s, c]
             v = x[r, c]
             if math.isnan(v) or n_col[s, c] < min_col:
                 continue
@@ -400,31 +445,53 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
             pred[1] = level[s, c, 1]
             pred[2] = level[s, c, 2] + pd_
             pred[3] = level[s, c, 3] + pw_
-            best = 0 if err[s, c, 0] <= err[s, c, 1] else 1
-            if elapsed >= period_d and err[s, c, 2] < season_gain * err[s, c, best]:
+            best = 0 if sel[s, c, 0] <= sel[s, c, 1] else 1
+            if elapsed >= period_d and sel[s, c, 2] < season_gain * sel[s, c, best]:
                 best = 2
-            if elapsed >= period_w and err[s, c, 3] < season_gain * err[s, c, best]:
+            if elapsed >= period_w and sel[s, c, 3] < season_gain * sel[s, c, best]:
                 best = 3
             fl = floor_share * floor_share * lvar[s, c] + 1e-24 * (1.0 + lmean[s, c] ** 2)
-            spread = math.sqrt(err[s, c, best] + fl) * (1.0 + young / n_col[s, c])
+            n_eff = min(n_col[s, c], 2 * min_col) if gap else n_col[s, c]
+            spread = math.sqrt(err[s, c, best] + fl) * (1.0 + young / n_eff)
             z = (v - pred[best]) / spread
             z = min(max(z, -_MAX_Z), _MAX_Z)
             dev[r, c] = z
             zc = min(max(z, -clip), clip)
             sm_new[c] = (1.0 - beta) * sm_new[c] + beta * zc
             m += 1
-            sum_i += z * z
-            q = sm_new[c] / sm_norm
-            sum_s += q * q
+            sum_i = max(sum_i, z * z)
+            norm = sm_norm if math.isnan(smv[s, c]) else math.sqrt(smv[s, c] + 1e-12)
+            q = sm_new[c] / norm
+            sum_s = max(sum_s, q * q)
+            if alerting:
+                # the same deviation against the levels held when the alert went up
+                # (a wandering column, followed by the fast level, has no held level)
+                if best == 0:
+                    base = pred[0]
+                    spread_r = spread
+                else:
+                    base = pred[best] - level[s, c, best] + ref[s, c, best]
+                    spread_r = math.sqrt(ref_err[s, c, best] + fl) * (1.0 + young / n_eff)
+                zr = min(max((v - base) / spread_r, -_MAX_Z), _MAX_Z)
+                ref_i = max(ref_i, zr * zr)
+                zrc = min(max(zr, -clip), clip)
+                smr_new[c] = (1.0 - beta) * smr_new[c] + beta * zrc
+                q = smr_new[c] / norm
+                ref_s = max(ref_s, q * q)
         p = 1.0
+        p_ref = 1.0
         stat_i = 0.0
         stat_s = 0.0
         if m > 0:
-            stat_i = sum_i / m
-            stat_s = sum_s / m
+            stat_i = sum_i
+            stat_s = sum_s
             p_i = _tail(hist_i[s], totals[s, 0], stat_i, float(m), prior_rows)
             p_s = _tail(hist_s[s], totals[s, 1], stat_s, float(m), prior_rows)
             p = min(1.0, 2.0 * min(p_i, p_s))
+            if alerting:
+                p_i = _tail(hist_i[s], totals[s, 0], ref_i, float(m), prior_rows)
+                p_s = _tail(hist_s[s], totals[s, 1], ref_s, float(m), prior_rows)
+                p_ref = min(1.0, 2.0 * min(p_i, p_s))
         score[r] = 1.0 - p
         flags[r] = flag
         if late or not learn:
@@ -442,35 +509,35 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
         last_t[s] = t
         for c in range(n_cols):
             sm[s, c] = sm_new[c]
+            sm_ref[s, c] = smr_new[c]
         # -- events --------------------------------------------------------------------
         fired = False
-        hold = False
         if active[s] == 0:
             if m > 0 and p <= alpha and rows[s] > min_rows:
                 fired = True
                 active[s] = 1
                 act_rows[s] = 0
                 calm[s] = 0
-                hold = True
                 for c in range(n_cols):
+                    sm_ref[s, c] = sm[s, c]
                     for k in range(_N_MODELS):
-                        trk[s, c, k] = level[s, c, k]
+                        ref[s, c, k] = level[s, c, k]
+                        ref_err[s, c, k] = err[s, c, k]
         else:
             act_rows[s] += 1
-            calm[s] = calm[s] + 1 if p >= calm_p else 0
-            hold = True
+            calm[s] = calm[s] + 1 if p_ref >= calm_p else 0
             if calm[s] >= calm_rows and act_rows[s] >= calm_rows:
-                active[s] = 0
-            elif act_rows[s] >= settle_rows:
-                # a settled change: the levels move to where the signal is now
+                # back to what was normal before: so are the levels and spreads
                 active[s] = 0
                 for c in range(n_cols):
-                    sm[s, c] = 0.0
-                    if n_col[s, c] >= 1:
-                        for k in range(_N_MODELS):
-                            level[s, c, k] = trk[s, c, k]
+                    sm[s, c] = sm_ref[s, c]
+                    for k in range(1, _N_MODELS):  # the fast level follows by itself
+                        level[s, c, k] = ref[s, c, k]
+            elif act_rows[s] >= settle_rows:
+                active[s] = 0  # a settled change: the levels have followed it meanwhile
+        hold = active[s] == 1
         event[r] = fired
-        up[r] = fired or hold
+        up[r] = fired or alerting
         # -- learning ------------------------------------------------------------------
         for c in range(n_cols):
             v = x[r, c]
@@ -486,20 +553,13 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
                 for k in range(_N_MODELS):
                     level[s, c, k] = v
                     err[s, c, k] = 0.0
+                    sel[s, c, k] = 0.0
                 lmean[s, c] = 0.5 * (v + first[s, c])
                 lvar[s, c] = 0.25 * (v - first[s, c]) ** 2
                 n_col[s, c] = 1
                 continue
             pd_ = prof_d[s, c, d0] * (1.0 - dfrac) + prof_d[s, c, d1] * dfrac
             pw_ = prof_w[s, c, w0] * (1.0 - wfrac) + prof_w[s, c, w1] * wfrac
-            if hold:
-                # the model is held while alerting; only the would-be levels follow
-                ka = 0.1
-                trk[s, c, 0] += ka * (v - trk[s, c, 0])
-                trk[s, c, 1] += ka * (v - trk[s, c, 1])
-                trk[s, c, 2] += ka * (v - pd_ - trk[s, c, 2])
-                trk[s, c, 3] += ka * (v - pw_ - trk[s, c, 3])
-                continue
             n = n_col[s, c]
             inv = 1.0 / (n + 1.0)
             la = max(0.001, inv)
@@ -508,6 +568,7 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
             lvar[s, c] = (1.0 - la) * (lvar[s, c] + la * delta * delta)
             fl = floor_share * floor_share * lvar[s, c] + 1e-24 * (1.0 + lmean[s, c] ** 2)
             ae = max(a_err, inv)
+            aq = max(a_sel, inv)
             for k in range(_N_MODELS):
                 if k == 0:
                     target, rate = v, max(a_fast, inv)
@@ -520,7 +581,9 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
                 resid = target - level[s, c, k]
                 bound = clip * math.sqrt(err[s, c, k] + fl) if n > 2 else abs(resid)
                 rc = min(max(resid, -bound), bound)
-                err[s, c, k] = (1.0 - ae) * err[s, c, k] + ae * rc * rc
+                if not hold:
+                    err[s, c, k] = (1.0 - ae) * err[s, c, k] + ae * rc * rc
+                    sel[s, c, k] = (1.0 - aq) * sel[s, c, k] + aq * rc * rc
                 level[s, c, k] += rate * rc
                 if k == 2:
                     g = v - level[s, c, 2] - pd_
@@ -536,10 +599,15 @@ def _step_rows(  # noqa: C901, PLR0912, PLR0915
                     prof_w[s, c, w0] += (1.0 - wfrac) * max(a_prof, 1.0 / cnt_w[s, c, w0]) * g
                     cnt_w[s, c, w1] += wfrac
                     prof_w[s, c, w1] += wfrac * max(a_prof, 1.0 / cnt_w[s, c, w1]) * g
+            if not hold and n >= min_col:
+                # the smoothed deviations' own spread (errors are seldom white)
+                if math.isnan(smv[s, c]):
+                    smv[s, c] = sm_norm * sm_norm
+                smv[s, c] = (1.0 - ae) * smv[s, c] + ae * min(sm[s, c] ** 2, 25.0)
             n_col[s, c] = min(n + 1, 1_000_000_000)
             if gap and n_col[s, c] > 2 * min_col:
                 n_col[s, c] = 2 * min_col  # after a gap the uncertainty widens again
-        if m > 0 and not hold:
+        if m > 0 and not hold and not alerting:
             _remember(hist_i, totals, s, 0, stat_i, forget)
             _remember(hist_s, totals, s, 1, stat_s, forget)
 
@@ -612,7 +680,7 @@ class DetectorTable:
             elapsed = float(st["rows"][slot])
         names = []
         for c in range(self._n_columns):
-            err = st["err"][slot, c]
+            err = st["sel"][slot, c]
             best = 0 if err[0] <= err[1] else 1
             if elapsed >= periods[0] and err[2] < cfg.season_gain * err[best]:
                 best = 2
@@ -684,15 +752,10 @@ class DetectorTable:
         up = np.empty(n, dtype=np.bool_)
         dev = np.empty((n, self._n_columns))
         flags = np.empty(n, dtype=np.int8)
-        st = self._state
-        _step_rows(
-            self._params, index, stamps, data, learn,
-            st["rows"], st["last_t"], st["t0"], st["step_log"], st["has_time"],
-            st["active"], st["act_rows"], st["calm"], st["hist_i"], st["hist_s"],
-            st["totals"], st["n_col"], st["first"], st["level"], st["err"], st["trk"],
-            st["sm"], st["lmean"], st["lvar"], st["prof_d"], st["cnt_d"], st["prof_w"],
-            st["cnt_w"], score, event, up, dev, flags,
-        )  # fmt: skip
+        state = [self._state[name] for name in _STATE_ORDER]
+        args: list[Any] = [self._params, index, stamps, data, learn, *state]
+        args += [score, event, up, dev, flags]
+        _step_rows(*args)
         return StepResult(score, event, up, dev, flags)
 
     # -- internals -----------------------------------------------------------------------
@@ -716,8 +779,12 @@ class DetectorTable:
             "first": np.full((count, c), np.nan, f8),
             "level": np.zeros((count, c, _N_MODELS), f8),
             "err": np.zeros((count, c, _N_MODELS), f8),
-            "trk": np.zeros((count, c, _N_MODELS), f8),
+            "sel": np.zeros((count, c, _N_MODELS), f8),
+            "ref": np.zeros((count, c, _N_MODELS), f8),
+            "ref_err": np.zeros((count, c, _N_MODELS), f8),
             "sm": np.zeros((count, c), f8),
+            "sm_ref": np.zeros((count, c), f8),
+            "smv": np.full((count, c), math.nan, f8),
             "lmean": np.zeros((count, c), f8),
             "lvar": np.zeros((count, c), f8),
             "prof_d": np.zeros((count, c, cfg.day_bins), f4),
@@ -731,9 +798,7 @@ class DetectorTable:
         if not self._state:
             self._state = fresh
         else:
-            self._state = {
-                name: np.concatenate([self._state[name], fresh[name]]) for name in fresh
-            }
+            self._state = {name: np.concatenate([self._state[name], fresh[name]]) for name in fresh}
         self._n_slots += count
 
     def __getstate__(self) -> dict[str, Any]:

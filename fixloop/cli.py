@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--timestamp-column", help="column holding time (default: guessed)")
     detect.add_argument("--separator", choices=[",", ";"], help="default: guessed")
     detect.add_argument(
-        "--warmup-rows", type=int, default=400, help="rows learnt as normal first (400)"
+        "--warmup-rows",
+        type=int,
+        default=None,
+        help="rows learnt before an alert may be raised (default 20; scores from the start)",
     )
     detect.add_argument(
         "--progress", action="store_true", help="report progress on stderr even into a pipe"
