@@ -1909,7 +1909,11 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
             replies=(
                 Reply(200, "The test message was taken: the channel is active.", ChannelView),
                 Reply(409, "The test message was not taken: the channel is unchanged.", ErrorView),
-                Reply(503, "Push delivery is not running here.", ErrorView),
+                Reply(
+                    503,
+                    "Push delivery is not running here, or a store is briefly unavailable.",
+                    ErrorView,
+                ),
             ),
             description=(
                 "Sends a test message over this channel only. If its push service takes "
