@@ -710,8 +710,9 @@ async def _every_answer(client: Client, influx_device: str = "dev-0000") -> list
 
 
 async def test_owner_contacts_never_reach_any_answer(world: World) -> None:
+    assert world.influx is not None
     await world.influx.write(
-        [  # type: ignore[union-attr]
+        [
             point_line(
                 "device_events",
                 {"device": "dev-0000", "kind": "command_result"},
@@ -1288,11 +1289,13 @@ async def test_a_case_on_the_feed_reaches_every_answer_without_reading_the_store
     assert newer[("fridge-a1", "1.4.0")] == older[("fridge-a1", "1.4.0")] + 1
 
     def stalls(data: dict[str, Any]) -> int:
-        return next(
-            g["affected"]
-            for g in data["flagged"] + data["groups"]
-            if (g["fault"], g["dimension"], g["value"])
-            == ("compressor_stall", "model", "fridge-a1")
+        return int(
+            next(
+                g["affected"]
+                for g in data["flagged"] + data["groups"]
+                if (g["fault"], g["dimension"], g["value"])
+                == ("compressor_stall", "model", "fridge-a1")
+            )
         )
 
     assert stalls(await (await client.get("/ops/api/insight")).json()) == stalls(insight) + 1
