@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import logging
 import math
 import os
@@ -248,7 +249,7 @@ def _run(
 
     # Read a few rows ahead to decide what each column holds.
     ahead: list[tuple[int, list[str], str]] = []
-    records = _records(reader, tracker, path, len(header))
+    records = _records(source, tracker.line_no, path, len(header), sep)
     for record in records:
         ahead.append(record)
         if len(ahead) >= _SNIFF_ROWS:
@@ -402,20 +403,38 @@ def _replay_first(first: str, tracker: _LineTracker) -> Iterator[str]:
 
 
 def _records(
-    reader: Iterator[list[str]], tracker: _LineTracker, path: Path, width: int
+    stream: TextIO, line_no: int, path: Path, width: int, sep: str
 ) -> Iterator[tuple[int, list[str], str]]:
-    """Yield ``(line number, fields, raw text)`` per data record; blank lines are skipped."""
+    """Yield ``(line number, fields, raw text)`` per data record; blank lines are skipped.
+
+    A line without quotes is split as it is (the common case, and many times faster
+    than the csv module); a record with quotes, which may span lines, goes through it.
+    """
+    lines = iter(stream)
     while True:
-        start = tracker.line_no + 1
         try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise ConfigError(f"{path} line {start}: {exc}") from exc
+            line = next(lines, None)
+            if line is None:
+                return
+            line_no += 1
+            start = line_no
+            if '"' in line:
+                while line.count('"') % 2:
+                    more = next(lines, None)
+                    if more is None:
+                        break
+                    line += more
+                    line_no += 1
+                raw = line.rstrip("\r\n")
+                try:
+                    fields = next(csv.reader(io.StringIO(raw), delimiter=sep), [])
+                except csv.Error as exc:
+                    raise ConfigError(f"{path} line {start}: {exc}") from exc
+            else:
+                raw = line.rstrip("\r\n")
+                fields = raw.split(sep)
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path} near line {start}: not UTF-8 text") from exc
-        raw = tracker.take()
+            raise ConfigError(f"{path} near line {line_no + 1}: not UTF-8 text") from exc
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue
         if len(fields) != width:
