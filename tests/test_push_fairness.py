@@ -142,6 +142,75 @@ async def test_one_owners_slow_channels_do_not_hold_up_another_owners_message(
     assert outbox.out_of_time == 0
 
 
+async def test_one_owners_503_channels_end_within_the_budget_and_hold_up_no_one(
+    aiohttp_server: AiohttpServer, store: SqliteStore
+) -> None:
+    calls: list[str] = []
+    quick_seen = asyncio.Event()
+
+    async def busy(request: web.Request) -> web.Response:
+        await request.read()
+        calls.append(request.path)
+        return web.Response(status=503, headers={"Retry-After": "1"})
+
+    async def quick(request: web.Request) -> web.Response:
+        await request.read()
+        calls.append(request.path)
+        quick_seen.set()
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/busy/{n}", busy)
+    app.router.add_post("/quick", quick)
+    server = await aiohttp_server(app)
+    await store.put_owner(Owner("busy", "Bo"))
+    await store.put_owner(Owner("quick", "Quinn"))
+    for n in range(20):
+        url = str(server.make_url(f"/busy/{n}"))
+        await store.put_channel(PushChannel(f"b{n:02}", "busy", "webhook", url, {"secret": SECRET}))
+    url = str(server.make_url("/quick"))
+    await store.put_channel(PushChannel("q", "quick", "webhook", url, {"secret": SECRET}))
+    fake = FakeTime()
+
+    async def pause(delay_s: float) -> None:
+        if not fake.slept:
+            # the busy owner's message is paused on its first Retry-After: the other
+            # owner's must get through now (queued behind it, this wait would time out)
+            await asyncio.wait_for(quick_seen.wait(), WAIT_S)
+        await fake.sleep(delay_s)
+
+    async with WebhookSender(timeout_s=WAIT_S, allow_internal=True) as sender:
+        dispatcher = PushDispatcher(
+            {"webhook": sender},
+            attempts=4,
+            max_delay_s=30.0,
+            limits=DeliveryLimits(workers=2, per_owner=1, budget_s=30.0),
+            sleep=pause,
+            clock=fake,
+        )
+        outbox = Outbox(store, dispatcher)
+        worker = asyncio.create_task(outbox.run())
+        try:
+            await push(outbox, store, "busy", "busy-0")
+            await push(outbox, store, "quick", "quick-0")
+            await asyncio.wait_for(outbox.drain(), WAIT_S)
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+    assert await statuses(store, "quick") == {"quick-0": "sent"}
+    assert await statuses(store, "busy") == {"busy-0": "failed"}
+    # each Retry-After of 1 s was honoured while it fitted in the 30 s; after that, the
+    # channels left got one try each and no pause
+    assert fake.slept == [1.0] * len(fake.slept)
+    assert 30.0 - 2.0 <= fake.now < 30.0
+    busy_calls = [c for c in calls if c.startswith("/busy/")]
+    assert len(set(busy_calls)) == 20
+    assert len(busy_calls) == len(fake.slept) + 20 < 20 * 4
+    # the other owner's message went out during the busy owner's first pause
+    assert calls.index("/quick") <= 1  # before the busy owner's second try
+    assert outbox.errors == 0
+
+
 @dataclass
 class Scripted:
     """A sender whose channels fail or hang as told; it records every call, in order."""
