@@ -2,9 +2,10 @@
 
 ``fixloop up`` runs the whole local stack; ``fixloop gateway``, ``fixloop diagnostics``,
 ``fixloop notifier`` and ``fixloop sim`` run one part against external servers;
-``fixloop train`` learns the health models from stored history and ``fixloop detect``
-scores a CSV time series. Settings come from ``--config`` (or ``./fixloop.toml``) and
-``FIXLOOP_`` variables; a wrong one ends the command with a one-line error.
+``fixloop train`` learns the health models from stored history, ``fixloop detect``
+scores a CSV time series and ``fixloop ttf`` predicts remaining life from CSV histories.
+Settings come from ``--config`` (or ``./fixloop.toml``) and ``FIXLOOP_`` variables; a
+wrong one ends the command with a one-line error.
 """
 
 from __future__ import annotations
@@ -67,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--days", type=float, help="history to learn from (default 7)")
 
+    products = commands.add_parser("products", help="product files: describe a product model")
+    product_commands = products.add_subparsers(dest="products_command", required=True)
+    check = product_commands.add_parser(
+        "check", help="validate product files (each problem with its line, key and why)"
+    )
+    check.add_argument("files", type=Path, nargs="+", metavar="FILE", help="a product file")
+
     sim = commands.add_parser("sim", help="run a simulated fleet against the configured broker")
     sim.add_argument("--devices", type=int, help="number of devices")
     sim.add_argument("--speed", help="simulated seconds per real second, or 'max'")
@@ -87,6 +95,34 @@ def _parser() -> argparse.ArgumentParser:
         help="rows learnt before an alert may be raised (default 20; scores from the start)",
     )
     detect.add_argument(
+        "--progress", action="store_true", help="report progress on stderr even into a pipe"
+    )
+
+    ttf = commands.add_parser(
+        "ttf",
+        help="predict the remaining life of running units from run-to-failure histories",
+    )
+    ttf.add_argument(
+        "--history",
+        type=Path,
+        required=True,
+        help="CSV of complete histories (each unit's last row is its failure)",
+    )
+    ttf.add_argument("--input", type=Path, required=True, help="CSV of running units' rows so far")
+    ttf.add_argument(
+        "-o", "--output", type=Path, help="write unit,remaining,low,high here (default: stdout)"
+    )
+    ttf.add_argument("--unit-column", default="unit", help="column naming the unit (unit)")
+    ttf.add_argument("--time-column", default="time", help="column holding time (time)")
+    ttf.add_argument(
+        "--cap",
+        type=float,
+        help="learn remaining times above this as this much (default: no cap)",
+    )
+    ttf.add_argument(
+        "--coverage", type=float, default=0.8, help="share of outcomes the band holds (0.8)"
+    )
+    ttf.add_argument(
         "--progress", action="store_true", help="report progress on stderr even into a pipe"
     )
     return parser
@@ -183,6 +219,37 @@ def _detect(args: argparse.Namespace) -> None:
     )
 
 
+def _ttf(args: argparse.Namespace) -> None:
+    from diagnostics.ttfcsv import predict_csv
+
+    to_stdout = args.output is None
+    shown = args.progress or (sys.stderr.isatty() and (not to_stdout or sys.stdout.isatty()))
+
+    def progress(line: str) -> None:
+        print(f"ttf: {line}", file=sys.stderr, flush=True)  # noqa: T201 - progress on stderr
+
+    summary = predict_csv(
+        args.history,
+        args.input,
+        sys.stdout if to_stdout else args.output,
+        unit_column=args.unit_column,
+        time_column=args.time_column,
+        cap=args.cap,
+        coverage=args.coverage,
+        progress=progress if shown else None,
+    )
+    _LOG.info(
+        "learnt from %d histories (%d rows; metrics used: %s; %d operating regime(s);"
+        " cross-validated RMSE %.4g); predicted %d units",
+        summary.history_units,
+        summary.history_rows,
+        ", ".join(summary.used_metrics),
+        summary.regimes,
+        summary.cv_rmse,
+        summary.units,
+    )
+
+
 async def _diagnostics(settings: Settings, stop: asyncio.Event) -> None:
     from diagnostics.service import DiagnosticsService
 
@@ -229,6 +296,34 @@ async def _up(settings: Settings, stop: asyncio.Event) -> None:
     await run_local_stack(settings, stop)
 
 
+def _products_check(files: Sequence[Path]) -> int:
+    """Check product files; print each problem (file:line: key: why); 1 if any."""
+    from device_sim.described import check_simulation
+    from diagnostics.product import ProductError, load_product
+
+    failed = 0
+    for path in files:
+        try:
+            product = load_product(path)
+        except ProductError as exc:
+            failed += 1
+            for problem in exc.problems:
+                print(problem)  # noqa: T201 - the command's output
+            continue
+        found = check_simulation(path) if product.simulation else []
+        for line in found:
+            print(line)  # noqa: T201
+        if found:
+            failed += 1
+            continue
+        print(  # noqa: T201
+            f"{path}: ok: model {product.model}, {len(product.metrics)} metrics, "
+            f"{len(product.states)} states, {len(product.features)} features, "
+            f"{len(product.faults)} faults" + (", simulation" if product.simulation else "")
+        )
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fixloop`` command; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -238,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     environ = {**os.environ, **_overrides(args)}
+    if args.command == "products":
+        # a product file is checked on its own, whatever the settings say
+        return _products_check(args.files)
     try:
         settings = load_settings(args.config, environ)
         if args.command == "gateway":
@@ -248,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_until_signalled(lambda stop: _up(settings, stop), args.run_for_s))
         elif args.command == "detect":
             _detect(args)
+        elif args.command == "ttf":
+            _ttf(args)
         elif args.command == "diagnostics":
             asyncio.run(_until_signalled(lambda stop: _diagnostics(settings, stop)))
         elif args.command == "notifier":
