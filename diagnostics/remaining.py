@@ -14,10 +14,11 @@ history* is a running unit's rows so far. Any numeric metrics in any time unit. 
    under 0.1 % of the column's variance within groups: set points such as altitude or
    throttle, not a sensor that merely follows them) are candidate *settings*. If the
    clusters of their joint values explain most of the other metrics' variance (median
-   within-regime share of variance below a half), each row is given its regime and every other metric is normalised by
-   that regime's mean and spread (from the histories); the setting columns themselves are
-   then dropped. Otherwise one regime covers all rows and metrics are z-scored. A missing
-   setting value is ignored in the distance to the regime centres.
+   within-regime share of variance below a half), each row is given its regime and every
+   other metric is normalised by that regime's mean and spread (from the histories); the
+   setting columns themselves are then dropped. Otherwise one regime covers all rows and
+   metrics are z-scored. A missing setting value is ignored in the distance to the regime
+   centres.
 3. **Health index.** A ridge regression from the normalised metrics (a missing value counts
    as the regime mean) to the share of life left (capped remaining / cap) gives one
    combined, less noisy signal, treated as one more metric.
