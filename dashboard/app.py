@@ -387,11 +387,17 @@ async def _login(request: web.Request) -> web.StreamResponse:
     wait_s = limiter.begin(login.username, source)
     if wait_s > 0:
         await _audit_login(request, "login_throttled", login.username, source, wait_s)
+        retry_s = max(1, math.ceil(wait_s))
         return web.Response(
-            body=orjson.dumps({"error": "too many failed logins; try again later"}),
+            body=orjson.dumps(
+                {
+                    "error": f"too many failed logins; try again in {retry_s} s",
+                    "retry_after_s": retry_s,
+                }
+            ),
             status=429,
             content_type="application/json",
-            headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            headers={"Retry-After": str(retry_s)},
         )
     user = await check_login(request.app[USERS_KEY], login.username, login.password)
     if user is None:

@@ -142,6 +142,7 @@ async def test_the_delay_doubles_with_each_failure_and_is_forgotten(make_rig: Ri
         refused = await rig.login(ATTACKER, "wrong")
         assert refused.status == 429
         waits.append(int(refused.headers["Retry-After"]))
+        assert (await refused.json())["retry_after_s"] == waits[-1]
         rig.clock.advance(waits[-1])
     assert waits == [2, 4, 8, 16, 32]
     # quiet for the window after the last delay: the address starts afresh
