@@ -24,7 +24,7 @@ class PushSettings(BaseModel):
         vapid_private_key: Web Push VAPID private key (PEM or base64url raw P-256).
         vapid_subject: contact for push services (``mailto:`` or ``https:``).
         ntfy_token: access token for the ntfy server, if it needs one.
-        timeout_s: how long one delivery may take.
+        timeout_s: how long one request to a push service may take.
         attempts: tries per channel before the next one.
         max_failures: failed deliveries in a row after which a channel is retired.
         workers: messages delivered at the same time.
