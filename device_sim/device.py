@@ -20,10 +20,18 @@ import re
 from collections import deque
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 from device_sim.appliances import Appliance, Notice, make_appliance
-from device_sim.faults import FAULTS, FaultName, FaultRecord, ModelName, faults_for_model
+from device_sim.described import DescribedAppliance, SimProduct
+from device_sim.faults import (
+    FAULTS,
+    MODEL_NAMES,
+    CureAction,
+    FaultRecord,
+    FaultSpec,
+    faults_for_model,
+)
 from gateway.errors import ConfigError, RejectedError
 from gateway.protocol import (
     Command,
@@ -52,6 +60,7 @@ _MAX_PHYSICS_STEP_S: Final = 15.0
 _VERSION_RE: Final = re.compile(r"\d{1,4}(\.\d{1,4}){0,3}")
 _DRIFT_K: Final = 5.0
 _CLEANABLE_CLOG: Final = 0.9
+_SENSOR_FAULTS: Final = frozenset({"sensor_drift", "sensor_stuck"})
 _ONLINE: Final = b"online"
 _OFFLINE: Final = b"offline"
 
@@ -69,23 +78,60 @@ def _version_key(version: str) -> tuple[int, ...]:
 class _ActiveFault:
     """A fault in effect on one device (mutable simulation state, not an API type)."""
 
-    __slots__ = ("failure_ms", "name", "onset_ms", "record", "value")
+    __slots__ = ("failure_ms", "name", "onset_ms", "record", "shape", "value")
 
     def __init__(
-        self, name: FaultName, onset_ms: int, failure_ms: int | None, record: int, value: float
+        self,
+        name: str,
+        onset_ms: int,
+        failure_ms: int | None,
+        record: int,
+        value: float,
+        shape: float,
     ) -> None:
         self.name = name
         self.onset_ms = onset_ms
         self.failure_ms = failure_ms
         self.record = record
         self.value = value
+        self.shape = shape
 
     def severity(self, t_ms: int) -> float:
         if self.failure_ms is None:
             return 1.0
         span = max(self.failure_ms - self.onset_ms, 1)
         progress = min(1.0, max(0.0, (t_ms - self.onset_ms) / span))
-        return float(progress ** FAULTS[self.name].shape)
+        return float(progress**self.shape)
+
+
+def _fault_specs(model: str, product: SimProduct | None) -> dict[str, FaultSpec]:
+    """The faults that can strike a device of ``model``.
+
+    A built-in model's own; a described product's from its file, plus the firmware faults
+    every device has (and the sensor faults, with a main temperature sensor).
+    """
+    if product is None:
+        return {name: FAULTS[name] for name in faults_for_model(model)}
+    every = frozenset(MODEL_NAMES)
+    specs = {
+        name: spec
+        for name, spec in FAULTS.items()
+        if spec.models == every
+        and (name not in _SENSOR_FAULTS or product.primary_metric is not None)
+    }
+    for fault in product.faults.values():
+        specs[fault.name] = FaultSpec(
+            fault.name,
+            frozenset({model}),
+            gradual=True,
+            remote_cure=cast("CureAction | None", fault.cure),
+            repair_part=fault.part,
+            min_days=fault.min_days,
+            max_days=fault.max_days,
+            shape=fault.shape,
+            description=fault.description,
+        )
+    return specs
 
 
 class SimDevice:
@@ -95,6 +141,7 @@ class SimDevice:
         device_id: the device's id (broker user name and client id).
         index: the device's index in the fleet (its random stream is ``seed + index``).
         model: the product model.
+        product: the product file's simulation, for a product not built in.
         firmware: the installed firmware version.
         appliance: the physics.
         seq: the last sequence number used (the first message has seq 1).
@@ -108,7 +155,7 @@ class SimDevice:
         self,
         device_id: str,
         index: int,
-        model: ModelName,
+        model: str,
         *,
         seed: int,
         start_ms: int,
@@ -118,6 +165,7 @@ class SimDevice:
         outage_rate_per_device_month: float = 0.0,
         outage_mean_s: float = 1_800.0,
         buffer_limit: int = 20_000,
+        product: SimProduct | None = None,
     ) -> None:
         base = random.Random(seed + index)
         # two streams from the device's one seed: physics, and faults/firmware behaviour,
@@ -126,9 +174,15 @@ class SimDevice:
         self._fault_rng = random.Random(base.getrandbits(64))
         self.device_id = device_id
         self.index = index
-        self.model: ModelName = model
+        self.model = model
+        self.product = product
         self.firmware = firmware
-        self.appliance: Appliance = make_appliance(model, self.rng)
+        self.appliance: Appliance = (
+            make_appliance(model, self.rng)
+            if product is None
+            else DescribedAppliance(self.rng, product)
+        )
+        self._specs = _fault_specs(model, product)
         self.interval_ms = max(1, round(interval_s * 1000))
         self.now_ms = start_ms
         self.next_tick_ms = start_ms + self.rng.randrange(self.interval_ms)
@@ -146,7 +200,7 @@ class SimDevice:
         self._buffer_limit = buffer_limit
         self._outages: list[tuple[int, int]] = []
         self._pending: list[_ActiveFault] = []
-        self._active: dict[FaultName, _ActiveFault] = {}
+        self._active: dict[str, _ActiveFault] = {}
         self.records: list[FaultRecord] = []
         self._crash_ms: int | None = None
         self._bug_ms: int | None = None
@@ -158,7 +212,7 @@ class SimDevice:
 
     # -- public state ----------------------------------------------------------------
     @property
-    def active_faults(self) -> frozenset[FaultName]:
+    def active_faults(self) -> frozenset[str]:
         """The faults in effect now."""
         return frozenset(self._active)
 
@@ -167,7 +221,7 @@ class SimDevice:
         """How many messages wait in the offline buffer."""
         return len(self._buffer)
 
-    def severity(self, fault: FaultName) -> float:
+    def severity(self, fault: str) -> float:
         """Return the current severity of ``fault`` in ``[0, 1]`` (0 when not active)."""
         active = self._active.get(fault)
         return 0.0 if active is None else active.severity(self.now_ms)
@@ -179,7 +233,7 @@ class SimDevice:
         return t_ms + max(1, round(self._fault_rng.expovariate(rate_per_ms)))
 
     def inject(
-        self, fault: FaultName, at_ms: int, duration_to_failure_s: float | None, value: float | None
+        self, fault: str, at_ms: int, duration_to_failure_s: float | None, value: float | None
     ) -> FaultRecord:
         """Schedule ``fault`` to begin at ``at_ms`` and record it as ground truth.
 
@@ -187,10 +241,11 @@ class SimDevice:
             ConfigError: the fault does not apply to this model, is already in effect or
                 scheduled, or a gradual fault lacks a positive duration.
         """
-        spec = FAULTS.get(fault)
+        spec = self._specs.get(fault)
         if spec is None:
-            raise ConfigError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
-        if self.model not in spec.models:
+            if fault not in FAULTS:
+                known = ", ".join([*FAULTS, *(f for f in self._specs if f not in FAULTS)])
+                raise ConfigError(f"unknown fault {fault!r}; known: {known}")
             raise ConfigError(f"fault {fault} cannot strike a {self.model} ({self.device_id})")
         if fault in self._active or any(p.name == fault for p in self._pending):
             raise ConfigError(f"{self.device_id} already has {fault} in effect or scheduled")
@@ -218,6 +273,7 @@ class SimDevice:
             failure_ms,
             len(self.records) - 1,
             float("nan") if value is None else value,
+            spec.shape,
         )
         self._pending.append(pending)
         self._pending.sort(key=lambda p: p.onset_ms)
@@ -362,7 +418,7 @@ class SimDevice:
 
     def _random_fault(self, at_ms: int) -> None:
         busy = set(self._active) | {p.name for p in self._pending}
-        choices = [f for f in faults_for_model(self.model) if f not in busy]
+        choices = [f for f in self._specs if f not in busy]
         if not choices:
             return
         fault = self._fault_rng.choice(choices)
@@ -389,9 +445,9 @@ class SimDevice:
 
     def _apply_faults(self, t_ms: int) -> None:
         appliance = self.appliance
-        severity: dict[FaultName, float] = {}
+        severity: dict[str, float] = {}
         for name, fault in self._active.items():
-            if FAULTS[name].gradual:
+            if self._specs[name].gradual:
                 severity[name] = fault.severity(t_ms)
         appliance.severity = severity
         drift = self._active.get("sensor_drift")
@@ -400,7 +456,7 @@ class SimDevice:
         appliance.sensor.stuck_c = None if stuck is None else round(stuck.value, 1)
         appliance.hung = "controller_hang" in self._active
 
-    def _cure(self, fault: FaultName, t_ms: int, by: str) -> bool:
+    def _cure(self, fault: str, t_ms: int, by: str) -> bool:
         active = self._active.pop(fault, None)
         if active is None:
             return False
@@ -419,22 +475,22 @@ class SimDevice:
         if self.severity("drain_clog") < _CLEANABLE_CLOG:
             self._cure("drain_clog", t_ms, "cleaning_cycle")
 
-    def repair(self, part: str, at_ms: int, out: list[Outbound]) -> list[FaultName]:
+    def repair(self, part: str, at_ms: int, out: list[Outbound]) -> list[str]:
         """A technician services ``part`` at ``at_ms``; return the faults that cures.
 
         Raises:
             ConfigError: the model has no such part.
         """
-        parts = {FAULTS[f].repair_part for f in faults_for_model(self.model)} - {None}
+        parts = {spec.repair_part for spec in self._specs.values()} - {None}
         if part not in parts:
             raise ConfigError(
                 f"a {self.model} has no serviceable part {part!r}; "
                 f"parts: {', '.join(sorted(p for p in parts if p))}"
             )
         self.step_until(at_ms, out)
-        cured: list[FaultName] = []
+        cured: list[str] = []
         for name in list(self._active):
-            if FAULTS[name].repair_part == part and self._cure(name, at_ms, f"repair:{part}"):
+            if self._specs[name].repair_part == part and self._cure(name, at_ms, f"repair:{part}"):
                 cured.append(name)
         if self.running:
             # the technician unplugs the appliance to work on it

@@ -15,14 +15,15 @@ from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from typing import Final
 
+from device_sim.described import SimProduct
 from device_sim.device import DEFAULT_FIRMWARE, Outbound, SimDevice
-from device_sim.faults import MODEL_NAMES, FaultName, FaultRecord, ModelName
+from device_sim.faults import MODEL_NAMES, FaultRecord
 from gateway.errors import ConfigError
 
 __all__ = ["Fleet", "assign_models", "device_id_for"]
 
 _LOG = logging.getLogger(__name__)
-_EVEN_MIX: Final[Mapping[ModelName, float]] = {name: 1.0 for name in MODEL_NAMES}
+_EVEN_MIX: Final[Mapping[str, float]] = {name: 1.0 for name in MODEL_NAMES}
 
 
 def _ms(t: datetime) -> int:
@@ -35,25 +36,27 @@ def _seconds(value: timedelta | float) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
-def assign_models(count: int, mix: Mapping[ModelName, float]) -> list[ModelName]:
+def assign_models(count: int, mix: Mapping[str, float], described: Sequence[str] = ()) -> list[str]:
     """Assign product models to ``count`` devices in proportion to ``mix``, interleaved.
 
     Smooth weighted round robin: every prefix of the fleet follows the mix as closely as
     whole devices allow, so device ``i``'s model does not depend on the fleet size.
+    ``described`` are the models simulated from product files, after the built-in ones.
 
     Raises:
         ConfigError: the mix names an unknown model or has no positive weight.
     """
-    unknown = set(mix) - set(MODEL_NAMES)
+    known = (*MODEL_NAMES, *(m for m in described if m not in MODEL_NAMES))
+    unknown = set(mix) - set(known)
     if unknown:
-        raise ConfigError(f"unknown product models {sorted(unknown)}; known: {MODEL_NAMES}")
-    weights = [(name, float(mix.get(name, 0.0))) for name in MODEL_NAMES]
+        raise ConfigError(f"unknown product models {sorted(unknown)}; known: {known}")
+    weights = [(name, float(mix.get(name, 0.0))) for name in known]
     weights = [(name, w) for name, w in weights if w > 0.0]
     if not weights:
         raise ConfigError("the model mix needs at least one positive weight")
     total = sum(w for _, w in weights)
     current = dict.fromkeys((name for name, _ in weights), 0.0)
-    models: list[ModelName] = []
+    models: list[str] = []
     for _ in range(count):
         for name, w in weights:
             current[name] += w
@@ -63,7 +66,7 @@ def assign_models(count: int, mix: Mapping[ModelName, float]) -> list[ModelName]
     return models
 
 
-def device_id_for(prefix: str, model: ModelName, index: int) -> str:
+def device_id_for(prefix: str, model: str, index: int) -> str:
     """Return the id of device ``index`` (``sim-washer-00000``)."""
     return f"{prefix}-{model.replace('_', '')}-{index:05d}"
 
@@ -83,6 +86,8 @@ class Fleet:
         id_prefix: first part of every device id.
         firmware: the firmware version the devices start with.
         buffer_limit: messages a device keeps while offline (the oldest go first).
+        products: products simulated from their product files' simulation sections
+            (:func:`device_sim.described.load_sim_product`); name them in ``models``.
 
     Raises:
         ConfigError: an argument is out of range.
@@ -93,7 +98,7 @@ class Fleet:
         devices: int = 30,
         *,
         start: datetime,
-        models: Mapping[ModelName, float] | None = None,
+        models: Mapping[str, float] | None = None,
         seed: int = 0,
         interval_s: float = 10.0,
         fault_rate_per_device_month: float = 0.0,
@@ -102,6 +107,7 @@ class Fleet:
         id_prefix: str = "sim",
         firmware: str = DEFAULT_FIRMWARE,
         buffer_limit: int = 20_000,
+        products: Sequence[SimProduct] = (),
     ) -> None:
         if devices < 1:
             raise ConfigError("a fleet needs at least one device")
@@ -109,6 +115,7 @@ class Fleet:
             raise ConfigError("interval_s must be positive")
         start_ms = _ms(start)
         mix = _EVEN_MIX if models is None else models
+        described = {product.model: product for product in products}
         self.interval_ms = max(1, round(interval_s * 1000))
         self._now_ms = start_ms
         self._devices: list[SimDevice] = [
@@ -124,8 +131,9 @@ class Fleet:
                 outage_rate_per_device_month=outage_rate_per_device_month,
                 outage_mean_s=outage_mean_s,
                 buffer_limit=buffer_limit,
+                product=described.get(model),
             )
-            for index, model in enumerate(assign_models(devices, mix))
+            for index, model in enumerate(assign_models(devices, mix, list(described)))
         ]
         self._by_id = {device.device_id: device for device in self._devices}
 
@@ -215,7 +223,7 @@ class Fleet:
     def inject(
         self,
         device_id: str,
-        fault: FaultName,
+        fault: str,
         *,
         at: datetime | None = None,
         duration_to_failure: timedelta | float | None = None,
@@ -264,7 +272,7 @@ class Fleet:
 
     def repair(
         self, device_id: str, part: str, *, at: datetime | None = None
-    ) -> tuple[list[FaultName], list[tuple[str, bytes]]]:
+    ) -> tuple[list[str], list[tuple[str, bytes]]]:
         """A technician visit: service ``part``; return the cured faults and the messages.
 
         The technician unplugs the appliance, so the device reboots (reset reason

@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from device_sim.clock import SimClock
+from device_sim.described import load_sim_product
 from device_sim.device import Outbound
 from device_sim.faults import FaultRecord, faults_to_csv
 from device_sim.fleet import Fleet
@@ -172,6 +173,7 @@ class FleetRunner:
             settings.devices,
             start=start,
             models=settings.models,
+            products=[load_sim_product(path) for path in settings.product_files],
             seed=settings.seed,
             interval_s=settings.interval_s,
             fault_rate_per_device_month=settings.fault_rate_per_device_month,

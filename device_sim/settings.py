@@ -12,7 +12,7 @@ from typing import Final, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from device_sim.faults import MODEL_NAMES, ModelName
+from device_sim.faults import MODEL_NAMES
 from gateway.protocol import Limits, is_valid_device_id
 
 __all__ = ["BACKFILL_WINDOW_S", "SimSettings"]
@@ -26,7 +26,9 @@ class SimSettings(BaseModel):
 
     Attributes:
         devices: how many devices (1 to 100,000).
-        models: product model to relative weight (``{"washer": 2, "fridge": 1}``).
+        models: product model to relative weight (``{"washer": 2, "fridge": 1}``); a model
+            not built in needs its product file in ``product_files``.
+        product_files: product files whose ``[simulation]`` section simulates a product.
         seed: device ``i`` draws on ``random.Random(seed + i)``.
         interval_s: sim seconds between two readings of a device (1 to 3600).
         speed: sim seconds per real second, or ``"max"`` to step as fast as the broker
@@ -53,7 +55,8 @@ class SimSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     devices: int = Field(default=30, ge=1, le=100_000)
-    models: dict[ModelName, float] = Field(default_factory=lambda: dict.fromkeys(MODEL_NAMES, 1.0))
+    models: dict[str, float] = Field(default_factory=lambda: {str(m): 1.0 for m in MODEL_NAMES})
+    product_files: tuple[Path, ...] = ()
     seed: int = Field(default=0, ge=0)
     interval_s: float = Field(default=10.0, ge=1.0, le=3_600.0)
     speed: float | Literal["max"] = 1.0
@@ -73,7 +76,7 @@ class SimSettings(BaseModel):
 
     @field_validator("models")
     @classmethod
-    def _check_models(cls, value: dict[ModelName, float]) -> dict[ModelName, float]:
+    def _check_models(cls, value: dict[str, float]) -> dict[str, float]:
         if any(weight < 0.0 for weight in value.values()):
             raise ValueError("model weights must not be negative")
         if not any(weight > 0.0 for weight in value.values()):
@@ -103,6 +106,15 @@ class SimSettings(BaseModel):
                 "and start with a letter or digit"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_described(self) -> Self:
+        unknown = sorted(set(self.models) - set(MODEL_NAMES))
+        if unknown and not self.product_files:
+            raise ValueError(
+                f"models {unknown} are not built in: give their product files in product_files"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_window(self) -> Self:

@@ -24,8 +24,8 @@ from typing import Final, Self
 import orjson
 
 from diagnostics.engine import DiagnosticsEngine, EngineResult
-from diagnostics.features import FEATURE_SPECS
 from diagnostics.model import encode_diagnosis
+from diagnostics.product import load_products
 from diagnostics.settings import DiagnosticsSettings
 from gateway.consumer import consume_forever, shared_filters
 from gateway.errors import (
@@ -62,15 +62,16 @@ def load_engine(
     """Load the trained engine, or a baselines-only one when nothing is trained yet.
 
     Args:
-        settings: where the models are.
+        settings: where the models are, and the products folder.
         registry: device id to product model, for devices whose boot is not seen.
 
     Raises:
-        ConfigError: a model file exists but cannot be used.
+        ConfigError: a model file exists but cannot be used, or a product file is wrong.
     """
+    products = load_products(settings.products_dir)
     path = settings.model_path
     if path.exists():
-        engine = DiagnosticsEngine.load(path, registry=registry)
+        engine = DiagnosticsEngine.load(path, registry=registry, products=products)
         _LOG.info("diagnostics models loaded from %s: %s", path, sorted(engine.fleet_models))
         return engine
     _LOG.warning(
@@ -78,7 +79,7 @@ def load_engine(
         "(run `fixloop train` once there is history)",
         path,
     )
-    return DiagnosticsEngine(registry=registry)
+    return DiagnosticsEngine(registry=registry, products=products)
 
 
 async def stored_registry(influx: InfluxClient) -> dict[str, str]:
@@ -87,7 +88,6 @@ async def stored_registry(influx: InfluxClient) -> dict[str, str]:
         "SELECT LAST(data) FROM device_events WHERE kind = 'boot' GROUP BY device"
     )
     registry: dict[str, str] = {}
-    known = set(FEATURE_SPECS)
     for item in series:
         device = item.tags.get("device")
         if not device or not item.values:
@@ -97,10 +97,11 @@ async def stored_registry(influx: InfluxClient) -> dict[str, str]:
         except (orjson.JSONDecodeError, TypeError):
             continue
         model = data.get("model") if isinstance(data, dict) else None
-        if model in known:
+        if isinstance(model, str) and model:
+            # any model: one without a product file is scored generically
             registry[device] = model
         else:
-            _LOG.warning("device %s booted as unknown product model %r", device, model)
+            _LOG.warning("device %s booted without a product model (%r)", device, model)
     return registry
 
 
@@ -151,6 +152,16 @@ class DiagnosticsService:
         self.diagnoses_published = 0
         self.readings_scored = 0
         self.scores_dropped = 0
+
+    @property
+    def unknown_readings(self) -> int:
+        """Readings of devices whose model no product file describes (scored generically)."""
+        return 0 if self.engine is None else self.engine.unknown_readings
+
+    @property
+    def unlisted_metrics(self) -> int:
+        """Metric values of described models that their file does not list (scored too)."""
+        return 0 if self.engine is None else self.engine.unlisted_metrics
 
     async def __aenter__(self) -> Self:
         self._influx = InfluxClient(self._influx_settings)

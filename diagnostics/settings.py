@@ -23,6 +23,8 @@ class DiagnosticsSettings(BaseModel):
         train_days: how much history ``fixloop train`` reads from InfluxDB.
         train_window_s: the span of one InfluxDB query while training.
         train_sample: share of healthy updates kept as training rows.
+        products_dir: a folder of product files (``*.toml``) next to the built-in ones; a
+            file there may describe a new model or override a built-in one. Read at start.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -36,3 +38,4 @@ class DiagnosticsSettings(BaseModel):
     train_days: float = Field(7.0, gt=0, le=400)
     train_window_s: int = Field(3_600, ge=60, le=86_400)
     train_sample: float = Field(0.2, gt=0, le=1)
+    products_dir: Path | None = None

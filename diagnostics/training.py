@@ -18,6 +18,7 @@ from typing import Any, Final
 import orjson
 
 from diagnostics.engine import DiagnosticsEngine
+from diagnostics.product import load_products
 from diagnostics.service import stored_registry
 from diagnostics.settings import DiagnosticsSettings
 from gateway.errors import ConfigError
@@ -150,7 +151,11 @@ async def train_from_influx(
     readings = events = 0
     async with InfluxClient(influx) as client:
         registry = await stored_registry(client)
-        engine = DiagnosticsEngine(registry=registry, collect_training=settings.train_sample)
+        engine = DiagnosticsEngine(
+            registry=registry,
+            collect_training=settings.train_sample,
+            products=load_products(settings.products_dir),
+        )
         window = start_ms
         while window < end_ms:
             upper = min(window + step_ms, end_ms)
