@@ -87,9 +87,9 @@ LEADERBOARD = (
 #: Settings grid of the held-out checks (the defaults are one of its points): how rare a
 #: row must be to alert (alpha), how long a small bias is accumulated (smooth_span), how
 #: many normal rows end an alert (calm_rows) and how long a lasting change is alerted
-#: before it is taken as the new normal (settle_rows). 81 points.
+#: before it is taken as the new normal (settle_rows). 108 points.
 GRID: dict[str, tuple[float, ...]] = {
-    "alpha": (1e-4, 1e-3, 1e-2),
+    "alpha": (1e-4, 3e-4, 1e-3, 1e-2),
     "smooth_span": (5.0, 10.0, 30.0),
     "calm_rows": (5, 20, 60),
     "settle_rows": (200, 400, 800),

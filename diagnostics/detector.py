@@ -161,7 +161,7 @@ class DetectorConfig:
         row_periods: the two cycle lengths looked for, in rows, without timestamps.
     """
 
-    alpha: float = 1e-3
+    alpha: float = 3e-4
     calm_p: float = 0.05
     calm_rows: int = 5
     settle_rows: int = 400
@@ -332,6 +332,14 @@ def _remember(hist: Any, totals: Any, s: int, which: int, stat: float, forget: f
 
 
 @_compiled
+def _bin_rate(weight: float, count: float, floor: float) -> float:
+    """Update weight of a profile bin: a running mean while young, then an EWMA."""
+    if weight <= 0.0 or count <= 0.0:
+        return 0.0
+    return max(floor * weight, weight / count)
+
+
+@_compiled
 def _phase(t: float, period: float, bins: int) -> tuple[int, int, float]:
     """The two profile bins around ``t`` and the weight of the second one."""
     pos = (t % period) / period * bins - 0.5
@@ -432,6 +440,7 @@ def _step_rows(
         ref_i = 0.0
         ref_s = 0.0
         alerting = active[s] == 1
+        has_ref = active[s] >= 1  # alerting, or a settled change with the old normal kept
         for c in range(n_cols):
             dev[r, c] = np.nan
             sm_new[c] = 0.0 if gap else sm[s, c]
@@ -463,7 +472,7 @@ def _step_rows(
             norm = sm_norm if math.isnan(smv[s, c]) else math.sqrt(smv[s, c] + 1e-12)
             q = sm_new[c] / norm
             sum_s = max(sum_s, q * q)
-            if alerting:
+            if has_ref:
                 # the same deviation against the levels held when the alert went up
                 # (a wandering column, followed by the fast level, has no held level)
                 if best == 0:
@@ -480,6 +489,7 @@ def _step_rows(
                 ref_s = max(ref_s, q * q)
         p = 1.0
         p_ref = 1.0
+        p_ref_row = 1.0
         stat_i = 0.0
         stat_s = 0.0
         if m > 0:
@@ -488,15 +498,16 @@ def _step_rows(
             p_i = _tail(hist_i[s], totals[s, 0], stat_i, float(m), prior_rows)
             p_s = _tail(hist_s[s], totals[s, 1], stat_s, float(m), prior_rows)
             p = min(1.0, 2.0 * min(p_i, p_s))
-            if alerting:
+            if has_ref:
                 p_i = _tail(hist_i[s], totals[s, 0], ref_i, float(m), prior_rows)
                 p_s = _tail(hist_s[s], totals[s, 1], ref_s, float(m), prior_rows)
                 p_ref = min(1.0, 2.0 * min(p_i, p_s))
+                p_ref_row = p_i
         score[r] = 1.0 - p
         flags[r] = flag
         if late or not learn:
             event[r] = False
-            up[r] = active[s] == 1
+            up[r] = alerting
             continue
         # -- time ----------------------------------------------------------------------
         if rows[s] > 0 and step > 0.0:
@@ -512,29 +523,41 @@ def _step_rows(
             sm_ref[s, c] = smr_new[c]
         # -- events --------------------------------------------------------------------
         fired = False
-        if active[s] == 0:
+        if not alerting:
             if m > 0 and p <= alpha and rows[s] > min_rows:
-                fired = True
-                active[s] = 1
-                act_rows[s] = 0
-                calm[s] = 0
-                for c in range(n_cols):
-                    sm_ref[s, c] = sm[s, c]
-                    for k in range(_N_MODELS):
-                        ref[s, c, k] = level[s, c, k]
-                        ref_err[s, c, k] = err[s, c, k]
+                if has_ref and p_ref_row >= calm_p:
+                    # back in the normal known before the last settled change: no news
+                    for c in range(n_cols):
+                        sm[s, c] = 0.0
+                        sm_ref[s, c] = 0.0
+                        for k in range(1, _N_MODELS):
+                            held = ref[s, c, k]
+                            ref[s, c, k] = level[s, c, k]
+                            level[s, c, k] = held
+                else:
+                    fired = True
+                    active[s] = 1
+                    act_rows[s] = 0
+                    calm[s] = 0
+                    for c in range(n_cols):
+                        sm_ref[s, c] = sm[s, c]
+                        for k in range(_N_MODELS):
+                            ref[s, c, k] = level[s, c, k]
+                            ref_err[s, c, k] = err[s, c, k]
         else:
             act_rows[s] += 1
             calm[s] = calm[s] + 1 if p_ref >= calm_p else 0
             if calm[s] >= calm_rows and act_rows[s] >= calm_rows:
-                # back to what was normal before: so are the levels and spreads
+                # back to what was normal before: so are the levels
                 active[s] = 0
                 for c in range(n_cols):
                     sm[s, c] = sm_ref[s, c]
                     for k in range(1, _N_MODELS):  # the fast level follows by itself
                         level[s, c, k] = ref[s, c, k]
             elif act_rows[s] >= settle_rows:
-                active[s] = 0  # a settled change: the levels have followed it meanwhile
+                # a settled change: the levels have followed it meanwhile; the old
+                # normal is kept, so that a return to it is no news either
+                active[s] = 2
         hold = active[s] == 1
         event[r] = fired
         up[r] = fired or alerting
@@ -584,21 +607,24 @@ def _step_rows(
                 if not hold:
                     err[s, c, k] = (1.0 - ae) * err[s, c, k] + ae * rc * rc
                     sel[s, c, k] = (1.0 - aq) * sel[s, c, k] + aq * rc * rc
+
                 level[s, c, k] += rate * rc
                 if k == 2:
                     g = v - level[s, c, 2] - pd_
-                    g = min(max(g, -bound), bound)
+                    if min(cnt_d[s, c, d0], cnt_d[s, c, d1]) * a_prof >= 1.0:
+                        g = min(max(g, -bound), bound)  # a young bin learns its level
                     cnt_d[s, c, d0] += 1.0 - dfrac
-                    prof_d[s, c, d0] += (1.0 - dfrac) * max(a_prof, 1.0 / cnt_d[s, c, d0]) * g
+                    prof_d[s, c, d0] += _bin_rate(1.0 - dfrac, cnt_d[s, c, d0], a_prof) * g
                     cnt_d[s, c, d1] += dfrac
-                    prof_d[s, c, d1] += dfrac * max(a_prof, 1.0 / cnt_d[s, c, d1]) * g
+                    prof_d[s, c, d1] += _bin_rate(dfrac, cnt_d[s, c, d1], a_prof) * g
                 elif k == 3:
                     g = v - level[s, c, 3] - pw_
-                    g = min(max(g, -bound), bound)
+                    if min(cnt_w[s, c, w0], cnt_w[s, c, w1]) * a_prof >= 1.0:
+                        g = min(max(g, -bound), bound)
                     cnt_w[s, c, w0] += 1.0 - wfrac
-                    prof_w[s, c, w0] += (1.0 - wfrac) * max(a_prof, 1.0 / cnt_w[s, c, w0]) * g
+                    prof_w[s, c, w0] += _bin_rate(1.0 - wfrac, cnt_w[s, c, w0], a_prof) * g
                     cnt_w[s, c, w1] += wfrac
-                    prof_w[s, c, w1] += wfrac * max(a_prof, 1.0 / cnt_w[s, c, w1]) * g
+                    prof_w[s, c, w1] += _bin_rate(wfrac, cnt_w[s, c, w1], a_prof) * g
             if not hold and n >= min_col:
                 # the smoothed deviations' own spread (errors are seldom white)
                 if math.isnan(smv[s, c]):
@@ -663,7 +689,7 @@ class DetectorTable:
 
     def active(self, slot: int) -> bool:
         """Whether the slot's alert is up."""
-        return bool(self._state["active"][slot])
+        return bool(self._state["active"][slot] == 1)
 
     def scored_columns(self, slot: int) -> tuple[int, ...]:
         """Columns of a slot that have changed at least once, so are learnt and scored."""
