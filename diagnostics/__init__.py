@@ -6,8 +6,10 @@ its codec, the fault catalog, the time-to-failure type and the settings. Every
 the gateway import numpy, scikit-learn and scipy (about 1.4 s and 100 MB) for nothing.
 Import the heavy parts from their modules: ``diagnostics.engine`` (the I/O-free
 ``DiagnosticsEngine``), ``diagnostics.service`` (``DiagnosticsService``),
-``diagnostics.training`` (``train_from_influx``), ``diagnostics.stream``
-(``StreamDetector``) and ``diagnostics.csvdetect`` (``detect_csv``).
+``diagnostics.training`` (``train_from_influx``), ``diagnostics.detector``
+(``DetectorTable``: the one streaming detection core, many slots stepped by a compiled
+loop), ``diagnostics.stream`` (``StreamDetector``, one stream on that core) and
+``diagnostics.csvdetect`` (``detect_csv``, ``fixloop detect`` on that core).
 """
 
 from diagnostics.catalog import CATALOG, Degradation, FaultEntry, ModelCatalog, Remedy, Signature
