@@ -25,9 +25,10 @@ from __future__ import annotations
 import ast
 import functools
 import math
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -187,6 +188,184 @@ def _compile_compare(node: ast.Compare, constants: Mapping[str, float]) -> _Fn:
     return lambda env: functools.reduce(np.logical_and, [t(env) for t in tests])
 
 
+# -- the same expressions on one reading's numbers (small rounds) -----------------------
+
+
+def _divide(a: float, b: float) -> float:
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a != a or a == 0.0:
+            return _NAN
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _power(a: float, b: float) -> float:
+    try:
+        value = a**b
+    except OverflowError:
+        return math.inf
+    except ZeroDivisionError:
+        return math.inf
+    return _NAN if isinstance(value, complex) else value
+
+
+def _fold(pick: Callable[..., float]) -> Callable[..., float]:
+    def fold(*values: float) -> float:
+        # numpy's minimum/maximum: any NaN wins
+        return _NAN if any(v != v for v in values) else pick(values)
+
+    return fold
+
+
+def _guarded(fn: Callable[[float], float], bad: float) -> Callable[[float], float]:
+    def call(value: float) -> float:
+        try:
+            return fn(value)
+        except OverflowError:
+            return math.inf
+        except ValueError:
+            return bad if value == 0.0 else _NAN
+
+    return call
+
+
+_SCALAR_BINARY: Final[Mapping[type[ast.operator], Callable[[Any, Any], Any]]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: _divide,
+}
+_SCALAR_COMPARE: Final[Mapping[type[ast.cmpop], Callable[[Any, Any], bool]]] = {
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+}
+_SCALAR_CALLS: Final[Mapping[str, Callable[..., float]]] = {
+    "abs": abs,
+    "sqrt": _guarded(math.sqrt, 0.0),
+    "exp": _guarded(math.exp, 1.0),
+    "log": _guarded(math.log, -math.inf),
+    "min": _fold(min),
+    "max": _fold(max),
+}
+
+
+def _compile_scalar(node: ast.expr, constants: Mapping[str, float]) -> _Fn:
+    """The scalar twin of :func:`_compile`: the same arithmetic on one reading's numbers.
+
+    IEEE float64 like numpy, with numpy's answers where Python would raise (division by
+    zero, overflow) or differ (a NaN in ``min``/``max``), so both give the same rows.
+    Common shapes (a name, a constant operand, two or three conditions) get their own
+    small functions: a round of a few readings is mostly these calls.
+    """
+    if isinstance(node, ast.Constant):
+        value = node.value
+        return lambda env: value
+    if isinstance(node, ast.Name):
+        name = node.id
+        if name in constants:
+            number = constants[name]
+            return lambda env: number
+        return cast("_Fn", operator.itemgetter(name))
+    if isinstance(node, ast.UnaryOp):
+        operand = _compile_scalar(node.operand, constants)
+        if isinstance(node.op, ast.Not):
+            return lambda env: not operand(env)
+        if isinstance(node.op, ast.USub):
+            return lambda env: -operand(env)
+        return operand
+    if isinstance(node, ast.BinOp):
+        left = _compile_scalar(node.left, constants)
+        if isinstance(node.op, ast.Pow):
+            exponent = float(ast.literal_eval(node.right))
+            return lambda env: _power(left(env), exponent)
+        op = _SCALAR_BINARY[type(node.op)]
+        return _binary(op, left, node.right, constants)
+    if isinstance(node, ast.BoolOp):
+        parts = [_compile_scalar(v, constants) for v in node.values]
+        return _both(parts) if isinstance(node.op, ast.And) else _either(parts)
+    if isinstance(node, ast.Compare):
+        operands = [node.left, *node.comparators]
+        tests: list[_Fn] = []
+        for cmp, a, b in zip(node.ops, operands[:-1], operands[1:], strict=True):
+            first = _compile_scalar(a, constants)
+            if isinstance(cmp, ast.In | ast.NotIn):
+                assert isinstance(b, ast.Tuple | ast.List)
+                words = frozenset(str(ast.literal_eval(item)) for item in b.elts)
+                tests.append(_scalar_member(first, words, isinstance(cmp, ast.NotIn)))
+                continue
+            tests.append(_binary(_SCALAR_COMPARE[type(cmp)], first, b, constants))
+        return _both(tests)
+    if isinstance(node, ast.Call):
+        assert isinstance(node.func, ast.Name)
+        args = [_compile_scalar(a, constants) for a in node.args]
+        fn = _SCALAR_CALLS[node.func.id]
+        if len(args) == 1:
+            (arg,) = args
+            return lambda env: fn(arg(env))
+        if len(args) == 2:
+            pair = _min2 if node.func.id == "min" else _max2
+            first, second = args
+            return lambda env: pair(first(env), second(env))
+        return lambda env: fn(*(a(env) for a in args))
+    raise TypeError(f"unchecked expression node {type(node).__name__}")  # pragma: no cover
+
+
+def _min2(a: float, b: float) -> float:
+    return _NAN if a != a or b != b else min(a, b)
+
+
+def _max2(a: float, b: float) -> float:
+    return _NAN if a != a or b != b else max(a, b)
+
+
+def _binary(
+    op: Callable[[Any, Any], Any], left: _Fn, right: ast.expr, constants: Mapping[str, float]
+) -> _Fn:
+    if isinstance(right, ast.Constant):
+        value = right.value
+        return lambda env: op(left(env), value)
+    if isinstance(right, ast.Name) and right.id in constants:
+        number = constants[right.id]
+        return lambda env: op(left(env), number)
+    other = _compile_scalar(right, constants)
+    return lambda env: op(left(env), other(env))
+
+
+def _both(parts: list[_Fn]) -> _Fn:
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        a, b = parts
+        return lambda env: bool(a(env)) and bool(b(env))
+    if len(parts) == 3:
+        a, b, c = parts
+        return lambda env: bool(a(env)) and bool(b(env)) and bool(c(env))
+    return lambda env: all(p(env) for p in parts)
+
+
+def _either(parts: list[_Fn]) -> _Fn:
+    if len(parts) == 2:
+        a, b = parts
+        return lambda env: bool(a(env)) or bool(b(env))
+    return lambda env: any(p(env) for p in parts)
+
+
+def _scalar_member(left: _Fn, words: frozenset[str], negate: bool) -> _Fn:
+    if negate:
+        return lambda env: left(env) not in words
+    return lambda env: left(env) in words
+
+
+#: Rounds smaller than this are computed reading by reading (numpy's fixed cost per call
+#: outweighs its speed on a few rows; tests hold both ways to the same rows).
+_SCALAR_BELOW: Final = 24
+
+
 class FeatureProgram:
     """A product's features as whole-column numpy operations over a batch of readings.
 
@@ -202,6 +381,8 @@ class FeatureProgram:
         self._bools: frozenset[str] = frozenset()
         self._states: list[tuple[str, _Fn]] = []
         self._features: list[tuple[_Fn | None, _Fn | None, str | None, bool]] = []
+        self._scalar_states: list[tuple[str, _Fn]] = []
+        self._scalar: list[tuple[_Fn | None, _Fn | None, str | None, bool]] = []
         used: dict[str, None] = {}
         if product is not None:
             constants = {c.name: c.value for c in product.constants.values()}
@@ -215,16 +396,25 @@ class FeatureProgram:
                         used.setdefault(name)
                 return _compile(checked.tree, constants)
 
+            def scalar(checked: Checked | None) -> _Fn | None:
+                return None if checked is None else _compile_scalar(checked.tree, constants)
+
             for state in product.states:
                 fn = need(state.condition)
+                one = scalar(state.condition)
                 assert fn is not None
+                assert one is not None
                 self._states.append((state.name, fn))
+                self._scalar_states.append((state.name, one))
             for feature in product.features:
                 if feature.repeat is not None:
                     used.setdefault(feature.repeat)
                 as_share = feature.expr is not None and feature.expr.kind == "bool"
                 self._features.append(
                     (need(feature.expr), need(feature.when), feature.repeat, as_share)
+                )
+                self._scalar.append(
+                    (scalar(feature.expr), scalar(feature.when), feature.repeat, as_share)
                 )
         self._metrics = tuple(used)
         self.width = len(self._features) + len(self.generic)
@@ -242,6 +432,8 @@ class FeatureProgram:
     ) -> F64:
         """Return the raw features of a batch (one row per reading, ``NaN`` where none)."""
         n = len(metrics)
+        if n < _SCALAR_BELOW:
+            return self._rows_one_by_one(metrics, statuses)
         out = np.empty((n, self.width), dtype=np.float64)
         columns: dict[str, F64] = {}
 
@@ -280,6 +472,39 @@ class FeatureProgram:
         for k, name in enumerate(self.generic):
             out[:, base + k] = column(name)
         return out
+
+    def _rows_one_by_one(
+        self, metrics: Sequence[Mapping[str, MetricValue]], statuses: Sequence[str | None]
+    ) -> F64:
+        """:meth:`rows` reading by reading, on Python floats (the same numbers)."""
+        bools = self._bools
+        names = self._metrics
+        states = self._scalar_states
+        features = self._scalar
+        generic = self.generic
+        out: list[list[float]] = []
+        for values, status in zip(metrics, statuses, strict=True):
+            env: Env = {STATUS: status or ""}
+            for name in names:
+                if name in bools:
+                    env[name] = bool(values.get(name, False))
+                else:
+                    env[name] = float(values.get(name, _NAN))
+            for name, fn in states:
+                env[name] = fn(env)
+            row: list[float] = []
+            for value, when, repeat, as_share in features:
+                if repeat is not None:
+                    row.append(float(values.get(repeat, _NAN)))
+                elif when is not None and not when(env):
+                    row.append(_NAN)
+                else:
+                    assert value is not None
+                    x = value(env)
+                    row.append((1.0 if x else 0.0) if as_share else float(x))
+            row += [float(values.get(name, _NAN)) for name in generic]
+            out.append(row)
+        return np.array(out, dtype=np.float64).reshape(len(out), self.width)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
