@@ -89,10 +89,11 @@ class Degradation:
     grows as ``progress ** shape``: ``shape`` > 1 when the indicator moves late (wear
     that accelerates, or physics that hides the first part of a fault).
 
-    The values are the manufacturer's statement for its product: each one below says
-    how it follows from the product's physics and what the indicator was measured at
-    when simulated devices failed (the mean over devices; tests/test_diagnostics_catalog.py
-    checks them against the simulator).
+    The values are the manufacturer's statement for its product, in its product file
+    (``failure = {...}`` of a fault): the built-in files say next to each how it follows
+    from the product's physics and what the indicator was measured at when simulated
+    devices failed (the mean over devices; tests/test_diagnostics_catalog.py checks them
+    against the simulator).
 
     Attributes:
         feature: the health indicator feature.
