@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from typing import Final
 from urllib.parse import SplitResult, urlsplit
@@ -190,6 +191,14 @@ def _connect_host(url: str) -> tuple[str, int | None]:
     return host, port
 
 
+#: A DNS host name as the connection will ask for it (after IDNA): letters, digits,
+#: hyphens (and underscores, which some records carry), labels of 1 to 63.
+_HOST_NAME: Final = re.compile(
+    r"(?=.{1,253}\.?$)([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
+    re.IGNORECASE,
+)
+
+
 def _judge_host(host: str) -> None:
     if _is_localhost(host):
         raise UnsafeAddressError("a push target must not point at localhost")
@@ -229,10 +238,13 @@ def check_webhook_url(url: str, *, allow_internal: bool = False) -> SplitResult:
         raise UnsafeAddressError("a push target must not use port 0")
     if allow_internal:
         literal_ip(parts.hostname)  # still refuses a host that is no address and no name
-        literal_ip(host)
+        if literal_ip(host) is None and _HOST_NAME.fullmatch(host) is None:
+            raise UnsafeAddressError("the host is neither a host name nor an IP address")
         return parts
     _judge_host(parts.hostname)
     _judge_host(host)
+    if literal_ip(host) is None and _HOST_NAME.fullmatch(host) is None:
+        raise UnsafeAddressError("the host is neither a host name nor an IP address")
     return parts
 
 

@@ -55,11 +55,12 @@ from pydantic import (
     Field,
     RootModel,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from gateway.errors import TransientError
+from gateway.errors import PermanentError, TransientError
 from notifier.actions import CaseActions, HealthPoint, HealthReader
 from notifier.addresses import check_webhook_url
 from notifier.devicedata import DeviceData, EraseMode
@@ -216,6 +217,19 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+#: A local wall-clock time: OpenAPI's ``time`` format is RFC 3339's, which needs an offset.
+_WallClock = Annotated[
+    time,
+    WithJsonSchema(
+        {
+            "type": "string",
+            "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$",
+            "description": "local time in the owner's zone, HH:MM (no UTC offset)",
+        }
+    ),
+]
+
+
 class QuietHours(_Body):
     """Quiet hours in the owner's time zone (``end`` before ``start``: overnight).
 
@@ -224,8 +238,8 @@ class QuietHours(_Body):
         end: local end (``HH:MM``).
     """
 
-    start: time
-    end: time
+    start: _WallClock
+    end: _WallClock
 
     @field_validator("start", "end")
     @classmethod
@@ -237,12 +251,6 @@ class QuietHours(_Body):
                 "quiet hours are local times in your time zone (HH:MM), without a UTC offset"
             )
         return value
-
-    @model_validator(mode="after")
-    def _not_empty(self) -> QuietHours:
-        if self.start == self.end:
-            raise ValueError("quiet hours must not start and end at the same time")
-        return self
 
 
 @functools.cache
@@ -262,17 +270,21 @@ class ProfilePatch(_Body):
     """
 
     language: Annotated[str, Field(pattern=_LANGUAGE, max_length=35)] | None = None
-    timezone: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    timezone: (
+        Annotated[
+            str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$")
+        ]
+        | None
+    ) = None
     consent: ConsentPolicy | None = None
     quiet_hours: QuietHours | None = None
-    channels: Annotated[list[ChannelKind], Field(max_length=len(_CHANNEL_KINDS))] | None = None
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str | None) -> str | None:
-        if value is not None and value not in _zones():
-            raise ValueError(f"{value!r} is not an IANA time zone (like Europe/Berlin)")
-        return value
+    channels: (
+        Annotated[
+            list[ChannelKind],
+            Field(max_length=len(_CHANNEL_KINDS), json_schema_extra={"uniqueItems": True}),
+        ]
+        | None
+    ) = None
 
     @field_validator("channels")
     @classmethod
@@ -292,25 +304,19 @@ def _b64url(value: str) -> bytes:
         raise ValueError("must be base64url") from exc
 
 
-def _url(value: str, *, schemes: frozenset[str], what: str) -> str:
-    """Check a push URL: scheme, host, no credentials, no spaces."""
-    if any(ch.isspace() or ord(ch) < 32 for ch in value):
-        raise ValueError(f"{what} must not contain spaces or control characters")
-    try:
-        parts = urlsplit(value)
-        port = parts.port  # reading the port refuses one that is not a number
-    except ValueError as exc:
-        raise ValueError(f"{what} is not a valid URL") from exc
-    if port == 0:
-        raise ValueError(f"{what} must not use port 0")
-    if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(f"{what} must be a {' or '.join(sorted(schemes))} URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise ValueError(f"{what} must not carry a user name or password")
-    return value
-
-
-_TargetUrl = Annotated[str, Field(min_length=1, max_length=2048)]
+#: One visible character: blanks and controls (C0, C1, Unicode spaces) spelled out, so
+#: that the schema's regex (ECMA 262), pydantic's (Rust) and Python's mean the same.
+_BLANKS: Final = r"\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_SEEN: Final = f"[^{_BLANKS}]"
+_SEEN_PART: Final = f"[^{_BLANKS}/?#]"
+_TargetUrl = Annotated[
+    str,
+    Field(min_length=1, max_length=2048, pattern=rf"^https?://{_SEEN}+$"),
+]
+_HttpsUrl = Annotated[
+    str,
+    Field(min_length=1, max_length=2048, pattern=rf"^https://{_SEEN}+$"),
+]
 
 
 class WebPushKeys(_Body):
@@ -321,27 +327,18 @@ class WebPushKeys(_Body):
         auth: the 16-byte authentication secret, base64url.
     """
 
-    p256dh: Annotated[str, Field(min_length=1, max_length=128)]
-    auth: Annotated[str, Field(min_length=1, max_length=64)]
+    # the schema says all the form can say: 65 bytes starting 0x04 ("B"), 16 bytes; whether
+    # the point lies on the curve is checked when the channel is registered (422)
+    p256dh: Annotated[str, Field(pattern=r"^B[A-Za-z0-9_-]{86}=?$")]
+    auth: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{22}(==)?$")]
 
-    @field_validator("p256dh")
-    @classmethod
-    def _point(cls, value: str) -> str:
-        raw = _b64url(value)
-        if len(raw) != 65 or raw[0] != 0x04:
-            raise ValueError("must be an uncompressed P-256 point (65 bytes, base64url)")
+    def point_on_curve(self) -> bool:
+        """Whether ``p256dh`` is a point on the P-256 curve."""
         try:
-            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), raw)
-        except ValueError as exc:
-            raise ValueError("is not a point on the P-256 curve") from exc
-        return value
-
-    @field_validator("auth")
-    @classmethod
-    def _secret(cls, value: str) -> str:
-        if len(_b64url(value)) != 16:
-            raise ValueError("must be 16 bytes, base64url")
-        return value
+            ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), _b64url(self.p256dh))
+        except ValueError:
+            return False
+        return True
 
 
 class WebPushChannel(_Body):
@@ -354,13 +351,8 @@ class WebPushChannel(_Body):
     """
 
     kind: Literal["webpush"]
-    target: _TargetUrl
+    target: _HttpsUrl
     keys: WebPushKeys
-
-    @field_validator("target")
-    @classmethod
-    def _https(cls, value: str) -> str:
-        return _url(value, schemes=frozenset(("https",)), what="a Web Push endpoint")
 
 
 class FcmChannel(_Body):
@@ -373,7 +365,7 @@ class FcmChannel(_Body):
     """
 
     kind: Literal["fcm"]
-    target: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[^\s]+$")]
+    target: Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^[!-~]+$")]
     keys: Annotated[dict[str, str], Field(max_length=0)] = Field(default_factory=dict)
 
 
@@ -384,7 +376,7 @@ class NtfyKeys(_Body):
         token: an ntfy access token for a protected topic.
     """
 
-    token: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\s]+$")] | None = None
+    token: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!-~]+$")] | None = None
 
 
 class NtfyChannel(_Body):
@@ -397,16 +389,15 @@ class NtfyChannel(_Body):
     """
 
     kind: Literal["ntfy"]
-    target: _TargetUrl
+    target: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=2048,
+            pattern=rf"^https?://{_SEEN_PART}+/+{_SEEN_PART}{_SEEN}*$",
+        ),
+    ]
     keys: NtfyKeys = Field(default_factory=NtfyKeys)
-
-    @field_validator("target")
-    @classmethod
-    def _topic(cls, value: str) -> str:
-        _url(value, schemes=frozenset(("http", "https")), what="an ntfy topic")
-        if not urlsplit(value).path.strip("/"):
-            raise ValueError("an ntfy topic URL must name the topic (https://ntfy.sh/topic)")
-        return value
 
 
 class WebhookKeys(_Body):
@@ -436,13 +427,6 @@ class WebhookChannel(_Body):
     target: _TargetUrl
     keys: WebhookKeys
 
-    @field_validator("target")
-    @classmethod
-    def _no_spaces(cls, value: str) -> str:
-        if any(ch.isspace() or ord(ch) < 32 for ch in value):
-            raise ValueError("a webhook must not contain spaces or control characters")
-        return value
-
 
 class ChannelRequest(
     RootModel[
@@ -467,8 +451,20 @@ class FixChoice(_Body):
     accept: bool
 
 
+_CHOICES: Final = ("slot", "other_times", "decline")
+
+
+def _whole(value: object) -> object:
+    """``4.0`` as ``4``: JSON Schema's ``integer`` includes it; ``4.5`` stays refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class AppointmentChoice(_Body):
     """The owner's answer to a visit offer or a booked visit: exactly one of the three.
+
+    ``null`` counts as absent; the schema says so with its ``oneOf``.
 
     Attributes:
         slot: index of the chosen slot in the offer.
@@ -476,9 +472,29 @@ class AppointmentChoice(_Body):
         decline: no visit wanted (for a booked visit: cancel it, freeing its time).
     """
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": [name],
+                    "properties": {
+                        name: {"not": {"type": "null"}},
+                        **{other: {"type": "null"} for other in _CHOICES if other != name},
+                    },
+                }
+                for name in _CHOICES
+            ]
+        }
+    )
+
     slot: Annotated[int, Field(ge=0, le=99)] | None = None
     other_times: Literal[True] | None = None
     decline: Literal[True] | None = None
+
+    @field_validator("slot", mode="before")
+    @classmethod
+    def _whole_slot(cls, value: object) -> object:
+        return _whole(value)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> AppointmentChoice:
@@ -500,6 +516,11 @@ class RatingRequest(_Body):
     stars: Annotated[int, Field(ge=1, le=5)]
     comment: Annotated[str, Field(max_length=2000)] | None = None
     nothing_wrong: bool = False
+
+    @field_validator("stars", mode="before")
+    @classmethod
+    def _whole_stars(cls, value: object) -> object:
+        return _whole(value)
 
 
 class EraseRequest(_Body):
@@ -1073,10 +1094,19 @@ def _path_id(request: web.Request, name: str = "id") -> str:
     return value
 
 
+#: What OpenAPI's ``date-time`` format means (RFC 3339 section 5.6), nothing looser.
+_RFC3339: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
 def _query_time(request: web.Request, name: str) -> datetime | None:
     text = request.query.get(name)
-    if text is None or text == "":
+    if text is None:
         return None
+    if _RFC3339.fullmatch(text) is None:
+        message = f"{name}: must be an RFC 3339 time like 2025-03-01T08:00:00Z"
+        raise _ApiError(400, "invalid_query", message, name)
     try:
         value = datetime.fromisoformat(text)
     except ValueError as exc:
@@ -1218,11 +1248,18 @@ async def _patch_me(request: web.Request) -> web.Response:
     if patch.language is not None:
         changes["language"] = patch.language
     if patch.timezone is not None:
+        if patch.timezone not in _zones():
+            # a well-formed name this machine's zone database does not know: 422
+            message = f"timezone: {patch.timezone!r} is not an IANA time zone (like Europe/Berlin)"
+            raise _ApiError(422, "invalid_request", message, "timezone")
         changes["timezone"] = patch.timezone
     if patch.consent is not None:
         changes["consent"] = patch.consent
     if "quiet_hours" in patch.model_fields_set:
         quiet = patch.quiet_hours
+        if quiet is not None and quiet.start == quiet.end:
+            message = "quiet_hours: must not start and end at the same time"
+            raise _ApiError(422, "invalid_request", message, "quiet_hours")
         changes["quiet_start"] = None if quiet is None else quiet.start
         changes["quiet_end"] = None if quiet is None else quiet.end
     if patch.channels is not None:
@@ -1260,6 +1297,9 @@ async def _add_channel(request: web.Request) -> web.Response:
             check_webhook_url(body.target, allow_internal=request.app[WEBHOOK_INTERNAL_KEY])
         except UnsafeAddressError as exc:
             raise _ApiError(422, "unsafe_target", f"target: {exc}", "target") from exc
+    if isinstance(body, WebPushChannel) and not body.keys.point_on_curve():
+        message = "keys.p256dh: is not a point on the P-256 curve"
+        raise _ApiError(422, "invalid_keys", message, "keys.p256dh")
     store = request.app[STORE_KEY]
     keys = _channel_keys(body)
     existing = await store.channels(owner.owner_id, active_only=False)
@@ -1333,8 +1373,9 @@ async def _device_views(
         try:
             async with asyncio.timeout(_HEALTH_TIMEOUT_S):
                 latest = await request.app[HEALTH_KEY].latest([d.device_id for d in devices])
-        except (TransientError, TimeoutError) as exc:
-            # cases still say what is wrong; only the readings are missing for now
+        except (TransientError, PermanentError, TimeoutError) as exc:
+            # cases still say what is wrong; only the readings are missing for now (also
+            # when InfluxDB refuses the query, e.g. before the gateway made its database)
             _LOG.warning("device health unavailable for the device list: %s", exc)
     return [
         DeviceView(
@@ -1369,7 +1410,7 @@ async def _list_cases(request: web.Request) -> web.Response:
     owner = _owner_of(await _authenticate(request, "owner"))
     which = request.query.get("state")
     states: list[str] | None
-    if which is None or which == "":
+    if which is None:
         states = None
     elif which == "open":
         states = sorted(OPEN_STATES)
@@ -1479,10 +1520,20 @@ async def _export_telemetry(request: web.Request) -> web.StreamResponse:
             **_SECURITY_HEADERS,
         }
     )
+    lines = data.export(devices) if data is not None and devices else None
+    # the first point is read before the answer starts, so that InfluxDB being away is a
+    # proper 503 rather than a broken download
+    first = None if lines is None else await anext(aiter(lines), None)
     await response.prepare(request)
-    if data is not None and devices:
-        async for line in data.export(devices):
-            await response.write(line)
+    if lines is not None and first is not None:
+        await response.write(first)
+        try:
+            async for line in lines:
+                await response.write(line)
+        except (TransientError, PermanentError):
+            # the answer has begun: all that is left is to cut it short, visibly
+            _LOG.warning("device data export of an owner broke off", exc_info=True)
+            raise
     await response.write_eof()
     return response
 
@@ -1511,11 +1562,13 @@ async def _list_visits(request: web.Request) -> web.Response:
     now = request.app[CLOCK_KEY]()
     since = _query_time(request, "from") or now - timedelta(days=7)
     until = _query_time(request, "to") or since + timedelta(days=30)
+    # well-formed times that make no window are a 422, like any other sound request
+    # that cannot be done (the document cannot say "after from")
     if until <= since:
-        raise _ApiError(400, "invalid_query", "to: must be after from", "to")
+        raise _ApiError(422, "invalid_range", "to: must be after from", "to")
     if until - since > _MAX_VISIT_SPAN:
         message = f"to: at most {_MAX_VISIT_SPAN.days} days after from"
-        raise _ApiError(400, "invalid_query", message, "to")
+        raise _ApiError(422, "invalid_range", message, "to")
     store = request.app[STORE_KEY]
     visits = await store.appointments(
         technician_id=caller.principal_id,
@@ -1749,12 +1802,17 @@ def _p(path: str) -> str:
 
 
 _VISIT_TIME: Final[dict[str, Any]] = {"type": "string", "format": "date-time"}
+_TAP_ACTION_PATTERN: Final = (
+    "^("
+    + "|".join(sorted(name for name in TAP_ACTIONS if name not in _NUMBERED))
+    + "|choose_slot:[0-9]{1,2}|rate:[1-5])$"
+)
 _TAP_QUERY: Final = (
     QueryParam(
         "action",
         "the action (`accept_fix`, `decline_fix`, `choose_slot:N`, `other_times`, "
         "`decline_visit`, `rate_good`, `rate_bad`, `nothing_wrong`, `rate:N`)",
-        {"type": "string", "maxLength": 32},
+        {"type": "string", "maxLength": 32, "pattern": _TAP_ACTION_PATTERN},
         required=True,
     ),
     QueryParam(
@@ -2156,7 +2214,14 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
                 QueryParam("from", "earliest start (default: a week ago)", _VISIT_TIME),
                 QueryParam("to", "latest start (default: 30 days after from)", _VISIT_TIME),
             ),
-            replies=(Reply(200, "The visits, by start.", VisitList),),
+            replies=(
+                Reply(200, "The visits, by start.", VisitList),
+                Reply(
+                    422,
+                    "`to` is not after `from`, or more than 62 days after it.",
+                    ErrorView,
+                ),
+            ),
         ),
         _list_visits,
     ),

@@ -82,11 +82,20 @@ class InfluxDeviceData:
     ) -> None:
         self._client = client
         self._measurements = tuple(measurements)
+        self._database_known = False
+
+    async def _ready(self) -> None:
+        # an install whose gateway has not written yet has no database: nothing to read,
+        # and nothing to erase, rather than an error
+        if not self._database_known:
+            await self._client.ensure_database()
+            self._database_known = True
 
     async def _points(
         self, measurement: str, device_id: str
     ) -> AsyncIterator[tuple[int, dict[str, object]]]:
         """A device's points of one measurement, oldest first: ``(ts_ms, columns)``."""
+        await self._ready()
         after: int | None = None
         while True:
             since = "" if after is None else f" AND time > {after}ms"
@@ -190,6 +199,7 @@ class InfluxDeviceData:
                 a retry of the erasure would not finish).
         """
         moved = 0
+        await self._ready()
         for device_id in _valid(device_ids):
             anonymous = f"anon-{secrets.token_hex(8)}"
             for measurement in self._measurements:
@@ -203,6 +213,7 @@ class InfluxDeviceData:
     async def count(self, device_ids: Sequence[str]) -> Mapping[str, int]:
         """Points left per measurement for the devices (what an erasure must bring to 0)."""
         where = " OR ".join(f'"device" = {_literal(d)}' for d in _valid(device_ids))
+        await self._ready()
         out: dict[str, int] = {}
         for measurement in self._measurements:
             total = 0

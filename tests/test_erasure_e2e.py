@@ -18,9 +18,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from conftest import InfluxdServer
 from test_owner_api import FakeActions, FakeHealth
 
+from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
 from notifier.api import API_PREFIX, create_api
 from notifier.devicedata import DEVICE_MEASUREMENTS, EraseMode, InfluxDeviceData
@@ -133,7 +133,7 @@ async def _erase_mid_delivery(
         exported = [json.loads(line) for line in (await resp.text()).splitlines()]
 
         sender = BlockingSender(asyncio.Event(), asyncio.Event())
-        dispatcher = PushDispatcher({"webhook": sender}, attempts=1, max_failures=3)  # type: ignore[dict-item]
+        dispatcher = PushDispatcher({"webhook": sender}, attempts=1, max_failures=3)  # type: ignore[arg-type]
         outbox = Outbox(store, dispatcher, clock=lambda: NOW)
         worker = asyncio.create_task(outbox.run())
         try:
@@ -163,7 +163,7 @@ async def test_erasure_mid_delivery_leaves_nothing_anywhere(
     assert len(exported) == len(_points(DEVICE))
     assert {row["device"] for row in exported} == {DEVICE}
     assert {row["measurement"] for row in exported} == set(DEVICE_MEASUREMENTS)
-    assert exported[0]["time"].endswith(("Z", "+00:00"))
+    assert str(exported[0]["time"]).endswith(("Z", "+00:00"))
 
     identifiers = [OWNER_ID, NAME, DEVICE, LABEL, HOOK, TOKEN]
     rows = _tables(db_path)
