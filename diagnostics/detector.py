@@ -116,6 +116,8 @@ _STATE_ORDER: Final = (
     "sm",
     "sm_ref",
     "smv",
+    "burst",
+    "burst_n",
     "lmean",
     "lvar",
     "prof_d",
@@ -123,6 +125,7 @@ _STATE_ORDER: Final = (
     "prof_w",
     "cnt_w",
 )
+_BURST_ROWS: Final = 8  # an alert's first rows, kept until it is known to be short
 _N_MODELS: Final = 4  # fast level, slow level, slow + daily, slow + weekly
 _N_BINS: Final = 48  # tail histogram: log10(statistic) from -2 to 6, six bins a decade
 _LOG_LOW: Final = -2.0
@@ -149,6 +152,9 @@ class DetectorConfig:
             share of the best acyclic one.
         smooth_span: EWMA span, in rows, of the smoothed deviations.
         forget_rows: memory of the tail histograms, in rows.
+        burst_weight: weight, in rows, with which the rows of a short alert (a burst)
+            enter the tail histograms once it is over: bursts in heavy-tailed data are
+            normal, but one burst should not hide the next one.
         prior_rows: weight of the chi-square prior in the tail probability, in rows.
         young: uncertainty widening of a young column: scale times ``1 + young / n``.
         min_column_rows: rows a column must have learnt before it is scored.
@@ -174,6 +180,7 @@ class DetectorConfig:
     season_gain: float = 0.9
     smooth_span: float = 10.0
     forget_rows: float = 2000.0
+    burst_weight: float = 0.25
     prior_rows: float = 50.0
     young: float = 10.0
     min_column_rows: int = 10
@@ -200,7 +207,7 @@ class DetectorConfig:
         for name in ("smooth_span", "forget_rows"):
             if not getattr(self, name) >= 1:
                 raise ConfigError(f"detector {name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("prior_rows", "young", "floor", "clip"):
+        for name in ("prior_rows", "young", "floor", "clip", "burst_weight"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"detector {name} must be a number >= 0 (got {value})")
@@ -245,6 +252,7 @@ class DetectorConfig:
                 self.row_periods[0],
                 self.row_periods[1],
                 self.select_alpha,
+                self.burst_weight,
             ],
             dtype=np.float64,
         )
@@ -321,14 +329,16 @@ def _tail(hist: Any, total: float, stat: float, dof: float, prior_rows: float) -
 
 
 @_compiled
-def _remember(hist: Any, totals: Any, s: int, which: int, stat: float, forget: float) -> None:
+def _remember(
+    hist: Any, totals: Any, s: int, which: int, stat: float, forget: float, weight: float
+) -> None:
     keep = 1.0 - forget
     for k in range(_N_BINS):
         hist[s, k] *= keep
     pos = (math.log10(max(stat, 1e-300)) - _LOG_LOW) * _PER_DECADE
     b = min(max(int(pos), 0), _N_BINS - 1) if pos > 0.0 else 0
-    hist[s, b] += 1.0
-    totals[s, which] = totals[s, which] * keep + 1.0
+    hist[s, b] += weight
+    totals[s, which] = totals[s, which] * keep + weight
 
 
 @_compiled
@@ -378,6 +388,8 @@ def _step_rows(
     sm: Any,
     sm_ref: Any,
     smv: Any,
+    burst: Any,
+    burst_n: Any,
     lmean: Any,
     lvar: Any,
     prof_d: Any,
@@ -394,6 +406,7 @@ def _step_rows(
     a_fast, a_slow, a_err, a_prof, season_gain = par[5], par[6], par[7], par[8], par[9]
     beta, forget, prior_rows, young, min_col = par[10], par[11], par[12], par[13], par[14]
     floor_share, clip, gap_factor, a_sel = par[15], par[16], par[17], par[22]
+    burst_weight = par[23]
     n_rows, n_cols = x.shape
     bd = prof_d.shape[2]
     bw = prof_w.shape[2]
@@ -523,6 +536,7 @@ def _step_rows(
             sm_ref[s, c] = smr_new[c]
         # -- events --------------------------------------------------------------------
         fired = False
+        closed = False
         if not alerting:
             if m > 0 and p <= alpha and rows[s] > min_rows:
                 if has_ref and p_ref_row >= calm_p:
@@ -537,6 +551,7 @@ def _step_rows(
                 else:
                     fired = True
                     active[s] = 1
+                    burst_n[s] = 0
                     act_rows[s] = 0
                     calm[s] = 0
                     for c in range(n_cols):
@@ -550,6 +565,7 @@ def _step_rows(
             if calm[s] >= calm_rows and act_rows[s] >= calm_rows:
                 # back to what was normal before: so are the levels
                 active[s] = 0
+                closed = True
                 for c in range(n_cols):
                     sm[s, c] = sm_ref[s, c]
                     for k in range(1, _N_MODELS):  # the fast level follows by itself
@@ -558,6 +574,7 @@ def _step_rows(
                 # a settled change: the levels have followed it meanwhile; the old
                 # normal is kept, so that a return to it is no news either
                 active[s] = 2
+                burst_n[s] = 0
         hold = active[s] == 1
         event[r] = fired
         up[r] = fired or alerting
@@ -633,9 +650,23 @@ def _step_rows(
             n_col[s, c] = min(n + 1, 1_000_000_000)
             if gap and n_col[s, c] > 2 * min_col:
                 n_col[s, c] = 2 * min_col  # after a gap the uncertainty widens again
-        if m > 0 and not hold and not alerting:
-            _remember(hist_i, totals, s, 0, stat_i, forget)
-            _remember(hist_s, totals, s, 1, stat_s, forget)
+        if m > 0:
+            if active[s] != 1 and not fired and not closed:
+                _remember(hist_i, totals, s, 0, stat_i, forget, 1.0)
+                _remember(hist_s, totals, s, 1, stat_s, forget, 1.0)
+            elif burst_n[s] < _BURST_ROWS:
+                burst[s, burst_n[s], 0] = stat_i
+                burst[s, burst_n[s], 1] = stat_s
+                burst_n[s] += 1
+        if closed:
+            # A short alert was a burst: heavy-tailed data has them as a matter of
+            # course, and a calibration that never saw them would alert on every one.
+            # A long one is not remembered, so that it does not teach what is normal.
+            if act_rows[s] <= 3 * calm_rows:
+                for j in range(burst_n[s]):
+                    _remember(hist_i, totals, s, 0, burst[s, j, 0], forget, burst_weight)
+                    _remember(hist_s, totals, s, 1, burst[s, j, 1], forget, burst_weight)
+            burst_n[s] = 0
 
 
 class DetectorTable:
@@ -811,6 +842,8 @@ class DetectorTable:
             "sm": np.zeros((count, c), f8),
             "sm_ref": np.zeros((count, c), f8),
             "smv": np.full((count, c), math.nan, f8),
+            "burst": np.zeros((count, _BURST_ROWS, 2), f8),
+            "burst_n": np.zeros(count, np.int32),
             "lmean": np.zeros((count, c), f8),
             "lvar": np.zeros((count, c), f8),
             "prof_d": np.zeros((count, c, cfg.day_bins), f4),
