@@ -174,8 +174,8 @@ class DetectorConfig:
     min_rows: int = 20
     fast_alpha: float = 0.3
     slow_alpha: float = 0.02
-    error_alpha: float = 0.005
-    select_alpha: float = 0.005
+    error_alpha: float = 0.002
+    select_alpha: float = 0.002
     profile_alpha: float = 0.1
     season_gain: float = 0.9
     smooth_span: float = 10.0

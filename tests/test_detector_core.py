@@ -70,10 +70,10 @@ def test_a_return_to_the_old_normal_after_a_settled_change_is_no_news() -> None:
 
 def test_spread_is_learnt_online() -> None:
     """A series that becomes calmer is watched more closely than at its start."""
-    x = np.concatenate([noise(1500, seed=2, sd=5.0), noise(1500, seed=3, sd=0.5)])
-    x[2500] += 4.0  # small for the start, large for the calm part
-    result = run(x)
-    assert result.event[2500]
+    x = np.concatenate([noise(1500, seed=2, sd=5.0), noise(3000, seed=3, sd=0.5)])
+    x[4000] += 4.0  # small for the start, large for the calm part (spreads remember
+    result = run(x)  # some 500 rows, so the calm part is learnt by then)
+    assert result.event[4000]
 
 
 # -- cycles --------------------------------------------------------------------------------
