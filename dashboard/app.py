@@ -8,7 +8,8 @@ Everything lives under ``/ops``:
 * ``/ops/`` the page (``static/index.html``, plain ES modules, uPlot vendored);
 * ``/ops/login`` and ``/ops/logout``;
 * ``/ops/api/...`` the JSON API the page uses (see :data:`ROUTES` below for the list);
-* ``/ops/api/events`` server-sent events with every case change.
+* ``/ops/api/events`` server-sent events with every case change, for as long as the
+  session lives (the stream itself never extends it).
 
 Handlers parse, read and answer JSON; the only writes are the ops changes of
 :mod:`dashboard.ops` (take over, write to the owner, close) and campaigns. Every
@@ -49,7 +50,7 @@ from dashboard.auth import (
     check_login,
     has_role,
 )
-from dashboard.feed import CaseFeed, Subscription
+from dashboard.feed import CaseFeed
 from dashboard.fleet import FleetCache, fleet_health, overview
 from dashboard.keys import (
     ACTIONS_KEY,
@@ -290,12 +291,19 @@ def _public(path: str) -> bool:
     return not path.startswith("/ops/api/") and path != "/ops/logout"
 
 
+# Requests the browser makes on its own (EventSource reconnects): they need a session
+# but do not extend it, so an open page alone never keeps a session alive (issue 12).
+_PASSIVE: Final = frozenset(("/ops/api/events",))
+
+
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if _public(request.path):
         return await handler(request)
     session_id = request.cookies.get(COOKIE_NAME)
-    session = request.app[SESSIONS_KEY].get(session_id) if session_id else None
+    sessions = request.app[SESSIONS_KEY]
+    lookup = sessions.peek if request.path in _PASSIVE else sessions.get
+    session = lookup(session_id) if session_id else None
     if session is None:
         return _error(401, "log in first")
     if request.method not in _SAFE_METHODS:
@@ -356,12 +364,24 @@ def _client(request: web.Request) -> str:
 
 
 def _same_origin(request: web.Request) -> bool:
+    """Whether a login comes from the dashboard's own page (or sends no ``Origin``).
+
+    Its own page is where it is served, or its ``public_url`` (behind a TLS-terminating
+    proxy the browser's origin is ``https://...`` while the request arrives as HTTP).
+    """
     origin = request.headers.get("Origin")
     if origin is None or origin == "null":
         return origin is None
     url = URL(origin)
-    return url.host is not None and f"{url.host}:{url.port}" == (
-        f"{request.url.host}:{request.url.port}"
+    if url.host is None:
+        return False
+    if f"{url.host}:{url.port}" == f"{request.url.host}:{request.url.port}":
+        return True
+    public = request.app[SETTINGS_KEY].public_url
+    return public is not None and (url.scheme, url.host, url.port) == (
+        public.scheme,
+        public.host,
+        public.port,
     )
 
 
@@ -411,15 +431,20 @@ async def _login(request: web.Request) -> web.StreamResponse:
         response = web.Response(status=303, headers={"Location": "/ops/"})
     else:
         response = _json(_session_json(session, user))
-    response.set_cookie(
-        COOKIE_NAME,
-        session_id,
-        path="/ops",
-        httponly=True,
-        samesite="Strict",
-        secure=request.app[SETTINGS_KEY].cookie_secure,
-    )
+    response.set_cookie(COOKIE_NAME, session_id, **_cookie_attributes(request))
     return response
+
+
+def _cookie_attributes(request: web.Request) -> dict[str, Any]:
+    """The session cookie's attributes (the same when it is set and when it is deleted).
+
+    ``SameSite=Strict`` breaks no flow here: a link into the dashboard from another site
+    arrives without the cookie, but it only loads the page, whose own API requests are
+    same-site and carry it. ``Secure`` whenever the dashboard is reached over HTTPS
+    (:meth:`DashboardSettings.secure_cookie`; issue 12).
+    """
+    secure = request.app[SETTINGS_KEY].secure_cookie(over_tls=request.secure)
+    return {"path": "/ops", "httponly": True, "samesite": "Strict", "secure": secure}
 
 
 _LOGIN_REASONS: Final = {
@@ -482,8 +507,12 @@ async def _logout(request: web.Request) -> web.StreamResponse:
     session_id = request.cookies.get(COOKIE_NAME)
     if session_id:
         request.app[SESSIONS_KEY].end(session_id)
+        # the session's live streams end now, not at their next heartbeat
+        for subscription, stream_session in tuple(request.app[STREAMS_KEY].items()):
+            if hmac.compare_digest(stream_session.encode(), session_id.encode()):
+                subscription.close()
     response = _json({"ok": True})
-    response.del_cookie(COOKIE_NAME, path="/ops")
+    response.del_cookie(COOKIE_NAME, **_cookie_attributes(request))
     return response
 
 
@@ -1070,8 +1099,16 @@ def _sse(event: str, data: Any) -> bytes:
 
 
 async def _events(request: web.Request) -> web.StreamResponse:
+    """``GET /ops/api/events``: case changes and heartbeats while the session lives.
+
+    The session is looked at before every event and heartbeat, never extended (only a
+    person's requests extend it); once it has ended (logout) or expired, the stream says
+    ``logout`` and closes (issue 12). Logout also wakes the stream at once, and the wait
+    for the next event never outlasts the session.
+    """
     _session(request)
     app = request.app
+    sessions, clock = app[SESSIONS_KEY], app[CLOCK_KEY]
     session_id = request.cookies.get(COOKIE_NAME, "")
     heartbeat_s = app[SETTINGS_KEY].heartbeat_s
     response = web.StreamResponse(
@@ -1084,35 +1121,42 @@ async def _events(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     streams = app[STREAMS_KEY]
     async with app[FEED_KEY].subscribe() as subscription:
-        streams.add(subscription)
+        streams[subscription] = session_id
         try:
             await response.write(b"retry: 3000\n\n" + _sse("hello", {"ok": True}))
             reported = 0
-            while True:
+            session = sessions.peek(session_id)
+            while session is not None:
+                left_s = (session.expires_at - clock()).total_seconds()
+                beat = False
                 try:
-                    async with asyncio.timeout(heartbeat_s):
+                    async with asyncio.timeout(max(0.0, min(heartbeat_s, left_s))):
                         case = await subscription.get()
                 except TimeoutError:
-                    if app[SESSIONS_KEY].get(session_id) is None:
-                        await response.write(_sse("logout", {"reason": "session ended"}))
-                        break
+                    case, beat = None, True
+                session = sessions.peek(session_id)
+                if session is None:
+                    break
+                if beat:
                     await response.write(b": keep-alive\n\n")
                     continue
                 if case is None:
-                    break
+                    break  # the feed ended (shutdown)
                 if subscription.dropped != reported:
                     reported = subscription.dropped
                     await response.write(_sse("dropped", {"dropped": reported}))
                 await response.write(_sse("case", _case_json(case)))
+            if session is None:
+                await response.write(_sse("logout", {"reason": "session ended"}))
         except (ConnectionResetError, ConnectionError):
             _LOG.debug("live stream closed by the browser")
         finally:
-            streams.discard(subscription)
+            streams.pop(subscription, None)
     return response
 
 
 async def _end_streams(app: web.Application) -> None:
-    streams: set[Subscription] = app[STREAMS_KEY]
+    streams = app[STREAMS_KEY]
     for subscription in tuple(streams):
         subscription.close()
 
@@ -1193,8 +1237,7 @@ def create_app(
         window_s=config.login_window_s,
     )
     app[FEED_KEY] = live
-    streams: set[Subscription] = set()
-    app[STREAMS_KEY] = streams
+    app[STREAMS_KEY] = {}
     app[CACHE_KEY] = FleetCache(store, influx, live, cache_s=config.cache_s, measurements=names)
     app[CLOCK_KEY] = clock
     app[SETTINGS_KEY] = config

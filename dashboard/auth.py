@@ -2,9 +2,11 @@
 
 The manufacturer's service team logs in with a user name and password; the dashboard keeps
 a random session id server-side (only its SHA-256 is held, with an expiry) and gives the
-browser the id in an ``HttpOnly``, ``SameSite=Strict`` cookie. Every state-changing request
-must also carry the session's CSRF token in the ``X-CSRF-Token`` header (compared in
-constant time), so a page on another site can neither read nor forge a request.
+browser the id in an ``HttpOnly``, ``SameSite=Strict`` cookie, ``Secure`` whenever the
+dashboard is reached over HTTPS. Every state-changing request must also carry the
+session's CSRF token in the ``X-CSRF-Token`` header (compared in constant time), so a page
+on another site can neither read nor forge a request. A session lives on through the
+requests a person makes, not through the live stream (:meth:`SessionStore.peek`).
 
 Passwords are stored as scrypt hashes with a random salt (``hashlib.scrypt``, RFC 7914),
 encoded as ``scrypt$<n>$<r>$<p>$<salt>$<hash>`` (base64url, no padding). Hashing runs in a
@@ -279,6 +281,21 @@ class SessionStore:
         if extended > session.expires_at:
             session = replace(session, expires_at=extended)
             self._sessions[key] = session
+        return session
+
+    def peek(self, session_id: str) -> Session | None:
+        """Return the live session of an id without extending it, or ``None``.
+
+        For what the browser does on its own (the live stream and its heartbeats): only
+        requests a person makes keep a session alive (issue 12).
+        """
+        key = _digest(session_id)
+        session = self._sessions.get(key)
+        if session is None:
+            return None
+        if self._clock() >= session.expires_at:
+            del self._sessions[key]
+            return None
         return session
 
     def end(self, session_id: str) -> None:

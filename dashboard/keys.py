@@ -54,8 +54,8 @@ SESSIONS_KEY: Final = web.AppKey("sessions", SessionStore)
 LIMITER_KEY: Final = web.AppKey("limiter", LoginLimiter)
 #: Live case changes.
 FEED_KEY: Final = web.AppKey("feed", CaseFeed)
-#: The live streams open now (ended on shutdown).
-STREAMS_KEY: Final = web.AppKey[set[Subscription]]("streams")
+#: The live streams open now, each with its session id (ended at logout and on shutdown).
+STREAMS_KEY: Final = web.AppKey[dict[Subscription, str]]("streams")
 #: Short-lived cache of fleet-wide reads.
 CACHE_KEY: Final = web.AppKey("cache", FleetCache)
 #: The wall clock (UTC-aware).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
 __all__ = ["DashboardSettings"]
 
@@ -11,10 +11,14 @@ class DashboardSettings(BaseModel):
     """How the ops dashboard behaves.
 
     Attributes:
-        session_idle_s: a session ends this long after its last request.
+        public_url: where ops users reach the dashboard (``https://ops.example.com/ops/``),
+            e.g. behind a TLS-terminating proxy; ``None``: only where it is served.
+        session_idle_s: a session ends this long after its last request (the live
+            stream does not count as use).
         session_max_s: a session ends this long after login, used or not.
-        cookie_secure: mark the session cookie ``Secure`` (behind HTTPS; a plain-HTTP
-            local install leaves it off).
+        cookie_secure: mark the session cookie ``Secure``: ``None`` (the default) does
+            so whenever ``public_url`` is ``https`` or the request came over TLS;
+            ``True`` or ``False`` forces it on or off.
         login_max_failures: free failed logins per client address; each further one
             opens a delay that doubles (``login_backoff_s`` up to ``login_max_backoff_s``)
             during which that address is refused without its password being checked.
@@ -40,9 +44,10 @@ class DashboardSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    public_url: AnyHttpUrl | None = None
     session_idle_s: float = Field(3600.0, gt=0)
     session_max_s: float = Field(12 * 3600.0, gt=0)
-    cookie_secure: bool = False
+    cookie_secure: bool | None = None
     login_max_failures: int = Field(5, ge=1)
     login_account_failures: int = Field(20, ge=1)
     login_backoff_s: float = Field(1.0, gt=0)
@@ -63,3 +68,20 @@ class DashboardSettings(BaseModel):
         if self.login_max_backoff_s < self.login_backoff_s:
             raise ValueError("login_max_backoff_s must not be below login_backoff_s")
         return self
+
+    def secure_cookie(self, *, over_tls: bool) -> bool:
+        """Whether the session cookie is marked ``Secure``.
+
+        Args:
+            over_tls: the request reached the dashboard itself over TLS.
+
+        Returns:
+            ``cookie_secure`` when set; else whether ``public_url`` is ``https`` or
+            ``over_tls``: a browser that reaches the dashboard over HTTPS never sends the
+            cookie over plain HTTP (issue 12), while a plain-HTTP local install still
+            gets one.
+        """
+        if self.cookie_secure is not None:
+            return self.cookie_secure
+        https = self.public_url is not None and self.public_url.scheme == "https"
+        return https or over_tls

@@ -246,6 +246,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                     ),
                     campaign=_Campaigns(notifier.loop),
                     feed=feed,
+                    settings=settings.dashboard,
                 ),
                 stack.dashboard_port,
             )

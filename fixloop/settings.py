@@ -16,6 +16,7 @@ from typing import Final
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dashboard.settings import DashboardSettings
 from device_sim.settings import SimSettings
 from diagnostics.settings import DiagnosticsSettings
 from gateway.influx import InfluxSettings
@@ -37,7 +38,7 @@ class StackSettings(BaseModel):
         mqtt_port: broker port; ``0`` picks a free port (a fixed one such as 1883 for
             real devices).
         influx_port: InfluxDB HTTP port; ``0`` picks a free port.
-        dashboard_port: reserved for the dashboard; ``0`` picks a free port.
+        dashboard_port: the ops dashboard's port (on loopback); ``0`` picks a free port.
         fleet_secret: secret device passwords derive from; generated and kept in
             ``data_dir`` on the first ``fixloop up`` when not given.
     """
@@ -81,6 +82,7 @@ class Settings(BaseSettings):
     sim: SimSettings = Field(default_factory=SimSettings)
     diagnostics: DiagnosticsSettings = Field(default_factory=DiagnosticsSettings)
     notifier: NotifierSettings = Field(default_factory=NotifierSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from dashboard.settings import DashboardSettings
 from fixloop.config import FLEET_SECRET_FILE, ensure_fleet_secret, load_settings
 from fixloop.settings import SECTIONS, Settings, StackSettings
 from gateway.errors import ConfigError
@@ -207,3 +208,46 @@ def test_empty_kept_fleet_secret_is_a_config_error(tmp_path: Path) -> None:
     settings = load_settings(None, {"FIXLOOP_STACK__DATA_DIR": str(tmp_path)})
     with pytest.raises(ConfigError, match="empty"):
         ensure_fleet_secret(settings)
+
+
+def test_the_dashboard_section_from_toml_and_environment(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        '[dashboard]\npublic_url = "https://ops.example.com/ops/"\nlogin_max_failures = 3\n'
+        "heartbeat_s = 5\n",
+    )
+    settings = load_settings(
+        path,
+        {
+            "FIXLOOP_DASHBOARD__LOGIN_MAX_FAILURES": "7",
+            "FIXLOOP_DASHBOARD__TRUSTED_PROXIES": '["10.0.0.0/8", "::1"]',
+            "FIXLOOP_DASHBOARD__SESSION_IDLE_S": "900",
+        },
+    )
+    dashboard = settings.dashboard
+    assert SECTIONS["dashboard"] is DashboardSettings
+    assert dashboard.login_max_failures == 7  # the environment wins
+    assert dashboard.heartbeat_s == 5.0  # still from the file
+    assert dashboard.session_idle_s == 900.0
+    assert [str(net) for net in dashboard.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert dashboard.cookie_secure is None
+    assert dashboard.secure_cookie(over_tls=False)  # the public URL is https
+    forced = load_settings(path, {"FIXLOOP_DASHBOARD__COOKIE_SECURE": "false"}).dashboard
+    assert not forced.secure_cookie(over_tls=True)
+    defaults = load_settings(None, {}).dashboard
+    assert defaults == DashboardSettings()
+    assert not defaults.secure_cookie(over_tls=False)
+    assert defaults.secure_cookie(over_tls=True)
+
+
+def test_a_bad_dashboard_setting_is_one_line() -> None:
+    assert _error(None, {"FIXLOOP_DASHBOARD__SESSION_IDLE_S": "0"}) == (
+        "setting dashboard.session_idle_s: must be > 0.0 (got 0) "
+        "[from FIXLOOP_DASHBOARD__SESSION_IDLE_S]"
+    )
+    assert _error(None, {"FIXLOOP_DASHBOARD__PUBLIC_URL": "ops.example.com"}).startswith(
+        "setting dashboard.public_url: "
+    )
+    assert _error(None, {"FIXLOOP_DASHBOARD__COOKIE_SECUR": "true"}) == (
+        "setting dashboard.cookie_secur: unknown setting [from FIXLOOP_DASHBOARD__COOKIE_SECUR]"
+    )
