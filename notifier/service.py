@@ -279,6 +279,8 @@ class NotifierService:
             "restarts": dict(stages.restarts),
             "diagnoses_failed": self.diagnoses_failed,
             "notifications_failed_internally": 0 if self.outbox is None else self.outbox.errors,
+            # messages whose time budget (push.message_budget_s) ended before delivery
+            "notifications_out_of_time": 0 if self.outbox is None else self.outbox.out_of_time,
         }
         return web.Response(
             body=orjson.dumps(body),

@@ -188,7 +188,9 @@ async def test_owner_loop_end_to_end(
                 await notifier.wait_subscribed()
                 async with http.get("/health") as response:
                     assert response.status == 200
-                    assert (await response.json())["ok"] is True
+                    health = await response.json()
+                    assert health["ok"] is True
+                    assert health["notifications_out_of_time"] == 0
                 async with runner:
                     fleet = asyncio.create_task(runner.run(stop))
                     await _scenarios(http, runner, receiver, store, fw_device, bearing_device)
