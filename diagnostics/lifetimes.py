@@ -32,7 +32,14 @@ from diagnostics.remaining import RemainingLifeModel, UnitHistory, fit_remaining
 from gateway.errors import ConfigError
 from gateway.protocol import Event, Reading
 
-__all__ = ["Failure", "LifetimeModels", "StepHistory", "fit_lifetime_models"]
+__all__ = [
+    "Failure",
+    "LifetimeModels",
+    "StepHistory",
+    "failure_histories",
+    "fit_lifetime_models",
+    "lifetimes_path",
+]
 
 _LOG = logging.getLogger(__name__)
 _FORMAT: Final = "fixloop-lifetimes/1"
@@ -195,6 +202,11 @@ class LifetimeModels:
         if not isinstance(models, LifetimeModels):
             raise ConfigError(f"{path} does not hold remaining-life models ({_FORMAT})")
         return models
+
+
+def lifetimes_path(model_path: Path) -> Path:
+    """Where the remaining-life models live: beside the fleet models' file."""
+    return model_path.with_name(model_path.stem + ".lifetimes.pkl")
 
 
 def failure_histories(

@@ -4,6 +4,12 @@ Reads telemetry and device events window by window (InfluxQL, so any InfluxDB fl
 replays them through a :class:`~diagnostics.engine.DiagnosticsEngine` that samples
 healthy feature rows (rows of flagged devices are skipped), fits one fleet model per
 product model off the event loop and saves them in the versioned model format.
+
+Given recorded failures (``fixloop`` reads them from the case store), the failed devices'
+readings are also kept per hour and a remaining-life model is fitted per product model
+and fault with enough failures (:mod:`diagnostics.lifetimes`, the predictor of ``fixloop
+ttf``), saved beside the fleet models. Only failures inside the history read count, so
+``--days`` should span the parts' lives.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
 
 from diagnostics.engine import DiagnosticsEngine
+from diagnostics.lifetimes import Failure, StepHistory, fit_lifetime_models, lifetimes_path
 from diagnostics.product import load_products
 from diagnostics.service import stored_registry
 from diagnostics.settings import DiagnosticsSettings
@@ -44,6 +51,7 @@ class TrainingReport:
         devices: devices seen with a known product model.
         models: product model to the number of healthy rows its fleet model learnt from.
         path: where the models were saved.
+        lifetimes: ``model/fault`` to the failures its remaining-life model learnt from.
     """
 
     readings: int
@@ -51,6 +59,7 @@ class TrainingReport:
     devices: int
     models: dict[str, int]
     path: str
+    lifetimes: dict[str, int] = field(default_factory=dict)
 
 
 def _readings(series: list[Series]) -> list[Reading]:
@@ -138,8 +147,12 @@ async def train_from_influx(
     *,
     progress: Progress | None = None,
     clock: Callable[[], float] = time.time,
+    failures: Sequence[Failure] = (),
 ) -> TrainingReport:
     """Learn fleet models from the last ``settings.train_days`` of history and save them.
+
+    With ``failures``, remaining-life models are learnt from the failed devices' history
+    too (see the module docstring).
 
     Raises:
         StoreUnavailableError: InfluxDB cannot be reached.
@@ -156,6 +169,7 @@ async def train_from_influx(
             collect_training=settings.train_sample,
             products=load_products(settings.products_dir),
         )
+        failed = StepHistory(devices=frozenset(f.device_id for f in failures))
         window = start_ms
         while window < end_ms:
             upper = min(window + step_ms, end_ms)
@@ -164,6 +178,8 @@ async def train_from_influx(
             events += sum(1 for i in items if isinstance(i, Event))
             if items:
                 await asyncio.to_thread(engine.process, items)
+                if failures:
+                    await asyncio.to_thread(failed.add, items)
             window = upper
             if progress is not None:
                 progress((window - start_ms) / (end_ms - start_ms), readings)
@@ -177,10 +193,22 @@ async def train_from_influx(
     path.parent.mkdir(parents=True, exist_ok=True)
     await asyncio.to_thread(engine.save, path)
     _LOG.info("fleet models for %s saved to %s", sorted(fitted), path)
+    lifetimes: dict[str, int] = {}
+    if failures:
+        learnt = await asyncio.to_thread(fit_lifetime_models, failed, failures)
+        if learnt.models:
+            await asyncio.to_thread(learnt.save, lifetimes_path(path))
+        lifetimes = {f"{m}/{f}": learnt.failures[(m, f)] for m, f in learnt.models}
+        _LOG.info(
+            "remaining-life models from %d recorded failures: %s",
+            len(failures),
+            ", ".join(f"{key} ({n})" for key, n in sorted(lifetimes.items())) or "none",
+        )
     return TrainingReport(
         readings=readings,
         events=events,
         devices=engine.devices,
         models={model: fleet.rows for model, fleet in fitted.items()},
         path=str(path),
+        lifetimes=lifetimes,
     )

@@ -279,8 +279,12 @@ def _progress_bar(done: float, readings: int) -> None:
 
 async def _train(settings: Settings) -> None:
     from diagnostics.training import train_from_influx
+    from fixloop.failures import recorded_failures
 
-    report = await train_from_influx(settings.influx, settings.diagnostics, progress=_progress_bar)
+    failures = await recorded_failures(settings.notifier.db_path)
+    report = await train_from_influx(
+        settings.influx, settings.diagnostics, progress=_progress_bar, failures=failures
+    )
     _LOG.info(
         "trained on %d readings of %d devices: %s; saved to %s",
         report.readings,
@@ -288,6 +292,12 @@ async def _train(settings: Settings) -> None:
         ", ".join(f"{model} ({rows} rows)" for model, rows in sorted(report.models.items())),
         report.path,
     )
+    if failures:
+        _LOG.info(
+            "remaining life learnt from %d recorded failures: %s",
+            len(failures),
+            ", ".join(f"{key} ({n})" for key, n in sorted(report.lifetimes.items())) or "none",
+        )
 
 
 async def _up(settings: Settings, stop: asyncio.Event) -> None:
