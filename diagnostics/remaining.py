@@ -100,7 +100,9 @@ class RemainingConfig:
         l2: L2 regularisation of the leaf values.
         coverage: the share of outcomes the band should hold (e.g. 0.8: p10..p90).
         folds: units' folds for choosing settings and measuring the band.
-        seed: seed of every random choice (folds, boosting).
+        seed: seed of every random choice (folds, boosting, prefixes kept).
+        max_prefixes: most prefixes (rows) learnt from in one fit; beyond, a random share
+            of each unit's prefixes is kept.
     """
 
     cap: float | None = None
@@ -113,6 +115,7 @@ class RemainingConfig:
     coverage: float = 0.8
     folds: int = 3
     seed: int = 0
+    max_prefixes: int = 100_000
 
     def __post_init__(self) -> None:
         if self.cap is not None and not (math.isfinite(self.cap) and self.cap > 0):
@@ -127,6 +130,8 @@ class RemainingConfig:
             raise ConfigError(f"folds must be at least 2 (got {self.folds})")
         if self.max_iter < 1 or self.max_leaf_nodes < 2 or self.min_samples_leaf < 1:
             raise ConfigError("max_iter, max_leaf_nodes and min_samples_leaf must be positive")
+        if self.max_prefixes < 100:
+            raise ConfigError(f"max_prefixes must be at least 100 (got {self.max_prefixes})")
 
 
 #: The settings tried by default (on top of the caller's cap, coverage, folds and seed).
@@ -445,12 +450,25 @@ def _fit_one(
 def _training_set(
     histories: Sequence[UnitHistory], norm: _Regimes, hi_weights: Floats, config: RemainingConfig
 ) -> tuple[Floats, Floats, Floats]:
-    """Features of every prefix, its true remaining time, and its weight (1 / unit rows)."""
+    """Features of every prefix, its true remaining time, and its weight (1 / unit rows).
+
+    Past ``config.max_prefixes`` rows in all, each unit keeps the same share of its
+    prefixes, drawn at random (seeded): time and memory stay bounded on long histories.
+    """
+    total = sum(h.times.shape[0] for h in histories)
+    share = min(1.0, config.max_prefixes / total) if total else 1.0
+    rng = np.random.default_rng(config.seed)
     feats, truth, weight = [], [], []
     for h in histories:
-        feats.append(_prefix_features(h, norm, hi_weights, config, last=False))
-        truth.append(h.times[-1] - h.times)
-        weight.append(np.full(h.times.shape[0], 1.0 / h.times.shape[0]))
+        n = h.times.shape[0]
+        features = _prefix_features(h, norm, hi_weights, config, last=False)
+        remaining = h.times[-1] - h.times
+        if share < 1.0:
+            keep = np.sort(rng.choice(n, max(1, math.ceil(n * share)), replace=False))
+            features, remaining = features[keep], remaining[keep]
+        feats.append(features)
+        truth.append(remaining)
+        weight.append(np.full(remaining.shape[0], 1.0 / remaining.shape[0]))
     return np.vstack(feats), np.concatenate(truth), np.concatenate(weight)
 
 

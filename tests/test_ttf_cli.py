@@ -18,6 +18,7 @@ import pytest
 from diagnostics.remaining import RemainingConfig, UnitHistory, fit_remaining_life
 from diagnostics.ttfcsv import predict_csv
 from fixloop.cli import main
+from gateway.errors import ConfigError
 
 HEADER = ["unit", "cycle", "temp", "noise", "const", "status"]
 #: Small settings for the tests that call the library (the command's own defaults are
@@ -299,3 +300,29 @@ def test_refuses_missing_empty_and_header_only_files(
         capsys, "--history", str(hist), "--input", str(header_only), "--time-column", "cycle"
     )
     assert "no data rows" in err
+
+
+def test_long_histories_are_learnt_from_a_bounded_share_of_prefixes() -> None:
+    histories = []
+    for name, rows in fleet(12, 0).items():
+        values = np.array([[float(r[2]), float(r[3])] for r in rows])
+        histories.append(UnitHistory(name, np.array([float(r[1]) for r in rows]), values))
+    bounded = (RemainingConfig(max_iter=60, learning_rate=0.15, max_prefixes=300),)
+    model = fit_remaining_life(histories, ("temp", "noise"), candidates=bounded)
+    late = [UnitHistory(h.unit, h.times[:-3], h.values[:-3]) for h in histories[:4]]
+    assert all(p.remaining < 40 for p in model.predict(late))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"cap": 0.0}, "cap must be a positive number"),
+        ({"windows": (30, 5)}, "increasing order"),
+        ({"coverage": 1.0}, "coverage must be between 0 and 1"),
+        ({"folds": 1}, "folds must be at least 2"),
+        ({"max_prefixes": 10}, "max_prefixes must be at least 100"),
+    ],
+)
+def test_settings_are_checked_when_built(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RemainingConfig(**settings)  # type: ignore[arg-type]
