@@ -180,7 +180,9 @@ class _ModelState:
     """Everything the engine keeps for one product model (mutable, private).
 
     ``described`` is how many of the spec's features come from a product file (the rest
-    are metrics scored generically); ``known`` the metrics the spec covers either way.
+    are metrics scored generically); ``known`` the metrics the spec covers either way;
+    ``has_file`` whether a product file describes the model. The generic scoring of the
+    columns from ``described`` on is the seam where another scorer can take over.
     """
 
     spec: FeatureSpec
@@ -188,6 +190,7 @@ class _ModelState:
     baseline: BaselineTable
     described: int = 0
     known: frozenset[str] = frozenset()
+    has_file: bool = False
     slots: dict[str, int] = field(default_factory=dict)
     watched: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(64, dtype=np.bool_))
     fleet: FleetModel | None = None
@@ -299,6 +302,7 @@ class DiagnosticsEngine:
                 BaselineTable(spec, tau_days=self._tau_days, trend_features=indicators),
                 described=len(spec.features),
                 known=spec.listed,
+                has_file=product is not None,
                 indicators=indicators,
             )
         return state
@@ -441,28 +445,35 @@ class DiagnosticsEngine:
         scores: _ScoreColumns,
         caused: list[tuple[int, Diagnosis]],
     ) -> None:
+        # metrics no product file describes are scored generically (new ones get a
+        # column of their own) and counted; a described model's readings usually have none
         known = state.known
-        first: dict[str, Any] | None = None
-        unlisted = 0
-        for reading in readings:
-            metrics = reading.metrics
-            if not known.issuperset(metrics):
-                # metrics no product file describes: scored generically, and counted
-                extra = metrics.keys() - known
-                if first is None:
-                    first = {}
-                for name in extra:
-                    first.setdefault(name, metrics[name])
-            if state.described and not state.spec.listed.issuperset(metrics):
-                unlisted += len(metrics.keys() - state.spec.listed)
-        if state.described:
+        first: dict[str, Any] = {}
+        if state.has_file:
+            listed = state.spec.listed
+            unlisted = 0
+            for reading in readings:
+                metrics = reading.metrics
+                if listed.issuperset(metrics):
+                    continue
+                for name, value in metrics.items():  # in the reading's order: deterministic
+                    if name not in listed:
+                        unlisted += 1
+                        if name not in known:
+                            first.setdefault(name, value)
             if unlisted:
                 self.unlisted_metrics += unlisted
+                if first:
+                    self.unlisted.setdefault(state.spec.model, set()).update(first)
         else:
             self.unknown_readings += len(readings)
+            for reading in readings:
+                metrics = reading.metrics
+                if not known.issuperset(metrics):
+                    for name, value in metrics.items():
+                        if name not in known:
+                            first.setdefault(name, value)
         if first:
-            if state.described:
-                self.unlisted.setdefault(state.spec.model, set()).update(first)
             self._widen(state, first)
         features = state.features
         baseline = state.baseline

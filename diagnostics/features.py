@@ -477,19 +477,18 @@ class FeatureProgram:
         self, metrics: Sequence[Mapping[str, MetricValue]], statuses: Sequence[str | None]
     ) -> F64:
         """:meth:`rows` reading by reading, on Python floats (the same numbers)."""
-        bools = self._bools
-        names = self._metrics
+        numbers = [name for name in self._metrics if name not in self._bools]
+        bools = [name for name in self._metrics if name in self._bools]
         states = self._scalar_states
         features = self._scalar
         generic = self.generic
         out: list[list[float]] = []
         for values, status in zip(metrics, statuses, strict=True):
-            env: Env = {STATUS: status or ""}
-            for name in names:
-                if name in bools:
-                    env[name] = bool(values.get(name, False))
-                else:
-                    env[name] = float(values.get(name, _NAN))
+            # numbers as sent (an int computes like its float), a missing one NaN
+            env: Env = {name: values.get(name, _NAN) for name in numbers}
+            env[STATUS] = status or ""
+            for name in bools:
+                env[name] = bool(values.get(name, False))
             for name, fn in states:
                 env[name] = fn(env)
             row: list[float] = []
@@ -498,11 +497,12 @@ class FeatureProgram:
                     row.append(float(values.get(repeat, _NAN)))
                 elif when is not None and not when(env):
                     row.append(_NAN)
+                elif as_share:
+                    row.append(1.0 if value(env) else 0.0)  # type: ignore[misc]
                 else:
-                    assert value is not None
-                    x = value(env)
-                    row.append((1.0 if x else 0.0) if as_share else float(x))
-            row += [float(values.get(name, _NAN)) for name in generic]
+                    row.append(float(value(env)))  # type: ignore[misc]
+            if generic:
+                row += [float(values.get(name, _NAN)) for name in generic]
             out.append(row)
         return np.array(out, dtype=np.float64).reshape(len(out), self.width)
 
