@@ -291,9 +291,11 @@ def _public(path: str) -> bool:
     return not path.startswith("/ops/api/") and path != "/ops/logout"
 
 
-# Requests the browser makes on its own (EventSource reconnects): they need a session
-# but do not extend it, so an open page alone never keeps a session alive (issue 12).
+# Requests the page makes on its own (the live stream and its reconnects, refreshes after
+# a live change, which say so in _BACKGROUND_HEADER): they need a session but do not
+# extend it, so an open page alone never keeps a session alive (issue 12).
 _PASSIVE: Final = frozenset(("/ops/api/events",))
+_BACKGROUND_HEADER: Final = "X-Ops-Background"
 
 
 @web.middleware
@@ -302,7 +304,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     session_id = request.cookies.get(COOKIE_NAME)
     sessions = request.app[SESSIONS_KEY]
-    lookup = sessions.peek if request.path in _PASSIVE else sessions.get
+    passive = request.path in _PASSIVE or request.headers.get(_BACKGROUND_HEADER) == "1"
+    lookup = sessions.peek if passive else sessions.get
     session = lookup(session_id) if session_id else None
     if session is None:
         return _error(401, "log in first")

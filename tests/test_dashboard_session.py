@@ -3,7 +3,8 @@
 The session cookie is ``HttpOnly``, ``SameSite=Strict``, and ``Secure`` whenever the
 dashboard's public URL is ``https`` (or as the setting forces it). The live case stream
 looks at the session before every event and heartbeat without extending it: it ends at
-logout and at expiry, and an open stream alone never keeps a session alive. A manual
+logout and at expiry, and an open stream alone never keeps a session alive; nor do the
+refreshes the page makes on its own after a live change (they say so in a header). A manual
 clock moves the sessions' time; the stream's heartbeats are short, and the tests count
 them instead of timing anything. Once a session has ended the stream writes no heartbeat:
 the ones counted after that were already on their way.
@@ -216,6 +217,23 @@ async def test_opening_the_stream_does_not_extend_the_session(make_rig: RigFacto
     rig.clock.advance(11)
     assert (await rig.client.get("/ops/api/events")).status == 401
     assert (await rig.client.get("/ops/api/ping")).status == 401
+
+
+async def test_refreshes_the_page_makes_on_its_own_do_not_extend_the_session(
+    make_rig: RigFactory,
+) -> None:
+    rig = await make_rig()
+    assert (await rig.login()).status == 200
+    background = {"X-Ops-Background": "1"}
+    rig.clock.advance(IDLE_S - 10)
+    assert (await rig.client.get("/ops/api/fleet", headers=background)).status == 200
+    rig.clock.advance(11)
+    assert (await rig.client.get("/ops/api/fleet", headers=background)).status == 401
+    assert (await rig.login()).status == 200
+    rig.clock.advance(IDLE_S - 10)
+    assert (await rig.client.get("/ops/api/fleet")).status == 200  # a person's request
+    rig.clock.advance(11)
+    assert (await rig.client.get("/ops/api/fleet")).status == 200
 
 
 async def test_a_case_after_expiry_is_not_sent(make_rig: RigFactory) -> None:

@@ -58,8 +58,12 @@ class ApiError extends Error {
   }
 }
 
-async function api(path, { method = "GET", body } = {}) {
-  const headers = { Accept: "application/json" };
+// A refresh the page makes on its own (after a live case change) says so: it must not
+// keep the session alive, only what a person does may.
+const BACKGROUND = { "X-Ops-Background": "1" };
+
+async function api(path, { method = "GET", body, background = false } = {}) {
+  const headers = { Accept: "application/json", ...(background ? BACKGROUND : {}) };
   if (method !== "GET") {
     headers["Content-Type"] = "application/json";
     if (state.session) headers["X-CSRF-Token"] = state.session.csrf_token;
@@ -200,8 +204,8 @@ function countRow(row, first) {
     h("td", { class: "num" }, row.open));
 }
 
-async function viewFleet() {
-  const data = await api("/fleet");
+async function viewFleet(background) {
+  const data = await api("/fleet", { background });
   const total = data.devices || 1;
   const bar = h("div", { class: "healthbar", title: "devices by health" },
     ["healthy", "watch", "anomalous", "unknown"].map((level) => h("span", {
@@ -334,8 +338,8 @@ function drawChart(box, data, metric) {
 const STAGE_ORDER = ["opened", "awaiting_consent", "remote_fix", "verifying", "appointment_proposed",
   "booked", "visited", "resolved", "escalated", "dismissed", "expired"];
 
-async function viewCases() {
-  const data = await api("/cases");
+async function viewCases(background) {
+  const data = await api("/cases", { background });
   const stages = Object.fromEntries(data.stages.map((s) => [s.state, s]));
   return [
     h("h1", {}, "Cases"),
@@ -354,8 +358,8 @@ async function viewCases() {
   ];
 }
 
-async function viewCase(caseId) {
-  const data = await api(`/cases/${encodeURIComponent(caseId)}`);
+async function viewCase(caseId, background) {
+  const data = await api(`/cases/${encodeURIComponent(caseId)}`, { background });
   const c = data.case;
   const openTasks = data.tasks.filter((t) => t.state !== "closed");
   return [
@@ -395,8 +399,8 @@ async function taskAction(taskId, action, body) {
   }
 }
 
-async function viewQueue() {
-  const data = await api("/queue");
+async function viewQueue(background) {
+  const data = await api("/queue", { background });
   const agent = can("agent");
   return [
     h("h1", {}, "Person needed"),
@@ -546,25 +550,25 @@ async function route({ quiet = false, live = false } = {}) {
   try {
     let content;
     if (name === "device" && parts[1]) content = await viewDevice(decodeURIComponent(parts[1]), params);
-    else if (name === "case" && parts[1]) content = await viewCase(decodeURIComponent(parts[1]));
-    else if (name === "cases") content = await viewCases();
-    else if (name === "queue") content = await viewQueue();
+    else if (name === "case" && parts[1]) content = await viewCase(decodeURIComponent(parts[1]), live);
+    else if (name === "cases") content = await viewCases(live);
+    else if (name === "queue") content = await viewQueue(live);
     else if (name === "calendar") content = await viewCalendar(params);
     else if (name === "outcomes") content = await viewOutcomes();
     else if (name === "insight") content = await viewInsight();
-    else content = await viewFleet();
+    else content = await viewFleet(live);
     if (state.chart && name !== "device") { state.chart.destroy(); state.chart = null; }
     view.replaceChildren(...[content].flat().filter(Boolean));
     view.dataset.view = name;
-    updateQueueCount();
+    updateQueueCount(live);
   } catch (err) {
     if (err.status !== 401) view.replaceChildren(h("p", { class: "error" }, `Could not load this view: ${err.message}`));
   }
 }
 
-async function updateQueueCount() {
+async function updateQueueCount(background = false) {
   try {
-    const data = await api("/queue");
+    const data = await api("/queue", { background });
     $("queue-count").textContent = data.tasks.length ? String(data.tasks.length) : "";
   } catch { /* shown on the next view */ }
 }
