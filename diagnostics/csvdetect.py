@@ -9,11 +9,13 @@ from the rows before it only, and are written back unchanged with two columns ad
   A lasting deviation is one event, not a run of flagged rows, so a scorer that counts
   every flagged row as a detection (NAB-style windows: the first detection in a window
   earns, every detection outside one costs) sees one detection per alert.
-- ``anomaly_score``: the row's score in [0, 1], one minus the tail probability of its
-  deviation under the learnt normal behaviour. Outside an event row it is held just
-  under the operating threshold ``1 - alpha``, so ``anomaly_score >= threshold`` marks
-  exactly the ``anomaly`` rows, and a scorer that sweeps its own threshold over the score
-  ranks events by how unlikely they were.
+- ``anomaly_score``: how surprising the row is, in [0, 1], on a log scale of its tail
+  probability ``p`` under the learnt normal behaviour (the detector core's calibrated
+  score is ``1 - p``): ``anomaly_score = log(p) / (2 log(alpha))``, so 0.5 is the
+  operating point ``p = alpha`` and 1 is ``p = alpha ** 2`` or rarer. Outside an event
+  row it is held just under 0.5, so ``anomaly_score >= 0.5`` marks exactly the
+  ``anomaly`` rows, whichever column a scorer reads, and a scorer that sweeps its own
+  threshold over the score ranks the events by how unlikely they were.
 
 What the file may look like:
 
@@ -51,16 +53,19 @@ from pathlib import Path
 from typing import Final, TextIO
 
 import numpy as np
+import numpy.typing as npt
 
 from diagnostics.detector import ROW_GAP, ROW_LATE, ROW_REPEATED, DetectorConfig, DetectorTable
 from gateway.errors import ConfigError
 
-__all__ = ["OUTPUT_COLUMNS", "DetectSummary", "detect_csv"]
+__all__ = ["OPERATING_POINT", "OUTPUT_COLUMNS", "DetectSummary", "detect_csv", "surprise"]
 
 _LOG = logging.getLogger(__name__)
 
 #: Columns that ``detect_csv`` appends to every row.
 OUTPUT_COLUMNS: Final = ("anomaly_score", "anomaly")
+#: ``anomaly_score`` at the detector's operating point (tail probability ``alpha``).
+OPERATING_POINT: Final = 0.5
 
 _MISSING: Final = frozenset({"", "nan", "na", "n/a", "null", "none", "-"})
 _SNIFF_ROWS: Final = 200
@@ -345,10 +350,9 @@ def _score_chunk(
                 value = math.nan
             values[r, j] = value
     result = table.step(np.zeros(n, dtype=np.int64), stamps, values)
-    threshold = table.threshold
-    # Rows that are not an event keep their score, held just under the threshold.
-    below = threshold - 1e-6
-    scores = np.where(result.event, result.score, np.minimum(result.score, below))
+    scores = surprise(result.score, table.config.alpha)
+    # Rows that are not an event keep their score, held just under the operating point.
+    scores = np.where(result.event, scores, np.minimum(scores, OPERATING_POINT - 1e-6))
     flags = result.flags
     late = (flags & ROW_LATE) != 0
     if late.any() and not count.first_late_line:
@@ -394,6 +398,21 @@ def _warn_counts(count: _Counts, never: tuple[str, ...], time_name: str | None) 
         _LOG.warning("%d cells were not numbers and were taken as missing", count.bad_cells)
     if never:
         _LOG.warning("never changed, so not scored: %s", ", ".join(never))
+
+
+def surprise(score: npt.NDArray[np.float64], alpha: float) -> npt.NDArray[np.float64]:
+    """The core's score ``1 - p`` as ``log(p) / (2 log(alpha))`` in [0, 1] (0.5 at ``alpha``).
+
+    Args:
+        score: the detector core's scores (one minus a tail probability).
+        alpha: the tail probability of the operating point.
+
+    Returns:
+        The scores on the log scale ``fixloop detect`` writes.
+    """
+    tail = np.clip(1.0 - score, 1e-300, 1.0)
+    result: npt.NDArray[np.float64] = np.clip(np.log(tail) / (2.0 * math.log(alpha)), 0.0, 1.0)
+    return result
 
 
 def _replay_first(first: str, tracker: _LineTracker) -> Iterator[str]:

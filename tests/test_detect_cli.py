@@ -19,12 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diagnostics.csvdetect import detect_csv
-from diagnostics.detector import DetectorConfig
+from diagnostics.csvdetect import OPERATING_POINT, detect_csv
 from fixloop.cli import main
 
 WARMUP = 120
-THRESHOLD = DetectorConfig().threshold
+THRESHOLD = OPERATING_POINT
 
 
 @pytest.fixture(autouse=True)
@@ -88,6 +87,15 @@ def test_round_trip_keeps_rows_and_adds_scores(
     assert flags[270:].sum() <= 1  # the drop's end, at most, and nothing else
     assert "not numeric: status" in caplog.text
     assert "not scored: voltage_v" in caplog.text
+    assert scores[250:270].max() >= 0.5 > scores[WARMUP:250].max()
+
+
+def test_the_score_column_is_the_tail_probability_on_a_log_scale() -> None:
+    from diagnostics.csvdetect import surprise
+
+    alpha = 1e-3
+    tails = np.array([1.0, 0.1, alpha, alpha**2, 1e-300])
+    np.testing.assert_allclose(surprise(1.0 - tails, alpha), [0.0, 1 / 6, 0.5, 1.0, 1.0])
 
 
 def test_semicolons_and_decimal_commas(tmp_path: Path) -> None:
