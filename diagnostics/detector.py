@@ -126,6 +126,7 @@ _STATE_ORDER: Final = (
     "cnt_w",
 )
 _BURST_ROWS: Final = 8  # an alert's first rows, kept until it is known to be short
+_ALERT_PROFILE_SHARE: Final = 0.1  # cycle learning while alerting (see _bin_rate)
 _N_MODELS: Final = 4  # fast level, slow level, slow + daily, slow + weekly
 _N_BINS: Final = 48  # tail histogram: log10(statistic) from -2 to 6, six bins a decade
 _LOG_LOW: Final = -2.0
@@ -342,11 +343,17 @@ def _remember(
 
 
 @_compiled
-def _bin_rate(weight: float, count: float, floor: float) -> float:
-    """Update weight of a profile bin: a running mean while young, then an EWMA."""
+def _bin_rate(weight: float, count: float, floor: float, hold: bool) -> float:
+    """Update weight of a profile bin: a running mean while young, then an EWMA.
+
+    While an alert is up a grown bin learns at a tenth of its rate: a recurring pattern is
+    still learnt over a few cycles, but one anomaly does not become tomorrow's expectation.
+    """
     if weight <= 0.0 or count <= 0.0:
         return 0.0
-    return max(floor * weight, weight / count)
+    if weight / count > floor:
+        return weight / count
+    return floor * weight * (_ALERT_PROFILE_SHARE if hold else 1.0)
 
 
 @_compiled
@@ -631,17 +638,17 @@ def _step_rows(
                     if min(cnt_d[s, c, d0], cnt_d[s, c, d1]) * a_prof >= 1.0:
                         g = min(max(g, -bound), bound)  # a young bin learns its level
                     cnt_d[s, c, d0] += 1.0 - dfrac
-                    prof_d[s, c, d0] += _bin_rate(1.0 - dfrac, cnt_d[s, c, d0], a_prof) * g
+                    prof_d[s, c, d0] += _bin_rate(1.0 - dfrac, cnt_d[s, c, d0], a_prof, hold) * g
                     cnt_d[s, c, d1] += dfrac
-                    prof_d[s, c, d1] += _bin_rate(dfrac, cnt_d[s, c, d1], a_prof) * g
+                    prof_d[s, c, d1] += _bin_rate(dfrac, cnt_d[s, c, d1], a_prof, hold) * g
                 elif k == 3:
                     g = v - level[s, c, 3] - pw_
                     if min(cnt_w[s, c, w0], cnt_w[s, c, w1]) * a_prof >= 1.0:
                         g = min(max(g, -bound), bound)
                     cnt_w[s, c, w0] += 1.0 - wfrac
-                    prof_w[s, c, w0] += _bin_rate(1.0 - wfrac, cnt_w[s, c, w0], a_prof) * g
+                    prof_w[s, c, w0] += _bin_rate(1.0 - wfrac, cnt_w[s, c, w0], a_prof, hold) * g
                     cnt_w[s, c, w1] += wfrac
-                    prof_w[s, c, w1] += _bin_rate(wfrac, cnt_w[s, c, w1], a_prof) * g
+                    prof_w[s, c, w1] += _bin_rate(wfrac, cnt_w[s, c, w1], a_prof, hold) * g
             if not hold and n >= min_col:
                 # the smoothed deviations' own spread (errors are seldom white)
                 if math.isnan(smv[s, c]):

@@ -94,6 +94,19 @@ def test_a_daily_cycle_is_found_and_does_not_fire() -> None:
     assert last_week.size <= 3  # and at most a stray alert or two in a week of 2,016 rows
 
 
+def test_one_anomaly_does_not_become_tomorrows_expectation() -> None:
+    days = 21
+    t = np.arange(days * 288) * FIVE_MIN
+    x = 50.0 + 30.0 * np.sin(2 * np.pi * (t % DAY) / DAY) + noise(len(t), seed=18, sd=3.0)
+    start = 18 * 288 + 150
+    x[start : start + 40] += 40.0  # a 200-minute anomaly on day 18
+    result = run(x, t)
+    events = np.flatnonzero(result.event)
+    assert events[(events >= start) & (events < start + 5)].size == 1
+    later = events[events >= start + 100]
+    assert not np.any(np.abs((later - start) % 288) < 60)  # nothing at that hour since
+
+
 def test_a_weekly_cycle_is_found() -> None:
     weeks = 10
     t = np.arange(weeks * 7 * 24) * 3600.0
