@@ -326,3 +326,37 @@ def test_small_and_large_rounds_compute_the_same_features() -> None:
     one_by_one = spec.program.rows(cases, [None] * len(cases))
     together = spec.program.rows(cases * 10, [None] * len(cases) * 10)[: len(cases)]
     assert np.array_equal(one_by_one, together, equal_nan=True)
+
+
+def test_unlisted_metrics_beside_a_fleet_model() -> None:
+    from diagnostics.fleet import FleetModel
+
+    spec = FEATURE_SPECS["washer"]
+    rng = np.random.default_rng(2)
+    rows = rng.normal(0.0, 1.0, (400, len(spec.names))).astype(np.float32)
+    floors = np.full(len(spec.names), 0.1, np.float32)
+    fleet = FleetModel.fit("washer", spec.names, rows, floors)
+    engine = DiagnosticsEngine(registry={"w1": "washer"}, fleet_models={"washer": fleet})
+    items: list[Reading | Event] = [
+        Reading(
+            "w1",
+            k + 1,
+            1_000_000 + k * 120_000,
+            {
+                "drum_rpm": 0.0,
+                "water_level_l": 0.0,
+                "water_temp_c": 20.0,
+                "ambient_temp_c": 20.0,
+                "extra_v": (3.0 if k < 1300 else 30.0) + 0.1 * (k % 7),
+            },
+            "idle",
+        )
+        for k in range(1500)
+    ]
+    result = engine.process(items)
+    assert len(result.scores) == 1500
+    assert engine.unlisted == {"washer": {"extra_v"}}
+    assert max(s.fleet for s in result.scores) > 0.0  # the fleet model scored the cold device
+    opened = [d for d in result.diagnoses if d.status == "open"]
+    assert [d.fault for d in opened] == ["unusual_behaviour"]
+    assert opened[0].drivers[0].feature == "extra_v"
