@@ -106,21 +106,41 @@ def _parser() -> argparse.ArgumentParser:
         "--history",
         type=Path,
         required=True,
+        metavar="HIST.csv",
         help="CSV of complete histories (each unit's last row is its failure)",
     )
-    ttf.add_argument("--input", type=Path, required=True, help="CSV of running units' rows so far")
     ttf.add_argument(
-        "-o", "--output", type=Path, help="write unit,remaining,low,high here (default: stdout)"
+        "--input",
+        type=Path,
+        required=True,
+        metavar="IN.csv",
+        help="CSV of running units' rows so far",
     )
-    ttf.add_argument("--unit-column", default="unit", help="column naming the unit (unit)")
-    ttf.add_argument("--time-column", default="time", help="column holding time (time)")
+    ttf.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="OUT.csv",
+        help="write unit,remaining,low,high here (default: stdout)",
+    )
+    ttf.add_argument(
+        "--unit-column", default="unit", metavar="NAME", help="column naming the unit (unit)"
+    )
+    ttf.add_argument(
+        "--time-column", default="time", metavar="NAME", help="column holding time (time)"
+    )
     ttf.add_argument(
         "--cap",
         type=float,
-        help="learn remaining times above this as this much (default: no cap)",
+        metavar="T",
+        help="learn remaining times above T as T (default: no cap)",
     )
     ttf.add_argument(
-        "--coverage", type=float, default=0.8, help="share of outcomes the band holds (0.8)"
+        "--coverage",
+        type=float,
+        default=0.8,
+        metavar="SHARE",
+        help="share of outcomes the band holds (0.8)",
     )
     ttf.add_argument(
         "--progress", action="store_true", help="report progress on stderr even into a pipe"
