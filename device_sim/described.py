@@ -215,15 +215,23 @@ def _metric(reader: _Reader, name: str, raw: Any, is_bool: bool, states: set[str
     key = f"simulation.metrics.{name}"
     table = reader.table(raw, key, _METRIC_KEYS)
     level_raw = table.get("level", False if is_bool else None)
-    if is_bool != isinstance(level_raw, bool):
+    numeric = isinstance(level_raw, int | float) and not isinstance(level_raw, bool)
+    if (is_bool and not isinstance(level_raw, bool)) or (not is_bool and not numeric):
         reader.problem(f"{key}.level", "must be true/false" if is_bool else "must be a number")
+        level_raw = 0
+    elif isinstance(level_raw, int | float) and not math.isfinite(level_raw):
+        reader.problem(f"{key}.level", "must be finite")
         level_raw = 0
     level = float(level_raw) if isinstance(level_raw, int | float) else 0.0
     in_state: dict[str, float] = {}
     for state, value in reader.table(table.get("in_state", {}), f"{key}.in_state", None).items():
         if state not in states:
             reader.problem(f"{key}.in_state", f"unknown state {state!r}")
-        if is_bool != isinstance(value, bool) or not isinstance(value, int | float):
+        if (
+            is_bool != isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             reader.problem(f"{key}.in_state.{state}", "must be of the metric's kind")
             continue
         in_state[state] = float(value)
@@ -267,9 +275,9 @@ def _fault(
         not isinstance(days, list)
         or len(days) != 2
         or not all(isinstance(d, int | float) and not isinstance(d, bool) for d in days)
-        or not 0 < days[0] <= days[1]
+        or not 0 < days[0] <= days[1] < 10_000
     ):
-        reader.problem(f"{key}.days", "must be [shortest, longest] days to failure, above 0")
+        reader.problem(f"{key}.days", "must be [shortest, longest] days to failure (0 to 10,000)")
         days = [5, 20]
     shape = reader.number(table, key, "shape", 1.0)
     if shape <= 0.0:

@@ -428,6 +428,11 @@ class _Reader:
             return None
 
 
+def _whole(value: float) -> int:
+    """A count read with :meth:`_Reader.number` (1 where it was refused: reported)."""
+    return int(value) if math.isfinite(value) and value >= 1 else 1
+
+
 def _metrics(reader: _Reader, raw: Any) -> dict[str, MetricDef]:
     metrics: dict[str, MetricDef] = {}
     for name, value in reader.table(raw, "metrics", None).items():
@@ -598,7 +603,7 @@ def _features(
                 unit_text if isinstance(unit_text, str) else "1",
                 reader.number(entry, key, "alpha", None, 0.0, 1.0, above=True),
                 reader.number(entry, key, "floor", None, 0.0, above=True),
-                int(reader.number(entry, key, "min_count", None, 1, integer=True) or 1),
+                _whole(reader.number(entry, key, "min_count", None, 1, integer=True)),
                 reader.text(entry, key, "description", ""),
                 used,
             )
@@ -686,7 +691,7 @@ def _generic(reader: _Reader, raw: Any, base: GenericScoring) -> GenericScoring:
     table = reader.table(raw, "generic", _GENERIC_KEYS)
     return GenericScoring(
         reader.number(table, "generic", "alpha", base.alpha, 0.0, 1.0, above=True),
-        int(reader.number(table, "generic", "min_count", base.min_count, 1, integer=True) or 1),
+        _whole(reader.number(table, "generic", "min_count", base.min_count, 1, integer=True)),
         reader.number(table, "generic", "relative_floor", base.relative_floor, 0.0, above=True),
         reader.number(table, "generic", "min_floor", base.min_floor, 0.0, above=True),
     )

@@ -360,3 +360,48 @@ def test_unlisted_metrics_beside_a_fleet_model() -> None:
     opened = [d for d in result.diagnoses if d.status == "open"]
     assert [d.fault for d in opened] == ["unusual_behaviour"]
     assert opened[0].drivers[0].feature == "extra_v"
+
+
+@pytest.mark.parametrize("name", ["washer", "heat_pump"])
+def test_a_damaged_file_is_refused_never_crashes(name: str) -> None:
+    # every line deleted, or its value replaced with the wrong kind of thing
+    text = (BUILTIN / f"{name}.toml").read_text()
+    lines = text.splitlines()
+    values = ['"x"', "[]", "{}", "-1", "1e400", "true", '"a +"', "[1, 2]", "{ x = 1 }"]
+    refused = 0
+    for i, line in enumerate(lines):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        variants = ["\n".join(lines[:i] + lines[i + 1 :])]
+        if "=" in line and not line.lstrip().startswith("["):
+            key = line.split("=", 1)[0]
+            variants += ["\n".join([*lines[:i], f"{key}= {v}", *lines[i + 1 :]]) for v in values]
+        for variant in variants:
+            problems: tuple[object, ...] = ()
+            try:
+                parse_product(variant, "damaged.toml")
+            except ProductError as exc:
+                problems = exc.problems
+            refused += bool(problems)
+            assert all(str(p).startswith("damaged.toml") for p in problems)
+    assert refused > 300
+
+
+def test_a_damaged_simulation_section_is_refused_never_crashes(tmp_path: Path) -> None:
+    text = (FOLDER / "boiler.toml").read_text()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("[simulation"))
+    values = ['"x"', "[]", "{}", "-1", "1e400", "true", "[1, 2]", "{ x = 1 }"]
+    path = tmp_path / "damaged.toml"
+    refused = 0
+    for i in range(start, len(lines)):
+        line = lines[i]
+        if "=" not in line or line.startswith("["):
+            continue
+        key = line.split("=", 1)[0]
+        for v in values:
+            path.write_text("\n".join([*lines[:i], f"{key}= {v}", *lines[i + 1 :]]))
+            found = check_simulation(path)
+            refused += bool(found)
+            assert all(p.startswith(str(path)) for p in found)
+    assert refused > 50
