@@ -32,28 +32,40 @@ How a row is scored, per column (all learnt online, with forgetting, from that s
    plus a weekly profile (interpolated between bins by the row's phase in the period; with
    no timestamps, periods of :attr:`~DetectorConfig.row_periods` rows). Each keeps an
    exponentially weighted mean squared error; the column is predicted by the one with the
-   least error, a cyclic one only once a whole period has been seen and only when it
-   beats the others by :attr:`~DetectorConfig.season_gain`. That is the periodicity test:
-   daily, weekly or none, per column, revised continuously.
+   least error (a memory of :attr:`~DetectorConfig.select_alpha`), a cyclic one only once
+   a whole period has been seen and only when it beats the others by
+   :attr:`~DetectorConfig.season_gain`. That is the periodicity test: daily, weekly or
+   none, per column, revised continuously.
 2. The row's error over that predictor's spread (floored at a share of the column's
    long-run spread, so flat stretches cannot make it infinite), widened while the column
    is young (``1 + young / n``), is the signed deviation. Updates are Huber-clipped, so a
    glitch moves the model little while a lasting change is followed.
-3. Two statistics per row: the mean squared deviation over the scored columns, and the
-   same of their exponentially smoothed deviations (a small lasting bias). Each is turned
-   into a tail probability by that slot's own forgetting histogram of past values, with a
-   chi-square prior worth :attr:`~DetectorConfig.prior_rows` rows (so early rows are
-   scored, conservatively). The row's score is ``1 - min(1, 2 * min(p1, p2))``.
+3. Two statistics per row: the largest squared deviation over the scored columns, and
+   the largest of their exponentially smoothed deviations (a small lasting bias), each
+   over its own learnt spread. Each is turned into a tail probability by that slot's own
+   forgetting histogram of past values (:attr:`~DetectorConfig.forget_rows`), never
+   rarer than a Gaussian prior says, blended with that prior worth
+   :attr:`~DetectorConfig.prior_rows` rows (so early rows are scored, conservatively).
+   The row's score is ``1 - min(1, 2 * min(p1, p2))``: a calibrated tail probability.
+   The histograms learn every row outside alerts, and the first rows of a short alert
+   (a burst) at :attr:`~DetectorConfig.burst_weight` once it is over, so heavy-tailed
+   streams are not alarming at every burst; a long alert is never learnt as normal.
 
 Events: a slot is *armed*; a row with tail probability at or under
 :attr:`~DetectorConfig.alpha` (score at or above :attr:`DetectorTable.threshold`), after
-the first :attr:`~DetectorConfig.min_rows` rows, is an *event* and the alert goes up. While
-it is up the model is held (it does not learn what it is alerting about) and the row's
-deviation is still measured against it. When :attr:`~DetectorConfig.calm_rows` rows in a
-row are back to normal (tail probability at least :attr:`~DetectorConfig.calm_p`), after at
-least that many rows, the alert ends and the slot is re-armed. If the deviation lasts
-:attr:`~DetectorConfig.settle_rows` rows it is a settled change: the levels jump to where
-the signal now is (tracked meanwhile), the alert ends, and the new level is normal from then.
+the first :attr:`~DetectorConfig.min_rows` rows, is an *event* and the alert goes up: the
+levels of that moment are kept as the reference. While it is up, spreads and the choice
+of predictor are held (cycle profiles learn at a tenth of their rate), the levels go on
+following the signal, and the alert's own deviation is measured against the reference
+(for a wandering column with a spread growing as a random walk's,
+:attr:`~DetectorConfig.wander`). When :attr:`~DetectorConfig.calm_rows` rows in a row are
+back to normal against the reference (tail probability at least
+:attr:`~DetectorConfig.calm_p`), after at least that many rows, the alert ends, the levels
+return to the reference and the slot is re-armed. If the deviation lasts
+:attr:`~DetectorConfig.settle_rows` rows it is a settled change: the alert ends and the
+levels, which have followed the signal, are the new normal; the old levels are kept, and
+a later row that would raise an alert but is normal for them switches back silently (a
+return to the old normal is no news).
 
 Data quality never stops a slot: a missing cell adds no evidence; a column that has
 only ever held one value (leading zeros, a constant) is not scored until it changes; a
@@ -156,6 +168,9 @@ class DetectorConfig:
         burst_weight: weight, in rows, with which the rows of a short alert (a burst)
             enter the tail histograms once it is over: bursts in heavy-tailed data are
             normal, but one burst should not hide the next one.
+        wander: while an alert is up, a column followed by the fast level is compared with
+            where it was when the alert went up, with a spread that grows as a random
+            walk's: times ``sqrt(1 + wander * rows since the event)``.
         prior_rows: weight of the chi-square prior in the tail probability, in rows.
         young: uncertainty widening of a young column: scale times ``1 + young / n``.
         min_column_rows: rows a column must have learnt before it is scored.
@@ -182,6 +197,7 @@ class DetectorConfig:
     smooth_span: float = 10.0
     forget_rows: float = 2000.0
     burst_weight: float = 0.25
+    wander: float = 0.1
     prior_rows: float = 50.0
     young: float = 10.0
     min_column_rows: int = 10
@@ -208,7 +224,7 @@ class DetectorConfig:
         for name in ("smooth_span", "forget_rows"):
             if not getattr(self, name) >= 1:
                 raise ConfigError(f"detector {name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("prior_rows", "young", "floor", "clip", "burst_weight"):
+        for name in ("prior_rows", "young", "floor", "clip", "burst_weight", "wander"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"detector {name} must be a number >= 0 (got {value})")
@@ -254,6 +270,7 @@ class DetectorConfig:
                 self.row_periods[1],
                 self.select_alpha,
                 self.burst_weight,
+                self.wander,
             ],
             dtype=np.float64,
         )
@@ -413,7 +430,7 @@ def _step_rows(
     a_fast, a_slow, a_err, a_prof, season_gain = par[5], par[6], par[7], par[8], par[9]
     beta, forget, prior_rows, young, min_col = par[10], par[11], par[12], par[13], par[14]
     floor_share, clip, gap_factor, a_sel = par[15], par[16], par[17], par[22]
-    burst_weight = par[23]
+    burst_weight, wander = par[23], par[24]
     n_rows, n_cols = x.shape
     bd = prof_d.shape[2]
     bw = prof_w.shape[2]
@@ -494,13 +511,11 @@ def _step_rows(
             sum_s = max(sum_s, q * q)
             if has_ref:
                 # the same deviation against the levels held when the alert went up
-                # (a wandering column, followed by the fast level, has no held level)
+                base = pred[best] - level[s, c, best] + ref[s, c, best]
+                spread_r = math.sqrt(ref_err[s, c, best] + fl) * (1.0 + young / n_eff)
                 if best == 0:
-                    base = pred[0]
-                    spread_r = spread
-                else:
-                    base = pred[best] - level[s, c, best] + ref[s, c, best]
-                    spread_r = math.sqrt(ref_err[s, c, best] + fl) * (1.0 + young / n_eff)
+                    # a wandering column may wander from where it was, as a random walk
+                    spread_r *= math.sqrt(1.0 + wander * act_rows[s])
                 zr = min(max((v - base) / spread_r, -_MAX_Z), _MAX_Z)
                 ref_i = max(ref_i, zr * zr)
                 zrc = min(max(zr, -clip), clip)

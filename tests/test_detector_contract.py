@@ -26,7 +26,7 @@ Factory = Callable[[], StreamDetector]
 DETECTORS: dict[str, Factory] = {
     "stream-default": lambda: StreamDetector(StreamConfig(min_rows=WARMUP)),
     "stream-smooth30": lambda: StreamDetector(
-        StreamConfig(min_rows=WARMUP, alpha=1e-3, smooth_span=30.0, calm_rows=20, settle_rows=800)
+        StreamConfig(min_rows=WARMUP, alpha=1e-3, smooth_span=30.0, settle_rows=800)
     ),
 }
 
