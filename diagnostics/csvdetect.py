@@ -32,7 +32,11 @@ What the file may look like:
   columns are ignored with a warning. Empty cells and ``NaN``/``NA``/``null`` are missing
   values; a later cell that is not a number is also taken as missing and counted.
 - Columns already named ``anomaly_score`` or ``anomaly`` (an earlier run's output, or
-  labels) are never watched.
+  labels), or named like labels (``label``, ``is_anomaly``, ``changepoint`` ...), are
+  never watched.
+- Without an ISO time column, a column named like time (``timestamp``, ``time``, ``ts``,
+  ``epoch`` ...) that holds rising plain numbers is read as epoch seconds (milliseconds
+  when they are that large).
 - A column that holds one value only (a constant, or leading zeros) is not scored until
   it changes; one that never changes is reported as not scored.
 """
@@ -69,6 +73,12 @@ OPERATING_POINT: Final = 0.5
 
 _MISSING: Final = frozenset({"", "nan", "na", "n/a", "null", "none", "-"})
 _SNIFF_ROWS: Final = 200
+#: Names of a column read as time when it holds plain numbers (epoch seconds or ms).
+_TIME_NAMES: Final = frozenset(
+    {"timestamp", "time", "datetime", "date", "ts", "epoch", "unix_time", "time_s", "t_s"}
+)
+#: Names of label columns: never watched (a detector must not read the answers).
+_LABEL_NAMES: Final = frozenset({"label", "labels", "is_anomaly", "changepoint", "anomaly_label"})
 _PROGRESS_EVERY: Final = 10_000
 _CHUNK_ROWS: Final = 4096
 
@@ -113,6 +123,7 @@ class _Layout:
     not_numeric: tuple[str, ...]
     output_named: tuple[str, ...]
     time_is_numeric: bool
+    time_scale: float = 1.0  # seconds per unit of a numeric time column
 
 
 class _LineTracker:
@@ -267,7 +278,7 @@ def _run(
         _LOG.warning("ignoring columns that are not numeric: %s", ", ".join(layout.not_numeric))
     if layout.output_named:
         _LOG.warning(
-            "not watching columns named like the output (labels or an earlier run): %s",
+            "not watching columns named like the output or labels: %s",
             ", ".join(layout.output_named),
         )
     time_name = None if layout.time_index is None else header[layout.time_index]
@@ -342,7 +353,7 @@ def _score_chunk(
             if stamp is None:
                 count.bad_times += 1
             else:
-                stamps[r] = stamp
+                stamps[r] = stamp * layout.time_scale
         for j, index in enumerate(layout.value_indices):
             value = _parse_number(fields[index], sep)
             if value is None:
@@ -496,13 +507,17 @@ def _layout(
             if all(cells) and all(_parse_time(cell, numeric=False) is not None for cell in cells):
                 time_index = index
                 break
+    time_scale = 1.0
+    if time_index is None and timestamp_column is None:
+        time_index, time_scale = _numeric_time(names, sample, sep)
+        time_is_numeric = time_index is not None
     values: list[int] = []
     ignored: list[str] = []
     output_named: list[str] = []
     for index, name in enumerate(names):
         if index == time_index:
             continue
-        if name in OUTPUT_COLUMNS:
+        if name in OUTPUT_COLUMNS or name.lower() in _LABEL_NAMES:
             output_named.append(name)
             continue
         cells = [row[index] for row in sample]
@@ -514,7 +529,26 @@ def _layout(
             ignored.append(name)
     if not values:
         raise ConfigError(f"{path} has no numeric column to watch (columns: {', '.join(names)})")
-    return _Layout(time_index, tuple(values), tuple(ignored), tuple(output_named), time_is_numeric)
+    return _Layout(
+        time_index, tuple(values), tuple(ignored), tuple(output_named), time_is_numeric, time_scale
+    )
+
+
+def _numeric_time(names: list[str], sample: list[list[str]], sep: str) -> tuple[int | None, float]:
+    """A column named like time holding rising numbers: epoch seconds or milliseconds."""
+    for index, name in enumerate(names):
+        if name.lower() not in _TIME_NAMES:
+            continue
+        parsed = [_parse_number(row[index], sep) for row in sample]
+        numbers = np.asarray([math.nan if v is None else v for v in parsed], dtype=np.float64)
+        if not numbers.size or not np.isfinite(numbers).all():
+            continue
+        steps = np.diff(numbers)
+        if steps.size and np.mean(steps >= 0) < 0.9:
+            continue  # not a clock
+        scale = 0.001 if float(np.median(np.abs(numbers))) > 1e11 else 1.0
+        return index, scale
+    return None, 1.0
 
 
 def _parse_number(cell: str, sep: str) -> float | None:

@@ -235,3 +235,34 @@ def test_unknown_timestamp_column_and_ragged_rows(
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("a,b\n1,2\n3\n")
     assert "line 3: 1 fields where the header has 2" in refusal(capsys, str(ragged))
+
+
+@pytest.mark.parametrize("unit", [1, 1000])
+def test_a_numeric_time_column_named_like_time_is_read_as_epoch(tmp_path: Path, unit: int) -> None:
+    rng = np.random.default_rng(5)
+    lines = ["timestamp,value,label"]
+    for i in range(400):
+        value = 10.0 + rng.normal(0, 0.5) + (8.0 if i == 300 else 0.0)
+        lines.append(f"{(1_700_000_000 + 300 * i) * unit},{value:.3f},{int(i == 300)}")
+    source = tmp_path / "epoch.csv"
+    source.write_text("\n".join(lines) + "\n")
+    sink = io.StringIO()
+    summary = detect_csv(source, sink)
+    assert summary.timestamp_column == "timestamp"
+    assert summary.columns == ("value",)  # the label column is never watched
+    assert "label" in summary.ignored
+    assert summary.gaps == 0  # steps of 300 s either way, so no gap is seen
+    flags = [int(row[-1]) for row in read_output(sink.getvalue())[1]]
+    assert flags[300] == 1
+
+
+def test_epoch_milliseconds_are_read_as_seconds() -> None:
+    from diagnostics.csvdetect import _numeric_time
+
+    sample = [[str(1_700_000_000_000 + 300_000 * i), "1.0"] for i in range(50)]
+    assert _numeric_time(["ts", "value"], sample, ",") == (0, 0.001)
+    seconds = [[str(1_700_000_000 + 300 * i), "1.0"] for i in range(50)]
+    assert _numeric_time(["ts", "value"], seconds, ",") == (0, 1.0)
+    assert _numeric_time(["reading", "value"], seconds, ",") == (None, 1.0)  # not named so
+    shuffled = [[str(v), "1.0"] for v in np.random.default_rng(1).permutation(50)]
+    assert _numeric_time(["ts", "value"], shuffled, ",") == (None, 1.0)  # not a clock
