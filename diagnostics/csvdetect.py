@@ -422,7 +422,8 @@ def surprise(score: npt.NDArray[np.float64], alpha: float) -> npt.NDArray[np.flo
         The scores on the log scale ``fixloop detect`` writes.
     """
     tail = np.clip(1.0 - score, 1e-300, 1.0)
-    result: npt.NDArray[np.float64] = np.clip(np.log(tail) / (2.0 * math.log(alpha)), 0.0, 1.0)
+    scaled = np.log(tail) / (2.0 * math.log(alpha))
+    result: npt.NDArray[np.float64] = np.clip(scaled, 0.0, 1.0) + 0.0  # no "-0.000000"
     return result
 
 

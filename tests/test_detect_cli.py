@@ -96,6 +96,7 @@ def test_the_score_column_is_the_tail_probability_on_a_log_scale() -> None:
     alpha = 1e-3
     tails = np.array([1.0, 0.1, alpha, alpha**2, 1e-300])
     np.testing.assert_allclose(surprise(1.0 - tails, alpha), [0.0, 1 / 6, 0.5, 1.0, 1.0])
+    assert f"{surprise(np.zeros(1), alpha)[0]:.6f}" == "0.000000"  # never "-0.000000"
 
 
 def test_semicolons_and_decimal_commas(tmp_path: Path) -> None:
