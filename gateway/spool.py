@@ -14,7 +14,10 @@ On disk, a spool is one directory:
   starts once a record would take the current one past ``segment_bytes``.
 * ``cursor``: the read position (segment number, offset) and its CRC-32, replaced
   atomically (write, sync, rename) by every :meth:`Spool.pop`. Segments before the
-  cursor are deleted once the cursor has moved past them.
+  cursor are deleted once the cursor has moved past them. Replayed space is reclaimed
+  in the active segment too (issue 13): when the spool empties, or once a quarter of
+  ``segment_bytes`` of the segment being written has been read, the next record goes to
+  a new segment, so the read part can be deleted.
 * ``lock``: an exclusive ``flock`` so that two processes never share one spool.
 
 Recovery on open: every pending record is read and its CRC checked (so opening a large
@@ -68,8 +71,8 @@ class Spool:
         directory: where the spool lives; created if missing.
         segment_bytes: start a new segment once a record would take the current one past
             this size.
-        max_bytes: most pending bytes (records with their headers); appends beyond it
-            raise :class:`StoreUnavailableError`.
+        max_bytes: most bytes of segment files on disk (pending records, and read ones
+            not yet reclaimed); appends beyond it raise :class:`StoreUnavailableError`.
         fsync: sync data (``fdatasync``) and directory changes before returning, so
             acknowledged batches survive a power loss; without it they survive a crash of
             the process only.
@@ -295,6 +298,11 @@ class Spool:
         """Bytes of pending records on disk, headers included."""
         return self._pending
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of segment files on disk: what ``max_bytes`` bounds."""
+        return sum(self._sizes.values())
+
     def __len__(self) -> int:
         """Number of pending batches."""
         return self._count
@@ -315,13 +323,25 @@ class Spool:
         record = _HEADER.pack(len(batch), zlib.crc32(batch)) + batch
         with self._lock:
             self._check_open()
-            if self._pending + len(record) > self._max_bytes:
+            used = sum(self._sizes.values())
+            if used + len(record) > self._max_bytes:
                 raise StoreUnavailableError(
-                    f"spool full: {self._pending} bytes pending, limit {self._max_bytes}"
+                    f"spool full: {used} bytes on disk ({self._pending} pending), "
+                    f"limit {self._max_bytes}"
                 )
             try:
                 size = self._sizes[self._write_segment]
-                if self._roll_next or (size and size + len(record) > self._segment_bytes):
+                # The reader is in this segment and has read a good part of it: start a
+                # new one so the read part can be deleted once the reader leaves it.
+                reclaim = (
+                    self._read_segment == self._write_segment
+                    and self._read_offset * 4 >= self._segment_bytes
+                )
+                if (
+                    self._roll_next
+                    or reclaim
+                    or (size and size + len(record) > self._segment_bytes)
+                ):
                     self._roll()
                     size = 0
                 self._write_all(record, size)
@@ -404,10 +424,23 @@ class Spool:
             self._count -= 1
             self._pending -= length
             try:
+                if not self._count and self._read_offset:
+                    self._reset_empty()
                 self._drop_consumed()
             except OSError as exc:  # the next open deletes it; nothing is lost
-                _LOG.warning("spool %s: could not delete a read segment: %s", self._dir, exc)
+                _LOG.warning("spool %s: could not reclaim read segments: %s", self._dir, exc)
             return data
+
+    def _reset_empty(self) -> None:
+        """Everything is read: continue in a fresh segment so the old one can go.
+
+        Crash-safe in this order: the new segment exists (directory synced) before the
+        cursor points at it, and the old one is deleted only after.
+        """
+        self._roll()
+        self._read_segment, self._read_offset = self._write_segment, 0
+        self._head = None
+        self._save_cursor()
 
     def _read_head(self) -> tuple[int, bytes] | None:
         """Read the record at the cursor: (record length with header, data).

@@ -134,12 +134,15 @@ def test_segments_roll_and_are_deleted_when_read(tmp_path: Path) -> None:
     with Spool(directory, segment_bytes=3 * record) as spool:
         assert len(spool) == 6
         assert drain(spool) == [batch(i) for i in range(4, 10)]
-        assert [p.name for p in segments(directory)] == ["00000004.seg"]
+        # Emptied, the spool continues in a fresh segment and the read one is deleted.
+        assert [p.name for p in segments(directory)] == ["00000005.seg"]
+        assert segments(directory)[0].stat().st_size == 0
+        assert spool.disk_bytes == 0
         for i in (10, 11, 12):
             spool.append(batch(i))
-        assert [p.name for p in segments(directory)] == ["00000004.seg", "00000005.seg"]
-        assert drain(spool) == [batch(10), batch(11), batch(12)]
         assert [p.name for p in segments(directory)] == ["00000005.seg"]
+        assert drain(spool) == [batch(10), batch(11), batch(12)]
+        assert [p.name for p in segments(directory)] == ["00000006.seg"]
 
 
 def test_oversized_batch_gets_a_segment_of_its_own(tmp_path: Path) -> None:
@@ -160,8 +163,40 @@ def test_full_spool_refuses_appends(tmp_path: Path) -> None:
             spool.append(batch(3))
         assert len(spool) == 3
         spool.pop()
+        with pytest.raises(StoreUnavailableError, match="spool full"):
+            spool.append(batch(3))  # the read record is still on disk
+        assert drain(spool) == [batch(1), batch(2)]
         spool.append(batch(3))
-        assert drain(spool) == [batch(1), batch(2), batch(3)]
+        assert drain(spool) == [batch(3)]
+
+
+def test_read_space_of_the_active_segment_is_reclaimed(tmp_path: Path) -> None:
+    # max_bytes bounds the disk, not the pending bytes: read records count until their
+    # segment is deleted, and the writer moves on once a quarter of a segment is read.
+    record = HEADER + 40
+    with Spool(tmp_path / "spool", segment_bytes=8 * record, max_bytes=10 * record) as spool:
+        for i in range(4):
+            spool.append(batch(i))
+        for i in range(2):
+            assert spool.pop() == batch(i)
+        assert spool.pending_bytes == 2 * record
+        assert spool.disk_bytes == 4 * record
+        spool.append(batch(4))  # a quarter of the segment is read: a new one starts
+        assert len(segments(spool.directory)) == 2
+        assert drain(spool) == [batch(2), batch(3), batch(4)]
+        assert spool.disk_bytes == 0
+        assert len(segments(spool.directory)) == 1
+        for i in range(10):
+            spool.append(batch(i))
+        with pytest.raises(StoreUnavailableError, match="spool full"):
+            spool.append(batch(10))
+        spool.pop()
+        # Read but in a segment still being read from: the disk is still full.
+        with pytest.raises(StoreUnavailableError, match="spool full"):
+            spool.append(batch(10))
+        assert len(drain(spool)) == 9
+        spool.append(batch(10))
+        assert drain(spool) == [batch(10)]
 
 
 def test_unwritable_directory_is_a_config_error(tmp_path: Path) -> None:
