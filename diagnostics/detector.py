@@ -16,8 +16,17 @@ API (for the live engine and any other caller)::
     out.active     # bool[R]: the alert is up (event row, then until re-armed)
     out.deviation  # float[R, C]: signed standardised deviation per column (NaN: unscored)
     out.late       # bool[R]: row older than its slot's last one: scored, nothing learnt
+    out.flags      # int8[R]: ROW_LATE | ROW_REPEATED | ROW_GAP, for counting bad data
     table.add_slots(k) -> range of the new slot indices;  table.reset_slots(slots)
-    pickle.dumps(table)  # the whole state is numpy arrays and a frozen config
+    table.active(slot), table.rows_seen(slot), table.scored_columns(slot)
+    table.predictors(slot)  # per column: "fast", "slow", "daily" or "weekly"
+    table.threshold         # 1 - alpha: score at or above it is an event when armed
+    table.state_bytes()     # about 2 kB per column and 1 kB per slot
+    pickle.dumps(table)     # the whole state is numpy arrays and a frozen config
+
+An event (``out.event``) is what should open a case: a generic "unusual behaviour" with
+``out.deviation`` as its evidence (which columns, how far, which sign). ``out.active``
+stays up until the slot re-arms; no further event comes from that slot meanwhile.
 
 ``t_s`` is seconds (any epoch); NaN means "no timestamp": a slot whose first row has none
 counts rows instead, and its cycles are looked for in rows (:attr:`DetectorConfig.row_periods`).
