@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,40 @@ __all__ = ["main"]
 _LOG = logging.getLogger("fixloop")
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 (got {text})")
+    return value
+
+
+def _speed(text: str) -> str:
+    if text == "max":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"must be simulated seconds per real second above 0 (like 60), or 'max' (got {text})"
+        )
+    return text
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number above 0 (got {text})")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fixloop",
@@ -44,11 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     up = commands.add_parser(
         "up", help="start a local broker, InfluxDB, the gateway and a simulated fleet"
     )
-    up.add_argument("--devices", type=int, help="simulated devices (default from settings)")
-    up.add_argument("--speed", help="simulated seconds per real second, or 'max'")
+    up.add_argument("--devices", type=_count, help="simulated devices (default from settings)")
+    up.add_argument("--speed", type=_speed, help="simulated seconds per real second, or 'max'")
     up.add_argument("--data-dir", type=Path, help="where the stack keeps its data")
     up.add_argument(
-        "--for", dest="run_for_s", type=float, help="stop after this many seconds (default: Ctrl-C)"
+        "--for",
+        dest="run_for_s",
+        type=_positive_seconds,
+        help="stop after this many seconds (default: Ctrl-C)",
     )
 
     commands.add_parser(
@@ -76,9 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("files", type=Path, nargs="+", metavar="FILE", help="a product file")
 
     sim = commands.add_parser("sim", help="run a simulated fleet against the configured broker")
-    sim.add_argument("--devices", type=int, help="number of devices")
-    sim.add_argument("--speed", help="simulated seconds per real second, or 'max'")
-    sim.add_argument("--duration", type=float, help="simulated seconds to run (default: forever)")
+    sim.add_argument("--devices", type=_count, help="number of devices")
+    sim.add_argument("--speed", type=_speed, help="simulated seconds per real second, or 'max'")
+    sim.add_argument(
+        "--duration", type=_positive_seconds, help="simulated seconds to run (default: forever)"
+    )
     sim.add_argument("--ground-truth", type=Path, help="write the injected faults to this CSV")
 
     detect = commands.add_parser(

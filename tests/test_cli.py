@@ -102,6 +102,25 @@ def test_a_wrong_setting_is_one_clear_line() -> None:
     assert "FIXLOOP_SIM__DEVICES" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (("up", "--for", "-1"), "--for"),
+        (("up", "--for", "nan"), "--for"),
+        (("up", "--speed", "fast"), "--speed"),
+        (("up", "--speed", "0"), "--speed"),
+        (("up", "--devices", "0"), "--devices"),
+        (("sim", "--duration", "-5"), "--duration"),
+    ],
+)
+def test_a_bad_flag_is_named_not_blamed_on_a_setting(args: tuple[str, ...], names: str) -> None:
+    proc = fixloop(*args)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert f"argument {names}:" in err
+    assert "FIXLOOP_" not in err
+
+
 def test_an_unknown_setting_is_refused() -> None:
     proc = fixloop("gateway", env={"FIXLOOP_GATEWAY__BATCH_SIZE": "10"})
     _, err = proc.communicate(timeout=30)
