@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import logging
+import os
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -33,6 +35,7 @@ from fixloop.config import ensure_fleet_secret
 from fixloop.demo import SimulatedPeople, demo_faults, seed_people
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from gateway.errors import ConfigError
 from gateway.influx import InfluxClient
 from gateway.protocol.credentials import derive
 from gateway.service import Gateway
@@ -142,6 +145,35 @@ async def _report(
         )
 
 
+@contextlib.contextmanager
+def _folder_lock(data_dir: Path) -> Iterator[None]:
+    """Hold the data folder for this process (released by the kernel if it is killed).
+
+    Raises:
+        ConfigError: another live `fixloop up` holds it.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "fixloop.lock"
+    with path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ConfigError(
+                f"another fixloop up is running on {data_dir} (pid {holder}): stop it first, "
+                "or give this one its own --data-dir"
+            ) from exc
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     """Run broker, InfluxDB, gateway and simulated fleet until ``stop`` is set.
 
@@ -193,6 +225,9 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     )
 
     async with contextlib.AsyncExitStack() as servers:
+        # One stack per data folder: a second `fixloop up` on it would start a second
+        # broker and InfluxDB on the same files (and stop the first's as left behind)
+        servers.enter_context(_folder_lock(data_dir))
         # Sinks first: the servers, then the gateway, then the fleet (the source).
         _LOG.info("starting mosquitto and influxd in %s", data_dir)
         await asyncio.to_thread(broker.start)

@@ -10,8 +10,10 @@ stop processes and wait for them, which is what fixtures and the command line ne
 from __future__ import annotations
 
 import base64
+import contextlib
 import getpass
 import json
+import logging
 import os
 import shutil
 import signal
@@ -27,6 +29,7 @@ from types import TracebackType
 from typing import IO, Any, Final, Self
 
 from fixloop.broker import (
+    DEFAULT_AUTOSAVE_INTERVAL_S,
     DEFAULT_MAX_QUEUED_MESSAGES,
     Listener,
     device_credentials,
@@ -40,6 +43,7 @@ __all__ = ["InfluxdServer", "MosquittoServer", "free_port"]
 
 LOOPBACK: Final = "127.0.0.1"
 _POLL_S: Final = 0.02
+_LOG = logging.getLogger(__name__)
 _LOG_TAIL_LINES: Final = 15
 # Debian installs mosquitto in /usr/sbin, which a non-root PATH often lacks.
 _EXTRA_BIN_DIRS: Final = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -95,6 +99,35 @@ class _Server:
         return self.root / f"{self.name}.log"
 
     @property
+    def pid_path(self) -> Path:
+        """File holding the pid of the server this folder's last start spawned."""
+        return self.root / f"{self.name}.pid"
+
+    def _stop_leftover(self) -> None:
+        """Stop a server an earlier run of this folder left behind (that run was killed).
+
+        Only a live process whose command line names this folder is stopped, so a reused
+        pid of another program is left alone.
+        """
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if str(self.root).encode() not in cmdline or pid == os.getpid():
+            return
+        _LOG.warning(
+            "stopping a %s left behind by an earlier run on %s (pid %d)", self.name, self.root, pid
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(_POLL_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    @property
     def running(self) -> bool:
         """Whether the server process is alive."""
         return self._proc is not None and self._proc.poll() is None
@@ -139,11 +172,13 @@ class _Server:
         if self.running:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
+        self._stop_leftover()
         self._prepare()
         command = self._command()
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self._proc = self._spawn(command, log)
+        self.pid_path.write_text(f"{self._proc.pid}\n")
         deadline = time.monotonic() + self.startup_timeout_s
         # Alive first, then ready: a foreign server that grabbed our port in the meantime
         # must not pass for ours.
@@ -245,7 +280,7 @@ class MosquittoServer(_Server):
         bind_address: str = LOOPBACK,
         max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
         persistence: bool = True,
-        autosave_interval_s: int = 60,
+        autosave_interval_s: int = DEFAULT_AUTOSAVE_INTERVAL_S,
         connection_messages: bool = True,
         binary: str | None = None,
         startup_timeout_s: float = 10.0,

@@ -165,3 +165,14 @@ def test_sim_without_a_fleet_secret_says_so(mosquitto: MosquittoServer) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2
     assert "sim.fleet_secret" in err.strip().splitlines()[-1]
+
+
+def test_one_stack_per_data_folder(tmp_path: Path) -> None:
+    from fixloop.local import _folder_lock
+    from gateway.errors import ConfigError
+
+    busy = pytest.raises(ConfigError, match=r"another fixloop up is running .* \(pid \d+\)")
+    with _folder_lock(tmp_path), busy, _folder_lock(tmp_path):
+        pass
+    with _folder_lock(tmp_path):  # released with its holder
+        pass

@@ -535,3 +535,36 @@ def test_clients_are_installed() -> None:
     # The ACL checks above rely on these; a missing one must fail, never skip.
     for name in ("mosquitto_pub", "mosquitto_sub", "mosquitto_passwd", "stdbuf"):
         assert shutil.which(name), name
+
+
+def test_a_server_left_behind_by_a_killed_run_is_stopped_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    first = MosquittoServer(tmp_path / "broker", port=free_port()).start()
+    orphan = first._proc
+    assert orphan is not None
+    first._proc = None  # the run that started it was killed: nobody will stop it
+    try:
+        second = MosquittoServer(tmp_path / "broker", port=free_port()).start()
+        try:
+            assert orphan.wait(timeout=15) is not None
+            assert second.running
+            assert (tmp_path / "broker" / "mosquitto.pid").read_text().strip() == str(second.pid)
+        finally:
+            second.stop()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def test_a_process_of_another_folder_is_left_alone(tmp_path: Path) -> None:
+    other = MosquittoServer(tmp_path / "other", port=free_port()).start()
+    try:
+        (tmp_path / "broker").mkdir()
+        (tmp_path / "broker" / "mosquitto.pid").write_text(f"{other.pid}\n")
+        mine = MosquittoServer(tmp_path / "broker", port=free_port()).start()
+        mine.stop()
+        assert other.running
+    finally:
+        other.stop()
