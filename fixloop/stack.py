@@ -117,7 +117,7 @@ class _Server:
         if str(self.root).encode() not in cmdline or pid == os.getpid():
             return
         _LOG.warning(
-            "stopping a %s left behind by an earlier run on %s (pid %d)", self.name, self.root, pid
+            "stopping the %s an earlier run left behind on %s (pid %d)", self.name, self.root, pid
         )
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
