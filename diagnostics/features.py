@@ -9,9 +9,10 @@ feature is ``NaN`` when the reading does not show it (its ``when`` condition is 
 Metrics no product file describes (every metric of a model without a file) are features
 of their own, appended as they are first seen (:meth:`FeatureSpec.with_metrics`).
 
-:class:`FeatureProgram` evaluates a product's checked expressions
-(:mod:`diagnostics.expressions`) as whole-column numpy operations over a batch of
-readings; nothing from a file is ever run as Python code.
+:class:`FeatureProgram` turns a product's checked expressions
+(:mod:`diagnostics.expressions`) into register instructions that one compiled loop
+(:func:`diagnostics.kernels.feature_rows`) runs over a batch of readings; nothing from a
+file is ever run as Python code.
 
 :class:`FeatureTable` keeps, per device and feature, an exponentially weighted level,
 spread and linear trend (per day, weighted by the time each step covers), so memory is O(1) per
@@ -23,17 +24,16 @@ loop in :meth:`FeatureTable.advance` (:mod:`diagnostics.kernels`).
 from __future__ import annotations
 
 import ast
-import functools
 import math
-import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from diagnostics.expressions import STATUS, Checked
+from diagnostics import kernels
+from diagnostics.expressions import STATUS
 from diagnostics.kernels import advance_rows
 from diagnostics.product import GenericScoring, Product, builtin_products
 from gateway.errors import ConfigError
@@ -83,291 +83,143 @@ class FeatureDef:
     generic: bool = False
 
 
-Env = dict[str, Any]
-_Fn = Callable[[Env], Any]
-
-_BINARY: Final[Mapping[type[ast.operator], Callable[[Any, Any], Any]]] = {
-    ast.Add: np.add,
-    ast.Sub: np.subtract,
-    ast.Mult: np.multiply,
-    ast.Div: np.divide,
+_BINARY: Final[Mapping[type[ast.AST], int]] = {
+    ast.Add: kernels.OP_ADD,
+    ast.Sub: kernels.OP_SUB,
+    ast.Mult: kernels.OP_MUL,
+    ast.Div: kernels.OP_DIV,
+    ast.Lt: kernels.OP_LT,
+    ast.LtE: kernels.OP_LE,
+    ast.Gt: kernels.OP_GT,
+    ast.GtE: kernels.OP_GE,
+    ast.Eq: kernels.OP_EQ,
+    ast.NotEq: kernels.OP_NE,
 }
-_COMPARE: Final[Mapping[type[ast.cmpop], Callable[[Any, Any], Any]]] = {
-    ast.Lt: np.less,
-    ast.LtE: np.less_equal,
-    ast.Gt: np.greater,
-    ast.GtE: np.greater_equal,
-    ast.Eq: np.equal,
-    ast.NotEq: np.not_equal,
-}
-_CALLS: Final[Mapping[str, Callable[..., Any]]] = {
-    "abs": np.abs,
-    "sqrt": np.sqrt,
-    "exp": np.exp,
-    "log": np.log,
+_UNARY_CALLS: Final[Mapping[str, int]] = {
+    "abs": kernels.OP_ABS,
+    "sqrt": kernels.OP_SQRT,
+    "exp": kernels.OP_EXP,
+    "log": kernels.OP_LOG,
 }
 
 
-def _compile(node: ast.expr, constants: Mapping[str, float]) -> _Fn:
-    """Turn a checked expression tree into a function of the batch's columns.
+class _Assembler:
+    """Turns checked expression trees into register instructions (private).
 
-    Only the node types :mod:`diagnostics.expressions` accepts reach here; each becomes a
-    numpy call on whole columns (``NaN`` compares false, as in the readings themselves).
+    Every node gets a register of its own; a condition is 1.0 or 0.0. Only the node
+    types :mod:`diagnostics.expressions` accepts reach here.
     """
-    if isinstance(node, ast.Constant):
-        value = node.value
-        return lambda env: value
-    if isinstance(node, ast.Name):
-        name = node.id
-        if name in constants:
-            number = constants[name]
-            return lambda env: number
-        return lambda env: env[name]
-    if isinstance(node, ast.UnaryOp):
-        operand = _compile(node.operand, constants)
-        if isinstance(node.op, ast.Not):
-            return lambda env: np.logical_not(operand(env))
-        if isinstance(node.op, ast.USub):
-            return lambda env: np.negative(operand(env))
-        return operand
-    if isinstance(node, ast.BinOp):
-        left = _compile(node.left, constants)
-        if isinstance(node.op, ast.Pow):
-            exponent = float(ast.literal_eval(node.right))
-            return lambda env: np.power(left(env), exponent)
-        right = _compile(node.right, constants)
-        op = _BINARY[type(node.op)]
-        return lambda env: op(left(env), right(env))
-    if isinstance(node, ast.BoolOp):
-        parts = [_compile(v, constants) for v in node.values]
-        combine = np.logical_and if isinstance(node.op, ast.And) else np.logical_or
-        return lambda env: functools.reduce(combine, [p(env) for p in parts])
-    if isinstance(node, ast.Compare):
-        return _compile_compare(node, constants)
-    if isinstance(node, ast.Call):
-        assert isinstance(node.func, ast.Name)
-        args = [_compile(a, constants) for a in node.args]
-        name = node.func.id
-        if name in ("min", "max"):
-            pair = np.minimum if name == "min" else np.maximum
-            return lambda env: functools.reduce(pair, [a(env) for a in args])
-        fn = _CALLS[name]
-        (arg,) = args
-        return lambda env: fn(arg(env))
-    raise TypeError(f"unchecked expression node {type(node).__name__}")  # pragma: no cover
 
+    def __init__(self, product: Product | None) -> None:
+        self.code: list[tuple[int, int, int, int]] = []
+        self.consts: list[float] = []
+        self.columns: dict[str, int] = {}
+        self.words: dict[str, int] = {}
+        self.names: dict[str, int] = {}  # states already computed, by register
+        self.registers = 0
+        self.constants = (
+            {} if product is None else {c.name: c.value for c in product.constants.values()}
+        )
+        self.bools = (
+            frozenset()
+            if product is None
+            else frozenset(m.name for m in product.metrics.values() if m.is_bool)
+        )
 
-def _member(left: _Fn, words: list[str], negate: bool) -> _Fn:
-    def member(env: Env) -> Any:
-        column = left(env)
-        found = functools.reduce(np.logical_or, [column == w for w in words])
-        return np.logical_not(found) if negate else found
+    def emit(self, op: int, a: int = 0, b: int = 0) -> int:
+        dst = self.registers
+        self.registers += 1
+        self.code.append((op, dst, a, b))
+        return dst
 
-    return member
+    def column(self, metric: str) -> int:
+        return self.columns.setdefault(metric, len(self.columns))
 
+    def const(self, value: float) -> int:
+        self.consts.append(float(value))
+        return len(self.consts) - 1
 
-def _comparison(compare: Callable[[Any, Any], Any], left: _Fn, right: _Fn) -> _Fn:
-    return lambda env: compare(left(env), right(env))
+    def word(self, word: str) -> int:
+        return self.words.setdefault(word, len(self.words))
 
+    def node(self, node: ast.expr) -> int:
+        if isinstance(node, ast.Constant):
+            assert isinstance(node.value, int | float)
+            return self.emit(kernels.OP_CONST, self.const(node.value))
+        if isinstance(node, ast.Name):
+            name = node.id
+            if name in self.names:
+                return self.names[name]
+            if name in self.constants:
+                return self.emit(kernels.OP_CONST, self.const(self.constants[name]))
+            op = kernels.OP_TRUTH if name in self.bools else kernels.OP_METRIC
+            return self.emit(op, self.column(name))
+        if isinstance(node, ast.UnaryOp):
+            operand = self.node(node.operand)
+            if isinstance(node.op, ast.Not):
+                return self.emit(kernels.OP_NOT, operand)
+            if isinstance(node.op, ast.USub):
+                return self.emit(kernels.OP_NEG, operand)
+            return operand
+        if isinstance(node, ast.BinOp):
+            left = self.node(node.left)
+            if isinstance(node.op, ast.Pow):
+                exponent = float(ast.literal_eval(node.right))
+                return self.emit(kernels.OP_POW, left, self.const(exponent))
+            return self.emit(_BINARY[type(node.op)], left, self.node(node.right))
+        if isinstance(node, ast.BoolOp):
+            op = kernels.OP_AND if isinstance(node.op, ast.And) else kernels.OP_OR
+            return self.chain(op, [self.node(v) for v in node.values])
+        if isinstance(node, ast.Compare):
+            return self.compare(node)
+        if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
+            args = [self.node(a) for a in node.args]
+            name = node.func.id
+            if name in ("min", "max"):
+                return self.chain(kernels.OP_MIN if name == "min" else kernels.OP_MAX, args)
+            return self.emit(_UNARY_CALLS[name], args[0])
+        raise TypeError(f"unchecked expression node {type(node).__name__}")  # pragma: no cover
 
-def _compile_compare(node: ast.Compare, constants: Mapping[str, float]) -> _Fn:
-    operands = [node.left, *node.comparators]
-    tests: list[_Fn] = []
-    for op, a, b in zip(node.ops, operands[:-1], operands[1:], strict=True):
-        left = _compile(a, constants)
-        if isinstance(op, ast.In | ast.NotIn):
-            assert isinstance(b, ast.Tuple | ast.List)
-            words = [str(ast.literal_eval(item)) for item in b.elts]
-            negate = isinstance(op, ast.NotIn)
+    def chain(self, op: int, registers: list[int]) -> int:
+        result = registers[0]
+        for other in registers[1:]:
+            result = self.emit(op, result, other)
+        return result
 
-            tests.append(_member(left, words, negate))
-            continue
-        tests.append(_comparison(_COMPARE[type(op)], left, _compile(b, constants)))
-    if len(tests) == 1:
-        return tests[0]
-    return lambda env: functools.reduce(np.logical_and, [t(env) for t in tests])
-
-
-# -- the same expressions on one reading's numbers (small rounds) -----------------------
-
-
-def _divide(a: float, b: float) -> float:
-    try:
-        return a / b
-    except ZeroDivisionError:
-        if a != a or a == 0.0:
-            return _NAN
-        return math.copysign(math.inf, a) * math.copysign(1.0, b)
-
-
-def _power(a: float, b: float) -> float:
-    try:
-        value = a**b
-    except OverflowError:
-        return math.inf
-    except ZeroDivisionError:
-        return math.inf
-    return _NAN if isinstance(value, complex) else value
-
-
-def _fold(pick: Callable[..., float]) -> Callable[..., float]:
-    def fold(*values: float) -> float:
-        # numpy's minimum/maximum: any NaN wins
-        return _NAN if any(v != v for v in values) else pick(values)
-
-    return fold
-
-
-def _guarded(fn: Callable[[float], float], bad: float) -> Callable[[float], float]:
-    def call(value: float) -> float:
-        try:
-            return fn(value)
-        except OverflowError:
-            return math.inf
-        except ValueError:
-            return bad if value == 0.0 else _NAN
-
-    return call
-
-
-_SCALAR_BINARY: Final[Mapping[type[ast.operator], Callable[[Any, Any], Any]]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: _divide,
-}
-_SCALAR_COMPARE: Final[Mapping[type[ast.cmpop], Callable[[Any, Any], bool]]] = {
-    ast.Lt: operator.lt,
-    ast.LtE: operator.le,
-    ast.Gt: operator.gt,
-    ast.GtE: operator.ge,
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
-}
-_SCALAR_CALLS: Final[Mapping[str, Callable[..., float]]] = {
-    "abs": abs,
-    "sqrt": _guarded(math.sqrt, 0.0),
-    "exp": _guarded(math.exp, 1.0),
-    "log": _guarded(math.log, -math.inf),
-    "min": _fold(min),
-    "max": _fold(max),
-}
-
-
-def _compile_scalar(node: ast.expr, constants: Mapping[str, float]) -> _Fn:
-    """The scalar twin of :func:`_compile`: the same arithmetic on one reading's numbers.
-
-    IEEE float64 like numpy, with numpy's answers where Python would raise (division by
-    zero, overflow) or differ (a NaN in ``min``/``max``), so both give the same rows.
-    Common shapes (a name, a constant operand, two or three conditions) get their own
-    small functions: a round of a few readings is mostly these calls.
-    """
-    if isinstance(node, ast.Constant):
-        value = node.value
-        return lambda env: value
-    if isinstance(node, ast.Name):
-        name = node.id
-        if name in constants:
-            number = constants[name]
-            return lambda env: number
-        return cast("_Fn", operator.itemgetter(name))
-    if isinstance(node, ast.UnaryOp):
-        operand = _compile_scalar(node.operand, constants)
-        if isinstance(node.op, ast.Not):
-            return lambda env: not operand(env)
-        if isinstance(node.op, ast.USub):
-            return lambda env: -operand(env)
-        return operand
-    if isinstance(node, ast.BinOp):
-        left = _compile_scalar(node.left, constants)
-        if isinstance(node.op, ast.Pow):
-            exponent = float(ast.literal_eval(node.right))
-            return lambda env: _power(left(env), exponent)
-        op = _SCALAR_BINARY[type(node.op)]
-        return _binary(op, left, node.right, constants)
-    if isinstance(node, ast.BoolOp):
-        parts = [_compile_scalar(v, constants) for v in node.values]
-        return _both(parts) if isinstance(node.op, ast.And) else _either(parts)
-    if isinstance(node, ast.Compare):
+    def compare(self, node: ast.Compare) -> int:
         operands = [node.left, *node.comparators]
-        tests: list[_Fn] = []
+        tests: list[int] = []
         for cmp, a, b in zip(node.ops, operands[:-1], operands[1:], strict=True):
-            first = _compile_scalar(a, constants)
-            if isinstance(cmp, ast.In | ast.NotIn):
-                assert isinstance(b, ast.Tuple | ast.List)
-                words = frozenset(str(ast.literal_eval(item)) for item in b.elts)
-                tests.append(_scalar_member(first, words, isinstance(cmp, ast.NotIn)))
+            if isinstance(a, ast.Name) and a.id == STATUS:
+                tests.append(self.status_test(cmp, b))
                 continue
-            tests.append(_binary(_SCALAR_COMPARE[type(cmp)], first, b, constants))
-        return _both(tests)
-    if isinstance(node, ast.Call):
-        assert isinstance(node.func, ast.Name)
-        args = [_compile_scalar(a, constants) for a in node.args]
-        fn = _SCALAR_CALLS[node.func.id]
-        if len(args) == 1:
-            (arg,) = args
-            return lambda env: fn(arg(env))
-        if len(args) == 2:
-            pair = _min2 if node.func.id == "min" else _max2
-            first, second = args
-            return lambda env: pair(first(env), second(env))
-        return lambda env: fn(*(a(env) for a in args))
-    raise TypeError(f"unchecked expression node {type(node).__name__}")  # pragma: no cover
+            if isinstance(b, ast.Name) and b.id == STATUS:
+                tests.append(self.status_test(cmp, a))
+                continue
+            tests.append(self.emit(_BINARY[type(cmp)], self.node(a), self.node(b)))
+        return self.chain(kernels.OP_AND, tests)
 
-
-def _min2(a: float, b: float) -> float:
-    return _NAN if a != a or b != b else min(a, b)
-
-
-def _max2(a: float, b: float) -> float:
-    return _NAN if a != a or b != b else max(a, b)
-
-
-def _binary(
-    op: Callable[[Any, Any], Any], left: _Fn, right: ast.expr, constants: Mapping[str, float]
-) -> _Fn:
-    if isinstance(right, ast.Constant):
-        value = right.value
-        return lambda env: op(left(env), value)
-    if isinstance(right, ast.Name) and right.id in constants:
-        number = constants[right.id]
-        return lambda env: op(left(env), number)
-    other = _compile_scalar(right, constants)
-    return lambda env: op(left(env), other(env))
-
-
-def _both(parts: list[_Fn]) -> _Fn:
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        a, b = parts
-        return lambda env: bool(a(env)) and bool(b(env))
-    if len(parts) == 3:
-        a, b, c = parts
-        return lambda env: bool(a(env)) and bool(b(env)) and bool(c(env))
-    return lambda env: all(p(env) for p in parts)
-
-
-def _either(parts: list[_Fn]) -> _Fn:
-    if len(parts) == 2:
-        a, b = parts
-        return lambda env: bool(a(env)) or bool(b(env))
-    return lambda env: any(p(env) for p in parts)
-
-
-def _scalar_member(left: _Fn, words: frozenset[str], negate: bool) -> _Fn:
-    if negate:
-        return lambda env: left(env) not in words
-    return lambda env: left(env) in words
-
-
-#: Rounds smaller than this are computed reading by reading (numpy's fixed cost per call
-#: outweighs its speed on a few rows; tests hold both ways to the same rows).
-_SCALAR_BELOW: Final = 24
+    def status_test(self, cmp: ast.cmpop, other: ast.expr) -> int:
+        if isinstance(other, ast.Tuple | ast.List):
+            words = [str(ast.literal_eval(item)) for item in other.elts]
+        else:
+            words = [str(ast.literal_eval(other))]
+        found = self.chain(
+            kernels.OP_OR, [self.emit(kernels.OP_STATUS, self.word(w)) for w in words]
+        )
+        if isinstance(cmp, ast.NotEq | ast.NotIn):
+            return self.emit(kernels.OP_NOT, found)
+        return found
 
 
 class FeatureProgram:
-    """A product's features as whole-column numpy operations over a batch of readings.
+    """A product's features, run over a batch of readings by one compiled loop.
+
+    The checked expressions of the product file become register instructions
+    (:class:`_Assembler`) that :func:`diagnostics.kernels.feature_rows` runs row by row:
+    nothing from a file is ever run as Python code, and a round of a few readings costs
+    about what a round of many does per reading.
 
     Args:
         product: the product (its checked states and features); ``None`` for none.
@@ -377,50 +229,36 @@ class FeatureProgram:
     def __init__(self, product: Product | None, generic: Sequence[str] = ()) -> None:
         self.product = product
         self.generic = tuple(generic)
-        constants: dict[str, float] = {}
-        self._bools: frozenset[str] = frozenset()
-        self._states: list[tuple[str, _Fn]] = []
-        self._features: list[tuple[_Fn | None, _Fn | None, str | None, bool]] = []
-        self._scalar_states: list[tuple[str, _Fn]] = []
-        self._scalar: list[tuple[_Fn | None, _Fn | None, str | None, bool]] = []
-        used: dict[str, None] = {}
+        asm = _Assembler(product)
+        column = 0
         if product is not None:
-            constants = {c.name: c.value for c in product.constants.values()}
-            self._bools = frozenset(m.name for m in product.metrics.values() if m.is_bool)
-
-            def need(checked: Checked | None) -> _Fn | None:
-                if checked is None:
-                    return None
-                for name in checked.names:
-                    if name in product.metrics:
-                        used.setdefault(name)
-                return _compile(checked.tree, constants)
-
-            def scalar(checked: Checked | None) -> _Fn | None:
-                return None if checked is None else _compile_scalar(checked.tree, constants)
-
             for state in product.states:
-                fn = need(state.condition)
-                one = scalar(state.condition)
-                assert fn is not None
-                assert one is not None
-                self._states.append((state.name, fn))
-                self._scalar_states.append((state.name, one))
+                asm.names[state.name] = asm.node(state.condition.tree)
             for feature in product.features:
                 if feature.repeat is not None:
-                    used.setdefault(feature.repeat)
-                as_share = feature.expr is not None and feature.expr.kind == "bool"
-                self._features.append(
-                    (need(feature.expr), need(feature.when), feature.repeat, as_share)
-                )
-                self._scalar.append(
-                    (scalar(feature.expr), scalar(feature.when), feature.repeat, as_share)
-                )
-        self._metrics = tuple(used)
-        self.width = len(self._features) + len(self.generic)
+                    value = asm.emit(kernels.OP_METRIC, asm.column(feature.repeat))
+                    asm.code.append((kernels.OP_OUT, column, value, -1))
+                else:
+                    assert feature.expr is not None
+                    value = asm.node(feature.expr.tree)
+                    when = -1 if feature.when is None else asm.node(feature.when.tree)
+                    share = feature.expr.kind == "bool"
+                    op = kernels.OP_OUT_SHARE if share else kernels.OP_OUT
+                    asm.code.append((op, column, value, when))
+                column += 1
+        for name in self.generic:
+            value = asm.emit(kernels.OP_METRIC, asm.column(name))
+            asm.code.append((kernels.OP_OUT, column, value, -1))
+            column += 1
+        self.width = column
+        self._code = np.array(asm.code, dtype=np.int64).reshape(len(asm.code), 4)
+        self._consts = np.array(asm.consts, dtype=np.float64)
+        self._columns = tuple(asm.columns)
+        self._words = dict(asm.words)
+        self._registers = max(asm.registers, 1)
 
     def __reduce__(self) -> tuple[type[FeatureProgram], tuple[Product | None, tuple[str, ...]]]:
-        # the compiled functions are rebuilt from the product (a pickle holds no code)
+        # rebuilt from the product (a pickle of the engine holds no program)
         return (FeatureProgram, (self.product, self.generic))
 
     def with_metrics(self, names: Sequence[str]) -> FeatureProgram:
@@ -432,79 +270,17 @@ class FeatureProgram:
     ) -> F64:
         """Return the raw features of a batch (one row per reading, ``NaN`` where none)."""
         n = len(metrics)
-        if n < _SCALAR_BELOW:
-            return self._rows_one_by_one(metrics, statuses)
-        out = np.empty((n, self.width), dtype=np.float64)
-        columns: dict[str, F64] = {}
-
-        def column(name: str) -> F64:
-            found = columns.get(name)
-            if found is None:
-                found = columns[name] = np.fromiter(
-                    (m.get(name, _NAN) for m in metrics), dtype=np.float64, count=n
-                )
-            return found
-
-        if self._features:
-            env: Env = {STATUS: np.array([s or "" for s in statuses], dtype=str)}
-            for name in self._metrics:
-                values = column(name)
-                if name in self._bools:
-                    # a missing true/false metric is false
-                    env[name] = np.logical_and(values != 0.0, ~np.isnan(values))
-                else:
-                    env[name] = values
-            with np.errstate(all="ignore"):
-                for name, fn in self._states:
-                    env[name] = np.broadcast_to(fn(env), (n,))
-                for j, (value, when, repeat, as_share) in enumerate(self._features):
-                    if repeat is not None:
-                        out[:, j] = column(repeat)
-                        continue
-                    assert value is not None
-                    x = value(env)
-                    if as_share:
-                        x = np.where(x, 1.0, 0.0)
-                    if when is not None:
-                        x = np.where(when(env), x, _NAN)
-                    out[:, j] = x
-        base = len(self._features)
-        for k, name in enumerate(self.generic):
-            out[:, base + k] = column(name)
-        return out
-
-    def _rows_one_by_one(
-        self, metrics: Sequence[Mapping[str, MetricValue]], statuses: Sequence[str | None]
-    ) -> F64:
-        """:meth:`rows` reading by reading, on Python floats (the same numbers)."""
-        numbers = [name for name in self._metrics if name not in self._bools]
-        bools = [name for name in self._metrics if name in self._bools]
-        states = self._scalar_states
-        features = self._scalar
-        generic = self.generic
-        out: list[list[float]] = []
-        for values, status in zip(metrics, statuses, strict=True):
-            # numbers as sent (an int computes like its float), a missing one NaN
-            env: Env = {name: values.get(name, _NAN) for name in numbers}
-            env[STATUS] = status or ""
-            for name in bools:
-                env[name] = bool(values.get(name, False))
-            for name, fn in states:
-                env[name] = fn(env)
-            row: list[float] = []
-            for value, when, repeat, as_share in features:
-                if repeat is not None:
-                    row.append(float(values.get(repeat, _NAN)))
-                elif when is not None and not when(env):
-                    row.append(_NAN)
-                elif as_share:
-                    row.append(1.0 if value(env) else 0.0)  # type: ignore[misc]
-                else:
-                    row.append(float(value(env)))  # type: ignore[misc]
-            if generic:
-                row += [float(values.get(name, _NAN)) for name in generic]
-            out.append(row)
-        return np.array(out, dtype=np.float64).reshape(len(out), self.width)
+        names = self._columns
+        # a bool metric arrives as True/False: 1.0/0.0 here; a missing metric is NaN
+        x = np.array(
+            [[m.get(name, _NAN) for name in names] for m in metrics], dtype=np.float64
+        ).reshape(n, len(names))
+        words = self._words
+        status = np.array([words.get(s or "", -1) for s in statuses], dtype=np.int64)
+        rows: F64 = kernels.feature_rows(
+            self._code, self._consts, x, status, self._registers, self.width
+        )
+        return rows
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -28,6 +28,7 @@ __all__ = [
     "advance_rows",
     "assess_rows",
     "evidence_rows",
+    "feature_rows",
     "learn_rows",
     "round_masks",
     "trend_flags",
@@ -426,3 +427,118 @@ def round_masks(
         learn[i] = quiet and (cold[i] or (not watched[i] and value < close_threshold))
         judge[i] = watched[i] or value >= close_threshold
     return score, drift, learn, judge
+
+
+# opcodes of feature programs (see diagnostics.features.FeatureProgram)
+OP_METRIC = 0
+OP_TRUTH = 1
+OP_CONST = 2
+OP_ADD = 3
+OP_SUB = 4
+OP_MUL = 5
+OP_DIV = 6
+OP_POW = 7
+OP_NEG = 8
+OP_LT = 9
+OP_LE = 10
+OP_GT = 11
+OP_GE = 12
+OP_EQ = 13
+OP_NE = 14
+OP_AND = 15
+OP_OR = 16
+OP_NOT = 17
+OP_STATUS = 18
+OP_ABS = 19
+OP_SQRT = 20
+OP_EXP = 21
+OP_LOG = 22
+OP_MIN = 23
+OP_MAX = 24
+OP_OUT = 25
+OP_OUT_SHARE = 26
+
+
+@_compiled
+def feature_rows(code: Any, consts: Any, x: Any, status: Any, registers: int, width: int) -> Any:
+    """Run a feature program over every row: the raw features, ``NaN`` where none.
+
+    ``code`` holds one instruction per row of ``(op, dst, a, b)``; registers are float64
+    (conditions are 1.0 or 0.0); ``x`` holds the metric columns (``NaN``: not sent) and
+    ``status`` each reading's status word as a code (-1: none known). IEEE arithmetic as
+    numpy's: a division by zero, an overflow or a square root of a negative number gives
+    inf or NaN, never an error; ``min``/``max`` give NaN when either side is NaN.
+    """
+    n = x.shape[0]
+    out = np.empty((n, width), np.float64)
+    reg = np.zeros(registers, np.float64)
+    nan = np.float64(np.nan)
+    for i in range(n):
+        for k in range(code.shape[0]):
+            op = code[k, 0]
+            d = code[k, 1]
+            a = code[k, 2]
+            b = code[k, 3]
+            if op == OP_METRIC:
+                reg[d] = x[i, a]
+            elif op == OP_TRUTH:
+                v = x[i, a]
+                reg[d] = 1.0 if (v == v and v != 0.0) else 0.0
+            elif op == OP_CONST:
+                reg[d] = consts[a]
+            elif op == OP_ADD:
+                reg[d] = reg[a] + reg[b]
+            elif op == OP_SUB:
+                reg[d] = reg[a] - reg[b]
+            elif op == OP_MUL:
+                reg[d] = reg[a] * reg[b]
+            elif op == OP_DIV:
+                reg[d] = reg[a] / reg[b]
+            elif op == OP_POW:
+                reg[d] = reg[a] ** consts[b]
+            elif op == OP_NEG:
+                reg[d] = -reg[a]
+            elif op == OP_LT:
+                reg[d] = 1.0 if reg[a] < reg[b] else 0.0
+            elif op == OP_LE:
+                reg[d] = 1.0 if reg[a] <= reg[b] else 0.0
+            elif op == OP_GT:
+                reg[d] = 1.0 if reg[a] > reg[b] else 0.0
+            elif op == OP_GE:
+                reg[d] = 1.0 if reg[a] >= reg[b] else 0.0
+            elif op == OP_EQ:
+                reg[d] = 1.0 if reg[a] == reg[b] else 0.0
+            elif op == OP_NE:
+                reg[d] = 1.0 if reg[a] != reg[b] else 0.0
+            elif op == OP_AND:
+                reg[d] = 1.0 if (reg[a] != 0.0 and reg[b] != 0.0) else 0.0
+            elif op == OP_OR:
+                reg[d] = 1.0 if (reg[a] != 0.0 or reg[b] != 0.0) else 0.0
+            elif op == OP_NOT:
+                reg[d] = 0.0 if reg[a] != 0.0 else 1.0
+            elif op == OP_STATUS:
+                reg[d] = 1.0 if status[i] == a else 0.0
+            elif op == OP_ABS:
+                reg[d] = abs(reg[a])
+            elif op == OP_SQRT:
+                reg[d] = np.sqrt(reg[a])
+            elif op == OP_EXP:
+                reg[d] = np.exp(reg[a])
+            elif op == OP_LOG:
+                reg[d] = np.log(reg[a])
+            elif op == OP_MIN:
+                va = reg[a]
+                vb = reg[b]
+                reg[d] = nan if (va != va or vb != vb) else (vb if vb < va else va)
+            elif op == OP_MAX:
+                va = reg[a]
+                vb = reg[b]
+                reg[d] = nan if (va != va or vb != vb) else (vb if vb > va else va)
+            elif op == OP_OUT:
+                out[i, d] = nan if (b >= 0 and reg[b] == 0.0) else reg[a]
+            elif op == OP_OUT_SHARE:
+                if b >= 0 and reg[b] == 0.0:
+                    out[i, d] = nan
+                else:
+                    out[i, d] = 1.0 if reg[a] != 0.0 else 0.0
+    return out

@@ -286,7 +286,7 @@ def test_metrics_a_file_does_not_list_are_scored_and_counted() -> None:
 
 
 def test_small_and_large_rounds_compute_the_same_features() -> None:
-    # a round below the size where numpy pays is computed reading by reading: same numbers
+    # a round of a few readings and a large one give the same rows
     items, _ = boiler_stream()
     washer = Fleet(6, start=START, seed=11, interval_s=300)
     readings = [i for i in items if isinstance(i, Reading)][:400]
@@ -312,7 +312,8 @@ def test_small_and_large_rounds_compute_the_same_features() -> None:
             ]
         )
         assert np.array_equal(whole, pieces, equal_nan=True), model
-    # where Python would raise or differ, the reading-by-reading path gives numpy's answer
+    # where Python would raise (division by zero, overflow, a negative square root) the
+    # compiled loop gives numpy's answer
     odd = parse_product(
         MINIMAL.replace(
             'expr = "power_w"',
@@ -322,10 +323,21 @@ def test_small_and_large_rounds_compute_the_same_features() -> None:
         ).replace('when = "boiling"\n', "")
     )
     spec = spec_of(odd)
-    cases = [{"power_w": v} for v in (0.0, -1.0, 4.0, 1e308)] + [{}]
-    one_by_one = spec.program.rows(cases, [None] * len(cases))
-    together = spec.program.rows(cases * 10, [None] * len(cases) * 10)[: len(cases)]
-    assert np.array_equal(one_by_one, together, equal_nan=True)
+    powers = (0.0, -1.0, 4.0, 1e308, 2.5)
+    cases: list[dict[str, float]] = [{"power_w": v} for v in powers]
+    got = spec.program.rows([*cases, {}], [None] * (len(cases) + 1))[:, 0]
+    p = np.array(powers)
+    with np.errstate(all="ignore"):
+        a = np.abs(p)
+        expected = (
+            np.maximum(p, 0.0) / (p - p)
+            + np.log(a / (a + 1))
+            + np.sqrt(p / a)
+            + np.exp(p / (a + 1) * 1000)
+            + np.power(p / (a + 1), -2.0)
+        )
+    assert np.array_equal(got[:-1], expected, equal_nan=True)
+    assert np.isnan(got[-1])  # a missing metric
 
 
 def test_unlisted_metrics_beside_a_fleet_model() -> None:
