@@ -29,10 +29,14 @@ from gateway.protocol.credentials import device_password
 from gateway.protocol.topics import is_valid_device_id
 
 __all__ = [
+    "DEFAULT_AUTOSAVE_INTERVAL_S",
     "DEFAULT_MAX_PACKET_SIZE",
+    "DEFAULT_MAX_QUEUED_BYTES",
     "DEFAULT_MAX_QUEUED_MESSAGES",
     "DOCKER_SERVICE_USERS",
     "GATEWAY_USER",
+    "STALL_BUDGET_S",
+    "STALL_DESIGN_RATE",
     "Listener",
     "device_credentials",
     "docker_files",
@@ -43,9 +47,23 @@ __all__ = [
     "render_password_file",
 ]
 
-#: Per-client queue bound. Mosquitto's default (1000) silently drops QoS 1 messages for a
-#: slow or briefly offline gateway session; see ARCHITECTURE.md "Delivery and safety rules".
-DEFAULT_MAX_QUEUED_MESSAGES: Final = 1_000_000
+#: Seconds between saves of Mosquitto's in-memory database. A broker crash loses at most
+#: the QoS-1 messages it acknowledged since the last save finished: about this interval
+#: plus the time a save takes (README "Delivery guarantees", measured by bench/chaos.py).
+DEFAULT_AUTOSAVE_INTERVAL_S: Final = 1
+#: The stall budget the queue bounds are sized from: a gateway may be away (or stalled)
+#: this long at the design message rate before the broker starts to drop (issue 13).
+STALL_BUDGET_S: Final = 300
+#: Design rate of the whole fleet's QoS-1 telemetry, messages per second.
+STALL_DESIGN_RATE: Final = 2_000
+#: Per-client queue bound: the stall budget at the design rate. Mosquitto's default (1000)
+#: drops QoS 1 messages for a slow or briefly offline gateway session within a second;
+#: see ARCHITECTURE.md "Delivery and safety rules". Past it the broker drops, and counts
+#: the drop in ``$SYS/broker/publish/messages/dropped``, which the gateway reads.
+DEFAULT_MAX_QUEUED_MESSAGES: Final = STALL_BUDGET_S * STALL_DESIGN_RATE
+#: Per-client queued bytes: the same budget at 512 bytes a message (a reading is 150-400),
+#: so the broker's memory (and each save's size) stays bounded too.
+DEFAULT_MAX_QUEUED_BYTES: Final = DEFAULT_MAX_QUEUED_MESSAGES * 512
 #: Whole MQTT packet limit. Well above the gateway's 16 KiB payload limit, so the gateway
 #: (not the broker) sees oversized payloads and reports them on ``fleet/rejected``; still
 #: small enough that one client cannot make the broker buffer megabytes per message.
@@ -126,8 +144,9 @@ def render_mosquitto_conf(
     password_file: str,
     acl_file: str,
     persistence: bool = True,
-    autosave_interval_s: int = 60,
+    autosave_interval_s: int = DEFAULT_AUTOSAVE_INTERVAL_S,
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     max_inflight_messages: int = 0,
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     log_file: str | None = None,
@@ -144,6 +163,7 @@ def render_mosquitto_conf(
         persistence: keep sessions, subscriptions and queued messages across restarts.
         autosave_interval_s: seconds between saves of the in-memory database.
         max_queued_messages: per-client queue bound (``0`` = unbounded).
+        max_queued_bytes: per-client bound of queued payload bytes (``0`` = unbounded).
         max_inflight_messages: per-client in-flight QoS 1/2 bound (``0`` = unbounded).
         max_packet_size: largest MQTT packet accepted, in bytes.
         log_file: log to this file, or to stdout when ``None`` (containers).
@@ -165,6 +185,7 @@ def render_mosquitto_conf(
     for name, value in (
         ("autosave_interval_s", autosave_interval_s),
         ("max_queued_messages", max_queued_messages),
+        ("max_queued_bytes", max_queued_bytes),
         ("max_inflight_messages", max_inflight_messages),
         ("max_packet_size", max_packet_size),
     ):
@@ -187,14 +208,20 @@ def render_mosquitto_conf(
         "# The gateway's QoS 1 session (clean start off) must survive a broker restart.",
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {location}",
-        "# Save often: a crash loses at most this many seconds of queued messages.",
+        "# Mosquitto acknowledges a QoS 1 message before it is on disk and saves its",
+        "# whole database every autosave_interval seconds (autosave_on_changes false:",
+        "# the interval is time): a crash loses what arrived since the last save ended.",
         f"autosave_interval {autosave_interval_s}",
+        "autosave_on_changes false",
         "",
         "# Mosquitto drops queued QoS 1 messages past max_queued_messages (default 1000)",
-        "# even for connected slow clients: a gateway catching up must never lose data.",
+        "# even for connected slow clients. Both bounds are a stall budget of",
+        f"# {STALL_BUDGET_S} s at {STALL_DESIGN_RATE} msg/s (fixloop/broker.py); drops are",
+        "# counted in $SYS/broker/publish/messages/dropped, which the gateway reports.",
         f"max_queued_messages {max_queued_messages}",
-        "# No byte bound either: max_queued_messages above is the one deliberate limit.",
-        "max_queued_bytes 0",
+        f"max_queued_bytes {max_queued_bytes}",
+        "# $SYS counters every 10 s (the gateway's drop gauge lags by at most this).",
+        "sys_interval 10",
         "# 0 = no bound for MQTT 3 clients; MQTT 5 clients announce their Receive Maximum.",
         f"max_inflight_messages {max_inflight_messages}",
         "# Clients sending larger packets are disconnected; the gateway refuses payloads",
@@ -274,6 +301,8 @@ def render_acl(*, service_users: Sequence[str], admin_users: Sequence[str] = ())
             "topic read devices/#",
             "topic write devices/+/commands",
             "topic readwrite fleet/#",
+            "# The broker's count of dropped messages, reported by the gateway.",
+            "topic read $SYS/broker/publish/messages/dropped",
         ]
     for user in admin_users:
         lines += ["", f"user {user}", "topic readwrite #", "topic read $SYS/#"]

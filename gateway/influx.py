@@ -49,6 +49,8 @@ _LOG = logging.getLogger(__name__)
 
 #: Time format of query results: epoch in these units (InfluxQL's ``epoch`` parameter).
 Epoch = Literal["ns", "u", "ms", "s", "m", "h"]
+#: Timestamp units of written lines.
+Precision = Literal["ms", "us"]
 
 _SPLIT_STATUSES: Final = frozenset((400, 413, 422))
 # Bodies larger than this are gzipped in a worker thread, smaller ones on the loop.
@@ -173,15 +175,24 @@ class InfluxClient:
         self._base = base.with_path(prefix or "/").with_query(None).with_fragment(None)
         self._prefix = prefix
         if settings.flavor == "v1":
-            params = {"db": settings.database, "precision": "ms"}
+            params = {"db": settings.database}
             if settings.retention_policy:
                 params["rp"] = settings.retention_policy
-            self._write_url = self._url("/write", params)
+            path = "/write"
         else:
-            params = {"bucket": settings.bucket or settings.database, "precision": "ms"}
+            params = {"bucket": settings.bucket or settings.database}
             if settings.org:
                 params["org"] = settings.org
-            self._write_url = self._url("/api/v2/write", params)
+            path = "/api/v2/write"
+        # One URL per timestamp unit: ms for most writers, us for the gateway's telemetry
+        # (a sub-millisecond offset from seq keeps same-millisecond readings apart).
+        # InfluxDB 1.x spells microseconds "u" on /write; /api/v2/write spells it "us".
+        micro = "u" if settings.flavor == "v1" else "us"
+        self._write_urls: dict[Precision, URL] = {
+            "ms": self._url(path, {**params, "precision": "ms"}),
+            "us": self._url(path, {**params, "precision": micro}),
+        }
+        self._write_url = self._write_urls["ms"]
         self._query_url = self._url("/query", {})
         self._ping_url = self._url("/ping", {})
         self._headers: dict[str, str] = {}
@@ -271,11 +282,12 @@ class InfluxClient:
             return
         await self._query_raw(f"CREATE DATABASE {_quote_ident(self._settings.database)}", None)
 
-    async def write(self, lines: Sequence[bytes]) -> WriteOutcome:
+    async def write(self, lines: Sequence[bytes], *, precision: Precision = "ms") -> WriteOutcome:
         """Write line-protocol lines; set aside the ones InfluxDB refuses.
 
         Args:
             lines: one point per item, no trailing newlines.
+            precision: the unit of the lines' timestamps, ``ms`` or ``us``.
 
         Returns:
             How many lines were written and which were refused, with InfluxDB's reason.
@@ -287,7 +299,8 @@ class InfluxClient:
         if not lines:
             return WriteOutcome(0, [])
         rejected: list[tuple[bytes, str]] = []
-        written = await self._write_part(list(lines), rejected)
+        url = self._write_urls[precision]
+        written = await self._write_part(list(lines), rejected, url)
         if rejected:
             _LOG.warning(
                 "InfluxDB refused %d of %d points, first: %s",
@@ -297,23 +310,25 @@ class InfluxClient:
             )
         return WriteOutcome(written, rejected)
 
-    async def _write_part(self, lines: list[bytes], rejected: list[tuple[bytes, str]]) -> int:
+    async def _write_part(
+        self, lines: list[bytes], rejected: list[tuple[bytes, str]], url: URL
+    ) -> int:
         """Write ``lines``; when InfluxDB refuses points, bisect.
 
         Each level halves the lines, so this ends; a batch with ``b`` bad lines of ``n``
         costs at most ``1 + 2 b log2(n)`` requests.
         """
-        error = await self._post_lines(lines)
+        error = await self._post_lines(lines, url)
         if error is None:
             return len(lines)
         if len(lines) == 1:
             rejected.append((lines[0], error))
             return 0
         middle = len(lines) // 2
-        first = await self._write_part(lines[:middle], rejected)
-        return first + await self._write_part(lines[middle:], rejected)
+        first = await self._write_part(lines[:middle], rejected, url)
+        return first + await self._write_part(lines[middle:], rejected, url)
 
-    async def _post_lines(self, lines: list[bytes]) -> str | None:
+    async def _post_lines(self, lines: list[bytes], url: URL) -> str | None:
         """POST one body; ``None`` when written, the error text when points were refused.
 
         Raises:
@@ -327,7 +342,7 @@ class InfluxClient:
             else:
                 body = gzip.compress(body, 6)
             headers["Content-Encoding"] = "gzip"
-        status, answer = await self._request("POST", self._write_url, data=body, headers=headers)
+        status, answer = await self._request("POST", url, data=body, headers=headers)
         if 200 <= status < 300:
             return None
         text = _error_text(answer)

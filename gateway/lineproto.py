@@ -3,8 +3,10 @@ r"""InfluxDB line protocol for readings and events (the gateway's storage encode
 The gateway decodes device payloads into frozen :class:`~gateway.protocol.Reading` and
 :class:`~gateway.protocol.Event` values (:mod:`gateway.protocol.codec`); this module turns
 them into line-protocol lines, which :mod:`gateway.influx` writes (or
-:mod:`gateway.spool` keeps while InfluxDB is away). Timestamps are epoch milliseconds:
-every write uses ``precision=ms``.
+:mod:`gateway.spool` keeps while InfluxDB is away). Timestamps are epoch milliseconds
+(writes use ``precision=ms``), except that the gateway writes telemetry in microseconds
+with a sub-millisecond offset from ``seq`` (``telemetry_line(..., micros=True)``, issue 13:
+same-millisecond readings keep both).
 
 Escaping follows the line protocol reference
 (https://docs.influxdata.com/influxdb/v1/write_protocols/line_protocol_reference/):
@@ -160,11 +162,19 @@ def telemetry_line(
     ts_ms: int,
     metrics: Mapping[str, MetricValue],
     status: str | None,
+    *,
+    micros: bool = False,
 ) -> bytes:
     """Encode the parts of a reading as one ``telemetry`` line (see :func:`reading_to_line`).
 
     The gateway's hot path calls this with the values the codec validated, without
     building a :class:`Reading` first.
+
+    With ``micros`` the timestamp is in microseconds, ``ts_ms * 1000 + seq % 1000`` (write
+    it with ``precision=us``): two readings of one device in the same millisecond keep
+    both (their seq differs), a redelivered reading overwrites itself (same seq), and the
+    series stay one per device (seq is a field, not a tag). Read with ``epoch=ms``, the
+    time is the device's ``ts`` again.
 
     Raises:
         WriteRejectedError: the values cannot be expressed in line protocol.
@@ -180,11 +190,12 @@ def telemetry_line(
         template = _template(names)
     values = orjson.dumps(list(metrics.values()))[1:-1].split(b",") if metrics else []
     device = _NAMES.get(device_id) or _escape_name(device_id)
+    ts = ts_ms * 1000 + seq % 1000 if micros else ts_ms
     try:
         if status is None:
-            return template[0] % (device.encode(), *values, seq, ts_ms)
+            return template[0] % (device.encode(), *values, seq, ts)
         word = _WORDS.get(status) or _escape_word(status)
-        return template[1] % (device.encode(), *values, word.encode(), seq, ts_ms)
+        return template[1] % (device.encode(), *values, word.encode(), seq, ts)
     except UnicodeEncodeError as exc:
         raise WriteRejectedError("reading holds text that is not valid UTF-8") from exc
 

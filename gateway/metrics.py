@@ -43,6 +43,17 @@ class GatewayMetrics:
         last_point_ts_ms: device timestamp of the newest point written.
         influx_up: whether the last InfluxDB write succeeded.
         mqtt_connected: whether the broker connection is up.
+        spool_writable: whether the last spool append succeeded (False: the spool cannot
+            take writes, so nothing can be acknowledged while InfluxDB is away).
+        spool_disk_bytes: bytes of spool segment files on disk (what ``spool_max_bytes``
+            bounds).
+        spool_errors: spool operations that failed (full, disk errors, damaged records).
+        session_lost: connects on which the broker had lost our persistent session.
+        dropped_unacked: messages received but neither stored nor acknowledged when the
+            connection ended (left to the broker to deliver again).
+        broker_dropped: messages the broker says it dropped (``$SYS`` counter), -1 unknown.
+        last_progress_s: wall time of the last point made durable (or of the start).
+        stall_after_s: ``/health`` fails once messages wait this long with no progress.
     """
 
     received: Counter[str] = field(default_factory=Counter)
@@ -61,7 +72,32 @@ class GatewayMetrics:
     last_point_ts_ms: int = 0
     influx_up: bool = False
     mqtt_connected: bool = False
+    spool_writable: bool = True
+    spool_disk_bytes: int = 0
+    spool_errors: int = 0
+    session_lost: int = 0
+    dropped_unacked: int = 0
+    broker_dropped: int = -1
     started_s: float = field(default_factory=time.time)
+    last_progress_s: float = field(default_factory=time.time)
+    stall_after_s: float = 60.0
+
+    def problems(self, now_s: float | None = None) -> list[str]:
+        """Why the gateway cannot take data now; empty when it can.
+
+        Ingest is never stuck without saying so (issue 13): not connected, messages
+        waiting with nothing made durable for ``stall_after_s``, or a spool that refuses
+        writes each turn ``/health`` red.
+        """
+        now = time.time() if now_s is None else now_s
+        found = []
+        if not self.mqtt_connected:
+            found.append("mqtt_disconnected")
+        if self.unacked and now - self.last_progress_s > self.stall_after_s:
+            found.append("stalled")
+        if not self.spool_writable:
+            found.append("spool_unwritable")
+        return found
 
     def lag_s(self, now_s: float | None = None) -> float:
         """Seconds between now and the device time of the newest point written."""
@@ -125,6 +161,45 @@ class GatewayMetrics:
         )
         metric("spool_bytes", "gauge", "Bytes waiting in the spool.", [("", self.spool_bytes)])
         metric(
+            "spool_disk_bytes",
+            "gauge",
+            "Bytes of spool segment files on disk.",
+            [("", self.spool_disk_bytes)],
+        )
+        metric(
+            "spool_writable",
+            "gauge",
+            "1 if the last spool append succeeded.",
+            [("", int(self.spool_writable))],
+        )
+        metric(
+            "spool_errors_total", "counter", "Failed spool operations.", [("", self.spool_errors)]
+        )
+        metric(
+            "session_lost_total",
+            "counter",
+            "Connects on which the broker had lost the persistent session.",
+            [("", self.session_lost)],
+        )
+        metric(
+            "dropped_unacked_total",
+            "counter",
+            "Messages left unstored and unacknowledged at a disconnect (the broker resends).",
+            [("", self.dropped_unacked)],
+        )
+        metric(
+            "broker_dropped_messages",
+            "gauge",
+            "Messages the broker dropped (its $SYS counter; -1 unknown).",
+            [("", self.broker_dropped)],
+        )
+        metric(
+            "seconds_since_progress",
+            "gauge",
+            "Seconds since a point was last made durable.",
+            [("", max(0.0, time.time() - self.last_progress_s))],
+        )
+        metric(
             "unacked_messages", "gauge", "Messages received, not yet durable.", [("", self.unacked)]
         )
         metric(
@@ -154,10 +229,15 @@ class GatewayMetrics:
         )
         return "\n".join(out) + "\n"
 
-    def health(self) -> dict[str, object]:
-        """Return a JSON-able health summary."""
+    def health(self, now_s: float | None = None) -> dict[str, object]:
+        """Return a JSON-able health summary (``problems`` empty when healthy)."""
+        now = time.time() if now_s is None else now_s
         return {
+            "problems": self.problems(now),
             "mqtt_connected": self.mqtt_connected,
+            "spool_writable": self.spool_writable,
+            "seconds_since_progress": round(max(0.0, now - self.last_progress_s), 3),
+            "session_lost": self.session_lost,
             "influx_up": self.influx_up,
             "spool_batches": self.spool_batches,
             "unacked": self.unacked,
@@ -187,8 +267,7 @@ class MetricsServer:
 
     async def _health_handler(self, request: web.Request) -> web.Response:
         health = self._metrics.health()
-        ok = bool(health["mqtt_connected"])
-        return web.json_response(health, status=200 if ok else 503)
+        return web.json_response(health, status=503 if health["problems"] else 200)
 
     async def __aenter__(self) -> Self:
         app = web.Application()

@@ -8,7 +8,16 @@ Delivery rule (ARCHITECTURE "Delivery and safety rules"): a message is acknowled
 to the broker only after its point is in InfluxDB or in the spool. Until then the
 broker keeps it in our persistent session, so a crash of the gateway at any moment
 loses nothing: the broker redelivers and the replayed points overwrite themselves
-(series and timestamp come from the device).
+(series and timestamp come from the device; telemetry's time carries ``seq`` below the
+millisecond, so two readings of one millisecond keep both).
+
+Progress or say so (issue 13): InfluxDB is probed on a timer whatever the spool holds,
+and tried directly when the spool refuses writes; spool errors are retried with backoff
+and never end :meth:`Gateway.run`; batches received before a disconnect are stored (or,
+after a bound, dropped knowingly for the broker to resend) by a writer that outlives the
+connection, so a full queue never holds up the reconnect; ``/health`` turns 503 when the
+gateway is not connected, has made nothing durable for ``stall_after_s`` while messages
+wait, or the spool cannot take writes; a lost broker session is counted and logged.
 """
 
 from __future__ import annotations
@@ -19,7 +28,8 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
@@ -28,11 +38,12 @@ import orjson
 from gateway.consumer import consume_forever, shared_filters
 from gateway.errors import (
     BrokerUnavailableError,
+    PermanentError,
     RejectedError,
     StoreUnavailableError,
     WriteRejectedError,
 )
-from gateway.influx import InfluxClient, InfluxSettings
+from gateway.influx import InfluxClient, InfluxSettings, Precision
 from gateway.lineproto import event_to_line, telemetry_line
 from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.protocol.codec import decode_event, validate_reading
@@ -51,6 +62,26 @@ _PREVIEW_BYTES: Final = 200
 _LOUD_REJECTS_PER_REASON: Final = 20
 _MIN_CHUNK: Final = 1_000
 _GATHER_S: Final = 0.01
+#: Mosquitto's count of messages it dropped (queue limits), read to make drops visible.
+SYS_DROPPED_TOPIC: Final = "$SYS/broker/publish/messages/dropped"
+#: How often a reader blocked on a full queue looks whether its connection is still up.
+_PUT_CHECK_S: Final = 0.5
+#: How long a lost connection's batches may take to be stored before the reconnect.
+_FINISH_ON_LOST_S: Final = 5.0
+#: Marker in the spool directory: this gateway has had a broker session before.
+_SESSION_MARKER: Final = "mqtt-session"
+#: Timestamps of 15 digits and more are microseconds (ms reach 15 digits in year 33658).
+_MICROS_DIGITS: Final = 15
+
+
+@dataclass(slots=True, eq=False)
+class _Connection:
+    """One broker connection as the writer sees it: its batches may outlive it."""
+
+    client: MqttClient
+    outstanding: int = 0
+    abandoned: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(slots=True)
@@ -60,6 +91,14 @@ class _Batch:
     lines: list[bytes]
     messages: list[Message]
     newest_ts_ms: int
+    connection: _Connection
+
+
+def _precision(record: bytes) -> Precision:
+    """The timestamp unit of a spooled batch (older spools hold milliseconds)."""
+    first = record.split(b"\n", 1)[0]
+    stamp = first.rsplit(b" ", 1)[-1]
+    return "us" if len(stamp) >= _MICROS_DIGITS else "ms"
 
 
 class Gateway:
@@ -85,7 +124,7 @@ class Gateway:
         self._settings = settings
         self._clock = clock
         self._limits = settings.limits()
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(stall_after_s=settings.stall_after_s)
         self._influx: InfluxClient | None = None
         self._spool: Spool | None = None
         self._metrics_server: MetricsServer | None = None
@@ -95,6 +134,7 @@ class Gateway:
         self._subscribed = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
+        self._queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=settings.max_pending_batches)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -104,6 +144,7 @@ class Gateway:
             settings.spool_dir, fsync=settings.spool_fsync, max_bytes=settings.spool_max_bytes
         )
         self._sync_spool_gauges()
+        self.metrics.spool_writable = True
         self._influx = InfluxClient(self._influx_settings)
         await self._influx.__aenter__()
         try:
@@ -154,6 +195,7 @@ class Gateway:
         """
         async with asyncio.TaskGroup() as group:
             group.create_task(self._replay_loop(), name="gateway-replay")
+            group.create_task(self._write_loop(), name="gateway-writer")
             group.create_task(self._connection_loop(), name="gateway-ingest")
 
     # -- broker side ---------------------------------------------------------------
@@ -171,30 +213,67 @@ class Gateway:
         def subscribed(client: MqttClient) -> None:
             self._client = client
             self.metrics.mqtt_connected = True
+            self._check_session(client)
             self._subscribed.set()
 
         def lost() -> None:
             self._client = None
             self.metrics.mqtt_connected = False
-            self.metrics.unacked = 0
-            self._drained.set()  # what was not acknowledged the broker redelivers
 
+        filters = shared_filters(_INGEST_FILTERS, self._settings.shared_group)
         await consume_forever(
             self._new_client,
-            shared_filters(_INGEST_FILTERS, self._settings.shared_group),
+            [*filters, SYS_DROPPED_TOPIC],
             self._consume,
             on_subscribed=subscribed,
             on_lost=lost,
             retry_max_s=self._settings.retry_max_s,
         )
 
+    def _check_session(self, client: MqttClient) -> None:
+        """Count and log a persistent session the broker no longer had (issue 13).
+
+        A marker file in the spool directory remembers that a session existed, so a
+        broker that lost it while the gateway was also down is noticed too. What the lost
+        session held is gone from the broker: only a broker that persists (see the
+        README's delivery section) keeps it.
+        """
+        assert self._spool is not None
+        marker = Path(self._spool.directory) / _SESSION_MARKER
+        if not client.session_present and marker.exists():
+            self.metrics.session_lost += 1
+            _LOG.error(
+                "the broker lost the gateway's persistent session (%s): messages it had "
+                "queued for the gateway are gone",
+                client.client_id,
+            )
+        if not marker.exists():
+            try:
+                marker.touch()
+            except OSError as exc:
+                _LOG.warning("cannot write %s: %s", marker, exc)
+
     async def _consume(self, client: MqttClient) -> None:
         # Overflow policy "block": a full queue stops the reader, the client stops
-        # reading its socket, and the broker keeps the messages in our session.
-        queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=self._settings.max_pending_batches)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._write_loop(client, queue), name="gateway-writer")
-            await self._read_loop(client, queue)
+        # reading its socket, and the broker keeps the messages in our session. The
+        # writer is not tied to this connection: what was received is stored even if
+        # the connection drops, before the next one starts (or dropped knowingly after
+        # _FINISH_ON_LOST_S; unacknowledged, the broker sends it again).
+        connection = _Connection(client)
+        connection.idle.set()
+        try:
+            await self._read_loop(connection)
+        finally:
+            try:
+                async with asyncio.timeout(_FINISH_ON_LOST_S):
+                    await connection.idle.wait()
+            except TimeoutError:
+                connection.abandoned = True
+                _LOG.warning(
+                    "connection ended with %d messages not yet durable; leaving them to "
+                    "the broker to deliver again",
+                    connection.outstanding,
+                )
 
     def _route(self, topic: str) -> tuple[str, str] | None:
         route = self._topics.get(topic, False)
@@ -204,7 +283,8 @@ class Gateway:
             route = self._topics[topic] = split_device_topic(topic)
         return route  # type: ignore[return-value]
 
-    async def _read_loop(self, client: MqttClient, queue: asyncio.Queue[_Batch]) -> None:
+    async def _read_loop(self, connection: _Connection) -> None:
+        client = connection.client
         limits = self._limits
         metrics = self.metrics
         max_points = self._settings.batch_max_points
@@ -227,6 +307,9 @@ class Gateway:
                 target = route(message.topic)
                 try:
                     if target is None:
+                        if message.topic == SYS_DROPPED_TOPIC:
+                            self._note_broker_dropped(message.payload)
+                            continue
                         raise RejectedError("bad_topic", "not a devices/{id}/{channel} topic")  # noqa: TRY301
                     device_id, channel = target
                     counts[channel] += 1
@@ -234,13 +317,13 @@ class Gateway:
                         seq, ts_ms, values, status = validate_reading(
                             device_id, message.payload, now_ms, limits
                         )
-                        append(telemetry_line(device_id, seq, ts_ms, values, status))
+                        append(telemetry_line(device_id, seq, ts_ms, values, status, micros=True))
                         if ts_ms > newest:
                             newest = ts_ms
                     elif channel == "events":
-                        append(
-                            event_to_line(decode_event(device_id, message.payload, now_ms, limits))
-                        )
+                        # Milliseconds to microseconds: the batch is written with one unit.
+                        event = decode_event(device_id, message.payload, now_ms, limits)
+                        append(event_to_line(event) + b"000")
                     else:
                         raise RejectedError("bad_topic", f"{channel} is not ingested")  # noqa: TRY301
                 except RejectedError as exc:
@@ -249,8 +332,40 @@ class Gateway:
                     await self._reject(client, message, "unstorable", str(exc), now_ms)
             metrics.received.update(counts)
             metrics.unacked += len(messages)
+            if not connection.outstanding:
+                connection.idle.clear()
+            connection.outstanding += len(messages)
             self._drained.clear()
-            await queue.put(_Batch(lines, messages, newest))
+            await self._enqueue(_Batch(lines, messages, newest, connection))
+
+    async def _enqueue(self, batch: _Batch) -> None:
+        """Queue a batch for the writer; give up on it when the connection is gone.
+
+        A reader blocked on a full queue must still see its connection end, or the
+        reconnect would wait for the writer (issue 13).
+        """
+        client = batch.connection.client
+        while True:
+            try:
+                async with asyncio.timeout(_PUT_CHECK_S):
+                    await self._queue.put(batch)
+            except TimeoutError:
+                if not client.connected:
+                    self._settle(batch, stored=False)
+                    raise BrokerUnavailableError(
+                        "connection lost while the writer was behind"
+                    ) from None
+            else:
+                return
+
+    def _note_broker_dropped(self, payload: bytes) -> None:
+        try:
+            dropped = int(payload.strip() or b"0")
+        except ValueError:
+            return
+        if dropped > max(self.metrics.broker_dropped, 0):
+            _LOG.error("the broker has dropped %d messages (queue limits): they are lost", dropped)
+        self.metrics.broker_dropped = dropped
 
     async def _reject(
         self, client: MqttClient, message: Message, reason: str, detail: str, now_ms: int
@@ -275,15 +390,22 @@ class Gateway:
         except BrokerUnavailableError:
             _LOG.debug("could not report a refused message: broker connection lost")
 
-    async def _write_loop(self, client: MqttClient, queue: asyncio.Queue[_Batch]) -> None:
+    async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        queue = self._queue
         max_points = self._settings.batch_max_points
         linger_s = self._settings.batch_linger_s
+        carry: _Batch | None = None
         while True:
-            first = await queue.get()
-            lines, messages, newest = first.lines, first.messages, first.newest_ts_ms
+            first = carry if carry is not None else await queue.get()
+            carry = None
+            if first.connection.abandoned:
+                self._settle(first, stored=False)
+                continue
+            batches = [first]
+            count = len(first.lines)
             deadline = loop.time() + linger_s
-            while len(lines) < max_points:
+            while count < max_points:
                 if queue.empty():
                     remaining = deadline - loop.time()
                     if remaining <= 0:
@@ -295,52 +417,91 @@ class Gateway:
                         break
                 else:
                     more = queue.get_nowait()
+                if more.connection is not first.connection:
+                    carry = more  # acknowledgements go to one connection at a time
+                    break
+                batches.append(more)
+                count += len(more.lines)
+            lines = first.lines
+            for more in batches[1:]:
                 lines.extend(more.lines)
-                messages.extend(more.messages)
-                newest = max(newest, more.newest_ts_ms)
-            await self._store(lines, client)
-            if newest > self.metrics.last_point_ts_ms:
-                self.metrics.last_point_ts_ms = newest
-            client.ack_many(messages)
-            acked = sum(1 for m in messages if m.qos)
-            self.metrics.acked += acked
-            self.metrics.unacked = max(0, self.metrics.unacked - len(messages))
-            if not self.metrics.unacked:
-                self._drained.set()
+            await self._store(lines)
+            for batch in batches:
+                self._settle(batch, stored=True)
+
+    def _settle(self, batch: _Batch, *, stored: bool) -> None:
+        """Acknowledge a stored batch (if its connection is up) or count it as dropped."""
+        metrics = self.metrics
+        connection = batch.connection
+        messages = batch.messages
+        if stored:
+            if batch.newest_ts_ms > metrics.last_point_ts_ms:
+                metrics.last_point_ts_ms = batch.newest_ts_ms
+            client = connection.client
+            if client.connected:
+                try:
+                    client.ack_many(messages)
+                    metrics.acked += sum(1 for m in messages if m.qos)
+                except BrokerUnavailableError:
+                    pass  # stored anyway; the broker sends it again and it overwrites itself
+        else:
+            metrics.dropped_unacked += len(messages)
+        metrics.unacked = max(0, metrics.unacked - len(messages))
+        connection.outstanding = max(0, connection.outstanding - len(messages))
+        if not connection.outstanding:
+            connection.idle.set()
+        if not metrics.unacked:
+            self._drained.set()
 
     # -- store side ----------------------------------------------------------------
 
-    async def _store(self, lines: list[bytes], client: MqttClient | None) -> None:
-        """Make ``lines`` durable: InfluxDB, else the spool; retry until one holds."""
+    async def _store(self, lines: list[bytes]) -> None:
+        """Make ``lines`` durable: InfluxDB, else the spool; retry until one holds.
+
+        InfluxDB first while the spool is empty (no overtaking of spooled data needed:
+        points are idempotent, order only keeps replay simple); directly again whenever
+        the spool refuses writes (a full disk must not stop ingest while InfluxDB is up).
+        """
         if not lines:
             return
         assert self._spool is not None
+        metrics = self.metrics
         backoff_s = 0.2
         while True:
-            if not len(self._spool) and self.metrics.influx_up:
+            if (metrics.influx_up and not len(self._spool)) or not metrics.spool_writable:
                 try:
                     await self._write_influx(lines)
                 except StoreUnavailableError as exc:
                     _LOG.warning("InfluxDB write failed (%s); spooling", exc)
-                    self.metrics.influx_up = False
+                    metrics.influx_up = False
                 else:
+                    metrics.last_progress_s = time.time()
                     return
             try:
                 await asyncio.to_thread(self._spool.append, b"\n".join(lines))
-            except StoreUnavailableError as exc:
-                _LOG.error("cannot spool (%s); holding acknowledgements", exc)
+            except (StoreUnavailableError, PermanentError) as exc:
+                metrics.spool_errors += 1
+                metrics.spool_writable = False
+                _LOG.error(
+                    "cannot spool (%s) and InfluxDB is away; holding acknowledgements, "
+                    "retrying in %.1f s",
+                    exc,
+                    backoff_s,
+                )
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, self._settings.retry_max_s)
                 continue
-            self.metrics.spooled += len(lines)
+            metrics.spool_writable = True
+            metrics.spooled += len(lines)
+            metrics.last_progress_s = time.time()
             self._sync_spool_gauges()
             self._spool_ready.set()
             return
 
-    async def _write_influx(self, lines: list[bytes]) -> int:
+    async def _write_influx(self, lines: list[bytes], precision: Precision = "us") -> int:
         assert self._influx is not None
         started = time.perf_counter()
-        outcome = await self._influx.write(lines)
+        outcome = await self._influx.write(lines, precision=precision)
         elapsed = time.perf_counter() - started
         metrics = self.metrics
         metrics.write_seconds_sum += elapsed
@@ -369,32 +530,95 @@ class Gateway:
         assert self._spool is not None
         self.metrics.spool_batches = len(self._spool)
         self.metrics.spool_bytes = self._spool.pending_bytes
+        self.metrics.spool_disk_bytes = self._spool.disk_bytes
 
     async def _replay_loop(self) -> None:
-        """Drain the spool into InfluxDB, oldest first, with backoff while it is away."""
+        """Drain the spool into InfluxDB, oldest first; probe InfluxDB on a timer.
+
+        While InfluxDB is away it is probed with backoff whatever the spool holds (an
+        empty spool must not leave it untried). Spool errors are counted, logged and
+        retried with backoff; they never end the loop.
+        """
         assert self._spool is not None
         spool = self._spool
+        metrics = self.metrics
         backoff_s = 0.2
+
+        def next_backoff() -> float:
+            nonlocal backoff_s
+            pause = backoff_s * (0.5 + random.random())
+            backoff_s = min(backoff_s * 2, self._settings.retry_max_s)
+            return pause
+
         while True:
             if not len(spool):
                 self._spool_ready.clear()
-                await self._spool_ready.wait()
+                if metrics.influx_up:
+                    await self._spool_ready.wait()
+                    continue
+                try:
+                    async with asyncio.timeout(next_backoff()):
+                        await self._spool_ready.wait()
+                    continue
+                except TimeoutError:
+                    pass
+                if await self._probe_influx():
+                    backoff_s = 0.2
                 continue
-            batch = await asyncio.to_thread(spool.peek)
-            if batch is None:
-                continue
-            lines = batch.split(b"\n")
             try:
-                written = await self._write_influx(lines)
+                batch = await asyncio.to_thread(spool.peek)
             except StoreUnavailableError as exc:
-                self.metrics.influx_up = False
-                _LOG.info("InfluxDB still away (%s); retrying in %.1f s", exc, backoff_s)
-                await asyncio.sleep(backoff_s * (0.5 + random.random()))
-                backoff_s = min(backoff_s * 2, self._settings.retry_max_s)
+                metrics.spool_errors += 1
+                _LOG.error("cannot read the spool (%s); retrying", exc)
+                await asyncio.sleep(next_backoff())
+                continue
+            if batch is None:
+                self._sync_spool_gauges()
+                continue
+            try:
+                written = await self._write_influx(batch.split(b"\n"), _precision(batch))
+            except StoreUnavailableError as exc:
+                metrics.influx_up = False
+                pause = next_backoff()
+                _LOG.info("InfluxDB still away (%s); retrying in %.1f s", exc, pause)
+                await asyncio.sleep(pause)
                 continue
             backoff_s = 0.2
-            self.metrics.replayed += written
-            await asyncio.to_thread(spool.pop)
+            metrics.replayed += written
+            metrics.last_progress_s = time.time()
+            await self._pop_written(spool)
             self._sync_spool_gauges()
             if not len(spool):
                 _LOG.info("spool drained; writing to InfluxDB directly again")
+
+    async def _probe_influx(self) -> bool:
+        """Try InfluxDB (creating the database if it came up empty); True when it answers."""
+        assert self._influx is not None
+        try:
+            await self._influx.ensure_database()
+        except (StoreUnavailableError, PermanentError) as exc:
+            _LOG.info("InfluxDB still away (%s)", exc)
+            return False
+        _LOG.info("InfluxDB is back")
+        self.metrics.influx_up = True
+        return True
+
+    async def _pop_written(self, spool: Spool) -> None:
+        """Remove the batch just written; retry until the cursor is saved.
+
+        Until then a restart would write the batch again, which is harmless (points
+        overwrite themselves), so the loop only waits, it never gives up.
+        """
+        pause = 0.2
+        while True:
+            try:
+                await asyncio.to_thread(spool.pop)
+            except IndexError:
+                return
+            except StoreUnavailableError as exc:
+                self.metrics.spool_errors += 1
+                _LOG.error("cannot remove a replayed batch from the spool (%s); retrying", exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, self._settings.retry_max_s)
+            else:
+                return

@@ -11,8 +11,12 @@ import pytest
 import yaml
 
 from fixloop.broker import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_QUEUED_MESSAGES,
     DOCKER_SERVICE_USERS,
     GATEWAY_USER,
+    STALL_BUDGET_S,
+    STALL_DESIGN_RATE,
     docker_files,
     hash_password,
     main,
@@ -47,8 +51,14 @@ def test_docker_broker_config_is_deliberate() -> None:
     assert settings["allow_anonymous"] == "false"
     assert settings["per_listener_settings"] == "false"
     assert settings["persistence"] == "true"
-    assert settings["max_queued_messages"] == "1000000"
-    assert settings["max_queued_bytes"] == "0"
+    # Durability bound (issue 13): saved every second, by time, not by change count.
+    assert settings["autosave_interval"] == "1"
+    assert settings["autosave_on_changes"] == "false"
+    # Queue bounds from the stated stall budget, never unbounded.
+    assert DEFAULT_MAX_QUEUED_MESSAGES == STALL_BUDGET_S * STALL_DESIGN_RATE
+    assert settings["max_queued_messages"] == str(DEFAULT_MAX_QUEUED_MESSAGES)
+    assert settings["max_queued_bytes"] == str(DEFAULT_MAX_QUEUED_BYTES)
+    assert int(settings["max_queued_bytes"]) > 0
     assert settings["password_file"] == "/mosquitto/config/passwd"
     assert settings["acl_file"] == "/mosquitto/config/acl"
     assert settings["persistence_location"] == "/mosquitto/data/"
@@ -66,6 +76,9 @@ def test_docker_acl_knows_every_service_user() -> None:
     assert users == [*DOCKER_SERVICE_USERS, "ops"]
     assert "pattern write devices/%u/telemetry" in acl
     assert "%c" not in acl
+    # The gateway reads the broker's drop counter to make drops visible.
+    gateway = acl.split(f"user {GATEWAY_USER}\n", 1)[1].split("\nuser ", 1)[0]
+    assert "topic read $SYS/broker/publish/messages/dropped" in gateway
 
 
 def test_compose_file_textually() -> None:

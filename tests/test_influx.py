@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from conftest import MakeInfluxd
 from pydantic import SecretStr
+from yarl import URL
 
 from fixloop.stack import InfluxdServer, free_port
 from gateway.errors import PermanentError, StoreUnavailableError
@@ -84,10 +85,10 @@ async def test_bad_points_are_set_aside_and_the_rest_written(
     posts = 0
     post = client._post_lines
 
-    async def counting(chunk: list[bytes]) -> str | None:
+    async def counting(chunk: list[bytes], url: URL) -> str | None:
         nonlocal posts
         posts += 1
-        return await post(chunk)
+        return await post(chunk, url)
 
     monkeypatch.setattr(client, "_post_lines", counting)
     outcome = await client.write(lines)

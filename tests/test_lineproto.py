@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import WriteRejectedError
-from gateway.lineproto import event_to_line, reading_to_line
+from gateway.lineproto import event_to_line, reading_to_line, telemetry_line
 from gateway.protocol import Event, Reading
 
 TS = 1_732_380_000_123
@@ -288,3 +288,17 @@ def test_event_round_trip(
     if data:
         assert orjson.loads(fields.pop("data")) == data
     assert fields == {}
+
+
+def test_micros_keep_same_millisecond_readings_apart() -> None:
+    # Issue 13: seq sets the microseconds below the device's millisecond, so two readings
+    # of one millisecond are two points, and a redelivered one is the same point again.
+    first = telemetry_line("dev-1", 41, 1_700_000_000_123, {"t": 1.5}, None, micros=True)
+    second = telemetry_line("dev-1", 42, 1_700_000_000_123, {"t": 1.5}, None, micros=True)
+    assert first.endswith(b"seq=41i 1700000000123041")
+    assert second.endswith(b"seq=42i 1700000000123042")
+    assert first.split(b" ")[0] == second.split(b" ")[0]  # one series: seq is no tag
+    again = telemetry_line("dev-1", 41, 1_700_000_000_123, {"t": 1.5}, None, micros=True)
+    assert again == first
+    wrapped = telemetry_line("dev-1", 1_000_999, 1_700_000_000_123, {}, "idle", micros=True)
+    assert wrapped.endswith(b"seq=1000999i 1700000000123999")

@@ -30,6 +30,7 @@ from conftest import (
 )
 
 from fixloop.broker import (
+    DEFAULT_MAX_QUEUED_MESSAGES,
     GATEWAY_USER,
     Listener,
     hash_password,
@@ -183,7 +184,8 @@ def test_mosquitto_starts_stops_and_restarts_on_its_port(make_mosquitto: MakeMos
     assert broker.url == f"mqtt://127.0.0.1:{port}"
     assert _listening(port)
     conf = broker.conf_path.read_text()
-    assert "max_queued_messages 1000000" in conf
+    assert f"max_queued_messages {DEFAULT_MAX_QUEUED_MESSAGES}" in conf
+    assert "autosave_interval 1\n" in conf
     assert "allow_anonymous false" in conf
 
     broker.stop()
