@@ -150,7 +150,7 @@ class StreamDetector:
         """
         data = np.array(rows if isinstance(rows, np.ndarray) else list(rows), dtype=np.float64)
         if data.ndim == 1:
-            data = data.reshape(-1, 1) if self.n_columns == 1 else data.reshape(1, -1)
+            data = data.reshape(-1, 1)  # a row per item, as iterating the rows gives
         if data.size == 0:
             width = self.n_columns or 1
             data = data.reshape(0, width)

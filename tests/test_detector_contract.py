@@ -239,6 +239,13 @@ def test_time_going_back_is_scored_and_teaches_nothing(make: Factory) -> None:
     )
 
 
+def test_a_flat_sequence_is_one_column_of_rows(make: Factory) -> None:
+    x = np.random.default_rng(2).normal(size=300)
+    detector = make()
+    assert detector.score_stream(x).shape == (300,)
+    assert detector.n_columns == 1
+
+
 def test_row_length_is_fixed_by_the_first_row(make: Factory) -> None:
     detector = make()
     detector.learn_one([1.0, 2.0, 3.0])
