@@ -14,8 +14,10 @@ import asyncio
 import base64
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -174,6 +176,52 @@ def _folder_lock(data_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _ports(data_dir: Path, wanted: dict[str, int]) -> dict[str, int]:
+    """The local stack's ports: as set, else the ones this folder used last, if free.
+
+    Stable addresses across restarts, so that a saved dashboard link or a
+    ``fixloop train`` against the demo's InfluxDB keeps working; a port now taken by
+    something else is replaced by a free one (and remembered).
+
+    Args:
+        data_dir: the stack's data folder (``ports.json`` is kept there).
+        wanted: name -> port from the settings (0: not set).
+    """
+    path = data_dir / "ports.json"
+    try:
+        last = json.loads(path.read_text())
+    except (OSError, ValueError):
+        last = {}
+    chosen: dict[str, int] = {}
+    for name, port in wanted.items():
+        if port:
+            chosen[name] = port
+            continue
+        stored = last.get(name) if isinstance(last, dict) else None
+        before = stored if isinstance(stored, int) else 0
+        taken = set(chosen.values())
+        if 0 < before < 65536 and before not in taken and _port_free(before):
+            chosen[name] = before
+            continue
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        chosen[name] = port
+    with contextlib.suppress(OSError):
+        path.write_text(json.dumps(chosen, indent=1) + "\n")
+    return chosen
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     """Run broker, InfluxDB, gateway and simulated fleet until ``stop`` is set.
 
@@ -186,7 +234,22 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     assert stack.fleet_secret is not None  # ensure_fleet_secret filled it in
     secret = stack.fleet_secret.get_secret_value()
     gateway_password = service_password(secret, GATEWAY_USER)
-    mqtt_port = stack.mqtt_port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = _ports(
+        data_dir,
+        {
+            "mqtt": stack.mqtt_port,
+            "influx": stack.influx_port,
+            "gateway_metrics": settings.gateway.metrics_port
+            if "metrics_port" in settings.gateway.model_fields_set
+            else 0,
+            "owner_api": settings.notifier.api_port
+            if "api_port" in settings.notifier.model_fields_set
+            else 0,
+            "dashboard": stack.dashboard_port,
+        },
+    )
+    mqtt_port = ports["mqtt"]
 
     chosen = settings.sim.model_fields_set
     # A first look should show history, not an empty chart: unless told otherwise the
@@ -215,10 +278,9 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         port=mqtt_port,
         connection_messages=False,
     )
-    influx = InfluxdServer(data_dir / "influxdb", port=stack.influx_port)
+    influx = InfluxdServer(data_dir / "influxdb", port=ports["influx"])
     gateway_settings = settings.gateway.model_copy(
-        update={"spool_dir": data_dir / "spool"}
-        | ({} if "metrics_port" in settings.gateway.model_fields_set else {"metrics_port": 0})
+        update={"spool_dir": data_dir / "spool"} | {"metrics_port": ports["gateway_metrics"]}
     )
     mqtt = MqttSettings(
         host=broker.host, port=mqtt_port, username=GATEWAY_USER, password=gateway_password
@@ -248,7 +310,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 if "db_path" in settings.notifier.model_fields_set
                 else {"db_path": data_dir / "cases.sqlite3"}
             )
-            | ({} if "api_port" in settings.notifier.model_fields_set else {"api_port": 0})
+            | {"api_port": ports["owner_api"]}
             # a demo shows a fix verified in minutes, not in the production hour
             | {
                 key: value
@@ -283,7 +345,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                     feed=feed,
                     settings=settings.dashboard,
                 ),
-                stack.dashboard_port,
+                ports["dashboard"],
             )
             dashboard = await dashboard_site.__aenter__()
             tasks = [

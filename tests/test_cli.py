@@ -176,3 +176,20 @@ def test_one_stack_per_data_folder(tmp_path: Path) -> None:
         pass
     with _folder_lock(tmp_path):  # released with its holder
         pass
+
+
+def test_the_local_stack_keeps_its_ports_across_restarts(tmp_path: Path) -> None:
+    import socket
+
+    from fixloop.local import _ports
+
+    first = _ports(tmp_path, {"mqtt": 0, "influx": 0, "api": 8123})
+    assert first["api"] == 8123
+    assert len(set(first.values())) == 3
+    assert _ports(tmp_path, {"mqtt": 0, "influx": 0, "api": 8123}) == first
+    with socket.socket() as squatter:  # something else took the broker's port meanwhile
+        squatter.bind(("127.0.0.1", first["mqtt"]))
+        squatter.listen()
+        again = _ports(tmp_path, {"mqtt": 0, "influx": 0, "api": 8123})
+    assert again["mqtt"] != first["mqtt"]
+    assert again["influx"] == first["influx"]
