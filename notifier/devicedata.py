@@ -94,25 +94,28 @@ class InfluxDeviceData:
     async def _points(
         self, measurement: str, device_id: str
     ) -> AsyncIterator[tuple[int, dict[str, object]]]:
-        """A device's points of one measurement, oldest first: ``(ts_ms, columns)``."""
+        """A device's points of one measurement, oldest first: ``(ts_us, columns)``.
+
+        Microseconds: the gateway keeps two readings of one millisecond apart below it.
+        """
         await self._ready()
         after: int | None = None
         while True:
-            since = "" if after is None else f" AND time > {after}ms"
+            since = "" if after is None else f" AND time > {after}u"
             series = await self._client.query(
                 f'SELECT * FROM {_ident(measurement)} WHERE "device" = {_literal(device_id)}'
                 f"{since} ORDER BY time ASC LIMIT {_PAGE}",
-                epoch="ms",
+                epoch="u",
             )
             rows = [(one.columns, row) for one in series for row in one.values]
             if not rows:
                 return
             for columns, row in rows:
                 values = dict(zip(columns, row, strict=True))
-                ts_ms = values.pop("time")
-                assert isinstance(ts_ms, int)
-                after = ts_ms
-                yield ts_ms, {k: v for k, v in values.items() if v is not None}
+                ts_us = values.pop("time")
+                assert isinstance(ts_us, int)
+                after = ts_us
+                yield ts_us, {k: v for k, v in values.items() if v is not None}
             if len(rows) < _PAGE:
                 return
 
@@ -125,9 +128,11 @@ class InfluxDeviceData:
         """
         for device_id in _valid(device_ids):
             for measurement in self._measurements:
-                async for ts_ms, values in self._points(measurement, device_id):
+                async for ts_us, values in self._points(measurement, device_id):
                     values.pop("device", None)
-                    at = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
+                    at = datetime.fromtimestamp(ts_us // 1_000_000, tz=UTC).replace(
+                        microsecond=ts_us % 1_000_000
+                    )
                     head = {"measurement": measurement, "device": device_id, "time": at}
                     yield orjson.dumps(head | values, option=orjson.OPT_APPEND_NEWLINE)
 
@@ -149,7 +154,7 @@ class InfluxDeviceData:
         tags, types = await self._schema(measurement)
         moved = 0
         batch: list[bytes] = []
-        async for ts_ms, values in self._points(measurement, device_id):
+        async for ts_us, values in self._points(measurement, device_id):
             point_tags: dict[str, str] = {"device": anonymous}
             fields: dict[str, float | int | bool | str] = {}
             for name, value in values.items():
@@ -167,7 +172,8 @@ class InfluxDeviceData:
                     fields[name] = value
             if not fields:
                 continue
-            batch.append(point_line(measurement, point_tags, fields, ts_ms))
+            # point_line writes the number it is given: here microseconds, sent as such
+            batch.append(point_line(measurement, point_tags, fields, ts_us))
             if len(batch) >= _WRITE_BATCH:
                 moved += await self._write(batch)
                 batch = []
@@ -176,7 +182,7 @@ class InfluxDeviceData:
         return moved
 
     async def _write(self, lines: list[bytes]) -> int:
-        outcome = await self._client.write(lines)
+        outcome = await self._client.write(lines, precision="us")
         if outcome.rejected:
             _LOG.warning("re-keying device data: InfluxDB refused %d points", len(outcome.rejected))
         return len(lines) - len(outcome.rejected)

@@ -185,13 +185,19 @@ async def test_erasure_mid_delivery_leaves_nothing_anywhere(
 async def test_rekeyed_erasure_keeps_history_under_an_anonymous_id(
     tmp_path: Path, influx: InfluxClient, aiohttp_client: object
 ) -> None:
+    # two readings within one millisecond, kept apart below it as the gateway writes them
+    same_ms = (T0_MS + 5) * 1000
+    lines = [
+        f"telemetry,device={DEVICE} temp=30.5,seq={900 + n}i {same_ms + n}".encode() for n in (1, 2)
+    ]
+    assert (await influx.write(lines, precision="us")).rejected == []
     await _erase_mid_delivery(tmp_path, influx, aiohttp_client, "rekey")
     values = await _device_values(influx)
     assert DEVICE not in values
     anonymous = [v for v in values if v.startswith("anon-")]
     assert len(anonymous) == 1
     kept = await InfluxDeviceData(influx).count(anonymous)
-    assert kept == {"telemetry": 120, "device_events": 1, "health": 120}
+    assert kept == {"telemetry": 122, "device_events": 1, "health": 120}
     # the fields keep their stored types (an integer stays an integer)
     series = await influx.query(
         f"SELECT seq, temp FROM telemetry WHERE device = '{anonymous[0]}' ORDER BY time LIMIT 2"
