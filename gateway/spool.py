@@ -36,6 +36,7 @@ them directly or through :func:`asyncio.to_thread`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -176,6 +177,9 @@ class Spool:
             self._create_segment(read_segment)
         self._read_segment = read_segment
         self._read_offset = read_offset
+        if cursor is None:
+            # A cursor file from the start: with a full disk it is rewritten in place.
+            self._save_cursor()
         self._write_segment = segments[-1]
         self._sizes = dict.fromkeys(segments, 0)
         self._tally()
@@ -277,13 +281,29 @@ class Spool:
         head = struct.pack("<QQ", self._read_segment, self._read_offset)
         raw = head + struct.pack("<I", zlib.crc32(head))
         tmp = self._dir / (_CURSOR_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.write(fd, raw)
-            self._sync_fd(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._dir / _CURSOR_NAME)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, raw)
+                self._sync_fd(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self._dir / _CURSOR_NAME)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full disk must not stop the spool from draining (only a pop frees space):
+            # overwrite the cursor in place, in blocks it already has. Its 20 bytes sit in
+            # one sector, and its CRC catches a torn write (then the spool replays from the
+            # oldest segment, which is harmless).
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            fd = os.open(self._dir / _CURSOR_NAME, os.O_WRONLY)
+            try:
+                os.pwrite(fd, raw, 0)
+                self._sync_fd(fd)
+            finally:
+                os.close(fd)
         self._sync_dir()
 
     # -- public API -------------------------------------------------------------------

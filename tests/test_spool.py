@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -384,3 +385,21 @@ def test_failed_append_leaves_nothing_behind(
         assert segment.stat().st_size == size
         spool.append(batch(2))
         assert drain(spool) == [batch(0), batch(2)]
+
+
+def test_cursor_is_saved_in_place_when_the_disk_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a pop frees space, so a full disk must not stop the cursor save (issue 13).
+    with Spool(tmp_path / "spool") as spool:
+        for i in range(3):
+            spool.append(batch(i))
+
+        def full(*args: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(os, "replace", full)
+        assert spool.pop() == batch(0)
+        monkeypatch.undo()
+    with Spool(tmp_path / "spool") as spool:
+        assert drain(spool) == [batch(1), batch(2)]
