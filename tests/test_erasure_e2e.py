@@ -200,7 +200,12 @@ async def test_rekeyed_erasure_keeps_history_under_an_anonymous_id(
     assert kept == {"telemetry": 122, "device_events": 1, "health": 120}
     # the fields keep their stored types (an integer stays an integer)
     series = await influx.query(
-        f"SELECT seq, temp FROM telemetry WHERE device = '{anonymous[0]}' ORDER BY time LIMIT 2"
+        f"SELECT seq, temp FROM telemetry WHERE device = '{anonymous[0]}' AND seq < 900 "
+        "ORDER BY time LIMIT 2"
     )
     assert [row[1:] for row in series[0].values] == [[0, 20.5], [1, 21.5]]
     assert isinstance(series[0].values[0][1], int)
+    both = await influx.query(
+        f"SELECT seq FROM telemetry WHERE device = '{anonymous[0]}' AND seq >= 900", epoch="u"
+    )
+    assert [row[1] for row in both[0].values] == [901, 902]
