@@ -86,6 +86,9 @@ class GatewaySettings(BaseModel):
     spool_fsync: bool = True
     spool_max_bytes: int = Field(10 * 2**30, ge=2**20)
     retry_max_s: float = Field(30.0, gt=0)
+    stall_after_s: float = Field(
+        60.0, gt=0, description="/health is 503 once messages wait this long unstored"
+    )
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9108, ge=0, le=65535, description="0 picks a free port")
     max_payload_bytes: int = Field(16_384, ge=256, le=1_048_576)
