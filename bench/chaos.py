@@ -1,0 +1,576 @@
+"""Chaos benchmark: ingest on real servers while the gateway, broker, InfluxDB or disk fail.
+
+Runs a real mosquitto and influxd (:mod:`fixloop.stack`, configured as shipped) and the
+gateway as its own process (``python -m fixloop gateway``, as in production), publishes
+QoS-1 telemetry from simulated devices (the project's MQTT client; a message counts as
+sent once the broker acknowledged it with PUBACK) and breaks things on purpose. After
+each scenario it waits for the gateway to drain and prints one line:
+
+``scenario  sent  stored  lost  dup  drain_s  health_503``
+
+* sent: messages the broker acknowledged to the devices;
+* stored: distinct readings in InfluxDB (a reading is stored at most once: two
+  readings of a device share each millisecond here, so a lost same-millisecond
+  reading shows as lost too);
+* lost: acknowledged readings missing from InfluxDB after the drain;
+* dup: points stored twice (rows beyond the distinct readings);
+* drain_s: from the end of the fault (and of publishing) until everything acknowledged
+  was stored (or until nothing changed for the settle time);
+* health_503: whether ``/health`` answered 503 at some point of the scenario.
+
+Scenarios: kill -9 of the gateway at several moments, kill -9 of the broker with the
+gateway up and with it down (2.5 s after the last acknowledgement, and at once: the
+loss is bounded by the broker's save interval), kill -9 of influxd for a while, the
+spool's disk full (a 1 MiB tmpfs when mounting is permitted, else ``spool_max_bytes``),
+a slow InfluxDB (frozen with SIGSTOP most of the time), a device flooding as fast as the
+broker takes it, and a restart storm of many devices reconnecting at once.
+
+Usage::
+
+    python bench/chaos.py            # every scenario at full length (a few minutes)
+    python bench/chaos.py --quick    # short scenarios (about a minute), as the tests run
+    python bench/chaos.py --quick --only gateway-kill,spool-full --json /tmp/chaos.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fixloop.broker import DEFAULT_AUTOSAVE_INTERVAL_S, GATEWAY_USER
+from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from gateway.errors import BrokerUnavailableError, PermanentError
+from gateway.protocol.credentials import device_password
+from gateway.protocol.mqtt import MqttClient
+
+FLEET_SECRET = "chaos-fleet-secret-0123456789"
+GATEWAY_PASSWORD = "chaos-gateway-password"
+#: QoS-1 publishes a device keeps in flight.
+WINDOW = 64
+#: What a broker crash may lose, in seconds of acknowledged messages: Mosquitto 2.0 saves
+#: once a whole second more than ``autosave_interval`` has passed (its check is "later
+#: than", on a clock of whole seconds), so every 2 s with ``autosave_interval 1``.
+SAVE_BOUND_S = DEFAULT_AUTOSAVE_INTERVAL_S + 1.0
+#: Scenarios where a loss is expected: a broker crash, bounded by its save interval.
+BROKER_CRASH = ("broker-kill-gw-up", "broker-kill-gw-down", "broker-kill-gw-down-at-once")
+SCENARIOS = (
+    "gateway-kill",
+    "broker-kill-gw-up",
+    "broker-kill-gw-down",
+    "broker-kill-gw-down-at-once",
+    "influxd-kill",
+    "spool-full",
+    "slow-influx",
+    "flood",
+    "restart-storm",
+)
+
+
+@dataclass(slots=True)
+class Lengths:
+    """How long the scenarios run: ``--quick`` or full."""
+
+    publish_s: float
+    rate: int
+    influx_down_s: float
+    storm_devices: int
+    storm_messages: int
+    settle_s: float
+    drain_max_s: float
+
+
+QUICK = Lengths(3.0, 1_000, 4.0, 200, 5, 3.0, 40.0)
+FULL = Lengths(15.0, 2_000, 60.0, 1_000, 10, 5.0, 180.0)
+
+
+@dataclass(slots=True)
+class Result:
+    """One scenario's line."""
+
+    scenario: str
+    sent: int
+    stored: int
+    lost: int
+    dup: int
+    drain_s: float
+    health_503: bool
+    note: str = ""
+
+    def line(self) -> str:
+        return (
+            f"{self.scenario:<28} sent {self.sent:>7,}  stored {self.stored:>7,}  "
+            f"lost {self.lost:>5,}  dup {self.dup:>3}  drain {self.drain_s:6.1f} s  "
+            f"health 503 {'yes' if self.health_503 else 'no ':<3} {self.note}"
+        ).rstrip()
+
+
+def payload(device_id: str, seq: int, base_ms: int) -> bytes:
+    """A reading; two consecutive readings share a millisecond (issue 13, item 5)."""
+    body = {
+        "v": 1,
+        "id": device_id,
+        "seq": seq,
+        "ts": base_ms + seq // 2,
+        "metrics": {
+            "drum_rpm": float(1200 + seq % 7),
+            "water_temp_c": round(40 + (seq % 100) / 10, 1),
+            "vibration_rms_g": round(0.1 + (seq % 13) / 100, 3),
+            "power_w": float(1800 + seq % 50),
+            "door_open": False,
+        },
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(slots=True)
+class Device:
+    """A simulated device: publishes at QoS 1 and remembers what the broker acknowledged."""
+
+    device_id: str
+    broker: MosquittoServer
+    base_ms: int
+    acked: set[int] = field(default_factory=set)
+    next_seq: int = 0
+    client: MqttClient | None = None
+
+    async def connect(self) -> MqttClient:
+        while True:
+            client = MqttClient(
+                self.broker.host,
+                self.broker.port,
+                client_id=self.device_id,
+                username=self.device_id,
+                password=device_password(FLEET_SECRET, self.device_id),
+                connect_timeout_s=5.0,
+            )
+            try:
+                await client.connect()
+            except BrokerUnavailableError:
+                await asyncio.sleep(0.1 + random.random() * 0.2)
+                continue
+            self.client = client
+            return client
+
+    async def publish(self, seq: int) -> None:
+        client = self.client or await self.connect()
+        topic = f"devices/{self.device_id}/telemetry"
+        try:
+            async with asyncio.timeout(10):
+                await client.publish(topic, payload(self.device_id, seq, self.base_ms), qos=1)
+        except (BrokerUnavailableError, TimeoutError, PermanentError):
+            if self.client is client:
+                self.client = None
+                client.abort()
+            return
+        self.acked.add(seq)
+
+    async def run(self, rate: float, until: float, count: int | None = None) -> None:
+        """Publish at ``rate`` msg/s until ``until`` (loop time) or ``count`` messages."""
+        loop = asyncio.get_running_loop()
+        window = asyncio.Semaphore(WINDOW)
+        tasks: set[asyncio.Task[None]] = set()
+        started = loop.time()
+        sent = 0
+        while loop.time() < until and (count is None or sent < count):
+            if self.client is None:
+                await self.connect()
+            await window.acquire()
+            seq = self.next_seq
+            self.next_seq += 1
+            task = asyncio.create_task(self.publish(seq))
+            tasks.add(task)
+
+            def done(finished: asyncio.Task[None]) -> None:
+                tasks.discard(finished)
+                window.release()
+
+            task.add_done_callback(done)
+            sent += 1
+            if rate:
+                delay = started + sent / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    async def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            with contextlib.suppress(BrokerUnavailableError):
+                await client.disconnect()
+
+
+class Stack:
+    """The servers and the gateway process of one benchmark run."""
+
+    def __init__(self, root: Path, device_ids: list[str]) -> None:
+        self.root = root
+        self.broker = MosquittoServer(
+            root / "mosquitto",
+            users={GATEWAY_USER: GATEWAY_PASSWORD},
+            device_ids=device_ids,
+            fleet_secret=FLEET_SECRET,
+            connection_messages=False,
+        )
+        self.influx = InfluxdServer(root / "influxd")
+        self.metrics_port = free_port()
+        self.gateway: subprocess.Popen[bytes] | None = None
+        self.spool_dir = root / "spool"
+        self.gateway_env: dict[str, str] = {}
+
+    def start_gateway(self, **settings: str) -> None:
+        self.gateway_env = {f"FIXLOOP_GATEWAY__{k.upper()}": v for k, v in settings.items()}
+        env = {
+            **os.environ,
+            "FIXLOOP_MQTT__HOST": self.broker.host,
+            "FIXLOOP_MQTT__PORT": str(self.broker.port),
+            "FIXLOOP_MQTT__USERNAME": GATEWAY_USER,
+            "FIXLOOP_MQTT__PASSWORD": GATEWAY_PASSWORD,
+            "FIXLOOP_INFLUX__URL": self.influx.url,
+            "FIXLOOP_INFLUX__TIMEOUT_S": "2",
+            "FIXLOOP_GATEWAY__SPOOL_DIR": str(self.spool_dir),
+            "FIXLOOP_GATEWAY__METRICS_PORT": str(self.metrics_port),
+            "FIXLOOP_GATEWAY__RETRY_MAX_S": "1",
+            "FIXLOOP_GATEWAY__STALL_AFTER_S": "3",
+            **self.gateway_env,
+        }
+        log = (self.root / "gateway.log").open("ab")
+        self.gateway = subprocess.Popen(
+            [sys.executable, "-m", "fixloop", "--log-level", "WARNING", "gateway"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        gateway = self.gateway
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if gateway.poll() is not None:
+                raise SystemExit(f"the gateway exited; see {self.root / 'gateway.log'}")
+            with contextlib.suppress(OSError, ValueError):
+                if self.health()[1].get("mqtt_connected"):
+                    return
+            time.sleep(0.05)
+        raise SystemExit("the gateway did not connect")
+
+    def kill_gateway(self) -> None:
+        if self.gateway is not None:
+            self.gateway.kill()
+            self.gateway.wait()
+            self.gateway = None
+
+    def stop_gateway(self) -> None:
+        if self.gateway is not None:
+            self.gateway.send_signal(signal.SIGTERM)
+            try:
+                self.gateway.wait(30)
+            except subprocess.TimeoutExpired:
+                self.gateway.kill()
+                self.gateway.wait()
+            self.gateway = None
+
+    def health(self) -> tuple[int, dict[str, object]]:
+        url = f"http://127.0.0.1:{self.metrics_port}/health"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
+    def stored(self, prefix: str) -> tuple[int, int, dict[str, set[int]]]:
+        """(rows, distinct readings, device -> seqs) stored for devices under ``prefix``."""
+        answer = self.influx.query(
+            f"SELECT seq FROM telemetry WHERE device =~ /^{prefix}-/ GROUP BY device",
+            database="fixloop",
+        )
+        seqs: dict[str, set[int]] = {}
+        rows = 0
+        for series in answer["results"][0].get("series") or []:
+            values = [int(v[1]) for v in series["values"]]
+            rows += len(values)
+            seqs[series["tags"]["device"]] = set(values)
+        return rows, sum(len(s) for s in seqs.values()), seqs
+
+    def count(self, prefix: str) -> int:
+        answer = self.influx.query(
+            f"SELECT COUNT(seq) FROM telemetry WHERE device =~ /^{prefix}-/",
+            database="fixloop",
+        )
+        series = answer["results"][0].get("series")
+        return int(series[0]["values"][0][1]) if series else 0
+
+
+class Watch:
+    """Polls ``/health`` during a scenario; remembers whether it was ever 503."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.seen_503 = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def _poll(self) -> None:
+        while True:
+            if self.stack.gateway is not None:
+                try:
+                    status, _ = await asyncio.to_thread(self.stack.health)
+                except (OSError, ValueError):
+                    status = 0
+                self.seen_503 |= status == 503
+            await asyncio.sleep(0.25)
+
+    async def __aenter__(self) -> Watch:
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+async def drain(stack: Stack, prefix: str, devices: list[Device], lengths: Lengths) -> float:
+    """Wait until every acknowledged reading is stored, or nothing changed for a while."""
+    sent = sum(len(d.acked) for d in devices)
+    started = time.monotonic()
+    last, last_change = -1, started
+    while time.monotonic() - started < lengths.drain_max_s:
+        count = await asyncio.to_thread(stack.count, prefix)
+        now = time.monotonic()
+        if count != last:
+            last, last_change = count, now
+        if count >= sent:
+            _, _, seqs = await asyncio.to_thread(stack.stored, prefix)
+            if all(d.acked <= seqs.get(d.device_id, set()) for d in devices):
+                return now - started
+        if now - last_change > lengths.settle_s:
+            break
+        await asyncio.sleep(0.2)
+    return last_change - started
+
+
+async def publish_all(devices: list[Device], rate: float, seconds: float) -> None:
+    until = asyncio.get_running_loop().time() + seconds
+    per_device = rate / len(devices)
+    await asyncio.gather(*(d.run(per_device, until) for d in devices))
+
+
+async def later(delay_s: float, action: Callable[[], Awaitable[None] | None]) -> None:
+    await asyncio.sleep(delay_s)
+    outcome = action()
+    if outcome is not None:
+        await outcome
+
+
+async def in_thread(action: Callable[[], object]) -> None:
+    await asyncio.to_thread(action)
+
+
+def tally(
+    stack: Stack, name: str, prefix: str, devices: list[Device], drain_s: float, watch: Watch
+) -> Result:
+    rows, distinct, seqs = stack.stored(prefix)
+    sent = sum(len(d.acked) for d in devices)
+    lost = sum(len(d.acked - seqs.get(d.device_id, set())) for d in devices)
+    return Result(name, sent, distinct, lost, rows - distinct, round(drain_s, 1), watch.seen_503)
+
+
+async def scenario(
+    name: str, stack: Stack, lengths: Lengths, prefix: str, ids: list[str]
+) -> Result:
+    base_ms = int(time.time() * 1000) - 3_600_000
+    devices = [Device(i, stack.broker, base_ms) for i in ids]
+    rate, seconds = lengths.rate, lengths.publish_s
+    note = ""
+    mounted: Path | None = None
+    async with Watch(stack) as watch:
+        if name == "gateway-kill":
+            # kill -9 at three moments of the burst, each restarted half a second later.
+            seconds *= 2
+
+            async def kill_restart() -> None:
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                for moment in (0.2, 0.5, 0.8):
+                    await asyncio.sleep(max(0.0, start + seconds * moment - loop.time()))
+                    await in_thread(stack.kill_gateway)
+                    await asyncio.sleep(0.5)
+                    await in_thread(stack.start_gateway)
+
+            await asyncio.gather(publish_all(devices, rate, seconds), kill_restart())
+        elif name == "broker-kill-gw-up":
+
+            async def crash() -> None:
+                await in_thread(stack.broker.kill)
+                await asyncio.sleep(2.0)
+                await in_thread(stack.broker.start)
+
+            await asyncio.gather(publish_all(devices, rate, seconds), later(seconds / 2, crash))
+            note = f"(bound: {SAVE_BOUND_S:g} s of messages)"
+        elif name in ("broker-kill-gw-down", "broker-kill-gw-down-at-once"):
+            await in_thread(stack.kill_gateway)
+            await publish_all(devices, rate, seconds)
+            wait_s = SAVE_BOUND_S + 0.5 if name == "broker-kill-gw-down" else 0.0
+            await asyncio.sleep(wait_s)
+            await in_thread(stack.broker.kill)
+            await in_thread(stack.broker.start)
+            await in_thread(stack.start_gateway)
+            note = (
+                f"(broker killed {wait_s:g} s after the last ack; "
+                f"bound: {SAVE_BOUND_S:g} s = {SAVE_BOUND_S * rate:,.0f} messages)"
+            )
+        elif name == "influxd-kill":
+            await in_thread(stack.influx.kill)
+            await publish_all(devices, rate, max(seconds, lengths.influx_down_s))
+            await in_thread(stack.influx.start)
+            note = f"(influxd down {max(seconds, lengths.influx_down_s):g} s)"
+        elif name == "spool-full":
+            mounted = await asyncio.to_thread(mount_small_spool, stack)
+            await in_thread(stack.kill_gateway)
+            if mounted is not None:
+                stack.spool_dir = mounted
+                await in_thread(stack.start_gateway)
+                note = "(spool on a 1 MiB tmpfs)"
+            else:
+                await in_thread(lambda: stack.start_gateway(spool_max_bytes=str(2**20)))
+                note = "(spool_max_bytes 1 MiB)"
+            await in_thread(stack.influx.kill)
+            # Enough to fill the spool several times over; the broker holds the rest.
+            await publish_all(devices, rate * 3, max(seconds, lengths.influx_down_s))
+            await asyncio.sleep(1.0)
+            await in_thread(stack.influx.start)
+        elif name == "slow-influx":
+            # influxd frozen 0.8 s of every second: writes time out or crawl.
+            pid = stack.influx.pid
+            assert pid is not None
+
+            async def freeze() -> None:
+                loop = asyncio.get_running_loop()
+                end = loop.time() + seconds
+                while loop.time() < end:
+                    os.kill(pid, signal.SIGSTOP)
+                    await asyncio.sleep(0.8)
+                    os.kill(pid, signal.SIGCONT)
+                    await asyncio.sleep(0.2)
+
+            try:
+                await asyncio.gather(publish_all(devices, rate, seconds), freeze())
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        elif name == "flood":
+            # One device with no pacing: as fast as the broker acknowledges.
+            loop = asyncio.get_running_loop()
+            await devices[0].run(0, loop.time() + seconds)
+        elif name == "restart-storm":
+            count = lengths.storm_messages
+
+            async def round_of_all() -> None:
+                await asyncio.gather(*(d.connect() for d in devices))
+                until = asyncio.get_running_loop().time() + 60
+                await asyncio.gather(*(d.run(0, until, count) for d in devices))
+
+            await round_of_all()
+            # Every device drops at once (no DISCONNECT, as a power cut), then all return.
+            for device in devices:
+                if device.client is not None:
+                    device.client.abort()
+                    device.client = None
+            await round_of_all()
+            note = f"({len(devices)} devices reconnecting at once)"
+        for device in devices:
+            await device.close()
+        drain_s = await drain(stack, prefix, devices, lengths)
+        result = tally(stack, name, prefix, devices, drain_s, watch)
+    if mounted is not None:
+        await in_thread(stack.stop_gateway)
+        stack.spool_dir = stack.root / "spool"
+        await asyncio.to_thread(unmount, mounted)
+        await in_thread(stack.start_gateway)
+    result.note = note
+    return result
+
+
+def mount_small_spool(stack: Stack) -> Path | None:
+    """A 1 MiB tmpfs for the spool, or ``None`` when mounting is not permitted."""
+    target = stack.root / "small-spool"
+    target.mkdir(exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)],
+        capture_output=True,
+        check=False,
+    )
+    return target if done.returncode == 0 else None
+
+
+def unmount(target: Path) -> None:
+    subprocess.run(["umount", str(target)], capture_output=True, check=False)
+
+
+def device_ids(name: str, lengths: Lengths) -> list[str]:
+    short = "".join(part[0] for part in name.split("-"))
+    if name == "restart-storm":
+        return [f"x-{short}-{i:04d}" for i in range(lengths.storm_devices)]
+    if name == "flood":
+        return [f"x-{short}-0000"]
+    return [f"x-{short}-{i:04d}" for i in range(4)]
+
+
+async def run(names: list[str], lengths: Lengths) -> list[Result]:
+    plan = {name: device_ids(name, lengths) for name in names}
+    every = [i for ids in plan.values() for i in ids]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fixloop-chaos-") as tmp:
+        stack = Stack(Path(tmp), every)
+        with stack.broker, stack.influx:
+            try:
+                await asyncio.to_thread(stack.start_gateway)
+                for name, ids in plan.items():
+                    prefix = ids[0].rsplit("-", 1)[0]
+                    result = await scenario(name, stack, lengths, prefix, ids)
+                    print(result.line(), flush=True)
+                    results.append(result)
+            finally:
+                stack.stop_gateway()
+                mounted = stack.root / "small-spool"
+                if mounted.is_dir():
+                    unmount(mounted)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short scenarios (the tests')")
+    parser.add_argument("--only", help="comma-separated scenario names")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(SCENARIOS)
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
+    lengths = QUICK if args.quick else FULL
+    results = asyncio.run(run(names, lengths))
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    unexpected = [r for r in results if r.lost and r.scenario not in BROKER_CRASH]
+    return 1 if unexpected else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
