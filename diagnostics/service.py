@@ -205,7 +205,9 @@ class DiagnosticsService:
                 settings.client_id,
                 clean_start=False,
                 session_expiry_s=settings.session_expiry_s,
-                max_buffered=settings.batch_max * 4,
+                # Never below the Receive Maximum (65,535 by default): the broker may
+                # have that many messages in flight to us (issue 13).
+                max_buffered=max(settings.batch_max * 4, 65_535),
             ),
             shared_filters(_FILTERS, settings.shared_group),
             self._consume,

@@ -1,5 +1,8 @@
 """A small asyncio MQTT 5 client (the wire's transport, used by the gateway and devices).
 
+Place in the pipeline: devices publish through it to the broker, and every backend
+stage (gateway, diagnostics, notifier) reads its topics through it.
+
 Why not paho-mqtt: measured on the project's 2-core machines, paho's packet loop
 delivers about 33,000 QoS-0 and 17,600 QoS-1 messages a second to a callback that does
 nothing, a third of what Mosquitto passes through to ``mosquitto_sub``; the gateway
@@ -9,27 +12,83 @@ messages in one write, which is what the gateway's "acknowledge only after the d
 write" rule needs.
 
 It speaks the subset of MQTT 5.0 (OASIS standard, 2019) that fixloop uses: CONNECT
-with will, credentials, clean start and session expiry; SUBSCRIBE; PUBLISH at QoS 0
-and 1 in both directions with manual PUBACK for incoming messages; PINGREQ; DISCONNECT.
-QoS 2 is not used anywhere in fixloop and is refused.
+with will, credentials, clean start, session expiry, Receive Maximum and Maximum
+Packet Size; SUBSCRIBE; PUBLISH at QoS 0 and 1 in both directions with manual PUBACK
+for incoming messages; PINGREQ; DISCONNECT. QoS 2 and topic aliases are not used
+anywhere in fixloop and are refused.
+
+Limits, both ways (issue 13):
+
+* We announce our Maximum Packet Size (``max_packet_size``) in CONNECT; a packet
+  whose fixed header says it is larger is refused as soon as the header is read (never
+  buffered): DISCONNECT with reason 0x95, then the connection is closed.
+* The broker's Maximum Packet Size (CONNACK property 0x27), Receive Maximum (0x21),
+  Maximum QoS (0x24) and Retain Available (0x25) are obeyed: a message the broker
+  could not take is refused with :class:`~gateway.errors.PermanentError` before it
+  is sent, and QoS-1 publishes wait for send quota, which only the PUBACK of a packet
+  id we have in flight gives back.
+* Every length in a received packet is checked against the packet's end: a truncated
+  or corrupt packet raises :class:`MqttProtocolError` and never reads into the next one.
+
+Keep-alive and back-pressure. Two different things pause work:
+
+* The application stops taking messages (the gateway's queue is full while its store
+  is down). The client then stops reading the socket once ``max_buffered`` messages
+  wait (TCP flow control then holds the broker), and reads again when the consumer
+  has taken three quarters of them.
+* The connection may silently die (a half-open TCP connection, a crashed broker).
+
+The old check confused the two: it judged liveness by the time of the last byte read,
+which cannot move while reading is paused, so a stalled consumer got a healthy
+connection dropped. Now liveness is proven by the broker answering: a PINGREQ goes out
+whenever we sent nothing or received nothing for half the keep-alive interval (the
+broker's Server Keep Alive, property 0x13, when it sets one), and the connection is
+dropped only if no answer comes within ``ping_timeout_s``. An answer is the PINGRESP,
+or fresh bytes: more bytes read after the PINGREQ than the kernel held for us when we
+sent it (``FIONREAD``), which the broker can only have sent after the PINGREQ went out.
+
+While a PINGREQ is unanswered the socket is read even if the consumer is behind, so
+the PINGRESP (or fresh data) is seen: the socket reader works apart from the
+application's consumption. Reading stops again as soon as the answer is in. What is
+read meanwhile joins the waiting messages; that overshoot is bounded: QoS-1 messages
+never exceed the Receive Maximum we announced (``max_buffered`` is never below it),
+and QoS-0 traffic adds at most one kernel socket buffer per keep-alive probe. Writes
+(acknowledgements, PINGREQ) never depend on reading, so the broker's own keep-alive
+check is satisfied throughout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import fcntl
 import logging
 import ssl
 import struct
+import termios
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple, Self
 
 from gateway.errors import BrokerUnavailableError, ConfigError, PermanentError
 
-__all__ = ["Message", "MqttClient", "MqttProtocolError", "Will"]
+__all__ = [
+    "Connack",
+    "ControlPacket",
+    "Disconnect",
+    "Message",
+    "MqttClient",
+    "MqttProtocolError",
+    "MqttUsageError",
+    "PacketParser",
+    "PacketTooLargeError",
+    "Pingresp",
+    "Puback",
+    "Suback",
+    "Will",
+    "encode_publish",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -46,6 +105,9 @@ _DISCONNECT: Final = 14
 _PINGREQ_PACKET: Final = b"\xc0\x00"
 _DISCONNECT_PACKET: Final = b"\xe0\x00"
 
+#: The largest packet MQTT 5.0 can express (a remaining length of 268,435,455).
+MAX_PACKET_SIZE_LIMIT: Final = 268_435_460
+
 # Reason codes in CONNACK that no retry can cure (MQTT 5.0, 3.2.2.2).
 _CONNACK_FATAL: Final = {
     0x84: "the broker does not speak MQTT 5",
@@ -55,12 +117,41 @@ _CONNACK_FATAL: Final = {
     0x8C: "bad authentication method",
 }
 
+# DISCONNECT reason codes we send (MQTT 5.0, 3.14.2.1).
+_MALFORMED: Final = 0x81
+_PROTOCOL_ERROR: Final = 0x82
+_TOO_LARGE: Final = 0x95
+
 # Resume reading once the consumer has taken this share of the high-water mark.
 _RESUME_FRACTION: Final = 4
 
+# Property identifiers by the type of their value (MQTT 5.0, 2.2.2.2).
+_BYTE_PROPS: Final = frozenset((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A))
+_TWO_BYTE_PROPS: Final = frozenset((0x13, 0x21, 0x22, 0x23))
+_FOUR_BYTE_PROPS: Final = frozenset((0x02, 0x11, 0x18, 0x27))
+_STRING_PROPS: Final = frozenset((0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F))
+_USER_PROPERTY: Final = 0x26
+_SUBSCRIPTION_ID: Final = 0x0B
+
 
 class MqttProtocolError(BrokerUnavailableError):
-    """The broker sent something this client cannot parse; the connection is dropped."""
+    """The broker sent something this client cannot parse; the connection is dropped.
+
+    Attributes:
+        reason_code: the DISCONNECT reason code sent to the broker before closing.
+    """
+
+    reason_code = _MALFORMED
+
+
+class PacketTooLargeError(MqttProtocolError):
+    """The broker sent a packet over the Maximum Packet Size we announced."""
+
+    reason_code = _TOO_LARGE
+
+
+class MqttUsageError(ConfigError):
+    """The client was used out of order (for example ``connect()`` while connected)."""
 
 
 class Message(NamedTuple):
@@ -79,6 +170,63 @@ class Message(NamedTuple):
     qos: int
     retain: bool
     packet_id: int
+
+
+class Connack(NamedTuple):
+    """A CONNACK: the broker's answer to CONNECT.
+
+    Attributes:
+        session_present: the broker resumed a stored session.
+        reason: the reason code (0 = accepted).
+        properties: its integer-valued properties, identifier -> value.
+    """
+
+    session_present: bool
+    reason: int
+    properties: dict[int, int]
+
+
+class Puback(NamedTuple):
+    """A PUBACK for one of our QoS-1 publishes.
+
+    Attributes:
+        packet_id: the packet id acknowledged.
+        reason: the reason code (>= 0x80 = refused).
+    """
+
+    packet_id: int
+    reason: int
+
+
+class Suback(NamedTuple):
+    """A SUBACK: one reason code per topic filter of the SUBSCRIBE.
+
+    Attributes:
+        packet_id: the SUBSCRIBE's packet id.
+        reasons: the reason codes, one byte each.
+    """
+
+    packet_id: int
+    reasons: bytes
+
+
+class Pingresp(NamedTuple):
+    """A PINGRESP, the answer to our PINGREQ."""
+
+
+class Disconnect(NamedTuple):
+    """A DISCONNECT from the broker.
+
+    Attributes:
+        reason: the reason code.
+        properties: its integer-valued properties.
+    """
+
+    reason: int
+    properties: dict[int, int]
+
+
+ControlPacket = Connack | Puback | Suback | Pingresp | Disconnect
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,18 +272,30 @@ def _packet(first_byte: int, body: bytes) -> bytes:
 
 
 def encode_publish(topic: str, payload: bytes, qos: int, retain: bool, packet_id: int) -> bytes:
-    """Encode a PUBLISH packet (no properties)."""
+    """Encode a PUBLISH packet (no properties).
+
+    Args:
+        topic: the topic name.
+        payload: the payload.
+        qos: 0 or 1.
+        retain: the retain flag.
+        packet_id: the packet id (ignored at QoS 0).
+
+    Returns:
+        The packet's bytes.
+    """
     head = _utf8(topic)
     if qos:
         head += struct.pack("!H", packet_id)
     return _packet(0x30 | (qos << 1) | int(retain), head + b"\x00" + payload)
 
 
-def _read_varint(buf: bytearray | bytes, pos: int) -> tuple[int, int]:
+def _read_varint(buf: bytearray | bytes, pos: int, end: int) -> tuple[int, int]:
+    """Read a variable byte integer that must end before ``end``; (value, next pos)."""
     value = 0
     shift = 0
     while True:
-        if pos >= len(buf):
+        if pos >= end:
             raise MqttProtocolError("truncated variable byte integer")
         byte = buf[pos]
         pos += 1
@@ -147,70 +307,144 @@ def _read_varint(buf: bytearray | bytes, pos: int) -> tuple[int, int]:
             raise MqttProtocolError("malformed variable byte integer")
 
 
-def _parse_properties(buf: bytes, pos: int) -> tuple[dict[int, int], int]:
-    """Parse a property block; keep the integer properties the client needs."""
-    length, pos = _read_varint(buf, pos)
+def _parse_properties(buf: bytearray | bytes, pos: int, limit: int) -> tuple[dict[int, int], int]:
+    """Parse a property block that must end by ``limit``; keep the integer properties.
+
+    Returns:
+        The integer-valued properties and the position after the block.
+
+    Raises:
+        MqttProtocolError: the block or one of its properties runs past its end, or an
+            identifier is unknown.
+    """
+    length, pos = _read_varint(buf, pos, limit)
     end = pos + length
+    if end > limit:
+        raise MqttProtocolError("property block runs past the end of the packet")
     found: dict[int, int] = {}
     while pos < end:
         ident = buf[pos]
         pos += 1
-        if ident in (0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A):  # byte
+        if ident in _BYTE_PROPS:
+            if pos + 1 > end:
+                raise MqttProtocolError(f"truncated property 0x{ident:02x}")
             found[ident] = buf[pos]
             pos += 1
-        elif ident in (0x13, 0x21, 0x22, 0x23):  # two-byte integer
+        elif ident in _TWO_BYTE_PROPS:
+            if pos + 2 > end:
+                raise MqttProtocolError(f"truncated property 0x{ident:02x}")
             found[ident] = (buf[pos] << 8) | buf[pos + 1]
             pos += 2
-        elif ident in (0x02, 0x11, 0x18, 0x27):  # four-byte integer
-            found[ident] = struct.unpack_from("!I", buf, pos)[0]
+        elif ident in _FOUR_BYTE_PROPS:
+            if pos + 4 > end:
+                raise MqttProtocolError(f"truncated property 0x{ident:02x}")
+            found[ident] = int.from_bytes(buf[pos : pos + 4], "big")
             pos += 4
-        elif ident == 0x0B:  # subscription identifier
-            found[ident], pos = _read_varint(buf, pos)
-        elif ident == 0x26:  # user property: two strings
-            for _ in range(2):
+        elif ident == _SUBSCRIPTION_ID:
+            found[ident], pos = _read_varint(buf, pos, end)
+        elif ident in _STRING_PROPS or ident == _USER_PROPERTY:
+            for _ in range(2 if ident == _USER_PROPERTY else 1):
+                if pos + 2 > end:
+                    raise MqttProtocolError(f"truncated property 0x{ident:02x}")
                 pos += 2 + ((buf[pos] << 8) | buf[pos + 1])
-        elif ident in (0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F):  # str/binary
-            pos += 2 + ((buf[pos] << 8) | buf[pos + 1])
+                if pos > end:
+                    raise MqttProtocolError(f"truncated property 0x{ident:02x}")
         else:
             raise MqttProtocolError(f"unknown property 0x{ident:02x}")
     return found, end
 
 
-class _Protocol(asyncio.Protocol):
-    """Socket side: parses packets as bytes arrive and wakes the client."""
+def _decode_control(first: int, body: bytes) -> ControlPacket:
+    """Decode a packet other than PUBLISH from its first byte and its body."""
+    kind = first >> 4
+    if first & 0x0F:
+        raise MqttProtocolError(f"reserved flags set in packet type {kind}")
+    size = len(body)
+    if kind == _PUBACK:
+        if size < 2:
+            raise MqttProtocolError("PUBACK shorter than its packet id")
+        reason = body[2] if size > 2 else 0
+        if size > 3:
+            _, end = _parse_properties(body, 3, size)
+            if end != size:
+                raise MqttProtocolError("bytes after the PUBACK's properties")
+        return Puback((body[0] << 8) | body[1], reason)
+    if kind == _CONNACK:
+        if size < 2:
+            raise MqttProtocolError("CONNACK shorter than two bytes")
+        if body[0] & 0xFE:
+            raise MqttProtocolError("reserved CONNACK flags set")
+        props: dict[int, int] = {}
+        # A broker that does not speak MQTT 5 may answer in MQTT 3's two bytes.
+        if size > 2:
+            props, end = _parse_properties(body, 2, size)
+            if end != size:
+                raise MqttProtocolError("bytes after the CONNACK's properties")
+        return Connack(bool(body[0] & 1), body[1], props)
+    if kind == _SUBACK:
+        if size < 3:
+            raise MqttProtocolError("SUBACK shorter than its packet id and properties")
+        _, end = _parse_properties(body, 2, size)
+        return Suback((body[0] << 8) | body[1], body[end:])
+    if kind == _PINGRESP:
+        if size:
+            raise MqttProtocolError("PINGRESP with a body")
+        return Pingresp()
+    if kind == _DISCONNECT:
+        reason = body[0] if size else 0
+        props = {}
+        if size > 1:
+            props, end = _parse_properties(body, 1, size)
+            if end != size:
+                raise MqttProtocolError("bytes after the DISCONNECT's properties")
+        return Disconnect(reason, props)
+    raise MqttProtocolError(f"unexpected packet type {kind} from the broker")
 
-    def __init__(self, client: MqttClient) -> None:
-        self._client = client
+
+class PacketParser:
+    """Splits the broker's byte stream into packets, whatever the read boundaries.
+
+    PUBLISH packets become :class:`Message` tuples appended to ``inbox`` (the hot path);
+    every other packet is decoded and handed to ``on_control``.
+
+    Args:
+        inbox: where received messages go.
+        on_control: called with each other packet, in stream order.
+        max_packet_size: the largest packet accepted (the whole packet, header included).
+    """
+
+    def __init__(
+        self,
+        inbox: deque[Message],
+        on_control: Callable[[ControlPacket], None],
+        *,
+        max_packet_size: int = MAX_PACKET_SIZE_LIMIT,
+    ) -> None:
+        self.inbox = inbox
+        self._on_control = on_control
+        self._max_packet_size = max_packet_size
         self._buf = bytearray()
         self._topics: dict[bytes, str] = {}
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete packet waiting for the rest."""
+        return len(self._buf)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._client._on_lost(exc)
+    def feed(self, data: bytes) -> None:
+        """Parse ``data`` with what was left over; keep an incomplete packet's bytes.
 
-    def data_received(self, data: bytes) -> None:
-        self._buf += data
-        try:
-            self._parse()
-        except MqttProtocolError as exc:
-            self._client._fail(exc)
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        self._client._on_data()
-
-    def _parse(self) -> None:
-        """Consume every complete packet in the buffer (the receive hot path)."""
+        Raises:
+            MqttProtocolError: a malformed packet; the stream cannot be resynchronised.
+            PacketTooLargeError: a packet over ``max_packet_size`` (known from its header).
+        """
         buf = self._buf
+        buf += data
         size = len(buf)
         pos = 0
-        client = self._client
-        inbox = client._inbox
+        inbox = self.inbox
         topics = self._topics
+        max_size = self._max_packet_size
         new_message = tuple.__new__  # skips the NamedTuple's Python-level __new__
         try:
             while size - pos >= 2:
@@ -232,42 +466,81 @@ class _Protocol(asyncio.Protocol):
                         raise MqttProtocolError("malformed remaining length")
                 if not complete:
                     break
+                if i - pos + length > max_size:
+                    raise PacketTooLargeError(
+                        f"the broker sent a packet of {i - pos + length} bytes, over our "
+                        f"Maximum Packet Size of {max_size}"
+                    )
                 end = i + length
                 if end > size:
                     break
                 if first >> 4 == _PUBLISH:
                     qos = (first >> 1) & 3
-                    tlen = (buf[i] << 8) | buf[i + 1]
-                    j = i + 2 + tlen
+                    # Every length is checked against the packet's end (issue 13).
+                    if i + 2 > end:
+                        raise MqttProtocolError("PUBLISH shorter than its topic length")
+                    j = i + 2 + ((buf[i] << 8) | buf[i + 1])
+                    if j + (2 if qos else 0) >= end:
+                        raise MqttProtocolError("PUBLISH topic runs past the packet end")
                     raw_topic = bytes(buf[i + 2 : j])
                     topic = topics.get(raw_topic)
                     if topic is None:
-                        topic = raw_topic.decode()
+                        if not raw_topic:
+                            raise MqttProtocolError("empty topic (topic aliases are not used)")
+                        try:
+                            topic = raw_topic.decode()
+                        except UnicodeDecodeError as exc:
+                            raise MqttProtocolError("PUBLISH topic is not UTF-8") from exc
                         if len(topics) < 100_000:
                             topics[raw_topic] = topic
                     packet_id = 0
                     if qos:
                         if qos > 1:
-                            raise MqttProtocolError("QoS 2 is not supported")
+                            raise MqttProtocolError(f"QoS {qos} is not supported")
                         packet_id = (buf[j] << 8) | buf[j + 1]
+                        if not packet_id:
+                            raise MqttProtocolError("QoS-1 PUBLISH with packet id 0")
                         j += 2
                     plen = buf[j]
-                    if plen < 0x80:
-                        j += 1 + plen
+                    if plen == 0:
+                        j += 1
                     else:
-                        plen, j = _read_varint(buf, j)
-                        j += plen
+                        _, j = _parse_properties(buf, j, end)
                     inbox.append(
                         new_message(
                             Message, (topic, bytes(buf[j:end]), qos, bool(first & 1), packet_id)
                         )
                     )
                 else:
-                    client._on_control(first, bytes(buf[i:end]))
+                    self._on_control(_decode_control(first, bytes(buf[i:end])))
                 pos = end
         finally:
             if pos:
                 del buf[:pos]
+
+
+class _Protocol(asyncio.Protocol):
+    """Socket side: parses packets as bytes arrive and wakes the client."""
+
+    def __init__(self, client: MqttClient, parser: PacketParser) -> None:
+        self._client = client
+        self._parser = parser
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._on_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed(data)
+        except MqttProtocolError as exc:
+            self._client._protocol_error(exc)
+            return
+        self._client._on_data(len(data))
 
 
 class MqttClient:
@@ -283,6 +556,18 @@ class MqttClient:
                 ...                      # store the batch durably, then
                 client.ack_many(batch)   # acknowledge it in one write
 
+    A client holds one connection at a time: ``connect()`` while connecting or connected
+    raises :class:`MqttUsageError`; after the connection ended it may connect again.
+
+    Counters for a service's metrics (they add up over the client's connections):
+
+    * ``sessions_lost``: connections that asked to resume a session (``clean_start``
+      false) and got none from the broker (``session_present`` false): what the broker
+      had queued for us is gone. A client id's very first connection counts too, as the
+      broker cannot tell the two apart.
+    * ``pings_sent`` / ``pings_answered``: PINGREQ sent and PINGRESP received.
+    * ``unknown_acks``: PUBACKs for a packet id we had not in flight (ignored).
+
     Args:
         host: broker host name or address.
         port: broker port.
@@ -291,13 +576,25 @@ class MqttClient:
         password: password, or None.
         clean_start: start a new session (True) or resume the stored one.
         session_expiry_s: how long the broker keeps the session after a disconnect.
-        keepalive_s: keep-alive interval; a PINGREQ goes out when idle.
+        keepalive_s: keep-alive interval we ask for (0 = none); the broker's Server Keep
+            Alive replaces it when the CONNACK carries one.
         receive_maximum: how many unacknowledged QoS-1 messages the broker may send us.
         will: the last will, or None.
         tls: a TLS context, or None for plain TCP.
-        connect_timeout_s: how long to wait for the TCP connection and CONNACK.
+        connect_timeout_s: how long to wait for the TCP connection and CONNACK, and for
+            a SUBACK.
         max_buffered: how many received messages may wait for the consumer before the
             client stops reading the socket (back-pressure instead of memory growth).
+            Raised to ``receive_maximum`` if lower: the broker may have that many QoS-1
+            messages in flight to us, and stopping short of them gains nothing.
+        max_packet_size: the largest packet we accept, announced in CONNECT; a larger
+            one closes the connection (DISCONNECT 0x95).
+        publish_timeout_s: how long a QoS-1 publish waits for send quota and its PUBACK.
+        ping_timeout_s: how long a PINGREQ may stay unanswered before the connection is
+            taken for dead; None = the keep-alive interval, at least 5 s.
+
+    Raises:
+        ConfigError: a limit out of its range.
     """
 
     def __init__(
@@ -316,9 +613,25 @@ class MqttClient:
         tls: ssl.SSLContext | None = None,
         connect_timeout_s: float = 10.0,
         max_buffered: int = 100_000,
+        max_packet_size: int = 1_048_576,
+        publish_timeout_s: float = 30.0,
+        ping_timeout_s: float | None = None,
     ) -> None:
         if not 1 <= receive_maximum <= 65_535:
             raise ConfigError("receive_maximum must be between 1 and 65535")
+        if not 0 <= keepalive_s <= 65_535:
+            raise ConfigError("keepalive_s must be between 0 and 65535")
+        if not 64 <= max_packet_size <= MAX_PACKET_SIZE_LIMIT:
+            raise ConfigError(f"max_packet_size must be between 64 and {MAX_PACKET_SIZE_LIMIT}")
+        if publish_timeout_s <= 0 or (ping_timeout_s is not None and ping_timeout_s <= 0):
+            raise ConfigError("publish_timeout_s and ping_timeout_s must be positive")
+        if max_buffered < receive_maximum:
+            _LOG.debug(
+                "%s: max_buffered %d raised to the Receive Maximum %d",
+                client_id,
+                max_buffered,
+                receive_maximum,
+            )
         self.host = host
         self.port = port
         self.client_id = client_id
@@ -331,21 +644,46 @@ class MqttClient:
         self._will = will
         self._tls = tls
         self._connect_timeout_s = connect_timeout_s
-        self._max_buffered = max_buffered
+        self._max_buffered = max(max_buffered, receive_maximum)
+        self._resume_at = self._max_buffered // _RESUME_FRACTION
+        self._max_packet_size = max_packet_size
+        self._publish_timeout_s = publish_timeout_s
+        self._ping_timeout_s = ping_timeout_s
         self._protocol: _Protocol | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[Message] = deque()
         self._wakeup = asyncio.Event()
-        self._connack: asyncio.Future[tuple[bool, dict[int, int]]] | None = None
-        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._connack: asyncio.Future[Connack] | None = None
+        self._publishes: dict[int, asyncio.Future[int]] = {}
+        self._subscribes: dict[int, asyncio.Future[int]] = {}
         self._next_id = 0
         self._send_quota: asyncio.Semaphore | None = None
+        self.server_receive_maximum = 65_535
+        self.server_max_packet_size = MAX_PACKET_SIZE_LIMIT
+        self._server_max_qos = 1
+        self._server_retain = True
         self._error: BaseException | None = None
+        self._connecting = False
         self._closed = True
-        self._paused = False
+        # Reading the socket: wanted unless the consumer is behind or gather() holds it,
+        # and always while a PINGREQ waits for its answer (see the module docstring).
+        self._reading = True
+        self._backpressure = False
+        self._gathering = False
+        self._awaiting_pong = False
+        self._ping_sent_at = 0.0
+        self._probe_budget: int | None = None
+        self._probe_read = 0
+        self._ping_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._last_sent = 0.0
         self._last_received = 0.0
         self._keepalive_task: asyncio.Task[None] | None = None
+        self.keepalive_s = keepalive_s
         self.session_present = False
+        self.sessions_lost = 0
+        self.pings_sent = 0
+        self.pings_answered = 0
+        self.unknown_acks = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -364,7 +702,7 @@ class MqttClient:
     @property
     def connected(self) -> bool:
         """Whether the connection is up."""
-        return not self._closed
+        return not self._closed and not self._connecting
 
     async def connect(self) -> None:
         """Open the connection and wait for the broker's CONNACK.
@@ -372,15 +710,36 @@ class MqttClient:
         Raises:
             BrokerUnavailableError: the broker cannot be reached or refused for now.
             ConfigError: the broker refused the credentials or the client id.
+            MqttUsageError: the client is already connecting or connected.
         """
-        loop = asyncio.get_running_loop()
+        if self._connecting or not self._closed:
+            raise MqttUsageError(f"MQTT client {self.client_id!r} is already connected")
+        self._connecting = True
+        try:
+            connack = await self._open()
+        finally:
+            self._connecting = False
+        self._apply_connack(connack)
+
+    async def _open(self) -> Connack:
+        loop = self._loop = asyncio.get_running_loop()
+        if self._keepalive_task is not None:  # left from a connection that died
+            self._keepalive_task.cancel()
+            await asyncio.wait([self._keepalive_task])
+            self._keepalive_task = None
         self._error = None
         self._inbox.clear()
+        self._wakeup.clear()
+        self._publishes = {}
+        self._subscribes = {}
+        self._reading = True
+        self._backpressure = self._gathering = self._awaiting_pong = False
         self._connack = loop.create_future()
+        parser = PacketParser(self._inbox, self._on_control, max_packet_size=self._max_packet_size)
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 _, protocol = await loop.create_connection(
-                    lambda: _Protocol(self),
+                    lambda: _Protocol(self, parser),
                     self.host,
                     self.port,
                     ssl=self._tls,
@@ -389,7 +748,7 @@ class MqttClient:
                 self._protocol = protocol
                 self._closed = False
                 self._write(self._connect_packet())
-                session_present, props = await self._connack
+                return await self._connack
         except (OSError, TimeoutError) as exc:
             self._abort()
             raise BrokerUnavailableError(
@@ -398,22 +757,40 @@ class MqttClient:
         except BaseException:
             self._abort()
             raise
-        self.session_present = session_present
-        self._send_quota = asyncio.Semaphore(props.get(0x21, 65_535))
-        now = loop.time()
-        self._last_received = now
-        if self._keepalive_s:
+
+    def _apply_connack(self, connack: Connack) -> None:
+        props = connack.properties
+        self.session_present = connack.session_present
+        self.server_receive_maximum = props.get(0x21, 65_535) or 65_535
+        self._send_quota = asyncio.Semaphore(self.server_receive_maximum)
+        self.server_max_packet_size = props.get(0x27, MAX_PACKET_SIZE_LIMIT)
+        self._server_max_qos = props.get(0x24, 1)
+        self._server_retain = bool(props.get(0x25, 1))
+        # MQTT 5.0, 3.2.2.3.14: the client must use the Server Keep Alive if given.
+        self.keepalive_s = props.get(0x13, self._keepalive_s)
+        if not self._clean_start and not connack.session_present:
+            self.sessions_lost += 1
+            _LOG.warning(
+                "%s: the broker has no session for us although we asked to resume one: "
+                "messages it held for us are lost (expected on the client id's first "
+                "connection only); sessions lost so far: %d",
+                self.client_id,
+                self.sessions_lost,
+            )
+        loop = asyncio.get_running_loop()
+        self._last_received = self._last_sent = loop.time()
+        if self.keepalive_s:
             self._keepalive_task = asyncio.create_task(
                 self._keepalive(), name=f"mqtt-keepalive-{self.client_id}"
             )
 
     async def disconnect(self) -> None:
         """Send DISCONNECT (the will is then not published) and close the socket."""
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive_task
-            self._keepalive_task = None
+        task, self._keepalive_task = self._keepalive_task, None
+        if task is not None:
+            task.cancel()
+            # wait() neither raises the task's CancelledError nor swallows our own.
+            await asyncio.wait([task])
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None and not self._closed:
             protocol.transport.write(_DISCONNECT_PACKET)
@@ -426,26 +803,89 @@ class MqttClient:
         self._abort()
 
     def _abort(self) -> None:
-        if self._keepalive_task is not None:
-            self._keepalive_task.cancel()
-            self._keepalive_task = None
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None:
             protocol.transport.abort()
         self._closed = True
 
+    @property
+    def ping_timeout_s(self) -> float:
+        """How long a PINGREQ may stay unanswered before the connection is dropped."""
+        if self._ping_timeout_s is not None:
+            return self._ping_timeout_s
+        return max(float(self.keepalive_s), 5.0)
+
     async def _keepalive(self) -> None:
         loop = asyncio.get_running_loop()
-        interval = self._keepalive_s
+        interval = self.keepalive_s
+        timeout = self.ping_timeout_s
+        tick = min(interval / 4, timeout / 2)
         while not self._closed:
-            await asyncio.sleep(interval / 2)
-            now = loop.time()
-            if now - self._last_received > interval * 1.5:
-                self._fail(BrokerUnavailableError("the broker stopped answering (keep-alive)"))
-                self._abort()
+            await asyncio.sleep(tick)
+            if self._closed:
                 return
-            if now - self._last_sent >= interval / 2:
-                self._write(_PINGREQ_PACKET)
+            now = loop.time()
+            if self._awaiting_pong:
+                if now - self._ping_sent_at > timeout:
+                    _LOG.warning(
+                        "%s: no answer to PINGREQ within %.1f s; dropping the connection",
+                        self.client_id,
+                        timeout,
+                    )
+                    self._fail(
+                        BrokerUnavailableError(
+                            f"the broker stopped answering (no PINGRESP within {timeout:g} s)"
+                        )
+                    )
+                    self._abort()
+                    return
+            elif now - self._last_sent >= interval / 2 or now - self._last_received >= interval / 2:
+                self._send_ping()
+
+    def _send_ping(self) -> None:
+        protocol = self._protocol
+        transport = protocol.transport if protocol is not None else None
+        self._write(_PINGREQ_PACKET)
+        self.pings_sent += 1
+        self._ping_sent_at = asyncio.get_running_loop().time()
+        self._awaiting_pong = True
+        self._probe_read = 0
+        self._probe_budget = None
+        # Bytes already waiting in the kernel were sent before our PINGREQ; more than
+        # these read from now on prove the broker still sends (the module docstring).
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            except OSError:
+                pass
+            else:
+                # Under TLS a read-ahead may sit decrypted in memory too.
+                slack = 262_144 if self._tls is not None else 0
+                self._probe_budget = int.from_bytes(raw, "little") + slack
+        self._update_reading()
+
+    def _pong(self) -> None:
+        self._awaiting_pong = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        want = (
+            self._awaiting_pong
+            or bool(self._ping_waiters)
+            or not (self._backpressure or self._gathering)
+        )
+        if want == self._reading:
+            return
+        protocol = self._protocol
+        transport = protocol.transport if protocol is not None else None
+        if transport is None or transport.is_closing():
+            return
+        if want:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+        self._reading = want
 
     # -- protocol callbacks --------------------------------------------------------
 
@@ -455,6 +895,8 @@ class MqttClient:
         if self._session_expiry_s:
             props += b"\x11" + struct.pack("!I", self._session_expiry_s)
         props += b"\x21" + struct.pack("!H", self._receive_maximum)
+        if self._max_packet_size < MAX_PACKET_SIZE_LIMIT:
+            props += b"\x27" + struct.pack("!I", self._max_packet_size)
         body = _utf8("MQTT") + b"\x05"
         payload = _utf8(self.client_id)
         if self._will is not None:
@@ -470,59 +912,80 @@ class MqttClient:
         body += _varint(len(props)) + props + payload
         return _packet(_CONNECT << 4, body)
 
-    def _on_data(self) -> None:
-        self._last_received = asyncio.get_running_loop().time()
-        if self._inbox:
+    def _on_data(self, size: int) -> None:
+        loop = self._loop
+        assert loop is not None
+        self._last_received = loop.time()
+        if self._awaiting_pong and self._probe_budget is not None:
+            self._probe_read += size
+            if self._probe_read > self._probe_budget:
+                self._pong()
+        inbox = self._inbox
+        if inbox:
             self._wakeup.set()
-            if len(self._inbox) >= self._max_buffered and not self._paused:
-                protocol = self._protocol
-                if protocol is not None and protocol.transport is not None:
-                    protocol.transport.pause_reading()
-                    self._paused = True
+            if len(inbox) >= self._max_buffered and not self._backpressure:
+                self._backpressure = True
+                self._update_reading()
 
-    def _on_control(self, first: int, body: bytes) -> None:
-        kind = first >> 4
-        if kind == _PUBACK:
-            packet_id = (body[0] << 8) | body[1]
-            reason = body[2] if len(body) > 2 else 0
-            future = self._pending.pop(packet_id, None)
+    def _on_control(self, packet: ControlPacket) -> None:
+        if isinstance(packet, Puback):
+            future = self._publishes.pop(packet.packet_id, None)
+            if future is None:
+                # Not ours in flight: it must not free send quota (issue 13).
+                self.unknown_acks += 1
+                _LOG.debug("%s: PUBACK for unknown packet id %d", self.client_id, packet[0])
+                return
             if self._send_quota is not None:
                 self._send_quota.release()
-            if future is not None and not future.done():
-                future.set_result(reason)
-        elif kind == _CONNACK:
-            session_present = bool(body[0] & 1)
-            reason = body[1]
-            props, _ = _parse_properties(body, 2) if len(body) > 2 else ({}, 0)
-            if self._connack is None or self._connack.done():
-                return
+            if not future.done():
+                future.set_result(packet.reason)
+        elif isinstance(packet, Pingresp):
+            self.pings_answered += 1
+            answered = self.pings_answered
+            waiters = self._ping_waiters
+            for target, waiter in waiters:
+                if target <= answered and not waiter.done():
+                    waiter.set_result(None)
+            self._ping_waiters = [w for w in waiters if not w[1].done()]
+            self._pong()
+        elif isinstance(packet, Connack):
+            connack = self._connack
+            if connack is None or connack.done():
+                raise MqttProtocolError("CONNACK outside of connecting")
+            reason = packet.reason
             if reason == 0:
-                self._connack.set_result((session_present, props))
+                connack.set_result(packet)
             elif reason in _CONNACK_FATAL:
-                self._connack.set_exception(
+                connack.set_exception(
                     ConfigError(
                         f"MQTT broker {self.host}:{self.port} refused client "
                         f"{self.client_id!r}: {_CONNACK_FATAL[reason]}"
                     )
                 )
             else:
-                self._connack.set_exception(
+                connack.set_exception(
                     BrokerUnavailableError(f"MQTT broker refused the connection (0x{reason:02x})")
                 )
-        elif kind == _SUBACK:
-            packet_id = (body[0] << 8) | body[1]
-            _, pos = _parse_properties(body, 2)
-            future = self._pending.pop(packet_id, None)
+        elif isinstance(packet, Suback):
+            future = self._subscribes.pop(packet.packet_id, None)
             if future is not None and not future.done():
-                codes = body[pos:]
+                codes = packet.reasons
                 future.set_result(max(codes) if codes else 0x80)
-        elif kind == _PINGRESP:
-            pass
-        elif kind == _DISCONNECT:
-            reason = body[0] if body else 0
-            self._fail(BrokerUnavailableError(f"the broker disconnected us (0x{reason:02x})"))
         else:
-            raise MqttProtocolError(f"unexpected packet type {kind}")
+            self._fail(
+                BrokerUnavailableError(f"the broker disconnected us (0x{packet.reason:02x})")
+            )
+
+    def _protocol_error(self, exc: MqttProtocolError) -> None:
+        _LOG.warning("%s: dropping the connection: %s", self.client_id, exc)
+        self._fail(exc)
+        protocol = self._protocol
+        transport = protocol.transport if protocol is not None else None
+        if transport is not None and not transport.is_closing():
+            # MQTT 5.0, 4.13: tell the broker why, then close.
+            transport.write(bytes((_DISCONNECT << 4, 1, exc.reason_code)))
+            transport.close()
+        self._closed = True
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -533,10 +996,20 @@ class MqttClient:
             self._error = error
         if self._connack is not None and not self._connack.done():
             self._connack.set_exception(BrokerUnavailableError(str(error)))
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(BrokerUnavailableError(str(error)))
+        for pending in (self._publishes, self._subscribes):
+            for future in pending.values():
+                if not future.done():
+                    future.set_exception(BrokerUnavailableError(str(error)))
+            pending.clear()
+        waiters, self._ping_waiters = self._ping_waiters, []
+        for _, waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(BrokerUnavailableError(str(error)))
+        quota, self._send_quota = self._send_quota, None
+        if quota is not None and quota.locked():
+            # Wake publishers waiting for quota; they find the connection gone.
+            for _ in range(self.server_receive_maximum):
+                quota.release()
         self._wakeup.set()
 
     def _write(self, data: bytes) -> None:
@@ -544,13 +1017,16 @@ class MqttClient:
         if self._closed or protocol is None or protocol.transport is None:
             raise BrokerUnavailableError("not connected to the MQTT broker")
         protocol.transport.write(data)
-        self._last_sent = asyncio.get_running_loop().time()
+        loop = self._loop
+        if loop is not None:
+            self._last_sent = loop.time()
 
     def _packet_id(self) -> int:
+        # Packet ids are shared by PUBLISH and SUBSCRIBE in flight (MQTT 5.0, 2.2.1).
         for _ in range(65_535):
-            self._next_id = self._next_id % 65_535 + 1
-            if self._next_id not in self._pending:
-                return self._next_id
+            self._next_id = next_id = self._next_id % 65_535 + 1
+            if next_id not in self._publishes and next_id not in self._subscribes:
+                return next_id
         raise BrokerUnavailableError("no free packet id")  # pragma: no cover
 
     # -- public API ----------------------------------------------------------------
@@ -559,51 +1035,126 @@ class MqttClient:
         """Subscribe to topic filters and wait for the SUBACK.
 
         Raises:
-            PermanentError: the broker refused a filter (ACL or a bad filter).
-            BrokerUnavailableError: the connection dropped.
+            PermanentError: the broker refused a filter (ACL or a bad filter), or the
+                SUBSCRIBE would exceed the broker's Maximum Packet Size.
+            BrokerUnavailableError: the connection dropped or no SUBACK came in time.
         """
-        packet_id = self._packet_id()
         payload = b"".join(_utf8(f) + bytes((qos,)) for f in topic_filters)
+        packet_id = self._packet_id()
+        packet = _packet(0x82, struct.pack("!H", packet_id) + b"\x00" + payload)
+        if len(packet) > self.server_max_packet_size:
+            raise PermanentError(
+                f"SUBSCRIBE to {list(topic_filters)} exceeds the broker's Maximum Packet Size"
+            )
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending[packet_id] = future
-        self._write(_packet(0x82, struct.pack("!H", packet_id) + b"\x00" + payload))
-        async with asyncio.timeout(self._connect_timeout_s):
-            worst = await future
+        self._subscribes[packet_id] = future
+        try:
+            self._write(packet)
+            async with asyncio.timeout(self._connect_timeout_s):
+                worst = await future
+        except TimeoutError as exc:
+            raise BrokerUnavailableError(
+                f"no SUBACK within {self._connect_timeout_s:g} s for {list(topic_filters)}"
+            ) from exc
+        finally:
+            self._subscribes.pop(packet_id, None)
         if worst >= 0x80:
             raise PermanentError(
                 f"the broker refused subscription to {list(topic_filters)} (0x{worst:02x})"
             )
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 0,
+        retain: bool = False,
+        timeout_s: float | None = None,
     ) -> None:
         """Publish a message; at QoS 1, return after the broker's PUBACK.
 
+        Args:
+            topic: the topic name.
+            payload: the payload.
+            qos: 0 or 1.
+            retain: ask the broker to retain it.
+            timeout_s: at QoS 1, how long to wait for send quota and the PUBACK
+                (default ``publish_timeout_s``). A publish that timed out stays in
+                flight: its late PUBACK still frees its quota.
+
         Raises:
-            PermanentError: the broker refused the message (for example by ACL).
-            BrokerUnavailableError: the connection dropped before the PUBACK.
+            PermanentError: the broker refused the message (for example by ACL), or
+                cannot take it (over its Maximum Packet Size or Maximum QoS, or retained
+                where it has no retain).
+            BrokerUnavailableError: the connection dropped before the PUBACK, or no
+                PUBACK came within the timeout.
         """
-        if qos == 0:
-            self._write(encode_publish(topic, payload, 0, retain, 0))
-            return
-        if qos != 1:
+        if qos not in (0, 1):
             raise PermanentError("only QoS 0 and 1 are supported")
+        packet = encode_publish(topic, payload, qos, retain, 0)
+        if len(packet) > self.server_max_packet_size:
+            raise PermanentError(
+                f"message on {topic} of {len(packet)} bytes exceeds the broker's Maximum "
+                f"Packet Size of {self.server_max_packet_size}"
+            )
+        if qos > self._server_max_qos:
+            raise PermanentError(f"the broker takes no QoS-{qos} messages (on {topic})")
+        if retain and not self._server_retain:
+            raise PermanentError(f"the broker takes no retained messages (on {topic})")
+        if qos == 0:
+            self._write(packet)
+            return
         quota = self._send_quota
         if quota is None:
             raise BrokerUnavailableError("not connected to the MQTT broker")
-        await quota.acquire()
-        packet_id = self._packet_id()
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending[packet_id] = future
+        timeout = self._publish_timeout_s if timeout_s is None else timeout_s
         try:
-            self._write(encode_publish(topic, payload, 1, retain, packet_id))
-        except BaseException:
-            self._pending.pop(packet_id, None)
-            quota.release()
-            raise
-        reason = await future
+            async with asyncio.timeout(timeout):
+                await quota.acquire()
+                packet_id = self._packet_id()
+                future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+                self._publishes[packet_id] = future
+                try:
+                    self._write(encode_publish(topic, payload, 1, retain, packet_id))
+                except BaseException:
+                    self._publishes.pop(packet_id, None)
+                    quota.release()
+                    raise
+                # Cancelled or timed out, the packet id stays in flight until its PUBACK.
+                reason = await future
+        except TimeoutError as exc:
+            raise BrokerUnavailableError(
+                f"no PUBACK within {timeout:g} s for a message on {topic}"
+            ) from exc
         if reason >= 0x80:
             raise PermanentError(f"the broker refused the message on {topic} (0x{reason:02x})")
+
+    async def ping(self, timeout_s: float | None = None) -> None:
+        """Send a PINGREQ and wait for its PINGRESP (a round trip through the broker).
+
+        The socket is read meanwhile even if the consumer is behind. Everything the
+        broker sent before the PINGRESP has been received when this returns.
+
+        Args:
+            timeout_s: how long to wait (default ``ping_timeout_s``).
+
+        Raises:
+            BrokerUnavailableError: the connection dropped or no PINGRESP came in time.
+        """
+        timeout = self.ping_timeout_s if timeout_s is None else timeout_s
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._send_ping()
+        self._ping_waiters.append((self.pings_sent, future))
+        self._update_reading()
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError as exc:
+            raise BrokerUnavailableError(f"no PINGRESP within {timeout:g} s") from exc
+        finally:
+            self._ping_waiters = [w for w in self._ping_waiters if w[1] is not future]
+            self._update_reading()
 
     def ack(self, message: Message) -> None:
         """Acknowledge one QoS-1 message (send its PUBACK); a no-op for QoS 0."""
@@ -622,20 +1173,20 @@ class MqttClient:
     async def gather(self, delay_s: float) -> None:
         """Stop reading the socket for ``delay_s``, then read what piled up at once.
 
-        Keep-alive is unaffected: ``delay_s`` is milliseconds against a keep-alive of
-        seconds. Nothing is lost: the kernel's socket buffer (and then TCP flow
-        control) holds the data meanwhile.
+        Keep-alive is unaffected: an unanswered PINGREQ keeps the socket read. Nothing
+        is lost: the kernel's socket buffer (and then TCP flow control) holds the data
+        meanwhile.
         """
-        protocol = self._protocol
-        if protocol is None or protocol.transport is None or self._paused:
+        if self._closed or self._gathering:
             await asyncio.sleep(delay_s)
             return
-        protocol.transport.pause_reading()
+        self._gathering = True
+        self._update_reading()
         try:
             await asyncio.sleep(delay_s)
         finally:
-            if not self._paused and not protocol.transport.is_closing():
-                protocol.transport.resume_reading()
+            self._gathering = False
+            self._update_reading()
         # The read is queued by the next poll of the event loop, behind this task's own
         # wake-up; two yields let it run before the caller takes the messages.
         await asyncio.sleep(0)
@@ -651,11 +1202,9 @@ class MqttClient:
         inbox = self._inbox
         count = min(max_count, len(inbox))
         taken = [inbox.popleft() for _ in range(count)]
-        if self._paused and len(inbox) <= self._max_buffered // _RESUME_FRACTION:
-            protocol = self._protocol
-            if protocol is not None and protocol.transport is not None:
-                protocol.transport.resume_reading()
-            self._paused = False
+        if self._backpressure and len(inbox) <= self._resume_at:
+            self._backpressure = False
+            self._update_reading()
         if not inbox:
             self._wakeup.clear()
         return taken
