@@ -589,6 +589,9 @@ class Gateway:
             await self._pop_written(spool)
             self._sync_spool_gauges()
             if not len(spool):
+                # Emptied, its segments are deleted: it can take writes again (the next
+                # append says otherwise if the disk is still full).
+                metrics.spool_writable = True
                 _LOG.info("spool drained; writing to InfluxDB directly again")
 
     async def _probe_influx(self) -> bool:

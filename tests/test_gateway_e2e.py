@@ -296,3 +296,58 @@ async def test_gateway_killed_mid_burst_loses_nothing(
         gateway.terminate()
         gateway.wait(10)
     assert gateway.returncode in (0, -signal.SIGTERM)
+
+
+async def health(port: int | None) -> tuple[int, dict[str, object]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/health") as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_full_spool_says_so_and_ingest_resumes_when_influxdb_returns(
+    mosquitto: MosquittoServer, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    # Issue 13: with InfluxDB away and the spool full the gateway holds acknowledgements
+    # (the broker keeps the messages) and /health is 503; once InfluxDB is back it writes
+    # again although nothing new could be spooled, and everything arrives.
+    influx = make_influxd()
+    base_ms = int(time.time() * 1000) - 86_400_000
+    async with running_gateway(
+        mosquitto, influx.url, tmp_path / "spool", spool_max_bytes=2**20, retry_max_s=0.5
+    ) as gw:
+        await asyncio.to_thread(influx.kill)
+        sent = await publish_burst(mosquitto, 10_000, base_ms)
+        await wait_for(lambda: not gw.metrics.spool_writable, 30, "the spool to fill")
+        status, body = await health(gw.metrics_port)
+        assert status == 503
+        assert "spool_unwritable" in body["problems"]  # type: ignore[operator]
+        assert gw.metrics.unacked > 0
+        await asyncio.to_thread(influx.start)
+        await wait_for(lambda: gw.metrics.unacked == 0, 60, "every message stored", 0.2)
+        await wait_for(lambda: gw.metrics.spool_batches == 0, 60, "the spool to drain", 0.2)
+        assert gw.metrics.spool_disk_bytes == 0  # replayed space is reclaimed
+        status, body = await health(gw.metrics_port)
+        assert (status, body["problems"]) == (200, [])
+        assert gw.metrics.spool_errors > 0
+    assert await count_points(influx.url) == sent
+
+
+async def test_a_lost_broker_session_is_counted(
+    make_mosquitto: MakeMosquitto, influxd: InfluxdServer, tmp_path: Path
+) -> None:
+    broker = make_mosquitto()
+    async with running_gateway(broker, influxd.url, tmp_path / "spool", retry_max_s=0.5) as gw:
+        assert gw.metrics.session_lost == 0
+        # The broker crashes and comes back without its database: our session is gone.
+        await asyncio.to_thread(broker.kill)
+        for path in broker.data_dir.glob("*.db"):
+            path.unlink()
+        await wait_for(lambda: not gw.metrics.mqtt_connected, 10, "the disconnect")
+        status, body = await health(gw.metrics_port)
+        assert status == 503
+        assert "mqtt_disconnected" in body["problems"]  # type: ignore[operator]
+        await asyncio.to_thread(broker.start)
+        await wait_for(lambda: gw.metrics.mqtt_connected, 20, "the reconnect")
+        assert gw.metrics.session_lost == 1
