@@ -213,6 +213,11 @@ class _Assembler:
         return found
 
 
+#: From this many readings the metric columns are gathered column by column (fewer
+#: conversions per value), below it row by row (fewer calls per round).
+_BY_COLUMN: Final = 64
+
+
 class FeatureProgram:
     """A product's features, run over a batch of readings by one compiled loop.
 
@@ -272,9 +277,14 @@ class FeatureProgram:
         n = len(metrics)
         names = self._columns
         # a bool metric arrives as True/False: 1.0/0.0 here; a missing metric is NaN
-        x = np.array(
-            [[m.get(name, _NAN) for name in names] for m in metrics], dtype=np.float64
-        ).reshape(n, len(names))
+        if n < _BY_COLUMN:
+            x = np.array(
+                [[m.get(name, _NAN) for name in names] for m in metrics], dtype=np.float64
+            ).reshape(n, len(names))
+        else:
+            x = np.empty((n, len(names)), dtype=np.float64)
+            for j, name in enumerate(names):
+                x[:, j] = np.fromiter((m.get(name, _NAN) for m in metrics), np.float64, n)
         words = self._words
         status = np.array([words.get(s or "", -1) for s in statuses], dtype=np.int64)
         rows: F64 = kernels.feature_rows(
