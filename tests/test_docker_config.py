@@ -192,3 +192,33 @@ def test_passwd_entry_point_refuses_a_missing_password(
     assert main(argv, environ={}) == 1
     assert "UNSET_VAR is not set" in capsys.readouterr().err
     assert not (tmp_path / "passwd").exists()
+
+
+def test_emqx_cluster_file_replaces_the_broker_with_durable_replicated_sessions() -> None:
+    # Issue 13: for production, a broker whose durable sessions survive a node crash.
+    base: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    text = (DOCKER / "compose.emqx.yaml").read_text(encoding="utf-8")
+    cluster: dict[str, Any] = yaml.safe_load(text)
+    services = cluster["services"]
+    assert services["mosquitto"] == {"profiles": ["single-broker"]}
+    nodes = [services[f"emqx{i}"] for i in (1, 2, 3)]
+    names = {node["environment"]["EMQX_NODE__NAME"] for node in nodes}
+    assert names == {f"emqx@emqx{i}.fixloop" for i in (1, 2, 3)}
+    for node in nodes:
+        env = node["environment"]
+        assert env["EMQX_DURABLE_SESSIONS__ENABLE"] == "true"
+        assert env["EMQX_DURABLE_STORAGE__MESSAGES__REPLICATION_FACTOR"] == "3"
+        assert env["EMQX_CLUSTER__STATIC__SEEDS"].count("emqx@") == 3
+        assert env["EMQX_AUTHORIZATION__NO_MATCH"] == "deny"
+        assert "broker" in node["networks"]["default"]["aliases"]
+        assert any(v.endswith(":/opt/emqx/data") for v in node["volumes"])
+        assert f"{node['volumes'][-1].split(':')[0]}" in cluster["volumes"]
+    for name in ("gateway", "diagnostics", "notifier"):
+        assert name in base["services"]
+        assert services[name]["environment"]["FIXLOOP_MQTT__HOST"] == "broker"
+        assert services[name]["depends_on"]["mosquitto"]["required"] is False
+    acl = (DOCKER / "emqx" / "acl.conf").read_text(encoding="utf-8")
+    assert '"devices/${username}/telemetry"' in acl
+    assert acl.rstrip().endswith("{deny, all}.")
+    readme = (DOCKER / "README.md").read_text(encoding="utf-8")
+    assert "compose.emqx.yaml" in readme
