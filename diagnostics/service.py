@@ -45,6 +45,7 @@ from gateway.protocol import (
 )
 from gateway.protocol.mqtt import Message, MqttClient
 from gateway.settings import MqttSettings
+from gateway.supervisor import StageHealth, supervise
 
 __all__ = ["HEALTH_MEASUREMENT", "DiagnosticsService", "load_engine", "stored_registry"]
 
@@ -152,6 +153,10 @@ class DiagnosticsService:
         self.diagnoses_published = 0
         self.readings_scored = 0
         self.scores_dropped = 0
+        #: readings and events the engine raised on (logged with the device, skipped)
+        self.items_failed = 0
+        #: the consumer's state: down while restarting after an unforeseen error
+        self.stages = StageHealth()
 
     @property
     def unknown_readings(self) -> int:
@@ -200,18 +205,24 @@ class DiagnosticsService:
             ConfigError: the broker refused our credentials.
         """
         settings = self._settings
-        await consume_forever(
-            lambda: self._mqtt.client(
-                settings.client_id,
-                clean_start=False,
-                session_expiry_s=settings.session_expiry_s,
-                # Never below the Receive Maximum (65,535 by default): the broker may
-                # have that many messages in flight to us (issue 13).
-                max_buffered=max(settings.batch_max * 4, 65_535),
+        # a consumer that dies anyway is logged at once and restarted (unacknowledged
+        # messages come again from the persistent session)
+        await supervise(
+            "diagnostics",
+            lambda: consume_forever(
+                lambda: self._mqtt.client(
+                    settings.client_id,
+                    clean_start=False,
+                    session_expiry_s=settings.session_expiry_s,
+                    # Never below the Receive Maximum (65,535 by default): the broker may
+                    # have that many messages in flight to us (issue 13).
+                    max_buffered=max(settings.batch_max * 4, 65_535),
+                ),
+                shared_filters(_FILTERS, settings.shared_group),
+                self._consume,
+                on_subscribed=lambda _: self._subscribed.set(),
             ),
-            shared_filters(_FILTERS, settings.shared_group),
-            self._consume,
-            on_subscribed=lambda _: self._subscribed.set(),
+            self.stages,
         )
 
     async def _consume(self, client: MqttClient) -> None:
@@ -221,8 +232,27 @@ class DiagnosticsService:
             await client.wait_messages()
             messages = client.take(self._settings.batch_max)
             items = _decode(messages, int(self._clock() * 1000))
-            result = await asyncio.to_thread(engine.process, items)
-            await self._publish(client, result)
+            try:
+                result = await asyncio.to_thread(engine.process, items)
+            except Exception:
+                # one reading that trips the engine must not stop the fleet's scoring:
+                # the round again, one item at a time, skipping (and naming) the culprit
+                _LOG.exception("a round of %d items failed; scoring them one by one", len(items))
+                for item in items:
+                    try:
+                        one = await asyncio.to_thread(engine.process, [item])
+                    except Exception:
+                        self.items_failed += 1
+                        _LOG.exception(
+                            "%s of device %s at %d skipped: the engine raised on it",
+                            type(item).__name__,
+                            item.device_id,
+                            item.ts_ms,
+                        )
+                        continue
+                    await self._publish(client, one)
+            else:
+                await self._publish(client, result)
             client.ack_many(messages)
 
     async def _publish(self, client: MqttClient, result: EngineResult) -> None:
