@@ -351,3 +351,18 @@ async def test_a_lost_broker_session_is_counted(
         await asyncio.to_thread(broker.start)
         await wait_for(lambda: gw.metrics.mqtt_connected, 20, "the reconnect")
         assert gw.metrics.session_lost == 1
+
+
+async def test_messages_the_broker_drops_are_reported(
+    make_mosquitto: MakeMosquitto, influxd: InfluxdServer, tmp_path: Path
+) -> None:
+    # Past max_queued_messages the broker drops; the gateway reads its $SYS counter.
+    broker = make_mosquitto(max_queued_messages=10)
+    spool = tmp_path / "spool"
+    async with running_gateway(broker, influxd.url, spool):
+        pass  # the session exists; the broker queues for it from now on
+    await publish_burst(broker, 50, int(time.time() * 1000) - 60_000)
+    async with running_gateway(broker, influxd.url, spool) as gw:
+        # Mosquitto publishes $SYS every sys_interval (10 s).
+        await wait_for(lambda: gw.metrics.broker_dropped > 0, 25, "the drop count", 0.2)
+        assert "fixloop_gateway_broker_dropped_messages" in gw.metrics.render()
