@@ -27,6 +27,7 @@ from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
 from gateway.errors import PermanentError
 from gateway.influx import InfluxClient, InfluxSettings
+from gateway.metrics import GatewayMetrics
 from gateway.protocol.mqtt import MqttClient
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings, MqttSettings
@@ -366,3 +367,18 @@ async def test_messages_the_broker_drops_are_reported(
         # Mosquitto publishes $SYS every sys_interval (10 s).
         await wait_for(lambda: gw.metrics.broker_dropped > 0, 25, "the drop count", 0.2)
         assert "fixloop_gateway_broker_dropped_messages" in gw.metrics.render()
+
+
+def test_health_names_every_reason_the_gateway_cannot_take_data() -> None:
+    metrics = GatewayMetrics(stall_after_s=60.0, last_progress_s=1_000.0)
+    metrics.mqtt_connected = True
+    assert metrics.problems(now_s=1_030.0) == []
+    metrics.unacked = 5  # waiting, but within the threshold
+    assert metrics.problems(now_s=1_030.0) == []
+    assert metrics.problems(now_s=1_061.0) == ["stalled"]
+    metrics.unacked = 0  # nothing waits: no progress is needed
+    assert metrics.problems(now_s=2_000.0) == []
+    metrics.mqtt_connected = False
+    metrics.spool_writable = False
+    assert metrics.problems(now_s=1_030.0) == ["mqtt_disconnected", "spool_unwritable"]
+    assert metrics.health(now_s=1_030.0)["problems"] == ["mqtt_disconnected", "spool_unwritable"]
