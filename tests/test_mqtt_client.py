@@ -687,13 +687,15 @@ async def test_qos1_publish_times_out_and_its_late_puback_frees_the_quota() -> N
     async with fake_broker() as broker:
         client = broker.client(keepalive_s=0)
         side, _ = await connected(broker, client, props=[(0x21, 1)])
-        with pytest.raises(BrokerUnavailableError, match="no PUBACK"):
-            await client.publish("t/a", b"a", qos=1, timeout_s=0.2)
+        async with asyncio.timeout(WAIT_S):  # a publish without a timeout fails here
+            with pytest.raises(BrokerUnavailableError, match="no PUBACK"):
+                await client.publish("t/a", b"a", qos=1, timeout_s=0.2)
         first, body = await side.read_packet()
         assert (first, topic_of(body)) == (0x32, "t/a")
         # Quota is still held by the timed-out message: the next one waits for it.
-        with pytest.raises(BrokerUnavailableError, match="no PUBACK"):
-            await client.publish("t/b", b"b", qos=1, timeout_s=0.2)
+        async with asyncio.timeout(WAIT_S):
+            with pytest.raises(BrokerUnavailableError, match="no PUBACK"):
+                await client.publish("t/b", b"b", qos=1, timeout_s=0.2)
         side.send(b"\x40\x02" + body[5:7])
         await client.publish("t/c", b"c", qos=0)
         first, body = await side.read_packet()
