@@ -30,6 +30,7 @@ Usage::
     python bench/chaos.py            # every scenario at full length (a few minutes)
     python bench/chaos.py --quick    # short scenarios (about a minute), as the tests run
     python bench/chaos.py --quick --only gateway-kill,spool-full --json /tmp/chaos.json
+    python bench/chaos.py --save-cost 600000   # broker CPU saving a backlog that size
 """
 
 from __future__ import annotations
@@ -554,12 +555,72 @@ async def run(names: list[str], lengths: Lengths) -> list[Result]:
     return results
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def save_cost(count: int) -> None:
+    """Print what saving every second costs the broker with ``count`` messages queued.
+
+    The gateway's session exists but the gateway is away, so the broker queues a burst
+    for it (``mosquitto_pub -l`` at QoS 1, 25,000 lines each, as bench/ingest.py); its
+    CPU over 10 s is then mostly the saves of the whole database.
+    """
+    chunk = 25_000
+    ids = [f"x-sc-{k:04d}" for k in range(max(1, count // chunk))]
+    with tempfile.TemporaryDirectory(prefix="fixloop-chaos-") as tmp:
+        root = Path(tmp)
+        stack = Stack(root, ids)
+        with stack.broker, stack.influx:
+            stack.start_gateway()
+            stack.kill_gateway()
+            broker = stack.broker
+            assert broker.pid is not None
+            before = cpu_seconds(broker.pid)
+            time.sleep(10)
+            idle = (cpu_seconds(broker.pid) - before) / 10
+            base_ms = int(time.time() * 1000) - 3_600_000
+            procs = []
+            for device in ids:
+                path = root / f"{device}.txt"
+                with path.open("w") as out:
+                    for seq in range(count // len(ids)):
+                        out.write(payload(device, seq, base_ms).decode() + "\n")
+                password = device_password(FLEET_SECRET, device)
+                command = [
+                    "mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-i", device,
+                    "-u", device, "-P", password, "-t", f"devices/{device}/telemetry",
+                    "-q", "1", "-l",
+                ]  # fmt: skip
+                with path.open("rb") as lines:
+                    procs.append(subprocess.Popen(command, stdin=lines))
+            for proc in procs:
+                proc.wait()
+            time.sleep(3)
+            before = cpu_seconds(broker.pid)
+            time.sleep(10)
+            busy = (cpu_seconds(broker.pid) - before) / 10
+            size_mb = (broker.data_dir / "mosquitto.db").stat().st_size / 1e6
+    print(
+        f"{count:,} messages queued: broker CPU {busy:.1%} of a core (idle: {idle:.1%}), "
+        f"database {size_mb:.1f} MB written every save"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short scenarios (the tests')")
     parser.add_argument("--only", help="comma-separated scenario names")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--save-cost", type=int, metavar="N", help="only measure saves with N messages queued"
+    )
     args = parser.parse_args(argv)
+    if args.save_cost:
+        save_cost(args.save_cost)
+        return 0
     names = args.only.split(",") if args.only else list(SCENARIOS)
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
