@@ -449,39 +449,60 @@ class PacketParser:
         try:
             while size - pos >= 2:
                 first = buf[pos]
-                # Remaining length: a variable byte integer of at most four bytes.
-                i = pos + 1
-                length = 0
-                shift = 0
-                complete = False
-                while i < size:
-                    byte = buf[i]
-                    i += 1
-                    length |= (byte & 0x7F) << shift
-                    if byte < 0x80:
-                        complete = True
+                # Remaining length: a variable byte integer of at most four bytes; one
+                # or two bytes (packets under 16 KiB) take the short way.
+                byte = buf[pos + 1]
+                if byte < 0x80:
+                    length = byte
+                    i = pos + 2
+                elif size - pos >= 3 and buf[pos + 2] < 0x80:
+                    length = (byte & 0x7F) | (buf[pos + 2] << 7)
+                    i = pos + 3
+                else:
+                    i = pos + 1
+                    length = 0
+                    shift = 0
+                    complete = False
+                    while i < size:
+                        byte = buf[i]
+                        i += 1
+                        length |= (byte & 0x7F) << shift
+                        if byte < 0x80:
+                            complete = True
+                            break
+                        shift += 7
+                        if shift > 21:
+                            raise MqttProtocolError("malformed remaining length")
+                    if not complete:
                         break
-                    shift += 7
-                    if shift > 21:
-                        raise MqttProtocolError("malformed remaining length")
-                if not complete:
-                    break
-                if i - pos + length > max_size:
+                end = i + length
+                if end - pos > max_size:
                     raise PacketTooLargeError(
-                        f"the broker sent a packet of {i - pos + length} bytes, over our "
+                        f"the broker sent a packet of {end - pos} bytes, over our "
                         f"Maximum Packet Size of {max_size}"
                     )
-                end = i + length
                 if end > size:
                     break
-                if first >> 4 == _PUBLISH:
-                    qos = (first >> 1) & 3
+                if first >> 4 == 3:  # PUBLISH
                     # Every length is checked against the packet's end (issue 13).
-                    if i + 2 > end:
-                        raise MqttProtocolError("PUBLISH shorter than its topic length")
+                    if length < 4:
+                        raise MqttProtocolError("PUBLISH shorter than a topic and properties")
                     j = i + 2 + ((buf[i] << 8) | buf[i + 1])
-                    if j + (2 if qos else 0) >= end:
-                        raise MqttProtocolError("PUBLISH topic runs past the packet end")
+                    qos = first & 6
+                    if qos:
+                        if qos != 2:
+                            raise MqttProtocolError(f"QoS {qos >> 1} is not supported")
+                        if j + 2 >= end:
+                            raise MqttProtocolError("PUBLISH topic runs past the packet end")
+                        packet_id = (buf[j] << 8) | buf[j + 1]
+                        if not packet_id:
+                            raise MqttProtocolError("QoS-1 PUBLISH with packet id 0")
+                        k = j + 2
+                    else:
+                        if j >= end:
+                            raise MqttProtocolError("PUBLISH topic runs past the packet end")
+                        packet_id = 0
+                        k = j
                     raw_topic = bytes(buf[i + 2 : j])
                     topic = topics.get(raw_topic)
                     if topic is None:
@@ -493,22 +514,14 @@ class PacketParser:
                             raise MqttProtocolError("PUBLISH topic is not UTF-8") from exc
                         if len(topics) < 100_000:
                             topics[raw_topic] = topic
-                    packet_id = 0
-                    if qos:
-                        if qos > 1:
-                            raise MqttProtocolError(f"QoS {qos} is not supported")
-                        packet_id = (buf[j] << 8) | buf[j + 1]
-                        if not packet_id:
-                            raise MqttProtocolError("QoS-1 PUBLISH with packet id 0")
-                        j += 2
-                    plen = buf[j]
-                    if plen == 0:
-                        j += 1
+                    if buf[k]:
+                        _, k = _parse_properties(buf, k, end)
                     else:
-                        _, j = _parse_properties(buf, j, end)
+                        k += 1
                     inbox.append(
                         new_message(
-                            Message, (topic, bytes(buf[j:end]), qos, bool(first & 1), packet_id)
+                            Message,
+                            (topic, bytes(buf[k:end]), qos >> 1, bool(first & 1), packet_id),
                         )
                     )
                 else:
