@@ -572,6 +572,10 @@ class MqttClient:
     A client holds one connection at a time: ``connect()`` while connecting or connected
     raises :class:`MqttUsageError`; after the connection ended it may connect again.
 
+    What the broker granted, read after ``connect()``: ``session_present``,
+    ``keepalive_s`` (its Server Keep Alive if it set one), ``server_receive_maximum``
+    and ``server_max_packet_size``.
+
     Counters for a service's metrics (they add up over the client's connections):
 
     * ``sessions_lost``: connections that asked to resume a session (``clean_start``
