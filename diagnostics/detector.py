@@ -18,6 +18,7 @@ API (for the live engine and any other caller)::
     out.late       # bool[R]: row older than its slot's last one: scored, nothing learnt
     out.flags      # int8[R]: ROW_LATE | ROW_REPEATED | ROW_GAP, for counting bad data
     table.add_slots(k) -> range of the new slot indices;  table.reset_slots(slots)
+    table.add_columns(k) -> range of the new column indices (new metrics, all slots)
     table.active(slot), table.rows_seen(slot), table.scored_columns(slot)
     table.predictors(slot)  # per column: "fast", "slow", "daily" or "weekly"
     table.threshold         # 1 - alpha: score at or above it is an event when armed
@@ -139,6 +140,25 @@ _STATE_ORDER: Final = (
     "smv",
     "burst",
     "burst_n",
+    "lmean",
+    "lvar",
+    "prof_d",
+    "cnt_d",
+    "prof_w",
+    "cnt_w",
+)
+#: State arrays with a column axis (axis 1), widened by :meth:`DetectorTable.add_columns`.
+_COLUMN_STATE: Final = (
+    "n_col",
+    "first",
+    "level",
+    "err",
+    "sel",
+    "ref",
+    "ref_err",
+    "sm",
+    "sm_ref",
+    "smv",
     "lmean",
     "lvar",
     "prof_d",
@@ -808,6 +828,23 @@ class DetectorTable:
         fresh = self._fresh(index.size)
         for name, array in self._state.items():
             array[index] = fresh[name]
+
+    def add_columns(self, count: int) -> range:
+        """Append ``count`` columns to every slot; returns their indices.
+
+        The new columns start as a new slot's would (unscored until they have changed
+        and learnt :attr:`~DetectorConfig.min_column_rows` values); what the slots learnt
+        of the other columns is kept, so their deviations go on exactly as before.
+        """
+        if count < 0:
+            raise ConfigError(f"cannot add {count} columns")
+        start = self._n_columns
+        self._n_columns += count
+        fresh = self._fresh(self._n_slots)
+        for name in _COLUMN_STATE:
+            fresh[name][:, :start] = self._state[name]
+            self._state[name] = fresh[name]
+        return range(start, self._n_columns)
 
     # -- stepping ------------------------------------------------------------------------
 

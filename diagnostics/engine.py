@@ -11,14 +11,27 @@ the device's own baseline and, once trained, the product model's
 A device's product model comes from its ``boot`` event (``data["model"]``) or from the
 ``registry`` given to the engine. The product files (:mod:`diagnostics.product`) say what
 each model's features and faults are; any model is scored, described or not. A model
-without a file gets the *generic product*: every metric the device sends (numbers and
-booleans) is a feature of its own, scored against the device's own baseline, and an
-anomaly opens the generic ``unusual_behaviour`` diagnosis with its evidence (which
-metrics, how far, since when). A described model's device that sends metrics its file
-does not list gets those scored the same way, next to its product features. Both
+without a file gets the *generic product*: every metric the device sends (numbers, and
+booleans as 0/1) is scored on its own. With ``generic_scoring="baseline"`` (the default)
+each metric's streaming level is a feature scored against the device's own baseline, as
+a product file's features are, and the policy names ``unusual_behaviour`` from the generic
+product's signature. With ``generic_scoring="detector"`` they are scored by the detector
+core that ``fixloop detect`` runs
+(:class:`~diagnostics.detector.DetectorTable`, one slot per device, one column per
+metric, NaN where a reading lacks one; the reading's own time in seconds), so what is
+benchmarked offline is what runs live: the same rows get the same scores. A core alert
+event opens, through the policy, the generic ``unusual_behaviour`` diagnosis with its
+evidence (which metrics, how far, since when); it closes when the core re-arms. A
+described model's device that sends metrics its file does not list gets those scored
+the same way (a table of their own per model), next to its product features. Both
 mismatches are counted (:attr:`DiagnosticsEngine.unknown_readings`,
 :attr:`DiagnosticsEngine.unlisted_metrics`). A device whose model is not known at all
 (no boot seen, not in the registry) is scored as model ``unknown``.
+
+With learnt remaining-life models (``lifetimes``, from ``fixloop train``), the engine keeps
+hourly means of the metrics they read for the devices of their product models (bounded,
+:class:`~diagnostics.lifetimes.HourlyMeans`), and a diagnosis's time to failure comes
+from them for that model and fault, else from the indicator's trend.
 
 A reading older than the device's last one (out of order) is scored against the
 current state but changes nothing: late data is history, never a live spike. In-order
@@ -31,11 +44,12 @@ Trained fleet models are saved in a versioned format: a pickle of a dict holding
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast, overload
+from typing import Any, Final, Literal, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -43,9 +57,12 @@ import orjson
 
 from diagnostics.baseline import BaselineRows, BaselineTable
 from diagnostics.catalog import ModelCatalog
+from diagnostics.csvdetect import surprise
+from diagnostics.detector import DetectorConfig, DetectorTable, StepResult
 from diagnostics.features import FeatureSpec, FeatureTable, spec_of
 from diagnostics.fleet import FleetMethod, FleetModel
 from diagnostics.kernels import round_masks
+from diagnostics.lifetimes import LifetimeModels, LiveLifetimes
 from diagnostics.model import Diagnosis
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
 from diagnostics.product import ProductSet, builtin_products
@@ -57,12 +74,17 @@ __all__ = [
     "UNKNOWN_MODEL",
     "DiagnosticsEngine",
     "EngineResult",
+    "GenericScoring",
     "ReadingScore",
     "ReadingScores",
 ]
 
 _LOG = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+#: How metrics no product file describes are scored (see :class:`DiagnosticsEngine`).
+GenericScoring = Literal["baseline", "detector"]
 #: Version of the saved-model format.
 FORMAT_VERSION: Final = 1
 _MAX_TRAINING_ROWS: Final = 40_000
@@ -175,14 +197,89 @@ class EngineResult:
     diagnoses: tuple[Diagnosis, ...]
 
 
+_NO_TIME: Final = np.iinfo(np.int64).min
+
+
+@dataclass(slots=True)
+class _Generic:
+    """The metrics of one product model that no file describes, on the detector core.
+
+    One slot per device, one column per metric in the order first seen (private).
+    ``last_ts_ms`` keeps the engine's rule for late readings: not newer than the device's
+    last one (the core itself takes an equal time as a repeat).
+    """
+
+    table: DetectorTable
+    names: tuple[str, ...]
+    slots: dict[str, int] = field(default_factory=dict)
+    last_ts_ms: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def widen(self, names: Sequence[str]) -> None:
+        self.table.add_columns(len(names))
+        self.names = (*self.names, *names)
+
+    def slots_of(self, device_ids: Sequence[str]) -> npt.NDArray[np.intp]:
+        slots = self.slots
+        found = [slots.get(d) for d in device_ids]
+        if None in found:
+            found = [slots.setdefault(d, len(slots)) for d in device_ids]
+            table = self.table
+            if len(slots) > table.n_slots:
+                grow = max(len(slots) - table.n_slots, table.n_slots, 16)
+                table.add_slots(grow)
+                more = np.full(grow, _NO_TIME, dtype=np.int64)
+                self.last_ts_ms = np.concatenate([self.last_ts_ms, more])
+        return np.array(found, dtype=np.intp)
+
+    def step(
+        self,
+        slots: npt.NDArray[np.intp],
+        ts_ms: I64,
+        values: F64,
+        late: npt.NDArray[np.bool_] | None,
+    ) -> tuple[StepResult, npt.NDArray[np.bool_]]:
+        """Score and learn one round (each slot at most once); late rows are scored only."""
+        last = self.last_ts_ms
+        stale = ts_ms <= last[slots]
+        if late is not None:
+            stale |= late
+        t_s = ts_ms / 1000.0
+        table = self.table
+        if not _count(stale):
+            result = table.step(slots, t_s, values)
+        else:
+            live = ~stale
+            parts = [
+                (rows, table.step(slots[rows], t_s[rows], values[rows], learn=learn))
+                for rows, learn in ((np.flatnonzero(live), True), (np.flatnonzero(stale), False))
+            ]
+            n = len(slots)
+            result = StepResult(
+                np.empty(n),
+                np.empty(n, dtype=np.bool_),
+                np.empty(n, dtype=np.bool_),
+                np.empty((n, values.shape[1])),
+                np.empty(n, dtype=np.int8),
+            )
+            for rows, part in parts:
+                result.score[rows] = part.score
+                result.event[rows] = part.event
+                result.active[rows] = part.active
+                result.deviation[rows] = part.deviation
+                result.flags[rows] = part.flags
+        fresh = slots[~stale]
+        last[fresh] = ts_ms[~stale]
+        return result, stale
+
+
 @dataclass(slots=True)
 class _ModelState:
     """Everything the engine keeps for one product model (mutable, private).
 
-    ``described`` is how many of the spec's features come from a product file (the rest
-    are metrics scored generically); ``known`` the metrics the spec covers either way;
-    ``has_file`` whether a product file describes the model. The generic scoring of the
-    columns from ``described`` on is the seam where another scorer can take over.
+    ``described`` is how many of the spec's features come from a product file;
+    ``known`` the metrics scored either way; ``has_file`` whether a product file
+    describes the model. Metrics no file describes are scored by ``generic``, the
+    detector core (for a model without a file: all of them).
     """
 
     spec: FeatureSpec
@@ -198,6 +295,7 @@ class _ModelState:
     training_seen: int = 0
     training_held: int = 0
     indicators: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, np.bool_))
+    generic: _Generic | None = None
 
     def slot(self, device_id: str) -> int:
         slot = self.slots.get(device_id)
@@ -231,6 +329,13 @@ class DiagnosticsEngine:
         seed: seed of the training sample.
         baseline_tau_days: memory of the per-device baselines.
         products: the product models described by files (default: the built-in ones).
+        detector: settings of the detector core for metrics no file describes (default:
+            those of ``fixloop detect``).
+        generic_scoring: how metrics no file describes are scored: ``detector`` (the
+            detector core, as ``fixloop detect``) or ``baseline`` (their streaming levels
+            against the device's baseline, as product features; the default, see
+            ``README.md`` on multi-state products).
+        lifetimes: remaining-life models learnt from recorded failures (``fixloop train``).
 
     Attributes:
         unknown_readings: readings of devices whose model no product file describes
@@ -239,6 +344,7 @@ class DiagnosticsEngine:
             does not list (scored generically next to the product's features).
         unlisted: per described model, the metrics seen that its file does not list.
         late_readings: readings older than their device's last one.
+        lifetimes: the learnt remaining-life models and the hourly means they read.
     """
 
     def __init__(
@@ -251,8 +357,13 @@ class DiagnosticsEngine:
         seed: int = 0,
         baseline_tau_days: float = 20.0,
         products: ProductSet | None = None,
+        detector: DetectorConfig | None = None,
+        lifetimes: LifetimeModels | None = None,
+        generic_scoring: GenericScoring = "baseline",
     ) -> None:
         self.products = builtin_products() if products is None else products
+        self._detector = DetectorConfig() if detector is None else detector
+        self.generic_scoring = generic_scoring
         self._models: dict[str, str] = dict(registry or {})
         self._catalogs: dict[str, ModelCatalog] = {}
         self.policy = DiagnosisPolicy(policy, self._catalogs)
@@ -265,6 +376,14 @@ class DiagnosticsEngine:
         self.unlisted: dict[str, set[str]] = {}
         self._firmware: dict[str, str] = {}
         self.late_readings = 0
+        self.lifetimes: LiveLifetimes | None = None
+        if lifetimes is not None and lifetimes.models:
+            self.lifetimes = LiveLifetimes(lifetimes)
+            self.policy.lifetimes = self.lifetimes
+            _LOG.info(
+                "remaining life learnt from failures for %s",
+                ", ".join(f"{m}/{f}" for m, f in sorted(lifetimes.models)),
+            )
         for model, fleet in (fleet_models or {}).items():
             self.set_fleet_model(model, fleet)
         if not fleet_models:
@@ -308,6 +427,19 @@ class DiagnosticsEngine:
         return state
 
     def _widen(self, state: _ModelState, first: dict[str, Any]) -> None:
+        """Score metrics no file describes (new columns start cold)."""
+        if self.generic_scoring == "baseline":
+            self._widen_baseline(state, first)
+            return
+        state.known = state.known | first.keys()
+        names = tuple(first)
+        if state.generic is None:
+            state.generic = _Generic(DetectorTable(0, len(names), self._detector), names)
+        else:
+            state.generic.widen(names)
+        _LOG.info("%s: scoring metrics no product file lists: %s", state.spec.model, sorted(first))
+
+    def _widen_baseline(self, state: _ModelState, first: dict[str, Any]) -> None:
         """Append metrics no file describes to a model's features (new columns start cold)."""
         spec = state.spec.with_metrics(first)
         state.spec = spec
@@ -417,10 +549,18 @@ class DiagnosticsEngine:
         if model_name is None:
             return []
         state = self._state.get(model_name)
+        generic_slot: int | None = None
         if state is not None:
             slot = state.slots.get(event.device_id)
             if slot is not None and event.ts_ms < int(state.features.last_ts_ms[slot]):
                 return []  # out of order: history, not live evidence
+            if state.generic is not None:
+                generic_slot = state.generic.slots.get(event.device_id)
+                if (
+                    generic_slot is not None
+                    and event.ts_ms < state.generic.last_ts_ms[generic_slot]
+                ):
+                    return []
         if event.kind == "boot":
             firmware = event.data.get("firmware")
             before = self._firmware.get(event.device_id)
@@ -431,6 +571,8 @@ class DiagnosticsEngine:
                     if slot is not None:
                         # new firmware runs the device its own way: learn its normal anew
                         state.baseline.forget(slot)
+                    if state.generic is not None and generic_slot is not None:
+                        state.generic.table.reset_slots([generic_slot])
         self._catalog(model_name)
         diagnoses = self.policy.on_event(event, model_name)
         if state is not None and event.device_id in state.slots:
@@ -449,13 +591,15 @@ class DiagnosticsEngine:
         # column of their own) and counted; a described model's readings usually have none
         known = state.known
         first: dict[str, Any] = {}
+        extra: list[int] = []  # readings with metrics the file does not list
         if state.has_file:
             listed = state.spec.listed
             unlisted = 0
-            for reading in readings:
+            for k, reading in enumerate(readings):
                 metrics = reading.metrics
                 if listed.issuperset(metrics):
                     continue
+                extra.append(k)
                 for name, value in metrics.items():  # in the reading's order: deterministic
                     if name not in listed:
                         unlisted += 1
@@ -475,6 +619,11 @@ class DiagnosticsEngine:
                             first.setdefault(name, value)
         if first:
             self._widen(state, first)
+        if state.generic is None:
+            extra = []  # scored as product features (the baseline way), or nothing to score
+        elif not state.has_file:
+            self._generic_round(state, readings, order, scores, caused)
+            return
         features = state.features
         baseline = state.baseline
         slot_of = state.slots.get
@@ -537,12 +686,91 @@ class DiagnosticsEngine:
                 drifting,
                 caused,
             )
+        reported: list[float] = score.tolist()
+        if extra:
+            # the unlisted metrics on the detector core: the reading's score is the higher
+            picked = [readings[k] for k in extra]
+            _, generic = self._detect(state, picked, [order[k] for k in extra], late[extra], caused)
+            for k, value in zip(extra, generic.tolist(), strict=True):
+                reported[k] = max(reported[k], value)
+        if self.lifetimes is not None and self.lifetimes.watches(state.spec.model):
+            self.lifetimes.observe(state.spec.model, readings, late.tolist())
         scores.device_ids += device_ids
         scores.ts_ms += ts_ms.tolist()
-        scores.score += score.tolist()
+        scores.score += reported
         scores.baseline += bscore.tolist()
         scores.fleet += [0.0] * len(readings) if fscore is None else fscore.tolist()
         scores.late += late.tolist()
+
+    def _generic_round(
+        self,
+        state: _ModelState,
+        readings: list[Reading],
+        order: list[int],
+        scores: _ScoreColumns,
+        caused: list[tuple[int, Diagnosis]],
+    ) -> None:
+        """A round of a model without a file: every metric on the detector core."""
+        n = len(readings)
+        if state.generic is None:  # readings without metrics: nothing to score
+            late = np.zeros(n, dtype=np.bool_)
+            score = np.zeros(n)
+        else:
+            late, score = self._detect(state, readings, order, None, caused)
+        if _count(late):
+            self.late_readings += int(_count(late))
+        values: list[float] = score.tolist()
+        late_list: list[bool] = late.tolist()
+        if self.lifetimes is not None and self.lifetimes.watches(state.spec.model):
+            self.lifetimes.observe(state.spec.model, readings, late_list)
+        scores.device_ids += [r.device_id for r in readings]
+        scores.ts_ms += [r.ts_ms for r in readings]
+        scores.score += values
+        scores.baseline += values
+        scores.fleet += [0.0] * n
+        scores.late += late_list
+
+    def _detect(
+        self,
+        state: _ModelState,
+        readings: list[Reading],
+        order: list[int],
+        late: npt.NDArray[np.bool_] | None,
+        caused: list[tuple[int, Diagnosis]],
+    ) -> tuple[npt.NDArray[np.bool_], F64]:
+        """Step the model's detector table with ``readings`` and hand its verdicts on.
+
+        Returns:
+            which readings were late (scored, nothing learnt) and each reading's score
+            (``fixloop detect``'s scale: 0.5 at the core's operating point).
+        """
+        generic = state.generic
+        assert generic is not None
+        names = generic.names
+        nan = math.nan
+        n = len(readings)
+        values = np.array(
+            [[r.metrics.get(name, nan) for name in names] for r in readings], dtype=np.float64
+        ).reshape(n, len(names))
+        device_ids = [r.device_id for r in readings]
+        ts_ms = np.array([r.ts_ms for r in readings], dtype=np.int64)
+        result, stale = generic.step(generic.slots_of(device_ids), ts_ms, values, late)
+        score = surprise(result.score, generic.table.config.alpha)
+        live = np.flatnonzero(~stale) if _count(stale) else None
+        if live is None:
+            made = self.policy.on_detections(
+                device_ids, state.spec.model, names, ts_ms.tolist(), score,
+                result.event, result.active, result.deviation,
+            )  # fmt: skip
+            caused += [(order[k], d) for k, d in made]
+        elif live.size:
+            rows: list[int] = live.tolist()
+            made = self.policy.on_detections(
+                [device_ids[k] for k in rows], state.spec.model, names, ts_ms[live].tolist(),
+                score[live], result.event[live], result.active[live], result.deviation[live],
+            )  # fmt: skip
+            caused += [(order[rows[k]], d) for k, d in made]
+        return stale, score
 
     def _judge(
         self,
@@ -664,6 +892,8 @@ class DiagnosticsEngine:
         registry: Mapping[str, str] | None = None,
         policy: PolicyConfig | None = None,
         products: ProductSet | None = None,
+        lifetimes: LifetimeModels | None = None,
+        generic_scoring: GenericScoring = "baseline",
     ) -> DiagnosticsEngine:
         """Build an engine with the fleet models saved at ``path`` (only trusted files).
 
@@ -677,14 +907,22 @@ class DiagnosticsEngine:
         if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
             raise ConfigError(f"{path}: not a diagnostics model file of version {FORMAT_VERSION}")
         return cls(
-            registry=registry, policy=policy, fleet_models=blob["fleet_models"], products=products
+            registry=registry,
+            policy=policy,
+            fleet_models=blob["fleet_models"],
+            products=products,
+            lifetimes=lifetimes,
+            generic_scoring=generic_scoring,
         )
 
     # -- size ----------------------------------------------------------------------------
     @property
     def devices(self) -> int:
         """Devices with scoring state."""
-        return sum(len(s.slots) for s in self._state.values())
+        return sum(
+            len(s.slots) if s.has_file or s.generic is None else len(s.generic.slots)
+            for s in self._state.values()
+        )
 
     def state_bytes(self) -> int:
         """Approximate bytes of per-device state held (arrays, id maps, policy).
@@ -697,6 +935,12 @@ class DiagnosticsEngine:
             rows = len(state.slots)
             total += rows * (state.features.state_bytes() + state.baseline.state_bytes() + 1)
             total += 150 * len(state.slots)
+            generic = state.generic
+            if generic is not None and generic.table.n_slots:
+                per_slot = generic.table.state_bytes() // generic.table.n_slots
+                total += len(generic.slots) * (per_slot + 8 + (0 if state.has_file else 150))
+        if self.lifetimes is not None:
+            total += self.lifetimes.state_bytes()
         total += 100 * len(self._models)
         total += 400 * len(self.policy.open_diagnoses()) + self.policy.predictor.state_bytes()
         return total

@@ -23,6 +23,19 @@ The engine hands a round's readings over at once (:meth:`DiagnosisPolicy.on_scor
 faults are named for all of them together, and a reading that changes nothing worth sending
 builds no :class:`Diagnosis` (an open case keeps its latest fields and builds the record
 only when it is sent or read).
+
+Devices scored by the detector core (models without a product file, and the metrics a file
+does not list) come through :meth:`DiagnosisPolicy.on_detections`: the core's alert
+*event* (its rising edge) starts an alert, which opens the generic ``unusual_behaviour``
+diagnosis once it has lasted ``open_after_s`` of device time with ``open_after`` readings
+at or above ``open_threshold`` and a metric ``min_driver_z`` away (a burst, or a small
+bias no single metric explains, is not a fault); the diagnosis follows the alert and
+closes when the core re-arms (its ``active`` falls). Its evidence: which metrics, how far (signed deviations at
+the alert's strongest reading), since when.
+
+Time to failure comes from a learnt remaining-life model of the product model and fault
+when one is given (:class:`LearntLifetimes`, learnt from recorded failures), else from the
+trend of the fault's health indicator (:class:`~diagnostics.predictor.TrendPredictor`).
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -44,10 +57,22 @@ from diagnostics.model import Contribution, Diagnosis
 from diagnostics.predictor import TimeToFailure, TrendPredictor, progress_of
 from gateway.protocol import Event, ms_to_datetime
 
-__all__ = ["DiagnosisPolicy", "Hypothesis", "PolicyConfig"]
+__all__ = ["GENERIC_FAULT", "DiagnosisPolicy", "Hypothesis", "LearntLifetimes", "PolicyConfig"]
 
 _LOG = logging.getLogger(__name__)
 UNKNOWN: Final = "unknown"
+#: The fault a detector alert opens (the generic product's).
+GENERIC_FAULT: Final = "unusual_behaviour"
+_MAX_DRIVERS: Final = 5
+
+
+class LearntLifetimes(Protocol):
+    """Remaining life learnt from recorded failures, per product model and fault."""
+
+    def predict(self, device_id: str, model: str, fault: str, ts_ms: int) -> TimeToFailure | None:
+        """Return the device's time to failure as of ``ts_ms``, or None (nothing learnt)."""
+
+
 _NOISE_Z: Final = 2.0
 
 
@@ -267,6 +292,43 @@ class _DeviceState:
     cases: dict[str, _Case] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class _Alert:
+    """A detector alert of one device, as the policy follows it (mutable, private).
+
+    Attributes:
+        since_ms: device time of the alert's event (its rising edge).
+        rows: readings since then, the event's included.
+        above: those that scored at or above the open threshold.
+        peak: the highest score so far.
+        drivers: the metrics that moved at the strongest reading.
+        case: the diagnosis it opened, once it lasted long enough.
+    """
+
+    since_ms: int
+    rows: int = 0
+    above: int = 0
+    peak: float = 0.0
+    drivers: tuple[Contribution, ...] = ()
+    case: _Case | None = None
+
+
+def _deviation_drivers(
+    names: Sequence[str], deviation: Sequence[float]
+) -> tuple[Contribution, ...]:
+    """The metrics beyond the noise, largest first (else the one that moved most)."""
+    moved = sorted(
+        ((abs(z), i) for i, z in enumerate(deviation) if math.isfinite(z) and z != 0.0),
+        reverse=True,
+    )
+    beyond = [m for m in moved if m[0] >= _NOISE_Z] or moved[:1]
+    total = sum(a for a, _ in beyond[:_MAX_DRIVERS])
+    return tuple(
+        Contribution(names[i], (names[i],), round(deviation[i], 3), a / total if total else 0.0)
+        for a, i in beyond[:_MAX_DRIVERS]
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Layout:
     """A product model's catalog resolved to feature positions (built once per model).
@@ -407,8 +469,12 @@ class DiagnosisPolicy:
         self.config = config or PolicyConfig()
         self.catalog = CATALOG if catalog is None else catalog
         self.predictor = TrendPredictor()
+        #: remaining life learnt from recorded failures, preferred to the trend when it
+        #: knows the product model and fault
+        self.lifetimes: LearntLifetimes | None = None
         self._devices: dict[str, _DeviceState] = {}
         self._layouts: dict[str, _Layout] = {}
+        self._alerts: dict[str, _Alert] = {}
 
     # -- queries ---------------------------------------------------------------------
     def is_watched(self, device_id: str) -> bool:
@@ -424,7 +490,15 @@ class DiagnosisPolicy:
             if device_id in self._devices
             else []
         )
-        return [case.diagnosis for _, state in states for case in state.cases.values()]
+        found = [case.diagnosis for _, state in states for case in state.cases.values()]
+        alerts = (
+            self._alerts.values()
+            if device_id is None
+            else [self._alerts[device_id]]
+            if device_id in self._alerts
+            else []
+        )
+        return found + [alert.case.diagnosis for alert in alerts if alert.case is not None]
 
     def drift_indicators(self, spec: FeatureSpec) -> npt.NDArray[np.bool_]:
         """Return which of ``spec``'s features are a wear fault's health indicator."""
@@ -606,6 +680,118 @@ class DiagnosisPolicy:
             watched.append(device_id in devices)
         return changes, watched
 
+    def on_detections(
+        self,
+        device_ids: Sequence[str],
+        model: str,
+        names: Sequence[str],
+        ts_ms: Sequence[int],
+        scores: npt.NDArray[np.float64],
+        events: npt.NDArray[np.bool_],
+        active: npt.NDArray[np.bool_],
+        deviation: npt.NDArray[np.float64],
+    ) -> list[tuple[int, Diagnosis]]:
+        """Take the detector core's verdicts on live readings of one product model, in order.
+
+        Args:
+            device_ids: each row's device.
+            model: their product model.
+            names: the metric of each deviation column.
+            ts_ms: each row's reading time.
+            scores: each row's score (``0.5`` at the core's operating point, see
+                :func:`~diagnostics.csvdetect.surprise`).
+            events: the row raised an alert (its rising edge).
+            active: the alert is up at the row.
+            deviation: per row and metric, the signed deviation (NaN: not scored).
+
+        Returns:
+            the diagnosis changes with the row that made each.
+        """
+        alerts = self._alerts
+        cfg = self.config
+        event_list: list[bool] = events.tolist()
+        up: list[bool] = active.tolist()
+        changes: list[tuple[int, Diagnosis]] = []
+        rows = [k for k, d in enumerate(device_ids) if up[k] or d in alerts]
+        for k in rows:
+            device_id, t = device_ids[k], ts_ms[k]
+            alert = alerts.get(device_id)
+            if event_list[k]:
+                if alert is not None and alert.case is not None:
+                    changes.append((k, self._close_alert(alert.case, t, "a new alert")))
+                alert = alerts[device_id] = _Alert(t)
+            elif alert is None:
+                continue  # up since before the policy knew it (a restart): not news
+            elif not up[k]:
+                del alerts[device_id]
+                if alert.case is not None:
+                    why = "the detector re-armed: back to normal, or the change is learnt"
+                    changes.append((k, self._close_alert(alert.case, t, why)))
+                continue
+            alert.rows += 1
+            score = float(scores[k])
+            if score >= cfg.open_threshold:
+                alert.above += 1
+            if score > alert.peak or not alert.drivers:
+                drivers = _deviation_drivers(names, deviation[k].tolist())
+                if drivers:
+                    alert.peak = max(alert.peak, score)
+                    alert.drivers = drivers
+            if alert.case is not None:
+                named = _Named(GENERIC_FAULT, 1.0, True, True, alert.drivers)
+                confidence = round(min(alert.peak, 1.0), 4)
+                made = self._send(alert.case, t, score=score, confidence=confidence, drivers=named)
+                changes += [(k, d) for d in made]
+            elif (
+                alert.above >= cfg.open_after
+                and (t - alert.since_ms) / 1000.0 >= cfg.open_after_s
+                and alert.drivers
+                and abs(alert.drivers[0].z) >= cfg.min_driver_z
+            ):
+                alert.case = self._open_alert(device_id, model, t, score, alert)
+                changes.append((k, alert.case.diagnosis))
+        return changes
+
+    def _open_alert(
+        self, device_id: str, model: str, ts_ms: int, score: float, alert: _Alert
+    ) -> _Case:
+        entry = self._entry(model, GENERIC_FAULT)
+        at = ms_to_datetime(ts_ms)
+        diagnosis = Diagnosis(
+            device_id=device_id,
+            model=model,
+            fault=GENERIC_FAULT,
+            confidence=round(min(alert.peak, 1.0), 4),
+            status="open",
+            opened_at=at,
+            updated_at=at,
+            score=score,
+            source="model",
+            time_to_failure=self._ttf(device_id, model, GENERIC_FAULT, ts_ms),
+            drivers=alert.drivers,
+            remedies=() if entry is None else entry.remedies,
+            evidence=(
+                f"unusual since {ms_to_datetime(alert.since_ms).isoformat()}: "
+                f"{alert.rows} readings, peak score {alert.peak:.2f}",
+                _moved(alert.drivers),
+            ),
+        )
+        _LOG.info("%s: opened %s (detector alert, score %.2f)", device_id, GENERIC_FAULT, score)
+        return _Case(diagnosis, from_model=True, last_code_ms=None, ts_ms=ts_ms)
+
+    def _close_alert(self, case: _Case, ts_ms: int, why: str) -> Diagnosis:
+        self.predictor.forget(case.device_id, case.fault)
+        old = case.diagnosis
+        ttf = old.time_to_failure
+        _LOG.info("%s: closed %s (%s)", case.device_id, case.fault, why)
+        return replace(
+            old,
+            status="closed",
+            updated_at=ms_to_datetime(ts_ms),
+            time_to_failure=None if ttf is None else ttf.aged((ts_ms - case.updated_ms) / 1000.0),
+            evidence=(*old.evidence[-9:], why),
+        )
+
     def _drift(
         self, spec: FeatureSpec, z: npt.NDArray[np.float32], drifting: npt.NDArray[np.bool_]
     ) -> _Named | None:
@@ -678,7 +864,11 @@ class DiagnosisPolicy:
         progress = progress_of(value, degradation)
         self.predictor.observe(device_id, fault, ts_ms / 1000.0, progress)
 
-    def _ttf(self, device_id: str, fault: str, ts_ms: int) -> TimeToFailure | None:
+    def _ttf(self, device_id: str, model: str, fault: str, ts_ms: int) -> TimeToFailure | None:
+        if self.lifetimes is not None:
+            learnt = self.lifetimes.predict(device_id, model, fault, ts_ms)
+            if learnt is not None:
+                return learnt
         return self.predictor.predict(device_id, fault, ts_ms / 1000.0)
 
     def _entry(self, model: str, fault: str) -> FaultEntry | None:
@@ -711,7 +901,7 @@ class DiagnosisPolicy:
             updated_at=at,
             score=score,
             source="model",
-            time_to_failure=self._ttf(device_id, hypothesis.fault, ts_ms),
+            time_to_failure=self._ttf(device_id, spec.model, hypothesis.fault, ts_ms),
             drivers=hypothesis.drivers,
             remedies=() if entry is None else entry.remedies,
             evidence=(
@@ -780,7 +970,7 @@ class DiagnosisPolicy:
         evidence: str | None = None,
         force: bool = False,
     ) -> list[Diagnosis]:
-        ttf = self._ttf(case.device_id, case.fault, ts_ms)
+        ttf = self._ttf(case.device_id, case.model, case.fault, ts_ms)
         if ttf is None and case.time_to_failure is not None:
             # nothing new from the predictor: the last prediction, counted down to this
             # reading's time, so that a sent prediction is always as of its updated_at

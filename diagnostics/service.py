@@ -10,20 +10,28 @@ acknowledges the batch, so a crash replays it rather than losing a diagnosis.
 Readings the gateway refuses are skipped here without a report (the gateway reports
 them on ``fleet/rejected``); a device's product model comes from its boot event, or at
 start from the boot events already stored in InfluxDB.
+
+With remaining-life models learnt by ``fixloop train`` (``<model_path stem>.lifetimes.pkl``)
+the engine predicts time to failure from the devices' hourly means; at start those are
+backfilled from InfluxDB (hourly ``MEAN`` of each metric the models read over the last
+``train_days``; true/false metrics have no mean there and start empty).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Final, Self
 
+import numpy as np
 import orjson
 
 from diagnostics.engine import DiagnosticsEngine, EngineResult
+from diagnostics.lifetimes import LifetimeModels, lifetimes_path
 from diagnostics.model import encode_diagnosis
 from diagnostics.product import load_products
 from diagnostics.settings import DiagnosticsSettings
@@ -47,7 +55,13 @@ from gateway.protocol.mqtt import Message, MqttClient
 from gateway.settings import MqttSettings
 from gateway.supervisor import StageHealth, supervise
 
-__all__ = ["HEALTH_MEASUREMENT", "DiagnosticsService", "load_engine", "stored_registry"]
+__all__ = [
+    "HEALTH_MEASUREMENT",
+    "DiagnosticsService",
+    "backfill_lifetimes",
+    "load_engine",
+    "stored_registry",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -71,8 +85,24 @@ def load_engine(
     """
     products = load_products(settings.products_dir)
     path = settings.model_path
+    scoring = settings.generic_scoring
+    lifetimes: LifetimeModels | None = None
+    learnt = lifetimes_path(path)
+    if learnt.exists():
+        lifetimes = LifetimeModels.load(learnt)
+        _LOG.info(
+            "remaining-life models loaded from %s: %s",
+            learnt,
+            ", ".join(f"{m}/{f}" for m, f in sorted(lifetimes.models)) or "none",
+        )
     if path.exists():
-        engine = DiagnosticsEngine.load(path, registry=registry, products=products)
+        engine = DiagnosticsEngine.load(
+            path,
+            registry=registry,
+            products=products,
+            lifetimes=lifetimes,
+            generic_scoring=scoring,
+        )
         _LOG.info("diagnostics models loaded from %s: %s", path, sorted(engine.fleet_models))
         return engine
     _LOG.warning(
@@ -80,7 +110,69 @@ def load_engine(
         "(run `fixloop train` once there is history)",
         path,
     )
-    return DiagnosticsEngine(registry=registry, products=products)
+    return DiagnosticsEngine(
+        registry=registry, products=products, lifetimes=lifetimes, generic_scoring=scoring
+    )
+
+
+async def backfill_lifetimes(
+    influx: InfluxClient,
+    engine: DiagnosticsEngine,
+    registry: Mapping[str, str],
+    *,
+    days: float,
+    now_ms: int,
+) -> int:
+    """Fill the hourly means the learnt remaining-life models read from stored telemetry.
+
+    One InfluxQL ``MEAN`` per metric and product model, by hour and device, over the
+    ``days`` before the current hour (which the live readings fill). A metric InfluxDB
+    cannot average (true/false) is left empty and logged.
+
+    Returns:
+        the hourly rows added.
+
+    Raises:
+        StoreUnavailableError: InfluxDB cannot be reached.
+    """
+    live = engine.lifetimes
+    if live is None:
+        return 0
+    history = live.history
+    step_ms = int(history.step_s * 1000)
+    end_ms = now_ms // step_ms * step_ms
+    start_ms = end_ms - int(days * 86_400_000)
+    added = 0
+    for model, columns in sorted(history.columns.items()):
+        devices = {d for d, m in registry.items() if m == model}
+        if not devices:
+            continue
+        rows: dict[str, dict[int, list[float]]] = {}
+        for j, column in enumerate(columns):
+            query = (
+                f'SELECT MEAN("{column}") FROM telemetry WHERE time >= {start_ms}ms AND '
+                f"time < {end_ms}ms GROUP BY time({step_ms}ms), device"
+            )
+            try:
+                series = await influx.query(query)
+            except PermanentError as exc:
+                _LOG.info("%s: %s not backfilled (%s)", model, column, exc)
+                continue
+            for item in series:
+                device = item.tags.get("device")
+                if device not in devices:
+                    continue
+                steps = rows.setdefault(device, {})
+                for stamp, value in item.values:
+                    if isinstance(value, int | float) and math.isfinite(value):
+                        row = steps.setdefault(int(stamp) // step_ms, [math.nan] * len(columns))
+                        row[j] = float(value)
+        for device, steps in rows.items():
+            order = sorted(steps)
+            values = np.array([steps[k] for k in order], dtype=np.float64)
+            added += history.add_rows(device, model, order, values)
+    _LOG.info("remaining life: %d hourly rows backfilled from InfluxDB", added)
+    return added
 
 
 async def stored_registry(influx: InfluxClient) -> dict[str, str]:
@@ -183,6 +275,17 @@ class DiagnosticsService:
             except BaseException:
                 await self._influx.__aexit__(None, None, None)
                 raise
+            if self._settings.lifetime_backfill and self.engine.lifetimes is not None:
+                try:
+                    await backfill_lifetimes(
+                        self._influx,
+                        self.engine,
+                        registry,
+                        days=self._settings.train_days,
+                        now_ms=int(self._clock() * 1000),
+                    )
+                except StoreUnavailableError as exc:
+                    _LOG.warning("remaining life not backfilled, InfluxDB unavailable: %s", exc)
         return self
 
     async def __aexit__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +26,11 @@ class DiagnosticsSettings(BaseModel):
         train_sample: share of healthy updates kept as training rows.
         products_dir: a folder of product files (``*.toml``) next to the built-in ones; a
             file there may describe a new model or override a built-in one. Read at start.
+        generic_scoring: how metrics no product file describes are scored: ``baseline``
+            (streaming levels against the device's baseline) or ``detector`` (the detector
+            core of ``fixloop detect``; see the README on multi-state products).
+        lifetime_backfill: at start, fill the hourly means the learnt remaining-life
+            models read from the last ``train_days`` of telemetry in InfluxDB.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -39,3 +45,5 @@ class DiagnosticsSettings(BaseModel):
     train_window_s: int = Field(3_600, ge=60, le=86_400)
     train_sample: float = Field(0.2, gt=0, le=1)
     products_dir: Path | None = None
+    generic_scoring: Literal["baseline", "detector"] = "baseline"
+    lifetime_backfill: bool = True
