@@ -264,15 +264,20 @@ class Gateway:
         try:
             await self._read_loop(connection)
         finally:
+            # Disconnected from now on (for /health), while the writer finishes.
+            self._client = None
+            self.metrics.mqtt_connected = False
             try:
                 async with asyncio.timeout(_FINISH_ON_LOST_S):
                     await connection.idle.wait()
             except TimeoutError:
                 connection.abandoned = True
                 _LOG.warning(
-                    "connection ended with %d messages not yet durable; leaving them to "
-                    "the broker to deliver again",
+                    "connection ended with %d messages not yet durable after %.0f s; "
+                    "reconnecting: the batch being written is still stored, the queued "
+                    "ones are dropped for the broker to deliver again",
                     connection.outstanding,
+                    _FINISH_ON_LOST_S,
                 )
 
     def _route(self, topic: str) -> tuple[str, str] | None:

@@ -21,7 +21,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 #: Mosquitto 2.0 saves every ``autosave_interval + 1`` s (see bench/chaos.py).
 SAVE_BOUND_S = DEFAULT_AUTOSAVE_INTERVAL_S + 1.0
-QUICK_RATE = 1_000  # bench/chaos.py QUICK.rate
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +80,14 @@ def test_nothing_acknowledged_is_lost(results: dict[str, dict[str, object]], nam
 def test_a_broker_crash_loses_at_most_its_save_bound(
     results: dict[str, dict[str, object]],
 ) -> None:
-    bound = SAVE_BOUND_S * QUICK_RATE
+    # Only messages acknowledged within the save bound before the crash may be lost
+    # (with a little slack for the save itself on a busy machine).
     for name in ("broker-kill-gw-up", "broker-kill-gw-down-at-once"):
-        lost = results[name]["lost"]
-        assert isinstance(lost, int)
-        assert lost <= bound, results[name]
+        window = results[name]["lost_window_s"]
+        assert isinstance(window, float | int)
+        assert window <= SAVE_BOUND_S + 0.5, results[name]
+        # What the restarted broker acknowledged reaches the gateway's resumed session.
+        assert results[name]["lost_after_restart"] == 0, results[name]
 
 
 def test_a_full_spool_disk_turns_health_red(results: dict[str, dict[str, object]]) -> None:

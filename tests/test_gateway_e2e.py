@@ -382,3 +382,29 @@ def test_health_names_every_reason_the_gateway_cannot_take_data() -> None:
     metrics.spool_writable = False
     assert metrics.problems(now_s=1_030.0) == ["mqtt_disconnected", "spool_unwritable"]
     assert metrics.health(now_s=1_030.0)["problems"] == ["mqtt_disconnected", "spool_unwritable"]
+
+
+async def test_batches_received_before_a_disconnect_are_stored(
+    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    # Issue 13: the writer outlives the connection. Batches taken from the broker while
+    # InfluxDB hangs are stored after the broker is gone, not dropped with the connection.
+    broker = make_mosquitto()
+    influx = make_influxd()
+    assert influx.pid is not None
+    async with running_gateway(broker, influx.url, tmp_path / "spool", retry_max_s=0.5) as gw:
+        os.kill(influx.pid, signal.SIGSTOP)
+        try:
+            await publish_burst(broker, 500, int(time.time() * 1000) - 1_000_000)
+            await wait_for(lambda: gw.metrics.unacked > 0, 10, "messages waiting")
+            await asyncio.to_thread(broker.kill)
+            await wait_for(lambda: not gw.metrics.mqtt_connected, 10, "the disconnect")
+            assert gw.metrics.unacked > 0
+        finally:
+            os.kill(influx.pid, signal.SIGCONT)
+        await wait_for(lambda: gw.metrics.unacked == 0, 30, "the writer to finish", 0.2)
+        received = gw.metrics.received["telemetry"]
+        assert received > 0
+        assert not gw.metrics.rejected
+        assert gw.metrics.dropped_unacked == 0
+        assert gw.metrics.stored + gw.metrics.spooled - gw.metrics.replayed >= received
