@@ -267,18 +267,24 @@ class Gateway:
             # Disconnected from now on (for /health), while the writer finishes.
             self._client = None
             self.metrics.mqtt_connected = False
-            try:
-                async with asyncio.timeout(_FINISH_ON_LOST_S):
-                    await connection.idle.wait()
-            except TimeoutError:
-                connection.abandoned = True
-                _LOG.warning(
-                    "connection ended with %d messages not yet durable after %.0f s; "
-                    "reconnecting: the batch being written is still stored, the queued "
-                    "ones are dropped for the broker to deliver again",
-                    connection.outstanding,
-                    _FINISH_ON_LOST_S,
-                )
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():  # shutting down: nothing to wait for
+                await self._finish(connection)
+
+    async def _finish(self, connection: _Connection) -> None:
+        """Give the writer a bounded time to store what a lost connection delivered."""
+        try:
+            async with asyncio.timeout(_FINISH_ON_LOST_S):
+                await connection.idle.wait()
+        except TimeoutError:
+            connection.abandoned = True
+            _LOG.warning(
+                "connection ended with %d messages not yet durable after %.0f s; "
+                "reconnecting: the batch being written is still stored, the queued "
+                "ones are dropped for the broker to deliver again",
+                connection.outstanding,
+                _FINISH_ON_LOST_S,
+            )
 
     def _route(self, topic: str) -> tuple[str, str] | None:
         route = self._topics.get(topic, False)
