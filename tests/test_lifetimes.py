@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diagnostics.engine import DiagnosticsEngine
 from diagnostics.lifetimes import (
     Failure,
+    HourlyMeans,
     LifetimeModels,
     StepHistory,
     failure_histories,
@@ -125,3 +127,91 @@ def test_too_few_failures_learn_nothing_and_bad_files_are_refused(tmp_path: Path
         LifetimeModels.load(bad)
     with pytest.raises(ConfigError, match="UTC-aware"):
         Failure("d", "hp", "fouling", datetime(2026, 1, 1))
+
+
+# -- live: the engine's hourly means and the policy's time to failure -------------------
+
+
+def _learnt(model: str, fault: str) -> tuple[LifetimeModels, StepHistory]:
+    rng = np.random.default_rng(5)
+    history = StepHistory()
+    failures = []
+    for n in range(8):
+        life = int(rng.integers(150, 300))
+        start = START + timedelta(hours=int(rng.integers(0, 50)))
+        history.add(life_readings(f"u{n}", start, life, n))
+        failures.append(Failure(f"u{n}", model, fault, start + timedelta(hours=life)))
+    return fit_lifetime_models(history, failures, min_failures=5), history
+
+
+def test_the_engine_states_the_learnt_time_to_failure_and_falls_back_to_the_trend() -> None:
+    models, _ = _learnt("washer", "bearing_wear")
+    live = life_readings("w1", START, 240, 99, upto_h=200)
+    boot = Event(device_id="w1", seq=0, ts_ms=live[0].ts_ms - 1, kind="boot",
+                 data={"model": "washer"})  # fmt: skip
+    at = live[-1].ts_ms + 1
+    codes = [
+        Event(device_id="w1", seq=10_000 + k, ts_ms=at + k * 60_000, kind="error", code="E52")
+        for k in range(2)
+    ]
+    engine = DiagnosticsEngine(lifetimes=models)
+    assert engine.lifetimes is not None
+    engine.process([boot, *live])
+    sent = [d for d in engine.process(codes).diagnoses if d.fault == "bearing_wear"]
+    assert [d.status for d in sent] == ["open", "update"]
+    ttf = sent[-1].time_to_failure
+    assert ttf is not None
+    # what the learnt model says from the device's closed hours, counted down to the code
+    own = StepHistory()
+    own.add(live[:-3])  # the last hour is still open in the engine
+    expected = models.predict(own, "w1", "washer", "bearing_wear")
+    assert expected is not None
+    end_s = (int(live[-1].ts_ms // 3_600_000)) * 3600.0
+    aged = expected.aged(codes[1].ts_ms / 1000 - end_s)
+    assert ttf.p50_s == pytest.approx(aged.p50_s)
+    assert abs(ttf.p50_s / 3600 - 40) < 25
+    # without a learnt model the trend predictor speaks (it has nothing here)
+    plain = DiagnosticsEngine()
+    plain.process([boot, *live])
+    fallback = plain.process(codes).diagnoses
+    assert [d.status for d in fallback] == ["open"]  # nothing new to send: no update
+    assert all(d.time_to_failure is None for d in fallback)
+    assert engine.state_bytes() > plain.state_bytes()
+
+
+def test_hourly_means_are_bounded_and_keep_the_start_and_the_latest_rows() -> None:
+    means = HourlyMeans({"hp": ("x",)}, max_rows=64, head_rows=8, tail_rows=16)
+    t0 = int(START.timestamp() * MS)
+    readings = [Reading("d", h, t0 + h * 3_600_000, {"x": float(h)}) for h in range(500)]
+    means.add("hp", readings)
+    means.add("other", readings)  # a model without a learnt model is not kept
+    rows = means.rows("d", ("x", "missing"))
+    assert rows is not None
+    assert rows.values.shape[0] <= 64
+    assert means.closed("d") == 499  # the last hour is still open
+    first_h = START.timestamp() / 3600
+    assert rows.times[:8].tolist() == [first_h + h for h in range(8)]
+    assert rows.times[-16:].tolist() == [first_h + h for h in range(483, 499)]
+    assert rows.values[:, 0].tolist() == (rows.times - first_h).tolist()
+    assert np.isnan(rows.values[:, 1]).all()
+    # an older hour is not reopened; stored rows only go before live ones
+    means.add("hp", [Reading("d", 9_999, t0, {"x": -1.0})])
+    assert means.late == 1
+    assert means.add_rows("d", "hp", [0, 1], np.array([[1.0], [2.0]])) == 0
+    assert means.add_rows("e", "hp", [5, 6], np.array([[1.0], [2.0]])) == 2
+    assert means.devices == 2
+
+
+def test_load_engine_loads_the_learnt_lifetimes(tmp_path: Path) -> None:
+    from diagnostics.lifetimes import lifetimes_path
+    from diagnostics.service import load_engine
+    from diagnostics.settings import DiagnosticsSettings
+
+    settings = DiagnosticsSettings(model_path=tmp_path / "models" / "diagnostics.pkl")
+    assert load_engine(settings).lifetimes is None
+    models, _ = _learnt("washer", "bearing_wear")
+    models.save(lifetimes_path(settings.model_path))
+    engine = load_engine(settings)
+    assert engine.lifetimes is not None
+    assert engine.lifetimes.watches("washer")
+    assert not engine.lifetimes.watches("fridge")
