@@ -11,10 +11,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from device_sim import Fleet
 from diagnostics.lifetimes import Failure, LifetimeModels, StepHistory, lifetimes_path
+from diagnostics.service import backfill_lifetimes, load_engine
 from diagnostics.settings import DiagnosticsSettings
 from diagnostics.training import train_from_influx
 from fixloop.stack import InfluxdServer
@@ -80,3 +82,23 @@ async def test_train_learns_remaining_life_from_recorded_failures(
     )
     assert ttf is not None
     assert 0 <= ttf.p10_s <= ttf.p50_s <= ttf.p90_s
+
+    # the service: the learnt models loaded, the hourly means backfilled from InfluxDB
+    engine = load_engine(settings, models)
+    assert engine.lifetimes is not None
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    async with InfluxClient(influx_settings) as client:
+        added = await backfill_lifetimes(client, engine, models, days=DAYS + 1, now_ms=now_ms)
+    assert added > 0
+    columns = learnt.models[(model, "bearing_wear")].columns
+    filled = engine.lifetimes.history.rows(failed[0], columns)
+    stored = history.rows(failed[0], columns)
+    assert filled is not None
+    assert stored is not None
+    n = filled.times.shape[0]
+    assert filled.times.tolist() == stored.times[:n].tolist()
+    numbers = ~np.isnan(filled.values).all(axis=0)  # true/false metrics have no mean there
+    assert numbers.any()
+    assert np.allclose(filled.values[:, numbers], stored.values[:n, numbers], rtol=1e-5)
+    prediction = engine.lifetimes.predict(failed[0], model, "bearing_wear", now_ms)
+    assert prediction is not None
