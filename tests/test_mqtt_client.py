@@ -751,10 +751,17 @@ async def test_lost_session_is_counted_and_logged(caplog: pytest.LogCaptureFixtu
         await fresh.disconnect()
 
 
-def test_max_buffered_is_never_below_the_receive_maximum() -> None:
-    """The broker may have Receive Maximum messages in flight; the buffer takes them."""
-    client = MqttClient("127.0.0.1", 1, client_id="c", receive_maximum=500, max_buffered=10)
-    assert client._max_buffered == 500
+async def test_receive_maximum_is_never_above_max_buffered() -> None:
+    """We announce no more messages in flight than we buffer before pausing."""
+    async with fake_broker() as broker:
+        client = broker.client(keepalive_s=0, receive_maximum=500, max_buffered=10)
+        _, found = await connected(broker, client)
+        assert found[0x21] == 10
+        await client.disconnect()
+        client = broker.client(keepalive_s=0, receive_maximum=500, max_buffered=10_000)
+        _, found = await connected(broker, client)
+        assert found[0x21] == 500
+        await client.disconnect()
 
 
 # -- conformance against mosquitto ---------------------------------------------------

@@ -50,9 +50,10 @@ sent it (``FIONREAD``), which the broker can only have sent after the PINGREQ we
 While a PINGREQ is unanswered the socket is read even if the consumer is behind, so
 the PINGRESP (or fresh data) is seen: the socket reader works apart from the
 application's consumption. Reading stops again as soon as the answer is in. What is
-read meanwhile joins the waiting messages; that overshoot is bounded: QoS-1 messages
-never exceed the Receive Maximum we announced (``max_buffered`` is never below it),
-and QoS-0 traffic adds at most one kernel socket buffer per keep-alive probe. Writes
+read meanwhile joins the waiting messages; that overshoot is bounded: a conforming
+broker sends no more unacknowledged QoS-1 messages than the Receive Maximum we
+announce, which is never above ``max_buffered``, and QoS-0 traffic adds at most one
+kernel socket buffer per keep-alive probe. Writes
 (acknowledgements, PINGREQ) never depend on reading, so the broker's own keep-alive
 check is satisfied throughout.
 """
@@ -602,8 +603,8 @@ class MqttClient:
             a SUBACK.
         max_buffered: how many received messages may wait for the consumer before the
             client stops reading the socket (back-pressure instead of memory growth).
-            Raised to ``receive_maximum`` if lower: the broker may have that many QoS-1
-            messages in flight to us, and stopping short of them gains nothing.
+            ``receive_maximum`` is lowered to it if higher: the broker may have that many
+            QoS-1 messages in flight to us, and we announce no more than we buffer.
         max_packet_size: the largest packet we accept, announced in CONNECT; a larger
             one closes the connection (DISCONNECT 0x95).
         publish_timeout_s: how long a QoS-1 publish waits for send quota and its PUBACK.
@@ -636,6 +637,8 @@ class MqttClient:
     ) -> None:
         if not 1 <= receive_maximum <= 65_535:
             raise ConfigError("receive_maximum must be between 1 and 65535")
+        if max_buffered < 1:
+            raise ConfigError("max_buffered must be at least 1")
         if not 0 <= keepalive_s <= 65_535:
             raise ConfigError("keepalive_s must be between 0 and 65535")
         if not 64 <= max_packet_size <= MAX_PACKET_SIZE_LIMIT:
@@ -643,12 +646,15 @@ class MqttClient:
         if publish_timeout_s <= 0 or (ping_timeout_s is not None and ping_timeout_s <= 0):
             raise ConfigError("publish_timeout_s and ping_timeout_s must be positive")
         if max_buffered < receive_maximum:
+            # The broker may have Receive Maximum messages in flight to us; announce no
+            # more than we buffer (issue 13).
             _LOG.debug(
-                "%s: max_buffered %d raised to the Receive Maximum %d",
+                "%s: Receive Maximum %d lowered to max_buffered %d",
                 client_id,
-                max_buffered,
                 receive_maximum,
+                max_buffered,
             )
+            receive_maximum = max_buffered
         self.host = host
         self.port = port
         self.client_id = client_id
@@ -661,7 +667,7 @@ class MqttClient:
         self._will = will
         self._tls = tls
         self._connect_timeout_s = connect_timeout_s
-        self._max_buffered = max(max_buffered, receive_maximum)
+        self._max_buffered = max_buffered
         self._resume_at = self._max_buffered // _RESUME_FRACTION
         self._max_packet_size = max_packet_size
         self._publish_timeout_s = publish_timeout_s
