@@ -31,6 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.protocol.mqtt import MqttClient
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings, MqttSettings
+from gateway.spool import Spool
 
 pytestmark = pytest.mark.integration
 
@@ -408,3 +409,21 @@ async def test_batches_received_before_a_disconnect_are_stored(
         assert not gw.metrics.rejected
         assert gw.metrics.dropped_unacked == 0
         assert gw.metrics.stored + gw.metrics.spooled - gw.metrics.replayed >= received
+
+
+async def test_a_spool_written_in_milliseconds_replays_at_the_right_time(
+    make_influxd: MakeInfluxd, mosquitto: MosquittoServer, tmp_path: Path
+) -> None:
+    # Spools from before same-millisecond readings hold millisecond timestamps; new
+    # batches hold microseconds. Each batch is replayed in its own unit.
+    influx = make_influxd()
+    ts_ms = int(time.time() * 1000) - 3_600_000
+    with Spool(tmp_path / "spool") as spool:
+        spool.append(f"telemetry,device=old-1 t=1.5,seq=7i {ts_ms}".encode())
+        spool.append(f"telemetry,device=new-1 t=2.5,seq=8i {ts_ms * 1000 + 8}".encode())
+    async with running_gateway(mosquitto, influx.url, tmp_path / "spool") as gw:
+        await wait_for(lambda: gw.metrics.spool_batches == 0, 30, "the replay", 0.1)
+    async with InfluxClient(InfluxSettings(url=influx.url)) as client:
+        rows = await client.query("SELECT t FROM telemetry GROUP BY device", epoch="ms")
+    times = {series.tags["device"]: series.values[0][0] for series in rows}
+    assert times == {"old-1": ts_ms, "new-1": ts_ms}
