@@ -198,6 +198,8 @@ class EngineResult:
 
 
 _NO_TIME: Final = np.iinfo(np.int64).min
+#: From this many readings the metric columns are gathered column by column.
+_BY_COLUMN: Final = 64
 
 
 @dataclass(slots=True)
@@ -213,6 +215,8 @@ class _Generic:
     names: tuple[str, ...]
     slots: dict[str, int] = field(default_factory=dict)
     last_ts_ms: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: per slot, whether its alert was up at its last row (the policy hears of the fall)
+    was_up: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
 
     def widen(self, names: Sequence[str]) -> None:
         self.table.add_columns(len(names))
@@ -229,6 +233,7 @@ class _Generic:
                 table.add_slots(grow)
                 more = np.full(grow, _NO_TIME, dtype=np.int64)
                 self.last_ts_ms = np.concatenate([self.last_ts_ms, more])
+                self.was_up = np.concatenate([self.was_up, np.zeros(grow, dtype=np.bool_)])
         return np.array(found, dtype=np.intp)
 
     def step(
@@ -270,6 +275,22 @@ class _Generic:
         fresh = slots[~stale]
         last[fresh] = ts_ms[~stale]
         return result, stale
+
+    def values(self, readings: Sequence[Reading]) -> F64:
+        """The readings' metrics as rows (NaN where a reading lacks one, booleans 0/1)."""
+        n = len(readings)
+        names = self.names
+        nan = math.nan
+        if n < _BY_COLUMN:
+            rows: F64 = np.array(
+                [[r.metrics.get(name, nan) for name in names] for r in readings], dtype=np.float64
+            ).reshape(n, len(names))
+            return rows
+        metrics = [r.metrics for r in readings]
+        rows = np.empty((n, len(names)), dtype=np.float64)
+        for j, name in enumerate(names):
+            rows[:, j] = np.fromiter((m.get(name, nan) for m in metrics), np.float64, n)
+        return rows
 
 
 @dataclass(slots=True)
@@ -746,30 +767,25 @@ class DiagnosticsEngine:
         """
         generic = state.generic
         assert generic is not None
-        names = generic.names
-        nan = math.nan
-        n = len(readings)
-        values = np.array(
-            [[r.metrics.get(name, nan) for name in names] for r in readings], dtype=np.float64
-        ).reshape(n, len(names))
         device_ids = [r.device_id for r in readings]
         ts_ms = np.array([r.ts_ms for r in readings], dtype=np.int64)
-        result, stale = generic.step(generic.slots_of(device_ids), ts_ms, values, late)
+        slots = generic.slots_of(device_ids)
+        result, stale = generic.step(slots, ts_ms, generic.values(readings), late)
         score = surprise(result.score, generic.table.config.alpha)
-        live = np.flatnonzero(~stale) if _count(stale) else None
-        if live is None:
+        # the policy hears of the rows whose alert is up, or was up at the slot's last row
+        was_up = generic.was_up
+        heard = (result.active | was_up[slots]) & ~stale
+        if _count(heard):
+            picked = np.flatnonzero(heard)
+            rows: list[int] = picked.tolist()
             made = self.policy.on_detections(
-                device_ids, state.spec.model, names, ts_ms.tolist(), score,
-                result.event, result.active, result.deviation,
-            )  # fmt: skip
-            caused += [(order[k], d) for k, d in made]
-        elif live.size:
-            rows: list[int] = live.tolist()
-            made = self.policy.on_detections(
-                [device_ids[k] for k in rows], state.spec.model, names, ts_ms[live].tolist(),
-                score[live], result.event[live], result.active[live], result.deviation[live],
+                [device_ids[k] for k in rows], state.spec.model, generic.names,
+                ts_ms[picked].tolist(), score[picked], result.event[picked],
+                result.active[picked], result.deviation[picked],
             )  # fmt: skip
             caused += [(order[rows[k]], d) for k, d in made]
+        live = ~stale
+        was_up[slots[live]] = result.active[live]
         return stale, score
 
     def _judge(
