@@ -30,8 +30,8 @@ does not list) come through :meth:`DiagnosisPolicy.on_detections`: the core's al
 diagnosis once it has lasted ``open_after_s`` of device time with ``open_after`` readings
 at or above ``open_threshold`` and a metric ``min_driver_z`` away (a burst, or a small
 bias no single metric explains, is not a fault); the diagnosis follows the alert and
-closes when the core re-arms (its ``active`` falls). Its evidence: which metrics, how far (signed deviations at
-the alert's strongest reading), since when.
+closes when the core re-arms (its ``active`` falls). Its evidence: which metrics, how
+far (signed deviations at the alert's strongest reading), since when.
 
 Time to failure comes from a learnt remaining-life model of the product model and fault
 when one is given (:class:`LearntLifetimes`, learnt from recorded failures), else from the
