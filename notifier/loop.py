@@ -223,6 +223,7 @@ class OwnerLoop:
         self._timers: dict[str, _Timer] = {}
         self._group: asyncio.TaskGroup | None = None
         self._running: set[str] = set()
+        self._fix_tasks: set[asyncio.Task[None]] = set()
         self._reminded: set[str] = set()
         self._reminders_due = datetime.min.replace(tzinfo=UTC)
         self.diagnoses_seen = 0
@@ -243,6 +244,11 @@ class OwnerLoop:
         tb: TracebackType | None,
     ) -> None:
         group, self._group = self._group, None
+        # a remote fix waiting for its device (up to command_timeout_s) must not hold the
+        # shutdown: it is cancelled, and the case, still in remote_fix, is taken up again
+        # at the next start (_resume), as after a crash
+        for task in list(self._fix_tasks):
+            task.cancel()
         if group is not None:
             await group.__aexit__(exc_type, exc, tb)
 
@@ -592,7 +598,9 @@ class OwnerLoop:
         self._running.add(case.case_id)
         if self._group is None:
             raise InvalidRequestError("the case machine is not running")
-        self._group.create_task(self._run_command(case.case_id), name=f"fix-{case.case_id}")
+        task = self._group.create_task(self._run_command(case.case_id), name=f"fix-{case.case_id}")
+        self._fix_tasks.add(task)
+        task.add_done_callback(self._fix_tasks.discard)
 
     def _command_args(self, case: Case, action: str) -> dict[str, float | bool | str]:
         if action == "firmware_update":

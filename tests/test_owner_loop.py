@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 
 import pytest
 from conftest import ManualClock
@@ -493,3 +494,28 @@ async def test_a_booked_visit_is_reminded_of_once_a_day_before(rig: Rig) -> None
     async with fresh:
         await fresh.tick()
     assert rig.told.kinds(case.case_id).count("appointment_reminder") == 1
+
+
+async def test_shutdown_does_not_wait_for_a_device_that_never_answers() -> None:
+    class Silent(Commander):
+        async def send(self, *args: Any, **kwargs: Any) -> Event:
+            self.sent.append((args[0], args[1], {}))
+            await asyncio.Event().wait()  # the device is away: only the timeout would end it
+            raise AssertionError("unreachable")
+
+    commander = Silent()
+    async with SqliteStore(":memory:") as store:
+        await store.put_owner(Owner("ann", "Ann", consent="fix_and_tell"))
+        await store.put_device(DeviceRecord("w-ann", "ann", "washer", "2.3.1"))
+        config = LoopConfig(command_timeout_s=3_600, firmware={"washer": "2.4.0"})
+        loop = OwnerLoop(store, commander, Health(), Told(), config=config, clock=lambda: T0)
+        async with asyncio.timeout(10):
+            async with loop:
+                case = await loop.handle_diagnosis(diagnosis("w-ann", "washer", "firmware_bug"))
+                assert case is not None
+                while not commander.sent:  # noqa: ASYNC110 - the fake device has no event
+                    await asyncio.sleep(0.001)
+        # the case waits for the next start, which takes it up again (as after a crash)
+        stored = await store.get_case(case.case_id)
+        assert stored is not None
+        assert stored.state == "remote_fix"
