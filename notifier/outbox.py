@@ -43,7 +43,7 @@ from gateway.errors import TransientError
 from notifier.links import ActionLinks
 from notifier.loop import Notice
 from notifier.messages import MessageContext, render
-from notifier.model import Case, Notification, Owner, PushChannel
+from notifier.model import AuditEntry, Case, Notification, Owner, PushChannel
 from notifier.push import (
     DeliveryLimits,
     FcmSender,
@@ -381,6 +381,33 @@ class Outbox:
             self.sent += 1
         else:
             self.failed += 1
+            await self._audit_failure(notification)
+
+    async def _audit_failure(self, notification: Notification) -> None:
+        """Say in the case's trail that the push did not arrive (the trail said "told")."""
+        if not notification.case_id:
+            return
+        try:
+            await self._store.add_audit(
+                AuditEntry(
+                    case_id=notification.case_id,
+                    at=self._clock(),
+                    actor="system",
+                    action="push_failed",
+                    reason=f"no push channel took the message: {notification.kind}; "
+                    "it waits in the owner's app",
+                    evidence={
+                        "kind": notification.kind,
+                        "notification": notification.notification_id,
+                    },
+                )
+            )
+        except TransientError as exc:
+            _LOG.warning(
+                "notification %s: its failure is not in the trail (%s)",
+                notification.notification_id,
+                exc,
+            )
 
     async def verify_channel(self, owner: Owner, channel: PushChannel) -> bool:
         """Send a test message over one channel; bring it back into use if it arrives.

@@ -276,3 +276,18 @@ async def test_one_message_that_trips_delivery_does_not_stop_the_others(rig: Rig
     assert [m.data["case_id"] for _, m in sender.sent] == ["c2"]
     statuses = {n.case_id: n.status for n in await store.notifications("eva")}
     assert statuses == {"c1": "failed", "c2": "sent"}
+
+
+async def test_a_push_no_channel_took_is_said_in_the_case_trail(rig: Rig) -> None:
+    outbox, store, sender, _ = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    sender.down.update({"old", "new"})
+    await outbox.notify(owner, case("c9"), Notice("fix_waiting", action="restart"))
+    await outbox.drain()
+    [failed] = await store.notifications("eva", status="failed")
+    trail = await store.audit("c9")
+    assert [(e.action, e.evidence["notification"]) for e in trail] == [
+        ("push_failed", failed.notification_id)
+    ]
+    assert "waits in the owner's app" in trail[0].reason
