@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -147,6 +148,36 @@ async def _report(
         )
 
 
+_SIM_CLOCK_FILE: Final = "sim_clock"
+
+
+def _history_to_replay(data_dir: Path) -> float:
+    """How far before now the simulated fleet starts: 6 hours, or the gap since last time.
+
+    A data folder that already holds history continues it: the fleet replays only the
+    time since the simulated clock of the last run (``sim_clock``, kept every few
+    seconds), so a restart never lays a second series over the readings already stored.
+    """
+    try:
+        last = float((data_dir / _SIM_CLOCK_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return _DEMO_HISTORY_S
+    gap = time.time() - last
+    return min(_DEMO_HISTORY_S, max(0.0, gap))
+
+
+async def _keep_sim_clock(data_dir: Path, runner: FleetRunner) -> None:
+    """Keep the simulated clock in the data folder (also written on the way out)."""
+    path = data_dir / _SIM_CLOCK_FILE
+    try:
+        while True:
+            path.write_text(f"{runner.fleet.now.timestamp():.3f}\n")
+            await asyncio.sleep(_STATUS_EVERY_S / 3)
+    finally:
+        with contextlib.suppress(OSError):
+            path.write_text(f"{runner.fleet.now.timestamp():.3f}\n")
+
+
 @contextlib.contextmanager
 def _folder_lock(data_dir: Path) -> Iterator[None]:
     """Hold the data folder for this process (released by the kernel if it is killed).
@@ -256,7 +287,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     # fleet replays the last hours as fast as the stack takes them, then lives on in
     # real time (the simulator's clock never runs ahead of the wall clock).
     demo = {
-        "start_offset_s": _DEMO_HISTORY_S if "start_offset_s" not in chosen else None,
+        "start_offset_s": _history_to_replay(data_dir) if "start_offset_s" not in chosen else None,
         "speed": "max" if "speed" not in chosen else None,
     }
     sim_settings = settings.sim.model_copy(
@@ -360,6 +391,9 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                     await diagnostics.wait_subscribed()
                     await notifier.wait_subscribed()
                 async with runner:
+                    tasks.append(
+                        asyncio.create_task(_keep_sim_clock(data_dir, runner), name="sim-clock")
+                    )
                     simulated = SimulatedPeople(notifier.store, notifier.loop, runner)
                     tasks.append(asyncio.create_task(simulated.run(), name="people"))
                     tasks.append(asyncio.create_task(demo_faults(runner), name="faults"))

@@ -193,3 +193,17 @@ def test_the_local_stack_keeps_its_ports_across_restarts(tmp_path: Path) -> None
         again = _ports(tmp_path, {"mqtt": 0, "influx": 0, "api": 8123})
     assert again["mqtt"] != first["mqtt"]
     assert again["influx"] == first["influx"]
+
+
+def test_a_restart_replays_only_the_gap_since_the_last_run(tmp_path: Path) -> None:
+    import time as clock
+
+    from fixloop.local import _DEMO_HISTORY_S, _history_to_replay
+
+    assert _history_to_replay(tmp_path) == _DEMO_HISTORY_S  # a new folder: 6 hours
+    (tmp_path / "sim_clock").write_text(f"{clock.time() - 600:.3f}\n")
+    assert 599 <= _history_to_replay(tmp_path) <= 700
+    (tmp_path / "sim_clock").write_text(f"{clock.time() - 10 * 86_400:.3f}\n")
+    assert _history_to_replay(tmp_path) == _DEMO_HISTORY_S  # long away: the usual 6 hours
+    (tmp_path / "sim_clock").write_text("garbage\n")
+    assert _history_to_replay(tmp_path) == _DEMO_HISTORY_S
