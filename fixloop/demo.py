@@ -135,10 +135,18 @@ _DEMO_FAULTS: Final[tuple[tuple[FaultName, float | None], ...]] = (
 )
 
 
-async def demo_faults(runner: FleetRunner, *, every_s: float = 120.0, seed: int = 0) -> None:
+async def demo_faults(
+    runner: FleetRunner,
+    *,
+    every_s: float = 120.0,
+    seed: int = 0,
+    first_for: Sequence[str] = (),
+) -> None:
     """Give a random device of the live fleet a fault every ``every_s`` seconds, forever.
 
-    Wear faults reach failure in a few hours, so that a demo sees them coming.
+    Wear faults reach failure in a few hours, so that a demo sees them coming. The first
+    fault goes to one of ``first_for`` (the devices of the owner whose token the banner
+    prints), so that the owner one tries the API as sees a case of their own.
     """
     rng = random.Random(seed)
     turn = 0
@@ -151,6 +159,8 @@ async def demo_faults(runner: FleetRunner, *, every_s: float = 120.0, seed: int 
             for d in runner.fleet.devices
             if fault in faults_for_model(d.model) and not d.active_faults
         ]
+        if turn == 1 and first_for:
+            candidates = [d for d in candidates if d.device_id in first_for] or candidates
         if not candidates:
             continue
         device = rng.choice(candidates)

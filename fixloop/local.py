@@ -396,7 +396,13 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                     )
                     simulated = SimulatedPeople(notifier.store, notifier.loop, runner)
                     tasks.append(asyncio.create_task(simulated.run(), name="people"))
-                    tasks.append(asyncio.create_task(demo_faults(runner), name="faults"))
+                    shown = await notifier.store.devices(people.owners[0]) if people.owners else []
+                    tasks.append(
+                        asyncio.create_task(
+                            demo_faults(runner, first_for=[d.device_id for d in shown]),
+                            name="faults",
+                        )
+                    )
                     models = Counter(str(d.model) for d in runner.fleet.devices)
                     assert diagnostics.engine is not None
                     print(  # noqa: T201 - the command's own output for the user

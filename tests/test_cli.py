@@ -207,3 +207,22 @@ def test_a_restart_replays_only_the_gap_since_the_last_run(tmp_path: Path) -> No
     assert _history_to_replay(tmp_path) == _DEMO_HISTORY_S  # long away: the usual 6 hours
     (tmp_path / "sim_clock").write_text("garbage\n")
     assert _history_to_replay(tmp_path) == _DEMO_HISTORY_S
+
+
+async def test_the_demo_gives_its_first_fault_to_the_owner_the_banner_shows() -> None:
+    import asyncio
+
+    from fixloop.demo import demo_faults
+
+    runner = FleetRunner(SimSettings(devices=12, fleet_secret=SecretStr(FLEET_SECRET)))
+    ids = runner.fleet.device_ids
+    for seed in range(5):
+        shown = [ids[7], ids[8]]
+        task = asyncio.create_task(demo_faults(runner, every_s=0.001, seed=seed, first_for=shown))
+        while not runner.fleet.ground_truth():  # noqa: ASYNC110 - the fleet has no event
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert runner.fleet.ground_truth()[0].device_id in shown
+        runner = FleetRunner(SimSettings(devices=12, fleet_secret=SecretStr(FLEET_SECRET)))
