@@ -237,9 +237,22 @@ _V3: Final[tuple[str, ...]] = (
         AND (target LIKE '%/…' OR target LIKE '…%')""",
 )
 
+# Owners who sign in with the manufacturer's identity provider (OpenID Connect): its
+# subject (``iss``, ``sub``) -> owner. One owner may have several; a subject has one.
+_V4: Final[tuple[str, ...]] = (
+    """CREATE TABLE owner_subjects (
+        issuer TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        owner_id TEXT NOT NULL,
+        linked_at TEXT NOT NULL,
+        PRIMARY KEY (issuer, subject)
+    )""",
+    "CREATE INDEX owner_subjects_owner ON owner_subjects (owner_id)",
+)
+
 #: Schema steps, oldest first: step ``n`` (from 1) takes a file from version ``n - 1``
 #: to ``n``. Append only; never edit a step that has shipped.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -736,6 +749,21 @@ def _transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterato
     conn.execute("COMMIT")
 
 
+def _link_subject(conn: sqlite3.Connection, issuer: str, subject: str, owner_id: str) -> str:
+    """Link a subject unless it is linked; return the owner it stands for (in a transaction)."""
+    if not issuer or not subject:
+        raise InvalidRequestError("an issuer and a subject are needed")
+    conn.execute(
+        "INSERT INTO owner_subjects (issuer, subject, owner_id, linked_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (issuer, subject) DO NOTHING",
+        (issuer, subject, owner_id, _ts(datetime.now(UTC))),
+    )
+    row = conn.execute(
+        "SELECT owner_id FROM owner_subjects WHERE issuer = ? AND subject = ?", (issuer, subject)
+    ).fetchone()
+    return str(row[0])
+
+
 def _constraint(exc: sqlite3.IntegrityError) -> str:
     return getattr(exc, "sqlite_errorname", "")
 
@@ -934,6 +962,58 @@ class SqliteStore:
                 "SELECT kind, principal_id FROM tokens WHERE token_sha256 = ?", (digest,)
             ).fetchone()
             return None if row is None else (row["kind"], row["principal_id"])
+
+        return await self._run(job)
+
+    async def owner_of_subject(self, issuer: str, subject: str) -> str | None:
+        """Return the owner an identity provider's subject stands for, or ``None``."""
+
+        def job(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT owner_id FROM owner_subjects WHERE issuer = ? AND subject = ?",
+                (issuer, subject),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._run(job)
+
+    async def link_subject(self, issuer: str, subject: str, owner_id: str) -> None:
+        """Link a provider's subject to an existing owner (an owner may have several).
+
+        Linking a subject again to the same owner changes nothing.
+
+        Raises:
+            NotFoundError: there is no such owner.
+            ConflictError: the subject stands for another owner already.
+        """
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                known = conn.execute("SELECT 1 FROM owners WHERE owner_id = ?", (owner_id,))
+                if known.fetchone() is None:
+                    raise NotFoundError(f"there is no owner {owner_id}")
+                linked = _link_subject(conn, issuer, subject, owner_id)
+            if linked != owner_id:
+                raise ConflictError("that subject stands for another owner already")
+
+        await self._run(job)
+
+    async def adopt_subject(self, issuer: str, subject: str, owner: Owner) -> str:
+        """Return the subject's owner id, storing ``owner`` for it first if it has none.
+
+        One transaction: two first sign-ins of one subject at once make one owner.
+        """
+
+        def job(conn: sqlite3.Connection) -> str:
+            with _transaction(conn):
+                row = conn.execute(
+                    "SELECT owner_id FROM owner_subjects WHERE issuer = ? AND subject = ?",
+                    (issuer, subject),
+                ).fetchone()
+                if row is not None:
+                    return str(row[0])
+                _upsert(conn, "owners", "owner_id", _owner_row(owner))
+                return _link_subject(conn, issuer, subject, owner.owner_id)
 
         return await self._run(job)
 
@@ -1585,15 +1665,15 @@ class SqliteStore:
     async def erase_owner(self, owner_id: str) -> int:
         """Erase an owner and everything personal about them; return the rows touched.
 
-        Deleted: the owner, their API tokens, push channels, notifications and the
-        registry entries of their devices. Kept for the fleet's statistics: their cases
-        (owner id set to :data:`ERASED_OWNER`, each device id replaced by an anonymous
-        ``anon-`` id, also where the trail, tasks and visit notes quote it), appointments,
-        tasks, ratings (comments removed) and the audit trail (``notify`` entries lose
-        their evidence, which may name contacts). A tombstone without any identifier
-        (``owner_erased``, with counts) is added to the trail. The write-ahead log is then
-        checkpointed so that the erased data leaves the files on disk (deleted content is
-        zeroed by ``secure_delete``).
+        Deleted: the owner, their API tokens, links to identity-provider subjects, push
+        channels, notifications and the registry entries of their devices. Kept for the
+        fleet's statistics: their cases (owner id set to :data:`ERASED_OWNER`, each device
+        id replaced by an anonymous ``anon-`` id, also where the trail, tasks and visit
+        notes quote it), appointments, tasks, ratings (comments removed) and the audit
+        trail (``notify`` entries lose their evidence, which may name contacts). A
+        tombstone without any identifier (``owner_erased``, with counts) is added to the
+        trail. The write-ahead log is then checkpointed so that the erased data leaves the
+        files on disk (deleted content is zeroed by ``secure_delete``).
         """
 
         def job(conn: sqlite3.Connection) -> int:
@@ -1617,6 +1697,7 @@ class SqliteStore:
                 for sql in (
                     "DELETE FROM owners WHERE owner_id = ?",
                     "DELETE FROM tokens WHERE kind = 'owner' AND principal_id = ?",
+                    "DELETE FROM owner_subjects WHERE owner_id = ?",
                     "DELETE FROM channels WHERE owner_id = ?",
                     "DELETE FROM notifications WHERE owner_id = ?",
                     "DELETE FROM devices WHERE owner_id = ?",

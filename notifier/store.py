@@ -61,6 +61,15 @@ class CaseStore(Protocol):
     async def resolve_token(self, token: str) -> Principal | None:
         """Return who a token stands for, or ``None`` for an unknown token."""
 
+    async def owner_of_subject(self, issuer: str, subject: str) -> str | None:
+        """Return the owner an identity provider's subject (``iss``, ``sub``) stands for."""
+
+    async def link_subject(self, issuer: str, subject: str, owner_id: str) -> None:
+        """Link a provider's subject to an existing owner (it may have several)."""
+
+    async def adopt_subject(self, issuer: str, subject: str, owner: Owner) -> str:
+        """Return the subject's owner id, storing ``owner`` for it first if it has none."""
+
     async def put_device(self, device: DeviceRecord) -> None:
         """Insert or replace a device registry entry."""
 
