@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 
 __all__ = ["DashboardSettings"]
@@ -40,6 +42,16 @@ class DashboardSettings(BaseModel):
         heartbeat_s: comment lines on the live stream this often (keeps proxies open).
         healthy_below: scores below this are healthy.
         anomalous_from: scores from this on are anomalous (between: watch).
+        host: where ``fixloop dashboard`` serves the dashboard (``fixloop up`` uses
+            ``stack.dashboard_port`` on loopback instead).
+        port: its port (0: a free one).
+        metrics_host: where ``fixloop dashboard`` serves ``/metrics`` and ``/health``
+            (``0.0.0.0`` in a container, so the compose network can scrape it).
+        metrics_port: their port (0: a free one).
+        client_id: MQTT client id prefix of the ``fleet/cases`` subscription (a random
+            suffix keeps several dashboards apart; the subscription is live only).
+        users_file: the ops users and their password hashes, managed with
+            ``fixloop ops-users``; read again when it changes.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,6 +72,12 @@ class DashboardSettings(BaseModel):
     heartbeat_s: float = Field(15.0, gt=0)
     healthy_below: float = Field(0.3, gt=0, lt=1)
     anomalous_from: float = Field(0.5, gt=0, le=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8_089, ge=0, le=65_535)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9_111, ge=0, le=65_535)
+    client_id: str = Field("fixloop-dashboard", min_length=1, max_length=48)
+    users_file: Path = Path(".fixloop/ops-users.json")
 
     @model_validator(mode="after")
     def _check_levels(self) -> DashboardSettings:

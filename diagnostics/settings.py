@@ -31,6 +31,9 @@ class DiagnosticsSettings(BaseModel):
             core of ``fixloop detect``; see the README on multi-state products).
         lifetime_backfill: at start, fill the hourly means the learnt remaining-life
             models read from the last ``train_days`` of telemetry in InfluxDB.
+        metrics_host: where ``fixloop diagnostics`` serves ``/metrics`` and ``/health``
+            (``0.0.0.0`` in a container, so the compose network can scrape it).
+        metrics_port: their port (0: a free one).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -47,3 +50,5 @@ class DiagnosticsSettings(BaseModel):
     products_dir: Path | None = None
     generic_scoring: Literal["baseline", "detector"] = "baseline"
     lifetime_backfill: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9_109, ge=0, le=65_535)

@@ -3,7 +3,8 @@
 Only ``fixloop``'s entry point calls :func:`load_settings` (with ``os.environ``); every
 package gets its section passed into its constructors. Precedence, lowest first:
 defaults, the TOML file (``--config PATH``, else ``./fixloop.toml`` if present),
-``FIXLOOP_*`` environment variables (``FIXLOOP_STACK__MQTT_PORT=1884``).
+``FIXLOOP_*`` environment variables (``FIXLOOP_STACK__MQTT_PORT=1884``). An empty
+variable counts as unset, so a compose file can pass an optional setting as ``${VAR:-}``.
 
 A wrong setting refuses to start with one line naming the setting, the problem and
 where the value came from; secrets never appear in it.
@@ -66,8 +67,9 @@ class _MappingEnvSource(EnvSettingsSource):
     """pydantic-settings' environment source, reading a given mapping, not ``os.environ``."""
 
     def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        # Settings are case-insensitive: pydantic-settings expects lower-cased names.
-        self._environ = {key.lower(): value for key, value in environ.items()}
+        # Settings are case-insensitive: pydantic-settings expects lower-cased names. An
+        # empty value is no value (``FIXLOOP_NOTIFIER__PUSH__NTFY_TOKEN: ${NTFY_TOKEN:-}``).
+        self._environ = {key.lower(): value for key, value in environ.items() if value != ""}
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:

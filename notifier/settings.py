@@ -89,6 +89,9 @@ class NotifierSettings(BaseModel):
         erase_device_data: what an owner's erasure does to their devices' telemetry,
             events and scores in InfluxDB: ``delete`` them, or ``rekey`` them to anonymous
             device ids first (for a manufacturer who keeps device history).
+        metrics_host: where ``fixloop notifier`` serves ``/metrics`` and ``/health``
+            (``0.0.0.0`` in a container, so the compose network can scrape it).
+        metrics_port: their port (0: a free one).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -114,6 +117,8 @@ class NotifierSettings(BaseModel):
     )
     push: PushSettings = Field(default_factory=PushSettings)
     erase_device_data: Literal["delete", "rekey"] = "delete"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9_110, ge=0, le=65_535)
 
     @field_validator("link_secret")
     @classmethod
