@@ -70,6 +70,7 @@ from notifier.model import (
     Technician,
     Window,
 )
+from notifier.registry import REGISTRY_STEPS, SqliteRegistry
 from notifier.store import Principal
 
 __all__ = ["ERASED_OWNER", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
@@ -252,7 +253,7 @@ _V4: Final[tuple[str, ...]] = (
 
 #: Schema steps, oldest first: step ``n`` (from 1) takes a file from version ``n - 1``
 #: to ``n``. Append only; never edit a step that has shipped.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, REGISTRY_STEPS)
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -922,6 +923,10 @@ class SqliteStore:
             raise InvalidRequestError(f"the record breaks a rule of the case store: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"the case store failed: {exc}") from exc
+
+    def registry(self) -> SqliteRegistry:
+        """The device registry kept in this file (:mod:`notifier.registry`)."""
+        return SqliteRegistry(self._run)
 
     # -- owners, tokens, devices, channels -----------------------------------------------------
 
@@ -1698,6 +1703,10 @@ class SqliteStore:
                     "DELETE FROM owners WHERE owner_id = ?",
                     "DELETE FROM tokens WHERE kind = 'owner' AND principal_id = ?",
                     "DELETE FROM owner_subjects WHERE owner_id = ?",
+                    "DELETE FROM invites WHERE owner_id = ?",
+                    # the registry's claims and releases name the owner: the events stay
+                    "UPDATE audit SET evidence = json_remove(evidence, '$.owner_id') "
+                    "WHERE case_id IS NULL AND json_extract(evidence, '$.owner_id') = ?",
                     "DELETE FROM channels WHERE owner_id = ?",
                     "DELETE FROM notifications WHERE owner_id = ?",
                     "DELETE FROM devices WHERE owner_id = ?",
