@@ -9,8 +9,10 @@ Owners can export and erase their data. ``GET /openapi.json`` describes every ro
 How it works:
 
 * **Auth.** ``Authorization: Bearer <token>``; the store says whom a token stands for
-  (:meth:`~notifier.store.CaseStore.resolve_token`). No or an unknown token: 401 with
-  ``WWW-Authenticate: Bearer``; a token of the wrong kind for the route: 403. Another
+  (:meth:`~notifier.store.CaseStore.resolve_token`), or, where an identity provider is
+  set up, a JWT is the provider's access token of an owner (:mod:`notifier.oidc`; its
+  keys unavailable: 503; a subject linked to no owner: 403). No or an unknown token: 401
+  with ``WWW-Authenticate: Bearer``; a token of the wrong kind for the route: 403. Another
   owner's device or case, or another technician's visit, answers 404, exactly like one
   that does not exist, so ids do not leak.
 * **Edge.** Bodies are at most :data:`MAX_BODY_BYTES` (else 413) of JSON checked by strict
@@ -84,6 +86,7 @@ from notifier.keys import (
     ERASE_MODE_KEY,
     HEALTH_KEY,
     LINKS_KEY,
+    OIDC_KEY,
     OPENAPI_KEY,
     STORE_KEY,
     WEBHOOK_INTERNAL_KEY,
@@ -104,9 +107,10 @@ from notifier.model import (
     Rating,
     Urgency,
 )
+from notifier.oidc import InvalidAccessTokenError, OidcOwners, UnknownSubjectError, looks_like_jwt
 from notifier.openapi import Operation, QueryParam, Reply, build_document
 from notifier.push_base import ChannelVerifier
-from notifier.store import CaseStore, PrincipalKind
+from notifier.store import CaseStore, Principal, PrincipalKind
 
 __all__ = [
     "API_PREFIX",
@@ -1142,6 +1146,8 @@ async def _authenticate(request: web.Request, kind: PrincipalKind) -> _Caller:
     principal = None
     if len(token) <= _MAX_TOKEN_CHARS:
         principal = await request.app[STORE_KEY].resolve_token(token)
+    if principal is None and looks_like_jwt(token):
+        principal = await _provider_principal(request.app[OIDC_KEY], token)
     if principal is None:
         raise _ApiError(401, "invalid_token", _UNAUTHORIZED_WORDS)
     principal_kind, principal_id = principal
@@ -1154,6 +1160,18 @@ async def _authenticate(request: web.Request, kind: PrincipalKind) -> _Caller:
         # a token left behind by an erased owner stands for no one
         raise _ApiError(401, "invalid_token", _UNAUTHORIZED_WORDS)
     return _Caller(principal_id, owner)
+
+
+async def _provider_principal(oidc: OidcOwners | None, token: str) -> Principal | None:
+    """The owner an identity provider's access token stands for (``None``: none taken)."""
+    if oidc is None:
+        return None
+    try:
+        return ("owner", await oidc.owner_id(token))
+    except InvalidAccessTokenError as exc:
+        raise _ApiError(401, "invalid_token", f"sign in again: {exc}") from exc
+    except UnknownSubjectError as exc:
+        raise _ApiError(403, "unknown_owner", str(exc)) from exc
 
 
 def _owner_of(caller: _Caller) -> Owner:
@@ -2325,6 +2343,7 @@ def create_api(
     device_data: DeviceData | None = None,
     erase_mode: EraseMode = "delete",
     verifier: ChannelVerifier | None = None,
+    oidc: OidcOwners | None = None,
 ) -> web.Application:
     """Build the owner REST API.
 
@@ -2346,6 +2365,8 @@ def create_api(
             them to anonymous device ids first (history kept, linked to no one).
         verifier: sends the test message that re-verifies a push channel (``None``:
             re-verification answers 503).
+        oidc: takes owners' access tokens of the manufacturer's identity provider
+            (``None``: only the store's tokens).
 
     Returns:
         The app: routes under ``/api/v1`` and ``GET /openapi.json``.
@@ -2361,6 +2382,7 @@ def create_api(
     app[CHANNEL_VERIFIER_KEY] = verifier
     app[DEVICE_DATA_KEY] = device_data
     app[ERASE_MODE_KEY] = erase_mode
+    app[OIDC_KEY] = oidc
     for operation, handler in _ROUTES:
         app.router.add_route(operation.method, operation.path, handler, name=operation.operation_id)
     app[OPENAPI_KEY] = build_document(

@@ -15,6 +15,7 @@ from aiohttp import web
 from notifier.actions import CaseActions, HealthReader
 from notifier.devicedata import DeviceData, EraseMode
 from notifier.links import ActionLinks
+from notifier.oidc import OidcOwners
 from notifier.push_base import ChannelVerifier
 from notifier.store import CaseStore
 
@@ -27,6 +28,7 @@ __all__ = [
     "ERASE_MODE_KEY",
     "HEALTH_KEY",
     "LINKS_KEY",
+    "OIDC_KEY",
     "OPENAPI_KEY",
     "STORE_KEY",
     "WEBHOOK_INTERNAL_KEY",
@@ -46,6 +48,8 @@ ACTION_BASE_URL_KEY: Final = web.AppKey[str | None]("action_base_url")
 OPENAPI_KEY: Final = web.AppKey[dict[str, Any]]("openapi")
 #: Checks one-tap action links (``None``: links are not taken).
 LINKS_KEY: Final = web.AppKey[ActionLinks | None]("links")
+#: Takes the identity provider's access tokens for owners (``None``: only our tokens).
+OIDC_KEY: Final = web.AppKey[OidcOwners | None]("oidc")
 #: Whether webhooks may point at internal addresses (local installs and tests only).
 WEBHOOK_INTERNAL_KEY: Final = web.AppKey[bool]("webhook_internal")
 #: Sends the test message that re-verifies a push channel (``None``: not offered).

@@ -270,7 +270,11 @@ def build_document(
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An API token: a device owner's, a technician's or ops'.",
+                    "description": (
+                        "An API token: a device owner's, a technician's or ops'. Where the "
+                        "install accepts them, an owner may instead send an OpenID Connect "
+                        "access token (JWT) of the manufacturer's identity provider."
+                    ),
                 }
             },
         },

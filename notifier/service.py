@@ -36,6 +36,7 @@ from notifier.health import InfluxHealth
 from notifier.links import ActionLinks
 from notifier.loop import LoopConfig, OwnerLoop
 from notifier.model import Case
+from notifier.oidc import OidcOwners
 from notifier.outbox import Outbox, build_dispatcher
 from notifier.settings import NotifierSettings
 from notifier.sqlite import SqliteStore
@@ -165,6 +166,9 @@ class NotifierService:
                     clock=self._clock,
                 )
             )
+            oidc = None
+            if settings.oidc.issuer is not None:
+                oidc = await stack.enter_async_context(OidcOwners(settings.oidc, store))
             app = create_api(
                 store=store,
                 actions=self.loop,
@@ -176,6 +180,7 @@ class NotifierService:
                 device_data=device_data,
                 erase_mode=settings.erase_device_data,
                 verifier=self.outbox,
+                oidc=oidc,
             )
             app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)

@@ -7,7 +7,9 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-__all__ = ["NotifierSettings", "PushSettings"]
+from notifier.oidc import url_problem
+
+__all__ = ["NotifierSettings", "OidcSettings", "PushSettings"]
 
 _MIN_LINK_SECRET_CHARS: Final = 32
 
@@ -61,6 +63,57 @@ class PushSettings(BaseModel):
         return self
 
 
+class OidcSettings(BaseModel):
+    """Owners signing in with the manufacturer's identity provider (``[notifier.oidc]``).
+
+    Off while ``issuer`` is unset. On, the owner API takes the provider's OpenID Connect
+    access tokens (JWT, RS256 or ES256) beside fixloop's own tokens (see
+    :mod:`notifier.oidc`).
+
+    Attributes:
+        issuer: the provider's issuer URL, exactly as its tokens' ``iss`` says it.
+        audience: what the tokens' ``aud`` must name (the API's identifier there).
+        jwks_url: where the provider's signing keys are (none: the ``jwks_uri`` of
+            ``{issuer}/.well-known/openid-configuration``).
+        leeway_s: clock difference allowed on ``exp``, ``nbf`` and ``iat``.
+        jwks_ttl_s: how long fetched keys are used before they are fetched again.
+        refetch_min_interval_s: least time between two fetches of the keys (a token
+            naming an unknown key fetches them anew, at most this often).
+        timeout_s: the longest one request to the provider may take.
+        auto_create: a subject linked to no owner becomes a new owner at its first
+            request (off: it is refused with 403 until it is linked to an owner).
+        allow_http: let ``issuer`` and ``jwks_url`` be plain http (tests and local
+            installs only).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    issuer: str | None = Field(None, max_length=2048)
+    audience: str | None = Field(None, min_length=1, max_length=2048)
+    jwks_url: str | None = Field(None, max_length=2048)
+    leeway_s: float = Field(60.0, ge=0, le=300)
+    jwks_ttl_s: float = Field(3_600.0, ge=1, le=7 * 86_400.0)
+    refetch_min_interval_s: float = Field(30.0, ge=0, le=3_600)
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    auto_create: bool = False
+    allow_http: bool = False
+
+    @model_validator(mode="after")
+    def _usable(self) -> OidcSettings:
+        if self.issuer is None:
+            if self.audience is not None or self.jwks_url is not None:
+                raise ValueError("issuer is needed when audience or jwks_url is set")
+            return self
+        if self.audience is None:
+            raise ValueError("audience is needed with an issuer")
+        for name in ("issuer", "jwks_url"):
+            url = getattr(self, name)
+            problem = None if url is None else url_problem(url, allow_http=self.allow_http)
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")
+        return self
+
+
 class NotifierSettings(BaseModel):
     """The notifier service: cases, commands, verification, appointments, owner API.
 
@@ -86,6 +139,7 @@ class NotifierSettings(BaseModel):
             (0: never).
         firmware: firmware release to install by product model (``firmware_update``).
         push: the push services.
+        oidc: owner sign-in with the manufacturer's identity provider.
         erase_device_data: what an owner's erasure does to their devices' telemetry,
             events and scores in InfluxDB: ``delete`` them, or ``rekey`` them to anonymous
             device ids first (for a manufacturer who keeps device history).
@@ -116,6 +170,7 @@ class NotifierSettings(BaseModel):
         default_factory=lambda: {"washer": "2.4.0", "fridge": "2.4.0", "heat_pump": "2.4.0"}
     )
     push: PushSettings = Field(default_factory=PushSettings)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
     erase_device_data: Literal["delete", "rekey"] = "delete"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9_110, ge=0, le=65_535)
