@@ -302,6 +302,17 @@ class SessionStore:
         """End a session (logout); an unknown id is ignored."""
         self._sessions.pop(_digest(session_id), None)
 
+    def end_user(self, username: str) -> int:
+        """End every session of ``username`` (removed, or a new password or role).
+
+        Returns:
+            How many sessions ended.
+        """
+        keys = [key for key, session in self._sessions.items() if session.username == username]
+        for key in keys:
+            del self._sessions[key]
+        return len(keys)
+
     def _purge(self, now: datetime) -> None:
         for key in [k for k, s in self._sessions.items() if now >= s.expires_at]:
             del self._sessions[key]

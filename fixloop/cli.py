@@ -1,7 +1,8 @@
 """The ``fixloop`` command (composition root): parse arguments, load settings, run a part.
 
 ``fixloop up`` runs the whole local stack; ``fixloop gateway``, ``fixloop diagnostics``,
-``fixloop notifier`` and ``fixloop sim`` run one part against external servers;
+``fixloop notifier``, ``fixloop dashboard`` and ``fixloop sim`` run one part against
+external servers (``fixloop ops-users`` manages the dashboard's users);
 ``fixloop train`` learns the health models from stored history, ``fixloop detect``
 scores a CSV time series and ``fixloop ttf`` predicts remaining life from CSV histories.
 Settings come from ``--config`` (or ``./fixloop.toml``) and ``FIXLOOP_`` variables; a
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fixloop.config import load_settings
+from fixloop.opsusers import add_parser as add_ops_users_parser
+from fixloop.opsusers import run as run_ops_users
 from fixloop.settings import Settings
 from gateway.errors import ConfigError, FixloopError
 
@@ -101,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         "notifier",
         help="run the owner loop: cases, remote fixes, appointments, push, owner API",
     )
+    commands.add_parser(
+        "dashboard",
+        help="serve the ops dashboard: the case store, InfluxDB and live fleet/cases",
+    )
+    add_ops_users_parser(commands)
     train = commands.add_parser(
         "train", help="learn the fleet health models from the history in InfluxDB"
     )
@@ -312,16 +320,40 @@ def _ttf(args: argparse.Namespace) -> None:
 
 async def _diagnostics(settings: Settings, stop: asyncio.Event) -> None:
     from diagnostics.service import DiagnosticsService
+    from fixloop.observe import diagnostics_endpoint
 
-    async with DiagnosticsService(settings.mqtt, settings.influx, settings.diagnostics) as service:
+    config = settings.diagnostics
+    async with (
+        DiagnosticsService(settings.mqtt, settings.influx, config) as service,
+        diagnostics_endpoint(service, config.metrics_host, config.metrics_port),
+    ):
         await _run_until_stop(service.run(), stop)
 
 
 async def _notifier(settings: Settings, stop: asyncio.Event) -> None:
+    from fixloop.observe import notifier_endpoint
     from notifier.service import NotifierService
 
-    async with NotifierService(settings.mqtt, settings.influx, settings.notifier) as service:
+    config = settings.notifier
+    async with (
+        NotifierService(settings.mqtt, settings.influx, config) as service,
+        notifier_endpoint(service, config.metrics_host, config.metrics_port),
+    ):
         _LOG.info("owner API on %s (OpenAPI at /openapi.json)", service.api_url)
+        await _run_until_stop(service.run(), stop)
+
+
+async def _dashboard(settings: Settings, stop: asyncio.Event) -> None:
+    from dashboard.service import DashboardService
+    from fixloop.observe import dashboard_endpoint
+
+    config = settings.dashboard
+    async with (
+        DashboardService(
+            settings.mqtt, settings.influx, config, db_path=settings.notifier.db_path
+        ) as service,
+        dashboard_endpoint(service, config.metrics_host, config.metrics_port),
+    ):
         await _run_until_stop(service.run(), stop)
 
 
@@ -422,6 +454,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_until_signalled(lambda stop: _diagnostics(settings, stop)))
         elif args.command == "notifier":
             asyncio.run(_until_signalled(lambda stop: _notifier(settings, stop)))
+        elif args.command == "dashboard":
+            asyncio.run(_until_signalled(lambda stop: _dashboard(settings, stop)))
+        elif args.command == "ops-users":
+            return run_ops_users(args, settings)
         elif args.command == "train":
             asyncio.run(_train(settings))
     except ConfigError as exc:

@@ -1,0 +1,438 @@
+"""``/metrics`` and ``/health`` of the diagnostics service, the notifier and the dashboard.
+
+The gateway serves its own (:mod:`gateway.metrics`). For the other services the
+composition root reads the running service's public counters and serves them on the
+service's ``metrics_host:metrics_port``, so that every fixloop service can be scraped
+and health-checked the same way:
+
+* ``GET /metrics``: Prometheus text exposition format 0.0.4, names
+  ``fixloop_<service>_...``;
+* ``GET /health``: JSON with ``ok``, ``problems`` (empty when healthy), the stages that
+  are ``down`` and why, ``restarts`` per stage and a few counts; status 200 when
+  ``problems`` is empty, else 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Literal, Self
+
+import orjson
+from aiohttp import web
+
+from dashboard.service import DashboardService
+from diagnostics.service import DiagnosticsService
+from gateway.supervisor import StageHealth
+from notifier.service import NotifierService
+
+__all__ = [
+    "Metric",
+    "ServiceEndpoint",
+    "dashboard_endpoint",
+    "diagnostics_endpoint",
+    "notifier_endpoint",
+    "render_metrics",
+]
+
+_LOG = logging.getLogger(__name__)
+
+_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+Health = tuple[list[str], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One metric family and its samples.
+
+    Attributes:
+        name: the full name (``fixloop_notifier_diagnoses_handled_total``).
+        kind: ``counter`` or ``gauge``.
+        help: one line on what it counts.
+        samples: (labels, value) pairs; no labels: one sample with ``{}``.
+    """
+
+    name: str
+    kind: Literal["counter", "gauge"]
+    help: str
+    samples: Sequence[tuple[Mapping[str, str], float]] = field(default_factory=tuple)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def render_metrics(metrics: Sequence[Metric]) -> str:
+    """Render metric families in Prometheus text exposition format 0.0.4."""
+    lines: list[str] = []
+    for metric in metrics:
+        lines.append(f"# HELP {metric.name} {metric.help}")
+        lines.append(f"# TYPE {metric.name} {metric.kind}")
+        for labels, value in metric.samples:
+            text = ",".join(f'{key}="{_escape(val)}"' for key, val in sorted(labels.items()))
+            lines.append(
+                f"{metric.name}{{{text}}} {_number(value)}"
+                if text
+                else f"{metric.name} {_number(value)}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _one(name: str, kind: Literal["counter", "gauge"], help_text: str, value: float) -> Metric:
+    return Metric(name, kind, help_text, (({}, value),))
+
+
+def _stage_metrics(prefix: str, stages: StageHealth, names: Sequence[str]) -> list[Metric]:
+    every = sorted({*names, *stages.restarts, *stages.down})
+    return [
+        Metric(
+            f"{prefix}_stage_up",
+            "gauge",
+            "1 while the stage runs, 0 while it restarts after an unforeseen error.",
+            [({"stage": name}, int(name not in stages.down)) for name in every],
+        ),
+        Metric(
+            f"{prefix}_stage_restarts_total",
+            "counter",
+            "Restarts of the stage after an unforeseen error.",
+            [({"stage": name}, stages.restarts.get(name, 0)) for name in every],
+        ),
+    ]
+
+
+def _stage_health(stages: StageHealth) -> dict[str, Any]:
+    return {"down": dict(stages.down), "restarts": dict(stages.restarts)}
+
+
+class ServiceEndpoint:
+    """HTTP endpoint for a service's ``/metrics`` and ``/health``; an async context manager.
+
+    Args:
+        service: the service's name (in the log).
+        host: address to bind (``0.0.0.0`` to be scraped from other containers).
+        port: port to bind; 0 picks a free one (see :attr:`port` once started).
+        metrics: returns the metric families now.
+        health: returns the problems now (empty: healthy) and details for the body.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        host: str,
+        port: int,
+        metrics: Callable[[], Sequence[Metric]],
+        health: Callable[[], Health],
+    ) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self._metrics = metrics
+        self._health = health
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        """Base address of the endpoint."""
+        return f"http://{self.host}:{self.port}"
+
+    async def _get_metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(
+            body=render_metrics(self._metrics()).encode(),
+            headers={"Content-Type": _CONTENT_TYPE},
+        )
+
+    async def _get_health(self, _request: web.Request) -> web.Response:
+        problems, details = self._health()
+        body = {"ok": not problems, "problems": problems, **details}
+        return web.Response(
+            body=orjson.dumps(body),
+            status=503 if problems else 200,
+            content_type="application/json",
+        )
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_get("/metrics", self._get_metrics)
+        app.router.add_get("/health", self._get_health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        try:
+            site = web.TCPSite(self._runner, self.host, self.port)
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        if self._runner.addresses:  # the real port when 0 was asked
+            self.port = int(self._runner.addresses[0][1])
+        _LOG.info("%s metrics on %s/metrics and /health", self.service, self.url)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+# -- the services ----------------------------------------------------------------------
+
+
+def diagnostics_metrics(service: DiagnosticsService) -> list[Metric]:
+    """The diagnostics service's metric families."""
+    p = "fixloop_diagnostics"
+    engine = service.engine
+    return [
+        _one(f"{p}_readings_scored_total", "counter", "Readings scored.", service.readings_scored),
+        _one(
+            f"{p}_diagnoses_published_total",
+            "counter",
+            "Diagnosis changes published on fleet/diagnoses.",
+            service.diagnoses_published,
+        ),
+        _one(
+            f"{p}_scores_dropped_total",
+            "counter",
+            "Scores not stored in InfluxDB after retries.",
+            service.scores_dropped,
+        ),
+        _one(
+            f"{p}_items_failed_total",
+            "counter",
+            "Readings and events the engine raised on (skipped).",
+            service.items_failed,
+        ),
+        _one(
+            f"{p}_unknown_readings_total",
+            "counter",
+            "Readings of models no product file describes (scored generically).",
+            service.unknown_readings,
+        ),
+        _one(
+            f"{p}_fleet_models",
+            "gauge",
+            "Product models with a trained fleet model.",
+            0 if engine is None else len(engine.fleet_models),
+        ),
+        *_stage_metrics(p, service.stages, ["diagnostics"]),
+    ]
+
+
+def diagnostics_health(service: DiagnosticsService) -> Health:
+    """The diagnostics service's problems and details."""
+    problems = [f"stage_down:{name}" for name in sorted(service.stages.down)]
+    if service.engine is None:
+        problems.append("no_engine")
+    return problems, {
+        **_stage_health(service.stages),
+        "readings_scored": service.readings_scored,
+        "diagnoses_published": service.diagnoses_published,
+        "items_failed": service.items_failed,
+        "scores_dropped": service.scores_dropped,
+    }
+
+
+def notifier_metrics(service: NotifierService) -> list[Metric]:
+    """The notifier's metric families."""
+    p = "fixloop_notifier"
+    outbox, loop = service.outbox, service.loop
+
+    def out(attribute: str) -> int:
+        return 0 if outbox is None else int(getattr(outbox, attribute))
+
+    return [
+        _one(
+            f"{p}_diagnoses_handled_total",
+            "counter",
+            "Diagnoses taken from fleet/diagnoses.",
+            service.diagnoses_handled,
+        ),
+        _one(
+            f"{p}_diagnoses_refused_total",
+            "counter",
+            "Diagnoses refused (not a diagnosis, or not handled).",
+            service.diagnoses_refused,
+        ),
+        _one(
+            f"{p}_diagnoses_failed_total",
+            "counter",
+            "Diagnoses the case machine raised on (skipped).",
+            service.diagnoses_failed,
+        ),
+        _one(
+            f"{p}_unowned_diagnoses_total",
+            "counter",
+            "Diagnoses of devices without an owner.",
+            0 if loop is None else loop.unowned,
+        ),
+        _one(
+            f"{p}_case_step_errors_total",
+            "counter",
+            "Case steps (timers, expiry, reminders, commands) that raised the unforeseen.",
+            0 if loop is None else loop.timer_errors,
+        ),
+        _one(
+            f"{p}_notifications_written_total", "counter", "Owner messages written.", out("written")
+        ),
+        _one(
+            f"{p}_notifications_sent_total",
+            "counter",
+            "Owner messages a channel took.",
+            out("sent"),
+        ),
+        _one(
+            f"{p}_notifications_held_total",
+            "counter",
+            "Owner messages held for a digest (quiet hours, rate limit).",
+            out("held"),
+        ),
+        _one(
+            f"{p}_notifications_failed_total",
+            "counter",
+            "Deliveries that failed (no channel took the message, or the store was away).",
+            out("failed"),
+        ),
+        _one(
+            f"{p}_notifications_not_pushed_total",
+            "counter",
+            "Owner messages kept in the app but not pushed: the delivery queue was full.",
+            out("dropped"),
+        ),
+        _one(
+            f"{p}_notifications_errors_total",
+            "counter",
+            "Owner messages whose delivery raised the unforeseen (marked failed).",
+            out("errors"),
+        ),
+        _one(
+            f"{p}_notifications_out_of_time_total",
+            "counter",
+            "Owner messages whose time budget ran out before delivery (marked failed).",
+            out("out_of_time"),
+        ),
+        *_stage_metrics(
+            p, service.stages, ["case-timers", "push-delivery", "digests", "diagnoses"]
+        ),
+    ]
+
+
+def notifier_health(service: NotifierService) -> Health:
+    """The notifier's problems and details (the same stages as its API's ``/health``)."""
+    problems = [f"stage_down:{name}" for name in sorted(service.stages.down)]
+    outbox = service.outbox
+    return problems, {
+        **_stage_health(service.stages),
+        "diagnoses_handled": service.diagnoses_handled,
+        "diagnoses_failed": service.diagnoses_failed,
+        "notifications_failed_internally": 0 if outbox is None else outbox.errors,
+        "notifications_out_of_time": 0 if outbox is None else outbox.out_of_time,
+    }
+
+
+def dashboard_metrics(service: DashboardService) -> list[Metric]:
+    """The dashboard service's metric families."""
+    p = "fixloop_dashboard"
+    return [
+        _one(
+            f"{p}_case_changes_total",
+            "counter",
+            "Case changes taken from fleet/cases.",
+            service.case_changes,
+        ),
+        _one(
+            f"{p}_case_changes_refused_total",
+            "counter",
+            "Messages on fleet/cases that were not a case change.",
+            service.case_changes_refused,
+        ),
+        _one(
+            f"{p}_case_changes_from_message_total",
+            "counter",
+            "Case changes shown from the message because the store could not give the case.",
+            service.case_changes_from_message,
+        ),
+        _one(
+            f"{p}_mqtt_connected",
+            "gauge",
+            "1 while the fleet/cases subscription is up.",
+            int(service.connected),
+        ),
+        _one(f"{p}_live_streams", "gauge", "Open live streams (pages).", service.feed.subscribers),
+        _one(
+            f"{p}_live_dropped_total",
+            "counter",
+            "Case changes dropped for slow live streams.",
+            service.feed.dropped,
+        ),
+        _one(f"{p}_sessions", "gauge", "Ops sessions held.", service.sessions),
+        _one(
+            f"{p}_sessions_ended_total",
+            "counter",
+            "Sessions ended because their user was removed or changed.",
+            service.sessions_ended,
+        ),
+        _one(f"{p}_ops_users", "gauge", "Ops users in the users file.", len(service.users.users())),
+        *_stage_metrics(p, service.stages, ["case-feed", "ops-users"]),
+    ]
+
+
+def dashboard_health(service: DashboardService) -> Health:
+    """The dashboard service's problems and details."""
+    problems = [f"stage_down:{name}" for name in sorted(service.stages.down)]
+    if not service.connected:
+        problems.append("mqtt_disconnected")
+    return problems, {
+        **_stage_health(service.stages),
+        "mqtt_connected": service.connected,
+        "case_changes": service.case_changes,
+        "live_streams": service.feed.subscribers,
+    }
+
+
+def diagnostics_endpoint(service: DiagnosticsService, host: str, port: int) -> ServiceEndpoint:
+    """The diagnostics service's ``/metrics`` and ``/health`` on ``host:port``."""
+    return ServiceEndpoint(
+        "diagnostics",
+        host,
+        port,
+        lambda: diagnostics_metrics(service),
+        lambda: diagnostics_health(service),
+    )
+
+
+def notifier_endpoint(service: NotifierService, host: str, port: int) -> ServiceEndpoint:
+    """The notifier's ``/metrics`` and ``/health`` on ``host:port``."""
+    return ServiceEndpoint(
+        "notifier", host, port, lambda: notifier_metrics(service), lambda: notifier_health(service)
+    )
+
+
+def dashboard_endpoint(service: DashboardService, host: str, port: int) -> ServiceEndpoint:
+    """The dashboard service's ``/metrics`` and ``/health`` on ``host:port``."""
+    return ServiceEndpoint(
+        "dashboard",
+        host,
+        port,
+        lambda: dashboard_metrics(service),
+        lambda: dashboard_health(service),
+    )
