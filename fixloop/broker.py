@@ -9,40 +9,65 @@ Devices connect each as their own user (the device id), with a password derived 
 the fleet secret (:func:`gateway.protocol.credentials.device_password`); the ACL pins
 every device to ``devices/<its id>/...`` with ``%u`` patterns. Services (gateway,
 diagnostics, notifier, dashboard) connect as named service users.
+
+Accounts live in one of two places (issue 14): a password file and ACL file written
+here (``accounts = "file"``: adding or removing a device means rewriting the file and
+reloading the broker), or Mosquitto's dynamic-security plugin (``"dynsec"``), whose
+accounts and roles change at run time over MQTT (:mod:`fixloop.dynsec`). For the plugin
+this module renders its first configuration file (:func:`render_dynsec_config`) and the
+roles that grant what the ACL file grants (:func:`device_acl_rules`,
+:data:`SERVICE_ACL_RULES`, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import glob
 import hashlib
+import json
 import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from gateway.errors import ConfigError
 from gateway.protocol.credentials import device_password
 from gateway.protocol.topics import is_valid_device_id
 
 __all__ = [
+    "ADMIN_ACL_RULES",
+    "ADMIN_ROLE",
     "DEFAULT_AUTOSAVE_INTERVAL_S",
     "DEFAULT_MAX_PACKET_SIZE",
     "DEFAULT_MAX_QUEUED_BYTES",
     "DEFAULT_MAX_QUEUED_MESSAGES",
+    "DEVICE_ROLE_PREFIX",
     "DOCKER_SERVICE_USERS",
+    "DYNSEC_ADMIN_USER",
     "GATEWAY_USER",
+    "OPS_ACL_RULES",
+    "OPS_ROLE",
+    "SERVICE_ACL_RULES",
+    "SERVICE_ROLE",
     "STALL_BUDGET_S",
     "STALL_DESIGN_RATE",
+    "AclRule",
+    "AclType",
     "Listener",
+    "check_dynsec_device_id",
+    "device_acl_rules",
     "device_credentials",
+    "device_role",
     "docker_files",
+    "find_dynsec_plugin",
     "hash_password",
     "main",
     "render_acl",
+    "render_dynsec_config",
     "render_mosquitto_conf",
     "render_password_file",
 ]
@@ -77,6 +102,160 @@ DOCKER_SERVICE_USERS: Final = (
     "fixloop-notifier",
     "fixloop-dashboard",
 )
+
+#: The account that administers the dynamic-security plugin (and nothing else).
+DYNSEC_ADMIN_USER: Final = "fixloop-admin"
+#: Role of every backend service (the ACL file's ``user`` block of a service user).
+SERVICE_ROLE: Final = "fixloop-service"
+#: Role of operators (every topic, ``$SYS`` to read).
+OPS_ROLE: Final = "fixloop-ops"
+#: Role of the plugin's administrators: its control topics only.
+ADMIN_ROLE: Final = "fixloop-dynsec-admin"
+#: A device's role is this prefix and its id: one role per device, as Mosquitto 2.0's
+#: plugin does not substitute ``%u`` in role topics (measured on 2.0.11: a
+#: ``devices/%u/telemetry`` grant lets no device publish).
+DEVICE_ROLE_PREFIX: Final = "device:"
+# Where Debian, Alpine (the eclipse-mosquitto image) and source builds put the plugin.
+_DYNSEC_PLUGIN: Final = "mosquitto_dynamic_security.so"
+_DYNSEC_PLUGIN_DIRS: Final = ("/usr/lib/*-linux-gnu", "/usr/lib", "/usr/local/lib", "/usr/lib64")
+
+AclType = Literal[
+    "publishClientSend",
+    "publishClientReceive",
+    "subscribeLiteral",
+    "subscribePattern",
+    "unsubscribeLiteral",
+    "unsubscribePattern",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """One grant of a dynamic-security role (the plugin's ``acls`` entries).
+
+    Attributes:
+        acltype: what it grants: sending (``publishClientSend``), being sent
+            (``publishClientReceive``) or subscribing to a filter within ``topic``
+            (``subscribePattern``).
+        topic: topic or filter it applies to.
+        allow: grant (True) or deny.
+        priority: higher is checked first (only matters where rules overlap).
+    """
+
+    acltype: AclType
+    topic: str
+    allow: bool = True
+    priority: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        """The rule as the plugin's JSON (commands and configuration file alike)."""
+        return {
+            "acltype": self.acltype,
+            "topic": self.topic,
+            "priority": self.priority,
+            "allow": self.allow,
+        }
+
+
+def _read(topic_filter: str, *, shared: bool = False) -> tuple[AclRule, ...]:
+    """Subscribe to (and be sent) ``topic_filter``, as the ACL file's ``topic read``.
+
+    With ``shared`` also as an MQTT 5 shared subscription: the plugin checks the whole
+    ``$share/<group>/...`` filter (the ACL file checks the topic inside it).
+    """
+    rules = [
+        AclRule("subscribePattern", topic_filter),
+        AclRule("publishClientReceive", topic_filter),
+    ]
+    if shared:
+        rules.append(AclRule("subscribePattern", f"$share/+/{topic_filter}"))
+    return tuple(rules)
+
+
+#: What every backend service may do: :func:`render_acl`'s service-user block.
+SERVICE_ACL_RULES: Final = (
+    *_read("devices/#", shared=True),
+    AclRule("publishClientSend", "devices/+/commands"),
+    *_read("fleet/#", shared=True),
+    AclRule("publishClientSend", "fleet/#"),
+    # The broker's count of dropped messages, reported by the gateway.
+    *_read("$SYS/broker/publish/messages/dropped"),
+)
+#: What operators may do: every topic, and ``$SYS`` to read. ``#`` matches no ``$``
+#: topic, so operators cannot administer the plugin.
+OPS_ACL_RULES: Final = (
+    *_read("#"),
+    AclRule("publishClientSend", "#"),
+    *_read("$SYS/#"),
+)
+#: The plugin's administrators: send commands, read the responses.
+ADMIN_ACL_RULES: Final = (
+    *_read("$CONTROL/dynamic-security/#"),
+    AclRule("publishClientSend", "$CONTROL/dynamic-security/#"),
+)
+
+
+def check_dynsec_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it can be an account of the plugin.
+
+    Any id of the device contract can (``:`` included: the plugin keeps no password
+    file); the contract's pattern already excludes ``+``, ``#`` and ``/``, which would
+    widen the device's literal grants.
+
+    Raises:
+        ConfigError: the id breaks the device id pattern.
+    """
+    if not is_valid_device_id(device_id):
+        raise ConfigError(f"device id {device_id!r} breaks the device id pattern")
+    return device_id
+
+
+def device_role(device_id: str) -> str:
+    """Name of the role that holds ``device_id``'s grants."""
+    return DEVICE_ROLE_PREFIX + check_dynsec_device_id(device_id)
+
+
+def device_acl_rules(device_id: str) -> tuple[AclRule, ...]:
+    """The grants of one device: :func:`render_acl`'s ``pattern`` lines, for its id.
+
+    It publishes its telemetry, events and status, and reads its own commands.
+
+    Raises:
+        ConfigError: the id breaks the device id pattern.
+    """
+    check_dynsec_device_id(device_id)
+    base = f"devices/{device_id}"
+    return (
+        AclRule("publishClientSend", f"{base}/telemetry"),
+        AclRule("publishClientSend", f"{base}/events"),
+        AclRule("publishClientSend", f"{base}/status"),
+        AclRule("subscribeLiteral", f"{base}/commands"),
+        AclRule("publishClientReceive", f"{base}/commands"),
+    )
+
+
+def find_dynsec_plugin(path: str | None = None) -> str:
+    """Return the path of Mosquitto's dynamic-security plugin.
+
+    Args:
+        path: a given path (checked), or ``None`` to look where packages install it.
+
+    Raises:
+        ConfigError: the plugin is not there.
+    """
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"dynamic-security plugin {path!r} not found")
+        return path
+    for pattern in _DYNSEC_PLUGIN_DIRS:
+        found = sorted(glob.glob(os.path.join(pattern, _DYNSEC_PLUGIN)))
+        if found:
+            return found[0]
+    raise ConfigError(
+        f"Mosquitto's dynamic-security plugin ({_DYNSEC_PLUGIN}) not found; it comes "
+        "with Mosquitto 2.0 (apt-get install mosquitto)"
+    )
+
 
 # Mosquitto splits password-file lines at ":" and ACL lines at spaces; "+", "#" and "/"
 # make mosquitto refuse a "%u" substitution. Device ids (gateway.protocol.topics) may
@@ -141,8 +320,10 @@ def render_mosquitto_conf(
     *,
     listeners: Sequence[Listener],
     data_dir: str,
-    password_file: str,
-    acl_file: str,
+    password_file: str | None = None,
+    acl_file: str | None = None,
+    dynsec_plugin: str | None = None,
+    dynsec_config_file: str | None = None,
     persistence: bool = True,
     autosave_interval_s: int = DEFAULT_AUTOSAVE_INTERVAL_S,
     max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
@@ -158,8 +339,13 @@ def render_mosquitto_conf(
     Args:
         listeners: at least one listener.
         data_dir: directory of the persistence database (``mosquitto.db``).
-        password_file: path of the password file as the broker sees it.
+        password_file: path of the password file as the broker sees it (with
+            ``acl_file``: accounts in files).
         acl_file: path of the ACL file as the broker sees it.
+        dynsec_plugin: path of the dynamic-security plugin (with
+            ``dynsec_config_file``: accounts in the plugin, instead of the two files).
+        dynsec_config_file: the plugin's configuration file, which it rewrites at every
+            change (so in a folder the broker may write).
         persistence: keep sessions, subscriptions and queued messages across restarts.
         autosave_interval_s: seconds between saves of the in-memory database.
         max_queued_messages: per-client queue bound (``0`` = unbounded).
@@ -175,8 +361,20 @@ def render_mosquitto_conf(
         The configuration text.
 
     Raises:
-        ConfigError: no listener, a duplicate port, a bad path or a negative bound.
+        ConfigError: no listener, a duplicate port, a bad path, a negative bound, or
+            not exactly one of the two account stores.
     """
+    files = (password_file, acl_file)
+    plugin = (dynsec_plugin, dynsec_config_file)
+    if None in files and files != (None, None):
+        raise ConfigError("broker config: password_file and acl_file go together")
+    if None in plugin and plugin != (None, None):
+        raise ConfigError("broker config: dynsec_plugin and dynsec_config_file go together")
+    if (password_file is None) == (dynsec_plugin is None):
+        raise ConfigError(
+            "broker config: give either password_file and acl_file, or the dynamic-security "
+            "plugin and its config file"
+        )
     if not listeners:
         raise ConfigError("broker config: at least one listener is needed")
     ports = [listener.port for listener in listeners]
@@ -201,9 +399,22 @@ def render_mosquitto_conf(
         "per_listener_settings false",
         "# Every client authenticates: devices as their id, services as service users.",
         "allow_anonymous false",
-        f"password_file {_check_path('password_file', password_file)}",
-        "# Devices may publish only under their own id (ARCHITECTURE.md, safety rules).",
-        f"acl_file {_check_path('acl_file', acl_file)}",
+    ]
+    if password_file is not None and acl_file is not None:
+        lines += [
+            f"password_file {_check_path('password_file', password_file)}",
+            "# Devices may publish only under their own id (ARCHITECTURE.md, safety rules).",
+            f"acl_file {_check_path('acl_file', acl_file)}",
+        ]
+    elif dynsec_plugin is not None and dynsec_config_file is not None:
+        lines += [
+            "# Accounts and roles in the dynamic-security plugin: devices are added and",
+            "# revoked at run time ($CONTROL/dynamic-security/v1), no reload. Each device's",
+            "# role lets it publish only under its own id (ARCHITECTURE.md, safety rules).",
+            f"plugin {_check_path('dynsec_plugin', dynsec_plugin)}",
+            f"plugin_opt_config_file {_check_path('dynsec_config_file', dynsec_config_file)}",
+        ]
+    lines += [
         "",
         "# The gateway's QoS 1 session (clean start off) must survive a broker restart.",
         f"persistence {'true' if persistence else 'false'}",
@@ -353,6 +564,103 @@ def render_password_file(entries: Mapping[str, str]) -> str:
             raise ConfigError(f"broker user {user!r}: empty password")
         lines.append(f"{_check_user(user)}:{hash_password(password)}")
     return "".join(line + "\n" for line in lines)
+
+
+def _dynsec_password(password: str) -> dict[str, object]:
+    """A password as the plugin stores it: PBKDF2-SHA512 like ``mosquitto_passwd``."""
+    if not password:
+        raise ConfigError("broker account: empty password")
+    salt = os.urandom(_PW_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PW_ITERATIONS, _PW_HASH_BYTES)
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": _PW_ITERATIONS,
+    }
+
+
+def _role(name: str, rules: Iterable[AclRule]) -> dict[str, object]:
+    return {"rolename": name, "acls": [rule.to_json() for rule in rules]}
+
+
+def render_dynsec_config(
+    *,
+    admin_password: str,
+    service_users: Mapping[str, str] | None = None,
+    ops_users: Mapping[str, str] | None = None,
+    devices: Mapping[str, str] | None = None,
+    admin_user: str = DYNSEC_ADMIN_USER,
+) -> str:
+    """Render the dynamic-security plugin's first configuration file.
+
+    What ``mosquitto_ctrl dynsec init`` writes, plus fixloop's roles and accounts, so a
+    broker starts with its services (and any devices known up front) able to connect.
+    From then on the plugin owns the file: it rewrites it at every change made over
+    ``$CONTROL/dynamic-security/v1`` (:mod:`fixloop.dynsec`). Passwords are stored as
+    the plugin stores them (PBKDF2-SHA512, random salt).
+
+    The default access is the ACL file's: nothing without a grant, sending and being
+    sent alike (Mosquitto's own default lets every client be sent every topic it may
+    subscribe to; fixloop grants what each role reads).
+
+    Args:
+        admin_password: password of ``admin_user``, who may only send the plugin
+            commands.
+        service_users: backend services, name → password (role ``fixloop-service``).
+        ops_users: operators, name → password (role ``fixloop-ops``).
+        devices: device id → password (each with its own role).
+        admin_user: name of the plugin's administrator.
+
+    Returns:
+        The JSON text.
+
+    Raises:
+        ConfigError: a name used twice, a bad device id or an empty password.
+    """
+    services = dict(service_users or {})
+    ops = dict(ops_users or {})
+    device_accounts = dict(devices or {})
+    names = [admin_user, *services, *ops]
+    for name in names:
+        _check_user(name)
+    for device_id in device_accounts:
+        check_dynsec_device_id(device_id)
+    everyone = [*names, *device_accounts]
+    if len(set(everyone)) != len(everyone):
+        raise ConfigError(f"dynamic-security accounts: a name is used twice in {sorted(everyone)}")
+    clients: list[dict[str, object]] = []
+
+    def account(name: str, password: str, role: str, text: str) -> None:
+        clients.append(
+            {"username": name, "textname": text, "roles": [{"rolename": role}]}
+            | _dynsec_password(password)
+        )
+
+    account(admin_user, admin_password, ADMIN_ROLE, "administers the dynamic-security plugin")
+    for name in sorted(services):
+        account(name, services[name], SERVICE_ROLE, "fixloop service")
+    for name in sorted(ops):
+        account(name, ops[name], OPS_ROLE, "operator")
+    roles = [
+        _role(ADMIN_ROLE, ADMIN_ACL_RULES),
+        _role(SERVICE_ROLE, SERVICE_ACL_RULES),
+        _role(OPS_ROLE, OPS_ACL_RULES),
+    ]
+    for device_id in sorted(device_accounts):
+        account(device_id, device_accounts[device_id], device_role(device_id), "device")
+        roles.append(_role(device_role(device_id), device_acl_rules(device_id)))
+    config = {
+        "defaultACLAccess": {
+            "publishClientSend": False,
+            "publishClientReceive": False,
+            "subscribe": False,
+            "unsubscribe": True,
+        },
+        "clients": clients,
+        "groups": [],
+        "roles": roles,
+    }
+    return json.dumps(config, indent=1) + "\n"
 
 
 def device_credentials(fleet_secret: str, device_ids: Iterable[str]) -> dict[str, str]:

@@ -31,9 +31,12 @@ from typing import IO, Any, Final, Self
 from fixloop.broker import (
     DEFAULT_AUTOSAVE_INTERVAL_S,
     DEFAULT_MAX_QUEUED_MESSAGES,
+    DYNSEC_ADMIN_USER,
     Listener,
     device_credentials,
+    find_dynsec_plugin,
     render_acl,
+    render_dynsec_config,
     render_mosquitto_conf,
     render_password_file,
 )
@@ -260,6 +263,12 @@ class MosquittoServer(_Server):
     talks on ``fleet/#``); each of ``device_ids`` is a device user whose password derives
     from ``fleet_secret``.
 
+    With ``dynsec_admin_password`` the accounts live in Mosquitto's dynamic-security
+    plugin instead of a password file and ACL: the plugin's file
+    (``dynamic-security.json``) is written with these accounts on the first start only,
+    and from then on kept by the plugin, so accounts issued or revoked at run time
+    (:mod:`fixloop.dynsec`, as ``fixloop-admin``) outlive restarts.
+
     Example::
 
         with MosquittoServer(tmp, users={"fixloop-gateway": pw}) as broker:
@@ -282,6 +291,8 @@ class MosquittoServer(_Server):
         persistence: bool = True,
         autosave_interval_s: int = DEFAULT_AUTOSAVE_INTERVAL_S,
         connection_messages: bool = True,
+        dynsec_admin_password: str | None = None,
+        dynsec_plugin: str | None = None,
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
@@ -300,6 +311,9 @@ class MosquittoServer(_Server):
             persistence: keep sessions and queued messages across restarts.
             autosave_interval_s: seconds between saves of the in-memory database.
             connection_messages: log connects and disconnects (handy in tests).
+            dynsec_admin_password: run with the dynamic-security plugin; the password of
+                its administrator ``fixloop-admin``.
+            dynsec_plugin: the plugin's path; found where packages install it if ``None``.
             binary: mosquitto executable; found on PATH and in ``/usr/sbin`` if ``None``.
             startup_timeout_s: how long to wait for the broker to accept connections.
             stop_timeout_s: how long to wait after SIGTERM before SIGKILL.
@@ -325,6 +339,10 @@ class MosquittoServer(_Server):
         self.persistence = persistence
         self.autosave_interval_s = autosave_interval_s
         self.connection_messages = connection_messages
+        self.dynsec_admin_password = dynsec_admin_password
+        if dynsec_admin_password is not None and DYNSEC_ADMIN_USER in self.credentials:
+            raise ConfigError(f"mosquitto: {DYNSEC_ADMIN_USER} is the plugin's administrator")
+        self._dynsec_plugin = dynsec_plugin
         self._binary = binary
         self._port = port
 
@@ -355,8 +373,32 @@ class MosquittoServer(_Server):
         """Directory of the persistence database."""
         return self.root / "data"
 
-    def _prepare(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+    @property
+    def dynsec(self) -> bool:
+        """Whether accounts live in the dynamic-security plugin."""
+        return self.dynsec_admin_password is not None
+
+    @property
+    def dynsec_config_path(self) -> Path:
+        """The plugin's configuration file (kept by the plugin once written)."""
+        return self.root / "dynamic-security.json"
+
+    def _accounts(self) -> tuple[str | None, str | None, str | None, str | None]:
+        """Write the account files; return password file, ACL, plugin, plugin file."""
+        if self.dynsec_admin_password is not None:
+            plugin = find_dynsec_plugin(self._dynsec_plugin)
+            if not self.dynsec_config_path.exists():
+                devices = {d: self.credentials[d] for d in self.device_ids}
+                _write_private(
+                    self.dynsec_config_path,
+                    render_dynsec_config(
+                        admin_password=self.dynsec_admin_password,
+                        service_users=self.users,
+                        ops_users=self.admin_users,
+                        devices=devices,
+                    ),
+                )
+            return None, None, plugin, str(self.dynsec_config_path)
         passwd = self.root / "passwd"
         acl = self.root / "acl"
         _write_private(passwd, render_password_file(self.credentials))
@@ -364,11 +406,18 @@ class MosquittoServer(_Server):
             acl,
             render_acl(service_users=sorted(self.users), admin_users=sorted(self.admin_users)),
         )
+        return str(passwd), str(acl), None, None
+
+    def _prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        password_file, acl_file, plugin, plugin_file = self._accounts()
         conf = render_mosquitto_conf(
             listeners=(Listener(self.port, self.bind_address or None),),
             data_dir=str(self.data_dir),
-            password_file=str(passwd),
-            acl_file=str(acl),
+            password_file=password_file,
+            acl_file=acl_file,
+            dynsec_plugin=plugin,
+            dynsec_config_file=plugin_file,
             persistence=self.persistence,
             autosave_interval_s=self.autosave_interval_s,
             max_queued_messages=self.max_queued_messages,

@@ -23,6 +23,7 @@ from gateway.protocol.credentials import device_password
 FLEET_SECRET = "test-fleet-secret-0123456789"
 GATEWAY_PASSWORD = "gateway-test-password"
 DEVICE_IDS = ("dev-001", "dev-002", "dev-003")
+DYNSEC_ADMIN_PASSWORD = "dynsec-admin-test-password"
 
 MakeMosquitto = Callable[..., MosquittoServer]
 MakeInfluxd = Callable[..., InfluxdServer]
@@ -61,6 +62,16 @@ def make_mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeMos
 def mosquitto(make_mosquitto: MakeMosquitto) -> MosquittoServer:
     """A started broker for this test."""
     return make_mosquitto()
+
+
+@pytest.fixture
+def dynsec_mosquitto(make_mosquitto: MakeMosquitto) -> MosquittoServer:
+    """A started broker whose accounts live in the dynamic-security plugin.
+
+    Same first accounts as ``mosquitto`` (the gateway and ``DEVICE_IDS``), plus the
+    plugin's administrator ``fixloop-admin`` with ``DYNSEC_ADMIN_PASSWORD``.
+    """
+    return make_mosquitto(dynsec_admin_password=DYNSEC_ADMIN_PASSWORD)
 
 
 @pytest.fixture
