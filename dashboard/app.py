@@ -9,7 +9,9 @@ Everything lives under ``/ops``:
 * ``/ops/login`` and ``/ops/logout``;
 * ``/ops/api/...`` the JSON API the page uses (see :data:`ROUTES` below for the list);
 * ``/ops/api/events`` server-sent events with every case change, for as long as the
-  session lives (the stream itself never extends it).
+  session lives (the stream itself never extends it);
+* ``/ops/api/charts/<name>`` each chart's data as JSON, and as CSV with ``.csv`` or
+  ``?format=csv`` (:mod:`dashboard.charts`).
 
 Handlers parse, read and answer JSON; the only writes are the ops changes of
 :mod:`dashboard.ops` (take over, write to the owner, close) and campaigns. Every
@@ -38,7 +40,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from yarl import URL
 
-from dashboard import influxql, ops, stats
+from dashboard import charts, influxql, ops, stats
 from dashboard.auth import (
     LoginLimiter,
     MappingUsers,
@@ -51,7 +53,15 @@ from dashboard.auth import (
     has_role,
 )
 from dashboard.feed import CaseFeed
-from dashboard.fleet import FleetCache, fleet_health, overview
+from dashboard.fleet import (
+    LEVELS,
+    FleetCache,
+    FleetHealth,
+    Snapshot,
+    fleet_health,
+    health_timeline,
+    overview,
+)
 from dashboard.keys import (
     ACTIONS_KEY,
     CACHE_KEY,
@@ -537,25 +547,41 @@ def _iso_ms(at_ms: int) -> str:
     return datetime.fromtimestamp(at_ms / 1000, UTC).isoformat()
 
 
+def _now_ms(request: web.Request) -> int:
+    return int(request.app[CLOCK_KEY]().timestamp() * 1000)
+
+
+async def _health(request: web.Request, snapshot: Snapshot) -> FleetHealth:
+    """The devices' levels (kept while registry and signals stay and nobody turns silent)."""
+    settings = request.app[SETTINGS_KEY]
+    cache = request.app[CACHE_KEY]
+    now_ms = _now_ms(request)
+    inputs = (snapshot.devices, snapshot.scores, snapshot.heard)
+    health: FleetHealth | None = cache.reused("fleet_health", inputs)
+    if health is None or not health.holds_at(now_ms):
+        health = await asyncio.to_thread(
+            fleet_health,
+            snapshot.devices,
+            snapshot.scores,
+            healthy_below=settings.healthy_below,
+            anomalous_from=settings.anomalous_from,
+            heard=snapshot.heard,
+            now_ms=now_ms,
+            silent_after_s=settings.silent_after_s,
+        )
+        cache.remember("fleet_health", inputs, health)
+    return health
+
+
 async def _fleet(request: web.Request) -> web.StreamResponse:
     _session(request)
     settings = request.app[SETTINGS_KEY]
     cache = request.app[CACHE_KEY]
     snapshot = await cache.snapshot()
-    data = cache.derived(snapshot, "fleet")
-    if data is None:
-        # the device half is kept while the registry and the scores stay the same
-        inputs = (snapshot.devices, snapshot.scores)
-        health = cache.reused("fleet_health", inputs)
-        if health is None:
-            health = await asyncio.to_thread(
-                fleet_health,
-                snapshot.devices,
-                snapshot.scores,
-                healthy_below=settings.healthy_below,
-                anomalous_from=settings.anomalous_from,
-            )
-            cache.remember("fleet_health", inputs, health)
+    kept = cache.derived(snapshot, "fleet")
+    if kept is None or not kept[1].holds_at(_now_ms(request)):
+        # the device half is kept while the registry and the signals stay the same
+        health = await _health(request, snapshot)
         data = await asyncio.to_thread(
             overview,
             snapshot,
@@ -564,22 +590,28 @@ async def _fleet(request: web.Request) -> web.StreamResponse:
             iso=_iso_ms,
             health=health,
         )
-        cache.keep(snapshot, "fleet", data)
-    data = dict(data)
+        kept = (data, health)
+        cache.keep(snapshot, "fleet", kept)
+    data = dict(kept[0])
     data["generated_at"] = _iso(request.app[CLOCK_KEY]())
     data["scores_available"] = request.app[INFLUX_KEY] is not None
+    data["silent_after_s"] = settings.silent_after_s
     return _json(data)
 
 
 async def _devices(request: web.Request) -> web.StreamResponse:
-    """Devices matching a filter (model, firmware, batch, an id prefix), worst first."""
+    """Devices matching a filter (model, firmware, batch, state, an id prefix), worst first."""
     _session(request)
     query = request.query
     try:
         limit = min(max(int(query.get("limit", "100")), 1), 1000)
     except ValueError as exc:
         raise InvalidRequestError("limit must be a number") from exc
+    wanted_state = query.get("state")
+    if wanted_state is not None and wanted_state not in LEVELS:
+        raise InvalidRequestError(f"state is one of {', '.join(LEVELS)}")
     snapshot = await request.app[CACHE_KEY].snapshot()
+    levels = (await _health(request, snapshot)).levels
     prefix = query.get("q", "")
     rows: list[tuple[float, dict[str, Any]]] = []
     for device in snapshot.devices.values():
@@ -590,13 +622,19 @@ async def _devices(request: web.Request) -> web.StreamResponse:
             continue
         if prefix and not device.device_id.startswith(prefix):
             continue
+        level = levels.get(device.device_id, "unknown")
+        if wanted_state is not None and level != wanted_state:
+            continue
         latest = snapshot.scores.get(device.device_id)
+        heard = snapshot.heard.get(device.device_id)
         row = {
             "device_id": device.device_id,
             "model": device.model,
             "firmware": device.firmware,
             "batch": device.batch,
             "score": None if latest is None else round(latest[1], 4),
+            "state": level,
+            "last_heard_at": None if heard is None else _iso_ms(heard),
         }
         rows.append((-1.0 if latest is None else latest[1], row))
     rows.sort(key=lambda item: (-item[0], item[1]["device_id"]))
@@ -705,13 +743,22 @@ async def _device(request: web.Request) -> web.StreamResponse:
     marks = _marks(audits, events, cases, start, end)
     for mark in marks:
         mark["label"] = _mask(mark["label"], secrets)
+    # the firmware its newest boot event names, when it has one; its level and last word
+    snapshot = await app[CACHE_KEY].snapshot()
+    boot = snapshot.boots.get(device_id)
+    heard = snapshot.heard.get(device_id)
+    level = (await _health(request, snapshot)).levels.get(device_id, "unknown")
     return _json(
         {
             "device": {
                 "device_id": device.device_id,
                 "model": device.model,
-                "firmware": device.firmware,
+                "firmware": device.firmware if boot is None else boot[1],
+                "firmware_from": "registry" if boot is None else "boot event",
+                "firmware_reported_at": None if boot is None else _iso_ms(boot[0]),
                 "batch": device.batch,
+                "state": level,
+                "last_heard_at": None if heard is None else _iso_ms(heard),
             },
             "range": {
                 "start": _iso(start),
@@ -1042,6 +1089,185 @@ async def _insight(request: web.Request) -> web.StreamResponse:
     return _json(data)
 
 
+# -- charts ----------------------------------------------------------------------------
+
+#: Most buckets of the fleet's health over time (the page draws one point per bucket).
+_CHART_POINTS: Final = 100
+_HEALTH_COLUMNS: Final = ("time", *LEVELS)
+
+
+def _chart_days(request: web.Request, default: int) -> int:
+    raw = request.query.get("days", str(default))
+    try:
+        days = int(raw)
+    except ValueError as exc:
+        raise InvalidRequestError("days must be a whole number") from exc
+    if not 1 <= days <= 730:
+        raise InvalidRequestError("days is from 1 to 730")
+    return days
+
+
+async def _health_chart(request: web.Request) -> charts.Table:
+    """Devices per level in each bucket of a range (``range=24h``, or ``start``/``end``)."""
+    app = request.app
+    settings, cache, influx = app[SETTINGS_KEY], app[CACHE_KEY], app[INFLUX_KEY]
+    start, end = _time_range(request, app[CLOCK_KEY]())
+    width_s = influxql.bucket_s(start, end, _CHART_POINTS)
+    meta = {
+        "start": _iso(start),
+        "end": _iso(end),
+        "bucket_s": width_s,
+        "silent_after_s": settings.silent_after_s,
+        "available": influx is not None,
+    }
+    if influx is None:
+        return charts.Table("fleet-health", _HEALTH_COLUMNS, [], meta)
+    measurements = app[MEASUREMENTS_KEY]
+
+    async def compute() -> charts.Table:
+        width_ms = width_s * 1000
+        first_bucket = int(start.timestamp() * 1000) // width_ms * width_ms
+        # read back far enough that a score before the range still counts in its start
+        held = math.ceil(settings.silent_after_s * 1000 / width_ms)
+        read_from = first_bucket - held * width_ms
+        starts = list(range(read_from, int(end.timestamp() * 1000), width_ms))
+        points, first, snapshot = await asyncio.gather(
+            influxql.score_buckets(
+                influx,
+                datetime.fromtimestamp(read_from / 1000, UTC),
+                end,
+                width_s,
+                measurements=measurements,
+            ),
+            influxql.first_scores(influx, measurements=measurements),
+            cache.snapshot(),
+        )
+        counts = await asyncio.to_thread(
+            health_timeline,
+            starts,
+            width_ms,
+            points,
+            first,
+            snapshot.devices.keys(),
+            healthy_below=settings.healthy_below,
+            anomalous_from=settings.anomalous_from,
+            silent_after_s=settings.silent_after_s,
+        )
+        rows = [
+            (_iso_ms(starts[i]), *(counts[level][i] for level in LEVELS))
+            for i in range(held, len(starts))
+        ]
+        return charts.Table("fleet-health", _HEALTH_COLUMNS, rows, meta)
+
+    query = request.query
+    key = ("chart", "fleet-health", query.get("range"), query.get("start"), query.get("end"))
+    # a range read from InfluxDB follows no feed: kept for a while, at most 6 * cache_s
+    table: charts.Table = await cache.kept_for(key, settings.cache_s * 6, compute)
+    return table
+
+
+async def _cases_chart(request: web.Request) -> charts.Table:
+    """Cases opened and resolved per day, with the median time to resolution."""
+    days = _chart_days(request, 30)
+    cache = request.app[CACHE_KEY]
+    today = request.app[CLOCK_KEY]().astimezone(UTC).date()
+    snapshot = await cache.snapshot()
+    key = ("chart", "cases", days, today)
+    table: charts.Table | None = cache.derived(snapshot, key)
+    if table is None:
+        resolved_at = await cache.resolved_at(snapshot.cases)
+        rows = await asyncio.to_thread(
+            stats.cases_by_day,
+            snapshot.cases,
+            resolved_at,
+            start=today - timedelta(days=days - 1),
+            end=today,
+        )
+        table = charts.Table.of(
+            "cases", ("day", "opened", "resolved", "median_resolution_h"), rows, {"days": days}
+        )
+        cache.keep(snapshot, key, table)
+    return table
+
+
+async def _fixes_chart(request: web.Request) -> charts.Table:
+    """Per day: resolutions, the share fixed remotely, ratings and their mean."""
+    days = _chart_days(request, 30)
+    cache = request.app[CACHE_KEY]
+    today = request.app[CLOCK_KEY]().astimezone(UTC).date()
+    snapshot = await cache.snapshot()
+    key = ("chart", "fixes", days, today)
+    table: charts.Table | None = cache.derived(snapshot, key)
+    if table is None:
+        ratings, visited = await cache.outcome_records()
+        resolved_at = await cache.resolved_at(snapshot.cases)
+        rows = await asyncio.to_thread(
+            stats.fixes_by_day,
+            snapshot.cases,
+            resolved_at,
+            visited,
+            ratings,
+            start=today - timedelta(days=days - 1),
+            end=today,
+        )
+        columns = ("day", "resolved", "fixed_remotely", "fixed_remotely_share", "ratings",
+                   "mean_stars")  # fmt: skip
+        table = charts.Table.of("fixes", columns, rows, {"days": days})
+        cache.keep(snapshot, key, table)
+    return table
+
+
+async def _failures_chart(request: web.Request) -> charts.Table:
+    """The share of devices of each firmware and batch with a case (``days=0``: all time)."""
+    since = _since(request, 0)
+    cache = request.app[CACHE_KEY]
+    snapshot = await cache.snapshot()
+    key = ("chart", "failure-rates", request.query.get("days", "0"))
+    table: charts.Table | None = cache.derived(snapshot, key)
+    if table is None:
+        rows = await asyncio.to_thread(
+            stats.failure_rates, snapshot.devices.values(), snapshot.cases, since=since
+        )
+        columns = ("dimension", "model", "group", "devices", "failed", "failure_rate")
+        table = charts.Table.of("failure-rates", columns, rows, {"since": _iso(since)})
+        cache.keep(snapshot, key, table)
+    return table
+
+
+_CHART_TABLES: Final[dict[str, Callable[[web.Request], Awaitable[charts.Table]]]] = {
+    "fleet-health": _health_chart,
+    "cases": _cases_chart,
+    "fixes": _fixes_chart,
+    "failure-rates": _failures_chart,
+}
+
+
+async def _chart(request: web.Request) -> web.StreamResponse:
+    """``GET /ops/api/charts/{name}``: its data as JSON, or CSV (``.csv``, ``?format=csv``)."""
+    _session(request)
+    raw = request.match_info["chart"]
+    name = raw.removesuffix(".csv")
+    wanted = request.query.get("format", "csv" if raw.endswith(".csv") else "json")
+    if wanted not in ("json", "csv"):
+        raise InvalidRequestError("format is json or csv")
+    build = _CHART_TABLES.get(name)
+    if build is None:
+        raise NotFoundError(f"no chart {name}; charts: {', '.join(charts.CHARTS)}")
+    table = await build(request)
+    if wanted == "json":
+        return _json(table.as_json())
+    filename = charts.csv_filename(name, request.app[CLOCK_KEY]())
+    return web.Response(
+        body=charts.to_csv(table),
+        content_type="text/csv",
+        charset="utf-8",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "Cache-Control": "no-store",
+        },
+    )
+
+
 async def _campaign(request: web.Request) -> web.StreamResponse:
     session = _session(request, "admin")
     body: _Campaign = await _body(request, _Campaign)
@@ -1186,6 +1412,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/ops/api/appointments", _appointments),
     ("GET", "/ops/api/outcomes", _outcomes),
     ("GET", "/ops/api/insight", _insight),
+    ("GET", "/ops/api/charts/{chart}", _chart),
     ("POST", "/ops/api/campaigns", _campaign),
     ("GET", "/ops/api/events", _events),
 )
@@ -1241,7 +1468,15 @@ def create_app(
     )
     app[FEED_KEY] = live
     app[STREAMS_KEY] = {}
-    app[CACHE_KEY] = FleetCache(store, influx, live, cache_s=config.cache_s, measurements=names)
+    app[CACHE_KEY] = FleetCache(
+        store,
+        influx,
+        live,
+        cache_s=config.cache_s,
+        measurements=names,
+        clock=clock,
+        heard_window_s=max(86_400.0, 4 * config.silent_after_s),
+    )
     app[CLOCK_KEY] = clock
     app[SETTINGS_KEY] = config
     app[MEASUREMENTS_KEY] = names

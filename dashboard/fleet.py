@@ -24,6 +24,14 @@ change recomputes only what counts cases.
 
 The resolution time of a case comes from its audit trail (the ``transition`` to
 ``resolved``); an audit trail is only appended to, so once found it is kept for good.
+
+What InfluxDB says of each device is read with the scores (:class:`DeviceSignals`): when
+it was last heard from (its newest reading or score) and the firmware its newest boot
+event names. The snapshot's registry carries that firmware in place of the stored one
+(issue 14: the device's own word is newer than the record), so the overview, the
+insight, the outcomes and campaigns all group by the firmware a device runs now. A
+device not heard from for ``silent_after_s`` is *silent*, whatever its last score said
+(:func:`fleet_health`); :func:`health_timeline` counts the same levels over time.
 """
 
 from __future__ import annotations
@@ -31,28 +39,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
 from dashboard.feed import CaseFeed
-from dashboard.influxql import Measurements, latest_scores
+from dashboard.influxql import DeviceSignals, Measurements, device_signals
 from gateway.errors import PermanentError, TransientError
 from gateway.influx import InfluxClient
 from notifier.model import OPEN_STATES, Case, DeviceRecord, Rating
 from notifier.store import CaseStore
 
 __all__ = [
+    "LEVELS",
     "FleetCache",
     "FleetHealth",
     "Snapshot",
     "apply_changes",
     "fleet_health",
     "health_level",
+    "health_timeline",
     "overview",
+    "with_boot_firmware",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -65,6 +77,11 @@ _MAX_AGE_FACTOR: Final = 3
 #: Up to this many changed cases, their ratings and visits are looked up one by one;
 #: past it, all ratings and visits are read again (two queries).
 _LOOKUPS: Final = 32
+#: Results kept by :meth:`FleetCache.kept_for` at most (the oldest goes first).
+_TIMED_KEEP: Final = 32
+#: A device's health levels, best first; ``silent``: not heard from lately,
+#: ``unknown``: no score yet (never heard from, or heard but not scored).
+LEVELS: Final = ("healthy", "watch", "anomalous", "silent", "unknown")
 
 _T = TypeVar("_T")
 
@@ -74,12 +91,16 @@ class Snapshot:
     """The registry, every case and the latest scores, as of one feed version.
 
     Attributes:
-        devices: the registry by device id.
+        devices: the registry by device id, each with the firmware of its newest boot
+            event where it has one (see :func:`with_boot_firmware`).
         cases: every case, newest first (by opening time, then case id, as the store).
         by_id: the same cases by case id.
         scores: device id to its newest ``(epoch ms, score)``.
         read_at: monotonic time of the full store read this snapshot descends from.
         version: the feed version it is current with.
+        heard: device id to when it was last heard from (epoch ms).
+        boots: device id to its newest boot event, ``(epoch ms, firmware)``.
+        registry: the registry as stored (``None``: the same as ``devices``).
     """
 
     devices: Mapping[str, DeviceRecord]
@@ -88,6 +109,27 @@ class Snapshot:
     scores: Mapping[str, tuple[int, float]]
     read_at: float
     version: int
+    heard: Mapping[str, int] = field(default_factory=dict)
+    boots: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    registry: Mapping[str, DeviceRecord] | None = None
+
+
+def with_boot_firmware(
+    registry: Mapping[str, DeviceRecord], boots: Mapping[str, tuple[int, str]]
+) -> Mapping[str, DeviceRecord]:
+    """The registry with each device's firmware as its newest boot event names it.
+
+    Returns ``registry`` itself when no boot event changes a record, so results kept
+    for the registry stay valid.
+    """
+    changed: dict[str, DeviceRecord] = {}
+    for device_id, (_, firmware) in boots.items():
+        record = registry.get(device_id)
+        if record is not None and record.firmware != firmware:
+            changed[device_id] = replace(record, firmware=firmware)
+    if not changed:
+        return registry
+    return {**registry, **changed}
 
 
 def _newest_first(case: Case) -> tuple[datetime, str]:
@@ -139,6 +181,9 @@ class FleetCache:
         cache_s: how old a snapshot (and the scores) may get before they are read again
             behind the answers (``0``: every request reads everything).
         measurements: the InfluxDB measurement names.
+        clock: the wall clock (UTC-aware).
+        heard_window_s: how far back readings are looked for to learn when a device
+            was last heard from (its scores count over all time).
     """
 
     def __init__(
@@ -149,6 +194,8 @@ class FleetCache:
         *,
         cache_s: float,
         measurements: Measurements,
+        clock: Callable[[], datetime] | None = None,
+        heard_window_s: float = 86_400.0,
     ) -> None:
         self._store = store
         self._influx = influx
@@ -156,6 +203,11 @@ class FleetCache:
         self._cache_s = cache_s
         self._max_age_s = cache_s * _MAX_AGE_FACTOR
         self._measurements = measurements
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._heard_window_s = heard_window_s
+        self._timed: dict[Hashable, tuple[float, Any]] = {}
+        self._timed_locks: dict[Hashable, asyncio.Lock] = {}
+        self._effective: tuple[Mapping[str, DeviceRecord], Mapping[str, Any], Any] | None = None
         self._snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._resolved: dict[str, datetime] = {}
@@ -163,7 +215,7 @@ class FleetCache:
         self._derived: dict[Hashable, Any] = {}
         self._memo: dict[Hashable, tuple[tuple[object, ...], Any]] = {}
         self._views: dict[str, tuple[Case, Callable[[Case], Any], Any]] = {}
-        self._scores: dict[str, tuple[int, float]] | None = None
+        self._signals: DeviceSignals | None = None
         self._scores_at = 0.0
         self._scores_task: asyncio.Task[None] | None = None
         self._reread_task: asyncio.Task[None] | None = None
@@ -204,9 +256,35 @@ class FleetCache:
             self.applied += len(changes)
             self._unchecked |= changed
             self._install(snapshot)
-        if self._scores is not None and snapshot.scores is not self._scores:
-            snapshot = self._install(replace(snapshot, scores=self._scores))
+        updated = self._with_signals(snapshot)
+        if updated is not snapshot:
+            snapshot = self._install(updated)
         return snapshot
+
+    def _with_signals(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` with the newest signals (scores, last heard, boot firmware)."""
+        signals = self._signals
+        if signals is None or (
+            snapshot.scores is signals.scores
+            and snapshot.heard is signals.heard
+            and snapshot.boots is signals.boots
+        ):
+            return snapshot
+        registry = snapshot.registry if snapshot.registry is not None else snapshot.devices
+        kept = self._effective
+        if kept is not None and kept[0] is registry and kept[1] is signals.boots:
+            devices = kept[2]
+        else:
+            devices = with_boot_firmware(registry, signals.boots)
+            self._effective = (registry, signals.boots, devices)
+        return replace(
+            snapshot,
+            devices=devices,
+            scores=signals.scores,
+            heard=signals.heard,
+            boots=signals.boots,
+            registry=registry,
+        )
 
     async def snapshot(self) -> Snapshot:
         """The current snapshot.
@@ -221,7 +299,7 @@ class FleetCache:
         """
         if self._cache_s == 0:
             async with self._lock:
-                self._scores = await self._read_scores()
+                self._signals = await self._read_signals()
                 self._scores_at = time.monotonic()
                 return await self._read_store()
         snapshot = self._caught_up()
@@ -229,8 +307,8 @@ class FleetCache:
             async with self._lock:
                 snapshot = self._caught_up()
                 if snapshot is None:
-                    if self._scores is None:
-                        self._scores = await self._read_scores()
+                    if self._signals is None:
+                        self._signals = await self._read_signals()
                         self._scores_at = time.monotonic()
                     snapshot = await self._read_store()
         self._refresh_behind(snapshot)
@@ -244,14 +322,18 @@ class FleetCache:
             self._store.devices(), self._store.cases(limit=ALL_ROWS)
         )
         self.store_reads += 1
+        registry = {d.device_id: d for d in records}
         snapshot = self._install(
-            Snapshot(
-                devices={d.device_id: d for d in records},
-                cases=cases,
-                by_id={c.case_id: c for c in cases},
-                scores=self._scores or {},
-                read_at=started,
-                version=version,
+            self._with_signals(
+                Snapshot(
+                    devices=registry,
+                    cases=cases,
+                    by_id={c.case_id: c for c in cases},
+                    scores={},
+                    read_at=started,
+                    version=version,
+                    registry=registry,
+                )
             )
         )
         self._records_stale = True  # the outcomes' ratings and visits are read again too
@@ -283,16 +365,29 @@ class FleetCache:
             self._reread_task = None
 
     def _scores_stale(self) -> bool:
-        return self._scores is None or time.monotonic() - self._scores_at >= self._cache_s
+        return self._signals is None or time.monotonic() - self._scores_at >= self._cache_s
 
-    async def _read_scores(self) -> dict[str, tuple[int, float]]:
+    async def _read_signals(self) -> DeviceSignals:
         if self._influx is None:
-            return {}
-        return await latest_scores(self._influx, measurements=self._measurements)
+            return DeviceSignals(scores={}, heard={}, boots={})
+        signals = await device_signals(
+            self._influx,
+            readings_since=self._clock() - timedelta(seconds=self._heard_window_s),
+            measurements=self._measurements,
+        )
+        # what did not change stays the same object, so results kept for it stay valid
+        previous = self._signals
+        if previous is not None:
+            signals = DeviceSignals(
+                scores=previous.scores if previous.scores == signals.scores else signals.scores,
+                heard=previous.heard if previous.heard == signals.heard else signals.heard,
+                boots=previous.boots if previous.boots == signals.boots else signals.boots,
+            )
+        return signals
 
     async def _refresh_scores(self) -> None:
         try:
-            self._scores = await self._read_scores()
+            self._signals = await self._read_signals()
             self._scores_at = time.monotonic()
         except (TransientError, PermanentError) as exc:
             self.score_failures += 1
@@ -310,6 +405,34 @@ class FleetCache:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def kept_for(
+        self, key: Hashable, max_age_s: float, compute: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """``await compute()``, kept for ``max_age_s`` under ``key`` (one compute at a time).
+
+        For answers read from InfluxDB over a time range (the fleet's health over time):
+        they follow neither the feed nor the snapshot, only time.
+        """
+        held = self._timed.get(key)
+        if held is not None and time.monotonic() - held[0] < max_age_s:
+            kept: _T = held[1]
+            return kept
+        lock = self._timed_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            held = self._timed.get(key)
+            if held is not None and time.monotonic() - held[0] < max_age_s:
+                again: _T = held[1]
+                return again
+            started = time.monotonic()
+            value = await compute()
+            self._timed.pop(key, None)
+            self._timed[key] = (started, value)
+            while len(self._timed) > _TIMED_KEEP:
+                oldest = next(iter(self._timed))
+                del self._timed[oldest]
+                self._timed_locks.pop(oldest, None)
+            return value
 
     def derived(self, snapshot: Snapshot, key: Hashable) -> Any:
         """A result computed from ``snapshot`` before (``None`` if not)."""
@@ -442,7 +565,7 @@ class FleetCache:
 
 
 def health_level(score: float | None, healthy_below: float, anomalous_from: float) -> str:
-    """``healthy``, ``watch``, ``anomalous`` or ``unknown`` (no score)."""
+    """``healthy``, ``watch``, ``anomalous`` or ``unknown`` (no score); see :data:`LEVELS`."""
     if score is None:
         return "unknown"
     if score < healthy_below:
@@ -451,33 +574,50 @@ def health_level(score: float | None, healthy_below: float, anomalous_from: floa
 
 
 def _counts() -> dict[str, int]:
-    return {"devices": 0, "healthy": 0, "watch": 0, "anomalous": 0, "unknown": 0, "open": 0}
+    return {
+        "devices": 0,
+        "healthy": 0,
+        "watch": 0,
+        "anomalous": 0,
+        "silent": 0,
+        "unknown": 0,
+        "open": 0,
+    }
 
 
 _GROUPINGS: Final = ("model", "firmware", "batch")
-_LEVELS: Final = ("healthy", "watch", "anomalous", "unknown")
 
 
 @dataclass(frozen=True, slots=True)
 class FleetHealth:
-    """The device half of the overview: it depends on the registry and the scores only.
+    """The device half of the overview: it depends on the registry and the signals only.
 
-    With 10,000 devices this is the costly half, so it is kept while neither changes and
-    a case change only counts the open cases again (see :func:`overview`).
+    With 10,000 devices this is the costly half, so it is kept while neither changes
+    (and until ``valid_until_ms``) and a case change only counts the open cases again
+    (see :func:`overview`).
 
     Attributes:
-        health: devices per health level.
+        health: devices per health level (:data:`LEVELS`).
         groups: per grouping (``model``, ``firmware``, ``batch``), the group key to its
             device counts per level (``open`` is left at 0 here).
         keys: device id to its group key in each grouping, in that order.
         worst: ``(score, epoch ms, device id)`` of the highest scores at watch level or
-            above, highest first.
+            above of devices that are not silent, highest first.
+        levels: device id to its level.
+        valid_until_ms: the first time (epoch ms) at which a device heard from so far
+            turns silent; the counts hold until then (``None``: for good).
     """
 
     health: Mapping[str, int]
     groups: Mapping[str, Mapping[tuple[str, ...], Mapping[str, int]]]
     keys: Mapping[str, tuple[tuple[str, ...], ...]]
     worst: Sequence[tuple[float, int, str]]
+    levels: Mapping[str, str] = field(default_factory=dict)
+    valid_until_ms: int | None = None
+
+    def holds_at(self, now_ms: int) -> bool:
+        """Whether the counts are still true at ``now_ms`` (no device turned silent)."""
+        return self.valid_until_ms is None or now_ms < self.valid_until_ms
 
 
 def fleet_health(
@@ -486,24 +626,50 @@ def fleet_health(
     *,
     healthy_below: float,
     anomalous_from: float,
+    heard: Mapping[str, int] | None = None,
+    now_ms: int = 0,
+    silent_after_s: float = math.inf,
 ) -> FleetHealth:
-    """Count the devices by grouping and health level (one pass over the registry)."""
+    """Count the devices by grouping and health level (one pass over the registry).
+
+    Args:
+        devices: the registry by device id.
+        scores: device id to its newest ``(epoch ms, score)``.
+        healthy_below: scores below this are healthy.
+        anomalous_from: scores from this on are anomalous.
+        heard: device id to when it was last heard from (epoch ms); ``None``: nobody
+            is ever silent.
+        now_ms: the time now (epoch ms).
+        silent_after_s: a device last heard from longer ago than this is ``silent``,
+            whatever its last score; one never heard from is ``unknown``.
+    """
     health: Counter[str] = Counter()
     groups: dict[str, defaultdict[tuple[str, ...], dict[str, int]]] = {
         name: defaultdict(_counts) for name in _GROUPINGS
     }
     by_model, by_firmware, by_batch = (groups[name] for name in _GROUPINGS)
     keys: dict[str, tuple[tuple[str, ...], ...]] = {}
+    levels: dict[str, str] = {}
+    silent_ms = silent_after_s * 1000.0
+    valid_until: float = math.inf
     for device in devices.values():
-        latest = scores.get(device.device_id)
-        level = health_level(latest[1] if latest else None, healthy_below, anomalous_from)
+        device_id = device.device_id
+        latest = scores.get(device_id)
+        last = None if heard is None else heard.get(device_id)
+        if last is not None and now_ms - last > silent_ms:
+            level = "silent"
+        else:
+            level = health_level(latest[1] if latest else None, healthy_below, anomalous_from)
+            if last is not None:
+                valid_until = min(valid_until, last + silent_ms)
+        levels[device_id] = level
         health[level] += 1
         mine = (
             (device.model,),
             (device.model, device.firmware or "unknown"),
             (device.model, device.batch or "unknown"),
         )
-        keys[device.device_id] = mine
+        keys[device_id] = mine
         for rows, key in ((by_model, mine[0]), (by_firmware, mine[1]), (by_batch, mine[2])):
             row = rows[key]
             row["devices"] += 1
@@ -512,16 +678,101 @@ def fleet_health(
         (
             (score, at, device_id)
             for device_id, (at, score) in scores.items()
-            if score >= healthy_below and device_id in devices
+            if score >= healthy_below and levels.get(device_id, "silent") != "silent"
         ),
         reverse=True,
     )[:_WORST]
     return FleetHealth(
-        health={level: health.get(level, 0) for level in _LEVELS},
+        health={level: health.get(level, 0) for level in LEVELS},
         groups={name: dict(rows) for name, rows in groups.items()},
         keys=keys,
         worst=worst,
+        levels=levels,
+        valid_until_ms=None if math.isinf(valid_until) else math.floor(valid_until) + 1,
     )
+
+
+def health_timeline(
+    bucket_starts_ms: Sequence[int],
+    width_ms: int,
+    points: Mapping[str, Sequence[tuple[int, float]]],
+    first_heard: Mapping[str, int],
+    devices: Collection[str],
+    *,
+    healthy_below: float,
+    anomalous_from: float,
+    silent_after_s: float,
+) -> dict[str, list[int]]:
+    """The registry's devices per health level in each time bucket.
+
+    In a bucket, a device has the level of its last score in it; a bucket without a
+    score keeps the level of the device's previous score while that bucket starts less
+    than ``silent_after_s`` after the previous one's (so a device reporting every five
+    minutes is not silent in the one-minute buckets between its reports). Past that the
+    device is ``silent`` if it had been heard of by the bucket's end (``first_heard``,
+    or its first score here), else ``unknown``. One pass over the points, whatever
+    the number of buckets.
+
+    Args:
+        bucket_starts_ms: bucket starts, oldest first, ``width_ms`` apart.
+        width_ms: the buckets' width.
+        points: device id to ``(bucket start, last score in the bucket)``, oldest first.
+        first_heard: device id to when it was first heard of (epoch ms).
+        devices: the devices counted (the registry); others in ``points`` are left out.
+        healthy_below: scores below this are healthy.
+        anomalous_from: scores from this on are anomalous.
+        silent_after_s: how long a score keeps a device from being silent.
+
+    Returns:
+        Each of :data:`LEVELS` to its counts, one per bucket; per bucket they add up to
+        the number of ``devices``.
+    """
+    n = len(bucket_starts_ms)
+    if n == 0:
+        return {level: [] for level in LEVELS}
+    origin = bucket_starts_ms[0]
+    hold = max(1, math.ceil(silent_after_s * 1000 / width_ms))
+    steps: dict[str, list[int]] = {level: [0] * (n + 1) for level in LEVELS}
+    heard_steps = [0] * (n + 1)
+    levels_of = {level: steps[level] for level in ("healthy", "watch", "anomalous")}
+
+    def index(at_ms: int) -> int:
+        return (at_ms - origin) // width_ms
+
+    for device_id in devices:
+        mine = points.get(device_id, ())
+        first = first_heard.get(device_id)
+        if mine and (first is None or mine[0][0] < first):
+            first = mine[0][0]
+        if first is None:
+            continue
+        since = max(index(first), 0)
+        if since < n:
+            heard_steps[since] += 1
+        for i, (at_ms, score) in enumerate(mine):
+            k = index(at_ms)
+            stop = k + hold
+            if i + 1 < len(mine):
+                stop = min(stop, index(mine[i + 1][0]))
+            low, high = max(k, 0), min(stop, n)
+            if low < high:
+                row = levels_of[health_level(score, healthy_below, anomalous_from)]
+                row[low] += 1
+                row[high] -= 1
+    counts: dict[str, list[int]] = {level: [] for level in LEVELS}
+    running = dict.fromkeys(levels_of, 0)
+    heard = 0
+    total = len(devices)
+    for b in range(n):
+        heard += heard_steps[b]
+        scored = 0
+        for level, row in levels_of.items():
+            running[level] += row[b]
+            counts[level].append(running[level])
+            scored += running[level]
+        counts["silent"].append(max(heard - scored, 0))
+        counts["unknown"].append(total - max(heard, scored))
+    return counts
 
 
 def overview(

@@ -13,6 +13,7 @@ Measurements read: ``telemetry`` (tag ``device``, one field per metric, plus ``s
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,13 +26,17 @@ from gateway.lineproto import EVENTS_MEASUREMENT, RESERVED_FIELDS, TELEMETRY_MEA
 
 __all__ = [
     "DeviceSeries",
+    "DeviceSignals",
     "Measurements",
     "bucket_s",
     "device_events",
     "device_series",
+    "device_signals",
+    "first_scores",
     "latest_scores",
     "quote_ident",
     "quote_string",
+    "score_buckets",
 ]
 
 #: Bucket widths offered, in seconds: round numbers a person reads at a glance.
@@ -147,6 +152,136 @@ async def latest_scores(
         if score is not None and isinstance(row[0], int):
             latest[device] = (row[0], score)
     return latest
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSignals:
+    """What InfluxDB last heard from each device.
+
+    Attributes:
+        scores: device id to its newest anomaly score, ``(epoch ms, score)``.
+        heard: device id to the time of its newest reading or score (epoch ms); readings
+            are looked for only since the ``readings_since`` given to
+            :func:`device_signals`, scores over all time.
+        boots: device id to its newest boot event, ``(epoch ms, firmware)``: a device
+            says its firmware version in the ``code`` of every boot event (the
+            gateway stores events in the events measurement, tag ``kind``).
+    """
+
+    scores: dict[str, tuple[int, float]]
+    heard: dict[str, int]
+    boots: dict[str, tuple[int, str]]
+
+
+async def _last_by_device(influx: InfluxClient, statement: str) -> dict[str, tuple[int, Any]]:
+    found: dict[str, tuple[int, Any]] = {}
+    for one in await influx.query(statement):
+        device = one.tags.get("device")
+        if not device or not one.values:
+            continue
+        row = one.values[0]
+        if len(row) > 1 and isinstance(row[0], int) and row[1] is not None:
+            found[device] = (row[0], row[1])
+    return found
+
+
+async def device_signals(
+    influx: InfluxClient,
+    *,
+    readings_since: datetime,
+    measurements: Measurements = Measurements(),
+) -> DeviceSignals:
+    """Each device's newest score, when it was last heard from, and its firmware.
+
+    Three statements, sent side by side: the newest score per device (all time), the
+    newest reading per device since ``readings_since`` (a reading older than that is
+    older than any silence threshold anyway, and a month of telemetry need not be
+    read to learn it), and the newest boot event per device (all time; boots are rare).
+
+    Args:
+        influx: the InfluxDB client.
+        readings_since: the oldest reading that counts as heard.
+        measurements: the measurement names.
+
+    Returns:
+        The signals; a device without a score has none in ``scores``, one never heard
+        from none in ``heard``, one without a boot event none in ``boots``.
+    """
+    since_ms = _ms(readings_since)
+    scores, readings, boots = await asyncio.gather(
+        _last_by_device(
+            influx, f"SELECT LAST(score) FROM {quote_ident(measurements.health)} GROUP BY device"
+        ),
+        _last_by_device(
+            influx,
+            f"SELECT LAST(seq) FROM {quote_ident(measurements.telemetry)} "
+            f"WHERE time >= {since_ms}ms GROUP BY device",
+        ),
+        _last_by_device(
+            influx,
+            f"SELECT LAST(code) FROM {quote_ident(measurements.events)} "
+            f"WHERE kind = 'boot' GROUP BY device",
+        ),
+    )
+    latest: dict[str, tuple[int, float]] = {}
+    heard: dict[str, int] = {}
+    for device, (at_ms, value) in scores.items():
+        score = _number(value)
+        if score is not None:
+            latest[device] = (at_ms, score)
+            heard[device] = at_ms
+    for device, (at_ms, _) in readings.items():
+        if at_ms > heard.get(device, -1):
+            heard[device] = at_ms
+    firmware = {
+        device: (at_ms, value)
+        for device, (at_ms, value) in boots.items()
+        if isinstance(value, str) and value
+    }
+    return DeviceSignals(scores=latest, heard=heard, boots=firmware)
+
+
+async def first_scores(
+    influx: InfluxClient, *, measurements: Measurements = Measurements()
+) -> dict[str, int]:
+    """When each device was first scored (epoch ms): from then on it counts as heard of."""
+    first = await _last_by_device(
+        influx, f"SELECT FIRST(score) FROM {quote_ident(measurements.health)} GROUP BY device"
+    )
+    return {device: at_ms for device, (at_ms, _) in first.items()}
+
+
+async def score_buckets(
+    influx: InfluxClient,
+    start: datetime,
+    end: datetime,
+    width_s: int,
+    *,
+    measurements: Measurements = Measurements(),
+) -> dict[str, list[tuple[int, float]]]:
+    """Every device's last score in each bucket of ``width_s`` over ``[start, end)``.
+
+    Returns:
+        Device id to ``(bucket start in epoch ms, score)``, oldest first, only for the
+        buckets in which the device was scored (``fill(none)``).
+    """
+    statement = (
+        f"SELECT LAST(score) FROM {quote_ident(measurements.health)} "
+        f"WHERE time >= {_ms(start)}ms AND time < {_ms(end)}ms "
+        f"GROUP BY time({int(width_s)}s), device fill(none)"
+    )
+    found: dict[str, list[tuple[int, float]]] = {}
+    for one in await influx.query(statement):
+        device = one.tags.get("device")
+        if not device:
+            continue
+        mine = found.setdefault(device, [])
+        for row in one.values:
+            score = _number(row[1]) if len(row) > 1 else None
+            if score is not None and isinstance(row[0], int):
+                mine.append((row[0], score))
+        mine.sort()
+    return found
 
 
 def _columns(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, list[Any]]:

@@ -42,6 +42,9 @@ class DashboardSettings(BaseModel):
         heartbeat_s: comment lines on the live stream this often (keeps proxies open).
         healthy_below: scores below this are healthy.
         anomalous_from: scores from this on are anomalous (between: watch).
+        silent_after_s: a device not heard from (no reading, no score) for this long is
+            shown as silent, whatever its last score said; about three times the
+            devices' reporting interval.
         host: where ``fixloop dashboard`` serves the dashboard (``fixloop up`` uses
             ``stack.dashboard_port`` on loopback instead).
         port: its port (0: a free one).
@@ -72,6 +75,7 @@ class DashboardSettings(BaseModel):
     heartbeat_s: float = Field(15.0, gt=0)
     healthy_below: float = Field(0.3, gt=0, lt=1)
     anomalous_from: float = Field(0.5, gt=0, le=1)
+    silent_after_s: float = Field(900.0, gt=0)
     host: str = "127.0.0.1"
     port: int = Field(8_089, ge=0, le=65_535)
     metrics_host: str = "127.0.0.1"

@@ -8,6 +8,16 @@ without any technician appointment), the median time from opening to resolution,
 the false alarms owners reported (ratings with "nothing was wrong"), for the whole fleet
 and by product model and firmware.
 
+*Over time*: cases opened and resolved per day with the median time to resolution
+(:func:`cases_by_day`), and the share of the day's resolutions fixed remotely with the
+owners' mean rating (:func:`fixes_by_day`); days are UTC dates.
+
+*Failure rates*: the share of devices of each firmware and each production batch (within
+their product model) that had a case (:func:`failure_rates`). The firmware is the one
+a device runs now (its newest boot event, else the registry's); the batch is the
+registry's ``batch`` of the device (set when devices are registered or imported), and
+``unknown`` for a device registered without one.
+
 *Insight*: for every fault and every group of devices (a firmware, a product model, a
 production batch) the rate of devices that had a case of the fault, against the rate in
 the rest of the population. A group is flagged when it has at least ``min_devices``
@@ -26,7 +36,7 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Literal
 
 from notifier.model import Case, DeviceRecord, Rating
@@ -37,6 +47,9 @@ __all__ = [
     "InsightKept",
     "Population",
     "binomial_sf",
+    "cases_by_day",
+    "failure_rates",
+    "fixes_by_day",
     "fleet_insight",
     "group_of",
     "outcomes",
@@ -199,6 +212,155 @@ def outcomes(
         ],
         "comments": notes,
     }
+
+
+# -- over time --------------------------------------------------------------------------
+
+
+def _days(start: date, end: date) -> list[date]:
+    return [start + timedelta(days=i) for i in range((end - start).days + 1)]
+
+
+def _median_h(durations_s: Sequence[float]) -> float | None:
+    return round(statistics.median(durations_s) / 3600, 2) if durations_s else None
+
+
+def cases_by_day(
+    cases: Iterable[Case], resolved_at: Mapping[str, datetime], *, start: date, end: date
+) -> list[dict[str, Any]]:
+    """Cases opened and resolved on each day from ``start`` to ``end`` (UTC dates).
+
+    Args:
+        cases: the cases (of any time; only the days in range are counted).
+        resolved_at: when each resolved case was resolved (from the audit trail).
+        start: the first day.
+        end: the last day (included).
+
+    Returns:
+        One row per day, oldest first: ``day`` (ISO date), ``opened``, ``resolved``
+        and ``median_resolution_h`` (from opening to resolution, of the cases resolved
+        that day; ``None`` on a day without one).
+    """
+    days = _days(start, end)
+    opened: Counter[date] = Counter()
+    durations: defaultdict[date, list[float]] = defaultdict(list)
+    for case in cases:
+        day = case.opened_at.astimezone(UTC).date()
+        if start <= day <= end:
+            opened[day] += 1
+        done = resolved_at.get(case.case_id)
+        if done is None:
+            continue
+        day = done.astimezone(UTC).date()
+        if start <= day <= end:
+            durations[day].append(max((done - case.opened_at).total_seconds(), 0.0))
+    return [
+        {
+            "day": day.isoformat(),
+            "opened": opened.get(day, 0),
+            "resolved": len(durations.get(day, ())),
+            "median_resolution_h": _median_h(durations.get(day, ())),
+        }
+        for day in days
+    ]
+
+
+def fixes_by_day(
+    cases: Iterable[Case],
+    resolved_at: Mapping[str, datetime],
+    visited_cases: Iterable[str],
+    ratings: Iterable[Rating],
+    *,
+    start: date,
+    end: date,
+) -> list[dict[str, Any]]:
+    """The share of each day's resolutions fixed remotely, and the day's mean rating.
+
+    A resolution is remote when its case never had a technician appointment (as in
+    :func:`outcomes`). Ratings count on the day they were given.
+
+    Returns:
+        One row per day, oldest first: ``day``, ``resolved``, ``fixed_remotely``,
+        ``fixed_remotely_share`` (``None`` on a day without a resolution), ``ratings``
+        and ``mean_stars`` (``None`` on a day without a rating).
+    """
+    visited = visited_cases if isinstance(visited_cases, set | frozenset) else set(visited_cases)
+    resolved: Counter[date] = Counter()
+    remote: Counter[date] = Counter()
+    for case in cases:
+        done = resolved_at.get(case.case_id)
+        if done is None:
+            continue
+        day = done.astimezone(UTC).date()
+        if not start <= day <= end:
+            continue
+        resolved[day] += 1
+        if case.appointment_id is None and case.case_id not in visited:
+            remote[day] += 1
+    given: Counter[date] = Counter()
+    stars: Counter[date] = Counter()
+    for rating in ratings:
+        day = rating.at.astimezone(UTC).date()
+        if start <= day <= end:
+            given[day] += 1
+            stars[day] += rating.stars
+    return [
+        {
+            "day": day.isoformat(),
+            "resolved": resolved.get(day, 0),
+            "fixed_remotely": remote.get(day, 0),
+            "fixed_remotely_share": _share(remote.get(day, 0), resolved.get(day, 0)),
+            "ratings": given.get(day, 0),
+            "mean_stars": (round(stars[day] / given[day], 3) if given.get(day) else None),
+        }
+        for day in _days(start, end)
+    ]
+
+
+# -- failure rates ------------------------------------------------------------------------
+
+
+def failure_rates(
+    devices: Iterable[DeviceRecord], cases: Iterable[Case], *, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The share of devices of each firmware and each batch that had a case.
+
+    A device *failed* when it had at least one case opened since ``since`` (any time
+    when ``None``) that was not dismissed as a false alarm; a device counts once however
+    many cases it had. Groups are within a product model (firmware ``1.2`` of a fridge
+    is not that of a washer).
+
+    Returns:
+        Rows ``dimension`` (``firmware`` then ``batch``), ``model``, ``group``,
+        ``devices``, ``failed`` and ``failure_rate``, by model and group within each
+        dimension; only groups with devices.
+    """
+    failed_ids: set[str] = set()
+    for case in cases:
+        if case.state == "dismissed" or (since is not None and case.opened_at < since):
+            continue
+        failed_ids.add(case.device_id)
+    sizes: dict[str, Counter[tuple[str, str]]] = {"firmware": Counter(), "batch": Counter()}
+    failed: dict[str, Counter[tuple[str, str]]] = {"firmware": Counter(), "batch": Counter()}
+    for device in devices:
+        hit = device.device_id in failed_ids
+        for dimension in ("firmware", "batch"):
+            key = (device.model, group_of(device, dimension))
+            sizes[dimension][key] += 1
+            if hit:
+                failed[dimension][key] += 1
+    return [
+        {
+            "dimension": dimension,
+            "model": model,
+            "group": group,
+            "devices": n,
+            "failed": failed[dimension].get((model, group), 0),
+            "failure_rate": round(failed[dimension].get((model, group), 0) / n, 4),
+        }
+        for dimension in ("firmware", "batch")
+        for (model, group), n in sorted(sizes[dimension].items())
+    ]
 
 
 # -- insight ----------------------------------------------------------------------------

@@ -872,7 +872,11 @@ async def test_device_page_marks_diagnoses_commands_and_events(world: World) -> 
         "device_id": "dev-0000",
         "model": "fridge-a1",
         "firmware": "1.4.0",
+        "firmware_from": "registry",
+        "firmware_reported_at": None,
         "batch": "B0",
+        "state": "unknown",
+        "last_heard_at": None,
     }
     booked = await (await world.client.get("/ops/api/devices/dev-0001?range=24h")).json()
     # the predicted failure of the open case is marked (beyond the range end)
@@ -895,7 +899,13 @@ async def test_fleet_overview_counts_devices_health_and_open_cases(world: World)
     await login(world.client, "vera")
     data = await (await world.client.get("/ops/api/fleet")).json()
     assert data["devices"] == 40
-    assert data["health"] == {"healthy": 1, "watch": 1, "anomalous": 2, "unknown": 36}
+    assert data["health"] == {
+        "healthy": 1,
+        "watch": 1,
+        "anomalous": 2,
+        "silent": 0,
+        "unknown": 36,
+    }
     models = {row["model"]: row for row in data["by_model"]}
     assert models["fridge-a1"]["devices"] == 20
     assert models["fridge-a1"]["anomalous"] == 1
