@@ -308,8 +308,9 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         fleet_secret=secret,
         port=mqtt_port,
         connection_messages=False,
+        die_with_parent=True,
     )
-    influx = InfluxdServer(data_dir / "influxdb", port=ports["influx"])
+    influx = InfluxdServer(data_dir / "influxdb", port=ports["influx"], die_with_parent=True)
     gateway_settings = settings.gateway.model_copy(
         update={"spool_dir": data_dir / "spool"} | {"metrics_port": ports["gateway_metrics"]}
     )
@@ -323,10 +324,15 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         servers.enter_context(_folder_lock(data_dir))
         # Sinks first: the servers, then the gateway, then the fleet (the source).
         _LOG.info("starting mosquitto and influxd in %s", data_dir)
-        await asyncio.to_thread(broker.start)
+        # Launched from this (the main) thread: the servers get SIGTERM when it ends, so a
+        # kill -9 of `fixloop up` takes them along (issue 14); a leftover of an older run
+        # is stopped by launch() itself.
         servers.callback(broker.stop)
-        await asyncio.to_thread(influx.start)
+        broker.launch()
+        await asyncio.to_thread(broker.wait_ready)
         servers.callback(influx.stop)
+        influx.launch()
+        await asyncio.to_thread(influx.wait_ready)
         influx_settings = settings.influx.model_copy(
             update={"url": influx.url, "flavor": "v1", "database": influx.database}
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import getpass
 import json
 import logging
@@ -19,11 +20,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Self
@@ -84,17 +86,57 @@ def _tcp_open(host: str, port: int) -> bool:
         return False
 
 
+#: prctl(2) option: the signal a process gets when the thread that started it ends.
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Return a ``preexec_fn`` that makes the child get SIGTERM when its parent dies.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere ``None``, and a server left
+    behind by a killed parent is stopped at the next start instead (the pid file). The
+    C function is looked up here, in the parent, so the child between fork and exec
+    runs no more than one call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    option = ctypes.c_int(_PR_SET_PDEATHSIG)
+    sigterm = ctypes.c_ulong(signal.SIGTERM)
+    zero = ctypes.c_ulong(0)
+
+    def arm() -> None:
+        prctl(option, sigterm, zero, zero, zero)
+        if os.getppid() != parent:  # the parent died before the call above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 class _Server:
     """Process handling shared by the servers: start, wait until ready, stop, restart."""
 
     name: str = "server"
 
-    def __init__(self, root: Path, *, startup_timeout_s: float, stop_timeout_s: float) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        startup_timeout_s: float,
+        stop_timeout_s: float,
+        die_with_parent: bool = False,
+    ) -> None:
         self.root = Path(root)
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
+        self._deadline = 0.0
 
     @property
     def log_path(self) -> Path:
@@ -163,7 +205,7 @@ class _Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def start(self) -> Self:
-        """Start the server and wait until it is ready.
+        """Start the server and wait until it is ready (:meth:`launch`, :meth:`wait_ready`).
 
         Returns:
             ``self``.
@@ -174,6 +216,21 @@ class _Server:
         """
         if self.running:
             return self
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the server process without waiting for it to be ready.
+
+        With ``die_with_parent`` the kernel stops the server (SIGTERM) when the thread
+        that launched it ends, so call this from a thread that lives as long as the
+        program (the main thread), and wait with :meth:`wait_ready` from any thread.
+
+        Raises:
+            ConfigError: the binary is missing.
+        """
+        if self.running:
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         self._stop_leftover()
         self._prepare()
@@ -182,15 +239,29 @@ class _Server:
         with self.log_path.open("ab") as log:
             self._proc = self._spawn(command, log)
         self.pid_path.write_text(f"{self._proc.pid}\n")
-        deadline = time.monotonic() + self.startup_timeout_s
+        self._deadline = time.monotonic() + self.startup_timeout_s
+
+    def wait_ready(self) -> Self:
+        """Wait until the launched server answers, then run its first-start work.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ConfigError: not launched, or the server exits or does not get ready within
+                ``startup_timeout_s`` of its launch (the message carries the end of its log).
+        """
+        proc = self._proc
+        if proc is None:
+            raise ConfigError(f"{self.name} was not launched")
         # Alive first, then ready: a foreign server that grabbed our port in the meantime
         # must not pass for ours.
-        while self._proc.poll() is not None or not self._ready():
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
+        while proc.poll() is not None or not self._ready():
+            if proc.poll() is not None:
+                code = proc.returncode
                 self._proc = None
                 raise ConfigError(self._failure(f"exited with status {code}"))
-            if time.monotonic() > deadline:
+            if time.monotonic() > self._deadline:
                 self.kill()
                 raise ConfigError(self._failure(f"not ready after {self.startup_timeout_s:g} s"))
             time.sleep(_POLL_S)
@@ -211,6 +282,7 @@ class _Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_parent_death_signal() if self.die_with_parent else None,
         )
 
     def _failure(self, what: str) -> str:
@@ -296,6 +368,7 @@ class MosquittoServer(_Server):
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
+        die_with_parent: bool = False,
     ) -> None:
         """Prepare a broker; nothing runs until :meth:`start`.
 
@@ -317,11 +390,18 @@ class MosquittoServer(_Server):
             binary: mosquitto executable; found on PATH and in ``/usr/sbin`` if ``None``.
             startup_timeout_s: how long to wait for the broker to accept connections.
             stop_timeout_s: how long to wait after SIGTERM before SIGKILL.
+            die_with_parent: the broker gets SIGTERM when the thread that launched it
+                ends, a kill -9 of its parent included (Linux; see :meth:`launch`).
 
         Raises:
             ConfigError: device ids without a fleet secret, or a name used twice.
         """
-        super().__init__(root, startup_timeout_s=startup_timeout_s, stop_timeout_s=stop_timeout_s)
+        super().__init__(
+            root,
+            startup_timeout_s=startup_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+            die_with_parent=die_with_parent,
+        )
         self.users = dict(users or {})
         self.admin_users = dict(admin_users or {})
         self.device_ids = tuple(device_ids)
@@ -457,6 +537,7 @@ class InfluxdServer(_Server):
         binary: str | None = None,
         startup_timeout_s: float = 20.0,
         stop_timeout_s: float = 10.0,
+        die_with_parent: bool = False,
     ) -> None:
         """Prepare an influxd; nothing runs until :meth:`start`.
 
@@ -470,8 +551,15 @@ class InfluxdServer(_Server):
             binary: influxd executable; found on PATH if ``None``.
             startup_timeout_s: how long to wait for ``/ping``.
             stop_timeout_s: how long to wait after SIGTERM before SIGKILL.
+            die_with_parent: influxd gets SIGTERM when the thread that launched it ends,
+                a kill -9 of its parent included (Linux; see :meth:`launch`).
         """
-        super().__init__(root, startup_timeout_s=startup_timeout_s, stop_timeout_s=stop_timeout_s)
+        super().__init__(
+            root,
+            startup_timeout_s=startup_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+            die_with_parent=die_with_parent,
+        )
         if (username is None) != (password is None):
             raise ConfigError("influxd: username and password go together")
         self.database = database
