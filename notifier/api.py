@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from types import ModuleType
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -111,6 +111,9 @@ from notifier.oidc import InvalidAccessTokenError, OidcOwners, UnknownSubjectErr
 from notifier.openapi import Operation, QueryParam, Reply, build_document
 from notifier.push_base import ChannelVerifier
 from notifier.store import CaseStore, Principal, PrincipalKind
+
+if TYPE_CHECKING:
+    from notifier.admin import Onboarding
 
 __all__ = [
     "API_PREFIX",
@@ -2344,6 +2347,7 @@ def create_api(
     erase_mode: EraseMode = "delete",
     verifier: ChannelVerifier | None = None,
     oidc: OidcOwners | None = None,
+    onboarding: Onboarding | None = None,
 ) -> web.Application:
     """Build the owner REST API.
 
@@ -2367,6 +2371,8 @@ def create_api(
             re-verification answers 503).
         oidc: takes owners' access tokens of the manufacturer's identity provider
             (``None``: only the store's tokens).
+        onboarding: the device registry's routes: ``/api/v1/admin/…`` for the ops role,
+            owners' claims and releases, invites (:mod:`notifier.admin`; ``None``: none).
 
     Returns:
         The app: routes under ``/api/v1`` and ``GET /openapi.json``.
@@ -2383,10 +2389,15 @@ def create_api(
     app[DEVICE_DATA_KEY] = device_data
     app[ERASE_MODE_KEY] = erase_mode
     app[OIDC_KEY] = oidc
-    for operation, handler in _ROUTES:
+    routes = _ROUTES
+    if onboarding is not None:
+        from notifier.admin import install_onboarding  # it builds on this module's edge
+
+        routes = (*_ROUTES, *install_onboarding(app, onboarding))
+    for operation, handler in routes:
         app.router.add_route(operation.method, operation.path, handler, name=operation.operation_id)
     app[OPENAPI_KEY] = build_document(
-        [operation for operation, _ in _ROUTES],
+        [operation for operation, _ in routes],
         title="fixloop owner API",
         version="1",
         description=(

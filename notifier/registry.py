@@ -42,6 +42,7 @@ Errors: :class:`~notifier.errors.NotFoundError` (no such device, code or invite)
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import json
@@ -49,7 +50,7 @@ import logging
 import re
 import secrets
 import sqlite3
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,6 +66,7 @@ from notifier.store import PrincipalKind
 
 __all__ = [
     "CLAIM_CODE_ALPHABET",
+    "DEVICE_COLUMNS",
     "REGISTRY_STEPS",
     "TOKEN_ID_CHARS",
     "BrokerAccounts",
@@ -72,6 +74,7 @@ __all__ = [
     "DeviceRegistry",
     "DeviceState",
     "NewDevice",
+    "ParsedRow",
     "ProductLine",
     "RegisteredDevice",
     "ReleaseOutcome",
@@ -81,9 +84,11 @@ __all__ = [
     "check_new_device",
     "claim_digest",
     "claim_key",
+    "device_from_fields",
     "new_claim_code",
     "new_token",
     "normalise_claim_code",
+    "read_device_csv",
     "token_id",
 ]
 
@@ -535,6 +540,121 @@ def check_new_device(device: NewDevice) -> list[tuple[str, str]]:
         except InvalidRequestError as exc:
             errors.append(("claim_code", str(exc)))
     return errors
+
+
+#: The columns of a device file (CSV) or the fields of a device row (JSON); the first
+#: two are required. ``device_id`` defaults to ``MODEL-SERIAL``, ``region`` to ``default``,
+#: ``claim_code`` to a new code.
+DEVICE_COLUMNS: Final = (
+    "model",
+    "serial",
+    "device_id",
+    "region",
+    "firmware",
+    "batch",
+    "claim_code",
+)
+_REQUIRED: Final = ("model", "serial")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRow:
+    """One row of a device file or list, read.
+
+    Attributes:
+        line: where it is: its line in a file (the header is line 1), or its number in a
+            list (1 first).
+        device: the device it describes (``None``: it could not be read).
+        errors: what is wrong, as ``(column, words)``.
+    """
+
+    line: int
+    device: NewDevice | None
+    errors: tuple[tuple[str, str], ...] = ()
+
+
+def device_from_fields(line: int, fields: Mapping[str, object]) -> ParsedRow:
+    """Read one device row (CSV columns or JSON fields); blank values count as absent."""
+    errors: list[tuple[str, str]] = []
+    values: dict[str, str] = {}
+    for name, value in fields.items():
+        if name not in DEVICE_COLUMNS:
+            errors.append((str(name), f"unknown column (known: {', '.join(DEVICE_COLUMNS)})"))
+        elif value is None:
+            continue
+        elif not isinstance(value, str):
+            errors.append((name, "must be text"))
+        elif value.strip():
+            values[name] = value.strip()
+    for name in _REQUIRED:
+        if name not in values and not any(column == name for column, _ in errors):
+            errors.append((name, "is required"))
+    if errors:
+        return ParsedRow(line, None, tuple(errors))
+    device = NewDevice(
+        device_id=values.get("device_id", f"{values['model']}-{values['serial']}"),
+        model=values["model"],
+        serial=values["serial"],
+        region=values.get("region", "default"),
+        firmware=values.get("firmware"),
+        batch=values.get("batch"),
+        claim_code=values.get("claim_code"),
+    )
+    problems = check_new_device(device)
+    if "device_id" not in values:
+        problems = [
+            ("serial", f"{words}; or give a device_id column")
+            if column == "device_id"
+            else (column, words)
+            for column, words in problems
+        ]
+    return ParsedRow(line, None if problems else device, tuple(problems))
+
+
+def read_device_csv(lines: Iterable[str]) -> Iterator[ParsedRow]:
+    """Read a device file (CSV, ``,`` or ``;`` separated, a header row naming the columns).
+
+    Rows are read one by one, so a file of any length streams. Blank lines are skipped.
+
+    Raises:
+        InvalidRequestError: the header is missing, names an unknown or a repeated column,
+            or lacks a required one (the file is refused as a whole).
+    """
+    source = iter(lines)
+    header_line = next(source, None)
+    if header_line is None or not header_line.strip():
+        raise InvalidRequestError(
+            f"line 1: the file needs a header row naming its columns ({', '.join(DEVICE_COLUMNS)})"
+        )
+    separator = ";" if header_line.count(";") > header_line.count(",") else ","
+    header = [
+        name.strip().lstrip("\ufeff").lower()
+        for name in next(csv.reader([header_line], delimiter=separator))
+    ]
+    unknown = [name for name in header if name not in DEVICE_COLUMNS]
+    if unknown:
+        raise InvalidRequestError(
+            f"line 1: unknown column {unknown[0]!r} (known: {', '.join(DEVICE_COLUMNS)})"
+        )
+    repeated = [name for name in header if header.count(name) > 1]
+    if repeated:
+        raise InvalidRequestError(f"line 1: column {repeated[0]!r} is named twice")
+    missing = [name for name in _REQUIRED if name not in header]
+    if missing:
+        raise InvalidRequestError(f"line 1: the header lacks the required column {missing[0]!r}")
+    reader = csv.reader(source, delimiter=separator)
+    for cells in reader:
+        line = reader.line_num + 1
+        if not any(cell.strip() for cell in cells):
+            continue
+        if len(cells) != len(header):
+            yield ParsedRow(
+                line,
+                None,
+                (("", f"has {len(cells)} values, the header names {len(header)} columns"),),
+            )
+            continue
+        yield device_from_fields(line, dict(zip(header, cells, strict=True)))
 
 
 class _Runner(Protocol):
