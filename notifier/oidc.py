@@ -468,8 +468,8 @@ class OidcOwners:
             raise InvalidAccessTokenError("the token is not a JWT")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.DecodeError as exc:
-            raise InvalidAccessTokenError("the token's header cannot be read") from exc
+        except jwt.InvalidTokenError as exc:  # also an unsupported "crit" extension
+            raise InvalidAccessTokenError("the token cannot be read") from exc
         algorithm = header.get("alg")
         if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
             raise InvalidAccessTokenError("the token must be signed with RS256 or ES256")
