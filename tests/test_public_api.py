@@ -16,6 +16,32 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 PUBLIC_API: dict[str, list[str]] = {
+    "device": [
+        "COMMAND_ACTIONS",
+        "EVENT_KINDS",
+        "INTERRUPTING_ACTIONS",
+        "REFUSAL_CODES",
+        "SCHEMA_VERSION",
+        "Command",
+        "CommandAction",
+        "CommandError",
+        "CommandHandler",
+        "CommandResult",
+        "ContractError",
+        "Device",
+        "DeviceConfigError",
+        "DeviceError",
+        "DeviceSettings",
+        "DeviceStats",
+        "Firmware",
+        "Interlock",
+        "OtaError",
+        "Refusal",
+        "RefusalCode",
+        "ResetReason",
+        "SelfTestResult",
+        "TlsSettings",
+    ],
     "gateway": [
         "BrokerUnavailableError",
         "ConfigError",
