@@ -25,8 +25,8 @@ How it works:
   digest; it works while the device is unowned and not retired, so the label still works
   for the next owner after a release.
 * **Release on resale.** The seller's cases of the device stay theirs, under an anonymous
-  device id (``anon-`` and random hex, also where their trail, tasks and visit notes
-  quote it), and any still open end ``dismissed`` (visits not yet started cancelled), so
+  device id (``anon-`` and random hex, also where their evidence, trail, tasks and visit
+  notes quote it), and any still open end ``dismissed`` (visits not yet started cancelled), so
   that nothing of theirs is reachable from the device's id by the next owner.
   Notifications and ratings belong to those cases and stay with them.
 * **Invites and tokens.** Invite codes and tokens are kept as SHA-256 digests only (both
@@ -1101,6 +1101,7 @@ class SqliteRegistry:
                         [anonymous, *chunk],
                     )
                     for table, column in (
+                        ("cases", "evidence"),
                         ("audit", "evidence"),
                         ("audit", "reason"),
                         ("tasks", "reason"),
