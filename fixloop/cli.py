@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fixloop.config import load_settings
+from fixloop.dynsec_cli import add_credentials_parser, run_credentials
 from fixloop.opsusers import add_parser as add_ops_users_parser
 from fixloop.opsusers import run as run_ops_users
 from fixloop.settings import Settings
@@ -109,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the ops dashboard: the case store, InfluxDB and live fleet/cases",
     )
     add_ops_users_parser(commands)
+    devices = commands.add_parser(
+        "devices", help="devices: their broker accounts (issue, revoke, list)"
+    )
+    device_actions = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
+    add_credentials_parser(device_actions)
     train = commands.add_parser(
         "train", help="learn the fleet health models from the history in InfluxDB"
     )
@@ -458,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_until_signalled(lambda stop: _dashboard(settings, stop)))
         elif args.command == "ops-users":
             return run_ops_users(args, settings)
+        elif args.command == "devices" and args.devices_command == "credentials":
+            return run_credentials(args, settings)
         elif args.command == "train":
             asyncio.run(_train(settings))
     except ConfigError as exc:

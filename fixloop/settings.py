@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -23,7 +23,14 @@ from gateway.influx import InfluxSettings
 from gateway.settings import GatewaySettings, MqttSettings
 from notifier.settings import NotifierSettings
 
-__all__ = ["ENV_NESTED_DELIMITER", "ENV_PREFIX", "SECTIONS", "Settings", "StackSettings"]
+__all__ = [
+    "ENV_NESTED_DELIMITER",
+    "ENV_PREFIX",
+    "SECTIONS",
+    "BrokerSettings",
+    "Settings",
+    "StackSettings",
+]
 
 ENV_PREFIX: Final = "FIXLOOP_"
 ENV_NESTED_DELIMITER: Final = "__"
@@ -59,6 +66,31 @@ class StackSettings(BaseModel):
         return value
 
 
+class BrokerSettings(BaseModel):
+    """Where the broker keeps its accounts, and how fixloop reaches them (``[broker]``).
+
+    Attributes:
+        accounts: ``"file"``: a password file and an ACL file, written by fixloop
+            (a new device needs the file written again and the broker reloaded);
+            ``"dynsec"``: Mosquitto's dynamic-security plugin, where
+            ``fixloop devices credentials`` issues and revokes device accounts while the
+            broker runs. ``fixloop up`` starts its broker either way.
+        admin_username: the plugin's administrator (role ``fixloop-dynsec-admin``).
+        admin_password: its password; the commands then reach the broker of ``[mqtt]``
+            (host, port, TLS). Unset: they reach the ``fixloop up`` broker of
+            ``stack.data_dir``, whose administrator password derives from the fleet
+            secret.
+        control_timeout_s: how long a command to the plugin may wait for its answer.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accounts: Literal["file", "dynsec"] = "file"
+    admin_username: str = Field("fixloop-admin", min_length=1, max_length=64)
+    admin_password: SecretStr | None = None
+    control_timeout_s: float = Field(10.0, gt=0, le=300)
+
+
 class Settings(BaseSettings):
     """Root of every setting: one field per section, each a frozen model.
 
@@ -76,6 +108,7 @@ class Settings(BaseSettings):
     )
 
     stack: StackSettings = Field(default_factory=StackSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     influx: InfluxSettings = Field(default_factory=InfluxSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
