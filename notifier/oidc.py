@@ -339,13 +339,17 @@ class ProviderKeys:
             ):
                 if response.status != 200:
                     raise KeysUnavailableError(f"{url} answered HTTP {response.status}")
-                body = await response.content.read(MAX_DOCUMENT_BYTES + 1)
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_DOCUMENT_BYTES:
+                        raise KeysUnavailableError(
+                            f"{url} answered more than {MAX_DOCUMENT_BYTES} bytes"
+                        )
         except TimeoutError as exc:
             raise KeysUnavailableError(f"{url} did not answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise KeysUnavailableError(f"{url} is unreachable ({type(exc).__name__})") from exc
-        if len(body) > MAX_DOCUMENT_BYTES:
-            raise KeysUnavailableError(f"{url} answered more than {MAX_DOCUMENT_BYTES} bytes")
         try:
             return json.loads(body)
         except ValueError as exc:

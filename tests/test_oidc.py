@@ -417,13 +417,25 @@ async def test_provider_down_from_the_start(make_rig: MakeRig, provider: Provide
 
 
 async def test_a_provider_answering_errors_or_nonsense(
-    make_rig: MakeRig, provider: Provider, aiohttp_server: ServerFactory
+    make_rig: MakeRig,
+    provider: Provider,
+    aiohttp_server: ServerFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def broken(request: web.Request) -> web.Response:
         if request.path.endswith("/certs"):
             return web.Response(text="<html>oops</html>", content_type="text/html")
         if request.path.endswith("/big"):
             return web.Response(body=b"{" + b" " * (300 * 1024) + b"}")
+        if request.path.endswith("/chunked"):
+            # a valid key set sent in many small pieces: read whole, not the first piece
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            text = json.dumps({"keys": [provider.key("rsa-1").jwk()], "pad": " " * 50_000})
+            for start in range(0, len(text), 1000):
+                await response.write(text[start : start + 1000].encode())
+            await response.write_eof()
+            return response
         return web.Response(status=500)
 
     app = web.Application()
@@ -438,7 +450,11 @@ async def test_a_provider_answering_errors_or_nonsense(
         made = await make_rig(jwks_url=url)
         with pytest.raises(KeysUnavailableError):
             await made.owners.owner_id(provider.token())
-        assert made.owners.keys.failures == 1, words
+        assert made.owners.keys.failures == 1
+        assert words in caplog.text
+    made = await make_rig(jwks_url=f"{base}/chunked")
+    await made.store.link_subject(provider.issuer, "user-7f3a", "owner-ada")
+    assert await made.owners.owner_id(provider.token()) == "owner-ada"
 
 
 async def test_discovery_must_name_our_issuer(make_rig: MakeRig, provider: Provider) -> None:
