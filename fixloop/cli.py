@@ -27,6 +27,8 @@ from fixloop.config import load_settings
 from fixloop.dynsec_cli import add_credentials_parser, run_credentials
 from fixloop.opsusers import add_parser as add_ops_users_parser
 from fixloop.opsusers import run as run_ops_users
+from fixloop.registry_cli import add_device_parsers, add_parsers, add_product_parsers, handles
+from fixloop.registry_cli import run as run_registry
 from fixloop.settings import Settings
 from gateway.errors import ConfigError, FixloopError
 
@@ -111,10 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_ops_users_parser(commands)
     devices = commands.add_parser(
-        "devices", help="devices: their broker accounts (issue, revoke, list)"
+        "devices", help="devices: register, import, list, retire; their broker accounts"
     )
     device_actions = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
     add_credentials_parser(device_actions)
+    add_device_parsers(device_actions)
+    add_parsers(commands)
     train = commands.add_parser(
         "train", help="learn the fleet health models from the history in InfluxDB"
     )
@@ -126,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate product files (each problem with its line, key and why)"
     )
     check.add_argument("files", type=Path, nargs="+", metavar="FILE", help="a product file")
+    add_product_parsers(product_commands)
 
     sim = commands.add_parser("sim", help="run a simulated fleet against the configured broker")
     sim.add_argument("--devices", type=_count, help="number of devices")
@@ -441,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     environ = {**os.environ, **_overrides(args)}
-    if args.command == "products":
+    if args.command == "products" and args.products_command == "check":
         # a product file is checked on its own, whatever the settings say
         return _products_check(args.files)
     try:
@@ -466,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_ops_users(args, settings)
         elif args.command == "devices" and args.devices_command == "credentials":
             return run_credentials(args, settings)
+        elif handles(args):
+            return run_registry(args, settings)
         elif args.command == "train":
             asyncio.run(_train(settings))
     except ConfigError as exc:

@@ -602,11 +602,15 @@ def device_from_fields(line: int, fields: Mapping[str, object]) -> ParsedRow:
     )
     problems = check_new_device(device)
     if "device_id" not in values:
+        # the id was made from the serial: a bad serial says it once, else the serial is
+        # what to change (or a device_id to give)
+        bad_serial = any(column == "serial" for column, _ in problems)
         problems = [
             ("serial", f"{words}; or give a device_id column")
             if column == "device_id"
             else (column, words)
             for column, words in problems
+            if not (column == "device_id" and bad_serial)
         ]
     return ParsedRow(line, None if problems else device, tuple(problems))
 
