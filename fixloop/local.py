@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -33,14 +33,17 @@ from dashboard.auth import MappingUsers, OpsUser, hash_password
 from dashboard.feed import CaseFeed
 from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
-from fixloop.broker import GATEWAY_USER
+from fixloop.broker import DYNSEC_ADMIN_USER, GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
 from fixloop.demo import SimulatedPeople, demo_faults, seed_people
+from fixloop.dynsec import DynsecClient
+from fixloop.dynsec_cli import local_admin_password
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from gateway.errors import ConfigError
 from gateway.influx import InfluxClient
-from gateway.protocol.credentials import derive
+from gateway.protocol.credentials import derive, device_password
+from gateway.protocol.mqtt import MqttClient
 from gateway.service import Gateway
 from gateway.settings import MqttSettings
 from notifier.loop import OwnerLoop
@@ -104,8 +107,13 @@ def _banner(
         [
             "",
             "fixloop is up",
-            f"  broker    mqtt://{broker.host}:{broker.port}  (password file and ACL in "
-            f"{broker.root})",
+            f"  broker    mqtt://{broker.host}:{broker.port}  "
+            + (
+                "(accounts in the dynamic-security plugin: fixloop devices credentials "
+                "issue|revoke|list)"
+                if broker.dynsec
+                else f"(password file and ACL in {broker.root})"
+            ),
             f"  InfluxDB  {influx.url}  database {influx.database}",
             f"            try: influx -port {influx.port} -database {influx.database} "
             "-execute 'SELECT COUNT(seq) FROM telemetry'",
@@ -253,6 +261,36 @@ def _port_free(port: int) -> bool:
     return True
 
 
+async def _ensure_accounts(
+    broker: MosquittoServer,
+    admin_password: str,
+    services: Mapping[str, str],
+    devices: Mapping[str, str],
+) -> None:
+    """Give the stack's services and simulated devices their accounts in the plugin.
+
+    The plugin's file outlives a run (accounts issued or revoked meanwhile stay so); a
+    data folder that held fewer devices, or whose simulated devices were revoked, gets
+    them (again) here, as the simulated fleet needs every one of its devices.
+    """
+    admin = MqttClient(
+        broker.host,
+        broker.port,
+        client_id="fixloop-up-admin",
+        username=DYNSEC_ADMIN_USER,
+        password=admin_password,
+    )
+    async with DynsecClient(admin) as dynsec:
+        await dynsec.ensure_service_accounts(services)
+        report = await dynsec.ensure_devices(devices)
+    if report.created or report.enabled:
+        _LOG.info(
+            "broker accounts: %d simulated devices added, %d revoked ones issued again",
+            len(report.created),
+            len(report.enabled),
+        )
+
+
 async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     """Run broker, InfluxDB, gateway and simulated fleet until ``stop`` is set.
 
@@ -301,6 +339,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     )
     runner = FleetRunner(sim_settings)
     device_ids = runner.fleet.device_ids
+    admin_password = local_admin_password(secret) if settings.broker.accounts == "dynsec" else None
     broker = MosquittoServer(
         data_dir / "mosquitto",
         users={GATEWAY_USER: gateway_password},
@@ -309,6 +348,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         port=mqtt_port,
         connection_messages=False,
         die_with_parent=True,
+        dynsec_admin_password=admin_password,
     )
     influx = InfluxdServer(data_dir / "influxdb", port=ports["influx"], die_with_parent=True)
     gateway_settings = settings.gateway.model_copy(
@@ -330,6 +370,13 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         servers.callback(broker.stop)
         broker.launch()
         await asyncio.to_thread(broker.wait_ready)
+        if admin_password is not None:
+            await _ensure_accounts(
+                broker,
+                admin_password,
+                {GATEWAY_USER: gateway_password},
+                {device_id: device_password(secret, device_id) for device_id in device_ids},
+            )
         servers.callback(influx.stop)
         influx.launch()
         await asyncio.to_thread(influx.wait_ready)
