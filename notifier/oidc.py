@@ -274,7 +274,9 @@ class ProviderKeys:
         """
         # one request makes at most one fetch, however many wait for the lock
         seen = self.fetches
-        if self._keys is None or self._monotonic() - self._fetched_at >= self._ttl_s:
+        expired = self._monotonic() - self._fetched_at >= self._ttl_s
+        # past the TTL with keys held, a request does not wait for a fetch under way
+        if self._keys is None or (expired and not self._lock.locked()):
             await self._refresh(seen)
         key = self._find(kid, algorithm)
         if key is None and self._keys is not None:

@@ -113,6 +113,8 @@ class Provider:
         self.discovery_issuer: str | None = None
         self.jwks_uri: str | None = None
         self.server: TestServer | None = None
+        self.hold: asyncio.Event | None = None  # set: key set answers wait for it
+        self.waiting = asyncio.Event()  # a key set request waits for hold
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -139,6 +141,9 @@ class Provider:
 
     async def _jwks(self, request: web.Request) -> web.Response:
         self._seen(request)
+        if self.hold is not None:
+            self.waiting.set()
+            await self.hold.wait()
         return web.json_response({"keys": [k.jwk() for k in self.keys] + self.extra_jwks})
 
     def fetches(self) -> int:
@@ -374,6 +379,23 @@ async def test_keys_are_fetched_again_after_the_ttl(rig: Rig) -> None:
     rig.clock.now += 2
     assert await rig.owners.owner_id(rig.provider.token()) == "owner-ada"
     assert rig.provider.fetches() == 2
+
+
+async def test_a_slow_refetch_past_the_ttl_does_not_hold_up_other_requests(rig: Rig) -> None:
+    provider = rig.provider
+    assert await rig.owners.owner_id(provider.token("rsa-1")) == "owner-ada"
+    rig.clock.now += 601
+    provider.hold = asyncio.Event()
+    first = asyncio.create_task(rig.owners.owner_id(provider.token("rsa-1")))
+    async with asyncio.timeout(5):
+        await provider.waiting.wait()  # the refetch has reached the provider, which waits
+    # meanwhile another request is served at once with the keys held
+    async with asyncio.timeout(2):
+        assert await rig.owners.owner_id(provider.token("ec-1")) == "owner-ada"
+    assert not first.done()
+    provider.hold.set()
+    assert await first == "owner-ada"
+    assert provider.fetches() == 2
 
 
 async def test_concurrent_first_requests_fetch_the_keys_once(rig: Rig) -> None:
