@@ -343,11 +343,17 @@ async def _diagnostics(settings: Settings, stop: asyncio.Event) -> None:
 
 async def _notifier(settings: Settings, stop: asyncio.Event) -> None:
     from fixloop.observe import notifier_endpoint
+    from fixloop.registry_cli import service_onboarding
     from notifier.service import NotifierService
 
     config = settings.notifier
     async with (
-        NotifierService(settings.mqtt, settings.influx, config) as service,
+        NotifierService(
+            settings.mqtt,
+            settings.influx,
+            config,
+            onboarding=lambda store: service_onboarding(settings, store),
+        ) as service,
         notifier_endpoint(service, config.metrics_host, config.metrics_port),
     ):
         _LOG.info("owner API on %s (OpenAPI at /openapi.json)", service.api_url)

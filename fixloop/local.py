@@ -38,6 +38,7 @@ from fixloop.config import ensure_fleet_secret
 from fixloop.demo import SimulatedPeople, demo_faults, seed_people
 from fixloop.dynsec import DynsecClient
 from fixloop.dynsec_cli import local_admin_password
+from fixloop.registry_cli import service_onboarding
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from gateway.errors import ConfigError
@@ -407,7 +408,11 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
             Gateway(mqtt, influx_settings, gateway_settings) as gateway,
             DiagnosticsService(mqtt, influx_settings, diagnostics_settings) as diagnostics,
             NotifierService(
-                mqtt, influx_settings, notifier_settings, on_case=feed.publish
+                mqtt,
+                influx_settings,
+                notifier_settings,
+                on_case=feed.publish,
+                onboarding=lambda store: service_onboarding(settings, store),
             ) as notifier,
             InfluxClient(influx_settings) as dashboard_influx,
         ):

@@ -28,6 +28,7 @@ import asyncio
 import csv
 import getpass
 import json
+import logging
 import os
 import re
 import sys
@@ -39,12 +40,13 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from diagnostics.product import load_products
-from fixloop.config import ensure_fleet_secret
+from fixloop.config import FLEET_SECRET_FILE, ensure_fleet_secret
 from fixloop.dynsec import DynsecClient, generate_password
 from fixloop.dynsec_cli import admin_client
 from fixloop.settings import Settings
 from gateway.errors import ConfigError, FixloopError
 from gateway.protocol.credentials import device_password
+from notifier.admin import Onboarding
 from notifier.errors import InvalidRequestError, NotFoundError
 from notifier.model import Owner, Technician, Window
 from notifier.registry import (
@@ -61,7 +63,7 @@ from notifier.registry import (
     token_id,
 )
 from notifier.sqlite import SqliteStore
-from notifier.store import PrincipalKind
+from notifier.store import CaseStore, PrincipalKind
 
 __all__ = [
     "COMMANDS",
@@ -71,7 +73,10 @@ __all__ = [
     "case_store_path",
     "handles",
     "run",
+    "service_onboarding",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 #: Top-level commands of this module (``products`` and ``devices`` are shared).
 COMMANDS: Final = frozenset(("owners", "technicians", "tokens"))
@@ -299,7 +304,11 @@ class _Accounts:
         secret = _fleet_secret(self.settings)
         return {device_id: device_password(secret, device_id) for device_id in device_ids}
 
-    async def issue(self, passwords: dict[str, str]) -> None:
+    async def issue(self, device_ids: Sequence[str]) -> None:
+        """Enable the devices' accounts with their derived passwords (a :class:`BrokerAccounts`)."""
+        await self.issue_passwords(self.passwords(device_ids))
+
+    async def issue_passwords(self, passwords: dict[str, str]) -> None:
         if not passwords:
             return
         timeout = self.settings.broker.control_timeout_s
@@ -310,6 +319,34 @@ class _Accounts:
         timeout = self.settings.broker.control_timeout_s
         async with DynsecClient(admin_client(self.settings), timeout_s=timeout) as dynsec:
             await dynsec.revoke_device(device_id, delete=True)
+
+
+def service_onboarding(settings: Settings, store: CaseStore) -> Onboarding | None:
+    """The onboarding routes for a notifier on ``store`` (``fixloop notifier``, ``fixloop up``).
+
+    Claim codes need the fleet secret: from ``stack.fleet_secret`` or the data folder's
+    ``fleet_secret`` file (never made here: a service must not invent a key the commands
+    do not share); without it, claims answer 503. With ``[broker] accounts = "dynsec"``
+    devices registered over the API get their broker accounts at once.
+    """
+    if not isinstance(store, SqliteStore):
+        return None
+    secret = settings.stack.fleet_secret
+    path = settings.stack.data_dir / FLEET_SECRET_FILE
+    text = secret.get_secret_value() if secret is not None else None
+    if text is None and path.is_file():
+        text = path.read_text(encoding="utf-8").strip() or None
+    if text is None:
+        _LOG.warning(
+            "no fleet secret (stack.fleet_secret, or %s): owners cannot claim devices here", path
+        )
+    accounts = _Accounts(settings)
+    return Onboarding(
+        registry=store.registry(),
+        claim_key=None if text is None else claim_key(text),
+        models=frozenset(load_products(settings.diagnostics.products_dir).products),
+        accounts=accounts if accounts.enabled else None,
+    )
 
 
 # -- products ---------------------------------------------------------------------------------
@@ -420,7 +457,7 @@ async def _import_chunk(
     passwords: dict[str, str] = {}
     if state.accounts.enabled:
         passwords = state.accounts.passwords([o.device_id for _, o in added])
-        await state.accounts.issue(passwords)
+        await state.accounts.issue_passwords(passwords)
     for row, outcome in added:
         device = row.device
         assert device is not None
@@ -537,7 +574,7 @@ async def _add(args: argparse.Namespace, settings: Settings) -> int:
     _out(f"{outcome.device_id}\tclaim code {outcome.claim_code}")
     if accounts.enabled:
         passwords = accounts.passwords([outcome.device_id])
-        await accounts.issue(passwords)
+        await accounts.issue_passwords(passwords)
         if args.random_password:
             _out(f"{outcome.device_id}\tbroker password {passwords[outcome.device_id]}")
     _say(f"device {outcome.device_id} registered; its claim code is shown only now")

@@ -36,7 +36,7 @@ from typing import Annotated, Any, Final, Literal, cast
 from aiohttp import web
 from pydantic import AwareDatetime, Field
 
-from gateway.errors import ConfigError, TransientError
+from gateway.errors import ConfigError, FixloopError
 from notifier.api import (
     API_PREFIX,
     MAX_BODY_BYTES,
@@ -646,14 +646,14 @@ async def _issue_logins(onboarding: Onboarding, device_ids: Sequence[str]) -> li
     """Issue broker logins; return the devices whose login could not be issued."""
     if onboarding.accounts is None:
         return []
-    failed: list[str] = []
-    for device_id in device_ids:
-        try:
-            await onboarding.accounts.issue(device_id)
-        except TransientError as exc:
-            failed.append(device_id)
-            _LOG.warning("broker login of device %s not issued: %s", device_id, exc)
-    return failed
+    if not device_ids:
+        return []
+    try:
+        await onboarding.accounts.issue(device_ids)
+    except FixloopError as exc:
+        _LOG.warning("broker logins of %d devices not issued: %s", len(device_ids), exc)
+        return list(device_ids)
+    return []
 
 
 # -- admin handlers ---------------------------------------------------------------------------
@@ -724,7 +724,7 @@ async def _register(
         )
     failed = await _issue_logins(onboarding, [o.device_id for o in outcomes if o.ok])
     if failed:
-        # registered all the same: the login is issued again by a retry of the device
+        # registered all the same; `fixloop devices credentials issue` gives them one
         _LOG.warning("%d devices registered without a broker login", len(failed))
     return by_row
 

@@ -386,8 +386,8 @@ class BrokerAccounts(Protocol):
     file is written when the stack starts.
     """
 
-    async def issue(self, device_id: str) -> None:
-        """Create (or renew) the device's broker login."""
+    async def issue(self, device_ids: Sequence[str]) -> None:
+        """Make sure the devices have an enabled broker login (few round trips)."""
 
     async def revoke(self, device_id: str) -> None:
         """Remove the device's broker login and disconnect it if connected."""

@@ -30,6 +30,7 @@ from gateway.protocol import CASES_TOPIC, DIAGNOSES_TOPIC
 from gateway.protocol.mqtt import MqttClient
 from gateway.settings import MqttSettings
 from gateway.supervisor import StageHealth, supervise
+from notifier.admin import Onboarding
 from notifier.api import create_api
 from notifier.devicedata import InfluxDeviceData
 from notifier.health import InfluxHealth
@@ -87,6 +88,8 @@ class NotifierService:
         store: a case store to use instead of opening ``settings.db_path``.
         on_case: also called with every case change (e.g. a dashboard's live feed).
         clock: wall clock (UTC).
+        onboarding: gives the device registry's routes on the owner API (the ops role's
+            ``/api/v1/admin``, owners' claims) for the store (``None``: none).
     """
 
     def __init__(
@@ -98,7 +101,9 @@ class NotifierService:
         store: CaseStore | None = None,
         on_case: Callable[[Case], None] | None = None,
         clock: Callable[[], datetime] = _utc_now,
+        onboarding: Callable[[CaseStore], Onboarding | None] | None = None,
     ) -> None:
+        self._onboarding = onboarding
         self._on_case = on_case
         self._mqtt = mqtt
         self._influx_settings = influx
@@ -181,6 +186,7 @@ class NotifierService:
                 erase_mode=settings.erase_device_data,
                 verifier=self.outbox,
                 oidc=oidc,
+                onboarding=None if self._onboarding is None else self._onboarding(store),
             )
             app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None)
