@@ -405,33 +405,45 @@ class DynsecClient:
         )
         return password
 
-    async def revoke_device(self, device_id: str, *, delete: bool = False) -> None:
+    async def revoke_device(
+        self, device_id: str, *, delete: bool = False, missing_ok: bool = False
+    ) -> bool:
         """Revoke ``device_id``'s account: its sessions end now, it cannot log in again.
 
         Args:
             device_id: the device.
             delete: remove the account and its role (a retired device) rather than
                 disable it (a later :meth:`issue_device` gives it a new password).
+            missing_ok: a device without an account is not an error (a device
+                registered before its accounts moved to the plugin, retired now).
+
+        Returns:
+            Whether there was an account to revoke.
 
         Raises:
-            DynsecError: the device has no account (``error`` "Client not found").
+            DynsecError: the device has no account (``error`` "Client not found") and
+                not ``missing_ok``, or the plugin refused a step.
         """
         role = device_role(device_id)
-        if not delete:
-            await self.run([_on_client("disableClient", device_id)])
-            _LOG.info("broker account of device %s disabled", device_id)
-            return
-        delete_client, delete_role = await self.execute(
-            [
-                _on_client("deleteClient", device_id),
-                {"command": "deleteRole", "rolename": role},
-            ]
-        )
-        if delete_client.error is not None:
-            raise DynsecError(delete_client.command, delete_client.error, device_id)
-        if delete_role.error not in (None, _ROLE_NOT_FOUND):
-            raise DynsecError(delete_role.command, str(delete_role.error), role)
-        _LOG.info("broker account of device %s deleted", device_id)
+        commands = [_on_client("deleteClient" if delete else "disableClient", device_id)]
+        if delete:
+            commands.append({"command": "deleteRole", "rolename": role})
+        answers = await self.execute(commands)
+        account = answers[0]
+        if account.error == _CLIENT_NOT_FOUND and missing_ok:
+            found = False
+        elif account.error is not None:
+            raise DynsecError(account.command, account.error, device_id)
+        else:
+            found = True
+        for answer in answers[1:]:
+            if answer.error not in (None, _ROLE_NOT_FOUND):
+                raise DynsecError(answer.command, str(answer.error), role)
+        if found:
+            _LOG.info(
+                "broker account of device %s %s", device_id, "deleted" if delete else "disabled"
+            )
+        return found
 
     async def ensure_devices(
         self, passwords: Mapping[str, str], *, enable: bool = True

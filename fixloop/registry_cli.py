@@ -318,7 +318,7 @@ class _Accounts:
     async def revoke(self, device_id: str) -> None:
         timeout = self.settings.broker.control_timeout_s
         async with DynsecClient(admin_client(self.settings), timeout_s=timeout) as dynsec:
-            await dynsec.revoke_device(device_id, delete=True)
+            await dynsec.revoke_device(device_id, delete=True, missing_ok=True)
 
 
 def service_onboarding(settings: Settings, store: CaseStore) -> Onboarding | None:

@@ -235,6 +235,9 @@ async def test_deleting_an_account_disconnects_and_forgets_the_device(
         with pytest.raises(DynsecError, match="Client not found") as refused:
             await admin.revoke_device("retired-1")
         assert refused.value.error == "Client not found"
+        assert await admin.revoke_device("retired-1", delete=True, missing_ok=True) is False
+        assert await admin.revoke_device(DEVICE_IDS[0], delete=True, missing_ok=True) is True
+        assert await admin.get_account(DEVICE_IDS[0]) is None
     assert broker.pid == pid
 
 
