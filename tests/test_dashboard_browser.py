@@ -10,6 +10,8 @@ also saved as ``docs/dashboard.png`` for the README.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import shutil
 import socket
@@ -18,6 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Final
 
 import pytest
 from aiohttp import web
@@ -29,7 +32,8 @@ from dashboard.feed import CaseFeed
 from dashboard.settings import DashboardSettings
 from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import point_line
+from gateway.lineproto import event_to_line, point_line
+from gateway.protocol import Event
 from notifier.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,8 +70,13 @@ class Served:
     seed: Seed
 
 
+#: Washers that booted a newer firmware than the registry knows of.
+UPDATED_WASHERS: Final = ("dev-0051", "dev-0053", "dev-0055")
+
+
 async def _telemetry(influx: InfluxClient, seed: Seed) -> None:
-    """A day of readings every 5 minutes for two devices, and a score for every device."""
+    """A day of readings every 5 minutes for two devices, scores every 20 minutes for the
+    rest (the last ten stopped three hours ago), and a boot event from every device."""
     lines = []
     start = NOW - timedelta(days=1)
     for device in seed.devices[:2]:
@@ -91,17 +100,30 @@ async def _telemetry(influx: InfluxClient, seed: Seed) -> None:
                     ts_ms,
                 )
             )
-    at_ms = int((NOW - timedelta(minutes=2)).timestamp() * 1000)
     for n, device in enumerate(seed.devices[2:]):
         score = 0.62 if n % 9 == 0 else 0.35 if n % 5 == 0 else 0.08
-        lines.append(
-            point_line(
-                "health",
-                {"device": device.device_id},
-                {"score": score, "baseline": 0.1, "fleet": 0.1},
-                at_ms,
+        last = NOW - (timedelta(hours=3) if n >= 48 else timedelta(minutes=2))
+        for k in range(72):
+            lines.append(
+                point_line(
+                    "health",
+                    {"device": device.device_id},
+                    # healthy until eight hours ago
+                    {"score": score if k < 24 else 0.08, "baseline": 0.1, "fleet": 0.1},
+                    int((last - timedelta(minutes=20 * k)).timestamp() * 1000),
+                )
             )
+    for device in seed.devices:
+        firmware = "3.1.0" if device.device_id in UPDATED_WASHERS else device.firmware
+        boot = Event(
+            device.device_id,
+            1,
+            int((NOW - timedelta(days=1)).timestamp() * 1000),
+            "boot",
+            code=firmware,
+            data={"model": device.model, "firmware": firmware or "", "reset_reason": "power_on"},
         )
+        lines.append(event_to_line(boot))
     outcome = await influx.write(lines)
     assert not outcome.rejected
 
@@ -123,7 +145,8 @@ async def served(tmp_path: Path, influxd: InfluxdServer) -> AsyncIterator[Served
             clock=Clock(),
             campaign=campaign,
             feed=feed,
-            settings=DashboardSettings(heartbeat_s=1.0),
+            # scores every 20 minutes: silent after an hour without one
+            settings=DashboardSettings(heartbeat_s=1.0, silent_after_s=3600.0),
         )
         runner = web.AppRunner(app, shutdown_timeout=1.0)
         await runner.setup()
@@ -198,6 +221,8 @@ async def test_an_ops_day_in_the_browser(served: Served, browser: Browser) -> No
     await expect(page.locator("#fleet-devices")).to_have_text("60")
     await expect(page.locator("#by-model")).to_contain_text("fridge-a1")
     await expect(page.locator("#live")).to_contain_text("live")
+    await expect(page.locator("#chart-fleet-health canvas")).to_have_count(1)
+    await expect(page.locator("#chart-failure-rates canvas")).to_have_count(1)
     await page.screenshot(path=str(shots / "fleet.png"), full_page=True)
     if os.environ.get("FIXLOOP_UPDATE_SCREENSHOT") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)
@@ -298,4 +323,102 @@ async def test_a_viewer_gets_no_buttons_that_change_anything(
     await page.click('.case-card[data-case-id="case-rated"]')
     await expect(page.locator("#audit")).to_be_visible()
     await expect(page.locator("#owner-name")).to_have_count(0)
+    assert errors == []
+
+
+async def _chart_data(page: Page, url: str, name: str, query: str) -> dict[str, Any]:
+    """The chart's table as the API gives it, read with the page's own session."""
+    resp = await page.request.get(f"{url}/ops/api/charts/{name}{query}")
+    assert resp.ok
+    data: dict[str, Any] = await resp.json()
+    return data
+
+
+async def _drawn(page: Page, box: str, data: dict[str, Any], series: int) -> None:
+    """The chart in ``box`` is drawn: a canvas, one legend row per series, every point."""
+    chart = page.locator(f"#{box}")
+    await expect(chart.locator("canvas")).to_have_count(1)
+    await expect(chart).to_have_attribute("data-series", str(series))
+    await expect(chart).to_have_attribute("data-points", str(len(data["rows"])))
+    # uPlot's legend: one row for the x value, one per series
+    await expect(chart.locator(".u-legend .u-series")).to_have_count(series + 1)
+
+
+async def _download(page: Page, name: str, data: dict[str, Any]) -> list[list[str]]:
+    """Click the chart's CSV link; the file is the chart's table with a header row."""
+    async with page.expect_download() as info:
+        await page.click(f'a.csv[data-chart="{name}"]')
+    download = await info.value
+    assert download.suggested_filename == f"fixloop-{name}-2024-05-15.csv"
+    saved = await download.path()
+    rows = list(csv.reader(io.StringIO(saved.read_text(encoding="utf-8"), newline="")))
+    assert rows[0] == data["columns"]
+    assert rows[1:] == [["" if v is None else str(v) for v in row] for row in data["rows"]]
+    return rows
+
+
+async def test_charts_draw_their_data_and_download_as_csv(served: Served, browser: Browser) -> None:
+    errors: list[str] = []
+    page = await _page(browser, errors)
+    shots = _artifacts()
+    await _login(page, served.url, "vera", errors)
+
+    # the fleet: ten devices stopped reporting three hours ago and show as silent
+    await expect(page.locator("#fleet-silent")).to_have_text("10")
+    await expect(page.locator("#by-firmware")).to_contain_text("3.1.0")
+    health = await _chart_data(page, served.url, "fleet-health", "?range=24h")
+    assert health["columns"] == ["time", "healthy", "watch", "anomalous", "silent", "unknown"]
+    await _drawn(page, "chart-fleet-health", health, len(health["columns"]) - 1)
+    legend = page.locator("#chart-fleet-health .u-legend")
+    for label in ("healthy", "watch", "anomalous", "silent", "no score"):
+        await expect(legend).to_contain_text(label)
+    assert health["rows"][-1][4] == 10  # silent now
+    assert max(row[1] for row in health["rows"]) == 60  # all healthy last night
+    failures = await _chart_data(page, served.url, "failure-rates", "")
+    assert {row[0] for row in failures["rows"]} == {"firmware", "batch"}
+    await _drawn(page, "chart-failure-rates", failures, 2)
+    await _download(page, "fleet-health", health)
+    rows = await _download(page, "failure-rates", failures)
+    assert ["firmware", "washer-w3", "3.1.0", "3", "0", "0.0"] in rows
+    await page.screenshot(path=str(shots / "fleet-charts.png"), full_page=True)
+
+    # another range: drawn again from that range's data
+    await page.click("#view button:text-is('7d')")
+    week = await _chart_data(page, served.url, "fleet-health", "?range=7d")
+    await expect(page.locator("#chart-fleet-health")).to_have_attribute(
+        "data-points", str(len(week["rows"]))
+    )
+    assert len(week["rows"]) != len(health["rows"])
+    await _download(page, "fleet-health", week)
+
+    # the silent tile lists the silent devices
+    await page.click("a.tile.silent")
+    await expect(page.locator("#devices tbody tr")).to_have_count(10)
+    await expect(page.locator("#devices")).not_to_contain_text("healthy")
+    ids = await page.locator("#devices tbody tr td:first-child").all_inner_texts()
+    assert sorted(ids) == [d.device_id for d in served.seed.devices[50:]]
+
+    # the outcomes: cases per day and the share fixed remotely with the ratings
+    await page.click("#nav a[data-view=outcomes]")
+    cases = await _chart_data(page, served.url, "cases", "?days=30")
+    await _drawn(page, "chart-cases", cases, 3)
+    # every seeded case was opened within the last 30 days
+    assert sum(row[1] for row in cases["rows"]) == len(await served.store.cases(limit=1000))
+    fixes = await _chart_data(page, served.url, "fixes", "?days=30")
+    await _drawn(page, "chart-fixes", fixes, 2)
+    await _download(page, "cases", cases)
+    await _download(page, "fixes", fixes)
+    await page.screenshot(path=str(shots / "outcomes-charts.png"), full_page=True)
+
+    # a device that booted a newer firmware says so on its page
+    await page.goto(f"{served.url}/ops/#/device/dev-0051")
+    facts = page.locator("#device-facts")
+    await expect(facts).to_contain_text("firmware 3.1.0 (from its last boot)")
+    await expect(page.locator("#view h1 .badge")).to_have_text("silent")
+
+    # the charts' data needs the session: after logout the CSV address answers 401
+    await page.click("#logout")
+    await expect(page.locator("#login-form")).to_be_visible()
+    resp = await page.request.get(f"{served.url}/ops/api/charts/cases.csv")
+    assert resp.status == 401
     assert errors == []

@@ -3,7 +3,7 @@
 // every state change sends the session's CSRF token in X-CSRF-Token.
 
 const API = "/ops/api";
-const state = { session: null, live: null, refreshTimer: null, chart: null, view: null };
+const state = { session: null, live: null, refreshTimer: null, chart: null, charts: [], view: null, healthRange: "24h" };
 
 // -- small helpers ------------------------------------------------------------------------
 
@@ -200,28 +200,173 @@ function countRow(row, first) {
     h("td", { class: "num ok" }, row.healthy),
     h("td", { class: "num watch" }, row.watch),
     h("td", { class: "num bad" }, row.anomalous),
+    h("td", { class: "num silent" }, row.silent),
     h("td", { class: "num muted" }, row.unknown),
     h("td", { class: "num" }, row.open));
 }
 
+const LEVELS = ["healthy", "watch", "anomalous", "silent", "unknown"];
+const LEVEL_NAMES = { healthy: "healthy", watch: "watch", anomalous: "anomalous", silent: "silent", unknown: "no score" };
+const COLORS = { healthy: "#2b8a3e", watch: "#e67700", anomalous: "#c92a2a", silent: "#5f3dc4", unknown: "#adb5bd" };
+const FILLS = { healthy: "rgba(43,138,62,0.35)", watch: "rgba(230,119,0,0.4)", anomalous: "rgba(201,42,42,0.45)",
+  silent: "rgba(95,61,196,0.3)", unknown: "rgba(173,181,189,0.35)" };
+
+// -- charts (uPlot, vendored) -----------------------------------------------------------------
+// Each chart is drawn from /ops/api/charts/<name>; the same table downloads as CSV from
+// /ops/api/charts/<name>.csv. The box says how many series and points it drew (data-series,
+// data-points), which the browser tests compare with the API's answer.
+
+function destroyCharts() {
+  for (const chart of state.charts) chart.destroy();
+  state.charts = [];
+}
+
+function csvLink(name, query) {
+  return h("a", { href: `${API}/charts/${name}.csv${query}`, class: "csv", download: "", dataset: { chart: name } }, "CSV");
+}
+
+function chartSection(title, name, query, box, ...extra) {
+  return h("section", { class: "card" },
+    h("h2", { class: "with-tools" }, title, h("span", { class: "tools" }, ...extra, csvLink(name, query))),
+    box);
+}
+
+function chartWidth(box) {
+  return Math.max(box.clientWidth || 0, 320);
+}
+
+function plot(box, opts, data, rows) {
+  box.replaceChildren();
+  const chart = new uPlot({ width: chartWidth(box), ...opts }, data, box);
+  state.charts.push(chart);
+  box.dataset.series = String(opts.series.length - 1);
+  box.dataset.points = String(rows);
+  return chart;
+}
+
+function noChart(box, text) {
+  box.replaceChildren(h("p", { class: "muted" }, text));
+  box.dataset.series = "0";
+  box.dataset.points = "0";
+}
+
+// Draw a chart once its box is in the document (it needs its width), from data fetched
+// beside the view's own; a chart that fails says so in its box and leaves the view be.
+function drawLater(box, loading, draw) {
+  requestAnimationFrame(() => {
+    loading.then((data) => {
+      if (!box.isConnected) return;
+      if (typeof uPlot === "undefined") { noChart(box, "Charts are not available."); return; }
+      draw(box, data);
+    }).catch((err) => { if (box.isConnected) noChart(box, `Could not load this chart: ${err.message}`); });
+  });
+}
+
+function daySeconds(day) {
+  return Date.parse(`${day}T00:00:00Z`) / 1000;
+}
+
+function drawHealth(box, data) {
+  if (!data.available) { noChart(box, "No telemetry store configured."); return; }
+  const xs = data.rows.map((r) => Date.parse(r[0]) / 1000);
+  const raw = LEVELS.map((_, i) => data.rows.map((r) => r[i + 1]));
+  // stacked: each level drawn on top of the ones before it; the legend shows its own count
+  let sum = xs.map(() => 0);
+  const stacked = raw.map((values) => (sum = sum.map((v, j) => v + values[j])));
+  plot(box, {
+    height: 240,
+    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, 1)] } },
+    series: [{}, ...LEVELS.map((level, i) => ({
+      label: LEVEL_NAMES[level], stroke: COLORS[level], fill: FILLS[level], width: 1, points: { show: false },
+      value: (u, v, si, idx) => (idx === null || idx === undefined ? "—" : raw[i][idx]),
+    }))],
+    bands: LEVELS.slice(1).map((_, i) => ({ series: [i + 2, i + 1] })),
+    axes: [{}, { label: "devices" }],
+  }, [xs, ...stacked], data.rows.length);
+}
+
+function drawCases(box, data) {
+  const xs = data.rows.map((r) => daySeconds(r[0]));
+  const bars = (align) => uPlot.paths.bars({ size: [0.4, 24], align });
+  plot(box, {
+    height: 220,
+    scales: { x: { time: true }, hours: { range: (u, min, max) => [0, Math.max(max || 0, 1)] } },
+    series: [{},
+      { label: "opened", stroke: "#1971c2", fill: "rgba(25,113,194,0.55)", paths: bars(-1), points: { show: false } },
+      { label: "resolved", stroke: "#2b8a3e", fill: "rgba(43,138,62,0.55)", paths: bars(1), points: { show: false } },
+      { label: "median time to resolution (h)", stroke: "#e8590c", width: 2, scale: "hours", spanGaps: true,
+        points: { show: true, size: 5 } }],
+    axes: [{}, { label: "cases" }, { side: 1, scale: "hours", label: "hours", grid: { show: false } }],
+  }, [xs, data.rows.map((r) => r[1]), data.rows.map((r) => r[2]), data.rows.map((r) => r[3])], data.rows.length);
+}
+
+function drawFixes(box, data) {
+  const col = (name) => data.columns.indexOf(name);
+  const xs = data.rows.map((r) => daySeconds(r[0]));
+  const share = data.rows.map((r) => (r[col("fixed_remotely_share")] === null ? null : Math.round(r[col("fixed_remotely_share")] * 1000) / 10));
+  const stars = data.rows.map((r) => r[col("mean_stars")]);
+  plot(box, {
+    height: 220,
+    scales: { x: { time: true }, pct: { range: [0, 100] }, stars: { range: [1, 5] } },
+    series: [{},
+      { label: "fixed remotely (%)", stroke: "#1c7ed6", width: 2, scale: "pct", spanGaps: true, points: { show: true, size: 5 } },
+      { label: "mean rating (★)", stroke: "#f08c00", width: 2, scale: "stars", spanGaps: true, points: { show: true, size: 5 } }],
+    axes: [{}, { scale: "pct", label: "% of resolutions" }, { side: 1, scale: "stars", label: "stars", grid: { show: false } }],
+  }, [xs, share, stars], data.rows.length);
+}
+
+function drawFailures(box, data) {
+  if (data.rows.length === 0) { noChart(box, "No devices registered."); return; }
+  const labels = data.rows.map((r) => `${r[1]} ${r[0] === "batch" ? "batch " : ""}${r[2]}`);
+  const xs = data.rows.map((_, i) => i);
+  const pct = (dimension) => data.rows.map((r) => (r[0] === dimension ? Math.round(r[5] * 1000) / 10 : null));
+  const bars = uPlot.paths.bars({ size: [0.7, 48] });
+  plot(box, {
+    height: 260,
+    padding: [null, 70, null, null],  // room for the last rotated label
+    scales: { x: { time: false, range: [-0.5, xs.length - 0.5] }, y: { range: (u, min, max) => [0, Math.max(max || 0, 1)] } },
+    series: [{ label: "group", value: (u, v) => (v === null || v === undefined ? "—" : labels[Math.round(v)] || "") },
+      { label: "by firmware (% of devices with a case)", stroke: "#1971c2", fill: "rgba(25,113,194,0.6)", paths: bars, points: { show: false } },
+      { label: "by batch (% of devices with a case)", stroke: "#7048e8", fill: "rgba(112,72,232,0.6)", paths: bars, points: { show: false } }],
+    axes: [{ splits: () => xs, values: (u, splits) => splits.map((i) => labels[i] || ""), rotate: -30, size: 90, gap: 4 },
+      { label: "% of devices" }],
+  }, [xs, pct("firmware"), pct("batch")], data.rows.length);
+}
+
 async function viewFleet(background) {
+  const range = state.healthRange;
+  const healthData = api(`/charts/fleet-health?range=${range}`, { background });
+  const failureData = api("/charts/failure-rates", { background });
+  // a failed chart read must not turn into an unhandled rejection before it is drawn
+  healthData.catch(() => null);
+  failureData.catch(() => null);
   const data = await api("/fleet", { background });
   const total = data.devices || 1;
   const bar = h("div", { class: "healthbar", title: "devices by health" },
-    ["healthy", "watch", "anomalous", "unknown"].map((level) => h("span", {
+    LEVELS.map((level) => h("span", {
       class: `seg lv-${level}`, style: null, dataset: { share: data.health[level] / total },
     })));
   // widths set through the CSSOM (allowed by the page's content security policy)
   for (const seg of bar.children) seg.style.flexGrow = String(Number(seg.dataset.share));
-  const heads = ["devices", "healthy", "watch", "anomalous", "no score", "open cases"];
+  const heads = ["devices", "healthy", "watch", "anomalous", "silent", "no score", "open cases"];
+  const healthBox = h("div", { class: "chart", id: "chart-fleet-health" });
+  const failureBox = h("div", { class: "chart", id: "chart-failure-rates" });
+  drawLater(healthBox, healthData, drawHealth);
+  drawLater(failureBox, failureData, drawFailures);
+  const silentAfter = duration(data.silent_after_s);
   return [
     h("div", { class: "tiles" },
       h("div", { class: "tile" }, h("b", { id: "fleet-devices" }, data.devices), "devices"),
       h("div", { class: "tile ok" }, h("b", {}, data.health.healthy), "healthy"),
       h("div", { class: "tile watch" }, h("b", {}, data.health.watch), "watch"),
       h("div", { class: "tile bad" }, h("b", {}, data.health.anomalous), "anomalous"),
+      h("a", { class: "tile silent", href: "#/devices?state=silent", title: `not heard from for ${silentAfter}` },
+        h("b", { id: "fleet-silent" }, data.health.silent), "silent"),
       h("div", { class: "tile" }, h("b", { id: "fleet-open" }, data.open_cases.total), "open cases")),
     bar,
+    chartSection("Fleet health over time", "fleet-health", `?range=${range}`, healthBox,
+      ...["24h", "7d", "30d"].map((r) => h("button", { type: "button", class: r === range ? "on small" : "quiet small",
+        onclick: () => { state.healthRange = r; route({ quiet: true }); } }, r))),
     h("div", { class: "grid2" },
       section("Needs a look",
         data.worst.length === 0 ? h("p", { class: "muted" }, "No device above the healthy level.") :
@@ -240,12 +385,33 @@ async function viewFleet(background) {
           h("tr", {}, h("td", {}, stateBadge(s)), h("td", { class: "num" }, n)))))),
     section("By product model",
       table(["model", ...heads], data.by_model.map((r) => countRow(r, [r.model])), { id: "by-model" })),
+    chartSection("Failure rate by firmware and production batch", "failure-rates", "", failureBox),
     h("div", { class: "grid2" },
       section("By firmware", table(["model", "firmware", ...heads],
-        data.by_firmware.map((r) => countRow(r, [r.model, r.firmware])))),
+        data.by_firmware.map((r) => countRow(r, [r.model, r.firmware])), { id: "by-firmware" })),
       section("By production batch", table(["model", "batch", ...heads],
         data.by_batch.map((r) => countRow(r, [r.model, r.batch]))))),
-    h("p", { class: "muted small" }, `as of ${when(data.generated_at)}`),
+    h("p", { class: "muted small" }, `as of ${when(data.generated_at)}; silent: not heard from for ${silentAfter}; firmware as each device's newest boot event says`),
+  ];
+}
+
+async function viewDevices(params) {
+  const query = new URLSearchParams({ limit: "500" });
+  for (const key of ["state", "model", "firmware", "batch", "q"]) if (params.get(key)) query.set(key, params.get(key));
+  const data = await api(`/devices?${query}`);
+  const chosen = params.get("state");
+  return [
+    h("h1", {}, "Devices", chosen ? h("small", {}, ` ${LEVEL_NAMES[chosen] || chosen}`) : null),
+    h("div", { class: "toolbar", id: "device-filter" },
+      h("a", { href: "#/devices", class: `button ${chosen ? "quiet" : ""}` }, "all"),
+      LEVELS.map((level) => h("a", { href: `#/devices?state=${level}`, class: `button ${level === chosen ? "" : "quiet"}`,
+        dataset: { state: level } }, LEVEL_NAMES[level]))),
+    h("p", { class: "muted small" }, `${data.total} devices${data.total > data.devices.length ? `, the first ${data.devices.length} shown` : ""}`),
+    h("section", { class: "card" }, table(["device", "model", "firmware", "batch", "state", "score", "last heard"], data.devices.map((d) => h("tr", {},
+      h("td", {}, h("a", { href: `#/device/${encodeURIComponent(d.device_id)}` }, d.device_id)),
+      h("td", {}, d.model), h("td", {}, d.firmware || "—"), h("td", {}, d.batch || "—"),
+      h("td", {}, levelBadge(d.state)), h("td", { class: "num" }, d.score === null ? "—" : d.score.toFixed(2)),
+      h("td", {}, when(d.last_heard_at)))), { id: "devices" })),
   ];
 }
 
@@ -259,7 +425,8 @@ async function viewDevice(deviceId, params) {
   const go = (r, m) => { location.hash = `#/device/${encodeURIComponent(deviceId)}?range=${r}${m ? `&metric=${m}` : ""}`; };
   const chartBox = h("div", { class: "chart", id: "device-chart" });
   const out = [
-    h("h1", {}, deviceId, h("small", {}, ` ${data.device.model} · firmware ${data.device.firmware || "?"} · batch ${data.device.batch || "?"}`)),
+    h("h1", {}, deviceId, " ", levelBadge(data.device.state),
+      h("small", { id: "device-facts" }, ` ${data.device.model} · firmware ${data.device.firmware || "?"}${data.device.firmware_from === "boot event" ? " (from its last boot)" : ""} · batch ${data.device.batch || "?"} · last heard ${when(data.device.last_heard_at)}`)),
     h("div", { class: "toolbar" },
       h("span", {}, "Range "),
       RANGES.map((r) => h("button", { type: "button", class: r === range ? "on" : "quiet", onclick: () => go(r, chosen) }, r)),
@@ -455,21 +622,18 @@ function outcomeRows(groups) {
 }
 
 async function viewOutcomes() {
+  const casesData = api("/charts/cases?days=30");
+  const fixesData = api("/charts/fixes?days=30");
+  casesData.catch(() => null);
+  fixesData.catch(() => null);
   const data = await api("/outcomes");
   const t = data.totals;
   const heads = ["", "cases", "resolved", "fixed remotely", "median time to fix", "ratings", "mean ★", "false alarms"];
-  const chartBox = h("div", { class: "chart small-chart", id: "ratings-chart" });
-  requestAnimationFrame(() => {
-    if (typeof uPlot === "undefined" || data.ratings_by_week.length === 0) return;
-    const xs = data.ratings_by_week.map((w) => Date.parse(`${w.week}T00:00:00Z`) / 1000);
-    new uPlot({
-      width: Math.max(chartBox.clientWidth || 0, 500), height: 200,
-      scales: { x: { time: true }, stars: { range: [1, 5] } },
-      series: [{}, { label: "mean stars", stroke: "#f08c00", scale: "stars", width: 2 },
-        { label: "ratings", stroke: "#1971c2", width: 1 }],
-      axes: [{}, { scale: "stars", label: "stars" }, { side: 1, label: "ratings", grid: { show: false } }],
-    }, [xs, data.ratings_by_week.map((w) => w.mean_stars), data.ratings_by_week.map((w) => w.ratings)], chartBox);
-  });
+  const days = 30;
+  const casesBox = h("div", { class: "chart", id: "chart-cases" });
+  const fixesBox = h("div", { class: "chart", id: "chart-fixes" });
+  drawLater(casesBox, casesData, drawCases);
+  drawLater(fixesBox, fixesData, drawFixes);
   return [
     h("h1", {}, "Outcomes"),
     h("div", { class: "tiles" },
@@ -477,7 +641,8 @@ async function viewOutcomes() {
       h("div", { class: "tile" }, h("b", {}, duration(t.median_resolution_s)), "median time to fix"),
       h("div", { class: "tile" }, h("b", {}, t.mean_stars ?? "—"), `mean ★ of ${t.ratings}`),
       h("div", { class: "tile bad" }, h("b", {}, t.false_alarms), "false alarms (owners)")),
-    section("Ratings by week", chartBox),
+    chartSection(`Cases opened and resolved per day (last ${days} days, UTC)`, "cases", `?days=${days}`, casesBox),
+    chartSection(`Fixed remotely and rating per day (last ${days} days)`, "fixes", `?days=${days}`, fixesBox),
     h("div", { class: "grid2" },
       section("By product model", table(heads, outcomeRows(data.by_model))),
       section("By firmware", table(heads, outcomeRows(data.by_firmware)))),
@@ -543,7 +708,7 @@ async function route({ quiet = false, live = false } = {}) {
   const name = parts[0] || "fleet";
   state.view = name;
   for (const link of document.querySelectorAll("#nav a")) {
-    link.classList.toggle("active", link.dataset.view === name || (name === "case" && link.dataset.view === "cases") || (name === "device" && link.dataset.view === "fleet"));
+    link.classList.toggle("active", link.dataset.view === name || (name === "case" && link.dataset.view === "cases") || (name === "device" && link.dataset.view === "devices"));
   }
   const view = $("view");
   if (!quiet) view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
@@ -556,8 +721,10 @@ async function route({ quiet = false, live = false } = {}) {
     else if (name === "calendar") content = await viewCalendar(params);
     else if (name === "outcomes") content = await viewOutcomes();
     else if (name === "insight") content = await viewInsight();
+    else if (name === "devices") content = await viewDevices(params);
     else content = await viewFleet(live);
     if (state.chart && name !== "device") { state.chart.destroy(); state.chart = null; }
+    destroyCharts();
     view.replaceChildren(...[content].flat().filter(Boolean));
     view.dataset.view = name;
     updateQueueCount(live);
