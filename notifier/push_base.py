@@ -228,6 +228,28 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - current).total_seconds())
 
 
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Read an answer's body to its end, keeping at most ``limit`` bytes.
+
+    ``StreamReader.read(n)`` returns what has arrived so far, which for a chunked answer
+    can be its first chunk only; an FCM or Web Push error body cut there is not JSON.
+
+    Args:
+        content: the response's body stream.
+        limit: how many bytes to keep; the rest is not read.
+
+    Returns:
+        The body, or its first ``limit`` bytes.
+    """
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
+
+
 @dataclass(frozen=True, slots=True)
 class HttpAnswer:
     """A push service's answer.
@@ -320,7 +342,7 @@ class HttpSender(abc.ABC):
                 asyncio.timeout(self._timeout_s),
                 session.request(method, url, allow_redirects=False, **kwargs) as response,
             ):
-                body = await response.content.read(_MAX_ANSWER_BYTES)
+                body = await read_bounded(response.content, _MAX_ANSWER_BYTES)
                 return HttpAnswer(
                     response.status, body, parse_retry_after(response.headers.get("Retry-After"))
                 )

@@ -163,6 +163,26 @@ class FcmReceiver:
                 },
                 status=404,
             )
+        if target == "malformed-chunked":
+            # the same answer in two chunks, the second after the first has been sent
+            answer = web.StreamResponse(status=400)
+            answer.content_type = "application/json"
+            answer.enable_chunked_encoding()
+            await answer.prepare(request)
+            text = orjson.dumps(
+                {
+                    "error": {
+                        "code": 400,
+                        "status": "INVALID_ARGUMENT",
+                        "message": "The registration token is not a valid FCM registration token",
+                    }
+                }
+            )
+            await answer.write(text[:20])
+            await asyncio.sleep(0.05)  # the sender has read the first chunk by now
+            await answer.write(text[20:])
+            await answer.write_eof()
+            return answer
         if target == "malformed-token":
             return web.json_response(
                 {
@@ -293,6 +313,8 @@ async def test_fcm_dead_and_refused_tokens(
             await sender.send(fcm_channel("dead-token"), MESSAGE)
         with pytest.raises(DeadTokenError):
             await sender.send(fcm_channel("malformed-token"), MESSAGE)
+        with pytest.raises(DeadTokenError):  # the whole answer is read, not its first chunk
+            await sender.send(fcm_channel("malformed-chunked"), MESSAGE)
         with pytest.raises(PushRefusedError) as refused:
             await sender.send(fcm_channel("bad-request"), MESSAGE)
         assert not isinstance(refused.value, DeadTokenError)
