@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Final, Protocol, Self
 
 from device_sim.clock import SimClock
 from device_sim.described import load_sim_product
@@ -45,6 +46,9 @@ from gateway.protocol.mqtt import Message, MqttClient, Will
 __all__ = ["ConnectFactory", "DeviceConnection", "FleetReport", "FleetRunner", "run_fleet"]
 
 _LOG = logging.getLogger(__name__)
+#: First and longest pause before a device whose connection ended connects again.
+_RECONNECT_FIRST_S: Final = 0.2
+_RECONNECT_MAX_S: Final = 10.0
 
 
 class DeviceConnection(Protocol):
@@ -156,6 +160,9 @@ class FleetRunner:
         start: the sim start time (default: now minus the settings' start offset).
         connect: builds a device's connection (default: :class:`MqttClient` to the
             settings' broker); tests may hand in their own.
+        reconnect: a device whose connection ends (the broker restarted, another
+            client connected with its id) connects again with backoff, as a real one
+            would, and the run goes on; without it the run ends with the error.
     """
 
     def __init__(
@@ -164,6 +171,7 @@ class FleetRunner:
         *,
         start: datetime | None = None,
         connect: ConnectFactory | None = None,
+        reconnect: bool = False,
     ) -> None:
         if start is None:
             now = datetime.now(UTC).replace(microsecond=0)
@@ -184,6 +192,12 @@ class FleetRunner:
         self.clock = SimClock(start, settings.pace)
         self._connect = connect or self._mqtt_connection
         self._clients: dict[str, DeviceConnection] = {}
+        self._reconnect = reconnect
+        self._secret = ""
+        # per device: reconnections so far, and one reconnection at a time
+        self._generation: Counter[str] = Counter()
+        self._reconnecting: dict[str, asyncio.Lock] = {}
+        self.reconnects = 0
         self._stack = AsyncExitStack()
         self._readings: Counter[str] = Counter()
         self._events: Counter[str] = Counter()
@@ -222,7 +236,7 @@ class FleetRunner:
             raise ConfigError(
                 "setting sim.fleet_secret: required to derive the devices' broker passwords"
             )
-        secret = self.settings.fleet_secret.get_secret_value()
+        secret = self._secret = self.settings.fleet_secret.get_secret_value()
 
         async def connect(device_id: str) -> None:
             will = Will(status_topic(device_id), b"offline", qos=1, retain=True)
@@ -291,8 +305,7 @@ class FleetRunner:
         try:
             async with asyncio.TaskGroup() as group:
                 listeners = [
-                    group.create_task(self._listen(device_id, client))
-                    for device_id, client in self._clients.items()
+                    group.create_task(self._listen(device_id)) for device_id in self._clients
                 ]
                 try:
                     await self._drive(stop)
@@ -359,17 +372,27 @@ class FleetRunner:
                 group.create_task(self._publish(device_id, messages))
 
     async def _publish(self, device_id: str, messages: list[tuple[str, bytes]]) -> None:
-        client = self._clients[device_id]
         timeout_s = self.settings.publish_timeout_s
         for topic, payload in messages:
             channel = topic.rsplit("/", 1)[1]
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await client.publish(topic, payload, qos=1, retain=channel == "status")
-            except TimeoutError as exc:
-                raise BrokerUnavailableError(
-                    f"{device_id}: no PUBACK within {timeout_s} s on {topic}"
-                ) from exc
+            while True:
+                generation = self._generation[device_id]
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await self._clients[device_id].publish(
+                            topic, payload, qos=1, retain=channel == "status"
+                        )
+                    break
+                except TimeoutError as exc:
+                    raise BrokerUnavailableError(
+                        f"{device_id}: no PUBACK within {timeout_s} s on {topic}"
+                    ) from exc
+                except BrokerUnavailableError as exc:
+                    if not self._reconnect:
+                        raise
+                    # sent again on the new connection: at worst a duplicate, which the
+                    # gateway stores once (same device, same time)
+                    await self._connect_again(device_id, generation, exc)
             if channel == "telemetry":
                 self._readings[device_id] += 1
             elif channel == "events":
@@ -391,16 +414,60 @@ class FleetRunner:
             await self._publish(device_id, messages)
         return list(cured)
 
-    async def _listen(self, device_id: str, client: DeviceConnection) -> None:
+    async def _listen(self, device_id: str) -> None:
         topic = commands_topic(device_id)
-        async for message in client.messages():
-            if message.topic == topic:
-                self._commands += 1
-                answers = self.fleet.send_command(
-                    device_id, message.payload, at=self.clock.now_ms()
-                )
-                await self._publish(device_id, answers)
-            client.ack(message)
+        while True:
+            generation = self._generation[device_id]
+            client = self._clients[device_id]
+            try:
+                async for message in client.messages():
+                    if message.topic == topic:
+                        self._commands += 1
+                        answers = self.fleet.send_command(
+                            device_id, message.payload, at=self.clock.now_ms()
+                        )
+                        await self._publish(device_id, answers)
+                    client.ack(message)
+            except BrokerUnavailableError as exc:
+                if not self._reconnect:
+                    raise
+                await self._connect_again(device_id, generation, exc)
+            else:
+                return
+
+    async def _connect_again(
+        self, device_id: str, generation: int, error: BrokerUnavailableError
+    ) -> None:
+        """Replace a device's lost connection, unless another task already did.
+
+        Tries with jittered exponential backoff until it succeeds; a refusal of the
+        credentials (``ConfigError``) ends the run, as at the start.
+        """
+        lock = self._reconnecting.setdefault(device_id, asyncio.Lock())
+        async with lock:
+            if self._generation[device_id] != generation:
+                return  # the listener or a publisher reconnected it meanwhile
+            _LOG.warning("sim device %s lost its broker connection: %s", device_id, error)
+            backoff_s = _RECONNECT_FIRST_S
+            while True:
+                await asyncio.sleep(backoff_s * (0.5 + random.random()))
+                backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
+                will = Will(status_topic(device_id), b"offline", qos=1, retain=True)
+                client = self._connect(device_id, device_password(self._secret, device_id), will)
+                try:
+                    await self._stack.enter_async_context(client)
+                    await client.subscribe(commands_topic(device_id), qos=1)
+                except BrokerUnavailableError as exc:
+                    _LOG.warning("sim device %s cannot reconnect yet: %s", device_id, exc)
+                    continue
+                break
+            self._clients[device_id] = client
+            self._generation[device_id] += 1
+            self.reconnects += 1
+            _LOG.info("sim device %s reconnected", device_id)
+        if self.fleet.device(device_id).connected:
+            # the broker may have published the will ("offline") when the old one ended
+            await self._publish(device_id, [(status_topic(device_id), b"online")])
 
 
 async def run_fleet(settings: SimSettings, *, stop: asyncio.Event | None = None) -> FleetReport:

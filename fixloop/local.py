@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -41,7 +41,7 @@ from fixloop.dynsec_cli import local_admin_password
 from fixloop.registry_cli import service_onboarding
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
-from gateway.errors import ConfigError
+from gateway.errors import BrokerUnavailableError, ConfigError
 from gateway.influx import InfluxClient
 from gateway.protocol.credentials import derive, device_password
 from gateway.protocol.mqtt import MqttClient
@@ -50,7 +50,7 @@ from gateway.settings import MqttSettings
 from notifier.loop import OwnerLoop
 from notifier.service import NotifierService
 
-__all__ = ["run_local_stack", "service_password"]
+__all__ = ["run_local_stack", "service_password", "stack_client_ids"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -292,6 +292,45 @@ async def _ensure_accounts(
         )
 
 
+#: Client ids the stack's parts used before they had a suffix of their own.
+_LEGACY_CLIENT_IDS: Final = frozenset(
+    ("fixloop-gateway", "fixloop-diagnostics", "fixloop-notifier")
+)
+
+
+def stack_client_ids(fleet_secret: str) -> dict[str, str]:
+    """The MQTT client ids of the stack's parts (``gateway``, ``diagnostics``, ``notifier``).
+
+    Each is the part's name with a suffix derived from the data folder's fleet secret:
+    the same at every start (the broker keeps the gateway's and the diagnostics'
+    persistent sessions for these ids), unlike any other stack's, and not to be guessed
+    by a device. The broker lets any client with valid credentials take over a client
+    id (the older connection is closed), so a device, or a second service process left
+    with the default id, could otherwise push a part of the stack off the broker.
+    """
+    suffix = derive(fleet_secret, "stack client id", "suffix").hex()[:8]
+    return {part: f"fixloop-{part}-{suffix}" for part in ("gateway", "diagnostics", "notifier")}
+
+
+def _unless_set(chosen: set[str], **defaults: object) -> dict[str, object]:
+    """The stack's defaults for the settings the user did not set."""
+    return {key: value for key, value in defaults.items() if key not in chosen}
+
+
+async def _retire_sessions(mqtt: MqttSettings, client_ids: Iterable[str]) -> None:
+    """End the broker sessions of client ids the stack no longer uses.
+
+    A data folder of an earlier version holds persistent sessions for the bare part
+    names; the broker would go on queueing every device message for them until they
+    expire (a week for the gateway's). A clean start discards a session, and a
+    session expiry of 0 ends the new one at the disconnect.
+    """
+    for client_id in sorted(client_ids):
+        with contextlib.suppress(BrokerUnavailableError):
+            async with mqtt.client(client_id, clean_start=True, session_expiry_s=0):
+                pass
+
+
 async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     """Run broker, InfluxDB, gateway and simulated fleet until ``stop`` is set.
 
@@ -338,7 +377,9 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         }
         | {key: value for key, value in demo.items() if value is not None}
     )
-    runner = FleetRunner(sim_settings)
+    # a simulated device whose connection ends (a second client with its id) connects
+    # again rather than ending the demo
+    runner = FleetRunner(sim_settings, reconnect=True)
     device_ids = runner.fleet.device_ids
     admin_password = local_admin_password(secret) if settings.broker.accounts == "dynsec" else None
     broker = MosquittoServer(
@@ -352,8 +393,11 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         dynsec_admin_password=admin_password,
     )
     influx = InfluxdServer(data_dir / "influxdb", port=ports["influx"], die_with_parent=True)
+    client_ids = stack_client_ids(secret)
     gateway_settings = settings.gateway.model_copy(
-        update={"spool_dir": data_dir / "spool"} | {"metrics_port": ports["gateway_metrics"]}
+        update={"spool_dir": data_dir / "spool"}
+        | {"metrics_port": ports["gateway_metrics"]}
+        | _unless_set(settings.gateway.model_fields_set, client_id=client_ids["gateway"])
     )
     mqtt = MqttSettings(
         host=broker.host, port=mqtt_port, username=GATEWAY_USER, password=gateway_password
@@ -385,9 +429,11 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
             update={"url": influx.url, "flavor": "v1", "database": influx.database}
         )
         diagnostics_settings = settings.diagnostics.model_copy(
-            update={}
-            if "model_path" in settings.diagnostics.model_fields_set
-            else {"model_path": data_dir / "models" / "diagnostics.pkl"}
+            update=_unless_set(
+                settings.diagnostics.model_fields_set,
+                model_path=data_dir / "models" / "diagnostics.pkl",
+                client_id=client_ids["diagnostics"],
+            )
         )
         notifier_settings = settings.notifier.model_copy(
             update=(
@@ -396,6 +442,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 else {"db_path": data_dir / "cases.sqlite3"}
             )
             | {"api_port": ports["owner_api"]}
+            | _unless_set(settings.notifier.model_fields_set, client_id=client_ids["notifier"])
             # a demo shows a fix verified in minutes, not in the production hour
             | {
                 key: value
@@ -403,6 +450,12 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 if key not in settings.notifier.model_fields_set
             }
         )
+        in_use = {
+            gateway_settings.client_id,
+            diagnostics_settings.client_id,
+            notifier_settings.client_id,
+        }
+        await _retire_sessions(mqtt, _LEGACY_CLIENT_IDS - in_use)
         feed = CaseFeed()
         async with (
             Gateway(mqtt, influx_settings, gateway_settings) as gateway,

@@ -10,21 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 from gateway.errors import BrokerUnavailableError, RejectedError, TransientError
 from gateway.protocol.codec import decode_event, encode_command
 from gateway.protocol.model import Command, CommandAction, Event
+from gateway.protocol.mqtt import MqttClient
 from gateway.protocol.topics import commands_topic, is_valid_device_id, split_device_topic
 from gateway.settings import MqttSettings
 
 __all__ = ["CommandChannel", "CommandTimeoutError"]
 
 _LOG = logging.getLogger(__name__)
+#: Longest pause between two attempts to reconnect the channel.
+_RETRY_MAX_S: Final = 30.0
 
 
 class CommandTimeoutError(TransientError):
@@ -71,7 +75,36 @@ class CommandChannel:
         await self._client.disconnect()
 
     async def _listen(self) -> None:
+        """Match results until cancelled; reconnect with backoff when the connection ends.
+
+        Commands sent while the connection is down fail with ``BrokerUnavailableError``
+        (a transient error their sender retries); the channel itself never gives up.
+        """
         client = self._client
+        backoff_s = 0.2
+        while True:
+            try:
+                await self._match(client)
+            except BrokerUnavailableError as exc:
+                _LOG.warning(
+                    "%s lost its broker connection: %s; reconnecting in about %.1f s",
+                    client.client_id,
+                    exc,
+                    backoff_s,
+                )
+            await asyncio.sleep(backoff_s * (0.5 + random.random()))
+            backoff_s = min(backoff_s * 2, _RETRY_MAX_S)
+            try:
+                await client.connect()
+                await client.subscribe("devices/+/events", qos=1)
+            except BrokerUnavailableError as exc:
+                _LOG.warning("%s cannot reconnect yet: %s", client.client_id, exc)
+                await client.disconnect()  # not subscribed: start over
+                continue
+            _LOG.info("%s reconnected", client.client_id)
+            backoff_s = 0.2
+
+    async def _match(self, client: MqttClient) -> None:
         async for batch in client.batches():
             now_ms = int(self._clock() * 1000)
             for message in batch:

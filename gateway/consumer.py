@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, Final
 
 from gateway.errors import BrokerUnavailableError
 from gateway.protocol.mqtt import MqttClient
@@ -21,6 +22,8 @@ from gateway.protocol.mqtt import MqttClient
 __all__ = ["consume_forever", "shared_filters"]
 
 _LOG = logging.getLogger(__name__)
+#: A connection that lasted this long resets the reconnect backoff.
+_STABLE_S: Final = 5.0
 
 
 def shared_filters(filters: Sequence[str], group: str | None) -> list[str]:
@@ -54,10 +57,12 @@ async def consume_forever(
     backoff_s = 0.2
     while True:
         client = new_client()
+        subscribed_at: float | None = None
         try:
             async with client, asyncio.TaskGroup() as tasks:
                 tasks.create_task(consume(client), name=f"consume-{client.client_id}")
                 await client.subscribe(*filters, qos=1)
+                subscribed_at = time.monotonic()
                 _LOG.info(
                     "%s subscribed to %s (session resumed: %s)",
                     client.client_id,
@@ -66,9 +71,19 @@ async def consume_forever(
                 )
                 if on_subscribed is not None:
                     on_subscribed(client)
-                backoff_s = 0.2
         except* BrokerUnavailableError as errors:
-            _LOG.warning("%s: broker connection lost: %s", client.client_id, errors.exceptions[0])
+            # Only a connection that lasted resets the backoff: one taken over again and
+            # again (a second client with our id) must not make us hammer the broker.
+            lasted_s = 0.0 if subscribed_at is None else time.monotonic() - subscribed_at
+            if lasted_s >= _STABLE_S:
+                backoff_s = 0.2
+            _LOG.warning(
+                "%s lost its broker connection%s: %s; reconnecting in about %.1f s",
+                client.client_id,
+                f" after {lasted_s:.0f} s" if subscribed_at is not None else "",
+                errors.exceptions[0],
+                backoff_s,
+            )
         finally:
             if on_lost is not None:
                 on_lost()

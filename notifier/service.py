@@ -27,7 +27,7 @@ from gateway.consumer import consume_forever
 from gateway.errors import BrokerUnavailableError, PermanentError, RejectedError, TransientError
 from gateway.influx import InfluxClient, InfluxSettings
 from gateway.protocol import CASES_TOPIC, DIAGNOSES_TOPIC
-from gateway.protocol.mqtt import MqttClient
+from gateway.protocol.mqtt import MqttClient, MqttUsageError
 from gateway.settings import MqttSettings
 from gateway.supervisor import StageHealth, supervise
 from notifier.admin import Onboarding
@@ -243,10 +243,17 @@ class NotifierService:
             return
         try:
             await self._publisher.publish(CASES_TOPIC, case_message(case), qos=1)
-        except BrokerUnavailableError:
-            _LOG.warning("case %s: change not published, broker away", case.case_id)
-            with contextlib.suppress(BrokerUnavailableError):
-                await self._publisher.connect()
+        except BrokerUnavailableError as exc:
+            _LOG.warning(
+                "case %s: change not published (%s lost its broker connection: %s)",
+                case.case_id,
+                self._publisher.client_id,
+                exc,
+            )
+            if not self._publisher.connected:  # a publish that timed out is still connected
+                # another change may be reconnecting it already (MqttUsageError)
+                with contextlib.suppress(BrokerUnavailableError, MqttUsageError):
+                    await self._publisher.connect()
 
     async def run(self) -> None:
         """Consume diagnoses and run the case timers until cancelled.

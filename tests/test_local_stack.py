@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeMosquitto, device_pw
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +99,138 @@ def test_kill_9_of_up_takes_its_servers_along_and_the_next_up_starts(tmp_path: P
     assert broker is not None
     assert broker.group(0) in second  # same folder, same ports
     assert servers_of(data_dir) == []
+
+
+def count_telemetry(influx_url: str) -> int:
+    from fixloop.stack import InfluxdServer
+
+    port = int(influx_url.rsplit(":", 1)[1])
+    server = InfluxdServer(Path("/nonexistent"), port=port)  # a client of a running one
+    answer = server.query("SELECT COUNT(seq) FROM telemetry", database="fixloop")
+    series = answer["results"][0].get("series")
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+def wait_for_more(influx_url: str, than: int, timeout_s: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (now := count_telemetry(influx_url)) <= than:
+        assert time.monotonic() < deadline, f"no new telemetry beyond {than} in {timeout_s} s"
+        time.sleep(0.5)
+    return now
+
+
+def test_a_rogue_client_with_a_taken_id_does_not_stop_the_stack(tmp_path: Path) -> None:
+    from device_sim import FleetRunner, SimSettings
+    from fixloop.local import stack_client_ids
+    from gateway.protocol.credentials import device_password
+
+    data_dir = tmp_path / "stack"
+    proc = up(data_dir, "--devices", "4")
+    try:
+        banner = banner_of(proc)
+        port = re.search(r"mqtt://127\.0\.0\.1:(\d+)", banner)
+        influx = re.search(r"InfluxDB  (http://127\.0\.0\.1:\d+)", banner)
+        assert port is not None, banner
+        assert influx is not None, banner
+        secret = (data_dir / "fleet_secret").read_text().strip()
+        parts = stack_client_ids(secret)
+        devices = FleetRunner(SimSettings(devices=4)).fleet.device_ids
+        rogue_user = devices[1]  # valid credentials of one device ...
+
+        def rogue(client_id: str) -> None:
+            # ... and a client id taken by the stack: the broker closes the older
+            # connection and lets this one in, for two seconds
+            done = subprocess.run(
+                [
+                    "mosquitto_sub",
+                    *("-V", "mqttv5", "-h", "127.0.0.1", "-p", port.group(1)),
+                    *("-i", client_id, "-u", rogue_user, "-P", device_password(secret, rogue_user)),
+                    *("-t", f"devices/{rogue_user}/commands", "-W", "2"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert done.returncode in (0, 27), done.stderr  # 27: -W ran out
+            assert "rror" not in done.stderr, done.stderr
+
+        stored = wait_for_more(influx.group(1), 0)
+        for client_id in (devices[0], parts["gateway"], parts["diagnostics"], parts["notifier"]):
+            rogue(client_id)
+            assert proc.poll() is None, "the stack went down"
+            stored = wait_for_more(influx.group(1), stored)
+    finally:
+        log = stop(proc)
+    for part in ("gateway", "diagnostics", "notifier"):
+        assert f"{parts[part]} lost its broker connection" in log, log[-3000:]
+    assert f"sim device {devices[0]} lost its broker connection" in log, log[-3000:]
+    assert f"sim device {devices[0]} reconnected" in log
+    assert "another client connected with the same client id" in log
+    # the rogue reconnects when pushed off in turn; each side backs off, and it gives up
+    assert log.count("lost its broker connection") <= 4 * 4, log[-3000:]
+
+
+async def test_a_command_channel_and_a_device_pushed_off_the_broker_come_back(
+    make_mosquitto: MakeMosquitto,
+) -> None:
+    import asyncio
+
+    from pydantic import SecretStr
+
+    from device_sim import FleetRunner, SimSettings
+    from fixloop.broker import GATEWAY_USER
+    from gateway.commands import CommandChannel, CommandTimeoutError
+    from gateway.errors import BrokerUnavailableError
+    from gateway.protocol import Event
+    from gateway.protocol.mqtt import MqttClient
+    from gateway.settings import MqttSettings
+
+    sim = SimSettings(
+        devices=2,
+        models={"fridge": 1.0},  # no wash cycle to refuse a restart
+        speed=600.0,
+        start_offset_s=3_600.0,
+        fleet_secret=SecretStr(FLEET_SECRET),
+    )
+    ids = FleetRunner(sim).fleet.device_ids
+    broker = make_mosquitto(device_ids=ids)
+    sim = sim.model_copy(update={"mqtt_port": broker.port})
+    mqtt = MqttSettings(
+        host=broker.host, port=broker.port, username=GATEWAY_USER, password=GATEWAY_PASSWORD
+    )
+
+    async def take_over(client_id: str) -> None:
+        rogue = MqttClient(
+            broker.host,
+            broker.port,
+            client_id=client_id,
+            username=ids[1],
+            password=device_pw(ids[1]),
+        )
+        async with rogue:
+            await rogue.ping(timeout_s=5)  # the broker has handled our CONNECT
+
+    async def restart(commands: CommandChannel) -> Event:
+        for _ in range(100):
+            try:
+                return await commands.send(ids[0], "restart", timeout_s=1.0)
+            except (CommandTimeoutError, BrokerUnavailableError):
+                await asyncio.sleep(0.1)
+        raise AssertionError("the command channel never came back")
+
+    runner = FleetRunner(sim, reconnect=True)
+    stop = asyncio.Event()
+    async with runner:
+        run = asyncio.create_task(runner.run(stop))
+        try:
+            async with CommandChannel(mqtt, client_id="test-commands") as commands:
+                assert (await restart(commands)).ok is not None
+                await take_over(ids[0])  # the device ...
+                await take_over("test-commands")  # ... and the channel
+                answer = await restart(commands)
+                assert answer.device_id == ids[0]
+                assert runner.reconnects >= 1
+                assert not run.done()
+        finally:
+            stop.set()
+            await run

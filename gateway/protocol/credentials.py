@@ -23,7 +23,9 @@ from typing import Final, Literal
 
 __all__ = ["Purpose", "derive", "device_password", "purpose_key"]
 
-Purpose = Literal["device password", "service password", "demo api token", "demo ops password"]
+Purpose = Literal[
+    "device password", "service password", "demo api token", "demo ops password", "stack client id"
+]
 _SALT: Final = b"fixloop fleet secret v2"
 
 

@@ -118,6 +118,30 @@ _CONNACK_FATAL: Final = {
     0x8C: "bad authentication method",
 }
 
+# DISCONNECT reason codes a broker sends, in words for the log (MQTT 5.0, 3.14.2.1).
+_DISCONNECT_REASONS: Final = {
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x87: "not authorized",
+    0x89: "server busy",
+    0x8B: "server shutting down",
+    0x8D: "keep-alive timeout",
+    0x8E: "session taken over: another client connected with this client id",
+    0x93: "receive maximum exceeded",
+    0x95: "packet too large",
+    0x97: "quota exceeded",
+    0x98: "administrative action",
+    0x9C: "use another server",
+    0x9D: "server moved",
+}
+# Why a connection ended when the broker closed it without a DISCONNECT. Mosquitto 2.0
+# closes the older connection so when another client connects with the same client id.
+_CLOSED_WITHOUT_REASON: Final = (
+    "closed by the broker without a reason code (the broker stopped, or another client "
+    "connected with the same client id)"
+)
+
 # DISCONNECT reason codes we send (MQTT 5.0, 3.14.2.1).
 _MALFORMED: Final = 0x81
 _PROTOCOL_ERROR: Final = 0x82
@@ -995,8 +1019,9 @@ class MqttClient:
                 codes = packet.reasons
                 future.set_result(max(codes) if codes else 0x80)
         else:
+            why = _DISCONNECT_REASONS.get(packet.reason, "see MQTT 5.0, 3.14.2.1")
             self._fail(
-                BrokerUnavailableError(f"the broker disconnected us (0x{packet.reason:02x})")
+                BrokerUnavailableError(f"the broker disconnected us (0x{packet.reason:02x}: {why})")
             )
 
     def _protocol_error(self, exc: MqttProtocolError) -> None:
@@ -1012,7 +1037,8 @@ class MqttClient:
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._fail(BrokerUnavailableError(f"connection to the MQTT broker lost: {exc or 'closed'}"))
+        why = exc or _CLOSED_WITHOUT_REASON
+        self._fail(BrokerUnavailableError(f"connection to the MQTT broker lost: {why}"))
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
