@@ -1,0 +1,1 @@
+"""Reference programs on the device library (``linux_appliance``: a Linux appliance)."""
