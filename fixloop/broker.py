@@ -46,6 +46,8 @@ __all__ = [
     "DEFAULT_MAX_QUEUED_BYTES",
     "DEFAULT_MAX_QUEUED_MESSAGES",
     "DEVICE_ROLE_PREFIX",
+    "DOCKER_DYNSEC_FILE",
+    "DOCKER_DYNSEC_PLUGIN",
     "DOCKER_SERVICE_USERS",
     "DYNSEC_ADMIN_USER",
     "GATEWAY_USER",
@@ -589,6 +591,7 @@ def render_dynsec_config(
     service_users: Mapping[str, str] | None = None,
     ops_users: Mapping[str, str] | None = None,
     devices: Mapping[str, str] | None = None,
+    logins: Mapping[str, str] | None = None,
     admin_user: str = DYNSEC_ADMIN_USER,
 ) -> str:
     """Render the dynamic-security plugin's first configuration file.
@@ -609,6 +612,8 @@ def render_dynsec_config(
         service_users: backend services, name → password (role ``fixloop-service``).
         ops_users: operators, name → password (role ``fixloop-ops``).
         devices: device id → password (each with its own role).
+        logins: accounts that may only log in (no grants: a broker healthcheck),
+            name → password.
         admin_user: name of the plugin's administrator.
 
     Returns:
@@ -620,7 +625,8 @@ def render_dynsec_config(
     services = dict(service_users or {})
     ops = dict(ops_users or {})
     device_accounts = dict(devices or {})
-    names = [admin_user, *services, *ops]
+    bare = dict(logins or {})
+    names = [admin_user, *services, *ops, *bare]
     for name in names:
         _check_user(name)
     for device_id in device_accounts:
@@ -630,10 +636,10 @@ def render_dynsec_config(
         raise ConfigError(f"dynamic-security accounts: a name is used twice in {sorted(everyone)}")
     clients: list[dict[str, object]] = []
 
-    def account(name: str, password: str, role: str, text: str) -> None:
+    def account(name: str, password: str, role: str | None, text: str) -> None:
+        roles = [] if role is None else [{"rolename": role}]
         clients.append(
-            {"username": name, "textname": text, "roles": [{"rolename": role}]}
-            | _dynsec_password(password)
+            {"username": name, "textname": text, "roles": roles} | _dynsec_password(password)
         )
 
     account(admin_user, admin_password, ADMIN_ROLE, "administers the dynamic-security plugin")
@@ -641,6 +647,8 @@ def render_dynsec_config(
         account(name, services[name], SERVICE_ROLE, "fixloop service")
     for name in sorted(ops):
         account(name, ops[name], OPS_ROLE, "operator")
+    for name in sorted(bare):
+        account(name, bare[name], None, "may log in, nothing more")
     roles = [
         _role(ADMIN_ROLE, ADMIN_ACL_RULES),
         _role(SERVICE_ROLE, SERVICE_ACL_RULES),
@@ -680,26 +688,49 @@ def device_credentials(fleet_secret: str, device_ids: Iterable[str]) -> dict[str
     return credentials
 
 
+#: Where the eclipse-mosquitto image installs the dynamic-security plugin.
+DOCKER_DYNSEC_PLUGIN: Final = "/usr/lib/mosquitto_dynamic_security.so"
+#: The plugin's file in the container: in a folder of the host (compose.dynsec.yaml)
+#: that the broker may write, as the plugin rewrites the file at every change.
+DOCKER_DYNSEC_FILE: Final = "/mosquitto/dynsec/dynamic-security.json"
+_DOCKER_LISTENERS: Final = (
+    # Devices, over the Internet: TLS only. Certificates: docker/README.md.
+    Listener(
+        8883,
+        certfile="/mosquitto/certs/server.crt",
+        keyfile="/mosquitto/certs/server.key",
+    ),
+    # Services on the compose network (compose.yaml publishes it on the host's
+    # loopback only).
+    Listener(1883),
+)
+
+
 def docker_files() -> dict[str, str]:
-    """Return the committed broker files of ``docker/`` (path relative to it → text)."""
+    """Return the committed broker files of ``docker/`` (path relative to it → text).
+
+    ``mosquitto.conf`` keeps accounts in the password file and ``acl``;
+    ``mosquitto-dynsec.conf`` (used by ``compose.dynsec.yaml``) keeps them in the
+    dynamic-security plugin.
+    """
     conf = render_mosquitto_conf(
-        listeners=(
-            # Devices, over the Internet: TLS only. Certificates: docker/README.md.
-            Listener(
-                8883,
-                certfile="/mosquitto/certs/server.crt",
-                keyfile="/mosquitto/certs/server.key",
-            ),
-            # Services on the compose network (compose.yaml publishes it on the
-            # host's loopback only).
-            Listener(1883),
-        ),
+        listeners=_DOCKER_LISTENERS,
         data_dir="/mosquitto/data/",
         password_file="/mosquitto/config/passwd",
         acl_file="/mosquitto/config/acl",
     )
     acl = render_acl(service_users=DOCKER_SERVICE_USERS, admin_users=("ops",))
-    return {"mosquitto/mosquitto.conf": conf, "mosquitto/acl": acl}
+    dynsec = render_mosquitto_conf(
+        listeners=_DOCKER_LISTENERS,
+        data_dir="/mosquitto/data/",
+        dynsec_plugin=DOCKER_DYNSEC_PLUGIN,
+        dynsec_config_file=DOCKER_DYNSEC_FILE,
+    )
+    return {
+        "mosquitto/mosquitto.conf": conf,
+        "mosquitto/acl": acl,
+        "mosquitto/mosquitto-dynsec.conf": dynsec,
+    }
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -733,14 +764,69 @@ def _passwd_entries(args: argparse.Namespace, environ: Mapping[str, str]) -> dic
     return entries
 
 
+def _env_entries(specs: Sequence[str], environ: Mapping[str, str], flag: str) -> dict[str, str]:
+    entries: dict[str, str] = {}
+    for spec in specs:
+        name, sep, var = spec.partition("=")
+        if not sep or not var:
+            raise ConfigError(f"{flag} {spec!r}: expected NAME=ENV_VAR")
+        if not environ.get(var):
+            raise ConfigError(f"{flag} {name}: environment variable {var} is not set")
+        entries[name] = environ[var]
+    return entries
+
+
+def _dynsec_init(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    """The plugin's first file from the ``dynsec-init`` arguments."""
+    admin = environ.get(args.admin_password_env, "")
+    if not admin:
+        raise ConfigError(
+            f"--admin-password-env: environment variable {args.admin_password_env} is not set"
+        )
+    devices: dict[str, str] = {}
+    if args.devices is not None:
+        secret = environ.get(args.fleet_secret_env, "")
+        if not secret:
+            raise ConfigError(f"--devices: environment variable {args.fleet_secret_env} is not set")
+        for line in args.devices.read_text().splitlines():
+            device_id = line.strip()
+            if device_id and not device_id.startswith("#"):
+                devices[check_dynsec_device_id(device_id)] = device_password(secret, device_id)
+    return render_dynsec_config(
+        admin_password=admin,
+        service_users=_env_entries(args.user, environ, "--user"),
+        ops_users=_env_entries(args.ops, environ, "--ops"),
+        logins=_env_entries(args.login, environ, "--login"),
+        devices=devices,
+    )
+
+
+def _write_new(path: Path, text: str, *, replace: bool) -> None:
+    """Write a private file; an existing one only with ``replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(
+            f"{path} exists: it holds the broker's accounts as they are now (issued and "
+            "revoked ones included); give --force to replace it"
+        ) from exc
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Command line: write the docker broker files or a password file.
 
     ``python -m fixloop.broker --docker [--output-dir docker]`` writes ``docker/mosquitto/
     mosquitto.conf`` and ``acl``. ``python -m fixloop.broker passwd FILE --user
-    NAME=ENV_VAR ... [--devices IDS_FILE --fleet-secret-env VAR]`` writes a password file;
-    passwords are read from environment variables so they never appear in ``ps`` or the
-    shell history.
+    NAME=ENV_VAR ... [--devices IDS_FILE --fleet-secret-env VAR]`` writes a password file.
+    ``python -m fixloop.broker dynsec-init FILE --admin-password-env VAR [--user
+    NAME=ENV_VAR ...] [--ops NAME=ENV_VAR ...] [--login NAME=ENV_VAR ...] [--devices
+    IDS_FILE]`` writes the dynamic-security plugin's first file (never over an existing
+    one without ``--force``). Passwords are read from environment variables so they never
+    appear in ``ps`` or the shell history.
 
     Returns:
         The exit status.
@@ -754,6 +840,32 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     pw.add_argument("--user", action="append", default=[], metavar="NAME=ENV_VAR")
     pw.add_argument("--devices", type=Path, help="file of device ids, one per line")
     pw.add_argument("--fleet-secret-env", default="FIXLOOP_STACK__FLEET_SECRET")
+    init = sub.add_parser("dynsec-init", help="write the first file of the dynamic-security plugin")
+    init.add_argument("output", type=Path)
+    init.add_argument(
+        "--admin-password-env",
+        required=True,
+        metavar="ENV_VAR",
+        help=f"variable holding the password of {DYNSEC_ADMIN_USER}, the plugin's administrator",
+    )
+    init.add_argument(
+        "--user", action="append", default=[], metavar="NAME=ENV_VAR", help="a service account"
+    )
+    init.add_argument(
+        "--ops", action="append", default=[], metavar="NAME=ENV_VAR", help="an operator"
+    )
+    init.add_argument(
+        "--login",
+        action="append",
+        default=[],
+        metavar="NAME=ENV_VAR",
+        help="an account that may only log in (a healthcheck)",
+    )
+    init.add_argument("--devices", type=Path, help="file of device ids, one per line")
+    init.add_argument("--fleet-secret-env", default="FIXLOOP_STACK__FLEET_SECRET")
+    init.add_argument(
+        "--force", action="store_true", help="replace an existing file (its accounts are lost)"
+    )
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
     try:
@@ -761,6 +873,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             entries = _passwd_entries(args, env)
             _write_private(args.output, render_password_file(entries))
             sys.stdout.write(f"wrote {len(entries)} users to {args.output}\n")
+        elif args.command == "dynsec-init":
+            _write_new(args.output, _dynsec_init(args, env), replace=args.force)
+            sys.stdout.write(f"wrote the dynamic-security plugin's first file {args.output}\n")
         elif args.docker:
             for rel, text in docker_files().items():
                 target = args.output_dir / rel
