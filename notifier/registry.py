@@ -618,7 +618,9 @@ def device_from_fields(line: int, fields: Mapping[str, object]) -> ParsedRow:
 def read_device_csv(lines: Iterable[str]) -> Iterator[ParsedRow]:
     """Read a device file (CSV, ``,`` or ``;`` separated, a header row naming the columns).
 
-    Rows are read one by one, so a file of any length streams. Blank lines are skipped.
+    Rows are read one by one, so a file of any length streams. Blank lines are skipped;
+    a row with fewer values than the header has blanks for the rest, one with more is
+    refused.
 
     Raises:
         InvalidRequestError: the header is missing, names an unknown or a repeated column,
@@ -651,13 +653,15 @@ def read_device_csv(lines: Iterable[str]) -> Iterator[ParsedRow]:
         line = reader.line_num + 1
         if not any(cell.strip() for cell in cells):
             continue
-        if len(cells) != len(header):
+        if len(cells) > len(header):
             yield ParsedRow(
                 line,
                 None,
                 (("", f"has {len(cells)} values, the header names {len(header)} columns"),),
             )
             continue
+        # a spreadsheet may drop a row's empty cells at its end: they are blank
+        cells += [""] * (len(header) - len(cells))
         yield device_from_fields(line, dict(zip(header, cells, strict=True)))
 
 

@@ -231,7 +231,7 @@ async def test_csv_import_names_lines_and_refuses_a_bad_header(world: World) -> 
         "model;serial;region;firmware\n"
         "washer;C-1;north;2.3.1\n"
         "\n"
-        "washer;C-2;south\n"
+        "washer;C-2;south;1.0;extra\n"
         "washer;C-3;east;not a version\n"
     )
     report = await _ok(
