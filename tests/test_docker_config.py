@@ -1,15 +1,38 @@
-"""The shipped deployment files match the code that configures the tested broker."""
+"""The shipped deployment files: the broker's match the code, the stack can be operated.
+
+``compose.yaml`` is rendered here the way ``docker compose config`` would, with
+``.env.example`` (the YAML parsed with its anchors and merge keys, then ``${VAR}``,
+``${VAR:-default}``, ``${VAR:?error}`` and ``$$`` replaced in every value), and each
+property of an operable stack is checked on the result: one image built once, a
+healthcheck on every service and ``service_healthy`` dependencies, metrics bound where
+the compose network reaches them, commands the real CLI parser takes, ``FIXLOOP_``
+variables that are real settings (and load), the Docker ignore file, the monitoring
+profile with Prometheus targets and Grafana provisioning that match the services.
+The healthcheck commands themselves are run against real endpoints and a real broker.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from dashboard.influxql import Measurements
+from dashboard.service import DashboardService
+from dashboard.settings import DashboardSettings
+from diagnostics.service import DiagnosticsService
+from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import (
     DEFAULT_MAX_QUEUED_BYTES,
     DEFAULT_MAX_QUEUED_MESSAGES,
@@ -21,10 +44,128 @@ from fixloop.broker import (
     hash_password,
     main,
 )
+from fixloop.cli import _parser
+from fixloop.config import load_settings
+from fixloop.observe import (
+    ServiceEndpoint,
+    dashboard_metrics,
+    diagnostics_metrics,
+    notifier_metrics,
+)
+from fixloop.settings import Settings
+from fixloop.stack import MosquittoServer
+from gateway.influx import InfluxSettings
+from gateway.metrics import GatewayMetrics
 from gateway.protocol.credentials import device_password
+from gateway.settings import MqttSettings
+from notifier.service import NotifierService
+from notifier.settings import NotifierSettings
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
+ENV_EXAMPLE = DOCKER / ".env.example"
+FIXLOOP_SERVICES = ("gateway", "diagnostics", "notifier", "dashboard")
+CORE = ("mosquitto", "influxdb", *FIXLOOP_SERVICES)
+MONITORING = ("prometheus", "grafana")
+#: Files and folders the operator makes on the host (README.md in docker/).
+HOST_MADE = {"./mosquitto/passwd", "./certs", "./secrets"}
+#: The settings section whose metrics_host/metrics_port each fixloop service serves on.
+METRICS_SECTION = {name: name.upper() for name in FIXLOOP_SERVICES}
+
+
+# -- rendering compose.yaml as docker compose does ---------------------------------------
+
+
+class InterpolationError(Exception):
+    """A required variable is missing (``${VAR:?error}``) or the syntax is not known."""
+
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_VARIABLE = re.compile(
+    rf"\$(?:(?P<escaped>\$)|(?P<bare>{_NAME})|\{{(?P<braced>{_NAME})"
+    r"(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}|(?P<bad>))"
+)
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Replace compose variables in one value, as ``docker compose`` does.
+
+    ``$$`` is a literal ``$``; ``$VAR`` and ``${VAR}`` the value (empty when unset);
+    ``${VAR:-default}`` the default when unset or empty, ``${VAR-default}`` when unset;
+    ``${VAR:?error}`` fails when unset or empty, ``${VAR?error}`` when unset.
+
+    Raises:
+        InterpolationError: a required variable is missing, or a ``$`` starts nothing
+            known.
+    """
+
+    def one(match: re.Match[str]) -> str:
+        if match.group("escaped"):
+            return "$"
+        if match.group("bare"):
+            return env.get(match.group("bare"), "")
+        name = match.group("braced")
+        if name is None:
+            raise InterpolationError(f"invalid interpolation at {text[match.start() :]!r}")
+        value, op, arg = env.get(name), match.group("op"), match.group("arg") or ""
+        missing = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op in (":-", "-"):
+            return arg if missing else str(value)
+        if op in (":?", "?") and missing:
+            raise InterpolationError(f"{name}: {arg}")
+        return value or ""
+
+    return _VARIABLE.sub(one, text)
+
+
+def _interpolate_tree(node: Any, env: Mapping[str, str]) -> Any:
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, list):
+        return [_interpolate_tree(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: _interpolate_tree(value, env) for key, value in node.items()}
+    return node
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Read a compose ``.env`` file: ``KEY=VALUE`` lines, ``#`` comments, optional quotes."""
+    env: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        key, sep, value = text.partition("=")
+        assert sep, f"{path}:{number}: not KEY=VALUE"
+        assert re.fullmatch(_NAME, key), f"{path}:{number}: not a variable name"
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
+def render(text: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """The compose model of ``text`` with ``env``: YAML (anchors, merges), then variables."""
+    model = yaml.safe_load(text)
+    assert isinstance(model, dict)
+    # x- extension fields are only there to be referenced
+    model = {key: value for key, value in model.items() if not key.startswith("x-")}
+    return dict(_interpolate_tree(model, env))
+
+
+EXAMPLE_ENV = read_env_file(ENV_EXAMPLE)
+
+
+@cache
+def _rendered_text() -> str:
+    return json.dumps(render(COMPOSE.read_text(encoding="utf-8"), EXAMPLE_ENV))
+
+
+def rendered() -> dict[str, Any]:
+    """compose.yaml rendered with .env.example (a fresh copy each call)."""
+    model: dict[str, Any] = json.loads(_rendered_text())
+    return model
 
 
 @pytest.mark.parametrize("rel", sorted(docker_files()))
@@ -104,27 +245,24 @@ def test_compose_file_textually() -> None:
 
 
 def test_compose_file_structure() -> None:
-    text = COMPOSE.read_text(encoding="utf-8")
-    compose: dict[str, Any] = yaml.safe_load(text)
+    compose = rendered()
     services = compose["services"]
-    assert set(services) == {"mosquitto", "influxdb", "gateway", "diagnostics", "notifier"}
-    for name in ("diagnostics", "notifier"):
+    assert set(services) == {*CORE, *MONITORING}
+    for name in FIXLOOP_SERVICES:
         service = services[name]
         assert service["command"] == [name]
-        assert service["environment"]["FIXLOOP_MQTT__USERNAME"] == f"fixloop-{name}"
-        assert service["depends_on"]["influxdb"]["condition"] == "service_healthy"
+        env = service["environment"]
+        assert env["FIXLOOP_MQTT__USERNAME"] == f"fixloop-{name}"
+        assert env["FIXLOOP_MQTT__HOST"] == "mosquitto"
+        assert env["FIXLOOP_INFLUX__FLAVOR"] == "v2"
+        assert env["FIXLOOP_INFLUX__URL"] == "http://influxdb:8086"
+        assert env["FIXLOOP_INFLUX__TOKEN"] == EXAMPLE_ENV["INFLUXDB_TOKEN"]
     assert services["notifier"]["environment"]["FIXLOOP_NOTIFIER__DB_PATH"].startswith(
         "/var/lib/fixloop/"
     )
     mosquitto = services["mosquitto"]
     assert mosquitto["ports"] == ["8883:8883", "127.0.0.1:1883:1883"]
-    gateway = services["gateway"]
-    assert gateway["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
-    env = gateway["environment"]
-    assert env["FIXLOOP_MQTT__HOST"] == "mosquitto"
-    assert env["FIXLOOP_INFLUX__FLAVOR"] == "v2"
-    assert env["FIXLOOP_INFLUX__URL"] == "http://influxdb:8086"
-    assert gateway["depends_on"]["influxdb"]["condition"] == "service_healthy"
+    assert services["gateway"]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
     init = services["influxdb"]["environment"]
     assert init["DOCKER_INFLUXDB_INIT_MODE"] == "setup"
     for key in ("ORG", "BUCKET", "RETENTION", "ADMIN_TOKEN"):
@@ -136,10 +274,15 @@ def test_compose_file_structure() -> None:
             if not source.startswith("."):
                 assert source in compose["volumes"], source
     # Mounted files exist in the repository (the secrets are made on the host).
-    for volume in mosquitto["volumes"]:
-        source = volume.split(":", 1)[0]
-        if source.startswith("./mosquitto/") and not source.endswith("passwd"):
-            assert (DOCKER / source).is_file(), source
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./") and source not in HOST_MADE:
+                assert (DOCKER / source).exists(), source
+    # Host ports are on loopback, except the devices' TLS listener.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:") or port == "8883:8883", (name, port)
 
 
 def test_dockerfile_runs_the_gateway() -> None:
@@ -213,7 +356,7 @@ def test_emqx_cluster_file_replaces_the_broker_with_durable_replicated_sessions(
         assert "broker" in node["networks"]["default"]["aliases"]
         assert any(v.endswith(":/opt/emqx/data") for v in node["volumes"])
         assert f"{node['volumes'][-1].split(':')[0]}" in cluster["volumes"]
-    for name in ("gateway", "diagnostics", "notifier"):
+    for name in FIXLOOP_SERVICES:
         assert name in base["services"]
         assert services[name]["environment"]["FIXLOOP_MQTT__HOST"] == "broker"
         assert services[name]["depends_on"]["mosquitto"]["required"] is False
@@ -222,3 +365,536 @@ def test_emqx_cluster_file_replaces_the_broker_with_durable_replicated_sessions(
     assert acl.rstrip().endswith("{deny, all}.")
     readme = (DOCKER / "README.md").read_text(encoding="utf-8")
     assert "compose.emqx.yaml" in readme
+
+
+# -- the rendering itself ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("${A}", {"A": "x"}, "x"),
+        ("$A/b", {"A": "x"}, "x/b"),
+        ("${A}", {}, ""),
+        ("${A:-d}", {}, "d"),
+        ("${A:-d}", {"A": ""}, "d"),
+        ("${A-d}", {"A": ""}, ""),
+        ("${A:-}", {}, ""),
+        ("${A:?set A}", {"A": "v"}, "v"),
+        ("$$HOME and $${A}", {"A": "x"}, "$HOME and ${A}"),
+        ("pre-${A:-http://h:1/p}-post", {}, "pre-http://h:1/p-post"),
+    ],
+)
+def test_interpolation_as_compose_does_it(text: str, env: dict[str, str], expected: str) -> None:
+    assert interpolate(text, env) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "error"),
+    [
+        ("${A:?set A in .env}", {}, "A: set A in .env"),
+        ("${A:?set A in .env}", {"A": ""}, "A: set A in .env"),
+        ("${A?gone}", {}, "A: gone"),
+        ("cost: 5$", {}, "invalid interpolation"),
+    ],
+)
+def test_interpolation_refuses(text: str, env: dict[str, str], error: str) -> None:
+    with pytest.raises(InterpolationError, match=re.escape(error)):
+        interpolate(text, env)
+
+
+def test_the_example_env_sets_every_required_variable() -> None:
+    text = COMPOSE.read_text(encoding="utf-8")
+    required = set(re.findall(rf"\$\{{({_NAME}):\?", text))
+    assert required >= {"INFLUXDB_TOKEN", "NOTIFIER_LINK_SECRET", "HEALTHCHECK_MQTT_PASSWORD"}
+    assert required <= set(EXAMPLE_ENV), sorted(required - set(EXAMPLE_ENV))
+    # every variable compose.yaml reads is explained in the example
+    used = set(re.findall(rf"\$\{{({_NAME})", text))
+    assert used <= set(EXAMPLE_ENV), sorted(used - set(EXAMPLE_ENV))
+    # and without one the stack does not render
+    without = {k: v for k, v in EXAMPLE_ENV.items() if k != "NOTIFIER_LINK_SECRET"}
+    with pytest.raises(InterpolationError, match=r"set NOTIFIER_LINK_SECRET in \.env"):
+        render(text, without)
+
+
+# -- one image, healthchecks, dependencies --------------------------------------------------
+
+
+def test_one_image_is_built_once_and_runs_every_fixloop_service() -> None:
+    services = rendered()["services"]
+    built = [name for name, service in services.items() if "build" in service]
+    assert built == ["gateway"]
+    images = {services[name]["image"] for name in FIXLOOP_SERVICES}
+    assert images == {EXAMPLE_ENV["FIXLOOP_IMAGE"]}
+    # the others never pull what the build makes (a pull would fail or fetch another)
+    for name in FIXLOOP_SERVICES:
+        assert services[name]["pull_policy"] == "never", name
+    # no other service runs that image or builds anything
+    others = [s.get("image") for n, s in services.items() if n not in FIXLOOP_SERVICES]
+    assert EXAMPLE_ENV["FIXLOOP_IMAGE"] not in others
+    build = services["gateway"]["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+
+
+def test_every_service_has_a_healthcheck() -> None:
+    for name, service in rendered()["services"].items():
+        check = service.get("healthcheck")
+        assert check is not None, name
+        assert check["test"][0] in ("CMD", "CMD-SHELL"), name
+        assert len(check["test"]) > 1, name
+        for key in ("interval", "timeout", "retries"):
+            assert key in check, (name, key)
+
+
+def test_services_start_once_what_they_need_is_healthy() -> None:
+    services = rendered()["services"]
+    for name in FIXLOOP_SERVICES:
+        needs = services[name]["depends_on"]
+        assert {"mosquitto", "influxdb"} <= set(needs), name
+    assert "notifier" in services["dashboard"]["depends_on"]
+    for name, service in services.items():
+        for needed, how in service.get("depends_on", {}).items():
+            assert how["condition"] == "service_healthy", (name, needed)
+            assert "healthcheck" in services[needed], needed
+
+
+def _probe_url(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], test
+    match = re.search(r"urlopen\('([^']+)'", test[3])
+    assert match is not None, test
+    return match.group(1)
+
+
+def test_fixloop_healthchecks_probe_their_services_health() -> None:
+    services = rendered()["services"]
+    for name in FIXLOOP_SERVICES:
+        env = services[name]["environment"]
+        section = METRICS_SECTION[name]
+        port = env[f"FIXLOOP_{section}__METRICS_PORT"]
+        assert _probe_url(services[name]) == f"http://127.0.0.1:{port}/health", name
+
+
+async def test_the_fixloop_healthcheck_command_follows_health(tmp_path: Path) -> None:
+    """The healthcheck's own command, run against a real endpoint: 0 only while healthy."""
+    test = rendered()["services"]["notifier"]["healthcheck"]["test"]
+    problems: list[str] = []
+    async with ServiceEndpoint(
+        "probe", "127.0.0.1", 0, lambda: [], lambda: (list(problems), {})
+    ) as endpoint:
+        code = test[3].replace(":9110/", f":{endpoint.port}/")
+        assert code != test[3]
+
+        def probe() -> int:
+            env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+            return subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, env=env, timeout=30
+            ).returncode
+
+        assert await asyncio.to_thread(probe) == 0
+        problems.append("stage_down:digests")
+        assert await asyncio.to_thread(probe) != 0
+    assert await asyncio.to_thread(probe) != 0  # nothing listens
+
+
+def test_the_broker_healthcheck_logs_in_for_real(make_mosquitto: Any, tmp_path: Path) -> None:
+    """The broker's healthcheck command against a real mosquitto: a refused login fails."""
+    service = rendered()["services"]["mosquitto"]
+    kind, command = service["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    assert "-u fixloop-health" in command
+    # compose handed "$$" on as "$": the shell reads the container's variable
+    assert '-P "$HEALTHCHECK_MQTT_PASSWORD"' in command
+    assert (
+        service["environment"]["HEALTHCHECK_MQTT_PASSWORD"]
+        == EXAMPLE_ENV["HEALTHCHECK_MQTT_PASSWORD"]
+    )
+    broker: MosquittoServer = make_mosquitto(users={"fixloop-health": "health-pw-123"})
+    local = command.replace("-h 127.0.0.1 -p 1883", f"-h {broker.host} -p {broker.port}")
+    assert local != command
+
+    def check(password: str) -> int:
+        env = {**os.environ, "HEALTHCHECK_MQTT_PASSWORD": password}
+        return subprocess.run(["sh", "-c", local], env=env, timeout=30).returncode
+
+    assert check("health-pw-123") == 0
+    assert check("wrong") != 0
+    broker.stop()
+    assert check("health-pw-123") != 0
+
+
+# -- metrics, commands, settings --------------------------------------------------------
+
+
+def test_metrics_are_bound_where_the_compose_network_reaches_them() -> None:
+    services = rendered()["services"]
+    for name in FIXLOOP_SERVICES:
+        service = services[name]
+        section = METRICS_SECTION[name]
+        env = service["environment"]
+        assert env[f"FIXLOOP_{section}__METRICS_HOST"] == "0.0.0.0", name
+        port = env[f"FIXLOOP_{section}__METRICS_PORT"]
+        assert service["expose"] == [port], name
+        settings = _settings_of(service)
+        config = getattr(settings, name)
+        assert (config.metrics_host, str(config.metrics_port)) == ("0.0.0.0", port)
+    ports = [
+        services[n]["environment"][f"FIXLOOP_{METRICS_SECTION[n]}__METRICS_PORT"]
+        for n in FIXLOOP_SERVICES
+    ]
+    assert len(set(ports)) == len(ports)
+
+
+def _parse_command(argv: list[str]) -> Any:
+    try:
+        return _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's way of refusing
+        raise AssertionError(f"fixloop {' '.join(argv)}: refused by the CLI") from exc
+
+
+def test_every_command_is_a_real_fixloop_command() -> None:
+    services = rendered()["services"]
+    for name in FIXLOOP_SERVICES:
+        args = _parse_command(services[name]["command"])
+        assert args.command == name
+    dockerfile = (DOCKER / "Dockerfile").read_text(encoding="utf-8")
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (.+)$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    default = json.loads(re.search(r"^CMD (.+)$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    assert entrypoint == ["fixloop"]
+    _parse_command(default)
+    # and the one-off commands the README gives (docker compose run/exec SERVICE ...)
+    readme = (DOCKER / "README.md").read_text(encoding="utf-8")
+    runs = re.findall(
+        r"docker compose -f docker/compose\.yaml (?:run --rm(?: --no-deps)?|exec) (\w+) (.+)",
+        readme,
+    )
+    assert {"ops-users", "train"} <= {argv.split()[0] for _, argv in runs}
+    for service, argv in runs:
+        assert service in FIXLOOP_SERVICES, service
+        words = argv.split("#")[0].split()
+        if words[0] == "fixloop":  # exec runs the command by name
+            words = words[1:]
+        _parse_command(words)
+
+
+def _settings_fields(path: list[str]) -> bool:
+    model: Any = Settings
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+    return True
+
+
+def _settings_of(service: dict[str, Any]) -> Settings:
+    env = {k: str(v) for k, v in service["environment"].items() if k.startswith("FIXLOOP_")}
+    return load_settings(None, env)
+
+
+def _services_with_env() -> Iterator[tuple[str, dict[str, Any]]]:
+    base = rendered()["services"]
+    yield from base.items()
+    emqx = render(
+        (DOCKER / "compose.emqx.yaml").read_text(encoding="utf-8"),
+        {**EXAMPLE_ENV, "EMQX_COOKIE": "c", "EMQX_LICENSE_KEY": "k"},
+    )
+    yield from ((f"emqx:{n}", s) for n, s in emqx["services"].items())
+
+
+def test_every_fixloop_variable_is_a_real_setting(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./fixloop.toml joins in
+    seen = 0
+    for name, service in _services_with_env():
+        for key in service.get("environment", {}):
+            if not key.startswith("FIXLOOP_"):
+                continue
+            seen += 1
+            path = key.removeprefix("FIXLOOP_").lower().split("__")
+            assert _settings_fields(path), f"{name}: {key} is no setting"
+        if name in FIXLOOP_SERVICES:
+            _settings_of(service)  # the example's values are valid, too
+    assert seen > 40
+
+
+def test_the_notifier_takes_push_links_and_public_url_from_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    notifier = rendered()["services"]["notifier"]
+    settings = _settings_of(notifier).notifier
+    assert settings.public_url == EXAMPLE_ENV["NOTIFIER_PUBLIC_URL"]
+    assert settings.link_secret is not None
+    assert settings.link_secret.get_secret_value() == EXAMPLE_ENV["NOTIFIER_LINK_SECRET"]
+    # push settings left empty in .env are not set: those channels are not offered
+    assert settings.push.fcm_service_account is None
+    assert settings.push.vapid_private_key is None
+    assert settings.push.ntfy_token is None
+    assert settings.push.vapid_subject == EXAMPLE_ENV["VAPID_SUBJECT"]
+    env = notifier["environment"]
+    for key in ("FCM_SERVICE_ACCOUNT", "VAPID_PRIVATE_KEY", "VAPID_SUBJECT", "NTFY_TOKEN"):
+        assert f"${{{key}:-}}" in COMPOSE.read_text(encoding="utf-8"), key
+    filled = render(
+        COMPOSE.read_text(encoding="utf-8"),
+        {
+            **EXAMPLE_ENV,
+            "NTFY_TOKEN": "tk_123",
+            "FCM_SERVICE_ACCOUNT": "/run/secrets/fixloop/a.json",
+        },
+    )["services"]["notifier"]
+    push = _settings_of(filled).notifier.push
+    assert push.ntfy_token is not None
+    assert push.ntfy_token.get_secret_value() == "tk_123"
+    assert str(push.fcm_service_account) == "/run/secrets/fixloop/a.json"
+    assert any(v.endswith(":/run/secrets/fixloop:ro") for v in notifier["volumes"])
+    assert env["FIXLOOP_NOTIFIER__API_HOST"] == "0.0.0.0"
+
+
+def test_the_dashboard_reads_the_notifiers_case_store(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    services = rendered()["services"]
+    notifier, dashboard = services["notifier"], services["dashboard"]
+    store = Path(_settings_of(notifier).notifier.db_path)
+    mount = {v.split(":")[1]: v.split(":")[0] for v in notifier["volumes"]}
+    volume = mount[str(next(p for p in store.parents if str(p) in mount))]
+    seen = _settings_of(dashboard)
+    in_dashboard = {v.split(":")[0]: v.split(":")[1] for v in dashboard["volumes"]}
+    assert seen.notifier.db_path == Path(in_dashboard[volume]) / store.name
+    assert seen.dashboard.users_file.parent == Path("/var/lib/fixloop")
+    assert seen.dashboard.host == "0.0.0.0"
+    assert dashboard["ports"] == [f"127.0.0.1:{seen.dashboard.port}:{seen.dashboard.port}"]
+
+
+# -- the Docker ignore file -----------------------------------------------------------------
+
+
+def _ignore_patterns() -> list[str]:
+    lines = (DOCKER / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """A .dockerignore pattern as a regex on context-relative paths (Go's Match, ``**``)."""
+    parts = []
+    for segment in pattern.strip("/").split("/"):
+        if segment == "**":
+            parts.append("(?:[^/]+/)*")
+            continue
+        text = "".join(
+            "[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in segment
+        )
+        parts.append(text + "/")
+    return re.compile("".join(parts).removesuffix("/"))
+
+
+def _ignored(path: str, patterns: list[re.Pattern[str]]) -> bool:
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(p.fullmatch(prefix) for p in patterns for prefix in prefixes)
+
+
+def test_the_ignore_file_keeps_environments_settings_and_data_out() -> None:
+    assert not any(p.startswith("!") for p in _ignore_patterns())
+    patterns = [_pattern(p) for p in _ignore_patterns()]
+    for path in (
+        ".venv/lib/python3.11/site-packages/numpy/__init__.py",
+        "sub/dir/.venv/bin/python",
+        "fixloop.toml",
+        "deploy/fixloop.toml",
+        ".fixloop/cases.sqlite3",
+        "data/cases.sqlite3",
+        "data/cases.sqlite3-wal",
+        "var/spool/segment-1",
+        "models/diagnostics.pkl",
+        "build/lib/gateway/service.py",
+        "dist/fixloop-0.1.0.whl",
+        ".git/HEAD",
+        ".env",
+        "docker/.env",
+        "tests/test_cli.py",
+        "gateway/__pycache__/service.cpython-311.pyc",
+        "fixloop.egg-info/PKG-INFO",
+    ):
+        assert _ignored(path, patterns), path
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "gateway/spool.py",
+        "dashboard/static/index.html",
+        "diagnostics/products/washer.toml",
+    ):
+        assert not _ignored(path, patterns), path
+
+
+def test_the_build_context_is_what_pip_install_needs() -> None:
+    """Walk this checkout as ``docker build`` would send it."""
+    patterns = [_pattern(p) for p in _ignore_patterns()]
+    sent: list[Path] = []
+    for folder, dirs, files in os.walk(ROOT):
+        rel = Path(folder).relative_to(ROOT)
+        dirs[:] = [d for d in dirs if not _ignored((rel / d).as_posix(), patterns)]
+        sent.extend(rel / f for f in files if not _ignored((rel / f).as_posix(), patterns))
+    names = {p.as_posix() for p in sent}
+    assert {"pyproject.toml", "README.md", "dashboard/static/index.html"} <= names
+    for package in ("gateway", "diagnostics", "notifier", "dashboard", "device_sim", "fixloop"):
+        assert f"{package}/__init__.py" in names, package
+    assert any(n.startswith("diagnostics/products/") for n in names)
+    assert not any(n.split("/")[0] in {".venv", ".git", "tests", "build", "docker"} for n in names)
+    size = sum((ROOT / p).stat().st_size for p in sent if (ROOT / p).is_file())
+    assert size < 20 * 2**20, f"{size / 2**20:.1f} MiB would be sent"
+
+
+# -- monitoring: Prometheus and Grafana -----------------------------------------------------
+
+
+@cache
+def exported_metrics() -> frozenset[str]:
+    """Every metric family name the fixloop services export."""
+    mqtt, influx = MqttSettings(), InfluxSettings()
+    families: list[str] = re.findall(r"^# TYPE (\S+) ", GatewayMetrics().render(), re.M)
+    families += [
+        m.name for m in diagnostics_metrics(DiagnosticsService(mqtt, influx, DiagnosticsSettings()))
+    ]
+    families += [
+        m.name for m in notifier_metrics(NotifierService(mqtt, influx, NotifierSettings()))
+    ]
+    families += [
+        m.name
+        for m in dashboard_metrics(
+            DashboardService(mqtt, influx, DashboardSettings(), db_path=Path("unused"))
+        )
+    ]
+    return frozenset(families)
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bfixloop_[a-z0-9_]+", expr))
+
+
+def test_the_monitoring_profile_holds_prometheus_and_grafana() -> None:
+    services = rendered()["services"]
+    for name in MONITORING:
+        assert services[name]["profiles"] == ["monitoring"], name
+    for name in CORE:
+        assert "profiles" not in services[name], name  # the stack itself needs no profile
+    grafana = services["grafana"]
+    assert {"prometheus", "influxdb"} <= set(grafana["depends_on"])
+    assert grafana["environment"]["INFLUXDB_TOKEN"] == EXAMPLE_ENV["INFLUXDB_TOKEN"]
+    for name in MONITORING:
+        for port in services[name]["ports"]:
+            assert port.startswith("127.0.0.1:"), port
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> host path (relative to docker/) of a service's file mounts."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            mounts[target] = source
+    return mounts
+
+
+def test_prometheus_scrapes_every_fixloop_service_where_it_serves() -> None:
+    services = rendered()["services"]
+    prometheus = services["prometheus"]
+    mounts = _mounts(prometheus)
+    config_flag = next(a for a in prometheus["command"] if a.startswith("--config.file="))
+    config_path = DOCKER / mounts[config_flag.split("=", 1)[1]]
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    targets = {
+        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in config["scrape_configs"]
+    }
+    for name in FIXLOOP_SERVICES:
+        port = services[name]["environment"][f"FIXLOOP_{METRICS_SECTION[name]}__METRICS_PORT"]
+        assert targets[name] == [f"{name}:{port}"], name
+    for job, hosts in targets.items():
+        for target in hosts:
+            host = target.split(":")[0]
+            assert host in services or host == "localhost", (job, target)
+    assert targets["influxdb"] == ["influxdb:8086"]
+    # alert rules: mounted where the config says, every fixloop metric a real one
+    for rule_file in config["rule_files"]:
+        rules = yaml.safe_load((DOCKER / mounts[rule_file]).read_text(encoding="utf-8"))
+        exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+        assert exprs
+        for expr in exprs:
+            assert _metric_names(expr) <= exported_metrics(), expr
+
+
+def test_grafana_is_provisioned_with_both_data_sources_and_the_fleet_dashboard() -> None:
+    services = rendered()["services"]
+    grafana = services["grafana"]
+    mounts = _mounts(grafana)
+    provisioning = DOCKER / mounts["/etc/grafana/provisioning"]
+    sources: list[dict[str, Any]] = []
+    for path in sorted((provisioning / "datasources").glob("*.yaml")):
+        sources += yaml.safe_load(path.read_text(encoding="utf-8"))["datasources"]
+    by_type = {source["type"]: source for source in sources}
+    assert set(by_type) == {"prometheus", "influxdb"}
+    assert by_type["prometheus"]["url"] == "http://prometheus:9090"
+    influx = by_type["influxdb"]
+    assert influx["url"] == "http://influxdb:8086"
+    # Grafana fills these from its environment, which compose sets from .env
+    assert influx["jsonData"]["dbName"] == "${INFLUXDB_BUCKET}"
+    assert influx["secureJsonData"]["httpHeaderValue1"] == "Token ${INFLUXDB_TOKEN}"
+    assert {"INFLUXDB_BUCKET", "INFLUXDB_TOKEN"} <= set(grafana["environment"])
+    uids = {source["uid"]: source["type"] for source in sources}
+
+    providers: list[dict[str, Any]] = []
+    for path in sorted((provisioning / "dashboards").glob("*.yaml")):
+        providers += yaml.safe_load(path.read_text(encoding="utf-8"))["providers"]
+    folders = [DOCKER / mounts[p["options"]["path"]] for p in providers]
+    boards = [json.loads(p.read_text(encoding="utf-8")) for f in folders for p in f.glob("*.json")]
+    assert [board["uid"] for board in boards] == ["fixloop-fleet"]
+    panels = [p for p in boards[0]["panels"] if p["type"] != "row"]
+    assert len(panels) >= 10
+    measurements = Measurements()
+    written = {measurements.telemetry, measurements.health, measurements.events}
+    kinds = set()
+    for panel in panels:
+        source = panel["datasource"]
+        assert uids[source["uid"]] == source["type"], panel["title"]
+        kinds.add(source["type"])
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == source
+            if source["type"] == "prometheus":
+                assert _metric_names(target["expr"]) <= exported_metrics(), target["expr"]
+            else:
+                read = set(re.findall(r'FROM "([^"]+)"', target["query"]))
+                assert read, target["query"]
+                assert read <= written, target["query"]
+                assert "$timeFilter" in target["query"]
+    assert kinds == {"prometheus", "influxdb"}
+    # every service's metrics are charted somewhere
+    charted = {
+        name
+        for panel in panels
+        for target in panel["targets"]
+        for name in _metric_names(target.get("expr", ""))
+    }
+    for prefix in ("gateway", "diagnostics", "notifier", "dashboard"):
+        assert any(n.startswith(f"fixloop_{prefix}_") for n in charted), prefix
+
+
+def test_the_docker_readme_tells_the_stack_as_it_is() -> None:
+    text = (DOCKER / "README.md").read_text(encoding="utf-8")
+    for name in (*CORE, *MONITORING):
+        assert f"`{name}`" in text, name
+    for needle in (
+        "cp docker/.env.example docker/.env",
+        "--profile monitoring",
+        "--user fixloop-health=HEALTHCHECK_MQTT_PASSWORD",
+        "--user fixloop-dashboard=DASHBOARD_MQTT_PASSWORD",
+        "ops-users add",
+        "/metrics",
+        "/health",
+    ):
+        assert needle in text, needle
+    assert "three-service" not in text
