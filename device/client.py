@@ -205,6 +205,7 @@ class _Connection:
     started: float
     ready: bool = False
     refused_by_broker: bool = False
+    error: str | None = None
     inflight: dict[int, int] = field(default_factory=dict)
     queue: deque[tuple[int, str, bytes, int]] = field(default_factory=deque)
     cursor: int = 0
@@ -228,6 +229,21 @@ class _Ack:
     mid: int
     qos: int
     done: threading.Event
+
+
+class _ClosingSSLSocket(ssl.SSLSocket):
+    """An SSL socket that closes itself when its handshake fails.
+
+    paho-mqtt 2.x drops the socket of a failed handshake without closing it (an untrusted
+    broker certificate would leak one socket per reconnect attempt).
+    """
+
+    def do_handshake(self, block: bool = False) -> None:
+        try:
+            super().do_handshake(block)
+        except BaseException:
+            self.close()
+            raise
 
 
 def _word(value: str | None) -> str | None:
@@ -842,6 +858,7 @@ class Device:
             )
             if tls.cert_file is not None:
                 context.load_cert_chain(tls.cert_file, tls.key_file)
+            context.sslsocket_class = _ClosingSSLSocket
         except (OSError, ssl.SSLError) as exc:
             raise DeviceConfigError(f"{self.device_id}: cannot load TLS files: {exc}") from exc
         return context
@@ -868,6 +885,7 @@ class Device:
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_log = self._on_log
         return client
 
     def _backoff_s(self, attempt: int) -> float:
@@ -916,10 +934,12 @@ class Device:
         while not self._stopping.is_set():
             rc = client.loop(timeout=_TICK_S)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                why = rc.name if conn.error is None else f"{rc.name}: {conn.error}"
                 if conn.ready:
-                    self._fail(f"connection lost ({rc.name})")
+                    self._fail(f"connection lost ({why})")
                 elif not conn.refused_by_broker:
-                    self._fail(f"connection closed before it was accepted ({rc.name})")
+                    # a TLS refusal (unknown CA, no certificate) shows here, in paho's words
+                    self._fail(f"connection closed before it was accepted ({why})")
                 return conn.ready
             if not conn.ready:
                 if time.monotonic() - conn.started > limit_s:
@@ -958,6 +978,10 @@ class Device:
             self.settings.port,
             "resumed" if flags.session_present else "new",
         )
+
+    def _on_log(self, client: mqtt.Client, conn: _Connection, level: int, text: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR and conn.error is None:
+            conn.error = text  # the first error says why; later ones are consequences
 
     def _on_message(
         self, client: mqtt.Client, conn: _Connection, message: mqtt.MQTTMessage
