@@ -22,6 +22,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -35,7 +36,7 @@ from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
 from fixloop.broker import DYNSEC_ADMIN_USER, GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
-from fixloop.demo import SimulatedPeople, demo_faults, seed_people
+from fixloop.demo import SimulatedPeople, demo_faults, plan_history_faults, seed_people
 from fixloop.dynsec import DynsecClient
 from fixloop.dynsec_cli import local_admin_password
 from fixloop.registry_cli import service_onboarding
@@ -501,19 +502,29 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                     await gateway.wait_subscribed()
                     await diagnostics.wait_subscribed()
                     await notifier.wait_subscribed()
+                shown = (
+                    [d.device_id for d in await notifier.store.devices(people.owners[0])]
+                    if people.owners
+                    else []
+                )
+                # Faults a device reports only after a while go into the history the
+                # fleet replays, so each is a case by the time it reaches the present;
+                # the live fleet gets faults that are cases at once (issue 14).
+                planned = plan_history_faults(runner, datetime.now(UTC), first_for=shown)
                 async with runner:
                     tasks.append(
                         asyncio.create_task(_keep_sim_clock(data_dir, runner), name="sim-clock")
                     )
                     simulated = SimulatedPeople(notifier.store, notifier.loop, runner)
                     tasks.append(asyncio.create_task(simulated.run(), name="people"))
-                    shown = await notifier.store.devices(people.owners[0]) if people.owners else []
-                    tasks.append(
-                        asyncio.create_task(
-                            demo_faults(runner, first_for=[d.device_id for d in shown]),
-                            name="faults",
+                    if stack.demo_fault_every_s > 0:
+                        live = demo_faults(
+                            runner,
+                            every_s=stack.demo_fault_every_s,
+                            first_for=() if planned else shown,
+                            store=notifier.store,
                         )
-                    )
+                        tasks.append(asyncio.create_task(live, name="faults"))
                     models = Counter(str(d.model) for d in runner.fleet.devices)
                     assert diagnostics.engine is not None
                     print(  # noqa: T201 - the command's own output for the user

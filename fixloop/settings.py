@@ -48,6 +48,8 @@ class StackSettings(BaseModel):
         dashboard_port: the ops dashboard's port (on loopback); ``0`` picks a free port.
         fleet_secret: secret device passwords derive from; generated and kept in
             ``data_dir`` on the first ``fixloop up`` when not given.
+        demo_fault_every_s: seconds between two faults the demo gives its live fleet
+            (each a case within seconds); ``0``: none.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -57,6 +59,7 @@ class StackSettings(BaseModel):
     influx_port: int = Field(default=0, ge=0, le=65535)
     dashboard_port: int = Field(default=0, ge=0, le=65535)
     fleet_secret: SecretStr | None = None
+    demo_fault_every_s: float = Field(default=120.0, ge=0.0)
 
     @field_validator("fleet_secret")
     @classmethod

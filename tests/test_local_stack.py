@@ -234,3 +234,67 @@ async def test_a_command_channel_and_a_device_pushed_off_the_broker_come_back(
         finally:
             stop.set()
             await run
+
+
+def test_every_fault_the_demo_injects_is_a_case_and_the_banner_owner_sees_the_first(
+    tmp_path: Path,
+) -> None:
+    import json
+    import sqlite3
+    import threading
+    import urllib.request
+
+    data_dir = tmp_path / "stack"
+    proc = up(data_dir, "--devices", "6", env={"FIXLOOP_STACK__DEMO_FAULT_EVERY_S": "4"})
+    log: list[str] = []
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+
+    def injected() -> list[tuple[str, str]]:
+        found = (re.search(r"demo: (\w+) on (\S+) from", line) for line in list(log))
+        return [(m.group(2), m.group(1)) for m in found if m]
+
+    def cases() -> set[tuple[str, str]]:
+        db = sqlite3.connect(f"file:{data_dir / 'cases.sqlite3'}?mode=ro", uri=True)
+        try:
+            return set(db.execute("SELECT device_id, fault FROM cases").fetchall())
+        finally:
+            db.close()
+
+    try:
+        banner = banner_of(proc)
+        api = re.search(r"Bearer (\w+)' (http://\S+/api/v1)/cases", banner)
+        assert api is not None, banner
+        deadline = time.monotonic() + 120
+        # the faults planned into the replayed history, and three given to the live fleet
+        while len(faults := injected()) < 6:
+            assert time.monotonic() < deadline, "".join(log[-30:])
+            time.sleep(0.2)
+        assert {fault for _, fault in faults[:3]} == {
+            "crash_loop",
+            "firmware_bug",
+            "controller_hang",
+        }
+        deadline = time.monotonic() + 60
+        while missing := set(faults) - cases():
+            assert time.monotonic() < deadline, f"no case for {missing}: {''.join(log[-30:])}"
+            time.sleep(0.5)
+
+        # the token the banner prints is the first faulty device's owner's: its case shows
+        first_device = faults[0][0]
+        request = urllib.request.Request(
+            f"{api.group(2)}/cases", headers={"Authorization": f"Bearer {api.group(1)}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            body = json.loads(answer.read())
+        shown = body["cases"] if isinstance(body, dict) else body
+        assert first_device in {case["device_id"] for case in shown}, body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert proc.returncode == 0, "".join(log[-30:])
