@@ -34,7 +34,7 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Annotated, Any, Final, Literal, cast
 
 from aiohttp import web
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, field_validator
 
 from gateway.errors import ConfigError, FixloopError
 from notifier.api import (
@@ -52,6 +52,7 @@ from notifier.api import (
     _path_id,
     _read_body,
     _View,
+    _whole,
     _zones,
 )
 from notifier.errors import InvalidRequestError, NotFoundError
@@ -339,6 +340,11 @@ class WorkingHours(_Body):
     weekday: Annotated[int, Field(ge=0, le=6)]
     start: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
     end: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")]
+
+    @field_validator("weekday", mode="before")
+    @classmethod
+    def _whole_day(cls, value: object) -> object:
+        return _whole(value)
 
 
 class TechnicianRequest(_Body):
@@ -803,7 +809,7 @@ async def _list_registry(request: web.Request) -> web.Response:
     if after is not None and not 1 <= len(after) <= 64:
         raise _ApiError(400, "invalid_query", "after: must be a device id", "after")
     text = query.get("limit", "100")
-    if not re.fullmatch(r"[0-9]{1,4}", text) or not 1 <= int(text) <= 1000:
+    if not re.fullmatch(r"[1-9][0-9]{0,2}|1000", text):
         raise _ApiError(400, "invalid_query", "limit: must be 1 to 1000", "limit")
     limit = int(text)
     found = await _onboarding(request).registry.list(
@@ -1123,7 +1129,7 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
                 QueryParam(
                     "limit",
                     "devices a page (1 to 1000, default 100)",
-                    {"type": "string", "pattern": "^[0-9]{1,4}$"},
+                    {"type": "string", "pattern": "^([1-9][0-9]{0,2}|1000)$"},
                 ),
             ),
             replies=(Reply(200, "A page of devices, by id.", RegistryDeviceList),),
@@ -1157,7 +1163,7 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
     (
         Operation(
             "POST",
-            _p("/admin/devices/import"),
+            _p("/admin/device-imports"),
             "importDevices",
             "Register devices in bulk, with a report per row",
             "admin",

@@ -31,13 +31,16 @@ from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
 from gateway.protocol import DIAGNOSES_TOPIC
 from gateway.settings import MqttSettings
+from notifier.admin import Onboarding
 from notifier.model import Case, CaseState, DeviceRecord, Owner, Technician, Window
+from notifier.registry import ProductLine, claim_key
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings, PushSettings
 from notifier.sqlite import SqliteStore
 
 OWNER_TOKEN = "tok-fuzz-owner-0123456789abcdef"
 TECH_TOKEN = "tok-fuzz-tech-0123456789abcdef"
+OPS_TOKEN = "tok-fuzz-ops-0123456789abcdef"
 NOW = datetime.now(UTC).replace(microsecond=0)
 ALL_WEEK = tuple(Window(day, datetime.min.time(), datetime.max.time()) for day in range(7))
 
@@ -106,7 +109,14 @@ async def live(
         influx = InfluxSettings(url=influxd.url, database="fuzz", timeout_s=10)
         async with InfluxClient(influx) as client:
             await client.ensure_database()
-        async with NotifierService(mqtt, influx, settings_, store=store) as notifier:
+        # the onboarding routes too: ops onboard, owners claim (tests/test_registry_api.py)
+        await store.add_token(OPS_TOKEN, ("ops", "fuzz-ops"))
+        registry = store.registry()
+        await registry.put_product_line(ProductLine("washer", "Washer", NOW))
+        onboarding = Onboarding(registry, claim_key("fuzz-fleet-secret"), frozenset({"washer"}))
+        async with NotifierService(
+            mqtt, influx, settings_, store=store, onboarding=lambda _: onboarding
+        ) as notifier:
             task = asyncio.create_task(notifier.run())
             try:
                 await notifier.wait_subscribed()
@@ -189,7 +199,7 @@ async def _service_is_whole(live: Live) -> None:
 @pytest.mark.timeout(900)
 async def test_schemathesis_finds_nothing_and_the_loop_survives(live: Live, tmp_path: Path) -> None:
     failures: list[str] = []
-    for who, token in (("owner", OWNER_TOKEN), ("technician", TECH_TOKEN)):
+    for who, token in (("owner", OWNER_TOKEN), ("technician", TECH_TOKEN), ("ops", OPS_TOKEN)):
         code, out = await _schemathesis(live.base, token, tmp_path / f"{who}.xml")
         if code != 0:
             failures.append(f"--- as {who}:\n{out}")

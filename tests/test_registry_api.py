@@ -209,7 +209,7 @@ async def test_json_import_reports_each_row(world: World) -> None:
         {"model": "washer"},  # no serial
         {"model": "washer", "serial": "W-4", "claim_code": "abcd-efgh-jkmn"},
     ]
-    report = await _ok(await world.call("POST", "/admin/devices/import", json={"devices": rows}))
+    report = await _ok(await world.call("POST", "/admin/device-imports", json={"devices": rows}))
     assert (report["added"], report["failed"]) == (2, 5)
     by_row = {r["row"]: r for r in report["rows"]}
     assert by_row[1]["status"] == "added"
@@ -237,7 +237,7 @@ async def test_csv_import_names_lines_and_refuses_a_bad_header(world: World) -> 
     report = await _ok(
         await world.call(
             "POST",
-            "/admin/devices/import",
+            "/admin/device-imports",
             data=csv_body.encode(),
             headers={"Content-Type": "text/csv"},
         )
@@ -253,7 +253,7 @@ async def test_csv_import_names_lines_and_refuses_a_bad_header(world: World) -> 
     error = await _err(
         await world.call(
             "POST",
-            "/admin/devices/import",
+            "/admin/device-imports",
             data=b"model,serial,colour\nwasher,X,red\n",
             headers={"Content-Type": "text/csv"},
         ),
@@ -265,7 +265,7 @@ async def test_csv_import_names_lines_and_refuses_a_bad_header(world: World) -> 
 async def test_device_list_pages_and_filters(world: World) -> None:
     await _washer_line(world)
     rows = [{"model": "washer", "serial": f"P-{n:03d}"} for n in range(7)]
-    await _ok(await world.call("POST", "/admin/devices/import", json={"devices": rows}))
+    await _ok(await world.call("POST", "/admin/device-imports", json={"devices": rows}))
     seen: list[str] = []
     after = ""
     while True:
@@ -583,7 +583,7 @@ async def test_the_document_describes_the_onboarding_routes(world: World) -> Non
     }
     described = {(method, path) for path, item in doc["paths"].items() for method in item}
     assert routes == described
-    assert f"{API_PREFIX}/admin/devices/import" in doc["paths"]
+    assert f"{API_PREFIX}/admin/device-imports" in doc["paths"]
     claim = doc["paths"][f"{API_PREFIX}/me/devices/claim"]["post"]
     assert "429" in claim["responses"]
     assert doc["paths"][f"{API_PREFIX}/invites/accept"]["post"]["security"] == []
