@@ -38,8 +38,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from dashboard.app import create_app
 from dashboard.auth import SessionStore
-from dashboard.feed import CaseFeed
-from dashboard.keys import SESSIONS_KEY
+from dashboard.feed import CaseFeed, Subscription
+from dashboard.keys import SESSIONS_KEY, STREAMS_KEY
 from dashboard.settings import DashboardSettings
 from dashboard.users import OpsUsersFile
 from gateway.consumer import consume_forever
@@ -166,6 +166,7 @@ class DashboardService:
         self._influx: InfluxClient | None = None
         self._runner: web.AppRunner | None = None
         self._sessions: SessionStore | None = None
+        self._streams: dict[Subscription, str] = {}
         self._subscribed = asyncio.Event()
         #: the port the dashboard listens on (the real one when 0 was asked)
         self.port: int | None = None
@@ -222,6 +223,7 @@ class DashboardService:
                 settings=settings,
             )
             self._sessions = app[SESSIONS_KEY]
+            self._streams = app[STREAMS_KEY]
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
             site = web.TCPSite(self._runner, settings.host, settings.port)
@@ -331,7 +333,14 @@ class DashboardService:
             except ConfigError as exc:
                 _LOG.error("%s; the users read before stay in force", exc)
                 continue
+            sessions = self._sessions
+            if not changed or sessions is None:
+                continue
             for username in sorted(changed):
-                ended = 0 if self._sessions is None else self._sessions.end_user(username)
+                ended = sessions.end_user(username)
                 self.sessions_ended += ended
                 _LOG.info("ops user %s was removed or changed: %d sessions ended", username, ended)
+            # wake their open pages now (as a logout does), not at the next heartbeat
+            for subscription, session_id in tuple(self._streams.items()):
+                if sessions.peek(session_id) is None:
+                    subscription.close()

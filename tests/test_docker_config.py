@@ -600,6 +600,14 @@ def _services_with_env() -> Iterator[tuple[str, dict[str, Any]]]:
         {**EXAMPLE_ENV, "EMQX_COOKIE": "c", "EMQX_LICENSE_KEY": "k"},
     )
     yield from ((f"emqx:{n}", s) for n, s in emqx["services"].items())
+    # the other overlays shipped beside it
+    for overlay in sorted(DOCKER.glob("compose.*.yaml")):
+        if overlay.name == "compose.emqx.yaml":
+            continue
+        text = overlay.read_text(encoding="utf-8")
+        extra = {name: "x" for name in re.findall(rf"\$\{{({_NAME})", text)}
+        model = render(text, {**extra, **EXAMPLE_ENV})
+        yield from ((f"{overlay.name}:{n}", s) for n, s in model["services"].items())
 
 
 def test_every_fixloop_variable_is_a_real_setting(
