@@ -29,7 +29,7 @@ import logging
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
@@ -53,21 +53,15 @@ from dashboard.auth import (
     has_role,
 )
 from dashboard.feed import CaseFeed
-from dashboard.fleet import (
-    LEVELS,
-    FleetCache,
-    FleetHealth,
-    Snapshot,
-    fleet_health,
-    health_timeline,
-    overview,
-)
+from dashboard.fleet import LEVELS, FleetCache, FleetHealth, Snapshot, fleet_health, overview
+from dashboard.history import STEP_S, HealthHistory, bucketed
 from dashboard.keys import (
     ACTIONS_KEY,
     CACHE_KEY,
     CAMPAIGN_KEY,
     CLOCK_KEY,
     FEED_KEY,
+    HISTORY_KEY,
     INFLUX_KEY,
     LIMITER_KEY,
     MEASUREMENTS_KEY,
@@ -1108,62 +1102,31 @@ def _chart_days(request: web.Request, default: int) -> int:
 
 
 async def _health_chart(request: web.Request) -> charts.Table:
-    """Devices per level in each bucket of a range (``range=24h``, or ``start``/``end``)."""
+    """Devices per level in each bucket of a range (``range=24h``, or ``start``/``end``).
+
+    Each bucket holds the mean over the counted steps in it (:mod:`dashboard.history`);
+    a bucket is never narrower than a step.
+    """
     app = request.app
-    settings, cache, influx = app[SETTINGS_KEY], app[CACHE_KEY], app[INFLUX_KEY]
+    settings, history = app[SETTINGS_KEY], app[HISTORY_KEY]
     start, end = _time_range(request, app[CLOCK_KEY]())
-    width_s = influxql.bucket_s(start, end, _CHART_POINTS)
+    width_s = max(influxql.bucket_s(start, end, _CHART_POINTS), STEP_S)
     meta = {
         "start": _iso(start),
         "end": _iso(end),
         "bucket_s": width_s,
+        "step_s": STEP_S,
         "silent_after_s": settings.silent_after_s,
-        "available": influx is not None,
+        "available": history is not None,
     }
-    if influx is None:
+    if history is None:
         return charts.Table("fleet-health", _HEALTH_COLUMNS, [], meta)
-    measurements = app[MEASUREMENTS_KEY]
-
-    async def compute() -> charts.Table:
-        width_ms = width_s * 1000
-        first_bucket = int(start.timestamp() * 1000) // width_ms * width_ms
-        # read back far enough that a score before the range still counts in its start
-        held = math.ceil(settings.silent_after_s * 1000 / width_ms)
-        read_from = first_bucket - held * width_ms
-        starts = list(range(read_from, int(end.timestamp() * 1000), width_ms))
-        points, first, snapshot = await asyncio.gather(
-            influxql.score_buckets(
-                influx,
-                datetime.fromtimestamp(read_from / 1000, UTC),
-                end,
-                width_s,
-                measurements=measurements,
-            ),
-            influxql.first_scores(influx, measurements=measurements),
-            cache.snapshot(),
-        )
-        counts = await asyncio.to_thread(
-            health_timeline,
-            starts,
-            width_ms,
-            points,
-            first,
-            snapshot.devices.keys(),
-            healthy_below=settings.healthy_below,
-            anomalous_from=settings.anomalous_from,
-            silent_after_s=settings.silent_after_s,
-        )
-        rows = [
-            (_iso_ms(starts[i]), *(counts[level][i] for level in LEVELS))
-            for i in range(held, len(starts))
-        ]
-        return charts.Table("fleet-health", _HEALTH_COLUMNS, rows, meta)
-
-    query = request.query
-    key = ("chart", "fleet-health", query.get("range"), query.get("start"), query.get("end"))
-    # a range read from InfluxDB follows no feed: kept for a while, at most 6 * cache_s
-    table: charts.Table = await cache.kept_for(key, settings.cache_s * 6, compute)
-    return table
+    steps = await history.counts(start, end)
+    rows = [
+        (_iso_ms(bucket), *means)
+        for bucket, means in bucketed(steps, int(start.timestamp() * 1000), width_s * 1000)
+    ]
+    return charts.Table("fleet-health", _HEALTH_COLUMNS, rows, meta)
 
 
 async def _cases_chart(request: web.Request) -> charts.Table:
@@ -1468,7 +1431,7 @@ def create_app(
     )
     app[FEED_KEY] = live
     app[STREAMS_KEY] = {}
-    app[CACHE_KEY] = FleetCache(
+    cache = app[CACHE_KEY] = FleetCache(
         store,
         influx,
         live,
@@ -1476,6 +1439,23 @@ def create_app(
         measurements=names,
         clock=clock,
         heard_window_s=max(86_400.0, 4 * config.silent_after_s),
+    )
+
+    async def registry() -> Collection[str]:
+        return (await cache.snapshot()).devices.keys()
+
+    app[HISTORY_KEY] = (
+        None
+        if influx is None
+        else HealthHistory(
+            influx,
+            registry,
+            silent_after_s=config.silent_after_s,
+            healthy_below=config.healthy_below,
+            anomalous_from=config.anomalous_from,
+            clock=clock,
+            measurements=names,
+        )
     )
     app[CLOCK_KEY] = clock
     app[SETTINGS_KEY] = config

@@ -42,7 +42,7 @@ import logging
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -77,8 +77,6 @@ _MAX_AGE_FACTOR: Final = 3
 #: Up to this many changed cases, their ratings and visits are looked up one by one;
 #: past it, all ratings and visits are read again (two queries).
 _LOOKUPS: Final = 32
-#: Results kept by :meth:`FleetCache.kept_for` at most (the oldest goes first).
-_TIMED_KEEP: Final = 32
 #: A device's health levels, best first; ``silent``: not heard from lately,
 #: ``unknown``: no score yet (never heard from, or heard but not scored).
 LEVELS: Final = ("healthy", "watch", "anomalous", "silent", "unknown")
@@ -205,8 +203,6 @@ class FleetCache:
         self._measurements = measurements
         self._clock = clock or (lambda: datetime.now(UTC))
         self._heard_window_s = heard_window_s
-        self._timed: dict[Hashable, tuple[float, Any]] = {}
-        self._timed_locks: dict[Hashable, asyncio.Lock] = {}
         self._effective: tuple[Mapping[str, DeviceRecord], Mapping[str, Any], Any] | None = None
         self._snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()
@@ -405,34 +401,6 @@ class FleetCache:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-    async def kept_for(
-        self, key: Hashable, max_age_s: float, compute: Callable[[], Awaitable[_T]]
-    ) -> _T:
-        """``await compute()``, kept for ``max_age_s`` under ``key`` (one compute at a time).
-
-        For answers read from InfluxDB over a time range (the fleet's health over time):
-        they follow neither the feed nor the snapshot, only time.
-        """
-        held = self._timed.get(key)
-        if held is not None and time.monotonic() - held[0] < max_age_s:
-            kept: _T = held[1]
-            return kept
-        lock = self._timed_locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            held = self._timed.get(key)
-            if held is not None and time.monotonic() - held[0] < max_age_s:
-                again: _T = held[1]
-                return again
-            started = time.monotonic()
-            value = await compute()
-            self._timed.pop(key, None)
-            self._timed[key] = (started, value)
-            while len(self._timed) > _TIMED_KEEP:
-                oldest = next(iter(self._timed))
-                del self._timed[oldest]
-                self._timed_locks.pop(oldest, None)
-            return value
 
     def derived(self, snapshot: Snapshot, key: Hashable) -> Any:
         """A result computed from ``snapshot`` before (``None`` if not)."""

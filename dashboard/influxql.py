@@ -54,11 +54,14 @@ class Measurements:
         telemetry: device readings.
         health: anomaly scores.
         events: device events.
+        fleet_health: the fleet's devices per level in each step, kept by the dashboard
+            itself (:mod:`dashboard.history`).
     """
 
     telemetry: str = TELEMETRY_MEASUREMENT
     health: str = HEALTH_MEASUREMENT
     events: str = EVENTS_MEASUREMENT
+    fleet_health: str = "fleet_health"
 
 
 @dataclass(frozen=True, slots=True)

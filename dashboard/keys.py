@@ -15,6 +15,7 @@ from aiohttp import web
 from dashboard.auth import LoginLimiter, SessionStore, UserStore
 from dashboard.feed import CaseFeed, Subscription
 from dashboard.fleet import FleetCache
+from dashboard.history import HealthHistory
 from dashboard.influxql import Measurements
 from dashboard.ops import CampaignStarter
 from dashboard.settings import DashboardSettings
@@ -28,6 +29,7 @@ __all__ = [
     "CAMPAIGN_KEY",
     "CLOCK_KEY",
     "FEED_KEY",
+    "HISTORY_KEY",
     "INFLUX_KEY",
     "LIMITER_KEY",
     "MEASUREMENTS_KEY",
@@ -58,6 +60,8 @@ FEED_KEY: Final = web.AppKey("feed", CaseFeed)
 STREAMS_KEY: Final = web.AppKey[dict[Subscription, str]]("streams")
 #: Short-lived cache of fleet-wide reads.
 CACHE_KEY: Final = web.AppKey("cache", FleetCache)
+#: The fleet's health per step over time (``None``: no InfluxDB, no such chart).
+HISTORY_KEY: Final = web.AppKey[HealthHistory | None]("history")
 #: The wall clock (UTC-aware).
 CLOCK_KEY: Final = web.AppKey[Callable[[], datetime]]("clock")
 #: The dashboard's settings.
