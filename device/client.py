@@ -295,7 +295,7 @@ class Device:
 
     # -- registration -------------------------------------------------------------------
     def on_command(
-        self, action: CommandAction, handler: CommandHandler, *, interlocked: bool | None = None
+        self, action: CommandAction, handler: CommandHandler, *, interlocked: bool = True
     ) -> None:
         """Handle ``action`` with ``handler``.
 
@@ -303,19 +303,18 @@ class Device:
             action: one of the contract's actions.
             handler: does the command; raise :class:`~device.errors.CommandError` to
                 answer ``ok: false`` with its message.
-            interlocked: run the interlocks first; by default for the actions that
-                interrupt use (restart, firmware update, cleaning cycle).
+            interlocked: pass the interlocks that guard ``action`` first (see
+                :meth:`add_interlock`); ``False`` skips them for this handler.
 
         Raises:
             ContractError: ``action`` is not one of the contract's actions.
         """
         if action not in COMMAND_ACTIONS:
             raise ContractError("bad_command", f"unknown action {action!r}")
-        guarded = action in INTERRUPTING_ACTIONS if interlocked is None else interlocked
-        self._handlers[action] = (handler, guarded)
+        self._handlers[action] = (handler, interlocked)
 
     def command(
-        self, action: CommandAction, *, interlocked: bool | None = None
+        self, action: CommandAction, *, interlocked: bool = True
     ) -> Callable[[CommandHandler], CommandHandler]:
         """Decorator form of :meth:`on_command`."""
 
@@ -328,7 +327,11 @@ class Device:
     def add_interlock(
         self, check: Interlock, actions: Iterable[CommandAction] = INTERRUPTING_ACTIONS
     ) -> None:
-        """Guard ``actions`` with ``check``: it returns a :class:`Refusal` when unsafe now."""
+        """Guard ``actions`` with ``check``: it returns a :class:`Refusal` when unsafe now.
+
+        By default the actions that interrupt use: restart, firmware update, cleaning
+        cycle. A check that raises refuses too (without a refusal code).
+        """
         wanted = frozenset(actions)
         unknown = sorted(wanted - COMMAND_ACTIONS)
         if unknown:
@@ -812,11 +815,10 @@ class Device:
         firmware = self._firmware if action == "firmware_update" else None
         if registered is None and firmware is None:
             return CommandResult(False, f"this device does not do {action}"), {}
-        guarded = action in INTERRUPTING_ACTIONS if registered is None else registered[1]
-        if guarded:
-            refusal = self._refusal(action)
-            if refusal is not None:
-                return CommandResult(False, refusal.detail, refusal.code), {}
+        if registered is None or registered[1]:
+            refused = self._refusal(action)
+            if refused is not None:
+                return refused, {}
         state: dict[str, object | None] = {}
         try:
             if registered is not None:
@@ -834,17 +836,18 @@ class Device:
             state["reset_reason"] = "restart_command"
         return result, state
 
-    def _refusal(self, action: str) -> Refusal | None:
+    def _refusal(self, action: str) -> CommandResult | None:
         for check, actions in self._interlocks:
             if action not in actions:
                 continue
             try:
                 refusal = check()
             except Exception:
+                # unknown is not safe; no refusal code, as none of them is the reason
                 _LOG.exception("%s: an interlock failed; refusing %s", self.device_id, action)
-                return Refusal("mid_cycle", "the device could not check that it is safe now")
+                return CommandResult(False, "refused: the device could not check it is safe now")
             if refusal is not None:
-                return refusal
+                return CommandResult(False, refusal.detail, refusal.code)
         return None
 
     # -- connection ---------------------------------------------------------------------

@@ -416,10 +416,18 @@ async def test_interlocks_refuse_in_the_contracts_words(
     device_id = DEVICE_IDS[1]
     washer = Washer()
     dev = washer.attach(Device(device_settings(broker, device_id, tmp_path / "device")))
+    settings_applied: list[Command] = []
+
+    def broken_sensor() -> Refusal | None:
+        raise OSError("the door sensor does not answer")
+
+    dev.add_interlock(broken_sensor, ["config_set"])
+    dev.on_command("config_set", lambda c: settings_applied.append(c) or CommandResult(True))
     dev.start()
     try:
         assert await asyncio.to_thread(dev.wait_connected, 10)
         async with CommandChannel(service_mqtt(broker), client_id="test-commands") as channel:
+            unsure = await channel.send(device_id, "config_set", {"eco": True}, timeout_s=20)
             washer.door_open = True
             door = await channel.send(device_id, "restart", timeout_s=20)
             washer.door_open, washer.washing = False, True
@@ -439,6 +447,10 @@ async def test_interlocks_refuse_in_the_contracts_words(
     assert (unknown.ok, unknown.detail) == (False, "this device does not do cleaning_cycle")
     assert done.ok is True
     assert washer.restarts == [done.command_id]
+    # an interlock that cannot tell refuses, without claiming a reason it does not know
+    assert (unsure.ok, unsure.code) == (False, None)
+    assert unsure.detail == "refused: the device could not check it is safe now"
+    assert settings_applied == []
 
 
 async def test_a_repeated_command_id_is_answered_once(
