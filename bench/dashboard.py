@@ -2,13 +2,15 @@
 
 Seeds a SQLite case store with a fleet (devices, owners, cases across the lifecycle with
 their audit trails, ratings, appointments, person-needed tasks) and a private influxd with
-a latest anomaly score for every device and a month of telemetry and scores at 10-minute
-resolution for a sample of devices (all 10,000 at full rate would take hours to write
-here; the chart queries read one device at a time, so the sample's size does not change
-their cost). Then it serves the dashboard on 127.0.0.1 and times the API answers over
-repeated requests (p50/p95), each next to references measured in the same run: the
-round trip of a trivial handler (``/ops/api/ping``, same login and middleware) and the
-raw InfluxDB query behind the answer. Fleet-wide answers are timed with the dashboard's
+a day of anomaly scores at 10-minute resolution for every device (what the fleet-health
+chart reads; one device in fifty stopped two hours ago), a boot event from every device
+(a twentieth of them booted a newer firmware lately), and a month of telemetry and scores
+at 10-minute resolution for a sample of devices (all 10,000 for a month would take hours
+to write here; the device chart queries read one device at a time, so the sample's size
+does not change their cost). Then it serves the dashboard on 127.0.0.1 and times the API
+answers over repeated requests (p50/p95), each next to references measured in the same
+run: the round trip of a trivial handler (``/ops/api/ping``, same login and middleware)
+and the raw InfluxDB query behind the answer. Fleet-wide answers are timed with the dashboard's
 cache (the default, ``cache_s=5``); with a case change before every request, written to
 the store and published on the live feed as the owner loop does (a case moved to its
 next state, every tenth a new case; the change itself is not timed, the dashboard
@@ -20,6 +22,7 @@ Usage::
 
     python bench/dashboard.py                        # 10,000 devices, 200 with a month
     python bench/dashboard.py --devices 2000 --sampled 50 --requests 30
+    python bench/dashboard.py --modes default        # only the cache-on section
 """
 
 from __future__ import annotations
@@ -42,14 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aiohttp
 from aiohttp import web
 
+from dashboard import influxql
 from dashboard.app import create_app
 from dashboard.auth import OpsUser, hash_password
 from dashboard.feed import CaseFeed
-from dashboard.keys import CACHE_KEY
+from dashboard.keys import CACHE_KEY, HISTORY_KEY
 from dashboard.settings import DashboardSettings
 from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import point_line
+from gateway.lineproto import event_to_line, point_line
+from gateway.protocol import Event
 from notifier.errors import ConflictError
 from notifier.model import (
     TRANSITIONS,
@@ -224,13 +229,13 @@ async def seed_store(store: SqliteStore, devices: list[DeviceRecord]) -> dict[st
 
 
 async def seed_influx(
-    influx: InfluxClient, devices: list[DeviceRecord], sampled: int, days: int
+    influx: InfluxClient, devices: list[DeviceRecord], sampled: int, days: int, hours: int
 ) -> dict[str, int]:
     rng = random.Random(3)
     start = NOW - timedelta(days=days)
     step = timedelta(minutes=10)
     steps = int(timedelta(days=days) / step)
-    written = {"telemetry": 0, "health": 0}
+    written = {"telemetry": 0, "health": 0, "boots": 0}
     batch: list[bytes] = []
 
     async def flush() -> None:
@@ -274,17 +279,30 @@ async def seed_influx(
             written["health"] += 1
             if len(batch) >= 20_000:
                 await flush()
-    at_ms = int((NOW - timedelta(minutes=1)).timestamp() * 1000)
-    for device in devices[sampled:]:
-        batch.append(
-            point_line(
-                "health",
-                {"device": device.device_id},
-                {"score": round(rng.betavariate(1.2, 6), 4), "baseline": 0.1, "fleet": 0.12},
-                at_ms,
+    last = NOW - timedelta(minutes=1)
+    for n, device in enumerate(devices[sampled:]):
+        end = last - timedelta(hours=2) if n % 50 == 0 else last
+        for i in range(hours * 6):
+            batch.append(
+                point_line(
+                    "health",
+                    {"device": device.device_id},
+                    {"score": round(rng.betavariate(1.2, 6), 4), "baseline": 0.1, "fleet": 0.12},
+                    int((end - i * step).timestamp() * 1000),
+                )
             )
-        )
-        written["health"] += 1
+            written["health"] += 1
+        if len(batch) >= 20_000:
+            await flush()
+    for n, device in enumerate(devices):
+        versions = MODELS[device.model][0]
+        boots = [(start, device.firmware or versions[0])]
+        if n % 20 == 0:
+            boots.append((NOW - timedelta(hours=3), versions[-1]))  # updated lately
+        for seq, (at, firmware) in enumerate(boots):
+            event = Event(device.device_id, seq, int(at.timestamp() * 1000), "boot", code=firmware)
+            batch.append(event_to_line(event))
+            written["boots"] += 1
         if len(batch) >= 20_000:
             await flush()
     await flush()
@@ -416,7 +434,7 @@ async def bench(args: argparse.Namespace) -> None:
             counts = await seed_store(store, devices)
             store_s = time.perf_counter() - started
             started = time.perf_counter()
-            points = await seed_influx(influx, devices, args.sampled, args.days)
+            points = await seed_influx(influx, devices, args.sampled, args.days, args.hours)
             influx_s = time.perf_counter() - started
             print(
                 f"fleet: {len(devices):,} devices, {counts['owners']:,} owners, "
@@ -426,8 +444,9 @@ async def bench(args: argparse.Namespace) -> None:
             )
             print(
                 f"telemetry: {args.days} days at 10-minute resolution for {args.sampled} "
-                f"devices ({points['telemetry']:,} readings, 4 metrics each) and scores "
-                f"({points['health']:,}, the latest for all {len(devices):,} devices); "
+                f"devices ({points['telemetry']:,} readings, 4 metrics each), scores "
+                f"({points['health']:,}: those and {args.hours} h at 10-minute resolution "
+                f"for the other devices), {points['boots']:,} boot events; "
                 f"written in {influx_s:.1f} s"
             )
             print(
@@ -438,12 +457,14 @@ async def bench(args: argparse.Namespace) -> None:
             sampled = [d.device_id for d in devices[: args.sampled]]
             rng = random.Random(5)
             month_start = (NOW - timedelta(days=args.days)).isoformat()
-            modes = (
+            modes: tuple[tuple[float, str, str], ...] = (
                 (5.0, "", "cache on (default, 5 s)"),
                 (5.0, "case", "cache on, a case change on the feed before every request"),
                 (5.0, "touch", "cache on, a change without a case (touch) before every request"),
                 (0.0, "", "cache off"),
             )
+            if args.modes == "default":
+                modes = modes[:1]
             for cache_s, churn, label in modes:
                 feed = CaseFeed()
                 changes = CaseChanges(store, feed, await store.cases(limit=10_000_000), devices)
@@ -507,11 +528,19 @@ async def bench(args: argparse.Namespace) -> None:
                             ("insight", "/ops/api/insight"),
                             ("person-needed queue", "/ops/api/queue"),
                             ("appointments (this week)", "/ops/api/appointments"),
+                            ("chart: fleet health, 24 h", "/ops/api/charts/fleet-health"),
+                            ("chart: fleet health, 24 h, CSV", "/ops/api/charts/fleet-health.csv"),
+                            ("chart: cases per day, 30 d", "/ops/api/charts/cases"),
+                            ("chart: fixes per day, 30 d", "/ops/api/charts/fixes"),
+                            ("chart: failure rates", "/ops/api/charts/failure-rates"),
                         ):
+                            started = time.perf_counter()
                             body = await get(path)()
+                            first_ms = (time.perf_counter() - started) * 1000
                             sizes[name] = len(body)
                             samples = await timed(get(path), args.requests, before)
-                            print(row(name, samples, f"{len(body) / 1024:.0f} KiB"))
+                            note = f"{len(body) / 1024:.0f} KiB, first request {first_ms:.0f} ms"
+                            print(row(name, samples, note))
                         month = await timed(device_month, args.requests, before)
                         sample = await device_month()
                         n_points = len(sample["telemetry"]["times_ms"])
@@ -522,6 +551,13 @@ async def bench(args: argparse.Namespace) -> None:
                                 f"{n_points} points/series, bucket {sample['range']['bucket_s']} s",
                             )
                         )
+                        history = app[HISTORY_KEY]
+                        if history is not None:
+                            print(
+                                f"  fleet health steps: {history.computed} counted from scores "
+                                f"in {history.compute_s:.1f} s, {history.loaded} read back "
+                                "from InfluxDB"
+                            )
                         print(
                             f"  full store reads (registry and every case): "
                             f"{cache.store_reads - reads}; feed changes applied to the "
@@ -541,6 +577,29 @@ async def bench(args: argparse.Namespace) -> None:
                                     "  SELECT LAST(score) ... GROUP BY device",
                                     last,
                                     f"{len(devices):,} series",
+                                )
+                            )
+                            day = NOW - timedelta(days=1)
+                            width = influxql.bucket_s(day, NOW, 100)
+
+                            async def signals(day: datetime = day) -> Any:
+                                return await influxql.device_signals(influx, readings_since=day)
+
+                            async def buckets(day: datetime = day, width: int = width) -> Any:
+                                return await influxql.score_buckets(influx, day, NOW, width)
+
+                            print(
+                                row(
+                                    "  signals: scores, readings (1 d), boots",
+                                    await timed(signals, args.requests),
+                                    "3 statements side by side",
+                                )
+                            )
+                            print(
+                                row(
+                                    "  LAST(score) per device and bucket, 24 h",
+                                    await timed(buckets, args.requests),
+                                    f"bucket {width} s",
                                 )
                             )
                             dev = sampled[0]
@@ -569,6 +628,8 @@ def main() -> None:
     parser.add_argument("--sampled", type=int, default=200, help="devices with a month")
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--hours", type=int, default=24, help="hours of scores for every device")
+    parser.add_argument("--modes", choices=("all", "default"), default="all")
     asyncio.run(bench(parser.parse_args()))
 
 
