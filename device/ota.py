@@ -29,7 +29,7 @@ import logging
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final, Protocol
@@ -153,13 +153,13 @@ def parse_update(args: Mapping[str, ArgValue]) -> UpdateRequest:
     return UpdateRequest(version, url, sha256.lower())
 
 
-def _copy(source: BinaryIO, out: BinaryIO, digest: hashlib._Hash, max_bytes: int) -> int:
+def _copy(source: BinaryIO, out: BinaryIO, hash_chunk: Callable[[bytes], None], limit: int) -> int:
     size = 0
     while chunk := source.read(_CHUNK):
         size += len(chunk)
-        if size > max_bytes:
-            raise OtaError(f"the image is larger than {max_bytes} bytes")
-        digest.update(chunk)
+        if size > limit:
+            raise OtaError(f"the image is larger than {limit} bytes")
+        hash_chunk(chunk)
         out.write(chunk)
     return size
 
@@ -191,7 +191,7 @@ def download_image(
             urllib.request.urlopen(request.url, timeout=timeout_s) as response,
             part.open("wb") as out,
         ):
-            size = _copy(response, out, digest, max_bytes)
+            size = _copy(response, out, digest.update, max_bytes)
     except OtaError:
         part.unlink(missing_ok=True)
         raise
