@@ -55,7 +55,7 @@ from notifier.api import (
     _whole,
     _zones,
 )
-from notifier.errors import InvalidRequestError, NotFoundError
+from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.keys import CLOCK_KEY, DEVICE_DATA_KEY, ERASE_MODE_KEY, STORE_KEY
 from notifier.model import ConsentPolicy, Owner, Technician, Window
 from notifier.openapi import Operation, QueryParam, Reply
@@ -218,6 +218,8 @@ class ClaimLimiter:
             tries.failures = max(tries.failures - 1, 0)
             if tries.failures == 0:
                 del self._tries[key]
+            elif tries.failures < self._free[key[0]]:
+                tries.blocked_until = _LONG_AGO  # this attempt's own wait goes with it
 
 
 def _source(request: web.Request) -> str:
@@ -976,6 +978,9 @@ async def _claim(request: web.Request) -> web.Response:
     except NotFoundError as exc:
         # the same answer for a wrong code as for no device: nothing to learn from it
         raise _ApiError(404, "not_found", "no device has this claim code") from exc
+    except ConflictError:
+        onboarding.limiter.succeeded(keys)  # the code was right: no guess to slow down
+        raise
     onboarding.limiter.succeeded(keys)
     (view,) = await _device_views(request, [outcome.record], owner.owner_id)
     return _json(view, 201)

@@ -349,6 +349,25 @@ async def test_wrong_codes_are_refused_and_then_rate_limited(world: World) -> No
     assert int(resp.headers["Retry-After"]) == 120
 
 
+async def test_right_codes_and_conflicts_are_not_counted_as_guesses(world: World) -> None:
+    await _washer_line(world)
+    first = (await _add(world, "W-1"))["claim_code"]
+    second = (await _add(world, "W-2"))["claim_code"]
+
+    async def claim(code: str) -> Any:
+        return await world.call("POST", "/me/devices/claim", who="ana", json={"claim_code": code})
+
+    for _ in range(2):
+        await _err(await claim("ZZZZ-ZZZZ-ZZZZ"), 404)
+    # the third attempt would reach the limit of 3, but the code is right
+    await _ok(await claim(first), 201)
+    for _ in range(3):
+        await _err(await claim(first), 409)
+    await _ok(await claim(second), 201)
+    await _err(await claim("ZZZZ-ZZZZ-ZZZZ"), 404)
+    assert (await claim(second)).status == 429
+
+
 async def test_a_retired_device_cannot_be_claimed(world: World) -> None:
     await _washer_line(world)
     code = (await _add(world, "W-1"))["claim_code"]
