@@ -96,10 +96,21 @@ class Lengths:
     storm_messages: int
     settle_s: float
     drain_max_s: float
+    #: flood: seconds one step of the ramp lasts (sized from the step before)
+    flood_step_s: float
+    #: flood: seconds the flood holds at the broker's limit once the ramp found it
+    flood_hold_s: float
 
 
-QUICK = Lengths(3.0, 1_000, 4.0, 200, 5, 3.0, 40.0)
-FULL = Lengths(15.0, 2_000, 60.0, 1_000, 10, 5.0, 180.0)
+QUICK = Lengths(3.0, 1_000, 4.0, 200, 5, 3.0, 40.0, 1.0, 2.0)
+FULL = Lengths(15.0, 2_000, 60.0, 1_000, 10, 5.0, 180.0, 2.5, 8.0)
+#: flood: most publisher processes the ramp tries, and the gain that is still a rise.
+FLOOD_MAX_PROCS = 16
+FLOOD_GAIN = 1.1
+#: flood: messages of the ramp's first step (one process), before a rate is known.
+FLOOD_FIRST_LINES = 10_000
+#: flood: QoS-1 messages each publisher keeps in flight (mosquitto_pub -M).
+FLOOD_INFLIGHT = 64
 
 
 @dataclass(slots=True)
@@ -119,6 +130,8 @@ class Result:
     lost_window_s: float | None = None
     #: After a broker crash: lost messages the restarted broker had acknowledged.
     lost_after_restart: int | None = None
+    #: Flood: what the flooder and the other devices saw (see :class:`Flood`).
+    flood: dict[str, object] | None = None
 
     def line(self) -> str:
         return (
@@ -161,6 +174,8 @@ class Device:
     base_ms: int
     acked: set[int] = field(default_factory=set)
     acked_at: dict[int, float] = field(default_factory=dict)
+    #: (acknowledged at, seconds from publish to PUBACK) of every acknowledged message
+    latencies: list[tuple[float, float]] = field(default_factory=list)
     next_seq: int = 0
     client: MqttClient | None = None
 
@@ -185,6 +200,7 @@ class Device:
     async def publish(self, seq: int) -> None:
         client = self.client or await self.connect()
         topic = f"devices/{self.device_id}/telemetry"
+        began = time.monotonic()
         try:
             async with asyncio.timeout(10):
                 await client.publish(topic, payload(self.device_id, seq, self.base_ms), qos=1)
@@ -194,16 +210,28 @@ class Device:
                 client.abort()
             return
         self.acked.add(seq)
-        self.acked_at[seq] = time.monotonic()
+        now = self.acked_at[seq] = time.monotonic()
+        self.latencies.append((now, now - began))
 
-    async def run(self, rate: float, until: float, count: int | None = None) -> None:
-        """Publish at ``rate`` msg/s until ``until`` (loop time) or ``count`` messages."""
+    async def run(
+        self,
+        rate: float,
+        until: float,
+        count: int | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """Publish at ``rate`` msg/s until ``until`` (loop time), ``count`` messages or
+        ``stop``."""
         loop = asyncio.get_running_loop()
         window = asyncio.Semaphore(WINDOW)
         tasks: set[asyncio.Task[None]] = set()
         started = loop.time()
         sent = 0
-        while loop.time() < until and (count is None or sent < count):
+        while (
+            loop.time() < until
+            and (count is None or sent < count)
+            and (stop is None or not stop.is_set())
+        ):
             if self.client is None:
                 await self.connect()
             await window.acquire()
@@ -324,6 +352,18 @@ class Stack:
             seqs[series["tags"]["device"]] = set(values)
         return rows, sum(len(s) for s in seqs.values()), seqs
 
+    def metric(self, name: str) -> float:
+        """The gateway's ``fixloop_gateway_<name>`` summed over its labels (``/metrics``)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key.split("{", 1)[0] == f"fixloop_gateway_{name}":
+                total += float(value)
+        return total
+
     def count(self, prefix: str) -> int:
         answer = self.influx.query(
             f"SELECT COUNT(seq) FROM telemetry WHERE device =~ /^{prefix}-/",
@@ -420,6 +460,149 @@ def tally(
     return result
 
 
+def flood_lines(device_id: str, seqs: range, base_ms: int) -> bytes:
+    """:func:`payload` lines for ``seqs``, one per line, built without a JSON encoder."""
+    head = f'{{"v":1,"id":"{device_id}","seq":'
+    return "".join(
+        f'{head}{seq},"ts":{base_ms + seq // 2},"metrics":{{"drum_rpm":{1200 + seq % 7}.0,'
+        f'"water_temp_c":{40 + (seq % 100) / 10},"vibration_rms_g":'
+        f'{round(0.1 + (seq % 13) / 100, 3)},"power_w":{1800 + seq % 50}.0,'
+        f'"door_open":false}}}}\n'
+        for seq in seqs
+    ).encode()
+
+
+def write_flood_lines(path: Path, device_id: str, seqs: range, base_ms: int) -> None:
+    path.write_bytes(flood_lines(device_id, seqs, base_ms))
+
+
+@dataclass(slots=True)
+class Flood:
+    """One device flooding the broker with QoS-1 telemetry, as fast as it takes it.
+
+    The device publishes through ``mosquitto_pub -l`` processes (its user, a client id
+    each), fed from files so no Python sits in the flood's path: the ramp doubles the
+    processes (1, 2, 4 ...; each step sized to last ``flood_step_s`` at the rate of the
+    step before) until the broker's acceptance rate rises by less than ``FLOOD_GAIN``;
+    the flood then holds at the best count for ``flood_hold_s``. A process that exits 0
+    had every line acknowledged (mosquitto_pub waits for the PUBACKs before it
+    disconnects); one that fails counts nothing as sent.
+    """
+
+    device_id: str
+    stack: Stack
+    base_ms: int
+    root: Path
+    acked: set[int] = field(default_factory=set)
+    next_seq: int = 0
+    #: (processes, messages/s the broker acknowledged) of every step
+    steps: list[tuple[int, float]] = field(default_factory=list)
+    failed: int = 0
+    held_s: float = 0.0
+    #: whether the rate stopped rising before FLOOD_MAX_PROCS processes
+    levelled: bool = False
+
+    async def step(self, procs: int, lines: int) -> tuple[float, float]:
+        """Publish ``lines`` per process from ``procs`` processes; (msg/s, seconds)."""
+        broker = self.stack.broker
+        password = device_password(FLEET_SECRET, self.device_id)
+        ranges = [
+            range(self.next_seq + k * lines, self.next_seq + (k + 1) * lines) for k in range(procs)
+        ]
+        self.next_seq += procs * lines
+        files = []
+        for k, seqs in enumerate(ranges):
+            path = self.root / f"flood-{k}.txt"
+            await asyncio.to_thread(write_flood_lines, path, self.device_id, seqs, self.base_ms)
+            files.append(path)
+        command = [
+            "mosquitto_pub", "-h", broker.host, "-p", str(broker.port),
+            "-u", self.device_id, "-P", password, "-t", f"devices/{self.device_id}/telemetry",
+            "-q", "1", "-M", str(FLOOD_INFLIGHT), "-l",
+        ]  # fmt: skip
+        started = time.monotonic()
+        running = []
+        for k, path in enumerate(files):
+            with path.open("rb") as lines_in:
+                running.append(
+                    await asyncio.create_subprocess_exec(
+                        *command, "-i", f"{self.device_id}-p{k}", stdin=lines_in,
+                        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                    )
+                )  # fmt: skip
+        codes = await asyncio.gather(*(proc.wait() for proc in running))
+        took = time.monotonic() - started
+        acked = 0
+        for code, seqs in zip(codes, ranges, strict=True):
+            if code == 0:
+                self.acked.update(seqs)
+                acked += len(seqs)
+            else:
+                self.failed += 1
+        for path in files:
+            path.unlink()
+        return acked / took, took
+
+    async def run(self, lengths: Lengths) -> None:
+        """Ramp up to the broker's limit, then hold there."""
+        best_rate, best_procs, procs, last_rate = 0.0, 1, 1, 0.0
+        while procs <= FLOOD_MAX_PROCS:
+            total = FLOOD_FIRST_LINES if not last_rate else last_rate * lengths.flood_step_s
+            rate, _ = await self.step(procs, max(1, round(total / procs)))
+            self.steps.append((procs, rate))
+            last_rate = rate
+            if rate < best_rate * FLOOD_GAIN:
+                self.levelled = True
+                if rate > best_rate:
+                    best_rate, best_procs = rate, procs
+                break
+            best_rate, best_procs = rate, procs
+            procs *= 2
+        per_proc = max(1, round(best_rate * lengths.flood_hold_s / best_procs))
+        rate, self.held_s = await self.step(best_procs, per_proc)
+        self.steps.append((best_procs, rate))
+
+    @property
+    def limit(self) -> float:
+        """The broker's acceptance rate for the flooder: the best step's."""
+        return max((rate for _, rate in self.steps), default=0.0)
+
+
+def p99_ms(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] if ordered else 0.0
+
+
+async def flood_scenario(
+    stack: Stack, lengths: Lengths, devices: list[Device], base_ms: int
+) -> tuple[Flood, str]:
+    """A device floods at the broker's limit while the others publish at their pace."""
+    flooder, others = devices[0], devices[1:]
+    flood = Flood(flooder.device_id, stack, base_ms, stack.root)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    per_device = lengths.rate / 2 / len(others)
+    publishing = asyncio.gather(*(d.run(per_device, loop.time() + 600, stop=stop) for d in others))
+    try:
+        await asyncio.sleep(1.0)  # the others alone: their PUBACK latency without a flood
+        flood_began = time.monotonic()
+        await flood.run(lengths)
+    finally:
+        stop.set()
+        await publishing
+    alone = [lat for d in others for at, lat in d.latencies if at < flood_began]
+    during = [lat for d in others for at, lat in d.latencies if at >= flood_began]
+    steps = ", ".join(f"{procs}: {rate:,.0f}" for procs, rate in flood.steps)
+    note = (
+        f"(flood at the broker's limit, {flood.limit:,.0f} msg/s"
+        + ("" if flood.levelled else f", still rising at {FLOOD_MAX_PROCS} processes")
+        + f"; processes: msg/s {steps}; "
+        f"held {flood.held_s:.1f} s; others' PUBACK p99 {p99_ms(alone):.0f} ms alone, "
+        f"{p99_ms(during):.0f} ms in the flood)"
+    )
+    return flood, note
+
+
 async def scenario(
     name: str, stack: Stack, lengths: Lengths, prefix: str, ids: list[str]
 ) -> Result:
@@ -507,9 +690,9 @@ async def scenario(
             finally:
                 os.kill(pid, signal.SIGCONT)
         elif name == "flood":
-            # One device with no pacing: as fast as the broker acknowledges.
-            loop = asyncio.get_running_loop()
-            await devices[0].run(0, loop.time() + seconds)
+            flood, note = await flood_scenario(stack, lengths, devices, base_ms)
+            # the flooder's messages are told apart from the others' by its device id
+            devices[0].acked = flood.acked
         elif name == "restart-storm":
             count = lengths.storm_messages
 
@@ -530,6 +713,14 @@ async def scenario(
             await device.close()
         drain_s = await drain(stack, prefix, devices, lengths)
         result = tally(stack, name, prefix, devices, drain_s, watch, crash_at)
+        if name == "flood":
+            report = result.flood = await asyncio.to_thread(flood_report, stack, devices, flood)
+            note += (
+                f" flooder sent {report['flooder_sent']:,} lost {report['flooder_lost']:,};"
+                f" others sent {report['others_sent']:,} lost {report['others_lost']:,};"
+                f" broker dropped {report['broker_dropped']:,.0f},"
+                f" gateway rejected {report['gateway_rejected']:,.0f}"
+            )
     if mounted is not None:
         await in_thread(stack.stop_gateway)
         stack.spool_dir = stack.root / "spool"
@@ -537,6 +728,27 @@ async def scenario(
         await in_thread(stack.start_gateway)
     result.note = note
     return result
+
+
+def flood_report(stack: Stack, devices: list[Device], flood: Flood) -> dict[str, object]:
+    """What the flooder and the other devices got, and what the broker and gateway counted."""
+    _, _, seqs = stack.stored(devices[0].device_id.rsplit("-", 1)[0])
+    others = devices[1:]
+    return {
+        "limit_msg_s": round(flood.limit),
+        "levelled": flood.levelled,
+        "steps": flood.steps,
+        "flooder_sent": len(flood.acked),
+        "flooder_stored": len(seqs.get(flood.device_id, set())),
+        "flooder_lost": len(flood.acked - seqs.get(flood.device_id, set())),
+        "flooder_failed_processes": flood.failed,
+        "others_sent": sum(len(d.acked) for d in others),
+        "others_lost": sum(len(d.acked - seqs.get(d.device_id, set())) for d in others),
+        # the broker's own count of messages it dropped (its $SYS, every 10 s), and what
+        # the gateway refused: no per-device limit exists to count the flooder against
+        "broker_dropped": stack.metric("broker_dropped_messages"),
+        "gateway_rejected": stack.metric("rejected_total"),
+    }
 
 
 def mount_small_spool(stack: Stack) -> Path | None:
@@ -560,7 +772,7 @@ def device_ids(name: str, lengths: Lengths) -> list[str]:
     if name == "restart-storm":
         return [f"x-{short}-{i:04d}" for i in range(lengths.storm_devices)]
     if name == "flood":
-        return [f"x-{short}-0000"]
+        return [f"x-{short}-{i:04d}" for i in range(5)]  # the flooder and four others
     return [f"x-{short}-{i:04d}" for i in range(4)]
 
 

@@ -92,3 +92,20 @@ def test_a_broker_crash_loses_at_most_its_save_bound(
 
 def test_a_full_spool_disk_turns_health_red(results: dict[str, dict[str, object]]) -> None:
     assert results["spool-full"]["health_503"] is True
+
+
+def test_a_flood_at_the_brokers_limit_costs_the_other_devices_nothing(
+    results: dict[str, dict[str, object]],
+) -> None:
+    flood = results["flood"]["flood"]
+    assert isinstance(flood, dict)
+    # the ramp went on until the broker took no more (or the most processes it tries)
+    procs = [step[0] for step in flood["steps"]]
+    assert procs[:2] == [1, 2], flood  # then doubling, and the hold at the best count
+    assert len(procs) >= 3, flood
+    assert flood["levelled"] or 16 in procs, flood
+    assert flood["flooder_sent"] > 0, flood
+    assert flood["flooder_lost"] == 0, flood
+    assert flood["others_sent"] > 0, flood
+    assert flood["others_lost"] == 0, flood
+    assert flood["broker_dropped"] <= 0, flood  # -1: the broker had not said yet
