@@ -24,8 +24,10 @@ Scenarios: kill -9 of the gateway at several moments, kill -9 of the broker with
 gateway up and with it down (2.5 s after the last acknowledgement, and at once: the
 loss is bounded by the broker's save interval), kill -9 of influxd for a while, the
 spool's disk full (a 1 MiB tmpfs when mounting is permitted, else ``spool_max_bytes``),
-a slow InfluxDB (frozen with SIGSTOP most of the time), a device flooding as fast as the
-broker takes it, and a restart storm of many devices reconnecting at once.
+a slow InfluxDB (frozen with SIGSTOP most of the time), a device flooding at the
+broker's limit (``mosquitto_pub -l`` processes under its user, doubled until the broker
+takes no more) beside four devices at their pace, and a restart storm of many devices
+reconnecting at once.
 
 Usage::
 
