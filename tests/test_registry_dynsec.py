@@ -1,0 +1,96 @@
+"""Devices registered over the admin API get broker accounts at once (dynamic security).
+
+The notifier's onboarding as ``fixloop notifier`` builds it (``service_onboarding``) on
+a broker whose accounts live in Mosquitto's dynamic-security plugin: a device added by
+an ops person logs in with the password derived from the fleet secret, and retiring it
+shuts it out while the broker runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import DYNSEC_ADMIN_PASSWORD, FLEET_SECRET
+from pydantic import SecretStr
+from test_owner_api import ClientFactory, FakeActions, FakeHealth
+
+from fixloop.registry_cli import service_onboarding
+from fixloop.settings import BrokerSettings, Settings, StackSettings
+from fixloop.stack import MosquittoServer
+from gateway.errors import ConfigError
+from gateway.protocol.credentials import device_password
+from gateway.protocol.mqtt import MqttClient
+from gateway.settings import MqttSettings
+from notifier.api import API_PREFIX, create_api
+from notifier.sqlite import SqliteStore
+
+OPS = "tok-ops-dynsec-0123456789abcdef"
+
+
+async def _logs_in(broker: MosquittoServer, device_id: str) -> None:
+    client = MqttClient(
+        broker.host,
+        broker.port,
+        client_id=device_id,
+        username=device_id,
+        password=device_password(FLEET_SECRET, device_id),
+        connect_timeout_s=10,
+    )
+    async with client:
+        await client.publish(f"devices/{device_id}/status", b"online", qos=1)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(tmp_path / "cases.sqlite3") as opened:
+        yield opened
+
+
+async def test_admin_api_issues_and_revokes_broker_accounts(
+    dynsec_mosquitto: MosquittoServer,
+    store: SqliteStore,
+    tmp_path: Path,
+    aiohttp_client: ClientFactory,
+) -> None:
+    broker = dynsec_mosquitto
+    settings = Settings(
+        stack=StackSettings(data_dir=tmp_path, fleet_secret=SecretStr(FLEET_SECRET)),
+        mqtt=MqttSettings(host=broker.host, port=broker.port),
+        broker=BrokerSettings(accounts="dynsec", admin_password=SecretStr(DYNSEC_ADMIN_PASSWORD)),
+    )
+    onboarding = service_onboarding(settings, store)
+    assert onboarding is not None
+    assert onboarding.accounts is not None
+    await store.add_token(OPS, ("ops", "olga"))
+    client = await aiohttp_client(
+        create_api(
+            store=store, actions=FakeActions(store), health=FakeHealth(), onboarding=onboarding
+        )
+    )
+    auth = {"Authorization": f"Bearer {OPS}"}
+    resp = await client.post(
+        f"{API_PREFIX}/admin/product-lines", json={"model": "fridge"}, headers=auth
+    )
+    assert resp.status == 201, await resp.text()
+
+    with pytest.raises(ConfigError, match="not authorized"):
+        await _logs_in(broker, "fridge-F-77")
+    resp = await client.post(
+        f"{API_PREFIX}/admin/devices", json={"model": "fridge", "serial": "F-77"}, headers=auth
+    )
+    assert resp.status == 201, await resp.text()
+    await _logs_in(broker, "fridge-F-77")
+
+    rows = {"devices": [{"model": "fridge", "serial": f"F-{n}"} for n in range(80, 83)]}
+    resp = await client.post(f"{API_PREFIX}/admin/device-imports", json=rows, headers=auth)
+    assert (await resp.json())["added"] == 3
+    for n in range(80, 83):
+        await _logs_in(broker, f"fridge-F-{n}")
+
+    resp = await client.post(f"{API_PREFIX}/admin/devices/fridge-F-77/retire", headers=auth)
+    assert resp.status == 200, await resp.text()
+    with pytest.raises(ConfigError, match="not authorized"):
+        await _logs_in(broker, "fridge-F-77")
+    await _logs_in(broker, "fridge-F-80")
