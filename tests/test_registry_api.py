@@ -517,6 +517,24 @@ async def test_release_leaves_the_next_owner_nothing_of_the_seller(influx_world:
     assert quoting == 0
 
 
+async def test_an_erased_owner_leaves_the_device_claimable_and_unlinked(world: World) -> None:
+    await _washer_line(world)
+    code = (await _add(world, "W-1"))["claim_code"]
+    await _ok(
+        await world.call("POST", "/me/devices/claim", who="ana", json={"claim_code": code}), 201
+    )
+    await _ok(await world.call("DELETE", "/me", who="ana", json={"confirm": "erase"}))
+    with sqlite3.connect(world.db_path) as conn:
+        rows = [str(row) for row in conn.execute("SELECT * FROM audit")]
+    assert any("device_claimed" in row for row in rows)
+    assert not any("o-ana" in row for row in rows)
+    registered = await _ok(await world.call("GET", "/admin/devices/washer-W-1"))
+    assert (registered["state"], registered["owner_id"]) == ("unclaimed", None)
+    await _ok(
+        await world.call("POST", "/me/devices/claim", who="ben", json={"claim_code": code}), 201
+    )
+
+
 # -- invites, technicians, tokens ------------------------------------------------------------
 
 
