@@ -3,11 +3,14 @@
 The notifier's onboarding as ``fixloop notifier`` builds it (``service_onboarding``) on
 a broker whose accounts live in Mosquitto's dynamic-security plugin: a device added by
 an ops person logs in with the password derived from the fleet secret, and retiring it
-shuts it out while the broker runs.
+shuts it out while the broker runs. ``fixloop devices import --random-passwords`` writes
+new passwords for the factory into the labels file.
 """
 
 from __future__ import annotations
 
+import asyncio
+import csv
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from conftest import DYNSEC_ADMIN_PASSWORD, FLEET_SECRET
 from pydantic import SecretStr
 from test_owner_api import ClientFactory, FakeActions, FakeHealth
 
+from fixloop.cli import main
 from fixloop.registry_cli import service_onboarding
 from fixloop.settings import BrokerSettings, Settings, StackSettings
 from fixloop.stack import MosquittoServer
@@ -29,13 +33,13 @@ from notifier.sqlite import SqliteStore
 OPS = "tok-ops-dynsec-0123456789abcdef"
 
 
-async def _logs_in(broker: MosquittoServer, device_id: str) -> None:
+async def _logs_in(broker: MosquittoServer, device_id: str, password: str | None = None) -> None:
     client = MqttClient(
         broker.host,
         broker.port,
         client_id=device_id,
         username=device_id,
-        password=device_password(FLEET_SECRET, device_id),
+        password=password or device_password(FLEET_SECRET, device_id),
         connect_timeout_s=10,
     )
     async with client:
@@ -94,3 +98,31 @@ async def test_admin_api_issues_and_revokes_broker_accounts(
     with pytest.raises(ConfigError, match="not authorized"):
         await _logs_in(broker, "fridge-F-77")
     await _logs_in(broker, "fridge-F-80")
+
+
+def test_import_with_random_passwords_writes_them_for_the_factory(
+    dynsec_mosquitto: MosquittoServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broker = dynsec_mosquitto
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FIXLOOP_STACK__DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FIXLOOP_BROKER__ACCOUNTS", "dynsec")
+    monkeypatch.setenv("FIXLOOP_BROKER__ADMIN_PASSWORD", DYNSEC_ADMIN_PASSWORD)
+    monkeypatch.setenv("FIXLOOP_MQTT__HOST", broker.host)
+    monkeypatch.setenv("FIXLOOP_MQTT__PORT", str(broker.port))
+    assert main(["products", "add", "heat_pump"]) == 0
+    (tmp_path / "pumps.csv").write_text("model,serial\nheat_pump,HP-1\nheat_pump,HP-2\n")
+    code = main(["devices", "import", "pumps.csv", "--labels", "labels.csv", "--random-passwords"])
+    assert code == 0, capsys.readouterr().err
+    with (tmp_path / "labels.csv").open() as f:
+        labels = list(csv.DictReader(f))
+    assert [row["device_id"] for row in labels] == ["heat_pump-HP-1", "heat_pump-HP-2"]
+    for row in labels:
+        assert row["mqtt_password"] != device_password(FLEET_SECRET, row["device_id"])
+        asyncio.run(_logs_in(broker, row["device_id"], row["mqtt_password"]))
+    assert main(["devices", "retire", "heat_pump-HP-2"]) == 0
+    with pytest.raises(ConfigError, match="not authorized"):
+        asyncio.run(_logs_in(broker, "heat_pump-HP-2", labels[1]["mqtt_password"]))
