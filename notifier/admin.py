@@ -528,11 +528,14 @@ class ImportReport(_View):
         added: rows registered.
         failed: rows refused.
         rows: one report a row, in order.
+        without_broker_login: devices registered whose broker account could not be
+            issued (the broker was away): `fixloop devices credentials issue` gives it.
     """
 
     added: int
     failed: int
     rows: list[RowReport]
+    without_broker_login: list[str] = Field(default_factory=list)
 
 
 class InviteView(_View):
@@ -715,8 +718,8 @@ def _report(
 
 async def _register(
     request: web.Request, rows: Sequence[ParsedRow], actor: str
-) -> dict[int, tuple[str | None, list[RowError]]]:
-    """Register the rows that could be read; their outcomes by row."""
+) -> tuple[dict[int, tuple[str | None, list[RowError]]], list[str]]:
+    """Register the rows that could be read; their outcomes by row, devices left without login."""
     onboarding = _onboarding(request)
     key = _key(onboarding)
     ready = [row for row in rows if row.device is not None]
@@ -734,7 +737,7 @@ async def _register(
     if failed:
         # registered all the same; `fixloop devices credentials issue` gives them one
         _LOG.warning("%d devices registered without a broker login", len(failed))
-    return by_row
+    return by_row, failed
 
 
 #: Columns whose error on a well-formed row means the value is taken.
@@ -745,7 +748,7 @@ async def _add_device(request: web.Request) -> web.Response:
     actor = await _ops(request)
     body = await _read_body(request, DeviceRequest)
     row = device_from_fields(1, body.model_dump(exclude_none=True))
-    outcomes = await _register(request, [row], actor)
+    outcomes, _ = await _register(request, [row], actor)
     report = _report([row], outcomes)
     only = report.rows[0]
     if only.status == "failed":
@@ -789,8 +792,9 @@ async def _import_devices(request: web.Request) -> web.Response:
     else:
         body = await _read_body(request, ImportRequest)
         rows = [device_from_fields(i + 1, fields) for i, fields in enumerate(body.devices)]
-    outcomes = await _register(request, rows, actor)
-    return _json(_report(rows, outcomes))
+    outcomes, without_login = await _register(request, rows, actor)
+    report = _report(rows, outcomes)
+    return _json(report.model_copy(update={"without_broker_login": without_login}))
 
 
 _STATES: Final = ("unclaimed", "claimed", "retired")

@@ -99,6 +99,14 @@ async def test_admin_api_issues_and_revokes_broker_accounts(
         await _logs_in(broker, "fridge-F-77")
     await _logs_in(broker, "fridge-F-80")
 
+    # the broker away: registered all the same, and the report says who has no account
+    await asyncio.to_thread(broker.stop)
+    rows = {"devices": [{"model": "fridge", "serial": "F-90"}]}
+    resp = await client.post(f"{API_PREFIX}/admin/device-imports", json=rows, headers=auth)
+    report = await resp.json()
+    assert (resp.status, report["added"]) == (200, 1), report
+    assert report["without_broker_login"] == ["fridge-F-90"]
+
 
 def test_import_with_random_passwords_writes_them_for_the_factory(
     dynsec_mosquitto: MosquittoServer,
