@@ -393,6 +393,7 @@ class _Import:
     accounts: _Accounts
     added: int = 0
     failed: int = 0
+    without_login: int = 0
     seen_ids: dict[str, int] | None = None
     seen_serials: dict[tuple[str, str], int] | None = None
     pending: list[tuple[int, str, str]] = field(default_factory=list)
@@ -455,9 +456,14 @@ async def _import_chunk(
         else:
             state.fail(row.line, outcome.errors)
     passwords: dict[str, str] = {}
-    if state.accounts.enabled:
+    if state.accounts.enabled and added:
         passwords = state.accounts.passwords([o.device_id for _, o in added])
-        await state.accounts.issue_passwords(passwords)
+        try:
+            await state.accounts.issue_passwords(passwords)
+        except FixloopError as exc:
+            # registered already: their labels are written all the same, the accounts wait
+            state.without_login += len(added)
+            _say(f"{state.where}: broker accounts of {len(added)} devices not issued: {exc}")
     for row, outcome in added:
         device = row.device
         assert device is not None
@@ -537,9 +543,18 @@ async def _import(args: argparse.Namespace, settings: Settings) -> int:
         f"devices import: {state.added + state.failed:,} rows: {state.added:,} added, "
         f"{state.failed:,} failed ({seconds:.1f} s)"
         + (f"; claim codes in {args.labels}" if args.labels and state.added else "")
-        + ("; broker accounts issued" if accounts.enabled and state.added else "")
+        + (
+            "; broker accounts issued"
+            if accounts.enabled and state.added and not state.without_login
+            else ""
+        )
     )
-    return 1 if state.failed else 0
+    if state.without_login:
+        _say(
+            f"devices import: {state.without_login:,} devices registered without a broker "
+            "account: give them one with `fixloop devices credentials issue DEVICE_ID`"
+        )
+    return 1 if state.failed or state.without_login else 0
 
 
 async def _add(args: argparse.Namespace, settings: Settings) -> int:

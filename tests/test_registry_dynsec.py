@@ -134,3 +134,16 @@ def test_import_with_random_passwords_writes_them_for_the_factory(
     assert main(["devices", "retire", "heat_pump-HP-2"]) == 0
     with pytest.raises(ConfigError, match="not authorized"):
         asyncio.run(_logs_in(broker, "heat_pump-HP-2", labels[1]["mqtt_password"]))
+
+    # the broker away: the devices are registered and their claim codes kept all the same
+    capsys.readouterr()
+    broker.stop()
+    (tmp_path / "more.csv").write_text("model,serial\nheat_pump,HP-3\n")
+    assert main(["devices", "import", "more.csv", "--labels", "more-labels.csv"]) == 1
+    err = capsys.readouterr().err
+    assert "broker accounts of 1 devices not issued" in err
+    assert "1 devices registered without a broker account" in err
+    with (tmp_path / "more-labels.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["device_id"] == "heat_pump-HP-3"
+    assert row["claim_code"]
