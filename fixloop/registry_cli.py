@@ -524,6 +524,7 @@ async def _import(args: argparse.Namespace, settings: Settings) -> int:
             with path.open(encoding="utf-8-sig", newline="") as f:
                 for chunk in _chunks(read_device_csv(f)):
                     await _import_chunk(registry, state, chunk, key)
+                    sink.flush()  # the chunk is stored: its claim codes must not be lost
                     if shown:
                         done = state.added + state.failed
                         of = f"/{total:,}" if total else ""
