@@ -1105,7 +1105,8 @@ async def _health_chart(request: web.Request) -> charts.Table:
     """Devices per level in each bucket of a range (``range=24h``, or ``start``/``end``).
 
     Each bucket holds the mean over the counted steps in it (:mod:`dashboard.history`);
-    a bucket is never narrower than a step.
+    a bucket is never narrower than a step. ``pending``: steps still being counted (the
+    page asks again until there are none).
     """
     app = request.app
     settings, history = app[SETTINGS_KEY], app[HISTORY_KEY]
@@ -1120,13 +1121,13 @@ async def _health_chart(request: web.Request) -> charts.Table:
         "available": history is not None,
     }
     if history is None:
-        return charts.Table("fleet-health", _HEALTH_COLUMNS, [], meta)
-    steps = await history.counts(start, end)
+        return charts.Table("fleet-health", _HEALTH_COLUMNS, [], {**meta, "pending": 0})
+    steps, pending = await history.counts(start, end)
     rows = [
         (_iso_ms(bucket), *means)
         for bucket, means in bucketed(steps, int(start.timestamp() * 1000), width_s * 1000)
     ]
-    return charts.Table("fleet-health", _HEALTH_COLUMNS, rows, meta)
+    return charts.Table("fleet-health", _HEALTH_COLUMNS, rows, {**meta, "pending": pending})
 
 
 async def _cases_chart(request: web.Request) -> charts.Table:
@@ -1355,6 +1356,9 @@ async def _end_streams(app: web.Application) -> None:
 
 async def _close_cache(app: web.Application) -> None:
     await app[CACHE_KEY].close()
+    history = app[HISTORY_KEY]
+    if history is not None:
+        await history.close()
 
 
 # -- the app ---------------------------------------------------------------------------

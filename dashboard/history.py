@@ -11,6 +11,10 @@ the ``fleet_health`` measurement (fields per level, one point per step): a resta
 dashboard, or another one beside it, reads them instead of counting again. That write
 is best effort: a dashboard that may only read InfluxDB keeps its counts in memory.
 
+No answer waits for a long count: a few missing steps (those closed since the last look)
+are counted before the answer, more (the first look at a range) behind it, newest
+first, while the answer says how many are still ``pending``.
+
 A step is counted once: scores that arrive for it later (a device publishing late) do
 not change it. Over time a device counts as heard of from its first score on.
 """
@@ -18,6 +22,7 @@ not change it. Over time a device counts as heard of from its first score on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -41,6 +46,8 @@ STEP_S: Final = 300
 SETTLE_S: Final = 60
 #: Steps counted per read of scores (an hour): bounds each query.
 _CHUNK_STEPS: Final = 12
+#: Up to this many missing steps are counted before the answer; more, behind it.
+_INLINE_STEPS: Final = 12
 #: Steps kept in memory at most (30 days); older ones are read back when asked for.
 _KEEP_STEPS: Final = 30 * 86_400 // STEP_S
 
@@ -125,6 +132,8 @@ class HealthHistory:
         self._lock = asyncio.Lock()
         self._first: dict[str, int] = {}
         self._first_at_ms = -1
+        self._behind: asyncio.Task[None] | None = None
+        self._queued: list[int] | None = None
         #: Steps counted from scores so far.
         self.computed = 0
         #: Steps read back from the ``fleet_health`` measurement so far.
@@ -133,31 +142,67 @@ class HealthHistory:
         self.write_failures = 0
         #: Seconds spent counting steps from scores so far.
         self.compute_s = 0.0
+        #: Counts behind the answers that failed (InfluxDB unavailable; asked again later).
+        self.fill_failures = 0
 
-    async def counts(self, start: datetime, end: datetime) -> dict[int, Counts]:
-        """Every closed step from the one holding ``start`` up to ``end``, counted.
+    async def counts(self, start: datetime, end: datetime) -> tuple[dict[int, Counts], int]:
+        """Every closed step from the one holding ``start`` up to ``end``, as counted yet.
 
         Returns:
             Step start (epoch ms) to the devices per level (:data:`~dashboard.fleet.LEVELS`
-            order), oldest first; steps not yet closed are left out.
+            order), oldest first, and how many steps are still being counted behind the
+            answer; steps not yet closed are left out.
         """
         step_ms = self._step_ms
         closed_by = min(_ms(end), _ms(self._clock()) - SETTLE_S * 1000)
         first = _ms(start) // step_ms * step_ms
-        wanted = range(first, closed_by - step_ms + 1, step_ms)
-        if any(step not in self._known for step in wanted):
+        wanted = list(range(first, closed_by - step_ms + 1, step_ms))
+        missing = [step for step in wanted if step not in self._known]
+        if missing and len(missing) <= _INLINE_STEPS and not self._lock.locked():
             async with self._lock:
                 missing = [step for step in wanted if step not in self._known]
                 if missing:
                     await self._fill(missing)
-        return {step: self._known[step] for step in wanted if step in self._known}
+        elif missing:
+            self._fill_behind(missing)
+        counted = {step: self._known[step] for step in wanted if step in self._known}
+        return counted, len(wanted) - len(counted)
+
+    def _fill_behind(self, missing: list[int]) -> None:
+        """Count ``missing`` behind the answers (after the count running now, if any)."""
+        if self._behind is not None and not self._behind.done():
+            self._queued = missing
+            return
+        self._behind = asyncio.create_task(self._count_behind(missing))
+
+    async def _count_behind(self, missing: list[int]) -> None:
+        todo: list[int] | None = missing
+        while todo:
+            try:
+                async with self._lock:
+                    todo = [step for step in todo if step not in self._known]
+                    if todo:
+                        await self._fill(todo)
+            except (TransientError, PermanentError) as exc:
+                self.fill_failures += 1
+                _LOG.warning("fleet health not counted (%s); counted when asked again", exc)
+            todo, self._queued = self._queued, None
+
+    async def close(self) -> None:
+        """Stop counting behind the answers (on app cleanup)."""
+        task, self._behind = self._behind, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _fill(self, missing: list[int]) -> None:
         kept = await self._load(missing[0], missing[-1])
         self._known.update(kept)
         self.loaded += len(kept)
         todo = [step for step in missing if step not in self._known]
-        for run in _runs(todo, self._step_ms, _CHUNK_STEPS):
+        # newest first: the recent end of a chart is the one looked at
+        for run in reversed(list(_runs(todo, self._step_ms, _CHUNK_STEPS))):
             started = time.perf_counter()
             counted = await self._compute(run[0], run[-1] + self._step_ms)
             self.compute_s += time.perf_counter() - started

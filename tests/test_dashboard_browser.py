@@ -223,6 +223,10 @@ async def test_an_ops_day_in_the_browser(served: Served, browser: Browser) -> No
     await expect(page.locator("#live")).to_contain_text("live")
     await expect(page.locator("#chart-fleet-health canvas")).to_have_count(1)
     await expect(page.locator("#chart-failure-rates canvas")).to_have_count(1)
+    # the day's health is counted behind the first answer; the page draws it again
+    await expect(page.locator("#chart-fleet-health")).to_have_attribute(
+        "data-pending", "0", timeout=30_000
+    )
     await page.screenshot(path=str(shots / "fleet.png"), full_page=True)
     if os.environ.get("FIXLOOP_UPDATE_SCREENSHOT") == "1":
         (ROOT / "docs").mkdir(exist_ok=True)
@@ -366,7 +370,13 @@ async def test_charts_draw_their_data_and_download_as_csv(served: Served, browse
     # the fleet: ten devices stopped reporting three hours ago and show as silent
     await expect(page.locator("#fleet-silent")).to_have_text("10")
     await expect(page.locator("#by-firmware")).to_contain_text("3.1.0")
+    # the first look at the day counts its steps behind the answer: the chart says how
+    # many are pending and is drawn again until none are
+    await expect(page.locator("#chart-fleet-health")).to_have_attribute(
+        "data-pending", "0", timeout=30_000
+    )
     health = await _chart_data(page, served.url, "fleet-health", "?range=24h")
+    assert health["pending"] == 0
     assert health["columns"] == ["time", "healthy", "watch", "anomalous", "silent", "unknown"]
     await _drawn(page, "chart-fleet-health", health, len(health["columns"]) - 1)
     legend = page.locator("#chart-fleet-health .u-legend")
@@ -384,6 +394,10 @@ async def test_charts_draw_their_data_and_download_as_csv(served: Served, browse
 
     # another range: drawn again from that range's data
     await page.click("#view button:text-is('7d')")
+    await expect(page.locator("#chart-fleet-health")).to_have_attribute("data-query", "?range=7d")
+    await expect(page.locator("#chart-fleet-health")).to_have_attribute(
+        "data-pending", "0", timeout=30_000
+    )
     week = await _chart_data(page, served.url, "fleet-health", "?range=7d")
     await expect(page.locator("#chart-fleet-health")).to_have_attribute(
         "data-points", str(len(week["rows"]))

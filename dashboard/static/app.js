@@ -236,8 +236,13 @@ function chartWidth(box) {
 }
 
 function plot(box, opts, data, rows) {
+  if (box.chart) {  // drawn again (more data): the old one goes
+    box.chart.destroy();
+    state.charts = state.charts.filter((c) => c !== box.chart);
+  }
   box.replaceChildren();
   const chart = new uPlot({ width: chartWidth(box), ...opts }, data, box);
+  box.chart = chart;
   state.charts.push(chart);
   box.dataset.series = String(opts.series.length - 1);
   box.dataset.points = String(rows);
@@ -283,6 +288,17 @@ function drawHealth(box, data) {
     bands: LEVELS.slice(1).map((_, i) => ({ series: [i + 2, i + 1] })),
     axes: [{}, { label: "devices" }],
   }, [xs, ...stacked], data.rows.length);
+  // steps still being counted behind the answer: say so, and draw again when asked anew
+  box.dataset.pending = String(data.pending || 0);
+  if (data.pending > 0) {
+    box.append(h("p", { class: "muted small" }, `Counting ${data.pending} more five-minute steps from the scores…`));
+    setTimeout(() => {
+      if (!box.isConnected) return;
+      api(`/charts/fleet-health${box.dataset.query}`, { background: true })
+        .then((next) => { if (box.isConnected) drawHealth(box, next); })
+        .catch(() => null);
+    }, 2000);
+  }
 }
 
 function drawCases(box, data) {
@@ -349,7 +365,7 @@ async function viewFleet(background) {
   // widths set through the CSSOM (allowed by the page's content security policy)
   for (const seg of bar.children) seg.style.flexGrow = String(Number(seg.dataset.share));
   const heads = ["devices", "healthy", "watch", "anomalous", "silent", "no score", "open cases"];
-  const healthBox = h("div", { class: "chart", id: "chart-fleet-health" });
+  const healthBox = h("div", { class: "chart", id: "chart-fleet-health", dataset: { query: `?range=${range}` } });
   const failureBox = h("div", { class: "chart", id: "chart-failure-rates" });
   drawLater(healthBox, healthData, drawHealth);
   drawLater(failureBox, failureData, drawFailures);
