@@ -541,6 +541,11 @@ def _iso_ms(at_ms: int) -> str:
     return datetime.fromtimestamp(at_ms / 1000, UTC).isoformat()
 
 
+def _heard_window_s(settings: DashboardSettings) -> float:
+    """How far back readings are looked for to learn when a device was last heard from."""
+    return max(86_400.0, 4 * settings.silent_after_s)
+
+
 def _now_ms(request: web.Request) -> int:
     return int(request.app[CLOCK_KEY]().timestamp() * 1000)
 
@@ -710,7 +715,8 @@ async def _device(request: web.Request) -> web.StreamResponse:
     device = await store.get_device(device_id)
     if device is None:
         raise NotFoundError(f"no device {device_id}")
-    start, end = _time_range(request, app[CLOCK_KEY]())
+    now = app[CLOCK_KEY]()
+    start, end = _time_range(request, now)
     influx = app[INFLUX_KEY]
     measurements = app[MEASUREMENTS_KEY]
     cases = await store.cases(device_id=device_id, limit=50)
@@ -722,8 +728,9 @@ async def _device(request: web.Request) -> web.StreamResponse:
     audits = {case.case_id: trail for case, trail in zip(recent, trails, strict=True)}
     series: influxql.DeviceSeries | None = None
     events: list[dict[str, Any]] = []
+    signals = influxql.DeviceSignals(scores={}, heard={}, boots={})
     if influx is not None:
-        series, events = await asyncio.gather(
+        series, events, signals = await asyncio.gather(
             influxql.device_series(
                 influx,
                 device_id,
@@ -733,15 +740,30 @@ async def _device(request: web.Request) -> web.StreamResponse:
                 measurements=measurements,
             ),
             influxql.device_events(influx, device_id, start, end, measurements=measurements),
+            # its newest score, reading and boot: this device's only, not the fleet's
+            influxql.device_signals(
+                influx,
+                readings_since=now - timedelta(seconds=_heard_window_s(app[SETTINGS_KEY])),
+                measurements=measurements,
+                device_id=device_id,
+            ),
         )
     marks = _marks(audits, events, cases, start, end)
     for mark in marks:
         mark["label"] = _mask(mark["label"], secrets)
     # the firmware its newest boot event names, when it has one; its level and last word
-    snapshot = await app[CACHE_KEY].snapshot()
-    boot = snapshot.boots.get(device_id)
-    heard = snapshot.heard.get(device_id)
-    level = (await _health(request, snapshot)).levels.get(device_id, "unknown")
+    boot = signals.boots.get(device_id)
+    heard = signals.heard.get(device_id)
+    settings = app[SETTINGS_KEY]
+    level = fleet_health(
+        {device_id: device},
+        signals.scores,
+        healthy_below=settings.healthy_below,
+        anomalous_from=settings.anomalous_from,
+        heard=signals.heard,
+        now_ms=int(now.timestamp() * 1000),
+        silent_after_s=settings.silent_after_s,
+    ).levels[device_id]
     return _json(
         {
             "device": {
@@ -1442,7 +1464,7 @@ def create_app(
         cache_s=config.cache_s,
         measurements=names,
         clock=clock,
-        heard_window_s=max(86_400.0, 4 * config.silent_after_s),
+        heard_window_s=_heard_window_s(config),
     )
 
     async def registry() -> Collection[str]:
@@ -1459,6 +1481,7 @@ def create_app(
             anomalous_from=config.anomalous_from,
             clock=clock,
             measurements=names,
+            keep_days=config.max_range_days + 1,
         )
     )
     app[CLOCK_KEY] = clock

@@ -48,8 +48,6 @@ SETTLE_S: Final = 60
 _CHUNK_STEPS: Final = 12
 #: Up to this many missing steps are counted before the answer; more, behind it.
 _INLINE_STEPS: Final = 12
-#: Steps kept in memory at most (30 days); older ones are read back when asked for.
-_KEEP_STEPS: Final = 30 * 86_400 // STEP_S
 
 Counts = tuple[int, ...]
 
@@ -107,6 +105,8 @@ class HealthHistory:
         anomalous_from: scores from this on are anomalous.
         clock: the wall clock (UTC-aware).
         measurements: the measurement names (``fleet_health`` holds the counts).
+        keep_days: steps kept in memory at most, in days (older ones go first): at least
+            the longest range asked for, or its oldest steps would go while it is counted.
     """
 
     def __init__(
@@ -119,6 +119,7 @@ class HealthHistory:
         anomalous_from: float,
         clock: Callable[[], datetime],
         measurements: Measurements,
+        keep_days: int = 400,
     ) -> None:
         self._influx = influx
         self._devices = devices
@@ -128,6 +129,7 @@ class HealthHistory:
         self._clock = clock
         self._measurements = measurements
         self._step_ms = STEP_S * 1000
+        self._keep_steps = keep_days * 86_400 // STEP_S + 1
         self._known: dict[int, Counts] = {}
         self._lock = asyncio.Lock()
         self._first: dict[str, int] = {}
@@ -209,8 +211,8 @@ class HealthHistory:
             self._known.update(counted)
             self.computed += len(counted)
             await self._keep(counted)
-        if len(self._known) > _KEEP_STEPS:
-            for step in sorted(self._known)[: len(self._known) - _KEEP_STEPS]:
+        if len(self._known) > self._keep_steps:
+            for step in sorted(self._known)[: len(self._known) - self._keep_steps]:
                 del self._known[step]
 
     async def _load(self, first_ms: int, last_ms: int) -> dict[int, Counts]:

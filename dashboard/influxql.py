@@ -193,6 +193,7 @@ async def device_signals(
     *,
     readings_since: datetime,
     measurements: Measurements = Measurements(),
+    device_id: str | None = None,
 ) -> DeviceSignals:
     """Each device's newest score, when it was last heard from, and its firmware.
 
@@ -205,25 +206,34 @@ async def device_signals(
         influx: the InfluxDB client.
         readings_since: the oldest reading that counts as heard.
         measurements: the measurement names.
+        device_id: only this device's (``None``: every device's).
 
     Returns:
         The signals; a device without a score has none in ``scores``, one never heard
         from none in ``heard``, one without a boot event none in ``boots``.
     """
-    since_ms = _ms(readings_since)
+    only = None if device_id is None else f"device = {quote_string(device_id)}"
+
+    def where(*conditions: str | None) -> str:
+        kept = [c for c in (only, *conditions) if c]
+        return f"WHERE {' AND '.join(kept)} " if kept else ""
+
+    recent = f"time >= {_ms(readings_since)}ms"
+    boot = "kind = 'boot'"
     scores, readings, boots = await asyncio.gather(
         _last_by_device(
-            influx, f"SELECT LAST(score) FROM {quote_ident(measurements.health)} GROUP BY device"
+            influx,
+            f"SELECT LAST(score) FROM {quote_ident(measurements.health)} {where()}GROUP BY device",
         ),
         _last_by_device(
             influx,
             f"SELECT LAST(seq) FROM {quote_ident(measurements.telemetry)} "
-            f"WHERE time >= {since_ms}ms GROUP BY device",
+            f"{where(recent)}GROUP BY device",
         ),
         _last_by_device(
             influx,
             f"SELECT LAST(code) FROM {quote_ident(measurements.events)} "
-            f"WHERE kind = 'boot' GROUP BY device",
+            f"{where(boot)}GROUP BY device",
         ),
     )
     latest: dict[str, tuple[int, float]] = {}

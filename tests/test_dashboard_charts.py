@@ -18,24 +18,29 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pydantic import SecretStr
 from test_dashboard import (
     NOW,
     ClientFactory,
+    Clock,
+    CountingStore,
     World,
     login,
     make_case,
     make_world,
+    ops_users,
     seed_fleet,
 )
 
+from dashboard.app import create_app
 from dashboard.charts import CHARTS, Table, csv_filename, to_csv
 from dashboard.fleet import LEVELS, fleet_health, health_level, health_timeline, with_boot_firmware
 from dashboard.history import HealthHistory, bucketed
 from dashboard.keys import HISTORY_KEY
+from dashboard.settings import DashboardSettings
 from dashboard.stats import cases_by_day, failure_rates, fixes_by_day
 from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
@@ -43,6 +48,7 @@ from gateway.lineproto import event_to_line, point_line
 from gateway.protocol import Event
 from notifier.model import DeviceRecord, Rating
 from notifier.sqlite import SqliteStore
+from notifier.store import CaseStore
 
 MIN_MS = 60_000
 NOW_MS = int(NOW.timestamp() * 1000)
@@ -744,3 +750,40 @@ async def test_a_read_only_influxdb_user_still_gets_the_chart(
         # and asked again, the steps come from memory: nothing counted twice
         assert (await world.client.get("/ops/api/charts/fleet-health?range=1h")).status == 200
         assert history.computed == 11  # 11:00 to 11:50; 11:55 has not settled
+
+
+async def test_a_device_page_reads_its_own_signals_not_the_whole_fleet(
+    aiohttp_client: ClientFactory, store: SqliteStore, influx: InfluxClient
+) -> None:
+    seed = await seed_fleet(store)
+    await _write(
+        influx,
+        [
+            _boot("dev-0003", "3.2.0", NOW - timedelta(hours=5)),
+            _score("dev-0003", 0.9, NOW - timedelta(hours=2)),
+            _reading("dev-0003", 7, NOW - timedelta(minutes=30)),
+            _score("dev-0005", 0.4, NOW - timedelta(minutes=1)),
+        ],
+    )
+    counting = CountingStore(store)
+    app = create_app(
+        store=cast(CaseStore, counting),
+        influx=influx,
+        actions=None,
+        users=ops_users(),
+        clock=Clock(),
+        settings=DashboardSettings(cache_s=0),
+    )
+    client = await aiohttp_client(app)
+    await login(client, "vera")
+    device = (await (await client.get("/ops/api/devices/dev-0003")).json())["device"]
+    # its last reading was half an hour ago: silent, though its last score was anomalous
+    assert device["state"] == "silent"
+    assert device["last_heard_at"] == (NOW - timedelta(minutes=30)).isoformat()
+    assert device["firmware"] == "3.2.0"
+    assert device["firmware_from"] == "boot event"
+    other = (await (await client.get("/ops/api/devices/dev-0005")).json())["device"]
+    assert (other["state"], other["firmware"]) == ("watch", "3.0.1")
+    # neither the registry nor every case was read for it (the cache is off here)
+    assert counting.calls["devices"] == 0
+    assert seed.devices[3].firmware == "3.0.1"  # the registry still says the old one
