@@ -22,7 +22,7 @@ API (for the live engine and any other caller)::
     table.active(slot), table.rows_seen(slot), table.scored_columns(slot)
     table.predictors(slot)  # per column: "fast", "slow", "daily" or "weekly"
     table.threshold         # 1 - alpha: score at or above it is an event when armed
-    table.state_bytes()     # about 1.6 kB per column and 0.6 kB per slot
+    table.state_bytes()     # about 1.4 kB per column and 1 kB per slot
     pickle.dumps(table)     # the whole state is numpy arrays and a frozen config
 
 An event (``out.event``) is what should open a case: a generic "unusual behaviour" with
@@ -50,7 +50,20 @@ How a row is scored, per column (all learnt online, with forgetting, from that s
    long-run spread, so flat stretches cannot make it infinite), widened while the column
    is young (``1 + young / n``), is the signed deviation. Updates are Huber-clipped, so a
    glitch moves the model little while a lasting change is followed.
-3. Two statistics per row: the largest squared deviation over the scored columns, and
+3. Jumps and states, for metrics that switch (on/off, pump state, a fan's speed steps,
+   flow only while heating): a miss of the fast level beyond the Huber bound is a
+   *jump*, counted once however many rows it lasts. Each column learns, with
+   forgetting, the rate of its jumps per row, the log-normal law of their sizes, the
+   levels it dwells at (its *states*, up to four, with their shares of time, learnt
+   outside alerts) and the share of jumps that land somewhere new (taken as none until
+   several have: the first jumps to somewhere new are news, a habit of them is not).
+   A row's deviation is then no larger than its tail probability under "noise, or a
+   jump to a known state, or a jump somewhere new" says (as a Gaussian z), so a switch
+   between known states is not an anomaly while a jump to a level never held is. The
+   levels follow a switch to a known state at once (by its posterior weight), and so
+   does an alert's reference; a column is back to normal, for an alert, in any state
+   it is known to settle at. A column that never jumped is scored as before.
+4. Two statistics per row: the largest squared deviation over the scored columns, and
    the largest of their exponentially smoothed deviations (a small lasting bias), each
    over its own learnt spread. Each is turned into a tail probability by that slot's own
    forgetting histogram of past values (:attr:`~DetectorConfig.forget_rows`), never
@@ -146,6 +159,10 @@ _STATE_ORDER: Final = (
     "cnt_d",
     "prof_w",
     "cnt_w",
+    "last_v",
+    "jump",
+    "jn",
+    "jumping",
 )
 #: State arrays with a column axis (axis 1), widened by :meth:`DetectorTable.add_columns`.
 _COLUMN_STATE: Final = (
@@ -165,6 +182,10 @@ _COLUMN_STATE: Final = (
     "cnt_d",
     "prof_w",
     "cnt_w",
+    "last_v",
+    "jump",
+    "jn",
+    "jumping",
 )
 _BURST_ROWS: Final = 8  # an alert's first rows, kept until it is known to be short
 _ALERT_PROFILE_SHARE: Final = 0.1  # cycle learning while alerting (see _learn_bin)
@@ -174,6 +195,24 @@ _N_BINS: Final = 48  # tail histogram: log10(statistic) from -2 to 6, six bins a
 _LOG_LOW: Final = -2.0
 _PER_DECADE: Final = 6.0
 _MAX_Z: Final = 1000.0
+_JUMP_LOG_SD: Final = 0.5  # least spread of log jump sizes: sizes within ~2x are alike
+_SQRT_HALF: Final = math.sqrt(0.5)
+_JUMP_MEMORY: Final = 50.0  # jumps remembered by the law of their sizes and landings
+_LANDING_PRIOR: Final = 4.0  # jumps counted as landing in known states before any is seen
+_N_STATES: Final = 4  # levels a column is remembered to have settled at (its states)
+# per column, the jump model: rate of jumps per row, mean and variance of the log of
+# their sizes, share of jumps landing somewhere new, then each state's level and share
+_STATE_MIN_SHARE: Final = 0.02  # a state held at least this share of the time is normal
+_J_RATE: Final = 0
+_J_LOG: Final = 1
+_J_LOGVAR: Final = 2
+_J_NEW: Final = 3
+_J_LEVEL: Final = 4
+_J_SHARE: Final = 4 + _N_STATES
+_J_PENDING: Final = 4 + 2 * _N_STATES  # size of the jump under way
+_J_LANDED: Final = 5 + 2 * _N_STATES  # 1 when it went somewhere new
+_J_SIZE: Final = 6 + 2 * _N_STATES
+_SQRT_2_PI: Final = math.sqrt(2.0 / math.pi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +459,177 @@ def _learn_bin(
 
 
 @_compiled
+def _z_of_p(p: float) -> float:
+    """The ``z >= 0`` whose two-sided Gaussian tail ``erfc(z / sqrt 2)`` is ``p``."""
+    if p >= 1.0:
+        return 0.0
+    if p <= 1e-300:
+        return _MAX_Z
+    # Abramowitz & Stegun 26.2.23 as the start, then Newton steps on log erfc
+    t = math.sqrt(-2.0 * math.log(0.5 * p))
+    z = t - (2.515517 + t * (0.802853 + t * 0.010328)) / (
+        1.0 + t * (1.432788 + t * (0.189269 + t * 0.001308))
+    )
+    target = math.log(p)
+    for _ in range(3):
+        z = max(z, 0.0)
+        tail = math.erfc(z * _SQRT_HALF)
+        if tail <= 0.0:
+            break
+        slope = -_SQRT_2_PI * math.exp(-0.5 * z * z) / tail
+        z -= (math.log(tail) - target) / slope
+    return max(z, 0.0)
+
+
+@_compiled
+def _jump_tail(js: Any, x: float, v: float, size: float, spread: float) -> tuple[float, float]:
+    """Tail probability of a row under "noise, or a jump", and the known jumps' share in it.
+
+    ``js`` is a column's jump model, ``x`` the row's miss over the quiet ``spread``,
+    ``size`` its absolute value, ``v`` the value. With probability ``1 - rate`` a row is
+    Gaussian noise. With probability ``rate`` it is a jump (a switch of operating state):
+    to one of the states the column has settled at before (chosen by their shares of
+    time, with the quiet spread around each), or, for a share of jumps learnt from how
+    they landed, to somewhere new with a log-normal size. Returns ``P(as far or farther)``
+    summed over those parts, and the share of it that jumps to known states account for
+    (the posterior weight of "this row switched to a known state").
+    """
+    rate = js[_J_RATE]
+    quiet = (1.0 - rate) * math.erfc(x * _SQRT_HALF)
+    if rate <= 0.0 or size <= 0.0:
+        return quiet, 0.0
+    total_share = 0.0
+    known = 0.0
+    for k in range(_N_STATES):
+        share = js[_J_SHARE + k]
+        if share >= _STATE_MIN_SHARE:
+            total_share += share
+            known += share * math.erfc(abs(v - js[_J_LEVEL + k]) / spread * _SQRT_HALF)
+    if total_share > 0.0:
+        known /= total_share
+    sd = math.sqrt(js[_J_LOGVAR] + _JUMP_LOG_SD * _JUMP_LOG_SD)
+    new = 0.5 * math.erfc((math.log(size) - js[_J_LOG]) / sd * _SQRT_HALF)
+    to_known = rate * (1.0 - js[_J_NEW]) * known
+    total = quiet + to_known + rate * js[_J_NEW] * new
+    if total <= 0.0:
+        return 0.0, 0.0
+    return total, to_known / total
+
+
+@_compiled
+def _mixed(z: float, resid: float, js: Any, v: float, spread: float) -> float:
+    """A deviation ``z`` made no larger than the jump model's tail says (same sign)."""
+    tail, _ = _jump_tail(js, abs(z), v, abs(resid), spread)
+    return math.copysign(min(abs(z), _z_of_p(tail)), z)
+
+
+@_compiled
+def _state_z(js: Any, v: float, spread: float) -> float:
+    """How far ``v`` is from the nearest state the column is known to settle at, as a z."""
+    tail = 0.0
+    for k in range(_N_STATES):
+        if js[_J_SHARE + k] >= _STATE_MIN_SHARE:
+            tail = max(tail, math.erfc(abs(v - js[_J_LEVEL + k]) / spread * _SQRT_HALF))
+    return _z_of_p(tail) if tail > 0.0 else _MAX_Z
+
+
+@_compiled
+def _nearest_state(js: Any, v: float, tolerance: float) -> int:
+    """The remembered state whose level is nearest ``v``, within ``tolerance``; else -1."""
+    best = -1
+    gap = tolerance
+    for k in range(_N_STATES):
+        if js[_J_SHARE + k] > 0.0:
+            d = abs(v - js[_J_LEVEL + k])
+            if d <= gap:
+                best, gap = k, d
+    return best
+
+
+@_compiled
+def _settle(js: Any, v: float, tolerance: float, a_share: float, a_level: float) -> None:
+    """A quiet row: the column is in the state nearest ``v`` (a new one if none is near).
+
+    States' shares of time are learnt with forgetting; a new state takes the place of
+    the one with the least share. A state's level follows slow drift within it.
+    """
+    k = _nearest_state(js, v, tolerance)
+    if k < 0:
+        k = 0
+        for j in range(1, _N_STATES):
+            if js[_J_SHARE + j] < js[_J_SHARE + k]:
+                k = j
+        js[_J_LEVEL + k] = v
+        js[_J_SHARE + k] = 0.0
+    else:
+        js[_J_LEVEL + k] += a_level * (v - js[_J_LEVEL + k])
+    for j in range(_N_STATES):
+        js[_J_SHARE + j] *= 1.0 - a_share
+    js[_J_SHARE + k] += a_share
+
+
+@_compiled
+def _learn_jump(
+    js: Any,
+    jn: Any,
+    jumping: Any,
+    s: int,
+    c: int,
+    v: float,
+    before: float,
+    resid: float,
+    quiet: float,
+    clip: float,
+    a_jump: float,
+    a_level: float,
+    hold: bool,
+) -> float:
+    """Learn a column's jumps from its fast level's miss; return the row's weight.
+
+    A miss beyond ``clip`` quiet spreads starts a jump, counted once however many rows
+    it takes (a level shift is one jump; so is a relaxation toward a new state's level);
+    where it lands (a known state or somewhere new) and its size are learnt, and so is
+    the rate of jumps per row. A quiet row tells which state the column is in.
+
+    Returns the posterior probability, under what was learnt before this row, that the
+    row switched to a known state: how far the levels follow it at once. It is 0 for a
+    column that never jumped, and near 0 for a jump to somewhere new, so that a level
+    shift is not taken as normal at once.
+    """
+    size = abs(resid)
+    tolerance = clip * quiet
+    if abs(v - before) <= tolerance and not hold:
+        # the value dwells: the column is in the state nearest it (learnt outside alerts
+        # only: an alert must not teach that where it went is a normal state)
+        _settle(js, v, tolerance, a_jump, a_level)
+    js[_J_RATE] *= 1.0 - a_jump
+    if size <= tolerance:
+        if jumping[s, c] == 1:
+            # the jump is over: learnt only now, so that the rows of a lasting one are
+            # judged by what was known before it
+            jn[s, c] = min(jn[s, c] + 1, 1_000_000_000)
+            a_size = max(1.0 / jn[s, c], 1.0 / _JUMP_MEMORY)
+            delta = math.log(js[_J_PENDING]) - js[_J_LOG]
+            js[_J_LOG] += a_size * delta
+            js[_J_LOGVAR] = (1.0 - a_size) * (js[_J_LOGVAR] + a_size * delta * delta)
+            # jumps are taken to land in known states until several have shown otherwise:
+            # the first jumps to somewhere new are news, a habit of them is not
+            a_land = max(1.0 / (jn[s, c] + _LANDING_PRIOR), 1.0 / _JUMP_MEMORY)
+            js[_J_NEW] += a_land * (js[_J_LANDED] - js[_J_NEW])
+            js[_J_RATE] += a_jump
+        jumping[s, c] = 0
+        return 0.0
+    w = 0.0
+    if jn[s, c] > 0:
+        _, w = _jump_tail(js, size / quiet, v, size, quiet)
+    if jumping[s, c] == 0:
+        js[_J_PENDING] = size
+        js[_J_LANDED] = 1.0 if _nearest_state(js, v, tolerance) < 0 else 0.0
+    jumping[s, c] = 1
+    return w
+
+
+@_compiled
 def _phase(t: float, period: float, bins: int) -> tuple[int, int, float]:
     """The two profile bins around ``t`` and the weight of the second one."""
     pos = (t % period) / period * bins - 0.5
@@ -466,6 +676,10 @@ def _step_rows(
     cnt_d: Any,
     prof_w: Any,
     cnt_w: Any,
+    last_v: Any,
+    jump: Any,
+    jn: Any,
+    jumping: Any,
     score: Any,
     event: Any,
     up: Any,
@@ -546,6 +760,8 @@ def _step_rows(
             n_eff = min(n_col[s, c], 2 * min_col) if gap else n_col[s, c]
             spread = math.sqrt(err[s, c, best] + fl) * (1.0 + young / n_eff)
             z = (v - pred[best]) / spread
+            if jn[s, c] > 0:
+                z = _mixed(z, v - pred[best], jump[s, c], v, spread)
             z = min(max(z, -_MAX_Z), _MAX_Z)
             dev[r, c] = z
             zc = min(max(z, -clip), clip)
@@ -562,7 +778,12 @@ def _step_rows(
                 if best == 0:
                     # a wandering column may wander from where it was, as a random walk
                     spread_r *= math.sqrt(1.0 + wander * act_rows[s])
-                zr = min(max((v - base) / spread_r, -_MAX_Z), _MAX_Z)
+                zr = (v - base) / spread_r
+                if jn[s, c] > 0:
+                    zr = _mixed(zr, v - base, jump[s, c], v, spread_r)
+                    # a column that switches between states is back to normal in any of them
+                    zr = math.copysign(min(abs(zr), _state_z(jump[s, c], v, spread_r)), zr)
+                zr = min(max(zr, -_MAX_Z), _MAX_Z)
                 ref_i = max(ref_i, zr * zr)
                 zrc = min(max(zr, -clip), clip)
                 smr_new[c] = (1.0 - beta) * smr_new[c] + beta * zrc
@@ -651,6 +872,8 @@ def _step_rows(
             v = x[r, c]
             if math.isnan(v):
                 continue
+            before = last_v[s, c]
+            last_v[s, c] = v
             if n_col[s, c] == 0:
                 # a column is learnt from its first change on (a constant tells nothing)
                 if math.isnan(first[s, c]):
@@ -677,6 +900,27 @@ def _step_rows(
             fl = floor_share * floor_share * lvar[s, c] + 1e-24 * (1.0 + lmean[s, c] ** 2)
             ae = max(a_err, inv)
             aq = max(a_sel, inv)
+            a_jump = max(forget, 1.0 / rows[s])
+            w = 0.0
+            if n > 2:
+                # a jump is told by the fast level's miss; every level follows a known kind
+                quiet = math.sqrt(err[s, c, 0] + fl)
+                resid0 = v - level[s, c, 0]
+                w = _learn_jump(
+                    jump[s, c],
+                    jn,
+                    jumping,
+                    s,
+                    c,
+                    v,
+                    before,
+                    resid0,
+                    quiet,
+                    clip,
+                    a_jump,
+                    a_slow,
+                    hold,
+                )
             for k in range(_N_MODELS):
                 if k == 0:
                     target, rate = v, max(a_fast, inv)
@@ -690,10 +934,17 @@ def _step_rows(
                 bound = clip * math.sqrt(err[s, c, k] + fl) if n > 2 else abs(resid)
                 rc = min(max(resid, -bound), bound)
                 if not hold:
-                    err[s, c, k] = (1.0 - ae) * err[s, c, k] + ae * rc * rc
-                    sel[s, c, k] = (1.0 - aq) * sel[s, c, k] + aq * rc * rc
+                    # a jump is told by the jump model, not by the spread of the noise
+                    err[s, c, k] = (1.0 - ae * (1.0 - w)) * err[s, c, k] + ae * (1.0 - w) * rc * rc
+                    sel[s, c, k] = (1.0 - aq * (1.0 - w)) * sel[s, c, k] + aq * (1.0 - w) * rc * rc
 
                 level[s, c, k] += rate * rc
+                if w > 0.0:
+                    # a switch to a known state is no evidence either way: the levels
+                    # follow it at once, and so does the alert's reference
+                    level[s, c, k] += w * (target - level[s, c, k])
+                    if active[s] >= 1:
+                        ref[s, c, k] += w * (target - ref[s, c, k])
                 if k == 2:
                     g = v - level[s, c, 2] - pd_
                     if min(cnt_d[s, c, d0], cnt_d[s, c, d1]) * a_prof >= _COUNT_UNIT:
@@ -931,6 +1182,10 @@ class DetectorTable:
             "cnt_d": np.zeros((count, c, cfg.day_bins), np.uint8),
             "prof_w": np.zeros((count, c, cfg.week_bins), f4),
             "cnt_w": np.zeros((count, c, cfg.week_bins), np.uint8),
+            "last_v": np.full((count, c), np.nan, f8),
+            "jump": np.zeros((count, c, _J_SIZE), f8),
+            "jn": np.zeros((count, c), np.int32),
+            "jumping": np.zeros((count, c), np.int8),
         }
 
     def _grow(self, count: int) -> None:
@@ -951,6 +1206,11 @@ class DetectorTable:
         self._n_columns = state["n_columns"]
         self._n_slots = state["n_slots"]
         self._state = state["state"]
+        missing = [name for name in _STATE_ORDER if name not in self._state]
+        if missing:
+            # a table pickled before these arrays existed: they start as a new slot's
+            fresh = self._fresh(self._n_slots)
+            self._state.update({name: fresh[name] for name in missing})
 
 
 def config_fields() -> tuple[str, ...]:
