@@ -1467,8 +1467,10 @@ def create_app(
         heard_window_s=_heard_window_s(config),
     )
 
-    async def registry() -> Collection[str]:
-        return (await cache.snapshot()).devices.keys()
+    async def registry() -> tuple[Collection[str], int | None]:
+        snapshot = await cache.snapshot()
+        newest = max((at for at, _ in snapshot.scores.values()), default=None)
+        return snapshot.devices.keys(), newest
 
     app[HISTORY_KEY] = (
         None

@@ -4,12 +4,17 @@ Counting every device's level in every bucket of a range means reading every sco
 it: InfluxDB 1.6 reads about 150,000 points a second on the development machine, so a
 day of a 10,000-device fleet scored every 10 minutes takes some 10 s, and far longer at
 real reporting rates. So the counts are made once per fixed step of :data:`STEP_S`, as
-soon as a step is needed and has closed (:data:`SETTLE_S` after its end, so that scores
-on their way are in), with :func:`~dashboard.fleet.health_timeline` over the step and
-the ``silent_after_s`` before it. Each step's counts are kept in memory and written to
-the ``fleet_health`` measurement (fields per level, one point per step): a restarted
-dashboard, or another one beside it, reads them instead of counting again. That write
-is best effort: a dashboard that may only read InfluxDB keeps its counts in memory.
+soon as a step is needed and has closed (:data:`SETTLE_S` after its end), with
+:func:`~dashboard.fleet.health_timeline` over the step and the ``silent_after_s`` before
+it. A step that ended :data:`SETTLE_S` before the fleet's newest score is *final*: its
+counts are kept in memory and written to the ``fleet_health`` measurement (fields per
+level, one point per step), and a restarted dashboard, or another one beside it, reads
+them instead of counting again. That write is best effort: a dashboard that may only
+read InfluxDB keeps its counts in memory. A later step is *provisional*: shown, never
+written, and counted again once the newest score has moved or after
+:data:`PROVISIONAL_S` (a fleet replaying hours of history, as ``fixloop up`` does, sends
+the scores of past steps after they closed; an outage leaves steps after the newest
+score that a returning fleet may still fill).
 
 No answer waits for a long count: a few missing steps (those closed since the last look)
 are counted before the answer, more (the first look at a range) behind it, newest
@@ -36,14 +41,17 @@ from gateway.errors import PermanentError, TransientError
 from gateway.influx import InfluxClient
 from gateway.lineproto import point_line
 
-__all__ = ["SETTLE_S", "STEP_S", "HealthHistory", "bucketed"]
+__all__ = ["PROVISIONAL_S", "SETTLE_S", "STEP_S", "HealthHistory", "bucketed"]
 
 _LOG = logging.getLogger(__name__)
 
 #: The width of a counted step.
 STEP_S: Final = 300
-#: A step is counted this long after its end, not before.
+#: A step is counted this long after its end, not before; and final once it ended this
+#: long before the fleet's newest score.
 SETTLE_S: Final = 60
+#: A provisional step's counts are used this long at most (while the newest score stays).
+PROVISIONAL_S: Final = 60.0
 #: Steps counted per read of scores (an hour): bounds each query.
 _CHUNK_STEPS: Final = 12
 #: Up to this many missing steps are counted before the answer; more, behind it.
@@ -99,7 +107,8 @@ class HealthHistory:
 
     Args:
         influx: where the scores are read and the counts kept.
-        devices: the registry's device ids now (the devices counted).
+        fleet: the registry's device ids now (the devices counted) and the time of the
+            fleet's newest score (epoch ms; ``None``: no score yet).
         silent_after_s: how long a score keeps a device from being silent.
         healthy_below: scores below this are healthy.
         anomalous_from: scores from this on are anomalous.
@@ -112,7 +121,7 @@ class HealthHistory:
     def __init__(
         self,
         influx: InfluxClient,
-        devices: Callable[[], Awaitable[Collection[str]]],
+        fleet: Callable[[], Awaitable[tuple[Collection[str], int | None]]],
         *,
         silent_after_s: float,
         healthy_below: float,
@@ -122,7 +131,7 @@ class HealthHistory:
         keep_days: int = 400,
     ) -> None:
         self._influx = influx
-        self._devices = devices
+        self._fleet = fleet
         self._silent_after_s = silent_after_s
         self._healthy_below = healthy_below
         self._anomalous_from = anomalous_from
@@ -131,6 +140,8 @@ class HealthHistory:
         self._step_ms = STEP_S * 1000
         self._keep_steps = keep_days * 86_400 // STEP_S + 1
         self._known: dict[int, Counts] = {}
+        # provisional steps: when they were counted (monotonic) and the newest score then
+        self._provisional: dict[int, tuple[float, int | None]] = {}
         self._lock = asyncio.Lock()
         self._first: dict[str, int] = {}
         self._first_at_ms = -1
@@ -159,16 +170,30 @@ class HealthHistory:
         closed_by = min(_ms(end), _ms(self._clock()) - SETTLE_S * 1000)
         first = _ms(start) // step_ms * step_ms
         wanted = list(range(first, closed_by - step_ms + 1, step_ms))
-        missing = [step for step in wanted if step not in self._known]
+        _, newest = await self._fleet()
+        missing = self._missing(wanted, newest)
         if missing and len(missing) <= _INLINE_STEPS and not self._lock.locked():
             async with self._lock:
-                missing = [step for step in wanted if step not in self._known]
-                if missing:
-                    await self._fill(missing)
+                await self._fill(wanted)
         elif missing:
             self._fill_behind(missing)
         counted = {step: self._known[step] for step in wanted if step in self._known}
-        return counted, len(wanted) - len(counted)
+        return counted, len(self._missing(wanted, newest))
+
+    def _missing(self, steps: Sequence[int], newest: int | None) -> list[int]:
+        """The steps not counted, or counted provisionally and due to be counted again."""
+        now = time.monotonic()
+        missing = []
+        for step in steps:
+            if step not in self._known:
+                missing.append(step)
+                continue
+            provisional = self._provisional.get(step)
+            if provisional is not None and (
+                now - provisional[0] >= PROVISIONAL_S or provisional[1] != newest
+            ):
+                missing.append(step)
+        return missing
 
     def _fill_behind(self, missing: list[int]) -> None:
         """Count ``missing`` behind the answers (after the count running now, if any)."""
@@ -182,9 +207,7 @@ class HealthHistory:
         while todo:
             try:
                 async with self._lock:
-                    todo = [step for step in todo if step not in self._known]
-                    if todo:
-                        await self._fill(todo)
+                    await self._fill(todo)
             except (TransientError, PermanentError) as exc:
                 self.fill_failures += 1
                 _LOG.warning("fleet health not counted (%s); counted when asked again", exc)
@@ -198,22 +221,39 @@ class HealthHistory:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _fill(self, missing: list[int]) -> None:
+    async def _fill(self, steps: list[int]) -> None:
+        """Count those of ``steps`` that are missing (read back the kept ones first)."""
+        devices, newest = await self._fleet()
+        missing = self._missing(steps, newest)
+        if not missing:
+            return
         kept = await self._load(missing[0], missing[-1])
-        self._known.update(kept)
+        for step, values in kept.items():
+            self._known[step] = values
+            self._provisional.pop(step, None)
         self.loaded += len(kept)
-        todo = [step for step in missing if step not in self._known]
+        todo = [step for step in missing if step not in kept]
+        final_by = None if newest is None else newest - SETTLE_S * 1000
         # newest first: the recent end of a chart is the one looked at
         for run in reversed(list(_runs(todo, self._step_ms, _CHUNK_STEPS))):
             started = time.perf_counter()
-            counted = await self._compute(run[0], run[-1] + self._step_ms)
+            counted = await self._compute(run[0], run[-1] + self._step_ms, devices)
             self.compute_s += time.perf_counter() - started
-            self._known.update(counted)
             self.computed += len(counted)
-            await self._keep(counted)
+            final: dict[int, Counts] = {}
+            now = time.monotonic()
+            for step, values in counted.items():
+                self._known[step] = values
+                if final_by is not None and step + self._step_ms <= final_by:
+                    final[step] = values
+                    self._provisional.pop(step, None)
+                else:
+                    self._provisional[step] = (now, newest)
+            await self._keep(final)
         if len(self._known) > self._keep_steps:
             for step in sorted(self._known)[: len(self._known) - self._keep_steps]:
                 del self._known[step]
+                self._provisional.pop(step, None)
 
     async def _load(self, first_ms: int, last_ms: int) -> dict[int, Counts]:
         """Counts kept in InfluxDB before (by this dashboard or another)."""
@@ -242,14 +282,16 @@ class HealthHistory:
             self._first_at_ms = read_at
         return self._first
 
-    async def _compute(self, start_ms: int, end_ms: int) -> dict[int, Counts]:
-        """Count the steps in ``[start_ms, end_ms)`` from the scores."""
+    async def _compute(
+        self, start_ms: int, end_ms: int, devices: Collection[str]
+    ) -> dict[int, Counts]:
+        """Count the steps in ``[start_ms, end_ms)`` from the scores of ``devices``."""
         step_ms = self._step_ms
         # a score this far before the first step still keeps its device from being silent
         held = math.ceil(self._silent_after_s * 1000 / step_ms)
         read_from = start_ms - held * step_ms
         steps = list(range(read_from, end_ms, step_ms))
-        points, first, devices = await asyncio.gather(
+        points, first = await asyncio.gather(
             score_buckets(
                 self._influx,
                 datetime.fromtimestamp(read_from / 1000, UTC),
@@ -258,7 +300,6 @@ class HealthHistory:
                 measurements=self._measurements,
             ),
             self._first_heard(end_ms),
-            self._devices(),
         )
         levels = await asyncio.to_thread(
             health_timeline,

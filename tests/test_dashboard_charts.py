@@ -787,3 +787,41 @@ async def test_a_device_page_reads_its_own_signals_not_the_whole_fleet(
     # neither the registry nor every case was read for it (the cache is off here)
     assert counting.calls["devices"] == 0
     assert seed.devices[3].firmware == "3.0.1"  # the registry still says the old one
+
+
+async def test_steps_after_the_newest_score_are_counted_again_when_scores_arrive(
+    aiohttp_client: ClientFactory, store: SqliteStore, influx: InfluxClient
+) -> None:
+    # a fleet replaying its history (``fixloop up`` at full speed): three of the last six
+    # hours are in when the chart is first looked at, the rest arrives after
+    seed = await seed_fleet(store, devices=6)
+
+    def scores(first_k: int, last_k: int, value: float) -> list[bytes]:
+        return [
+            _score(d.device_id, value, NOW - timedelta(minutes=10 * k))
+            for d in seed.devices
+            for k in range(first_k, last_k + 1)
+        ]
+
+    await _write(influx, scores(18, 36, 0.1))  # 06:00 to 09:00
+    world = await make_world(aiohttp_client, store, influx, seed=seed, cache_s=0)
+    await login(world.client, "vera")
+    path = "/ops/api/charts/fleet-health?range=6h"
+    before = {row[0]: row[1:] for row in (await counted(world.client, path))["rows"]}
+    at_ten = (NOW - timedelta(hours=2)).isoformat()
+    assert before[at_ten] == [0.0, 0.0, 0.0, 6.0, 0.0]  # silent: nothing there yet
+    history = _history(world.client.app)
+    assert history.computed == 71
+    # only the steps that ended before the newest score (09:00, less a minute) are kept
+    kept = await influx.query("SELECT * FROM fleet_health")
+    assert sum(len(s.values) for s in kept) == 35  # 06:00 to 08:50
+    assert max(row[0] for s in kept for row in s.values) == int(
+        (NOW - timedelta(hours=3, minutes=10)).timestamp() * 1000
+    )
+
+    await _write(influx, scores(0, 17, 0.8))  # the rest of the replay: anomalous
+    after = {row[0]: row[1:] for row in (await counted(world.client, path))["rows"]}
+    assert after[at_ten] == [0.0, 0.0, 6.0, 0.0, 0.0]
+    assert history.computed == 71 + 36  # the provisional steps, counted again
+    kept = await influx.query("SELECT * FROM fleet_health")
+    assert sum(len(s.values) for s in kept) == 71
