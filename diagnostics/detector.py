@@ -49,34 +49,48 @@ How a row is scored, per column (all learnt online, with forgetting, from that s
 2. The row's error over that predictor's spread (floored at a share of the column's
    long-run spread, so flat stretches cannot make it infinite), widened while the column
    is young (``1 + young / n``), is the signed deviation. Updates are Huber-clipped, so a
-   glitch moves the model little while a lasting change is followed.
+   glitch moves the model little while a lasting change is followed; the spreads'
+   updates are clipped tighter (3.5 spreads), so that a metric that jumps often cannot
+   inflate its noise estimate without end (its jumps are told apart, below).
 3. Jumps and states, for metrics that switch (on/off, pump state, a fan's speed steps,
    flow only while heating): a miss of the fast level beyond the Huber bound is a
    *jump*, counted once however many rows it lasts. Each column learns, with
    forgetting, the rate of its jumps per row, the log-normal law of their sizes, the
    levels it dwells at (its *states*, up to four, with their shares of time, learnt
-   outside alerts) and the share of jumps that land somewhere new (taken as none until
-   several have: the first jumps to somewhere new are news, a habit of them is not).
+   outside alerts; two closer than the jump bound are one) and the share of jumps that
+   land somewhere new (taken as none until several have: the first jumps to somewhere
+   new are news, a habit of them is not).
    A row's deviation is then no larger than its tail probability under "noise, or a
    jump to a known state, or a jump somewhere new" says (as a Gaussian z), so a switch
    between known states is not an anomaly while a jump to a level never held is. The
    levels follow a switch to a known state at once (by its posterior weight), and so
-   does an alert's reference; a column is back to normal, for an alert, in any state
-   it is known to settle at. A column that never jumped is scored as before.
+   does an alert's reference; a column with the habit (ten jumps or more, two states
+   or more) that settles at a level for a second row is followed there too (a state,
+   maybe new), though not by an alert's reference; a column is back to normal, for an
+   alert, in any state it is known to settle at. A column that never jumped is scored
+   as before.
 4. Two statistics per row: the largest squared deviation over the scored columns, and
    the largest of their exponentially smoothed deviations (a small lasting bias), each
    over its own learnt spread. Each is turned into a tail probability by that slot's own
    forgetting histogram of past values (:attr:`~DetectorConfig.forget_rows`), never
    rarer than a Gaussian prior says, blended with that prior worth
    :attr:`~DetectorConfig.prior_rows` rows (so early rows are scored, conservatively).
-   The row's score is ``1 - min(1, 2 * min(p1, p2))``: a calibrated tail probability.
+   With :attr:`~DetectorConfig.drift_rows` set, a third statistic measures slow drifts
+   (a leak, wear, which the levels follow): per column that does not jump, the slow
+   level (without its cycle) against a long baseline of that memory whose updates are
+   clipped at 3 spreads (and its spread's at 2), so it follows a wander but falls
+   behind a drift that outruns it; a column's deviation is then the larger of the two,
+   and a settled change restarts the baseline from where the column is.
+   The row's score is ``1 - min(1, k * min(p1, p2, ...))`` over its ``k`` statistics: a
+   calibrated tail probability.
    The histograms learn every row outside alerts, and the first rows of a short alert
    (a burst) at :attr:`~DetectorConfig.burst_weight` once it is over, so heavy-tailed
    streams are not alarming at every burst; a long alert is never learnt as normal.
 
 Events: a slot is *armed*; a row with tail probability at or under
 :attr:`~DetectorConfig.alpha` (score at or above :attr:`DetectorTable.threshold`), after
-the first :attr:`~DetectorConfig.min_rows` rows, is an *event* and the alert goes up: the
+the first :attr:`~DetectorConfig.min_rows` rows (and :attr:`~DetectorConfig.warmup_s` of
+the slot's own time, when set), is an *event* and the alert goes up: the
 levels of that moment are kept as the reference. While it is up, spreads and the choice
 of predictor are held (cycle profiles learn at a tenth of their rate), the levels go on
 following the signal, and the alert's own deviation is measured against the reference
@@ -140,6 +154,7 @@ _STATE_ORDER: Final = (
     "calm",
     "hist_i",
     "hist_s",
+    "hist_d",
     "totals",
     "n_col",
     "first",
@@ -163,6 +178,8 @@ _STATE_ORDER: Final = (
     "jump",
     "jn",
     "jumping",
+    "dbase",
+    "dvar",
 )
 #: State arrays with a column axis (axis 1), widened by :meth:`DetectorTable.add_columns`.
 _COLUMN_STATE: Final = (
@@ -186,6 +203,8 @@ _COLUMN_STATE: Final = (
     "jump",
     "jn",
     "jumping",
+    "dbase",
+    "dvar",
 )
 _BURST_ROWS: Final = 8  # an alert's first rows, kept until it is known to be short
 _ALERT_PROFILE_SHARE: Final = 0.1  # cycle learning while alerting (see _learn_bin)
@@ -195,6 +214,9 @@ _N_BINS: Final = 48  # tail histogram: log10(statistic) from -2 to 6, six bins a
 _LOG_LOW: Final = -2.0
 _PER_DECADE: Final = 6.0
 _MAX_Z: Final = 1000.0
+_SCALE_CLIP: Final = 3.5  # Huber bound, in spreads, of the spreads' updates
+_DRIFT_HOLD: Final = 3.0  # Huber bound, in spreads, of the long baseline's updates
+_DRIFT_SCALE: Final = 2.0  # and of its spread's
 _JUMP_LOG_SD: Final = 0.5  # least spread of log jump sizes: sizes within ~2x are alike
 _SQRT_HALF: Final = math.sqrt(0.5)
 _JUMP_MEMORY: Final = 50.0  # jumps remembered by the law of their sizes and landings
@@ -202,6 +224,7 @@ _LANDING_PRIOR: Final = 4.0  # jumps counted as landing in known states before a
 _N_STATES: Final = 4  # levels a column is remembered to have settled at (its states)
 # per column, the jump model: rate of jumps per row, mean and variance of the log of
 # their sizes, share of jumps landing somewhere new, then each state's level and share
+_HABIT: Final = 10  # jumps after which a column with two states or more is taken to switch
 _STATE_MIN_SHARE: Final = 0.02  # a state held at least this share of the time is normal
 _J_RATE: Final = 0
 _J_LOG: Final = 1
@@ -225,6 +248,8 @@ class DetectorConfig:
         calm_rows: normal rows in a row that end an alert (also its shortest length).
         settle_rows: an alert lasting this many rows is a settled change and is learnt.
         min_rows: rows a slot must have seen before it may raise an alert.
+        warmup_s: time a slot with timestamps must have seen (from its first row) before
+            it may raise an alert; rows are learnt and scored meanwhile.
         fast_alpha: EWMA weight of the fast level.
         slow_alpha: EWMA weight of the slow levels.
         error_alpha: EWMA weight of the predictors' squared errors (their spreads).
@@ -246,6 +271,8 @@ class DetectorConfig:
         floor: smallest spread, as a share of the column's long-run standard deviation.
         clip: Huber clip of the updates, in spreads.
         gap_factor: a step longer than this many typical steps is a gap.
+        drift_rows: memory, in rows, of each column's long baseline, against which a
+            third statistic measures slow drifts (a leak, wear); 0 leaves it out.
         day_bins: bins of the daily profile.
         week_bins: bins of the weekly profile.
         periods_s: the two cycle lengths looked for, with timestamps (day, week).
@@ -273,6 +300,8 @@ class DetectorConfig:
     floor: float = 0.01
     clip: float = 5.0
     gap_factor: float = 10.0
+    drift_rows: float = 0.0
+    warmup_s: float = 0.0
     day_bins: int = 48
     week_bins: int = 168
     periods_s: tuple[float, float] = (86_400.0, 604_800.0)
@@ -293,10 +322,12 @@ class DetectorConfig:
         for name in ("smooth_span", "forget_rows"):
             if not getattr(self, name) >= 1:
                 raise ConfigError(f"detector {name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("prior_rows", "young", "floor", "clip", "burst_weight", "wander"):
+        for name in ("prior_rows", "young", "floor", "clip", "burst_weight", "wander", "warmup_s"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"detector {name} must be a number >= 0 (got {value})")
+        if not (self.drift_rows == 0 or self.drift_rows >= 1):
+            raise ConfigError(f"detector drift_rows must be 0 or >= 1 (got {self.drift_rows})")
         if not self.clip > 0:
             raise ConfigError(f"detector clip must be > 0 (got {self.clip})")
         if not self.gap_factor > 1:
@@ -340,6 +371,8 @@ class DetectorConfig:
                 self.select_alpha,
                 self.burst_weight,
                 self.wander,
+                self.drift_rows,
+                self.warmup_s,
             ],
             dtype=np.float64,
         )
@@ -534,6 +567,18 @@ def _state_z(js: Any, v: float, spread: float) -> float:
 
 
 @_compiled
+def _switches(js: Any, jumps: int) -> bool:
+    """Whether a column has the habit of switching: many jumps, two states or more."""
+    if jumps < _HABIT:
+        return False
+    held = 0
+    for k in range(_N_STATES):
+        if js[_J_SHARE + k] >= _STATE_MIN_SHARE:
+            held += 1
+    return held >= 2
+
+
+@_compiled
 def _nearest_state(js: Any, v: float, tolerance: float) -> int:
     """The remembered state whose level is nearest ``v``, within ``tolerance``; else -1."""
     best = -1
@@ -563,6 +608,16 @@ def _settle(js: Any, v: float, tolerance: float, a_share: float, a_level: float)
         js[_J_SHARE + k] = 0.0
     else:
         js[_J_LEVEL + k] += a_level * (v - js[_J_LEVEL + k])
+        for j in range(_N_STATES):
+            # two states closer than the tolerance are one (the noise split in two)
+            near = abs(js[_J_LEVEL + j] - js[_J_LEVEL + k]) <= tolerance
+            if j != k and js[_J_SHARE + j] > 0.0 and near:
+                both = js[_J_SHARE + j] + js[_J_SHARE + k]
+                mixed = js[_J_SHARE + j] * js[_J_LEVEL + j]
+                mixed += js[_J_SHARE + k] * js[_J_LEVEL + k]
+                js[_J_LEVEL + k] = mixed / both if both > 0.0 else js[_J_LEVEL + k]
+                js[_J_SHARE + k] = both
+                js[_J_SHARE + j] = 0.0
     for j in range(_N_STATES):
         js[_J_SHARE + j] *= 1.0 - a_share
     js[_J_SHARE + k] += a_share
@@ -583,8 +638,8 @@ def _learn_jump(
     a_jump: float,
     a_level: float,
     hold: bool,
-) -> float:
-    """Learn a column's jumps from its fast level's miss; return the row's weight.
+) -> tuple[float, float]:
+    """Learn a column's jumps from its fast level's miss; return the row's two weights.
 
     A miss beyond ``clip`` quiet spreads starts a jump, counted once however many rows
     it takes (a level shift is one jump; so is a relaxation toward a new state's level);
@@ -618,15 +673,56 @@ def _learn_jump(
             js[_J_NEW] += a_land * (js[_J_LANDED] - js[_J_NEW])
             js[_J_RATE] += a_jump
         jumping[s, c] = 0
-        return 0.0
+        return 0.0, 0.0
     w = 0.0
+    follow = 0.0
     if jn[s, c] > 0:
         _, w = _jump_tail(js, size / quiet, v, size, quiet)
+        follow = w
+        if jumping[s, c] == 1 and abs(v - before) <= tolerance and _switches(js, jn[s, c]):
+            follow = 1.0  # a metric that switches has settled at a level: a state, maybe new
     if jumping[s, c] == 0:
         js[_J_PENDING] = size
         js[_J_LANDED] = 1.0 if _nearest_state(js, v, tolerance) < 0 else 0.0
     jumping[s, c] = 1
-    return w
+    return w, follow
+
+
+@_compiled
+def _best(sel: Any, s: int, c: int, elapsed: float, period_d: float, period_w: float,
+          season_gain: float) -> int:  # fmt: skip
+    """The predictor a column uses now: the least error, a cycle only once seen and better."""
+    best = 0 if sel[s, c, 0] <= sel[s, c, 1] else 1
+    if elapsed >= period_d and sel[s, c, 2] < season_gain * sel[s, c, best]:
+        best = 2
+    if elapsed >= period_w and sel[s, c, 3] < season_gain * sel[s, c, best]:
+        best = 3
+    return best
+
+
+@_compiled
+def _drift_level(level: Any, s: int, c: int, best: int) -> float:
+    """The slow level of a column, without its daily or weekly cycle when it has one."""
+    return float(level[s, c, best if best >= 2 else 1])
+
+
+@_compiled
+def _learn_baseline(
+    dbase: Any, dvar: Any, s: int, c: int, value: float, fl: float, rate: float, n: int
+) -> None:
+    """Learn a column's long baseline (a memory of ``drift_rows``) from its slow level.
+
+    A move is clipped at :data:`_DRIFT_HOLD` spreads, so the baseline follows a slow
+    wander but falls behind a drift that outruns it (a slow leak, wear), and the spread
+    it learns grows only by that much a row: the drift is measured, not learnt.
+    """
+    rate = max(rate, 1.0 / (n + 1.0))
+    delta = value - dbase[s, c]
+    bound = _DRIFT_HOLD * math.sqrt(dvar[s, c] + fl) if n > 2 else abs(delta)
+    dc = min(max(delta, -bound), bound)
+    dbase[s, c] += rate * dc
+    dv = min(abs(delta), _DRIFT_SCALE * math.sqrt(dvar[s, c] + fl)) if n > 2 else delta
+    dvar[s, c] = (1.0 - rate) * (dvar[s, c] + rate * dv * dv)
 
 
 @_compiled
@@ -657,6 +753,7 @@ def _step_rows(
     calm: Any,
     hist_i: Any,
     hist_s: Any,
+    hist_d: Any,
     totals: Any,
     n_col: Any,
     first: Any,
@@ -680,6 +777,8 @@ def _step_rows(
     jump: Any,
     jn: Any,
     jumping: Any,
+    dbase: Any,
+    dvar: Any,
     score: Any,
     event: Any,
     up: Any,
@@ -691,6 +790,10 @@ def _step_rows(
     beta, forget, prior_rows, young, min_col = par[10], par[11], par[12], par[13], par[14]
     floor_share, clip, gap_factor, a_sel = par[15], par[16], par[17], par[22]
     burst_weight, wander = par[23], par[24]
+    drift = par[25] > 0.0
+    a_base = 1.0 / par[25] if drift else 0.0
+    warmup_s = par[26]
+    n_stats = 3.0 if drift else 2.0
     n_rows, n_cols = x.shape
     bd = prof_d.shape[2]
     bw = prof_w.shape[2]
@@ -736,6 +839,7 @@ def _step_rows(
         sum_s = 0.0
         ref_i = 0.0
         ref_s = 0.0
+        sum_d = 0.0
         alerting = active[s] == 1
         has_ref = active[s] >= 1  # alerting, or a settled change with the old normal kept
         for c in range(n_cols):
@@ -751,11 +855,7 @@ def _step_rows(
             pred[1] = level[s, c, 1]
             pred[2] = level[s, c, 2] + pd_
             pred[3] = level[s, c, 3] + pw_
-            best = 0 if sel[s, c, 0] <= sel[s, c, 1] else 1
-            if elapsed >= period_d and sel[s, c, 2] < season_gain * sel[s, c, best]:
-                best = 2
-            if elapsed >= period_w and sel[s, c, 3] < season_gain * sel[s, c, best]:
-                best = 3
+            best = _best(sel, s, c, elapsed, period_d, period_w, season_gain)
             fl = floor_share * floor_share * lvar[s, c] + 1e-24 * (1.0 + lmean[s, c] ** 2)
             n_eff = min(n_col[s, c], 2 * min_col) if gap else n_col[s, c]
             spread = math.sqrt(err[s, c, best] + fl) * (1.0 + young / n_eff)
@@ -771,6 +871,15 @@ def _step_rows(
             norm = sm_norm if math.isnan(smv[s, c]) else math.sqrt(smv[s, c] + 1e-12)
             q = sm_new[c] / norm
             sum_s = max(sum_s, q * q)
+            # drift: the column's slow level (without its cycle) against a long
+            # baseline that follows it only slowly (a slow leak, wear)
+            # (not for a column that jumps between states: its slow level is no level)
+            if drift and jn[s, c] == 0:
+                q = _drift_level(level, s, c, best) - dbase[s, c]
+                q /= math.sqrt(dvar[s, c] + fl) * (1.0 + young / n_eff)
+                sum_d = max(sum_d, min(q * q, _MAX_Z * _MAX_Z))
+                if abs(q) > abs(z):
+                    dev[r, c] = min(max(q, -_MAX_Z), _MAX_Z)  # the evidence is the drift
             if has_ref:
                 # the same deviation against the levels held when the alert went up
                 base = pred[best] - level[s, c, best] + ref[s, c, best]
@@ -794,16 +903,19 @@ def _step_rows(
         p_ref_row = 1.0
         stat_i = 0.0
         stat_s = 0.0
+        stat_d = 0.0
         if m > 0:
             stat_i = sum_i
             stat_s = sum_s
+            stat_d = sum_d
             p_i = _tail(hist_i[s], totals[s, 0], stat_i, float(m), prior_rows)
             p_s = _tail(hist_s[s], totals[s, 1], stat_s, float(m), prior_rows)
-            p = min(1.0, 2.0 * min(p_i, p_s))
+            p_d = _tail(hist_d[s], totals[s, 2], stat_d, float(m), prior_rows) if drift else 1.0
+            p = min(1.0, n_stats * min(p_i, p_s, p_d))
             if has_ref:
                 p_i = _tail(hist_i[s], totals[s, 0], ref_i, float(m), prior_rows)
                 p_s = _tail(hist_s[s], totals[s, 1], ref_s, float(m), prior_rows)
-                p_ref = min(1.0, 2.0 * min(p_i, p_s))
+                p_ref = min(1.0, n_stats * min(p_i, p_s, p_d))
                 p_ref_row = p_i
         score[r] = 1.0 - p
         flags[r] = flag
@@ -827,7 +939,7 @@ def _step_rows(
         fired = False
         closed = False
         if not alerting:
-            if m > 0 and p <= alpha and rows[s] > min_rows:
+            if m > 0 and p <= alpha and rows[s] > min_rows and elapsed >= warmup_s:
                 if has_ref and p_ref_row >= calm_p:
                     # back in the normal known before the last settled change: no news
                     for c in range(n_cols):
@@ -864,6 +976,9 @@ def _step_rows(
                 # normal is kept, so that a return to it is no news either
                 active[s] = 2
                 burst_n[s] = 0
+                for c in range(n_cols):
+                    # the long baseline starts again from where the column is now
+                    dbase[s, c] = level[s, c, 1]
         hold = active[s] == 1
         event[r] = fired
         up[r] = fired or alerting
@@ -887,6 +1002,8 @@ def _step_rows(
                     sel[s, c, k] = 0.0
                 lmean[s, c] = 0.5 * (v + first[s, c])
                 lvar[s, c] = 0.25 * (v - first[s, c]) ** 2
+                dbase[s, c] = lmean[s, c]
+                dvar[s, c] = lvar[s, c]
                 n_col[s, c] = 1
                 continue
             pd_ = prof_d[s, c, d0] * (1.0 - dfrac) + prof_d[s, c, d1] * dfrac
@@ -902,11 +1019,12 @@ def _step_rows(
             aq = max(a_sel, inv)
             a_jump = max(forget, 1.0 / rows[s])
             w = 0.0
+            follow = 0.0
             if n > 2:
                 # a jump is told by the fast level's miss; every level follows a known kind
                 quiet = math.sqrt(err[s, c, 0] + fl)
                 resid0 = v - level[s, c, 0]
-                w = _learn_jump(
+                w, follow = _learn_jump(
                     jump[s, c],
                     jn,
                     jumping,
@@ -934,16 +1052,21 @@ def _step_rows(
                 bound = clip * math.sqrt(err[s, c, k] + fl) if n > 2 else abs(resid)
                 rc = min(max(resid, -bound), bound)
                 if not hold:
-                    # a jump is told by the jump model, not by the spread of the noise
-                    err[s, c, k] = (1.0 - ae * (1.0 - w)) * err[s, c, k] + ae * (1.0 - w) * rc * rc
-                    sel[s, c, k] = (1.0 - aq * (1.0 - w)) * sel[s, c, k] + aq * (1.0 - w) * rc * rc
+                    # a jump is told by the jump model, not by the spread of the noise,
+                    # and the spread is clipped tighter than the levels: at the levels'
+                    # bound, jumps in more than 1 / clip**2 of the rows would inflate it
+                    # without end (the noise of a switching metric read as its jumps)
+                    re = min(abs(rc), _SCALE_CLIP * bound / clip) if n > 2 else rc
+                    err[s, c, k] = (1.0 - ae * (1.0 - w)) * err[s, c, k] + ae * (1.0 - w) * re * re
+                    sel[s, c, k] = (1.0 - aq * (1.0 - w)) * sel[s, c, k] + aq * (1.0 - w) * re * re
 
                 level[s, c, k] += rate * rc
-                if w > 0.0:
+                if follow > 0.0:
                     # a switch to a known state is no evidence either way: the levels
-                    # follow it at once, and so does the alert's reference
-                    level[s, c, k] += w * (target - level[s, c, k])
-                    if active[s] >= 1:
+                    # follow it at once, and so does the alert's reference (which does
+                    # not follow a switching metric settling at a level never held)
+                    level[s, c, k] += follow * (target - level[s, c, k])
+                    if active[s] >= 1 and w > 0.0:
                         ref[s, c, k] += w * (target - ref[s, c, k])
                 if k == 2:
                     g = v - level[s, c, 2] - pd_
@@ -962,6 +1085,9 @@ def _step_rows(
                 if math.isnan(smv[s, c]):
                     smv[s, c] = sm_norm * sm_norm
                 smv[s, c] = (1.0 - ae) * smv[s, c] + ae * min(sm[s, c] ** 2, 25.0)
+            if drift and not hold:
+                best = _best(sel, s, c, elapsed, period_d, period_w, season_gain)
+                _learn_baseline(dbase, dvar, s, c, _drift_level(level, s, c, best), fl, a_base, n)
             n_col[s, c] = min(n + 1, 1_000_000_000)
             if gap and n_col[s, c] > 2 * min_col:
                 n_col[s, c] = 2 * min_col  # after a gap the uncertainty widens again
@@ -969,9 +1095,11 @@ def _step_rows(
             if active[s] != 1 and not fired and not closed:
                 _remember(hist_i, totals, s, 0, stat_i, forget, 1.0)
                 _remember(hist_s, totals, s, 1, stat_s, forget, 1.0)
+                _remember(hist_d, totals, s, 2, stat_d, forget, 1.0)
             elif burst_n[s] < _BURST_ROWS:
                 burst[s, burst_n[s], 0] = stat_i
                 burst[s, burst_n[s], 1] = stat_s
+                burst[s, burst_n[s], 2] = stat_d
                 burst_n[s] += 1
         if closed:
             # A short alert was a burst: heavy-tailed data has them as a matter of
@@ -981,6 +1109,7 @@ def _step_rows(
                 for j in range(burst_n[s]):
                     _remember(hist_i, totals, s, 0, burst[s, j, 0], forget, burst_weight)
                     _remember(hist_s, totals, s, 1, burst[s, j, 1], forget, burst_weight)
+                    _remember(hist_d, totals, s, 2, burst[s, j, 2], forget, burst_weight)
             burst_n[s] = 0
 
 
@@ -1163,7 +1292,8 @@ class DetectorTable:
             "calm": np.zeros(count, np.int32),
             "hist_i": np.zeros((count, _N_BINS), f8),
             "hist_s": np.zeros((count, _N_BINS), f8),
-            "totals": np.zeros((count, 2), f8),
+            "hist_d": np.zeros((count, _N_BINS), f8),
+            "totals": np.zeros((count, 3), f8),
             "n_col": np.zeros((count, c), np.int32),
             "first": np.full((count, c), np.nan, f8),
             "level": np.zeros((count, c, _N_MODELS), f8),
@@ -1174,7 +1304,7 @@ class DetectorTable:
             "sm": np.zeros((count, c), f8),
             "sm_ref": np.zeros((count, c), f8),
             "smv": np.full((count, c), math.nan, f8),
-            "burst": np.zeros((count, _BURST_ROWS, 2), f8),
+            "burst": np.zeros((count, _BURST_ROWS, 3), f8),
             "burst_n": np.zeros(count, np.int32),
             "lmean": np.zeros((count, c), f8),
             "lvar": np.zeros((count, c), f8),
@@ -1186,6 +1316,8 @@ class DetectorTable:
             "jump": np.zeros((count, c, _J_SIZE), f8),
             "jn": np.zeros((count, c), np.int32),
             "jumping": np.zeros((count, c), np.int8),
+            "dbase": np.zeros((count, c), f8),
+            "dvar": np.zeros((count, c), f8),
         }
 
     def _grow(self, count: int) -> None:
