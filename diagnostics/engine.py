@@ -12,16 +12,19 @@ A device's product model comes from its ``boot`` event (``data["model"]``) or fr
 ``registry`` given to the engine. The product files (:mod:`diagnostics.product`) say what
 each model's features and faults are; any model is scored, described or not. A model
 without a file gets the *generic product*: every metric the device sends (numbers, and
-booleans as 0/1) is scored on its own. With ``generic_scoring="baseline"`` (the default)
-each metric's streaming level is a feature scored against the device's own baseline, as
-a product file's features are, and the policy names ``unusual_behaviour`` from the generic
-product's signature. With ``generic_scoring="detector"`` they are scored by the detector
-core that ``fixloop detect`` runs
-(:class:`~diagnostics.detector.DetectorTable`, one slot per device, one column per
-metric, NaN where a reading lacks one; the reading's own time in seconds), so what is
-benchmarked offline is what runs live: the same rows get the same scores. A core alert
-event opens, through the policy, the generic ``unusual_behaviour`` diagnosis with its
-evidence (which metrics, how far, since when); it closes when the core re-arms. A
+booleans as 0/1) is scored on its own, by default (``generic_scoring="detector"``) by the
+detector core that ``fixloop detect`` runs (:class:`~diagnostics.detector.DetectorTable`,
+one slot per device, one column per metric, NaN where a reading lacks one; the reading's
+own time in seconds), so what is benchmarked offline is what runs live. The live settings
+(:data:`LIVE_DETECTOR`) add to ``fixloop detect``'s two things a service needs: a first
+day of each device's own time learnt before it may raise an alert (as a device's baseline
+must cover a day before it is trusted), and the drift statistic against a long baseline
+(a slow leak or wear, which the core's levels would follow). A core alert event opens,
+through the policy, the generic ``unusual_behaviour`` diagnosis with its evidence (which
+metrics, how far, since when); it closes when the core re-arms. With
+``generic_scoring="baseline"`` each metric's streaming level is instead a feature scored
+against the device's own baseline, as a product file's features are, and the policy
+names ``unusual_behaviour`` from the generic product's signature. A
 described model's device that sends metrics its file does not list gets those scored
 the same way (a table of their own per model), next to its product features. Both
 mismatches are counted (:attr:`DiagnosticsEngine.unknown_readings`,
@@ -71,6 +74,7 @@ from gateway.protocol import Event, Reading
 
 __all__ = [
     "FORMAT_VERSION",
+    "LIVE_DETECTOR",
     "UNKNOWN_MODEL",
     "DiagnosticsEngine",
     "EngineResult",
@@ -85,6 +89,11 @@ F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 #: How metrics no product file describes are scored (see :class:`DiagnosticsEngine`).
 GenericScoring = Literal["baseline", "detector"]
+#: Settings of the detector core for metrics no product file describes, in the service:
+#: ``fixloop detect``'s, plus a day of each device's own time learnt before an alert (a
+#: new device's on/off cycles, states and spreads are learnt, not reported) and the
+#: drift statistic over a long baseline of 2,000 readings (a slow leak, wear).
+LIVE_DETECTOR: Final = DetectorConfig(warmup_s=86_400.0, drift_rows=2_000.0)
 #: Version of the saved-model format.
 FORMAT_VERSION: Final = 1
 _MAX_TRAINING_ROWS: Final = 40_000
@@ -351,11 +360,10 @@ class DiagnosticsEngine:
         baseline_tau_days: memory of the per-device baselines.
         products: the product models described by files (default: the built-in ones).
         detector: settings of the detector core for metrics no file describes (default:
-            those of ``fixloop detect``).
+            :data:`LIVE_DETECTOR`).
         generic_scoring: how metrics no file describes are scored: ``detector`` (the
-            detector core, as ``fixloop detect``) or ``baseline`` (their streaming levels
-            against the device's baseline, as product features; the default, see
-            ``README.md`` on multi-state products).
+            default: the detector core, as ``fixloop detect``) or ``baseline`` (their
+            streaming levels against the device's baseline, as product features).
         lifetimes: remaining-life models learnt from recorded failures (``fixloop train``).
 
     Attributes:
@@ -380,10 +388,10 @@ class DiagnosticsEngine:
         products: ProductSet | None = None,
         detector: DetectorConfig | None = None,
         lifetimes: LifetimeModels | None = None,
-        generic_scoring: GenericScoring = "baseline",
+        generic_scoring: GenericScoring = "detector",
     ) -> None:
         self.products = builtin_products() if products is None else products
-        self._detector = DetectorConfig() if detector is None else detector
+        self._detector = LIVE_DETECTOR if detector is None else detector
         self.generic_scoring = generic_scoring
         self._models: dict[str, str] = dict(registry or {})
         self._catalogs: dict[str, ModelCatalog] = {}
@@ -909,7 +917,7 @@ class DiagnosticsEngine:
         policy: PolicyConfig | None = None,
         products: ProductSet | None = None,
         lifetimes: LifetimeModels | None = None,
-        generic_scoring: GenericScoring = "baseline",
+        generic_scoring: GenericScoring = "detector",
     ) -> DiagnosticsEngine:
         """Build an engine with the fleet models saved at ``path`` (only trusted files).
 

@@ -26,9 +26,9 @@ class DiagnosticsSettings(BaseModel):
         train_sample: share of healthy updates kept as training rows.
         products_dir: a folder of product files (``*.toml``) next to the built-in ones; a
             file there may describe a new model or override a built-in one. Read at start.
-        generic_scoring: how metrics no product file describes are scored: ``baseline``
-            (streaming levels against the device's baseline) or ``detector`` (the detector
-            core of ``fixloop detect``; see the README on multi-state products).
+        generic_scoring: how metrics no product file describes are scored: ``detector``
+            (the default: the detector core of ``fixloop detect``) or ``baseline``
+            (streaming levels against the device's baseline).
         lifetime_backfill: at start, fill the hourly means the learnt remaining-life
             models read from the last ``train_days`` of telemetry in InfluxDB.
         metrics_host: where ``fixloop diagnostics`` serves ``/metrics`` and ``/health``
@@ -48,7 +48,7 @@ class DiagnosticsSettings(BaseModel):
     train_window_s: int = Field(3_600, ge=60, le=86_400)
     train_sample: float = Field(0.2, gt=0, le=1)
     products_dir: Path | None = None
-    generic_scoring: Literal["baseline", "detector"] = "baseline"
+    generic_scoring: Literal["baseline", "detector"] = "detector"
     lifetime_backfill: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9_109, ge=0, le=65_535)

@@ -1,9 +1,10 @@
-"""The engine's generic scoring on the detector core (``generic_scoring="detector"``).
+"""The engine's generic scoring on the detector core (``generic_scoring="detector"``, the default).
 
 Unit tests, no I/O but temporary files: devices of a model no product file describes
 (and metrics a file does not list) are scored by the same core as ``fixloop detect``,
-with the same scores for the same rows; a lasting change opens ``unusual_behaviour``
-with the detector's evidence, a healthy device raises nothing, late rows change nothing.
+with the same scores for the same rows and settings; a lasting change opens
+``unusual_behaviour`` with the detector's evidence, a healthy device raises nothing, late
+rows change nothing.
 """
 
 from __future__ import annotations
@@ -11,14 +12,19 @@ from __future__ import annotations
 import csv
 import math
 import pickle
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
+from device_sim import Fleet
+from device_sim.described import load_sim_product
 from diagnostics.csvdetect import OPERATING_POINT, detect_csv
-from diagnostics.engine import DiagnosticsEngine
+from diagnostics.engine import LIVE_DETECTOR, DiagnosticsEngine
 from diagnostics.model import Diagnosis
-from gateway.protocol import Event, Reading
+from gateway.protocol import Event, Reading, decode_event, decode_reading
+
+PRODUCTS = Path(__file__).parent / "data" / "products"
 
 START_S = 1_736_121_600  # 2025-01-06 00:00 UTC
 STEP_S = 300
@@ -67,7 +73,7 @@ def test_live_generic_scores_are_fixloop_detect_scores(tmp_path: Path) -> None:
         writer.writerow(["time", *names])
         for r in readings:
             writer.writerow([r.ts_ms // 1000, *(float(r.metrics[n]) for n in names)])
-    summary = detect_csv(path, tmp_path / "out.csv")
+    summary = detect_csv(path, tmp_path / "out.csv", config=LIVE_DETECTOR)
     assert summary.timestamp_column == "time"
     with (tmp_path / "out.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -167,3 +173,36 @@ def test_new_metrics_widen_the_table_and_new_firmware_relearns() -> None:
     assert all(0.0 <= s <= 1.0 for s in scores)
     # the new firmware's device is learnt anew: no column is scored in its first rows
     assert scores[:5] == [0.0] * 5
+
+
+def test_a_fleet_of_a_product_that_switches_states_raises_no_case_without_its_file() -> None:
+    # Boilers (tests/data/products/boiler.toml) switch between idle, heating and hot
+    # water: burner on/off, fan speed steps, gas and flame only while firing, flow and
+    # return temperatures relaxing toward each state's level. Without the file, every
+    # metric is scored generically; switching between known states is no anomaly.
+    start = datetime(2025, 1, 6, tzinfo=UTC)
+    fleet = Fleet(
+        24,
+        start=start,
+        seed=21,
+        interval_s=120,
+        models={"boiler": 1.0},
+        products=[load_sim_product(PRODUCTS / "boiler.toml")],
+    )
+    engine = DiagnosticsEngine()
+    opened: list[Diagnosis] = []
+    readings = 0
+    for batch in fleet.iter_until(start + timedelta(days=6)):
+        items: list[Reading | Event] = []
+        for ts, topic, payload in batch:
+            _, device_id, channel = topic.split("/")
+            if channel == "telemetry":
+                items.append(decode_reading(device_id, payload, ts))
+            elif channel == "events":
+                items.append(decode_event(device_id, payload, ts))
+        result = engine.process(items)
+        readings += len(result.scores)
+        opened += [d for d in result.diagnoses if d.status == "open"]
+    assert readings > 24 * 6 * 700
+    assert engine.unknown_readings == readings  # all scored generically
+    assert [(d.device_id, d.fault, d.drivers[0].feature) for d in opened] == []

@@ -256,7 +256,8 @@ def test_a_model_without_a_file_is_scored_generically_with_evidence() -> None:
     opened = _opened(engine)
     leak = next(d for d, f in truth.items() if f == "pressure_loss")
     assert [(d.device_id, d.fault) for d in opened] == [(leak, "unusual_behaviour")]
-    (diagnosis,) = opened
+    (diagnosis,) = opened  # the leak, and nothing on the healthy boilers
+    assert ONSET < diagnosis.opened_at < ONSET + timedelta(days=4)  # before failure
     assert diagnosis.model == "boiler"
     assert diagnosis.drivers[0].feature == "pressure_bar"
     assert diagnosis.drivers[0].z < 0
@@ -273,8 +274,10 @@ def test_metrics_a_file_does_not_list_are_scored_and_counted() -> None:
     engine = DiagnosticsEngine(registry={"w1": "washer"})
     day_ms = 86_400_000
     items: list[Reading | Event] = []
+    rng = np.random.default_rng(5)
     for k in range(600):
-        humidity = 40.0 if k < 500 else 90.0
+        # a sensor reads with some noise (a metric that never moved is not scored)
+        humidity = round((40.0 if k < 500 else 90.0) + float(rng.normal(0.0, 0.5)), 1)
         metrics = {"drum_rpm": 0.0, "water_level_l": 0.0, "humidity_pct": humidity}
         items.append(Reading("w1", k + 1, 1_000_000 + k * day_ms // 200, metrics, "idle"))
     result = engine.process(items)
