@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
@@ -63,6 +63,12 @@ __all__ = ["Outbox", "build_dispatcher", "in_quiet_hours"]
 _LOG = logging.getLogger(__name__)
 _QUEUE_MAX: Final = 10_000
 _DAY: Final = timedelta(days=1)
+#: how old a ``queued`` notification must be before :meth:`Outbox.sweep` takes it: the
+#: process that wrote it has had this long to hand it to its own delivery
+_SWEEP_AGE: Final = timedelta(seconds=30)
+#: ids of delivered notifications remembered, so a sweep that read the store just
+#: before a delivery's outcome was kept does not send it again
+_RECENT_MAX: Final = 10_000
 #: The longest a channel's re-verification may take (the owner waits for the answer).
 _VERIFY_BUDGET_S: Final = 30.0
 
@@ -196,6 +202,9 @@ class Outbox:
         self._idle.set()
         self._ready = asyncio.Event()
         self._held_owners: set[str] = set()
+        # notifications handed to delivery and not finished, and the latest finished
+        self._pending: set[str] = set()
+        self._recent: OrderedDict[str, None] = OrderedDict()
         self.written = 0
         self.sent = 0
         self.held = 0
@@ -205,6 +214,8 @@ class Outbox:
         self.errors = 0
         #: notifications given up because their time budget ran out (marked ``failed``)
         self.out_of_time = 0
+        #: ``queued`` notifications found in the store and handed to delivery by a sweep
+        self.swept = 0
 
     # -- writing ---------------------------------------------------------------------
     async def _context(self, owner: Owner, case: Case, notice: Notice) -> MessageContext:
@@ -269,6 +280,7 @@ class Outbox:
             )
             return
         owner_id = owner.owner_id
+        self._pending.add(notification.notification_id)
         self._waiting.setdefault(owner_id, deque()).append(_Item(owner, notification, urgent))
         self._size += 1
         self._unfinished += 1
@@ -303,6 +315,11 @@ class Outbox:
         return item
 
     def _finished(self, item: _Item) -> None:
+        notification_id = item.notification.notification_id
+        self._pending.discard(notification_id)
+        self._recent[notification_id] = None
+        if len(self._recent) > _RECENT_MAX:
+            self._recent.popitem(last=False)
         owner_id = item.owner.owner_id
         self._out[owner_id] -= 1
         if self._out[owner_id] <= 0:
@@ -487,6 +504,39 @@ class Outbox:
             _LOG.exception(
                 "notification %s: its failure could not be stored", notification.notification_id
             )
+
+    async def sweep(self, *, limit: int = 1_000) -> int:
+        """Hand to delivery what the store holds as ``queued`` and no delivery has taken.
+
+        Such a message was written by another process (an ops message from the
+        dashboard), or this process stopped or lost the store before delivering it or
+        keeping its outcome. It is delivered once, like any other (never urgent: it
+        was judged when written). Messages written in the last 30 seconds are left to
+        the process that wrote them.
+
+        Args:
+            limit: how many to take in one sweep, oldest first.
+
+        Returns:
+            How many were handed to delivery.
+        """
+        found = await self._store.queued_notifications(
+            before=self._clock() - _SWEEP_AGE, limit=limit
+        )
+        taken = 0
+        for notification in found:
+            notification_id = notification.notification_id
+            if notification_id in self._pending or notification_id in self._recent:
+                continue
+            owner = await self._store.get_owner(notification.owner_id)
+            if owner is None:
+                continue  # erased meanwhile: nothing to deliver, nobody to tell
+            self._enqueue(owner, notification, urgent=False)
+            taken += 1
+        if taken:
+            self.swept += taken
+            _LOG.info("%d queued notification(s) found in the store and sent on", taken)
+        return taken
 
     async def drain(self) -> None:
         """Wait until every queued notification was tried (needs :meth:`run` running)."""

@@ -48,6 +48,7 @@ __all__ = ["NotifierService", "case_message"]
 _LOG = logging.getLogger(__name__)
 _BATCH_MAX: Final = 500
 _DIGEST_EVERY_S: Final = 60.0
+_SWEEP_EVERY_S: Final = 15.0
 
 
 def _utc_now() -> datetime:
@@ -272,6 +273,7 @@ class NotifierService:
             group.create_task(supervise("case-timers", loop.run, stages), name="case-timers")
             group.create_task(supervise("push-delivery", outbox.run, stages), name="push-delivery")
             group.create_task(supervise("digests", self._digests, stages), name="digests")
+            group.create_task(supervise("queued-sweep", self._sweep, stages), name="queued-sweep")
             await supervise(
                 "diagnoses",
                 lambda: consume_forever(
@@ -311,6 +313,17 @@ class NotifierService:
         while True:
             await asyncio.sleep(_DIGEST_EVERY_S)
             await self.outbox.flush()
+
+    async def _sweep(self) -> None:
+        """Deliver what the store holds as queued and nothing here took (at start, then often).
+
+        Ops messages written by the dashboard (its own process) reach owners this way,
+        and so do messages left queued by a notifier that stopped or lost its store.
+        """
+        assert self.outbox is not None
+        while True:
+            await self.outbox.sweep()
+            await asyncio.sleep(_SWEEP_EVERY_S)
 
     async def _consume(self, client: MqttClient) -> None:
         loop = self.loop

@@ -251,9 +251,14 @@ _V4: Final[tuple[str, ...]] = (
     "CREATE INDEX owner_subjects_owner ON owner_subjects (owner_id)",
 )
 
+# Deliveries that no process took are found by status (Outbox.sweep), all owners at once.
+_V6: Final[tuple[str, ...]] = (
+    "CREATE INDEX notifications_by_status ON notifications (status, created_at)",
+)
+
 #: Schema steps, oldest first: step ``n`` (from 1) takes a file from version ``n - 1``
 #: to ``n``. Append only; never edit a step that has shipped.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, REGISTRY_STEPS)
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, REGISTRY_STEPS, _V6)
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -1022,6 +1027,39 @@ class SqliteStore:
 
         return await self._run(job)
 
+    async def subjects_of(self, owner_id: str) -> list[tuple[str, str]]:
+        """Return the provider subjects (``iss``, ``sub``) linked to an owner, sorted."""
+
+        def job(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT issuer, subject FROM owner_subjects WHERE owner_id = ? "
+                "ORDER BY issuer, subject",
+                (owner_id,),
+            )
+            return [(str(row[0]), str(row[1])) for row in rows]
+
+        return await self._run(job)
+
+    async def unlink_subject(self, issuer: str, subject: str, owner_id: str) -> bool:
+        """Unlink a provider's subject from an owner.
+
+        The owner's tokens of that subject stop working at once (each request looks the
+        link up); the owner and their data stay.
+
+        Returns:
+            ``False`` when the subject was not linked to this owner (nothing changed).
+        """
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                gone = conn.execute(
+                    "DELETE FROM owner_subjects WHERE issuer = ? AND subject = ? AND owner_id = ?",
+                    (issuer, subject, owner_id),
+                )
+                return gone.rowcount > 0
+
+        return await self._run(job)
+
     async def put_device(self, device: DeviceRecord) -> None:
         """Insert or replace a device registry entry."""
         row = _device_row(device)
@@ -1544,6 +1582,24 @@ class SqliteStore:
             rows = conn.execute(
                 f"SELECT * FROM notifications WHERE {where} ORDER BY created_at, notification_id",
                 params,
+            )
+            return [_notification(row) for row in rows]
+
+        return await self._run(job)
+
+    async def queued_notifications(self, *, before: datetime, limit: int) -> list[Notification]:
+        """Return every owner's notifications still ``queued`` created before ``before``.
+
+        Oldest first, at most ``limit``: what no delivery took, because the message was
+        written by another process (the dashboard's ops messages), the notifier stopped
+        before delivering it, or the store was away when the outcome was to be kept.
+        """
+
+        def job(conn: sqlite3.Connection) -> list[Notification]:
+            rows = conn.execute(
+                "SELECT * FROM notifications WHERE status = 'queued' AND created_at < ?"
+                " ORDER BY created_at, notification_id LIMIT ?",
+                (_ts(before), limit),
             )
             return [_notification(row) for row in rows]
 

@@ -70,6 +70,12 @@ class CaseStore(Protocol):
     async def adopt_subject(self, issuer: str, subject: str, owner: Owner) -> str:
         """Return the subject's owner id, storing ``owner`` for it first if it has none."""
 
+    async def subjects_of(self, owner_id: str) -> list[tuple[str, str]]:
+        """Return the provider subjects (``iss``, ``sub``) linked to an owner, sorted."""
+
+    async def unlink_subject(self, issuer: str, subject: str, owner_id: str) -> bool:
+        """Unlink a provider's subject from an owner; ``False`` if it was not theirs."""
+
     async def put_device(self, device: DeviceRecord) -> None:
         """Insert or replace a device registry entry."""
 
@@ -229,6 +235,9 @@ class CaseStore(Protocol):
         self, owner_id: str, *, status: str | None = None, since: datetime | None = None
     ) -> list[Notification]:
         """Return an owner's notifications, oldest first."""
+
+    async def queued_notifications(self, *, before: datetime, limit: int) -> list[Notification]:
+        """Every owner's notifications still ``queued`` made before ``before``, oldest first."""
 
     async def add_task(self, task: Task) -> None:
         """Insert or replace a task for a person."""

@@ -173,7 +173,7 @@ async def test_implements_the_case_store_protocol(store: SqliteStore) -> None:
         for name, value in vars(CaseStore).items()
         if not name.startswith("_") and inspect.iscoroutinefunction(value)
     }
-    assert len(protocol_methods) == 40
+    assert len(protocol_methods) == 41
     assert protocol_methods <= set(dir(as_protocol))
     for name in protocol_methods:
         assert inspect.signature(getattr(SqliteStore, name)) == inspect.signature(

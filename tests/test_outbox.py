@@ -15,7 +15,7 @@ from conftest import ManualClock
 from notifier.errors import DeadTokenError, DeliveryError
 from notifier.links import ActionLinks
 from notifier.loop import Notice
-from notifier.model import Case, DeviceRecord, Owner, PushChannel
+from notifier.model import Case, DeviceRecord, Notification, Owner, PushChannel
 from notifier.outbox import Outbox, in_quiet_hours
 from notifier.push import PushDispatcher, PushMessage
 from notifier.sqlite import SqliteStore
@@ -291,3 +291,73 @@ async def test_a_push_no_channel_took_is_said_in_the_case_trail(rig: Rig) -> Non
         ("push_failed", failed.notification_id)
     ]
     assert "waits in the owner's app" in trail[0].reason
+
+
+# -- what the store holds as queued and nobody took ------------------------------------------
+
+
+def queued(notification_id: str, created_at: datetime, owner_id: str = "eva") -> Notification:
+    return Notification(
+        notification_id=notification_id,
+        owner_id=owner_id,
+        case_id=None,
+        kind="ops_message",
+        title="A message from our service team",
+        body="We will call you tomorrow.",
+        actions=(),
+        created_at=created_at,
+        status="queued",
+    )
+
+
+async def test_sweep_delivers_what_another_process_queued_once(rig: Rig) -> None:
+    outbox, store, sender, clock = rig
+    # written by the dashboard's process a minute ago, and one just now
+    await store.add_notification(queued("n-old", NOON - timedelta(minutes=1)))
+    await store.add_notification(queued("n-new", NOON))
+    assert await outbox.sweep() == 1
+    await outbox.drain()
+    assert [m.body for _, m in sender.sent] == ["We will call you tomorrow."]
+    kept = {n.notification_id: n.status for n in await store.notifications("eva")}
+    assert kept == {"n-old": "sent", "n-new": "queued"}
+    assert await outbox.sweep() == 0  # delivered: not again
+    clock.advance(60)
+    assert await outbox.sweep() == 1  # the newer one, once its writer had its chance
+    await outbox.drain()
+    assert len(sender.sent) == 2
+    assert outbox.swept == 2
+
+
+async def test_sweep_never_sends_twice_what_delivery_already_holds(rig: Rig) -> None:
+    outbox, store, sender, clock = rig
+    owner = await store.get_owner("eva")
+    assert owner is not None
+    await outbox.notify(owner, case("c1"), Notice("fix_waiting", action="restart"))
+    clock.advance(300)
+    # whether the delivery has finished by now or not, the sweep leaves it alone
+    assert await outbox.sweep() == 0
+    await outbox.drain()
+    assert await outbox.sweep() == 0
+    assert len(sender.sent) == 1
+
+
+async def test_sweep_retries_a_message_whose_delivery_failed_to_be_kept(rig: Rig) -> None:
+    outbox, store, sender, clock = rig
+    sender.down.update({"old", "new"})
+    await store.add_notification(queued("n-1", NOON - timedelta(minutes=1)))
+    assert await outbox.sweep() == 1
+    await outbox.drain()
+    # no channel took it: failed, said in the store, not retried by sweeps
+    assert [n.status for n in await store.notifications("eva")] == ["failed"]
+    clock.advance(300)
+    assert await outbox.sweep() == 0
+    assert sender.sent == []
+
+
+async def test_sweep_skips_an_erased_owner(rig: Rig) -> None:
+    outbox, store, sender, _ = rig
+    await store.put_owner(Owner("leo", "Leo"))
+    await store.add_notification(queued("n-leo", NOON - timedelta(minutes=1), owner_id="leo"))
+    await store.erase_owner("leo")
+    assert await outbox.sweep() == 0
+    assert sender.sent == []
