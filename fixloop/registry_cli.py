@@ -1,10 +1,10 @@
 """Onboarding by command: product lines, devices, owners, technicians, tokens (composition root).
 
 ``fixloop products add|list``, ``fixloop devices import|add|list|retire``, ``fixloop owners
-invite``, ``fixloop technicians add`` and ``fixloop tokens issue|revoke`` work on the
-configured case store (``[notifier] db_path`` when set, else ``cases.sqlite3`` in
-``stack.data_dir``, as ``fixloop up`` keeps it) through :mod:`notifier.registry`, the
-same code the ops role's REST routes use.
+invite|link-subject|unlink-subject|subjects``, ``fixloop technicians add`` and ``fixloop
+tokens issue|revoke`` work on the configured case store (``[notifier] db_path`` when set,
+else ``cases.sqlite3`` in ``stack.data_dir``, as ``fixloop up`` keeps it) through
+:mod:`notifier.registry`, the same code the ops role's REST routes use.
 
 * Claim codes are hashed under a key derived from the fleet secret
   (:func:`notifier.registry.claim_key`): the notifier that takes the claims must have
@@ -47,7 +47,7 @@ from fixloop.settings import Settings
 from gateway.errors import ConfigError, FixloopError
 from gateway.protocol.credentials import device_password
 from notifier.admin import Onboarding
-from notifier.errors import InvalidRequestError, NotFoundError
+from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import Owner, Technician, Window
 from notifier.registry import (
     NewDevice,
@@ -86,6 +86,7 @@ _CHUNK: Final = 500
 _INVITE_TTL: Final = timedelta(days=14)
 _DAYS: Final = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _LABEL_COLUMNS: Final = ("device_id", "model", "serial", "claim_code")
+_MAX_SUBJECT_CHARS: Final = 255  # OpenID Connect Core 1.0, 2: sub
 
 
 # -- parsers ----------------------------------------------------------------------------------
@@ -163,7 +164,9 @@ def add_device_parsers(device_actions: Any) -> None:
 
 def add_parsers(commands: Any) -> None:
     """Add ``owners``, ``technicians`` and ``tokens`` to the ``fixloop`` commands."""
-    owners = commands.add_parser("owners", help="device owners: invite one")
+    owners = commands.add_parser(
+        "owners", help="device owners: invite one, link their identity-provider sign-ins"
+    )
     owner_actions = owners.add_subparsers(dest="owners_command", required=True, metavar="ACTION")
     invite = owner_actions.add_parser(
         "invite", help="create an owner and a one-time invite code for their app"
@@ -182,6 +185,23 @@ def add_parsers(commands: Any) -> None:
         "--token", action="store_true", help="also issue an API token now (printed once)"
     )
     _data_dir(invite)
+    for action, words in (
+        ("link-subject", "link a sign-in of the identity provider (its sub) to an owner"),
+        ("unlink-subject", "unlink a sign-in of the identity provider from an owner"),
+    ):
+        link = owner_actions.add_parser(action, help=words)
+        link.add_argument("owner_id", metavar="OWNER_ID")
+        link.add_argument("subject", metavar="SUBJECT", help="the provider's sub for the person")
+        link.add_argument(
+            "--issuer",
+            help="the provider, as its tokens' iss says (default [notifier.oidc] issuer)",
+        )
+        _data_dir(link)
+    subjects = owner_actions.add_parser(
+        "subjects", help="the identity-provider sign-ins linked to an owner"
+    )
+    subjects.add_argument("owner_id", metavar="OWNER_ID")
+    _data_dir(subjects)
 
     technicians = commands.add_parser("technicians", help="service technicians: add one")
     tech_actions = technicians.add_subparsers(
@@ -704,6 +724,38 @@ async def _invite(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _subjects(args: argparse.Namespace, settings: Settings) -> int:
+    issuer = getattr(args, "issuer", None) or settings.notifier.oidc.issuer
+    if args.owners_command != "subjects":
+        if issuer is None:
+            raise ConfigError("--issuer: needed, as [notifier.oidc] names no issuer")
+        if not 0 < len(args.subject) <= _MAX_SUBJECT_CHARS or not args.subject.isprintable():
+            raise ConfigError("SUBJECT: the provider's sub, 1 to 255 printable characters")
+    store = await _open(settings)
+    try:
+        if await store.get_owner(args.owner_id) is None:
+            raise ConfigError(f"OWNER_ID: there is no owner {args.owner_id}")
+        if args.owners_command == "subjects":
+            for found_issuer, subject in await store.subjects_of(args.owner_id):
+                _out(f"{found_issuer}\t{subject}")
+            return 0
+        assert issuer is not None
+        if args.owners_command == "link-subject":
+            try:
+                await store.link_subject(issuer, args.subject, args.owner_id)
+            except ConflictError as exc:
+                raise ConfigError(f"SUBJECT: {exc}") from exc
+            _out(f"{args.subject} of {issuer} linked to owner {args.owner_id}")
+            return 0
+        if not await store.unlink_subject(issuer, args.subject, args.owner_id):
+            _say(f"{args.subject} of {issuer} is not linked to owner {args.owner_id}")
+            return 1
+        _out(f"{args.subject} of {issuer} unlinked from owner {args.owner_id}")
+        return 0
+    finally:
+        await store.close()
+
+
 async def _technician(args: argparse.Namespace, settings: Settings) -> int:
     skills = frozenset(s.strip() for s in args.skills.split(",") if s.strip())
     if not skills or not all(re.fullmatch(r"[a-z][a-z0-9_]{0,39}", s) for s in skills):
@@ -805,7 +857,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         action = {"import": _import, "add": _add, "list": _list, "retire": _retire}
         return asyncio.run(action[args.devices_command](args, settings))
     if args.command == "owners":
-        return asyncio.run(_invite(args, settings))
+        if args.owners_command == "invite":
+            return asyncio.run(_invite(args, settings))
+        return asyncio.run(_subjects(args, settings))
     if args.command == "technicians":
         return asyncio.run(_technician(args, settings))
     return asyncio.run(_tokens(args, settings))

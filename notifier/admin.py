@@ -56,7 +56,7 @@ from notifier.api import (
     _zones,
 )
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
-from notifier.keys import CLOCK_KEY, DEVICE_DATA_KEY, ERASE_MODE_KEY, STORE_KEY
+from notifier.keys import CLOCK_KEY, DEVICE_DATA_KEY, ERASE_MODE_KEY, OIDC_KEY, STORE_KEY
 from notifier.model import ConsentPolicy, Owner, Technician, Window
 from notifier.openapi import Operation, QueryParam, Reply
 from notifier.registry import (
@@ -92,6 +92,9 @@ __all__ = [
     "RegistryDeviceView",
     "ReleaseRequest",
     "ReleasedView",
+    "SubjectList",
+    "SubjectRequest",
+    "SubjectView",
     "TechnicianRequest",
     "TechnicianView",
     "TokenRequest",
@@ -111,6 +114,10 @@ _TIMEZONE_PATTERN: Final = r"^[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*$"
 _LANGUAGE_PATTERN: Final = r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
 _PRINCIPAL_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$"
 _SKILL_PATTERN: Final = r"^[a-z][a-z0-9_]{0,39}$"
+# OpenID Connect Core 1.0, 2: ``sub`` is at most 255 ASCII characters; the token check
+# takes any up to 255, so only control characters are refused here
+_SUBJECT_PATTERN: Final = r"^[^\x00-\x1f\x7f]{1,255}$"
+_ISSUER_PATTERN: Final = r"^https?://[^\x00-\x20\x7f]{1,2040}$"
 
 
 # -- the claim limiter ------------------------------------------------------------------------
@@ -385,6 +392,19 @@ class TokenRequest(_Body):
     principal_id: Annotated[str, Field(pattern=_PRINCIPAL_PATTERN)]
 
 
+class SubjectRequest(_Body):
+    """A person of the manufacturer's identity provider to link to an owner.
+
+    Attributes:
+        subject: the provider's ``sub`` for the person.
+        issuer: the provider, as its tokens' ``iss`` names it (default: the one
+            configured here, ``[notifier.oidc] issuer``).
+    """
+
+    subject: Annotated[str, Field(pattern=_SUBJECT_PATTERN)]
+    issuer: Annotated[str, Field(pattern=_ISSUER_PATTERN)] | None = None
+
+
 class ClaimRequest(_Body):
     """A claim code from a device's label.
 
@@ -586,6 +606,32 @@ class TokenView(_View):
     token_id: str
     role: PrincipalKind
     principal_id: str
+
+
+class SubjectView(_View):
+    """A provider subject linked to an owner.
+
+    Attributes:
+        owner_id: the owner its tokens stand for.
+        issuer: the provider (``iss``).
+        subject: the person there (``sub``).
+    """
+
+    owner_id: str
+    issuer: str
+    subject: str
+
+
+class SubjectList(_View):
+    """The provider subjects linked to an owner.
+
+    Attributes:
+        owner_id: the owner.
+        subjects: by issuer, then subject.
+    """
+
+    owner_id: str
+    subjects: list[SubjectView]
 
 
 class ReleasedView(_View):
@@ -955,6 +1001,60 @@ async def _revoke_token(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def _known_owner(request: web.Request) -> str:
+    owner_id = _path_id(request)
+    if await request.app[STORE_KEY].get_owner(owner_id) is None:
+        raise _ApiError(404, "not_found", f"there is no owner {owner_id}")
+    return owner_id
+
+
+def _issuer(request: web.Request, given: str | None) -> str:
+    """The issuer a link is for: the one given, else the configured provider's."""
+    if given is not None:
+        return given
+    oidc = request.app[OIDC_KEY]
+    if oidc is None:
+        message = "issuer: name the provider (no identity provider is configured here)"
+        raise _ApiError(422, "invalid_request", message, "issuer")
+    return oidc.issuer
+
+
+async def _list_subjects(request: web.Request) -> web.Response:
+    await _ops(request)
+    owner_id = await _known_owner(request)
+    found = await request.app[STORE_KEY].subjects_of(owner_id)
+    views = [SubjectView(owner_id=owner_id, issuer=i, subject=s) for i, s in found]
+    return _json(SubjectList(owner_id=owner_id, subjects=views))
+
+
+async def _link_subject(request: web.Request) -> web.Response:
+    actor = await _ops(request)
+    owner_id = await _known_owner(request)
+    body = await _read_body(request, SubjectRequest)
+    issuer = _issuer(request, body.issuer)
+    # ConflictError (the subject is another owner's) answers 409 through the edge
+    await request.app[STORE_KEY].link_subject(issuer, body.subject, owner_id)
+    # the subject itself is the provider's identifier of a person: not logged
+    _LOG.info("an identity-provider sign-in linked to owner %s by %s", owner_id, actor)
+    return _json(SubjectView(owner_id=owner_id, issuer=issuer, subject=body.subject), 201)
+
+
+async def _unlink_subject(request: web.Request) -> web.Response:
+    actor = await _ops(request)
+    owner_id = await _known_owner(request)
+    subject = request.query.get("subject")
+    if subject is None or not re.fullmatch(_SUBJECT_PATTERN, subject):
+        raise _ApiError(400, "invalid_query", "subject: the provider's sub is needed", "subject")
+    given = request.query.get("issuer")
+    if given is not None and not re.fullmatch(_ISSUER_PATTERN, given):
+        raise _ApiError(400, "invalid_query", "issuer: must be the provider's URL", "issuer")
+    issuer = _issuer(request, given)
+    if not await request.app[STORE_KEY].unlink_subject(issuer, subject, owner_id):
+        raise _ApiError(404, "not_found", f"that sign-in is not linked to owner {owner_id}")
+    _LOG.info("an identity-provider sign-in unlinked from owner %s by %s", owner_id, actor)
+    return web.Response(status=204)
+
+
 # -- owner handlers ---------------------------------------------------------------------------
 
 
@@ -1236,6 +1336,72 @@ _ROUTES: Final[tuple[tuple[Operation, _Handler], ...]] = (
             replies=(Reply(201, "The owner and the invite (shown once).", InviteView),),
         ),
         _invite_owner,
+    ),
+    (
+        Operation(
+            "GET",
+            _p(f"/admin/owners/{_ID}/subjects"),
+            "listOwnerSubjects",
+            "The identity-provider sign-ins linked to an owner",
+            "admin",
+            "ops",
+            replies=(
+                Reply(200, "The linked subjects.", SubjectList),
+                Reply(404, "No such owner.", ErrorView),
+            ),
+        ),
+        _list_subjects,
+    ),
+    (
+        Operation(
+            "POST",
+            _p(f"/admin/owners/{_ID}/subjects"),
+            "linkOwnerSubject",
+            "Link a person of the identity provider (its subject) to an owner",
+            "admin",
+            "ops",
+            body=SubjectRequest,
+            replies=(
+                Reply(201, "Linked (linking it again changes nothing).", SubjectView),
+                Reply(404, "No such owner.", ErrorView),
+                Reply(409, "The subject stands for another owner already.", ErrorView),
+                Reply(422, "No issuer given and no identity provider configured.", ErrorView),
+            ),
+            description=(
+                "From then on the provider's access tokens of that subject act as this "
+                "owner (`[notifier.oidc]`); an owner may have several."
+            ),
+        ),
+        _link_subject,
+    ),
+    (
+        Operation(
+            "DELETE",
+            _p(f"/admin/owners/{_ID}/subjects"),
+            "unlinkOwnerSubject",
+            "Unlink a person of the identity provider from an owner",
+            "admin",
+            "ops",
+            query=(
+                QueryParam(
+                    "subject",
+                    "the provider's `sub`",
+                    {"type": "string", "pattern": _SUBJECT_PATTERN},
+                    required=True,
+                ),
+                QueryParam(
+                    "issuer",
+                    "the provider (default: the one configured here)",
+                    {"type": "string", "pattern": _ISSUER_PATTERN},
+                ),
+            ),
+            replies=(
+                Reply(204, "Unlinked: its tokens no longer act as the owner."),
+                Reply(404, "No such owner, or the subject is not linked to them.", ErrorView),
+                Reply(422, "No issuer given and no identity provider configured.", ErrorView),
+            ),
+        ),
+        _unlink_subject,
     ),
     (
         Operation(

@@ -451,6 +451,11 @@ class OidcOwners:
             monotonic=monotonic,
         )
 
+    @property
+    def issuer(self) -> str:
+        """The provider's issuer URL (the ``iss`` its tokens must carry)."""
+        return self._issuer
+
     async def __aenter__(self) -> Self:
         await self.keys.__aenter__()
         return self

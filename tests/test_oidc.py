@@ -39,6 +39,7 @@ from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
 from gateway.settings import MqttSettings
+from notifier.admin import Onboarding
 from notifier.errors import ConflictError, NotFoundError
 from notifier.model import Owner
 from notifier.oidc import (
@@ -628,6 +629,13 @@ async def test_subject_links_in_the_store(store: SqliteStore) -> None:
     assert await store.owner_of_subject("https://idp", "s-9") is None
     assert await store.adopt_subject("https://idp", "s-1", Owner("owner-x", "X")) == "owner-ada"
     assert await store.get_owner("owner-x") is None
+    assert await store.subjects_of("owner-ada") == [("https://idp", "s-1"), ("https://idp", "s-2")]
+    assert not await store.unlink_subject("https://idp", "s-1", "owner-bob")  # not Bob's
+    assert await store.unlink_subject("https://idp", "s-2", "owner-ada")
+    assert not await store.unlink_subject("https://idp", "s-2", "owner-ada")  # gone already
+    assert await store.subjects_of("owner-ada") == [("https://idp", "s-1")]
+    assert await store.owner_of_subject("https://idp", "s-2") is None
+    await store.link_subject("https://idp", "s-2", "owner-ada")
     await store.erase_owner("owner-ada")
     assert await store.owner_of_subject("https://idp", "s-1") is None
     assert await store.owner_of_subject("https://idp", "s-2") is None
@@ -664,6 +672,7 @@ class Live:
     store: SqliteStore
     base: str
     token: str
+    ops: str
 
 
 @pytest.fixture
@@ -691,13 +700,23 @@ async def live(
     async with SqliteStore(settings.db_path) as store:
         await store.put_owner(Owner("owner-ada", "Ada", timezone="Europe/Paris"))
         await store.add_token("tok-ada-0123456789abcdef", ("owner", "owner-ada"))
+        await store.put_owner(Owner("owner-bob", "Bob"))
+        await store.add_token("tok-ops-0123456789abcdef", ("ops", "olga"))
         await store.link_subject(provider.issuer, "user-7f3a", "owner-ada")
-        async with NotifierService(mqtt, influx, settings, store=store) as notifier:
+        registry = store.registry()
+        async with NotifierService(
+            mqtt,
+            influx,
+            settings,
+            store=store,
+            onboarding=lambda _: Onboarding(registry, None, frozenset()),
+        ) as notifier:
             yield Live(
                 provider,
                 store,
                 notifier.api_url,
                 "tok-ada-0123456789abcdef",
+                "tok-ops-0123456789abcdef",
             )
 
 
@@ -757,3 +776,56 @@ async def test_the_owner_api_answers_503_while_the_provider_is_down(live: Live) 
     )
     assert (status, body["error"]["code"]) == (503, "unavailable")
     assert headers["Retry-After"] == "5"
+
+
+async def _call(method: str, url: str, token: str, **kw: Any) -> tuple[int, dict[str, Any] | None]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, url, headers={"Authorization": f"Bearer {token}"}, **kw
+        ) as response,
+    ):
+        body = None if response.status == 204 else await response.json()
+        return response.status, body
+
+
+async def test_ops_link_and_unlink_a_provider_subject_over_the_admin_api(live: Live) -> None:
+    subjects = f"{live.base}/admin/owners/owner-bob/subjects"
+    bobs = live.provider.token(sub="user-b0b")
+    status, body, _ = await _get(f"{live.base}/me", bobs)
+    assert (status, body["error"]["code"]) == (403, "unknown_owner")
+    # only the ops role links
+    status, _ = await _call("POST", subjects, live.token, json={"subject": "user-b0b"})
+    assert status == 403
+    # no issuer given: the configured provider's
+    status, linked = await _call("POST", subjects, live.ops, json={"subject": "user-b0b"})
+    assert (status, linked) == (
+        201,
+        {"owner_id": "owner-bob", "issuer": live.provider.issuer, "subject": "user-b0b"},
+    )
+    status, body, _ = await _get(f"{live.base}/me", bobs)
+    assert (status, body["name"]) == (200, "Bob")
+    status, listed = await _call("GET", subjects, live.ops)
+    assert status == 200
+    assert listed == {"owner_id": "owner-bob", "subjects": [linked]}
+    # Ada's subject stays Ada's; an unknown owner is 404
+    status, body = await _call("POST", subjects, live.ops, json={"subject": "user-7f3a"})
+    assert status == 409, body
+    status, _ = await _call(
+        "POST", f"{live.base}/admin/owners/nobody/subjects", live.ops, json={"subject": "x"}
+    )
+    assert status == 404
+    # unlinking someone else's subject changes nothing
+    status, _ = await _call("DELETE", subjects, live.ops, params={"subject": "user-7f3a"})
+    assert status == 404
+    assert await live.store.owner_of_subject(live.provider.issuer, "user-7f3a") == "owner-ada"
+    status, body = await _call("DELETE", subjects, live.ops, params={})
+    assert status == 400, body
+    status, _ = await _call("DELETE", subjects, live.ops, params={"subject": "user-b0b"})
+    assert status == 204
+    status, body, _ = await _get(f"{live.base}/me", bobs)
+    assert (status, body["error"]["code"]) == (403, "unknown_owner")
+    status, listed = await _call("GET", subjects, live.ops)
+    assert listed == {"owner_id": "owner-bob", "subjects": []}
+    # Bob is still there, with his own token's data
+    assert await live.store.get_owner("owner-bob") is not None

@@ -611,6 +611,24 @@ async def test_technicians_and_tokens_are_issued_and_revoked(world: World) -> No
     ).status == 401
 
 
+async def test_ops_link_subjects_of_a_named_provider_without_oidc_set_up(world: World) -> None:
+    path = "/admin/owners/o-ana/subjects"
+    error = await _err(await world.call("POST", path, json={"subject": "s-1"}), 422)
+    assert error["field"] == "issuer"
+    body = {"subject": "s-1", "issuer": "https://idp.example/realms/acme"}
+    assert await _ok(await world.call("POST", path, json=body), 201) == {
+        "owner_id": "o-ana",
+        **body,
+    }
+    assert await world.store.owner_of_subject(body["issuer"], "s-1") == "o-ana"
+    await _err(await world.call("POST", path, json={**body, "subject": "bad\nsub"}), 400)
+    await _err(await world.call("POST", path, json={**body, "issuer": "ftp://idp"}), 400)
+    await _err(await world.call("DELETE", path, params={"subject": "s-1"}), 422)
+    await _ok(await world.call("DELETE", path, params=body), 204)
+    assert await world.store.owner_of_subject(body["issuer"], "s-1") is None
+    assert (await world.call("GET", path, who="ana")).status == 403
+
+
 async def test_the_document_describes_the_onboarding_routes(world: World) -> None:
     doc = await _ok(await world.client.get("/openapi.json"))
     routes = {
@@ -621,6 +639,8 @@ async def test_the_document_describes_the_onboarding_routes(world: World) -> Non
     described = {(method, path) for path, item in doc["paths"].items() for method in item}
     assert routes == described
     assert f"{API_PREFIX}/admin/device-imports" in doc["paths"]
+    subjects = doc["paths"][f"{API_PREFIX}/admin/owners/{{id}}/subjects"]
+    assert set(subjects) == {"get", "post", "delete"}
     claim = doc["paths"][f"{API_PREFIX}/me/devices/claim"]["post"]
     assert "429" in claim["responses"]
     assert doc["paths"][f"{API_PREFIX}/invites/accept"]["post"]["security"] == []

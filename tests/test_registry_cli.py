@@ -313,3 +313,39 @@ def test_an_older_store_registers_the_devices_it_knew(tmp_path: Path) -> None:
     assert not device.claimable
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_owners_link_subject_of_the_identity_provider(
+    folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run(capsys, "owners", "invite", "--name", "Ana")
+    owner = dict(line.split("\t", 1) for line in out.splitlines())["owner"]
+    # no provider configured: the issuer must be named
+    code, _, err = run(capsys, "owners", "link-subject", owner, "user-1")
+    assert (code, "--issuer" in err) == (2, True)
+    idp = "https://login.example.com/realms/acme"
+    monkeypatch.setenv("FIXLOOP_NOTIFIER__OIDC__ISSUER", idp)
+    monkeypatch.setenv("FIXLOOP_NOTIFIER__OIDC__AUDIENCE", "https://api.example.com")
+    code, out, _ = run(capsys, "owners", "link-subject", owner, "user-1")
+    assert (code, out.strip()) == (0, f"user-1 of {idp} linked to owner {owner}")
+    other = "https://other.example.com"
+    assert run(capsys, "owners", "link-subject", owner, "u-9", "--issuer", other)[0] == 0
+    code, out, _ = run(capsys, "owners", "subjects", owner)
+    assert out.splitlines() == [f"{idp}\tuser-1", f"{other}\tu-9"]
+    _, out, _ = run(capsys, "owners", "invite", "--name", "Ben")
+    ben = dict(line.split("\t", 1) for line in out.splitlines())["owner"]
+    code, _, err = run(capsys, "owners", "link-subject", ben, "user-1")
+    assert (code, "another owner" in err) == (2, True)
+    code, _, err = run(capsys, "owners", "link-subject", "o-nobody", "user-2")
+    assert (code, "no owner o-nobody" in err) == (2, True)
+    code, _, err = run(capsys, "owners", "unlink-subject", ben, "user-1")
+    assert (code, "is not linked" in err) == (1, True)
+    assert run(capsys, "owners", "unlink-subject", owner, "user-1")[0] == 0
+
+    async def links(store: SqliteStore) -> Any:
+        return (
+            await store.owner_of_subject(idp, "user-1"),
+            await store.owner_of_subject(other, "u-9"),
+        )
+
+    assert _store(folder, links) == (None, owner)
