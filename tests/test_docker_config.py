@@ -660,6 +660,58 @@ def test_the_notifier_takes_push_links_and_public_url_from_env(
     assert env["FIXLOOP_NOTIFIER__API_HOST"] == "0.0.0.0"
 
 
+def test_every_example_variable_is_read_by_a_compose_file() -> None:
+    texts = [COMPOSE.read_text(encoding="utf-8")] + [
+        path.read_text(encoding="utf-8") for path in sorted(DOCKER.glob("compose.*.yaml"))
+    ]
+    used = {name for text in texts for name in re.findall(rf"\$\{{({_NAME})", text)}
+    assert set(EXAMPLE_ENV) <= used, sorted(set(EXAMPLE_ENV) - used)
+    assert {
+        "FIXLOOP_STACK__FLEET_SECRET",
+        "NOTIFIER_OIDC_ISSUER",
+        "NOTIFIER_OIDC_AUDIENCE",
+        "NOTIFIER_OIDC_JWKS_URL",
+        "BROKER_ADMIN_PASSWORD",
+    } <= set(EXAMPLE_ENV)
+
+
+def test_the_notifier_takes_the_fleet_secret_and_the_identity_provider_from_env(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    text = COMPOSE.read_text(encoding="utf-8")
+    settings = _settings_of(rendered()["services"]["notifier"])
+    # claims need it: the service never makes one up
+    assert settings.stack.fleet_secret is not None
+    assert (
+        settings.stack.fleet_secret.get_secret_value()
+        == (EXAMPLE_ENV["FIXLOOP_STACK__FLEET_SECRET"])
+    )
+    without = {k: v for k, v in EXAMPLE_ENV.items() if k != "FIXLOOP_STACK__FLEET_SECRET"}
+    with pytest.raises(InterpolationError, match="FIXLOOP_STACK__FLEET_SECRET"):
+        render(text, without)
+    # left empty in the example: owners sign in with fixloop's tokens only
+    assert settings.notifier.oidc.issuer is None
+    idp = {
+        "NOTIFIER_OIDC_ISSUER": "https://login.example.com/realms/acme",
+        "NOTIFIER_OIDC_AUDIENCE": "https://api.example.com",
+        "NOTIFIER_OIDC_JWKS_URL": "https://login.example.com/realms/acme/certs",
+        "NOTIFIER_OIDC_AUTO_CREATE": "true",
+    }
+    oidc = _settings_of(render(text, {**EXAMPLE_ENV, **idp})["services"]["notifier"]).notifier.oidc
+    assert (oidc.issuer, oidc.audience, oidc.jwks_url, oidc.auto_create) == (
+        idp["NOTIFIER_OIDC_ISSUER"],
+        idp["NOTIFIER_OIDC_AUDIENCE"],
+        idp["NOTIFIER_OIDC_JWKS_URL"],
+        True,
+    )
+    # the dynsec overlay's administrator password comes from the example as well
+    overlay = render((DOCKER / "compose.dynsec.yaml").read_text(encoding="utf-8"), EXAMPLE_ENV)[
+        "services"
+    ]["notifier"]["environment"]
+    assert overlay["FIXLOOP_BROKER__ADMIN_PASSWORD"] == EXAMPLE_ENV["BROKER_ADMIN_PASSWORD"]
+
+
 def test_the_dashboard_reads_the_notifiers_case_store(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
