@@ -308,6 +308,29 @@ def test_readme_documents_the_commands_that_exist() -> None:
     assert "docker/certs/server.crt" in text
 
 
+def test_references_to_the_deployment_readme_name_its_sections() -> None:
+    """A comment sending the reader to ``docker/README.md, "Section"`` finds that section."""
+    headings = [
+        line.lstrip("#").strip()
+        for line in (DOCKER / "README.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("## ")
+    ]
+    files = [*sorted(DOCKER.glob("compose*.yaml")), DOCKER / ".env.example"]
+    found = 0
+    for path in files:
+        text = " ".join(
+            line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
+        )
+        for name in re.findall(r'docker/README\.md,\s*"([^"]+)"', text):
+            found += 1
+            assert any(h.lower().startswith(name.lower()) for h in headings), (path.name, name)
+    assert found >= 3
+    readme = (DOCKER / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Broker accounts at run time", 1)[1].split("\n## ", 1)[0]
+    for words in ("password file", "devices credentials issue", "devices credentials revoke"):
+        assert words in section, words
+
+
 def test_passwd_entry_point_writes_a_private_password_file(tmp_path: Path) -> None:
     devices = tmp_path / "devices.txt"
     devices.write_text("# fleet\ndev-1\n\ndev-2\n")
