@@ -8,15 +8,7 @@ over the air with a checksum and a rollback, and refuses a message that would br
 contract before it leaves the device. It imports nothing of the fixloop backend.
 """
 
-from device.client import (
-    CommandHandler,
-    CommandResult,
-    Device,
-    DeviceStats,
-    Interlock,
-    ResetReason,
-    SelfTestResult,
-)
+from device.client import Device, DeviceStats
 from device.contract import (
     COMMAND_ACTIONS,
     EVENT_KINDS,
@@ -28,9 +20,19 @@ from device.contract import (
     Refusal,
     RefusalCode,
 )
+from device.core import (
+    CommandHandler,
+    CommandResult,
+    DeviceCore,
+    Interlock,
+    ResetReason,
+    SelfTestResult,
+    SendQueue,
+)
 from device.errors import CommandError, ContractError, DeviceConfigError, DeviceError, OtaError
 from device.ota import Firmware
 from device.settings import DeviceSettings, TlsSettings
+from device.store import DeviceState, DeviceStore, MemoryDeviceStore
 
 __all__ = [
     "COMMAND_ACTIONS",
@@ -46,15 +48,20 @@ __all__ = [
     "ContractError",
     "Device",
     "DeviceConfigError",
+    "DeviceCore",
     "DeviceError",
     "DeviceSettings",
+    "DeviceState",
     "DeviceStats",
+    "DeviceStore",
     "Firmware",
     "Interlock",
+    "MemoryDeviceStore",
     "OtaError",
     "Refusal",
     "RefusalCode",
     "ResetReason",
     "SelfTestResult",
+    "SendQueue",
     "TlsSettings",
 ]

@@ -44,7 +44,9 @@ What it does for the program:
   (:mod:`device.ota`).
 
 The library is synchronous and thread-based, like paho-mqtt itself: the program calls it
-from any thread; handlers run on the library's worker thread.
+from any thread; handlers run on the library's worker thread. Everything but the
+transport (contract checks, ``seq``, outbox and send policy, commands, interlocks, OTA)
+is :mod:`device.core`, which the simulator (``device_sim``) runs on its own transport.
 """
 
 from __future__ import annotations
@@ -52,16 +54,14 @@ from __future__ import annotations
 import logging
 import queue
 import random
-import re
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -72,23 +72,22 @@ from paho.mqtt.reasoncodes import ReasonCode
 from device.contract import (
     COMMAND_ACTIONS,
     INTERRUPTING_ACTIONS,
-    MAX_AGE_MS,
-    WORD_PATTERN,
-    Command,
     CommandAction,
     DataValue,
-    EventKind,
-    Refusal,
     commands_topic,
-    decode_command,
-    encode_event,
-    encode_reading,
-    events_topic,
     status_topic,
-    telemetry_topic,
 )
-from device.errors import CommandError, ContractError, DeviceConfigError, DeviceError, OtaError
-from device.ota import Firmware, PendingUpdate, download_image, parse_update, version_key
+from device.core import (
+    CommandHandler,
+    CommandResult,
+    DeviceCore,
+    Interlock,
+    ResetReason,
+    SelfTestResult,
+    SendQueue,
+)
+from device.errors import ContractError, DeviceConfigError, DeviceError
+from device.ota import Firmware
 from device.settings import DeviceSettings
 from device.store import DeviceStore
 
@@ -104,58 +103,11 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-ResetReason = Literal["power_on", "restart_command", "firmware_update", "watchdog", "service"]
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MS: Final = timedelta(milliseconds=1)
 #: How long the network thread waits for traffic before it looks at the outbox again.
 _TICK_S: Final = 0.05
-#: Messages read from the outbox at a time.
-_BATCH: Final = 200
-#: Spare minute: a message this close to the gateway's backfill window is not sent.
-_EXPIRY_MARGIN_MS: Final = 60_000
 _COMMAND_QUEUE: Final = 100
 _SETTLE_S: Final = 5.0
 _GOODBYE_S: Final = 2.0
-_WORD_RE: Final = re.compile(WORD_PATTERN)
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """What a command handler did; becomes the ``command_result`` event.
-
-    Attributes:
-        ok: whether the device did it.
-        detail: plain words for people (why not, or what happens now).
-        code: a short word (an error code, the new firmware version).
-        data: named values to report with it.
-        then: run after the result is stored and the command acknowledged (and, when
-            connected, published): the restart itself, so the answer is not lost with
-            the process.
-    """
-
-    ok: bool
-    detail: str | None = None
-    code: str | None = None
-    data: Mapping[str, DataValue] = field(default_factory=dict)
-    then: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SelfTestResult:
-    """A self-test's verdict; becomes a ``selftest`` event.
-
-    Attributes:
-        passed: whether everything passed.
-        code: verdict or first fault code (``PASS``, ``E21``).
-        detail: what was found, in plain words.
-        data: the measurements.
-    """
-
-    passed: bool
-    code: str | None = None
-    detail: str | None = None
-    data: Mapping[str, DataValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +143,6 @@ class DeviceStats:
     last_error: str | None
 
 
-#: A command handler: gets the command, returns what it did.
-CommandHandler = Callable[[Command], CommandResult]
-#: An interlock: ``None`` when the action is safe now, else why not.
-Interlock = Callable[[], Refusal | None]
-
-
 @dataclass(slots=True)
 class _Connection:
     """State of one MQTT connection (a new paho client per connection)."""
@@ -207,12 +153,6 @@ class _Connection:
     refused_by_broker: bool = False
     error: str | None = None
     inflight: dict[int, int] = field(default_factory=dict)
-    queue: deque[tuple[int, str, bytes, int]] = field(default_factory=deque)
-    cursor: int = 0
-    seen_appends: int = -1
-    acked: list[int] = field(default_factory=list)
-    refused: list[int] = field(default_factory=list)
-    expired: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +186,6 @@ class _ClosingSSLSocket(ssl.SSLSocket):
             raise
 
 
-def _word(value: str | None) -> str | None:
-    """``value`` when it can be an event ``code``, else ``None`` (a free-form version)."""
-    if value is None or _WORD_RE.fullmatch(value) is None:
-        return None
-    return value
-
-
 class Device:
     """One device on contract v1; start with :meth:`start` or a ``with`` block.
 
@@ -273,10 +206,10 @@ class Device:
         self.settings = settings
         self.device_id = settings.device_id
         self._firmware = firmware
-        self._clock = clock
-        self._handlers: dict[str, tuple[CommandHandler, bool]] = {}
-        self._interlocks: list[tuple[Interlock, frozenset[str]]] = []
-        self._store: DeviceStore | None = None
+        self._clock_ms = lambda: int(clock() * 1000)
+        self._registrations: list[Callable[[DeviceCore], None]] = []
+        self._core: DeviceCore | None = None
+        self._sender: SendQueue | None = None
         self._tls: ssl.SSLContext | None = None
         self._stopping = threading.Event()
         self._connected = threading.Event()
@@ -284,16 +217,18 @@ class Device:
         self._acks: queue.SimpleQueue[_Ack] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._generation = 0
-        self._tokens = float(settings.max_inflight)
-        self._tokens_at = time.monotonic()
-        self._published = 0
         self._connects = 0
-        self._commands = 0
-        self._duplicates = 0
-        self._bad_commands = 0
         self._last_error: str | None = None
 
     # -- registration -------------------------------------------------------------------
+    def _register(self, actions: Iterable[str], step: Callable[[DeviceCore], None]) -> None:
+        unknown = sorted(set(actions) - COMMAND_ACTIONS)
+        if unknown:  # refused now, not at start
+            raise ContractError("bad_command", f"unknown actions {unknown}")
+        self._registrations.append(step)
+        if self._core is not None:
+            step(self._core)
+
     def on_command(
         self, action: CommandAction, handler: CommandHandler, *, interlocked: bool = True
     ) -> None:
@@ -309,9 +244,9 @@ class Device:
         Raises:
             ContractError: ``action`` is not one of the contract's actions.
         """
-        if action not in COMMAND_ACTIONS:
-            raise ContractError("bad_command", f"unknown action {action!r}")
-        self._handlers[action] = (handler, interlocked)
+        self._register(
+            (action,), lambda core: core.on_command(action, handler, interlocked=interlocked)
+        )
 
     def command(
         self, action: CommandAction, *, interlocked: bool = True
@@ -332,11 +267,8 @@ class Device:
         By default the actions that interrupt use: restart, firmware update, cleaning
         cycle. A check that raises refuses too (without a refusal code).
         """
-        wanted = frozenset(actions)
-        unknown = sorted(wanted - COMMAND_ACTIONS)
-        if unknown:
-            raise ContractError("bad_command", f"unknown actions {unknown}")
-        self._interlocks.append((check, wanted))
+        wanted = tuple(actions)
+        self._register(wanted, lambda core: core.add_interlock(check, wanted))
 
     def on_selftest(self, run: Callable[[], SelfTestResult]) -> None:
         """Answer ``selftest`` commands by running ``run``.
@@ -344,16 +276,7 @@ class Device:
         The device publishes the ``selftest`` event (with the command's id) and then
         the ``command_result``.
         """
-
-        def handle(command: Command) -> CommandResult:
-            result = run()
-            self.report_selftest(result, command_id=command.id)
-            verdict = "passed" if result.passed else f"found {result.detail or result.code}"
-            data = dict(result.data)
-            data["passed"] = result.passed
-            return CommandResult(True, f"self-test {verdict}"[:500], result.code, data)
-
-        self.on_command("selftest", handle)
+        self._register((), lambda core: core.on_selftest(run))
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -363,7 +286,7 @@ class Device:
             DeviceConfigError: the store or a TLS file cannot be used.
             DeviceError: already started.
         """
-        if self._store is not None:
+        if self._core is not None:
             raise DeviceError(f"{self.device_id} is already started")
         self._tls = self._tls_context()
         settings = self.settings
@@ -372,14 +295,33 @@ class Device:
             max_messages=settings.max_buffered,
             fsync=settings.fsync,
         )
-        self._store = store
+        core = DeviceCore(
+            self.device_id,
+            store,
+            clock_ms=self._clock_ms,
+            model=settings.model,
+            firmware_version=settings.firmware,
+            firmware=self._firmware,
+            ota_dir=settings.data_dir / "ota",
+            max_boot_attempts=settings.max_boot_attempts,
+            max_image_bytes=settings.max_image_bytes,
+            download_timeout_s=settings.download_timeout_s,
+        )
+        for step in self._registrations:
+            step(core)
         self._stopping.clear()
         try:
-            self._boot(store)
+            core.boot()
         except BaseException:
-            self._store = None
             store.close()
             raise
+        self._core = core
+        self._sender = SendQueue(
+            store,
+            clock_ms=self._clock_ms,
+            max_inflight=settings.max_inflight,
+            rate_per_s=settings.send_rate_per_s,
+        )
         self._threads = [
             threading.Thread(target=self._network, name=f"{self.device_id}-mqtt", daemon=True),
             threading.Thread(target=self._work, name=f"{self.device_id}-commands", daemon=True),
@@ -392,8 +334,8 @@ class Device:
 
         Messages not yet acknowledged stay in the outbox for the next start.
         """
-        store = self._store
-        if store is None:
+        core = self._core
+        if core is None:
             return
         self._incoming_put(None)
         deadline = time.monotonic() + timeout_s
@@ -402,9 +344,10 @@ class Device:
         self._stopping.set()
         self._threads[0].join(max(0.0, deadline - time.monotonic()))
         self._threads = []
-        store.put("running", False)
-        self._store = None
-        store.close()
+        core.stop()
+        self._core = None
+        self._sender = None
+        core.store.close()
 
     def __enter__(self) -> Self:
         self.start()
@@ -429,11 +372,13 @@ class Device:
 
     def flush(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` until the broker acknowledged every stored message."""
-        return self._require_store().wait_empty(timeout_s)
+        return self._require_core().store.wait_empty(timeout_s)
 
     def stats(self) -> DeviceStats:
         """The device's counters now."""
-        store = self._require_store()
+        core = self._require_core()
+        store = core.store
+        sender = self._sender
         return DeviceStats(
             connected=self.connected,
             seq=store.seq,
@@ -441,11 +386,11 @@ class Device:
             dropped=store.counter("dropped"),
             expired=store.counter("expired"),
             refused=store.counter("refused"),
-            published=self._published,
+            published=0 if sender is None else sender.published,
             connects=self._connects,
-            commands=self._commands,
-            duplicates=self._duplicates,
-            bad_commands=self._bad_commands,
+            commands=core.commands,
+            duplicates=core.duplicates,
+            bad_commands=core.bad_commands,
             last_error=self._last_error,
         )
 
@@ -470,13 +415,7 @@ class Device:
         Raises:
             ContractError: the reading breaks the contract (nothing is stored).
         """
-        ts_ms, now_ms = self._ts_ms(ts)
-        device_id = self.device_id
-
-        def build(seq: int) -> bytes:
-            return encode_reading(device_id, seq, ts_ms, metrics, status, now_ms=now_ms)
-
-        return self._append(telemetry_topic(device_id), build, ts_ms)
+        return self._require_core().publish_reading(metrics, status=status, ts=ts)
 
     def report_error(
         self,
@@ -491,7 +430,7 @@ class Device:
         Raises:
             ContractError: the event breaks the contract (nothing is stored).
         """
-        return self._event("error", ts, code=code, detail=detail, data=data)
+        return self._require_core().report_error(code, detail, data=data, ts=ts)
 
     def report_info(
         self,
@@ -506,7 +445,7 @@ class Device:
         Raises:
             ContractError: the event breaks the contract (nothing is stored).
         """
-        return self._event("info", ts, code=code, detail=detail, data=data)
+        return self._require_core().report_info(detail, code=code, data=data, ts=ts)
 
     def report_selftest(
         self, result: SelfTestResult, *, command_id: str | None = None, ts: datetime | None = None
@@ -516,204 +455,13 @@ class Device:
         Raises:
             ContractError: the event breaks the contract (nothing is stored).
         """
-        return self._event(
-            "selftest",
-            ts,
-            code=result.code,
-            command_id=command_id,
-            ok=result.passed,
-            detail=result.detail,
-            data=result.data,
-        )
+        return self._require_core().report_selftest(result, command_id=command_id, ts=ts)
 
-    def _event(
-        self,
-        kind: EventKind,
-        ts: datetime | None,
-        *,
-        code: str | None = None,
-        command_id: str | None = None,
-        ok: bool | None = None,
-        detail: str | None = None,
-        data: Mapping[str, DataValue] | None = None,
-        state: Mapping[str, object | None] | None = None,
-    ) -> int:
-        ts_ms, now_ms = self._ts_ms(ts)
-        device_id = self.device_id
-
-        def build(seq: int) -> bytes:
-            return encode_event(
-                device_id,
-                seq,
-                ts_ms,
-                kind,
-                code=code,
-                command_id=command_id,
-                ok=ok,
-                detail=detail,
-                data=data,
-                now_ms=now_ms,
-            )
-
-        return self._append(events_topic(device_id), build, ts_ms, state=state)
-
-    def _append(
-        self,
-        topic: str,
-        build: Callable[[int], bytes],
-        ts_ms: int,
-        *,
-        state: Mapping[str, object | None] | None = None,
-    ) -> int:
-        return self._require_store().append(topic, build, ts_ms, state=state)
-
-    def _ts_ms(self, ts: datetime | None) -> tuple[int, int]:
-        now_ms = int(self._clock() * 1000)
-        if ts is None:
-            return now_ms, now_ms
-        if ts.tzinfo is None or ts.utcoffset() is None:
-            raise ContractError("bad_ts", "timestamps must be timezone-aware (UTC)")
-        return (ts - _EPOCH) // _MS, now_ms
-
-    def _require_store(self) -> DeviceStore:
-        store = self._store
-        if store is None:
+    def _require_core(self) -> DeviceCore:
+        core = self._core
+        if core is None:
             raise DeviceError(f"{self.device_id} is not started")
-        return store
-
-    # -- boot and OTA -------------------------------------------------------------------
-    def _firmware_version(self) -> str | None:
-        if self._firmware is not None:
-            return self._firmware.version()
-        return self.settings.firmware
-
-    def _boot(self, store: DeviceStore) -> None:
-        stored = store.get("reset_reason")
-        reason = stored if isinstance(stored, str) else "power_on"
-        clean = store.get("running") is not True
-        version = self._firmware_version()
-        data: dict[str, DataValue] = {"reset_reason": reason, "clean_shutdown": clean}
-        if version is not None:
-            data["firmware"] = version[:200]
-        if self.settings.model is not None:
-            data["model"] = self.settings.model[:200]
-        self._event(
-            "boot",
-            None,
-            code=_word(version),
-            data=data,
-            state={"reset_reason": None, "running": True},
-        )
-        _LOG.info("%s booted (%s, firmware %s)", self.device_id, reason, version)
-        pending = PendingUpdate.from_json(store.get("ota"))
-        if pending is not None and self._firmware is not None:
-            self._check_update(store, self._firmware, pending)
-
-    def _check_update(self, store: DeviceStore, firmware: Firmware, pending: PendingUpdate) -> None:
-        attempts = pending.attempts + 1
-        store.put("ota", {**pending.to_json(), "attempts": attempts})
-        running = firmware.version()
-        if running != pending.version:
-            self._event(
-                "error",
-                None,
-                code="OTA_BOOT_FAILED",
-                command_id=pending.command_id,
-                ok=False,
-                detail=f"firmware {pending.version} did not boot; running {running}",
-                data={"version": pending.version, "running": running},
-                state={"ota": None},
-            )
-            return
-        verdict: bool | None = None
-        if attempts <= self.settings.max_boot_attempts:
-            try:
-                verdict = firmware.boot_ok()
-            except Exception:
-                _LOG.exception("%s: the boot check of %s failed", self.device_id, pending.version)
-                verdict = False
-        if verdict:
-            self._event(
-                "info",
-                None,
-                code=_word(pending.version),
-                command_id=pending.command_id,
-                ok=True,
-                detail=f"firmware {pending.version} is running (was {pending.previous})",
-                data={"version": pending.version, "previous": pending.previous},
-                state={"ota": None},
-            )
-            return
-        why = (
-            "failed its boot check"
-            if verdict is False
-            else f"stopped {attempts - 1} times before its boot check"
-        )
-        self._event(
-            "error",
-            None,
-            code="OTA_ROLLBACK",
-            command_id=pending.command_id,
-            ok=False,
-            detail=f"firmware {pending.version} {why}; rolling back to {pending.previous}",
-            data={"version": pending.version, "previous": pending.previous},
-            state={"ota": None, "reset_reason": "firmware_update"},
-        )
-        _LOG.warning("%s: rolling back %s to %s", self.device_id, running, pending.previous)
-        try:
-            firmware.rollback(pending.previous)
-        except OtaError as exc:
-            self._event(
-                "error",
-                None,
-                code="OTA_ROLLBACK_FAILED",
-                command_id=pending.command_id,
-                ok=False,
-                detail=f"rollback to {pending.previous} failed: {exc}"[:500],
-            )
-
-    def _firmware_update(
-        self, command: Command, firmware: Firmware
-    ) -> tuple[CommandResult, dict[str, object | None]]:
-        try:
-            request = parse_update(command.args)
-        except OtaError as exc:
-            return CommandResult(False, str(exc)), {}
-        installed = firmware.version()
-        if request.version == installed:
-            return CommandResult(True, f"already on {installed}; nothing to do"), {}
-        try:
-            older = version_key(request.version) < version_key(installed)
-        except ValueError:
-            older = False  # an installed version of another scheme: no order to keep
-        if older:
-            detail = f"{request.version} is older than the installed {installed}; not installed"
-            return CommandResult(False, detail), {}
-        try:
-            image = download_image(
-                request,
-                self.settings.data_dir / "ota",
-                max_bytes=self.settings.max_image_bytes,
-                timeout_s=self.settings.download_timeout_s,
-            )
-        except OtaError as exc:
-            code = "OTA_CHECKSUM" if "checksum" in str(exc) else "OTA_DOWNLOAD"
-            _LOG.warning("%s: %s", self.device_id, exc)
-            return CommandResult(False, str(exc)[:500], code), {}
-        try:
-            firmware.install(image, request.version)
-        except OtaError as exc:
-            return CommandResult(False, f"install failed: {exc}"[:500], "OTA_INSTALL"), {}
-        finally:
-            image.unlink(missing_ok=True)
-        pending = PendingUpdate(request.version, installed, command.id)
-        result = CommandResult(
-            True,
-            f"updated from {installed} to {request.version}; restarting",
-            _word(request.version),
-            then=firmware.activate,
-        )
-        return result, {"ota": pending.to_json(), "reset_reason": "firmware_update"}
+        return core
 
     # -- commands -----------------------------------------------------------------------
     def _incoming_put(self, item: _Incoming | None) -> bool:
@@ -724,131 +472,25 @@ class Device:
         return True
 
     def _work(self) -> None:
+        core = self._require_core()
         while True:
             item = self._incoming.get()
             if item is None:
                 return
             then = None
             try:
-                then = self._handle(item.payload)
+                then = core.handle_command(item.payload)
             finally:
                 done = threading.Event()
                 self._acks.put(_Ack(item.generation, item.mid, item.qos, done))
             if then is not None:
                 # the restart comes last: answer stored, command acknowledged, answer sent
                 done.wait(_SETTLE_S)
-                self._require_store().wait_empty(_SETTLE_S)
+                core.store.wait_empty(_SETTLE_S)
                 try:
                     then()
                 except Exception:
                     _LOG.exception("%s: the action after a command failed", self.device_id)
-
-    def _handle(self, payload: bytes) -> Callable[[], None] | None:
-        store = self._require_store()
-        try:
-            command = decode_command(payload)
-        except ContractError as exc:
-            self._bad_commands += 1
-            _LOG.warning("%s: a command breaks the contract: %s", self.device_id, exc)
-            return None
-        if store.was_answered(command.id):
-            self._duplicates += 1
-            _LOG.info("%s: command %s was answered before", self.device_id, command.id)
-            return None
-        result, state = self._run(command)
-        seq = self._answer(store, command, result, state)
-        if seq is None:
-            self._duplicates += 1
-            return None
-        self._commands += 1
-        _LOG.info(
-            "%s: %s (command %s): ok=%s %s",
-            self.device_id,
-            command.action,
-            command.id,
-            result.ok,
-            result.detail or "",
-        )
-        return result.then if result.ok else None
-
-    def _answer(
-        self,
-        store: DeviceStore,
-        command: Command,
-        result: CommandResult,
-        state: Mapping[str, object | None],
-    ) -> int | None:
-        ts_ms, _ = self._ts_ms(None)
-        device_id = self.device_id
-
-        def build(seq: int, answer: CommandResult = result) -> bytes:
-            return encode_event(
-                device_id,
-                seq,
-                ts_ms,
-                "command_result",
-                code=answer.code,
-                command_id=command.id,
-                ok=answer.ok,
-                detail=answer.detail,
-                data=answer.data,
-            )
-
-        try:
-            seq = store.answer(command.id, events_topic(device_id), build, ts_ms, state=state)
-        except ContractError as exc:
-            _LOG.error(
-                "%s: the answer to %s breaks the contract: %s", self.device_id, command.id, exc
-            )
-            safe = CommandResult(False, f"the device's answer broke the contract ({exc.reason})")
-            seq = store.answer(
-                command.id,
-                events_topic(device_id),
-                lambda seq: build(seq, safe),
-                ts_ms,
-            )
-        return seq
-
-    def _run(self, command: Command) -> tuple[CommandResult, dict[str, object | None]]:
-        action = command.action
-        registered = self._handlers.get(action)
-        firmware = self._firmware if action == "firmware_update" else None
-        if registered is None and firmware is None:
-            return CommandResult(False, f"this device does not do {action}"), {}
-        if registered is None or registered[1]:
-            refused = self._refusal(action)
-            if refused is not None:
-                return refused, {}
-        state: dict[str, object | None] = {}
-        try:
-            if registered is not None:
-                result = registered[0](command)
-            elif firmware is not None:
-                result, state = self._firmware_update(command, firmware)
-            else:  # pragma: no cover - excluded above
-                return CommandResult(False, f"this device does not do {action}"), {}
-        except CommandError as exc:
-            return CommandResult(False, str(exc)[:500]), {}
-        except Exception as exc:
-            _LOG.exception("%s: the %s handler failed", self.device_id, action)
-            return CommandResult(False, f"{action} failed ({type(exc).__name__})"), {}
-        if result.ok and result.then is not None and action == "restart":
-            state["reset_reason"] = "restart_command"
-        return result, state
-
-    def _refusal(self, action: str) -> CommandResult | None:
-        for check, actions in self._interlocks:
-            if action not in actions:
-                continue
-            try:
-                refusal = check()
-            except Exception:
-                # unknown is not safe; no refusal code, as none of them is the reason
-                _LOG.exception("%s: an interlock failed; refusing %s", self.device_id, action)
-                return CommandResult(False, "refused: the device could not check it is safe now")
-            if refusal is not None:
-                return CommandResult(False, refusal.detail, refusal.code)
-        return None
 
     # -- connection ---------------------------------------------------------------------
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -924,7 +566,7 @@ class Device:
                 if self._serve(client, conn):
                     attempt = 0
             self._connected.clear()
-            self._settle(conn)
+            self._require_sender().settle()
             del client
             if self._stopping.is_set():
                 return
@@ -951,8 +593,9 @@ class Device:
                     return False
                 continue
             self._send_acks(client, conn)
-            self._settle(conn)
-            self._pump(client, conn)
+            sender = self._require_sender()
+            sender.settle()
+            self._pump(client, conn, sender)
         if conn.ready:
             self._goodbye(client, conn)
         return conn.ready
@@ -971,6 +614,7 @@ class Device:
             return
         conn.ready = True
         self._connects += 1
+        self._require_sender().restart()
         client.subscribe(commands_topic(self.device_id), qos=1)
         client.publish(status_topic(self.device_id), b"online", qos=1, retain=True)
         self._connected.set()
@@ -1009,12 +653,12 @@ class Device:
         row = conn.inflight.pop(mid, None)
         if row is None:
             return  # the status message
+        sender = self._require_sender()
         if reason.is_failure:
             _LOG.error("%s: the broker refused message %d: %s", self.device_id, row, reason)
-            conn.refused.append(row)
+            sender.refused(row)
         else:
-            conn.acked.append(row)
-            self._published += 1
+            sender.acked(row)
 
     def _send_acks(self, client: mqtt.Client, conn: _Connection) -> None:
         while True:
@@ -1026,51 +670,18 @@ class Device:
                 client.ack(ack.mid, ack.qos)
             ack.done.set()
 
-    def _settle(self, conn: _Connection) -> None:
-        store = self._store
-        if store is None:
-            return
-        for rows, counter in (
-            (conn.acked, None),
-            (conn.refused, "refused"),
-            (conn.expired, "expired"),
-        ):
-            if rows:
-                store.remove(rows, counter=counter)
-                rows.clear()
+    def _require_sender(self) -> SendQueue:
+        sender = self._sender
+        if sender is None:
+            raise DeviceError(f"{self.device_id} is not started")
+        return sender
 
-    def _pump(self, client: mqtt.Client, conn: _Connection) -> None:
-        store = self._store
-        if store is None:
-            return
-        settings = self.settings
-        now = time.monotonic()
-        self._tokens = min(
-            float(settings.max_inflight),
-            self._tokens + (now - self._tokens_at) * settings.send_rate_per_s,
-        )
-        self._tokens_at = now
-        oldest_ms = int(self._clock() * 1000) - MAX_AGE_MS + _EXPIRY_MARGIN_MS
-        while len(conn.inflight) < settings.max_inflight and self._tokens >= 1.0:
-            if not conn.queue:
-                appends = store.appended
-                if appends == conn.seen_appends:
-                    return  # nothing new since the outbox was last read empty
-                rows = store.pending(conn.cursor, _BATCH)
-                if not rows:
-                    conn.seen_appends = appends
-                    return
-                conn.queue.extend((r.id, r.topic, r.payload, r.ts_ms) for r in rows)
-            row_id, topic, payload, ts_ms = conn.queue.popleft()
-            conn.cursor = row_id
-            if ts_ms < oldest_ms:
-                conn.expired.append(row_id)
-                continue
-            info = client.publish(topic, payload, qos=1)
+    def _pump(self, client: mqtt.Client, conn: _Connection, sender: SendQueue) -> None:
+        for row in sender.next(len(conn.inflight)):
+            info = client.publish(row.topic, row.payload, qos=1)
             if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return  # the connection is going; the next one starts from the outbox
-            conn.inflight[info.mid] = row_id
-            self._tokens -= 1.0
+            conn.inflight[info.mid] = row.id
 
     def _goodbye(self, client: mqtt.Client, conn: _Connection) -> None:
         """Clean stop: retained ``offline`` (a clean disconnect suppresses the will)."""

@@ -17,11 +17,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from device.errors import ContractError
+
+try:  # the fast encoder when the program has it; the standard library's otherwise
+    import orjson
+except ImportError:  # pragma: no cover - fixloop's own installs have orjson
+    orjson = None  # type: ignore[assignment]
 
 __all__ = [
     "COMMAND_ACTIONS",
@@ -101,6 +106,19 @@ REFUSAL_CODES: Final = ("door_open", "mid_cycle", "low_battery", "defrosting", "
 _DEVICE_ID_RE: Final = re.compile(DEVICE_ID_PATTERN)
 _METRIC_RE: Final = re.compile(METRIC_NAME_PATTERN)
 _WORD_RE: Final = re.compile(WORD_PATTERN)
+_MAX_INT: Final = 2**63 - 1
+#: Names and words already checked (a device sends the same few again and again), so
+#: a reading is checked at the cost of a set lookup per metric; bounded.
+_KNOWN_LIMIT: Final = 4_096
+_known_ids: set[str] = set()
+_known_names: set[str] = set()
+_known_words: set[str] = set()
+
+
+def _remember(known: set[str], value: str) -> None:
+    if len(known) >= _KNOWN_LIMIT:
+        known.clear()
+    known.add(value)
 
 
 # -- topics ------------------------------------------------------------------------------
@@ -112,8 +130,11 @@ def check_device_id(device_id: str) -> str:
     Raises:
         ContractError: ``bad_id``.
     """
+    if type(device_id) is str and device_id in _known_ids:
+        return device_id
     if type(device_id) is not str or _DEVICE_ID_RE.fullmatch(device_id) is None:
         raise ContractError("bad_id", f"device id {device_id!r} breaks the pattern")
+    _remember(_known_ids, device_id)
     return device_id
 
 
@@ -202,6 +223,8 @@ def _header(device_id: str, seq: int, ts_ms: int, now_ms: int | None) -> None:
 
 
 def _metric_value(name: str, value: object) -> MetricValue:
+    if type(value) is float and -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:
+        return value  # the common case first
     if isinstance(value, bool):
         return value
     if isinstance(value, int | float):
@@ -218,9 +241,22 @@ def _name(name: object, reason: str, what: str) -> str:
     return name
 
 
+def _metric_name(name: object) -> str:
+    if type(name) is str and name in _known_names:
+        return name
+    _name(name, "bad_metric_name", "metric")
+    if name in RESERVED_METRIC_NAMES:
+        raise ContractError("bad_metric_name", f"metric name {name!r} is reserved")
+    _remember(_known_names, name)  # type: ignore[arg-type]
+    return name  # type: ignore[return-value]
+
+
 def _word(key: str, value: object, reason: str) -> str:
+    if type(value) is str and value in _known_words:
+        return value
     if type(value) is not str or _WORD_RE.fullmatch(value) is None:
         raise ContractError(reason, f"{key} must be a short word (got {value!r})")
+    _remember(_known_words, value)
     return value
 
 
@@ -230,8 +266,22 @@ def _text(key: str, value: object, limit: int) -> str:
     return value
 
 
+_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _json_dumps(body: dict[str, object]) -> bytes:
+    return _JSON.encode(body).encode()
+
+
+#: Every value is checked (finite, within 64-bit integers) before it is encoded, so
+#: both encoders write the same JSON values.
+_dumps: Final[Callable[[dict[str, object]], bytes]] = (
+    _json_dumps if orjson is None else orjson.dumps
+)
+
+
 def _dump(body: dict[str, object]) -> bytes:
-    payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    payload = _dumps(body)
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ContractError(
             "too_large", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}"
@@ -268,10 +318,7 @@ def encode_reading(
         raise ContractError("too_many_metrics", f"more than {MAX_METRICS} metrics")
     clean: dict[str, object] = {}
     for name, value in metrics.items():
-        _name(name, "bad_metric_name", "metric")
-        if name in RESERVED_METRIC_NAMES:
-            raise ContractError("bad_metric_name", f"metric name {name!r} is reserved")
-        clean[name] = _metric_value(name, value)
+        clean[_metric_name(name)] = _metric_value(name, value)
     body: dict[str, object] = {
         "v": SCHEMA_VERSION,
         "id": device_id,
@@ -352,8 +399,13 @@ def _data_value(name: str, value: object) -> DataValue:
         if len(value) > _MAX_DATA_TEXT:
             raise ContractError("bad_event", f"data {name} is longer than {_MAX_DATA_TEXT}")
         return value
-    if isinstance(value, int | float) and math.isfinite(value):
-        return int(value) if isinstance(value, int) else float(value)
+    if isinstance(value, int):
+        if -_MAX_INT <= value <= _MAX_INT:
+            return int(value)
+        if abs(value) < 10**308:  # beyond 64 bits the gateway reads a float anyway
+            return float(value)
+    elif isinstance(value, float) and math.isfinite(value):
+        return float(value)
     raise ContractError("bad_event", f"data {name} must be a finite number, bool or short text")
 
 

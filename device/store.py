@@ -20,6 +20,10 @@ The outbox is bounded (``max_messages``): when full, the oldest message is dropp
 counted (``dropped``), so the newest readings survive a long outage. Messages older than
 the gateway's backfill window are dropped when they would be sent (``expired``), and
 messages the broker refuses for good (an ACL) are dropped and counted (``refused``).
+
+:class:`MemoryDeviceStore` keeps the same state in memory, with the same rules: for the
+simulator (``device_sim``), whose thousands of devices keep their "flash" in the
+process, and for tests. :class:`DeviceState` is what the library needs of either.
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, Self
+from typing import Final, Literal, Protocol, Self
 
 from device.errors import DeviceConfigError
 
-__all__ = ["DeviceStore", "FsyncPolicy", "OutboxRow"]
+__all__ = ["DeviceState", "DeviceStore", "FsyncPolicy", "MemoryDeviceStore", "OutboxRow"]
 
 FsyncPolicy = Literal["always", "normal"]
 
@@ -69,6 +74,84 @@ class OutboxRow:
     topic: str
     payload: bytes
     ts_ms: int
+
+
+class DeviceState(Protocol):
+    """What the device library keeps across restarts: outbox, ``seq``, answers, state.
+
+    :class:`DeviceStore` (SQLite, on the device's storage) and
+    :class:`MemoryDeviceStore` (in memory) have it; both are thread-safe.
+    """
+
+    @property
+    def seq(self) -> int:
+        """The last sequence number used (0 before the first message)."""
+        ...
+
+    @property
+    def appended(self) -> int:
+        """Messages stored since the store was opened (tells a reader that more came)."""
+        ...
+
+    @property
+    def count(self) -> int:
+        """Messages in the outbox."""
+        ...
+
+    def append(
+        self,
+        topic: str,
+        build: Callable[[int], bytes],
+        ts_ms: int,
+        *,
+        state: Mapping[str, object | None] | None = None,
+    ) -> int:
+        """Number a message with the next ``seq``, encode it and store it; return the seq."""
+        ...
+
+    def answer(
+        self,
+        command_id: str,
+        topic: str,
+        build: Callable[[int], bytes],
+        ts_ms: int,
+        *,
+        state: Mapping[str, object | None] | None = None,
+    ) -> int | None:
+        """Store a command's result and the command as answered; ``None`` if it was."""
+        ...
+
+    def was_answered(self, command_id: str) -> bool:
+        """Whether a result for ``command_id`` was stored before."""
+        ...
+
+    def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
+        """Up to ``limit`` messages after outbox position ``after_id``, oldest first."""
+        ...
+
+    def remove(self, ids: Sequence[int], *, counter: str | None = None) -> None:
+        """Remove messages (acknowledged, or given up on and counted in ``counter``)."""
+        ...
+
+    def wait_empty(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty; return whether it is."""
+        ...
+
+    def counter(self, name: str) -> int:
+        """A kept counter: ``dropped``, ``expired`` or ``refused``."""
+        ...
+
+    def get(self, key: str) -> object | None:
+        """A JSON value kept under ``key``, or ``None``."""
+        ...
+
+    def put(self, key: str, value: object | None) -> None:
+        """Keep a JSON value under ``key``; ``None`` forgets the key."""
+        ...
+
+    def close(self) -> None:
+        """Release the store."""
+        ...
 
 
 class DeviceStore:
@@ -324,3 +407,168 @@ class DeviceStore:
             db.execute("DELETE FROM state WHERE key = ?", (f"kv:{key}",))
         else:
             self._put(db, f"kv:{key}", json.dumps(value))
+
+
+class MemoryDeviceStore:
+    """The device's state in memory, with :class:`DeviceStore`'s rules; thread-safe.
+
+    What a simulated device keeps on its flash: it lives as long as the object, so it
+    survives the simulated device's reboots and power cuts (the process is the flash).
+
+    Attributes:
+        max_messages: outbox bound.
+    """
+
+    def __init__(self, *, max_messages: int = 100_000) -> None:
+        if max_messages < 1:
+            raise DeviceConfigError(f"max_messages must be at least 1 (got {max_messages})")
+        self.max_messages = max_messages
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._outbox: dict[int, OutboxRow] = {}
+        self._next_id = 1
+        self._seq = 0
+        self._appended = 0
+        self._answered: set[str] = set()
+        self._answer_order: deque[str] = deque()
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._state: dict[str, str] = {}
+
+    def close(self) -> None:
+        """Nothing to release (the state stays with the object)."""
+
+    @property
+    def seq(self) -> int:
+        """The last sequence number used (0 before the first message)."""
+        return self._seq
+
+    @property
+    def appended(self) -> int:
+        """Messages stored since the store was made (tells a reader that more came)."""
+        return self._appended
+
+    @property
+    def count(self) -> int:
+        """Messages in the outbox."""
+        return len(self._outbox)
+
+    def _insert(self, topic: str, payload: bytes, ts_ms: int) -> None:
+        outbox = self._outbox
+        while len(outbox) >= self.max_messages:
+            del outbox[next(iter(outbox))]
+            self._counters["dropped"] += 1
+        row_id = self._next_id
+        self._next_id = row_id + 1
+        outbox[row_id] = OutboxRow(row_id, topic, payload, ts_ms)
+
+    def _keep(self, state: Mapping[str, object | None] | None) -> None:
+        for key, value in (state or {}).items():
+            if value is None:
+                self._state.pop(key, None)
+            else:
+                self._state[key] = json.dumps(value)
+
+    def append(
+        self,
+        topic: str,
+        build: Callable[[int], bytes],
+        ts_ms: int,
+        *,
+        state: Mapping[str, object | None] | None = None,
+    ) -> int:
+        """Number a message with the next ``seq``, encode it and store it.
+
+        ``build`` may raise :class:`~device.errors.ContractError`: then nothing is
+        stored and the ``seq`` is not used. Returns the message's ``seq``.
+        """
+        with self._changed:
+            seq = self._seq + 1
+            payload = build(seq)
+            self._insert(topic, payload, ts_ms)
+            self._keep(state)
+            self._seq = seq
+            self._appended += 1
+            self._changed.notify_all()
+            return seq
+
+    def answer(
+        self,
+        command_id: str,
+        topic: str,
+        build: Callable[[int], bytes],
+        ts_ms: int,
+        *,
+        state: Mapping[str, object | None] | None = None,
+    ) -> int | None:
+        """Store a command's result and remember the command as answered, together.
+
+        Returns:
+            The result's ``seq``, or ``None`` when the command was answered before.
+        """
+        with self._changed:
+            if command_id in self._answered:
+                return None
+            seq = self._seq + 1
+            payload = build(seq)
+            self._insert(topic, payload, ts_ms)
+            self._keep(state)
+            self._answered.add(command_id)
+            self._answer_order.append(command_id)
+            if len(self._answer_order) > _ANSWERED_KEEP:
+                self._answered.discard(self._answer_order.popleft())
+            self._seq = seq
+            self._appended += 1
+            self._changed.notify_all()
+            return seq
+
+    def was_answered(self, command_id: str) -> bool:
+        """Whether a result for ``command_id`` was stored before."""
+        with self._lock:
+            return command_id in self._answered
+
+    def pending(self, after_id: int, limit: int) -> list[OutboxRow]:
+        """Up to ``limit`` messages after outbox position ``after_id``, oldest first."""
+        rows: list[OutboxRow] = []
+        with self._lock:
+            for row_id, row in self._outbox.items():
+                if row_id > after_id:
+                    rows.append(row)
+                    if len(rows) >= limit:
+                        break
+        return rows
+
+    def remove(self, ids: Sequence[int], *, counter: str | None = None) -> None:
+        """Remove messages (acknowledged, or given up on and counted in ``counter``)."""
+        if counter is not None and counter not in _COUNTERS:
+            raise DeviceConfigError(f"unknown counter {counter!r}")
+        with self._changed:
+            outbox = self._outbox
+            removed = 0
+            for row_id in ids:
+                if outbox.pop(row_id, None) is not None:
+                    removed += 1
+            if counter is not None:
+                self._counters[counter] += removed
+            self._changed.notify_all()
+
+    def wait_empty(self, timeout_s: float) -> bool:
+        """Wait until the outbox is empty; return whether it is."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._outbox, timeout=timeout_s)
+
+    def counter(self, name: str) -> int:
+        """A kept counter: ``dropped``, ``expired`` or ``refused``."""
+        if name not in _COUNTERS:
+            raise DeviceConfigError(f"unknown counter {name!r}")
+        return self._counters[name]
+
+    def get(self, key: str) -> object | None:
+        """A JSON value kept under ``key`` (OTA progress, reset reason), or ``None``."""
+        with self._lock:
+            value = self._state.get(key)
+        return None if value is None else json.loads(value)
+
+    def put(self, key: str, value: object | None) -> None:
+        """Keep a JSON value under ``key``; ``None`` forgets the key."""
+        with self._lock:
+            self._keep({key: value})
