@@ -598,6 +598,42 @@ async def _fleet(request: web.Request) -> web.StreamResponse:
     return _json(data)
 
 
+async def _products(request: web.Request) -> web.StreamResponse:
+    """What devices send that no product file describes, per model (diagnostics counts it).
+
+    A model without a file is scored generically from every metric it sends; a model
+    whose file misses some of its metrics has those scored the same way. Each row: the
+    model, whether a file describes it, the count (readings without a file, or values
+    of unlisted metrics), the metrics concerned, the devices of the model in the
+    registry and when it was last counted.
+    """
+    _session(request)
+    influx = request.app[INFLUX_KEY]
+    if influx is None:
+        return _json({"available": False, "models": []})
+    found, snapshot = await asyncio.gather(
+        influxql.product_mismatches(influx, measurements=request.app[MEASUREMENTS_KEY]),
+        request.app[CACHE_KEY].snapshot(),
+    )
+    devices: Counter[str] = Counter(d.model for d in snapshot.devices.values())
+    return _json(
+        {
+            "available": True,
+            "models": [
+                {
+                    "model": m.model,
+                    "has_file": m.has_file,
+                    "count": m.count,
+                    "metrics": list(m.metrics),
+                    "devices": devices.get(m.model, 0),
+                    "at": _iso_ms(m.at_ms),
+                }
+                for m in found
+            ],
+        }
+    )
+
+
 async def _devices(request: web.Request) -> web.StreamResponse:
     """Devices matching a filter (model, firmware, batch, state, an id prefix), worst first."""
     _session(request)
@@ -1391,6 +1427,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/ops/api/ping", _ping),
     ("GET", "/ops/api/fleet", _fleet),
     ("GET", "/ops/api/devices", _devices),
+    ("GET", "/ops/api/products", _products),
     ("GET", "/ops/api/devices/{device_id}", _device),
     ("GET", "/ops/api/cases", _board),
     ("GET", "/ops/api/cases/{case_id}", _case),

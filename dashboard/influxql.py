@@ -7,8 +7,9 @@ over :meth:`gateway.influx.InfluxClient.query`, the common ground of InfluxDB 1.
 and 3.x.
 
 Measurements read: ``telemetry`` (tag ``device``, one field per metric, plus ``seq`` and
-``status``), ``health`` (tag ``device``, fields ``score``, ``baseline``, ``fleet``) and
-``device_events`` (tags ``device``, ``kind``).
+``status``), ``health`` (tag ``device``, fields ``score``, ``baseline``, ``fleet``),
+``device_events`` (tags ``device``, ``kind``) and ``product_mismatch`` (tags ``model``,
+``worker``; what devices send that no product file describes, counted by diagnostics).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from diagnostics.service import HEALTH_MEASUREMENT
+from diagnostics.service import HEALTH_MEASUREMENT, MISMATCH_MEASUREMENT
 from gateway.influx import InfluxClient
 from gateway.lineproto import EVENTS_MEASUREMENT, RESERVED_FIELDS, TELEMETRY_MEASUREMENT
 
@@ -28,12 +29,14 @@ __all__ = [
     "DeviceSeries",
     "DeviceSignals",
     "Measurements",
+    "ProductMismatch",
     "bucket_s",
     "device_events",
     "device_series",
     "device_signals",
     "first_scores",
     "latest_scores",
+    "product_mismatches",
     "quote_ident",
     "quote_string",
     "score_buckets",
@@ -56,12 +59,14 @@ class Measurements:
         events: device events.
         fleet_health: the fleet's devices per level in each step, kept by the dashboard
             itself (:mod:`dashboard.history`).
+        mismatch: what devices send that no product file describes.
     """
 
     telemetry: str = TELEMETRY_MEASUREMENT
     health: str = HEALTH_MEASUREMENT
     events: str = EVENTS_MEASUREMENT
     fleet_health: str = "fleet_health"
+    mismatch: str = MISMATCH_MEASUREMENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +160,57 @@ async def latest_scores(
         if score is not None and isinstance(row[0], int):
             latest[device] = (row[0], score)
     return latest
+
+
+@dataclass(frozen=True, slots=True)
+class ProductMismatch:
+    """What one model's devices send that no product file describes (all workers).
+
+    Attributes:
+        model: the product model (``unknown``: devices that never said theirs).
+        has_file: whether a product file describes it.
+        count: without a file, its readings (all scored generically); with one, the
+            metric values its file does not list. Summed over the diagnostics workers,
+            each counting since its start.
+        metrics: without a file every metric seen, with one those its file does not list.
+        at_ms: the newest count's time (epoch ms).
+    """
+
+    model: str
+    has_file: bool
+    count: int
+    metrics: tuple[str, ...]
+    at_ms: int
+
+
+async def product_mismatches(
+    influx: InfluxClient, *, measurements: Measurements = Measurements()
+) -> list[ProductMismatch]:
+    """Each model's newest mismatch counts, summed over workers, by model name."""
+    series = await influx.query(
+        f'SELECT "count", has_file, metrics FROM {quote_ident(measurements.mismatch)} '
+        "GROUP BY model, worker ORDER BY time DESC LIMIT 1"
+    )
+    found: dict[str, ProductMismatch] = {}
+    for one in series:
+        model = one.tags.get("model")
+        if not model or not one.values:
+            continue
+        row = dict(zip(one.columns, one.values[0], strict=False))
+        at_ms, count = row.get("time"), _number(row.get("count"))
+        if not isinstance(at_ms, int) or count is None:
+            continue
+        text = row.get("metrics")
+        metrics = {m for m in text.split(",") if m} if isinstance(text, str) else set()
+        before = found.get(model)
+        if before is not None:
+            metrics |= set(before.metrics)
+            count += before.count
+            at_ms = max(at_ms, before.at_ms)
+        found[model] = ProductMismatch(
+            model, row.get("has_file") is True, int(count), tuple(sorted(metrics)), at_ms
+        )
+    return [found[m] for m in sorted(found)]
 
 
 @dataclass(frozen=True, slots=True)

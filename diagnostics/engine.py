@@ -79,6 +79,7 @@ __all__ = [
     "DiagnosticsEngine",
     "EngineResult",
     "GenericScoring",
+    "Mismatch",
     "ReadingScore",
     "ReadingScores",
 ]
@@ -101,6 +102,25 @@ _NO_SCORES: Final = np.zeros(0, dtype=np.float32)
 #: The model of a device whose model is not known at all (no boot seen, no registry entry).
 UNKNOWN_MODEL: Final = "unknown"
 _MAX_MODEL_LENGTH: Final = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """What one product model's devices send that no product file describes.
+
+    Attributes:
+        model: the product model (:data:`UNKNOWN_MODEL` for devices that never said).
+        has_file: whether a product file describes the model.
+        count: without a file, its readings (every metric scored generically); with
+            one, the metric values its file does not list.
+        metrics: the metrics concerned, sorted: without a file every metric seen, with
+            one those its file does not list.
+    """
+
+    model: str
+    has_file: bool
+    count: int
+    metrics: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +392,8 @@ class DiagnosticsEngine:
         unlisted_metrics: metric values in readings of described models that their file
             does not list (scored generically next to the product's features).
         unlisted: per described model, the metrics seen that its file does not list.
+        unknown_by_model: :attr:`unknown_readings` per model.
+        unlisted_by_model: :attr:`unlisted_metrics` per model.
         late_readings: readings older than their device's last one.
         lifetimes: the learnt remaining-life models and the hourly means they read.
     """
@@ -403,6 +425,8 @@ class DiagnosticsEngine:
         self.unknown_readings = 0
         self.unlisted_metrics = 0
         self.unlisted: dict[str, set[str]] = {}
+        self.unknown_by_model: dict[str, int] = {}
+        self.unlisted_by_model: dict[str, int] = {}
         self._firmware: dict[str, str] = {}
         self.late_readings = 0
         self.lifetimes: LiveLifetimes | None = None
@@ -514,6 +538,24 @@ class DiagnosticsEngine:
     def fleet_models(self) -> dict[str, FleetModel]:
         """The trained fleet models, by product model."""
         return {m: s.fleet for m, s in self._state.items() if s.fleet is not None}
+
+    def mismatches(self) -> list[Mismatch]:
+        """Per product model, what its devices sent that no product file describes.
+
+        Models whose devices sent nothing undescribed are left out; counts are since
+        this engine started.
+        """
+        found: list[Mismatch] = []
+        for model, state in sorted(self._state.items()):
+            if state.has_file:
+                count = self.unlisted_by_model.get(model, 0)
+                metrics = self.unlisted.get(model, set())
+            else:
+                count = self.unknown_by_model.get(model, 0)
+                metrics = set(state.known)
+            if count:
+                found.append(Mismatch(model, state.has_file, count, tuple(sorted(metrics))))
+        return found
 
     # -- the stream --------------------------------------------------------------------
     def process(self, items: Iterable[Reading | Event]) -> EngineResult:
@@ -636,10 +678,14 @@ class DiagnosticsEngine:
                             first.setdefault(name, value)
             if unlisted:
                 self.unlisted_metrics += unlisted
+                model = state.spec.model
+                self.unlisted_by_model[model] = self.unlisted_by_model.get(model, 0) + unlisted
                 if first:
                     self.unlisted.setdefault(state.spec.model, set()).update(first)
         else:
             self.unknown_readings += len(readings)
+            model = state.spec.model
+            self.unknown_by_model[model] = self.unknown_by_model.get(model, 0) + len(readings)
             for reading in readings:
                 metrics = reading.metrics
                 if not known.issuperset(metrics):

@@ -7,6 +7,12 @@ publishes every diagnosis change on ``fleet/diagnoses`` (QoS 1), writes each rea
 scores next to the telemetry in InfluxDB (measurement ``health``), and only then
 acknowledges the batch, so a crash replays it rather than losing a diagnosis.
 
+What devices send that no product file describes (readings of a model without a file,
+metrics a model's file does not list) is scored all the same and counted: every
+``mismatch_every_s`` while it changes, the counts per model go to InfluxDB (measurement
+``product_mismatch``, tags ``model`` and ``worker``, fields ``has_file``, ``count`` and
+``metrics``), where the dashboard reads them.
+
 Readings the gateway refuses are skipped here without a report (the gateway reports
 them on ``fleet/rejected``); a device's product model comes from its boot event, or at
 start from the boot events already stored in InfluxDB.
@@ -30,7 +36,7 @@ from typing import Final, Self
 import numpy as np
 import orjson
 
-from diagnostics.engine import DiagnosticsEngine, EngineResult
+from diagnostics.engine import DiagnosticsEngine, EngineResult, Mismatch
 from diagnostics.lifetimes import LifetimeModels, lifetimes_path
 from diagnostics.model import encode_diagnosis
 from diagnostics.product import load_products
@@ -57,9 +63,11 @@ from gateway.supervisor import StageHealth, supervise
 
 __all__ = [
     "HEALTH_MEASUREMENT",
+    "MISMATCH_MEASUREMENT",
     "DiagnosticsService",
     "backfill_lifetimes",
     "load_engine",
+    "mismatch_lines",
     "stored_registry",
 ]
 
@@ -67,7 +75,11 @@ _LOG = logging.getLogger(__name__)
 
 #: Measurement of the per-reading scores, next to ``telemetry``.
 HEALTH_MEASUREMENT: Final = "health"
+#: Measurement of what devices send that no product file describes, per model.
+MISMATCH_MEASUREMENT: Final = "product_mismatch"
 _FILTERS: Final = ("devices/+/telemetry", "devices/+/events")
+#: Longest list of metric names written for one model (a device may invent many).
+_MISMATCH_TEXT: Final = 2_000
 _SCORE_WRITE_TRIES: Final = 5
 
 
@@ -198,6 +210,30 @@ async def stored_registry(influx: InfluxClient) -> dict[str, str]:
     return registry
 
 
+def mismatch_lines(mismatches: Iterable[Mismatch], worker: str, ts_ms: int) -> list[bytes]:
+    """Line-protocol points of the mismatch counts (one per model) at ``ts_ms``.
+
+    Args:
+        mismatches: :meth:`DiagnosticsEngine.mismatches`.
+        worker: the service's MQTT client id (workers of a shared subscription each
+            count their own devices).
+        ts_ms: the time of the count (epoch ms).
+    """
+    lines: list[bytes] = []
+    for found in mismatches:
+        names = ",".join(found.metrics)
+        if len(names) > _MISMATCH_TEXT:
+            names = names[: names.rfind(",", 0, _MISMATCH_TEXT)] + ",..."
+        fields: dict[str, float | int | bool | str] = {
+            "has_file": found.has_file,
+            "count": found.count,
+            "metrics": names,
+        }
+        tags = {"model": found.model, "worker": worker}
+        lines.append(point_line(MISMATCH_MEASUREMENT, tags, fields, ts_ms))
+    return lines
+
+
 def _decode(messages: Iterable[Message], now_ms: int) -> list[Reading | Event]:
     items: list[Reading | Event] = []
     for message in messages:
@@ -224,6 +260,7 @@ class DiagnosticsService:
         settings: the service's settings.
         engine: an engine to use instead of loading ``settings.model_path``.
         clock: wall clock in seconds.
+        mismatch_every_s: least time between two writes of the mismatch counts.
     """
 
     def __init__(
@@ -234,6 +271,7 @@ class DiagnosticsService:
         *,
         engine: DiagnosticsEngine | None = None,
         clock: Callable[[], float] = time.time,
+        mismatch_every_s: float = 30.0,
     ) -> None:
         self._mqtt = mqtt
         self._influx_settings = influx
@@ -245,6 +283,9 @@ class DiagnosticsService:
         self.diagnoses_published = 0
         self.readings_scored = 0
         self.scores_dropped = 0
+        self._mismatch_every_s = mismatch_every_s
+        self._mismatch_at = -math.inf
+        self._mismatch_said: list[Mismatch] = []
         #: readings and events the engine raised on (logged with the device, skipped)
         self.items_failed = 0
         #: the consumer's state: down while restarting after an unforeseen error
@@ -371,7 +412,10 @@ class DiagnosticsService:
                 diagnosis.confidence,
             )
         self.readings_scored += len(result.scores)
-        if not (self._settings.write_scores and result.scores):
+        if not self._settings.write_scores:
+            return
+        await self._write_mismatches()
+        if not result.scores:
             return
         scores = result.scores
         lines = [
@@ -393,6 +437,19 @@ class DiagnosticsService:
             if not late
         ]
         await self._write_scores(lines)
+
+    async def _write_mismatches(self) -> None:
+        """Write the mismatch counts when they changed, at most every ``mismatch_every_s``."""
+        now = time.monotonic()
+        if self.engine is None or now - self._mismatch_at < self._mismatch_every_s:
+            return
+        mismatches = self.engine.mismatches()
+        if mismatches == self._mismatch_said:
+            return
+        self._mismatch_at = now
+        lines = mismatch_lines(mismatches, self._settings.client_id, int(self._clock() * 1000))
+        await self._write_scores(lines)
+        self._mismatch_said = mismatches
 
     async def _write_scores(self, lines: list[bytes]) -> None:
         """Write scores; they are derived data, so after a few tries they are let go."""

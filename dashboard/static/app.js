@@ -354,9 +354,12 @@ async function viewFleet(background) {
   const healthData = api(`/charts/fleet-health?range=${range}`, { background });
   const failureData = api("/charts/failure-rates", { background });
   // a failed chart read must not turn into an unhandled rejection before it is drawn
+  const productData = api("/products", { background });
   healthData.catch(() => null);
   failureData.catch(() => null);
+  productData.catch(() => null);
   const data = await api("/fleet", { background });
+  const products = await productData.catch(() => null);
   const total = data.devices || 1;
   const bar = h("div", { class: "healthbar", title: "devices by health" },
     LEVELS.map((level) => h("span", {
@@ -401,6 +404,13 @@ async function viewFleet(background) {
           h("tr", {}, h("td", {}, stateBadge(s)), h("td", { class: "num" }, n)))))),
     section("By product model",
       table(["model", ...heads], data.by_model.map((r) => countRow(r, [r.model])), { id: "by-model" })),
+    products && products.models.length > 0 ? section("Not described by a product file",
+      h("p", { class: "muted small" }, "scored generically (unusual behaviour) and counted by diagnostics since its start"),
+      table(["model", "product file", "devices", "count", "metrics", "as of"], products.models.map((m) => h("tr", {},
+        h("td", {}, m.model), h("td", {}, m.has_file ? "yes, metrics missing" : "none"),
+        h("td", { class: "num" }, m.devices),
+        h("td", { class: "num", title: m.has_file ? "values of metrics the file does not list" : "readings scored without a file" }, m.count),
+        h("td", {}, m.metrics.join(", ")), h("td", {}, when(m.at)))), { id: "product-mismatch" })) : null,
     chartSection("Failure rate by firmware and production batch", "failure-rates", "", failureBox),
     h("div", { class: "grid2" },
       section("By firmware", table(["model", "firmware", ...heads],
