@@ -54,7 +54,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from gateway.protocol import is_valid_device_id
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import OPEN_STATES, DeviceRecord
+from notifier.schema import STEPS, render_step
 from notifier.store import PrincipalKind
 
 __all__ = [
@@ -112,44 +113,11 @@ _OPEN: Final = tuple(sorted(OPEN_STATES))
 
 DeviceState = Literal["unclaimed", "claimed", "retired"]
 
-#: Schema step 5 of the case store: the registry's tables, and every device an older
-#: store knew registered under a product line of its model (serial = device id, region
-#: of its owner, no claim code: it has its owner already).
-REGISTRY_STEPS: Final[tuple[str, ...]] = (
-    """CREATE TABLE product_lines (
-        model TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        created_at TEXT NOT NULL
-    )""",
-    """CREATE TABLE registry (
-        device_id TEXT PRIMARY KEY,
-        model TEXT NOT NULL REFERENCES product_lines (model),
-        serial TEXT NOT NULL,
-        region TEXT NOT NULL,
-        firmware TEXT,
-        batch TEXT,
-        claim_hash TEXT UNIQUE,
-        registered_at TEXT NOT NULL,
-        retired_at TEXT
-    )""",
-    "CREATE UNIQUE INDEX registry_serial ON registry (model, serial)",
-    """CREATE TABLE invites (
-        invite_sha256 TEXT PRIMARY KEY,
-        owner_id TEXT NOT NULL,
-        expires_at TEXT NOT NULL
-    )""",
-    "CREATE INDEX invites_owner ON invites (owner_id)",
-    """INSERT INTO product_lines (model, name, created_at)
-        SELECT DISTINCT model, model,
-               strftime('%Y-%m-%dT%H:%M:%f', 'now') || '000+00:00'
-        FROM devices""",
-    """INSERT INTO registry (device_id, model, serial, region, firmware, batch, claim_hash,
-                             registered_at, retired_at)
-        SELECT devices.device_id, devices.model, devices.device_id,
-               COALESCE(owners.region, 'default'), devices.firmware, devices.batch, NULL,
-               strftime('%Y-%m-%dT%H:%M:%f', 'now') || '000+00:00', NULL
-        FROM devices LEFT JOIN owners ON owners.owner_id = devices.owner_id""",
-)
+#: Schema step 5 of the case store for SQLite (:data:`notifier.schema.STEPS`): the
+#: registry's tables, and every device an older store knew registered under a product line
+#: of its model (serial = device id, region of its owner, no claim code: it has its owner
+#: already).
+REGISTRY_STEPS: Final[tuple[str, ...]] = render_step(STEPS[4], "sqlite")
 
 
 # -- claim codes, invites and tokens ------------------------------------------------------------
@@ -447,6 +415,12 @@ class DeviceRegistry(Protocol):
 # -- rows ----------------------------------------------------------------------------------------
 
 
+class _Row(Protocol):
+    """A result row read by column name: ``sqlite3.Row``, or asyncpg's ``Record``."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
 def _ts(value: datetime) -> str:
     if value.tzinfo is None or value.utcoffset() is None:
         raise InvalidRequestError("the registry keeps UTC-aware datetimes only, not naive ones")
@@ -457,7 +431,7 @@ def _dt(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
-def _device(row: sqlite3.Row) -> RegisteredDevice:
+def _device(row: _Row) -> RegisteredDevice:
     return RegisteredDevice(
         device_id=row["device_id"],
         model=row["model"],

@@ -50,7 +50,7 @@ from dataclasses import fields, is_dataclass, replace
 from datetime import UTC, datetime, time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NoReturn, Self, TypeVar
+from typing import Any, Final, NoReturn, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
 from gateway.errors import ConfigError, StoreUnavailableError
@@ -70,7 +70,8 @@ from notifier.model import (
     Technician,
     Window,
 )
-from notifier.registry import REGISTRY_STEPS, SqliteRegistry
+from notifier.registry import SqliteRegistry
+from notifier.schema import render
 from notifier.store import Principal
 
 __all__ = ["ERASED_OWNER", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
@@ -85,185 +86,20 @@ ERASED_OWNER: Final = "erased"
 _PRINCIPAL_KINDS: Final = frozenset(("owner", "technician", "ops"))
 _OPEN: Final = tuple(sorted(OPEN_STATES))
 
-# The partial index names the open states of notifier.model.OPEN_STATES as they were when
-# the step was written; tests check that they still agree.
-_V1: Final[tuple[str, ...]] = (
-    """CREATE TABLE owners (
-        owner_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        language TEXT NOT NULL,
-        timezone TEXT NOT NULL,
-        region TEXT NOT NULL,
-        consent TEXT NOT NULL,
-        quiet_start TEXT,
-        quiet_end TEXT,
-        availability TEXT NOT NULL,
-        channels TEXT NOT NULL,
-        max_per_day INTEGER NOT NULL
-    )""",
-    """CREATE TABLE tokens (
-        token_sha256 TEXT PRIMARY KEY,
-        kind TEXT NOT NULL,
-        principal_id TEXT NOT NULL
-    )""",
-    "CREATE INDEX tokens_principal ON tokens (kind, principal_id)",
-    """CREATE TABLE devices (
-        device_id TEXT PRIMARY KEY,
-        owner_id TEXT NOT NULL,
-        model TEXT NOT NULL,
-        firmware TEXT,
-        label TEXT,
-        batch TEXT
-    )""",
-    "CREATE INDEX devices_owner ON devices (owner_id)",
-    """CREATE TABLE channels (
-        channel_id TEXT PRIMARY KEY,
-        owner_id TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        target TEXT NOT NULL,
-        keys TEXT NOT NULL,
-        active INTEGER NOT NULL,
-        created_at TEXT,
-        failures INTEGER NOT NULL
-    )""",
-    "CREATE INDEX channels_owner ON channels (owner_id)",
-    """CREATE TABLE cases (
-        case_id TEXT PRIMARY KEY,
-        device_id TEXT NOT NULL,
-        owner_id TEXT NOT NULL,
-        model TEXT NOT NULL,
-        fault TEXT NOT NULL,
-        state TEXT NOT NULL,
-        urgency TEXT NOT NULL,
-        opened_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        confidence REAL NOT NULL,
-        failure_at TEXT,
-        remedies TEXT NOT NULL,
-        tried TEXT NOT NULL,
-        pending_action TEXT,
-        fix_at TEXT,
-        appointment_id TEXT,
-        needs_person TEXT,
-        rating INTEGER,
-        evidence TEXT NOT NULL
-    )""",
-    """CREATE UNIQUE INDEX cases_one_open ON cases (device_id, fault)
-        WHERE state IN ('appointment_proposed', 'awaiting_consent', 'booked', 'opened',
-                        'remote_fix', 'verifying', 'visited')""",
-    "CREATE INDEX cases_owner ON cases (owner_id, opened_at)",
-    "CREATE INDEX cases_device ON cases (device_id, opened_at)",
-    "CREATE INDEX cases_opened ON cases (opened_at)",
-    """CREATE TABLE audit (
-        seq INTEGER PRIMARY KEY,
-        case_id TEXT,
-        at TEXT NOT NULL,
-        actor TEXT NOT NULL,
-        action TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        evidence TEXT NOT NULL,
-        from_state TEXT,
-        to_state TEXT
-    )""",
-    "CREATE INDEX audit_case ON audit (case_id, at)",
-    """CREATE TABLE technicians (
-        technician_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        region TEXT NOT NULL,
-        skills TEXT NOT NULL,
-        timezone TEXT NOT NULL,
-        hours TEXT NOT NULL
-    )""",
-    """CREATE TABLE appointments (
-        appointment_id TEXT PRIMARY KEY,
-        case_id TEXT NOT NULL REFERENCES cases (case_id),
-        technician_id TEXT,
-        start_at TEXT,
-        end_at TEXT,
-        state TEXT NOT NULL,
-        part TEXT,
-        offered TEXT NOT NULL,
-        note TEXT
-    )""",
-    "CREATE INDEX appointments_case ON appointments (case_id)",
-    "CREATE INDEX appointments_start ON appointments (start_at)",
-    """CREATE TABLE ratings (
-        case_id TEXT PRIMARY KEY REFERENCES cases (case_id),
-        stars INTEGER NOT NULL CHECK (stars BETWEEN 1 AND 5),
-        comment TEXT,
-        nothing_wrong INTEGER NOT NULL,
-        at TEXT NOT NULL
-    )""",
-    "CREATE INDEX ratings_at ON ratings (at)",
-    """CREATE TABLE notifications (
-        notification_id TEXT PRIMARY KEY,
-        owner_id TEXT NOT NULL,
-        case_id TEXT,
-        kind TEXT NOT NULL,
-        title TEXT NOT NULL,
-        body TEXT NOT NULL,
-        actions TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        status TEXT NOT NULL,
-        channel_id TEXT
-    )""",
-    "CREATE INDEX notifications_owner ON notifications (owner_id, created_at)",
-    """CREATE TABLE tasks (
-        task_id TEXT PRIMARY KEY,
-        case_id TEXT NOT NULL REFERENCES cases (case_id),
-        reason TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        state TEXT NOT NULL,
-        assignee TEXT
-    )""",
-    "CREATE INDEX tasks_created ON tasks (created_at)",
-)
-
-# The double-booking check of book() looks only at booked visits of one technician.
-_V2: Final[tuple[str, ...]] = (
-    """CREATE INDEX appointments_booked ON appointments (technician_id, start_at)
-        WHERE state = 'booked'""",
-)
-
-# One-tap action links work once: their use is kept until they expire. Channels an owner
-# removed used to stay as blank, inactive rows (a masked target, no keys); removing now
-# deletes, so those rows go too.
-_V3: Final[tuple[str, ...]] = (
-    """CREATE TABLE used_links (
-        link_id TEXT PRIMARY KEY,
-        expires_at TEXT NOT NULL
-    )""",
-    "CREATE INDEX used_links_expiry ON used_links (expires_at)",
-    """DELETE FROM channels WHERE active = 0 AND keys = '{}'
-        AND (target LIKE '%/…' OR target LIKE '…%')""",
-)
-
-# Owners who sign in with the manufacturer's identity provider (OpenID Connect): its
-# subject (``iss``, ``sub``) -> owner. One owner may have several; a subject has one.
-_V4: Final[tuple[str, ...]] = (
-    """CREATE TABLE owner_subjects (
-        issuer TEXT NOT NULL,
-        subject TEXT NOT NULL,
-        owner_id TEXT NOT NULL,
-        linked_at TEXT NOT NULL,
-        PRIMARY KEY (issuer, subject)
-    )""",
-    "CREATE INDEX owner_subjects_owner ON owner_subjects (owner_id)",
-)
-
-# Deliveries that no process took are found by status (Outbox.sweep), all owners at once.
-_V6: Final[tuple[str, ...]] = (
-    "CREATE INDEX notifications_by_status ON notifications (status, created_at)",
-)
-
-#: Schema steps, oldest first: step ``n`` (from 1) takes a file from version ``n - 1``
-#: to ``n``. Append only; never edit a step that has shipped.
-MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2, _V3, _V4, REGISTRY_STEPS, _V6)
+#: Schema steps for SQLite, oldest first (:data:`notifier.schema.STEPS`): step ``n`` (from
+#: 1) takes a file from version ``n - 1`` to ``n``.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = render("sqlite")
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 # -- rows and records ----------------------------------------------------------------------
+
+
+class Row(Protocol):
+    """A result row read by column name: ``sqlite3.Row``, or asyncpg's ``Record``."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
 
 
 def _ts(value: datetime) -> str:
@@ -334,7 +170,7 @@ def _owner_row(owner: Owner) -> dict[str, Any]:
     }
 
 
-def _owner(row: sqlite3.Row) -> Owner:
+def _owner(row: Row) -> Owner:
     return Owner(
         owner_id=row["owner_id"],
         name=row["name"],
@@ -361,7 +197,7 @@ def _device_row(device: DeviceRecord) -> dict[str, Any]:
     }
 
 
-def _device(row: sqlite3.Row) -> DeviceRecord:
+def _device(row: Row) -> DeviceRecord:
     return DeviceRecord(
         device_id=row["device_id"],
         owner_id=row["owner_id"],
@@ -385,7 +221,7 @@ def _channel_row(channel: PushChannel) -> dict[str, Any]:
     }
 
 
-def _channel(row: sqlite3.Row) -> PushChannel:
+def _channel(row: Row) -> PushChannel:
     return PushChannel(
         channel_id=row["channel_id"],
         owner_id=row["owner_id"],
@@ -422,7 +258,7 @@ def _case_row(case: Case) -> dict[str, Any]:
     }
 
 
-def _case(row: sqlite3.Row) -> Case:
+def _case(row: Row) -> Case:
     return Case(
         case_id=row["case_id"],
         device_id=row["device_id"],
@@ -459,7 +295,7 @@ def _audit_row(entry: AuditEntry) -> dict[str, Any]:
     }
 
 
-def _audit(row: sqlite3.Row) -> AuditEntry:
+def _audit(row: Row) -> AuditEntry:
     return AuditEntry(
         case_id=row["case_id"],
         at=_dt(row["at"]),
@@ -483,7 +319,7 @@ def _technician_row(technician: Technician) -> dict[str, Any]:
     }
 
 
-def _technician(row: sqlite3.Row) -> Technician:
+def _technician(row: Row) -> Technician:
     return Technician(
         technician_id=row["technician_id"],
         name=row["name"],
@@ -517,7 +353,7 @@ def _appointment_row(appointment: Appointment) -> dict[str, Any]:
     }
 
 
-def _appointment(row: sqlite3.Row) -> Appointment:
+def _appointment(row: Row) -> Appointment:
     offered = tuple(
         Slot(slot["technician_id"], _dt(slot["start"]), _dt(slot["end"]), slot["score"])
         for slot in json.loads(row["offered"])
@@ -545,7 +381,7 @@ def _rating_row(rating: Rating) -> dict[str, Any]:
     }
 
 
-def _rating(row: sqlite3.Row) -> Rating:
+def _rating(row: Row) -> Rating:
     return Rating(
         case_id=row["case_id"],
         stars=row["stars"],
@@ -570,7 +406,7 @@ def _notification_row(notification: Notification) -> dict[str, Any]:
     }
 
 
-def _notification(row: sqlite3.Row) -> Notification:
+def _notification(row: Row) -> Notification:
     return Notification(
         notification_id=row["notification_id"],
         owner_id=row["owner_id"],
@@ -596,7 +432,7 @@ def _task_row(task: Task) -> dict[str, Any]:
     }
 
 
-def _task(row: sqlite3.Row) -> Task:
+def _task(row: Row) -> Task:
     return Task(
         task_id=row["task_id"],
         case_id=row["case_id"],

@@ -1,4 +1,9 @@
-"""The SQLite case store: records round trip, the store's rules, owner rights, migrations."""
+"""The case store on SQLite and PostgreSQL: records round trip, the rules, owner rights, migrations.
+
+Every test taking ``store`` (or ``open_store``) runs on both backends; the tests of files,
+SQLite's migrations and its worker thread are SQLite's own (PostgreSQL's are in
+``test_postgres_store.py``).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,14 @@ import json
 import logging
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import fields, is_dataclass, replace
 from datetime import UTC, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import notifier.sqlite
@@ -37,8 +42,13 @@ from notifier.model import (
     Technician,
     Window,
 )
+from notifier.postgres import PostgresStore
 from notifier.sqlite import ERASED_OWNER, MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from notifier.store import CaseStore
+from tests.conftest import PostgresDatabases
+
+Store = SqliteStore | PostgresStore
+OpenStore = Callable[[], Store]
 
 T0 = datetime(2025, 3, 10, 8, 30, 15, 123456, tzinfo=UTC)
 CEST = timezone(timedelta(hours=2))
@@ -151,13 +161,39 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "cases.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
-    async with SqliteStore(db_path) as opened:
+def open_store(backend: str, db_path: Path, request: pytest.FixtureRequest) -> OpenStore:
+    """Opens a store on this test's file or database (call it again for a second one)."""
+    if backend == "sqlite":
+        return lambda: SqliteStore(db_path)
+    url: str = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)
+
+
+@pytest.fixture
+def stored_bytes(
+    backend: str, db_path: Path, request: pytest.FixtureRequest
+) -> Callable[[], bytes]:
+    """What the store holds: SQLite's files, or every row of the PostgreSQL database."""
+    if backend == "sqlite":
+        return lambda: file_bytes(db_path)
+    databases: PostgresDatabases = request.getfixturevalue("pg_databases")
+    url: str = request.getfixturevalue("pg_url")
+    return lambda: databases.dump(url)
+
+
+@pytest.fixture
+async def store(open_store: OpenStore) -> AsyncIterator[Store]:
+    async with open_store() as opened:
         yield opened
 
 
-async def with_case(store: SqliteStore, case: Case | None = None) -> Case:
+async def with_case(store: Store, case: Case | None = None) -> Case:
     case = case or make_case()
     await store.add_case(case)
     return case
@@ -166,24 +202,24 @@ async def with_case(store: SqliteStore, case: Case | None = None) -> Case:
 # -- round trips ------------------------------------------------------------------------------
 
 
-async def test_implements_the_case_store_protocol(store: SqliteStore) -> None:
+async def test_implements_the_case_store_protocol(store: Store) -> None:
     as_protocol: CaseStore = store
     protocol_methods = {
         name
         for name, value in vars(CaseStore).items()
         if not name.startswith("_") and inspect.iscoroutinefunction(value)
     }
-    assert len(protocol_methods) == 41
+    assert len(protocol_methods) == 43
     assert protocol_methods <= set(dir(as_protocol))
     for name in protocol_methods:
-        assert inspect.signature(getattr(SqliteStore, name)) == inspect.signature(
+        assert inspect.signature(getattr(type(store), name)) == inspect.signature(
             getattr(CaseStore, name)
         ), name
     for name in protocol_methods:
         assert asyncio.iscoroutinefunction(getattr(store, name)), name
 
 
-async def test_owner_round_trip_and_replace(store: SqliteStore) -> None:
+async def test_owner_round_trip_and_replace(store: Store) -> None:
     owner = make_owner()
     await store.put_owner(owner)
     assert_same(await store.get_owner("owner-1"), owner)
@@ -196,7 +232,7 @@ async def test_owner_round_trip_and_replace(store: SqliteStore) -> None:
     assert await store.get_owner("nobody") is None
 
 
-async def test_device_round_trip_and_owner_filter(store: SqliteStore) -> None:
+async def test_device_round_trip_and_owner_filter(store: Store) -> None:
     full = DeviceRecord("dev-2", "owner-1", "hp-200", firmware="2.4.1", label="cellar", batch="B7")
     bare = DeviceRecord("dev-1", "owner-2", "fr-10")
     await store.put_device(full)
@@ -212,7 +248,7 @@ async def test_device_round_trip_and_owner_filter(store: SqliteStore) -> None:
     assert await store.devices("owner-1") == [moved, full]
 
 
-async def test_channel_round_trip_order_and_active_filter(store: SqliteStore) -> None:
+async def test_channel_round_trip_order_and_active_filter(store: Store) -> None:
     newer = PushChannel(
         "ch-b",
         "owner-1",
@@ -247,7 +283,7 @@ async def test_channel_round_trip_order_and_active_filter(store: SqliteStore) ->
     assert [c.channel_id for c in await store.channels("owner-1")] == ["ch-a"]
 
 
-async def test_case_round_trip(store: SqliteStore) -> None:
+async def test_case_round_trip(store: Store) -> None:
     minimal = make_case("case-min", device_id="dev-9")
     full = full_case()
     await store.add_case(minimal)
@@ -260,7 +296,7 @@ async def test_case_round_trip(store: SqliteStore) -> None:
     assert await store.get_case("case-none") is None
 
 
-async def test_audit_round_trip_oldest_first(store: SqliteStore) -> None:
+async def test_audit_round_trip_oldest_first(store: Store) -> None:
     await with_case(store)
     later = AuditEntry(
         "case-1",
@@ -284,7 +320,7 @@ async def test_audit_round_trip_oldest_first(store: SqliteStore) -> None:
     assert await store.audit("case-2") == []
 
 
-async def test_technician_round_trip_and_region_filter(store: SqliteStore) -> None:
+async def test_technician_round_trip_and_region_filter(store: Store) -> None:
     north = Technician(
         "tech-2",
         "Bo",
@@ -303,7 +339,7 @@ async def test_technician_round_trip_and_region_filter(store: SqliteStore) -> No
     assert await store.technicians() == [south, north]
 
 
-async def test_appointment_round_trip(store: SqliteStore) -> None:
+async def test_appointment_round_trip(store: Store) -> None:
     await with_case(store)
     proposed = make_appointment(
         technician_id=None,
@@ -326,7 +362,7 @@ async def test_appointment_round_trip(store: SqliteStore) -> None:
     assert await store.get_appointment("appt-2") is None
 
 
-async def test_rating_round_trip(store: SqliteStore) -> None:
+async def test_rating_round_trip(store: Store) -> None:
     await with_case(store)
     await with_case(store, make_case("case-2", device_id="dev-2"))
     rated = Rating("case-1", 2, "took two visits, ☹", nothing_wrong=False, at=at(30))
@@ -341,7 +377,7 @@ async def test_rating_round_trip(store: SqliteStore) -> None:
     assert await store.ratings(since=at(11)) == [rated]
 
 
-async def test_notification_round_trip_and_filters(store: SqliteStore) -> None:
+async def test_notification_round_trip_and_filters(store: Store) -> None:
     sent = Notification(
         "n-2",
         "owner-1",
@@ -371,7 +407,7 @@ async def test_notification_round_trip_and_filters(store: SqliteStore) -> None:
     assert await store.notifications("owner-1", status="held") == []
 
 
-async def test_task_round_trip_and_filters(store: SqliteStore) -> None:
+async def test_task_round_trip_and_filters(store: Store) -> None:
     await with_case(store)
     await with_case(store, make_case("case-2", device_id="dev-2"))
     taken = Task("task-2", "case-1", "rating of 1 star", at(5), state="taken", assignee="ops-kim")
@@ -396,7 +432,11 @@ _aware = st.datetimes(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     text=_text,
     opened=_aware,
@@ -406,6 +446,8 @@ _aware = st.datetimes(
     evidence=st.dictionaries(_text, st.none() | st.integers() | _text, max_size=4),
 )
 def test_any_case_and_audit_entry_round_trips(
+    backend: str,
+    request: pytest.FixtureRequest,
     text: str,
     opened: datetime,
     failure: datetime | None,
@@ -427,11 +469,23 @@ def test_any_case_and_audit_entry_round_trips(
     )
     entry = AuditEntry(text, opened, "system", text, text, evidence=evidence)
 
+    # PostgreSQL's text has no NUL: such a record is refused (test_postgres_store.py)
+    assume(backend == "sqlite" or "\x00" not in text)
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else ""
+
     async def round_trip() -> tuple[Case | None, list[AuditEntry]]:
-        async with SqliteStore(":memory:") as memory:
+        if backend == "sqlite":
+            opened: Store = SqliteStore(":memory:")
+        else:
+            opened = PostgresStore(url, pool_size=1)
+        async with opened as memory:
             await memory.add_case(case)
             await memory.add_audit(entry)
-            return await memory.get_case(text), await memory.audit(text)
+            try:
+                return await memory.get_case(text), await memory.audit(text)
+            finally:
+                if isinstance(memory, PostgresStore):
+                    await memory._run(lambda conn: conn.execute("TRUNCATE audit, cases CASCADE"))
 
     got_case, trail = asyncio.run(round_trip())
     assert_same(got_case, case)
@@ -442,7 +496,7 @@ def test_any_case_and_audit_entry_round_trips(
 # -- filters ----------------------------------------------------------------------------------
 
 
-async def test_cases_filters_newest_first(store: SqliteStore) -> None:
+async def test_cases_filters_newest_first(store: Store) -> None:
     cases = [
         make_case("c-a", device_id="dev-1", owner_id="o-1", opened_at=at(1), state="resolved"),
         make_case("c-b", device_id="dev-2", owner_id="o-1", opened_at=at(3), state="booked"),
@@ -468,7 +522,7 @@ async def test_cases_filters_newest_first(store: SqliteStore) -> None:
     assert (await store.cases(device_id="dev-3"))[0] == cases[3]
 
 
-async def test_appointments_filters_by_start(store: SqliteStore) -> None:
+async def test_appointments_filters_by_start(store: Store) -> None:
     await with_case(store)
     await with_case(store, make_case("case-2", device_id="dev-2"))
     appointments = [
@@ -503,7 +557,7 @@ async def test_appointments_filters_by_start(store: SqliteStore) -> None:
 # -- the store's rules ------------------------------------------------------------------------
 
 
-async def test_one_open_case_per_device_and_fault(store: SqliteStore) -> None:
+async def test_one_open_case_per_device_and_fault(store: Store) -> None:
     first = await with_case(store)
     with pytest.raises(ConflictError, match="open case"):
         await store.add_case(make_case("case-2", state="awaiting_consent"))
@@ -527,19 +581,24 @@ async def test_one_open_case_per_device_and_fault(store: SqliteStore) -> None:
     assert (await store.get_case("case-1")) == replace(first, state="escalated")
 
 
-async def test_open_states_of_the_schema_match_the_model(db_path: Path) -> None:
-    async with SqliteStore(db_path):
-        pass
-    with sqlite3.connect(db_path) as conn:
-        (sql,) = conn.execute(
-            "SELECT sql FROM sqlite_master WHERE name = 'cases_one_open'"
-        ).fetchone()
-    conn.close()
+async def test_open_states_of_the_schema_match_the_model(store: Store, db_path: Path) -> None:
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(db_path) as conn:
+            (sql,) = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'cases_one_open'"
+            ).fetchone()
+        conn.close()
+    else:
+        sql = await store._run(
+            lambda conn: conn.fetchval(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = 'cases_one_open'"
+            )
+        )
     where = sql.split("WHERE", 1)[1]
     assert set(re.findall(r"'(\w+)'", where)) == OPEN_STATES
 
 
-async def test_update_case_is_compare_and_set(store: SqliteStore) -> None:
+async def test_update_case_is_compare_and_set(store: Store) -> None:
     case = await with_case(store)
     moved = replace(case, state="remote_fix", tried=("restart",), updated_at=at(3))
     await store.update_case(moved, expected_state="opened")
@@ -564,7 +623,7 @@ async def test_update_case_is_compare_and_set(store: SqliteStore) -> None:
     assert (await store.get_case("case-1")) in (to_verify, to_visit)
 
 
-async def test_double_booking_refused_adjacent_allowed(store: SqliteStore) -> None:
+async def test_double_booking_refused_adjacent_allowed(store: Store) -> None:
     await with_case(store)
     await store.book(make_appointment("a-1", start=at(60), end=at(120)))
     for start, end in ((90, 150), (30, 61), (70, 80), (0, 500), (60, 120)):
@@ -590,7 +649,7 @@ async def test_double_booking_refused_adjacent_allowed(store: SqliteStore) -> No
     ]
 
 
-async def test_concurrent_bookings_one_wins(store: SqliteStore) -> None:
+async def test_concurrent_bookings_one_wins(store: Store) -> None:
     await with_case(store)
     results = await asyncio.gather(
         store.book(make_appointment("a-1", start=at(60), end=at(120))),
@@ -602,8 +661,8 @@ async def test_concurrent_bookings_one_wins(store: SqliteStore) -> None:
     assert len(await store.appointments(states=["booked"])) == 1
 
 
-async def test_concurrent_bookings_from_two_connections(db_path: Path) -> None:
-    async with SqliteStore(db_path) as first, SqliteStore(db_path) as second:
+async def test_concurrent_bookings_from_two_connections(open_store: OpenStore) -> None:
+    async with open_store() as first, open_store() as second:
         await with_case(first)
         for round_ in range(5):
             start = at(1000 * round_)
@@ -625,7 +684,7 @@ async def test_concurrent_bookings_from_two_connections(db_path: Path) -> None:
         assert len(await second.appointments(states=["booked"])) == 5
 
 
-async def test_a_released_visit_frees_its_time_for_another_booking(store: SqliteStore) -> None:
+async def test_a_released_visit_frees_its_time_for_another_booking(store: Store) -> None:
     await with_case(store)
     await with_case(store, make_case("case-2", device_id="dev-2"))
     await store.book(make_appointment("a-1", start=at(60), end=at(120)))
@@ -639,7 +698,7 @@ async def test_a_released_visit_frees_its_time_for_another_booking(store: Sqlite
     assert [a.appointment_id for a in booked] == ["a-2"]
 
 
-async def test_a_visit_that_started_is_done_or_gone_is_not_released(store: SqliteStore) -> None:
+async def test_a_visit_that_started_is_done_or_gone_is_not_released(store: Store) -> None:
     await with_case(store)
     await store.book(make_appointment("a-1", start=at(60), end=at(120)))
     for now in (at(60), at(90), at(200)):
@@ -663,8 +722,10 @@ async def test_a_visit_that_started_is_done_or_gone_is_not_released(store: Sqlit
     assert states == {"a-1": "cancelled", "a-2": "done", "a-3": "proposed"}
 
 
-async def test_release_and_a_booking_of_the_same_time_never_double_book(db_path: Path) -> None:
-    async with SqliteStore(db_path) as first, SqliteStore(db_path) as second:
+async def test_release_and_a_booking_of_the_same_time_never_double_book(
+    open_store: OpenStore,
+) -> None:
+    async with open_store() as first, open_store() as second:
         await with_case(first)
         await with_case(first, make_case("case-2", device_id="dev-2"))
         for round_ in range(6):
@@ -693,7 +754,7 @@ async def test_release_and_a_booking_of_the_same_time_never_double_book(db_path:
             assert [a.appointment_id for a in booked] == [taker.appointment_id]
 
 
-async def test_booking_needs_technician_start_and_end(store: SqliteStore) -> None:
+async def test_booking_needs_technician_start_and_end(store: Store) -> None:
     await with_case(store)
     for bad in (
         make_appointment(technician_id=None),
@@ -709,7 +770,7 @@ async def test_booking_needs_technician_start_and_end(store: SqliteStore) -> Non
     assert await store.appointments() == []
 
 
-async def test_records_need_their_case(store: SqliteStore) -> None:
+async def test_records_need_their_case(store: Store) -> None:
     with pytest.raises(NotFoundError, match="case-1"):
         await store.book(make_appointment())
     with pytest.raises(NotFoundError, match="case-1"):
@@ -720,7 +781,7 @@ async def test_records_need_their_case(store: SqliteStore) -> None:
         await store.add_task(Task("t-1", "case-1", "why", at(0)))
 
 
-async def test_one_rating_per_case(store: SqliteStore) -> None:
+async def test_one_rating_per_case(store: Store) -> None:
     await with_case(store)
     first = Rating("case-1", 4, "good", nothing_wrong=False, at=at(10))
     await store.add_rating(first)
@@ -734,7 +795,7 @@ async def test_one_rating_per_case(store: SqliteStore) -> None:
             await store.add_rating(replace(first, case_id="case-1", stars=stars))
 
 
-async def test_naive_datetimes_refused(store: SqliteStore) -> None:
+async def test_naive_datetimes_refused(store: Store) -> None:
     with pytest.raises(InvalidRequestError, match="naive"):
         await store.add_case(make_case(opened_at=datetime(2025, 1, 1)))
     with pytest.raises(InvalidRequestError, match="naive"):
@@ -742,7 +803,7 @@ async def test_naive_datetimes_refused(store: SqliteStore) -> None:
     assert await store.cases() == []
 
 
-async def test_evidence_must_be_json(store: SqliteStore) -> None:
+async def test_evidence_must_be_json(store: Store) -> None:
     with pytest.raises(InvalidRequestError, match="JSON"):
         await store.add_audit(AuditEntry(None, at(0), "system", "x", "y", evidence={"s": {1, 2}}))
     with pytest.raises(InvalidRequestError, match="JSON"):
@@ -754,7 +815,7 @@ async def test_evidence_must_be_json(store: SqliteStore) -> None:
 # -- tokens -----------------------------------------------------------------------------------
 
 
-async def test_tokens_are_kept_hashed(store: SqliteStore, db_path: Path) -> None:
+async def test_tokens_are_kept_hashed(store: Store, stored_bytes: Callable[[], bytes]) -> None:
     owner_token = "tok-owner-Qx7PZr2vLm9"
     tech_token = "tok-tech-Hb4Ns8Wd1Ke"
     await store.add_token(owner_token, ("owner", "owner-1"))
@@ -770,7 +831,7 @@ async def test_tokens_are_kept_hashed(store: SqliteStore, db_path: Path) -> None
     await store.add_token(owner_token, ("ops", "kim"))
     assert await store.resolve_token(owner_token) == ("ops", "kim")
 
-    data = file_bytes(db_path)
+    data = stored_bytes()
     assert hashlib.sha256(owner_token.encode()).hexdigest().encode() in data
     assert owner_token.encode() not in data
     assert tech_token.encode() not in data
@@ -790,7 +851,7 @@ COMMENT = "zq-comment: the technician was late"
 OWNER_ID = "owner-zq-7731"
 
 
-async def fill_owner(store: SqliteStore, owner_id: str = OWNER_ID, name: str = NAME) -> None:
+async def fill_owner(store: Store, owner_id: str = OWNER_ID, name: str = NAME) -> None:
     tag = owner_id[-4:]
     await store.put_owner(make_owner(owner_id, name=name))
     await store.add_token(TOKEN if owner_id == OWNER_ID else f"tok-{tag}", ("owner", owner_id))
@@ -854,7 +915,7 @@ async def fill_owner(store: SqliteStore, owner_id: str = OWNER_ID, name: str = N
     await store.add_task(Task(f"task-{tag}", case.case_id, "low rating", at(5)))
 
 
-async def test_export_owner(store: SqliteStore) -> None:
+async def test_export_owner(store: Store) -> None:
     await fill_owner(store)
     await fill_owner(store, "owner-other-0001", "Other Person")
     exported = await store.export_owner(OWNER_ID)
@@ -918,12 +979,14 @@ async def test_export_owner(store: SqliteStore) -> None:
     }
 
 
-async def test_erase_owner_leaves_nothing_in_the_file(store: SqliteStore, db_path: Path) -> None:
+async def test_erase_owner_leaves_nothing_in_the_store(
+    store: Store, stored_bytes: Callable[[], bytes]
+) -> None:
     await fill_owner(store)
     await fill_owner(store, "owner-other-0001", "Other Person")
     personal = [NAME.encode(), OWNER_ID.encode(), COMMENT.encode()]
     personal += [contact.encode() for contact in CONTACTS]
-    before = file_bytes(db_path)
+    before = stored_bytes()
     for value in personal:
         assert value in before, value
 
@@ -931,7 +994,7 @@ async def test_erase_owner_leaves_nothing_in_the_file(store: SqliteStore, db_pat
     # owner, token, 2 channels, notification, device; case owner; rating comment; notify
     # evidence; the case's device id
     assert touched == 10
-    after = file_bytes(db_path)
+    after = stored_bytes()
     for value in [*personal, hashlib.sha256(TOKEN.encode()).hexdigest().encode(), b"dev-7731"]:
         assert value not in after, value
 
@@ -969,14 +1032,16 @@ async def test_erase_owner_leaves_nothing_in_the_file(store: SqliteStore, db_pat
     assert await store.erase_owner(OWNER_ID) == 0
 
     await store.close()
-    closed = file_bytes(db_path)
+    closed = stored_bytes()
     for value in personal:
         assert value not in closed, value
 
 
-async def test_no_owner_data_in_the_logs(db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_no_owner_data_in_the_logs(
+    open_store: OpenStore, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
-    async with SqliteStore(db_path) as store:
+    async with open_store() as store:
         await fill_owner(store)
         await store.export_owner(OWNER_ID)
         with pytest.raises(ConflictError):
@@ -990,14 +1055,14 @@ async def test_no_owner_data_in_the_logs(db_path: Path, caplog: pytest.LogCaptur
 # -- files, migrations and the worker thread ---------------------------------------------------
 
 
-async def test_reopen_finds_the_data(db_path: Path) -> None:
+async def test_reopen_finds_the_data(open_store: OpenStore) -> None:
     case = full_case()
-    async with SqliteStore(db_path) as store:
+    async with open_store() as store:
         await store.put_owner(make_owner())
         await store.add_case(case)
         await store.add_token("tok-reopen", ("owner", "owner-1"))
         await store.book(make_appointment())
-    store = await SqliteStore(db_path).open()
+    store = await open_store().open()
     try:
         assert await store.get_owner("owner-1") == make_owner()
         assert await store.get_case("case-1") == case
@@ -1008,7 +1073,9 @@ async def test_reopen_finds_the_data(db_path: Path) -> None:
     await store.close()  # twice is harmless
 
 
-async def test_file_is_wal_and_versioned(store: SqliteStore, db_path: Path) -> None:
+async def test_file_is_wal_and_versioned(db_path: Path) -> None:
+    async with SqliteStore(db_path):
+        pass
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
@@ -1177,7 +1244,7 @@ async def test_lock_held_too_long_is_transient(db_path: Path) -> None:
             other.close()
 
 
-async def test_a_delivery_finishing_after_erasure_brings_nothing_back(store: SqliteStore) -> None:
+async def test_a_delivery_finishing_after_erasure_brings_nothing_back(store: Store) -> None:
     await store.put_owner(Owner("owner-9", "Nina"))
     queued = Notification("n-9", "owner-9", None, "resolved", "Nina, all fixed", "b", (), at(1))
     await store.add_notification(queued)
