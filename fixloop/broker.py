@@ -8,7 +8,9 @@ is configured like the broker we ship.
 Devices connect each as their own user (the device id), with a password derived from
 the fleet secret (:func:`gateway.protocol.credentials.device_password`); the ACL pins
 every device to ``devices/<its id>/...`` with ``%u`` patterns. Services (gateway,
-diagnostics, notifier, dashboard) connect as named service users.
+diagnostics, notifier, dashboard) connect as named service users; the dashboard's user
+(:data:`DASHBOARD_USER`) may only read ``fleet/#`` (it only follows ``fleet/cases``),
+wherever it is listed among the service users.
 
 Accounts live in one of two places (issue 14): a password file and ACL file written
 here (``accounts = "file"``: adding or removing a device means rewriting the file and
@@ -41,6 +43,7 @@ from gateway.protocol.topics import is_valid_device_id
 __all__ = [
     "ADMIN_ACL_RULES",
     "ADMIN_ROLE",
+    "DASHBOARD_USER",
     "DEFAULT_AUTOSAVE_INTERVAL_S",
     "DEFAULT_MAX_PACKET_SIZE",
     "DEFAULT_MAX_QUEUED_BYTES",
@@ -53,6 +56,9 @@ __all__ = [
     "GATEWAY_USER",
     "OPS_ACL_RULES",
     "OPS_ROLE",
+    "READER_ACL_RULES",
+    "READER_ROLE",
+    "READ_ONLY_SERVICE_USERS",
     "SERVICE_ACL_RULES",
     "SERVICE_ROLE",
     "STALL_BUDGET_S",
@@ -72,6 +78,7 @@ __all__ = [
     "render_dynsec_config",
     "render_mosquitto_conf",
     "render_password_file",
+    "service_role",
 ]
 
 #: Seconds between saves of Mosquitto's in-memory database. A broker crash loses at most
@@ -97,18 +104,25 @@ DEFAULT_MAX_QUEUED_BYTES: Final = DEFAULT_MAX_QUEUED_MESSAGES * 512
 DEFAULT_MAX_PACKET_SIZE: Final = 65536
 
 GATEWAY_USER: Final = "fixloop-gateway"
+#: The ops dashboard's service user: it only subscribes to ``fleet/cases``.
+DASHBOARD_USER: Final = "fixloop-dashboard"
+#: Service users that get read-only grants (:data:`READER_ACL_RULES`) wherever they are
+#: listed as service users: the ACL file, the plugin's roles, ``fixloop up``'s broker.
+READ_ONLY_SERVICE_USERS: Final = frozenset((DASHBOARD_USER,))
 #: Service users of the production deployment, one per service process.
 DOCKER_SERVICE_USERS: Final = (
     GATEWAY_USER,
     "fixloop-diagnostics",
     "fixloop-notifier",
-    "fixloop-dashboard",
+    DASHBOARD_USER,
 )
 
 #: The account that administers the dynamic-security plugin (and nothing else).
 DYNSEC_ADMIN_USER: Final = "fixloop-admin"
 #: Role of every backend service (the ACL file's ``user`` block of a service user).
 SERVICE_ROLE: Final = "fixloop-service"
+#: Role of read-only services (the dashboard): ``fleet/#`` to read, nothing to send.
+READER_ROLE: Final = "fixloop-reader"
 #: Role of operators (every topic, ``$SYS`` to read).
 OPS_ROLE: Final = "fixloop-ops"
 #: Role of the plugin's administrators: its control topics only.
@@ -183,6 +197,9 @@ SERVICE_ACL_RULES: Final = (
     # The broker's count of dropped messages, reported by the gateway.
     *_read("$SYS/broker/publish/messages/dropped"),
 )
+#: What a read-only service may do: be sent ``fleet/#`` (case changes); no device topic,
+#: no command, nothing it could publish.
+READER_ACL_RULES: Final = _read("fleet/#")
 #: What operators may do: every topic, and ``$SYS`` to read. ``#`` matches no ``$``
 #: topic, so operators cannot administer the plugin.
 OPS_ACL_RULES: Final = (
@@ -195,6 +212,11 @@ ADMIN_ACL_RULES: Final = (
     *_read("$CONTROL/dynamic-security/#"),
     AclRule("publishClientSend", "$CONTROL/dynamic-security/#"),
 )
+
+
+def service_role(user: str) -> str:
+    """The plugin role of a service user: :data:`READER_ROLE` for read-only ones."""
+    return READER_ROLE if user in READ_ONLY_SERVICE_USERS else SERVICE_ROLE
 
 
 def check_dynsec_device_id(device_id: str) -> str:
@@ -485,7 +507,8 @@ def render_acl(*, service_users: Sequence[str], admin_users: Sequence[str] = ())
 
     Args:
         service_users: users of the backend services: read every device topic, send
-            commands, talk on ``fleet/#``.
+            commands, talk on ``fleet/#``; those in :data:`READ_ONLY_SERVICE_USERS` (the
+            dashboard) only read ``fleet/#``.
         admin_users: operators: read and write every topic, read ``$SYS``.
 
     Returns:
@@ -508,6 +531,14 @@ def render_acl(*, service_users: Sequence[str], admin_users: Sequence[str] = ())
         "pattern read devices/%u/commands",
     ]
     for user in service_users:
+        if user in READ_ONLY_SERVICE_USERS:
+            lines += [
+                "",
+                f"user {user}",
+                "# Follows case changes; sends nothing.",
+                "topic read fleet/#",
+            ]
+            continue
         lines += [
             "",
             f"user {user}",
@@ -609,7 +640,8 @@ def render_dynsec_config(
     Args:
         admin_password: password of ``admin_user``, who may only send the plugin
             commands.
-        service_users: backend services, name → password (role ``fixloop-service``).
+        service_users: backend services, name → password (role ``fixloop-service``;
+            ``fixloop-reader`` for those in :data:`READ_ONLY_SERVICE_USERS`).
         ops_users: operators, name → password (role ``fixloop-ops``).
         devices: device id → password (each with its own role).
         logins: accounts that may only log in (no grants: a broker healthcheck),
@@ -644,7 +676,7 @@ def render_dynsec_config(
 
     account(admin_user, admin_password, ADMIN_ROLE, "administers the dynamic-security plugin")
     for name in sorted(services):
-        account(name, services[name], SERVICE_ROLE, "fixloop service")
+        account(name, services[name], service_role(name), "fixloop service")
     for name in sorted(ops):
         account(name, ops[name], OPS_ROLE, "operator")
     for name in sorted(bare):
@@ -652,6 +684,7 @@ def render_dynsec_config(
     roles = [
         _role(ADMIN_ROLE, ADMIN_ACL_RULES),
         _role(SERVICE_ROLE, SERVICE_ACL_RULES),
+        _role(READER_ROLE, READER_ACL_RULES),
         _role(OPS_ROLE, OPS_ACL_RULES),
     ]
     for device_id in sorted(device_accounts):

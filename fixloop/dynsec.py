@@ -36,6 +36,9 @@ from fixloop.broker import (
     DEVICE_ROLE_PREFIX,
     OPS_ACL_RULES,
     OPS_ROLE,
+    READ_ONLY_SERVICE_USERS,
+    READER_ACL_RULES,
+    READER_ROLE,
     SERVICE_ACL_RULES,
     SERVICE_ROLE,
     AclRule,
@@ -502,9 +505,10 @@ class DynsecClient:
     ) -> None:
         """Make sure the service, operator and administrator accounts exist as given.
 
-        The three roles are created, or set to the current grants of
-        :mod:`fixloop.broker`; each account is created, or gets the given password and
-        its role, and is enabled.
+        The roles are created, or set to the current grants of :mod:`fixloop.broker`;
+        each account is created, or gets the given password and its role, and is
+        enabled. A read-only service (the dashboard) gets the reader role, and loses the
+        service role should an older file have given it.
 
         Args:
             services: backend services (gateway, diagnostics, notifier, dashboard),
@@ -515,8 +519,11 @@ class DynsecClient:
         Raises:
             DynsecError: the plugin refused a step.
         """
+        writers = {n: p for n, p in services.items() if n not in READ_ONLY_SERVICE_USERS}
+        readers = {n: p for n, p in services.items() if n in READ_ONLY_SERVICE_USERS}
         groups = (
-            (SERVICE_ROLE, SERVICE_ACL_RULES, services, "fixloop service"),
+            (SERVICE_ROLE, SERVICE_ACL_RULES, writers, "fixloop service"),
+            (READER_ROLE, READER_ACL_RULES, readers, "fixloop service"),
             (OPS_ROLE, OPS_ACL_RULES, ops or {}, "operator"),
             (ADMIN_ROLE, ADMIN_ACL_RULES, admins or {}, "administers the dynamic-security plugin"),
         )
@@ -535,6 +542,9 @@ class DynsecClient:
                 commands.append(_on_client("setClientPassword", name, password=password))
                 if role not in account.roles:
                     commands.append(_on_client("addClientRole", name, rolename=role))
+                if role == READER_ROLE and SERVICE_ROLE in account.roles:
+                    # a file from before the dashboard was read-only
+                    commands.append(_on_client("removeClientRole", name, rolename=SERVICE_ROLE))
                 if account.disabled:
                     commands.append(_on_client("enableClient", name))
         await self.run(commands)

@@ -334,8 +334,8 @@ class MosquittoServer(_Server):
     """A mosquitto broker configured by :mod:`fixloop.broker`.
 
     Every user in ``users`` is a service user (reads all device topics, sends commands,
-    talks on ``fleet/#``); each of ``device_ids`` is a device user whose password derives
-    from ``fleet_secret``.
+    talks on ``fleet/#``; the dashboard's only reads ``fleet/#``); each of ``device_ids``
+    is a device user whose password derives from ``fleet_secret``.
 
     With ``dynsec_admin_password`` the accounts live in Mosquitto's dynamic-security
     plugin instead of a password file and ACL: the plugin's file
@@ -367,6 +367,7 @@ class MosquittoServer(_Server):
         connection_messages: bool = True,
         dynsec_admin_password: str | None = None,
         dynsec_plugin: str | None = None,
+        acl_file: Path | None = None,
         binary: str | None = None,
         startup_timeout_s: float = 10.0,
         stop_timeout_s: float = 10.0,
@@ -389,6 +390,8 @@ class MosquittoServer(_Server):
             dynsec_admin_password: run with the dynamic-security plugin; the password of
                 its administrator ``fixloop-admin``.
             dynsec_plugin: the plugin's path; found where packages install it if ``None``.
+            acl_file: an ACL file to copy in place of the rendered one (the shipped
+                ``docker/mosquitto/acl``, to try it on a real broker); file accounts only.
             binary: mosquitto executable; found on PATH and in ``/usr/sbin`` if ``None``.
             startup_timeout_s: how long to wait for the broker to accept connections.
             stop_timeout_s: how long to wait after SIGTERM before SIGKILL.
@@ -425,6 +428,9 @@ class MosquittoServer(_Server):
         if dynsec_admin_password is not None and DYNSEC_ADMIN_USER in self.credentials:
             raise ConfigError(f"mosquitto: {DYNSEC_ADMIN_USER} is the plugin's administrator")
         self._dynsec_plugin = dynsec_plugin
+        if acl_file is not None and dynsec_admin_password is not None:
+            raise ConfigError("mosquitto: an ACL file is not read with the dynamic-security plugin")
+        self._acl_file = acl_file
         self._binary = binary
         self._port = port
 
@@ -484,10 +490,13 @@ class MosquittoServer(_Server):
         passwd = self.root / "passwd"
         acl = self.root / "acl"
         _write_private(passwd, render_password_file(self.credentials))
-        _write_private(
-            acl,
-            render_acl(service_users=sorted(self.users), admin_users=sorted(self.admin_users)),
-        )
+        if self._acl_file is not None:
+            text = self._acl_file.read_text(encoding="utf-8")
+        else:
+            text = render_acl(
+                service_users=sorted(self.users), admin_users=sorted(self.admin_users)
+            )
+        _write_private(acl, text)
         return str(passwd), str(acl), None, None
 
     def _prepare(self) -> None:

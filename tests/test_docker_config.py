@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import FLEET_SECRET as FLEET_SECRET_OF_TESTS
 
 from dashboard.influxql import Measurements
 from dashboard.service import DashboardService
@@ -34,6 +35,7 @@ from dashboard.settings import DashboardSettings
 from diagnostics.service import DiagnosticsService
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import (
+    DASHBOARD_USER,
     DEFAULT_MAX_QUEUED_BYTES,
     DEFAULT_MAX_QUEUED_MESSAGES,
     DOCKER_SERVICE_USERS,
@@ -54,9 +56,11 @@ from fixloop.observe import (
 )
 from fixloop.settings import Settings
 from fixloop.stack import MosquittoServer
+from gateway.errors import PermanentError
 from gateway.influx import InfluxSettings
 from gateway.metrics import GatewayMetrics
 from gateway.protocol.credentials import device_password
+from gateway.protocol.mqtt import MqttClient
 from gateway.settings import MqttSettings
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings
@@ -220,6 +224,88 @@ def test_docker_acl_knows_every_service_user() -> None:
     # The gateway reads the broker's drop counter to make drops visible.
     gateway = acl.split(f"user {GATEWAY_USER}\n", 1)[1].split("\nuser ", 1)[0]
     assert "topic read $SYS/broker/publish/messages/dropped" in gateway
+
+
+def _acl_blocks(text: str) -> dict[str, list[str]]:
+    """The ACL file's ``user`` blocks: user -> its rule lines (comments left out)."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("user "):
+            current = blocks.setdefault(line.split(" ", 1)[1], [])
+        elif current is not None and line and not line.startswith("#"):
+            current.append(line)
+    return blocks
+
+
+def test_the_shipped_acl_lets_the_dashboard_only_read_fleet_topics() -> None:
+    blocks = _acl_blocks((DOCKER / "mosquitto" / "acl").read_text(encoding="utf-8"))
+    assert blocks[DASHBOARD_USER] == ["topic read fleet/#"]
+    for user in ("fixloop-gateway", "fixloop-diagnostics", "fixloop-notifier"):
+        assert "topic readwrite fleet/#" in blocks[user], user
+        assert "topic write devices/+/commands" in blocks[user], user
+    # the EMQX cluster's rules say the same
+    emqx = (DOCKER / "emqx" / "acl.conf").read_text(encoding="utf-8")
+    writers = [line for line in emqx.splitlines() if "publish" in line or " all, [" in line]
+    assert writers
+    assert not any("dashboard" in line for line in writers), writers
+    assert '{allow, {username, "fixloop-dashboard"}, subscribe, ["fleet/#"]}.' in emqx
+
+
+async def test_the_shipped_acl_on_a_real_broker_keeps_the_dashboard_read_only(
+    make_mosquitto: Any,
+) -> None:
+    passwords = {GATEWAY_USER: "gw-pw-0123", "fixloop-notifier": "nt-pw-0123"}
+    passwords[DASHBOARD_USER] = "db-pw-0123"
+    broker: MosquittoServer = make_mosquitto(
+        users=passwords, acl_file=DOCKER / "mosquitto" / "acl", connection_messages=False
+    )
+    device_id = "dev-001"  # a device of the fixture's fleet
+
+    def client(user: str, password: str, client_id: str) -> MqttClient:
+        return MqttClient(
+            broker.host,
+            broker.port,
+            client_id=client_id,
+            username=user,
+            password=password,
+            connect_timeout_s=10,
+            publish_timeout_s=10,
+        )
+
+    async def next_topic(listener: MqttClient) -> str:
+        assert await listener.wait_messages(10), "no message came"
+        (message,) = listener.take(1)
+        return message.topic
+
+    async with (
+        client(DASHBOARD_USER, passwords[DASHBOARD_USER], "acl-dashboard") as dashboard,
+        client("fixloop-notifier", passwords["fixloop-notifier"], "acl-notifier") as notifier,
+        client(device_id, device_password(FLEET_SECRET_OF_TESTS, device_id), "acl-dev") as device,
+    ):
+        await dashboard.subscribe("fleet/#", qos=1)
+        await notifier.subscribe("fleet/#", qos=1)
+        await device.subscribe(f"devices/{device_id}/commands", qos=1)
+        await notifier.publish("fleet/cases", b"case", qos=1)
+        assert await next_topic(dashboard) == "fleet/cases"
+        assert await next_topic(notifier) == "fleet/cases"
+        # what the dashboard sends is refused: no case change, no command reaches anyone
+        for topic in ("fleet/cases", f"devices/{device_id}/commands"):
+            with pytest.raises(PermanentError, match="0x87"):
+                await dashboard.publish(topic, b"forged", qos=1)
+        # the notifier's command does arrive, so the device was listening all along
+        await notifier.publish(f"devices/{device_id}/commands", b"go", qos=1)
+        assert await next_topic(device) == f"devices/{device_id}/commands"
+        # device topics are not the dashboard's to read (Mosquitto grants a wildcard
+        # subscription and checks each message as it is sent)
+        await dashboard.subscribe("devices/#", qos=1)
+        await notifier.subscribe("devices/#", qos=1)
+        await device.publish(f"devices/{device_id}/telemetry", b"{}", qos=1)
+        assert await next_topic(notifier) == f"devices/{device_id}/telemetry"
+        await notifier.publish("fleet/cases", b"after", qos=1)
+        assert await next_topic(notifier) == "fleet/cases"
+        assert await next_topic(dashboard) == "fleet/cases"  # the case, not the telemetry
+        assert not dashboard.take(10)
 
 
 def test_compose_file_textually() -> None:

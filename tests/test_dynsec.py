@@ -26,10 +26,13 @@ from conftest import (
 )
 
 from fixloop.broker import (
+    DASHBOARD_USER,
     DEVICE_ROLE_PREFIX,
     DYNSEC_ADMIN_USER,
     GATEWAY_USER,
     OPS_ROLE,
+    READER_ACL_RULES,
+    READER_ROLE,
     SERVICE_ROLE,
     Listener,
     device_acl_rules,
@@ -94,7 +97,7 @@ def test_dynsec_config_stores_passwords_as_the_plugin_checks_them() -> None:
     config = json.loads(
         render_dynsec_config(
             admin_password="admin-pw",
-            service_users={GATEWAY_USER: "gw-pw"},
+            service_users={GATEWAY_USER: "gw-pw", DASHBOARD_USER: "db-pw"},
             ops_users={"ops": "ops-pw"},
             devices={"dev:1": "dev-pw"},
         )
@@ -113,7 +116,15 @@ def test_dynsec_config_stores_passwords_as_the_plugin_checks_them() -> None:
         assert len(salt) == 12
     assert clients["dev:1"]["roles"] == [{"rolename": DEVICE_ROLE_PREFIX + "dev:1"}]
     assert clients["ops"]["roles"] == [{"rolename": OPS_ROLE}]
+    assert clients[GATEWAY_USER]["roles"] == [{"rolename": SERVICE_ROLE}]
+    # the dashboard only follows fleet/#: it sends nothing
+    assert clients[DASHBOARD_USER]["roles"] == [{"rolename": READER_ROLE}]
     roles = {r["rolename"]: r["acls"] for r in config["roles"]}
+    assert roles[READER_ROLE] == [r.to_json() for r in READER_ACL_RULES]
+    assert {r["acltype"] for r in roles[READER_ROLE]} == {
+        "subscribePattern",
+        "publishClientReceive",
+    }
     assert roles[DEVICE_ROLE_PREFIX + "dev:1"] == [r.to_json() for r in device_acl_rules("dev:1")]
     # nothing is granted by default, being sent included (as with the ACL file)
     assert config["defaultACLAccess"] == {
@@ -294,10 +305,7 @@ async def test_service_accounts_read_devices_command_them_and_talk_on_fleet(
     dynsec_mosquitto: MosquittoServer,
 ) -> None:
     broker = dynsec_mosquitto
-    services = {
-        name: f"{name}-password"
-        for name in ("fixloop-diagnostics", "fixloop-notifier", "fixloop-dashboard")
-    }
+    services = {name: f"{name}-password" for name in ("fixloop-diagnostics", "fixloop-notifier")}
     async with _admin(broker) as admin:
         await admin.ensure_service_accounts(
             {GATEWAY_USER: "rotated-gateway-password", **services}, ops={"ops": "ops-password"}
@@ -364,3 +372,42 @@ def test_a_dynsec_broker_refuses_the_administrator_name_for_another_account(
 ) -> None:
     with pytest.raises(ConfigError, match="administrator"):
         make_mosquitto(users={DYNSEC_ADMIN_USER: "x"}, dynsec_admin_password=DYNSEC_ADMIN_PASSWORD)
+
+
+async def test_the_dashboard_account_only_reads_fleet_topics(
+    dynsec_mosquitto: MosquittoServer,
+) -> None:
+    broker = dynsec_mosquitto
+    device_id = DEVICE_IDS[0]
+    async with _admin(broker) as admin:
+        # an account from an older file, with the full service role
+        await admin.ensure_service_accounts({"fixloop-notifier": "notifier-password"})
+        await admin.run(
+            [
+                {
+                    "command": "createClient",
+                    "username": DASHBOARD_USER,
+                    "password": "old-dashboard-password",
+                    "roles": [{"rolename": SERVICE_ROLE}],
+                }
+            ]
+        )
+        await admin.ensure_service_accounts({DASHBOARD_USER: "dashboard-password"})
+        accounts = {a.username: a for a in await admin.accounts()}
+        assert set(accounts[DASHBOARD_USER].roles) == {READER_ROLE}
+    async with (
+        _client(broker, DASHBOARD_USER, "dashboard-password") as dashboard,
+        _client(broker, "fixloop-notifier", "notifier-password") as notifier,
+        _client(broker, device_id, device_pw(device_id), "d-reader") as device,
+    ):
+        await dashboard.subscribe("fleet/#")
+        await device.subscribe(f"devices/{device_id}/commands")
+        await notifier.publish("fleet/cases", b"c", qos=1)
+        assert await _next_message(dashboard) == ("fleet/cases", b"c")
+        for topic in ("fleet/cases", f"devices/{device_id}/commands", CONTROL_TOPIC):
+            with pytest.raises(PermanentError, match="0x87"):
+                await dashboard.publish(topic, b"x", qos=1)
+        with pytest.raises(PermanentError, match="refused subscription"):
+            await dashboard.subscribe(f"devices/{device_id}/telemetry")
+        await notifier.publish(f"devices/{device_id}/commands", b"go", qos=1)
+        assert await _next_message(device) == (f"devices/{device_id}/commands", b"go")
