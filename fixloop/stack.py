@@ -746,7 +746,7 @@ class PostgresServer(_Server):
             durable: whether commits are flushed to disk (``False``: tests only).
             max_connections: PostgreSQL's ``max_connections``.
             startup_timeout_s: how long to wait until it accepts connections.
-            stop_timeout_s: how long to wait after SIGTERM (smart shutdown) before SIGKILL.
+            stop_timeout_s: how long to wait after SIGINT (fast shutdown) before SIGKILL.
             die_with_parent: the server gets SIGTERM when the thread that launched it
                 ends (Linux; see :meth:`launch`).
         """
@@ -871,6 +871,22 @@ class PostgresServer(_Server):
             preexec_fn=_parent_death_signal() if self.die_with_parent else None,
             **self._as_user(self._user()),
         )
+
+    def stop(self) -> None:
+        """Stop the server: fast shutdown (SIGINT: clients are disconnected, data kept).
+
+        SIGTERM would wait for every client to leave, and a pool keeps its connections.
+        """
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()
 
     def _ready(self) -> bool:
         done = subprocess.run(
