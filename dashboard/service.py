@@ -50,6 +50,7 @@ from gateway.protocol.mqtt import MqttClient
 from gateway.settings import MqttSettings
 from gateway.supervisor import StageHealth, supervise
 from notifier.model import Case, CaseState, Urgency
+from notifier.postgres import PostgresStore
 from notifier.sqlite import SqliteStore
 from notifier.store import CaseStore
 
@@ -138,6 +139,8 @@ class DashboardService:
         settings: the dashboard's settings (address, users file ...).
         db_path: the case store the notifier keeps (``notifier.db_path``); it must exist.
         store: a case store to use instead of opening ``db_path``.
+        store_url: the notifier's PostgreSQL case store (``notifier.store_url``), opened
+            instead of ``db_path``.
         clock: the wall clock (UTC-aware).
     """
 
@@ -149,20 +152,22 @@ class DashboardService:
         *,
         db_path: Path | None = None,
         store: CaseStore | None = None,
+        store_url: str | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
-        if store is None and db_path is None:
-            raise ConfigError("the dashboard needs the case store: db_path or store")
+        if store is None and db_path is None and store_url is None:
+            raise ConfigError("the dashboard needs the case store: db_path, store_url or store")
         self._mqtt = mqtt
         self._influx_settings = influx
         self._settings = settings
         self._db_path = db_path
+        self._store_url = store_url
         self._clock = clock
         self.store: CaseStore | None = store
         self.users = OpsUsersFile(settings.users_file)
         self.feed = CaseFeed()
         self.client_id = f"{settings.client_id}-{secrets.token_hex(4)}"
-        self._sqlite: SqliteStore | None = None
+        self._opened: SqliteStore | PostgresStore | None = None
         self._influx: InfluxClient | None = None
         self._runner: web.AppRunner | None = None
         self._sessions: SessionStore | None = None
@@ -200,16 +205,24 @@ class DashboardService:
                 f"no ops users in {settings.users_file}: add one with "
                 "`fixloop ops-users add NAME --role admin`"
             )
-        if self.store is None and self._db_path is not None and not self._db_path.is_file():
+        if (
+            self.store is None
+            and self._store_url is None
+            and self._db_path is not None
+            and not self._db_path.is_file()
+        ):
             raise ConfigError(
                 f"case store {self._db_path} not found: start the notifier first, or set "
                 "notifier.db_path to its case store"
             )
         try:
             if self.store is None:
-                assert self._db_path is not None
-                self._sqlite = await SqliteStore(self._db_path).open()
-                self.store = self._sqlite
+                if self._store_url is not None:
+                    self._opened = await PostgresStore(self._store_url).open()
+                else:
+                    assert self._db_path is not None
+                    self._opened = await SqliteStore(self._db_path).open()
+                self.store = self._opened
             self._influx = InfluxClient(self._influx_settings)
             await self._influx.__aenter__()
             app = create_app(
@@ -257,9 +270,9 @@ class DashboardService:
         influx, self._influx = self._influx, None
         if influx is not None:
             await influx.__aexit__(None, None, None)
-        sqlite, self._sqlite = self._sqlite, None
-        if sqlite is not None:
-            await sqlite.close()
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            await opened.close()
 
     async def wait_subscribed(self) -> None:
         """Wait until the service is subscribed to ``fleet/cases``."""

@@ -367,7 +367,13 @@ async def _dashboard(settings: Settings, stop: asyncio.Event) -> None:
     config = settings.dashboard
     async with (
         DashboardService(
-            settings.mqtt, settings.influx, config, db_path=settings.notifier.db_path
+            settings.mqtt,
+            settings.influx,
+            config,
+            db_path=settings.notifier.db_path,
+            store_url=None
+            if settings.notifier.store_url is None
+            else settings.notifier.store_url.get_secret_value(),
         ) as service,
         dashboard_endpoint(service, config.metrics_host, config.metrics_port),
     ):
@@ -390,7 +396,7 @@ async def _train(settings: Settings) -> None:
     from diagnostics.training import train_from_influx
     from fixloop.failures import recorded_failures
 
-    failures = await recorded_failures(settings.notifier.db_path)
+    failures = await recorded_failures(settings.notifier)
     report = await train_from_influx(
         settings.influx, settings.diagnostics, progress=_progress_bar, failures=failures
     )

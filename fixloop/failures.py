@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 from diagnostics.lifetimes import Failure
+from notifier.settings import NotifierSettings
 
 __all__ = ["recorded_failures"]
 
@@ -25,18 +26,24 @@ _LOG = logging.getLogger(__name__)
 _MAX_CASES = 1_000_000
 
 
-async def recorded_failures(db_path: Path) -> list[Failure]:
-    """Failures recorded in the case store at ``db_path`` (none if there is no store yet).
+async def recorded_failures(where: Path | NotifierSettings) -> list[Failure]:
+    """Failures recorded in the case store (none if there is no SQLite file yet).
+
+    Args:
+        where: the SQLite file, or the notifier's settings (``store_url`` when set,
+            else ``db_path``).
 
     Raises:
-        ConfigError: the file cannot be opened or is not a case store.
+        ConfigError: the store cannot be opened or is not a case store.
+        StoreUnavailableError: the PostgreSQL server cannot be reached.
     """
-    if not await asyncio.to_thread(db_path.exists):
-        _LOG.info("no case store at %s: no recorded failures", db_path)
-        return []
-    from notifier.sqlite import SqliteStore
+    from notifier.stores import case_store
 
-    async with SqliteStore(db_path) as store:
+    settings = where if isinstance(where, NotifierSettings) else NotifierSettings(db_path=where)
+    if settings.store_url is None and not await asyncio.to_thread(settings.db_path.exists):
+        _LOG.info("no case store at %s: no recorded failures", settings.db_path)
+        return []
+    async with case_store(settings) as store:
         cases = await store.cases(states=["resolved"], limit=_MAX_CASES)
     return [
         Failure(case.device_id, case.model, case.fault, case.fix_at)

@@ -2,8 +2,9 @@
 
 ``fixloop products add|list``, ``fixloop devices import|add|list|retire``, ``fixloop owners
 invite|link-subject|unlink-subject|subjects``, ``fixloop technicians add`` and ``fixloop
-tokens issue|revoke`` work on the configured case store (``[notifier] db_path`` when set,
-else ``cases.sqlite3`` in ``stack.data_dir``, as ``fixloop up`` keeps it) through
+tokens issue|revoke`` work on the configured case store (``[notifier] store_url`` when set,
+else ``[notifier] db_path`` when set, else ``cases.sqlite3`` in ``stack.data_dir``, as
+``fixloop up`` keeps it) through
 :mod:`notifier.registry`, the same code the ops role's REST routes use.
 
 * Claim codes are hashed under a key derived from the fleet secret
@@ -49,13 +50,14 @@ from gateway.protocol.credentials import device_password
 from notifier.admin import Onboarding
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import Owner, Technician, Window
+from notifier.postgres import PostgresStore
 from notifier.registry import (
+    DeviceRegistry,
     NewDevice,
     ParsedRow,
     ProductLine,
     RegisteredDevice,
     RowOutcome,
-    SqliteRegistry,
     claim_key,
     device_from_fields,
     new_token,
@@ -64,6 +66,7 @@ from notifier.registry import (
 )
 from notifier.sqlite import SqliteStore
 from notifier.store import CaseStore, PrincipalKind
+from notifier.stores import case_store
 
 __all__ = [
     "COMMANDS",
@@ -239,7 +242,10 @@ def add_parsers(commands: Any) -> None:
 
 
 def case_store_path(settings: Settings) -> Path:
-    """The case store the commands work on: ``[notifier] db_path`` if set, else the stack's."""
+    """The SQLite case store: ``[notifier] db_path`` if set, else the stack's.
+
+    The commands work on it unless ``[notifier] store_url`` names a PostgreSQL database.
+    """
     if "db_path" in settings.notifier.model_fields_set:
         return settings.notifier.db_path
     return settings.stack.data_dir / "cases.sqlite3"
@@ -276,7 +282,9 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-async def _open(settings: Settings) -> SqliteStore:
+async def _open(settings: Settings) -> SqliteStore | PostgresStore:
+    if settings.notifier.store_url is not None:
+        return await case_store(settings.notifier).open()
     path = case_store_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     return await SqliteStore(path).open()
@@ -349,7 +357,7 @@ def service_onboarding(settings: Settings, store: CaseStore) -> Onboarding | Non
     do not share); without it, claims answer 503. With ``[broker] accounts = "dynsec"``
     devices registered over the API get their broker accounts at once.
     """
-    if not isinstance(store, SqliteStore):
+    if not isinstance(store, SqliteStore | PostgresStore):
         return None
     secret = settings.stack.fleet_secret
     path = settings.stack.data_dir / FLEET_SECRET_FILE
@@ -458,7 +466,7 @@ class _Import:
 
 
 async def _import_chunk(
-    registry: SqliteRegistry, state: _Import, rows: list[ParsedRow], key: bytes
+    registry: DeviceRegistry, state: _Import, rows: list[ParsedRow], key: bytes
 ) -> None:
     ready: list[ParsedRow] = []
     for row in rows:

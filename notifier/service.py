@@ -40,8 +40,8 @@ from notifier.model import Case
 from notifier.oidc import OidcOwners
 from notifier.outbox import Outbox, build_dispatcher
 from notifier.settings import NotifierSettings
-from notifier.sqlite import SqliteStore
 from notifier.store import CaseStore
+from notifier.stores import case_store
 
 __all__ = ["NotifierService", "case_message"]
 
@@ -86,7 +86,8 @@ class NotifierService:
         mqtt: how to reach the broker (a service user).
         influx: where the stored scores are.
         settings: the notifier's settings.
-        store: a case store to use instead of opening ``settings.db_path``.
+        store: a case store to use instead of opening the configured one
+            (``settings.store_url``, else ``settings.db_path``).
         on_case: also called with every case change (e.g. a dashboard's live feed).
         clock: wall clock (UTC).
         onboarding: gives the device registry's routes on the owner API (the ops role's
@@ -130,9 +131,13 @@ class NotifierService:
         stack = self._stack
         try:
             if self.store is None:
-                settings.db_path.parent.mkdir(parents=True, exist_ok=True)
-                self.store = await stack.enter_async_context(SqliteStore(settings.db_path))
-            store = self.store
+                if settings.store_url is None:
+                    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
+                opened = case_store(settings)
+                await opened.open()
+                stack.push_async_callback(opened.close)
+                self.store = opened
+            store: CaseStore = self.store
             influx = await stack.enter_async_context(InfluxClient(self._influx_settings))
             health = InfluxHealth(influx)
             device_data = InfluxDeviceData(influx)

@@ -120,7 +120,11 @@ class NotifierSettings(BaseModel):
     Attributes:
         client_id: MQTT client id of the diagnoses consumer (persistent session).
         session_expiry_s: how long the broker keeps that session while we are away.
-        db_path: the SQLite case store.
+        db_path: the SQLite case store (unless ``store_url`` is set).
+        store_url: a PostgreSQL database for the case store instead of the SQLite file
+            (``postgresql://user:password@host:5432/db``; asyncpg's URL options, such as
+            ``sslmode``, go in its query).
+        store_pool_size: connections to that database at most, per process.
         api_host: where the owner REST API listens.
         api_port: its port (0: a free one).
         public_url: the API's public address, for one-tap action links.
@@ -153,6 +157,8 @@ class NotifierSettings(BaseModel):
     client_id: str = Field("fixloop-notifier", min_length=1, max_length=64)
     session_expiry_s: int = Field(86_400, ge=0)
     db_path: Path = Path(".fixloop/cases.sqlite3")
+    store_url: SecretStr | None = None
+    store_pool_size: int = Field(10, ge=1, le=1_000)
     api_host: str = "127.0.0.1"
     api_port: int = Field(8_088, ge=0, le=65_535)
     public_url: str | None = None
@@ -174,6 +180,18 @@ class NotifierSettings(BaseModel):
     erase_device_data: Literal["delete", "rekey"] = "delete"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9_110, ge=0, le=65_535)
+
+    @field_validator("store_url")
+    @classmethod
+    def _postgresql(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = value.get_secret_value().split("://", 1)[0]
+            if scheme not in ("postgresql", "postgres"):
+                raise ValueError(
+                    "must be a PostgreSQL URL (postgresql://user:password@host/db); "
+                    "for SQLite set db_path instead"
+                )
+        return value
 
     @field_validator("link_secret")
     @classmethod

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,8 +20,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 
 import notifier.postgres
+from fixloop.cli import main
+from fixloop.failures import recorded_failures
 from fixloop.stack import PostgresServer, free_port
 from gateway.errors import ConfigError, StoreUnavailableError
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -28,6 +32,9 @@ from notifier.model import Appointment, Case, Owner
 from notifier.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore, redacted_url
 from notifier.registry import NewDevice, ProductLine, claim_key
 from notifier.schema import STEPS, render
+from notifier.settings import NotifierSettings
+from notifier.sqlite import SqliteStore
+from notifier.stores import case_store, case_store_name
 from tests.conftest import PostgresDatabases
 
 T0 = datetime(2025, 3, 10, 8, 0, tzinfo=UTC)
@@ -351,3 +358,66 @@ def test_passwords_stay_out_of_messages() -> None:
     with pytest.raises(ConfigError) as refused:
         PostgresStore("mysql://u:s3cret@host/db")
     assert "s3cret" not in str(refused.value)
+
+
+# -- settings: the services and commands open the configured store ---------------------------
+
+
+def test_the_store_url_chooses_postgresql(tmp_path: Path) -> None:
+    assert isinstance(case_store(NotifierSettings(db_path=tmp_path / "c.db")), SqliteStore)
+    settings = NotifierSettings(store_url="postgresql://app:s3cret@db/cases", store_pool_size=3)
+    assert isinstance(case_store(settings), PostgresStore)
+    assert case_store_name(settings) == "postgresql://app:***@db/cases"
+    assert "s3cret" not in repr(settings)
+    with pytest.raises(ValidationError, match="PostgreSQL URL"):
+        NotifierSettings(store_url="sqlite:///cases.db")
+
+
+def test_the_commands_work_on_the_postgresql_store(
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("FIXLOOP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("FIXLOOP_STACK__DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FIXLOOP_NOTIFIER__STORE_URL", pg_url)
+    assert main(["--log-level", "WARNING", "products", "add", "washer", "--name", "Aqua 7"]) == 0
+    assert "product line washer (Aqua 7) registered" in capsys.readouterr().out
+
+    async def lines() -> list[ProductLine]:
+        async with PostgresStore(pg_url) as store:
+            return await store.registry().product_lines()
+
+    assert [(line.model, line.name) for line in asyncio.run(lines())] == [("washer", "Aqua 7")]
+    assert not (tmp_path / "data" / "cases.sqlite3").exists()
+
+
+async def test_training_reads_recorded_failures_from_postgresql(pg_url: str) -> None:
+    fixed = T0 + timedelta(days=3)
+    async with PostgresStore(pg_url) as store:
+        for case_id, state, visit_id in (
+            ("case-1", "resolved", "appt-1"),
+            ("case-2", "resolved", None),
+            ("case-3", "booked", "appt-3"),
+        ):
+            await store.add_case(
+                Case(
+                    case_id,
+                    f"dev-{case_id}",
+                    "owner-1",
+                    "washer",
+                    "pump_wear",
+                    state,
+                    "low",
+                    T0,
+                    T0,
+                    appointment_id=visit_id,
+                    fix_at=fixed,
+                )
+            )
+    failures = await recorded_failures(NotifierSettings(store_url=pg_url))
+    assert [(f.device_id, f.fault, f.at) for f in failures] == [("dev-case-1", "pump_wear", fixed)]
