@@ -303,6 +303,9 @@ class Listener:
         certfile: PEM server certificate; with ``keyfile`` it makes a TLS listener.
         keyfile: PEM private key of ``certfile``.
         cafile: PEM CA bundle, only needed to verify client certificates.
+        username_as_client_id: every client's id is its user name
+            (``use_username_as_clientid``): on a devices' listener a device cannot take
+            a service's client id (and push it off the broker), whatever id it sends.
     """
 
     port: int
@@ -310,6 +313,7 @@ class Listener:
     certfile: str | None = None
     keyfile: str | None = None
     cafile: str | None = None
+    username_as_client_id: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -492,6 +496,12 @@ def render_mosquitto_conf(
             if listener.cafile is not None:
                 lines.append(f"cafile {_check_path('cafile', listener.cafile)}")
             lines.append("tls_version tlsv1.2")
+        if listener.username_as_client_id:
+            lines += [
+                "# A client's id is its user name here: a device cannot take the client id",
+                "# of a service (the broker would close the service's connection).",
+                "use_username_as_clientid true",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -727,11 +737,13 @@ DOCKER_DYNSEC_PLUGIN: Final = "/usr/lib/mosquitto_dynamic_security.so"
 #: that the broker may write, as the plugin rewrites the file at every change.
 DOCKER_DYNSEC_FILE: Final = "/mosquitto/dynsec/dynamic-security.json"
 _DOCKER_LISTENERS: Final = (
-    # Devices, over the Internet: TLS only. Certificates: docker/README.md.
+    # Devices, over the Internet: TLS only. Certificates: docker/README.md. Each one's
+    # client id is its user name, so none can push a service off the broker.
     Listener(
         8883,
         certfile="/mosquitto/certs/server.crt",
         keyfile="/mosquitto/certs/server.key",
+        username_as_client_id=True,
     ),
     # Services on the compose network (compose.yaml publishes it on the host's
     # loopback only).

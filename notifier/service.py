@@ -125,6 +125,14 @@ class NotifierService:
         self.diagnoses_failed = 0
         #: which stages are down, and restarts per stage (``/health``)
         self.stages = StageHealth()
+        # The command channel and the case publisher keep no session: a suffix of this
+        # process keeps them apart from another notifier's (a second replica), and not
+        # to be guessed (a client taking an id closes the connection that held it). The
+        # diagnoses consumer keeps settings.client_id: its session must outlive restarts.
+        instance = secrets.token_hex(4)
+        #: MQTT client ids of the command channel and of the ``fleet/cases`` publisher
+        self.command_client_id = f"{settings.client_id}-commands-{instance}"
+        self.publisher_client_id = f"{settings.client_id}-cases-{instance}"
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -142,9 +150,9 @@ class NotifierService:
             health = InfluxHealth(influx)
             device_data = InfluxDeviceData(influx)
             commands = await stack.enter_async_context(
-                CommandChannel(self._mqtt, client_id=f"{settings.client_id}-commands")
+                CommandChannel(self._mqtt, client_id=self.command_client_id)
             )
-            self._publisher = self._mqtt.client(f"{settings.client_id}-cases")
+            self._publisher = self._mqtt.client(self.publisher_client_id)
             await self._publisher.connect()
             stack.push_async_callback(self._publisher.disconnect)
             dispatcher = await stack.enter_async_context(build_dispatcher(settings.push))

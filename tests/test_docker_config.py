@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import getpass
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -42,9 +44,13 @@ from fixloop.broker import (
     GATEWAY_USER,
     STALL_BUDGET_S,
     STALL_DESIGN_RATE,
+    Listener,
     docker_files,
     hash_password,
     main,
+    render_acl,
+    render_mosquitto_conf,
+    render_password_file,
 )
 from fixloop.cli import _parser
 from fixloop.config import load_settings
@@ -55,8 +61,8 @@ from fixloop.observe import (
     notifier_metrics,
 )
 from fixloop.settings import Settings
-from fixloop.stack import MosquittoServer
-from gateway.errors import PermanentError
+from fixloop.stack import MosquittoServer, free_port
+from gateway.errors import BrokerUnavailableError, PermanentError
 from gateway.influx import InfluxSettings
 from gateway.metrics import GatewayMetrics
 from gateway.protocol.credentials import device_password
@@ -306,6 +312,114 @@ async def test_the_shipped_acl_on_a_real_broker_keeps_the_dashboard_read_only(
         assert await next_topic(notifier) == "fleet/cases"
         assert await next_topic(dashboard) == "fleet/cases"  # the case, not the telemetry
         assert not dashboard.take(10)
+
+
+def test_the_device_listener_takes_client_ids_from_user_names() -> None:
+    conf = docker_files()["mosquitto/mosquitto.conf"]
+    devices = conf.split("listener 8883", 1)[1].split("listener ", 1)[0]
+    services = conf.split("listener 1883", 1)[1]
+    assert "use_username_as_clientid true" in devices.splitlines()
+    assert "use_username_as_clientid" not in services  # services pick their own ids
+    assert docker_files()["mosquitto/mosquitto-dynsec.conf"].endswith(
+        conf[conf.index("listener 8883") :]
+    )
+
+
+async def test_a_device_cannot_push_a_service_off_with_its_client_id(tmp_path: Path) -> None:
+    """A real mosquitto with the shipped listener options, TLS aside."""
+    service_port, device_port = free_port(), free_port()
+    passwords = {GATEWAY_USER: "gw-pw-0123", "dev-001": "device-pw-0123"}
+    (tmp_path / "passwd").write_text(render_password_file(passwords))
+    (tmp_path / "acl").write_text(render_acl(service_users=[GATEWAY_USER]))
+    conf = render_mosquitto_conf(
+        listeners=(
+            Listener(service_port, "127.0.0.1"),
+            Listener(device_port, "127.0.0.1", username_as_client_id=True),
+        ),
+        data_dir=f"{tmp_path / 'data'}/",
+        password_file=str(tmp_path / "passwd"),
+        acl_file=str(tmp_path / "acl"),
+        persistence=False,
+        log_file=str(tmp_path / "mosquitto.log"),
+        run_as_user=getpass.getuser(),
+    )
+    (tmp_path / "mosquitto.conf").write_text(conf)
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    broker = await asyncio.create_subprocess_exec(binary, "-c", str(tmp_path / "mosquitto.conf"))
+
+    def client(port: int, user: str, client_id: str) -> MqttClient:
+        return MqttClient(
+            "127.0.0.1",
+            port,
+            client_id=client_id,
+            username=user,
+            password=passwords[user],
+            connect_timeout_s=10,
+            publish_timeout_s=10,
+        )
+
+    async def connected(mqtt: MqttClient) -> MqttClient:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await mqtt.connect()
+                    return mqtt
+                except BrokerUnavailableError:
+                    await asyncio.sleep(0.05)
+
+    async def keep_publishing(mqtt: MqttClient) -> None:
+        async with asyncio.timeout(10):
+            while True:
+                await mqtt.publish("devices/dev-001/commands", b"x", qos=1)
+                await asyncio.sleep(0.05)
+
+    try:
+        gateway = await connected(client(service_port, GATEWAY_USER, "fixloop-gateway"))
+        await gateway.subscribe("devices/#", qos=1)
+        # the device asks for the gateway's id on its own listener: it gets its own
+        async with client(device_port, "dev-001", "fixloop-gateway") as device:
+            await device.publish("devices/dev-001/telemetry", b"{}", qos=1)
+            assert await gateway.wait_messages(10)
+            assert [m.topic for m in gateway.take(10)] == ["devices/dev-001/telemetry"]
+            await gateway.publish("devices/dev-001/commands", b"still here", qos=1)
+            assert gateway.connected
+        # without the option, the same device takes the id and the gateway is pushed off
+        async with client(service_port, "dev-001", "fixloop-gateway"):
+            with pytest.raises(BrokerUnavailableError):
+                await keep_publishing(gateway)
+        await gateway.disconnect()
+    finally:
+        broker.terminate()
+        await broker.wait()
+
+
+def test_service_client_ids_are_stable_where_a_session_is_kept_and_per_process_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    services = rendered()["services"]
+    mqtt, influx = MqttSettings(), InfluxSettings()
+    notifier_settings = _settings_of(services["notifier"]).notifier
+    one = NotifierService(mqtt, influx, notifier_settings)
+    two = NotifierService(mqtt, influx, notifier_settings)
+    # the diagnoses consumer's persistent session: the configured id, at every start
+    assert notifier_settings.client_id == "fixloop-notifier"
+    # its session-less clients: a suffix of the process
+    for made in (one, two):
+        assert re.fullmatch(r"fixloop-notifier-commands-[0-9a-f]{8}", made.command_client_id)
+        assert re.fullmatch(r"fixloop-notifier-cases-[0-9a-f]{8}", made.publisher_client_id)
+    assert one.command_client_id != two.command_client_id
+    assert one.publisher_client_id != two.publisher_client_id
+    dashboard = _settings_of(services["dashboard"])
+    first, second = (
+        DashboardService(mqtt, influx, dashboard.dashboard, db_path=Path("unused")).client_id
+        for _ in range(2)
+    )
+    assert first != second
+    assert first.startswith("fixloop-dashboard-")
+    # the sessions' ids come from settings: stable across restarts and recreated containers
+    assert _settings_of(services["gateway"]).gateway.client_id == "fixloop-gateway"
+    assert _settings_of(services["diagnostics"]).diagnostics.client_id == "fixloop-diagnostics"
 
 
 def test_compose_file_textually() -> None:
