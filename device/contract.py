@@ -316,9 +316,20 @@ def encode_reading(
         raise ContractError("bad_metrics", "metrics must be a non-empty mapping")
     if len(metrics) > MAX_METRICS:
         raise ContractError("too_many_metrics", f"more than {MAX_METRICS} metrics")
-    clean: dict[str, object] = {}
+    plain = type(metrics) is dict  # plain values in a dict are encoded as they are
+    known = _known_names
     for name, value in metrics.items():
-        clean[_metric_name(name)] = _metric_value(name, value)
+        if not (type(name) is str and name in known):
+            _metric_name(name)
+        kind = type(value)
+        if kind is float or kind is int:
+            if not -MAX_ABS_VALUE <= value <= MAX_ABS_VALUE:  # type: ignore[operator]
+                _metric_value(name, value)  # raises (NaN too)
+        elif kind is not bool:
+            plain = False
+    clean: Mapping[str, object] = (
+        metrics if plain else {name: _metric_value(name, v) for name, v in metrics.items()}
+    )
     body: dict[str, object] = {
         "v": SCHEMA_VERSION,
         "id": device_id,

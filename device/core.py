@@ -724,11 +724,12 @@ class SendQueue:
     def settle(self) -> None:
         """Remove what was acknowledged, refused or expired from the outbox."""
         store = self._store
-        for rows, counter in (
-            (self._acked, None),
-            (self._refused, "refused"),
-            (self._expired, "expired"),
-        ):
-            if rows:
-                store.remove(rows, counter=counter)
-                rows.clear()
+        if self._acked:
+            store.remove(self._acked)
+            self._acked.clear()
+        if self._refused:
+            store.remove(self._refused, counter="refused")
+            self._refused.clear()
+        if self._expired:
+            store.remove(self._expired, counter="expired")
+            self._expired.clear()

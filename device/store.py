@@ -433,6 +433,7 @@ class MemoryDeviceStore:
         self._answer_order: deque[str] = deque()
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._state: dict[str, str] = {}
+        self._waiting = 0
 
     def close(self) -> None:
         """Nothing to release (the state stays with the object)."""
@@ -488,7 +489,6 @@ class MemoryDeviceStore:
             self._keep(state)
             self._seq = seq
             self._appended += 1
-            self._changed.notify_all()
             return seq
 
     def answer(
@@ -518,7 +518,6 @@ class MemoryDeviceStore:
                 self._answered.discard(self._answer_order.popleft())
             self._seq = seq
             self._appended += 1
-            self._changed.notify_all()
             return seq
 
     def was_answered(self, command_id: str) -> bool:
@@ -543,18 +542,23 @@ class MemoryDeviceStore:
             raise DeviceConfigError(f"unknown counter {counter!r}")
         with self._changed:
             outbox = self._outbox
-            removed = 0
+            before = len(outbox)
             for row_id in ids:
-                if outbox.pop(row_id, None) is not None:
-                    removed += 1
+                outbox.pop(row_id, None)
+            removed = before - len(outbox)
             if counter is not None:
                 self._counters[counter] += removed
-            self._changed.notify_all()
+            if self._waiting and not outbox:
+                self._changed.notify_all()  # only wait_empty waits
 
     def wait_empty(self, timeout_s: float) -> bool:
         """Wait until the outbox is empty; return whether it is."""
         with self._changed:
-            return self._changed.wait_for(lambda: not self._outbox, timeout=timeout_s)
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(lambda: not self._outbox, timeout=timeout_s)
+            finally:
+                self._waiting -= 1
 
     def counter(self, name: str) -> int:
         """A kept counter: ``dropped``, ``expired`` or ``refused``."""

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
+from device import Refusal
 from device_sim.environment import Climate, local_hour
 from gateway.errors import ConfigError
 from gateway.protocol import EventKind, MetricValue
@@ -153,8 +154,12 @@ class Appliance:
         """Return the true temperature the main sensor measures."""
         raise NotImplementedError
 
-    def busy_reason(self) -> str | None:
-        """Return why a restart or firmware update must wait now, or ``None``."""
+    def busy_reason(self) -> Refusal | None:
+        """Return why an interrupting command must wait now, or ``None``.
+
+        The device's interlock (:meth:`device.DeviceCore.add_interlock`): a restart,
+        firmware update or cleaning cycle is refused with it, in the contract's words.
+        """
         return None
 
     def start_cleaning(self, t_ms: int) -> tuple[bool, str]:
@@ -280,13 +285,13 @@ class Washer(Appliance):
         """Return the true drum water (or air) temperature."""
         return self.water_c
 
-    def busy_reason(self) -> str | None:
+    def busy_reason(self) -> Refusal | None:
         """Refuse interruptions while a program runs or the door is open."""
         if self.running and not self.hung:
             what = "a cleaning cycle" if self.cleaning else "a wash"
-            return f"{what} is running; will be possible after the cycle"
+            return Refusal("mid_cycle", f"{what} is running; will be possible after the cycle")
         if self.door_open:
-            return "the door is open; will be possible once it is closed"
+            return Refusal("door_open", "the door is open; will be possible once it is closed")
         return None
 
     def _plan(self, program: tuple[str, float, float, float, float], cleaning: bool) -> None:
@@ -312,7 +317,7 @@ class Washer(Appliance):
         """Start the drum-and-drain cleaning program (hot wash, long drain, short spin)."""
         reason = self.busy_reason()
         if reason is not None:
-            return False, f"refused: {reason}"
+            return False, reason.detail
         self._plan(("cleaning", 70.0, 10.0, _SAFE_SPIN_RPM, 0.0), cleaning=True)
         return True, "cleaning cycle started; it takes about 30 minutes"
 

@@ -1,15 +1,22 @@
-"""Firmware layer of one simulated device (device_sim): telemetry, events, commands, faults.
+"""Firmware layer of one simulated device (device_sim): the device library plus physics.
 
-A :class:`SimDevice` wraps an appliance's physics (:mod:`device_sim.appliances`) with what
-a real device's firmware does: it samples every ``interval_s`` of sim time, numbers each
-message with its own ``seq`` (shared by telemetry and events, as the contract says),
-keeps messages in a local buffer while it is offline and publishes them late with their
-original ``ts`` and ``seq`` (backfill), reboots (``boot`` events, gaps while down),
-answers commands with ``command_result`` events and enforces its interlocks.
+A :class:`SimDevice` is the device library's contract logic (:class:`device.DeviceCore`:
+``seq``, contract checks and encoder, outbox with backfill, the boot event, commands
+answered once behind the device's interlocks) on an in-memory store
+(:class:`device.MemoryDeviceStore`, the simulated device's flash, which survives its
+reboots), with an appliance's physics (:mod:`device_sim.appliances`) and fault injection
+around it. It samples every ``interval_s`` of sim time, reboots (``boot`` events, gaps
+while down), and its command handlers drive the physics; every message it sends was
+built and checked by the same code a real appliance runs.
 
 Everything here is pure: no I/O, no clocks, no global random state. Time is epoch
-milliseconds handed in by :class:`device_sim.fleet.Fleet`. Output messages are
-``(emit_ms, topic, payload)``: the sim time the device sent it, the topic and the bytes.
+milliseconds handed in by :class:`device_sim.fleet.Fleet`. With ``publish=True`` the
+device publishes its outbox at once into the caller's list (an instant broker: the
+pure fleet for tests and benchmarks); with ``publish=False`` a transport
+(:class:`device_sim.runner.FleetRunner`) publishes it through :attr:`SimDevice.sender`
+and only what the broker acknowledged leaves the outbox. Output messages are
+``(emit_ms, topic, payload)``: the sim time the device sent it, the topic and the bytes;
+``online``/``offline`` on the status topic mark the link coming up and going down.
 """
 
 from __future__ import annotations
@@ -17,11 +24,22 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Final, Literal, cast
+from typing import Final, cast
 
+from device import (
+    Command,
+    CommandResult,
+    DeviceCore,
+    MemoryDeviceStore,
+    Refusal,
+    ResetReason,
+    SendQueue,
+)
+from device import SelfTestResult as LibrarySelfTest
+from device.ota import version_key
 from device_sim.appliances import Appliance, Notice, make_appliance
 from device_sim.described import DescribedAppliance, SimProduct
 from device_sim.faults import (
@@ -32,19 +50,8 @@ from device_sim.faults import (
     FaultSpec,
     faults_for_model,
 )
-from gateway.errors import ConfigError, RejectedError
-from gateway.protocol import (
-    Command,
-    Event,
-    EventKind,
-    Reading,
-    decode_command,
-    encode_event,
-    encode_reading,
-    events_topic,
-    status_topic,
-    telemetry_topic,
-)
+from gateway.errors import ConfigError
+from gateway.protocol import status_topic
 
 __all__ = ["DEFAULT_FIRMWARE", "Outbound", "SimDevice"]
 
@@ -63,16 +70,12 @@ _CLEANABLE_CLOG: Final = 0.9
 _SENSOR_FAULTS: Final = frozenset({"sensor_drift", "sensor_stuck"})
 _ONLINE: Final = b"online"
 _OFFLINE: Final = b"offline"
-
-BootReason = Literal["power_on", "restart_command", "firmware_update", "watchdog", "service"]
+#: Messages a simulated device hands its transport at a time.
+_SEND_WINDOW: Final = 1_000
 
 
 def _utc(t_ms: int) -> datetime:
     return datetime.fromtimestamp(t_ms / 1000, tz=UTC)
-
-
-def _version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
 
 
 class _ActiveFault:
@@ -135,20 +138,21 @@ def _fault_specs(model: str, product: SimProduct | None) -> dict[str, FaultSpec]
 
 
 class SimDevice:
-    """One simulated device: an appliance plus its firmware.
+    """One simulated device: the device library's logic, an appliance and its faults.
 
     Attributes:
         device_id: the device's id (broker user name and client id).
         index: the device's index in the fleet (its random stream is ``seed + index``).
         model: the product model.
         product: the product file's simulation, for a product not built in.
-        firmware: the installed firmware version.
         appliance: the physics.
-        seq: the last sequence number used (the first message has seq 1).
-        readings_sent: telemetry messages handed out (live or backfilled).
-        events_sent: event messages handed out (live or backfilled).
-        dropped: messages lost because the offline buffer was full.
-        commands_missed: commands that arrived while the device was offline.
+        core: the device library's contract logic this device runs.
+        sender: the send policy of its outbox (the library's), for a transport.
+        publish: whether the device publishes its outbox itself (an instant broker).
+        readings_sent: telemetry messages published by the device itself.
+        events_sent: event messages published by the device itself.
+        commands_held: commands that reached the device while it was offline and wait
+            for it (with ``publish``: the broker's persistent session, modelled).
     """
 
     def __init__(
@@ -166,6 +170,7 @@ class SimDevice:
         outage_mean_s: float = 1_800.0,
         buffer_limit: int = 20_000,
         product: SimProduct | None = None,
+        publish: bool = True,
     ) -> None:
         base = random.Random(seed + index)
         # two streams from the device's one seed: physics, and faults/firmware behaviour,
@@ -176,7 +181,6 @@ class SimDevice:
         self.index = index
         self.model = model
         self.product = product
-        self.firmware = firmware
         self.appliance: Appliance = (
             make_appliance(model, self.rng)
             if product is None
@@ -187,17 +191,21 @@ class SimDevice:
         self.now_ms = start_ms
         self.next_tick_ms = start_ms + self.rng.randrange(self.interval_ms)
         self._physics_ms = start_ms
-        self.seq = 0
+        self.publish = publish
+        store = MemoryDeviceStore(max_messages=buffer_limit)
+        self.core = DeviceCore(
+            device_id, store, clock_ms=self._clock_ms, model=model, firmware_version=firmware
+        )
+        self.sender = SendQueue(store, clock_ms=self._clock_ms, max_inflight=_SEND_WINDOW)
+        self._register(self.core)
         self.readings_sent = 0
         self.events_sent = 0
-        self.dropped = 0
-        self.commands_missed = 0
+        self.commands_held = 0
+        self._held: list[bytes] = []
+        self._restart: tuple[ResetReason, str] | None = None
         self.running = False
         self.connected = False
         self._down_until_ms: int | None = start_ms
-        self._boot_reason: BootReason = "power_on"
-        self._buffer: deque[tuple[str, bytes]] = deque()
-        self._buffer_limit = buffer_limit
         self._outages: list[tuple[int, int]] = []
         self._pending: list[_ActiveFault] = []
         self._active: dict[str, _ActiveFault] = {}
@@ -210,7 +218,20 @@ class SimDevice:
         self._outage_mean_ms = outage_mean_s * 1000.0
         self._next_outage_ms = self._draw_after(start_ms, self._outage_rate_per_ms)
 
+    def _clock_ms(self) -> int:
+        return self.now_ms
+
     # -- public state ----------------------------------------------------------------
+    @property
+    def firmware(self) -> str:
+        """The installed firmware version."""
+        return self.core.firmware_version or DEFAULT_FIRMWARE
+
+    @property
+    def seq(self) -> int:
+        """The last sequence number used (the first message has seq 1)."""
+        return self.core.store.seq
+
     @property
     def active_faults(self) -> frozenset[str]:
         """The faults in effect now."""
@@ -218,8 +239,13 @@ class SimDevice:
 
     @property
     def buffered(self) -> int:
-        """How many messages wait in the offline buffer."""
-        return len(self._buffer)
+        """How many messages wait in the outbox (not yet acknowledged by a broker)."""
+        return self.core.store.count
+
+    @property
+    def dropped(self) -> int:
+        """Messages lost because the outbox was full (the oldest go first)."""
+        return self.core.store.counter("dropped")
 
     def severity(self, fault: str) -> float:
         """Return the current severity of ``fault`` in ``[0, 1]`` (0 when not active)."""
@@ -290,52 +316,42 @@ class SimDevice:
         return bool(self._outages) and self._outages[0][0] <= t_ms
 
     # -- messages --------------------------------------------------------------------
-    def _next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
+    def drain(self, t_ms: int, out: list[Outbound]) -> None:
+        """Publish the outbox into ``out`` at ``t_ms`` (an instant broker acknowledges all).
 
-    def _send(self, t_ms: int, topic: str, payload: bytes, out: list[Outbound]) -> None:
-        if self.connected:
-            out.append((t_ms, topic, payload))
-            if topic.endswith("/telemetry"):
-                self.readings_sent += 1
-            else:
-                self.events_sent += 1
+        Does nothing unless the device publishes itself and is connected.
+        """
+        if not (self.publish and self.connected) or not self.core.store.count:
             return
-        if len(self._buffer) >= self._buffer_limit:
-            self._buffer.popleft()
-            self.dropped += 1
-        self._buffer.append((topic, payload))
+        sender = self.sender
+        while True:
+            rows = sender.next()
+            for row in rows:
+                out.append((t_ms, row.topic, row.payload))
+                if row.topic.endswith("/telemetry"):
+                    self.readings_sent += 1
+                else:
+                    self.events_sent += 1
+                sender.acked(row.id)
+            sender.settle()
+            if len(rows) < sender.max_inflight:
+                return
 
     def _event(
         self,
-        t_ms: int,
-        kind: EventKind,
-        out: list[Outbound],
+        kind: str,
         *,
         code: str | None = None,
-        command_id: str | None = None,
-        ok: bool | None = None,
         detail: str | None = None,
         data: dict[str, float | bool | str] | None = None,
     ) -> None:
-        event = Event(
-            self.device_id,
-            self._next_seq(),
-            t_ms,
-            kind,
-            code=code,
-            command_id=command_id,
-            ok=ok,
-            detail=detail,
-            data={} if data is None else data,
-        )
-        self._send(t_ms, events_topic(self.device_id), encode_event(event), out)
+        if kind == "error":
+            self.core.report_error(code or "E00", detail, data=data)
+        else:
+            self.core.report_info(detail, code=code, data=data)
 
-    def _notice(self, t_ms: int, notice: Notice, out: list[Outbound]) -> None:
-        self._event(
-            t_ms, notice.kind, out, code=notice.code, detail=notice.detail, data=dict(notice.data)
-        )
+    def _notice(self, notice: Notice) -> None:
+        self._event(notice.kind, code=notice.code, detail=notice.detail, data=dict(notice.data))
 
     def _link(self, t_ms: int, out: list[Outbound]) -> None:
         """Bring the connection up or down; on reconnect publish the backlog first."""
@@ -344,15 +360,21 @@ class SimDevice:
             return
         topic = status_topic(self.device_id)
         if not wanted:
+            # what the device sent before it went: out first (or left in the outbox)
+            self.drain(t_ms, out)
             # the device cannot say so itself: this stands for the broker's last will
             out.append((t_ms, topic, _OFFLINE))
             self.connected = False
             return
         self.connected = True
+        self.sender.restart()
         out.append((t_ms, topic, _ONLINE))
-        backlog, self._buffer = self._buffer, deque()
-        for topic_, payload in backlog:
-            self._send(t_ms, topic_, payload, out)
+        self.drain(t_ms, out)
+        if self.publish and self._held:
+            # the broker delivers what waited in the device's session
+            held, self._held = self._held, []
+            for payload in held:
+                self._command(payload, t_ms, out)
 
     # -- time ------------------------------------------------------------------------
     def step_until(self, t_ms: int, out: list[Outbound]) -> None:
@@ -372,22 +394,19 @@ class SimDevice:
                 return
             self._boot(t_ms, out)
         self._link(t_ms, out)
-        self._activate(t_ms, out)
+        self._activate(t_ms)
         self._apply_faults(t_ms)
         notices = self._physics(t_ms)
         for notice in notices:
             if notice.code == "cleaning_done":
                 self._after_cleaning(t_ms)
-            self._notice(t_ms, notice, out)
+            self._notice(notice)
         if self._bug_ms is not None and t_ms >= self._bug_ms:
-            self._event(
-                t_ms, "error", out, code="F07", detail="internal error in the control software"
-            )
+            self._event("error", code="F07", detail="internal error in the control software")
             self._bug_ms = t_ms + round(self._fault_rng.uniform(1.0, 6.0) * 3_600_000)
         appliance = self.appliance
-        metrics = appliance.metrics()
-        reading = Reading(self.device_id, self._next_seq(), t_ms, metrics, appliance.status())
-        self._send(t_ms, telemetry_topic(self.device_id), encode_reading(reading), out)
+        self.core.publish_reading(appliance.metrics(), status=appliance.status())
+        self.drain(t_ms, out)
         if self._crash_ms is not None and t_ms >= self._crash_ms:
             self._reboot(t_ms, "watchdog", out, cured_by="watchdog_reboot")
 
@@ -425,7 +444,7 @@ class SimDevice:
         self.inject(fault, at_ms, None, None)
 
     # -- faults ----------------------------------------------------------------------
-    def _activate(self, t_ms: int, out: list[Outbound]) -> None:
+    def _activate(self, t_ms: int) -> None:
         while self._pending and self._pending[0].onset_ms <= t_ms:
             fault = self._pending.pop(0)
             self._active[fault.name] = fault
@@ -436,9 +455,7 @@ class SimDevice:
             elif fault.name == "firmware_bug":
                 self._bug_ms = t_ms + round(self._fault_rng.uniform(0.1, 2.0) * 3_600_000)
             elif fault.name == "controller_hang":
-                self._event(
-                    t_ms, "error", out, code="E90", detail="the control task stopped responding"
-                )
+                self._event("error", code="E90", detail="the control task stopped responding")
 
     def _next_crash(self, t_ms: int) -> int:
         return t_ms + round(self._fault_rng.uniform(3.0, 20.0) * 60_000)
@@ -498,31 +515,31 @@ class SimDevice:
         return cured
 
     # -- boots -----------------------------------------------------------------------
-    def _reboot(self, t_ms: int, reason: BootReason, out: list[Outbound], *, cured_by: str) -> None:
+    def _reboot(
+        self,
+        t_ms: int,
+        reason: ResetReason,
+        out: list[Outbound],
+        *,
+        cured_by: str,
+        clean: bool = False,
+    ) -> None:
         # any reboot clears a hung control task; a firmware fault survives it
         self._cure("controller_hang", t_ms, cured_by)
+        if clean:
+            self.core.stop()  # a commanded restart shuts down in order
+        self.core.note_reset(reason)
         self.running = False
         self._crash_ms = None
         low, high = (60.0, 120.0) if reason == "firmware_update" else (30.0, 60.0)
         self._down_until_ms = t_ms + round(self._fault_rng.uniform(low, high) * 1000)
-        self._boot_reason = reason
         self._link(t_ms, out)
 
     def _boot(self, t_ms: int, out: list[Outbound]) -> None:
         self.running = True
         self._down_until_ms = None
+        self.core.boot()
         self._link(t_ms, out)
-        self._event(
-            t_ms,
-            "boot",
-            out,
-            code=self.firmware,
-            data={
-                "model": self.model,
-                "firmware": self.firmware,
-                "reset_reason": self._boot_reason,
-            },
-        )
         if "crash_loop" in self._active:
             self._crash_ms = self._next_crash(t_ms)
 
@@ -530,160 +547,119 @@ class SimDevice:
     def handle_command(self, payload: bytes, at_ms: int, out: list[Outbound]) -> None:
         """Receive a command payload at ``at_ms`` and answer it (after stepping to ``at_ms``).
 
-        A device that is offline at ``at_ms`` never sees the command (counted in
-        :attr:`commands_missed`); a payload that is not a valid command is logged and
-        dropped (there is no command id to answer to).
+        The device library decodes it, answers each command id once (a repeated id is
+        not run again) behind the appliance's interlock, and stores the answer in the
+        outbox. A device that is offline at ``at_ms`` holds the command until it is back
+        (with ``publish``, this models the broker's persistent session; a transport that
+        publishes the outbox itself delivers commands only while the device is
+        connected). A payload that is not a valid command is logged and counted (there
+        is no command id to answer to).
         """
         self.step_until(at_ms, out)
-        t_ms = self.now_ms
         if not self.connected:
-            self.commands_missed += 1
+            self._held.append(payload)
+            self.commands_held += 1
             return
-        try:
-            command = decode_command(payload)
-        except RejectedError as exc:
-            _LOG.warning("%s: dropped a bad command: %s", self.device_id, exc)
-            return
-        action = command.action
-        if action == "restart":
-            self._restart(command, t_ms, out)
-        elif action == "firmware_update":
-            self._firmware_update(command, t_ms, out)
-        elif action == "selftest":
-            self._selftest(command, t_ms, out)
-        elif action == "cleaning_cycle":
-            ok, detail = self.appliance.start_cleaning(t_ms)
-            self._result(command, t_ms, out, ok=ok, detail=detail)
-        else:
-            self._config_set(command, t_ms, out)
+        self._command(payload, self.now_ms, out)
 
-    def _result(
-        self,
-        command: Command,
-        t_ms: int,
-        out: list[Outbound],
-        *,
-        ok: bool,
-        detail: str,
-        code: str | None = None,
-        data: dict[str, float | bool | str] | None = None,
-    ) -> None:
-        self._event(
-            t_ms,
-            "command_result",
-            out,
-            command_id=command.id,
-            ok=ok,
-            detail=detail,
-            code=code,
-            data=data,
+    def _command(self, payload: bytes, t_ms: int, out: list[Outbound]) -> None:
+        then = self.receive_command(payload)
+        self.drain(t_ms, out)  # the answer goes out before the device restarts
+        self.after_command(then, out)
+
+    def receive_command(self, payload: bytes) -> Callable[[], None] | None:
+        """Hand a command to the device library now; return what follows its answer.
+
+        For a transport: publish the outbox (the answer), acknowledge the command, then
+        call :meth:`after_command` with what this returned.
+        """
+        return self.core.handle_command(payload)
+
+    def after_command(self, then: Callable[[], None] | None, out: list[Outbound]) -> None:
+        """Do what a command's answer announced (a restart), appending what it sends."""
+        if then is None:
+            return
+        then()
+        restart, self._restart = self._restart, None
+        if restart is not None:
+            reason, cured_by = restart
+            self._reboot(self.now_ms, reason, out, cured_by=cured_by, clean=True)
+
+    def _register(self, core: DeviceCore) -> None:
+        core.add_interlock(self._interlock)
+        core.on_command("restart", self._restart_command)
+        # the version checks answer first, then the interlock (the handler asks it)
+        core.on_command("firmware_update", self._firmware_update, interlocked=False)
+        core.on_selftest(self._selftest)
+        core.on_command("cleaning_cycle", self._cleaning_cycle)
+        core.on_command("config_set", self._config_set)
+
+    def _interlock(self) -> Refusal | None:
+        return self.appliance.busy_reason()
+
+    def _restart_later(self, reason: ResetReason, cured_by: str) -> Callable[[], None]:
+        def restart() -> None:
+            self._restart = (reason, cured_by)
+
+        return restart
+
+    def _restart_command(self, command: Command) -> CommandResult:
+        return CommandResult(
+            True,
+            "restarting now; back in about a minute",
+            then=self._restart_later("restart_command", "restart"),
         )
 
-    def _refusal(self) -> str | None:
-        reason = self.appliance.busy_reason()
-        return None if reason is None else f"refused: {reason}"
-
-    def _restart(self, command: Command, t_ms: int, out: list[Outbound]) -> None:
-        refusal = self._refusal()
-        if refusal is not None:
-            self._result(command, t_ms, out, ok=False, detail=refusal)
-            return
-        self._result(command, t_ms, out, ok=True, detail="restarting now; back in about a minute")
-        self._reboot(t_ms, "restart_command", out, cured_by="restart")
-
-    def _firmware_update(self, command: Command, t_ms: int, out: list[Outbound]) -> None:
+    def _firmware_update(self, command: Command) -> CommandResult:
         version = command.args.get("version")
         if not isinstance(version, str) or _VERSION_RE.fullmatch(version) is None:
-            self._result(
-                command, t_ms, out, ok=False, detail="firmware_update needs a version like 2.4.0"
+            return CommandResult(False, "firmware_update needs a version like 2.4.0")
+        installed = self.firmware
+        if version_key(version) < version_key(installed):
+            return CommandResult(
+                False, f"refused: {version} is older than the installed {installed}"
             )
-            return
-        if _version_key(version) < _version_key(self.firmware):
-            self._result(
-                command,
-                t_ms,
-                out,
-                ok=False,
-                detail=f"refused: {version} is older than the installed {self.firmware}",
-            )
-            return
-        if version == self.firmware:
-            self._result(command, t_ms, out, ok=True, detail=f"already on {version}; nothing to do")
-            return
-        refusal = self._refusal()
+        if version == installed:
+            return CommandResult(True, f"already on {version}; nothing to do")
+        refusal = self._interlock()
         if refusal is not None:
-            self._result(command, t_ms, out, ok=False, detail=refusal)
-            return
-        previous, self.firmware = self.firmware, version
+            return CommandResult(False, refusal.detail, refusal.code)
+        self.core.firmware_version = version
         for fault in ("firmware_bug", "crash_loop"):
-            self._cure(fault, t_ms, "firmware_update")
-        self._result(
-            command,
-            t_ms,
-            out,
-            ok=True,
+            self._cure(fault, self.now_ms, "firmware_update")
+        return CommandResult(
+            True,
+            f"updated from {installed} to {version}; restarting",
             code=version,
-            detail=f"updated from {previous} to {version}; restarting",
+            then=self._restart_later("firmware_update", "firmware_update"),
         )
-        self._reboot(t_ms, "firmware_update", out, cured_by="firmware_update")
 
-    def _selftest(self, command: Command, t_ms: int, out: list[Outbound]) -> None:
+    def _selftest(self) -> LibrarySelfTest:
         result = self.appliance.selftest()
-        data = dict(result.data)
-        self._event(
-            t_ms,
-            "selftest",
-            out,
-            code=result.code,
-            command_id=command.id,
-            ok=result.passed,
-            detail=result.detail,
-            data=data,
-        )
-        verdict = "passed" if result.passed else f"found {result.detail}"
-        data["passed"] = result.passed
-        self._result(
-            command,
-            t_ms,
-            out,
-            ok=True,
-            code=result.code,
-            detail=f"self-test {verdict}"[:500],
-            data=data,
-        )
+        return LibrarySelfTest(result.passed, result.code, result.detail, dict(result.data))
 
-    def _config_set(self, command: Command, t_ms: int, out: list[Outbound]) -> None:
+    def _cleaning_cycle(self, command: Command) -> CommandResult:
+        ok, detail = self.appliance.start_cleaning(self.now_ms)
+        return CommandResult(ok, detail)
+
+    def _config_set(self, command: Command) -> CommandResult:
         known = dict(self.appliance.settings())
         known["interval_s"] = (1.0, 3_600.0)
         if not command.args:
-            self._result(
-                command, t_ms, out, ok=False, detail="config_set needs at least one setting"
-            )
-            return
+            return CommandResult(False, "config_set needs at least one setting")
         for key, value in command.args.items():
             if key not in known:
-                self._result(
-                    command,
-                    t_ms,
-                    out,
-                    ok=False,
-                    detail=f"unknown setting {key!r}; known: {', '.join(sorted(known))}",
+                return CommandResult(
+                    False, f"unknown setting {key!r}; known: {', '.join(sorted(known))}"
                 )
-                return
             low, high = known[key]
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not (low <= value <= high)
             ):
-                self._result(
-                    command,
-                    t_ms,
-                    out,
-                    ok=False,
-                    detail=f"{key} must be a number from {low:g} to {high:g}",
-                )
-                return
+                return CommandResult(False, f"{key} must be a number from {low:g} to {high:g}")
+        t_ms = self.now_ms
         for key, value in command.args.items():
             number = float(value)
             if key == "interval_s":
@@ -692,4 +668,4 @@ class SimDevice:
             else:
                 self.appliance.apply_setting(key, number)
         applied = ", ".join(f"{k}={float(v):g}" for k, v in command.args.items())
-        self._result(command, t_ms, out, ok=True, detail=f"set {applied}")
+        return CommandResult(True, f"set {applied}")

@@ -1,10 +1,11 @@
 """The simulated fleet's pure core (device_sim): N devices stepped through sim time, no I/O.
 
 :class:`Fleet` builds the devices, steps them to a sim time and returns the MQTT messages
-they send, encoded with the device contract's codec (:mod:`gateway.protocol`), injects
-faults and keeps their ground truth, hands commands to devices and sends technicians.
-The MQTT runner (:mod:`device_sim.runner`) drives it against a broker; tests and
-benchmarks drive it directly. Same seed, same arguments, same calls: identical bytes.
+they send, built and checked by the device library (:mod:`device.core`, the code real
+appliances run), injects faults and keeps their ground truth, hands commands to devices
+and sends technicians. The MQTT runner (:mod:`device_sim.runner`) drives it against a
+broker and publishes the devices' outboxes itself; tests and benchmarks drive it
+directly. Same seed, same arguments, same calls: identical bytes.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class Fleet:
         buffer_limit: messages a device keeps while offline (the oldest go first).
         products: products simulated from their product files' simulation sections
             (:func:`device_sim.described.load_sim_product`); name them in ``models``.
+        publish: devices publish their outboxes into the returned messages at once
+            (an instant broker); ``False`` leaves that to a transport (the runner), and
+            the messages returned are only the links' ``online``/``offline``.
 
     Raises:
         ConfigError: an argument is out of range.
@@ -108,6 +112,7 @@ class Fleet:
         firmware: str = DEFAULT_FIRMWARE,
         buffer_limit: int = 20_000,
         products: Sequence[SimProduct] = (),
+        publish: bool = True,
     ) -> None:
         if devices < 1:
             raise ConfigError("a fleet needs at least one device")
@@ -132,6 +137,7 @@ class Fleet:
                 outage_mean_s=outage_mean_s,
                 buffer_limit=buffer_limit,
                 product=described.get(model),
+                publish=publish,
             )
             for index, model in enumerate(assign_models(devices, mix, list(described)))
         ]
@@ -170,11 +176,11 @@ class Fleet:
             raise ConfigError(f"no simulated device {device_id!r}") from exc
 
     def readings_per_device(self) -> dict[str, int]:
-        """Telemetry messages each device has sent so far (live and backfilled)."""
+        """Telemetry messages each device has published itself (live and backfilled)."""
         return {d.device_id: d.readings_sent for d in self._devices}
 
     def events_per_device(self) -> dict[str, int]:
-        """Event messages each device has sent so far (live and backfilled)."""
+        """Event messages each device has published itself (live and backfilled)."""
         return {d.device_id: d.events_sent for d in self._devices}
 
     def ground_truth(self) -> list[FaultRecord]:
@@ -262,7 +268,8 @@ class Fleet:
         """Deliver a command payload to a device and return what it sends until it answered.
 
         The device first steps to ``at`` (default: :attr:`now`; never back in time), so
-        the result may hold readings before the ``command_result`` event.
+        the result may hold readings before the ``command_result`` event. A device that
+        is offline then answers when it is back (its session holds the command).
         """
         device = self.device(device_id)
         at_ms = at if isinstance(at, int) else self._at(at)

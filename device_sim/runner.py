@@ -1,18 +1,31 @@
 """Runs the simulated fleet against an MQTT broker (device_sim's I/O edge; ``fixloop sim``).
 
-Each device gets its own MQTT connection (client id and user name = device id, password
-derived from the fleet secret), a retained last will ``offline`` on
-``devices/{id}/status``, and a QoS-1 subscription to ``devices/{id}/commands``. The
-:class:`~device_sim.fleet.Fleet` is stepped one interval at a time as the
-:class:`~device_sim.clock.SimClock` allows; every message it sends goes out at QoS 1 and
-counts once its PUBACK is back. Commands are handed to the device at the current sim
-time and its answers published on ``devices/{id}/events``. Everything runs on one event
-loop (no thread per device), so thousands of devices fit in one process.
+The simulated devices run the device library's logic (:class:`device.DeviceCore` in each
+:class:`~device_sim.device.SimDevice`); this module is their transport, the simulator's
+counterpart of the library's paho-mqtt one, built for thousands of devices on one event
+loop (no thread per device). Each device, while the simulation has it online, holds its
+own MQTT 5 connection: client id and user name = device id, password derived from the
+fleet secret, a retained last will ``offline`` on ``devices/{id}/status``, a QoS-1
+subscription to ``devices/{id}/commands``, and a persistent session (a new one at the
+device's first connection of the run, resumed after that).
 
-While the simulation takes a device offline (a reboot, a crash, an outage) its connection
-stays open but silent: the device buffers, and the ``offline`` status the broker would
-publish from the last will is published by the runner in its place. Commands that reach
-an offline device are lost, as they would be with a clean session.
+The :class:`~device_sim.fleet.Fleet` is stepped one interval at a time as the
+:class:`~device_sim.clock.SimClock` allows. After each step every connected device's
+outbox is published in order through the library's send policy
+(:class:`device.SendQueue`), one message in flight per device, and a message leaves the
+outbox only when its PUBACK is back. When the simulation takes a device down (a reboot,
+a crash, a power cut, an outage) its connection is dropped without DISCONNECT, so the
+broker publishes the will and keeps its session: commands sent meanwhile wait at the
+broker and are delivered when the device is back; the device answers each command id
+once. A connection that ends on its own (the broker restarted) is opened again with
+backoff when ``reconnect`` is on, while the device goes on buffering in its outbox.
+
+What limits a replay: the library paces a real device's outbox at ``send_rate_per_s`` of
+wall time; a replay at ``speed="max"`` runs sim time far faster than wall time, so the
+runner does not pace: a device publishes as fast as the broker acknowledges, one
+message at a time, and the fleet goes no faster than its slowest device's round trips.
+Every message is still numbered, checked and encoded by the library's code, kept in the
+outbox until acknowledged, and dropped only by the library's rules.
 """
 
 from __future__ import annotations
@@ -24,17 +37,15 @@ import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from operator import itemgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol, Self
 
 from device_sim.clock import SimClock
 from device_sim.described import load_sim_product
-from device_sim.device import Outbound
+from device_sim.device import Outbound, SimDevice
 from device_sim.faults import FaultRecord, faults_to_csv
 from device_sim.fleet import Fleet
 from device_sim.settings import SimSettings
@@ -49,19 +60,22 @@ _LOG = logging.getLogger(__name__)
 #: First and longest pause before a device whose connection ended connects again.
 _RECONNECT_FIRST_S: Final = 0.2
 _RECONNECT_MAX_S: Final = 10.0
+#: How long the broker keeps a device's session (and the commands sent to it) while the
+#: device is away: the library's default.
+_SESSION_EXPIRY_S: Final = 7 * 86_400
 
 
 class DeviceConnection(Protocol):
     """What the runner needs of one device's MQTT connection (``MqttClient`` has it)."""
 
-    async def __aenter__(self) -> object: ...
+    async def connect(self) -> None:
+        """Open the connection and wait for the CONNACK."""
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
+    async def disconnect(self) -> None:
+        """Close it cleanly (DISCONNECT: the broker does not publish the will)."""
+
+    def abort(self) -> None:
+        """Drop it as a crash would (the broker publishes the will)."""
 
     async def subscribe(self, *topic_filters: str, qos: int = 1) -> None:
         """Subscribe and wait for the SUBACK."""
@@ -79,8 +93,9 @@ class DeviceConnection(Protocol):
         """Acknowledge a received QoS-1 message."""
 
 
-#: Builds a device's connection from its id, password and last will.
-ConnectFactory = Callable[[str, str, Will], DeviceConnection]
+#: Builds a device's connection from its id, password, last will and whether it starts a
+#: new session (its first connection of the run) or resumes the one the broker kept.
+ConnectFactory = Callable[[str, str, Will, bool], DeviceConnection]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +108,9 @@ class FleetReport:
         readings_per_device: telemetry messages published per device.
         events_per_device: event messages published per device.
         status_messages: retained ``online``/``offline`` status messages published.
-        commands_received: commands delivered to the devices' connections.
-        buffered_at_end: messages still in offline buffers when the run stopped.
-        dropped: messages lost to full offline buffers.
+        commands_received: commands handed to the devices (each answered once).
+        buffered_at_end: messages still in the devices' outboxes when the run stopped.
+        dropped: messages lost to full outboxes.
         faults: the ground truth of every fault injected.
         wall_s: real seconds the run took.
     """
@@ -110,6 +125,7 @@ class FleetReport:
     dropped: int
     faults: tuple[FaultRecord, ...]
     wall_s: float
+    connects: int = 0
 
     def summary(self) -> str:
         """One line for logs: what the run published."""
@@ -147,6 +163,21 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return error
 
 
+class _Link:
+    """One device's connection as the runner keeps it."""
+
+    __slots__ = ("client", "device", "generation", "lock", "reconnecting", "sessions", "up")
+
+    def __init__(self, device: SimDevice) -> None:
+        self.device = device
+        self.client: DeviceConnection | None = None
+        self.generation = 0  # connections opened or dropped so far
+        self.sessions = 0  # connections that reached CONNACK
+        self.lock = asyncio.Lock()
+        self.up = asyncio.Event()
+        self.reconnecting = False
+
+
 class FleetRunner:
     """The simulated fleet connected to a broker, as an async context manager.
 
@@ -160,9 +191,10 @@ class FleetRunner:
         start: the sim start time (default: now minus the settings' start offset).
         connect: builds a device's connection (default: :class:`MqttClient` to the
             settings' broker); tests may hand in their own.
-        reconnect: a device whose connection ends (the broker restarted, another
-            client connected with its id) connects again with backoff, as a real one
-            would, and the run goes on; without it the run ends with the error.
+        reconnect: a device whose connection ends on its own (the broker restarted,
+            another client connected with its id) connects again with backoff, as a
+            real one would, buffering meanwhile, and the run goes on; without it the
+            run ends with the error.
     """
 
     def __init__(
@@ -188,21 +220,23 @@ class FleetRunner:
             outage_rate_per_device_month=settings.outage_rate_per_device_month,
             outage_mean_s=settings.outage_mean_s,
             id_prefix=settings.id_prefix,
+            publish=False,
         )
         self.clock = SimClock(start, settings.pace)
         self._connect = connect or self._mqtt_connection
-        self._clients: dict[str, DeviceConnection] = {}
+        self._links = {device.device_id: _Link(device) for device in self.fleet.devices}
         self._reconnect = reconnect
         self._secret = ""
-        # per device: reconnections so far, and one reconnection at a time
-        self._generation: Counter[str] = Counter()
-        self._reconnecting: dict[str, asyncio.Lock] = {}
+        self._tls_context: ssl.SSLContext | None = None
+        self._limit = asyncio.Semaphore(settings.connect_concurrency)
+        self._group: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
-        self._stack = AsyncExitStack()
         self._readings: Counter[str] = Counter()
         self._events: Counter[str] = Counter()
         self._status = 0
         self._commands = 0
+        self._connects = 0
         self._start = start
 
     # -- connections -------------------------------------------------------------------
@@ -215,65 +249,50 @@ class FleetRunner:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load the MQTT CA file {ca_file}: {exc}") from exc
 
-    def _mqtt_connection(self, device_id: str, password: str, will: Will) -> DeviceConnection:
+    def _mqtt_connection(
+        self, device_id: str, password: str, will: Will, clean_start: bool
+    ) -> DeviceConnection:
         return MqttClient(
             self.settings.mqtt_host,
             self.settings.mqtt_port,
             client_id=device_id,
             username=device_id,
             password=password,
-            clean_start=True,
-            session_expiry_s=0,
+            clean_start=clean_start,
+            session_expiry_s=_SESSION_EXPIRY_S,
             keepalive_s=30,
             will=will,
             tls=self._tls_context,
+            publish_timeout_s=self.settings.publish_timeout_s,
         )
 
     async def __aenter__(self) -> Self:
         self._tls_context = self._tls()
-        limit = asyncio.Semaphore(self.settings.connect_concurrency)
         if self.settings.fleet_secret is None:
             raise ConfigError(
                 "setting sim.fleet_secret: required to derive the devices' broker passwords"
             )
-        secret = self._secret = self.settings.fleet_secret.get_secret_value()
-
-        async def connect(device_id: str) -> None:
-            will = Will(status_topic(device_id), b"offline", qos=1, retain=True)
-            client = self._connect(device_id, device_password(secret, device_id), will)
-            async with limit:
-                await self._stack.enter_async_context(client)
-                self._clients[device_id] = client
-                await client.subscribe(commands_topic(device_id), qos=1)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for device_id in self.fleet.device_ids:
-                    group.create_task(connect(device_id))
-        except BaseExceptionGroup as errors:
-            await self._stack.aclose()
-            raise _first_error(errors) from errors
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        _LOG.info(
-            "sim: %d devices connected to %s:%d",
-            len(self._clients),
-            self.settings.mqtt_host,
-            self.settings.mqtt_port,
-        )
-        # Devices power on as soon as they are connected: each runs its first tick (its
-        # phase within the first interval) now, so it boots and answers commands at
-        # once rather than up to one interval later.
+        self._secret = self.settings.fleet_secret.get_secret_value()
+        # Devices power on now: each runs its first tick (its phase within the first
+        # interval), boots and connects, so it answers commands at once rather than up
+        # to one interval later.
         powered_on: list[Outbound] = []
         for device in self.fleet.devices:
             device.step_until(device.next_tick_ms, powered_on)
-        powered_on.sort(key=itemgetter(0))
         try:
-            await self._publish_batch(powered_on)
+            await self._apply(powered_on)
+        except BaseExceptionGroup as errors:
+            await self._close(goodbye=False)
+            raise _first_error(errors) from errors
         except BaseException:
-            await self._stack.aclose()
+            await self._close(goodbye=False)
             raise
+        _LOG.info(
+            "sim: %d devices connected to %s:%d",
+            sum(1 for link in self._links.values() if link.client is not None),
+            self.settings.mqtt_host,
+            self.settings.mqtt_port,
+        )
         return self
 
     async def __aexit__(
@@ -282,36 +301,205 @@ class FleetRunner:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self._close(goodbye=exc_type is None)
+
+    async def _close(self, *, goodbye: bool) -> None:
+        """End every connection; a clean end says ``offline`` first (as the library does)."""
+
+        async def close(link: _Link) -> None:
+            client, link.client = link.client, None
+            link.up.clear()
+            if client is None:
+                return
+            try:
+                if goodbye:
+                    topic = status_topic(link.device.device_id)
+                    await self._publish(link, client, topic, b"offline")
+                await client.disconnect()
+            except BrokerUnavailableError:
+                client.abort()
+
+        async with asyncio.TaskGroup() as group:
+            for link in self._links.values():
+                group.create_task(close(link))
+
+    async def _open(self, link: _Link) -> bool:
+        """Connect a device that wants to be online; return whether it is connected.
+
+        Raises:
+            BrokerUnavailableError: the broker cannot be reached (without ``reconnect``
+                during a run, or at the start).
+            ConfigError: the broker refused the device's credentials.
+        """
+        device = link.device
+        device_id = device.device_id
+        will = Will(status_topic(device_id), b"offline", qos=1, retain=True)
+        client = self._connect(
+            device_id, device_password(self._secret, device_id), will, link.sessions == 0
+        )
         try:
-            if exc_type is None:
-                # a clean disconnect suppresses the will: say goodbye ourselves
-                async with asyncio.TaskGroup() as group:
-                    for device_id in self._clients:
-                        group.create_task(
-                            self._publish(device_id, [(status_topic(device_id), b"offline")])
-                        )
+            async with self._limit:
+                await client.connect()
+                await client.subscribe(commands_topic(device_id), qos=1)
+        except BrokerUnavailableError:
+            client.abort()
+            if not self._reconnect or self._group is None:
+                raise
+            self._reconnect_later(link)
+            return False
+        link.client = client
+        link.generation += 1
+        link.sessions += 1
+        self._connects += 1
+        device.sender.restart()  # a new connection starts from the oldest unacknowledged
+        link.up.set()
+        await self._publish(link, client, status_topic(device_id), b"online")
+        return link.client is client
+
+    def _drop(self, link: _Link) -> None:
+        """The device went down: drop its connection as a crash would (the will fires)."""
+        client, link.client = link.client, None
+        link.up.clear()
+        if client is not None:
+            link.generation += 1
+            client.abort()
+
+    def _lost(self, link: _Link, client: DeviceConnection, error: BaseException) -> None:
+        """A connection ended on its own; reconnect later, or end the run."""
+        if link.client is not client:
+            return  # already dropped or replaced
+        if not self._reconnect or self._group is None:
+            raise BrokerUnavailableError(
+                f"{link.device.device_id}: lost its broker connection: {error}"
+            ) from error
+        _LOG.warning("sim device %s lost its broker connection: %s", link.device.device_id, error)
+        self._drop(link)
+        self._reconnect_later(link)
+
+    def _reconnect_later(self, link: _Link) -> None:
+        if link.reconnecting or self._group is None:
+            return
+        link.reconnecting = True
+        task = self._group.create_task(self._reconnect_loop(link))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconnect_loop(self, link: _Link) -> None:
+        """Try again with jittered exponential backoff while the device wants to be online.
+
+        A refusal of the credentials (``ConfigError``) ends the run, as at the start.
+        """
+        backoff_s = _RECONNECT_FIRST_S
+        try:
+            while True:
+                await asyncio.sleep(backoff_s * (0.5 + random.random()))
+                backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
+                async with link.lock:
+                    if link.client is not None or not link.device.connected:
+                        return  # back already, or the device went down meanwhile
+                    link.reconnecting = False
+                    try:
+                        opened = await self._open(link)
+                    finally:
+                        link.reconnecting = not link.up.is_set()
+                    if opened:
+                        self.reconnects += 1
+                        _LOG.info("sim device %s reconnected", link.device.device_id)
+                        await self._send(link)
+                        return
         finally:
-            await self._stack.aclose()
+            link.reconnecting = False
+
+    # -- publishing --------------------------------------------------------------------
+    async def _publish(
+        self, link: _Link, client: DeviceConnection, topic: str, payload: bytes
+    ) -> bool:
+        """Publish one message at QoS 1 and wait for its PUBACK; False if the link broke."""
+        channel = topic.rsplit("/", 1)[1]
+        timeout_s = self.settings.publish_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.publish(topic, payload, qos=1, retain=channel == "status")
+        except TimeoutError as exc:
+            self._lost(
+                link, client, BrokerUnavailableError(f"no PUBACK within {timeout_s} s on {topic}")
+            )
+            if link.client is client:  # pragma: no cover - _lost replaced or raised
+                raise BrokerUnavailableError(f"no PUBACK within {timeout_s} s") from exc
+            return False
+        except BrokerUnavailableError as exc:
+            self._lost(link, client, exc)
+            return False
+        if channel == "telemetry":
+            self._readings[link.device.device_id] += 1
+        elif channel == "events":
+            self._events[link.device.device_id] += 1
+        else:
+            self._status += 1
+        return True
+
+    async def _send(self, link: _Link) -> None:
+        """Publish the device's outbox in order; each message leaves it on its PUBACK."""
+        sender = link.device.sender
+        try:
+            while (client := link.client) is not None:
+                rows = sender.next()
+                if not rows:
+                    return
+                for row in rows:
+                    if not await self._publish(link, client, row.topic, row.payload):
+                        return  # the rest waits in the outbox for the next connection
+                    sender.acked(row.id)
+        finally:
+            sender.settle()
+
+    async def _serve(self, link: _Link, changes: list[bytes]) -> None:
+        """Follow the device's link changes in order, then publish its outbox."""
+        async with link.lock:
+            await self._follow(link, changes)
+            if link.client is not None:
+                await self._send(link)
+
+    async def _follow(self, link: _Link, changes: list[bytes]) -> None:
+        for change in changes:
+            if change == b"offline":
+                self._drop(link)
+            elif link.client is None and not link.reconnecting:
+                await self._open(link)
+
+    async def _apply(self, batch: list[Outbound]) -> None:
+        """Act on one step of the fleet: link changes, then every outbox to publish."""
+        changes: dict[str, list[bytes]] = {}
+        for _, topic, payload in batch:
+            changes.setdefault(topic.split("/", 2)[1], []).append(payload)
+        async with asyncio.TaskGroup() as group:
+            for device_id, link in self._links.items():
+                mine = changes.get(device_id)
+                if mine is not None or (link.client is not None and link.device.buffered):
+                    group.create_task(self._serve(link, mine or []))
 
     # -- running -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event | None = None) -> FleetReport:
         """Run until the settings' duration has passed in sim time or ``stop`` is set.
 
         Raises:
-            BrokerUnavailableError: a connection dropped or a PUBACK did not come in time.
+            BrokerUnavailableError: a connection dropped (without ``reconnect``) or a
+                PUBACK did not come in time.
             PermanentError: the broker refused a message (ACL).
         """
         began = time.monotonic()
         try:
             async with asyncio.TaskGroup() as group:
-                listeners = [
-                    group.create_task(self._listen(device_id)) for device_id in self._clients
-                ]
+                self._group = group
+                for link in self._links.values():
+                    self._tasks.add(group.create_task(self._listen(link)))
                 try:
                     await self._drive(stop)
                 finally:
-                    for listener in listeners:
-                        listener.cancel()
+                    self._group = None
+                    for task in self._tasks:
+                        task.cancel()
+                    self._tasks.clear()
         except BaseExceptionGroup as errors:
             raise _first_error(errors) from errors
         return self.report(time.monotonic() - began)
@@ -331,6 +519,7 @@ class FleetRunner:
             dropped=sum(d.dropped for d in devices),
             faults=tuple(self.fleet.ground_truth()),
             wall_s=wall_s,
+            connects=self._connects,
         )
 
     async def _drive(self, stop: asyncio.Event | None) -> None:
@@ -347,7 +536,7 @@ class FleetRunner:
             if not await self._wait(target, stop):
                 return
             for batch in fleet.iter_until(target):
-                await self._publish_batch(batch)
+                await self._apply(batch)
 
     async def _wait(self, t_ms: int, stop: asyncio.Event | None) -> bool:
         if stop is None:
@@ -363,111 +552,68 @@ class FleetRunner:
             await asyncio.gather(clock_task, stop_task, return_exceptions=True)
         return not stop.is_set()
 
-    async def _publish_batch(self, batch: list[Outbound]) -> None:
-        by_device: dict[str, list[tuple[str, bytes]]] = {}
-        for _, topic, payload in batch:
-            by_device.setdefault(topic.split("/", 2)[1], []).append((topic, payload))
-        async with asyncio.TaskGroup() as group:
-            for device_id, messages in by_device.items():
-                group.create_task(self._publish(device_id, messages))
-
-    async def _publish(self, device_id: str, messages: list[tuple[str, bytes]]) -> None:
-        timeout_s = self.settings.publish_timeout_s
-        for topic, payload in messages:
-            channel = topic.rsplit("/", 1)[1]
-            while True:
-                generation = self._generation[device_id]
-                try:
-                    async with asyncio.timeout(timeout_s):
-                        await self._clients[device_id].publish(
-                            topic, payload, qos=1, retain=channel == "status"
-                        )
-                    break
-                except TimeoutError as exc:
-                    raise BrokerUnavailableError(
-                        f"{device_id}: no PUBACK within {timeout_s} s on {topic}"
-                    ) from exc
-                except BrokerUnavailableError as exc:
-                    if not self._reconnect:
-                        raise
-                    # sent again on the new connection: at worst a duplicate, which the
-                    # gateway stores once (same device, same time)
-                    await self._connect_again(device_id, generation, exc)
-            if channel == "telemetry":
-                self._readings[device_id] += 1
-            elif channel == "events":
-                self._events[device_id] += 1
-            else:
-                self._status += 1
-
     async def repair(self, device_id: str, part: str) -> list[str]:
-        """A technician services ``part`` of a connected device now; return the faults cured.
+        """A technician services ``part`` of a device now; return the faults cured.
 
-        The device reboots (reset reason ``service``) and its messages are published
-        like any other.
+        The device reboots (reset reason ``service``); what it sends is published like
+        anything else.
 
         Raises:
             ConfigError: unknown device, or the model has no such part.
         """
-        cured, messages = self.fleet.repair(device_id, part, at=self.fleet.now)
-        if device_id in self._clients:
-            await self._publish(device_id, messages)
+        cured, changes = self.fleet.repair(device_id, part, at=self.fleet.now)
+        link = self._links[device_id]
+        await self._serve(link, [payload for _, payload in changes])
         return list(cured)
 
-    async def _listen(self, device_id: str) -> None:
-        topic = commands_topic(device_id)
+    # -- commands ----------------------------------------------------------------------
+    async def _listen(self, link: _Link) -> None:
+        """Hand the device the commands its connections receive, for the whole run."""
+        device = link.device
+        topic = commands_topic(device.device_id)
         while True:
-            generation = self._generation[device_id]
-            client = self._clients[device_id]
+            await link.up.wait()
+            client = link.client
+            if client is None:  # pragma: no cover - up is cleared with the client
+                await asyncio.sleep(0)
+                continue
             try:
                 async for message in client.messages():
-                    if message.topic == topic:
-                        self._commands += 1
-                        answers = self.fleet.send_command(
-                            device_id, message.payload, at=self.clock.now_ms()
-                        )
-                        await self._publish(device_id, answers)
-                    client.ack(message)
+                    if message.topic != topic:
+                        client.ack(message)
+                        continue
+                    await self._command(link, client, message)
             except BrokerUnavailableError as exc:
-                if not self._reconnect:
-                    raise
-                await self._connect_again(device_id, generation, exc)
-            else:
-                return
+                # dropped on purpose, replaced, or lost: wait for the next connection
+                async with link.lock:
+                    self._lost(link, client, exc)
 
-    async def _connect_again(
-        self, device_id: str, generation: int, error: BrokerUnavailableError
-    ) -> None:
-        """Replace a device's lost connection, unless another task already did.
+    async def _command(self, link: _Link, client: DeviceConnection, message: Message) -> None:
+        """Answer one command; not acknowledged if the device is down by then.
 
-        Tries with jittered exponential backoff until it succeeds; a refusal of the
-        credentials (``ConfigError``) ends the run, as at the start.
+        An unacknowledged command is delivered again when the device's session resumes;
+        the library answers a command id once, however often it comes.
         """
-        lock = self._reconnecting.setdefault(device_id, asyncio.Lock())
-        async with lock:
-            if self._generation[device_id] != generation:
-                return  # the listener or a publisher reconnected it meanwhile
-            _LOG.warning("sim device %s lost its broker connection: %s", device_id, error)
-            backoff_s = _RECONNECT_FIRST_S
-            while True:
-                await asyncio.sleep(backoff_s * (0.5 + random.random()))
-                backoff_s = min(backoff_s * 2, _RECONNECT_MAX_S)
-                will = Will(status_topic(device_id), b"offline", qos=1, retain=True)
-                client = self._connect(device_id, device_password(self._secret, device_id), will)
-                try:
-                    await self._stack.enter_async_context(client)
-                    await client.subscribe(commands_topic(device_id), qos=1)
-                except BrokerUnavailableError as exc:
-                    _LOG.warning("sim device %s cannot reconnect yet: %s", device_id, exc)
-                    continue
-                break
-            self._clients[device_id] = client
-            self._generation[device_id] += 1
-            self.reconnects += 1
-            _LOG.info("sim device %s reconnected", device_id)
-        if self.fleet.device(device_id).connected:
-            # the broker may have published the will ("offline") when the old one ended
-            await self._publish(device_id, [(status_topic(device_id), b"online")])
+        device = link.device
+        async with link.lock:
+            if link.client is not client:
+                return
+            changes: list[Outbound] = []
+            device.step_until(max(self.clock.now_ms(), device.now_ms), changes)
+            await self._follow(link, [payload for _, _, payload in changes])
+            if link.client is not client or not device.connected:
+                return
+            self._commands += 1
+            then = device.receive_command(message.payload)
+            await self._send(link)  # the answer goes out before anything it announced
+            if link.client is not client:
+                return
+            client.ack(message)
+            after: list[Outbound] = []
+            device.after_command(then, after)
+            await self._follow(link, [payload for _, _, payload in after])
+            if link.client is not None:
+                await self._send(link)
 
 
 async def run_fleet(settings: SimSettings, *, stop: asyncio.Event | None = None) -> FleetReport:

@@ -23,8 +23,12 @@ def of(messages: list[tuple[str, bytes]], device_id: str, channel: str) -> list[
     return [orjson.loads(p) for t, p in messages if t == topic]
 
 
+_IDS = itertools.count(1)
+
+
 def command(fleet: Fleet, device_id: str, action: str, **args: Any) -> list[Any]:
-    payload = orjson.dumps({"id": f"cmd-{action}", "action": action, "args": args})
+    # every command has its own id: a repeated id is answered once, not run again
+    payload = orjson.dumps({"id": f"cmd-{action}-{next(_IDS)}", "action": action, "args": args})
     return of(fleet.send_command(device_id, payload), device_id, "events")
 
 
@@ -336,15 +340,43 @@ def test_config_set_changes_the_device() -> None:
     assert 6.0 < mean([r["metrics"]["cabinet_temp_c"] for r in telemetry[60:]]) < 8.0
 
 
-def test_offline_devices_miss_commands_and_bad_commands_are_dropped() -> None:
+def test_offline_devices_answer_commands_once_they_are_back_and_bad_ones_are_dropped() -> None:
     fleet = Fleet(1, start=START, seed=33)
     (device_id,) = fleet.device_ids
     fleet.step(60)
     assert fleet.send_command(device_id, b"not json") == []
+    assert fleet.device(device_id).core.bad_commands == 1
     fleet.schedule_outage(device_id, duration=600)
     fleet.step(10)
-    assert command(fleet, device_id, "selftest") == []
-    assert fleet.device(device_id).commands_missed == 1
+    assert command(fleet, device_id, "selftest") == []  # held in its session
+    assert fleet.device(device_id).commands_held == 1
+    later = of(fleet.step(600), device_id, "events")
+    assert [e["type"] for e in later if e.get("command_id")] == ["selftest", "command_result"]
+    assert result(later)["ok"] is True
+
+
+def test_a_command_sent_while_the_device_reboots_runs_once_after_it_is_back() -> None:
+    fleet = Fleet(1, start=START, seed=35, models={"fridge": 1.0})
+    (device_id,) = fleet.device_ids
+    fleet.step(60)
+    first = orjson.dumps({"id": "c-restart", "action": "restart", "args": {}})
+    answered = of(fleet.send_command(device_id, first), device_id, "events")
+    assert result(answered)["ok"] is True
+    assert not fleet.device(device_id).connected  # rebooting
+    second = orjson.dumps({"id": "c-during", "action": "restart", "args": {}})
+    assert fleet.send_command(device_id, second) == []
+    assert fleet.send_command(device_id, second) == []  # the broker delivered it twice
+    after = fleet.step(600)
+    events = of(after, device_id, "events")
+    boots = [e for e in events if e["type"] == "boot"]
+    results = [e for e in events if e["type"] == "command_result"]
+    assert [r["command_id"] for r in results] == ["c-during"]  # run once, not twice
+    assert boots[0]["data"]["reset_reason"] == "restart_command"
+    assert boots[0]["data"]["clean_shutdown"] is True
+    assert len(boots) == 2  # the reboot it asked for, once
+    again = of(fleet.send_command(device_id, first), device_id, "events")
+    assert again == []  # an old id again: answered before, not run again
+    assert fleet.device(device_id).core.duplicates == 2
 
 
 def test_random_schedule_and_ground_truth_export() -> None:

@@ -6,7 +6,6 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 
 import orjson
 
@@ -19,26 +18,26 @@ from tests.conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeMosquitto
 class FakeConnection:
     """Records publishes; delivers queued commands."""
 
-    def __init__(self, device_id: str, will: Will) -> None:
+    def __init__(self, device_id: str, will: Will, clean_start: bool = True) -> None:
         self.device_id = device_id
         self.will = will
+        self.clean_start = clean_start
         self.published: list[tuple[str, bytes, int, bool]] = []
         self.subscribed: list[str] = []
         self.inbox: asyncio.Queue[Message] = asyncio.Queue()
         self.acked: list[int] = []
         self.open = False
+        self.aborted = False
 
-    async def __aenter__(self) -> FakeConnection:
+    async def connect(self) -> None:
         self.open = True
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def disconnect(self) -> None:
         self.open = False
+
+    def abort(self) -> None:
+        self.open = False
+        self.aborted = True
 
     async def subscribe(self, *topic_filters: str, qos: int = 1) -> None:
         self.subscribed += topic_filters
@@ -61,9 +60,10 @@ async def test_runner_publishes_everything_and_answers_commands() -> None:
     settings = SimSettings(devices=3, fleet_secret=FLEET_SECRET, speed="max", duration_s=600)
     connections: dict[str, FakeConnection] = {}
 
-    def connect(device_id: str, password: str, will: Will) -> FakeConnection:
+    def connect(device_id: str, password: str, will: Will, clean_start: bool) -> FakeConnection:
         assert len(password) == 24
-        connections[device_id] = FakeConnection(device_id, will)
+        assert clean_start  # each device's first connection of the run
+        connections[device_id] = FakeConnection(device_id, will, clean_start)
         return connections[device_id]
 
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
@@ -100,8 +100,8 @@ async def test_runner_stops_when_told() -> None:
     settings = SimSettings(devices=2, fleet_secret=FLEET_SECRET, speed=1.0)
     stop = asyncio.Event()
 
-    def connect(device_id: str, password: str, will: Will) -> FakeConnection:
-        return FakeConnection(device_id, will)
+    def connect(device_id: str, password: str, will: Will, clean_start: bool) -> FakeConnection:
+        return FakeConnection(device_id, will, clean_start)
 
     async with FleetRunner(settings, connect=connect) as runner:
         task = asyncio.create_task(runner.run(stop))
