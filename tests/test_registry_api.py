@@ -1,7 +1,8 @@
 """The registry over the owner API: the ops role onboards, owners claim and release.
 
-A real SQLite case store (a file, migrated) behind :func:`notifier.api.create_api` with
-its onboarding routes; release privacy is checked against a real influxd.
+A real case store behind :func:`notifier.api.create_api` with its onboarding routes, on
+each backend: an SQLite file, and a PostgreSQL database (the tests' own server); release
+privacy is checked against a real influxd.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from notifier.api import API_PREFIX, create_api
 from notifier.devicedata import DEVICE_MEASUREMENTS, InfluxDeviceData
 from notifier.keys import OPENAPI_KEY
 from notifier.model import Appointment, Case, Notification, Owner, Rating
+from notifier.postgres import PostgresStore
 from notifier.registry import claim_digest, claim_key
 from notifier.sqlite import SqliteStore
 
@@ -46,12 +48,24 @@ class Clock:
 @dataclass
 class World:
     client: Any
-    store: SqliteStore
+    store: SqliteStore | PostgresStore
     clock: Clock
     db_path: Path
     limiter: ClaimLimiter
     data: InfluxDeviceData | None = None
     auth: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Rows of a query on the store itself, with ``?`` parameters on either backend."""
+        if isinstance(self.store, SqliteStore):
+            with sqlite3.connect(self.db_path) as conn:
+                found = conn.execute(sql, params).fetchall()
+            conn.close()
+            return found
+        numbered = sql.split("?")
+        sql = numbered[0] + "".join(f"${i}{part}" for i, part in enumerate(numbered[1:], 1))
+        records = await self.store._run(lambda conn: conn.fetch(sql, *params))
+        return [tuple(record) for record in records]
 
     async def call(self, method: str, path: str, who: str | None = "ops", **kw: Any) -> Any:
         headers = dict(kw.pop("headers", {}))
@@ -61,10 +75,13 @@ class World:
 
 
 async def _make(
-    aiohttp_client: ClientFactory, tmp_path: Path, data: InfluxDeviceData | None = None
+    aiohttp_client: ClientFactory,
+    tmp_path: Path,
+    data: InfluxDeviceData | None = None,
+    store_url: str | None = None,
 ) -> World:
     db_path = tmp_path / f"cases{next(_DBS)}.sqlite3"
-    store = await SqliteStore(db_path).open()
+    store = await (SqliteStore(db_path) if store_url is None else PostgresStore(store_url)).open()
     await store.add_token(OPS, ("ops", "olga"))
     for owner_id, name, token in (("o-ana", "Ana", ANA), ("o-ben", "Ben", BEN)):
         await store.put_owner(Owner(owner_id, name))
@@ -85,9 +102,17 @@ async def _make(
     return world
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """``None`` for an SQLite file, else an empty PostgreSQL case store's URL."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
+
+
 @pytest.fixture
-async def world(aiohttp_client: ClientFactory, tmp_path: Path) -> AsyncIterator[World]:
-    made = await _make(aiohttp_client, tmp_path)
+async def world(
+    aiohttp_client: ClientFactory, tmp_path: Path, store_url: str | None
+) -> AsyncIterator[World]:
+    made = await _make(aiohttp_client, tmp_path, store_url=store_url)
     try:
         yield made
     finally:
@@ -155,11 +180,10 @@ async def test_add_device_answers_its_claim_code_once_and_keeps_only_a_digest(
     again = await _ok(await world.call("GET", "/admin/devices/washer-W-100"))
     assert again["claim_code"] is None
     assert again["firmware"] == "2.3.1"
-    with sqlite3.connect(world.db_path) as conn:
-        (stored,) = conn.execute(
-            "SELECT claim_hash FROM registry WHERE device_id = 'washer-W-100'"
-        ).fetchone()
-        everything = "".join(str(r) for r in conn.execute("SELECT * FROM registry"))
+    ((stored,),) = await world.rows(
+        "SELECT claim_hash FROM registry WHERE device_id = 'washer-W-100'"
+    )
+    everything = "".join(str(r) for r in await world.rows("SELECT * FROM registry"))
     assert stored == claim_digest(KEY, code)
     assert code not in everything
     assert code.replace("-", "") not in everything
@@ -311,10 +335,7 @@ async def test_an_owner_claims_once_with_the_code(world: World) -> None:
     assert (await _ok(await world.call("GET", "/devices", who="ben")))["devices"] == []
     registered = await _ok(await world.call("GET", "/admin/devices/washer-W-1"))
     assert (registered["state"], registered["owner_id"]) == ("claimed", "o-ana")
-    with sqlite3.connect(world.db_path) as conn:
-        claims = conn.execute(
-            "SELECT actor, evidence FROM audit WHERE action = 'device_claimed'"
-        ).fetchall()
+    claims = await world.rows("SELECT actor, evidence FROM audit WHERE action = 'device_claimed'")
     assert claims == [("owner", '{"device_id":"washer-W-1","owner_id":"o-ana"}')]
 
 
@@ -385,12 +406,12 @@ async def test_a_retired_device_cannot_be_claimed(world: World) -> None:
 
 @pytest.fixture
 async def influx_world(
-    aiohttp_client: ClientFactory, tmp_path: Path, influxd: InfluxdServer
+    aiohttp_client: ClientFactory, tmp_path: Path, influxd: InfluxdServer, store_url: str | None
 ) -> AsyncIterator[World]:
     settings = InfluxSettings(url=influxd.url, database=f"registry{next(_DBS)}", timeout_s=10)
     async with InfluxClient(settings) as client:
         await client.ensure_database()
-        made = await _make(aiohttp_client, tmp_path, InfluxDeviceData(client))
+        made = await _make(aiohttp_client, tmp_path, InfluxDeviceData(client), store_url)
         try:
             yield made
         finally:
@@ -508,12 +529,12 @@ async def test_release_leaves_the_next_owner_nothing_of_the_seller(influx_world:
     assert resp.status == 200
     assert (await resp.text()) == ""
     assert await store.cases(device_id=device) == []
-    with sqlite3.connect(world.db_path) as conn:
-        quoting = conn.execute(
-            "SELECT COUNT(*) FROM audit WHERE case_id IS NOT NULL AND "
-            "(instr(evidence, ?) > 0 OR instr(reason, ?) > 0)",
-            (device, device),
-        ).fetchone()[0]
+    ((quoting,),) = await world.rows(
+        "SELECT COUNT(*) FROM audit WHERE case_id IS NOT NULL AND "
+        "(evidence LIKE '%' || ? || '%' OR reason LIKE '%' || ? || '%')",
+        device,
+        device,
+    )
     assert quoting == 0
 
 
@@ -524,8 +545,7 @@ async def test_an_erased_owner_leaves_the_device_claimable_and_unlinked(world: W
         await world.call("POST", "/me/devices/claim", who="ana", json={"claim_code": code}), 201
     )
     await _ok(await world.call("DELETE", "/me", who="ana", json={"confirm": "erase"}))
-    with sqlite3.connect(world.db_path) as conn:
-        rows = [str(row) for row in conn.execute("SELECT * FROM audit")]
+    rows = [str(row) for row in await world.rows("SELECT * FROM audit")]
     assert any("device_claimed" in row for row in rows)
     assert not any("o-ana" in row for row in rows)
     registered = await _ok(await world.call("GET", "/admin/devices/washer-W-1"))
