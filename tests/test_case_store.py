@@ -837,6 +837,134 @@ async def test_tokens_are_kept_hashed(store: Store, stored_bytes: Callable[[], b
     assert tech_token.encode() not in data
 
 
+# -- identity-provider subjects, one-tap links, channels, the outbox's sweep -------------------
+
+
+async def test_subject_links(store: Store) -> None:
+    await store.put_owner(make_owner("owner-ada"))
+    await store.put_owner(make_owner("owner-bob"))
+    await store.link_subject("https://idp", "s-1", "owner-ada")
+    await store.link_subject("https://idp", "s-1", "owner-ada")  # again: no change
+    await store.link_subject("https://other-idp", "s-1", "owner-bob")
+    await store.link_subject("https://idp", "s-2", "owner-ada")  # one owner, two subjects
+    with pytest.raises(ConflictError):
+        await store.link_subject("https://idp", "s-1", "owner-bob")
+    with pytest.raises(NotFoundError):
+        await store.link_subject("https://idp", "s-9", "owner-nobody")
+    with pytest.raises(InvalidRequestError):
+        await store.link_subject("", "s-9", "owner-ada")
+    assert await store.owner_of_subject("https://idp", "s-1") == "owner-ada"
+    assert await store.owner_of_subject("https://other-idp", "s-1") == "owner-bob"
+    assert await store.owner_of_subject("https://idp", "s-9") is None
+    assert await store.adopt_subject("https://idp", "s-1", make_owner("owner-x")) == "owner-ada"
+    assert await store.get_owner("owner-x") is None
+    assert await store.subjects_of("owner-ada") == [("https://idp", "s-1"), ("https://idp", "s-2")]
+    assert not await store.unlink_subject("https://idp", "s-1", "owner-bob")  # not Bob's
+    assert await store.unlink_subject("https://idp", "s-2", "owner-ada")
+    assert not await store.unlink_subject("https://idp", "s-2", "owner-ada")  # gone already
+    assert await store.owner_of_subject("https://idp", "s-2") is None
+    await store.erase_owner("owner-ada")
+    assert await store.owner_of_subject("https://idp", "s-1") is None
+    assert await store.owner_of_subject("https://other-idp", "s-1") == "owner-bob"
+
+
+async def test_first_sign_ins_of_one_subject_at_once_make_one_owner(open_store: OpenStore) -> None:
+    async with open_store() as first, open_store() as second:
+        adopted = await asyncio.gather(
+            *(
+                (first, second)[i % 2].adopt_subject(
+                    "https://idp", "s-new", make_owner(f"owner-new-{i}")
+                )
+                for i in range(8)
+            )
+        )
+        assert len(set(adopted)) == 1
+        owners = [await first.get_owner(f"owner-new-{i}") for i in range(8)]
+        assert [owner.owner_id for owner in owners if owner is not None] == [adopted[0]]
+        assert await second.subjects_of(adopted[0]) == [("https://idp", "s-new")]
+
+
+async def test_a_one_tap_link_works_once_until_forgotten(open_store: OpenStore) -> None:
+    async with open_store() as first, open_store() as second:
+        uses = await asyncio.gather(
+            *((first, second)[i % 2].use_link("link-1", at(60), now=at(0)) for i in range(6))
+        )
+        assert uses.count(True) == 1
+        assert not await second.use_link("link-1", at(60), now=at(30))
+        # once expired, its use is forgotten on the way (the link itself no longer works)
+        assert await first.use_link("link-2", at(200), now=at(61))
+        assert await first.use_link("link-1", at(200), now=at(61))
+
+
+async def test_channel_state_changes_only_the_delivery_state(store: Store) -> None:
+    channel = PushChannel("ch-1", "owner-1", "ntfy", "https://ntfy.example/t-1", created_at=at(0))
+    assert not await store.update_channel_state("ch-1", active=False, failures=3)
+    assert await store.channels("owner-1", active_only=False) == []  # not made by it
+    await store.put_channel(channel)
+    assert await store.update_channel_state("ch-1", active=False, failures=3)
+    assert await store.channels("owner-1") == []
+    assert await store.channels("owner-1", active_only=False) == [
+        replace(channel, active=False, failures=3)
+    ]
+    with pytest.raises(InvalidRequestError):
+        await store.update_channel_state("ch-1", active=True, failures=-1)
+
+
+async def test_a_deleted_channel_leaves_no_trace_in_the_trail(store: Store) -> None:
+    await store.put_owner(make_owner())
+    secret_key = "auth-key-of-the-channel"
+    await store.put_channel(
+        PushChannel(
+            "ch-1",
+            "owner-1",
+            "webpush",
+            "https://push.example/endpoint/abc123",
+            keys={"auth": secret_key},
+            created_at=at(0),
+        )
+    )
+    await store.add_case(make_case())
+    await store.add_audit(
+        AuditEntry(
+            "case-1",
+            at(1),
+            "system",
+            "notify",
+            "told",
+            {"to": "https://push.example/endpoint/abc123", "key": secret_key, "n": 1},
+        )
+    )
+    assert not await store.delete_channel("owner-2", "ch-1")  # not theirs
+    assert await store.delete_channel("owner-1", "ch-1")
+    assert not await store.delete_channel("owner-1", "ch-1")
+    assert await store.channels("owner-1", active_only=False) == []
+    (entry,) = await store.audit("case-1")
+    assert entry.evidence == {"to": "https://push.example/***", "key": "***", "n": 1}
+
+
+async def test_queued_notifications_of_every_owner_oldest_first(store: Store) -> None:
+    for owner_id in ("owner-1", "owner-2"):
+        await store.put_owner(make_owner(owner_id))
+    made = [
+        ("n-4", "owner-2", "queued", 4),
+        ("n-1", "owner-1", "queued", 1),
+        ("n-2", "owner-1", "sent", 2),
+        ("n-3", "owner-2", "queued", 3),
+        ("n-9", "owner-1", "queued", 9),
+    ]
+    for notification_id, owner_id, status, minute in made:
+        await store.add_notification(
+            Notification(notification_id, owner_id, None, "k", "t", "b", (), at(minute), status)
+        )
+    found = await store.queued_notifications(before=at(5), limit=10)
+    assert [n.notification_id for n in found] == ["n-1", "n-3", "n-4"]
+    assert [n.notification_id for n in await store.queued_notifications(before=at(5), limit=2)] == [
+        "n-1",
+        "n-3",
+    ]
+    assert await store.queued_notifications(before=at(1), limit=10) == []
+
+
 # -- owner rights -----------------------------------------------------------------------------
 
 NAME = "Zebulon Quarterfield"
