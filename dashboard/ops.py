@@ -9,8 +9,11 @@ The dashboard is read-mostly. The few changes it makes are here, each audited wi
 * :func:`close_task` — the task is closed and its case ends ``resolved`` or ``dismissed``
   (compare-and-set on the case state, so a case the machine moved meanwhile is a conflict,
   never overwritten);
-* campaigns go through a :class:`CampaignStarter` that the composition root implements
-  with the case machine, so a campaign's cases are ordinary cases.
+* campaigns go through a :class:`CampaignStarter`: with the case machine in the same
+  process (``fixloop up``) it opens and advances the cases; the standalone dashboard
+  (``fixloop dashboard``) uses :class:`StoredCampaigns`, which opens them in the case
+  store for the notifier's case machine to advance, so a campaign's cases are ordinary
+  cases either way.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Final, Literal, Protocol
 
+from notifier.campaigns import check_campaign_action, open_campaign_case
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import TRANSITIONS, AuditEntry, Case, Notification, Task
 from notifier.store import CaseStore
@@ -30,6 +34,7 @@ __all__ = [
     "OPS_MESSAGE_KIND",
     "CampaignStarter",
     "CloseOutcome",
+    "StoredCampaigns",
     "close_task",
     "take_over",
     "write_to_owner",
@@ -55,6 +60,44 @@ class CampaignStarter(Protocol):
         Devices that already have an open case for the campaign's fault are skipped by
         the case machine (one open case per device and fault).
         """
+
+
+class StoredCampaigns:
+    """Campaigns of a dashboard without the case machine: the cases go to the case store.
+
+    Each case is stored ``opened`` with the campaign's remedy and audited
+    (:func:`notifier.campaigns.open_campaign_case`); the notifier's timers take cases
+    left ``opened`` and give them their first step (consent, command, verification)
+    within ``resume_opened_after_s`` (10 s), and publish them on ``fleet/cases``.
+
+    Args:
+        store: the notifier's case store.
+        clock: wall clock (UTC).
+    """
+
+    def __init__(self, store: CaseStore, clock: Callable[[], datetime]) -> None:
+        self._store = store
+        self._clock = clock
+
+    async def start(self, device_ids: Sequence[str], action: str, reason: str) -> int:
+        """Open the campaign's cases; return how many opened.
+
+        Raises:
+            InvalidRequestError: ``action`` is not a remote remedy a device understands.
+        """
+        check_campaign_action(action)
+        opened = 0
+        for device_id in dict.fromkeys(device_ids):
+            case = await open_campaign_case(
+                self._store,
+                device_id,
+                action,
+                reason,
+                devices=len(device_ids),
+                now=self._clock(),
+            )
+            opened += case is not None
+        return opened
 
 
 async def _task(store: CaseStore, task_id: str) -> Task:

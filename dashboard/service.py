@@ -17,8 +17,9 @@ away.
 
 Ops users come from :class:`~dashboard.users.OpsUsersFile`, watched while the service
 runs: removing a user, or changing their password or role, ends their sessions at once.
-Campaigns are started by the case machine, which runs in the notifier: this service
-offers none (the campaign button answers 503).
+Campaigns: the case machine runs in the notifier, so this service opens a campaign's
+cases in the case store (:class:`~dashboard.ops.StoredCampaigns`) and the notifier's
+timers give them their first step within seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from dashboard.app import create_app
 from dashboard.auth import SessionStore
 from dashboard.feed import CaseFeed, Subscription
 from dashboard.keys import SESSIONS_KEY, STREAMS_KEY
+from dashboard.ops import StoredCampaigns
 from dashboard.settings import DashboardSettings
 from dashboard.users import OpsUsersFile
 from gateway.consumer import consume_forever
@@ -231,7 +233,7 @@ class DashboardService:
                 actions=None,
                 users=self.users,
                 clock=self._clock,
-                campaign=None,
+                campaign=StoredCampaigns(self.store, self._clock),
                 feed=self.feed,
                 settings=settings,
             )

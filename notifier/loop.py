@@ -40,6 +40,7 @@ from diagnostics import CATALOG, Diagnosis, ModelCatalog
 from gateway.errors import PermanentError, TransientError
 from gateway.protocol import CommandAction, Event
 from notifier.actions import HealthPoint, HealthReader
+from notifier.campaigns import campaign_fault, check_campaign_action, open_campaign_case
 from notifier.errors import (
     ConflictError,
     IllegalTransitionError,
@@ -104,6 +105,9 @@ class LoopConfig:
             (once per visit; 0: never).
         firmware: the firmware version to install, by product model.
         planner: the appointment planner's settings.
+        resume_opened_after_s: wall time after which a case still ``opened`` (a
+            campaign's, opened by the standalone dashboard; one whose first step failed)
+            gets its first step from the timers.
     """
 
     command_timeout_s: float = 30.0
@@ -121,6 +125,7 @@ class LoopConfig:
     reminder_before_s: float = 86_400.0
     firmware: Mapping[str, str] = field(default_factory=dict)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    resume_opened_after_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +231,7 @@ class OwnerLoop:
         self._fix_tasks: set[asyncio.Task[None]] = set()
         self._reminded: set[str] = set()
         self._reminders_due = datetime.min.replace(tzinfo=UTC)
+        self._resume_due = datetime.min.replace(tzinfo=UTC)
         self.diagnoses_seen = 0
         self.unowned = 0
         #: case steps (timers, expiry, reminders, commands) that raised the unforeseen
@@ -481,47 +487,49 @@ class OwnerLoop:
         Raises:
             InvalidRequestError: ``action`` is not a remote remedy a device understands.
         """
-        if action not in _CAMPAIGN_ACTIONS:
-            raise InvalidRequestError(
-                f"a campaign runs a remote remedy ({', '.join(sorted(_CAMPAIGN_ACTIONS))})"
-            )
+        fault = campaign_fault(check_campaign_action(action))
         opened = 0
-        fault = f"campaign_{action}"
         for device_id in dict.fromkeys(device_ids):
             async with self._lock(f"{device_id}/{fault}"):
-                device = await self.store.get_device(device_id)
-                if device is None or await self.store.open_case(device_id, fault):
-                    continue
-                now = self._clock()
-                case = Case(
-                    case_id=uuid.uuid4().hex[:16],
-                    device_id=device_id,
-                    owner_id=device.owner_id,
-                    model=device.model,
-                    fault=fault,
-                    state="opened",
-                    urgency="low",
-                    opened_at=now,
-                    updated_at=now,
-                    remedies=(action,),
-                    evidence=(reason[:200],),
+                case = await open_campaign_case(
+                    self.store,
+                    device_id,
+                    action,
+                    reason,
+                    devices=len(device_ids),
+                    now=self._clock(),
                 )
-                try:
-                    await self.store.add_case(case)
-                except ConflictError:
+                if case is None:
                     continue
-                await self._audit(
-                    case,
-                    "ops",
-                    "transition",
-                    f"pre-emptive campaign: {reason}",
-                    {"action": action, "devices": len(device_ids)},
-                    to_state="opened",
-                )
                 await self._publish(case)
                 await self._advance(case, "a pre-emptive campaign")
                 opened += 1
         return opened
+
+    async def _resume_opened(self, now: datetime) -> None:
+        """Advance cases left ``opened``: opened by another process, or not advanced here.
+
+        The standalone ops dashboard opens a campaign's cases in the store and leaves
+        them to the case machine (:mod:`notifier.campaigns`); a notifier that stopped,
+        or whose store failed, between opening a case and its first step leaves one too.
+        Only cases older than ``resume_opened_after_s`` are taken, so one that another
+        notifier is opening right now is not advanced twice.
+        """
+        limit = timedelta(seconds=self.config.resume_opened_after_s)
+        for case in await self.store.cases(states=["opened"]):
+            if now - case.updated_at < limit:
+                continue
+            try:
+                async with self._lock(f"{case.device_id}/{case.fault}"):
+                    case = await self._fresh(case)
+                    if case.state != "opened":
+                        continue
+                    await self._publish(case)
+                    await self._advance(case, "the case was waiting for its first step")
+            except (ConflictError, TransientError) as exc:
+                _LOG.warning("case %s: %s; its first step is tried again later", case.case_id, exc)
+            except Exception:
+                self._case_failed(case.case_id, "its first step")
 
     async def _update(self, case: Case, diagnosis: Diagnosis) -> Case:
         now = self._clock()
@@ -1204,6 +1212,9 @@ class OwnerLoop:
                 # one case that trips its timer must not stop every other case's
                 self._case_failed(case_id, f"its {timer.what} timer")
         await self._expire(now)
+        if now >= self._resume_due:
+            self._resume_due = now + timedelta(seconds=self.config.resume_opened_after_s / 2)
+            await self._resume_opened(now)
         if now >= self._reminders_due:
             self._reminders_due = now + _REMINDER_CHECK
             await self._remind(now)
@@ -1277,7 +1288,6 @@ class OwnerLoop:
 
 
 _REMINDER_CHECK: Final = timedelta(seconds=60)
-_CAMPAIGN_ACTIONS: Final = frozenset(("restart", "firmware_update", "cleaning_cycle", "selftest"))
 _URGENCY_RANK: Final = {"low": 0, "normal": 1, "high": 2, "critical": 3}
 
 

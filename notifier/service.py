@@ -179,6 +179,7 @@ class NotifierService:
                         healthy_score=settings.healthy_score,
                         max_reschedules=settings.max_reschedules,
                         reminder_before_s=settings.reminder_before_s,
+                        resume_opened_after_s=settings.resume_opened_after_s,
                         firmware=dict(settings.firmware),
                     ),
                     sink=self._publish_case,

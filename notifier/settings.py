@@ -141,6 +141,8 @@ class NotifierSettings(BaseModel):
             agrees a time with them.
         reminder_before_s: how long before a booked visit the owner is reminded of it
             (0: never).
+        resume_opened_after_s: wall time after which a case still ``opened`` gets its
+            first step from the timers (a campaign's, opened by the standalone dashboard).
         firmware: firmware release to install by product model (``firmware_update``).
         push: the push services.
         oidc: owner sign-in with the manufacturer's identity provider.
@@ -172,6 +174,7 @@ class NotifierSettings(BaseModel):
     healthy_score: float = Field(0.3, gt=0, lt=1)
     max_reschedules: int = Field(3, ge=0, le=20)
     reminder_before_s: float = Field(86_400.0, ge=0, le=14 * 86_400.0)
+    resume_opened_after_s: float = Field(10.0, gt=0, le=3_600.0)
     firmware: dict[str, str] = Field(
         default_factory=lambda: {"washer": "2.4.0", "fridge": "2.4.0", "heat_pump": "2.4.0"}
     )

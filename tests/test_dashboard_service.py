@@ -26,6 +26,7 @@ import pytest
 from conftest import MakeMosquitto
 from test_diagnostics_e2e import healthy_engine
 
+from dashboard.app import CSRF_HEADER
 from dashboard.auth import ROLE_RANK, OpsUser, SessionStore, hash_password, verify_password
 from dashboard.service import decode_case_change
 from dashboard.users import OpsUsersFile
@@ -410,6 +411,69 @@ async def test_a_new_password_by_command_ends_the_old_sessions(
         async with client.get(f"{metrics}/metrics") as resp:
             values = _samples(await resp.text())
     assert values["fixloop_dashboard_sessions_ended_total"] >= 1
+
+
+async def test_a_campaign_from_the_standalone_dashboard_is_run_by_the_notifier(
+    dashboard_process: tuple[str, str, MosquittoServer, dict[str, str]],
+    tmp_path: Path,
+    influxd: InfluxdServer,
+) -> None:
+    base, _metrics, broker, _env = dashboard_process
+    db_path = tmp_path / "cases.sqlite3"
+    body = {"fault": "pump_wear", "dimension": "firmware", "value": "2.3.0", "action": "selftest"}
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as client:
+        async with client.post(
+            f"{base}/ops/login", json={"username": "ada", "password": FIRST_PW}
+        ) as resp:
+            assert resp.status == 200
+            csrf = (await resp.json())["csrf_token"]
+        headers = {CSRF_HEADER: csrf}
+        # no notifier runs yet: the cases wait in the store, opened
+        async with client.post(f"{base}/ops/api/campaigns", json=body, headers=headers) as resp:
+            assert resp.status == 201, await resp.text()
+            assert await resp.json() == {"devices": 1, "cases": 1}
+        async with client.post(f"{base}/ops/api/campaigns", json=body, headers=headers) as resp:
+            assert (await resp.json())["cases"] == 0  # one open case per device and campaign
+        bad = {**body, "action": "format_disk"}
+        async with client.post(f"{base}/ops/api/campaigns", json=bad, headers=headers) as resp:
+            assert resp.status == 422, await resp.text()
+    async with SqliteStore(db_path) as store:
+        (case,) = await store.cases(states=["opened"])
+        assert (case.device_id, case.fault, case.remedies) == (
+            "dev-001",
+            "campaign_selftest",
+            ("selftest",),
+        )
+    # the notifier's case machine gives it its first step, and tells the dashboard
+    settings = NotifierSettings(
+        db_path=db_path,
+        api_port=0,
+        client_id="notifier-campaign-test",
+        resume_opened_after_s=0.5,
+        command_timeout_s=1.0,
+    )
+    mqtt = MqttSettings(
+        host=broker.host, port=broker.port, username="fixloop-notifier", password=NOTIFIER_PW
+    )
+    influx = InfluxSettings(url=influxd.url, database="fixloop")
+    async with NotifierService(mqtt, influx, settings) as notifier:
+        task = asyncio.create_task(notifier.run())
+        try:
+            assert notifier.store is not None
+            async with asyncio.timeout(20):
+                while (moved := await notifier.store.get_case(case.case_id)) is not None:
+                    if moved.state != "opened":
+                        break
+                    await asyncio.sleep(0.1)
+            assert moved is not None
+            assert moved.state in ("remote_fix", "awaiting_consent"), moved.state
+            trail = [e.reason for e in await notifier.store.audit(case.case_id)]
+            assert trail[0].startswith("pre-emptive campaign: ")
+            assert any("waiting for its first step" in reason for reason in trail), trail
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def test_fixloop_dashboard_refuses_to_start_without_users_or_store(tmp_path: Path) -> None:
