@@ -3,7 +3,8 @@
 Only the light parts are re-exported here: the records of the loop, its error tree,
 the store and request interfaces, and the settings. Import the working parts from
 their modules: ``notifier.loop`` (``OwnerLoop``, the case machine), ``notifier.sqlite``
-(``SqliteStore``), ``notifier.scheduling`` (the appointment planner),
+(``SqliteStore``), ``notifier.postgres`` (``PostgresStore``), ``notifier.stores`` (which
+of the two to open), ``notifier.scheduling`` (the appointment planner),
 ``notifier.messages`` (the owner's messages), ``notifier.push`` (push channels),
 ``notifier.outbox`` (``Outbox``), ``notifier.links`` (signed one-tap action links),
 ``notifier.addresses`` (where webhooks may point), ``notifier.api`` (the owner REST API)

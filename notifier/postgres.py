@@ -30,10 +30,14 @@ How it works:
   erasure waits for them and removes what they wrote. An invite or a one-tap link is
   used by one statement (``DELETE ... RETURNING``, ``ON CONFLICT DO NOTHING``).
 * **Owner data.** As in SQLite: tokens as SHA-256 only, and erasure removes and
-  anonymises the same rows. PostgreSQL keeps the bytes of deleted row versions in its
-  files until ``VACUUM`` reuses the space, so an install that must have erased data off
-  the disk at once runs ``VACUUM`` on the store's tables after an erasure (or keeps the
-  database on encrypted storage).
+  anonymises the same rows, but unlike SQLite's ``secure_delete`` it cannot zero the
+  old bytes: PostgreSQL keeps old row versions in its table and index files until
+  ``VACUUM`` prunes them, and even a plain ``VACUUM`` may leave bytes behind (tried:
+  the erased owner's id and a push token stayed in two table files; after ``VACUUM
+  FULL``, which rewrites the tables, in none). An install that must have erased data off
+  the disk runs ``VACUUM FULL`` on the store's tables in a maintenance window, or keeps
+  the database on encrypted storage; the write-ahead log and backups keep the data
+  until they are recycled.
 
 Errors: an unreachable server, a lock held too long, a failing statement raise
 :class:`~gateway.errors.StoreUnavailableError` (retry); a record that breaks a rule

@@ -2,8 +2,8 @@
 
 The owner loop, the owner API and the dashboard keep cases, appointments, ratings,
 owners, the device registry, push channels, notifications, tasks and the audit trail
-here. One file in WAL mode serves a small install; PostgreSQL can take over for a large
-fleet behind the same protocol.
+here. One file in WAL mode serves a small install; :class:`notifier.postgres.PostgresStore`
+takes over for a large fleet behind the same protocol.
 
 How it works:
 
@@ -13,9 +13,9 @@ How it works:
   never interleaves with another job of the same store; ``BEGIN IMMEDIATE`` and
   ``busy_timeout`` keep other processes on the same file out of the way.
 * **Migrations.** ``schema_version`` holds the file's version; :data:`MIGRATIONS` are the
-  steps, oldest first. Opening an older file applies the missing steps in one
-  transaction; a file from a newer fixloop is refused with
-  :class:`~gateway.errors.ConfigError`.
+  steps, oldest first, rendered for SQLite from :data:`notifier.schema.STEPS`. Opening
+  an older file applies the missing steps in one transaction; a file from a newer
+  fixloop is refused with :class:`~gateway.errors.ConfigError`.
 * **Rows.** Datetimes are ISO 8601 UTC text with microseconds (fixed width, so text order
   is time order) and come back UTC-aware; tuples, dicts and sets are JSON; local times
   are ``HH:MM``.

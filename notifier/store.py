@@ -2,8 +2,10 @@
 
 Cases, appointments, ratings, owners, the device registry, push channels, notifications,
 tasks for people and the audit trail live behind :class:`CaseStore`. The default
-implementation is SQLite in WAL mode (:class:`notifier.sqlite.SqliteStore`); a
-PostgreSQL implementation can take over for a large fleet by implementing this protocol.
+implementation is SQLite in WAL mode (:class:`notifier.sqlite.SqliteStore`);
+:class:`notifier.postgres.PostgresStore` keeps the same in PostgreSQL for a large fleet
+(:func:`notifier.stores.case_store` opens the configured one). Both build their tables
+from one schema description (:mod:`notifier.schema`) and pass the same tests.
 
 Every method is a coroutine: an implementation does its blocking I/O off the event loop.
 Writes that must not race (booking a slot, moving a case) are atomic in the store:
