@@ -78,8 +78,9 @@ How a row is scored, per column (all learnt online, with forgetting, from that s
    With :attr:`~DetectorConfig.drift_rows` set, a third statistic measures slow drifts
    (a leak, wear, which the levels follow): per column that does not jump, the slow
    level (without its cycle) against a long baseline of that memory whose updates are
-   clipped at 3 spreads (and its spread's at 2), so it follows a wander but falls
-   behind a drift that outruns it; a column's deviation is then the larger of the two,
+   clipped at 3 spreads (and its spread's at 2, with nothing learnt from a row beyond
+   the 3), so it follows a wander but falls behind a drift that outruns it, whose
+   deviation then keeps growing; a column's deviation is then the larger of the two,
    and a settled change restarts the baseline from where the column is.
    The row's score is ``1 - min(1, k * min(p1, p2, ...))`` over its ``k`` statistics: a
    calibrated tail probability.
@@ -713,14 +714,19 @@ def _learn_baseline(
     """Learn a column's long baseline (a memory of ``drift_rows``) from its slow level.
 
     A move is clipped at :data:`_DRIFT_HOLD` spreads, so the baseline follows a slow
-    wander but falls behind a drift that outruns it (a slow leak, wear), and the spread
-    it learns grows only by that much a row: the drift is measured, not learnt.
+    wander but falls behind a drift that outruns it (a slow leak, wear); a row that
+    outruns it teaches the spread nothing, and other rows at most :data:`_DRIFT_SCALE`
+    spreads: the drift is measured, not learnt.
     """
     rate = max(rate, 1.0 / (n + 1.0))
     delta = value - dbase[s, c]
     bound = _DRIFT_HOLD * math.sqrt(dvar[s, c] + fl) if n > 2 else abs(delta)
     dc = min(max(delta, -bound), bound)
     dbase[s, c] += rate * dc
+    if n > 2 and abs(delta) > bound:
+        # outrun: the spread learns nothing from it, or it would grow with the drift
+        # (by about 3 / drift_rows a row in variance) and the deviation stop growing
+        return
     dv = min(abs(delta), _DRIFT_SCALE * math.sqrt(dvar[s, c] + fl)) if n > 2 else delta
     dvar[s, c] = (1.0 - rate) * (dvar[s, c] + rate * dv * dv)
 

@@ -76,6 +76,23 @@ def test_spread_is_learnt_online() -> None:
     assert result.event[4000]
 
 
+@pytest.mark.parametrize("seed", [0, 3, 6])
+def test_a_slow_drift_is_measured_not_learnt(seed: int) -> None:
+    """A leak: the drift statistic's deviation keeps growing while the drift goes on.
+
+    The levels follow a drift of a thousandth of the noise a row; the long baseline
+    falls behind it, and its spread must not grow along (it did, and the deviation
+    stayed near 5 however far the drift went).
+    """
+    x = noise(6000, seed=seed)
+    x[3000:] -= 0.001 * np.arange(1, 3001)  # 3 noise spreads down over 3,000 rows
+    healthy = run(x[:3000], drift_rows=2000.0).deviation[:, 0]
+    drifting = run(x, drift_rows=2000.0).deviation[:, 0]
+    assert np.nanmax(np.abs(healthy)) < 5.0
+    assert np.abs(drifting[-1500:]).max() > 8.0
+    assert (drifting[-1500:] < 0).mean() > 0.9  # signed: down
+
+
 # -- cycles --------------------------------------------------------------------------------
 
 
