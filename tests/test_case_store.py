@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import PostgresDatabases
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +46,6 @@ from notifier.model import (
 from notifier.postgres import PostgresStore
 from notifier.sqlite import ERASED_OWNER, MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from notifier.store import CaseStore
-from tests.conftest import PostgresDatabases
 
 Store = SqliteStore | PostgresStore
 OpenStore = Callable[[], Store]

@@ -33,6 +33,7 @@ from gateway.influx import InfluxSettings
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings, MqttSettings
 from notifier.model import DeviceRecord, Owner, PushChannel, Technician, Window
+from notifier.postgres import PostgresStore
 from notifier.push import verify_webhook_signature
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings, PushSettings
@@ -81,8 +82,13 @@ async def until(what: str, check: Callable[[], Awaitable[Any]], timeout_s: float
         await asyncio.sleep(0.2)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_owner_loop_end_to_end(
-    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+    make_mosquitto: MakeMosquitto,
+    make_influxd: MakeInfluxd,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     influx = make_influxd()
     sim = SimSettings(
@@ -118,7 +124,11 @@ async def test_owner_loop_end_to_end(
     hooks = TestServer(hook_app, host="127.0.0.1")
     await hooks.start_server()
 
-    store = SqliteStore(tmp_path / "cases.sqlite3")
+    store: SqliteStore | PostgresStore = (
+        SqliteStore(tmp_path / "cases.sqlite3")
+        if backend == "sqlite"
+        else PostgresStore(request.getfixturevalue("pg_url"))
+    )
     await store.__aenter__()
     owners = {"ann": fw_device, "bob": bearing_device}
     for owner_id in ("ann", "bob", "carl"):
@@ -234,7 +244,7 @@ async def _scenarios(
     http: aiohttp.ClientSession,
     runner: FleetRunner,
     receiver: Receiver,
-    store: SqliteStore,
+    store: SqliteStore | PostgresStore,
     fw_device: str,
     bearing_device: str,
 ) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from conftest import PostgresDatabases
 from pydantic import ValidationError
 
 import notifier.postgres
@@ -35,7 +36,6 @@ from notifier.schema import STEPS, render
 from notifier.settings import NotifierSettings
 from notifier.sqlite import SqliteStore
 from notifier.stores import case_store, case_store_name
-from tests.conftest import PostgresDatabases
 
 T0 = datetime(2025, 3, 10, 8, 0, tzinfo=UTC)
 KEY = claim_key("test-fleet-secret")
