@@ -149,6 +149,8 @@ class SimDevice:
         core: the device library's contract logic this device runs.
         sender: the send policy of its outbox (the library's), for a transport.
         publish: whether the device publishes its outbox itself (an instant broker).
+        readings_taken: readings the device took (each is published once, late or not,
+            unless its outbox overflows).
         readings_sent: telemetry messages published by the device itself.
         events_sent: event messages published by the device itself.
         commands_held: commands that reached the device while it was offline and wait
@@ -207,6 +209,8 @@ class SimDevice:
         self.connected = False
         self._down_until_ms: int | None = start_ms
         self._outages: list[tuple[int, int]] = []
+        self._power_cuts: list[tuple[int, int]] = []
+        self.readings_taken = 0
         self._pending: list[_ActiveFault] = []
         self._active: dict[str, _ActiveFault] = {}
         self.records: list[FaultRecord] = []
@@ -310,6 +314,16 @@ class SimDevice:
         self._outages.append((at_ms, at_ms + max(1, duration_ms)))
         self._outages.sort()
 
+    def schedule_power_cut(self, at_ms: int, duration_ms: int) -> None:
+        """Cut the device's power from ``at_ms`` for ``duration_ms``.
+
+        It stops at once (no readings meanwhile: a gap), keeps what its flash holds
+        (the outbox, ``seq``, answered commands) and boots again afterwards (reset
+        reason ``power_on``, not a clean shutdown).
+        """
+        self._power_cuts.append((at_ms, at_ms + max(1, duration_ms)))
+        self._power_cuts.sort()
+
     def _in_outage(self, t_ms: int) -> bool:
         while self._outages and self._outages[0][1] <= t_ms:
             self._outages.pop(0)
@@ -388,6 +402,12 @@ class SimDevice:
 
     def _tick(self, t_ms: int, out: list[Outbound]) -> None:
         self._schedule(t_ms)
+        while self._power_cuts and self._power_cuts[0][0] <= t_ms:
+            _, back_ms = self._power_cuts.pop(0)
+            if back_ms > t_ms:
+                if self.running:
+                    self._reboot(t_ms, "power_on", out, cured_by="power_cut")
+                self._down_until_ms = max(self._down_until_ms or 0, back_ms)
         if not self.running:
             if self._down_until_ms is None or t_ms < self._down_until_ms:
                 self._physics_ms = t_ms  # unpowered: no physics, no readings (a gap)
@@ -406,6 +426,7 @@ class SimDevice:
             self._bug_ms = t_ms + round(self._fault_rng.uniform(1.0, 6.0) * 3_600_000)
         appliance = self.appliance
         self.core.publish_reading(appliance.metrics(), status=appliance.status())
+        self.readings_taken += 1
         self.drain(t_ms, out)
         if self._crash_ms is not None and t_ms >= self._crash_ms:
             self._reboot(t_ms, "watchdog", out, cured_by="watchdog_reboot")

@@ -262,6 +262,12 @@ class Fleet:
         """Cut a device's connectivity for ``duration``; it buffers and backfills later."""
         self.device(device_id).schedule_outage(self._at(at), round(_seconds(duration) * 1000))
 
+    def schedule_power_cut(
+        self, device_id: str, *, at: datetime | None = None, duration: timedelta | float
+    ) -> None:
+        """Cut a device's power for ``duration``: a gap, then a boot; its outbox survives."""
+        self.device(device_id).schedule_power_cut(self._at(at), round(_seconds(duration) * 1000))
+
     def send_command(
         self, device_id: str, payload: bytes, *, at: datetime | int | None = None
     ) -> list[tuple[str, bytes]]:

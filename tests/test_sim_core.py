@@ -255,3 +255,27 @@ def test_times_must_be_aware() -> None:
     fleet = Fleet(1, start=START)
     with pytest.raises(ConfigError):
         fleet.device("nope")
+
+
+def test_a_power_cut_while_offline_keeps_the_outbox_and_backfills_it() -> None:
+    fleet = Fleet(1, start=START, seed=6, models={"fridge": 1.0})
+    (device_id,) = fleet.device_ids
+    device = fleet.device(device_id)
+    before = parse(fleet.step(600))[device_id]
+    fleet.schedule_outage(device_id, duration=timedelta(hours=2))
+    fleet.schedule_power_cut(device_id, at=fleet.now + timedelta(minutes=30), duration=1800)
+    during = parse(fleet.step(2 * 3600 - 60))[device_id]
+    assert "telemetry" not in during and during["status"] == ["offline"]
+    held = device.buffered
+    assert held == device.readings_taken - len(before["telemetry"]) + 1  # + the boot event
+    after = parse(fleet.step(3600))[device_id]
+    telemetry = before["telemetry"] + after["telemetry"]
+    assert len(telemetry) == device.readings_taken  # nothing lost, nothing twice
+    assert device.buffered == 0
+    seqs = [r["seq"] for r in telemetry]
+    assert len(set(seqs)) == len(seqs) and seqs == sorted(seqs)
+    gaps = [b["ts"] - a["ts"] for a, b in itertools.pairwise(telemetry)]
+    assert max(gaps) >= 1_800_000  # no readings while the power was off
+    (boot,) = [e for e in after["events"] if e["type"] == "boot"]
+    assert boot["data"]["reset_reason"] == "power_on"
+    assert boot["data"]["clean_shutdown"] is False
