@@ -9,6 +9,7 @@ the devices' outboxes, backfilled, stored once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import timedelta
 from pathlib import Path
 
@@ -117,7 +118,7 @@ async def test_a_power_cut_while_offline_and_a_broker_restart_lose_no_reading(
     broker = make_mosquitto(device_ids=tuple(ids))
     runner = FleetRunner(sim.model_copy(update={"mqtt_port": broker.port}), reconnect=True)
     fleet = runner.fleet
-    cut, steady = ids
+    cut = ids[0]  # the other one stays connected, but for the broker's restart
     start = fleet.now
     # two hours without network, and inside them half an hour without power
     fleet.schedule_outage(cut, at=start + timedelta(minutes=10), duration=timedelta(hours=2))
@@ -129,7 +130,8 @@ async def test_a_power_cut_while_offline_and_a_broker_restart_lose_no_reading(
             await eventually(
                 lambda: fleet.now >= start + timedelta(minutes=50), 30, "sim time to pass"
             )
-            assert fleet.device(cut).buffered > 0 and not fleet.device(cut).running
+            assert fleet.device(cut).buffered > 0
+            assert not fleet.device(cut).running
             broker.stop()
             await asyncio.sleep(1.0)  # ~12 minutes of device time: the steady one buffers
             broker.start()
@@ -145,7 +147,7 @@ async def test_a_power_cut_while_offline_and_a_broker_restart_lose_no_reading(
         assert len(seqs) == len(set(seqs)) == taken[device_id]  # stored once each
         assert report.readings_per_device[device_id] >= taken[device_id]
     ts = sorted(row[0] for row in rows[cut])
-    assert max(b - a for a, b in zip(ts, ts[1:], strict=False)) >= 1_800_000  # the power cut
+    assert max(b - a for a, b in itertools.pairwise(ts)) >= 1_800_000  # the power cut
 
 
 async def eventually_stored(influx: InfluxdServer, device_id: str, count: int) -> None:
