@@ -26,6 +26,7 @@ from typing import Any
 from fixloop.config import load_settings
 from fixloop.dynsec_cli import add_credentials_parser, run_credentials
 from fixloop.opsusers import add_parser as add_ops_users_parser
+from fixloop.opsusers import ops_users_file
 from fixloop.opsusers import run as run_ops_users
 from fixloop.registry_cli import add_device_parsers, add_parsers, add_product_parsers, handles
 from fixloop.registry_cli import run as run_registry
@@ -364,7 +365,7 @@ async def _dashboard(settings: Settings, stop: asyncio.Event) -> None:
     from dashboard.service import DashboardService
     from fixloop.observe import dashboard_endpoint
 
-    config = settings.dashboard
+    config = settings.dashboard.model_copy(update={"users_file": ops_users_file(settings)})
     async with (
         DashboardService(
             settings.mqtt,

@@ -30,8 +30,9 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from dashboard.app import create_app
-from dashboard.auth import MappingUsers, OpsUser, hash_password
+from dashboard.auth import MappingUsers, OpsUser, UserStore, hash_password
 from dashboard.feed import CaseFeed
+from dashboard.users import OpsUsersFile
 from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
 from fixloop.broker import DYNSEC_ADMIN_USER, GATEWAY_USER
@@ -39,6 +40,7 @@ from fixloop.config import ensure_fleet_secret
 from fixloop.demo import SimulatedPeople, demo_faults, plan_history_faults, seed_people
 from fixloop.dynsec import DynsecClient
 from fixloop.dynsec_cli import local_admin_password
+from fixloop.opsusers import ops_users_file
 from fixloop.registry_cli import service_onboarding
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
@@ -86,6 +88,27 @@ async def _serve(app: web.Application, port: int) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+def _ops_users(settings: Settings, fleet_secret: str) -> tuple[UserStore, str]:
+    """The dashboard's ops users, and how to log in, for the banner.
+
+    The users of the data folder's ops users file (``fixloop ops-users add``), read again
+    when it changes; only while it has none, the demo's ``ops`` user with a password
+    derived from the fleet secret.
+
+    Raises:
+        ConfigError: the users file cannot be read or is malformed.
+    """
+    path = ops_users_file(settings)
+    from_file = OpsUsersFile(path)
+    found = from_file.load()
+    if found:
+        names = ", ".join(sorted(found))
+        return from_file, f"log in as an ops user of {path}: {names}"
+    password = derive(fleet_secret, "demo ops password", "ops").hex()[:16]
+    demo = MappingUsers({"ops": OpsUser("ops", "admin", hash_password(password), "Ops")})
+    return demo, f"log in as ops, password {password}"
+
+
 def service_password(fleet_secret: str, user: str) -> str:
     """Password of a service user of the local stack (a key of its own, not a device's)."""
     return base64.urlsafe_b64encode(derive(fleet_secret, "service password", user)[:18]).decode()
@@ -102,7 +125,7 @@ def _banner(
     api_url: str,
     owner_token: str,
     dashboard_url: str,
-    ops_password: str,
+    ops_login: str,
 ) -> str:
     fleet = ", ".join(f"{count} {model}" for model, count in sorted(models.items()))
     return "\n".join(
@@ -126,7 +149,7 @@ def _banner(
                 if trained
                 else "per-device baselines only (run `fixloop train` once there is history)"
             ),
-            f"  dashboard {dashboard_url}  (log in as ops, password {ops_password})",
+            f"  dashboard {dashboard_url}  ({ops_login})",
             f"  owners    {api_url}  (OpenAPI at {api_url.removesuffix('/api/v1')}/openapi.json)",
             f"            try: curl -H 'Authorization: Bearer {owner_token}' {api_url}/cases",
             f"  fleet     {sum(models.values())} simulated devices ({fleet}), speed {speed}",
@@ -475,15 +498,13 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
             people = await seed_people(
                 notifier.store, [(d.device_id, str(d.model)) for d in runner.fleet.devices], secret
             )
-            ops_password = derive(secret, "demo ops password", "ops").hex()[:16]
+            users, ops_login = _ops_users(settings, secret)
             dashboard_site = _serve(
                 create_app(
                     store=notifier.store,
                     influx=dashboard_influx,
                     actions=notifier.loop,
-                    users=MappingUsers(
-                        {"ops": OpsUser("ops", "admin", hash_password(ops_password), "Ops")}
-                    ),
+                    users=users,
                     campaign=_Campaigns(notifier.loop),
                     feed=feed,
                     settings=settings.dashboard,
@@ -539,7 +560,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                             notifier.api_url,
                             people.first_owner_token,
                             dashboard,
-                            ops_password,
+                            ops_login,
                         ),
                         file=sys.stdout,
                         flush=True,

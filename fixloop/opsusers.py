@@ -1,8 +1,11 @@
 """``fixloop ops-users add|passwd|remove|list``: the dashboard's ops users, by command.
 
-Users live in ``dashboard.users_file`` (:class:`~dashboard.users.OpsUsersFile`: scrypt
-hashes only, written atomically under a lock); a running ``fixloop dashboard`` reads
-the file again when it changes and ends the sessions of users removed or changed.
+Users live in the ops users file (:func:`ops_users_file`: ``dashboard.users_file`` when
+set, else ``ops-users.json`` in ``stack.data_dir``;
+:class:`~dashboard.users.OpsUsersFile`: scrypt hashes only, written atomically under a
+lock); a running ``fixloop dashboard`` reads the file again when it changes and ends the
+sessions of users removed or changed, and ``fixloop up`` takes the users of its data
+folder's file when it has any (else it makes the demo's ``ops`` user).
 
 A password is never taken from the command line (it would show in ``ps`` and the shell
 history): it is asked for twice on a terminal, else read as the first line of standard
@@ -14,15 +17,30 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from pathlib import Path
 from typing import IO, Any, Final
 
 from fixloop.settings import Settings
 
-__all__ = ["ROLES", "add_parser", "read_password", "run"]
+__all__ = ["OPS_USERS_FILE", "ROLES", "add_parser", "ops_users_file", "read_password", "run"]
 
 #: The ops roles, lowest first (``dashboard.auth.ROLE_RANK``; named here so that building
 #: the command line does not import the dashboard).
 ROLES: Final = ("viewer", "agent", "admin")
+#: The ops users file's name in a data folder.
+OPS_USERS_FILE: Final = "ops-users.json"
+
+
+def ops_users_file(settings: Settings) -> Path:
+    """The ops users file: ``dashboard.users_file`` when set, else the data folder's.
+
+    The same rule as the case store's (``notifier.db_path`` when set, else
+    ``cases.sqlite3`` in ``stack.data_dir``), so ``fixloop ops-users --data-dir D`` writes
+    the users ``fixloop up --data-dir D`` and ``fixloop dashboard`` read.
+    """
+    if "users_file" in settings.dashboard.model_fields_set:
+        return settings.dashboard.users_file
+    return settings.stack.data_dir / OPS_USERS_FILE
 
 
 def add_parser(commands: Any) -> None:
@@ -39,7 +57,14 @@ def add_parser(commands: Any) -> None:
     passwd.add_argument("username", help="login name")
     remove = actions.add_parser("remove", help="remove a user (their sessions end)")
     remove.add_argument("username", help="login name")
-    actions.add_parser("list", help="list the users and their roles")
+    listing = actions.add_parser("list", help="list the users and their roles")
+    for action in (add, passwd, remove, listing):
+        action.add_argument(
+            "--data-dir",
+            type=Path,
+            help=f"the data folder whose {OPS_USERS_FILE} to use (stack.data_dir), unless "
+            "dashboard.users_file is set",
+        )
 
 
 def read_password(stdin: IO[str], *, prompt: bool) -> str:
@@ -73,7 +98,7 @@ def run(args: argparse.Namespace, settings: Settings, stdin: IO[str] | None = No
     from notifier.errors import ConflictError, NotFoundError
 
     source = sys.stdin if stdin is None else stdin
-    users = OpsUsersFile(settings.dashboard.users_file)
+    users = OpsUsersFile(ops_users_file(settings))
     action = args.ops_users_command
     if action == "list":
         users.load()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from dashboard.app import COOKIE_NAME
+from gateway.protocol.credentials import derive
 
 pytestmark = pytest.mark.integration
 
@@ -23,11 +24,11 @@ pytestmark = pytest.mark.integration
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _login(url: str, password: str) -> tuple[int, str]:
+def _login(url: str, password: str, username: str = "ops") -> tuple[int, str]:
     """POST a login from the public URL's origin; return the status and ``Set-Cookie``."""
     request = urllib.request.Request(
         url,
-        data=json.dumps({"username": "ops", "password": password}).encode(),
+        data=json.dumps({"username": username, "password": password}).encode(),
         headers={"Content-Type": "application/json", "Origin": "https://ops.example.com"},
     )
     try:
@@ -70,6 +71,58 @@ def test_up_hands_the_dashboard_section_to_the_dashboard(tmp_path: Path) -> None
         assert "Secure" in cookie
         # one free failure (login_max_failures = 1), then this address waits
         assert [_login(login, "wrong")[0] for _ in range(2)] == [401, 429]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_up_takes_the_ops_users_of_its_data_folder(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIXLOOP_")}
+    env["FIXLOOP_DASHBOARD__PUBLIC_URL"] = "https://ops.example.com/ops/"
+    added = subprocess.run(
+        [
+            *(sys.executable, "-m", "fixloop", "ops-users", "add", "alice"),
+            *("--role", "admin", "--data-dir", str(tmp_path)),
+        ],
+        input="alice's long password\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    users_file = tmp_path / "ops-users.json"
+    assert "alice" in json.loads(users_file.read_text())["users"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fixloop", "up", "--data-dir", str(tmp_path), "--devices", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        banner: list[str] = []
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            banner.append(line)
+            if line.startswith("Press Ctrl-C"):
+                break
+            assert time.monotonic() < deadline, "".join(banner)
+        text = "".join(banner)
+        match = re.search(
+            r"dashboard (http://\S+/ops/)  \(log in as an ops user of (\S+): alice\)", text
+        )
+        assert match, text
+        assert Path(match.group(2)).resolve() == users_file.resolve()
+        assert "password" not in text.split("dashboard", 1)[1].split("\n", 1)[0]
+        login = f"{match.group(1)}login"
+        assert _login(login, "alice's long password", "alice")[0] == 200
+        # the demo's generated user is not made beside the folder's users
+        secret = (tmp_path / "fleet_secret").read_text().strip()
+        demo_password = derive(secret, "demo ops password", "ops").hex()[:16]
+        assert _login(login, demo_password, "ops")[0] == 401
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
