@@ -38,7 +38,11 @@ What the file may look like:
   ``epoch`` ...) that holds rising plain numbers is read as epoch seconds (milliseconds
   when they are that large).
 - A column that holds one value only (a constant, or leading zeros) is not scored until
-  it changes; one that never changes is reported as not scored.
+  it changes; the rows it held its first value are counted per column, and one that
+  never changes is reported as not scored. A flat stretch later on (one value repeated
+  over :data:`FLAT_ROWS` rows or more: a stuck sensor, a stretch of zeros) is scored as
+  it comes and counted. Missing cells are counted too (the column is not scored on
+  that row and learns nothing from it).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, TextIO
@@ -62,7 +66,14 @@ import numpy.typing as npt
 from diagnostics.detector import ROW_GAP, ROW_LATE, ROW_REPEATED, DetectorConfig, DetectorTable
 from gateway.errors import ConfigError
 
-__all__ = ["OPERATING_POINT", "OUTPUT_COLUMNS", "DetectSummary", "detect_csv", "surprise"]
+__all__ = [
+    "FLAT_ROWS",
+    "OPERATING_POINT",
+    "OUTPUT_COLUMNS",
+    "DetectSummary",
+    "detect_csv",
+    "surprise",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -70,6 +81,8 @@ _LOG = logging.getLogger(__name__)
 OUTPUT_COLUMNS: Final = ("anomaly_score", "anomaly")
 #: ``anomaly_score`` at the detector's operating point (tail probability ``alpha``).
 OPERATING_POINT: Final = 0.5
+#: Repeats of one value in a row that make a flat stretch (counted, never refused).
+FLAT_ROWS: Final = 100
 
 _MISSING: Final = frozenset({"", "nan", "na", "n/a", "null", "none", "-"})
 _SNIFF_ROWS: Final = 200
@@ -99,6 +112,11 @@ class DetectSummary:
         gaps: steps longer than the detector's gap factor times the typical step.
         bad_times: time cells that could not be read (taken as one step on).
         not_scored: watched columns that never changed, so were never scored.
+        missing_cells: cells in watched columns that were empty or marked missing.
+        flat_start: per watched column that held its first value for more than one row
+            and then changed, the rows it held it (not scored until it changed).
+        flat_stretches: per watched column with any, the flat stretches after its first
+            change (one value repeated :data:`FLAT_ROWS` times or more in a row).
     """
 
     rows: int
@@ -112,6 +130,9 @@ class DetectSummary:
     gaps: int = 0
     bad_times: int = 0
     not_scored: tuple[str, ...] = ()
+    missing_cells: int = 0
+    flat_start: tuple[tuple[str, int], ...] = ()
+    flat_stretches: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +308,7 @@ def _run(
 
     table = DetectorTable(1, len(layout.value_indices), config)
     sink.write(f"{header_text}{sep}{sep.join(OUTPUT_COLUMNS)}{newline}")
-    count = _Counts()
+    count = _Counts(flat=_Flat(len(watched)))
 
     def all_records() -> Iterator[tuple[int, list[str], str]]:
         yield from ahead
@@ -302,7 +323,16 @@ def _run(
     if chunk:
         _score_chunk(chunk, layout, sep, table, sink, newline, count, progress)
     never = tuple(name for i, name in enumerate(watched) if i not in set(table.scored_columns(0)))
-    _warn_counts(count, never, time_name)
+    flat = count.flat
+    flat_start = tuple(
+        (name, int(flat.lead[j]))
+        for j, name in enumerate(watched)
+        if flat.started[j] and flat.lead[j] > 1
+    )
+    stretches = tuple(
+        (name, int(flat.stretches[j])) for j, name in enumerate(watched) if flat.stretches[j]
+    )
+    _warn_counts(count, never, time_name, flat_start, stretches)
     return DetectSummary(
         rows=count.rows,
         anomalies=count.events,
@@ -315,7 +345,64 @@ def _run(
         gaps=count.gaps,
         bad_times=count.bad_times,
         not_scored=never,
+        missing_cells=count.missing,
+        flat_start=flat_start,
+        flat_stretches=stretches,
     )
+
+
+class _Flat:
+    """Per watched column: the rows it held its first value, and its flat stretches."""
+
+    def __init__(self, columns: int) -> None:
+        self.prev = np.full(columns, math.nan)  # the last value seen (NaN: none yet)
+        self.run = np.zeros(columns, dtype=np.int64)  # repeats of it in a row so far
+        self.started = np.zeros(columns, dtype=np.bool_)  # changed from its first value
+        self.lead = np.zeros(columns, dtype=np.int64)  # rows holding its first value
+        self.stretches = np.zeros(columns, dtype=np.int64)
+
+    def update(self, values: npt.NDArray[np.float64]) -> None:
+        """Count one chunk of rows (missing cells neither break nor extend a stretch)."""
+        for j in range(values.shape[1]):
+            x = values[:, j]
+            x = x[~np.isnan(x)]
+            if x.size == 0:
+                continue
+            if math.isnan(self.prev[j]):
+                self.prev[j] = x[0]
+                self.lead[j] = 1
+                x = x[1:]
+                if x.size == 0:
+                    continue
+            same = np.empty(x.size, dtype=np.bool_)
+            same[0] = x[0] == self.prev[j]
+            np.equal(x[1:], x[:-1], out=same[1:])
+            self.prev[j] = x[-1]
+            breaks = np.flatnonzero(~same)
+            if not self.started[j]:
+                if breaks.size == 0:
+                    self.lead[j] += x.size
+                    continue
+                self.lead[j] += int(breaks[0])
+                self.started[j] = True
+                self.run[j] = 0
+                same = same[breaks[0] :]
+                breaks = breaks - breaks[0]
+            self._runs(j, same, breaks)
+
+    def _runs(self, j: int, same: npt.NDArray[np.bool_], breaks: npt.NDArray[np.intp]) -> None:
+        # a stretch is counted once, when its repeats reach FLAT_ROWS
+        carried = int(self.run[j])
+        if breaks.size == 0:
+            run = carried + same.size
+            self.stretches[j] += carried < FLAT_ROWS <= run
+            self.run[j] = run
+            return
+        self.stretches[j] += carried < FLAT_ROWS <= carried + int(breaks[0])
+        self.stretches[j] += int(np.count_nonzero(np.diff(breaks) - 1 >= FLAT_ROWS))
+        last = same.size - int(breaks[-1]) - 1
+        self.stretches[j] += last >= FLAT_ROWS
+        self.run[j] = last
 
 
 @dataclass(slots=True)
@@ -330,6 +417,8 @@ class _Counts:
     repeated: int = 0
     gaps: int = 0
     first_late_line: int = 0
+    missing: int = 0
+    flat: _Flat = field(default_factory=lambda: _Flat(0))
 
 
 def _score_chunk(
@@ -359,8 +448,11 @@ def _score_chunk(
             if value is None:
                 count.bad_cells += 1
                 value = math.nan
+            elif value != value:
+                count.missing += 1
             values[r, j] = value
     result = table.step(np.zeros(n, dtype=np.int64), stamps, values)
+    count.flat.update(values)
     scores = surprise(result.score, table.config.alpha)
     # Rows that are not an event keep their score, held just under the operating point.
     scores = np.where(result.event, scores, np.minimum(scores, OPERATING_POINT - 1e-6))
@@ -386,7 +478,13 @@ def _score_chunk(
         progress.flush()
 
 
-def _warn_counts(count: _Counts, never: tuple[str, ...], time_name: str | None) -> None:
+def _warn_counts(
+    count: _Counts,
+    never: tuple[str, ...],
+    time_name: str | None,
+    flat_start: tuple[tuple[str, int], ...],
+    stretches: tuple[tuple[str, int], ...],
+) -> None:
     """One warning line per data-quality case met (the file was scored regardless)."""
     if count.late:
         _LOG.warning(
@@ -407,6 +505,23 @@ def _warn_counts(count: _Counts, never: tuple[str, ...], time_name: str | None) 
         _LOG.warning("%d gaps in time: the uncertainty widened after each", count.gaps)
     if count.bad_cells:
         _LOG.warning("%d cells were not numbers and were taken as missing", count.bad_cells)
+    if count.missing:
+        _LOG.warning(
+            "%d cells were empty or marked missing: not scored, nothing learnt", count.missing
+        )
+    if flat_start:
+        _LOG.warning(
+            "held their first value before changing (not scored until then): %s",
+            ", ".join(f"{name} ({rows} rows)" for name, rows in flat_start),
+        )
+    if stretches:
+        _LOG.warning(
+            "%d flat stretches (one value repeated %d times or more in a row), scored as "
+            "they came: %s",
+            sum(k for _, k in stretches),
+            FLAT_ROWS,
+            ", ".join(f"{name} ({k})" for name, k in stretches),
+        )
     if never:
         _LOG.warning("never changed, so not scored: %s", ", ".join(never))
 

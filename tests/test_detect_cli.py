@@ -225,6 +225,38 @@ def test_flat_start_and_leading_zeros_are_not_refused(tmp_path: Path) -> None:
     flags = np.array([int(row[-1]) for row in read_output(sink.getvalue())[1]])
     assert flags[:300].sum() == 0  # a column that never moved is not scored
     assert flags[500] == 1
+    assert summary.flat_start == (("power_w", 300),)  # counted, per column
+    assert summary.flat_stretches == ()
+    assert summary.missing_cells == 0
+
+
+def test_flat_stretches_and_missing_cells_are_counted_warnings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = np.random.default_rng(6)
+    lines = ["t_s,pressure_bar,flow"]
+    for i in range(1200):
+        pressure = f"{1.6 + rng.normal(0, 0.05):.3f}"
+        if 300 <= i < 450 or 900 <= i < 1001:
+            pressure = "0.000"  # two stretches of zeros: a sensor dropping out
+        flow = "" if i % 50 == 7 else f"{3.0 + rng.normal(0, 0.1):.3f}"
+        if 600 <= i < 720:
+            flow = "3.000" if i % 10 else "NA"  # stuck, with gaps: still one stretch
+        lines.append(f"{i * 60},{pressure},{flow}")
+    source = tmp_path / "stuck.csv"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "scored.csv"
+    caplog.set_level(logging.WARNING)
+    assert main(["detect", str(source), "-o", str(out), "--timestamp-column", "t_s"]) == 0
+    assert len(read_output(out.read_text())[1]) == 1200
+    summary = detect_csv(source, io.StringIO(), timestamp_column="t_s")
+    # 1,000 repeats of 0 for 150 rows, 100 for 101 rows: both flat stretches
+    assert summary.flat_stretches == (("pressure_bar", 2), ("flow", 1))
+    assert summary.missing_cells == 21 + 12  # empty cells, and NA while stuck
+    assert summary.flat_start == ()
+    assert "3 flat stretches" in caplog.text
+    assert "pressure_bar (2), flow (1)" in caplog.text
+    assert "33 cells were empty or marked missing" in caplog.text
 
 
 def test_unknown_timestamp_column_and_ragged_rows(
