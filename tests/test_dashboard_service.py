@@ -42,6 +42,7 @@ from gateway.protocol.mqtt import MqttClient
 from gateway.settings import MqttSettings
 from notifier.errors import ConflictError, NotFoundError
 from notifier.model import Case, DeviceRecord, Owner
+from notifier.postgres import PostgresStore
 from notifier.service import NotifierService, case_message
 from notifier.settings import NotifierSettings
 from notifier.sqlite import SqliteStore
@@ -229,8 +230,14 @@ def test_ops_users_by_command(tmp_path: Path) -> None:
 # -- fixloop dashboard, a process against real servers ---------------------------------
 
 
-async def _seed_store(path: Path) -> None:
-    async with SqliteStore(path) as store:
+def _case_store(env: dict[str, str], tmp_path: Path) -> SqliteStore | PostgresStore:
+    """The case store the dashboard process was given: PostgreSQL's URL, or the file."""
+    url = env.get("FIXLOOP_NOTIFIER__STORE_URL")
+    return SqliteStore(tmp_path / "cases.sqlite3") if url is None else PostgresStore(url)
+
+
+async def _seed_store(opened: SqliteStore | PostgresStore) -> None:
+    async with opened as store:
         await store.put_owner(Owner("own-1", "Ada Owner"))
         await store.put_device(DeviceRecord("dev-001", "own-1", "washer", firmware="2.3.0"))
         await store.add_case(make_case("case-old"))
@@ -272,16 +279,22 @@ async def _next_event(stream: aiohttp.StreamReader) -> tuple[str, Any]:
             return event, orjson.loads(line[6:])
 
 
-@pytest.fixture
+@pytest.fixture(params=["sqlite", "postgresql"])
 async def dashboard_process(
-    tmp_path: Path, make_mosquitto: MakeMosquitto, influxd: InfluxdServer
+    tmp_path: Path,
+    make_mosquitto: MakeMosquitto,
+    influxd: InfluxdServer,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[str, str, MosquittoServer, dict[str, str]]]:
-    """A running ``fixloop dashboard``: (its address, its metrics address, broker, env)."""
+    """A running ``fixloop dashboard``: (its address, its metrics address, broker, env).
+
+    Its case store is an SQLite file, or a PostgreSQL database (``store_url``).
+    """
     broker = make_mosquitto(
         users={"fixloop-dashboard": DASHBOARD_PW, "fixloop-notifier": NOTIFIER_PW}
     )
     db_path = tmp_path / "cases.sqlite3"
-    await _seed_store(db_path)
+    store_url = None if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
     port, metrics_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -298,6 +311,9 @@ async def dashboard_process(
         # a heartbeat (which also looks at the session) must not be what ends a stream
         "FIXLOOP_DASHBOARD__HEARTBEAT_S": "120",
     }
+    if store_url is not None:
+        env["FIXLOOP_NOTIFIER__STORE_URL"] = store_url
+    await _seed_store(_case_store(env, tmp_path))
     added = await asyncio.to_thread(
         _cli, ["ops-users", "add", "ada", "--role", "admin"], env, FIRST_PW + "\n"
     )
@@ -327,7 +343,7 @@ async def dashboard_process(
 async def test_a_case_published_on_fleet_cases_reaches_the_live_page_and_the_board(
     dashboard_process: tuple[str, str, MosquittoServer, dict[str, str]], tmp_path: Path
 ) -> None:
-    base, metrics, broker, _env = dashboard_process
+    base, metrics, broker, env = dashboard_process
     jar = aiohttp.CookieJar(unsafe=True)  # cookies of 127.0.0.1
     async with aiohttp.ClientSession(cookie_jar=jar) as client:
         assert await _login(client, base, FIRST_PW) == 200
@@ -341,7 +357,7 @@ async def test_a_case_published_on_fleet_cases_reaches_the_live_page_and_the_boa
                 remedies=("pump_flush", "technician_visit:pump"),
                 evidence=("slow",),
             )
-            async with SqliteStore(tmp_path / "cases.sqlite3") as store:
+            async with _case_store(env, tmp_path) as store:
                 await store.add_case(stored)
             async with MqttClient(
                 broker.host,
@@ -418,7 +434,7 @@ async def test_a_campaign_from_the_standalone_dashboard_is_run_by_the_notifier(
     tmp_path: Path,
     influxd: InfluxdServer,
 ) -> None:
-    base, _metrics, broker, _env = dashboard_process
+    base, _metrics, broker, env = dashboard_process
     db_path = tmp_path / "cases.sqlite3"
     body = {"fault": "pump_wear", "dimension": "firmware", "value": "2.3.0", "action": "selftest"}
     jar = aiohttp.CookieJar(unsafe=True)
@@ -438,7 +454,7 @@ async def test_a_campaign_from_the_standalone_dashboard_is_run_by_the_notifier(
         bad = {**body, "action": "format_disk"}
         async with client.post(f"{base}/ops/api/campaigns", json=bad, headers=headers) as resp:
             assert resp.status == 422, await resp.text()
-    async with SqliteStore(db_path) as store:
+    async with _case_store(env, tmp_path) as store:
         (case,) = await store.cases(states=["opened"])
         assert (case.device_id, case.fault, case.remedies) == (
             "dev-001",
@@ -448,6 +464,7 @@ async def test_a_campaign_from_the_standalone_dashboard_is_run_by_the_notifier(
     # the notifier's case machine gives it its first step, and tells the dashboard
     settings = NotifierSettings(
         db_path=db_path,
+        store_url=env.get("FIXLOOP_NOTIFIER__STORE_URL"),
         api_port=0,
         client_id="notifier-campaign-test",
         resume_opened_after_s=0.5,
