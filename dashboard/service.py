@@ -143,6 +143,7 @@ class DashboardService:
         store: a case store to use instead of opening ``db_path``.
         store_url: the notifier's PostgreSQL case store (``notifier.store_url``), opened
             instead of ``db_path``.
+        store_pool_size: connections to that database at most.
         clock: the wall clock (UTC-aware).
     """
 
@@ -155,6 +156,7 @@ class DashboardService:
         db_path: Path | None = None,
         store: CaseStore | None = None,
         store_url: str | None = None,
+        store_pool_size: int = 10,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         if store is None and db_path is None and store_url is None:
@@ -164,6 +166,7 @@ class DashboardService:
         self._settings = settings
         self._db_path = db_path
         self._store_url = store_url
+        self._store_pool_size = store_pool_size
         self._clock = clock
         self.store: CaseStore | None = store
         self.users = OpsUsersFile(settings.users_file)
@@ -220,7 +223,9 @@ class DashboardService:
         try:
             if self.store is None:
                 if self._store_url is not None:
-                    self._opened = await PostgresStore(self._store_url).open()
+                    self._opened = await PostgresStore(
+                        self._store_url, pool_size=self._store_pool_size
+                    ).open()
                 else:
                     assert self._db_path is not None
                     self._opened = await SqliteStore(self._db_path).open()

@@ -375,6 +375,7 @@ async def _dashboard(settings: Settings, stop: asyncio.Event) -> None:
             store_url=None
             if settings.notifier.store_url is None
             else settings.notifier.store_url.get_secret_value(),
+            store_pool_size=settings.notifier.store_pool_size,
         ) as service,
         dashboard_endpoint(service, config.metrics_host, config.metrics_port),
     ):
