@@ -815,6 +815,13 @@ class PostgresServer(_Server):
     def _prepare(self) -> None:
         user = self._user()
         if user is not None:
+            for parent in self.root.resolve().parents:
+                mode = parent.stat()
+                if not mode.st_mode & 0o001 and mode.st_uid != user[0]:
+                    raise ConfigError(
+                        f"postgres runs as an unprivileged user, who cannot enter {parent}: "
+                        f"put its folder elsewhere (in /tmp, for one), not in {self.root}"
+                    )
             os.chown(self.root, *user)
             os.chmod(self.root, 0o700)
         if (self.data_dir / "PG_VERSION").is_file():

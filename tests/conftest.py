@@ -112,7 +112,7 @@ def influxd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxdServer]
 def postgres() -> Iterator[PostgresServer]:
     """One PostgreSQL for the session (fsync off); make databases with ``pg_databases``."""
     # in /tmp, not pytest's folder: the server's user must reach it when we are root
-    root = Path(tempfile.mkdtemp(prefix="fixloop-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="fixloop-pg-", dir="/tmp"))
     try:
         with PostgresServer(root, durable=False, die_with_parent=True) as server:
             yield server

@@ -330,7 +330,7 @@ async def test_an_unreachable_server_is_transient_and_bad_settings_refused(
 
 
 async def test_a_stopped_server_is_transient_and_the_store_recovers() -> None:
-    root = Path(tempfile.mkdtemp(prefix="fixloop-pg-"))  # its own server, to stop
+    root = Path(tempfile.mkdtemp(prefix="fixloop-pg-", dir="/tmp"))  # its own server, to stop
     with contextlib.ExitStack() as cleanup, PostgresServer(root, durable=False) as server:
         cleanup.callback(shutil.rmtree, root, ignore_errors=True)
         async with PostgresStore(server.url(), connect_timeout_s=2) as store:
