@@ -1,7 +1,9 @@
-"""Simulated fleet: product models, wear and fault injection, firmware behaviour, MQTT runner.
+"""Simulated fleet: the device library plus product physics, wear and faults; MQTT runner.
 
-It stands in for hardware in tests, demos and benchmarks, and imports nothing of the
-backend but the device contract (:mod:`gateway.protocol`) and the error tree.
+It stands in for hardware in tests, demos and benchmarks. Each simulated appliance runs
+the device library's logic (:mod:`device`), so every simulated run also exercises the
+library; of the backend it imports only the gateway's device protocol and MQTT client
+(:mod:`gateway.protocol`) and the error tree.
 """
 
 from device_sim.appliances import SelfTestResult
