@@ -246,7 +246,7 @@ class Onboarding:
     """What the onboarding routes work with.
 
     Attributes:
-        registry: the device registry (:meth:`notifier.sqlite.SqliteStore.registry`).
+        registry: the device registry (``registry()`` of the SQLite or PostgreSQL store).
         claim_key: the key claim codes are hashed under
             (:func:`notifier.registry.claim_key`); ``None``: claiming and registering
             devices answer 503 (the server has no secret to hash codes with).

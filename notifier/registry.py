@@ -9,12 +9,14 @@ invite code the owner's app exchanges for a token) and issue and revoke API toke
 
 How it works:
 
-* **Where.** The tables live in the case store's SQLite file, created by its migration
-  step 5 (:data:`REGISTRY_STEPS`, which also registers every device an older store
-  already knew, under a product line of its model). :class:`SqliteRegistry` runs its
-  statements on the store's own connection and worker thread
-  (:meth:`notifier.sqlite.SqliteStore.registry`), so a claim and the owner loop never
-  see half of each other.
+* **Where.** The tables live in the case store, created by its migration step 5
+  (:data:`REGISTRY_STEPS` for SQLite, from :data:`notifier.schema.STEPS`, which also
+  registers every device an older store already knew, under a product line of its
+  model). :class:`SqliteRegistry` runs its statements on the SQLite store's own
+  connection and worker thread (:meth:`notifier.sqlite.SqliteStore.registry`), so a
+  claim and the owner loop never see half of each other;
+  :class:`notifier.postgres.PostgresRegistry` does the same in PostgreSQL with row
+  locks (:meth:`notifier.postgres.PostgresStore.registry`).
 * **Ownership.** The registry keeps what the factory knows; who owns a device is the case
   store's ``devices`` table, which the owner loop reads. A claim adds the device there (in
   the same transaction that checks the code), a release removes it.
