@@ -130,7 +130,15 @@ import numpy.typing as npt
 
 from gateway.errors import ConfigError, PermanentError
 
-__all__ = ["ROW_GAP", "ROW_LATE", "ROW_REPEATED", "DetectorConfig", "DetectorTable", "StepResult"]
+__all__ = [
+    "ROW_GAP",
+    "ROW_LATE",
+    "ROW_REPEATED",
+    "DetectorConfig",
+    "DetectorTable",
+    "SlotLevels",
+    "StepResult",
+]
 
 _LOG = logging.getLogger(__name__)
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
@@ -402,6 +410,27 @@ class StepResult:
         """Rows older than their slot's previous row (scored only, nothing learnt)."""
         result: BoolArray = (self.flags & ROW_LATE) != 0
         return result
+
+
+@dataclass(frozen=True, slots=True)
+class SlotLevels:
+    """What each slot of a table has learnt, per column, for comparing slots (peers).
+
+    Attributes:
+        level: the slow level (slots x columns).
+        spread: the column's long-run standard deviation in that slot.
+        switches: the column switches between states there (its level is no level).
+        scored: the column has changed at least once there.
+        rows: rows each slot has learnt.
+        elapsed_s: each slot's time from its first row to its last (NaN: no timestamps).
+    """
+
+    level: FloatArray
+    spread: FloatArray
+    switches: BoolArray
+    scored: BoolArray
+    rows: npt.NDArray[np.int64]
+    elapsed_s: FloatArray
 
 
 def _compiled(fn: _Fn) -> _Fn:
@@ -1195,6 +1224,22 @@ class DetectorTable:
                 best = 3
             names.append(("fast", "slow", "daily", "weekly")[best])
         return tuple(names)
+
+    def levels(self) -> SlotLevels:
+        """Every slot's slow levels, spreads and switching columns (for peer checks)."""
+        st = self._state
+        shares = st["jump"][:, :, _J_SHARE : _J_SHARE + _N_STATES]
+        held = np.count_nonzero(shares >= _STATE_MIN_SHARE, axis=2)
+        timed = st["has_time"] == 1
+        elapsed = np.where(timed, st["last_t"] - st["t0"], np.nan)
+        return SlotLevels(
+            level=st["level"][:, :, 1].copy(),
+            spread=np.sqrt(np.maximum(st["lvar"], 0.0)),
+            switches=(st["jn"] >= _HABIT) & (held >= 2),
+            scored=st["n_col"] > 0,
+            rows=st["rows"].astype(np.int64),
+            elapsed_s=elapsed.astype(np.float64),
+        )
 
     def state_bytes(self) -> int:
         """Memory held by the state arrays."""

@@ -61,12 +61,12 @@ import orjson
 from diagnostics.baseline import BaselineRows, BaselineTable
 from diagnostics.catalog import ModelCatalog
 from diagnostics.csvdetect import surprise
-from diagnostics.detector import DetectorConfig, DetectorTable, StepResult
+from diagnostics.detector import DetectorConfig, DetectorTable, SlotLevels, StepResult
 from diagnostics.features import FeatureSpec, FeatureTable, spec_of
 from diagnostics.fleet import FleetMethod, FleetModel
 from diagnostics.kernels import round_masks
 from diagnostics.lifetimes import LifetimeModels, LiveLifetimes
-from diagnostics.model import Diagnosis
+from diagnostics.model import Contribution, Diagnosis
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
 from diagnostics.product import ProductSet, builtin_products
 from gateway.errors import ConfigError
@@ -75,6 +75,10 @@ from gateway.protocol import Event, Reading
 __all__ = [
     "FORMAT_VERSION",
     "LIVE_DETECTOR",
+    "PEER_CHECKS",
+    "PEER_EVERY_S",
+    "PEER_MIN_DEVICES",
+    "PEER_Z",
     "UNKNOWN_MODEL",
     "DiagnosticsEngine",
     "EngineResult",
@@ -82,6 +86,7 @@ __all__ = [
     "Mismatch",
     "ReadingScore",
     "ReadingScores",
+    "peer_outliers",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -227,6 +232,14 @@ class EngineResult:
 
 
 _NO_TIME: Final = np.iinfo(np.int64).min
+#: Peer checks of metrics no file describes: how often (device time), from how many
+#: comparable devices, how far (in the peers' spread) a device must stand, at how many
+#: checks in a row, before a case opens; a device is back once under half that far.
+PEER_EVERY_S: Final = 3_600.0
+PEER_MIN_DEVICES: Final = 20
+PEER_Z: Final = 6.0
+PEER_CHECKS: Final = 2
+_PEER_MIN_ROWS: Final = 100
 #: From this many readings the metric columns are gathered column by column.
 _BY_COLUMN: Final = 64
 
@@ -246,6 +259,9 @@ class _Generic:
     last_ts_ms: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     #: per slot, whether its alert was up at its last row (the policy hears of the fall)
     was_up: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    #: device time of the last peer check, and per slot the checks in a row it stood out
+    peer_at_ms: int = _NO_TIME
+    peer_runs: dict[int, int] = field(default_factory=dict)
 
     def widen(self, names: Sequence[str]) -> None:
         self.table.add_columns(len(names))
@@ -365,6 +381,59 @@ _count: Final = np.count_nonzero  # much cheaper than ``.any()`` on the small ro
 
 def _first(pair: tuple[int, Diagnosis]) -> int:
     return pair[0]
+
+
+def peer_outliers(
+    levels: SlotLevels, names: Sequence[str], *, warmup_s: float = 0.0
+) -> tuple[dict[int, tuple[Contribution, ...]], set[int], dict[int, int]]:
+    """Slots whose metrics stand far from their peers', and slots back among them.
+
+    Per metric, the slots compared are those past their warm-up (:data:`_PEER_MIN_ROWS`
+    rows and ``warmup_s`` of their own time) where the metric has changed and does not
+    switch between states (a switching metric's level says how it is used, not how it
+    is). With at least :data:`PEER_MIN_DEVICES` of them, a slot's deviation is its slow
+    level's distance from their median over the peers' spread: the larger of the
+    median absolute deviation (x 1.4826) and the median of the slots' own long-run
+    spreads, so that a fleet of near-identical devices does not make noise news.
+
+    Returns:
+        the slots with a metric :data:`PEER_Z` or more away (drivers, largest first),
+        the slots compared whose metrics are all under half that, and per slot compared
+        the most peers it had.
+    """
+    level, spread = levels.level, levels.spread
+    elapsed = np.nan_to_num(levels.elapsed_s, nan=np.inf)
+    warm = (levels.rows >= _PEER_MIN_ROWS) & (elapsed >= warmup_s)
+    deviation = np.full(level.shape, np.nan)
+    peers: dict[int, int] = {}
+    for c in range(min(level.shape[1], len(names))):
+        members = np.flatnonzero(
+            warm & levels.scored[:, c] & ~levels.switches[:, c] & np.isfinite(level[:, c])
+        )
+        if members.size < PEER_MIN_DEVICES:
+            continue
+        values = level[members, c]
+        center = float(np.median(values))
+        mad = 1.4826 * float(np.median(np.abs(values - center)))
+        scale = max(mad, float(np.median(spread[members, c])), 1e-12 * (1.0 + abs(center)))
+        deviation[members, c] = (values - center) / scale
+        for slot in members.tolist():
+            peers[slot] = max(peers.get(slot, 0), int(members.size))
+    far: dict[int, tuple[Contribution, ...]] = {}
+    near: set[int] = set()
+    for slot in peers:
+        row = deviation[slot]
+        size = np.abs(np.nan_to_num(row, nan=0.0))
+        if size.max() >= PEER_Z:
+            order = [int(c) for c in np.argsort(-size) if size[c] >= PEER_Z]
+            total = float(size[order].sum())
+            far[slot] = tuple(
+                Contribution(names[c], (names[c],), round(float(row[c]), 3), size[c] / total)
+                for c in order[:5]
+            )
+        elif size.max() < PEER_Z / 2:
+            near.add(slot)
+    return far, near, peers
 
 
 class DiagnosticsEngine:
@@ -840,7 +909,32 @@ class DiagnosticsEngine:
             caused += [(order[rows[k]], d) for k, d in made]
         live = ~stale
         was_up[slots[live]] = result.active[live]
+        if _count(live):
+            now_ms = int(ts_ms[live].max())
+            if now_ms - generic.peer_at_ms >= PEER_EVERY_S * 1000:
+                generic.peer_at_ms = now_ms
+                peered = self._peer_check(state.spec.model, generic, now_ms)
+                caused += [(max(order), d) for d in peered]
         return stale, score
+
+    def _peer_check(self, model: str, generic: _Generic, now_ms: int) -> list[Diagnosis]:
+        """Compare each device's metrics with its peers' (where enough are comparable)."""
+        config = generic.table.config
+        far, near, peers = peer_outliers(
+            generic.table.levels(), generic.names, warmup_s=config.warmup_s
+        )
+        ids = {slot: device for device, slot in generic.slots.items()}
+        runs = generic.peer_runs
+        made: list[Diagnosis] = []
+        for slot in sorted(runs.keys() - far.keys()):
+            del runs[slot]
+        for slot, drivers in sorted(far.items()):
+            runs[slot] = runs.get(slot, 0) + 1
+            if runs[slot] >= PEER_CHECKS:
+                made += self.policy.on_peers(ids[slot], model, now_ms, drivers, peers[slot])
+        for slot in sorted(near):
+            made += self.policy.on_peers(ids[slot], model, now_ms, (), peers[slot])
+        return made
 
     def _judge(
         self,

@@ -475,6 +475,8 @@ class DiagnosisPolicy:
         self._devices: dict[str, _DeviceState] = {}
         self._layouts: dict[str, _Layout] = {}
         self._alerts: dict[str, _Alert] = {}
+        #: generic cases of devices far from their peers (see :meth:`on_peers`)
+        self._peer_cases: dict[str, _Case] = {}
 
     # -- queries ---------------------------------------------------------------------
     def is_watched(self, device_id: str) -> bool:
@@ -498,7 +500,18 @@ class DiagnosisPolicy:
             if device_id in self._alerts
             else []
         )
-        return found + [alert.case.diagnosis for alert in alerts if alert.case is not None]
+        peers = (
+            self._peer_cases.values()
+            if device_id is None
+            else [self._peer_cases[device_id]]
+            if device_id in self._peer_cases
+            else []
+        )
+        return (
+            found
+            + [alert.case.diagnosis for alert in alerts if alert.case is not None]
+            + [case.diagnosis for case in peers]
+        )
 
     def drift_indicators(self, spec: FeatureSpec) -> npt.NDArray[np.bool_]:
         """Return which of ``spec``'s features are a wear fault's health indicator."""
@@ -747,10 +760,80 @@ class DiagnosisPolicy:
                 and (t - alert.since_ms) / 1000.0 >= cfg.open_after_s
                 and alert.drivers
                 and abs(alert.drivers[0].z) >= cfg.min_driver_z
+                and device_id not in self._peer_cases  # one open case per fault
             ):
                 alert.case = self._open_alert(device_id, model, t, score, alert)
                 changes.append((k, alert.case.diagnosis))
         return changes
+
+    def on_peers(
+        self,
+        device_id: str,
+        model: str,
+        ts_ms: int,
+        drivers: tuple[Contribution, ...],
+        peers: int,
+    ) -> list[Diagnosis]:
+        """A device whose metrics stand far from its peers' (or are back among them).
+
+        Args:
+            device_id: the device.
+            model: its product model.
+            ts_ms: device time of the check.
+            drivers: the metrics far from the peers, ``z`` in the peers' spreads, largest
+                first; empty: the device is back among its peers.
+            peers: how many devices were compared, itself included.
+
+        Returns:
+            the diagnosis changes: ``unusual_behaviour`` opened (unless the device's own
+            history already opened it), updated while it lasts, closed once it is over.
+        """
+        case = self._peer_cases.get(device_id)
+        if not drivers:
+            if case is None:
+                return []
+            del self._peer_cases[device_id]
+            alert = self._alerts.get(device_id)
+            if alert is not None and alert.case is None:
+                # the device's own history sees its way back (a repair) as a change:
+                # toward its peers' normal it is no news
+                del self._alerts[device_id]
+            return [self._close_alert(case, ts_ms, "back among its peers")]
+        top = abs(drivers[0].z)
+        score = round(1.0 - math.erfc(top / math.sqrt(2.0)), 6)
+        if case is not None:
+            named = _Named(GENERIC_FAULT, score, True, True, drivers)
+            return self._send(case, ts_ms, score=score, confidence=score, drivers=named)
+        alert = self._alerts.get(device_id)
+        if alert is not None and alert.case is not None:
+            return []  # its own history already opened it
+        entry = self._entry(model, GENERIC_FAULT)
+        at = ms_to_datetime(ts_ms)
+        moved = ", ".join(f"{c.feature} {c.z:+.1f}" for c in drivers)
+        diagnosis = Diagnosis(
+            device_id=device_id,
+            model=model,
+            fault=GENERIC_FAULT,
+            confidence=score,
+            status="open",
+            opened_at=at,
+            updated_at=at,
+            score=score,
+            source="model",
+            time_to_failure=None,
+            drivers=drivers,
+            remedies=() if entry is None else entry.remedies,
+            evidence=(
+                f"unlike its {peers - 1} peers of model {model} (how far from their median, "
+                "in their spread)",
+                f"far from its peers: {moved}",
+            ),
+        )
+        _LOG.info("%s: opened %s (far from its %d peers)", device_id, GENERIC_FAULT, peers)
+        case = self._peer_cases[device_id] = _Case(
+            diagnosis, from_model=True, last_code_ms=None, ts_ms=ts_ms
+        )
+        return [diagnosis]
 
     def _open_alert(
         self, device_id: str, model: str, ts_ms: int, score: float, alert: _Alert

@@ -206,3 +206,54 @@ def test_a_fleet_of_a_product_that_switches_states_raises_no_case_without_its_fi
     assert readings > 24 * 6 * 700
     assert engine.unknown_readings == readings  # all scored generically
     assert [(d.device_id, d.fault, d.drivers[0].feature) for d in opened] == []
+
+
+def fleet_of_compressors(
+    count: int, days: float, born_faulty: str | None = None, repaired_at: int | None = None
+) -> list[Reading | Event]:
+    """Compressors in time order, each a little off the others; one may be born faulty."""
+    rng = np.random.default_rng(41)
+    streams = []
+    for k in range(count):
+        device = f"cmp-{k:02d}"
+        offset = float(rng.normal(0.0, 0.15))
+        fault_at = 0 if device == born_faulty else None
+        rows = compressor(device, days, seed=100 + k, fault_at=fault_at)
+        for i, r in enumerate(rows):
+            current = float(r.metrics["current_a"]) + offset
+            if device == born_faulty and repaired_at is not None and i >= repaired_at:
+                current -= 3.0
+            r.metrics["current_a"] = round(current, 3)
+        streams.append(rows)
+    return [r for rows in zip(*streams, strict=True) for r in rows]
+
+
+def test_a_device_born_faulty_is_found_against_its_peers_and_closed_once_repaired() -> None:
+    # from its first reading on, one compressor draws 3 A more than the others: its own
+    # history learns that as its normal, its 23 peers do not
+    items = fleet_of_compressors(24, 4.0, born_faulty="cmp-07", repaired_at=3 * DAY_ROWS)
+    engine = DiagnosticsEngine(registry={f"cmp-{k:02d}": "compressor" for k in range(24)})
+    _, diagnoses = run(engine, items, chunk=24)
+    assert [(d.device_id, d.status) for d in diagnoses if d.status != "update"] == [
+        ("cmp-07", "open"),
+        ("cmp-07", "closed"),
+    ]
+    opened, closed = (d for d in diagnoses if d.status != "update")
+    assert opened.fault == "unusual_behaviour"
+    assert opened.drivers[0].feature == "current_a"
+    assert opened.drivers[0].z > 6.0  # in the peers' spread, above their median
+    assert "unlike its 23 peers" in opened.evidence[0]
+    # opened on its second check past the first day, closed soon after the repair
+    assert START_S + 86_400 < opened.opened_at.timestamp() < START_S + 86_400 + 3 * 3_600
+    repair_s = START_S + 3 * 86_400
+    # the slow level takes hours back under half the distance; the way back, news to
+    # the device's own history, opens nothing
+    assert repair_s < closed.updated_at.timestamp() < repair_s + 12 * 3_600
+    assert "back among its peers" in closed.evidence[-1]
+
+
+def test_too_few_peers_compare_nothing() -> None:
+    items = fleet_of_compressors(12, 2.5, born_faulty="cmp-07")
+    engine = DiagnosticsEngine(registry={f"cmp-{k:02d}": "compressor" for k in range(12)})
+    _, diagnoses = run(engine, items, chunk=12)
+    assert diagnoses == []  # its own history holds the 3 A as normal; 11 peers are too few
