@@ -21,7 +21,10 @@ day of each device's own time learnt before it may raise an alert (as a device's
 must cover a day before it is trusted), and the drift statistic against a long baseline
 (a slow leak or wear, which the core's levels would follow). A core alert event opens,
 through the policy, the generic ``unusual_behaviour`` diagnosis with its evidence (which
-metrics, how far, since when); it closes when the core re-arms. With
+metrics, how far, since when); it closes when the core re-arms. Where a model has
+:data:`PEER_MIN_DEVICES` comparable devices, each is also set against its peers every
+:data:`PEER_EVERY_S` of device time (:func:`peer_outliers`), so that a device born
+faulty, whose own history takes the fault for its normal, is found too. With
 ``generic_scoring="baseline"`` each metric's streaming level is instead a feature scored
 against the device's own baseline, as a product file's features are, and the policy
 names ``unusual_behaviour`` from the generic product's signature. A
