@@ -34,9 +34,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal, Protocol, Self
+from typing import Final, Literal, NamedTuple, Protocol, Self
 
 from device.errors import DeviceConfigError
 
@@ -59,9 +58,8 @@ _SCHEMA: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    """One message waiting for its PUBACK.
+class OutboxRow(NamedTuple):
+    """One message waiting for its PUBACK (a named tuple: cheap to make per message).
 
     Attributes:
         id: position in the outbox (increasing; the send order).
@@ -486,7 +484,8 @@ class MemoryDeviceStore:
             seq = self._seq + 1
             payload = build(seq)
             self._insert(topic, payload, ts_ms)
-            self._keep(state)
+            if state:
+                self._keep(state)
             self._seq = seq
             self._appended += 1
             return seq

@@ -240,6 +240,17 @@ class FleetRunner:
         self._start = start
 
     # -- connections -------------------------------------------------------------------
+    def connected(self, device_id: str) -> bool:
+        """Whether the device's MQTT connection is up now.
+
+        Raises:
+            ConfigError: no such device.
+        """
+        link = self._links.get(device_id)
+        if link is None:
+            raise ConfigError(f"no simulated device {device_id!r}")
+        return link.client is not None
+
     def _tls(self) -> ssl.SSLContext | None:
         if not self.settings.mqtt_tls:
             return None
