@@ -30,6 +30,8 @@ from test_dashboard import NOW, PASSWORDS, Clock, RecordingCampaign, Seed, ops_u
 from dashboard.app import create_app
 from dashboard.feed import CaseFeed
 from dashboard.settings import DashboardSettings
+from diagnostics.engine import Mismatch
+from diagnostics.service import mismatch_lines
 from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
 from gateway.lineproto import event_to_line, point_line
@@ -124,6 +126,12 @@ async def _telemetry(influx: InfluxClient, seed: Seed) -> None:
             data={"model": device.model, "firmware": firmware or "", "reset_reason": "power_on"},
         )
         lines.append(event_to_line(boot))
+    # what the diagnostics service counted that no product file describes
+    lines += mismatch_lines(
+        [Mismatch("fridge-a1", True, 1234, ("door_humidity_pct",))],
+        "fixloop-diagnostics",
+        int((NOW - timedelta(minutes=5)).timestamp() * 1000),
+    )
     outcome = await influx.write(lines)
     assert not outcome.rejected
 
@@ -220,6 +228,9 @@ async def test_an_ops_day_in_the_browser(served: Served, browser: Browser) -> No
     await _login(page, served.url, "ada", errors)
     await expect(page.locator("#fleet-devices")).to_have_text("60")
     await expect(page.locator("#by-model")).to_contain_text("fridge-a1")
+    mismatch = page.locator("#product-mismatch")
+    await expect(mismatch).to_contain_text("door_humidity_pct")
+    await expect(mismatch).to_contain_text("1234")
     await expect(page.locator("#live")).to_contain_text("live")
     await expect(page.locator("#chart-fleet-health canvas")).to_have_count(1)
     await expect(page.locator("#chart-failure-rates canvas")).to_have_count(1)
