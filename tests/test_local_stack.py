@@ -224,9 +224,10 @@ async def test_a_command_channel_and_a_device_pushed_off_the_broker_come_back(
         run = asyncio.create_task(runner.run(stop))
         try:
             async with CommandChannel(mqtt, client_id="test-commands") as commands:
+                connects = runner.report().connects
                 assert (await restart(commands)).ok is not None
                 for _ in range(100):  # back from the restart, on its resumed session
-                    if runner.connected(ids[0]):
+                    if runner.report().connects > connects and runner.connected(ids[0]):
                         break
                     await asyncio.sleep(0.05)
                 await take_over(ids[0])  # the device ...
