@@ -192,6 +192,13 @@ def test_products_folder_adds_and_overrides(tmp_path: Path) -> None:
         load_products(tmp_path)
     with pytest.raises(ConfigError):
         load_products(tmp_path / "missing")
+    # a bad file in the folder stops the service at start, naming its line and key
+    (tmp_path / "again.toml").unlink()
+    (tmp_path / "kettle.toml").write_text(
+        MINIMAL.replace("[product]\n", '[product]\ncolour = "red"\n')
+    )
+    with pytest.raises(ProductError, match=r"kettle\.toml:\d+: product\.colour: unknown key"):
+        load_engine(DiagnosticsSettings(model_path=tmp_path / "none.pkl", products_dir=tmp_path))
 
 
 # -- a fourth product, described only by a file -------------------------------------------
