@@ -2,7 +2,9 @@
 
 The services that decide on remote fixes (the notifier) hold a :class:`CommandChannel`;
 it publishes ``{id, action, args}`` on ``devices/{id}/commands`` at QoS 1 and matches
-the device's ``command_result`` event on ``devices/{id}/events`` by command id.
+the device's ``command_result`` event on ``devices/{id}/events`` by command id. Every
+other event it reads is handed to ``on_event`` when given (the notifier keeps the
+firmware that boot events name).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class CommandChannel:
         mqtt: how to reach the broker (a service user allowed to write commands).
         client_id: MQTT client id of this channel.
         clock: wall clock in seconds (for the event time window).
+        on_event: called with every valid event read (it must not block: it runs in the
+            loop that matches results).
     """
 
     def __init__(
@@ -50,9 +54,11 @@ class CommandChannel:
         *,
         client_id: str = "fixloop-commands",
         clock: Callable[[], float] = time.time,
+        on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self._client = mqtt.client(client_id)
         self._clock = clock
+        self._on_event = on_event
         self._waiting: dict[str, asyncio.Future[Event]] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -109,12 +115,18 @@ class CommandChannel:
             now_ms = int(self._clock() * 1000)
             for message in batch:
                 target = split_device_topic(message.topic)
-                if target is None or not self._waiting:
+                if target is None or (not self._waiting and self._on_event is None):
                     continue
                 try:
                     event = decode_event(target[0], message.payload, now_ms)
                 except RejectedError:
                     continue  # the gateway reports refused events; nothing to match here
+                if self._on_event is not None:
+                    try:
+                        self._on_event(event)
+                    except Exception:
+                        # a listener's bug must not stop command results from matching
+                        _LOG.exception("event listener failed on %s", message.topic)
                 if event.kind != "command_result" or event.command_id is None:
                     continue
                 future = self._waiting.get(event.command_id)

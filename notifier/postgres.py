@@ -90,6 +90,7 @@ from notifier.registry import (
     RowOutcome,
     _Checked,
     _sha256,
+    check_firmware,
     check_new_device,
     claim_digest,
     new_claim_code,
@@ -1453,6 +1454,33 @@ class PostgresRegistry:
             return None if row is None else _registered(row)
 
         result: RegisteredDevice | None = await self._run(job)
+        return result
+
+    async def note_firmware(self, device_id: str, firmware: str) -> bool:
+        """Keep the firmware a device's boot event names, in the registry and its record.
+
+        Returns:
+            Whether a stored version changed.
+
+        Raises:
+            InvalidRequestError: ``firmware`` is not a firmware version.
+        """
+        check_firmware(firmware)
+
+        async def job(conn: _Conn) -> bool:
+            changed = 0
+            async with conn.transaction():
+                for table in ("registry", "devices"):
+                    status = await conn.execute(
+                        f"UPDATE {table} SET firmware = $1 "
+                        "WHERE device_id = $2 AND firmware IS DISTINCT FROM $1",
+                        firmware,
+                        device_id,
+                    )
+                    changed += int(str(status).rsplit(" ", 1)[-1])
+            return changed > 0
+
+        result: bool = await self._run(job)
         return result
 
     async def list(

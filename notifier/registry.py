@@ -84,6 +84,7 @@ __all__ = [
     "RowOutcome",
     "SqliteRegistry",
     "TokenInfo",
+    "check_firmware",
     "check_new_device",
     "claim_digest",
     "claim_key",
@@ -380,6 +381,9 @@ class DeviceRegistry(Protocol):
     async def get(self, device_id: str) -> RegisteredDevice | None:
         """Return a registered device."""
 
+    async def note_firmware(self, device_id: str, firmware: str) -> bool:
+        """Keep the firmware a device's boot event names; whether anything changed."""
+
     async def list(
         self,
         *,
@@ -481,6 +485,17 @@ def _audit(
         "VALUES (NULL, ?, ?, ?, ?, ?)",
         (_ts(now), actor, action, reason, json.dumps(evidence, separators=(",", ":"))),
     )
+
+
+def check_firmware(firmware: str) -> str:
+    """Return ``firmware`` if it is a firmware version as the registry keeps them.
+
+    Raises:
+        InvalidRequestError: it is not (1 to 32 letters, digits and ``._+-``).
+    """
+    if not _FIRMWARE.fullmatch(firmware):
+        raise InvalidRequestError(f"{firmware[:40]!r} is not a firmware version")
+    return firmware
 
 
 def check_new_device(device: NewDevice) -> list[tuple[str, str]]:
@@ -869,6 +884,31 @@ class SqliteRegistry:
             return None if row is None else _device(row)
 
         return await self._run(job)
+
+    async def note_firmware(self, device_id: str, firmware: str) -> bool:
+        """Keep the firmware a device's boot event names, in the registry and its record.
+
+        Returns:
+            Whether a stored version changed (``False`` for a device not stored, or one
+            that already runs it).
+
+        Raises:
+            InvalidRequestError: ``firmware`` is not a firmware version.
+        """
+        check_firmware(firmware)
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                changed = 0
+                for table in ("registry", "devices"):
+                    changed += conn.execute(
+                        f"UPDATE {table} SET firmware = ? "
+                        "WHERE device_id = ? AND firmware IS NOT ?",
+                        (firmware, device_id, firmware),
+                    ).rowcount
+                return changed > 0
+
+        return bool(await self._run(job))
 
     async def list(
         self,

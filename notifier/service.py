@@ -26,19 +26,21 @@ from gateway.commands import CommandChannel
 from gateway.consumer import consume_forever
 from gateway.errors import BrokerUnavailableError, PermanentError, RejectedError, TransientError
 from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import CASES_TOPIC, DIAGNOSES_TOPIC
+from gateway.protocol import CASES_TOPIC, DIAGNOSES_TOPIC, Event
 from gateway.protocol.mqtt import MqttClient, MqttUsageError
 from gateway.settings import MqttSettings
 from gateway.supervisor import StageHealth, supervise
 from notifier.admin import Onboarding
 from notifier.api import create_api
 from notifier.devicedata import InfluxDeviceData
+from notifier.errors import InvalidRequestError
 from notifier.health import InfluxHealth
 from notifier.links import ActionLinks
 from notifier.loop import LoopConfig, OwnerLoop
 from notifier.model import Case
 from notifier.oidc import OidcOwners
 from notifier.outbox import Outbox, build_dispatcher
+from notifier.registry import DeviceRegistry
 from notifier.settings import NotifierSettings
 from notifier.store import CaseStore
 from notifier.stores import case_store
@@ -49,6 +51,8 @@ _LOG = logging.getLogger(__name__)
 _BATCH_MAX: Final = 500
 _DIGEST_EVERY_S: Final = 60.0
 _SWEEP_EVERY_S: Final = 15.0
+#: Most devices whose boot-event firmware waits to be written (a burst past it is dropped).
+_MAX_PENDING_BOOTS: Final = 100_000
 
 
 def _utc_now() -> datetime:
@@ -129,6 +133,11 @@ class NotifierService:
         # process keeps them apart from another notifier's (a second replica), and not
         # to be guessed (a client taking an id closes the connection that held it). The
         # diagnoses consumer keeps settings.client_id: its session must outlive restarts.
+        self._boots: dict[str, str] = {}
+        self._boots_waiting = asyncio.Event()
+        #: firmware versions written to the registry from boot events, and boots dropped
+        self.firmware_noted = 0
+        self.boots_dropped = 0
         instance = secrets.token_hex(4)
         #: MQTT client ids of the command channel and of the ``fleet/cases`` publisher
         self.command_client_id = f"{settings.client_id}-commands-{instance}"
@@ -150,7 +159,9 @@ class NotifierService:
             health = InfluxHealth(influx)
             device_data = InfluxDeviceData(influx)
             commands = await stack.enter_async_context(
-                CommandChannel(self._mqtt, client_id=self.command_client_id)
+                CommandChannel(
+                    self._mqtt, client_id=self.command_client_id, on_event=self._note_boot
+                )
             )
             self._publisher = self._mqtt.client(self.publisher_client_id)
             await self._publisher.connect()
@@ -288,6 +299,7 @@ class NotifierService:
             group.create_task(supervise("push-delivery", outbox.run, stages), name="push-delivery")
             group.create_task(supervise("digests", self._digests, stages), name="digests")
             group.create_task(supervise("queued-sweep", self._sweep, stages), name="queued-sweep")
+            group.create_task(supervise("firmware", self._keep_firmware, stages), name="firmware")
             await supervise(
                 "diagnoses",
                 lambda: consume_forever(
@@ -327,6 +339,49 @@ class NotifierService:
         while True:
             await asyncio.sleep(_DIGEST_EVERY_S)
             await self.outbox.flush()
+
+    def _note_boot(self, event: Event) -> None:
+        """Remember the firmware a boot event names, for :meth:`_keep_firmware`.
+
+        Called in the command channel's loop, so it only notes: the newest version per
+        device, at most ``_MAX_PENDING_BOOTS`` devices waiting (a burst of reboots past
+        that is counted and dropped: those devices say it again at their next boot).
+        """
+        if event.kind != "boot":
+            return
+        firmware = event.code or event.data.get("firmware")
+        if not isinstance(firmware, str) or not firmware:
+            return
+        if event.device_id not in self._boots and len(self._boots) >= _MAX_PENDING_BOOTS:
+            self.boots_dropped += 1
+            return
+        self._boots[event.device_id] = firmware
+        self._boots_waiting.set()
+
+    async def _keep_firmware(self) -> None:
+        """Write the firmware boot events name to the device registry (and device record)."""
+        registry_of = getattr(self.store, "registry", None)
+        registry: DeviceRegistry | None = registry_of() if callable(registry_of) else None
+        while True:
+            await self._boots_waiting.wait()
+            self._boots_waiting.clear()
+            boots, self._boots = self._boots, {}
+            if registry is None:
+                continue
+            for device_id, firmware in boots.items():
+                try:
+                    if await registry.note_firmware(device_id, firmware):
+                        self.firmware_noted += 1
+                        _LOG.info("device %s runs firmware %s", device_id, firmware)
+                except InvalidRequestError as exc:
+                    _LOG.warning("boot event of %s: %s", device_id, exc)
+                except TransientError:
+                    # the store is away: keep what is not written for the next round
+                    for left, version in boots.items():
+                        self._boots.setdefault(left, version)
+                    self._boots_waiting.set()
+                    await asyncio.sleep(_SWEEP_EVERY_S)
+                    break
 
     async def _sweep(self) -> None:
         """Deliver what the store holds as queued and nothing here took (at start, then often).

@@ -44,6 +44,7 @@ from notifier.model import (
     Window,
 )
 from notifier.postgres import PostgresStore
+from notifier.registry import NewDevice, ProductLine, claim_key
 from notifier.sqlite import ERASED_OWNER, MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from notifier.store import CaseStore
 
@@ -1391,3 +1392,30 @@ async def test_the_database_and_its_log_are_readable_by_their_owner_only(tmp_pat
     path.chmod(0o644)
     async with SqliteStore(path) as store:
         assert path.stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_boot_events_firmware_is_kept_in_the_registry_and_the_record(
+    store: Store,
+) -> None:
+    now = datetime(2026, 6, 1, tzinfo=UTC)
+    registry = store.registry()
+    await registry.put_product_line(ProductLine("washer", "Washer", now))
+    (outcome,) = await registry.register(
+        [NewDevice("w-1", "washer", "S-1", firmware="1.0.0")],
+        key=claim_key("a fleet secret of the tests, 32+ chars"),
+        now=now,
+        actor="test",
+    )
+    assert outcome.ok
+    await store.put_owner(Owner("o-1", "Ada"))
+    await store.put_device(DeviceRecord("w-1", "o-1", "washer", firmware="1.0.0"))
+    assert await registry.note_firmware("w-1", "2.0.1")
+    assert not await registry.note_firmware("w-1", "2.0.1")  # the same again
+    assert not await registry.note_firmware("nobody", "2.0.1")
+    with pytest.raises(InvalidRequestError):
+        await registry.note_firmware("w-1", "2.0 beta; drop")
+    found = await registry.get("w-1")
+    record = await store.get_device("w-1")
+    assert found is not None
+    assert record is not None
+    assert (found.firmware, record.firmware) == ("2.0.1", "2.0.1")
