@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Final
 
 from device import Refusal
+from device.contract import EventKind, MetricValue
 from device_sim.environment import Climate, local_hour
 from gateway.errors import ConfigError
-from gateway.protocol import EventKind, MetricValue
 
 __all__ = [
     "Appliance",

@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
+from device.contract import MetricValue
 from device_sim.appliances import Appliance, Notice
 from device_sim.environment import local_hour
 from gateway.errors import ConfigError
-from gateway.protocol import MetricValue
 
 __all__ = [
     "DescribedAppliance",

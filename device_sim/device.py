@@ -39,6 +39,7 @@ from device import (
     SendQueue,
 )
 from device import SelfTestResult as LibrarySelfTest
+from device.contract import status_topic
 from device.ota import version_key
 from device_sim.appliances import Appliance, Notice, make_appliance
 from device_sim.described import DescribedAppliance, SimProduct
@@ -51,7 +52,6 @@ from device_sim.faults import (
     faults_for_model,
 )
 from gateway.errors import ConfigError
-from gateway.protocol import status_topic
 
 __all__ = ["DEFAULT_FIRMWARE", "Outbound", "SimDevice"]
 

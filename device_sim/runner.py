@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol, Self
 
+from device.contract import commands_topic, status_topic
 from device_sim.clock import SimClock
 from device_sim.described import load_sim_product
 from device_sim.device import Outbound, SimDevice
@@ -50,7 +51,6 @@ from device_sim.faults import FaultRecord, faults_to_csv
 from device_sim.fleet import Fleet
 from device_sim.settings import SimSettings
 from gateway.errors import BrokerUnavailableError, ConfigError
-from gateway.protocol import commands_topic, status_topic
 from gateway.protocol.credentials import device_password
 from gateway.protocol.mqtt import Message, MqttClient, Will
 
