@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Final
 
 from device_sim import FaultName, FaultRecord, FleetRunner, faults_for_model
@@ -25,6 +25,7 @@ from gateway.errors import ConfigError, PermanentError
 from gateway.protocol.credentials import derive
 from notifier.actions import CaseActions
 from notifier.model import OPEN_STATES, DeviceRecord, Owner, Technician, Window
+from notifier.registry import NewDevice, ProductLine, claim_key
 from notifier.store import CaseStore
 
 __all__ = [
@@ -94,14 +95,19 @@ class DemoPeople:
 
 
 async def seed_people(
-    store: CaseStore, devices: Sequence[tuple[str, str]], fleet_secret: str
+    store: CaseStore, devices: Sequence[tuple[str, str, str]], fleet_secret: str
 ) -> DemoPeople:
-    """Register owners for ``(device_id, model)`` pairs, technicians and their tokens.
+    """Register devices ``(device_id, model, firmware)``, their owners, technicians, tokens.
 
-    Idempotent: a second run with the same devices changes nothing that matters.
+    Each device is in the registry (its model's product line, serial = device id, region
+    ``default``, its firmware and batch, as ``fixloop devices list`` shows it) and
+    claimed by its owner. Idempotent: a second run with the same devices changes nothing
+    that matters (registered devices keep what the registry learnt since, such as a
+    newer firmware).
     """
+    await _register_devices(store, devices, fleet_secret)
     owners: list[str] = []
-    for index, (device_id, model) in enumerate(devices):
+    for index, (device_id, model, firmware) in enumerate(devices):
         number = index // 2
         owner_id = f"owner-{number:04d}"
         if owner_id not in owners:
@@ -117,8 +123,17 @@ async def seed_people(
                 )
             )
             await store.add_token(demo_token(fleet_secret, owner_id), ("owner", owner_id))
+        record = await store.get_device(device_id)
         await store.put_device(
-            DeviceRecord(device_id, owner_id, model, label=None, batch=f"B{index % 4 + 1:02d}")
+            DeviceRecord(
+                device_id,
+                owner_id,
+                model,
+                # what the notifier learnt from boot events since stays
+                firmware=firmware if record is None else record.firmware or firmware,
+                label=None,
+                batch=_batch(index),
+            )
         )
     for technician_id, name, skills in _TECHNICIANS:
         await store.put_technician(
@@ -132,6 +147,29 @@ async def seed_people(
         tuple(t[0] for t in _TECHNICIANS),
         demo_token(fleet_secret, owners[0]) if owners else "",
     )
+
+
+def _batch(index: int) -> str:
+    return f"B{index % 4 + 1:02d}"
+
+
+async def _register_devices(
+    store: CaseStore, devices: Sequence[tuple[str, str, str]], fleet_secret: str
+) -> None:
+    """Put the demo's devices in the registry, under a product line per model."""
+    registry = store.registry()
+    now = datetime.now(UTC)
+    known = {line.model for line in await registry.product_lines()}
+    for model in sorted({model for _, model, _ in devices} - known):
+        await registry.put_product_line(ProductLine(model, model, now))
+    rows = [
+        NewDevice(device_id, model, device_id, firmware=firmware, batch=_batch(index))
+        for index, (device_id, model, firmware) in enumerate(devices)
+    ]
+    outcomes = await registry.register(rows, key=claim_key(fleet_secret), now=now, actor="demo")
+    added = sum(1 for outcome in outcomes if outcome.ok)
+    if added:
+        _LOG.info("demo: %d devices registered (fixloop devices list)", added)
 
 
 @dataclass(frozen=True, slots=True)

@@ -496,7 +496,9 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
             assert notifier.store is not None
             assert notifier.loop is not None
             people = await seed_people(
-                notifier.store, [(d.device_id, str(d.model)) for d in runner.fleet.devices], secret
+                notifier.store,
+                [(d.device_id, str(d.model), d.firmware) for d in runner.fleet.devices],
+                secret,
             )
             users, ops_login = _ops_users(settings, secret)
             dashboard_site = _serve(

@@ -40,7 +40,6 @@ from notifier.loop import LoopConfig, OwnerLoop
 from notifier.model import Case
 from notifier.oidc import OidcOwners
 from notifier.outbox import Outbox, build_dispatcher
-from notifier.registry import DeviceRegistry
 from notifier.settings import NotifierSettings
 from notifier.store import CaseStore
 from notifier.stores import case_store
@@ -360,14 +359,12 @@ class NotifierService:
 
     async def _keep_firmware(self) -> None:
         """Write the firmware boot events name to the device registry (and device record)."""
-        registry_of = getattr(self.store, "registry", None)
-        registry: DeviceRegistry | None = registry_of() if callable(registry_of) else None
+        assert self.store is not None
+        registry = self.store.registry()
         while True:
             await self._boots_waiting.wait()
             self._boots_waiting.clear()
             boots, self._boots = self._boots, {}
-            if registry is None:
-                continue
             for device_id, firmware in boots.items():
                 try:
                     if await registry.note_firmware(device_id, firmware):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from notifier.model import (
     Appointment,
@@ -32,6 +32,9 @@ from notifier.model import (
     Task,
     Technician,
 )
+
+if TYPE_CHECKING:  # the registry module imports this one
+    from notifier.registry import DeviceRegistry
 
 __all__ = ["CaseStore", "Principal", "PrincipalKind"]
 
@@ -77,6 +80,9 @@ class CaseStore(Protocol):
 
     async def unlink_subject(self, issuer: str, subject: str, owner_id: str) -> bool:
         """Unlink a provider's subject from an owner; ``False`` if it was not theirs."""
+
+    def registry(self) -> DeviceRegistry:
+        """The device registry kept beside the cases (:mod:`notifier.registry`)."""
 
     async def put_device(self, device: DeviceRecord) -> None:
         """Insert or replace a device registry entry."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import pytest
 from conftest import FLEET_SECRET, MakeMosquitto
 from pydantic import SecretStr
 
-from device_sim import FleetRunner, SimSettings
+from device_sim import DEFAULT_FIRMWARE, FleetRunner, SimSettings
 from fixloop.stack import InfluxdServer, MosquittoServer
 
 pytestmark = pytest.mark.integration
@@ -226,3 +227,37 @@ async def test_the_demo_gives_its_first_fault_to_the_owner_the_banner_shows() ->
             await task
         assert runner.fleet.ground_truth()[0].device_id in shown
         runner = FleetRunner(SimSettings(devices=12, fleet_secret=SecretStr(FLEET_SECRET)))
+
+
+def test_the_demos_devices_are_in_the_registry(tmp_path: Path) -> None:
+    data_dir = tmp_path / "stack"
+
+    def listed() -> list[dict[str, object]]:
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "fixloop", "devices", "list"),
+                *("--json", "--data-dir", str(data_dir)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    for _ in range(2):  # a second run registers nothing twice
+        proc, _influx = start_up(data_dir)
+        stop(proc)
+        devices = listed()
+        assert len(devices) == 6, devices
+    wanted = {d.device_id: str(d.model) for d in FleetRunner(SimSettings(devices=6)).fleet.devices}
+    assert {str(d["device_id"]): d["model"] for d in devices} == wanted
+    for device in devices:
+        assert device["serial"] == device["device_id"]
+        assert device["region"] == "default"
+        assert re.fullmatch(r"\d+\.\d+\.\d+\S*", str(device["firmware"])), device
+        assert device["state"] == "claimed"
+        assert str(device["owner_id"]).startswith("owner-")
+        assert re.fullmatch(r"B0[1-4]", str(device["batch"]))
+    # what they left the factory with (a remote firmware update may have moved one on)
+    assert DEFAULT_FIRMWARE in {device["firmware"] for device in devices}
