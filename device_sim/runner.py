@@ -334,8 +334,11 @@ class FleetRunner:
             for link in self._links.values():
                 group.create_task(close(link))
 
-    async def _open(self, link: _Link) -> bool:
+    async def _open(self, link: _Link, *, retrying: bool = False) -> bool:
         """Connect a device that wants to be online; return whether it is connected.
+
+        A failure with ``reconnect`` during a run leaves the device offline and tries
+        again later (``retrying``: the caller is that later).
 
         Raises:
             BrokerUnavailableError: the broker cannot be reached (without ``reconnect``
@@ -356,7 +359,8 @@ class FleetRunner:
             client.abort()
             if not self._reconnect or self._group is None:
                 raise
-            self._reconnect_later(link)
+            if not retrying:
+                self._reconnect_later(link)
             return False
         link.client = client
         link.generation += 1
@@ -408,12 +412,7 @@ class FleetRunner:
                 async with link.lock:
                     if link.client is not None or not link.device.connected:
                         return  # back already, or the device went down meanwhile
-                    link.reconnecting = False
-                    try:
-                        opened = await self._open(link)
-                    finally:
-                        link.reconnecting = not link.up.is_set()
-                    if opened:
+                    if await self._open(link, retrying=True):
                         self.reconnects += 1
                         _LOG.info("sim device %s reconnected", link.device.device_id)
                         await self._send(link)

@@ -8,9 +8,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import orjson
+import pytest
 
 from device_sim import FleetRunner, SimSettings
 from fixloop.broker import GATEWAY_USER
+from gateway.errors import BrokerUnavailableError
 from gateway.protocol.mqtt import Message, MqttClient, Will
 from tests.conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeMosquitto
 
@@ -50,7 +52,14 @@ class FakeConnection:
 
     async def messages(self) -> AsyncIterator[Message]:
         while True:
-            yield await self.inbox.get()
+            try:
+                async with asyncio.timeout(0.05):
+                    message = await self.inbox.get()
+            except TimeoutError:
+                if not self.open:  # as MqttClient: the end of the connection ends this
+                    raise BrokerUnavailableError("the connection is closed") from None
+                continue
+            yield message
 
     def ack(self, message: Message) -> None:
         self.acked.append(message.packet_id)
@@ -142,3 +151,47 @@ async def test_runner_against_mosquitto(make_mosquitto: MakeMosquitto) -> None:
     for device_id in runner.fleet.device_ids:
         per_device = report.readings_per_device[device_id] + report.events_per_device[device_id]
         assert received[device_id] == per_device
+
+
+async def test_a_device_that_loses_the_broker_buffers_and_reconnects_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("device_sim.runner._RECONNECT_FIRST_S", 0.01)
+    monkeypatch.setattr("device_sim.runner._RECONNECT_MAX_S", 0.04)
+    settings = SimSettings(
+        devices=1, fleet_secret=FLEET_SECRET, speed=600.0, start_offset_s=1800, duration_s=1800
+    )
+    made: list[FakeConnection] = []
+    refusals = 8  # connects refused while "the broker is down"
+
+    class Flaky(FakeConnection):
+        async def connect(self) -> None:
+            nonlocal refusals
+            if len(made) > 1 and refusals:
+                refusals -= 1
+                raise BrokerUnavailableError("connection refused")
+            await super().connect()
+
+        async def publish(
+            self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+        ) -> None:
+            if len(made) == 1 and len(self.published) == 20:
+                self.open = False
+                raise BrokerUnavailableError("the broker went away")
+            await super().publish(topic, payload, qos=qos, retain=retain)
+
+    def connect(device_id: str, password: str, will: Will, clean_start: bool) -> FakeConnection:
+        made.append(Flaky(device_id, will, clean_start))
+        return made[-1]
+
+    async with FleetRunner(settings, connect=connect, reconnect=True) as runner:
+        report = await runner.run()
+    (device,) = runner.fleet.devices
+    assert runner.reconnects == 1
+    assert len(made) == 2 + 8  # the first, eight refused, the one that held
+    assert [c.clean_start for c in made] == [True] + [False] * 9  # the session resumed
+    assert report.buffered_at_end == 0
+    assert report.readings_total == device.readings_taken == 180
+    telemetry = [p for c in made for t, p, *_ in c.published if t.endswith("/telemetry")]
+    seqs = [orjson.loads(p)["seq"] for p in telemetry]
+    assert sorted(set(seqs)) == sorted(seqs)  # each once: the failed one was not acked
