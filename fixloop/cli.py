@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from fixloop.config import load_settings
+from fixloop.config import in_data_dir, load_settings
 from fixloop.dynsec_cli import add_credentials_parser, run_credentials
 from fixloop.opsusers import add_parser as add_ops_users_parser
 from fixloop.opsusers import ops_users_file
@@ -124,6 +124,12 @@ def _parser() -> argparse.ArgumentParser:
         "train", help="learn the fleet health models from the history in InfluxDB"
     )
     train.add_argument("--days", type=float, help="history to learn from (default 7)")
+    train.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the data folder whose case store and models to use (stack.data_dir), unless "
+        "[notifier] db_path or [diagnostics] model_path is set",
+    )
 
     products = commands.add_parser("products", help="product files: describe a product model")
     product_commands = products.add_subparsers(dest="products_command", required=True)
@@ -334,7 +340,7 @@ async def _diagnostics(settings: Settings, stop: asyncio.Event) -> None:
     from diagnostics.service import DiagnosticsService
     from fixloop.observe import diagnostics_endpoint
 
-    config = settings.diagnostics
+    config = in_data_dir(settings).diagnostics
     async with (
         DiagnosticsService(settings.mqtt, settings.influx, config) as service,
         diagnostics_endpoint(service, config.metrics_host, config.metrics_port),
@@ -347,7 +353,7 @@ async def _notifier(settings: Settings, stop: asyncio.Event) -> None:
     from fixloop.registry_cli import service_onboarding
     from notifier.service import NotifierService
 
-    config = settings.notifier
+    config = in_data_dir(settings).notifier
     async with (
         NotifierService(
             settings.mqtt,
@@ -365,6 +371,7 @@ async def _dashboard(settings: Settings, stop: asyncio.Event) -> None:
     from dashboard.service import DashboardService
     from fixloop.observe import dashboard_endpoint
 
+    settings = in_data_dir(settings)
     config = settings.dashboard.model_copy(update={"users_file": ops_users_file(settings)})
     async with (
         DashboardService(
@@ -398,6 +405,7 @@ async def _train(settings: Settings) -> None:
     from diagnostics.training import train_from_influx
     from fixloop.failures import recorded_failures
 
+    settings = in_data_dir(settings)
     failures = await recorded_failures(settings.notifier)
     report = await train_from_influx(
         settings.influx, settings.diagnostics, progress=_progress_bar, failures=failures

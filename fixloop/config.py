@@ -28,13 +28,25 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsError
 from fixloop.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
 from gateway.errors import ConfigError
 
-__all__ = ["DEFAULT_CONFIG_FILE", "FLEET_SECRET_FILE", "ensure_fleet_secret", "load_settings"]
+__all__ = [
+    "CASE_STORE_FILE",
+    "DEFAULT_CONFIG_FILE",
+    "FLEET_SECRET_FILE",
+    "MODEL_FILE",
+    "ensure_fleet_secret",
+    "in_data_dir",
+    "load_settings",
+]
 
 _LOG = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_FILE: Final = Path("fixloop.toml")
 #: File in ``stack.data_dir`` that keeps a generated fleet secret.
 FLEET_SECRET_FILE: Final = "fleet_secret"
+#: The SQLite case store's file in a data folder.
+CASE_STORE_FILE: Final = "cases.sqlite3"
+#: The fleet models' file in a data folder.
+MODEL_FILE: Final = Path("models") / "diagnostics.pkl"
 
 # Phrases for pydantic's error types: "setting x: must be >= 1 (got 0)".
 _BOUNDS: Final = {
@@ -254,3 +266,23 @@ def ensure_fleet_secret(settings: Settings) -> Settings:
         raise ConfigError(f"fleet secret file {secret_path}: empty")
     new_stack = stack.model_copy(update={"fleet_secret": SecretStr(value)})
     return settings.model_copy(update={"stack": new_stack})
+
+
+def in_data_dir(settings: Settings) -> Settings:
+    """``settings`` with the case store and the fleet models where ``fixloop up`` keeps them.
+
+    ``[notifier] db_path`` and ``[diagnostics] model_path`` stay as given when set (in
+    the file or the environment); otherwise they are ``cases.sqlite3`` and
+    ``models/diagnostics.pkl`` in ``stack.data_dir``. The one rule of every command that
+    works on a data folder (``fixloop up``, ``train``, the onboarding commands,
+    ``dashboard``), so ``fixloop train --data-dir D`` learns from the failures the demo
+    on ``D`` recorded and leaves its models where that demo loads them.
+    """
+    data_dir = settings.stack.data_dir
+    notifier = settings.notifier
+    diagnostics = settings.diagnostics
+    if "db_path" not in notifier.model_fields_set:
+        notifier = notifier.model_copy(update={"db_path": data_dir / CASE_STORE_FILE})
+    if "model_path" not in diagnostics.model_fields_set:
+        diagnostics = diagnostics.model_copy(update={"model_path": data_dir / MODEL_FILE})
+    return settings.model_copy(update={"notifier": notifier, "diagnostics": diagnostics})

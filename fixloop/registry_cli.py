@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 from diagnostics.product import load_products
-from fixloop.config import FLEET_SECRET_FILE, ensure_fleet_secret
+from fixloop.config import FLEET_SECRET_FILE, ensure_fleet_secret, in_data_dir
 from fixloop.dynsec import DynsecClient, generate_password
 from fixloop.dynsec_cli import admin_client
 from fixloop.settings import Settings
@@ -246,9 +246,7 @@ def case_store_path(settings: Settings) -> Path:
 
     The commands work on it unless ``[notifier] store_url`` names a PostgreSQL database.
     """
-    if "db_path" in settings.notifier.model_fields_set:
-        return settings.notifier.db_path
-    return settings.stack.data_dir / "cases.sqlite3"
+    return in_data_dir(settings).notifier.db_path
 
 
 def _say(text: str) -> None:

@@ -8,6 +8,8 @@ which predicts a running device of that model from its own stored rows.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,10 +21,13 @@ from diagnostics.lifetimes import Failure, LifetimeModels, StepHistory, lifetime
 from diagnostics.service import backfill_lifetimes, load_engine
 from diagnostics.settings import DiagnosticsSettings
 from diagnostics.training import train_from_influx
+from fixloop.cli import main
 from fixloop.stack import InfluxdServer
 from gateway.influx import InfluxClient, InfluxSettings
 from gateway.lineproto import event_to_line, reading_to_line
 from gateway.protocol import Event, Reading, decode_event, decode_reading
+from notifier.model import Case
+from notifier.sqlite import SqliteStore
 
 pytestmark = pytest.mark.integration
 
@@ -102,3 +107,65 @@ async def test_train_learns_remaining_life_from_recorded_failures(
     assert np.allclose(filled.values[:, numbers], stored.values[:n, numbers], rtol=1e-5)
     prediction = engine.lifetimes.predict(failed[0], model, "bearing_wear", now_ms)
     assert prediction is not None
+
+
+def test_fixloop_train_uses_the_case_store_and_models_of_its_data_folder(
+    influxd: InfluxdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fixloop train --data-dir D`` reads the failures ``fixloop up`` on D recorded."""
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=DAYS)
+    items = fleet_items(start)
+    influxd.create_database("datafolder")
+    influx_settings = InfluxSettings(url=influxd.url, database="datafolder")
+    models = {
+        i.device_id: str(i.data["model"])
+        for i in items
+        if isinstance(i, Event) and i.kind == "boot" and "model" in i.data
+    }
+    model = sorted(models.values())[0]
+    failed = sorted(d for d, m in models.items() if m == model)
+    data_dir = tmp_path / "demo"
+    data_dir.mkdir()
+
+    async def prepare() -> None:
+        async with InfluxClient(influx_settings) as client:
+            lines = [
+                reading_to_line(i) if isinstance(i, Reading) else event_to_line(i) for i in items
+            ]
+            for at in range(0, len(lines), 5000):
+                await client.write(lines[at : at + 5000])
+        # where fixloop up keeps its case store: cases.sqlite3 in the data folder
+        async with SqliteStore(data_dir / "cases.sqlite3") as store:
+            for device in failed:
+                for hours in (18, 36, 54):
+                    fixed = start + timedelta(hours=hours)
+                    await store.add_case(
+                        Case(
+                            f"case-{device}-{hours}",
+                            device,
+                            "owner-1",
+                            model,
+                            "bearing_wear",
+                            "resolved",
+                            "low",
+                            start,
+                            fixed,
+                            appointment_id=f"visit-{device}-{hours}",
+                            fix_at=fixed,
+                        )
+                    )
+
+    asyncio.run(prepare())
+    monkeypatch.chdir(tmp_path)  # the default .fixloop would be here
+    for name in list(os.environ):
+        if name.startswith("FIXLOOP_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("FIXLOOP_INFLUX__URL", influxd.url)
+    monkeypatch.setenv("FIXLOOP_INFLUX__DATABASE", "datafolder")
+    argv = ["--log-level", "WARNING", "train", "--days", str(DAYS + 1)]
+    assert main([*argv, "--data-dir", str(data_dir)]) == 0
+    model_path = data_dir / "models" / "diagnostics.pkl"
+    assert model_path.is_file()
+    learnt = LifetimeModels.load(lifetimes_path(model_path))
+    assert set(learnt.models) == {(model, "bearing_wear")}
+    assert not (tmp_path / ".fixloop").exists()
