@@ -37,23 +37,21 @@ from aiohttp import web
 from pydantic import AwareDatetime, Field, field_validator
 
 from gateway.errors import ConfigError, FixloopError
-from notifier.api import (
-    API_PREFIX,
+from notifier.api import API_PREFIX, DeviceView, device_views
+from notifier.edge import (
     MAX_BODY_BYTES,
-    DeviceView,
+    ApiError,
+    Body,
     ErrorView,
-    _ApiError,
-    _authenticate,
-    _Body,
-    _device_views,
-    _error,
-    _json,
-    _owner_of,
-    _path_id,
-    _read_body,
-    _View,
-    _whole,
-    _zones,
+    View,
+    authenticate,
+    error_response,
+    json_response,
+    owner_of,
+    path_id,
+    read_body,
+    whole,
+    zones,
 )
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.keys import CLOCK_KEY, DEVICE_DATA_KEY, ERASE_MODE_KEY, OIDC_KEY, STORE_KEY
@@ -271,7 +269,7 @@ ONBOARDING_KEY: Final = web.AppKey("onboarding", Onboarding)
 # -- request bodies ---------------------------------------------------------------------------
 
 
-class ProductLineRequest(_Body):
+class ProductLineRequest(Body):
     """A product line to register.
 
     Attributes:
@@ -283,7 +281,7 @@ class ProductLineRequest(_Body):
     name: Annotated[str, Field(pattern=_NAME_PATTERN)] | None = None
 
 
-class DeviceRequest(_Body):
+class DeviceRequest(Body):
     """A device to register.
 
     Attributes:
@@ -305,7 +303,7 @@ class DeviceRequest(_Body):
     claim_code: Annotated[str, Field(pattern=r"^[A-Za-z0-9 -]{8,80}$")] | None = None
 
 
-class ImportRequest(_Body):
+class ImportRequest(Body):
     """Devices to register in bulk: each row is checked on its own.
 
     Attributes:
@@ -319,7 +317,7 @@ class ImportRequest(_Body):
     ]
 
 
-class OwnerInviteRequest(_Body):
+class OwnerInviteRequest(Body):
     """An owner to invite.
 
     Attributes:
@@ -337,7 +335,7 @@ class OwnerInviteRequest(_Body):
     consent: ConsentPolicy | None = None
 
 
-class WorkingHours(_Body):
+class WorkingHours(Body):
     """One weekly working window (local time; it does not cross midnight).
 
     Attributes:
@@ -353,10 +351,10 @@ class WorkingHours(_Body):
     @field_validator("weekday", mode="before")
     @classmethod
     def _whole_day(cls, value: object) -> object:
-        return _whole(value)
+        return whole(value)
 
 
-class TechnicianRequest(_Body):
+class TechnicianRequest(Body):
     """A technician to add (or change, by id).
 
     Attributes:
@@ -380,7 +378,7 @@ class TechnicianRequest(_Body):
     issue_token: bool = True
 
 
-class TokenRequest(_Body):
+class TokenRequest(Body):
     """An API token to issue.
 
     Attributes:
@@ -392,7 +390,7 @@ class TokenRequest(_Body):
     principal_id: Annotated[str, Field(pattern=_PRINCIPAL_PATTERN)]
 
 
-class SubjectRequest(_Body):
+class SubjectRequest(Body):
     """A person of the manufacturer's identity provider to link to an owner.
 
     Attributes:
@@ -405,7 +403,7 @@ class SubjectRequest(_Body):
     issuer: Annotated[str, Field(pattern=_ISSUER_PATTERN)] | None = None
 
 
-class ClaimRequest(_Body):
+class ClaimRequest(Body):
     """A claim code from a device's label.
 
     Attributes:
@@ -417,7 +415,7 @@ class ClaimRequest(_Body):
     label: Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f]{1,60}$")] | None = None
 
 
-class ReleaseRequest(_Body):
+class ReleaseRequest(Body):
     """Confirmation that a device is to be released.
 
     Attributes:
@@ -427,7 +425,7 @@ class ReleaseRequest(_Body):
     confirm: Literal["release"]
 
 
-class InviteAcceptRequest(_Body):
+class InviteAcceptRequest(Body):
     """An owner's invite code.
 
     Attributes:
@@ -440,7 +438,7 @@ class InviteAcceptRequest(_Body):
 # -- response bodies --------------------------------------------------------------------------
 
 
-class ProductLineView(_View):
+class ProductLineView(View):
     """A product line.
 
     Attributes:
@@ -458,7 +456,7 @@ class ProductLineView(_View):
     product_file: bool
 
 
-class ProductLineList(_View):
+class ProductLineList(View):
     """The product lines.
 
     Attributes:
@@ -468,7 +466,7 @@ class ProductLineList(_View):
     product_lines: list[ProductLineView]
 
 
-class RegistryDeviceView(_View):
+class RegistryDeviceView(View):
     """A registered device.
 
     Attributes:
@@ -498,7 +496,7 @@ class RegistryDeviceView(_View):
     claim_code: str | None = None
 
 
-class RegistryDeviceList(_View):
+class RegistryDeviceList(View):
     """A page of registered devices.
 
     Attributes:
@@ -510,7 +508,7 @@ class RegistryDeviceList(_View):
     next: str | None
 
 
-class RowError(_View):
+class RowError(View):
     """What is wrong with a row.
 
     Attributes:
@@ -522,7 +520,7 @@ class RowError(_View):
     message: str
 
 
-class RowReport(_View):
+class RowReport(View):
     """What became of one row of an import.
 
     Attributes:
@@ -541,7 +539,7 @@ class RowReport(_View):
     errors: list[RowError] = Field(default_factory=list)
 
 
-class ImportReport(_View):
+class ImportReport(View):
     """The result of an import.
 
     Attributes:
@@ -558,7 +556,7 @@ class ImportReport(_View):
     without_broker_login: list[str] = Field(default_factory=list)
 
 
-class InviteView(_View):
+class InviteView(View):
     """An invited owner.
 
     Attributes:
@@ -572,7 +570,7 @@ class InviteView(_View):
     expires_at: AwareDatetime
 
 
-class TechnicianView(_View):
+class TechnicianView(View):
     """A technician.
 
     Attributes:
@@ -592,7 +590,7 @@ class TechnicianView(_View):
     token_id: str | None
 
 
-class TokenView(_View):
+class TokenView(View):
     """An API token (shown once: only its digest is kept).
 
     Attributes:
@@ -608,7 +606,7 @@ class TokenView(_View):
     principal_id: str
 
 
-class SubjectView(_View):
+class SubjectView(View):
     """A provider subject linked to an owner.
 
     Attributes:
@@ -622,7 +620,7 @@ class SubjectView(_View):
     subject: str
 
 
-class SubjectList(_View):
+class SubjectList(View):
     """The provider subjects linked to an owner.
 
     Attributes:
@@ -634,7 +632,7 @@ class SubjectList(_View):
     subjects: list[SubjectView]
 
 
-class ReleasedView(_View):
+class ReleasedView(View):
     """What a release did.
 
     Attributes:
@@ -659,7 +657,7 @@ def _onboarding(request: web.Request) -> Onboarding:
 
 def _key(onboarding: Onboarding) -> bytes:
     if onboarding.claim_key is None:
-        raise _ApiError(
+        raise ApiError(
             503,
             "unavailable",
             "claim codes are not set up here: the service needs the fleet secret",
@@ -695,7 +693,7 @@ def _line_view(line: ProductLine, models: frozenset[str]) -> ProductLineView:
 
 async def _ops(request: web.Request) -> str:
     """Authenticate an ops token; return the actor for the audit trail."""
-    caller = await _authenticate(request, "ops")
+    caller = await authenticate(request, "ops")
     return f"ops:{caller.principal_id}"
 
 
@@ -720,12 +718,14 @@ async def _list_lines(request: web.Request) -> web.Response:
     await _ops(request)
     onboarding = _onboarding(request)
     lines = await onboarding.registry.product_lines()
-    return _json(ProductLineList(product_lines=[_line_view(x, onboarding.models) for x in lines]))
+    return json_response(
+        ProductLineList(product_lines=[_line_view(x, onboarding.models) for x in lines])
+    )
 
 
 async def _add_line(request: web.Request) -> web.Response:
     actor = await _ops(request)
-    body = await _read_body(request, ProductLineRequest)
+    body = await read_body(request, ProductLineRequest)
     onboarding = _onboarding(request)
     if body.model not in onboarding.models:
         message = (
@@ -733,13 +733,13 @@ async def _add_line(request: web.Request) -> web.Response:
             f"{', '.join(sorted(onboarding.models))}); add it to the products folder and "
             "check it with `fixloop products check`"
         )
-        raise _ApiError(422, "unknown_model", message, "model")
+        raise ApiError(422, "unknown_model", message, "model")
     now = request.app[CLOCK_KEY]()
     line = await onboarding.registry.put_product_line(
         ProductLine(body.model, body.name or body.model, now)
     )
     _LOG.info("product line %s registered by %s", line.model, actor)
-    return _json(_line_view(line, onboarding.models), 201)
+    return json_response(_line_view(line, onboarding.models), 201)
 
 
 def _report(
@@ -792,7 +792,7 @@ _TAKEN: Final = frozenset(("device_id", "serial", "claim_code"))
 
 async def _add_device(request: web.Request) -> web.Response:
     actor = await _ops(request)
-    body = await _read_body(request, DeviceRequest)
+    body = await read_body(request, DeviceRequest)
     row = device_from_fields(1, body.model_dump(exclude_none=True))
     outcomes, _ = await _register(request, [row], actor)
     report = _report([row], outcomes)
@@ -801,29 +801,29 @@ async def _add_device(request: web.Request) -> web.Response:
         first = only.errors[0]
         taken = row.device is not None and first.column in _TAKEN
         status, code = (409, "conflict") if taken else (422, "invalid_request")
-        raise _ApiError(status, code, f"{first.column}: {first.message}", first.column or None)
+        raise ApiError(status, code, f"{first.column}: {first.message}", first.column or None)
     assert row.device is not None
     device = await _onboarding(request).registry.get(row.device.device_id)
     if device is None:  # pragma: no cover - it was registered in this request
-        raise _ApiError(503, "unavailable", "please try again in a moment")
-    return _json(_device_view(device, only.claim_code), 201)
+        raise ApiError(503, "unavailable", "please try again in a moment")
+    return json_response(_device_view(device, only.claim_code), 201)
 
 
 def _parse_csv_body(raw: bytes) -> list[ParsedRow]:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise _ApiError(400, "invalid_body", "the CSV body must be UTF-8") from exc
+        raise ApiError(400, "invalid_body", "the CSV body must be UTF-8") from exc
     try:
         rows = list(read_device_csv(text.splitlines()))
     except InvalidRequestError as exc:
-        raise _ApiError(400, "invalid_body", str(exc)) from exc
+        raise ApiError(400, "invalid_body", str(exc)) from exc
     if len(rows) > MAX_IMPORT_ROWS:
-        raise _ApiError(
+        raise ApiError(
             400, "invalid_body", f"at most {MAX_IMPORT_ROWS} rows a request (use the command)"
         )
     if not rows:
-        raise _ApiError(400, "invalid_body", "the CSV body has no device rows")
+        raise ApiError(400, "invalid_body", "the CSV body has no device rows")
     return rows
 
 
@@ -836,11 +836,11 @@ async def _import_devices(request: web.Request) -> web.Response:
             )
         rows = _parse_csv_body(await request.read())
     else:
-        body = await _read_body(request, ImportRequest)
+        body = await read_body(request, ImportRequest)
         rows = [device_from_fields(i + 1, fields) for i, fields in enumerate(body.devices)]
     outcomes, without_login = await _register(request, rows, actor)
     report = _report(rows, outcomes)
-    return _json(report.model_copy(update={"without_broker_login": without_login}))
+    return json_response(report.model_copy(update={"without_broker_login": without_login}))
 
 
 _STATES: Final = ("unclaimed", "claimed", "retired")
@@ -851,18 +851,18 @@ async def _list_registry(request: web.Request) -> web.Response:
     query = request.query
     model = query.get("model")
     if model is not None and not re.fullmatch(_MODEL_PATTERN, model):
-        raise _ApiError(400, "invalid_query", "model: is not a product model name", "model")
+        raise ApiError(400, "invalid_query", "model: is not a product model name", "model")
     state = query.get("state")
     if state is not None and state not in _STATES:
-        raise _ApiError(
+        raise ApiError(
             400, "invalid_query", "state: must be unclaimed, claimed or retired", "state"
         )
     after = query.get("after")
     if after is not None and not 1 <= len(after) <= 64:
-        raise _ApiError(400, "invalid_query", "after: must be a device id", "after")
+        raise ApiError(400, "invalid_query", "after: must be a device id", "after")
     text = query.get("limit", "100")
     if not re.fullmatch(r"[1-9][0-9]{0,2}|1000", text):
-        raise _ApiError(400, "invalid_query", "limit: must be 1 to 1000", "limit")
+        raise ApiError(400, "invalid_query", "limit: must be 1 to 1000", "limit")
     limit = int(text)
     found = await _onboarding(request).registry.list(
         model=model,
@@ -871,7 +871,7 @@ async def _list_registry(request: web.Request) -> web.Response:
         limit=limit + 1,
     )
     page = found[:limit]
-    return _json(
+    return json_response(
         RegistryDeviceList(
             devices=[_device_view(d) for d in page],
             next=page[-1].device_id if len(found) > limit else None,
@@ -881,32 +881,32 @@ async def _list_registry(request: web.Request) -> web.Response:
 
 async def _get_registered(request: web.Request) -> web.Response:
     await _ops(request)
-    device_id = _path_id(request)
+    device_id = path_id(request)
     device = await _onboarding(request).registry.get(device_id)
     if device is None:
-        raise _ApiError(404, "not_found", f"there is no registered device {device_id}")
-    return _json(_device_view(device))
+        raise ApiError(404, "not_found", f"there is no registered device {device_id}")
+    return json_response(_device_view(device))
 
 
 async def _retire(request: web.Request) -> web.Response:
     actor = await _ops(request)
-    device_id = _path_id(request)
+    device_id = path_id(request)
     onboarding = _onboarding(request)
     if await onboarding.registry.get(device_id) is None:
-        raise _ApiError(404, "not_found", f"there is no registered device {device_id}")
+        raise ApiError(404, "not_found", f"there is no registered device {device_id}")
     if onboarding.accounts is not None:
         # first: should the broker be away, nothing has changed and a retry finishes it
         await onboarding.accounts.revoke(device_id)
     device = await onboarding.registry.retire(device_id, now=request.app[CLOCK_KEY](), actor=actor)
-    return _json(_device_view(device))
+    return json_response(_device_view(device))
 
 
 async def _invite_owner(request: web.Request) -> web.Response:
     actor = await _ops(request)
-    body = await _read_body(request, OwnerInviteRequest)
-    if body.timezone is not None and body.timezone not in _zones():
+    body = await read_body(request, OwnerInviteRequest)
+    if body.timezone is not None and body.timezone not in zones():
         message = f"timezone: {body.timezone!r} is not an IANA time zone (like Europe/Berlin)"
-        raise _ApiError(422, "invalid_request", message, "timezone")
+        raise ApiError(422, "invalid_request", message, "timezone")
     onboarding = _onboarding(request)
     owner = Owner(
         owner_id=f"o-{new_token()[:16]}",
@@ -921,7 +921,9 @@ async def _invite_owner(request: web.Request) -> web.Response:
     expires_at = request.app[CLOCK_KEY]() + onboarding.invite_ttl
     await onboarding.registry.add_invite(invite, owner.owner_id, expires_at)
     _LOG.info("owner %s invited by %s", owner.owner_id, actor)
-    return _json(InviteView(owner_id=owner.owner_id, invite=invite, expires_at=expires_at), 201)
+    return json_response(
+        InviteView(owner_id=owner.owner_id, invite=invite, expires_at=expires_at), 201
+    )
 
 
 _WORKDAY: Final = tuple(Window(day, time(8, 0), time(17, 0)) for day in range(5))
@@ -929,10 +931,10 @@ _WORKDAY: Final = tuple(Window(day, time(8, 0), time(17, 0)) for day in range(5)
 
 async def _add_technician(request: web.Request) -> web.Response:
     actor = await _ops(request)
-    body = await _read_body(request, TechnicianRequest)
-    if body.timezone is not None and body.timezone not in _zones():
+    body = await read_body(request, TechnicianRequest)
+    if body.timezone is not None and body.timezone not in zones():
         message = f"timezone: {body.timezone!r} is not an IANA time zone (like Europe/Berlin)"
-        raise _ApiError(422, "invalid_request", message, "timezone")
+        raise ApiError(422, "invalid_request", message, "timezone")
     hours: tuple[Window, ...] = _WORKDAY
     if body.hours is not None:
         windows = [
@@ -941,7 +943,7 @@ async def _add_technician(request: web.Request) -> web.Response:
         ]
         if any(w.end <= w.start for w in windows):
             message = "hours: each window ends after it starts (and not past midnight)"
-            raise _ApiError(422, "invalid_request", message, "hours")
+            raise ApiError(422, "invalid_request", message, "hours")
         hours = tuple(windows)
     technician = Technician(
         technician_id=body.technician_id or f"t-{new_token()[:16]}",
@@ -958,7 +960,7 @@ async def _add_technician(request: web.Request) -> web.Response:
         token = new_token()
         await store.add_token(token, ("technician", technician.technician_id))
     _LOG.info("technician %s added by %s", technician.technician_id, actor)
-    return _json(
+    return json_response(
         TechnicianView(
             technician_id=technician.technician_id,
             name=technician.name,
@@ -973,16 +975,16 @@ async def _add_technician(request: web.Request) -> web.Response:
 
 async def _issue_token(request: web.Request) -> web.Response:
     actor = await _ops(request)
-    body = await _read_body(request, TokenRequest)
+    body = await read_body(request, TokenRequest)
     store = request.app[STORE_KEY]
     if body.role == "owner" and await store.get_owner(body.principal_id) is None:
-        raise _ApiError(404, "not_found", f"there is no owner {body.principal_id}")
+        raise ApiError(404, "not_found", f"there is no owner {body.principal_id}")
     if body.role == "technician" and await store.get_technician(body.principal_id) is None:
-        raise _ApiError(404, "not_found", f"there is no technician {body.principal_id}")
+        raise ApiError(404, "not_found", f"there is no technician {body.principal_id}")
     token = new_token()
     await store.add_token(token, (body.role, body.principal_id))
     _LOG.info("a %s token issued by %s", body.role, actor)
-    return _json(
+    return json_response(
         TokenView(
             token=token, token_id=token_id(token), role=body.role, principal_id=body.principal_id
         ),
@@ -992,19 +994,19 @@ async def _issue_token(request: web.Request) -> web.Response:
 
 async def _revoke_token(request: web.Request) -> web.Response:
     actor = await _ops(request)
-    wanted = _path_id(request)
+    wanted = path_id(request)
     try:
         kind, _ = await _onboarding(request).registry.revoke_token(wanted)
     except NotFoundError as exc:
-        raise _ApiError(404, "not_found", str(exc)) from exc
+        raise ApiError(404, "not_found", str(exc)) from exc
     _LOG.info("a %s token revoked by %s", kind, actor)
     return web.Response(status=204)
 
 
 async def _known_owner(request: web.Request) -> str:
-    owner_id = _path_id(request)
+    owner_id = path_id(request)
     if await request.app[STORE_KEY].get_owner(owner_id) is None:
-        raise _ApiError(404, "not_found", f"there is no owner {owner_id}")
+        raise ApiError(404, "not_found", f"there is no owner {owner_id}")
     return owner_id
 
 
@@ -1015,7 +1017,7 @@ def _issuer(request: web.Request, given: str | None) -> str:
     oidc = request.app[OIDC_KEY]
     if oidc is None:
         message = "issuer: name the provider (no identity provider is configured here)"
-        raise _ApiError(422, "invalid_request", message, "issuer")
+        raise ApiError(422, "invalid_request", message, "issuer")
     return oidc.issuer
 
 
@@ -1024,19 +1026,19 @@ async def _list_subjects(request: web.Request) -> web.Response:
     owner_id = await _known_owner(request)
     found = await request.app[STORE_KEY].subjects_of(owner_id)
     views = [SubjectView(owner_id=owner_id, issuer=i, subject=s) for i, s in found]
-    return _json(SubjectList(owner_id=owner_id, subjects=views))
+    return json_response(SubjectList(owner_id=owner_id, subjects=views))
 
 
 async def _link_subject(request: web.Request) -> web.Response:
     actor = await _ops(request)
     owner_id = await _known_owner(request)
-    body = await _read_body(request, SubjectRequest)
+    body = await read_body(request, SubjectRequest)
     issuer = _issuer(request, body.issuer)
     # ConflictError (the subject is another owner's) answers 409 through the edge
     await request.app[STORE_KEY].link_subject(issuer, body.subject, owner_id)
     # the subject itself is the provider's identifier of a person: not logged
     _LOG.info("an identity-provider sign-in linked to owner %s by %s", owner_id, actor)
-    return _json(SubjectView(owner_id=owner_id, issuer=issuer, subject=body.subject), 201)
+    return json_response(SubjectView(owner_id=owner_id, issuer=issuer, subject=body.subject), 201)
 
 
 async def _unlink_subject(request: web.Request) -> web.Response:
@@ -1044,13 +1046,13 @@ async def _unlink_subject(request: web.Request) -> web.Response:
     owner_id = await _known_owner(request)
     subject = request.query.get("subject")
     if subject is None or not re.fullmatch(_SUBJECT_PATTERN, subject):
-        raise _ApiError(400, "invalid_query", "subject: the provider's sub is needed", "subject")
+        raise ApiError(400, "invalid_query", "subject: the provider's sub is needed", "subject")
     given = request.query.get("issuer")
     if given is not None and not re.fullmatch(_ISSUER_PATTERN, given):
-        raise _ApiError(400, "invalid_query", "issuer: must be the provider's URL", "issuer")
+        raise ApiError(400, "invalid_query", "issuer: must be the provider's URL", "issuer")
     issuer = _issuer(request, given)
     if not await request.app[STORE_KEY].unlink_subject(issuer, subject, owner_id):
-        raise _ApiError(404, "not_found", f"that sign-in is not linked to owner {owner_id}")
+        raise ApiError(404, "not_found", f"that sign-in is not linked to owner {owner_id}")
     _LOG.info("an identity-provider sign-in unlinked from owner %s by %s", owner_id, actor)
     return web.Response(status=204)
 
@@ -1059,15 +1061,15 @@ async def _unlink_subject(request: web.Request) -> web.Response:
 
 
 async def _claim(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    body = await _read_body(request, ClaimRequest)
+    owner = owner_of(await authenticate(request, "owner"))
+    body = await read_body(request, ClaimRequest)
     onboarding = _onboarding(request)
     key = _key(onboarding)
     keys = [("owner", owner.owner_id), ("source", _source(request))]
     clock = request.app[CLOCK_KEY]
     wait = onboarding.limiter.begin(keys, clock())
     if wait > 0:
-        response = _ApiError(
+        response = ApiError(
             429,
             "too_many_attempts",
             f"too many wrong claim codes: try again in {max(int(wait), 1)} s",
@@ -1078,22 +1080,22 @@ async def _claim(request: web.Request) -> web.Response:
             owner.owner_id, body.claim_code, key=key, label=body.label, now=clock()
         )
     except InvalidRequestError as exc:
-        raise _ApiError(422, "invalid_claim_code", f"claim_code: {exc}", "claim_code") from exc
+        raise ApiError(422, "invalid_claim_code", f"claim_code: {exc}", "claim_code") from exc
     except NotFoundError as exc:
         # the same answer for a wrong code as for no device: nothing to learn from it
-        raise _ApiError(404, "not_found", "no device has this claim code") from exc
+        raise ApiError(404, "not_found", "no device has this claim code") from exc
     except ConflictError:
         onboarding.limiter.succeeded(keys)  # the code was right: no guess to slow down
         raise
     onboarding.limiter.succeeded(keys)
-    (view,) = await _device_views(request, [outcome.record], owner.owner_id)
-    return _json(view, 201)
+    (view,) = await device_views(request, [outcome.record], owner.owner_id)
+    return json_response(view, 201)
 
 
-class _RetryLater(_ApiError):
+class _RetryLater(ApiError):
     """A 429 whose ``Retry-After`` the handler wrapper sets."""
 
-    def __init__(self, error: _ApiError, wait_s: float) -> None:
+    def __init__(self, error: ApiError, wait_s: float) -> None:
         super().__init__(error.status, error.code, error.message, error.field)
         self.wait_s = wait_s
 
@@ -1105,7 +1107,7 @@ def _with_retry_after(
         try:
             return await handler(request)
         except _RetryLater as exc:
-            return _error(
+            return error_response(
                 exc.status,
                 exc.code,
                 exc.message,
@@ -1116,13 +1118,13 @@ def _with_retry_after(
 
 
 async def _release(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    device_id = _path_id(request)
-    await _read_body(request, ReleaseRequest)
+    owner = owner_of(await authenticate(request, "owner"))
+    device_id = path_id(request)
+    await read_body(request, ReleaseRequest)
     store = request.app[STORE_KEY]
     device = await store.get_device(device_id)
     if device is None or device.owner_id != owner.owner_id:
-        raise _ApiError(404, "not_found", f"there is no device {device_id}")
+        raise ApiError(404, "not_found", f"there is no device {device_id}")
     data = request.app[DEVICE_DATA_KEY]
     if data is not None:
         # the device's points first: should InfluxDB be away, nothing has changed yet and
@@ -1131,7 +1133,7 @@ async def _release(request: web.Request) -> web.Response:
     outcome = await _onboarding(request).registry.release(
         owner.owner_id, device_id, now=request.app[CLOCK_KEY]()
     )
-    return _json(
+    return json_response(
         ReleasedView(
             device_id=outcome.device_id,
             cases_kept=outcome.cases_kept,
@@ -1142,24 +1144,24 @@ async def _release(request: web.Request) -> web.Response:
 
 
 async def _accept_invite(request: web.Request) -> web.Response:
-    body = await _read_body(request, InviteAcceptRequest)
+    body = await read_body(request, InviteAcceptRequest)
     onboarding = _onboarding(request)
     keys = [("source", _source(request))]
     clock = request.app[CLOCK_KEY]
     wait = onboarding.limiter.begin(keys, clock())
     if wait > 0:
         raise _RetryLater(
-            _ApiError(429, "too_many_attempts", "too many wrong invites from here: wait a little"),
+            ApiError(429, "too_many_attempts", "too many wrong invites from here: wait a little"),
             wait,
         )
     try:
         owner_id = await onboarding.registry.use_invite(body.invite, now=clock())
     except NotFoundError as exc:
-        raise _ApiError(404, "not_found", str(exc)) from exc
+        raise ApiError(404, "not_found", str(exc)) from exc
     onboarding.limiter.succeeded(keys)
     token = new_token()
     await request.app[STORE_KEY].add_token(token, ("owner", owner_id))
-    return _json(
+    return json_response(
         TokenView(token=token, token_id=token_id(token), role="owner", principal_id=owner_id),
         201,
     )

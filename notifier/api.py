@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import html
 import importlib
 import logging
@@ -45,7 +44,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from types import ModuleType
-from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -56,7 +55,6 @@ from pydantic import (
     ConfigDict,
     Field,
     RootModel,
-    ValidationError,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -66,6 +64,21 @@ from gateway.errors import PermanentError, TransientError
 from notifier.actions import CaseActions, HealthPoint, HealthReader
 from notifier.addresses import check_webhook_url
 from notifier.devicedata import DeviceData, EraseMode
+from notifier.edge import (
+    MAX_BODY_BYTES,
+    ApiError,
+    Body,
+    ErrorView,
+    View,
+    authenticate,
+    error_response,
+    json_response,
+    owner_of,
+    path_id,
+    read_body,
+    whole,
+    zones,
+)
 from notifier.errors import (
     ConflictError,
     ExpiredLinkError,
@@ -107,10 +120,10 @@ from notifier.model import (
     Rating,
     Urgency,
 )
-from notifier.oidc import InvalidAccessTokenError, OidcOwners, UnknownSubjectError, looks_like_jwt
+from notifier.oidc import OidcOwners
 from notifier.openapi import Operation, QueryParam, Reply, build_document
 from notifier.push_base import ChannelVerifier
-from notifier.store import CaseStore, Principal, PrincipalKind
+from notifier.store import CaseStore
 
 if TYPE_CHECKING:
     from notifier.admin import Onboarding
@@ -145,6 +158,7 @@ __all__ = [
     "VisitList",
     "VisitView",
     "create_api",
+    "device_views",
     "mask_target",
 ]
 
@@ -152,8 +166,6 @@ _LOG = logging.getLogger(__name__)
 
 #: Where the API's routes live.
 API_PREFIX: Final = "/api/v1"
-#: The largest request body taken (larger: 413).
-MAX_BODY_BYTES: Final = 64 * 1024
 #: The header naming each request (taken from the caller when sane, else made here).
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 
@@ -163,10 +175,6 @@ _HEALTH_TIMEOUT_S: Final = 5.0
 _ATTENTION_SCORE: Final = 0.5
 #: Most push channels one owner may keep, active or retired (issue 12).
 _MAX_CHANNELS: Final = 20
-#: Longest id taken in a path (longer ones cannot exist: 404).
-_MAX_ID_CHARS: Final = 128
-#: Longest token looked up (longer ones cannot exist: 401).
-_MAX_TOKEN_CHARS: Final = 512
 #: Longest span of visits one request may list.
 _MAX_VISIT_SPAN: Final = timedelta(days=92)
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -177,21 +185,8 @@ _URGENT: Final = frozenset(("high", "critical"))
 HealthWord = Literal["good", "needs attention", "problem", "unknown"]
 WaitingFor = Literal["your_consent", "your_choice", "your_rating"]
 
-_M = TypeVar("_M", bound=BaseModel)
-
 
 # -- errors at the edge ---------------------------------------------------------------------
-
-
-class _ApiError(Exception):
-    """An HTTP error answer, raised by a handler and written by the error middleware."""
-
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
 
 
 #: Errors of the owner loop -> status and code (first match wins: subclasses first).
@@ -219,11 +214,6 @@ _HTTP_WORDS: Final[dict[int, tuple[str, str]]] = {
 # -- request bodies -------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    # strict: JSON types as written (no "true" for true); unknown fields are refused
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
 #: A local wall-clock time: OpenAPI's ``time`` format is RFC 3339's, which needs an offset.
 _WallClock = Annotated[
     time,
@@ -237,7 +227,7 @@ _WallClock = Annotated[
 ]
 
 
-class QuietHours(_Body):
+class QuietHours(Body):
     """Quiet hours in the owner's time zone (``end`` before ``start``: overnight).
 
     Attributes:
@@ -260,12 +250,7 @@ class QuietHours(_Body):
         return value
 
 
-@functools.cache
-def _zones() -> frozenset[str]:
-    return frozenset(zoneinfo.available_timezones())
-
-
-class ProfilePatch(_Body):
+class ProfilePatch(Body):
     """Changes to the owner's profile; an absent field (or ``null``) keeps its value.
 
     Attributes:
@@ -326,7 +311,7 @@ _HttpsUrl = Annotated[
 ]
 
 
-class WebPushKeys(_Body):
+class WebPushKeys(Body):
     """Keys of a Web Push subscription (RFC 8291), as the browser gives them.
 
     Attributes:
@@ -348,7 +333,7 @@ class WebPushKeys(_Body):
         return True
 
 
-class WebPushChannel(_Body):
+class WebPushChannel(Body):
     """A browser's Web Push subscription.
 
     Attributes:
@@ -362,7 +347,7 @@ class WebPushChannel(_Body):
     keys: WebPushKeys
 
 
-class FcmChannel(_Body):
+class FcmChannel(Body):
     """A Firebase Cloud Messaging registration token of the owner's app.
 
     Attributes:
@@ -376,7 +361,7 @@ class FcmChannel(_Body):
     keys: Annotated[dict[str, str], Field(max_length=0)] = Field(default_factory=dict)
 
 
-class NtfyKeys(_Body):
+class NtfyKeys(Body):
     """Credentials of an ntfy topic.
 
     Attributes:
@@ -386,7 +371,7 @@ class NtfyKeys(_Body):
     token: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!-~]+$")] | None = None
 
 
-class NtfyChannel(_Body):
+class NtfyChannel(Body):
     """An ntfy topic.
 
     Attributes:
@@ -407,7 +392,7 @@ class NtfyChannel(_Body):
     keys: NtfyKeys = Field(default_factory=NtfyKeys)
 
 
-class WebhookKeys(_Body):
+class WebhookKeys(Body):
     """The webhook's signing secret.
 
     Attributes:
@@ -417,7 +402,7 @@ class WebhookKeys(_Body):
     secret: Annotated[str, Field(min_length=16, max_length=256)]
 
 
-class WebhookChannel(_Body):
+class WebhookChannel(Body):
     """A webhook the owner runs (home automation).
 
     Where it may point is checked once the body is read (:mod:`notifier.addresses`):
@@ -448,7 +433,7 @@ class ChannelRequest(
     model_config = ConfigDict(strict=True, frozen=True)
 
 
-class FixChoice(_Body):
+class FixChoice(Body):
     """The owner's answer to a remote fix that waits for consent.
 
     Attributes:
@@ -461,14 +446,7 @@ class FixChoice(_Body):
 _CHOICES: Final = ("slot", "other_times", "decline")
 
 
-def _whole(value: object) -> object:
-    """``4.0`` as ``4``: JSON Schema's ``integer`` includes it; ``4.5`` stays refused."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-class AppointmentChoice(_Body):
+class AppointmentChoice(Body):
     """The owner's answer to a visit offer or a booked visit: exactly one of the three.
 
     ``null`` counts as absent; the schema says so with its ``oneOf``.
@@ -501,7 +479,7 @@ class AppointmentChoice(_Body):
     @field_validator("slot", mode="before")
     @classmethod
     def _whole_slot(cls, value: object) -> object:
-        return _whole(value)
+        return whole(value)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> AppointmentChoice:
@@ -511,7 +489,7 @@ class AppointmentChoice(_Body):
         return self
 
 
-class RatingRequest(_Body):
+class RatingRequest(Body):
     """The owner's rating of a resolved case.
 
     Attributes:
@@ -527,10 +505,10 @@ class RatingRequest(_Body):
     @field_validator("stars", mode="before")
     @classmethod
     def _whole_stars(cls, value: object) -> object:
-        return _whole(value)
+        return whole(value)
 
 
-class EraseRequest(_Body):
+class EraseRequest(Body):
     """Confirmation that the owner's data is to be erased.
 
     Attributes:
@@ -540,7 +518,7 @@ class EraseRequest(_Body):
     confirm: Literal["erase"]
 
 
-class CompleteVisitRequest(_Body):
+class CompleteVisitRequest(Body):
     """The technician's report of a visit.
 
     Attributes:
@@ -553,35 +531,7 @@ class CompleteVisitRequest(_Body):
 # -- response bodies ------------------------------------------------------------------------
 
 
-class _View(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class ErrorDetail(_View):
-    """What went wrong.
-
-    Attributes:
-        code: machine-readable reason (``not_found``, ``invalid_body`` ...).
-        message: plain words.
-        field: the body field or query parameter at fault, if one is.
-    """
-
-    code: str
-    message: str
-    field: str | None = None
-
-
-class ErrorView(_View):
-    """Every error answer.
-
-    Attributes:
-        error: what went wrong.
-    """
-
-    error: ErrorDetail
-
-
-class QuietHoursView(_View):
+class QuietHoursView(View):
     """Quiet hours, local ``HH:MM``.
 
     Attributes:
@@ -593,7 +543,7 @@ class QuietHoursView(_View):
     end: str
 
 
-class ProfileView(_View):
+class ProfileView(View):
     """The owner's profile.
 
     Attributes:
@@ -617,7 +567,7 @@ class ProfileView(_View):
     max_per_day: int
 
 
-class ChannelView(_View):
+class ChannelView(View):
     """A registered push channel (its target masked, its secrets never shown).
 
     Attributes:
@@ -636,7 +586,7 @@ class ChannelView(_View):
     created_at: AwareDatetime | None
 
 
-class ChannelList(_View):
+class ChannelList(View):
     """The owner's push channels, active and retired, oldest first.
 
     Attributes:
@@ -646,7 +596,7 @@ class ChannelList(_View):
     channels: list[ChannelView]
 
 
-class DeviceView(_View):
+class DeviceView(View):
     """A device and how it is doing, in plain words.
 
     Attributes:
@@ -666,7 +616,7 @@ class DeviceView(_View):
     open_cases: list[str]
 
 
-class DeviceList(_View):
+class DeviceList(View):
     """The owner's devices.
 
     Attributes:
@@ -676,7 +626,7 @@ class DeviceList(_View):
     devices: list[DeviceView]
 
 
-class CaseView(_View):
+class CaseView(View):
     """A case as its owner sees it.
 
     Attributes:
@@ -720,7 +670,7 @@ class CaseDetailView(CaseView):
     history: list[str]
 
 
-class CaseList(_View):
+class CaseList(View):
     """The owner's cases, newest first.
 
     Attributes:
@@ -730,7 +680,7 @@ class CaseList(_View):
     cases: list[CaseView]
 
 
-class SlotView(_View):
+class SlotView(View):
     """A visit time on offer.
 
     Attributes:
@@ -746,7 +696,7 @@ class SlotView(_View):
     technician: str | None
 
 
-class OfferView(_View):
+class OfferView(View):
     """The visit times on offer for a case.
 
     Attributes:
@@ -758,7 +708,7 @@ class OfferView(_View):
     slots: list[SlotView]
 
 
-class AppointmentView(_View):
+class AppointmentView(View):
     """A booked (or done, or cancelled) visit, as the owner sees it.
 
     Attributes:
@@ -778,7 +728,7 @@ class AppointmentView(_View):
     technician: str | None
 
 
-class RatingView(_View):
+class RatingView(View):
     """A stored rating.
 
     Attributes:
@@ -796,7 +746,7 @@ class RatingView(_View):
     at: AwareDatetime
 
 
-class ActionLinkView(_View):
+class ActionLinkView(View):
     """What a one-tap action link will do (``POST`` the same link to do it).
 
     Attributes:
@@ -814,7 +764,7 @@ class ActionLinkView(_View):
     expires_at: AwareDatetime
 
 
-class ErasedView(_View):
+class ErasedView(View):
     """The result of an erasure.
 
     Attributes:
@@ -826,7 +776,7 @@ class ErasedView(_View):
     rows: int
 
 
-class VisitView(_View):
+class VisitView(View):
     """A visit as its technician sees it.
 
     Attributes:
@@ -856,7 +806,7 @@ class VisitView(_View):
     evidence: list[str]
 
 
-class VisitList(_View):
+class VisitList(View):
     """A technician's visits, by start.
 
     Attributes:
@@ -915,7 +865,7 @@ def _history(trail: Sequence[AuditEntry], owner: Owner) -> list[str]:
     entries: list[_HistoryEntry] = [(e.at, e.action, e.from_state, e.to_state) for e in trail]
     if _CATALOG_HISTORY is not None:
         return [str(line) for line in _CATALOG_HISTORY(entries, owner.language, owner.timezone)]
-    zone = zoneinfo.ZoneInfo(owner.timezone) if owner.timezone in _zones() else UTC
+    zone = zoneinfo.ZoneInfo(owner.timezone) if owner.timezone in zones() else UTC
     lines: list[str] = []
     for at, _action, from_state, to_state in entries:
         # only state changes are told: the other entries are the loop's own bookkeeping
@@ -1029,78 +979,6 @@ def _rating_view(rating: Rating) -> RatingView:
 # -- request helpers ------------------------------------------------------------------------
 
 
-def _json(view: BaseModel, status: int = 200) -> web.Response:
-    return web.Response(
-        body=view.model_dump_json().encode("utf-8"),
-        status=status,
-        content_type="application/json",
-    )
-
-
-def _error(
-    status: int, code: str, message: str, field: str | None = None, **headers: str
-) -> web.Response:
-    response = _json(ErrorView(error=ErrorDetail(code=code, message=message, field=field)), status)
-    response.headers.update(headers)
-    return response
-
-
-def _clean_message(text: str) -> str:
-    return text.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-
-
-def _invalid_body(exc: ValidationError, *, tagged: bool) -> _ApiError:
-    """The 400 for the first thing wrong with a body, naming its field."""
-    first = exc.errors(include_url=False)[0]
-    loc = list(first["loc"])
-    if tagged and loc:
-        loc = loc[1:]  # a discriminated union puts the tag ahead of the field
-    kind = first["type"]
-    if kind == "json_invalid":
-        return _ApiError(400, "invalid_json", "the body is not valid JSON")
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        words = f"kind must be one of {', '.join(_CHANNEL_KINDS)}"
-        return _ApiError(400, "invalid_body", words, "kind")
-    field = ".".join(str(part) for part in loc) or None
-    if kind == "extra_forbidden":
-        words = "is not a known field"
-    elif kind == "missing":
-        words = "is required"
-    else:
-        words = _clean_message(str(first["msg"]))
-    if field is None:
-        if kind in ("model_type", "dict_type", "model_attributes_type"):
-            return _ApiError(400, "invalid_body", "the body must be a JSON object")
-        return _ApiError(400, "invalid_body", words)
-    return _ApiError(400, "invalid_body", f"{field}: {words}", field)
-
-
-async def _read_body(request: web.Request, model: type[_M], *, tagged: bool = False) -> _M:
-    """Read and check a JSON body (size, media type, schema)."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=MAX_BODY_BYTES, actual_size=request.content_length
-        )
-    if "Content-Type" in request.headers:
-        ctype = request.content_type
-        if ctype != "application/json" and not ctype.endswith("+json"):
-            raise _ApiError(415, "unsupported_media_type", "the body must be application/json")
-    raw = await request.read()  # the app's client_max_size stops longer chunked bodies (413)
-    if not raw.strip():
-        raise _ApiError(400, "invalid_body", "the request needs a JSON body")
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise _invalid_body(exc, tagged=tagged) from exc
-
-
-def _path_id(request: web.Request, name: str = "id") -> str:
-    value = request.match_info[name]
-    if not value or len(value) > _MAX_ID_CHARS:
-        raise _ApiError(404, "not_found", "there is nothing at this address")
-    return value
-
-
 #: What OpenAPI's ``date-time`` format means (RFC 3339 section 5.6), nothing looser.
 _RFC3339: Final = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -1113,80 +991,22 @@ def _query_time(request: web.Request, name: str) -> datetime | None:
         return None
     if _RFC3339.fullmatch(text) is None:
         message = f"{name}: must be an RFC 3339 time like 2025-03-01T08:00:00Z"
-        raise _ApiError(400, "invalid_query", message, name)
+        raise ApiError(400, "invalid_query", message, name)
     try:
         value = datetime.fromisoformat(text)
     except ValueError as exc:
         message = f"{name}: must be an ISO 8601 time like 2025-03-01T08:00:00Z"
-        raise _ApiError(400, "invalid_query", message, name) from exc
+        raise ApiError(400, "invalid_query", message, name) from exc
     if value.tzinfo is None:
         message = f"{name}: must say its time zone (Z or +01:00)"
-        raise _ApiError(400, "invalid_query", message, name)
+        raise ApiError(400, "invalid_query", message, name)
     return value.astimezone(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class _Caller:
-    """Who is calling: the principal's id (and the owner, for owner routes)."""
-
-    principal_id: str
-    owner: Owner | None = None
-
-
-_UNAUTHORIZED_WORDS: Final = "sign in again: the request needs a valid token"
-_FORBIDDEN_WORDS: Final[dict[str, str]] = {
-    "owner": "this is for device owners",
-    "technician": "this is for technicians",
-    "ops": "this is for the operations team",
-}
-
-
-async def _authenticate(request: web.Request, kind: PrincipalKind) -> _Caller:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
-        raise _ApiError(401, "unauthorized", _UNAUTHORIZED_WORDS)
-    principal = None
-    if len(token) <= _MAX_TOKEN_CHARS:
-        principal = await request.app[STORE_KEY].resolve_token(token)
-    if principal is None and looks_like_jwt(token):
-        principal = await _provider_principal(request.app[OIDC_KEY], token)
-    if principal is None:
-        raise _ApiError(401, "invalid_token", _UNAUTHORIZED_WORDS)
-    principal_kind, principal_id = principal
-    if principal_kind != kind:
-        raise _ApiError(403, "forbidden", _FORBIDDEN_WORDS[kind])
-    if kind != "owner":
-        return _Caller(principal_id)
-    owner = await request.app[STORE_KEY].get_owner(principal_id)
-    if owner is None:
-        # a token left behind by an erased owner stands for no one
-        raise _ApiError(401, "invalid_token", _UNAUTHORIZED_WORDS)
-    return _Caller(principal_id, owner)
-
-
-async def _provider_principal(oidc: OidcOwners | None, token: str) -> Principal | None:
-    """The owner an identity provider's access token stands for (``None``: none taken)."""
-    if oidc is None:
-        return None
-    try:
-        return ("owner", await oidc.owner_id(token))
-    except InvalidAccessTokenError as exc:
-        raise _ApiError(401, "invalid_token", f"sign in again: {exc}") from exc
-    except UnknownSubjectError as exc:
-        raise _ApiError(403, "unknown_owner", str(exc)) from exc
-
-
-def _owner_of(caller: _Caller) -> Owner:
-    if caller.owner is None:  # pragma: no cover - owner routes authenticate as owners
-        raise _ApiError(403, "forbidden", _FORBIDDEN_WORDS["owner"])
-    return caller.owner
 
 
 async def _own_case(store: CaseStore, owner_id: str, case_id: str) -> Case:
     case = await store.get_case(case_id)
     if case is None or case.owner_id != owner_id:
-        raise _ApiError(404, "not_found", f"there is no case {case_id}")
+        raise ApiError(404, "not_found", f"there is no case {case_id}")
     return case
 
 
@@ -1258,21 +1078,21 @@ def _visit_view(appointment: Appointment, case: Case | None) -> VisitView:
 
 
 async def _get_me(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    return _json(_profile_view(owner))
+    owner = owner_of(await authenticate(request, "owner"))
+    return json_response(_profile_view(owner))
 
 
 async def _patch_me(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    patch = await _read_body(request, ProfilePatch)
+    owner = owner_of(await authenticate(request, "owner"))
+    patch = await read_body(request, ProfilePatch)
     changes: dict[str, Any] = {}
     if patch.language is not None:
         changes["language"] = patch.language
     if patch.timezone is not None:
-        if patch.timezone not in _zones():
+        if patch.timezone not in zones():
             # a well-formed name this machine's zone database does not know: 422
             message = f"timezone: {patch.timezone!r} is not an IANA time zone (like Europe/Berlin)"
-            raise _ApiError(422, "invalid_request", message, "timezone")
+            raise ApiError(422, "invalid_request", message, "timezone")
         changes["timezone"] = patch.timezone
     if patch.consent is not None:
         changes["consent"] = patch.consent
@@ -1280,7 +1100,7 @@ async def _patch_me(request: web.Request) -> web.Response:
         quiet = patch.quiet_hours
         if quiet is not None and quiet.start == quiet.end:
             message = "quiet_hours: must not start and end at the same time"
-            raise _ApiError(422, "invalid_request", message, "quiet_hours")
+            raise ApiError(422, "invalid_request", message, "quiet_hours")
         changes["quiet_start"] = None if quiet is None else quiet.start
         changes["quiet_end"] = None if quiet is None else quiet.end
     if patch.channels is not None:
@@ -1288,14 +1108,14 @@ async def _patch_me(request: web.Request) -> web.Response:
     if changes:
         owner = replace(owner, **changes)
         await request.app[STORE_KEY].put_owner(owner)
-    return _json(_profile_view(owner))
+    return json_response(_profile_view(owner))
 
 
 async def _list_channels(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     # retired ones too: they count towards the limit, and the owner re-verifies or removes them
     channels = await request.app[STORE_KEY].channels(owner.owner_id, active_only=False)
-    return _json(ChannelList(channels=[_channel_view(channel) for channel in channels]))
+    return json_response(ChannelList(channels=[_channel_view(channel) for channel in channels]))
 
 
 def _channel_keys(
@@ -1311,16 +1131,16 @@ def _channel_keys(
 
 
 async def _add_channel(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    body = (await _read_body(request, ChannelRequest, tagged=True)).root
+    owner = owner_of(await authenticate(request, "owner"))
+    body = (await read_body(request, ChannelRequest, tags=_CHANNEL_KINDS)).root
     if not isinstance(body, FcmChannel):  # an FCM target is a token, not an address
         try:
             check_webhook_url(body.target, allow_internal=request.app[WEBHOOK_INTERNAL_KEY])
         except UnsafeAddressError as exc:
-            raise _ApiError(422, "unsafe_target", f"target: {exc}", "target") from exc
+            raise ApiError(422, "unsafe_target", f"target: {exc}", "target") from exc
     if isinstance(body, WebPushChannel) and not body.keys.point_on_curve():
         message = "keys.p256dh: is not a point on the P-256 curve"
-        raise _ApiError(422, "invalid_keys", message, "keys.p256dh")
+        raise ApiError(422, "invalid_keys", message, "keys.p256dh")
     store = request.app[STORE_KEY]
     keys = _channel_keys(body)
     existing = await store.channels(owner.owner_id, active_only=False)
@@ -1330,7 +1150,7 @@ async def _add_channel(request: web.Request) -> web.Response:
             # and its state: a retired channel comes back only by re-verification (issue 12)
             renewed = replace(channel, keys=keys)
             await store.put_channel(renewed)
-            return _json(_channel_view(renewed))
+            return json_response(_channel_view(renewed))
     if len(existing) >= _MAX_CHANNELS:  # retired ones too: they are kept until removed
         raise InvalidRequestError(
             f"at most {_MAX_CHANNELS} push channels: remove one you no longer use first"
@@ -1345,12 +1165,12 @@ async def _add_channel(request: web.Request) -> web.Response:
         created_at=request.app[CLOCK_KEY](),
     )
     await store.put_channel(channel)
-    return _json(_channel_view(channel), 201)
+    return json_response(_channel_view(channel), 201)
 
 
 async def _verify_channel(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    channel_id = _path_id(request)
+    owner = owner_of(await authenticate(request, "owner"))
+    channel_id = path_id(request)
     store = request.app[STORE_KEY]
     channel = next(
         (
@@ -1361,30 +1181,31 @@ async def _verify_channel(request: web.Request) -> web.Response:
         None,
     )
     if channel is None:
-        raise _ApiError(404, "not_found", f"there is no push channel {channel_id}")
+        raise ApiError(404, "not_found", f"there is no push channel {channel_id}")
     verifier = request.app[CHANNEL_VERIFIER_KEY]
     if verifier is None:
-        raise _ApiError(503, "unavailable", "push delivery is not running here")
+        raise ApiError(503, "unavailable", "push delivery is not running here")
     if not await verifier.verify_channel(owner, channel):
-        raise _ApiError(
+        raise ApiError(
             409,
             "not_verified",
             "the test message did not reach the channel; it stays as it was",
         )
-    return _json(_channel_view(replace(channel, active=True, failures=0)))
+    return json_response(_channel_view(replace(channel, active=True, failures=0)))
 
 
 async def _delete_channel(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    channel_id = _path_id(request)
+    owner = owner_of(await authenticate(request, "owner"))
+    channel_id = path_id(request)
     if not await request.app[STORE_KEY].delete_channel(owner.owner_id, channel_id):
-        raise _ApiError(404, "not_found", f"there is no push channel {channel_id}")
+        raise ApiError(404, "not_found", f"there is no push channel {channel_id}")
     return web.Response(status=204)
 
 
-async def _device_views(
+async def device_views(
     request: web.Request, devices: Sequence[DeviceRecord], owner_id: str
 ) -> list[DeviceView]:
+    """The owner's view of their devices: health in plain words and open cases."""
     store = request.app[STORE_KEY]
     open_cases: dict[str, list[Case]] = {}
     for case in await store.cases(owner_id=owner_id, states=sorted(OPEN_STATES)):
@@ -1412,23 +1233,23 @@ async def _device_views(
 
 
 async def _list_devices(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     devices = await request.app[STORE_KEY].devices(owner.owner_id)
-    return _json(DeviceList(devices=await _device_views(request, devices, owner.owner_id)))
+    return json_response(DeviceList(devices=await device_views(request, devices, owner.owner_id)))
 
 
 async def _get_device(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    device_id = _path_id(request)
+    owner = owner_of(await authenticate(request, "owner"))
+    device_id = path_id(request)
     device = await request.app[STORE_KEY].get_device(device_id)
     if device is None or device.owner_id != owner.owner_id:
-        raise _ApiError(404, "not_found", f"there is no device {device_id}")
-    (view,) = await _device_views(request, [device], owner.owner_id)
-    return _json(view)
+        raise ApiError(404, "not_found", f"there is no device {device_id}")
+    (view,) = await device_views(request, [device], owner.owner_id)
+    return json_response(view)
 
 
 async def _list_cases(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     which = request.query.get("state")
     states: list[str] | None
     if which is None:
@@ -1438,34 +1259,34 @@ async def _list_cases(request: web.Request) -> web.Response:
     elif which == "closed":
         states = sorted(CLOSED_STATES)
     else:
-        raise _ApiError(400, "invalid_query", "state: must be open or closed", "state")
+        raise ApiError(400, "invalid_query", "state: must be open or closed", "state")
     store = request.app[STORE_KEY]
     cases = await store.cases(owner_id=owner.owner_id, states=states)
     labels = {device.device_id: device.label for device in await store.devices(owner.owner_id)}
     views = [_case_view(case, labels.get(case.device_id), owner.language) for case in cases]
-    return _json(CaseList(cases=views))
+    return json_response(CaseList(cases=views))
 
 
 async def _get_case(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     store = request.app[STORE_KEY]
-    case = await _own_case(store, owner.owner_id, _path_id(request))
+    case = await _own_case(store, owner.owner_id, path_id(request))
     view = _case_view(case, await _label(store, case.device_id), owner.language)
     history = _history(await store.audit(case.case_id), owner)
-    return _json(CaseDetailView(**view.model_dump(), history=history))
+    return json_response(CaseDetailView(**view.model_dump(), history=history))
 
 
 async def _post_fix(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     store = request.app[STORE_KEY]
-    case = await _own_case(store, owner.owner_id, _path_id(request))
-    choice = await _read_body(request, FixChoice)
+    case = await _own_case(store, owner.owner_id, path_id(request))
+    choice = await read_body(request, FixChoice)
     actions = request.app[ACTIONS_KEY]
     if choice.accept:
         case = await actions.accept_fix(owner.owner_id, case.case_id)
     else:
         case = await actions.decline_fix(owner.owner_id, case.case_id)
-    return _json(_case_view(case, await _label(store, case.device_id), owner.language))
+    return json_response(_case_view(case, await _label(store, case.device_id), owner.language))
 
 
 async def _current_proposal(store: CaseStore, case: Case) -> Appointment | None:
@@ -1477,42 +1298,42 @@ async def _current_proposal(store: CaseStore, case: Case) -> Appointment | None:
 
 
 async def _get_slots(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     store = request.app[STORE_KEY]
-    case = await _own_case(store, owner.owner_id, _path_id(request))
-    return _json(await _offer_view(store, await _current_proposal(store, case)))
+    case = await _own_case(store, owner.owner_id, path_id(request))
+    return json_response(await _offer_view(store, await _current_proposal(store, case)))
 
 
 async def _post_appointment(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     store = request.app[STORE_KEY]
-    case = await _own_case(store, owner.owner_id, _path_id(request))
-    choice = await _read_body(request, AppointmentChoice)
+    case = await _own_case(store, owner.owner_id, path_id(request))
+    choice = await read_body(request, AppointmentChoice)
     actions = request.app[ACTIONS_KEY]
     if choice.slot is not None:
         booked = await actions.choose_slot(owner.owner_id, case.case_id, choice.slot)
-        return _json(await _appointment_view(store, booked), 201)
+        return json_response(await _appointment_view(store, booked), 201)
     if choice.other_times:
         proposal = await actions.request_other_slots(owner.owner_id, case.case_id)
-        return _json(await _offer_view(store, proposal))
+        return json_response(await _offer_view(store, proposal))
     case = await actions.decline_visit(owner.owner_id, case.case_id)
-    return _json(_case_view(case, await _label(store, case.device_id), owner.language))
+    return json_response(_case_view(case, await _label(store, case.device_id), owner.language))
 
 
 async def _post_rating(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     store = request.app[STORE_KEY]
-    case = await _own_case(store, owner.owner_id, _path_id(request))
-    body = await _read_body(request, RatingRequest)
+    case = await _own_case(store, owner.owner_id, path_id(request))
+    body = await read_body(request, RatingRequest)
     comment = None if body.comment is None else body.comment.strip() or None
     rating = await request.app[ACTIONS_KEY].rate(
         owner.owner_id, case.case_id, body.stars, comment, nothing_wrong=body.nothing_wrong
     )
-    return _json(_rating_view(rating), 201)
+    return json_response(_rating_view(rating), 201)
 
 
 async def _export_me(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     data = await request.app[STORE_KEY].export_owner(owner.owner_id)
     day = request.app[CLOCK_KEY]().astimezone(UTC).strftime("%Y-%m-%d")
     response = web.json_response(data)
@@ -1528,7 +1349,7 @@ async def _owner_device_ids(store: CaseStore, owner_id: str) -> list[str]:
 
 
 async def _export_telemetry(request: web.Request) -> web.StreamResponse:
-    owner = _owner_of(await _authenticate(request, "owner"))
+    owner = owner_of(await authenticate(request, "owner"))
     data = request.app[DEVICE_DATA_KEY]
     devices = await _owner_device_ids(request.app[STORE_KEY], owner.owner_id)
     day = request.app[CLOCK_KEY]().astimezone(UTC).strftime("%Y-%m-%d")
@@ -1560,8 +1381,8 @@ async def _export_telemetry(request: web.Request) -> web.StreamResponse:
 
 
 async def _delete_me(request: web.Request) -> web.Response:
-    owner = _owner_of(await _authenticate(request, "owner"))
-    await _read_body(request, EraseRequest)
+    owner = owner_of(await authenticate(request, "owner"))
+    await read_body(request, EraseRequest)
     store = request.app[STORE_KEY]
     data = request.app[DEVICE_DATA_KEY]
     if data is not None:
@@ -1572,24 +1393,24 @@ async def _delete_me(request: web.Request) -> web.Response:
             await data.erase(devices, mode=request.app[ERASE_MODE_KEY])
     rows = await store.erase_owner(owner.owner_id)
     _LOG.info("an owner erased their data (%d rows)", rows)
-    return _json(ErasedView(erased=True, rows=rows))
+    return json_response(ErasedView(erased=True, rows=rows))
 
 
 # -- technician handlers --------------------------------------------------------------------
 
 
 async def _list_visits(request: web.Request) -> web.Response:
-    caller = await _authenticate(request, "technician")
+    caller = await authenticate(request, "technician")
     now = request.app[CLOCK_KEY]()
     since = _query_time(request, "from") or now - timedelta(days=7)
     until = _query_time(request, "to") or since + timedelta(days=30)
     # well-formed times that make no window are a 422, like any other sound request
     # that cannot be done (the document cannot say "after from")
     if until <= since:
-        raise _ApiError(422, "invalid_range", "to: must be after from", "to")
+        raise ApiError(422, "invalid_range", "to: must be after from", "to")
     if until - since > _MAX_VISIT_SPAN:
         message = f"to: at most {_MAX_VISIT_SPAN.days} days after from"
-        raise _ApiError(422, "invalid_range", message, "to")
+        raise ApiError(422, "invalid_range", message, "to")
     store = request.app[STORE_KEY]
     visits = await store.appointments(
         technician_id=caller.principal_id,
@@ -1598,20 +1419,20 @@ async def _list_visits(request: web.Request) -> web.Response:
         until=until,
     )
     views = [_visit_view(visit, await store.get_case(visit.case_id)) for visit in visits]
-    return _json(VisitList(visits=views))
+    return json_response(VisitList(visits=views))
 
 
 async def _complete_visit(request: web.Request) -> web.Response:
-    caller = await _authenticate(request, "technician")
-    appointment_id = _path_id(request)
+    caller = await authenticate(request, "technician")
+    appointment_id = path_id(request)
     store = request.app[STORE_KEY]
     visit = await store.get_appointment(appointment_id)
     if visit is None or visit.technician_id != caller.principal_id or visit.state == "proposed":
-        raise _ApiError(404, "not_found", f"there is no visit {appointment_id}")
-    body = await _read_body(request, CompleteVisitRequest)
+        raise ApiError(404, "not_found", f"there is no visit {appointment_id}")
+    body = await read_body(request, CompleteVisitRequest)
     note = None if body.note is None else body.note.strip() or None
     done = await request.app[ACTIONS_KEY].complete_visit(caller.principal_id, appointment_id, note)
-    return _json(_visit_view(done, await store.get_case(done.case_id)))
+    return json_response(_visit_view(done, await store.get_case(done.case_id)))
 
 
 # -- one-tap action links ---------------------------------------------------------------------
@@ -1674,7 +1495,7 @@ def _tap_action(action: str) -> tuple[str, int | None]:
             return name, int(arg)
     elif name in TAP_ACTIONS and name not in _NUMBERED and not sep:
         return name, None
-    raise _ApiError(400, "invalid_query", "action: not an action a link can carry", "action")
+    raise ApiError(400, "invalid_query", "action: not an action a link can carry", "action")
 
 
 def _does(tap: _Tap) -> str:
@@ -1708,7 +1529,7 @@ def _page(status: int, heading: str, text: str, *, button: str | None = None) ->
 
 def _error_page(exc: Exception) -> web.Response | None:
     """The page for an error a link can meet, or ``None`` to let the JSON answer it."""
-    if isinstance(exc, _ApiError):
+    if isinstance(exc, ApiError):
         return _page(exc.status, "This link did not work", exc.message)
     for kind, status, _code in _MAPPED:
         if isinstance(exc, kind):
@@ -1717,7 +1538,7 @@ def _error_page(exc: Exception) -> web.Response | None:
 
 
 async def _checked_tap(request: web.Request) -> _Tap:
-    case_id = _path_id(request)
+    case_id = path_id(request)
     name, number = _tap_action(request.query.get("action", ""))
     links = request.app[LINKS_KEY]
     if links is None:
@@ -1732,7 +1553,7 @@ async def _checked_tap(request: web.Request) -> _Tap:
     case = await store.get_case(case_id)
     owner = None if case is None else await store.get_owner(case.owner_id)
     if case is None or owner is None:
-        raise _ApiError(404, "not_found", f"there is no case {case_id}")
+        raise ApiError(404, "not_found", f"there is no case {case_id}")
     return _Tap(grant, name, number, case, owner)
 
 
@@ -1756,7 +1577,7 @@ async def _get_tap(request: web.Request) -> web.Response:
         does=_does(tap),
         expires_at=tap.grant.expires_at,
     )
-    response = _json(view)
+    response = json_response(view)
     response.headers.update(_PAGE_HEADERS)
     return response
 
@@ -1803,7 +1624,7 @@ async def _post_tap(request: web.Request) -> web.Response:
     if _wants_html(request):
         text = "We have your answer. The app shows what happens next."
         return _page(status, "Thank you", text)
-    response = _json(view, status)
+    response = json_response(view, status)
     response.headers.update(_PAGE_HEADERS)
     return response
 
@@ -2272,7 +2093,7 @@ def _request_id(request: web.Request) -> str:
 
 def _from_http(exc: web.HTTPException) -> web.Response:
     code, words = _HTTP_WORDS.get(exc.status, ("http_error", exc.reason.lower()))
-    response = _error(exc.status, code, words)
+    response = error_response(exc.status, code, words)
     if "Allow" in exc.headers:
         response.headers["Allow"] = exc.headers["Allow"]
     return response
@@ -2285,8 +2106,8 @@ async def _edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
     response: web.StreamResponse
     try:
         response = await handler(request)
-    except _ApiError as exc:
-        response = _error(exc.status, exc.code, exc.message, exc.field)
+    except ApiError as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.field)
         if exc.status == 401:
             error = "invalid_token" if exc.code == "invalid_token" else None
             response.headers["WWW-Authenticate"] = f'Bearer error="{error}"' if error else "Bearer"
@@ -2296,9 +2117,9 @@ async def _edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
         response = _from_http(exc)
     except (NotFoundError, ForbiddenError, ConflictError, InvalidRequestError) as exc:
         status, code = next((s, c) for kind, s, c in _MAPPED if isinstance(exc, kind))
-        response = _error(status, code, str(exc) or code.replace("_", " "))
+        response = error_response(status, code, str(exc) or code.replace("_", " "))
     except IllegalTransitionError as exc:
-        response = _error(409, "illegal_transition", str(exc) or "the case has moved on")
+        response = error_response(409, "illegal_transition", str(exc) or "the case has moved on")
     except TransientError:
         _LOG.warning(
             "request %s %s %s: a store or service is briefly unavailable",
@@ -2307,13 +2128,13 @@ async def _edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             request.path,
             exc_info=True,
         )
-        response = _error(
+        response = error_response(
             503, "unavailable", "please try again in a moment", **{"Retry-After": "5"}
         )
     except Exception:
         # the last line of defence: a bug answers 500, is logged, and the app goes on
         _LOG.exception("request %s %s %s failed", request_id, request.method, request.path)
-        response = _error(500, "internal_error", "something went wrong on our side")
+        response = error_response(500, "internal_error", "something went wrong on our side")
     if response.prepared:  # a streamed answer set its headers before it began
         return response
     response.headers[REQUEST_ID_HEADER] = request_id

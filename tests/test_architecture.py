@@ -409,3 +409,23 @@ def test_init_checker_lets_reexports_pass() -> None:
         'from . import protocol\n\n__all__: list[str] = ["ConfigError", "protocol"]\n'
     )
     assert init_violations(_fake("gateway", text, is_package=True)) == []
+
+
+#: Modules that take no ``_private`` name from a sibling module either: what they share
+#: with it is public in a module of its own (``notifier.edge`` for the owner API's routes).
+_NO_SIBLING_PRIVATES = ("notifier/admin.py", "notifier/api.py")
+
+
+@pytest.mark.parametrize("path", _NO_SIBLING_PRIVATES)
+def test_route_modules_share_only_public_helpers(path: str) -> None:
+    tree = ast.parse((ROOT / path).read_text(encoding="utf-8"), filename=path)
+    taken = [
+        f"{path}:{node.lineno}: {node.module}.{alias.name}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.split(".")[0] in PACKAGES
+        for alias in node.names
+        if _is_private(alias.name) or any(_is_private(p) for p in node.module.split("."))
+    ]
+    assert taken == []
