@@ -50,7 +50,7 @@ from device_sim.device import Outbound, SimDevice
 from device_sim.faults import FaultRecord, faults_to_csv
 from device_sim.fleet import Fleet
 from device_sim.settings import SimSettings
-from gateway.errors import BrokerUnavailableError, ConfigError
+from gateway.errors import BrokerUnavailableError, ConfigError, PermanentError
 from gateway.protocol.credentials import device_password
 from gateway.protocol.mqtt import Message, MqttClient, Will
 
@@ -83,7 +83,13 @@ class DeviceConnection(Protocol):
     async def publish(
         self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
     ) -> None:
-        """Publish; at QoS 1 return after the PUBACK."""
+        """Publish; at QoS 1 return after the PUBACK.
+
+        Raises:
+            BrokerUnavailableError: the connection is gone, or no PUBACK came within the
+                connection's publish timeout.
+            PermanentError: the broker refused the message (an ACL).
+        """
 
     def messages(self) -> AsyncIterator[Message]:
         """Yield received messages."""
@@ -423,23 +429,24 @@ class FleetRunner:
     # -- publishing --------------------------------------------------------------------
     async def _publish(
         self, link: _Link, client: DeviceConnection, topic: str, payload: bytes
-    ) -> bool:
-        """Publish one message at QoS 1 and wait for its PUBACK; False if the link broke."""
+    ) -> bool | None:
+        """Publish one message at QoS 1 and wait for its PUBACK.
+
+        Returns:
+            True when acknowledged, False when the connection broke (the message stays
+            in the outbox), None when the broker refused it for good (an ACL; the
+            library drops and counts such a message rather than block the rest).
+        """
         channel = topic.rsplit("/", 1)[1]
-        timeout_s = self.settings.publish_timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
-                await client.publish(topic, payload, qos=1, retain=channel == "status")
-        except TimeoutError as exc:
-            self._lost(
-                link, client, BrokerUnavailableError(f"no PUBACK within {timeout_s} s on {topic}")
-            )
-            if link.client is client:  # pragma: no cover - _lost replaced or raised
-                raise BrokerUnavailableError(f"no PUBACK within {timeout_s} s") from exc
-            return False
+            # the connection's own publish timeout bounds the wait for the PUBACK
+            await client.publish(topic, payload, qos=1, retain=channel == "status")
         except BrokerUnavailableError as exc:
             self._lost(link, client, exc)
             return False
+        except PermanentError as exc:
+            _LOG.error("sim device %s: %s", link.device.device_id, exc)
+            return None
         if channel == "telemetry":
             self._readings[link.device.device_id] += 1
         elif channel == "events":
@@ -457,9 +464,13 @@ class FleetRunner:
                 if not rows:
                     return
                 for row in rows:
-                    if not await self._publish(link, client, row.topic, row.payload):
+                    done = await self._publish(link, client, row.topic, row.payload)
+                    if done is None:
+                        sender.refused(row.id)
+                    elif done:
+                        sender.acked(row.id)
+                    else:
                         return  # the rest waits in the outbox for the next connection
-                    sender.acked(row.id)
         finally:
             sender.settle()
 
@@ -492,10 +503,12 @@ class FleetRunner:
     async def run(self, stop: asyncio.Event | None = None) -> FleetReport:
         """Run until the settings' duration has passed in sim time or ``stop`` is set.
 
+        A message the broker refuses for good (an ACL) is dropped and counted as
+        ``refused`` in the device's store, as the library does.
+
         Raises:
-            BrokerUnavailableError: a connection dropped (without ``reconnect``) or a
-                PUBACK did not come in time.
-            PermanentError: the broker refused a message (ACL).
+            BrokerUnavailableError: a connection dropped or a PUBACK did not come in
+                time (without ``reconnect``).
         """
         began = time.monotonic()
         try:

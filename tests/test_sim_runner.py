@@ -195,3 +195,27 @@ async def test_a_device_that_loses_the_broker_buffers_and_reconnects_once(
     telemetry = [p for c in made for t, p, *_ in c.published if t.endswith("/telemetry")]
     seqs = [orjson.loads(p)["seq"] for p in telemetry]
     assert sorted(set(seqs)) == sorted(seqs)  # each once: the failed one was not acked
+
+
+async def test_a_message_the_broker_refuses_is_dropped_and_counted_as_the_library_does() -> None:
+    from gateway.errors import PermanentError
+
+    settings = SimSettings(devices=1, fleet_secret=FLEET_SECRET, speed="max", duration_s=600)
+
+    class Strict(FakeConnection):
+        async def publish(
+            self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+        ) -> None:
+            if topic.endswith("/telemetry") and orjson.loads(payload)["seq"] == 5:
+                raise PermanentError("the broker refused the message (0x87)")
+            await super().publish(topic, payload, qos=qos, retain=retain)
+
+    def connect(device_id: str, password: str, will: Will, clean_start: bool) -> FakeConnection:
+        return Strict(device_id, will, clean_start)
+
+    async with FleetRunner(settings, connect=connect) as runner:
+        report = await runner.run()
+    (device,) = runner.fleet.devices
+    assert device.core.store.counter("refused") == 1
+    assert report.readings_total == device.readings_taken - 1 == 59
+    assert report.buffered_at_end == 0  # the rest went on
