@@ -60,9 +60,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixloop.broker import DEFAULT_AUTOSAVE_INTERVAL_S, GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
-from gateway.errors import BrokerUnavailableError, PermanentError
-from gateway.protocol.credentials import device_password
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import BrokerUnavailableError, PermanentError
+from wire.mqtt import MqttClient
+from wire.protocol.credentials import device_password
 
 FLEET_SECRET = "chaos-fleet-secret-0123456789"
 GATEWAY_PASSWORD = "chaos-gateway-password"

@@ -53,9 +53,6 @@ from dashboard.feed import CaseFeed
 from dashboard.keys import CACHE_KEY, HISTORY_KEY
 from dashboard.settings import DashboardSettings
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import event_to_line, point_line
-from gateway.protocol import Event
 from notifier.errors import ConflictError
 from notifier.model import (
     TRANSITIONS,
@@ -69,6 +66,9 @@ from notifier.model import (
     Technician,
 )
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.lineproto import event_to_line, point_line
+from wire.protocol import Event
 
 NOW = datetime.now(UTC).replace(second=0, microsecond=0)
 MODELS = {

@@ -634,7 +634,7 @@ def simulated_fleet(size: SimSize) -> None:
         )
     print(
         "  reference: the gateway's own decoding of the same MQTT payloads into readings and\n"
-        "  events (gateway.protocol.decode_reading/decode_event, the first step of ingest),\n"
+        "  events (wire.protocol.decode_reading/decode_event, the first step of ingest),\n"
         "  timed in the same run on the same machine; scoring at ratio 1 costs a message as\n"
         "  much as decoding it. Ingest as a whole (bench/ingest.py: broker, decoding, InfluxDB\n"
         "  line protocol) is the rate to keep up with."
@@ -649,7 +649,7 @@ def _sim_run(fleet, engine, start, until, opened, label, batch_max=0, said=None)
     ``said``, when given, collects the predicted time to failure of every ``open`` and
     ``update`` diagnosis the engine sends (read only: the engine does not know).
     """
-    from gateway.protocol import decode_event, decode_reading
+    from wire.protocol import decode_event, decode_reading
 
     pace = Pace()
     span_ms = max((until - start).total_seconds() * 1000, 1.0)

@@ -29,8 +29,8 @@ from pathlib import Path
 from fixloop.broker import DYNSEC_ADMIN_USER
 from fixloop.dynsec import DynsecClient
 from fixloop.stack import MosquittoServer
-from gateway.errors import BrokerUnavailableError
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import BrokerUnavailableError
+from wire.mqtt import MqttClient
 
 _ADMIN_PASSWORD = "bench-admin-password"
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
-from gateway.protocol.credentials import device_password
+from wire.protocol.credentials import device_password
 
 FLEET_SECRET = "bench-fleet-secret-0123456789"
 GATEWAY_PASSWORD = "bench-gateway-password"

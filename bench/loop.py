@@ -52,14 +52,15 @@ from diagnostics.service import DiagnosticsService
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
-from gateway.influx import InfluxSettings
 from gateway.service import Gateway
-from gateway.settings import GatewaySettings, MqttSettings
+from gateway.settings import GatewaySettings
 from notifier.model import DeviceRecord, Owner, PushChannel, Technician, Window
 from notifier.push import verify_webhook_signature
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings, PushSettings
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxSettings
+from wire.settings import MqttSettings
 
 FLEET_SECRET = "bench-fleet-secret-0123456789"
 SERVICE_PASSWORD = "bench-service-password"

@@ -72,8 +72,6 @@ from dashboard.keys import (
     USERS_KEY,
 )
 from dashboard.settings import DashboardSettings
-from gateway.errors import PermanentError, TransientError
-from gateway.influx import InfluxClient
 from notifier.actions import CaseActions
 from notifier.errors import (
     ConflictError,
@@ -84,6 +82,8 @@ from notifier.errors import (
 )
 from notifier.model import OPEN_STATES, TRANSITIONS, AuditEntry, Case
 from notifier.store import CaseStore
+from wire.errors import PermanentError, TransientError
+from wire.influx import InfluxClient
 
 __all__ = ["COOKIE_NAME", "CSRF_HEADER", "create_app"]
 

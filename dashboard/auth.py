@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final, Literal, Protocol
 
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = [
     "ROLE_RANK",

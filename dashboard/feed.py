@@ -22,8 +22,8 @@ from collections import deque
 from types import TracebackType
 from typing import Final, Self
 
-from gateway.errors import ConfigError
 from notifier.model import Case
+from wire.errors import ConfigError
 
 __all__ = ["CaseFeed", "Subscription"]
 

@@ -49,10 +49,10 @@ from typing import Any, Final, TypeVar
 
 from dashboard.feed import CaseFeed
 from dashboard.influxql import DeviceSignals, Measurements, device_signals
-from gateway.errors import PermanentError, TransientError
-from gateway.influx import InfluxClient
 from notifier.model import OPEN_STATES, Case, DeviceRecord, Rating
 from notifier.store import CaseStore
+from wire.errors import PermanentError, TransientError
+from wire.influx import InfluxClient
 
 __all__ = [
     "LEVELS",

@@ -36,10 +36,11 @@ from datetime import UTC, datetime
 from typing import Final
 
 from dashboard.fleet import LEVELS, health_timeline
-from dashboard.influxql import Measurements, first_scores, quote_ident, score_buckets
-from gateway.errors import PermanentError, TransientError
-from gateway.influx import InfluxClient
-from gateway.lineproto import point_line
+from dashboard.influxql import Measurements, first_scores, score_buckets
+from wire.errors import PermanentError, TransientError
+from wire.influx import InfluxClient
+from wire.influxql import quote_ident
+from wire.lineproto import point_line
 
 __all__ = ["PROVISIONAL_S", "SETTLE_S", "STEP_S", "HealthHistory", "bucketed"]
 

@@ -3,7 +3,7 @@
 InfluxDB does the aggregation: a chart over any range asks for ``GROUP BY time(<w>)``
 with ``w`` chosen by :func:`bucket_s` so that at most ``max_points`` buckets fall in the
 range, and ``fill(none)`` leaves out empty ones. Everything here is read-only InfluxQL
-over :meth:`gateway.influx.InfluxClient.query`, the common ground of InfluxDB 1.x, 2.x
+over :meth:`wire.influx.InfluxClient.query`, the common ground of InfluxDB 1.x, 2.x
 and 3.x.
 
 Measurements read: ``telemetry`` (tag ``device``, one field per metric, plus ``seq`` and
@@ -21,9 +21,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from diagnostics.service import HEALTH_MEASUREMENT, MISMATCH_MEASUREMENT
-from gateway.influx import InfluxClient
-from gateway.lineproto import EVENTS_MEASUREMENT, RESERVED_FIELDS, TELEMETRY_MEASUREMENT
+from wire.influx import InfluxClient
+from wire.influxql import quote_ident, quote_string
+from wire.lineproto import (
+    EVENTS_MEASUREMENT,
+    HEALTH_MEASUREMENT,
+    MISMATCH_MEASUREMENT,
+    RESERVED_FIELDS,
+    TELEMETRY_MEASUREMENT,
+)
 
 __all__ = [
     "DeviceSeries",
@@ -37,8 +43,6 @@ __all__ = [
     "first_scores",
     "latest_scores",
     "product_mismatches",
-    "quote_ident",
-    "quote_string",
     "score_buckets",
 ]
 
@@ -91,18 +95,6 @@ class DeviceSeries:
     score: list[float | None]
     score_max: list[float | None]
     baseline: list[float | None]
-
-
-def quote_ident(name: str) -> str:
-    """Quote an InfluxQL identifier (measurement, field or tag key)."""
-    escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
-
-
-def quote_string(value: str) -> str:
-    """Quote an InfluxQL string literal (a tag value in ``WHERE``)."""
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
-    return f"'{escaped}'"
 
 
 def bucket_s(start: datetime, end: datetime, max_points: int) -> int:

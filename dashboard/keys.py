@@ -19,9 +19,9 @@ from dashboard.history import HealthHistory
 from dashboard.influxql import Measurements
 from dashboard.ops import CampaignStarter
 from dashboard.settings import DashboardSettings
-from gateway.influx import InfluxClient
 from notifier.actions import CaseActions
 from notifier.store import CaseStore
+from wire.influx import InfluxClient
 
 __all__ = [
     "ACTIONS_KEY",

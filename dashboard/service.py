@@ -44,17 +44,17 @@ from dashboard.keys import SESSIONS_KEY, STREAMS_KEY
 from dashboard.ops import StoredCampaigns
 from dashboard.settings import DashboardSettings
 from dashboard.users import OpsUsersFile
-from gateway.consumer import consume_forever
-from gateway.errors import ConfigError, RejectedError, TransientError
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import CASES_TOPIC
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
-from gateway.supervisor import StageHealth, supervise
 from notifier.model import Case, CaseState, Urgency
 from notifier.postgres import PostgresStore
 from notifier.sqlite import SqliteStore
 from notifier.store import CaseStore
+from wire.consumer import consume_forever
+from wire.errors import ConfigError, RejectedError, TransientError
+from wire.influx import InfluxClient, InfluxSettings
+from wire.mqtt import MqttClient
+from wire.protocol import CASES_TOPIC
+from wire.settings import MqttSettings
+from wire.supervisor import StageHealth, supervise
 
 __all__ = ["DashboardService", "decode_case_change"]
 

@@ -30,8 +30,8 @@ from typing import Any, Final
 import orjson
 
 from dashboard.auth import ROLE_RANK, OpsUser, Role
-from gateway.errors import ConfigError
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
+from wire.errors import ConfigError
 
 __all__ = [
     "MIN_PASSWORD_CHARS",

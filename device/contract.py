@@ -1,7 +1,7 @@
 """The device contract v1 as a device speaks it: topics, limits, payload encoders.
 
 This is the device's half of the wire (the first stage of the pipeline); the gateway's
-half is ``gateway.protocol``. The library imports nothing of the backend, so the rules
+half is ``wire.protocol``. The library imports nothing of the backend, so the rules
 are written here a second time, and ``tests/test_device_contract.py`` holds the two
 halves and ``asyncapi.yaml`` together: every constant is compared, every payload built
 here is decoded by the gateway's decoder, and every payload refused here is refused by

@@ -2,8 +2,8 @@
 
 It stands in for hardware in tests, demos and benchmarks. Each simulated appliance runs
 the device library's logic (:mod:`device`), so every simulated run also exercises the
-library; of the backend it imports only the gateway's device protocol and MQTT client
-(:mod:`gateway.protocol`) and the error tree.
+library; of the backend it imports only the shared device protocol and MQTT client
+(:mod:`wire.protocol`, :mod:`wire.mqtt`) and the error tree.
 """
 
 from device_sim.appliances import SelfTestResult

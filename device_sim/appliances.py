@@ -33,7 +33,7 @@ from typing import ClassVar, Final
 from device import Refusal
 from device.contract import EventKind, MetricValue
 from device_sim.environment import Climate, local_hour
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = [
     "Appliance",

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Final
 
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = ["SimClock"]
 

@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Final
 from device.contract import MetricValue
 from device_sim.appliances import Appliance, Notice
 from device_sim.environment import local_hour
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = [
     "DescribedAppliance",

@@ -51,7 +51,7 @@ from device_sim.faults import (
     FaultSpec,
     faults_for_model,
 )
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = ["DEFAULT_FIRMWARE", "Outbound", "SimDevice"]
 

@@ -19,7 +19,7 @@ from typing import Final
 from device_sim.described import SimProduct
 from device_sim.device import DEFAULT_FIRMWARE, Outbound, SimDevice
 from device_sim.faults import MODEL_NAMES, FaultRecord
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = ["Fleet", "assign_models", "device_id_for"]
 

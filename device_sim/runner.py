@@ -50,9 +50,9 @@ from device_sim.device import Outbound, SimDevice
 from device_sim.faults import FaultRecord, faults_to_csv
 from device_sim.fleet import Fleet
 from device_sim.settings import SimSettings
-from gateway.errors import BrokerUnavailableError, ConfigError, PermanentError
-from gateway.protocol.credentials import device_password
-from gateway.protocol.mqtt import Message, MqttClient, Will
+from wire.errors import BrokerUnavailableError, ConfigError, PermanentError
+from wire.mqtt import Message, MqttClient, Will
+from wire.protocol.credentials import device_password
 
 __all__ = ["ConnectFactory", "DeviceConnection", "FleetReport", "FleetRunner", "run_fleet"]
 

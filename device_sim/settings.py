@@ -13,7 +13,7 @@ from typing import Final, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from device_sim.faults import MODEL_NAMES
-from gateway.protocol import Limits, is_valid_device_id
+from wire.protocol import Limits, is_valid_device_id
 
 __all__ = ["BACKFILL_WINDOW_S", "SimSettings"]
 

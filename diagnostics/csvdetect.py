@@ -64,7 +64,7 @@ import numpy as np
 import numpy.typing as npt
 
 from diagnostics.detector import ROW_GAP, ROW_LATE, ROW_REPEATED, DetectorConfig, DetectorTable
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = [
     "FLAT_ROWS",

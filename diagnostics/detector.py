@@ -128,7 +128,7 @@ import numba
 import numpy as np
 import numpy.typing as npt
 
-from gateway.errors import ConfigError, PermanentError
+from wire.errors import ConfigError, PermanentError
 
 __all__ = [
     "ROW_GAP",

@@ -72,8 +72,8 @@ from diagnostics.lifetimes import LifetimeModels, LiveLifetimes
 from diagnostics.model import Contribution, Diagnosis
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
 from diagnostics.product import ProductSet, builtin_products
-from gateway.errors import ConfigError
-from gateway.protocol import Event, Reading
+from wire.errors import ConfigError
+from wire.protocol import Event, Reading
 
 __all__ = [
     "FORMAT_VERSION",

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Final, Literal
 
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = [
     "FUNCTIONS",

@@ -1,6 +1,6 @@
 """Streaming per-device features (diagnostics, first step of "Detect").
 
-Every telemetry :class:`~gateway.protocol.Reading` becomes a short vector of *raw
+Every telemetry :class:`~wire.protocol.Reading` becomes a short vector of *raw
 features* for its product model, as the model's product file (:mod:`diagnostics.product`)
 declares them: physical quantities that stay comparable across operating states
 (vibration per squared drum speed while spinning, COP against its Carnot limit, a
@@ -36,8 +36,8 @@ from diagnostics import kernels
 from diagnostics.expressions import STATUS
 from diagnostics.kernels import advance_rows
 from diagnostics.product import GenericScoring, Product, builtin_products
-from gateway.errors import ConfigError
-from gateway.protocol import MetricValue, Reading
+from wire.errors import ConfigError
+from wire.protocol import MetricValue, Reading
 
 __all__ = [
     "FEATURE_SPECS",

@@ -29,7 +29,7 @@ import numpy.typing as npt
 from sklearn.covariance import LedoitWolf
 from sklearn.ensemble import IsolationForest
 
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = ["FleetMethod", "FleetModel"]
 

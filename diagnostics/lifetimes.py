@@ -36,8 +36,8 @@ import numpy.typing as npt
 
 from diagnostics.predictor import TimeToFailure
 from diagnostics.remaining import RemainingLifeModel, UnitHistory, fit_remaining_life
-from gateway.errors import ConfigError
-from gateway.protocol import Event, Reading
+from wire.errors import ConfigError
+from wire.protocol import Event, Reading
 
 __all__ = [
     "Failure",

@@ -6,7 +6,7 @@ from the fault catalog in the order to try, and the evidence (device codes, scor
 ``status`` says whether this message opens, updates or closes it; a device has at most
 one diagnosis per fault, identified by :attr:`Diagnosis.key`. The JSON form (orjson) is
 what the notifier reads; decoding refuses anything malformed with a
-:class:`~gateway.errors.RejectedError`.
+:class:`~wire.errors.RejectedError`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import orjson
 
 from diagnostics.catalog import Remedy
 from diagnostics.predictor import TimeToFailure
-from gateway.errors import RejectedError
+from wire.errors import RejectedError
 
 __all__ = [
     "DIAGNOSIS_VERSION",

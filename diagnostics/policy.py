@@ -55,7 +55,7 @@ from diagnostics.catalog import ANY_FEATURE, CATALOG, Degradation, FaultEntry, M
 from diagnostics.features import FeatureSpec
 from diagnostics.model import Contribution, Diagnosis
 from diagnostics.predictor import TimeToFailure, TrendPredictor, progress_of
-from gateway.protocol import Event, ms_to_datetime
+from wire.protocol import Event, ms_to_datetime
 
 __all__ = ["GENERIC_FAULT", "DiagnosisPolicy", "Hypothesis", "LearntLifetimes", "PolicyConfig"]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from diagnostics.catalog import Degradation
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = ["TimeToFailure", "TrendPredictor", "progress_of"]
 

@@ -70,8 +70,8 @@ from diagnostics.expressions import (
     format_unit,
     parse_unit,
 )
-from gateway.errors import ConfigError
-from gateway.protocol import COMMAND_ACTIONS, METRIC_NAME_PATTERN
+from wire.errors import ConfigError
+from wire.protocol import COMMAND_ACTIONS, METRIC_NAME_PATTERN
 
 if TYPE_CHECKING:
     from diagnostics.catalog import ModelCatalog

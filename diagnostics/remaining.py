@@ -62,7 +62,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = [
     "DEFAULT_CANDIDATES",

@@ -41,15 +41,16 @@ from diagnostics.lifetimes import LifetimeModels, lifetimes_path
 from diagnostics.model import encode_diagnosis
 from diagnostics.product import load_products
 from diagnostics.settings import DiagnosticsSettings
-from gateway.consumer import consume_forever, shared_filters
-from gateway.errors import (
+from wire.consumer import consume_forever, shared_filters
+from wire.errors import (
     PermanentError,
     RejectedError,
     StoreUnavailableError,
 )
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import point_line
-from gateway.protocol import (
+from wire.influx import InfluxClient, InfluxSettings
+from wire.lineproto import HEALTH_MEASUREMENT, MISMATCH_MEASUREMENT, point_line
+from wire.mqtt import Message, MqttClient
+from wire.protocol import (
     DIAGNOSES_TOPIC,
     Event,
     Reading,
@@ -57,13 +58,10 @@ from gateway.protocol import (
     decode_reading,
     split_device_topic,
 )
-from gateway.protocol.mqtt import Message, MqttClient
-from gateway.settings import MqttSettings
-from gateway.supervisor import StageHealth, supervise
+from wire.settings import MqttSettings
+from wire.supervisor import StageHealth, supervise
 
 __all__ = [
-    "HEALTH_MEASUREMENT",
-    "MISMATCH_MEASUREMENT",
     "DiagnosticsService",
     "backfill_lifetimes",
     "load_engine",
@@ -73,10 +71,6 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-#: Measurement of the per-reading scores, next to ``telemetry``.
-HEALTH_MEASUREMENT: Final = "health"
-#: Measurement of what devices send that no product file describes, per model.
-MISMATCH_MEASUREMENT: Final = "product_mismatch"
 _FILTERS: Final = ("devices/+/telemetry", "devices/+/events")
 #: Longest list of metric names written for one model (a device may invent many).
 _MISMATCH_TEXT: Final = 2_000

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from diagnostics.detector import DetectorConfig, DetectorTable, StepResult
-from gateway.errors import PermanentError
+from wire.errors import PermanentError
 
 __all__ = ["DEFAULT_THRESHOLD", "StreamConfig", "StreamDetector"]
 

@@ -28,9 +28,9 @@ from diagnostics.lifetimes import Failure, StepHistory, fit_lifetime_models, lif
 from diagnostics.product import load_products
 from diagnostics.service import stored_registry
 from diagnostics.settings import DiagnosticsSettings
-from gateway.errors import ConfigError
-from gateway.influx import InfluxClient, InfluxSettings, Series
-from gateway.protocol import EVENT_KINDS, Event, Reading
+from wire.errors import ConfigError
+from wire.influx import InfluxClient, InfluxSettings, Series
+from wire.protocol import EVENT_KINDS, Event, Reading
 
 __all__ = ["TrainingReport", "history_items", "train_from_influx"]
 

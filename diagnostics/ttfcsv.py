@@ -41,7 +41,7 @@ from diagnostics.remaining import (
     UnitHistory,
     fit_remaining_life,
 )
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = ["OUTPUT_COLUMNS", "TtfSummary", "predict_csv", "read_units"]
 

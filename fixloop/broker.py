@@ -6,7 +6,7 @@ test fixtures (through :mod:`fixloop.stack`) and the production files in ``docke
 is configured like the broker we ship.
 
 Devices connect each as their own user (the device id), with a password derived from
-the fleet secret (:func:`gateway.protocol.credentials.device_password`); the ACL pins
+the fleet secret (:func:`wire.protocol.credentials.device_password`); the ACL pins
 every device to ``devices/<its id>/...`` with ``%u`` patterns. Services (gateway,
 diagnostics, notifier, dashboard) connect as named service users; the dashboard's user
 (:data:`DASHBOARD_USER`) may only read ``fleet/#`` (it only follows ``fleet/cases``),
@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from gateway.errors import ConfigError
-from gateway.protocol.credentials import device_password
-from gateway.protocol.topics import is_valid_device_id
+from wire.errors import ConfigError
+from wire.protocol.credentials import device_password
+from wire.protocol.topics import is_valid_device_id
 
 __all__ = [
     "ADMIN_ACL_RULES",
@@ -282,7 +282,7 @@ def find_dynsec_plugin(path: str | None = None) -> str:
 
 
 # Mosquitto splits password-file lines at ":" and ACL lines at spaces; "+", "#" and "/"
-# make mosquitto refuse a "%u" substitution. Device ids (gateway.protocol.topics) may
+# make mosquitto refuse a "%u" substitution. Device ids (wire.protocol.topics) may
 # contain ":", so a device id with ":" cannot be a broker user.
 _USER_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 # PBKDF2-SHA512 parameters of mosquitto_passwd 2.0 ("$7$" hashes, see its source

@@ -31,7 +31,7 @@ from fixloop.opsusers import run as run_ops_users
 from fixloop.registry_cli import add_device_parsers, add_parsers, add_product_parsers, handles
 from fixloop.registry_cli import run as run_registry
 from fixloop.settings import Settings
-from gateway.errors import ConfigError, FixloopError
+from wire.errors import ConfigError, FixloopError
 
 __all__ = ["main"]
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsError
 
 from fixloop.settings import ENV_NESTED_DELIMITER, ENV_PREFIX, Settings
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = [
     "CASE_STORE_FILE",

@@ -21,12 +21,12 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Final
 
 from device_sim import FaultName, FaultRecord, FleetRunner, faults_for_model
-from gateway.errors import ConfigError, PermanentError
-from gateway.protocol.credentials import derive
 from notifier.actions import CaseActions
 from notifier.model import OPEN_STATES, DeviceRecord, Owner, Technician, Window
 from notifier.registry import NewDevice, ProductLine, claim_key
 from notifier.store import CaseStore
+from wire.errors import ConfigError, PermanentError
+from wire.protocol.credentials import derive
 
 __all__ = [
     "HISTORY_FAULTS",

@@ -4,7 +4,7 @@ Place in the pipeline: beside it, in the composition root. Devices reach the bus
 with an account on the broker; this module issues, rotates and revokes those accounts
 (and keeps the services' accounts) while the broker runs, with no restart or reload
 (issue 14). It speaks the plugin's control API over MQTT with the project's own client
-(:class:`gateway.protocol.mqtt.MqttClient`): JSON commands published on
+(:class:`wire.mqtt.MqttClient`): JSON commands published on
 ``$CONTROL/dynamic-security/v1``, answers on ``$CONTROL/dynamic-security/v1/response``,
 matched to their command by ``correlationData``.
 
@@ -45,8 +45,8 @@ from fixloop.broker import (
     device_acl_rules,
     device_role,
 )
-from gateway.errors import BrokerUnavailableError, PermanentError
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import BrokerUnavailableError, PermanentError
+from wire.mqtt import MqttClient
 
 __all__ = [
     "CONTROL_TOPIC",

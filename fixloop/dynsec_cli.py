@@ -21,9 +21,9 @@ from typing import IO, Any, Final
 from fixloop.config import FLEET_SECRET_FILE
 from fixloop.dynsec import DynsecClient
 from fixloop.settings import Settings
-from gateway.errors import ConfigError
-from gateway.protocol.credentials import derive, device_password
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import ConfigError
+from wire.mqtt import MqttClient
+from wire.protocol.credentials import derive, device_password
 
 __all__ = ["add_credentials_parser", "admin_client", "local_admin_password", "run_credentials"]
 

@@ -44,14 +44,14 @@ from fixloop.opsusers import ops_users_file
 from fixloop.registry_cli import service_onboarding
 from fixloop.settings import Settings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
-from gateway.errors import BrokerUnavailableError, ConfigError
-from gateway.influx import InfluxClient
-from gateway.protocol.credentials import derive, device_password
-from gateway.protocol.mqtt import MqttClient
 from gateway.service import Gateway
-from gateway.settings import MqttSettings
 from notifier.loop import OwnerLoop
 from notifier.service import NotifierService
+from wire.errors import BrokerUnavailableError, ConfigError
+from wire.influx import InfluxClient
+from wire.mqtt import MqttClient
+from wire.protocol.credentials import derive, device_password
+from wire.settings import MqttSettings
 
 __all__ = ["run_local_stack", "service_password", "stack_client_ids"]
 

@@ -26,8 +26,8 @@ from aiohttp import web
 
 from dashboard.service import DashboardService
 from diagnostics.service import DiagnosticsService
-from gateway.supervisor import StageHealth
 from notifier.service import NotifierService
+from wire.supervisor import StageHealth
 
 __all__ = [
     "Metric",

@@ -45,8 +45,6 @@ from fixloop.config import FLEET_SECRET_FILE, ensure_fleet_secret, in_data_dir
 from fixloop.dynsec import DynsecClient, generate_password
 from fixloop.dynsec_cli import admin_client
 from fixloop.settings import Settings
-from gateway.errors import ConfigError, FixloopError
-from gateway.protocol.credentials import device_password
 from notifier.admin import Onboarding
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import Owner, Technician, Window
@@ -67,6 +65,8 @@ from notifier.registry import (
 from notifier.sqlite import SqliteStore
 from notifier.store import CaseStore, PrincipalKind
 from notifier.stores import case_store
+from wire.errors import ConfigError, FixloopError
+from wire.protocol.credentials import device_password
 
 __all__ = [
     "COMMANDS",

@@ -19,9 +19,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from dashboard.settings import DashboardSettings
 from device_sim.settings import SimSettings
 from diagnostics.settings import DiagnosticsSettings
-from gateway.influx import InfluxSettings
-from gateway.settings import GatewaySettings, MqttSettings
+from gateway.settings import GatewaySettings
 from notifier.settings import NotifierSettings
+from wire.influx import InfluxSettings
+from wire.settings import MqttSettings
 
 __all__ = [
     "ENV_NESTED_DELIMITER",

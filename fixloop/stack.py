@@ -44,7 +44,8 @@ from fixloop.broker import (
     render_mosquitto_conf,
     render_password_file,
 )
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
+from wire.influxql import quote_ident
 
 __all__ = ["InfluxdServer", "MosquittoServer", "PostgresServer", "free_port"]
 
@@ -666,11 +667,11 @@ bind-address = "{LOOPBACK}:{self._rpc_port}"
 
     def create_database(self, name: str) -> None:
         """Create database ``name`` (no-op when it exists)."""
-        self.query(f'CREATE DATABASE "{_quote_ident(name)}"')
+        self.query(f"CREATE DATABASE {quote_ident(name)}")
 
     def drop_database(self, name: str) -> None:
         """Drop database ``name`` and its data."""
-        self.query(f'DROP DATABASE "{_quote_ident(name)}"')
+        self.query(f"DROP DATABASE {quote_ident(name)}")
 
     def query(self, q: str, *, database: str | None = None) -> Any:
         """Run InfluxQL ``q`` via ``POST /query`` and return the decoded JSON answer.
@@ -981,10 +982,6 @@ def _pg_ident(name: str) -> str:
 
 def _pg_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def _quote_ident(name: str) -> str:
-    return name.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -1,34 +1,10 @@
-"""Device-facing edge of fixloop: device protocol, MQTT ingest, InfluxDB writer, commands.
+"""The gateway stage: MQTT ingest -> validation -> InfluxDB, with a durable spool.
 
-This package root re-exports the error tree only, on purpose. The simulated fleet
-imports the device contract (``gateway.protocol``), and importing it runs this file
-first: re-exporting the service here (``Gateway``, ``InfluxClient``, the metrics server)
-would load aiohttp and the whole ingest path into every simulated device process and
-double its import time. Import the service parts from their modules:
-``gateway.service.Gateway``, ``gateway.settings.GatewaySettings`` and
-``MqttSettings``, ``gateway.influx.InfluxClient`` and ``InfluxSettings``,
-``gateway.spool.Spool``, ``gateway.commands.CommandChannel``,
-``gateway.metrics.GatewayMetrics``.
+Import the parts from their modules: ``gateway.service.Gateway``,
+``gateway.settings.GatewaySettings``, ``gateway.spool.Spool``,
+``gateway.metrics.GatewayMetrics``. What the other stages share with it (device
+protocol, MQTT client, InfluxDB client, error tree) lives in ``wire``. Nothing is
+re-exported here so that reading fixloop's settings does not load the service.
 """
 
-from gateway.errors import (
-    BrokerUnavailableError,
-    ConfigError,
-    FixloopError,
-    PermanentError,
-    RejectedError,
-    StoreUnavailableError,
-    TransientError,
-    WriteRejectedError,
-)
-
-__all__ = [
-    "BrokerUnavailableError",
-    "ConfigError",
-    "FixloopError",
-    "PermanentError",
-    "RejectedError",
-    "StoreUnavailableError",
-    "TransientError",
-    "WriteRejectedError",
-]
+__all__: list[str] = []

@@ -1,7 +1,7 @@
 """The gateway service: MQTT ingest -> validation -> InfluxDB, never losing a point.
 
 Pipeline order (telegraf's): input (broker, QoS-1 persistent session) -> parse and
-validate (:mod:`gateway.protocol.codec`) -> line protocol (:mod:`gateway.lineproto`)
+validate (:mod:`wire.protocol.codec`) -> line protocol (:mod:`wire.lineproto`)
 -> batch -> output (InfluxDB, or the on-disk spool while it is away) -> acknowledge.
 
 Delivery rule (ARCHITECTURE "Delivery and safety rules"): a message is acknowledged
@@ -35,22 +35,23 @@ from typing import Final, Self
 
 import orjson
 
-from gateway.consumer import consume_forever, shared_filters
-from gateway.errors import (
+from gateway.metrics import GatewayMetrics, MetricsServer
+from gateway.settings import GatewaySettings
+from gateway.spool import Spool
+from wire.consumer import consume_forever, shared_filters
+from wire.errors import (
     BrokerUnavailableError,
     PermanentError,
     RejectedError,
     StoreUnavailableError,
     WriteRejectedError,
 )
-from gateway.influx import InfluxClient, InfluxSettings, Precision
-from gateway.lineproto import event_to_line, telemetry_line
-from gateway.metrics import GatewayMetrics, MetricsServer
-from gateway.protocol.codec import decode_event, validate_reading
-from gateway.protocol.mqtt import Message, MqttClient
-from gateway.protocol.topics import REJECTED_TOPIC, split_device_topic
-from gateway.settings import GatewaySettings, MqttSettings
-from gateway.spool import Spool
+from wire.influx import InfluxClient, InfluxSettings, Precision
+from wire.lineproto import event_to_line, telemetry_line
+from wire.mqtt import Message, MqttClient
+from wire.protocol.codec import decode_event, validate_reading
+from wire.protocol.topics import REJECTED_TOPIC, split_device_topic
+from wire.settings import MqttSettings
 
 __all__ = ["Gateway"]
 

@@ -47,7 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from gateway.errors import ConfigError, PermanentError, StoreUnavailableError
+from wire.errors import ConfigError, PermanentError, StoreUnavailableError
 
 __all__ = ["Spool"]
 

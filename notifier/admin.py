@@ -36,7 +36,6 @@ from typing import Annotated, Any, Final, Literal, cast
 from aiohttp import web
 from pydantic import AwareDatetime, Field, field_validator
 
-from gateway.errors import ConfigError, FixloopError
 from notifier.api import API_PREFIX, DeviceView, device_views
 from notifier.edge import (
     MAX_BODY_BYTES,
@@ -72,6 +71,7 @@ from notifier.registry import (
     token_id,
 )
 from notifier.store import PrincipalKind
+from wire.errors import ConfigError, FixloopError
 
 __all__ = [
     "ClaimLimiter",

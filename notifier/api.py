@@ -21,7 +21,7 @@ How it works:
   :class:`~notifier.errors.NotFoundError` 404, :class:`~notifier.errors.ForbiddenError`
   403, :class:`~notifier.errors.ConflictError` and
   :class:`~notifier.errors.IllegalTransitionError` 409,
-  :class:`~notifier.errors.InvalidRequestError` 422, a :class:`~gateway.errors.TransientError`
+  :class:`~notifier.errors.InvalidRequestError` 422, a :class:`~wire.errors.TransientError`
   503; anything unexpected is a 500 with a generic message, logged with the request id
   (the ``X-Request-Id`` header of every response). The app keeps serving.
 * **Privacy.** Owners never see scores or diagnostic evidence; push targets are masked and
@@ -60,7 +60,6 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.errors import PermanentError, TransientError
 from notifier.actions import CaseActions, HealthPoint, HealthReader
 from notifier.addresses import check_webhook_url
 from notifier.devicedata import DeviceData, EraseMode
@@ -124,6 +123,7 @@ from notifier.oidc import OidcOwners
 from notifier.openapi import Operation, QueryParam, Reply, build_document
 from notifier.push_base import ChannelVerifier
 from notifier.store import CaseStore
+from wire.errors import PermanentError, TransientError
 
 if TYPE_CHECKING:
     from notifier.admin import Onboarding

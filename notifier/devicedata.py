@@ -28,11 +28,16 @@ from typing import Final, Literal, Protocol
 
 import orjson
 
-from gateway.influx import InfluxClient
-from gateway.lineproto import EVENTS_MEASUREMENT, TELEMETRY_MEASUREMENT, point_line
-from gateway.protocol import is_valid_device_id
 from notifier.errors import InvalidRequestError
-from notifier.health import HEALTH_MEASUREMENT
+from wire.influx import InfluxClient
+from wire.influxql import quote_ident, quote_string
+from wire.lineproto import (
+    EVENTS_MEASUREMENT,
+    HEALTH_MEASUREMENT,
+    TELEMETRY_MEASUREMENT,
+    point_line,
+)
+from wire.protocol import is_valid_device_id
 
 __all__ = ["DEVICE_MEASUREMENTS", "DeviceData", "EraseMode", "InfluxDeviceData"]
 
@@ -52,14 +57,6 @@ class DeviceData(Protocol):
 
     async def erase(self, device_ids: Sequence[str], *, mode: EraseMode) -> int:
         """Delete (or re-key, then delete) every point of the devices; return points moved."""
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _valid(device_ids: Sequence[str]) -> list[str]:
@@ -103,7 +100,8 @@ class InfluxDeviceData:
         while True:
             since = "" if after is None else f" AND time > {after}u"
             series = await self._client.query(
-                f'SELECT * FROM {_ident(measurement)} WHERE "device" = {_literal(device_id)}'
+                f"SELECT * FROM {quote_ident(measurement)} "
+                f'WHERE "device" = {quote_string(device_id)}'
                 f"{since} ORDER BY time ASC LIMIT {_PAGE}",
                 epoch="u",
             )
@@ -140,12 +138,12 @@ class InfluxDeviceData:
         """The measurement's tag keys and field types (``float``, ``integer`` ...)."""
         tags = {
             str(row[0])
-            for one in await self._client.query(f"SHOW TAG KEYS FROM {_ident(measurement)}")
+            for one in await self._client.query(f"SHOW TAG KEYS FROM {quote_ident(measurement)}")
             for row in one.values
         }
         fields = {
             str(row[0]): str(row[1])
-            for one in await self._client.query(f"SHOW FIELD KEYS FROM {_ident(measurement)}")
+            for one in await self._client.query(f"SHOW FIELD KEYS FROM {quote_ident(measurement)}")
             for row in one.values
         }
         return tags, fields
@@ -212,19 +210,20 @@ class InfluxDeviceData:
                 if mode == "rekey":
                     moved += await self._rekey(measurement, device_id, anonymous)
                 await self._client.query(
-                    f'DROP SERIES FROM {_ident(measurement)} WHERE "device" = {_literal(device_id)}'
+                    f"DROP SERIES FROM {quote_ident(measurement)} "
+                    f'WHERE "device" = {quote_string(device_id)}'
                 )
         return moved
 
     async def count(self, device_ids: Sequence[str]) -> Mapping[str, int]:
         """Points left per measurement for the devices (what an erasure must bring to 0)."""
-        where = " OR ".join(f'"device" = {_literal(d)}' for d in _valid(device_ids))
+        where = " OR ".join(f'"device" = {quote_string(d)}' for d in _valid(device_ids))
         await self._ready()
         out: dict[str, int] = {}
         for measurement in self._measurements:
             total = 0
             for one in await self._client.query(
-                f"SELECT COUNT(*) FROM {_ident(measurement)} WHERE {where}"
+                f"SELECT COUNT(*) FROM {quote_ident(measurement)} WHERE {where}"
             ):
                 for row in one.values:
                     total += max((v for v in row[1:] if isinstance(v, int)), default=0)

@@ -1,4 +1,4 @@
-"""Errors of the owner loop, under the shared tree of :mod:`gateway.errors`.
+"""Errors of the owner loop, under the shared tree of :mod:`wire.errors`.
 
 ::
 
@@ -21,7 +21,7 @@
 
 from __future__ import annotations
 
-from gateway.errors import PermanentError, TransientError
+from wire.errors import PermanentError, TransientError
 
 __all__ = [
     "ConflictError",

@@ -12,20 +12,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final
 
-from gateway.influx import InfluxClient
-from gateway.protocol import is_valid_device_id, ms_to_datetime
 from notifier.actions import HealthPoint
+from wire.influx import InfluxClient
+from wire.influxql import quote_ident, quote_string
+from wire.lineproto import HEALTH_MEASUREMENT
+from wire.protocol import is_valid_device_id, ms_to_datetime
 
-__all__ = ["HEALTH_MEASUREMENT", "InfluxHealth"]
+__all__ = ["InfluxHealth"]
 
-#: Where the diagnostics service stores scores (``diagnostics.service.HEALTH_MEASUREMENT``).
-HEALTH_MEASUREMENT: Final = "health"
 _MAX_POINTS: Final = 20_000
-
-
-def _literal(device_id: str) -> str:
-    """Quote a device id as an InfluxQL string literal (ids are validated first)."""
-    return "'" + device_id.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _points(rows: list[list[object]]) -> list[HealthPoint]:
@@ -54,7 +49,7 @@ class InfluxHealth:
         ids = [d for d in device_ids if is_valid_device_id(d)]
         if not ids:
             return {}
-        where = " OR ".join(f'"device" = {_literal(d)}' for d in ids)
+        where = " OR ".join(f'"device" = {quote_string(d)}' for d in ids)
         series = await self._client.query(
             f'SELECT LAST("score") FROM "{self._measurement}" WHERE {where} GROUP BY "device"'
         )
@@ -72,7 +67,8 @@ class InfluxHealth:
             return []
         start_ns = int(start.astimezone(UTC).timestamp() * 1000) * 1_000_000
         series = await self._client.query(
-            f'SELECT "score" FROM "{self._measurement}" WHERE "device" = {_literal(device_id)} '
+            f'SELECT "score" FROM {quote_ident(self._measurement)} '
+            f'WHERE "device" = {quote_string(device_id)} '
             f"AND time >= {start_ns} ORDER BY time ASC LIMIT {_MAX_POINTS}"
         )
         return [p for one in series for p in _points(one.values)]

@@ -28,8 +28,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Final
 from urllib.parse import quote, urlencode
 
-from gateway.errors import ConfigError
 from notifier.errors import ExpiredLinkError, InvalidLinkError
+from wire.errors import ConfigError
 
 __all__ = ["ActionLinks", "LinkGrant"]
 

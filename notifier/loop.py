@@ -37,8 +37,6 @@ from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
 from diagnostics import CATALOG, Diagnosis, ModelCatalog
-from gateway.errors import PermanentError, TransientError
-from gateway.protocol import CommandAction, Event
 from notifier.actions import HealthPoint, HealthReader
 from notifier.campaigns import campaign_fault, check_campaign_action, open_campaign_case
 from notifier.errors import (
@@ -61,6 +59,8 @@ from notifier.model import (
 )
 from notifier.scheduling import PlannerConfig, check_bookable, plan_slots, urgency_from
 from notifier.store import CaseStore
+from wire.errors import PermanentError, TransientError
+from wire.protocol import CommandAction, Event
 
 __all__ = [
     "CaseSink",
@@ -157,7 +157,7 @@ class OwnerNotifier(Protocol):
 
 
 class DeviceCommander(Protocol):
-    """Sends a command and returns the device's result (``gateway.commands.CommandChannel``)."""
+    """Sends a command and returns the device's result (``wire.commands.CommandChannel``)."""
 
     async def send(
         self,

@@ -35,7 +35,7 @@ How it works:
   token's ``given_name`` or ``name`` if it carries one) and links the subject to it, in
   one store transaction. Nothing here logs tokens, subjects or names.
 
-Errors (under :mod:`gateway.errors`): :class:`InvalidAccessTokenError` (a
+Errors (under :mod:`wire.errors`): :class:`InvalidAccessTokenError` (a
 ``PermanentError``: the API answers 401), :class:`UnknownSubjectError` (a
 :class:`~notifier.errors.ForbiddenError`: 403), :class:`KeysUnavailableError` (a
 ``TransientError``: 503, try again).
@@ -61,10 +61,10 @@ import aiohttp
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.errors import PermanentError, TransientError
 from notifier.errors import ForbiddenError
 from notifier.model import Owner
 from notifier.store import CaseStore
+from wire.errors import PermanentError, TransientError
 
 if TYPE_CHECKING:
     from notifier.settings import OidcSettings

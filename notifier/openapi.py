@@ -17,8 +17,8 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from gateway.errors import ConfigError
 from notifier.store import PrincipalKind
+from wire.errors import ConfigError
 
 __all__ = ["OPENAPI_VERSION", "Operation", "QueryParam", "Reply", "build_document"]
 

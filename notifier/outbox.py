@@ -39,7 +39,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from gateway.errors import TransientError
 from notifier.links import ActionLinks
 from notifier.loop import Notice
 from notifier.messages import MessageContext, render
@@ -57,6 +56,7 @@ from notifier.push import (
 )
 from notifier.settings import PushSettings
 from notifier.store import CaseStore
+from wire.errors import TransientError
 
 __all__ = ["Outbox", "build_dispatcher", "in_quiet_hours"]
 

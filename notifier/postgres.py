@@ -15,7 +15,7 @@ How it works:
   PostgreSQL (:data:`MIGRATIONS`); ``schema_version`` holds the version. A store is
   migrated in one transaction under an advisory lock, so instances starting together
   migrate it once; a database from a newer fixloop, or one that holds other tables
-  without ``schema_version``, is refused with :class:`~gateway.errors.ConfigError`.
+  without ``schema_version``, is refused with :class:`~wire.errors.ConfigError`.
 * **Rows** are stored as SQLite stores them (ISO 8601 UTC text, JSON text, 0/1 flags;
   text compared byte by byte), and read back by the same functions.
 * **Rules under concurrency.** What SQLite's single writer gives for free is explicit
@@ -40,10 +40,10 @@ How it works:
   until they are recycled.
 
 Errors: an unreachable server, a lock held too long, a failing statement raise
-:class:`~gateway.errors.StoreUnavailableError` (retry); a record that breaks a rule
+:class:`~wire.errors.StoreUnavailableError` (retry); a record that breaks a rule
 :class:`~notifier.errors.InvalidRequestError`; a database that cannot be used (a bad
 URL, wrong credentials, a missing database, a failed migration)
-:class:`~gateway.errors.ConfigError`.
+:class:`~wire.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from gateway.errors import ConfigError, StoreUnavailableError
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import (
     OPEN_STATES,
@@ -131,6 +130,7 @@ from notifier.sqlite import (
     _ts_opt,
 )
 from notifier.store import Principal, PrincipalKind
+from wire.errors import ConfigError, StoreUnavailableError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry", "PostgresStore", "redacted_url"]
 
@@ -298,7 +298,7 @@ class PostgresStore:
             query options, ``sslmode`` for one).
         pool_size: at most this many connections at once.
         lock_timeout_s: how long a statement waits for a row or lock another
-            transaction holds before :class:`~gateway.errors.StoreUnavailableError`.
+            transaction holds before :class:`~wire.errors.StoreUnavailableError`.
         connect_timeout_s: how long opening a connection may take.
     """
 

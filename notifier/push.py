@@ -25,7 +25,7 @@ in ``data["actions"]``; an action without a link is left out where a link is nee
 (5xx, 429, network trouble, timeouts; :class:`RetryLaterError` carries a
 ``Retry-After``), :class:`~notifier.errors.DeadTokenError` when the service says the
 token or subscription is gone, and :class:`PushRefusedError` (a
-:class:`~gateway.errors.PermanentError`) for other refusals. Tokens, endpoints and
+:class:`~wire.errors.PermanentError`) for other refusals. Tokens, endpoints and
 keys are never logged or put in error messages: only channel ids.
 """
 

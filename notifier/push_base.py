@@ -26,7 +26,6 @@ from typing import Any, Final, Protocol, Self
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from gateway.errors import ConfigError, PermanentError
 from notifier.addresses import check_webhook_url, resolve_public
 from notifier.errors import (
     DeadTokenError,
@@ -35,6 +34,7 @@ from notifier.errors import (
     UnsafeAddressError,
 )
 from notifier.model import ChannelKind, Owner, PushChannel
+from wire.errors import ConfigError, PermanentError
 
 __all__ = [
     "ChannelVerifier",

@@ -12,7 +12,7 @@ channel as the store lists them) until one takes the message:
   channels.
 * :class:`~notifier.errors.DeadTokenError` retires the channel: it comes back in the
   report as ``replace(channel, active=False)`` and is not tried again.
-* any other :class:`~gateway.errors.PermanentError` moves on to the next channel at once.
+* any other :class:`~wire.errors.PermanentError` moves on to the next channel at once.
 
 **Failures in a row.** Each channel that did not take the message (after its retries,
 refused, or dead) counts one more failed delivery in :attr:`PushChannel.failures`; the
@@ -43,10 +43,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from gateway.errors import ConfigError, PermanentError
 from notifier.errors import DeadTokenError, DeliveryError
 from notifier.model import ChannelKind, PushChannel
 from notifier.push_base import PushMessage, PushSender, RetryLaterError
+from wire.errors import ConfigError, PermanentError
 
 __all__ = ["DeliveryLimits", "DeliveryReport", "PushDispatcher", "RetryPolicy"]
 

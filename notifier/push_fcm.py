@@ -27,7 +27,6 @@ import orjson
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from gateway.errors import ConfigError
 from notifier.errors import DeadTokenError, DeliveryError
 from notifier.model import ChannelKind, PushChannel
 from notifier.push_base import (
@@ -38,6 +37,7 @@ from notifier.push_base import (
     RetryLaterError,
     b64url_encode,
 )
+from wire.errors import ConfigError
 
 __all__ = ["FCM_SCOPE", "FcmSender", "fcm_message"]
 

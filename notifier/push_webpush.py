@@ -45,7 +45,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway.errors import ConfigError
 from notifier.model import ChannelKind, PushChannel
 from notifier.push_base import (
     CheckedHttpSender,
@@ -54,6 +53,7 @@ from notifier.push_base import (
     b64url_decode,
     b64url_encode,
 )
+from wire.errors import ConfigError
 
 __all__ = [
     "MAX_PLAINTEXT_BYTES",

@@ -61,11 +61,11 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway.protocol import is_valid_device_id
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import OPEN_STATES, DeviceRecord
 from notifier.schema import STEPS, render_step
 from notifier.store import PrincipalKind
+from wire.protocol import is_valid_device_id
 
 __all__ = [
     "CLAIM_CODE_ALPHABET",
@@ -353,7 +353,7 @@ class BrokerAccounts(Protocol):
     registered and revokes it when it is retired (revoking disconnects it), without a
     broker restart (Mosquitto's dynamic-security plugin, for one). Without one,
     devices log in with the password derived from the fleet secret
-    (:func:`gateway.protocol.credentials.device_password`) and the broker's password
+    (:func:`wire.protocol.credentials.device_password`) and the broker's password
     file is written when the stack starts.
     """
 

@@ -28,9 +28,9 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from gateway.errors import ConfigError
 from notifier.errors import ConflictError, InvalidRequestError
 from notifier.model import Appointment, Owner, Slot, Technician, Urgency, Window
+from wire.errors import ConfigError
 
 __all__ = ["PlannerConfig", "check_bookable", "plan_slots", "urgency_from"]
 

@@ -22,14 +22,6 @@ import orjson
 from aiohttp import web
 
 from diagnostics import decode_diagnosis
-from gateway.commands import CommandChannel
-from gateway.consumer import consume_forever
-from gateway.errors import BrokerUnavailableError, PermanentError, RejectedError, TransientError
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import CASES_TOPIC, DIAGNOSES_TOPIC, Event
-from gateway.protocol.mqtt import MqttClient, MqttUsageError
-from gateway.settings import MqttSettings
-from gateway.supervisor import StageHealth, supervise
 from notifier.admin import Onboarding
 from notifier.api import create_api
 from notifier.devicedata import InfluxDeviceData
@@ -43,6 +35,14 @@ from notifier.outbox import Outbox, build_dispatcher
 from notifier.settings import NotifierSettings
 from notifier.store import CaseStore
 from notifier.stores import case_store
+from wire.commands import CommandChannel
+from wire.consumer import consume_forever
+from wire.errors import BrokerUnavailableError, PermanentError, RejectedError, TransientError
+from wire.influx import InfluxClient, InfluxSettings
+from wire.mqtt import MqttClient, MqttUsageError
+from wire.protocol import CASES_TOPIC, DIAGNOSES_TOPIC, Event
+from wire.settings import MqttSettings
+from wire.supervisor import StageHealth, supervise
 
 __all__ = ["NotifierService", "case_message"]
 

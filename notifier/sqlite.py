@@ -15,7 +15,7 @@ How it works:
 * **Migrations.** ``schema_version`` holds the file's version; :data:`MIGRATIONS` are the
   steps, oldest first, rendered for SQLite from :data:`notifier.schema.STEPS`. Opening
   an older file applies the missing steps in one transaction; a file from a newer
-  fixloop is refused with :class:`~gateway.errors.ConfigError`.
+  fixloop is refused with :class:`~wire.errors.ConfigError`.
 * **Rows.** Datetimes are ISO 8601 UTC text with microseconds (fixed width, so text order
   is time order) and come back UTC-aware; tuples, dicts and sets are JSON; local times
   are ``HH:MM``.
@@ -29,9 +29,9 @@ How it works:
   ``secure_delete`` on and checkpoints the write-ahead log, so erased contacts do not
   linger in the file. Nothing here logs contacts, names or tokens.
 
-Errors: a locked or failing database raises :class:`~gateway.errors.StoreUnavailableError`
+Errors: a locked or failing database raises :class:`~wire.errors.StoreUnavailableError`
 (retry), a record that breaks a rule :class:`~notifier.errors.InvalidRequestError`, a
-file that cannot be opened or migrated :class:`~gateway.errors.ConfigError`.
+file that cannot be opened or migrated :class:`~wire.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ from types import TracebackType
 from typing import Any, Final, NoReturn, Protocol, Self, TypeVar
 from urllib.parse import urlsplit
 
-from gateway.errors import ConfigError, StoreUnavailableError
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import (
     OPEN_STATES,
@@ -73,6 +72,7 @@ from notifier.model import (
 from notifier.registry import SqliteRegistry
 from notifier.schema import render
 from notifier.store import Principal
+from wire.errors import ConfigError, StoreUnavailableError
 
 __all__ = ["ERASED_OWNER", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
 
@@ -628,7 +628,7 @@ class SqliteStore:
         path: the database file (created if missing, its folder must exist), or
             ``":memory:"`` for a private in-memory store.
         busy_timeout_s: how long a statement waits for another process's lock before
-            :class:`~gateway.errors.StoreUnavailableError`.
+            :class:`~wire.errors.StoreUnavailableError`.
     """
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from diagnostics.baseline import TrendRule, z_to_score
-from gateway.protocol import Reading
+from wire.protocol import Reading
 
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]

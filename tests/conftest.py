@@ -27,7 +27,7 @@ import pytest
 
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer, PostgresServer
-from gateway.protocol.credentials import device_password
+from wire.protocol.credentials import device_password
 
 FLEET_SECRET = "test-fleet-secret-0123456789"
 GATEWAY_PASSWORD = "gateway-test-password"

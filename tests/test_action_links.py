@@ -17,7 +17,6 @@ from aiohttp.test_utils import TestClient
 from conftest import ManualClock
 
 from diagnostics import CATALOG, Diagnosis
-from gateway.protocol import Event
 from notifier.actions import HealthPoint
 from notifier.api import create_api
 from notifier.errors import ConflictError
@@ -27,6 +26,7 @@ from notifier.model import DeviceRecord, Owner, PushChannel, Technician, Window
 from notifier.outbox import Outbox
 from notifier.push import PushDispatcher, PushMessage
 from notifier.sqlite import SqliteStore
+from wire.protocol import Event
 
 T0 = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)  # a Monday
 BASE = "https://fixloop.example.org/api/v1"

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import notifier.sqlite
-from gateway.errors import ConfigError, StoreUnavailableError
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import (
     OPEN_STATES,
@@ -47,6 +46,7 @@ from notifier.postgres import PostgresStore
 from notifier.registry import NewDevice, ProductLine, claim_key
 from notifier.sqlite import ERASED_OWNER, MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from notifier.store import CaseStore
+from wire.errors import ConfigError, StoreUnavailableError
 
 Store = SqliteStore | PostgresStore
 OpenStore = Callable[[], Store]

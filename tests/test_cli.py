@@ -170,7 +170,7 @@ def test_sim_without_a_fleet_secret_says_so(mosquitto: MosquittoServer) -> None:
 
 def test_one_stack_per_data_folder(tmp_path: Path) -> None:
     from fixloop.local import _folder_lock
-    from gateway.errors import ConfigError
+    from wire.errors import ConfigError
 
     busy = pytest.raises(ConfigError, match=r"another fixloop up is running .* \(pid \d+\)")
     with _folder_lock(tmp_path), busy, _folder_lock(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import RejectedError
-from gateway.protocol import (
+from wire.errors import RejectedError
+from wire.protocol import (
     Command,
     Event,
     Limits,

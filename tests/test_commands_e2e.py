@@ -10,9 +10,9 @@ from pydantic import SecretStr
 
 from device_sim import FleetRunner, SimSettings
 from fixloop.broker import GATEWAY_USER
-from gateway.commands import CommandChannel, CommandTimeoutError
-from gateway.protocol import CommandAction, Event
-from gateway.settings import MqttSettings
+from wire.commands import CommandChannel, CommandTimeoutError
+from wire.protocol import CommandAction, Event
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

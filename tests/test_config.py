@@ -12,7 +12,7 @@ from pydantic import SecretStr, ValidationError
 from dashboard.settings import DashboardSettings
 from fixloop.config import FLEET_SECRET_FILE, ensure_fleet_secret, load_settings
 from fixloop.settings import SECTIONS, Settings, StackSettings
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 SECRET = "a-fleet-secret-that-is-long-enough"
 

@@ -15,8 +15,8 @@ import orjson
 import pytest
 import yaml
 
-from gateway.errors import RejectedError
-from gateway.protocol import (
+from wire.errors import RejectedError
+from wire.protocol import (
     COMMAND_ACTIONS,
     DEVICE_ID_PATTERN,
     EVENT_KINDS,
@@ -135,7 +135,7 @@ def test_examples_decode() -> None:
 
 def test_every_refusal_reason_is_listed() -> None:
     codes = set()
-    for path in (ROOT / "gateway").rglob("*.py"):
+    for path in [*(ROOT / "wire").rglob("*.py"), *(ROOT / "gateway").rglob("*.py")]:
         text = path.read_text(encoding="utf-8")
         codes |= set(re.findall(r'RejectedError\(\s*"([a-z_]+)"', text))
     service = (ROOT / "gateway" / "service.py").read_text(encoding="utf-8")

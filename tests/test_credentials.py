@@ -7,8 +7,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fixloop.demo import demo_token
 from fixloop.local import service_password
-from gateway.protocol import is_valid_device_id
-from gateway.protocol.credentials import device_password, purpose_key
+from wire.protocol import is_valid_device_id
+from wire.protocol.credentials import device_password, purpose_key
 
 SECRET = "a-fleet-secret-of-reasonable-length"
 

@@ -30,8 +30,6 @@ from dashboard.influxql import Measurements, bucket_s
 from dashboard.settings import DashboardSettings
 from dashboard.stats import binomial_sf, fleet_insight, outcomes, population
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import point_line
 from notifier.model import (
     Appointment,
     AuditEntry,
@@ -45,6 +43,8 @@ from notifier.model import (
 )
 from notifier.sqlite import SqliteStore
 from notifier.store import CaseStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.lineproto import point_line
 
 NOW = datetime(2024, 5, 15, 12, 0, tzinfo=UTC)  # a Wednesday
 PASSWORDS = {"vera": "viewer-pass-1", "alex": "agent-pass-2", "ada": "admin-pass-3"}

@@ -33,10 +33,10 @@ from dashboard.settings import DashboardSettings
 from diagnostics.engine import Mismatch
 from diagnostics.service import mismatch_lines
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import event_to_line, point_line
-from gateway.protocol import Event
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.lineproto import event_to_line, point_line
+from wire.protocol import Event
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"

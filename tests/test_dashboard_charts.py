@@ -43,12 +43,12 @@ from dashboard.keys import HISTORY_KEY
 from dashboard.settings import DashboardSettings
 from dashboard.stats import cases_by_day, failure_rates, fixes_by_day
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import event_to_line, point_line
-from gateway.protocol import Event
 from notifier.model import DeviceRecord, Rating
 from notifier.sqlite import SqliteStore
 from notifier.store import CaseStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.lineproto import event_to_line, point_line
+from wire.protocol import Event
 
 MIN_MS = 60_000
 NOW_MS = int(NOW.timestamp() * 1000)

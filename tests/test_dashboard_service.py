@@ -35,17 +35,17 @@ from diagnostics.settings import DiagnosticsSettings
 from fixloop.observe import Metric, diagnostics_endpoint, notifier_endpoint, render_metrics
 from fixloop.opsusers import ROLES
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
-from gateway.errors import ConfigError, RejectedError
-from gateway.influx import InfluxSettings
-from gateway.protocol import CASES_TOPIC
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
 from notifier.errors import ConflictError, NotFoundError
 from notifier.model import Case, DeviceRecord, Owner
 from notifier.postgres import PostgresStore
 from notifier.service import NotifierService, case_message
 from notifier.settings import NotifierSettings
 from notifier.sqlite import SqliteStore
+from wire.errors import ConfigError, RejectedError
+from wire.influx import InfluxSettings
+from wire.mqtt import MqttClient
+from wire.protocol import CASES_TOPIC
+from wire.settings import MqttSettings
 
 DASHBOARD_PW = "dashboard-broker-pw"
 NOTIFIER_PW = "notifier-broker-pw"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dashboard.app import COOKIE_NAME
-from gateway.protocol.credentials import derive
+from wire.protocol.credentials import derive
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from diagnostics.stream import StreamConfig, StreamDetector
-from gateway.errors import ConfigError, PermanentError
+from wire.errors import ConfigError, PermanentError
 
 WARMUP = 200
 Factory = Callable[[], StreamDetector]

@@ -24,7 +24,7 @@ from diagnostics.detector import (
     DetectorTable,
     StepResult,
 )
-from gateway.errors import ConfigError, PermanentError
+from wire.errors import ConfigError, PermanentError
 
 FIVE_MIN = 300.0
 DAY = 86_400.0

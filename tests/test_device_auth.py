@@ -30,7 +30,7 @@ from test_device_e2e import WATCHER, WATCHER_PASSWORD, Watcher, device_settings,
 from device import Device, DeviceSettings, TlsSettings
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import MosquittoServer, free_port
-from gateway.protocol import decode_reading
+from wire.protocol import decode_reading
 
 pytestmark = pytest.mark.integration
 

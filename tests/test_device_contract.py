@@ -1,7 +1,7 @@
 """The device library's contract v1 against ``asyncapi.yaml`` and the gateway's decoder.
 
 The library imports nothing of the backend, so its contract constants are its own; these
-tests hold them to the AsyncAPI document and to ``gateway.protocol``: equal constants,
+tests hold them to the AsyncAPI document and to ``wire.protocol``: equal constants,
 every payload the library builds decodes to the same values at the gateway, and every
 payload the library refuses is refused by the gateway with the same reason code.
 """
@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 import device
 from device import contract
 from device.errors import ContractError
-from gateway.errors import RejectedError
-from gateway.protocol import (
+from notifier.messages import REFUSALS, refusal_code
+from wire.errors import RejectedError
+from wire.protocol import (
     COMMAND_ACTIONS,
     DEVICE_ID_PATTERN,
     EVENT_KINDS,
@@ -36,8 +37,7 @@ from gateway.protocol import (
     decode_event,
     decode_reading,
 )
-from gateway.protocol.codec import RESERVED_METRIC_NAMES
-from notifier.messages import REFUSALS, refusal_code
+from wire.protocol.codec import RESERVED_METRIC_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = yaml.safe_load((ROOT / "asyncapi.yaml").read_text(encoding="utf-8"))
@@ -96,7 +96,7 @@ def test_constants_equal_the_asyncapi_document() -> None:
 
 
 def test_topics_equal_the_gateways() -> None:
-    from gateway.protocol import commands_topic, events_topic, status_topic, telemetry_topic
+    from wire.protocol import commands_topic, events_topic, status_topic, telemetry_topic
 
     for ours, theirs in (
         (contract.telemetry_topic, telemetry_topic),

@@ -38,12 +38,13 @@ from device import (
 from device.store import DeviceStore
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
-from gateway.commands import CommandChannel
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import Event, decode_event
 from gateway.service import Gateway
-from gateway.settings import GatewaySettings, MqttSettings
+from gateway.settings import GatewaySettings
 from notifier.messages import refusal_code
+from wire.commands import CommandChannel
+from wire.influx import InfluxClient, InfluxSettings
+from wire.protocol import Event, decode_event
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

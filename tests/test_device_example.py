@@ -24,8 +24,8 @@ from test_device_e2e import (
 )
 
 from fixloop.stack import InfluxdServer
-from gateway.commands import CommandChannel
-from gateway.protocol import decode_reading
+from wire.commands import CommandChannel
+from wire.protocol import decode_reading
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import pytest
 from device_sim import FAULTS, MODEL_NAMES, FaultName, Fleet, ModelName, faults_for_model
 from diagnostics.catalog import CATALOG
 from diagnostics.features import FEATURE_SPECS, extract_features
-from gateway.protocol import decode_reading
+from wire.protocol import decode_reading
 
 # the device codes the simulator's firmware and self-test send, per fault
 SIM_CODES = {

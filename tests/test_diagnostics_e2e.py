@@ -18,11 +18,12 @@ from diagnostics.service import DiagnosticsService
 from diagnostics.settings import DiagnosticsSettings
 from diagnostics.training import train_from_influx
 from fixloop.broker import GATEWAY_USER
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import Event, Reading, decode_event, decode_reading
-from gateway.protocol.mqtt import MqttClient
 from gateway.service import Gateway
-from gateway.settings import GatewaySettings, MqttSettings
+from gateway.settings import GatewaySettings
+from wire.influx import InfluxClient, InfluxSettings
+from wire.mqtt import MqttClient
+from wire.protocol import Event, Reading, decode_event, decode_reading
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

@@ -16,8 +16,8 @@ from device_sim import Fleet
 from diagnostics.engine import DiagnosticsEngine, EngineResult
 from diagnostics.features import FEATURE_SPECS
 from diagnostics.fleet import FleetModel
-from gateway.protocol import Event, Reading, decode_event, decode_reading
 from tests import array_forms
+from wire.protocol import Event, Reading, decode_event, decode_reading
 
 START = datetime(2025, 1, 6, tzinfo=UTC)
 DAYS = 6.0
@@ -163,7 +163,7 @@ def test_roc_auc_on_simulated_faults(make_engine) -> None:  # type: ignore[no-un
 
 
 def test_load_refuses_other_formats(tmp_path: Path) -> None:
-    from gateway.errors import ConfigError
+    from wire.errors import ConfigError
 
     path = tmp_path / "bad.pkl"
     path.write_bytes(pickle.dumps({"format_version": 99}))

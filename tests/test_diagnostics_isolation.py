@@ -14,10 +14,10 @@ import pytest
 from diagnostics.engine import EngineResult, ReadingScores
 from diagnostics.service import DiagnosticsService
 from diagnostics.settings import DiagnosticsSettings
-from gateway.influx import InfluxSettings
-from gateway.protocol import Event, Reading
-from gateway.protocol.mqtt import Message
-from gateway.settings import MqttSettings
+from wire.influx import InfluxSettings
+from wire.mqtt import Message
+from wire.protocol import Event, Reading
+from wire.settings import MqttSettings
 
 T0_MS = 1_796_000_000_000
 

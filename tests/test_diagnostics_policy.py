@@ -13,8 +13,8 @@ from diagnostics.features import FEATURE_SPECS
 from diagnostics.model import Diagnosis, decode_diagnosis, encode_diagnosis
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
 from diagnostics.predictor import TimeToFailure, TrendPredictor
-from gateway.errors import RejectedError
-from gateway.protocol import Event, Reading
+from wire.errors import RejectedError
+from wire.protocol import Event, Reading
 
 SPEC = FEATURE_SPECS["washer"]
 T0 = 1_736_121_600_000

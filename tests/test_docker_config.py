@@ -62,14 +62,14 @@ from fixloop.observe import (
 )
 from fixloop.settings import Settings
 from fixloop.stack import MosquittoServer, free_port
-from gateway.errors import BrokerUnavailableError, PermanentError
-from gateway.influx import InfluxSettings
 from gateway.metrics import GatewayMetrics
-from gateway.protocol.credentials import device_password
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings
+from wire.errors import BrokerUnavailableError, PermanentError
+from wire.influx import InfluxSettings
+from wire.mqtt import MqttClient
+from wire.protocol.credentials import device_password
+from wire.settings import MqttSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -41,8 +41,8 @@ from fixloop.broker import (
 )
 from fixloop.dynsec import CONTROL_TOPIC, DynsecClient, DynsecError
 from fixloop.stack import MosquittoServer
-from gateway.errors import BrokerUnavailableError, ConfigError, PermanentError
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import BrokerUnavailableError, ConfigError, PermanentError
+from wire.mqtt import MqttClient
 
 WAIT_S = 10.0  # a bound for things that happen at once; never a measured duration
 

@@ -21,8 +21,8 @@ from fixloop.cli import main
 from fixloop.dynsec_cli import local_admin_password
 from fixloop.local import service_password
 from fixloop.stack import MosquittoServer
-from gateway.errors import ConfigError
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import ConfigError
+from wire.mqtt import MqttClient
 
 WAIT_S = 10.0
 

@@ -25,8 +25,8 @@ from fixloop.broker import (
     main,
 )
 from fixloop.dynsec import DynsecClient
-from gateway.errors import ConfigError, PermanentError
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import ConfigError, PermanentError
+from wire.mqtt import MqttClient
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 WAIT_S = 10.0

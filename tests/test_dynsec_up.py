@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import BrokerUnavailableError, ConfigError
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import BrokerUnavailableError, ConfigError
+from wire.mqtt import MqttClient
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,6 @@ import pytest
 from test_owner_api import FakeActions, FakeHealth
 
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
 from notifier.api import API_PREFIX, create_api
 from notifier.devicedata import DEVICE_MEASUREMENTS, EraseMode, InfluxDeviceData
 from notifier.loop import Notice
@@ -29,6 +28,7 @@ from notifier.model import Case, DeviceRecord, Owner, PushChannel
 from notifier.outbox import Outbox
 from notifier.push import PushDispatcher, PushMessage
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
 
 NOW = datetime(2026, 3, 3, 9, 0, tzinfo=UTC)
 T0_MS = int(NOW.timestamp() * 1000) - 3_600_000

@@ -16,15 +16,15 @@ from pathlib import Path
 from conftest import FLEET_SECRET, MakeMosquitto, device_pw
 
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxSettings
-from gateway.protocol import Event, encode_event
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
 from notifier.model import DeviceRecord, Owner
 from notifier.registry import NewDevice, ProductLine, claim_key
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxSettings
+from wire.mqtt import MqttClient
+from wire.protocol import Event, encode_event
+from wire.settings import MqttSettings
 
 NOTIFIER_PW = "notifier-firmware-pw"
 NOW = datetime.now(UTC)

@@ -12,9 +12,10 @@ from pydantic import SecretStr
 
 from device_sim import FleetRunner, SimSettings
 from fixloop.broker import GATEWAY_USER
-from gateway.influx import InfluxClient, InfluxSettings
 from gateway.service import Gateway
-from gateway.settings import GatewaySettings, MqttSettings
+from gateway.settings import GatewaySettings
+from wire.influx import InfluxClient, InfluxSettings
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

@@ -25,13 +25,14 @@ from conftest import (
 
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
-from gateway.errors import PermanentError
-from gateway.influx import InfluxClient, InfluxSettings
 from gateway.metrics import GatewayMetrics
-from gateway.protocol.mqtt import MqttClient
 from gateway.service import Gateway
-from gateway.settings import GatewaySettings, MqttSettings
+from gateway.settings import GatewaySettings
 from gateway.spool import Spool
+from wire.errors import PermanentError
+from wire.influx import InfluxClient, InfluxSettings
+from wire.mqtt import MqttClient
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from device_sim.described import load_sim_product
 from diagnostics.csvdetect import OPERATING_POINT, detect_csv
 from diagnostics.engine import LIVE_DETECTOR, DiagnosticsEngine
 from diagnostics.model import Diagnosis
-from gateway.protocol import Event, Reading, decode_event, decode_reading
+from wire.protocol import Event, Reading, decode_event, decode_reading
 
 PRODUCTS = Path(__file__).parent / "data" / "products"
 

@@ -22,10 +22,10 @@ from pydantic import SecretStr
 from yarl import URL
 
 from fixloop.stack import InfluxdServer, free_port
-from gateway.errors import PermanentError, StoreUnavailableError
-from gateway.influx import InfluxClient, InfluxSettings, WriteOutcome
-from gateway.lineproto import reading_to_line
-from gateway.protocol import Reading
+from wire.errors import PermanentError, StoreUnavailableError
+from wire.influx import InfluxClient, InfluxSettings, WriteOutcome
+from wire.lineproto import reading_to_line
+from wire.protocol import Reading
 
 T0 = 1_700_000_000_000
 _DB_NUMBERS = itertools.count()

@@ -21,8 +21,8 @@ from diagnostics.lifetimes import (
     failure_histories,
     fit_lifetime_models,
 )
-from gateway.errors import ConfigError
-from gateway.protocol import Event, Reading
+from wire.errors import ConfigError
+from wire.protocol import Event, Reading
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 MS = 1000

@@ -23,11 +23,11 @@ from diagnostics.settings import DiagnosticsSettings
 from diagnostics.training import train_from_influx
 from fixloop.cli import main
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.lineproto import event_to_line, reading_to_line
-from gateway.protocol import Event, Reading, decode_event, decode_reading
 from notifier.model import Case
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.lineproto import event_to_line, reading_to_line
+from wire.protocol import Event, Reading, decode_event, decode_reading
 
 pytestmark = pytest.mark.integration
 

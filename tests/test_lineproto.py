@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import WriteRejectedError
-from gateway.lineproto import event_to_line, reading_to_line, telemetry_line
-from gateway.protocol import Event, Reading
+from wire.errors import WriteRejectedError
+from wire.lineproto import event_to_line, reading_to_line, telemetry_line
+from wire.protocol import Event, Reading
 
 TS = 1_732_380_000_123
 

@@ -122,7 +122,7 @@ def wait_for_more(influx_url: str, than: int, timeout_s: float = 60.0) -> int:
 def test_a_rogue_client_with_a_taken_id_does_not_stop_the_stack(tmp_path: Path) -> None:
     from device_sim import FleetRunner, SimSettings
     from fixloop.local import stack_client_ids
-    from gateway.protocol.credentials import device_password
+    from wire.protocol.credentials import device_password
 
     data_dir = tmp_path / "stack"
     proc = up(data_dir, "--devices", "4")
@@ -179,11 +179,11 @@ async def test_a_command_channel_and_a_device_pushed_off_the_broker_come_back(
 
     from device_sim import FleetRunner, SimSettings
     from fixloop.broker import GATEWAY_USER
-    from gateway.commands import CommandChannel, CommandTimeoutError
-    from gateway.errors import BrokerUnavailableError
-    from gateway.protocol import Event
-    from gateway.protocol.mqtt import MqttClient
-    from gateway.settings import MqttSettings
+    from wire.commands import CommandChannel, CommandTimeoutError
+    from wire.errors import BrokerUnavailableError
+    from wire.mqtt import MqttClient
+    from wire.protocol import Event
+    from wire.settings import MqttSettings
 
     sim = SimSettings(
         devices=2,

@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import MosquittoServer
-from gateway.errors import BrokerUnavailableError, PermanentError
-from gateway.protocol.mqtt import (
+from wire.errors import BrokerUnavailableError, PermanentError
+from wire.mqtt import (
     Connack,
     ControlPacket,
     Disconnect,
@@ -736,7 +736,7 @@ async def test_lost_session_is_counted_and_logged(caplog: pytest.LogCaptureFixtu
     """Asking to resume a session and getting none raises ``sessions_lost`` and logs."""
     async with fake_broker() as broker:
         client = broker.client(keepalive_s=0, clean_start=False, session_expiry_s=600)
-        with caplog.at_level(logging.WARNING, logger="gateway.protocol.mqtt"):
+        with caplog.at_level(logging.WARNING, logger="wire.mqtt"):
             await connected(broker, client, session_present=False)
         assert client.sessions_lost == 1
         assert any("no session" in r.getMessage() for r in caplog.records)

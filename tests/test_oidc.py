@@ -37,8 +37,6 @@ from pydantic import ValidationError
 
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.settings import MqttSettings
 from notifier.admin import Onboarding
 from notifier.errors import ConflictError, NotFoundError
 from notifier.model import Owner
@@ -53,6 +51,8 @@ from notifier.oidc import (
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings, OidcSettings
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.settings import MqttSettings
 
 AUDIENCE = "https://api.fixloop.test"
 REALM = "/realms/acme"

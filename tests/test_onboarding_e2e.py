@@ -36,15 +36,15 @@ from fixloop.broker import GATEWAY_USER
 from fixloop.config import load_settings
 from fixloop.registry_cli import case_store_path, service_onboarding
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import DIAGNOSES_TOPIC
-from gateway.protocol.credentials import device_password
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
 from notifier.push import verify_webhook_signature
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings, PushSettings
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.mqtt import MqttClient
+from wire.protocol import DIAGNOSES_TOPIC
+from wire.protocol.credentials import device_password
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

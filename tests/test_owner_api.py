@@ -19,7 +19,6 @@ from aiohttp.test_utils import TestClient
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from gateway.errors import StoreUnavailableError
 from notifier.actions import HealthPoint
 from notifier.api import API_PREFIX, MAX_BODY_BYTES, REQUEST_ID_HEADER, create_api, mask_target
 from notifier.errors import (
@@ -42,6 +41,7 @@ from notifier.model import (
     Technician,
 )
 from notifier.sqlite import SqliteStore
+from wire.errors import StoreUnavailableError
 
 NOW = datetime(2025, 3, 3, 9, 0, tzinfo=UTC)
 ALICE, BOB = "tok-alice-0123456789", "tok-bob-0123456789"

@@ -28,15 +28,15 @@ from hypothesis import strategies as st
 from diagnostics import CATALOG, Diagnosis, encode_diagnosis
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import DIAGNOSES_TOPIC
-from gateway.settings import MqttSettings
 from notifier.admin import Onboarding
 from notifier.model import Case, CaseState, DeviceRecord, Owner, Technician, Window
 from notifier.registry import ProductLine, claim_key
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings, PushSettings
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.protocol import DIAGNOSES_TOPIC
+from wire.settings import MqttSettings
 
 OWNER_TOKEN = "tok-fuzz-owner-0123456789abcdef"
 TECH_TOKEN = "tok-fuzz-tech-0123456789abcdef"

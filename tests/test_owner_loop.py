@@ -12,13 +12,13 @@ import pytest
 from conftest import ManualClock
 
 from diagnostics import CATALOG, Diagnosis, TimeToFailure
-from gateway.errors import TransientError
-from gateway.protocol import Event
 from notifier.actions import HealthPoint
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.loop import LoopConfig, Notice, OwnerLoop
 from notifier.model import TRANSITIONS, Case, DeviceRecord, Owner, Technician, Window
 from notifier.sqlite import SqliteStore
+from wire.errors import TransientError
+from wire.protocol import Event
 
 T0 = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)  # a Monday
 

@@ -29,15 +29,16 @@ from device_sim import FleetRunner, SimSettings
 from diagnostics.service import DiagnosticsService
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import GATEWAY_USER
-from gateway.influx import InfluxSettings
 from gateway.service import Gateway
-from gateway.settings import GatewaySettings, MqttSettings
+from gateway.settings import GatewaySettings
 from notifier.model import DeviceRecord, Owner, PushChannel, Technician, Window
 from notifier.postgres import PostgresStore
 from notifier.push import verify_webhook_signature
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings, PushSettings
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxSettings
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

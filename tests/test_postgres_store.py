@@ -27,7 +27,6 @@ import notifier.postgres
 from fixloop.cli import main
 from fixloop.failures import recorded_failures
 from fixloop.stack import PostgresServer, free_port
-from gateway.errors import ConfigError, StoreUnavailableError
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import Appointment, Case, Owner
 from notifier.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore, redacted_url
@@ -36,6 +35,7 @@ from notifier.schema import STEPS, render
 from notifier.settings import NotifierSettings
 from notifier.sqlite import SqliteStore
 from notifier.stores import case_store, case_store_name
+from wire.errors import ConfigError, StoreUnavailableError
 
 T0 = datetime(2025, 3, 10, 8, 0, tzinfo=UTC)
 KEY = claim_key("test-fleet-secret")

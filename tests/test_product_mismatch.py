@@ -20,11 +20,14 @@ from conftest import GATEWAY_PASSWORD, MakeInfluxd, MakeMosquitto, device_pw
 from dashboard.app import create_app
 from dashboard.auth import OpsUser, hash_password
 from diagnostics.engine import DiagnosticsEngine, Mismatch
-from diagnostics.service import MISMATCH_MEASUREMENT, DiagnosticsService, mismatch_lines
+from diagnostics.service import DiagnosticsService, mismatch_lines
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import GATEWAY_USER
-from gateway.influx import InfluxClient, InfluxSettings
-from gateway.protocol import (
+from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
+from wire.lineproto import MISMATCH_MEASUREMENT
+from wire.mqtt import MqttClient
+from wire.protocol import (
     Event,
     Reading,
     decode_event,
@@ -32,9 +35,7 @@ from gateway.protocol import (
     encode_event,
     encode_reading,
 )
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
-from notifier.sqlite import SqliteStore
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

@@ -28,8 +28,8 @@ from diagnostics.product import (
 from diagnostics.service import load_engine
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.cli import main
-from gateway.errors import ConfigError
-from gateway.protocol import Event, Reading, decode_event, decode_reading
+from wire.errors import ConfigError
+from wire.protocol import Event, Reading, decode_event, decode_reading
 
 FOLDER = Path(__file__).parent / "data" / "products"
 BUILTIN = Path(__file__).parent.parent / "diagnostics" / "products"

@@ -47,7 +47,7 @@ PUBLIC_API: dict[str, list[str]] = {
         "SendQueue",
         "TlsSettings",
     ],
-    "gateway": [
+    "wire": [
         "BrokerUnavailableError",
         "ConfigError",
         "FixloopError",
@@ -57,7 +57,8 @@ PUBLIC_API: dict[str, list[str]] = {
         "TransientError",
         "WriteRejectedError",
     ],
-    "gateway.protocol": [
+    "gateway": [],
+    "wire.protocol": [
         "CASES_TOPIC",
         "COMMAND_ACTIONS",
         "DEVICE_ID_PATTERN",

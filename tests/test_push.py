@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pytest_aiohttp import AiohttpServer
 
-from gateway.errors import ConfigError, PermanentError
 from notifier.errors import DeadTokenError, DeliveryError, InvalidRequestError, UnsafeAddressError
 from notifier.model import PushChannel
 from notifier.push import (
@@ -55,6 +54,7 @@ from notifier.push_base import b64url_decode, b64url_encode, parse_retry_after
 from notifier.push_fcm import FCM_SCOPE
 from notifier.push_ntfy import split_topic_url
 from notifier.push_webpush import MAX_PLAINTEXT_BYTES, web_push_topic
+from wire.errors import ConfigError, PermanentError
 
 MESSAGE = PushMessage(
     title="Your washer needs a hand",

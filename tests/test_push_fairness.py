@@ -22,7 +22,6 @@ from aiohttp.test_utils import TestClient
 from pydantic import ValidationError
 from pytest_aiohttp import AiohttpServer
 
-from gateway.errors import ConfigError
 from notifier.actions import CaseActions, HealthReader
 from notifier.api import API_PREFIX, create_api
 from notifier.errors import DeliveryError
@@ -38,6 +37,7 @@ from notifier.push import (
 )
 from notifier.settings import PushSettings
 from notifier.sqlite import SqliteStore
+from wire.errors import ConfigError
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 SECRET = "a-webhook-secret-for-fairness"

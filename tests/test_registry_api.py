@@ -19,7 +19,6 @@ import pytest
 from test_owner_api import ClientFactory, FakeActions, FakeHealth
 
 from fixloop.stack import InfluxdServer
-from gateway.influx import InfluxClient, InfluxSettings
 from notifier.admin import ClaimLimiter, Onboarding
 from notifier.api import API_PREFIX, create_api
 from notifier.devicedata import DEVICE_MEASUREMENTS, InfluxDeviceData
@@ -28,6 +27,7 @@ from notifier.model import Appointment, Case, Notification, Owner, Rating
 from notifier.postgres import PostgresStore
 from notifier.registry import claim_digest, claim_key
 from notifier.sqlite import SqliteStore
+from wire.influx import InfluxClient, InfluxSettings
 
 NOW = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)
 OPS = "tok-ops-0123456789abcdef"

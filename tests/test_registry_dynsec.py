@@ -23,12 +23,12 @@ from fixloop.cli import main
 from fixloop.registry_cli import service_onboarding
 from fixloop.settings import BrokerSettings, Settings, StackSettings
 from fixloop.stack import MosquittoServer
-from gateway.errors import ConfigError
-from gateway.protocol.credentials import device_password
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
 from notifier.api import API_PREFIX, create_api
 from notifier.sqlite import SqliteStore
+from wire.errors import ConfigError
+from wire.mqtt import MqttClient
+from wire.protocol.credentials import device_password
+from wire.settings import MqttSettings
 
 OPS = "tok-ops-dynsec-0123456789abcdef"
 

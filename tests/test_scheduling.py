@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.errors import ConfigError
 from notifier.errors import ConflictError, InvalidRequestError
 from notifier.model import Appointment, Owner, Slot, Technician, Urgency, Window
 from notifier.scheduling import PlannerConfig, check_bookable, plan_slots, urgency_from
+from wire.errors import ConfigError
 
 MONDAY = datetime(2025, 1, 6, tzinfo=UTC)  # a Monday in winter (no DST anywhere near)
 H = timedelta(hours=1)

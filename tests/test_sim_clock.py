@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from device_sim import BACKFILL_WINDOW_S, SimClock, SimSettings
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 SECRET = "a-fleet-secret-of-some-length"
 

@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from device_sim import Fleet, assign_models
-from gateway.errors import ConfigError
-from gateway.protocol import decode_event, decode_reading, split_device_topic
+from wire.errors import ConfigError
+from wire.protocol import decode_event, decode_reading, split_device_topic
 
 START = datetime(2024, 1, 15, tzinfo=UTC)
 DAY = 86_400

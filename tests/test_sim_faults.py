@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from device_sim import Fleet, faults_to_csv, faults_to_json
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 START = datetime(2024, 1, 15, tzinfo=UTC)
 DAY = 86_400

@@ -12,9 +12,9 @@ import pytest
 
 from device_sim import FleetRunner, SimSettings
 from fixloop.broker import GATEWAY_USER
-from gateway.errors import BrokerUnavailableError
-from gateway.protocol.mqtt import Message, MqttClient, Will
 from tests.conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeMosquitto
+from wire.errors import BrokerUnavailableError
+from wire.mqtt import Message, MqttClient, Will
 
 
 class FakeConnection:
@@ -198,7 +198,7 @@ async def test_a_device_that_loses_the_broker_buffers_and_reconnects_once(
 
 
 async def test_a_message_the_broker_refuses_is_dropped_and_counted_as_the_library_does() -> None:
-    from gateway.errors import PermanentError
+    from wire.errors import PermanentError
 
     settings = SimSettings(devices=1, fleet_secret=FLEET_SECRET, speed="max", duration_s=600)
 

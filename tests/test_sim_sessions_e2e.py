@@ -22,9 +22,9 @@ from test_device_e2e import eventually, running_gateway, stored, stored_rows
 from device_sim import FleetRunner, SimSettings
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer
-from gateway.commands import CommandChannel
-from gateway.protocol.mqtt import MqttClient
-from gateway.settings import MqttSettings
+from wire.commands import CommandChannel
+from wire.mqtt import MqttClient
+from wire.settings import MqttSettings
 
 pytestmark = pytest.mark.integration
 

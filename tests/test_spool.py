@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import ConfigError, StoreUnavailableError
 from gateway.spool import Spool
+from wire.errors import ConfigError, StoreUnavailableError
 
 HEADER = 8
 
@@ -215,7 +215,7 @@ def test_one_process_per_spool(tmp_path: Path) -> None:
                 "-c",
                 "import sys\n"
                 "from gateway.spool import Spool\n"
-                "from gateway.errors import ConfigError\n"
+                "from wire.errors import ConfigError\n"
                 "try:\n"
                 f"    Spool({str(tmp_path / 'spool')!r})\n"
                 "except ConfigError:\n"

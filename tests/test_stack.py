@@ -39,7 +39,7 @@ from fixloop.broker import (
     render_password_file,
 )
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from gateway.errors import ConfigError
-from gateway.supervisor import StageHealth, supervise
+from wire.errors import ConfigError
+from wire.supervisor import StageHealth, supervise
 
 
 async def test_a_dying_stage_is_logged_shown_down_and_restarted(
@@ -28,7 +28,7 @@ async def test_a_dying_stage_is_logged_shown_down_and_restarted(
         resumed.set()
         await asyncio.Event().wait()
 
-    caplog.set_level(logging.ERROR, logger="gateway.supervisor")
+    caplog.set_level(logging.ERROR, logger="wire.supervisor")
     task = asyncio.create_task(supervise("digests", stage, health, first_pause_s=0.05))
     await asyncio.sleep(0)
     assert health.ok

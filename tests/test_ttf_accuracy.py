@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from diagnostics.catalog import Degradation
 from diagnostics.predictor import TrendPredictor, progress_of
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 DAY_S = 86_400.0
 CAP_S = 365 * DAY_S

@@ -18,7 +18,7 @@ import pytest
 from diagnostics.remaining import RemainingConfig, UnitHistory, fit_remaining_life
 from diagnostics.ttfcsv import predict_csv
 from fixloop.cli import main
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 HEADER = ["unit", "cycle", "temp", "noise", "const", "status"]
 #: Small settings for the tests that call the library (the command's own defaults are

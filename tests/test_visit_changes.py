@@ -18,7 +18,6 @@ from aiohttp.test_utils import TestClient
 from conftest import ManualClock
 
 from diagnostics import CATALOG, Diagnosis, TimeToFailure
-from gateway.protocol import Event
 from notifier.actions import HealthPoint
 from notifier.api import API_PREFIX, create_api
 from notifier.errors import ConflictError
@@ -26,6 +25,7 @@ from notifier.loop import LoopConfig, Notice, OwnerLoop
 from notifier.messages import plain_history
 from notifier.model import Appointment, Case, DeviceRecord, Owner, Technician, Window
 from notifier.sqlite import SqliteStore
+from wire.protocol import Event
 
 T0 = datetime(2026, 12, 7, 8, 0, tzinfo=UTC)  # a Monday
 WEEKDAYS = tuple(Window(d, time(8), time(17)) for d in range(5))

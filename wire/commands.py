@@ -19,12 +19,12 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Final, Self
 
-from gateway.errors import BrokerUnavailableError, RejectedError, TransientError
-from gateway.protocol.codec import decode_event, encode_command
-from gateway.protocol.model import Command, CommandAction, Event
-from gateway.protocol.mqtt import MqttClient
-from gateway.protocol.topics import commands_topic, is_valid_device_id, split_device_topic
-from gateway.settings import MqttSettings
+from wire.errors import BrokerUnavailableError, RejectedError, TransientError
+from wire.mqtt import MqttClient
+from wire.protocol.codec import decode_event, encode_command
+from wire.protocol.model import Command, CommandAction, Event
+from wire.protocol.topics import commands_topic, is_valid_device_id, split_device_topic
+from wire.settings import MqttSettings
 
 __all__ = ["CommandChannel", "CommandTimeoutError"]
 

@@ -3,7 +3,7 @@
 Everything from a device is untrusted: :func:`decode_reading` and :func:`decode_event`
 check size, JSON shape, schema version, types, finite numbers, name patterns, the time
 window and that the payload's id equals the topic's id, and raise
-:class:`~gateway.errors.RejectedError` with a reason code otherwise. Names that pass the
+:class:`~wire.errors.RejectedError` with a reason code otherwise. Names that pass the
 patterns cannot carry line-protocol syntax; the line-protocol encoder escapes anyway.
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Final
 
 import orjson
 
-from gateway.errors import RejectedError
-from gateway.protocol.model import (
+from wire.errors import RejectedError
+from wire.protocol.model import (
     COMMAND_ACTIONS,
     EVENT_KINDS,
     SCHEMA_VERSION,

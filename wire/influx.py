@@ -35,7 +35,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from yarl import URL
 
-from gateway.errors import PermanentError, StoreUnavailableError
+from wire.errors import PermanentError, StoreUnavailableError
+from wire.influxql import quote_ident
 
 __all__ = [
     "Epoch",
@@ -149,12 +150,6 @@ def _error_text(body: bytes) -> str:
                 return value[:_ERROR_TEXT_LIMIT]
     text = body.decode("utf-8", "replace").strip()
     return text[:_ERROR_TEXT_LIMIT] or "no error text"
-
-
-def _quote_ident(name: str) -> str:
-    """Quote an InfluxQL identifier."""
-    escaped = name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
 
 
 class InfluxClient:
@@ -280,7 +275,7 @@ class InfluxClient:
         """
         if self._settings.flavor != "v1":
             return
-        await self._query_raw(f"CREATE DATABASE {_quote_ident(self._settings.database)}", None)
+        await self._query_raw(f"CREATE DATABASE {quote_ident(self._settings.database)}", None)
 
     async def write(self, lines: Sequence[bytes], *, precision: Precision = "ms") -> WriteOutcome:
         """Write line-protocol lines; set aside the ones InfluxDB refuses.
@@ -398,7 +393,7 @@ class InfluxClient:
             StoreUnavailableError: InfluxDB cannot be reached.
             PermanentError: the query is wrong.
         """
-        statement = f"SELECT COUNT({_quote_ident(field)}) FROM {_quote_ident(measurement)}"
+        statement = f"SELECT COUNT({quote_ident(field)}) FROM {quote_ident(measurement)}"
         if where:
             statement += f" WHERE {where}"
         series = await self._query_raw(statement, "ms")

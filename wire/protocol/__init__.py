@@ -1,6 +1,6 @@
 """The device contract v1: topics, typed messages and their codec (the wire)."""
 
-from gateway.protocol.codec import (
+from wire.protocol.codec import (
     METRIC_NAME_PATTERN,
     Limits,
     decode_command,
@@ -10,7 +10,7 @@ from gateway.protocol.codec import (
     encode_event,
     encode_reading,
 )
-from gateway.protocol.model import (
+from wire.protocol.model import (
     COMMAND_ACTIONS,
     EVENT_KINDS,
     SCHEMA_VERSION,
@@ -22,7 +22,7 @@ from gateway.protocol.model import (
     Reading,
     ms_to_datetime,
 )
-from gateway.protocol.topics import (
+from wire.protocol.topics import (
     CASES_TOPIC,
     DEVICE_ID_PATTERN,
     DIAGNOSES_TOPIC,

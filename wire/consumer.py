@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
 
-from gateway.errors import BrokerUnavailableError
-from gateway.protocol.mqtt import MqttClient
+from wire.errors import BrokerUnavailableError
+from wire.mqtt import MqttClient
 
 __all__ = ["consume_forever", "shared_filters"]
 

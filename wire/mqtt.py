@@ -24,7 +24,7 @@ Limits, both ways (issue 13):
   buffered): DISCONNECT with reason 0x95, then the connection is closed.
 * The broker's Maximum Packet Size (CONNACK property 0x27), Receive Maximum (0x21),
   Maximum QoS (0x24) and Retain Available (0x25) are obeyed: a message the broker
-  could not take is refused with :class:`~gateway.errors.PermanentError` before it
+  could not take is refused with :class:`~wire.errors.PermanentError` before it
   is sent, and QoS-1 publishes wait for send quota, which only the PUBACK of a packet
   id we have in flight gives back.
 * Every length in a received packet is checked against the packet's end: a truncated
@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, NamedTuple, Self
 
-from gateway.errors import BrokerUnavailableError, ConfigError, PermanentError
+from wire.errors import BrokerUnavailableError, ConfigError, PermanentError
 
 __all__ = [
     "Connack",

@@ -7,7 +7,7 @@ such an error ended the service's whole task group silently until shutdown: one 
 stored quiet hours stopped every owner's cases, pushes and digests.
 
 :func:`supervise` runs a stage and, when it raises anything but a cancellation or a
-:class:`~gateway.errors.ConfigError` (which no restart cures), logs the death at once
+:class:`~wire.errors.ConfigError` (which no restart cures), logs the death at once
 with its traceback, marks the stage down in :class:`StageHealth` and restarts it after
 a growing pause. A stage that then runs ``healthy_after_s`` without dying again resets
 the pause. ``/health`` reads :attr:`StageHealth.down` and turns red while any stage is
@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from gateway.errors import ConfigError
+from wire.errors import ConfigError
 
 __all__ = ["StageHealth", "supervise"]
 

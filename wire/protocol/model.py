@@ -1,6 +1,6 @@
 """Typed messages of the device contract, schema version 1 (the wire's frozen values).
 
-Everything past :mod:`gateway.protocol.codec` sees these dataclasses, never dicts or
+Everything past :mod:`wire.protocol.codec` sees these dataclasses, never dicts or
 MQTT message objects.
 """
 

@@ -1,8 +1,8 @@
 r"""InfluxDB line protocol for readings and events (the gateway's storage encoder).
 
-The gateway decodes device payloads into frozen :class:`~gateway.protocol.Reading` and
-:class:`~gateway.protocol.Event` values (:mod:`gateway.protocol.codec`); this module turns
-them into line-protocol lines, which :mod:`gateway.influx` writes (or
+The gateway decodes device payloads into frozen :class:`~wire.protocol.Reading` and
+:class:`~wire.protocol.Event` values (:mod:`wire.protocol.codec`); this module turns
+them into line-protocol lines, which :mod:`wire.influx` writes (or
 :mod:`gateway.spool` keeps while InfluxDB is away). Timestamps are epoch milliseconds
 (writes use ``precision=ms``), except that the gateway writes telemetry in microseconds
 with a sub-millisecond offset from ``seq`` (``telemetry_line(..., micros=True)``, issue 13:
@@ -26,7 +26,7 @@ None of this reaches well-formed data: the codec's name patterns admit no backsl
 line feed, carriage return, space, comma or equals sign.
 
 Some inputs cannot be written at all and raise
-:class:`~gateway.errors.WriteRejectedError` (a permanent error: quarantine the message):
+:class:`~wire.errors.WriteRejectedError` (a permanent error: quarantine the message):
 an empty name or tag value, a name or tag value ending in a backslash (InfluxDB 1.x
 cannot parse ``\\`` before a separator), text that is not encodable as UTF-8, and
 metrics named ``seq`` or ``status``, which this schema uses for its own fields (InfluxDB
@@ -45,11 +45,13 @@ from typing import Final
 
 import orjson
 
-from gateway.errors import WriteRejectedError
-from gateway.protocol.model import Event, MetricValue, Reading
+from wire.errors import WriteRejectedError
+from wire.protocol.model import Event, MetricValue, Reading
 
 __all__ = [
     "EVENTS_MEASUREMENT",
+    "HEALTH_MEASUREMENT",
+    "MISMATCH_MEASUREMENT",
     "RESERVED_FIELDS",
     "TELEMETRY_MEASUREMENT",
     "event_to_line",
@@ -62,6 +64,10 @@ __all__ = [
 TELEMETRY_MEASUREMENT: Final = "telemetry"
 #: Measurement of device events (one point per event).
 EVENTS_MEASUREMENT: Final = "device_events"
+#: Measurement of the diagnostics stage's per-reading scores, next to ``telemetry``.
+HEALTH_MEASUREMENT: Final = "health"
+#: Measurement of what devices send that no product file describes, per model (diagnostics).
+MISMATCH_MEASUREMENT: Final = "product_mismatch"
 #: Field keys of telemetry points that are not metrics.
 RESERVED_FIELDS: Final = frozenset(("seq", "status"))
 
