@@ -45,7 +45,6 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, time, timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -118,6 +117,7 @@ from notifier.model import (
     PushChannel,
     Rating,
     Urgency,
+    mask_target,
 )
 from notifier.oidc import OidcOwners
 from notifier.openapi import Operation, QueryParam, Reply, build_document
@@ -159,7 +159,6 @@ __all__ = [
     "VisitView",
     "create_api",
     "device_views",
-    "mask_target",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -874,28 +873,6 @@ def _history(trail: Sequence[AuditEntry], owner: Owner) -> list[str]:
         when = at.astimezone(zone).strftime("%d %b %Y, %H:%M")
         lines.append(f"{when}: {_STATE_WORDS[to_state]}.")
     return lines
-
-
-def mask_target(target: str) -> str:
-    """Return a push target with its secret part hidden.
-
-    A URL keeps its scheme and host (``https://fcm.googleapis.com/…``); a token keeps
-    its last four characters if it is long enough for that to reveal nothing.
-
-    Args:
-        target: a registration token or URL.
-
-    Returns:
-        What may be shown of it.
-    """
-    try:
-        parts = urlsplit(target)
-        scheme, host = parts.scheme, parts.hostname
-    except ValueError:  # not a URL after all (an unbalanced "[" in a token)
-        scheme, host = "", None
-    if scheme in ("http", "https") and host:
-        return f"{scheme}://{host}/…"
-    return f"…{target[-4:]}" if len(target) >= 24 else "…"
 
 
 def _waiting_for(case: Case) -> WaitingFor | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, time
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 __all__ = [
     "CLOSED_STATES",
@@ -49,6 +50,7 @@ __all__ = [
     "Technician",
     "Urgency",
     "Window",
+    "mask_target",
 ]
 
 CaseState = Literal[
@@ -185,6 +187,30 @@ class PushChannel:
     active: bool = True
     created_at: datetime | None = None
     failures: int = 0
+
+
+def mask_target(target: str) -> str:
+    """Return a push target with its secret part hidden.
+
+    A URL keeps its scheme and host (``https://fcm.googleapis.com/…``); a token keeps
+    its last four characters if it is long enough for that to reveal nothing (24
+    characters or more). The owner API and an owner's export both show this, and
+    nothing else of a target.
+
+    Args:
+        target: a registration token or URL.
+
+    Returns:
+        What may be shown of it.
+    """
+    try:
+        parts = urlsplit(target)
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:  # not a URL after all (an unbalanced "[" in a token)
+        scheme, host = "", None
+    if scheme in ("http", "https") and host:
+        return f"{scheme}://{host}/…"
+    return f"…{target[-4:]}" if len(target) >= 24 else "…"
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,6 @@ from datetime import UTC, datetime, time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, NoReturn, Protocol, Self, TypeVar
-from urllib.parse import urlsplit
 
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import (
@@ -68,6 +67,7 @@ from notifier.model import (
     Task,
     Technician,
     Window,
+    mask_target,
 )
 from notifier.registry import SqliteRegistry
 from notifier.schema import render
@@ -467,14 +467,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _mask_target(target: str) -> str:
-    """A push target with its secret part hidden: a URL keeps its scheme and host."""
-    parts = urlsplit(target)
-    if parts.scheme and parts.hostname:
-        return f"{parts.scheme}://{parts.hostname}/***"
-    return f"***{target[-4:]}" if len(target) >= 16 else "***"
-
-
 def _redacted(value: Any, secrets: dict[str, str]) -> Any:
     """``value`` with every string that is a channel secret replaced by its mask."""
     if isinstance(value, str):
@@ -490,7 +482,7 @@ def _channel_secrets(channels: Sequence[PushChannel]) -> dict[str, str]:
     """Each channel's target and key values -> what an export shows instead."""
     secrets: dict[str, str] = {}
     for channel in channels:
-        secrets[channel.target] = _mask_target(channel.target)
+        secrets[channel.target] = mask_target(channel.target)
         secrets.update((key, "***") for key in channel.keys.values())
     return secrets
 
@@ -500,7 +492,7 @@ def _exported_channel(channel: PushChannel) -> dict[str, Any]:
     return {
         "channel_id": channel.channel_id,
         "kind": channel.kind,
-        "target": _mask_target(channel.target),
+        "target": mask_target(channel.target),
         "active": channel.active,
         "created_at": _ts_opt(channel.created_at),
         "failures": channel.failures,

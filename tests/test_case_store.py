@@ -940,7 +940,7 @@ async def test_a_deleted_channel_leaves_no_trace_in_the_trail(store: Store) -> N
     assert not await store.delete_channel("owner-1", "ch-1")
     assert await store.channels("owner-1", active_only=False) == []
     (entry,) = await store.audit("case-1")
-    assert entry.evidence == {"to": "https://push.example/***", "key": "***", "n": 1}
+    assert entry.evidence == {"to": "https://push.example/…", "key": "***", "n": 1}
 
 
 async def test_queued_notifications_of_every_owner_oldest_first(store: Store) -> None:
@@ -1059,7 +1059,7 @@ async def test_export_owner(store: Store) -> None:
         {
             "channel_id": "ch-7731-1",
             "kind": "webpush",
-            "target": "https://ntfy.example/***",
+            "target": "https://ntfy.example/…",
             "active": True,
             "created_at": "2025-03-10T08:30:15.123456+00:00",
             "failures": 0,
@@ -1067,7 +1067,7 @@ async def test_export_owner(store: Store) -> None:
         {
             "channel_id": "ch-7731-2",
             "kind": "fcm",
-            "target": "***0042",
+            "target": "…0042",
             "active": True,
             "created_at": "2025-03-10T08:31:15.123456+00:00",
             "failures": 0,
@@ -1079,7 +1079,7 @@ async def test_export_owner(store: Store) -> None:
     assert case["case_id"] == "case-7731"
     assert case["opened_at"] == "2025-03-10T08:30:15.123456+00:00"
     assert [entry["action"] for entry in case["audit"]] == ["notify", "transition"]
-    assert case["audit"][0]["evidence"] == {"to": "https://ntfy.example/***"}
+    assert case["audit"][0]["evidence"] == {"to": "https://ntfy.example/…"}
     assert case["audit"][1]["evidence"] == {"score": 0.1}
     assert [a["appointment_id"] for a in exported["appointments"]] == ["appt-7731"]
     assert exported["ratings"] == [

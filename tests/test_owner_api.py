@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from notifier.actions import HealthPoint
-from notifier.api import API_PREFIX, MAX_BODY_BYTES, REQUEST_ID_HEADER, create_api, mask_target
+from notifier.api import API_PREFIX, MAX_BODY_BYTES, REQUEST_ID_HEADER, create_api
 from notifier.errors import (
     ConflictError,
     IllegalTransitionError,
@@ -39,6 +39,7 @@ from notifier.model import (
     Rating,
     Slot,
     Technician,
+    mask_target,
 )
 from notifier.sqlite import SqliteStore
 from wire.errors import StoreUnavailableError
@@ -976,6 +977,21 @@ def test_targets_are_masked() -> None:
     assert mask_target("abcdefghijklmnopqrstuvwxyz") == "…wxyz"
     assert mask_target("short-token") == "…"
     assert mask_target("http://[broken/abcdefghijklmnopqrstuvwxyz") == "…wxyz"
+
+
+async def test_the_export_shows_each_target_as_the_api_does(world: World) -> None:
+    # 20 characters: once shown in part by the export (from 16) but not by the API (from 24)
+    short_token = "fcm-token-0123456789"
+    for body in [*_valid_channels(), {"kind": "fcm", "target": short_token}]:
+        resp = await world.client.post(f"{API_PREFIX}/me/channels", json=body, headers=_hdr(ALICE))
+        assert resp.status == 201, await resp.text()
+    listed = await (await world.client.get(f"{API_PREFIX}/me/channels", headers=_hdr(ALICE))).json()
+    exported = await (await world.client.get(f"{API_PREFIX}/me/export", headers=_hdr(ALICE))).json()
+    shown = {c["channel_id"]: c["target"] for c in listed["channels"]}
+    assert len(shown) == 7
+    assert {c["channel_id"]: c["target"] for c in exported["channels"]} == shown
+    assert "…" in shown.values()
+    assert not any("6789" in target for target in shown.values())
 
 
 # -- devices and cases ---------------------------------------------------------------------
