@@ -37,7 +37,6 @@ device not heard from for ``silent_after_s`` is *silent*, whatever its last scor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -53,6 +52,7 @@ from notifier.model import OPEN_STATES, Case, DeviceRecord, Rating
 from notifier.store import CaseStore
 from wire.errors import PermanentError, TransientError
 from wire.influx import InfluxClient
+from wire.tasks import cancel_and_wait
 
 __all__ = [
     "LEVELS",
@@ -394,13 +394,9 @@ class FleetCache:
 
     async def close(self) -> None:
         """Stop the reads behind the answers (on app cleanup)."""
-        tasks = [t for t in (self._scores_task, self._reread_task) if t is not None]
+        tasks = (self._scores_task, self._reread_task)
         self._scores_task = self._reread_task = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
 
     def derived(self, snapshot: Snapshot, key: Hashable) -> Any:
         """A result computed from ``snapshot`` before (``None`` if not)."""

@@ -27,7 +27,6 @@ not change it. Over time a device counts as heard of from its first score on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -41,6 +40,7 @@ from wire.errors import PermanentError, TransientError
 from wire.influx import InfluxClient
 from wire.influxql import quote_ident
 from wire.lineproto import point_line
+from wire.tasks import cancel_and_wait
 
 __all__ = ["PROVISIONAL_S", "SETTLE_S", "STEP_S", "HealthHistory", "bucketed"]
 
@@ -217,10 +217,7 @@ class HealthHistory:
     async def close(self) -> None:
         """Stop counting behind the answers (on app cleanup)."""
         task, self._behind = self._behind, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def _fill(self, steps: list[int]) -> None:
         """Count those of ``steps`` that are missing (read back the kept ones first)."""

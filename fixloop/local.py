@@ -52,6 +52,7 @@ from wire.influx import InfluxClient
 from wire.mqtt import MqttClient
 from wire.protocol.credentials import derive, device_password
 from wire.settings import MqttSettings
+from wire.tasks import cancel_and_wait
 
 __all__ = ["run_local_stack", "service_password", "stack_client_ids"]
 
@@ -575,11 +576,7 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                     async with asyncio.timeout(_DRAIN_TIMEOUT_S):
                         await gateway.drain()
             finally:
-                for task in reversed(tasks):
-                    task.cancel()
-                for task in reversed(tasks):
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+                await cancel_and_wait(*reversed(tasks))
                 await dashboard_site.__aexit__(None, None, None)
         _LOG.info("stopping influxd and mosquitto")
     _LOG.info("fixloop stopped; data kept in %s", data_dir)

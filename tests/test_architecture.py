@@ -10,7 +10,9 @@ name). The rules, all read from the one table :data:`LAYOUT`:
 * what a package's import really loads, in a fresh interpreter, stays inside the same
   arrows, and only the packages marked for it load numba, scikit-learn or scipy;
 * no package imports a ``_private`` name (or module) of another package;
-* ``__init__.py`` holds a docstring, imports and ``__all__``, nothing else.
+* ``__init__.py`` holds a docstring, imports and ``__all__``, nothing else;
+* no ``suppress(CancelledError)``: it swallows the caller's own cancellation too
+  (``wire.tasks.cancel_and_wait`` stops a task without that).
 
 Each checker is also run on a small synthetic source that breaks its rule, so a checker
 that stopped finding anything would fail here instead of passing silently.
@@ -270,6 +272,19 @@ def init_violations(source: Source) -> list[str]:
     return found
 
 
+def cancellation_violations(source: Source) -> list[str]:
+    """``suppress(...)`` calls that swallow ``CancelledError`` (STYLE.md: never swallow it)."""
+    found = []
+    for node in ast.walk(_tree(source)):
+        if (
+            isinstance(node, ast.Call)
+            and _dotted(node.func).endswith("suppress")
+            and any(_dotted(arg).endswith("CancelledError") for arg in node.args)
+        ):
+            found.append(f"{source.path}:{node.lineno}: suppresses CancelledError")
+    return found
+
+
 def _is_text(node: ast.expr) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
@@ -392,6 +407,11 @@ def test_load_checker_finds_what_breaks_the_table() -> None:
     assert load_violations("diagnostics", ["diagnostics.engine", "numba", "scipy"]) == []
 
 
+@pytest.mark.parametrize("source", SOURCES, ids=_ids(SOURCES))
+def test_no_cancellation_is_swallowed(source: Source) -> None:
+    assert cancellation_violations(source) == []
+
+
 # -- the checkers on sources that break the rules -----------------------------------------
 
 
@@ -508,3 +528,20 @@ def test_route_modules_share_only_public_helpers(path: str) -> None:
         if _is_private(alias.name) or any(_is_private(p) for p in node.module.split("."))
     ]
     assert taken == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "import asyncio, contextlib\nwith contextlib.suppress(asyncio.CancelledError):\n    pass\n",
+        "from contextlib import suppress\nfrom asyncio import CancelledError\n"
+        "with suppress(KeyError, CancelledError):\n    pass\n",
+    ],
+)
+def test_cancellation_checker_finds_suppress(text: str) -> None:
+    assert cancellation_violations(_fake("dashboard.fleet", text)) != []
+
+
+def test_cancellation_checker_lets_other_suppress_pass() -> None:
+    text = "import contextlib\nwith contextlib.suppress(KeyError):\n    pass\n"
+    assert cancellation_violations(_fake("dashboard.fleet", text)) == []

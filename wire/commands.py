@@ -10,7 +10,6 @@ firmware that boot events name).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -25,6 +24,7 @@ from wire.protocol.codec import decode_event, encode_command
 from wire.protocol.model import Command, CommandAction, Event
 from wire.protocol.topics import commands_topic, is_valid_device_id, split_device_topic
 from wire.settings import MqttSettings
+from wire.tasks import cancel_and_wait
 
 __all__ = ["CommandChannel", "CommandTimeoutError"]
 
@@ -74,10 +74,7 @@ class CommandChannel:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BrokerUnavailableError):
-                await self._listener
+        await cancel_and_wait(self._listener, ignore=(BrokerUnavailableError,))
         await self._client.disconnect()
 
     async def _listen(self) -> None:
