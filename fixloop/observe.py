@@ -1,6 +1,7 @@
 """``/metrics`` and ``/health`` of the diagnostics service, the notifier and the dashboard.
 
-The gateway serves its own (:mod:`gateway.metrics`). For the other services the
+The gateway serves its own (:mod:`gateway.metrics`); both write the text with
+:mod:`wire.exposition`. For the other services the
 composition root reads the running service's public counters and serves them on the
 service's ``metrics_host:metrics_port``, so that every fixloop service can be scraped
 and health-checked the same way:
@@ -15,11 +16,9 @@ and health-checked the same way:
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal, Self
+from typing import Any, Literal, Self
 
 import orjson
 from aiohttp import web
@@ -27,71 +26,20 @@ from aiohttp import web
 from dashboard.service import DashboardService
 from diagnostics.service import DiagnosticsService
 from notifier.service import NotifierService
+from wire.exposition import CONTENT_TYPE, Metric, render_metrics
 from wire.supervisor import StageHealth
 
 __all__ = [
-    "Metric",
     "ServiceEndpoint",
     "dashboard_endpoint",
     "diagnostics_endpoint",
     "notifier_endpoint",
-    "render_metrics",
 ]
 
 _LOG = logging.getLogger(__name__)
 
-_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 Health = tuple[list[str], dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Metric:
-    """One metric family and its samples.
-
-    Attributes:
-        name: the full name (``fixloop_notifier_diagnoses_handled_total``).
-        kind: ``counter`` or ``gauge``.
-        help: one line on what it counts.
-        samples: (labels, value) pairs; no labels: one sample with ``{}``.
-    """
-
-    name: str
-    kind: Literal["counter", "gauge"]
-    help: str
-    samples: Sequence[tuple[Mapping[str, str], float]] = field(default_factory=tuple)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
-
-
-def render_metrics(metrics: Sequence[Metric]) -> str:
-    """Render metric families in Prometheus text exposition format 0.0.4."""
-    lines: list[str] = []
-    for metric in metrics:
-        lines.append(f"# HELP {metric.name} {metric.help}")
-        lines.append(f"# TYPE {metric.name} {metric.kind}")
-        for labels, value in metric.samples:
-            text = ",".join(f'{key}="{_escape(val)}"' for key, val in sorted(labels.items()))
-            lines.append(
-                f"{metric.name}{{{text}}} {_number(value)}"
-                if text
-                else f"{metric.name} {_number(value)}"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def _one(name: str, kind: Literal["counter", "gauge"], help_text: str, value: float) -> Metric:
@@ -154,7 +102,7 @@ class ServiceEndpoint:
     async def _get_metrics(self, _request: web.Request) -> web.Response:
         return web.Response(
             body=render_metrics(self._metrics()).encode(),
-            headers={"Content-Type": _CONTENT_TYPE},
+            headers={"Content-Type": CONTENT_TYPE},
         )
 
     async def _get_health(self, _request: web.Request) -> web.Response:

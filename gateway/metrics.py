@@ -12,17 +12,15 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 from aiohttp import web
+
+from wire.exposition import CONTENT_TYPE, Metric, render_metrics
 
 __all__ = ["GatewayMetrics", "MetricsServer"]
 
 _LOG = logging.getLogger(__name__)
-
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 @dataclass(slots=True)
@@ -108,21 +106,16 @@ class GatewayMetrics:
 
     def render(self) -> str:
         """Render every metric in Prometheus text exposition format."""
-        out: list[str] = []
+        families: list[Metric] = []
+        Samples = list[tuple[dict[str, str], float]]
 
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            full = f"fixloop_gateway_{name}"
-            out.append(f"# HELP {full} {help_text}")
-            out.append(f"# TYPE {full} {kind}")
-            for labels, value in samples:
-                text = str(value) if isinstance(value, int) else f"{value:.6f}"
-                out.append(f"{full}{labels} {text}")
+        def metric(
+            name: str, kind: Literal["counter", "gauge"], help_text: str, samples: Samples
+        ) -> None:
+            families.append(Metric(f"fixloop_gateway_{name}", kind, help_text, samples))
 
-        def by(label: str, counts: Counter[str]) -> list[tuple[str, float]]:
-            return [
-                (f'{{{label}="{_escape_label(key)}"}}', count)
-                for key, count in sorted(counts.items())
-            ] or [("", 0)]
+        def by(label: str, counts: Counter[str]) -> Samples:
+            return [({label: key}, count) for key, count in sorted(counts.items())] or [({}, 0)]
 
         metric(
             "received_total",
@@ -130,18 +123,18 @@ class GatewayMetrics:
             "Messages taken from the broker.",
             by("channel", self.received),
         )
-        metric("stored_points_total", "counter", "Points written to InfluxDB.", [("", self.stored)])
+        metric("stored_points_total", "counter", "Points written to InfluxDB.", [({}, self.stored)])
         metric(
             "spooled_points_total",
             "counter",
             "Points written to the on-disk spool.",
-            [("", self.spooled)],
+            [({}, self.spooled)],
         )
         metric(
             "replayed_points_total",
             "counter",
             "Points replayed from the spool.",
-            [("", self.replayed)],
+            [({}, self.replayed)],
         )
         metric(
             "rejected_total",
@@ -153,81 +146,81 @@ class GatewayMetrics:
             "store_rejected_points_total",
             "counter",
             "Points InfluxDB refused (400).",
-            [("", self.store_rejected)],
+            [({}, self.store_rejected)],
         )
-        metric("acked_total", "counter", "QoS-1 messages acknowledged.", [("", self.acked)])
+        metric("acked_total", "counter", "QoS-1 messages acknowledged.", [({}, self.acked)])
         metric(
-            "spool_batches", "gauge", "Batches waiting in the spool.", [("", self.spool_batches)]
+            "spool_batches", "gauge", "Batches waiting in the spool.", [({}, self.spool_batches)]
         )
-        metric("spool_bytes", "gauge", "Bytes waiting in the spool.", [("", self.spool_bytes)])
+        metric("spool_bytes", "gauge", "Bytes waiting in the spool.", [({}, self.spool_bytes)])
         metric(
             "spool_disk_bytes",
             "gauge",
             "Bytes of spool segment files on disk.",
-            [("", self.spool_disk_bytes)],
+            [({}, self.spool_disk_bytes)],
         )
         metric(
             "spool_writable",
             "gauge",
             "1 if the last spool append succeeded.",
-            [("", int(self.spool_writable))],
+            [({}, int(self.spool_writable))],
         )
         metric(
-            "spool_errors_total", "counter", "Failed spool operations.", [("", self.spool_errors)]
+            "spool_errors_total", "counter", "Failed spool operations.", [({}, self.spool_errors)]
         )
         metric(
             "session_lost_total",
             "counter",
             "Connects on which the broker had lost the persistent session.",
-            [("", self.session_lost)],
+            [({}, self.session_lost)],
         )
         metric(
             "dropped_unacked_total",
             "counter",
             "Messages left unstored and unacknowledged at a disconnect (the broker resends).",
-            [("", self.dropped_unacked)],
+            [({}, self.dropped_unacked)],
         )
         metric(
             "broker_dropped_messages",
             "gauge",
             "Messages the broker dropped (its $SYS counter; -1 unknown).",
-            [("", self.broker_dropped)],
+            [({}, self.broker_dropped)],
         )
         metric(
             "seconds_since_progress",
             "gauge",
             "Seconds since a point was last made durable.",
-            [("", max(0.0, time.time() - self.last_progress_s))],
+            [({}, max(0.0, time.time() - self.last_progress_s))],
         )
         metric(
-            "unacked_messages", "gauge", "Messages received, not yet durable.", [("", self.unacked)]
+            "unacked_messages", "gauge", "Messages received, not yet durable.", [({}, self.unacked)]
         )
         metric(
             "lag_seconds",
             "gauge",
             "Now minus device time of the newest point written.",
-            [("", self.lag_s())],
+            [({}, self.lag_s())],
         )
         metric(
             "write_seconds_sum",
             "counter",
             "Time spent in InfluxDB writes.",
-            [("", self.write_seconds_sum)],
+            [({}, self.write_seconds_sum)],
         )
-        metric("write_seconds_count", "counter", "InfluxDB writes.", [("", self.write_count)])
+        metric("write_seconds_count", "counter", "InfluxDB writes.", [({}, self.write_count)])
         metric(
             "influx_up",
             "gauge",
             "1 if the last InfluxDB write succeeded.",
-            [("", int(self.influx_up))],
+            [({}, int(self.influx_up))],
         )
         metric(
             "mqtt_connected",
             "gauge",
             "1 if the broker connection is up.",
-            [("", int(self.mqtt_connected))],
+            [({}, int(self.mqtt_connected))],
         )
-        return "\n".join(out) + "\n"
+        return render_metrics(families)
 
     def health(self, now_s: float | None = None) -> dict[str, object]:
         """Return a JSON-able health summary (``problems`` empty when healthy)."""
@@ -263,7 +256,9 @@ class MetricsServer:
         self._runner: web.AppRunner | None = None
 
     async def _metrics_handler(self, request: web.Request) -> web.Response:
-        return web.Response(text=self._metrics.render(), content_type="text/plain", charset="utf-8")
+        return web.Response(
+            body=self._metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     async def _health_handler(self, request: web.Request) -> web.Response:
         health = self._metrics.health()

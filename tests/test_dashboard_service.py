@@ -32,7 +32,7 @@ from dashboard.service import decode_case_change
 from dashboard.users import OpsUsersFile
 from diagnostics.service import DiagnosticsService
 from diagnostics.settings import DiagnosticsSettings
-from fixloop.observe import Metric, diagnostics_endpoint, notifier_endpoint, render_metrics
+from fixloop.observe import diagnostics_endpoint, notifier_endpoint
 from fixloop.opsusers import ROLES
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from notifier.errors import ConflictError, NotFoundError
@@ -42,6 +42,7 @@ from notifier.service import NotifierService, case_message
 from notifier.settings import NotifierSettings
 from notifier.sqlite import SqliteStore
 from wire.errors import ConfigError, RejectedError
+from wire.exposition import Metric, render_metrics
 from wire.influx import InfluxSettings
 from wire.mqtt import MqttClient
 from wire.protocol import CASES_TOPIC
