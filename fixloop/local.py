@@ -82,8 +82,7 @@ async def _serve(app: web.Application, port: int) -> AsyncIterator[str]:
     try:
         site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        bound = sockets[0].getsockname()[1] if sockets else port
+        bound = int(runner.addresses[0][1])
         yield f"http://127.0.0.1:{bound}/ops/"
     finally:
         await runner.cleanup()

@@ -219,10 +219,8 @@ class NotifierService:
             stack.push_async_callback(self._runner.cleanup)
             site = web.TCPSite(self._runner, settings.api_host, settings.api_port)
             await site.start()
-            # aiohttp exposes the bound port only on the site's server
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            self.api_port = sockets[0].getsockname()[1] if sockets else settings.api_port
+            # the port really bound (api_port 0 picks a free one)
+            self.api_port = int(self._runner.addresses[0][1])
             _LOG.info("owner API on http://%s:%s/api/v1", settings.api_host, self.api_port)
         except BaseException:
             await stack.aclose()
