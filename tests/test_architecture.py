@@ -2,7 +2,8 @@
 
 Every ``.py`` file of every package is parsed with :mod:`ast`; imports anywhere in a
 file count (inside functions too, and ``importlib.import_module("...")`` with a literal
-name). The rules, all read from the one table :data:`LAYOUT`:
+name). The rules, all read from one table, the layout table of ARCHITECTURE.md
+(:data:`LAYOUT`):
 
 * data flows one way: a package imports only the packages above it in the layout table
   (``device_sim`` only the device library, and the device protocol, the MQTT client and
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,19 +48,31 @@ class Layer:
     numeric: bool = False
 
 
+ARCHITECTURE = ROOT / "ARCHITECTURE.md"
+
+
+def read_layout(text: str) -> dict[str, Layer]:
+    """The layout table of ARCHITECTURE.md: package -> what it may import and load.
+
+    Rows look like ``| `pkg` | job | `a`, `b.c` | no |``; ``—`` imports nothing,
+    ``everything`` anything.
+    """
+    section = text.split("\n## Layout", 1)[1].split("\n## ", 1)[0]
+    layout: dict[str, Layer] = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        package, _job, imports, numeric = cells
+        may_import = (
+            None if imports == "everything" else frozenset(re.findall(r"`([\w.]+)`", imports))
+        )
+        layout[package.strip("`")] = Layer(may_import, numeric=numeric == "yes")
+    return layout
+
+
 #: The layout table, top (imports nothing) to bottom (imports everything).
-LAYOUT: dict[str, Layer] = {
-    # the device library is embedded in appliances: it imports nothing of the backend
-    "device": Layer(frozenset()),
-    "wire": Layer(frozenset()),
-    # the simulator is the device library plus physics, on the shared MQTT client
-    "device_sim": Layer(frozenset({"device", "wire.protocol", "wire.errors", "wire.mqtt"})),
-    "gateway": Layer(frozenset({"wire"})),
-    "diagnostics": Layer(frozenset({"wire"}), numeric=True),
-    "notifier": Layer(frozenset({"diagnostics", "wire"})),
-    "dashboard": Layer(frozenset({"notifier", "diagnostics", "wire"})),
-    "fixloop": Layer(None, numeric=True),
-}
+LAYOUT: dict[str, Layer] = read_layout(ARCHITECTURE.read_text(encoding="utf-8"))
 PACKAGES = frozenset(LAYOUT)
 _LIGHT = sorted(p for p, layer in LAYOUT.items() if not layer.numeric)
 #: Top-level modules of the numeric stack (and numpy's compiled helpers do not count).
@@ -314,6 +328,32 @@ def _ids(sources: list[Source]) -> list[str]:
 def test_every_package_has_a_rule() -> None:
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
     assert packages == PACKAGES, "a new top-level package needs a row in LAYOUT"
+
+
+def test_the_layout_table_reads_as_written() -> None:
+    assert LAYOUT["wire"] == Layer(frozenset())
+    assert LAYOUT["device_sim"].may_import == {
+        "device",
+        "wire.protocol",
+        "wire.errors",
+        "wire.mqtt",
+    }
+    assert LAYOUT["dashboard"] == Layer(frozenset({"notifier", "diagnostics", "wire"}))
+    assert LAYOUT["fixloop"] == Layer(None, numeric=True)
+    assert [p for p, layer in LAYOUT.items() if layer.numeric] == ["diagnostics", "fixloop"]
+    # top to bottom: a package only imports packages in rows above it
+    order = list(LAYOUT)
+    for index, (package, layer) in enumerate(LAYOUT.items()):
+        for target in layer.may_import or ():
+            assert order.index(target.split(".", 1)[0]) < index, (package, target)
+
+
+def test_every_module_architecture_md_names_exists() -> None:
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    named = set(re.findall(r"`((?:[a-z_]+/)+[a-z_*]*(?:\.py)?)`", text))
+    assert "wire/protocol/codec.py" in named
+    missing = [path for path in sorted(named) if not list(ROOT.glob(path))]
+    assert missing == []
 
 
 def test_the_checkers_see_the_code() -> None:

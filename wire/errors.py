@@ -1,4 +1,4 @@
-"""Error tree shared by every fixloop stage (the gateway is the most upstream package).
+"""Error tree shared by every fixloop stage (wire: the most upstream package).
 
 ::
 

@@ -1,4 +1,4 @@
-"""InfluxDB client: line-protocol writes and InfluxQL reads over aiohttp (the gateway's sink).
+"""InfluxDB client: line-protocol writes and InfluxQL reads over aiohttp (wire: every stage).
 
 One code path serves InfluxDB 1.x, 2.x and 3.x. Writes go to ``/write`` (flavor ``v1``)
 or ``/api/v2/write`` (flavor ``v2``, which InfluxDB 3 accepts too), always with

@@ -1,4 +1,4 @@
-r"""InfluxDB line protocol for readings and events (the gateway's storage encoder).
+r"""InfluxDB line protocol for readings, events and every stage's points (wire: every stage).
 
 The gateway decodes device payloads into frozen :class:`~wire.protocol.Reading` and
 :class:`~wire.protocol.Event` values (:mod:`wire.protocol.codec`); this module turns
