@@ -73,10 +73,9 @@ from dashboard.keys import (
 )
 from dashboard.settings import DashboardSettings
 from notifier.actions import CaseActions
+from notifier.edge import MAPPED_ERRORS, ApiError, error_status, read_body
 from notifier.errors import (
-    ConflictError,
     ForbiddenError,
-    IllegalTransitionError,
     InvalidRequestError,
     NotFoundError,
 )
@@ -246,16 +245,11 @@ class _Campaign(BaseModel):
 
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:
     try:
-        raw = await request.read()
-        if len(raw) > 64 * 1024:
-            raise InvalidRequestError("the request body is too large")
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise InvalidRequestError(f"invalid request: {problems}") from exc
+        return await read_body(request, model, empty_is_object=True)
+    except ApiError as exc:
+        raise InvalidRequestError(f"invalid request: {exc.message}") from exc
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise InvalidRequestError("the request body is too large") from exc
 
 
 # -- middlewares -----------------------------------------------------------------------
@@ -265,14 +259,9 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except NotFoundError as exc:
-        return _error(404, str(exc))
-    except ForbiddenError as exc:
-        return _error(403, str(exc))
-    except (ConflictError, IllegalTransitionError) as exc:
-        return _error(409, str(exc))
-    except InvalidRequestError as exc:
-        return _error(422, str(exc))
+    except MAPPED_ERRORS as exc:
+        status, _code = error_status(exc) or (500, "internal_error")
+        return _error(status, str(exc))
     except TransientError as exc:
         _LOG.warning("%s %s: a store is unavailable: %s", request.method, request.path, exc)
         return _error(503, "a data store is unavailable; try again shortly")

@@ -63,6 +63,7 @@ from notifier.actions import CaseActions, HealthPoint, HealthReader
 from notifier.addresses import check_webhook_url
 from notifier.devicedata import DeviceData, EraseMode
 from notifier.edge import (
+    ERROR_STATUS,
     MAX_BODY_BYTES,
     ApiError,
     Body,
@@ -70,6 +71,7 @@ from notifier.edge import (
     View,
     authenticate,
     error_response,
+    error_status,
     json_response,
     owner_of,
     path_id,
@@ -79,7 +81,6 @@ from notifier.edge import (
 )
 from notifier.errors import (
     ConflictError,
-    ExpiredLinkError,
     ForbiddenError,
     IllegalTransitionError,
     InvalidLinkError,
@@ -187,19 +188,6 @@ WaitingFor = Literal["your_consent", "your_choice", "your_rating"]
 
 # -- errors at the edge ---------------------------------------------------------------------
 
-
-#: Errors of the owner loop -> status and code (first match wins: subclasses first).
-_MAPPED: Final[tuple[tuple[type[Exception], int, str], ...]] = (
-    (ExpiredLinkError, 410, "link_expired"),
-    (InvalidLinkError, 403, "invalid_link"),
-    (UsedLinkError, 409, "link_used"),
-    (UnsafeAddressError, 422, "unsafe_target"),
-    (NotFoundError, 404, "not_found"),
-    (ForbiddenError, 403, "forbidden"),
-    (IllegalTransitionError, 409, "illegal_transition"),
-    (ConflictError, 409, "conflict"),
-    (InvalidRequestError, 422, "invalid_request"),
-)
 
 #: aiohttp's own HTTP errors (routing, body size) -> code and plain words.
 _HTTP_WORDS: Final[dict[int, tuple[str, str]]] = {
@@ -1508,7 +1496,7 @@ def _error_page(exc: Exception) -> web.Response | None:
     """The page for an error a link can meet, or ``None`` to let the JSON answer it."""
     if isinstance(exc, ApiError):
         return _page(exc.status, "This link did not work", exc.message)
-    for kind, status, _code in _MAPPED:
+    for kind, status, _code in ERROR_STATUS:
         if isinstance(exc, kind):
             return _page(status, "This link did not work", str(exc) or "open the app instead")
     return None
@@ -2093,7 +2081,7 @@ async def _edge(request: web.Request, handler: _Handler) -> web.StreamResponse:
             raise
         response = _from_http(exc)
     except (NotFoundError, ForbiddenError, ConflictError, InvalidRequestError) as exc:
-        status, code = next((s, c) for kind, s, c in _MAPPED if isinstance(exc, kind))
+        status, code = error_status(exc) or (500, "internal_error")
         response = error_response(status, code, str(exc) or code.replace("_", " "))
     except IllegalTransitionError as exc:
         response = error_response(409, "illegal_transition", str(exc) or "the case has moved on")

@@ -1,10 +1,12 @@
-"""The owner API's edge, shared by its route modules (notifier).
+"""The owner API's edge, shared by its route modules and the ops dashboard (notifier).
 
 :mod:`notifier.api` (owners, technicians) and :mod:`notifier.admin` (the ops role's
 onboarding, claims) answer through the same pieces: the error every route raises
 (:class:`ApiError`) and the JSON it becomes, request and response body bases, the body,
 path and time-zone checks, and bearer-token authentication (fixloop's tokens, or an
-identity provider's access token of an owner).
+identity provider's access token of an owner). The ops dashboard answers the owner
+loop's errors with the same statuses (:data:`ERROR_STATUS`) and reads its bodies with
+:func:`read_body` too.
 """
 
 from __future__ import annotations
@@ -18,12 +20,25 @@ from typing import Final, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from notifier.errors import (
+    ConflictError,
+    ExpiredLinkError,
+    ForbiddenError,
+    IllegalTransitionError,
+    InvalidLinkError,
+    InvalidRequestError,
+    NotFoundError,
+    UnsafeAddressError,
+    UsedLinkError,
+)
 from notifier.keys import OIDC_KEY, STORE_KEY
 from notifier.model import Owner
 from notifier.oidc import InvalidAccessTokenError, OidcOwners, UnknownSubjectError, looks_like_jwt
 from notifier.store import Principal, PrincipalKind
 
 __all__ = [
+    "ERROR_STATUS",
+    "MAPPED_ERRORS",
     "MAX_BODY_BYTES",
     "ApiError",
     "Body",
@@ -33,6 +48,7 @@ __all__ = [
     "View",
     "authenticate",
     "error_response",
+    "error_status",
     "json_response",
     "owner_of",
     "path_id",
@@ -49,6 +65,31 @@ _MAX_ID_CHARS: Final = 128
 _MAX_TOKEN_CHARS: Final = 512
 
 _M = TypeVar("_M", bound=BaseModel)
+
+#: Errors of the owner loop -> HTTP status and code (first match wins: subclasses first),
+#: for every web app: the owner and admin APIs and the ops dashboard.
+ERROR_STATUS: Final[tuple[tuple[type[Exception], int, str], ...]] = (
+    (ExpiredLinkError, 410, "link_expired"),
+    (InvalidLinkError, 403, "invalid_link"),
+    (UsedLinkError, 409, "link_used"),
+    (UnsafeAddressError, 422, "unsafe_target"),
+    (NotFoundError, 404, "not_found"),
+    (ForbiddenError, 403, "forbidden"),
+    (IllegalTransitionError, 409, "illegal_transition"),
+    (ConflictError, 409, "conflict"),
+    (InvalidRequestError, 422, "invalid_request"),
+)
+
+#: Every error type :data:`ERROR_STATUS` has a status for (for an ``except`` clause).
+MAPPED_ERRORS: Final = tuple(kind for kind, _status, _code in ERROR_STATUS)
+
+
+def error_status(exc: BaseException) -> tuple[int, str] | None:
+    """The HTTP status and error code of an owner-loop error, or None if it has none."""
+    for kind, status, code in ERROR_STATUS:
+        if isinstance(exc, kind):
+            return status, code
+    return None
 
 
 class ApiError(Exception):
@@ -162,13 +203,22 @@ def _invalid_body(exc: ValidationError, *, tags: Sequence[str]) -> ApiError:
     return ApiError(400, "invalid_body", f"{field}: {words}", field)
 
 
-async def read_body(request: web.Request, model: type[_M], *, tags: Sequence[str] = ()) -> _M:
+async def read_body(
+    request: web.Request,
+    model: type[_M],
+    *,
+    tags: Sequence[str] = (),
+    empty_is_object: bool = False,
+) -> _M:
     """Read and check a JSON body (size, media type, schema).
+
+    The owner and admin APIs and the ops dashboard read their bodies with it.
 
     Args:
         request: the request.
         model: the body's model.
         tags: for a model that is a union told apart by ``kind``, the kinds it takes.
+        empty_is_object: read an empty body as ``{}`` (else it is refused).
 
     Raises:
         ApiError: 400 naming the first field at fault, 415 for another media type.
@@ -178,13 +228,18 @@ async def read_body(request: web.Request, model: type[_M], *, tags: Sequence[str
         raise web.HTTPRequestEntityTooLarge(
             max_size=MAX_BODY_BYTES, actual_size=request.content_length
         )
-    if "Content-Type" in request.headers:
+    no_body = empty_is_object and request.content_length == 0  # nothing to be JSON
+    if "Content-Type" in request.headers and not no_body:
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
             raise ApiError(415, "unsupported_media_type", "the body must be application/json")
     raw = await request.read()  # the app's client_max_size stops longer chunked bodies (413)
+    if len(raw) > MAX_BODY_BYTES:  # an app whose client_max_size is larger (the dashboard)
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(raw))
     if not raw.strip():
-        raise ApiError(400, "invalid_body", "the request needs a JSON body")
+        if not empty_is_object:
+            raise ApiError(400, "invalid_body", "the request needs a JSON body")
+        raw = b"{}"
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
