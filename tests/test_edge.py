@@ -10,8 +10,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pydantic import BaseModel
 
-from dashboard.app import _body as dashboard_body
-from dashboard.app import _errors as dashboard_errors
+from dashboard.middleware import error_middleware as dashboard_errors
+from dashboard.middleware import read_json as dashboard_body
 from notifier.api import _edge as api_edge
 from notifier.edge import ERROR_STATUS, MAX_BODY_BYTES, error_status
 from notifier.errors import (
