@@ -21,7 +21,8 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -37,12 +38,12 @@ from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
 from fixloop.broker import DYNSEC_ADMIN_USER, GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
-from fixloop.demo import SimulatedPeople, demo_faults, plan_history_faults, seed_people
+from fixloop.demo import DemoPeople, SimulatedPeople, demo_faults, plan_history_faults, seed_people
 from fixloop.dynsec import DynsecClient
 from fixloop.dynsec_cli import local_admin_password
 from fixloop.opsusers import ops_users_file
 from fixloop.registry_cli import service_onboarding
-from fixloop.settings import Settings
+from fixloop.settings import Settings, StackSettings
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
 from gateway.service import Gateway
 from notifier.loop import OwnerLoop
@@ -52,7 +53,6 @@ from wire.influx import InfluxClient
 from wire.mqtt import MqttClient
 from wire.protocol.credentials import derive, device_password
 from wire.settings import MqttSettings
-from wire.tasks import cancel_and_wait
 
 __all__ = ["run_local_stack", "service_password", "stack_client_ids"]
 
@@ -355,6 +355,119 @@ async def _retire_sessions(mqtt: MqttSettings, client_ids: Iterable[str]) -> Non
                 pass
 
 
+@dataclass(frozen=True, slots=True)
+class _Services:
+    """The running stages of the local stack."""
+
+    gateway: Gateway
+    diagnostics: DiagnosticsService
+    notifier: NotifierService
+
+
+async def _start_broker(
+    steps: contextlib.AsyncExitStack,
+    broker: MosquittoServer,
+    admin_password: str | None,
+    gateway_password: str,
+    secret: str,
+    device_ids: Sequence[str],
+) -> None:
+    """Step: mosquitto up, with the gateway's and the devices' accounts."""
+    # Launched from this (the main) thread: the servers get SIGTERM when it ends, so a
+    # kill -9 of `fixloop up` takes them along (issue 14); a leftover of an older run
+    # is stopped by launch() itself.
+    steps.callback(broker.stop)
+    broker.launch()
+    await asyncio.to_thread(broker.wait_ready)
+    if admin_password is not None:
+        await _ensure_accounts(
+            broker,
+            admin_password,
+            {GATEWAY_USER: gateway_password},
+            {device_id: device_password(secret, device_id) for device_id in device_ids},
+        )
+
+
+async def _start_influxd(steps: contextlib.AsyncExitStack, influx: InfluxdServer) -> None:
+    """Step: influxd up (and, on the way out, said to stop after every service)."""
+    steps.callback(influx.stop)
+    steps.callback(_LOG.info, "stopping influxd and mosquitto")
+    influx.launch()
+    await asyncio.to_thread(influx.wait_ready)
+
+
+async def _run_stages(
+    services: _Services,
+    runner: FleetRunner,
+    people: DemoPeople,
+    data_dir: Path,
+    stack: StackSettings,
+    banner: Callable[[Counter[str]], str],
+    stop: asyncio.Event,
+) -> None:
+    """Step: every stage in one task group until ``stop``; a crashed stage ends them all.
+
+    Raises:
+        Exception: the error a stage (or the start-up) ended with, as it raised it.
+    """
+    gateway, diagnostics, notifier = services.gateway, services.diagnostics, services.notifier
+    assert notifier.store is not None
+    assert notifier.loop is not None
+    try:
+        async with asyncio.TaskGroup() as stages:
+            forever = [
+                stages.create_task(gateway.run(), name="gateway"),
+                stages.create_task(diagnostics.run(), name="diagnostics"),
+                stages.create_task(notifier.run(), name="notifier"),
+                stages.create_task(_report(gateway, diagnostics, notifier), name="status"),
+            ]
+            try:
+                async with asyncio.timeout(30):
+                    await gateway.wait_subscribed()
+                    await diagnostics.wait_subscribed()
+                    await notifier.wait_subscribed()
+                shown = (
+                    [d.device_id for d in await notifier.store.devices(people.owners[0])]
+                    if people.owners
+                    else []
+                )
+                # Faults a device reports only after a while go into the history the
+                # fleet replays, so each is a case by the time it reaches the present;
+                # the live fleet gets faults that are cases at once (issue 14).
+                planned = plan_history_faults(runner, datetime.now(UTC), first_for=shown)
+                async with runner:
+                    forever.append(
+                        stages.create_task(_keep_sim_clock(data_dir, runner), name="sim-clock")
+                    )
+                    simulated = SimulatedPeople(notifier.store, notifier.loop, runner)
+                    forever.append(stages.create_task(simulated.run(), name="people"))
+                    if stack.demo_fault_every_s > 0:
+                        live = demo_faults(
+                            runner,
+                            every_s=stack.demo_fault_every_s,
+                            first_for=() if planned else shown,
+                            store=notifier.store,
+                        )
+                        forever.append(stages.create_task(live, name="faults"))
+                    models = Counter(str(d.model) for d in runner.fleet.devices)
+                    print(  # noqa: T201 - the command's own output for the user
+                        banner(models), file=sys.stdout, flush=True
+                    )
+                    fleet_report = await runner.run(stop)
+                    _LOG.info("simulated fleet stopped: %s", fleet_report.summary())
+                await stop.wait()  # the fleet may end first (a set duration): stay up
+                # Sources are stopped: give the gateway a moment to store what it holds.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                        await gateway.drain()
+            finally:
+                for task in reversed(forever):
+                    task.cancel()
+    except BaseExceptionGroup as group:
+        # one error is the stack's error, as the stage (or the start-up) raised it
+        raise group.exceptions[0]  # noqa: B904 - the group stays its context
+
+
 async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
     """Run broker, InfluxDB, gateway and simulated fleet until ``stop`` is set.
 
@@ -427,28 +540,16 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         host=broker.host, port=mqtt_port, username=GATEWAY_USER, password=gateway_password
     )
 
-    async with contextlib.AsyncExitStack() as servers:
+    # Named steps, sinks first: the servers, the services, the dashboard; then every stage
+    # runs in one task group with the fleet (the source) last. Leaving undoes the steps
+    # in reverse; a stage that crashes stops the whole stack at once.
+    async with contextlib.AsyncExitStack() as steps:
         # One stack per data folder: a second `fixloop up` on it would start a second
         # broker and InfluxDB on the same files (and stop the first's as left behind)
-        servers.enter_context(_folder_lock(data_dir))
-        # Sinks first: the servers, then the gateway, then the fleet (the source).
+        steps.enter_context(_folder_lock(data_dir))
         _LOG.info("starting mosquitto and influxd in %s", data_dir)
-        # Launched from this (the main) thread: the servers get SIGTERM when it ends, so a
-        # kill -9 of `fixloop up` takes them along (issue 14); a leftover of an older run
-        # is stopped by launch() itself.
-        servers.callback(broker.stop)
-        broker.launch()
-        await asyncio.to_thread(broker.wait_ready)
-        if admin_password is not None:
-            await _ensure_accounts(
-                broker,
-                admin_password,
-                {GATEWAY_USER: gateway_password},
-                {device_id: device_password(secret, device_id) for device_id in device_ids},
-            )
-        servers.callback(influx.stop)
-        influx.launch()
-        await asyncio.to_thread(influx.wait_ready)
+        await _start_broker(steps, broker, admin_password, gateway_password, secret, device_ids)
+        await _start_influxd(steps, influx)
         influx_settings = settings.influx.model_copy(
             update={"url": influx.url, "flavor": "v1", "database": influx.database}
         )
@@ -481,27 +582,35 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
         }
         await _retire_sessions(mqtt, _LEGACY_CLIENT_IDS - in_use)
         feed = CaseFeed()
-        async with (
-            Gateway(mqtt, influx_settings, gateway_settings) as gateway,
-            DiagnosticsService(mqtt, influx_settings, diagnostics_settings) as diagnostics,
-            NotifierService(
-                mqtt,
-                influx_settings,
-                notifier_settings,
-                on_case=feed.publish,
-                onboarding=lambda store: service_onboarding(settings, store),
-            ) as notifier,
-            InfluxClient(influx_settings) as dashboard_influx,
-        ):
-            assert notifier.store is not None
-            assert notifier.loop is not None
-            people = await seed_people(
-                notifier.store,
-                [(d.device_id, str(d.model), d.firmware) for d in runner.fleet.devices],
-                secret,
-            )
-            users, ops_login = _ops_users(settings, secret)
-            dashboard_site = _serve(
+        services = _Services(
+            gateway=await steps.enter_async_context(
+                Gateway(mqtt, influx_settings, gateway_settings)
+            ),
+            diagnostics=await steps.enter_async_context(
+                DiagnosticsService(mqtt, influx_settings, diagnostics_settings)
+            ),
+            notifier=await steps.enter_async_context(
+                NotifierService(
+                    mqtt,
+                    influx_settings,
+                    notifier_settings,
+                    on_case=feed.publish,
+                    onboarding=lambda store: service_onboarding(settings, store),
+                )
+            ),
+        )
+        dashboard_influx = await steps.enter_async_context(InfluxClient(influx_settings))
+        notifier = services.notifier
+        assert notifier.store is not None
+        assert notifier.loop is not None
+        people = await seed_people(
+            notifier.store,
+            [(d.device_id, str(d.model), d.firmware) for d in runner.fleet.devices],
+            secret,
+        )
+        users, ops_login = _ops_users(settings, secret)
+        dashboard = await steps.enter_async_context(
+            _serve(
                 create_app(
                     store=notifier.store,
                     influx=dashboard_influx,
@@ -513,69 +622,23 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
                 ),
                 ports["dashboard"],
             )
-            dashboard = await dashboard_site.__aenter__()
-            tasks = [
-                asyncio.create_task(gateway.run(), name="gateway"),
-                asyncio.create_task(diagnostics.run(), name="diagnostics"),
-                asyncio.create_task(notifier.run(), name="notifier"),
-                asyncio.create_task(_report(gateway, diagnostics, notifier), name="status"),
-            ]
-            try:
-                async with asyncio.timeout(30):
-                    await gateway.wait_subscribed()
-                    await diagnostics.wait_subscribed()
-                    await notifier.wait_subscribed()
-                shown = (
-                    [d.device_id for d in await notifier.store.devices(people.owners[0])]
-                    if people.owners
-                    else []
-                )
-                # Faults a device reports only after a while go into the history the
-                # fleet replays, so each is a case by the time it reaches the present;
-                # the live fleet gets faults that are cases at once (issue 14).
-                planned = plan_history_faults(runner, datetime.now(UTC), first_for=shown)
-                async with runner:
-                    tasks.append(
-                        asyncio.create_task(_keep_sim_clock(data_dir, runner), name="sim-clock")
-                    )
-                    simulated = SimulatedPeople(notifier.store, notifier.loop, runner)
-                    tasks.append(asyncio.create_task(simulated.run(), name="people"))
-                    if stack.demo_fault_every_s > 0:
-                        live = demo_faults(
-                            runner,
-                            every_s=stack.demo_fault_every_s,
-                            first_for=() if planned else shown,
-                            store=notifier.store,
-                        )
-                        tasks.append(asyncio.create_task(live, name="faults"))
-                    models = Counter(str(d.model) for d in runner.fleet.devices)
-                    assert diagnostics.engine is not None
-                    print(  # noqa: T201 - the command's own output for the user
-                        _banner(
-                            data_dir,
-                            broker,
-                            influx,
-                            gateway.metrics_port,
-                            models,
-                            sim_settings.speed,
-                            sorted(diagnostics.engine.fleet_models),
-                            notifier.api_url,
-                            people.first_owner_token,
-                            dashboard,
-                            ops_login,
-                        ),
-                        file=sys.stdout,
-                        flush=True,
-                    )
-                    fleet_report = await runner.run(stop)
-                    _LOG.info("simulated fleet stopped: %s", fleet_report.summary())
-                await stop.wait()  # the fleet may end first (a set duration): stay up
-                # Sources are stopped: give the gateway a moment to store what it holds.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_DRAIN_TIMEOUT_S):
-                        await gateway.drain()
-            finally:
-                await cancel_and_wait(*reversed(tasks))
-                await dashboard_site.__aexit__(None, None, None)
-        _LOG.info("stopping influxd and mosquitto")
+        )
+
+        def banner(models: Counter[str]) -> str:
+            assert services.diagnostics.engine is not None
+            return _banner(
+                data_dir,
+                broker,
+                influx,
+                services.gateway.metrics_port,
+                models,
+                sim_settings.speed,
+                sorted(services.diagnostics.engine.fleet_models),
+                notifier.api_url,
+                people.first_owner_token,
+                dashboard,
+                ops_login,
+            )
+
+        await _run_stages(services, runner, people, data_dir, stack, banner, stop)
     _LOG.info("fixloop stopped; data kept in %s", data_dir)

@@ -303,3 +303,33 @@ def test_every_fault_the_demo_injects_is_a_case_and_the_banner_owner_sees_the_fi
             if pipe is not None:
                 pipe.close()
     assert proc.returncode == 0, "".join(log[-30:])
+
+
+async def test_a_stage_that_crashes_stops_the_whole_stack_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from device_sim import SimSettings
+    from fixloop import local
+    from fixloop.settings import Settings, StackSettings
+
+    running = asyncio.Event()
+
+    async def crashing_clock(data_dir: Path, runner: object) -> None:
+        running.set()  # the fleet runs: every stage is up
+        raise LookupError("the sim clock broke")
+
+    monkeypatch.setattr(local, "_keep_sim_clock", crashing_clock)
+    data_dir = tmp_path / "stack"
+    settings = Settings(
+        stack=StackSettings(data_dir=data_dir, demo_fault_every_s=0),
+        sim=SimSettings(devices=3),
+    )
+    stop = asyncio.Event()  # never set: only the crash can end the stack
+    async with asyncio.timeout(120):
+        with pytest.raises(LookupError, match="the sim clock broke"):
+            await local.run_local_stack(settings, stop)
+    assert running.is_set()
+    assert not stop.is_set()
+    assert servers_of(data_dir) == []  # every step undone: broker and influxd stopped
