@@ -76,16 +76,18 @@ _NO_INPUT: Final = frozenset({"extra_forbidden", "missing", "model_type", "dict_
 
 
 class _MappingEnvSource(EnvSettingsSource):
-    """pydantic-settings' environment source, reading a given mapping, not ``os.environ``."""
+    """pydantic-settings' environment source, reading a given mapping, not ``os.environ``.
+
+    Only the entry point reads the process environment (STYLE.md); the source's public
+    ``env_vars`` (what it parses) is set to the mapping handed in, so no private method
+    of pydantic-settings is overridden.
+    """
 
     def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
-        # Settings are case-insensitive: pydantic-settings expects lower-cased names. An
-        # empty value is no value (``FIXLOOP_NOTIFIER__PUSH__NTFY_TOKEN: ${NTFY_TOKEN:-}``).
-        self._environ = {key.lower(): value for key, value in environ.items() if value != ""}
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return self._environ
+        # an empty value is no value (``FIXLOOP_NOTIFIER__PUSH__NTFY_TOKEN: ${NTFY_TOKEN:-}``)
+        super().__init__(settings_cls, env_ignore_empty=True)
+        # settings are case-insensitive: pydantic-settings looks up lower-cased names
+        self.env_vars = {key.lower(): value for key, value in environ.items() if value != ""}
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
