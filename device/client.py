@@ -363,11 +363,11 @@ class Device:
 
     @property
     def connected(self) -> bool:
-        """Whether the broker connection is up."""
+        """Whether the broker connection is up and takes this device's commands."""
         return self._connected.is_set()
 
     def wait_connected(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` for the broker connection; return whether it is up."""
+        """Wait up to ``timeout_s`` for :attr:`connected`; return whether it is."""
         return self._connected.wait(timeout_s)
 
     def flush(self, timeout_s: float) -> bool:
@@ -529,6 +529,7 @@ class Device:
         client.will_set(status_topic(settings.device_id), b"offline", qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_publish = self._on_publish
         client.on_log = self._on_log
         return client
@@ -617,7 +618,8 @@ class Device:
         self._require_sender().restart()
         client.subscribe(commands_topic(self.device_id), qos=1)
         client.publish(status_topic(self.device_id), b"online", qos=1, retain=True)
-        self._connected.set()
+        if flags.session_present:
+            self._connected.set()  # the broker kept the subscription: commands flow now
         _LOG.info(
             "%s: connected to %s:%d (session %s)",
             self.device_id,
@@ -625,6 +627,19 @@ class Device:
             self.settings.port,
             "resumed" if flags.session_present else "new",
         )
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        conn: _Connection,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        # up once the broker took the command subscription: a command sent after
+        # wait_connected() returns reaches this device even on its first session
+        if conn.ready:
+            self._connected.set()
 
     def _on_log(self, client: mqtt.Client, conn: _Connection, level: int, text: str) -> None:
         if level == mqtt.MQTT_LOG_ERR and conn.error is None:
