@@ -5,7 +5,7 @@ Push endpoint), so none may become a way into our own network (server-side reque
 forgery). Two checks share this module:
 
 * :func:`check_webhook_url`, when the owner registers a target (the owner API) and
-  before every delivery (:class:`notifier.push_base.CheckedHttpSender`): the scheme is
+  before every delivery (:class:`notifier.push.base.CheckedHttpSender`): the scheme is
   ``https`` (``http`` only where internal addresses are allowed), no user name or
   password, a port that is not 0, and a host that is not ``localhost`` (or a name under
   ``.localhost``, RFC 6761) nor a literal internal address, in any of the forms

@@ -122,7 +122,7 @@ from notifier.model import (
 )
 from notifier.oidc import OidcOwners
 from notifier.openapi import Operation, QueryParam, Reply, build_document
-from notifier.push_base import ChannelVerifier
+from notifier.push.base import ChannelVerifier
 from notifier.store import CaseStore
 from wire.errors import PermanentError, TransientError
 

@@ -16,7 +16,7 @@ from notifier.actions import CaseActions, HealthReader
 from notifier.devicedata import DeviceData, EraseMode
 from notifier.links import ActionLinks
 from notifier.oidc import OidcOwners
-from notifier.push_base import ChannelVerifier
+from notifier.push.base import ChannelVerifier
 from notifier.store import CaseStore
 
 __all__ = [

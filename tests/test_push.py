@@ -50,10 +50,10 @@ from notifier.push import (
     sign_webhook,
     verify_webhook_signature,
 )
-from notifier.push_base import b64url_decode, b64url_encode, parse_retry_after
-from notifier.push_fcm import FCM_SCOPE
-from notifier.push_ntfy import split_topic_url
-from notifier.push_webpush import MAX_PLAINTEXT_BYTES, web_push_topic
+from notifier.push.base import b64url_decode, b64url_encode, parse_retry_after
+from notifier.push.fcm import FCM_SCOPE
+from notifier.push.ntfy import split_topic_url
+from notifier.push.webpush import MAX_PLAINTEXT_BYTES, web_push_topic
 from wire.errors import ConfigError, PermanentError
 
 MESSAGE = PushMessage(
@@ -1132,7 +1132,7 @@ async def test_webhook_to_an_internal_address_is_refused_unless_allowed(
     channel = PushChannel(
         "h-local", "ann", "webhook", str(server.make_url("/hook/a")), {"secret": SECRET}
     )
-    caplog.set_level(logging.WARNING, logger="notifier.push_webhook")
+    caplog.set_level(logging.WARNING, logger="notifier.push.webhook")
     async with WebhookSender(timeout_s=5) as sender:
         with pytest.raises(UnsafeAddressError) as refused:
             await sender.send(channel, MESSAGE)

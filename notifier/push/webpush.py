@@ -19,7 +19,7 @@ keys: ``p256dh`` (the browser's P-256 public key, uncompressed, base64url) and
   ``Topic`` from the collapse key (at most 32 base64url characters: a longer or other
   key is replaced by a hash of it).
 
-The plaintext is the message's JSON (:meth:`~notifier.push_base.PushMessage.to_json`
+The plaintext is the message's JSON (:meth:`~notifier.push.base.PushMessage.to_json`
 plus ``tag`` = the collapse key) for the site's service worker to show. ``404`` and
 ``410`` retire the subscription; 429 and 5xx are retried; other 4xx are refusals.
 """
@@ -46,7 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from notifier.model import ChannelKind, PushChannel
-from notifier.push_base import (
+from notifier.push.base import (
     CheckedHttpSender,
     PushMessage,
     PushRefusedError,

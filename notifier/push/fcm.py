@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from notifier.errors import DeadTokenError, DeliveryError
 from notifier.model import ChannelKind, PushChannel
-from notifier.push_base import (
+from notifier.push.base import (
     HttpAnswer,
     HttpSender,
     PushMessage,

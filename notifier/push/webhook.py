@@ -35,7 +35,7 @@ from typing import Final
 import orjson
 
 from notifier.model import ChannelKind, PushChannel
-from notifier.push_base import CheckedHttpSender, PushMessage, PushRefusedError
+from notifier.push.base import CheckedHttpSender, PushMessage, PushRefusedError
 
 __all__ = ["WebhookSender", "sign_webhook", "verify_webhook_signature"]
 

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from notifier.model import ChannelKind, PushChannel
-from notifier.push_base import CheckedHttpSender, PushMessage, PushRefusedError
+from notifier.push.base import CheckedHttpSender, PushMessage, PushRefusedError
 
 __all__ = ["NtfySender", "ntfy_document", "split_topic_url"]
 

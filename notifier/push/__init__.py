@@ -6,13 +6,13 @@ through one :class:`PushSender` per kind and reports which channel delivered and
 which are dead (:class:`DeliveryReport`). Each sender is an async context manager
 owning one HTTP session, built by the composition root from plain arguments:
 
-* :class:`FcmSender` (:mod:`notifier.push_fcm`): Firebase Cloud Messaging HTTP v1,
+* :class:`FcmSender` (:mod:`notifier.push.fcm`): Firebase Cloud Messaging HTTP v1,
   with an OAuth 2 access token from a service account (RS256 JWT assertion), cached;
-* :class:`WebPushSender` (:mod:`notifier.push_webpush`): Web Push with the payload
+* :class:`WebPushSender` (:mod:`notifier.push.webpush`): Web Push with the payload
   encrypted for the browser's keys (RFC 8291, ``aes128gcm``) and VAPID (RFC 8292);
   :func:`generate_vapid_keys` makes the key pair for the settings;
-* :class:`NtfySender` (:mod:`notifier.push_ntfy`): an ntfy server's JSON API;
-* :class:`WebhookSender` (:mod:`notifier.push_webhook`): a JSON POST signed with
+* :class:`NtfySender` (:mod:`notifier.push.ntfy`): an ntfy server's JSON API;
+* :class:`WebhookSender` (:mod:`notifier.push.webhook`): a JSON POST signed with
   HMAC-SHA256; :func:`verify_webhook_signature` is the receiver's check.
 
 **One-tap actions** are :class:`PushAction` values carrying their own link: whoever
@@ -29,18 +29,18 @@ token or subscription is gone, and :class:`PushRefusedError` (a
 keys are never logged or put in error messages: only channel ids.
 """
 
-from notifier.push_base import (
+from notifier.push.base import (
     PushAction,
     PushMessage,
     PushRefusedError,
     PushSender,
     RetryLaterError,
 )
-from notifier.push_dispatch import DeliveryLimits, DeliveryReport, PushDispatcher, RetryPolicy
-from notifier.push_fcm import FcmSender
-from notifier.push_ntfy import NtfySender
-from notifier.push_webhook import WebhookSender, sign_webhook, verify_webhook_signature
-from notifier.push_webpush import (
+from notifier.push.dispatch import DeliveryLimits, DeliveryReport, PushDispatcher, RetryPolicy
+from notifier.push.fcm import FcmSender
+from notifier.push.ntfy import NtfySender
+from notifier.push.webhook import WebhookSender, sign_webhook, verify_webhook_signature
+from notifier.push.webpush import (
     VapidKeys,
     WebPushSender,
     encrypt_aes128gcm,

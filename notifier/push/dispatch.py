@@ -45,7 +45,7 @@ from dataclasses import dataclass, replace
 
 from notifier.errors import DeadTokenError, DeliveryError
 from notifier.model import ChannelKind, PushChannel
-from notifier.push_base import PushMessage, PushSender, RetryLaterError
+from notifier.push.base import PushMessage, PushSender, RetryLaterError
 from wire.errors import ConfigError, PermanentError
 
 __all__ = ["DeliveryLimits", "DeliveryReport", "PushDispatcher", "RetryPolicy"]
