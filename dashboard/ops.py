@@ -261,9 +261,10 @@ async def close_task(
         if outcome not in TRANSITIONS[case.state]:
             raise InvalidRequestError(f"a {case.state} case cannot be closed as {outcome}")
         moved = replace(case, state=outcome, updated_at=now, needs_person=None)
-        await store.update_case(moved, expected_state=case.state)
-        await store.add_audit(
-            AuditEntry(
+        await store.update_case(
+            moved,
+            expected_state=case.state,
+            audit=AuditEntry(
                 case_id=case.case_id,
                 at=now,
                 actor="ops",
@@ -272,7 +273,7 @@ async def close_task(
                 evidence=evidence,
                 from_state=case.state,
                 to_state=outcome,
-            )
+            ),
         )
         case = moved
     else:

@@ -315,16 +315,19 @@ class OwnerLoop:
         if state not in TRANSITIONS[case.state]:
             raise IllegalTransitionError(f"a case cannot go from {case.state} to {state}")
         moved = replace(case, state=state, updated_at=self._clock(), **changes)
-        await self.store.update_case(moved, expected_state=case.state)
-        await self._audit(
-            moved,
-            actor,
-            "transition",
-            reason,
-            evidence,
+        entry = AuditEntry(
+            case_id=case.case_id,
+            at=moved.updated_at,
+            actor=actor,
+            action="transition",
+            reason=reason,
+            evidence=evidence or {},
             from_state=case.state,
             to_state=state,
         )
+        # the move and its line in the trail are one transaction: a reader (or a crash)
+        # never sees a case in a state its trail does not explain
+        await self.store.update_case(moved, expected_state=case.state, audit=entry)
         _LOG.info("case %s: %s -> %s (%s)", case.case_id, case.state, state, reason)
         await self._publish(moved)
         return moved

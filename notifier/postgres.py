@@ -755,8 +755,13 @@ class PostgresStore:
 
         return await self._run(job)
 
-    async def update_case(self, case: Case, *, expected_state: str) -> None:
+    async def update_case(
+        self, case: Case, *, expected_state: str, audit: AuditEntry | None = None
+    ) -> None:
         """Replace a case if its stored state is still ``expected_state``.
+
+        ``audit``, when given, is appended in the same transaction, so the change and
+        its entry in the trail are kept (or lost) together.
 
         Raises:
             ConflictError: the stored case moved on (or does not exist), or the new
@@ -767,22 +772,28 @@ class PostgresStore:
         updates = ", ".join(f"{column} = ${i}" for i, column in enumerate(columns, start=3))
         values = [row[column] for column in columns]
 
+        audit_row = None if audit is None else _audit_row(audit)
+
         async def job(conn: _Conn) -> None:
-            try:
-                status = await conn.execute(
-                    f"UPDATE cases SET {updates} WHERE case_id = $1 AND state = $2",
-                    case.case_id,
-                    expected_state,
-                    *values,
-                )
-            except asyncpg.UniqueViolationError as exc:
-                raise ConflictError(
-                    f"device {case.device_id!r} has another open case for {case.fault!r}"
-                ) from exc
-            if _count(status) == 0:
-                raise ConflictError(
-                    f"case {case.case_id!r} is not in state {expected_state!r} (or does not exist)"
-                )
+            async with conn.transaction():
+                try:
+                    status = await conn.execute(
+                        f"UPDATE cases SET {updates} WHERE case_id = $1 AND state = $2",
+                        case.case_id,
+                        expected_state,
+                        *values,
+                    )
+                except asyncpg.UniqueViolationError as exc:
+                    raise ConflictError(
+                        f"device {case.device_id!r} has another open case for {case.fault!r}"
+                    ) from exc
+                if _count(status) == 0:
+                    raise ConflictError(
+                        f"case {case.case_id!r} is not in state {expected_state!r} "
+                        "(or does not exist)"
+                    )
+                if audit_row is not None:
+                    await _insert(conn, "audit", audit_row)
 
         await self._run(job)
 

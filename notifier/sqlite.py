@@ -1049,8 +1049,13 @@ class SqliteStore:
 
         return await self._run(job)
 
-    async def update_case(self, case: Case, *, expected_state: str) -> None:
+    async def update_case(
+        self, case: Case, *, expected_state: str, audit: AuditEntry | None = None
+    ) -> None:
         """Replace a case if its stored state is still ``expected_state``.
+
+        ``audit``, when given, is appended in the same transaction, so the change and
+        its entry in the trail are kept (or lost) together.
 
         Raises:
             ConflictError: the stored case moved on (or does not exist), or the new
@@ -1060,23 +1065,29 @@ class SqliteStore:
         updates = ", ".join(f"{column} = :{column}" for column in row if column != "case_id")
         params = {**row, "expected_state": expected_state}
 
+        audit_row = None if audit is None else _audit_row(audit)
+
         def job(conn: sqlite3.Connection) -> None:
-            try:
-                cursor = conn.execute(
-                    f"UPDATE cases SET {updates} "
-                    "WHERE case_id = :case_id AND state = :expected_state",
-                    params,
-                )
-            except sqlite3.IntegrityError as exc:
-                if _constraint(exc) == "SQLITE_CONSTRAINT_UNIQUE":
+            with _transaction(conn):
+                try:
+                    cursor = conn.execute(
+                        f"UPDATE cases SET {updates} "
+                        "WHERE case_id = :case_id AND state = :expected_state",
+                        params,
+                    )
+                except sqlite3.IntegrityError as exc:
+                    if _constraint(exc) == "SQLITE_CONSTRAINT_UNIQUE":
+                        raise ConflictError(
+                            f"device {case.device_id!r} has another open case for {case.fault!r}"
+                        ) from exc
+                    raise
+                if cursor.rowcount == 0:
                     raise ConflictError(
-                        f"device {case.device_id!r} has another open case for {case.fault!r}"
-                    ) from exc
-                raise
-            if cursor.rowcount == 0:
-                raise ConflictError(
-                    f"case {case.case_id!r} is not in state {expected_state!r} (or does not exist)"
-                )
+                        f"case {case.case_id!r} is not in state {expected_state!r} "
+                        "(or does not exist)"
+                    )
+                if audit_row is not None:
+                    _insert(conn, "audit", audit_row)
 
         await self._run(job)
 

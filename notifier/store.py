@@ -146,8 +146,12 @@ class CaseStore(Protocol):
     async def open_case(self, device_id: str, fault: str) -> Case | None:
         """Return the open case of a device and fault, if any."""
 
-    async def update_case(self, case: Case, *, expected_state: str) -> None:
+    async def update_case(
+        self, case: Case, *, expected_state: str, audit: AuditEntry | None = None
+    ) -> None:
         """Replace a case if its stored state is still ``expected_state``.
+
+        ``audit``, when given, is appended in the same transaction.
 
         Raises:
             ConflictError: the stored case moved on (or does not exist).

@@ -624,6 +624,42 @@ async def test_update_case_is_compare_and_set(store: Store) -> None:
     assert (await store.get_case("case-1")) in (to_verify, to_visit)
 
 
+async def test_a_move_and_its_audit_entry_are_kept_together(store: Store) -> None:
+    case = await with_case(store)
+
+    def entry(to_state: str, reason: str) -> AuditEntry:
+        return AuditEntry(
+            case_id="case-1",
+            at=at(4),
+            actor="system",
+            action="transition",
+            reason=reason,
+            evidence={"action": "restart"},
+            from_state="opened",
+            to_state=to_state,
+        )
+
+    moved = replace(case, state="remote_fix", updated_at=at(4))
+    await store.update_case(moved, expected_state="opened", audit=entry("remote_fix", "first"))
+    assert [e.reason for e in await store.audit("case-1")] == ["first"]
+    # a move that loses the compare-and-set writes no line in the trail either
+    with pytest.raises(ConflictError):
+        await store.update_case(
+            replace(case, state="dismissed"),
+            expected_state="opened",
+            audit=entry("dismissed", "lost"),
+        )
+    # nor does an entry the store refuses leave the case moved
+    with pytest.raises(InvalidRequestError):
+        await store.update_case(
+            replace(moved, state="verifying"),
+            expected_state="remote_fix",
+            audit=replace(entry("verifying", "bad"), actor=None),  # type: ignore[arg-type]
+        )
+    assert (await store.get_case("case-1")) == moved
+    assert [e.reason for e in await store.audit("case-1")] == ["first"]
+
+
 async def test_double_booking_refused_adjacent_allowed(store: Store) -> None:
     await with_case(store)
     await store.book(make_appointment("a-1", start=at(60), end=at(120)))
