@@ -17,7 +17,7 @@ How it works:
   migrate it once; a database from a newer fixloop, or one that holds other tables
   without ``schema_version``, is refused with :class:`~wire.errors.ConfigError`.
 * **Rows** are stored as SQLite stores them (ISO 8601 UTC text, JSON text, 0/1 flags;
-  text compared byte by byte), and read back by the same functions.
+  text compared byte by byte), both ways by the same functions (:mod:`notifier.rows`).
 * **Rules under concurrency.** What SQLite's single writer gives for free is explicit
   here. One open case per device and fault is the same partial unique index; a case move
   is the same compare-and-set ``UPDATE ... WHERE state = $n`` (PostgreSQL re-checks the
@@ -95,40 +95,39 @@ from notifier.registry import (
     new_claim_code,
 )
 from notifier.registry import _device as _registered
-from notifier.schema import render
-from notifier.sqlite import (
-    _PRINCIPAL_KINDS,
-    ERASED_OWNER,
-    _appointment,
-    _appointment_row,
-    _audit,
-    _audit_row,
-    _case,
-    _case_row,
-    _channel,
-    _channel_row,
-    _channel_secrets,
-    _device,
-    _device_row,
-    _dt,
-    _exported_channel,
-    _json,
-    _notification,
-    _notification_row,
-    _owner,
-    _owner_row,
-    _plain,
-    _rating,
-    _rating_row,
-    _redacted,
-    _task,
-    _task_row,
-    _technician,
-    _technician_row,
-    _token_hash,
-    _ts,
-    _ts_opt,
+from notifier.rows import (
+    appointment_from,
+    appointment_row,
+    audit_from,
+    audit_row,
+    case_from,
+    case_row,
+    channel_from,
+    channel_row,
+    channel_secrets,
+    device_from,
+    device_row,
+    dt,
+    exported_channel,
+    json_text,
+    notification_from,
+    notification_row,
+    owner_from,
+    owner_row,
+    plain,
+    rating_from,
+    rating_row,
+    redacted,
+    task_from,
+    task_row,
+    technician_from,
+    technician_row,
+    token_hash,
+    ts,
+    ts_opt,
 )
+from notifier.schema import render
+from notifier.sqlite import _PRINCIPAL_KINDS, ERASED_OWNER
 from notifier.store import Principal, PrincipalKind
 from wire.errors import ConfigError, StoreUnavailableError
 
@@ -225,11 +224,11 @@ async def _audit_event(
     await conn.execute(
         "INSERT INTO audit (case_id, at, actor, action, reason, evidence) "
         "VALUES (NULL, $1, $2, $3, $4, $5)",
-        _ts(now),
+        ts(now),
         actor,
         action,
         reason,
-        _json(evidence),
+        json_text(evidence),
     )
 
 
@@ -243,7 +242,7 @@ async def _link_subject(conn: _Conn, issuer: str, subject: str, owner_id: str) -
         issuer,
         subject,
         owner_id,
-        _ts(datetime.now(UTC)),
+        ts(datetime.now(UTC)),
     )
     linked = await conn.fetchval(
         "SELECT owner_id FROM owner_subjects WHERE issuer = $1 AND subject = $2", issuer, subject
@@ -465,7 +464,7 @@ class PostgresStore:
 
     async def put_owner(self, owner: Owner) -> None:
         """Insert or replace an owner."""
-        row = _owner_row(owner)
+        row = owner_row(owner)
         await self._run(lambda conn: _upsert(conn, "owners", "owner_id", row))
 
     async def get_owner(self, owner_id: str) -> Owner | None:
@@ -473,7 +472,7 @@ class PostgresStore:
 
         async def job(conn: _Conn) -> Owner | None:
             row = await conn.fetchrow("SELECT * FROM owners WHERE owner_id = $1", owner_id)
-            return None if row is None else _owner(row)
+            return None if row is None else owner_from(row)
 
         return await self._run(job)
 
@@ -488,12 +487,12 @@ class PostgresStore:
             raise InvalidRequestError("an API token must not be empty")
         if kind not in _PRINCIPAL_KINDS:
             raise InvalidRequestError(f"unknown principal kind {kind!r}")
-        row = {"token_sha256": _token_hash(token), "kind": kind, "principal_id": principal_id}
+        row = {"token_sha256": token_hash(token), "kind": kind, "principal_id": principal_id}
         await self._run(lambda conn: _upsert(conn, "tokens", "token_sha256", row))
 
     async def resolve_token(self, token: str) -> Principal | None:
         """Return who a token stands for, or ``None`` for an unknown token."""
-        digest = _token_hash(token)
+        digest = token_hash(token)
 
         async def job(conn: _Conn) -> Principal | None:
             row = await conn.fetchrow(
@@ -554,10 +553,10 @@ class PostgresStore:
                     issuer,
                     subject,
                     owner.owner_id,
-                    _ts(datetime.now(UTC)),
+                    ts(datetime.now(UTC)),
                 )
                 if made is not None:
-                    await _upsert(conn, "owners", "owner_id", _owner_row(owner))
+                    await _upsert(conn, "owners", "owner_id", owner_row(owner))
                     return str(made)
             found = await conn.fetchval(
                 "SELECT owner_id FROM owner_subjects WHERE issuer = $1 AND subject = $2",
@@ -597,7 +596,7 @@ class PostgresStore:
 
     async def put_device(self, device: DeviceRecord) -> None:
         """Insert or replace a device registry entry."""
-        row = _device_row(device)
+        row = device_row(device)
         await self._run(lambda conn: _upsert(conn, "devices", "device_id", row))
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -605,7 +604,7 @@ class PostgresStore:
 
         async def job(conn: _Conn) -> DeviceRecord | None:
             row = await conn.fetchrow("SELECT * FROM devices WHERE device_id = $1", device_id)
-            return None if row is None else _device(row)
+            return None if row is None else device_from(row)
 
         return await self._run(job)
 
@@ -619,13 +618,13 @@ class PostgresStore:
                 rows = await conn.fetch(
                     "SELECT * FROM devices WHERE owner_id = $1 ORDER BY device_id", owner_id
                 )
-            return [_device(row) for row in rows]
+            return [device_from(row) for row in rows]
 
         return await self._run(job)
 
     async def put_channel(self, channel: PushChannel) -> None:
         """Insert or replace a push channel."""
-        row = _channel_row(channel)
+        row = channel_row(channel)
         await self._run(lambda conn: _upsert(conn, "channels", "channel_id", row))
 
     async def channels(self, owner_id: str, *, active_only: bool = True) -> list[PushChannel]:
@@ -637,7 +636,7 @@ class PostgresStore:
                 f"SELECT * FROM channels WHERE {where} ORDER BY created_at NULLS FIRST, seq",
                 owner_id,
             )
-            return [_channel(row) for row in rows]
+            return [channel_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -669,7 +668,7 @@ class PostgresStore:
                 )
                 if row is None:
                     return False
-                masks = _channel_secrets([_channel(row)])
+                masks = channel_secrets([channel_from(row)])
                 trail = await conn.fetch(
                     "SELECT audit.seq, audit.evidence FROM audit JOIN cases "
                     "ON cases.case_id = audit.case_id WHERE cases.owner_id = $1",
@@ -677,10 +676,10 @@ class PostgresStore:
                 )
                 for seq, text in trail:
                     evidence = json.loads(text)
-                    masked = _redacted(evidence, masks)
+                    masked = redacted(evidence, masks)
                     if masked != evidence:
                         await conn.execute(
-                            "UPDATE audit SET evidence = $1 WHERE seq = $2", _json(masked), seq
+                            "UPDATE audit SET evidence = $1 WHERE seq = $2", json_text(masked), seq
                         )
                 await conn.execute("DELETE FROM channels WHERE channel_id = $1", channel_id)
             return True
@@ -692,8 +691,8 @@ class PostgresStore:
 
     async def use_link(self, link_id: str, expires_at: datetime, *, now: datetime) -> bool:
         """Record a one-tap link's use; ``False`` if it was used before."""
-        until = _ts(expires_at)
-        cutoff = _ts(now)
+        until = ts(expires_at)
+        cutoff = ts(now)
 
         async def job(conn: _Conn) -> bool:
             async with conn.transaction():
@@ -717,7 +716,7 @@ class PostgresStore:
             ConflictError: a case with that id exists, or an open case for the same
                 device and fault exists (one open case per device and fault).
         """
-        row = _case_row(case)
+        row = case_row(case)
 
         async def job(conn: _Conn) -> None:
             try:
@@ -736,7 +735,7 @@ class PostgresStore:
 
         async def job(conn: _Conn) -> Case | None:
             row = await conn.fetchrow("SELECT * FROM cases WHERE case_id = $1", case_id)
-            return None if row is None else _case(row)
+            return None if row is None else case_from(row)
 
         return await self._run(job)
 
@@ -751,7 +750,7 @@ class PostgresStore:
                 fault,
                 _OPEN,
             )
-            return None if row is None else _case(row)
+            return None if row is None else case_from(row)
 
         return await self._run(job)
 
@@ -767,12 +766,12 @@ class PostgresStore:
             ConflictError: the stored case moved on (or does not exist), or the new
                 state would give the device a second open case for the fault.
         """
-        row = _case_row(case)
+        row = case_row(case)
         columns = [column for column in row if column != "case_id"]
         updates = ", ".join(f"{column} = ${i}" for i, column in enumerate(columns, start=3))
         values = [row[column] for column in columns]
 
-        audit_row = None if audit is None else _audit_row(audit)
+        entry_row = None if audit is None else audit_row(audit)
 
         async def job(conn: _Conn) -> None:
             async with conn.transaction():
@@ -792,8 +791,8 @@ class PostgresStore:
                         f"case {case.case_id!r} is not in state {expected_state!r} "
                         "(or does not exist)"
                     )
-                if audit_row is not None:
-                    await _insert(conn, "audit", audit_row)
+                if entry_row is not None:
+                    await _insert(conn, "audit", entry_row)
 
         await self._run(job)
 
@@ -822,13 +821,13 @@ class PostgresStore:
         )
 
         async def job(conn: _Conn) -> list[Case]:
-            return [_case(row) for row in await conn.fetch(sql, *p.values)]
+            return [case_from(row) for row in await conn.fetch(sql, *p.values)]
 
         return await self._run(job)
 
     async def add_audit(self, entry: AuditEntry) -> None:
         """Append to the audit trail (never changed or removed, except by erasure)."""
-        row = _audit_row(entry)
+        row = audit_row(entry)
         await self._run(lambda conn: _insert(conn, "audit", row))
 
     async def audit(self, case_id: str) -> list[AuditEntry]:
@@ -838,7 +837,7 @@ class PostgresStore:
             rows = await conn.fetch(
                 "SELECT * FROM audit WHERE case_id = $1 ORDER BY at, seq", case_id
             )
-            return [_audit(row) for row in rows]
+            return [audit_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -846,7 +845,7 @@ class PostgresStore:
 
     async def put_technician(self, technician: Technician) -> None:
         """Insert or replace a technician."""
-        row = _technician_row(technician)
+        row = technician_row(technician)
         await self._run(lambda conn: _upsert(conn, "technicians", "technician_id", row))
 
     async def get_technician(self, technician_id: str) -> Technician | None:
@@ -856,7 +855,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "SELECT * FROM technicians WHERE technician_id = $1", technician_id
             )
-            return None if row is None else _technician(row)
+            return None if row is None else technician_from(row)
 
         return await self._run(job)
 
@@ -870,7 +869,7 @@ class PostgresStore:
                 rows = await conn.fetch(
                     "SELECT * FROM technicians WHERE region = $1 ORDER BY technician_id", region
                 )
-            return [_technician(row) for row in rows]
+            return [technician_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -883,7 +882,7 @@ class PostgresStore:
         """
         if appointment.state == "booked":
             raise InvalidRequestError("a booked appointment is stored with book()")
-        row = _appointment_row(appointment)
+        row = appointment_row(appointment)
 
         async def job(conn: _Conn) -> None:
             try:
@@ -912,7 +911,7 @@ class PostgresStore:
             raise InvalidRequestError("a booking needs a technician, a start and an end")
         if appointment.end <= appointment.start:
             raise InvalidRequestError("a booking must end after it starts")
-        row = _appointment_row(replace(appointment, state="booked"))
+        row = appointment_row(replace(appointment, state="booked"))
 
         async def job(conn: _Conn) -> None:
             async with conn.transaction():
@@ -948,7 +947,7 @@ class PostgresStore:
             ConflictError: it is not booked (done, cancelled, only proposed), or it has
                 started already.
         """
-        cutoff = _ts(now)
+        cutoff = ts(now)
 
         async def job(conn: _Conn) -> Appointment:
             async with conn.transaction():
@@ -964,7 +963,7 @@ class PostgresStore:
                 )
                 if row is None:
                     raise NotFoundError(f"no appointment {appointment_id!r}")
-                appointment = _appointment(row)
+                appointment = appointment_from(row)
                 if appointment.state != "booked":
                     raise ConflictError(f"the visit is {appointment.state}, not booked")
                 if row["start_at"] is None or row["start_at"] <= cutoff:
@@ -985,7 +984,7 @@ class PostgresStore:
             row = await conn.fetchrow(
                 "SELECT * FROM appointments WHERE appointment_id = $1", appointment_id
             )
-            return None if row is None else _appointment(row)
+            return None if row is None else appointment_from(row)
 
         return await self._run(job)
 
@@ -1014,16 +1013,16 @@ class PostgresStore:
                 return []
             clauses.append(f"state = ANY({p(list(states))}::text[])")
         if since is not None:
-            clauses.append(f"start_at >= {p(_ts(since))}")
+            clauses.append(f"start_at >= {p(ts(since))}")
         if until is not None:
-            clauses.append(f"start_at < {p(_ts(until))}")
+            clauses.append(f"start_at < {p(ts(until))}")
         sql = (
             f"SELECT * FROM appointments {_where(clauses)} "
             "ORDER BY start_at IS NULL, start_at, appointment_id"
         )
 
         async def job(conn: _Conn) -> list[Appointment]:
-            return [_appointment(row) for row in await conn.fetch(sql, *p.values)]
+            return [appointment_from(row) for row in await conn.fetch(sql, *p.values)]
 
         return await self._run(job)
 
@@ -1037,7 +1036,7 @@ class PostgresStore:
             NotFoundError: the case does not exist.
             InvalidRequestError: the stars are not 1 to 5.
         """
-        row = _rating_row(rating)
+        row = rating_row(rating)
 
         async def job(conn: _Conn) -> None:
             try:
@@ -1056,13 +1055,13 @@ class PostgresStore:
 
         async def job(conn: _Conn) -> Rating | None:
             row = await conn.fetchrow("SELECT * FROM ratings WHERE case_id = $1", case_id)
-            return None if row is None else _rating(row)
+            return None if row is None else rating_from(row)
 
         return await self._run(job)
 
     async def ratings(self, since: datetime | None = None) -> list[Rating]:
         """Return ratings, oldest first (``since`` inclusive)."""
-        bound = _ts_opt(since)
+        bound = ts_opt(since)
 
         async def job(conn: _Conn) -> list[Rating]:
             if bound is None:
@@ -1071,7 +1070,7 @@ class PostgresStore:
                 rows = await conn.fetch(
                     "SELECT * FROM ratings WHERE at >= $1 ORDER BY at, case_id", bound
                 )
-            return [_rating(row) for row in rows]
+            return [rating_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1082,7 +1081,7 @@ class PostgresStore:
         erasure running at the same time either comes first (and the message is dropped)
         or waits and removes it with the rest.
         """
-        row = _notification_row(notification)
+        row = notification_row(notification)
 
         async def job(conn: _Conn) -> None:
             async with conn.transaction():
@@ -1108,17 +1107,17 @@ class PostgresStore:
         if status is not None:
             clauses.append(f"status = {p(status)}")
         if since is not None:
-            clauses.append(f"created_at >= {p(_ts(since))}")
+            clauses.append(f"created_at >= {p(ts(since))}")
         sql = f"SELECT * FROM notifications {_where(clauses)} ORDER BY created_at, notification_id"
 
         async def job(conn: _Conn) -> list[Notification]:
-            return [_notification(row) for row in await conn.fetch(sql, *p.values)]
+            return [notification_from(row) for row in await conn.fetch(sql, *p.values)]
 
         return await self._run(job)
 
     async def queued_notifications(self, *, before: datetime, limit: int) -> list[Notification]:
         """Return every owner's notifications still ``queued`` created before ``before``."""
-        bound = _ts(before)
+        bound = ts(before)
 
         async def job(conn: _Conn) -> list[Notification]:
             rows = await conn.fetch(
@@ -1127,7 +1126,7 @@ class PostgresStore:
                 bound,
                 max(limit, 0),
             )
-            return [_notification(row) for row in rows]
+            return [notification_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1137,7 +1136,7 @@ class PostgresStore:
         Raises:
             NotFoundError: its case does not exist.
         """
-        row = _task_row(task)
+        row = task_row(task)
 
         async def job(conn: _Conn) -> None:
             try:
@@ -1158,7 +1157,7 @@ class PostgresStore:
         sql = f"SELECT * FROM tasks {_where(clauses)} ORDER BY created_at, task_id"
 
         async def job(conn: _Conn) -> list[Task]:
-            return [_task(row) for row in await conn.fetch(sql, *p.values)]
+            return [task_from(row) for row in await conn.fetch(sql, *p.values)]
 
         return await self._run(job)
 
@@ -1178,16 +1177,16 @@ class PostgresStore:
                     "SELECT * FROM devices WHERE owner_id = $1 ORDER BY device_id", owner_id
                 )
                 channels = [
-                    _channel(row)
+                    channel_from(row)
                     for row in await conn.fetch(
                         "SELECT * FROM channels WHERE owner_id = $1 "
                         "ORDER BY created_at NULLS FIRST, seq",
                         owner_id,
                     )
                 ]
-                masks = _channel_secrets(channels)
+                masks = channel_secrets(channels)
                 cases = [
-                    _case(row)
+                    case_from(row)
                     for row in await conn.fetch(
                         "SELECT * FROM cases WHERE owner_id = $1 ORDER BY opened_at, case_id",
                         owner_id,
@@ -1198,8 +1197,8 @@ class PostgresStore:
                 for row in await conn.fetch(
                     "SELECT * FROM audit WHERE case_id = ANY($1::text[]) ORDER BY at, seq", ids
                 ):
-                    trails[row["case_id"]].append(_redacted(_plain(_audit(row)), masks))
-                case_rows = [{**_plain(case), "audit": trails[case.case_id]} for case in cases]
+                    trails[row["case_id"]].append(redacted(plain(audit_from(row)), masks))
+                case_rows = [{**plain(case), "audit": trails[case.case_id]} for case in cases]
                 appointments = await conn.fetch(
                     "SELECT * FROM appointments WHERE case_id = ANY($1::text[]) "
                     "ORDER BY start_at IS NULL, start_at, appointment_id",
@@ -1220,14 +1219,14 @@ class PostgresStore:
                     owner_id,
                 )
             return {
-                "owner": None if owner is None else _plain(_owner(owner)),
-                "devices": [_plain(_device(row)) for row in devices],
-                "channels": [_exported_channel(channel) for channel in channels],
+                "owner": None if owner is None else plain(owner_from(owner)),
+                "devices": [plain(device_from(row)) for row in devices],
+                "channels": [exported_channel(channel) for channel in channels],
                 "cases": case_rows,
-                "appointments": [_plain(_appointment(row)) for row in appointments],
-                "ratings": [_plain(_rating(row)) for row in ratings],
-                "notifications": [_plain(_notification(row)) for row in notifications],
-                "tasks": [_plain(_task(row)) for row in tasks],
+                "appointments": [plain(appointment_from(row)) for row in appointments],
+                "ratings": [plain(rating_from(row)) for row in ratings],
+                "notifications": [plain(notification_from(row)) for row in notifications],
+                "tasks": [plain(task_from(row)) for row in tasks],
             }
 
         return await self._run(job)
@@ -1296,9 +1295,9 @@ class PostgresStore:
                 await conn.execute(
                     "INSERT INTO audit (case_id, at, actor, action, reason, evidence) "
                     "VALUES (NULL, $1, 'system', 'owner_erased', $2, $3)",
-                    _ts(datetime.now(UTC)),
+                    ts(datetime.now(UTC)),
                     "an owner's personal data was erased at their request",
-                    _json({"rows": touched, "cases": len(ids), "devices": len(devices)}),
+                    json_text({"rows": touched, "cases": len(ids), "devices": len(devices)}),
                 )
             return touched
 
@@ -1342,7 +1341,7 @@ class PostgresRegistry:
                     "ON CONFLICT (model) DO UPDATE SET name = excluded.name",
                     line.model,
                     line.name,
-                    _ts(line.created_at),
+                    ts(line.created_at),
                 )
                 row = await conn.fetchrow(
                     "SELECT product_lines.*, (SELECT COUNT(*) FROM registry "
@@ -1391,7 +1390,7 @@ class PostgresRegistry:
             code = row.device.claim_code or new_claim_code()
             codes[row.index] = code
             digests[row.index] = claim_digest(key, code)
-        stamp = _ts(now)
+        stamp = ts(now)
 
         async def job(conn: _Conn) -> list[RowOutcome]:
             seen_ids: dict[str, int] = {}
@@ -1542,7 +1541,7 @@ class PostgresRegistry:
                     raise ConflictError(f"device {device_id} is retired already")
                 await conn.execute(
                     "UPDATE registry SET retired_at = $1, claim_hash = NULL WHERE device_id = $2",
-                    _ts(now),
+                    ts(now),
                     device_id,
                 )
                 await _audit_event(
@@ -1609,7 +1608,7 @@ class PostgresRegistry:
                     label=label,
                     batch=device.batch,
                 )
-                await _insert(conn, "devices", _device_row(record))
+                await _insert(conn, "devices", device_row(record))
                 await _audit_event(
                     conn,
                     now,
@@ -1635,7 +1634,7 @@ class PostgresRegistry:
             NotFoundError: the owner has no such device.
         """
         anonymous = f"anon-{secrets.token_hex(8)}"
-        stamp = _ts(now)
+        stamp = ts(now)
 
         async def job(conn: _Conn) -> ReleaseOutcome:
             async with conn.transaction():
@@ -1729,7 +1728,7 @@ class PostgresRegistry:
 
     async def add_invite(self, invite: str, owner_id: str, expires_at: datetime) -> None:
         """Keep an invite code's digest for an owner until it expires."""
-        values = (_sha256(invite), owner_id, _ts(expires_at))
+        values = (_sha256(invite), owner_id, ts(expires_at))
 
         async def job(conn: _Conn) -> None:
             await conn.execute(
@@ -1746,7 +1745,7 @@ class PostgresRegistry:
             NotFoundError: no such invite, it was used, it expired, or its owner is gone.
         """
         digest = _sha256(invite)
-        cutoff = _ts(now)
+        cutoff = ts(now)
 
         async def job(conn: _Conn) -> str:
             async with conn.transaction():
@@ -1805,7 +1804,7 @@ class PostgresRegistry:
 
 
 def _line(row: asyncpg.Record) -> ProductLine:
-    return ProductLine(row["model"], row["name"], _dt(row["created_at"]), int(row["devices"]))
+    return ProductLine(row["model"], row["name"], dt(row["created_at"]), int(row["devices"]))
 
 
 async def _clashes(

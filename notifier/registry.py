@@ -55,14 +55,15 @@ import sqlite3
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Final, Literal, Protocol, TypeVar
+from datetime import datetime
+from typing import Final, Literal, Protocol, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import OPEN_STATES, DeviceRecord
+from notifier.rows import Row, dt, ts
 from notifier.schema import STEPS, render_step
 from notifier.store import PrincipalKind
 from wire.protocol import is_valid_device_id
@@ -421,23 +422,7 @@ class DeviceRegistry(Protocol):
 # -- rows ----------------------------------------------------------------------------------------
 
 
-class _Row(Protocol):
-    """A result row read by column name: ``sqlite3.Row``, or asyncpg's ``Record``."""
-
-    def __getitem__(self, key: str, /) -> Any: ...
-
-
-def _ts(value: datetime) -> str:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidRequestError("the registry keeps UTC-aware datetimes only, not naive ones")
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _dt(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def _device(row: _Row) -> RegisteredDevice:
+def _device(row: Row) -> RegisteredDevice:
     return RegisteredDevice(
         device_id=row["device_id"],
         model=row["model"],
@@ -445,8 +430,8 @@ def _device(row: _Row) -> RegisteredDevice:
         region=row["region"],
         firmware=row["firmware"],
         batch=row["batch"],
-        registered_at=_dt(row["registered_at"]),
-        retired_at=None if row["retired_at"] is None else _dt(row["retired_at"]),
+        registered_at=dt(row["registered_at"]),
+        retired_at=None if row["retired_at"] is None else dt(row["retired_at"]),
         owner_id=row["owner_id"],
         claimable=row["claim_hash"] is not None
         and row["retired_at"] is None
@@ -483,7 +468,7 @@ def _audit(
     conn.execute(
         "INSERT INTO audit (case_id, at, actor, action, reason, evidence) "
         "VALUES (NULL, ?, ?, ?, ?, ?)",
-        (_ts(now), actor, action, reason, json.dumps(evidence, separators=(",", ":"))),
+        (ts(now), actor, action, reason, json.dumps(evidence, separators=(",", ":"))),
     )
 
 
@@ -692,7 +677,7 @@ class SqliteRegistry:
                 conn.execute(
                     "INSERT INTO product_lines (model, name, created_at) VALUES (?, ?, ?) "
                     "ON CONFLICT (model) DO UPDATE SET name = excluded.name",
-                    (line.model, line.name, _ts(line.created_at)),
+                    (line.model, line.name, ts(line.created_at)),
                 )
                 return self._line(conn, line.model)
 
@@ -706,7 +691,7 @@ class SqliteRegistry:
             "FROM product_lines WHERE model = ?",
             (model,),
         ).fetchone()
-        return ProductLine(row["model"], row["name"], _dt(row["created_at"]), row["devices"])
+        return ProductLine(row["model"], row["name"], dt(row["created_at"]), row["devices"])
 
     async def product_lines(self) -> list[ProductLine]:
         """Return the product lines, by model, with their device counts."""
@@ -718,7 +703,7 @@ class SqliteRegistry:
                 "GROUP BY product_lines.model ORDER BY product_lines.model"
             )
             return [
-                ProductLine(r["model"], r["name"], _dt(r["created_at"]), r["devices"]) for r in rows
+                ProductLine(r["model"], r["name"], dt(r["created_at"]), r["devices"]) for r in rows
             ]
 
         return await self._run(job)
@@ -756,7 +741,7 @@ class SqliteRegistry:
             code = row.device.claim_code or new_claim_code()
             codes[row.index] = code
             digests[row.index] = claim_digest(key, code)
-        stamp = _ts(now)
+        stamp = ts(now)
 
         def job(conn: sqlite3.Connection) -> list[RowOutcome]:
             seen_ids: dict[str, int] = {}
@@ -964,7 +949,7 @@ class SqliteRegistry:
                     raise ConflictError(f"device {device_id} is retired already")
                 conn.execute(
                     "UPDATE registry SET retired_at = ?, claim_hash = NULL WHERE device_id = ?",
-                    (_ts(now), device_id),
+                    (ts(now), device_id),
                 )
                 _audit(
                     conn,
@@ -1073,7 +1058,7 @@ class SqliteRegistry:
             NotFoundError: the owner has no such device.
         """
         anonymous = f"anon-{secrets.token_hex(8)}"
-        stamp = _ts(now)
+        stamp = ts(now)
 
         def job(conn: sqlite3.Connection) -> ReleaseOutcome:
             with _transaction(conn):
@@ -1160,7 +1145,7 @@ class SqliteRegistry:
 
     async def add_invite(self, invite: str, owner_id: str, expires_at: datetime) -> None:
         """Keep an invite code's digest for an owner until it expires."""
-        row = (_sha256(invite), owner_id, _ts(expires_at))
+        row = (_sha256(invite), owner_id, ts(expires_at))
         await self._run(
             lambda conn: conn.execute(
                 "INSERT INTO invites (invite_sha256, owner_id, expires_at) VALUES (?, ?, ?)", row
@@ -1174,7 +1159,7 @@ class SqliteRegistry:
             NotFoundError: no such invite, it was used, it expired, or its owner is gone.
         """
         digest = _sha256(invite)
-        cutoff = _ts(now)
+        cutoff = ts(now)
 
         def job(conn: sqlite3.Connection) -> str:
             with _transaction(conn):

@@ -16,9 +16,9 @@ How it works:
   steps, oldest first, rendered for SQLite from :data:`notifier.schema.STEPS`. Opening
   an older file applies the missing steps in one transaction; a file from a newer
   fixloop is refused with :class:`~wire.errors.ConfigError`.
-* **Rows.** Datetimes are ISO 8601 UTC text with microseconds (fixed width, so text order
-  is time order) and come back UTC-aware; tuples, dicts and sets are JSON; local times
-  are ``HH:MM``.
+* **Rows** (:mod:`notifier.rows`, shared with the PostgreSQL store). Datetimes are ISO
+  8601 UTC text with microseconds (fixed width, so text order is time order) and come
+  back UTC-aware; tuples, dicts and sets are JSON; local times are ``HH:MM``.
 * **Rules in the schema.** One open case per device and fault is a partial unique index
   over the open states; a case move is a compare-and-set ``UPDATE ... WHERE state = ?``;
   a booking checks for overlapping visits of the technician inside ``BEGIN IMMEDIATE``,
@@ -37,7 +37,6 @@ file that cannot be opened or migrated :class:`~wire.errors.ConfigError`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -46,11 +45,11 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import fields, is_dataclass, replace
-from datetime import UTC, datetime, time
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NoReturn, Protocol, Self, TypeVar
+from typing import Any, Final, NoReturn, Self, TypeVar
 
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import (
@@ -63,13 +62,40 @@ from notifier.model import (
     Owner,
     PushChannel,
     Rating,
-    Slot,
     Task,
     Technician,
-    Window,
-    mask_target,
 )
 from notifier.registry import SqliteRegistry
+from notifier.rows import (
+    appointment_from,
+    appointment_row,
+    audit_from,
+    audit_row,
+    case_from,
+    case_row,
+    channel_from,
+    channel_row,
+    channel_secrets,
+    device_from,
+    device_row,
+    exported_channel,
+    json_text,
+    notification_from,
+    notification_row,
+    owner_from,
+    owner_row,
+    plain,
+    rating_from,
+    rating_row,
+    redacted,
+    task_from,
+    task_row,
+    technician_from,
+    technician_row,
+    token_hash,
+    ts,
+    ts_opt,
+)
 from notifier.schema import render
 from notifier.store import Principal
 from wire.errors import ConfigError, StoreUnavailableError
@@ -91,412 +117,6 @@ _OPEN: Final = tuple(sorted(OPEN_STATES))
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = render("sqlite")
 #: The schema version this code writes.
 SCHEMA_VERSION: Final = len(MIGRATIONS)
-
-
-# -- rows and records ----------------------------------------------------------------------
-
-
-class Row(Protocol):
-    """A result row read by column name: ``sqlite3.Row``, or asyncpg's ``Record``."""
-
-    def __getitem__(self, key: str, /) -> Any: ...
-
-
-def _ts(value: datetime) -> str:
-    """A UTC-aware datetime as fixed-width ISO 8601 UTC text."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidRequestError("the case store keeps UTC-aware datetimes only, not naive ones")
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _ts_opt(value: datetime | None) -> str | None:
-    return None if value is None else _ts(value)
-
-
-def _dt(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def _dt_opt(text: str | None) -> datetime | None:
-    return None if text is None else _dt(text)
-
-
-def _hhmm(value: time) -> str:
-    """A local time as ``HH:MM`` (seconds too, should it have any)."""
-    if value.second or value.microsecond:
-        return value.isoformat()
-    return value.isoformat(timespec="minutes")
-
-
-def _hhmm_opt(value: time | None) -> str | None:
-    return None if value is None else _hhmm(value)
-
-
-def _time_opt(text: str | None) -> time | None:
-    return None if text is None else time.fromisoformat(text)
-
-
-def _json(value: Any) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"not JSON-serialisable: {exc}") from exc
-
-
-def _windows_json(windows: tuple[Window, ...]) -> str:
-    return _json([[w.weekday, _hhmm(w.start), _hhmm(w.end)] for w in windows])
-
-
-def _windows(text: str) -> tuple[Window, ...]:
-    return tuple(
-        Window(weekday, time.fromisoformat(start), time.fromisoformat(end))
-        for weekday, start, end in json.loads(text)
-    )
-
-
-def _owner_row(owner: Owner) -> dict[str, Any]:
-    return {
-        "owner_id": owner.owner_id,
-        "name": owner.name,
-        "language": owner.language,
-        "timezone": owner.timezone,
-        "region": owner.region,
-        "consent": owner.consent,
-        "quiet_start": _hhmm_opt(owner.quiet_start),
-        "quiet_end": _hhmm_opt(owner.quiet_end),
-        "availability": _windows_json(owner.availability),
-        "channels": _json(list(owner.channels)),
-        "max_per_day": owner.max_per_day,
-    }
-
-
-def _owner(row: Row) -> Owner:
-    return Owner(
-        owner_id=row["owner_id"],
-        name=row["name"],
-        language=row["language"],
-        timezone=row["timezone"],
-        region=row["region"],
-        consent=row["consent"],
-        quiet_start=_time_opt(row["quiet_start"]),
-        quiet_end=_time_opt(row["quiet_end"]),
-        availability=_windows(row["availability"]),
-        channels=tuple(json.loads(row["channels"])),
-        max_per_day=row["max_per_day"],
-    )
-
-
-def _device_row(device: DeviceRecord) -> dict[str, Any]:
-    return {
-        "device_id": device.device_id,
-        "owner_id": device.owner_id,
-        "model": device.model,
-        "firmware": device.firmware,
-        "label": device.label,
-        "batch": device.batch,
-    }
-
-
-def _device(row: Row) -> DeviceRecord:
-    return DeviceRecord(
-        device_id=row["device_id"],
-        owner_id=row["owner_id"],
-        model=row["model"],
-        firmware=row["firmware"],
-        label=row["label"],
-        batch=row["batch"],
-    )
-
-
-def _channel_row(channel: PushChannel) -> dict[str, Any]:
-    return {
-        "channel_id": channel.channel_id,
-        "owner_id": channel.owner_id,
-        "kind": channel.kind,
-        "target": channel.target,
-        "keys": _json(channel.keys),
-        "active": int(channel.active),
-        "created_at": _ts_opt(channel.created_at),
-        "failures": channel.failures,
-    }
-
-
-def _channel(row: Row) -> PushChannel:
-    return PushChannel(
-        channel_id=row["channel_id"],
-        owner_id=row["owner_id"],
-        kind=row["kind"],
-        target=row["target"],
-        keys=json.loads(row["keys"]),
-        active=bool(row["active"]),
-        created_at=_dt_opt(row["created_at"]),
-        failures=row["failures"],
-    )
-
-
-def _case_row(case: Case) -> dict[str, Any]:
-    return {
-        "case_id": case.case_id,
-        "device_id": case.device_id,
-        "owner_id": case.owner_id,
-        "model": case.model,
-        "fault": case.fault,
-        "state": case.state,
-        "urgency": case.urgency,
-        "opened_at": _ts(case.opened_at),
-        "updated_at": _ts(case.updated_at),
-        "confidence": case.confidence,
-        "failure_at": _ts_opt(case.failure_at),
-        "remedies": _json(list(case.remedies)),
-        "tried": _json(list(case.tried)),
-        "pending_action": case.pending_action,
-        "fix_at": _ts_opt(case.fix_at),
-        "appointment_id": case.appointment_id,
-        "needs_person": case.needs_person,
-        "rating": case.rating,
-        "evidence": _json(list(case.evidence)),
-    }
-
-
-def _case(row: Row) -> Case:
-    return Case(
-        case_id=row["case_id"],
-        device_id=row["device_id"],
-        owner_id=row["owner_id"],
-        model=row["model"],
-        fault=row["fault"],
-        state=row["state"],
-        urgency=row["urgency"],
-        opened_at=_dt(row["opened_at"]),
-        updated_at=_dt(row["updated_at"]),
-        confidence=row["confidence"],
-        failure_at=_dt_opt(row["failure_at"]),
-        remedies=tuple(json.loads(row["remedies"])),
-        tried=tuple(json.loads(row["tried"])),
-        pending_action=row["pending_action"],
-        fix_at=_dt_opt(row["fix_at"]),
-        appointment_id=row["appointment_id"],
-        needs_person=row["needs_person"],
-        rating=row["rating"],
-        evidence=tuple(json.loads(row["evidence"])),
-    )
-
-
-def _audit_row(entry: AuditEntry) -> dict[str, Any]:
-    return {
-        "case_id": entry.case_id,
-        "at": _ts(entry.at),
-        "actor": entry.actor,
-        "action": entry.action,
-        "reason": entry.reason,
-        "evidence": _json(entry.evidence),
-        "from_state": entry.from_state,
-        "to_state": entry.to_state,
-    }
-
-
-def _audit(row: Row) -> AuditEntry:
-    return AuditEntry(
-        case_id=row["case_id"],
-        at=_dt(row["at"]),
-        actor=row["actor"],
-        action=row["action"],
-        reason=row["reason"],
-        evidence=json.loads(row["evidence"]),
-        from_state=row["from_state"],
-        to_state=row["to_state"],
-    )
-
-
-def _technician_row(technician: Technician) -> dict[str, Any]:
-    return {
-        "technician_id": technician.technician_id,
-        "name": technician.name,
-        "region": technician.region,
-        "skills": _json(sorted(technician.skills)),
-        "timezone": technician.timezone,
-        "hours": _windows_json(technician.hours),
-    }
-
-
-def _technician(row: Row) -> Technician:
-    return Technician(
-        technician_id=row["technician_id"],
-        name=row["name"],
-        region=row["region"],
-        skills=frozenset(json.loads(row["skills"])),
-        timezone=row["timezone"],
-        hours=_windows(row["hours"]),
-    )
-
-
-def _appointment_row(appointment: Appointment) -> dict[str, Any]:
-    offered = [
-        {
-            "technician_id": slot.technician_id,
-            "start": _ts(slot.start),
-            "end": _ts(slot.end),
-            "score": slot.score,
-        }
-        for slot in appointment.offered
-    ]
-    return {
-        "appointment_id": appointment.appointment_id,
-        "case_id": appointment.case_id,
-        "technician_id": appointment.technician_id,
-        "start_at": _ts_opt(appointment.start),
-        "end_at": _ts_opt(appointment.end),
-        "state": appointment.state,
-        "part": appointment.part,
-        "offered": _json(offered),
-        "note": appointment.note,
-    }
-
-
-def _appointment(row: Row) -> Appointment:
-    offered = tuple(
-        Slot(slot["technician_id"], _dt(slot["start"]), _dt(slot["end"]), slot["score"])
-        for slot in json.loads(row["offered"])
-    )
-    return Appointment(
-        appointment_id=row["appointment_id"],
-        case_id=row["case_id"],
-        technician_id=row["technician_id"],
-        start=_dt_opt(row["start_at"]),
-        end=_dt_opt(row["end_at"]),
-        state=row["state"],
-        part=row["part"],
-        offered=offered,
-        note=row["note"],
-    )
-
-
-def _rating_row(rating: Rating) -> dict[str, Any]:
-    return {
-        "case_id": rating.case_id,
-        "stars": rating.stars,
-        "comment": rating.comment,
-        "nothing_wrong": int(rating.nothing_wrong),
-        "at": _ts(rating.at),
-    }
-
-
-def _rating(row: Row) -> Rating:
-    return Rating(
-        case_id=row["case_id"],
-        stars=row["stars"],
-        comment=row["comment"],
-        nothing_wrong=bool(row["nothing_wrong"]),
-        at=_dt(row["at"]),
-    )
-
-
-def _notification_row(notification: Notification) -> dict[str, Any]:
-    return {
-        "notification_id": notification.notification_id,
-        "owner_id": notification.owner_id,
-        "case_id": notification.case_id,
-        "kind": notification.kind,
-        "title": notification.title,
-        "body": notification.body,
-        "actions": _json([list(action) for action in notification.actions]),
-        "created_at": _ts(notification.created_at),
-        "status": notification.status,
-        "channel_id": notification.channel_id,
-    }
-
-
-def _notification(row: Row) -> Notification:
-    return Notification(
-        notification_id=row["notification_id"],
-        owner_id=row["owner_id"],
-        case_id=row["case_id"],
-        kind=row["kind"],
-        title=row["title"],
-        body=row["body"],
-        actions=tuple((action_id, label) for action_id, label in json.loads(row["actions"])),
-        created_at=_dt(row["created_at"]),
-        status=row["status"],
-        channel_id=row["channel_id"],
-    )
-
-
-def _task_row(task: Task) -> dict[str, Any]:
-    return {
-        "task_id": task.task_id,
-        "case_id": task.case_id,
-        "reason": task.reason,
-        "created_at": _ts(task.created_at),
-        "state": task.state,
-        "assignee": task.assignee,
-    }
-
-
-def _task(row: Row) -> Task:
-    return Task(
-        task_id=row["task_id"],
-        case_id=row["case_id"],
-        reason=row["reason"],
-        created_at=_dt(row["created_at"]),
-        state=row["state"],
-        assignee=row["assignee"],
-    )
-
-
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-# -- export --------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """A record (or a value inside one) as JSON-serialisable data."""
-    if is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
-    if isinstance(value, datetime):
-        return _ts(value)
-    if isinstance(value, time):
-        return _hhmm(value)
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(item) for item in value]
-    if isinstance(value, frozenset | set):
-        return sorted(_plain(item) for item in value)
-    return value
-
-
-def _redacted(value: Any, secrets: dict[str, str]) -> Any:
-    """``value`` with every string that is a channel secret replaced by its mask."""
-    if isinstance(value, str):
-        return secrets.get(value, value)
-    if isinstance(value, dict):
-        return {key: _redacted(item, secrets) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_redacted(item, secrets) for item in value]
-    return value
-
-
-def _channel_secrets(channels: Sequence[PushChannel]) -> dict[str, str]:
-    """Each channel's target and key values -> what an export shows instead."""
-    secrets: dict[str, str] = {}
-    for channel in channels:
-        secrets[channel.target] = mask_target(channel.target)
-        secrets.update((key, "***") for key in channel.keys.values())
-    return secrets
-
-
-def _exported_channel(channel: PushChannel) -> dict[str, Any]:
-    # secrets (keys, the full target) stay out of an export: it is a file that travels
-    return {
-        "channel_id": channel.channel_id,
-        "kind": channel.kind,
-        "target": mask_target(channel.target),
-        "active": channel.active,
-        "created_at": _ts_opt(channel.created_at),
-        "failures": channel.failures,
-    }
 
 
 # -- the store -----------------------------------------------------------------------------
@@ -590,7 +210,7 @@ def _link_subject(conn: sqlite3.Connection, issuer: str, subject: str, owner_id:
     conn.execute(
         "INSERT INTO owner_subjects (issuer, subject, owner_id, linked_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (issuer, subject) DO NOTHING",
-        (issuer, subject, owner_id, _ts(datetime.now(UTC))),
+        (issuer, subject, owner_id, ts(datetime.now(UTC))),
     )
     row = conn.execute(
         "SELECT owner_id FROM owner_subjects WHERE issuer = ? AND subject = ?", (issuer, subject)
@@ -765,7 +385,7 @@ class SqliteStore:
 
     async def put_owner(self, owner: Owner) -> None:
         """Insert or replace an owner."""
-        row = _owner_row(owner)
+        row = owner_row(owner)
         await self._run(lambda conn: _upsert(conn, "owners", "owner_id", row))
 
     async def get_owner(self, owner_id: str) -> Owner | None:
@@ -773,7 +393,7 @@ class SqliteStore:
 
         def job(conn: sqlite3.Connection) -> Owner | None:
             row = conn.execute("SELECT * FROM owners WHERE owner_id = ?", (owner_id,)).fetchone()
-            return None if row is None else _owner(row)
+            return None if row is None else owner_from(row)
 
         return await self._run(job)
 
@@ -788,12 +408,12 @@ class SqliteStore:
             raise InvalidRequestError("an API token must not be empty")
         if kind not in _PRINCIPAL_KINDS:
             raise InvalidRequestError(f"unknown principal kind {kind!r}")
-        row = {"token_sha256": _token_hash(token), "kind": kind, "principal_id": principal_id}
+        row = {"token_sha256": token_hash(token), "kind": kind, "principal_id": principal_id}
         await self._run(lambda conn: _upsert(conn, "tokens", "token_sha256", row))
 
     async def resolve_token(self, token: str) -> Principal | None:
         """Return who a token stands for, or ``None`` for an unknown token."""
-        digest = _token_hash(token)
+        digest = token_hash(token)
 
         def job(conn: sqlite3.Connection) -> Principal | None:
             row = conn.execute(
@@ -850,7 +470,7 @@ class SqliteStore:
                 ).fetchone()
                 if row is not None:
                     return str(row[0])
-                _upsert(conn, "owners", "owner_id", _owner_row(owner))
+                _upsert(conn, "owners", "owner_id", owner_row(owner))
                 return _link_subject(conn, issuer, subject, owner.owner_id)
 
         return await self._run(job)
@@ -890,7 +510,7 @@ class SqliteStore:
 
     async def put_device(self, device: DeviceRecord) -> None:
         """Insert or replace a device registry entry."""
-        row = _device_row(device)
+        row = device_row(device)
         await self._run(lambda conn: _upsert(conn, "devices", "device_id", row))
 
     async def get_device(self, device_id: str) -> DeviceRecord | None:
@@ -898,7 +518,7 @@ class SqliteStore:
 
         def job(conn: sqlite3.Connection) -> DeviceRecord | None:
             row = conn.execute("SELECT * FROM devices WHERE device_id = ?", (device_id,)).fetchone()
-            return None if row is None else _device(row)
+            return None if row is None else device_from(row)
 
         return await self._run(job)
 
@@ -912,13 +532,13 @@ class SqliteStore:
                 rows = conn.execute(
                     "SELECT * FROM devices WHERE owner_id = ? ORDER BY device_id", (owner_id,)
                 )
-            return [_device(row) for row in rows]
+            return [device_from(row) for row in rows]
 
         return await self._run(job)
 
     async def put_channel(self, channel: PushChannel) -> None:
         """Insert or replace a push channel."""
-        row = _channel_row(channel)
+        row = channel_row(channel)
         await self._run(lambda conn: _upsert(conn, "channels", "channel_id", row))
 
     async def channels(self, owner_id: str, *, active_only: bool = True) -> list[PushChannel]:
@@ -929,7 +549,7 @@ class SqliteStore:
             rows = conn.execute(
                 f"SELECT * FROM channels WHERE {where} ORDER BY created_at, rowid", (owner_id,)
             )
-            return [_channel(row) for row in rows]
+            return [channel_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -962,7 +582,7 @@ class SqliteStore:
                 ).fetchone()
                 if row is None:
                     return False
-                secrets = _channel_secrets([_channel(row)])
+                secrets = channel_secrets([channel_from(row)])
                 trail = conn.execute(
                     "SELECT audit.seq, audit.evidence FROM audit JOIN cases "
                     "ON cases.case_id = audit.case_id WHERE cases.owner_id = ?",
@@ -970,10 +590,10 @@ class SqliteStore:
                 ).fetchall()
                 for seq, text in trail:
                     evidence = json.loads(text)
-                    masked = _redacted(evidence, secrets)
+                    masked = redacted(evidence, secrets)
                     if masked != evidence:
                         conn.execute(
-                            "UPDATE audit SET evidence = ? WHERE seq = ?", (_json(masked), seq)
+                            "UPDATE audit SET evidence = ? WHERE seq = ?", (json_text(masked), seq)
                         )
                 conn.execute("DELETE FROM channels WHERE channel_id = ?", (channel_id,))
             return True
@@ -988,8 +608,8 @@ class SqliteStore:
 
         Uses of links expired before ``now`` are forgotten on the way (they no longer work).
         """
-        row = {"link_id": link_id, "expires_at": _ts(expires_at)}
-        cutoff = _ts(now)
+        row = {"link_id": link_id, "expires_at": ts(expires_at)}
+        cutoff = ts(now)
 
         def job(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
@@ -1012,7 +632,7 @@ class SqliteStore:
             ConflictError: a case with that id exists, or an open case for the same
                 device and fault exists (one open case per device and fault).
         """
-        row = _case_row(case)
+        row = case_row(case)
 
         def job(conn: sqlite3.Connection) -> None:
             try:
@@ -1033,7 +653,7 @@ class SqliteStore:
 
         def job(conn: sqlite3.Connection) -> Case | None:
             row = conn.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
-            return None if row is None else _case(row)
+            return None if row is None else case_from(row)
 
         return await self._run(job)
 
@@ -1045,7 +665,7 @@ class SqliteStore:
                 f"SELECT * FROM cases WHERE device_id = ? AND fault = ? AND {_in('state', _OPEN)}",
                 (device_id, fault, *_OPEN),
             ).fetchone()
-            return None if row is None else _case(row)
+            return None if row is None else case_from(row)
 
         return await self._run(job)
 
@@ -1061,11 +681,11 @@ class SqliteStore:
             ConflictError: the stored case moved on (or does not exist), or the new
                 state would give the device a second open case for the fault.
         """
-        row = _case_row(case)
+        row = case_row(case)
         updates = ", ".join(f"{column} = :{column}" for column in row if column != "case_id")
         params = {**row, "expected_state": expected_state}
 
-        audit_row = None if audit is None else _audit_row(audit)
+        entry_row = None if audit is None else audit_row(audit)
 
         def job(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
@@ -1086,8 +706,8 @@ class SqliteStore:
                         f"case {case.case_id!r} is not in state {expected_state!r} "
                         "(or does not exist)"
                     )
-                if audit_row is not None:
-                    _insert(conn, "audit", audit_row)
+                if entry_row is not None:
+                    _insert(conn, "audit", entry_row)
 
         await self._run(job)
 
@@ -1121,13 +741,13 @@ class SqliteStore:
                 f"SELECT * FROM cases {where} ORDER BY opened_at DESC, case_id DESC LIMIT ?",
                 params,
             )
-            return [_case(row) for row in rows]
+            return [case_from(row) for row in rows]
 
         return await self._run(job)
 
     async def add_audit(self, entry: AuditEntry) -> None:
         """Append to the audit trail (never changed or removed, except by erasure)."""
-        row = _audit_row(entry)
+        row = audit_row(entry)
         await self._run(lambda conn: _insert(conn, "audit", row))
 
     async def audit(self, case_id: str) -> list[AuditEntry]:
@@ -1137,7 +757,7 @@ class SqliteStore:
             rows = conn.execute(
                 "SELECT * FROM audit WHERE case_id = ? ORDER BY at, seq", (case_id,)
             )
-            return [_audit(row) for row in rows]
+            return [audit_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1145,7 +765,7 @@ class SqliteStore:
 
     async def put_technician(self, technician: Technician) -> None:
         """Insert or replace a technician."""
-        row = _technician_row(technician)
+        row = technician_row(technician)
         await self._run(lambda conn: _upsert(conn, "technicians", "technician_id", row))
 
     async def get_technician(self, technician_id: str) -> Technician | None:
@@ -1155,7 +775,7 @@ class SqliteStore:
             row = conn.execute(
                 "SELECT * FROM technicians WHERE technician_id = ?", (technician_id,)
             ).fetchone()
-            return None if row is None else _technician(row)
+            return None if row is None else technician_from(row)
 
         return await self._run(job)
 
@@ -1169,7 +789,7 @@ class SqliteStore:
                 rows = conn.execute(
                     "SELECT * FROM technicians WHERE region = ? ORDER BY technician_id", (region,)
                 )
-            return [_technician(row) for row in rows]
+            return [technician_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1182,7 +802,7 @@ class SqliteStore:
         """
         if appointment.state == "booked":
             raise InvalidRequestError("a booked appointment is stored with book()")
-        row = _appointment_row(appointment)
+        row = appointment_row(appointment)
 
         def job(conn: sqlite3.Connection) -> None:
             try:
@@ -1209,7 +829,7 @@ class SqliteStore:
             raise InvalidRequestError("a booking needs a technician, a start and an end")
         if appointment.end <= appointment.start:
             raise InvalidRequestError("a booking must end after it starts")
-        row = _appointment_row(replace(appointment, state="booked"))
+        row = appointment_row(replace(appointment, state="booked"))
 
         def job(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
@@ -1250,7 +870,7 @@ class SqliteStore:
             ConflictError: it is not booked (done, cancelled, only proposed), or it has
                 started already.
         """
-        cutoff = _ts(now)
+        cutoff = ts(now)
 
         def job(conn: sqlite3.Connection) -> Appointment:
             with _transaction(conn):
@@ -1259,7 +879,7 @@ class SqliteStore:
                 ).fetchone()
                 if row is None:
                     raise NotFoundError(f"no appointment {appointment_id!r}")
-                appointment = _appointment(row)
+                appointment = appointment_from(row)
                 if appointment.state != "booked":
                     raise ConflictError(f"the visit is {appointment.state}, not booked")
                 if row["start_at"] is None or row["start_at"] <= cutoff:
@@ -1280,7 +900,7 @@ class SqliteStore:
             row = conn.execute(
                 "SELECT * FROM appointments WHERE appointment_id = ?", (appointment_id,)
             ).fetchone()
-            return None if row is None else _appointment(row)
+            return None if row is None else appointment_from(row)
 
         return await self._run(job)
 
@@ -1313,10 +933,10 @@ class SqliteStore:
             params.extend(states)
         if since is not None:
             clauses.append("start_at >= ?")
-            params.append(_ts(since))
+            params.append(ts(since))
         if until is not None:
             clauses.append("start_at < ?")
-            params.append(_ts(until))
+            params.append(ts(until))
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
         def job(conn: sqlite3.Connection) -> list[Appointment]:
@@ -1325,7 +945,7 @@ class SqliteStore:
                 "ORDER BY start_at IS NULL, start_at, appointment_id",
                 params,
             )
-            return [_appointment(row) for row in rows]
+            return [appointment_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1339,7 +959,7 @@ class SqliteStore:
             NotFoundError: the case does not exist.
             InvalidRequestError: the stars are not 1 to 5.
         """
-        row = _rating_row(rating)
+        row = rating_row(rating)
 
         def job(conn: sqlite3.Connection) -> None:
             try:
@@ -1360,13 +980,13 @@ class SqliteStore:
 
         def job(conn: sqlite3.Connection) -> Rating | None:
             row = conn.execute("SELECT * FROM ratings WHERE case_id = ?", (case_id,)).fetchone()
-            return None if row is None else _rating(row)
+            return None if row is None else rating_from(row)
 
         return await self._run(job)
 
     async def ratings(self, since: datetime | None = None) -> list[Rating]:
         """Return ratings, oldest first (``since`` inclusive)."""
-        bound = _ts_opt(since)
+        bound = ts_opt(since)
 
         def job(conn: sqlite3.Connection) -> list[Rating]:
             if bound is None:
@@ -1375,7 +995,7 @@ class SqliteStore:
                 rows = conn.execute(
                     "SELECT * FROM ratings WHERE at >= ? ORDER BY at, case_id", (bound,)
                 )
-            return [_rating(row) for row in rows]
+            return [rating_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1386,7 +1006,7 @@ class SqliteStore:
         its outcome: checked in the same step as the write, an erased owner's message is
         dropped rather than brought back (with their name and the device's label).
         """
-        row = _notification_row(notification)
+        row = notification_row(notification)
 
         def job(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
@@ -1414,7 +1034,7 @@ class SqliteStore:
             params.append(status)
         if since is not None:
             clauses.append("created_at >= ?")
-            params.append(_ts(since))
+            params.append(ts(since))
         where = " AND ".join(clauses)
 
         def job(conn: sqlite3.Connection) -> list[Notification]:
@@ -1422,7 +1042,7 @@ class SqliteStore:
                 f"SELECT * FROM notifications WHERE {where} ORDER BY created_at, notification_id",
                 params,
             )
-            return [_notification(row) for row in rows]
+            return [notification_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1438,9 +1058,9 @@ class SqliteStore:
             rows = conn.execute(
                 "SELECT * FROM notifications WHERE status = 'queued' AND created_at < ?"
                 " ORDER BY created_at, notification_id LIMIT ?",
-                (_ts(before), limit),
+                (ts(before), limit),
             )
-            return [_notification(row) for row in rows]
+            return [notification_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1450,7 +1070,7 @@ class SqliteStore:
         Raises:
             NotFoundError: its case does not exist.
         """
-        row = _task_row(task)
+        row = task_row(task)
 
         def job(conn: sqlite3.Connection) -> None:
             try:
@@ -1474,7 +1094,7 @@ class SqliteStore:
 
         def job(conn: sqlite3.Connection) -> list[Task]:
             rows = conn.execute(f"SELECT * FROM tasks {where} ORDER BY created_at, task_id", params)
-            return [_task(row) for row in rows]
+            return [task_from(row) for row in rows]
 
         return await self._run(job)
 
@@ -1501,16 +1121,16 @@ class SqliteStore:
                     "SELECT * FROM devices WHERE owner_id = ? ORDER BY device_id", (owner_id,)
                 ).fetchall()
                 channels = [
-                    _channel(row)
+                    channel_from(row)
                     for row in conn.execute(
                         "SELECT * FROM channels WHERE owner_id = ? ORDER BY created_at, rowid",
                         (owner_id,),
                     )
                 ]
                 # the audit trail's evidence may quote a target or key: masked like the channels
-                secrets = _channel_secrets(channels)
+                secrets = channel_secrets(channels)
                 cases = [
-                    _case(row)
+                    case_from(row)
                     for row in conn.execute(
                         "SELECT * FROM cases WHERE owner_id = ? ORDER BY opened_at, case_id",
                         (owner_id,),
@@ -1522,8 +1142,8 @@ class SqliteStore:
                     trail = conn.execute(
                         "SELECT * FROM audit WHERE case_id = ? ORDER BY at, seq", (case.case_id,)
                     )
-                    audit = [_redacted(_plain(_audit(row)), secrets) for row in trail]
-                    case_rows.append({**_plain(case), "audit": audit})
+                    audit = [redacted(plain(audit_from(row)), secrets) for row in trail]
+                    case_rows.append({**plain(case), "audit": audit})
                 appointments = self._of_cases(
                     conn, "appointments", ids, "start_at IS NULL, start_at, appointment_id"
                 )
@@ -1535,14 +1155,14 @@ class SqliteStore:
                     (owner_id,),
                 ).fetchall()
             return {
-                "owner": None if owner is None else _plain(_owner(owner)),
-                "devices": [_plain(_device(row)) for row in devices],
-                "channels": [_exported_channel(channel) for channel in channels],
+                "owner": None if owner is None else plain(owner_from(owner)),
+                "devices": [plain(device_from(row)) for row in devices],
+                "channels": [exported_channel(channel) for channel in channels],
                 "cases": case_rows,
-                "appointments": [_plain(_appointment(row)) for row in appointments],
-                "ratings": [_plain(_rating(row)) for row in ratings],
-                "notifications": [_plain(_notification(row)) for row in notifications],
-                "tasks": [_plain(_task(row)) for row in tasks],
+                "appointments": [plain(appointment_from(row)) for row in appointments],
+                "ratings": [plain(rating_from(row)) for row in ratings],
+                "notifications": [plain(notification_from(row)) for row in notifications],
+                "tasks": [plain(task_from(row)) for row in tasks],
             }
 
         return await self._run(job)
@@ -1626,9 +1246,9 @@ class SqliteStore:
                     "INSERT INTO audit (case_id, at, actor, action, reason, evidence) "
                     "VALUES (NULL, ?, 'system', 'owner_erased', ?, ?)",
                     (
-                        _ts(datetime.now(UTC)),
+                        ts(datetime.now(UTC)),
                         "an owner's personal data was erased at their request",
-                        _json({"rows": touched, "cases": len(ids), "devices": len(devices)}),
+                        json_text({"rows": touched, "cases": len(ids), "devices": len(devices)}),
                     ),
                 )
             busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
