@@ -180,6 +180,7 @@ class FleetCache:
             behind the answers (``0``: every request reads everything).
         measurements: the InfluxDB measurement names.
         clock: the wall clock (UTC-aware).
+        ticker: the monotonic clock the cache ages by (seconds; tests pass their own).
         heard_window_s: how far back readings are looked for to learn when a device
             was last heard from (its scores count over all time).
     """
@@ -193,6 +194,7 @@ class FleetCache:
         cache_s: float,
         measurements: Measurements,
         clock: Callable[[], datetime] | None = None,
+        ticker: Callable[[], float] = time.monotonic,
         heard_window_s: float = 86_400.0,
     ) -> None:
         self._store = store
@@ -202,6 +204,7 @@ class FleetCache:
         self._max_age_s = cache_s * _MAX_AGE_FACTOR
         self._measurements = measurements
         self._clock = clock or (lambda: datetime.now(UTC))
+        self._ticker = ticker
         self._heard_window_s = heard_window_s
         self._effective: tuple[Mapping[str, DeviceRecord], Mapping[str, Any], Any] | None = None
         self._snapshot: Snapshot | None = None
@@ -232,7 +235,7 @@ class FleetCache:
         self.applied = 0
 
     def _age_s(self, snapshot: Snapshot) -> float:
-        return time.monotonic() - snapshot.read_at
+        return self._ticker() - snapshot.read_at
 
     def _install(self, snapshot: Snapshot) -> Snapshot:
         self._snapshot = snapshot
@@ -296,7 +299,7 @@ class FleetCache:
         if self._cache_s == 0:
             async with self._lock:
                 self._signals = await self._read_signals()
-                self._scores_at = time.monotonic()
+                self._scores_at = self._ticker()
                 return await self._read_store()
         snapshot = self._caught_up()
         if snapshot is None:
@@ -305,7 +308,7 @@ class FleetCache:
                 if snapshot is None:
                     if self._signals is None:
                         self._signals = await self._read_signals()
-                        self._scores_at = time.monotonic()
+                        self._scores_at = self._ticker()
                     snapshot = await self._read_store()
         self._refresh_behind(snapshot)
         return snapshot
@@ -313,7 +316,7 @@ class FleetCache:
     async def _read_store(self) -> Snapshot:
         """Read the registry and every case, then apply what the feed published meanwhile."""
         version = self._feed.version
-        started = time.monotonic()
+        started = self._ticker()
         records, cases = await asyncio.gather(
             self._store.devices(), self._store.cases(limit=ALL_ROWS)
         )
@@ -337,7 +340,7 @@ class FleetCache:
         return self._caught_up() or snapshot
 
     def _refresh_behind(self, snapshot: Snapshot) -> None:
-        now = time.monotonic()
+        now = self._ticker()
         if self._scores_stale() and self._scores_task is None:
             self._scores_task = asyncio.create_task(self._refresh_scores())
         if (
@@ -355,13 +358,13 @@ class FleetCache:
                     await self._read_store()
         except (TransientError, PermanentError) as exc:
             self.read_failures += 1
-            self._reread_after = time.monotonic() + self._cache_s  # not on every request
+            self._reread_after = self._ticker() + self._cache_s  # not on every request
             _LOG.warning("fleet not read again (%s); the snapshot stays, kept by the feed", exc)
         finally:
             self._reread_task = None
 
     def _scores_stale(self) -> bool:
-        return self._signals is None or time.monotonic() - self._scores_at >= self._cache_s
+        return self._signals is None or self._ticker() - self._scores_at >= self._cache_s
 
     async def _read_signals(self) -> DeviceSignals:
         if self._influx is None:
@@ -384,10 +387,10 @@ class FleetCache:
     async def _refresh_scores(self) -> None:
         try:
             self._signals = await self._read_signals()
-            self._scores_at = time.monotonic()
+            self._scores_at = self._ticker()
         except (TransientError, PermanentError) as exc:
             self.score_failures += 1
-            self._scores_at = time.monotonic()  # try again after another cache_s
+            self._scores_at = self._ticker()  # try again after another cache_s
             _LOG.warning("latest scores not read (%s); the previous ones stay", exc)
         finally:
             self._scores_task = None

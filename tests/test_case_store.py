@@ -1375,22 +1375,24 @@ async def test_waits_for_a_lock_without_blocking_the_loop(db_path: Path) -> None
         try:
             other.execute("BEGIN IMMEDIATE")
             ticks = 0
+            ten_turns = asyncio.Event()
 
             async def tick() -> None:
                 nonlocal ticks
                 while True:
                     ticks += 1
+                    if ticks >= 10:
+                        ten_turns.set()
                     await asyncio.sleep(0.01)
 
             async with asyncio.TaskGroup() as group:
                 ticker = group.create_task(tick())
                 write = group.create_task(store.put_owner(make_owner()))
-                await asyncio.sleep(0.3)
+                await ten_turns.wait()  # the loop keeps running while the store waits
                 assert not write.done()
                 other.execute("COMMIT")
                 await write
                 ticker.cancel()
-            assert ticks >= 10  # the loop kept running while the store waited
             assert await store.get_owner("owner-1") == make_owner()
         finally:
             other.close()

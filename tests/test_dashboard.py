@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import orjson
 import pytest
@@ -69,6 +69,30 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
+
+
+_T = TypeVar("_T")
+
+
+class Ticker:
+    """A monotonic clock the test moves (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def landed(read: Callable[[], Awaitable[_T]], done: Callable[[_T], bool]) -> _T:
+    """Read until ``done``: a read started behind the answers lands a few loop turns later."""
+    value = await read()
+    for _ in range(500):
+        if done(value):
+            break
+        await asyncio.sleep(0.01)
+        value = await read()
+    return value
 
 
 def ops_users() -> dict[str, OpsUser]:
@@ -1171,7 +1195,8 @@ async def test_fleet_cache_follows_the_feed_and_refreshes_scores_behind(
 ) -> None:
     seed = await seed_fleet(store)
     feed = CaseFeed()
-    cache = FleetCache(store, influx, feed, cache_s=0.3, measurements=Measurements())
+    ticker = Ticker()
+    cache = FleetCache(store, influx, feed, cache_s=0.3, measurements=Measurements(), ticker=ticker)
 
     async def score(value: float, at: datetime) -> None:
         line = point_line(
@@ -1192,15 +1217,15 @@ async def test_fleet_cache_follows_the_feed_and_refreshes_scores_behind(
     second = await cache.snapshot()  # ... but never past a change on the feed
     assert "case-new" in {c.case_id for c in second.cases}
     await score(0.9, NOW - timedelta(minutes=1))
-    await asyncio.sleep(0.35)
+    assert (await cache.snapshot()).scores["dev-0000"][1] == 0.1  # scores kept within cache_s
+    ticker.now += 0.35
     latest = (await cache.snapshot()).scores["dev-0000"][1]  # starts a read behind
     assert latest in (0.1, 0.9)
-    for _ in range(250):  # the background read lands within a few event-loop turns
-        await asyncio.sleep(0.02)
-        latest = (await cache.snapshot()).scores["dev-0000"][1]
-        if latest == 0.9:
-            break
-    assert latest == 0.9
+
+    async def score_now() -> float:
+        return float((await cache.snapshot()).scores["dev-0000"][1])
+
+    assert await landed(score_now, lambda value: value == 0.9) == 0.9
     assert cache.score_failures == 0
     await cache.close()
 
@@ -1404,8 +1429,14 @@ async def test_the_store_is_read_again_after_max_age_and_after_a_touch(
     seed = await seed_fleet(store)
     counting = CountingStore(store)
     feed = CaseFeed()
+    ticker = Ticker()
     cache = FleetCache(
-        cast(CaseStore, counting), None, feed, cache_s=0.2, measurements=Measurements()
+        cast(CaseStore, counting),
+        None,
+        feed,
+        cache_s=0.2,
+        measurements=Measurements(),
+        ticker=ticker,
     )
     try:
         first = await cache.snapshot()
@@ -1414,24 +1445,19 @@ async def test_the_store_is_read_again_after_max_age_and_after_a_touch(
         missed = make_case("case-missed", seed.devices[7], "drain_clog", "opened")
         await store.add_case(missed)
         assert await cache.snapshot() is first
-        await asyncio.sleep(0.25)
+        ticker.now += 0.25
         # past cache_s: this answer is still the kept snapshot, the store is read behind it
         behind = await cache.snapshot()
         assert "case-missed" not in behind.by_id
-        found = behind
-        for _ in range(250):
-            await asyncio.sleep(0.02)
-            found = await cache.snapshot()
-            if "case-missed" in found.by_id:
-                break
+        found = await landed(cache.snapshot, lambda snap: "case-missed" in snap.by_id)
         assert "case-missed" in found.by_id
         assert counting.calls["cases"] == 2
-        # read behind the answers at 0.25 s, not before one at 0.6 s
-        assert found.read_at - first.read_at < 0.5
+        # read behind the answer at 0.25 s, not before one at 0.6 s
+        assert found.read_at - first.read_at == 0.25
         # nobody asked for three times cache_s: the store is read before the answer
         other = make_case("case-missed-2", seed.devices[9], "drain_clog", "opened")
         await store.add_case(other)
-        await asyncio.sleep(0.65)
+        ticker.now += 0.65
         assert "case-missed-2" in (await cache.snapshot()).by_id
         assert counting.calls["cases"] == 3
         # a change the feed cannot describe: the next snapshot reads the store at once

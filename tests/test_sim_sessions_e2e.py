@@ -133,7 +133,10 @@ async def test_a_power_cut_while_offline_and_a_broker_restart_lose_no_reading(
             assert fleet.device(cut).buffered > 0
             assert not fleet.device(cut).running
             broker.stop()
-            await asyncio.sleep(1.0)  # ~12 minutes of device time: the steady one buffers
+            down_at = fleet.now
+            await eventually(  # the steady one buffers while the broker is away
+                lambda: fleet.now >= down_at + timedelta(minutes=12), 30, "sim time to pass"
+            )
             broker.start()
             report = await run
         taken = {i: fleet.device(i).readings_taken for i in ids}
