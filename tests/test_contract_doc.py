@@ -26,6 +26,7 @@ from wire.protocol import (
     decode_event,
     decode_reading,
 )
+from wire.protocol.codec import DEFAULT_LIMITS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = yaml.safe_load((ROOT / "asyncapi.yaml").read_text(encoding="utf-8"))
@@ -83,6 +84,22 @@ def test_telemetry_keys_match_the_codec() -> None:
     assert schema["additionalProperties"] is False
     with pytest.raises(RejectedError, match="unknown_field"):
         _reading({**VALID_READING, "extra": 1})
+
+
+def test_telemetry_limits_match_the_codec() -> None:
+    schema = SCHEMAS["Telemetry"]
+    metrics = schema["properties"]["metrics"]
+    assert metrics["maxProperties"] == DEFAULT_LIMITS.max_metrics
+    number, boolean = metrics["additionalProperties"]["oneOf"]
+    assert boolean == {"type": "boolean"}
+    # numbers, not text: YAML reads an exponent without its sign (1.0e12) as a string
+    assert number["maximum"] == -number["minimum"] == DEFAULT_LIMITS.max_abs_value
+    assert type(number["maximum"]) is float
+    assert f"{DEFAULT_LIMITS.max_payload_bytes:,}" in schema["description"]
+    edge = {**VALID_READING, "metrics": {"m": DEFAULT_LIMITS.max_abs_value}}
+    _reading(edge)
+    with pytest.raises(RejectedError):
+        _reading({**edge, "metrics": {"m": DEFAULT_LIMITS.max_abs_value * 1.01}})
 
 
 def test_event_keys_match_the_codec() -> None:

@@ -372,6 +372,10 @@ COMMANDS: dict[str, bytes] = {
     "number_id": b'{"id":7,"action":"restart"}',
     "unknown_action": b'{"id":"c-1","action":"explode"}',
     "list_args": b'{"id":"c-1","action":"restart","args":[1]}',
+    "nested_arg": b'{"id":"c-1","action":"config_set","args":{"a":{"b":1}}}',
+    "list_arg": b'{"id":"c-1","action":"config_set","args":{"a":[1]}}',
+    "null_arg": b'{"id":"c-1","action":"config_set","args":{"a":null}}',
+    "unprintable_id": b'{"id":"c\\u0007","action":"restart"}',
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -299,8 +298,15 @@ def decode_command(payload: bytes) -> Command:
     command_id, action, args = obj.get("id"), obj.get("action"), obj.get("args", {})
     if type(command_id) is not str or not 0 < len(command_id) <= 64:
         raise RejectedError("bad_command", "command id must be a short string")
+    if not command_id.isprintable():
+        # the id is echoed in the device's result, where it must be printable text
+        raise RejectedError("bad_command", "command id must be printable text")
     if action not in COMMAND_ACTIONS:
         raise RejectedError("bad_command", f"unknown action {action!r}")
-    if not isinstance(args, Mapping):
+    if type(args) is not dict:
         raise RejectedError("bad_command", "args must be an object")
-    return Command(command_id, action, dict(args))
+    for key, value in args.items():
+        # asyncapi.yaml: an argument is a number, a bool or text (no object, list or null)
+        if not isinstance(value, bool | int | float | str):
+            raise RejectedError("bad_command", f"argument {key} must be a number, bool or text")
+    return Command(command_id, action, args)
