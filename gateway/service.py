@@ -18,6 +18,14 @@ after a bound, dropped knowingly for the broker to resend) by a writer that outl
 connection, so a full queue never holds up the reconnect; ``/health`` turns 503 when the
 gateway is not connected, has made nothing durable for ``stall_after_s`` while messages
 wait, or the spool cannot take writes; a lost broker session is counted and logged.
+
+Several gateways (issue 15): with ``shared_group`` set, gateways share the device
+topics through an MQTT 5 shared subscription, each under its ``instance`` name with
+its own persistent session (client id ``client_id-instance``) and its own spool
+(``spool_dir/instance``). Mosquitto does not hand a dead member's messages to the
+others: it keeps them, and keeps routing the member's share, in the member's session
+until the same instance comes back (README, "Several gateways"; pinned by
+``tests/test_gateway_shared.py``).
 """
 
 from __future__ import annotations
@@ -142,7 +150,9 @@ class Gateway:
     async def __aenter__(self) -> Self:
         settings = self._settings
         self._spool = Spool(
-            settings.spool_dir, fsync=settings.spool_fsync, max_bytes=settings.spool_max_bytes
+            settings.instance_spool_dir,
+            fsync=settings.spool_fsync,
+            max_bytes=settings.spool_max_bytes,
         )
         self._sync_spool_gauges()
         self.metrics.spool_writable = True
@@ -203,7 +213,7 @@ class Gateway:
 
     def _new_client(self) -> MqttClient:
         return self._mqtt.client(
-            self._settings.client_id,
+            self._settings.session_client_id,
             clean_start=False,
             session_expiry_s=self._settings.session_expiry_s,
             receive_maximum=self._settings.receive_maximum,

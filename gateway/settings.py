@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from wire.protocol.codec import Limits
 
 __all__ = ["GatewaySettings"]
+
+#: Longest client id we make (MQTT 5 lets brokers refuse more than 23; Mosquitto takes 65535).
+_MAX_CLIENT_ID = 64
 
 
 class GatewaySettings(BaseModel):
@@ -23,7 +26,14 @@ class GatewaySettings(BaseModel):
     client_id: str = Field("fixloop-gateway", min_length=1, max_length=64)
     session_expiry_s: int = Field(7 * 86_400, ge=0, description="broker keeps our queue")
     shared_group: str | None = Field(
-        None, description="MQTT 5 shared-subscription group to spread load over gateways"
+        None,
+        pattern=r"^[^/+#]+$",
+        description="MQTT 5 shared-subscription group to spread load over gateways",
+    )
+    instance: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,31}$",
+        description="this gateway's stable name among several: its session and spool",
     )
     batch_max_points: int = Field(5_000, ge=1, le=100_000)
     batch_linger_s: float = Field(0.1, ge=0, le=10)
@@ -43,6 +53,29 @@ class GatewaySettings(BaseModel):
     max_age_s: int = Field(35 * 86_400, ge=60, description="backfill window")
     max_future_s: int = Field(300, ge=0)
     max_abs_value: float = Field(1e12, gt=0)
+
+    @model_validator(mode="after")
+    def _session_id_fits(self) -> GatewaySettings:
+        if len(self.session_client_id) > _MAX_CLIENT_ID:
+            msg = f"client_id and instance together exceed {_MAX_CLIENT_ID} characters"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def session_client_id(self) -> str:
+        """The MQTT client id of this gateway's persistent session.
+
+        ``client_id`` alone for a single gateway; ``client_id-instance`` when the
+        gateway is one of several, so each keeps its own session at the broker (two
+        clients with one id push each other off) and a restarted instance gets back
+        what the broker held for it (README, "Several gateways").
+        """
+        return f"{self.client_id}-{self.instance}" if self.instance else self.client_id
+
+    @property
+    def instance_spool_dir(self) -> Path:
+        """This gateway's spool: ``spool_dir``, or ``spool_dir/instance`` for one of several."""
+        return self.spool_dir / self.instance if self.instance else self.spool_dir
 
     def limits(self) -> Limits:
         """Return the validation limits as the codec takes them."""

@@ -251,3 +251,38 @@ def test_a_bad_dashboard_setting_is_one_line() -> None:
     assert _error(None, {"FIXLOOP_DASHBOARD__COOKIE_SECUR": "true"}) == (
         "setting dashboard.cookie_secur: unknown setting [from FIXLOOP_DASHBOARD__COOKIE_SECUR]"
     )
+
+
+def test_a_single_gateway_keeps_its_session_id_and_spool() -> None:
+    gateway = load_settings(None, {}).gateway
+    assert gateway.instance is None
+    assert gateway.session_client_id == "fixloop-gateway"
+    assert gateway.instance_spool_dir == gateway.spool_dir
+
+
+def test_a_gateway_instance_names_its_session_and_spool_from_the_environment() -> None:
+    env = {
+        "FIXLOOP_GATEWAY__SHARED_GROUP": "ingest",
+        "FIXLOOP_GATEWAY__INSTANCE": "gw-1",
+        "FIXLOOP_GATEWAY__SPOOL_DIR": "/data/spool",
+    }
+    gateway = load_settings(None, env).gateway
+    assert gateway.shared_group == "ingest"
+    assert gateway.session_client_id == "fixloop-gateway-gw-1"
+    assert gateway.instance_spool_dir == Path("/data/spool/gw-1")
+
+
+@pytest.mark.parametrize("name", ["../up", "a/b", " ", "x" * 33, ".hidden"])
+def test_a_gateway_instance_must_be_a_plain_name(name: str) -> None:
+    message = _error(None, {"FIXLOOP_GATEWAY__INSTANCE": name})
+    assert message.startswith("setting gateway.instance:")
+
+
+def test_a_shared_group_cannot_hold_topic_wildcards() -> None:
+    message = _error(None, {"FIXLOOP_GATEWAY__SHARED_GROUP": "in/gest"})
+    assert message.startswith("setting gateway.shared_group:")
+
+
+def test_a_gateway_session_id_stays_within_64_characters() -> None:
+    env = {"FIXLOOP_GATEWAY__CLIENT_ID": "c" * 40, "FIXLOOP_GATEWAY__INSTANCE": "i" * 24}
+    assert "exceed 64 characters" in _error(None, env)

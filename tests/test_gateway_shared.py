@@ -1,0 +1,267 @@
+"""Several gateways in one MQTT 5 shared group, on real mosquitto and influxd.
+
+First what the design rests on: what Mosquitto does with a shared subscriber that dies
+(pinned here, so a broker that behaves otherwise fails these tests rather than losing
+data in production; README, "Several gateways"). Then the gateways themselves: three
+in one group, one killed mid-burst (SIGKILL, no DISCONNECT) and started again under
+its instance name: every reading is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import GATEWAY_PASSWORD, MakeInfluxd, MakeMosquitto, device_pw
+
+from fixloop.broker import GATEWAY_USER
+from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from wire.mqtt import Message, MqttClient
+
+pytestmark = pytest.mark.integration
+
+GROUP_FILTER = "$share/ingest/devices/+/telemetry"
+PUBLISHER = "dev-001"
+
+
+def member(broker: MosquittoServer, client_id: str, *, persistent: bool) -> MqttClient:
+    """A shared-group member that may hold at most 5 messages unacknowledged."""
+    return MqttClient(
+        broker.host,
+        broker.port,
+        client_id=client_id,
+        username=GATEWAY_USER,
+        password=GATEWAY_PASSWORD,
+        clean_start=not persistent,
+        session_expiry_s=3600 if persistent else 0,
+        receive_maximum=5,
+    )
+
+
+async def publish(broker: MosquittoServer, seqs: range) -> None:
+    """Publish ``seqs`` at QoS 1; each has reached the broker when this returns."""
+    async with MqttClient(
+        broker.host,
+        broker.port,
+        client_id=PUBLISHER,
+        username=PUBLISHER,
+        password=device_pw(PUBLISHER),
+    ) as client:
+        for seq in seqs:
+            await client.publish(f"devices/{PUBLISHER}/telemetry", str(seq).encode(), qos=1)
+
+
+async def collect(client: MqttClient, *, ack: bool, quiet_s: float = 1.0) -> set[int]:
+    """Every message until none came for ``quiet_s``; acknowledged when ``ack``."""
+    got: list[Message] = []
+    while await client.wait_messages(quiet_s):
+        batch = client.take(10_000)
+        got += batch
+        if ack:
+            client.ack_many(batch)
+    return {int(m.payload) for m in got}
+
+
+async def test_mosquitto_gives_a_dead_clean_members_messages_to_no_one(
+    mosquitto: MosquittoServer,
+) -> None:
+    dying = member(mosquitto, "member-a", persistent=False)
+    survivor = member(mosquitto, "member-b", persistent=False)
+    await dying.connect()
+    await dying.subscribe(GROUP_FILTER)
+    async with survivor:
+        await survivor.subscribe(GROUP_FILTER)
+        await publish(mosquitto, range(40))
+        in_flight = await collect(dying, ack=False)
+        assert len(in_flight) == 5  # its Receive Maximum; its other messages wait queued
+        first = await collect(survivor, ack=True)
+        dying.abort()  # a crash: no DISCONNECT
+        await publish(mosquitto, range(100, 120))
+        later = await collect(survivor, ack=True, quiet_s=1.5)
+    # Messages published after the death go to the survivor only; what the dead member
+    # held (in flight and queued) is deleted with its session, never redelivered.
+    assert later >= set(range(100, 120))
+    assert not in_flight & (first | later)
+    assert len(set(range(40)) - first - later) >= 5
+
+
+async def test_mosquitto_keeps_a_dead_persistent_members_share_for_its_return(
+    mosquitto: MosquittoServer,
+) -> None:
+    dying = member(mosquitto, "member-a", persistent=True)
+    survivor = member(mosquitto, "member-b", persistent=False)
+    await dying.connect()
+    await dying.subscribe(GROUP_FILTER)
+    async with survivor:
+        await survivor.subscribe(GROUP_FILTER)
+        await publish(mosquitto, range(40))
+        in_flight = await collect(dying, ack=False)
+        assert len(in_flight) == 5
+        dying.abort()
+        await publish(mosquitto, range(100, 120))
+        by_survivor = await collect(survivor, ack=True, quiet_s=1.5)
+        # The dead member's offline session still takes its turn in the group: the
+        # survivor gets only part of what was published after the death.
+        assert not by_survivor >= set(range(100, 120))
+        assert not in_flight & by_survivor
+        # Back under the same client id, it gets its session: what it had in flight,
+        # what was queued for it and what the broker routed to it while it was away.
+        returned = member(mosquitto, "member-a", persistent=True)
+        async with returned:
+            assert returned.session_present
+            await returned.subscribe(GROUP_FILTER)
+            by_returned = await collect(returned, ack=True, quiet_s=1.5)
+    assert in_flight <= by_returned
+    assert by_survivor | by_returned == set(range(40)) | set(range(100, 120))
+
+
+# -- the gateways ----------------------------------------------------------------------
+
+DEVICES = tuple(f"sim-{n:03d}" for n in range(60))
+READINGS_PER_DEVICE = 150
+INSTANCES = ("a", "b", "c")
+
+
+class GatewayProcess:
+    """One ``fixloop gateway`` process of the group, under its instance name."""
+
+    def __init__(
+        self, broker: MosquittoServer, influx: InfluxdServer, root: Path, instance: str
+    ) -> None:
+        self.instance = instance
+        self.log = root / f"gateway-{instance}.log"
+        self.metrics_port = free_port()
+        self.env = {
+            **os.environ,
+            "FIXLOOP_MQTT__HOST": broker.host,
+            "FIXLOOP_MQTT__PORT": str(broker.port),
+            "FIXLOOP_MQTT__USERNAME": GATEWAY_USER,
+            "FIXLOOP_MQTT__PASSWORD": GATEWAY_PASSWORD,
+            "FIXLOOP_INFLUX__URL": influx.url,
+            "FIXLOOP_GATEWAY__SPOOL_DIR": str(root / "spool"),
+            "FIXLOOP_GATEWAY__SHARED_GROUP": "ingest",
+            "FIXLOOP_GATEWAY__INSTANCE": instance,
+            "FIXLOOP_GATEWAY__METRICS_PORT": str(self.metrics_port),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fixloop", "gateway"], env=self.env, stdout=out, stderr=out
+            )
+
+    def subscribed_times(self) -> int:
+        return self.log.read_bytes().count(b" subscribed to ")
+
+    def stored(self) -> int:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("fixloop_gateway_stored_points_total "):
+                    return int(float(line.split()[1]))
+        raise AssertionError("no stored_points_total in /metrics")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+async def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def fleet_burst(broker: MosquittoServer, base_ms: int) -> int:
+    """Every device publishes its readings at QoS 1, paced; returns how many were sent."""
+
+    async def one(device_id: str) -> None:
+        async with MqttClient(
+            broker.host,
+            broker.port,
+            client_id=device_id,
+            username=device_id,
+            password=device_pw(device_id),
+        ) as client:
+            for seq in range(READINGS_PER_DEVICE):
+                body = {"v": 1, "id": device_id, "seq": seq, "ts": base_ms + seq * 1000}
+                body["metrics"] = {"t": seq * 0.5}
+                await client.publish(f"devices/{device_id}/telemetry", orjson.dumps(body), qos=1)
+                await asyncio.sleep(0.02)
+
+    async with asyncio.TaskGroup() as group:
+        for device_id in DEVICES:
+            group.create_task(one(device_id))
+    return len(DEVICES) * READINGS_PER_DEVICE
+
+
+def stored_seqs(influx: InfluxdServer) -> dict[str, list[int]]:
+    """The sequence numbers InfluxDB holds, per device."""
+    answer = influx.query("SELECT seq FROM telemetry GROUP BY device", database="fixloop")
+    series = answer["results"][0].get("series") or []
+    return {s["tags"]["device"]: [int(v[1]) for v in s["values"]] for s in series}
+
+
+def total_points(influx: InfluxdServer) -> int:
+    answer = influx.query("SELECT COUNT(seq) FROM telemetry", database="fixloop")
+    series = answer["results"][0].get("series")
+    return int(series[0]["values"][0][1]) if series else 0
+
+
+async def test_a_gateway_killed_mid_burst_loses_nothing_and_stores_nothing_twice(
+    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    broker = make_mosquitto(device_ids=DEVICES)
+    influx = make_influxd()
+    gateways = [GatewayProcess(broker, influx, tmp_path, name) for name in INSTANCES]
+    victim = gateways[1]
+    base_ms = int(time.time() * 1000) - 86_400_000
+    try:
+        for gateway in gateways:
+            gateway.start()
+        # Every session must exist before the burst so the broker routes to it.
+        await wait_for(
+            lambda: all(g.subscribed_times() for g in gateways), 30, "every gateway subscribed"
+        )
+        burst = asyncio.create_task(fleet_burst(broker, base_ms))
+        sent_total = len(DEVICES) * READINGS_PER_DEVICE
+        await wait_for(lambda: total_points(influx) >= sent_total // 5, 60, "a fifth stored")
+        assert not burst.done(), "the burst must still be running when the gateway dies"
+        victim.kill()
+        sent = await burst
+        # The broker kept the victim's share (in flight, queued, and routed to it while
+        # it was down) in its session; the same instance started again takes it back.
+        victim.start()
+        await wait_for(lambda: victim.subscribed_times() == 2, 30, "the victim back")
+        await wait_for(lambda: total_points(influx) >= sent, 90, "every reading stored")
+        by_gateway = {g.instance: g.stored() for g in gateways}
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+    assert b"session resumed: True" in victim.log.read_bytes()
+    # The group spread the load: the two that ran throughout stored part of it each.
+    assert by_gateway["a"] > 0
+    assert by_gateway["c"] > 0
+    seqs = stored_seqs(influx)
+    assert sorted(seqs) == sorted(DEVICES)
+    for device_id, device_seqs in seqs.items():
+        assert sorted(device_seqs) == list(range(READINGS_PER_DEVICE)), device_id
+    assert total_points(influx) == sent
