@@ -122,13 +122,14 @@ from notifier.rows import (
     task_row,
     technician_from,
     technician_row,
+    timer_from,
     token_hash,
     ts,
     ts_opt,
 )
 from notifier.schema import render
 from notifier.sqlite import _PRINCIPAL_KINDS, ERASED_OWNER
-from notifier.store import Principal, PrincipalKind
+from notifier.store import CaseTimer, Principal, PrincipalKind
 from wire.errors import ConfigError, StoreUnavailableError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry", "PostgresStore", "redacted_url"]
@@ -841,6 +842,101 @@ class PostgresStore:
 
         return await self._run(job)
 
+    # -- notifiers side by side: leases and timers ---------------------------------------------
+
+    async def take_lease(self, key: str, holder: str, *, now: datetime, until: datetime) -> bool:
+        """Take (or extend) the lease on ``key`` for ``holder``; ``False`` while another's runs.
+
+        One statement: two notifiers asking at once are ordered by the row's lock, and
+        the second sees the first's lease (PostgreSQL re-checks the ``WHERE`` after the
+        wait).
+        """
+
+        async def job(conn: _Conn) -> bool:
+            status = await conn.execute(
+                "INSERT INTO case_leases (lease_key, holder, until_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (lease_key) DO UPDATE "
+                "SET holder = excluded.holder, until_at = excluded.until_at "
+                "WHERE case_leases.holder = $2 OR case_leases.until_at < $4",
+                key,
+                holder,
+                ts(until),
+                ts(now),
+            )
+            return _count(status) > 0
+
+        return await self._run(job)
+
+    async def drop_lease(self, key: str, holder: str) -> None:
+        """Give up ``holder``'s lease on ``key``."""
+
+        async def job(conn: _Conn) -> None:
+            await conn.execute(
+                "DELETE FROM case_leases WHERE lease_key = $1 AND holder = $2", key, holder
+            )
+
+        await self._run(job)
+
+    async def set_timer(self, timer: CaseTimer, *, replace: bool = True) -> None:
+        """Set a case's timer (``replace=False``: only if it has none)."""
+        conflict = "DO UPDATE SET what = excluded.what, due_at = excluded.due_at"
+
+        async def job(conn: _Conn) -> None:
+            await conn.execute(
+                "INSERT INTO case_timers (case_id, what, due_at) VALUES ($1, $2, $3) "
+                f"ON CONFLICT (case_id) {conflict if replace else 'DO NOTHING'}",
+                timer.case_id,
+                timer.what,
+                ts(timer.due),
+            )
+
+        await self._run(job)
+
+    async def get_timer(self, case_id: str) -> CaseTimer | None:
+        """Return a case's timer."""
+
+        async def job(conn: _Conn) -> CaseTimer | None:
+            row = await conn.fetchrow("SELECT * FROM case_timers WHERE case_id = $1", case_id)
+            return None if row is None else timer_from(row)
+
+        return await self._run(job)
+
+    async def take_timers(
+        self, *, now: datetime, hold_until: datetime, limit: int
+    ) -> list[CaseTimer]:
+        """Take up to ``limit`` due timers, pushing each forward to ``hold_until``.
+
+        ``FOR UPDATE SKIP LOCKED``: notifiers taking timers at the same moment each get
+        other rows, none waits for another.
+        """
+
+        async def job(conn: _Conn) -> list[CaseTimer]:
+            rows = await conn.fetch(
+                "UPDATE case_timers SET due_at = $1 WHERE case_id IN ("
+                "SELECT case_id FROM case_timers WHERE due_at <= $2 "
+                "ORDER BY due_at, case_id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                "RETURNING case_id, what, due_at",
+                ts(hold_until),
+                ts(now),
+                max(limit, 0),
+            )
+            return sorted((timer_from(row) for row in rows), key=lambda timer: timer.case_id)
+
+        return await self._run(job)
+
+    async def finish_timer(self, timer: CaseTimer) -> bool:
+        """Remove a taken timer unless it was set again since."""
+
+        async def job(conn: _Conn) -> bool:
+            status = await conn.execute(
+                "DELETE FROM case_timers WHERE case_id = $1 AND due_at = $2",
+                timer.case_id,
+                ts(timer.due),
+            )
+            return _count(status) > 0
+
+        return await self._run(job)
+
     # -- technicians and appointments ----------------------------------------------------------
 
     async def put_technician(self, technician: Technician) -> None:
@@ -1127,6 +1223,117 @@ class PostgresStore:
                 max(limit, 0),
             )
             return [notification_from(row) for row in rows]
+
+        return await self._run(job)
+
+    async def add_message(
+        self,
+        notification: Notification,
+        *,
+        key: str,
+        holder: str,
+        claim_until: datetime,
+        max_per_day: int | None = None,
+        since: datetime | None = None,
+    ) -> Notification | None:
+        """Keep a new owner message once per ``key`` (held past ``max_per_day``).
+
+        The owner's row is locked (``FOR UPDATE``) for the count and the write, so two
+        notifiers writing to one owner at once count each other's messages, and an
+        erasure waits for it as for :meth:`add_notification`.
+        """
+
+        async def job(conn: _Conn) -> Notification | None:
+            message = notification
+            async with conn.transaction():
+                known = await conn.fetchval(
+                    "SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", message.owner_id
+                )
+                if known is None:
+                    return None
+                if await conn.fetchval("SELECT 1 FROM notifications WHERE idem_key = $1", key):
+                    return None
+                if message.status == "queued" and max_per_day is not None:
+                    pushed = await conn.fetchval(
+                        "SELECT count(*) FROM notifications WHERE owner_id = $1 "
+                        "AND created_at >= $2 AND status IN ('sent', 'queued', 'failed')",
+                        message.owner_id,
+                        ts(since or message.created_at),
+                    )
+                    if pushed >= max_per_day:
+                        message = replace(message, status="held")
+                queued = message.status == "queued"
+                row = {
+                    **notification_row(message),
+                    "idem_key": key,
+                    "claimed_by": holder if queued else None,
+                    "claimed_until": ts(claim_until) if queued else None,
+                }
+                try:
+                    await _insert(conn, "notifications", row)
+                except asyncpg.UniqueViolationError:
+                    # the owner's row lock orders writers, so this is only a belt and braces
+                    return None
+            return message
+
+        return await self._run(job)
+
+    async def claim_notification(
+        self, notification_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> bool:
+        """Claim a ``queued`` message for delivery unless another holder's claim runs."""
+
+        async def job(conn: _Conn) -> bool:
+            status = await conn.execute(
+                "UPDATE notifications SET claimed_by = $1, claimed_until = $2 "
+                "WHERE notification_id = $3 AND status = 'queued' AND "
+                "(claimed_by IS NULL OR claimed_by = $1 OR claimed_until < $4)",
+                holder,
+                ts(until),
+                notification_id,
+                ts(now),
+            )
+            return _count(status) > 0
+
+        return await self._run(job)
+
+    async def claim_queued(
+        self, holder: str, *, now: datetime, until: datetime, before: datetime, limit: int
+    ) -> list[Notification]:
+        """Claim up to ``limit`` unclaimed ``queued`` messages created before ``before``.
+
+        ``FOR UPDATE SKIP LOCKED``: notifiers sweeping at once each claim other rows.
+        """
+
+        async def job(conn: _Conn) -> list[Notification]:
+            rows = await conn.fetch(
+                "UPDATE notifications SET claimed_by = $1, claimed_until = $2 "
+                "WHERE notification_id IN ("
+                "SELECT notification_id FROM notifications WHERE status = 'queued' "
+                "AND created_at < $3 AND (claimed_by IS NULL OR claimed_until < $4) "
+                "ORDER BY created_at, notification_id LIMIT $5 FOR UPDATE SKIP LOCKED) "
+                "RETURNING *",
+                holder,
+                ts(until),
+                ts(before),
+                ts(now),
+                max(limit, 0),
+            )
+            found = [notification_from(row) for row in rows]
+            return sorted(found, key=lambda n: (n.created_at, n.notification_id))
+
+        return await self._run(job)
+
+    async def held_owners(self, *, limit: int = 1000) -> list[str]:
+        """Owners with ``held`` messages."""
+
+        async def job(conn: _Conn) -> list[str]:
+            rows = await conn.fetch(
+                "SELECT DISTINCT owner_id FROM notifications WHERE status = 'held' "
+                "ORDER BY owner_id LIMIT $1",
+                max(limit, 0),
+            )
+            return [str(row[0]) for row in rows]
 
         return await self._run(job)
 

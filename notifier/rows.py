@@ -37,6 +37,7 @@ from notifier.model import (
     Window,
     mask_target,
 )
+from notifier.store import CaseTimer
 
 __all__ = [
     "Row",
@@ -70,6 +71,7 @@ __all__ = [
     "technician_from",
     "technician_row",
     "time_opt",
+    "timer_from",
     "token_hash",
     "ts",
     "ts_opt",
@@ -509,3 +511,8 @@ def exported_channel(channel: PushChannel) -> dict[str, Any]:
         "created_at": ts_opt(channel.created_at),
         "failures": channel.failures,
     }
+
+
+def timer_from(row: Row) -> CaseTimer:
+    """Read a case's timer from a row of ``case_timers``."""
+    return CaseTimer(case_id=row["case_id"], what=row["what"], due=dt(row["due_at"]))

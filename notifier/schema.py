@@ -8,11 +8,11 @@ shipped.
 
 A statement is written once in the SQL both engines speak, or as :class:`Dialects` where
 they differ. :func:`render` turns the steps into one engine's statements; for PostgreSQL it
-also maps the column types of a ``CREATE TABLE``: ``TEXT`` compares byte by byte
-(``COLLATE "C"``, as in SQLite, so ids and the fixed-width ISO 8601 UTC times sort the
-same under any database locale) and ``REAL`` is ``DOUBLE PRECISION`` (PostgreSQL's
-``REAL`` has 4 bytes only). Times, JSON and flags are stored alike in both (ISO text,
-JSON text, 0/1), so both stores read a row the same way.
+also maps the column types of a ``CREATE TABLE`` (and of an ``ALTER TABLE ... ADD
+COLUMN``): ``TEXT`` compares byte by byte (``COLLATE "C"``, as in SQLite, so ids and the
+fixed-width ISO 8601 UTC times sort the same under any database locale) and ``REAL`` is
+``DOUBLE PRECISION`` (PostgreSQL's ``REAL`` has 4 bytes only). Times, JSON and flags are
+stored alike in both (ISO text, JSON text, 0/1), so both stores read a row the same way.
 """
 
 from __future__ import annotations
@@ -296,10 +296,43 @@ _V5: Final[Step] = (
 # Deliveries that no process took are found by status (Outbox.sweep), all owners at once.
 _V6: Final[Step] = ("CREATE INDEX notifications_by_status ON notifications (status, created_at)",)
 
-#: The schema, oldest step first.
-STEPS: Final[tuple[Step, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6)
+# Notifiers side by side on one store (issue 15):
+# * a case is handled by one notifier at a time: it holds the lease on the case's key
+#   (device/fault) until it lets go or ``until_at`` passes (a notifier that died);
+# * a case's timer (a command to retry, a check to run) is a due row; a notifier takes
+#   the due rows (``FOR UPDATE SKIP LOCKED`` in PostgreSQL) and pushes them forward while
+#   it handles them, so a timer of a notifier that died fires again elsewhere; cases that
+#   wait on a timer get one now (at once, as a restart did);
+# * every owner message has an idempotency key, kept unique, so a race or a crash never
+#   writes (and so never sends) one twice; older messages have none;
+# * a queued message is claimed by the notifier that delivers it until ``claimed_until``.
+_V7: Final[Step] = (
+    """CREATE TABLE case_leases (
+        lease_key TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        until_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE case_timers (
+        case_id TEXT PRIMARY KEY,
+        what TEXT NOT NULL,
+        due_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX case_timers_due ON case_timers (due_at)",
+    """INSERT INTO case_timers (case_id, what, due_at)
+        SELECT case_id, CASE WHEN state = 'verifying' THEN 'verify' ELSE 'retry' END, updated_at
+        FROM cases WHERE state IN ('remote_fix', 'verifying')""",
+    "ALTER TABLE notifications ADD COLUMN idem_key TEXT",
+    "ALTER TABLE notifications ADD COLUMN claimed_by TEXT",
+    "ALTER TABLE notifications ADD COLUMN claimed_until TEXT",
+    "CREATE UNIQUE INDEX notifications_key ON notifications (idem_key)",
+)
 
-_CREATE_TABLE: Final = re.compile(r"\s*CREATE TABLE\b", re.IGNORECASE)
+#: The schema, oldest step first.
+STEPS: Final[tuple[Step, ...]] = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
+
+_CREATE_TABLE: Final = re.compile(
+    r"\s*(CREATE TABLE\b|ALTER TABLE \w+ ADD COLUMN\b)", re.IGNORECASE
+)
 _PG_TYPES: Final = (
     (re.compile(r"\bTEXT\b"), 'TEXT COLLATE "C"'),
     (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),

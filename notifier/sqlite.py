@@ -92,12 +92,13 @@ from notifier.rows import (
     task_row,
     technician_from,
     technician_row,
+    timer_from,
     token_hash,
     ts,
     ts_opt,
 )
 from notifier.schema import render
-from notifier.store import Principal
+from notifier.store import CaseTimer, Principal
 from wire.errors import ConfigError, StoreUnavailableError
 
 __all__ = ["ERASED_OWNER", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
@@ -216,6 +217,42 @@ def _link_subject(conn: sqlite3.Connection, issuer: str, subject: str, owner_id:
         "SELECT owner_id FROM owner_subjects WHERE issuer = ? AND subject = ?", (issuer, subject)
     ).fetchone()
     return str(row[0])
+
+
+def _add_message(
+    conn: sqlite3.Connection,
+    notification: Notification,
+    key: str,
+    holder: str,
+    claim_until: datetime,
+    max_per_day: int | None,
+    since: datetime | None,
+) -> Notification | None:
+    """:meth:`SqliteStore.add_message` inside its transaction."""
+    if (
+        conn.execute("SELECT 1 FROM owners WHERE owner_id = ?", (notification.owner_id,)).fetchone()
+        is None
+    ):
+        return None
+    if conn.execute("SELECT 1 FROM notifications WHERE idem_key = ?", (key,)).fetchone():
+        return None
+    if notification.status == "queued" and max_per_day is not None:
+        pushed = conn.execute(
+            "SELECT count(*) FROM notifications WHERE owner_id = ? AND created_at >= ? "
+            "AND status IN ('sent', 'queued', 'failed')",
+            (notification.owner_id, ts(since or notification.created_at)),
+        ).fetchone()[0]
+        if pushed >= max_per_day:
+            notification = replace(notification, status="held")
+    queued = notification.status == "queued"
+    row = {
+        **notification_row(notification),
+        "idem_key": key,
+        "claimed_by": holder if queued else None,
+        "claimed_until": ts(claim_until) if queued else None,
+    }
+    _insert(conn, "notifications", row)
+    return notification
 
 
 def _constraint(exc: sqlite3.IntegrityError) -> str:
@@ -761,6 +798,96 @@ class SqliteStore:
 
         return await self._run(job)
 
+    # -- notifiers side by side: leases and timers ---------------------------------------------
+    # One process holds the file's write lock at a time (BEGIN IMMEDIATE), so a lease or a
+    # timer is taken by a plain read-then-write; the same calls as PostgreSQL's.
+
+    async def take_lease(self, key: str, holder: str, *, now: datetime, until: datetime) -> bool:
+        """Take (or extend) the lease on ``key`` for ``holder``; ``False`` while another's runs."""
+        params = {"key": key, "holder": holder, "now": ts(now), "until": ts(until)}
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cursor = conn.execute(
+                    "INSERT INTO case_leases (lease_key, holder, until_at) "
+                    "VALUES (:key, :holder, :until) ON CONFLICT (lease_key) DO UPDATE "
+                    "SET holder = excluded.holder, until_at = excluded.until_at "
+                    "WHERE case_leases.holder = :holder OR case_leases.until_at < :now",
+                    params,
+                )
+                return cursor.rowcount > 0
+
+        return await self._run(job)
+
+    async def drop_lease(self, key: str, holder: str) -> None:
+        """Give up ``holder``'s lease on ``key``."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "DELETE FROM case_leases WHERE lease_key = ? AND holder = ?", (key, holder)
+                )
+
+        await self._run(job)
+
+    async def set_timer(self, timer: CaseTimer, *, replace: bool = True) -> None:
+        """Set a case's timer (``replace=False``: only if it has none)."""
+        row = {"case_id": timer.case_id, "what": timer.what, "due_at": ts(timer.due)}
+        conflict = "DO UPDATE SET what = excluded.what, due_at = excluded.due_at"
+
+        def job(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO case_timers (case_id, what, due_at) "
+                    "VALUES (:case_id, :what, :due_at) "
+                    f"ON CONFLICT (case_id) {conflict if replace else 'DO NOTHING'}",
+                    row,
+                )
+
+        await self._run(job)
+
+    async def get_timer(self, case_id: str) -> CaseTimer | None:
+        """Return a case's timer."""
+
+        def job(conn: sqlite3.Connection) -> CaseTimer | None:
+            row = conn.execute("SELECT * FROM case_timers WHERE case_id = ?", (case_id,)).fetchone()
+            return None if row is None else timer_from(row)
+
+        return await self._run(job)
+
+    async def take_timers(
+        self, *, now: datetime, hold_until: datetime, limit: int
+    ) -> list[CaseTimer]:
+        """Take up to ``limit`` due timers, pushing each forward to ``hold_until``."""
+        hold = ts(hold_until)
+
+        def job(conn: sqlite3.Connection) -> list[CaseTimer]:
+            with _transaction(conn):
+                rows = conn.execute(
+                    "SELECT * FROM case_timers WHERE due_at <= ? ORDER BY due_at, case_id LIMIT ?",
+                    (ts(now), max(limit, 0)),
+                ).fetchall()
+                conn.executemany(
+                    "UPDATE case_timers SET due_at = ? WHERE case_id = ?",
+                    [(hold, row["case_id"]) for row in rows],
+                )
+            return [replace(timer_from(row), due=hold_until) for row in rows]
+
+        return await self._run(job)
+
+    async def finish_timer(self, timer: CaseTimer) -> bool:
+        """Remove a taken timer unless it was set again since."""
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cursor = conn.execute(
+                    "DELETE FROM case_timers WHERE case_id = ? AND due_at = ?",
+                    (timer.case_id, ts(timer.due)),
+                )
+                return cursor.rowcount > 0
+
+        return await self._run(job)
+
     # -- technicians and appointments ----------------------------------------------------------
 
     async def put_technician(self, technician: Technician) -> None:
@@ -1061,6 +1188,78 @@ class SqliteStore:
                 (ts(before), limit),
             )
             return [notification_from(row) for row in rows]
+
+        return await self._run(job)
+
+    async def add_message(
+        self,
+        notification: Notification,
+        *,
+        key: str,
+        holder: str,
+        claim_until: datetime,
+        max_per_day: int | None = None,
+        since: datetime | None = None,
+    ) -> Notification | None:
+        """Keep a new owner message once per ``key`` (held past ``max_per_day``)."""
+
+        def job(conn: sqlite3.Connection) -> Notification | None:
+            with _transaction(conn):
+                return _add_message(
+                    conn, notification, key, holder, claim_until, max_per_day, since
+                )
+
+        return await self._run(job)
+
+    async def claim_notification(
+        self, notification_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> bool:
+        """Claim a ``queued`` message for delivery unless another holder's claim runs."""
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                cursor = conn.execute(
+                    "UPDATE notifications SET claimed_by = :holder, claimed_until = :until "
+                    "WHERE notification_id = :id AND status = 'queued' AND "
+                    "(claimed_by IS NULL OR claimed_by = :holder OR claimed_until < :now)",
+                    {"holder": holder, "until": ts(until), "id": notification_id, "now": ts(now)},
+                )
+                return cursor.rowcount > 0
+
+        return await self._run(job)
+
+    async def claim_queued(
+        self, holder: str, *, now: datetime, until: datetime, before: datetime, limit: int
+    ) -> list[Notification]:
+        """Claim up to ``limit`` unclaimed ``queued`` messages created before ``before``."""
+
+        def job(conn: sqlite3.Connection) -> list[Notification]:
+            with _transaction(conn):
+                rows = conn.execute(
+                    "SELECT * FROM notifications WHERE status = 'queued' AND created_at < ? "
+                    "AND (claimed_by IS NULL OR claimed_until < ?) "
+                    "ORDER BY created_at, notification_id LIMIT ?",
+                    (ts(before), ts(now), max(limit, 0)),
+                ).fetchall()
+                conn.executemany(
+                    "UPDATE notifications SET claimed_by = ?, claimed_until = ? "
+                    "WHERE notification_id = ?",
+                    [(holder, ts(until), row["notification_id"]) for row in rows],
+                )
+            return [notification_from(row) for row in rows]
+
+        return await self._run(job)
+
+    async def held_owners(self, *, limit: int = 1000) -> list[str]:
+        """Owners with ``held`` messages."""
+
+        def job(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT owner_id FROM notifications WHERE status = 'held' "
+                "ORDER BY owner_id LIMIT ?",
+                (max(limit, 0),),
+            )
+            return [str(row[0]) for row in rows]
 
         return await self._run(job)
 

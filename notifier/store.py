@@ -17,6 +17,7 @@ Writes that must not race (booking a slot, moving a case) are atomic in the stor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -36,11 +37,30 @@ from notifier.model import (
 if TYPE_CHECKING:  # the registry module imports this one
     from notifier.registry import DeviceRegistry
 
-__all__ = ["CaseStore", "Principal", "PrincipalKind"]
+__all__ = ["CaseStore", "CaseTimer", "Principal", "PrincipalKind", "TimerKind"]
 
 PrincipalKind = Literal["owner", "technician", "ops"]
 #: Who an API token stands for: ``(kind, id)``.
 Principal = tuple[PrincipalKind, str]
+
+
+#: What a case's timer does when due: send its command again, or check the fix.
+TimerKind = Literal["retry", "verify"]
+
+
+@dataclass(frozen=True, slots=True)
+class CaseTimer:
+    """A case's timer: one per case, a row in the store (notifiers share them).
+
+    Attributes:
+        case_id: the case.
+        what: what to do when it is due.
+        due: when it is due (as stored: a timer being handled is pushed forward).
+    """
+
+    case_id: str
+    what: TimerKind
+    due: datetime
 
 
 class CaseStore(Protocol):
@@ -173,6 +193,41 @@ class CaseStore(Protocol):
     async def audit(self, case_id: str) -> list[AuditEntry]:
         """Return a case's audit trail, oldest first."""
 
+    # -- notifiers side by side: leases and timers ----------------------------------
+    async def take_lease(self, key: str, holder: str, *, now: datetime, until: datetime) -> bool:
+        """Take (or extend) the lease on ``key`` for ``holder`` until ``until``.
+
+        Returns:
+            ``True`` if ``holder`` holds it now: it was free, expired before ``now``, or
+            ``holder``'s already; ``False`` while another holder's lease runs.
+        """
+
+    async def drop_lease(self, key: str, holder: str) -> None:
+        """Give up ``holder``'s lease on ``key`` (nothing if another holds it)."""
+
+    async def set_timer(self, timer: CaseTimer, *, replace: bool = True) -> None:
+        """Set a case's timer (``replace=False``: only if the case has none)."""
+
+    async def get_timer(self, case_id: str) -> CaseTimer | None:
+        """Return a case's timer."""
+
+    async def take_timers(
+        self, *, now: datetime, hold_until: datetime, limit: int
+    ) -> list[CaseTimer]:
+        """Take up to ``limit`` timers due at ``now``, earliest first.
+
+        Each is pushed forward to ``hold_until`` as it is taken, so another caller does
+        not take it meanwhile (PostgreSQL skips rows another transaction holds), and a
+        caller that dies leaves it to fire again then. The timers come back as stored.
+        """
+
+    async def finish_timer(self, timer: CaseTimer) -> bool:
+        """Remove a taken timer unless it was set again since (its ``due`` changed).
+
+        Returns:
+            Whether it was removed.
+        """
+
     # -- technicians and appointments ----------------------------------------------
     async def put_technician(self, technician: Technician) -> None:
         """Insert or replace a technician."""
@@ -250,6 +305,49 @@ class CaseStore(Protocol):
 
     async def queued_notifications(self, *, before: datetime, limit: int) -> list[Notification]:
         """Every owner's notifications still ``queued`` made before ``before``, oldest first."""
+
+    async def add_message(
+        self,
+        notification: Notification,
+        *,
+        key: str,
+        holder: str,
+        claim_until: datetime,
+        max_per_day: int | None = None,
+        since: datetime | None = None,
+    ) -> Notification | None:
+        """Keep a new owner message once: its idempotency ``key`` is unique.
+
+        A ``queued`` message past the owner's ``max_per_day`` (messages ``sent``,
+        ``queued`` or ``failed`` created from ``since``, counted in the same transaction)
+        is kept ``held`` instead; a ``queued`` one is claimed for delivery by ``holder``
+        until ``claim_until``.
+
+        Returns:
+            The message as kept, or ``None`` when ``key`` was kept before (or its owner
+            is gone).
+        """
+
+    async def claim_notification(
+        self, notification_id: str, holder: str, *, now: datetime, until: datetime
+    ) -> bool:
+        """Claim a ``queued`` message for delivery until ``until``.
+
+        Returns:
+            ``False`` if it is not queued, or another holder's claim runs past ``now``.
+        """
+
+    async def claim_queued(
+        self, holder: str, *, now: datetime, until: datetime, before: datetime, limit: int
+    ) -> list[Notification]:
+        """Claim up to ``limit`` ``queued`` messages nobody holds, oldest first.
+
+        Only messages created before ``before``; PostgreSQL skips rows another
+        transaction holds.
+        """
+
+    async def held_owners(self, *, limit: int = 1000) -> list[str]:
+        """Owners with ``held`` messages (to send them a digest)."""
 
     async def add_task(self, task: Task) -> None:
         """Insert or replace a task for a person."""

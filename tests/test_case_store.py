@@ -210,7 +210,7 @@ async def test_implements_the_case_store_protocol(store: Store) -> None:
         for name, value in vars(CaseStore).items()
         if not name.startswith("_") and inspect.iscoroutinefunction(value)
     }
-    assert len(protocol_methods) == 43
+    assert len(protocol_methods) == 53
     assert protocol_methods <= set(dir(as_protocol))
     for name in protocol_methods:
         assert inspect.signature(getattr(type(store), name)) == inspect.signature(

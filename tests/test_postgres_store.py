@@ -83,7 +83,7 @@ async def test_a_new_database_is_migrated_to_the_current_version(
     tables, versions = await tables_and_version(empty_url)
     assert versions == [SCHEMA_VERSION] == [len(STEPS)]
     assert {"cases", "audit", "owners", "registry", "invites", "used_links"} <= tables
-    assert "migrated from schema version 0 to 6" in caplog.text
+    assert f"migrated from schema version 0 to {SCHEMA_VERSION}" in caplog.text
     # opened again: nothing to do, the data is there
     caplog.clear()
     async with PostgresStore(empty_url) as store:

@@ -1,0 +1,228 @@
+"""Notifiers side by side on one case store: leases, due timers, keyed and claimed messages.
+
+Every test runs on SQLite and on a real PostgreSQL (``pg_url``). Two or three store
+objects on one database stand for notifier instances, each with its own connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from test_case_store import make_case, make_owner
+
+from notifier.model import Notification
+from notifier.postgres import PostgresStore
+from notifier.rows import case_row
+from notifier.sqlite import MIGRATIONS, SqliteStore
+from notifier.store import CaseTimer
+
+Store = SqliteStore | PostgresStore
+
+T0 = datetime(2025, 3, 10, 8, 30, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "cases.db")
+    url: str = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)
+
+
+@pytest.fixture
+async def stores(open_store: Callable[[], Store]) -> AsyncIterator[list[Store]]:
+    """Three stores on one database, one per notifier instance."""
+    opened = [await open_store().open() for _ in range(3)]
+    try:
+        yield opened
+    finally:
+        for one in opened:
+            await one.close()
+
+
+async def test_a_lease_is_held_by_one_holder_until_it_expires(stores: list[Store]) -> None:
+    a, b, c = stores
+    assert await a.take_lease("dev-1/fan", "a", now=at(0), until=at(30))
+    # another holder cannot take it while it runs; its holder extends it
+    assert not await b.take_lease("dev-1/fan", "b", now=at(10), until=at(40))
+    assert await a.take_lease("dev-1/fan", "a", now=at(20), until=at(50))
+    assert not await c.take_lease("dev-1/fan", "c", now=at(45), until=at(75))
+    # the holder died (never let go): once the lease has run out, another takes it
+    assert await b.take_lease("dev-1/fan", "b", now=at(51), until=at(81))
+    assert not await a.take_lease("dev-1/fan", "a", now=at(52), until=at(82))
+    # letting go frees it at once; only the holder can let go
+    await a.drop_lease("dev-1/fan", "a")
+    assert not await c.take_lease("dev-1/fan", "c", now=at(53), until=at(83))
+    await b.drop_lease("dev-1/fan", "b")
+    assert await c.take_lease("dev-1/fan", "c", now=at(53), until=at(83))
+    # other keys are their own
+    assert await a.take_lease("dev-2/fan", "a", now=at(53), until=at(83))
+
+
+async def test_many_holders_racing_for_one_lease_get_it_once(stores: list[Store]) -> None:
+    rounds = 20
+    for n in range(rounds):
+        key = f"dev-{n}/fan"
+        holders = [f"holder-{i}-{j}" for i in range(len(stores)) for j in range(3)]
+        won = await asyncio.gather(
+            *(
+                stores[int(holder.split("-")[1])].take_lease(key, holder, now=at(0), until=at(30))
+                for holder in holders
+            )
+        )
+        assert sum(won) == 1, (key, won)
+
+
+async def test_due_timers_are_taken_once_and_fire_again_if_not_finished(
+    stores: list[Store],
+) -> None:
+    a, b, c = stores
+    for n in range(30):
+        await a.set_timer(CaseTimer(f"case-{n:02}", "verify", at(n)))
+    await a.set_timer(CaseTimer("case-later", "retry", at(500)))
+    # replace=False keeps a timer that is set
+    await a.set_timer(CaseTimer("case-later", "verify", at(1)), replace=False)
+    assert await a.get_timer("case-later") == CaseTimer("case-later", "retry", at(500))
+
+    # three instances take at the same moment: every due timer goes to exactly one
+    taken = await asyncio.gather(
+        *(s.take_timers(now=at(100), hold_until=at(160), limit=7) for s in (a, b, c) for _ in "xy")
+    )
+    ids = [timer.case_id for batch in taken for timer in batch]
+    assert len(ids) == len(set(ids)) == 30
+    assert all(timer.due == at(160) for batch in taken for timer in batch)
+    assert await a.take_timers(now=at(100), hold_until=at(160), limit=100) == []
+
+    # finished timers go; one set again meanwhile (a new check) stays; one whose holder
+    # died comes back when its hold runs out
+    batch = [timer for group in taken for timer in group]
+    finished, again, dead = batch[:20], batch[20], batch[21:]
+    for timer in finished:
+        assert await b.finish_timer(timer)
+    await c.set_timer(CaseTimer(again.case_id, "verify", at(170)))
+    assert not await b.finish_timer(again)
+    back = await c.take_timers(now=at(175), hold_until=at(235), limit=100)
+    assert sorted(t.case_id for t in back) == sorted([again.case_id, *(t.case_id for t in dead)])
+    assert await a.get_timer(finished[0].case_id) is None
+
+
+def note(notification_id: str, *, minutes: float = 0, status: str = "queued") -> Notification:
+    return Notification(
+        notification_id=notification_id,
+        owner_id="owner-1",
+        case_id="case-1",
+        kind="consent_request",
+        title="t",
+        body="b",
+        actions=(("accept", "Yes"),),
+        created_at=T0 + timedelta(minutes=minutes),
+        status=status,  # type: ignore[arg-type]
+    )
+
+
+async def test_an_owner_message_is_kept_once_per_key(stores: list[Store]) -> None:
+    a, b, c = stores
+    await a.put_owner(make_owner(max_per_day=50))
+    await a.add_case(make_case())
+    kept = await asyncio.gather(
+        *(
+            store.add_message(
+                note(f"n-{i}"), key="case-1/consent_request/1", holder=f"h{i}", claim_until=at(60)
+            )
+            for i, store in enumerate((a, b, c, a, b, c))
+        )
+    )
+    assert sum(1 for k in kept if k is not None) == 1
+    assert len(await a.notifications("owner-1")) == 1
+
+
+async def test_the_daily_limit_is_counted_in_the_store_across_instances(
+    stores: list[Store],
+) -> None:
+    a, b, c = stores
+    await a.put_owner(make_owner(max_per_day=4))
+    await a.add_case(make_case())
+    kept = await asyncio.gather(
+        *(
+            store.add_message(
+                note(f"n-{i:02}", minutes=i / 60),
+                key=f"k-{i}",
+                holder="h",
+                claim_until=at(60),
+                max_per_day=4,
+                since=T0 - timedelta(days=1),
+            )
+            for i, store in enumerate((a, b, c) * 4)
+        )
+    )
+    statuses = sorted(k.status for k in kept if k is not None)
+    assert statuses == ["held"] * 8 + ["queued"] * 4
+    stored = await a.notifications("owner-1")
+    assert sorted(n.status for n in stored) == statuses
+
+
+async def test_queued_messages_are_claimed_by_one_sweep(stores: list[Store]) -> None:
+    a, b, c = stores
+    await a.put_owner(make_owner(max_per_day=100))
+    await a.add_case(make_case())
+    for i in range(40):
+        await a.add_notification(note(f"n-{i:02}", minutes=i / 60))
+    swept = await asyncio.gather(
+        *(
+            s.claim_queued(s_name, now=at(3600), until=at(3900), before=at(3600), limit=9)
+            for s, s_name in ((a, "a"), (b, "b"), (c, "c"), (a, "a"), (b, "b"), (c, "c"))
+        )
+    )
+    ids = [n.notification_id for batch in swept for n in batch]
+    assert len(ids) == len(set(ids)) == 40
+    # a claimed message is delivered by its holder only, until the claim runs out
+    first = swept[0][0].notification_id
+    assert await a.claim_notification(first, "a", now=at(3700), until=at(4000))
+    assert not await b.claim_notification(first, "b", now=at(3700), until=at(4000))
+    assert await b.claim_notification(first, "b", now=at(4001), until=at(4300))
+    assert await c.claim_queued("c", now=at(3700), until=at(4000), before=at(3700), limit=99) == []
+    # a message delivered (no longer queued) is not claimed again
+    delivered = next(n for batch in swept for n in batch if n.notification_id == first)
+    await b.add_notification(Notification(**{**_fields(delivered), "status": "sent"}))
+    assert not await c.claim_notification(first, "c", now=at(9999), until=at(10_300))
+    back = await c.claim_queued("c", now=at(9999), until=at(10_300), before=at(9999), limit=99)
+    assert len(back) == 39
+    assert await a.held_owners() == []
+
+
+def _fields(notification: Notification) -> dict[str, object]:
+    return {name: getattr(notification, name) for name in Notification.__dataclass_fields__}
+
+
+async def test_cases_waiting_on_a_timer_get_one_when_a_store_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "v6.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version (version) VALUES (6)")
+    for step in MIGRATIONS[:6]:
+        for statement in step:
+            conn.execute(statement)
+    for case in (
+        make_case("c-verify", state="verifying", device_id="d1", updated_at=at(5)),
+        make_case("c-fix", state="remote_fix", device_id="d2", updated_at=at(6)),
+        make_case("c-booked", state="booked", device_id="d3"),
+    ):
+        row = case_row(case)
+        conn.execute(
+            f"INSERT INTO cases ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})",
+            list(row.values()),
+        )
+    conn.close()
+    async with SqliteStore(path) as store:
+        assert await store.get_timer("c-verify") == CaseTimer("c-verify", "verify", at(5))
+        assert await store.get_timer("c-fix") == CaseTimer("c-fix", "retry", at(6))
+        assert await store.get_timer("c-booked") is None
