@@ -56,7 +56,7 @@ from wire.protocol import CASES_TOPIC
 from wire.settings import MqttSettings
 from wire.supervisor import StageHealth, supervise
 
-__all__ = ["DashboardService", "decode_case_change"]
+__all__ = ["DashboardService", "decode_case_change", "follow_users"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -66,6 +66,40 @@ _USERS_POLL_S: Final = 2.0
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def follow_users(
+    users: OpsUsersFile,
+    sessions: SessionStore | None,
+    streams: dict[Subscription, str],
+    ended: Callable[[int], None] = lambda count: None,
+    *,
+    poll_s: float = _USERS_POLL_S,
+) -> None:
+    """End the sessions of ops users removed, or whose password or role changed, for ever.
+
+    Used by ``fixloop dashboard`` and ``fixloop up`` alike: the users file is read again
+    every ``poll_s``; a changed user's sessions end and their open live pages close now
+    (as a logout does), not at the next heartbeat. ``ended`` hears how many sessions each
+    change ended. A file that cannot be read leaves the users read before in force.
+    """
+    await asyncio.to_thread(users.changed_users)  # what is in force now
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            changed = await asyncio.to_thread(users.changed_users)
+        except ConfigError as exc:
+            _LOG.error("%s; the users read before stay in force", exc)
+            continue
+        if not changed or sessions is None:
+            continue
+        for username in sorted(changed):
+            count = sessions.end_user(username)
+            ended(count)
+            _LOG.info("ops user %s was removed or changed: %d sessions ended", username, count)
+        for subscription, session_id in tuple(streams.items()):
+            if sessions.peek(session_id) is None:
+                subscription.close()
 
 
 class _CaseChange(BaseModel):
@@ -344,23 +378,8 @@ class DashboardService:
 
     async def _watch_users(self) -> None:
         """End the sessions of users removed, or whose password or role changed."""
-        users = self.users
-        await asyncio.to_thread(users.changed_users)  # what is in force now
-        while True:
-            await asyncio.sleep(_USERS_POLL_S)
-            try:
-                changed = await asyncio.to_thread(users.changed_users)
-            except ConfigError as exc:
-                _LOG.error("%s; the users read before stay in force", exc)
-                continue
-            sessions = self._sessions
-            if not changed or sessions is None:
-                continue
-            for username in sorted(changed):
-                ended = sessions.end_user(username)
-                self.sessions_ended += ended
-                _LOG.info("ops user %s was removed or changed: %d sessions ended", username, ended)
-            # wake their open pages now (as a logout does), not at the next heartbeat
-            for subscription, session_id in tuple(self._streams.items()):
-                if sessions.peek(session_id) is None:
-                    subscription.close()
+
+        def ended(count: int) -> None:
+            self.sessions_ended += count
+
+        await follow_users(self.users, self._sessions, self._streams, ended)

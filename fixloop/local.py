@@ -21,11 +21,19 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from pydantic import SecretStr
@@ -33,6 +41,8 @@ from pydantic import SecretStr
 from dashboard.app import create_app
 from dashboard.auth import MappingUsers, OpsUser, UserStore, hash_password
 from dashboard.feed import CaseFeed
+from dashboard.keys import SESSIONS_KEY, STREAMS_KEY
+from dashboard.service import follow_users
 from dashboard.users import OpsUsersFile
 from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
@@ -362,6 +372,8 @@ class _Services:
     gateway: Gateway
     diagnostics: DiagnosticsService
     notifier: NotifierService
+    #: further stages, by name: each is started with the others and runs until the stop
+    extra: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = field(default_factory=list)
 
 
 async def _start_broker(
@@ -421,6 +433,7 @@ async def _run_stages(
                 stages.create_task(notifier.run(), name="notifier"),
                 stages.create_task(_report(gateway, diagnostics, notifier), name="status"),
             ]
+            forever.extend(stages.create_task(start(), name=name) for name, start in services.extra)
             try:
                 async with asyncio.timeout(30):
                     await gateway.wait_subscribed()
@@ -609,20 +622,21 @@ async def run_local_stack(settings: Settings, stop: asyncio.Event) -> None:
             secret,
         )
         users, ops_login = _ops_users(settings, secret)
-        dashboard = await steps.enter_async_context(
-            _serve(
-                create_app(
-                    store=notifier.store,
-                    influx=dashboard_influx,
-                    actions=notifier.loop,
-                    users=users,
-                    campaign=_Campaigns(notifier.loop),
-                    feed=feed,
-                    settings=settings.dashboard,
-                ),
-                ports["dashboard"],
-            )
+        app = create_app(
+            store=notifier.store,
+            influx=dashboard_influx,
+            actions=notifier.loop,
+            users=users,
+            campaign=_Campaigns(notifier.loop),
+            feed=feed,
+            settings=settings.dashboard,
         )
+        dashboard = await steps.enter_async_context(_serve(app, ports["dashboard"]))
+        if isinstance(users, OpsUsersFile):
+            # a user removed or changed with `fixloop ops-users` loses their open sessions
+            services.extra.append(
+                ("ops-users", lambda: follow_users(users, app[SESSIONS_KEY], app[STREAMS_KEY]))
+            )
 
         def banner(models: Counter[str]) -> str:
             assert services.diagnostics.engine is not None

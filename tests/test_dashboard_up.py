@@ -24,6 +24,18 @@ pytestmark = pytest.mark.integration
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def _whoami(base: str, cookie: str) -> int:
+    """GET the session's own record with a session cookie; return the status."""
+    request = urllib.request.Request(
+        f"{base}api/session", headers={"Cookie": cookie.split(";", 1)[0]}
+    )
+    try:
+        with _OPENER.open(request, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def _login(url: str, password: str, username: str = "ops") -> tuple[int, str]:
     """POST a login from the public URL's origin; return the status and ``Set-Cookie``."""
     request = urllib.request.Request(
@@ -118,11 +130,30 @@ def test_up_takes_the_ops_users_of_its_data_folder(tmp_path: Path) -> None:
         assert Path(match.group(2)).resolve() == users_file.resolve()
         assert "password" not in text.split("dashboard", 1)[1].split("\n", 1)[0]
         login = f"{match.group(1)}login"
-        assert _login(login, "alice's long password", "alice")[0] == 200
+        status, cookie = _login(login, "alice's long password", "alice")
+        assert status == 200
+        assert _whoami(match.group(1), cookie) == 200
         # the demo's generated user is not made beside the folder's users
         secret = (tmp_path / "fleet_secret").read_text().strip()
         demo_password = derive(secret, "demo ops password", "ops").hex()[:16]
         assert _login(login, demo_password, "ops")[0] == 401
+        # a user removed while up runs loses the session already open, not only the login
+        removed = subprocess.run(
+            [
+                *(sys.executable, "-m", "fixloop", "ops-users", "remove", "alice"),
+                *("--data-dir", str(tmp_path)),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert removed.returncode == 0, removed.stderr
+        deadline = time.monotonic() + 30
+        while (seen := _whoami(match.group(1), cookie)) == 200:
+            assert time.monotonic() < deadline, "alice's session outlived her removal"
+            time.sleep(0.2)
+        assert seen == 401
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
