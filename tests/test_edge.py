@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from dashboard.middleware import error_middleware as dashboard_errors
 from dashboard.middleware import read_json as dashboard_body
-from notifier.api import _edge as api_edge
+from notifier.api.middleware import edge_middleware as api_edge
 from notifier.edge import ERROR_STATUS, MAX_BODY_BYTES, error_status
 from notifier.errors import (
     ConflictError,

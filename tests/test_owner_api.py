@@ -1342,7 +1342,7 @@ async def test_openapi_names_the_public_server() -> None:
 async def test_history_and_titles_come_from_the_message_catalogue_when_installed(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import notifier.api as api
+    import notifier.api.words as words
 
     seen: list[tuple[Any, ...]] = []
 
@@ -1353,8 +1353,8 @@ async def test_history_and_titles_come_from_the_message_catalogue_when_installed
     def fault_title(fault: str, model: str, language: str) -> str:
         return f"title of {fault} on {model} in {language}"
 
-    monkeypatch.setattr(api, "_CATALOG_HISTORY", plain_history)
-    monkeypatch.setattr(api, "_CATALOG_TITLE", fault_title)
+    monkeypatch.setattr(words, "_CATALOG_HISTORY", plain_history)
+    monkeypatch.setattr(words, "_CATALOG_TITLE", fault_title)
     case = await (await world.client.get(f"{API_PREFIX}/cases/c-a1", headers=_hdr(ALICE))).json()
     assert case["history"] == ["Told in plain words."]
     assert case["title"] == "title of fan_bearing_wear on heatpump-x in en"
