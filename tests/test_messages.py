@@ -30,6 +30,8 @@ from notifier.messages import (
     resolve_language,
     state_title,
 )
+from notifier.messages.languages import CATALOGUES, _placeholders
+from notifier.messages.rendering import _ELLIPSIS
 from notifier.model import TRANSITIONS
 
 MODELS = ("washer", "fridge", "heat_pump")
@@ -114,11 +116,11 @@ def test_every_language_can_say_the_same_things() -> None:
     assert set(LANGUAGES) >= {"en", "de", "fr"}
     assert catalogue_problems() == []
     for code in LANGUAGES:
-        assert set(messages._CATALOGUES[code].templates) == set(KINDS)
+        assert set(CATALOGUES[code].templates) == set(KINDS)
 
 
 def test_the_catalogue_check_notices_differences() -> None:
-    german = messages._CATALOGUES["de"]
+    german = CATALOGUES["de"]
     offer = german.templates["appointment_offer"]
     no_fault = dataclasses.replace(offer, body=tuple(s.replace("{fault}", "") for s in offer.body))
     no_action = dataclasses.replace(offer, actions=(offer.actions[0],))
@@ -128,7 +130,7 @@ def test_the_catalogue_check_notices_differences() -> None:
         templates={**german.templates, "appointment_offer": no_fault, "resolved": no_action},
         faults=faults,
     )
-    problems = catalogue_problems({"en": messages._CATALOGUES["en"], "de": broken})
+    problems = catalogue_problems({"en": CATALOGUES["en"], "de": broken})
     assert any("appointment_offer has other placeholders" in p for p in problems)
     assert any("resolved has other actions" in p for p in problems)
     assert any("faults differ" in p and "drain_clog" in p for p in problems)
@@ -136,7 +138,7 @@ def test_the_catalogue_check_notices_differences() -> None:
 
 def test_the_catalogue_check_notices_missing_phrases_in_english_too() -> None:
     assert set(TRANSITIONS) <= set(messages.STATES)
-    english = messages._CATALOGUES["en"]
+    english = CATALOGUES["en"]
     states = {k: v for k, v in english.states.items() if k != "visited"}
     products = {k: v for k, v in english.products.items() if k != "fridge"}
     broken = dataclasses.replace(english, states=states, products=products)
@@ -146,8 +148,8 @@ def test_the_catalogue_check_notices_missing_phrases_in_english_too() -> None:
 
 
 def test_case_forms_count_as_one_placeholder() -> None:
-    assert messages._placeholders("{Device} für {device_acc} mit {device_dat}") == {"device"}
-    assert messages._placeholders("{hi} {slots}") == {"hi", "slots"}
+    assert _placeholders("{Device} für {device_acc} mit {device_dat}") == {"device"}
+    assert _placeholders("{hi} {slots}") == {"hi", "slots"}
 
 
 # -- every message ----------------------------------------------------------------------
@@ -168,7 +170,7 @@ def test_every_message_renders_plainly_within_limits(kind: str, language: str) -
                     assert 0 < len(message.body) <= MAX_BODY
                     assert len(message.actions) <= MAX_ACTIONS
                     # nothing was cut short: the templates fit on their own
-                    assert messages._ELLIPSIS not in message.title + message.body
+                    assert _ELLIPSIS not in message.title + message.body
                     assert_plain(text_of(message))
                     if kind != "digest":  # a digest is about all of the owner's devices
                         device = label if label is not None else product_name(model, language)
@@ -222,7 +224,7 @@ def test_german_and_french_are_really_translated(kind: str) -> None:
 
 
 def test_no_sentence_is_left_in_english() -> None:
-    english = messages._CATALOGUES["en"]
+    english = CATALOGUES["en"]
     english_sentences = {
         text
         for template in english.templates.values()
@@ -232,7 +234,7 @@ def test_no_sentence_is_left_in_english() -> None:
     for language in LANGUAGES:
         if language == "en":
             continue
-        for kind, template in messages._CATALOGUES[language].templates.items():
+        for kind, template in CATALOGUES[language].templates.items():
             for text in (template.title, *template.body):
                 assert text not in english_sentences, (language, kind, text)
 
@@ -620,7 +622,7 @@ def test_a_moved_visit_names_the_old_time_and_offers_new_ones(language: str) -> 
     assert_plain(text_of(message))
     without = render("visit_moving", language, context(slots=()))
     assert [a for a, _ in without.actions] == ["other_times"]
-    assert messages._CATALOGUES[language].words["no_slots"] in without.body
+    assert CATALOGUES[language].words["no_slots"] in without.body
 
 
 @pytest.mark.parametrize("language", ["en", "de", "fr"])
