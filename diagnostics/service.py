@@ -284,6 +284,8 @@ class DiagnosticsService:
         self.items_failed = 0
         #: the consumer's state: down while restarting after an unforeseen error
         self.stages = StageHealth()
+        #: whether the device topics' subscription is up (readiness)
+        self.connected = False
 
     @property
     def unknown_readings(self) -> int:
@@ -358,10 +360,18 @@ class DiagnosticsService:
                 ),
                 shared_filters(_FILTERS, settings.shared_group),
                 self._consume,
-                on_subscribed=lambda _: self._subscribed.set(),
+                on_subscribed=self._on_subscribed,
+                on_lost=self._on_lost,
             ),
             self.stages,
         )
+
+    def _on_subscribed(self, _client: MqttClient) -> None:
+        self.connected = True
+        self._subscribed.set()
+
+    def _on_lost(self) -> None:
+        self.connected = False
 
     async def _consume(self, client: MqttClient) -> None:
         engine = self.engine

@@ -1,4 +1,4 @@
-"""``/metrics`` and ``/health`` of the diagnostics service, the notifier and the dashboard.
+"""``/metrics``, ``/health``, ``/livez`` and ``/readyz`` of diagnostics, notifier and dashboard.
 
 The gateway serves its own (:mod:`gateway.metrics`); both write the text with
 :mod:`wire.exposition`. For the other services the
@@ -10,13 +10,21 @@ and health-checked the same way:
   ``fixloop_<service>_...``;
 * ``GET /health``: JSON with ``ok``, ``problems`` (empty when healthy), the stages that
   are ``down`` and why, ``restarts`` per stage and a few counts; status 200 when
-  ``problems`` is empty, else 503.
+  ``problems`` is empty, else 503;
+* ``GET /livez``: liveness (an orchestrator restarts the process when it fails): 200 as
+  long as the process's event loop answers; nothing a restart cannot cure turns it red
+  (a broker or store that is away does not);
+* ``GET /readyz``: readiness (an orchestrator sends work, or goes on with a rolling
+  update, only while it passes): 200 when what the service depends on answers now, the
+  broker subscription up and the case store answering a query, else 503 with the
+  ``problems``; a check that takes longer than :data:`READY_TIMEOUT_S` counts as failed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -26,20 +34,32 @@ from aiohttp import web
 from dashboard.service import DashboardService
 from diagnostics.service import DiagnosticsService
 from notifier.service import NotifierService
+from notifier.store import CaseStore
+from wire.errors import StoreUnavailableError
 from wire.exposition import CONTENT_TYPE, Metric, render_metrics
 from wire.supervisor import StageHealth
 
 __all__ = [
+    "READY_TIMEOUT_S",
     "ServiceEndpoint",
     "dashboard_endpoint",
+    "dashboard_ready",
     "diagnostics_endpoint",
+    "diagnostics_ready",
     "notifier_endpoint",
+    "notifier_ready",
 ]
 
 _LOG = logging.getLogger(__name__)
 
+#: Longest a readiness check may take; longer counts as not ready (Kubernetes probes
+#: time out after 1 s by default, so set ``timeoutSeconds`` above this).
+READY_TIMEOUT_S = 2.0
+#: A case id no case has: the store's readiness query looks it up.
+_PROBE_CASE_ID = "readiness-probe"
 
 Health = tuple[list[str], dict[str, Any]]
+Ready = Callable[[], Awaitable[list[str]]]
 
 
 def _one(name: str, kind: Literal["counter", "gauge"], help_text: str, value: float) -> Metric:
@@ -77,6 +97,8 @@ class ServiceEndpoint:
         port: port to bind; 0 picks a free one (see :attr:`port` once started).
         metrics: returns the metric families now.
         health: returns the problems now (empty: healthy) and details for the body.
+        ready: returns what keeps the service from taking work now (empty: ready);
+            ``None``: ready whenever it answers.
     """
 
     def __init__(
@@ -86,12 +108,14 @@ class ServiceEndpoint:
         port: int,
         metrics: Callable[[], Sequence[Metric]],
         health: Callable[[], Health],
+        ready: Ready | None = None,
     ) -> None:
         self.service = service
         self.host = host
         self.port = port
         self._metrics = metrics
         self._health = health
+        self._ready = ready
         self._runner: web.AppRunner | None = None
 
     @property
@@ -114,10 +138,27 @@ class ServiceEndpoint:
             content_type="application/json",
         )
 
+    async def _get_live(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _get_ready(self, _request: web.Request) -> web.Response:
+        problems: list[str] = []
+        if self._ready is not None:
+            try:
+                async with asyncio.timeout(READY_TIMEOUT_S):
+                    problems = await self._ready()
+            except TimeoutError:
+                problems = ["readiness_timeout"]
+        return web.json_response(
+            {"ok": not problems, "problems": problems}, status=503 if problems else 200
+        )
+
     async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_get("/metrics", self._get_metrics)
         app.router.add_get("/health", self._get_health)
+        app.router.add_get("/livez", self._get_live)
+        app.router.add_get("/readyz", self._get_ready)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:
@@ -129,7 +170,7 @@ class ServiceEndpoint:
             raise
         if self._runner.addresses:  # the real port when 0 was asked
             self.port = int(self._runner.addresses[0][1])
-        _LOG.info("%s metrics on %s/metrics and /health", self.service, self.url)
+        _LOG.info("%s metrics on %s/metrics, /health, /livez and /readyz", self.service, self.url)
         return self
 
     async def __aexit__(
@@ -357,30 +398,77 @@ def dashboard_health(service: DashboardService) -> Health:
     }
 
 
+async def _store_answers(store: CaseStore | None) -> list[str]:
+    """``[]`` when the case store answers a query, else why not."""
+    if store is None:
+        return ["store_closed"]
+    try:
+        await store.get_case(_PROBE_CASE_ID)
+    except StoreUnavailableError as exc:
+        _LOG.warning("readiness: the case store does not answer: %s", exc)
+        return ["store_unavailable"]
+    return []
+
+
+async def diagnostics_ready(service: DiagnosticsService) -> list[str]:
+    """What keeps the diagnostics service from scoring now: its models, its broker."""
+    problems = []
+    if service.engine is None:
+        problems.append("no_engine")
+    if not service.connected:
+        problems.append("mqtt_disconnected")
+    return problems
+
+
+async def notifier_ready(service: NotifierService) -> list[str]:
+    """What keeps the notifier from taking diagnoses now: its broker, its case store."""
+    problems = []
+    if not service.connected:
+        problems.append("mqtt_disconnected")
+    problems += await _store_answers(service.store)
+    return problems
+
+
+async def dashboard_ready(service: DashboardService) -> list[str]:
+    """What keeps the dashboard from serving now: the case feed, the case store."""
+    problems = []
+    if not service.connected:
+        problems.append("mqtt_disconnected")
+    problems += await _store_answers(service.store)
+    return problems
+
+
 def diagnostics_endpoint(service: DiagnosticsService, host: str, port: int) -> ServiceEndpoint:
-    """The diagnostics service's ``/metrics`` and ``/health`` on ``host:port``."""
+    """The diagnostics service's ``/metrics``, ``/health``, ``/livez``, ``/readyz``."""
     return ServiceEndpoint(
         "diagnostics",
         host,
         port,
         lambda: diagnostics_metrics(service),
         lambda: diagnostics_health(service),
+        lambda: diagnostics_ready(service),
     )
 
 
 def notifier_endpoint(service: NotifierService, host: str, port: int) -> ServiceEndpoint:
-    """The notifier's ``/metrics`` and ``/health`` on ``host:port``."""
+    """The notifier's ``/metrics``, ``/health``, ``/livez`` and ``/readyz`` on ``host:port``."""
     return ServiceEndpoint(
-        "notifier", host, port, lambda: notifier_metrics(service), lambda: notifier_health(service)
+        "notifier",
+        host,
+        port,
+        lambda: notifier_metrics(service),
+        lambda: notifier_health(service),
+        lambda: notifier_ready(service),
     )
 
 
 def dashboard_endpoint(service: DashboardService, host: str, port: int) -> ServiceEndpoint:
-    """The dashboard service's ``/metrics`` and ``/health`` on ``host:port``."""
+    """The dashboard service's ``/metrics``, ``/health``, ``/livez``, ``/readyz``."""
     return ServiceEndpoint(
         "dashboard",
         host,
         port,
         lambda: dashboard_metrics(service),
         lambda: dashboard_health(service),
+        lambda: dashboard_ready(service),
     )

@@ -2,7 +2,11 @@
 
 Counters are plain integers bumped on the event loop (no locks needed); the HTTP
 endpoint renders them on demand: ``/metrics`` (Prometheus text exposition 0.0.4) and
-``/health`` (JSON, 200 when the pipeline can take data, 503 otherwise).
+``/health`` (JSON, 200 when the pipeline can take data, 503 otherwise), and the two
+probes an orchestrator asks: ``/livez`` (503 only when ingest is stalled, which a restart
+cures: the broker redelivers what was not acknowledged) and ``/readyz`` (503 while the
+broker connection is down or the spool refuses writes; InfluxDB being away is not a
+reason, the spool takes its share).
 """
 
 from __future__ import annotations
@@ -96,6 +100,14 @@ class GatewayMetrics:
         if not self.spool_writable:
             found.append("spool_unwritable")
         return found
+
+    def live_problems(self, now_s: float | None = None) -> list[str]:
+        """Why the gateway should be restarted (``/livez``): only a stall."""
+        return [p for p in self.problems(now_s) if p == "stalled"]
+
+    def ready_problems(self) -> list[str]:
+        """Why the gateway cannot take data now (``/readyz``): broker or spool."""
+        return [p for p in self.problems() if p in ("mqtt_disconnected", "spool_unwritable")]
 
     def lag_s(self, now_s: float | None = None) -> float:
         """Seconds between now and the device time of the newest point written."""
@@ -241,7 +253,7 @@ class GatewayMetrics:
 
 
 class MetricsServer:
-    """HTTP endpoint for ``/metrics`` and ``/health``, an async context manager.
+    """HTTP endpoint for ``/metrics``, ``/health``, ``/livez``, ``/readyz``; a context manager.
 
     Args:
         metrics: the counters to serve.
@@ -264,10 +276,24 @@ class MetricsServer:
         health = self._metrics.health()
         return web.json_response(health, status=503 if health["problems"] else 200)
 
+    async def _live_handler(self, request: web.Request) -> web.Response:
+        problems = self._metrics.live_problems()
+        return web.json_response(
+            {"ok": not problems, "problems": problems}, status=503 if problems else 200
+        )
+
+    async def _ready_handler(self, request: web.Request) -> web.Response:
+        problems = self._metrics.ready_problems()
+        return web.json_response(
+            {"ok": not problems, "problems": problems}, status=503 if problems else 200
+        )
+
     async def __aenter__(self) -> Self:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/health", self._health_handler)
+        app.router.add_get("/livez", self._live_handler)
+        app.router.add_get("/readyz", self._ready_handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self.port)

@@ -128,6 +128,8 @@ class NotifierService:
         self.diagnoses_failed = 0
         #: which stages are down, and restarts per stage (``/health``)
         self.stages = StageHealth()
+        #: whether the ``fleet/diagnoses`` subscription is up (readiness)
+        self.connected = False
         # The command channel and the case publisher keep no session: a suffix of this
         # process keeps them apart from another notifier's (a second replica), and not
         # to be guessed (a client taking an id closes the connection that held it). The
@@ -308,10 +310,18 @@ class NotifierService:
                     ),
                     [DIAGNOSES_TOPIC],
                     self._consume,
-                    on_subscribed=lambda _: self._subscribed.set(),
+                    on_subscribed=self._on_subscribed,
+                    on_lost=self._on_lost,
                 ),
                 stages,
             )
+
+    def _on_subscribed(self, _client: MqttClient) -> None:
+        self.connected = True
+        self._subscribed.set()
+
+    def _on_lost(self) -> None:
+        self.connected = False
 
     async def _health(self, _request: web.Request) -> web.Response:
         """``GET /health``: 200 while every stage runs, 503 while any is down."""
