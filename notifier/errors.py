@@ -4,7 +4,8 @@
 
     FixloopError
     ├── TransientError
-    │   └── DeliveryError          a push service is away or throttles: retry with backoff
+    │   ├── DeliveryError          a push service is away or throttles: retry with backoff
+    │   └── CaseBusyError          another notifier holds the case's lease: retry later
     ├── PermanentError
     │   ├── IllegalTransitionError a case cannot move to that state
     │   ├── NotFoundError          no such case, device, owner, slot (API: 404)
@@ -24,6 +25,7 @@ from __future__ import annotations
 from wire.errors import PermanentError, TransientError
 
 __all__ = [
+    "CaseBusyError",
     "ConflictError",
     "DeadTokenError",
     "DeliveryError",
@@ -40,6 +42,10 @@ __all__ = [
 
 class DeliveryError(TransientError):
     """A push service did not take a message now (5xx, 429, network): retry later."""
+
+
+class CaseBusyError(TransientError):
+    """Another notifier instance held a case's lease for longer than a lease lasts."""
 
 
 class IllegalTransitionError(PermanentError):

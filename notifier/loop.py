@@ -23,12 +23,24 @@ Every decision is written to the audit trail with its reason and evidence. Comma
 as tasks of the loop's task group; a lock per case keeps a diagnosis, a command result
 and an owner's request from interleaving on one case, and the store's compare-and-set on
 the state catches anything else.
+
+**Side by side** (issue 15). Any number of case machines may share one store (notifier
+instances on PostgreSQL; one on SQLite takes the same paths). The lock per case is a
+lease in the store (:meth:`~notifier.store.CaseStore.take_lease`) on the case's key
+(device and fault), held by one instance while it handles the case and expiring after
+``lease_s``, so a case is handled by one instance at a time and a dead instance's cases
+move on. A case's timer (a command to send again, a fix to check) is a row in the store:
+any instance takes the due ones (``FOR UPDATE SKIP LOCKED``), and a remote fix waiting
+for its device keeps a timer too, so a fix whose instance died is sent again elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -40,6 +52,7 @@ from diagnostics import CATALOG, Diagnosis, ModelCatalog
 from notifier.actions import HealthPoint, HealthReader
 from notifier.campaigns import campaign_fault, check_campaign_action, open_campaign_case
 from notifier.errors import (
+    CaseBusyError,
     ConflictError,
     IllegalTransitionError,
     InvalidRequestError,
@@ -58,7 +71,7 @@ from notifier.model import (
     Task,
 )
 from notifier.scheduling import PlannerConfig, check_bookable, plan_slots, urgency_from
-from notifier.store import CaseStore
+from notifier.store import CaseStore, CaseTimer, TimerKind
 from wire.errors import PermanentError, TransientError
 from wire.protocol import CommandAction, Event
 
@@ -108,6 +121,9 @@ class LoopConfig:
         resume_opened_after_s: wall time after which a case still ``opened`` (a
             campaign's, opened by the standalone dashboard; one whose first step failed)
             gets its first step from the timers.
+        lease_s: how long an instance's lease on a case lasts (it gives it up when done;
+            one that died loses it after this long), and how long a timer it took stays
+            hidden from the others while it handles it.
     """
 
     command_timeout_s: float = 30.0
@@ -126,6 +142,7 @@ class LoopConfig:
     firmware: Mapping[str, str] = field(default_factory=dict)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     resume_opened_after_s: float = 10.0
+    lease_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +156,8 @@ class Notice:
         slots: offered slots.
         appointment: the booked visit.
         urgent: may override quiet hours.
+        key: the message's idempotency key (``None``: one per case version and kind,
+            :func:`notice_key`).
     """
 
     kind: str
@@ -147,6 +166,24 @@ class Notice:
     slots: tuple[Slot, ...] = ()
     appointment: Appointment | None = None
     urgent: bool = False
+    key: str | None = None
+
+
+def notice_key(case: Case, notice: Notice) -> str:
+    """A message's idempotency key: the same for the same step of the same case.
+
+    A case's version is its state and ``updated_at`` (a move or a save makes a new one,
+    and only one instance's compare-and-set wins it), so a step done again after a
+    crash or by a second instance writes the same key and the store keeps one message.
+    """
+    if notice.key is not None:
+        return notice.key
+    parts = [case.case_id, notice.kind, case.state, case.updated_at.isoformat()]
+    if notice.action is not None:
+        parts.append(notice.action)
+    if notice.appointment is not None:
+        parts.append(notice.appointment.appointment_id)
+    return "/".join(parts)
 
 
 class OwnerNotifier(Protocol):
@@ -182,10 +219,29 @@ async def _no_sink(_: Case) -> None:
     return None
 
 
-@dataclass(slots=True)
-class _Timer:
-    due: datetime
-    what: str  # "retry" | "verify"
+class _CaseLock:
+    """One case's lock: this process's lock on the key, then the store's lease on it."""
+
+    __slots__ = ("_key", "_loop")
+
+    def __init__(self, loop: OwnerLoop, key: str) -> None:
+        self._loop = loop
+        self._key = key
+
+    async def __aenter__(self) -> None:
+        lock = self._loop._local_lock(self._key)
+        await lock.acquire()
+        try:
+            await self._loop._take_lease(self._key)
+        except BaseException:
+            lock.release()
+            raise
+
+    async def __aexit__(self, *_: object) -> None:
+        try:
+            await self._loop._drop_lease(self._key)
+        finally:
+            self._loop._local_lock(self._key).release()
 
 
 class OwnerLoop:
@@ -202,6 +258,7 @@ class OwnerLoop:
         catalog: the fault catalog (remedies per fault).
         sink: called with every changed case.
         clock: wall clock (UTC).
+        holder: this instance's name in the store's leases (default: a random one).
     """
 
     def __init__(
@@ -215,6 +272,7 @@ class OwnerLoop:
         catalog: Mapping[str, ModelCatalog] | None = None,
         sink: CaseSink = _no_sink,
         clock: Callable[[], datetime] = _utc_now,
+        holder: str | None = None,
     ) -> None:
         self.store = store
         self.commands = commands
@@ -225,7 +283,7 @@ class OwnerLoop:
         self._sink = sink
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
-        self._timers: dict[str, _Timer] = {}
+        self.holder = holder or f"notifier-{secrets.token_hex(4)}"
         self._group: asyncio.TaskGroup | None = None
         self._running: set[str] = set()
         self._fix_tasks: set[asyncio.Task[None]] = set()
@@ -236,6 +294,11 @@ class OwnerLoop:
         self.unowned = 0
         #: case steps (timers, expiry, reminders, commands) that raised the unforeseen
         self.timer_errors = 0
+        #: leases taken; how often one was held by another instance at first; how often
+        #: one ran out while held (a step that took longer than ``lease_s``)
+        self.leases_taken = 0
+        self.lease_waits = 0
+        self.leases_overrun = 0
 
     async def __aenter__(self) -> Self:
         self._group = asyncio.TaskGroup()
@@ -259,11 +322,16 @@ class OwnerLoop:
             await group.__aexit__(exc_type, exc, tb)
 
     async def _resume(self) -> None:
-        """After a restart, pick up the cases that were waiting on a timer."""
+        """At start, give a timer to each case waiting on one that has none.
+
+        A case moves to ``remote_fix`` or ``verifying`` before its timer is written: a
+        process that stopped between the two left it without one. A case with a timer
+        (another instance's command under way) keeps it.
+        """
         now = self._clock()
         for case in await self.store.cases(states=["remote_fix", "verifying"]):
-            what = "verify" if case.state == "verifying" else "retry"
-            self._timers[case.case_id] = _Timer(now, what)
+            what: TimerKind = "verify" if case.state == "verifying" else "retry"
+            await self.store.set_timer(CaseTimer(case.case_id, what, now), replace=False)
 
     @property
     def commands_running(self) -> int:
@@ -271,11 +339,56 @@ class OwnerLoop:
         return len(self._running)
 
     # -- helpers ---------------------------------------------------------------------
-    def _lock(self, case_id: str) -> asyncio.Lock:
-        lock = self._locks.get(case_id)
+    def _lock(self, key: str) -> _CaseLock:
+        """The lock on one case (``device/fault``): here and, by a lease, in the store."""
+        return _CaseLock(self, key)
+
+    def _local_lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
         if lock is None:
-            lock = self._locks[case_id] = asyncio.Lock()
+            lock = self._locks[key] = asyncio.Lock()
         return lock
+
+    async def _take_lease(self, key: str) -> None:
+        """Take the store's lease on a case key, waiting while another instance holds it.
+
+        Raises:
+            CaseBusyError: another instance kept it for longer than a lease lasts.
+        """
+        lease = timedelta(seconds=self.config.lease_s)
+        deadline = time.monotonic() + self.config.lease_s + 5.0
+        pause_s = 0.02
+        while True:
+            now = self._clock()
+            if await self.store.take_lease(key, self.holder, now=now, until=now + lease):
+                self.leases_taken += 1
+                return
+            if pause_s == 0.02:
+                self.lease_waits += 1
+            if time.monotonic() >= deadline:
+                raise CaseBusyError(f"case {key} is being handled by another notifier")
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 0.5)
+
+    async def _drop_lease(self, key: str) -> None:
+        try:
+            held = await self.store.drop_lease(key, self.holder)
+        except TransientError as exc:
+            # it runs out by itself
+            _LOG.warning("lease on %s not given up (%s); it expires", key, exc)
+            return
+        if not held:
+            # another instance may have handled the case meanwhile: lease_s is too short
+            self.leases_overrun += 1
+            _LOG.warning(
+                "case %s: its lease ran out while held (a step took over %s s)",
+                key,
+                self.config.lease_s,
+            )
+
+    async def _set_timer(self, case: Case, what: TimerKind, after_s: float) -> None:
+        due = self._clock() + timedelta(seconds=after_s)
+        await self.store.set_timer(CaseTimer(case.case_id, what, due))
 
     async def _audit(
         self,
@@ -599,13 +712,21 @@ class OwnerLoop:
             pending_action=action,
             tried=(*case.tried, action),
         )
-        self._spawn_command(case)
+        await self._spawn_command(case)
         return case
 
-    def _spawn_command(self, case: Case) -> None:
+    async def _spawn_command(self, case: Case) -> None:
+        """Send the case's pending command in a task of its own.
+
+        The case's timer is set to when the command's answer is overdue: if this
+        instance dies meanwhile, another sends it again then.
+        """
         if case.case_id in self._running:
+            # its command is still under way here (a next remedy chosen in its task):
+            # the timers send it once that task ends
+            await self._set_timer(case, "retry", self.config.tick_s)
             return
-        self._timers.pop(case.case_id, None)
+        await self._set_timer(case, "retry", self.config.command_timeout_s + self.config.lease_s)
         self._running.add(case.case_id)
         if self._group is None:
             raise InvalidRequestError("the case machine is not running")
@@ -668,9 +789,7 @@ class OwnerLoop:
                     evidence={"action": action, "detail": result.detail, "code": result.code},
                     fix_at=result.ts,
                 )
-                self._timers[case.case_id] = _Timer(
-                    self._clock() + timedelta(seconds=self.config.tick_s), "verify"
-                )
+                await self._set_timer(case, "verify", self.config.tick_s)
                 return
             reason = error or (result.detail if result is not None else None) or "no answer"
             refusals = await self._refusals(case, action)
@@ -684,9 +803,7 @@ class OwnerLoop:
             if refusals + 1 < self.config.max_refusals:
                 if refusals == 0 and result is not None:
                     await self._tell(case, Notice("fix_waiting", action=action, reason=reason))
-                self._timers[case.case_id] = _Timer(
-                    self._clock() + timedelta(seconds=self.config.retry_after_s), "retry"
-                )
+                await self._set_timer(case, "retry", self.config.retry_after_s)
                 return
             await self._after_failed_remedy(case, f"{action} could not be done: {reason}")
 
@@ -742,9 +859,7 @@ class OwnerLoop:
             return await self._not_verified(
                 case, f"too little data after the fix ({len(points)} scores)", evidence
             )
-        self._timers[case.case_id] = _Timer(
-            self._clock() + timedelta(seconds=config.tick_s), "verify"
-        )
+        await self._set_timer(case, "verify", config.tick_s)
         return case
 
     async def _resolved(self, case: Case, evidence: dict[str, Any]) -> Case:
@@ -1188,32 +1303,20 @@ class OwnerLoop:
             case = await self._move(
                 case, "verifying", "checking the device after the visit", fix_at=fix_at
             )
-            self._timers[case.case_id] = _Timer(self._clock(), "verify")
+            await self._set_timer(case, "verify", 0.0)
             return done
 
     # -- timers ------------------------------------------------------------------------------
     async def tick(self) -> None:
         """Run due timers: command retries, verification checks, expiry of stale cases."""
         now = self._clock()
-        due = [cid for cid, t in self._timers.items() if t.due <= now]
-        for case_id in due:
-            timer = self._timers.pop(case_id)
-            case = await self.store.get_case(case_id)
-            if case is None:
-                continue
-            try:
-                async with self._lock(f"{case.device_id}/{case.fault}"):
-                    case = await self._fresh(case)
-                    if timer.what == "verify" and case.state == "verifying":
-                        await self._verify(case)
-                    elif timer.what == "retry" and case.state == "remote_fix":
-                        self._spawn_command(case)
-            except (ConflictError, TransientError) as exc:
-                _LOG.warning("case %s: %s; trying again", case_id, exc)
-                self._timers[case_id] = _Timer(now + timedelta(seconds=5), timer.what)
-            except Exception:
-                # one case that trips its timer must not stop every other case's
-                self._case_failed(case_id, f"its {timer.what} timer")
+        hold = now + timedelta(seconds=self.config.lease_s)
+        while True:
+            timers = await self.store.take_timers(now=now, hold_until=hold, limit=_TIMER_BATCH)
+            for timer in timers:
+                await self._fire(timer, now)
+            if len(timers) < _TIMER_BATCH:
+                break
         await self._expire(now)
         if now >= self._resume_due:
             self._resume_due = now + timedelta(seconds=self.config.resume_opened_after_s / 2)
@@ -1221,6 +1324,29 @@ class OwnerLoop:
         if now >= self._reminders_due:
             self._reminders_due = now + _REMINDER_CHECK
             await self._remind(now)
+
+    async def _fire(self, timer: CaseTimer, now: datetime) -> None:
+        """Run one due timer this instance took; it is removed unless set again."""
+        case_id = timer.case_id
+        try:
+            case = await self.store.get_case(case_id)
+            if case is not None:
+                async with self._lock(f"{case.device_id}/{case.fault}"):
+                    case = await self._fresh(case)
+                    if timer.what == "verify" and case.state == "verifying":
+                        await self._verify(case)
+                    elif timer.what == "retry" and case.state == "remote_fix":
+                        await self._spawn_command(case)
+            await self.store.finish_timer(timer)
+        except (ConflictError, TransientError) as exc:
+            _LOG.warning("case %s: %s; trying again", case_id, exc)
+            with contextlib.suppress(TransientError):
+                await self.store.set_timer(
+                    CaseTimer(case_id, timer.what, now + timedelta(seconds=5))
+                )
+        except Exception:
+            # one case that trips its timer must not stop every other case's
+            self._case_failed(case_id, f"its {timer.what} timer")
 
     def _case_failed(self, case_id: str, what: str) -> None:
         """Log and count a case step that raised something unforeseen; the others go on."""
@@ -1291,6 +1417,8 @@ class OwnerLoop:
 
 
 _REMINDER_CHECK: Final = timedelta(seconds=60)
+#: Due timers taken from the store at a time.
+_TIMER_BATCH: Final = 100
 _URGENCY_RANK: Final = {"low": 0, "normal": 1, "high": 2, "critical": 3}
 
 

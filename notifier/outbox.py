@@ -22,13 +22,27 @@ that share of the workers while everyone else's messages go on; each message has
 time budget (``budget_s``, all channels and retries included), past which it is recorded
 as ``failed`` and its worker moves on. A retired channel is used again only after the
 owner re-verifies it (:meth:`Outbox.verify_channel`: a test message that arrives).
+
+**Side by side** (issue 15). Notifier instances share one store, so what must hold for
+all of them is decided there: each message is kept once per idempotency key
+(:func:`~notifier.loop.notice_key`: a race or a step done again after a crash writes no
+second message), the daily limit is counted in the same transaction as the write, and a
+``queued`` message is delivered only by the instance that holds its claim (taken when it
+is written, or by a sweep, ``FOR UPDATE SKIP LOCKED``; checked again right before the
+push; it runs out ten seconds after the time budget, so a dead instance's messages are
+swept up by another). Every retry of a message carries the same ``message_id`` (its
+notification id), which receivers use to drop what they already have. Digests are sent
+to the owners the store holds messages for, by whichever instance flushes first (the
+digest is keyed by the messages it covers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import secrets
 import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
@@ -40,7 +54,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 
 from notifier.links import ActionLinks
-from notifier.loop import Notice
+from notifier.loop import Notice, notice_key
 from notifier.messages import MessageContext, render
 from notifier.model import AuditEntry, Case, Notification, Owner, PushChannel
 from notifier.push import (
@@ -69,6 +83,9 @@ _SWEEP_AGE: Final = timedelta(seconds=30)
 #: ids of delivered notifications remembered, so a sweep that read the store just
 #: before a delivery's outcome was kept does not send it again
 _RECENT_MAX: Final = 10_000
+#: How much longer than a message's time budget its delivery claim lasts (the claim is
+#: renewed right before the push, so it must cover one delivery and keeping its outcome).
+_CLAIM_MARGIN_S: Final = 10.0
 #: The longest a channel's re-verification may take (the owner waits for the answer).
 _VERIFY_BUDGET_S: Final = 30.0
 
@@ -171,6 +188,7 @@ class Outbox:
         links: signs the one-tap action links (``None``, or no ``action_base_url``: the
             buttons carry no link and the app handles their action ids).
         limits: delivery workers and the per-owner share (default: the dispatcher's).
+        holder: this instance's name in the store's delivery claims (default: random).
     """
 
     def __init__(
@@ -182,6 +200,7 @@ class Outbox:
         action_base_url: str | None = None,
         links: ActionLinks | None = None,
         limits: DeliveryLimits | None = None,
+        holder: str | None = None,
     ) -> None:
         self._store = store
         self._dispatcher = dispatcher
@@ -201,7 +220,8 @@ class Outbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._ready = asyncio.Event()
-        self._held_owners: set[str] = set()
+        self._holder = holder or f"notifier-{secrets.token_hex(4)}"
+        self._claim = timedelta(seconds=limits.budget_s + _CLAIM_MARGIN_S)
         # notifications handed to delivery and not finished, and the latest finished
         self._pending: set[str] = set()
         self._recent: OrderedDict[str, None] = OrderedDict()
@@ -216,6 +236,10 @@ class Outbox:
         self.out_of_time = 0
         #: ``queued`` notifications found in the store and handed to delivery by a sweep
         self.swept = 0
+        #: messages not written again: the store had their idempotency key already
+        self.duplicates = 0
+        #: queued messages not pushed here: another instance held their claim
+        self.claimed_elsewhere = 0
 
     # -- writing ---------------------------------------------------------------------
     async def _context(self, owner: Owner, case: Case, notice: Notice) -> MessageContext:
@@ -249,9 +273,7 @@ class Outbox:
         ctx = await self._context(owner, case, notice)
         message = render(notice.kind, owner.language, ctx)
         now = self._clock()
-        hold = not notice.urgent and (
-            in_quiet_hours(owner, now) or await self._over_limit(owner, now)
-        )
+        quiet = not notice.urgent and in_quiet_hours(owner, now)
         notification = Notification(
             notification_id=uuid.uuid4().hex[:16],
             owner_id=owner.owner_id,
@@ -261,15 +283,26 @@ class Outbox:
             body=message.body,
             actions=tuple(message.actions),
             created_at=now,
-            status="held" if hold else "queued",
+            status="held" if quiet else "queued",
         )
-        await self._store.add_notification(notification)
-        self.written += 1
-        if hold:
-            self.held += 1
-            self._held_owners.add(owner.owner_id)
+        # the daily limit is counted where every instance writes (urgent ones pass)
+        kept = await self._store.add_message(
+            notification,
+            key=notice_key(case, notice),
+            holder=self._holder,
+            claim_until=now + self._claim,
+            max_per_day=None if notice.urgent else owner.max_per_day,
+            since=now - _DAY,
+        )
+        if kept is None:
+            self.duplicates += 1
+            _LOG.info("case %s: %s was written before; not again", case.case_id, notice.kind)
             return
-        self._enqueue(owner, notification, notice.urgent)
+        self.written += 1
+        if kept.status == "held":
+            self.held += 1
+            return
+        self._enqueue(owner, kept, notice.urgent)
 
     def _enqueue(self, owner: Owner, notification: Notification, urgent: bool) -> None:
         if self._size >= _QUEUE_MAX:
@@ -366,7 +399,21 @@ class Outbox:
         )
 
     async def deliver(self, owner: Owner, notification: Notification, urgent: bool) -> None:
-        """Push one notification over the owner's channels and record the outcome."""
+        """Push one notification over the owner's channels and record the outcome.
+
+        Only while this instance holds the message's claim in the store (renewed here):
+        a message another instance holds, or that is no longer queued, is left alone.
+        """
+        now = self._clock()
+        if not await self._store.claim_notification(
+            notification.notification_id, self._holder, now=now, until=now + self._claim
+        ):
+            self.claimed_elsewhere += 1
+            _LOG.info(
+                "notification %s: delivered or held elsewhere; not pushed here",
+                notification.notification_id,
+            )
+            return
         status, channel_id = "failed", None
         if self._dispatcher is not None:
             channels = await self._store.channels(owner.owner_id)
@@ -520,8 +567,9 @@ class Outbox:
         Returns:
             How many were handed to delivery.
         """
-        found = await self._store.queued_notifications(
-            before=self._clock() - _SWEEP_AGE, limit=limit
+        now = self._clock()
+        found = await self._store.claim_queued(
+            self._holder, now=now, until=now + self._claim, before=now - _SWEEP_AGE, limit=limit
         )
         taken = 0
         for notification in found:
@@ -546,7 +594,7 @@ class Outbox:
         """Send one digest to each owner with held messages who can be reached now."""
         now = self._clock()
         sent = 0
-        for owner_id in sorted(self._held_owners):
+        for owner_id in await self._store.held_owners():
             try:
                 sent += await self._flush_owner(owner_id, now)
             except TransientError:
@@ -554,7 +602,6 @@ class Outbox:
             except Exception:
                 # one owner's digest that fails must not hold back everyone else's
                 self.errors += 1
-                self._held_owners.discard(owner_id)
                 _LOG.exception("digest for owner %s failed; the others go on", owner_id)
         return sent
 
@@ -562,12 +609,10 @@ class Outbox:
         """Send one owner's digest if they have held messages and can be reached now."""
         owner = await self._store.get_owner(owner_id)
         if owner is None:
-            self._held_owners.discard(owner_id)
             return 0
         if in_quiet_hours(owner, now) or await self._over_limit(owner, now):
             return 0
         held = await self._store.notifications(owner_id, status="held")
-        self._held_owners.discard(owner_id)
         if not held:
             return 0
         message = render(
@@ -583,8 +628,6 @@ class Outbox:
                 items=tuple(n.title for n in held),
             ),
         )
-        for one in held:
-            await self._store.add_notification(replace(one, status="digested"))
         digest = Notification(
             notification_id=uuid.uuid4().hex[:16],
             owner_id=owner_id,
@@ -596,6 +639,18 @@ class Outbox:
             created_at=now,
             status="queued",
         )
-        await self._store.add_notification(digest)
-        self._enqueue(owner, digest, False)
+        # keyed by the messages it covers: two instances flushing at once write one
+        covered = "\n".join(sorted(n.notification_id for n in held)).encode()
+        kept = await self._store.add_message(
+            digest,
+            key=f"digest/{owner_id}/{hashlib.sha256(covered).hexdigest()[:32]}",
+            holder=self._holder,
+            claim_until=now + self._claim,
+        )
+        for one in held:
+            await self._store.add_notification(replace(one, status="digested"))
+        if kept is None:
+            self.duplicates += 1
+            return 0
+        self._enqueue(owner, kept, False)
         return 1

@@ -867,15 +867,16 @@ class PostgresStore:
 
         return await self._run(job)
 
-    async def drop_lease(self, key: str, holder: str) -> None:
-        """Give up ``holder``'s lease on ``key``."""
+    async def drop_lease(self, key: str, holder: str) -> bool:
+        """Give up ``holder``'s lease on ``key``; ``False`` if it was no longer theirs."""
 
-        async def job(conn: _Conn) -> None:
-            await conn.execute(
+        async def job(conn: _Conn) -> bool:
+            status = await conn.execute(
                 "DELETE FROM case_leases WHERE lease_key = $1 AND holder = $2", key, holder
             )
+            return _count(status) > 0
 
-        await self._run(job)
+        return await self._run(job)
 
     async def set_timer(self, timer: CaseTimer, *, replace: bool = True) -> None:
         """Set a case's timer (``replace=False``: only if it has none)."""

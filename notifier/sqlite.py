@@ -819,16 +819,17 @@ class SqliteStore:
 
         return await self._run(job)
 
-    async def drop_lease(self, key: str, holder: str) -> None:
-        """Give up ``holder``'s lease on ``key``."""
+    async def drop_lease(self, key: str, holder: str) -> bool:
+        """Give up ``holder``'s lease on ``key``; ``False`` if it was no longer theirs."""
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
-                conn.execute(
+                cursor = conn.execute(
                     "DELETE FROM case_leases WHERE lease_key = ? AND holder = ?", (key, holder)
                 )
+                return cursor.rowcount > 0
 
-        await self._run(job)
+        return await self._run(job)
 
     async def set_timer(self, timer: CaseTimer, *, replace: bool = True) -> None:
         """Set a case's timer (``replace=False``: only if it has none)."""

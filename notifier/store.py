@@ -202,8 +202,13 @@ class CaseStore(Protocol):
             ``holder``'s already; ``False`` while another holder's lease runs.
         """
 
-    async def drop_lease(self, key: str, holder: str) -> None:
-        """Give up ``holder``'s lease on ``key`` (nothing if another holds it)."""
+    async def drop_lease(self, key: str, holder: str) -> bool:
+        """Give up ``holder``'s lease on ``key``.
+
+        Returns:
+            Whether ``holder`` still held it (``False``: it ran out and was taken, or
+            it ran out and is free).
+        """
 
     async def set_timer(self, timer: CaseTimer, *, replace: bool = True) -> None:
         """Set a case's timer (``replace=False``: only if the case has none)."""

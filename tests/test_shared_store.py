@@ -59,10 +59,10 @@ async def test_a_lease_is_held_by_one_holder_until_it_expires(stores: list[Store
     # the holder died (never let go): once the lease has run out, another takes it
     assert await b.take_lease("dev-1/fan", "b", now=at(51), until=at(81))
     assert not await a.take_lease("dev-1/fan", "a", now=at(52), until=at(82))
-    # letting go frees it at once; only the holder can let go
-    await a.drop_lease("dev-1/fan", "a")
+    # letting go frees it at once; only the holder can let go (and learns if it ran out)
+    assert not await a.drop_lease("dev-1/fan", "a")
     assert not await c.take_lease("dev-1/fan", "c", now=at(53), until=at(83))
-    await b.drop_lease("dev-1/fan", "b")
+    assert await b.drop_lease("dev-1/fan", "b")
     assert await c.take_lease("dev-1/fan", "c", now=at(53), until=at(83))
     # other keys are their own
     assert await a.take_lease("dev-2/fan", "a", now=at(53), until=at(83))
