@@ -5,6 +5,14 @@ Composition of the owner loop for one process, sinks first: the case store, Infl
 outbox, the case machine, the owner REST API; then the source, a persistent QoS-1
 subscription to ``fleet/diagnoses`` (a diagnosis is acknowledged only once the case
 machine has stored what it decided). Every case change goes out on ``fleet/cases``.
+
+Any number of notifiers may run side by side on one PostgreSQL store (README,
+"Several notifiers"): with ``shared_group`` the broker hands each diagnosis to one of
+them, each under its own ``instance`` name (its own persistent session); what they share
+is in the store: a lease per case, the cases' timers as due rows, owner messages kept
+once per idempotency key and claimed for delivery (:mod:`notifier.loop`,
+:mod:`notifier.outbox`). Nothing a second notifier needs lives in this process's memory:
+the dashboard follows ``fleet/cases`` on the broker, which every notifier publishes to.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from notifier.settings import NotifierSettings
 from notifier.store import CaseStore
 from notifier.stores import case_store
 from wire.commands import CommandChannel
-from wire.consumer import consume_forever
+from wire.consumer import consume_forever, shared_filters
 from wire.errors import BrokerUnavailableError, PermanentError, RejectedError, TransientError
 from wire.influx import InfluxClient, InfluxSettings
 from wire.mqtt import MqttClient, MqttUsageError
@@ -133,13 +141,17 @@ class NotifierService:
         # The command channel and the case publisher keep no session: a suffix of this
         # process keeps them apart from another notifier's (a second replica), and not
         # to be guessed (a client taking an id closes the connection that held it). The
-        # diagnoses consumer keeps settings.client_id: its session must outlive restarts.
+        # diagnoses consumer keeps settings.session_client_id: its session must outlive
+        # restarts.
         self._boots: dict[str, str] = {}
         self._boots_waiting = asyncio.Event()
         #: firmware versions written to the registry from boot events, and boots dropped
         self.firmware_noted = 0
         self.boots_dropped = 0
         instance = secrets.token_hex(4)
+        #: this run's name in the store's case leases and delivery claims (a restarted
+        #: instance is a new holder: what the dead run held runs out)
+        self.holder = f"{settings.instance or settings.client_id}-{instance}"
         #: MQTT client ids of the command channel and of the ``fleet/cases`` publisher
         self.command_client_id = f"{settings.client_id}-commands-{instance}"
         self.publisher_client_id = f"{settings.client_id}-cases-{instance}"
@@ -175,6 +187,7 @@ class NotifierService:
                 clock=self._clock,
                 action_base_url=self._public_url(),
                 links=links,
+                holder=self.holder,
             )
             self.loop = await stack.enter_async_context(
                 OwnerLoop(
@@ -192,10 +205,12 @@ class NotifierService:
                         max_reschedules=settings.max_reschedules,
                         reminder_before_s=settings.reminder_before_s,
                         resume_opened_after_s=settings.resume_opened_after_s,
+                        lease_s=settings.lease_s,
                         firmware=dict(settings.firmware),
                     ),
                     sink=self._publish_case,
                     clock=self._clock,
+                    holder=self.holder,
                 )
             )
             oidc = None
@@ -303,12 +318,12 @@ class NotifierService:
                 "diagnoses",
                 lambda: consume_forever(
                     lambda: self._mqtt.client(
-                        settings.client_id,
+                        settings.session_client_id,
                         clean_start=False,
                         session_expiry_s=settings.session_expiry_s,
                         max_buffered=_BATCH_MAX * 4,
                     ),
-                    [DIAGNOSES_TOPIC],
+                    shared_filters([DIAGNOSES_TOPIC], settings.shared_group),
                     self._consume,
                     on_subscribed=self._on_subscribed,
                     on_lost=self._on_lost,

@@ -152,11 +152,21 @@ class NotifierSettings(BaseModel):
         metrics_host: where ``fixloop notifier`` serves ``/metrics`` and ``/health``
             (``0.0.0.0`` in a container, so the compose network can scrape it).
         metrics_port: their port (0: a free one).
+        shared_group: the MQTT 5 shared-subscription group of notifiers side by side:
+            each diagnosis goes to one of them (``None``: this notifier takes all).
+        instance: this notifier's stable name among several: its diagnoses session is
+            ``client_id-instance``, which a restarted instance resumes (the broker keeps
+            what it had for a dead shared subscriber for that session only).
+        lease_s: how long a notifier's lease on a case lasts, and how long a timer it
+            took stays hidden from the others; a dead notifier's cases move on after it.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     client_id: str = Field("fixloop-notifier", min_length=1, max_length=64)
+    shared_group: str | None = Field(None, pattern=r"^[^/+#]+$")
+    instance: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,31}$")
+    lease_s: float = Field(30.0, ge=1.0, le=3_600.0)
     session_expiry_s: int = Field(86_400, ge=0)
     db_path: Path = Path(".fixloop/cases.sqlite3")
     store_url: SecretStr | None = None
@@ -183,6 +193,15 @@ class NotifierSettings(BaseModel):
     erase_device_data: Literal["delete", "rekey"] = "delete"
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9_110, ge=0, le=65_535)
+
+    @property
+    def session_client_id(self) -> str:
+        """The client id of the diagnoses consumer's persistent session.
+
+        ``client_id`` alone for a single notifier, ``client_id-instance`` for one of
+        several (two clients with one id push each other off the broker).
+        """
+        return f"{self.client_id}-{self.instance}" if self.instance else self.client_id
 
     @field_validator("store_url")
     @classmethod
