@@ -7,6 +7,12 @@ each watching ``n_columns`` numbers, as a structure of arrays. One compiled loop
 any mix of rows: one stream with many rows (a CSV file) or many slots with one row each
 (a round of the live service). Rows of one slot are taken in the order given.
 
+Why one module of about 1,400 lines: it is one detection core. The compiled helpers, the
+row loop and :class:`DetectorTable` share one state layout (the ``_STATE_ORDER`` arrays
+and the ``_J_*`` slots of a column's jump law) and are compiled and cached together by
+numba; split, a change to the layout would have to be made in several files at once.
+About 140 of its lines are this docstring, which is the core's specification.
+
 API (for the live engine and any other caller)::
 
     table = DetectorTable(n_slots=1000, n_columns=6, config=DetectorConfig())
