@@ -13,6 +13,15 @@ Usage::
     python bench/ingest.py                   # 200,000 messages per burst, 2 rounds
     python bench/ingest.py --messages 400000 --rounds 3
     python bench/ingest.py --profile /tmp/gw.prof   # cProfile the gateway, print top
+    python bench/ingest.py --gateways 3      # 1, 2 and 3 gateways in one shared group
+
+With ``--gateways N`` it runs 1, 2, ... N gateways in one MQTT 5 shared group (a
+fresh broker for each count, each gateway its own process, instance and spool) and
+measures two QoS-1 figures per count: a live burst (8 parallel ``mosquitto_pub``,
+timed until every point is stored) and a backlog drain (the gateways stopped with
+SIGSTOP while the burst is queued for them, timed from SIGCONT until every point is
+stored: the gateways' own pace, without the publishers). Prints msg/s, the ratio to
+one gateway and CPU per process.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -194,9 +204,16 @@ def start_gateway(
     root: Path,
     metrics_port: int,
     profile: str | None,
+    instance: str | None = None,
 ) -> subprocess.Popen[bytes]:
+    shared = (
+        {"FIXLOOP_GATEWAY__SHARED_GROUP": "ingest", "FIXLOOP_GATEWAY__INSTANCE": instance}
+        if instance
+        else {}
+    )
     env = {
         **os.environ,
+        **shared,
         "FIXLOOP_MQTT__HOST": broker.host,
         "FIXLOOP_MQTT__PORT": str(broker.port),
         "FIXLOOP_MQTT__USERNAME": GATEWAY_USER,
@@ -231,7 +248,16 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000, help="messages per burst")
     parser.add_argument("--rounds", type=int, default=2, help="repeat each measurement")
     parser.add_argument("--profile", help="cProfile the gateway into this file and print the top")
+    parser.add_argument(
+        "--gateways",
+        type=int,
+        default=0,
+        help="measure 1..N gateways in one shared group instead (QoS 1 only)",
+    )
     args = parser.parse_args()
+    if args.gateways:
+        scale(args.gateways, args.messages, args.rounds)
+        return
     count = args.messages
     chunks = max(1, count // CHUNK)
     rounds = args.rounds
@@ -318,6 +344,151 @@ def main() -> None:
             print()
             stats = pstats.Stats(args.profile)
             stats.sort_stats("tottime").print_stats(18)
+
+
+def scale(max_gateways: int, count: int, rounds: int) -> None:
+    """1..max_gateways gateways in one shared group: live burst and backlog drain."""
+    chunks = max(1, count // CHUNK)
+    sent = count // chunks * chunks
+    plan = [
+        (n, r, mode)
+        for n in range(1, max_gateways + 1)
+        for r in range(rounds)
+        for mode in ("live", "drain")
+    ]
+    device_ids = [f"s{n}-{r}-{mode}-{k}" for n, r, mode in plan for k in range(chunks)]
+    with tempfile.TemporaryDirectory(prefix="fixloop-bench-") as tmp:
+        root = Path(tmp)
+        base_ms = int(time.time() * 1000) - 86_400_000
+        print(f"writing {len(plan)} bursts of {sent:,} QoS-1 messages ...", flush=True)
+        files: dict[tuple[int, int, str], list[tuple[str, Path]]] = {}
+        for n, r, mode in plan:
+            files[n, r, mode] = []
+            for k in range(chunks):
+                device = f"s{n}-{r}-{mode}-{k}"
+                path = root / f"{device}.txt"
+                write_lines(path, device, sent // chunks, base_ms)
+                files[n, r, mode].append((device, path))
+        influx = InfluxdServer(root / "influxd")
+        results: dict[tuple[int, str], list[Burst]] = {}
+        with influx:
+            # Rounds outside, counts inside: the machine's drift (other work) spreads
+            # over every count instead of favouring the first.
+            for r in range(rounds):
+                for n in range(1, max_gateways + 1):
+                    # A fresh broker per run: a stopped gateway's persistent session
+                    # would stay in the group and take its share (README, "Several
+                    # gateways").
+                    broker = MosquittoServer(
+                        root / f"mosquitto-{n}-{r}",
+                        users={GATEWAY_USER: GATEWAY_PASSWORD},
+                        device_ids=device_ids,
+                        fleet_secret=FLEET_SECRET,
+                        max_queued_messages=count * 2,
+                        connection_messages=False,
+                    )
+                    with broker:
+                        ports = [_free_port() for _ in range(n)]
+                        procs = [
+                            start_gateway(
+                                broker,
+                                influx,
+                                root / f"gw-{n}-{r}",
+                                ports[i],
+                                None,
+                                instance=f"g{i}",
+                            )
+                            for i in range(n)
+                        ]
+                        try:
+                            for mode in ("live", "drain"):
+                                burst = scaled_burst(
+                                    broker, influx, procs, ports, files[n, r, mode], sent, mode
+                                )
+                                results.setdefault((n, mode), []).append(burst)
+                        finally:
+                            for proc in procs:
+                                proc.terminate()
+                            for proc in procs:
+                                proc.wait(60)
+        print()
+        print(f"CPU seconds per {sent:,} messages (mean of the rounds), ratio = mean msg/s")
+        print("over the mean msg/s of one gateway")
+        print("gateways  mode   msg/s per round          ratio  gateways  broker  influxd  all")
+        for mode in ("live", "drain"):
+            one = mean([b.rate for b in results[1, mode]])
+            for n in range(1, max_gateways + 1):
+                runs = results[n, mode]
+                listed = ", ".join(f"{b.rate:,.0f}" for b in runs)
+                gw = mean([b.gateways_cpu for b in runs])
+                broker_cpu = mean([b.broker_cpu for b in runs])
+                influx_cpu = mean([b.influxd_cpu for b in runs])
+                print(
+                    f"{n:<9} {mode:<6} {listed:<24} {mean([b.rate for b in runs]) / one:<6.2f} "
+                    f"{gw:<9.2f} {broker_cpu:<7.2f} {influx_cpu:<8.2f} "
+                    f"{gw + broker_cpu + influx_cpu:.2f}"
+                )
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """One burst through the group: msg/s and CPU seconds used meanwhile."""
+
+    rate: float
+    gateways_cpu: float
+    broker_cpu: float
+    influxd_cpu: float
+
+
+def scaled_burst(
+    broker: MosquittoServer,
+    influx: InfluxdServer,
+    procs: list[subprocess.Popen[bytes]],
+    ports: list[int],
+    files: list[tuple[str, Path]],
+    sent: int,
+    mode: str,
+) -> Burst:
+    """One QoS-1 burst through the group, timed from the start (live) or SIGCONT (drain)."""
+
+    def stored() -> float:
+        return sum(metrics_value(port, "fixloop_gateway_stored_points_total") for port in ports)
+
+    before = stored()
+    pids = {f"gateway {i}": proc.pid for i, proc in enumerate(procs)}
+    pids.update(broker=broker.pid or 0, influxd=influx.pid or 0)
+    if mode == "drain":
+        for proc in procs:
+            proc.send_signal(signal.SIGSTOP)
+        try:
+            publish(broker, files, 1)
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGCONT)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    started = time.perf_counter() if mode == "drain" else publish(broker, files, 1)
+    deadline = time.perf_counter() + 600
+    while stored() - before < sent and time.perf_counter() < deadline:
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    used = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    in_db = count_points(influx, files[0][0].rsplit("-", 1)[0] + "-")
+    print(
+        f"  {len(procs)} gateway(s) {mode}: {sent / elapsed:9,.0f} msg/s, {elapsed:.1f} s, "
+        f"stored/sent {in_db:,}/{sent:,}; CPU: "
+        + ", ".join(f"{name} {sec:.1f} s ({sec / elapsed:.0%})" for name, sec in used.items()),
+        flush=True,
+    )
+    return Burst(
+        rate=sent / elapsed,
+        gateways_cpu=sum(sec for name, sec in used.items() if name.startswith("gateway")),
+        broker_cpu=used["broker"],
+        influxd_cpu=used["influxd"],
+    )
 
 
 def python_pid(pid: int) -> int:
