@@ -96,8 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         help="stop after this many seconds (default: Ctrl-C)",
     )
 
-    commands.add_parser(
+    gateway = commands.add_parser(
         "gateway", help="run the gateway against the configured broker and InfluxDB"
+    )
+    gateway.add_argument(
+        "--retire",
+        action="store_true",
+        help="take this instance (gateway.instance, stopped) out of its shared group: "
+        "store what the broker holds for it, replay its spool, end its session",
     )
 
     commands.add_parser(
@@ -258,10 +264,15 @@ async def _run_until_stop(coro: Coroutine[Any, Any, None], stop: asyncio.Event) 
         waiter.cancel()
 
 
-async def _gateway(settings: Settings, stop: asyncio.Event) -> None:
+async def _gateway(settings: Settings, stop: asyncio.Event, *, retire: bool = False) -> None:
     from gateway.service import Gateway
 
+    if retire and not (settings.gateway.shared_group and settings.gateway.instance):
+        raise ConfigError("gateway --retire needs gateway.shared_group and gateway.instance")
     async with Gateway(settings.mqtt, settings.influx, settings.gateway) as gateway:
+        if retire:
+            await _run_until_stop(gateway.retire(), stop)
+            return
         _LOG.info(
             "gateway running: broker %s:%d, InfluxDB %s, metrics http://%s:%s/metrics",
             settings.mqtt.host,
@@ -474,7 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, environ)
         if args.command == "gateway":
-            asyncio.run(_until_signalled(lambda stop: _gateway(settings, stop)))
+            retire = args.retire
+            asyncio.run(_until_signalled(lambda stop: _gateway(settings, stop, retire=retire)))
         elif args.command == "sim":
             asyncio.run(_until_signalled(lambda stop: _sim(settings, stop, args.ground_truth)))
         elif args.command == "up":

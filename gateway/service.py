@@ -49,6 +49,7 @@ from gateway.spool import Spool
 from wire.consumer import consume_forever, shared_filters
 from wire.errors import (
     BrokerUnavailableError,
+    ConfigError,
     PermanentError,
     RejectedError,
     StoreUnavailableError,
@@ -60,6 +61,7 @@ from wire.mqtt import Message, MqttClient
 from wire.protocol.codec import decode_event, validate_reading
 from wire.protocol.topics import REJECTED_TOPIC, split_device_topic
 from wire.settings import MqttSettings
+from wire.tasks import cancel_and_wait
 
 __all__ = ["Gateway"]
 
@@ -79,6 +81,8 @@ _PUT_CHECK_S: Final = 0.5
 _FINISH_ON_LOST_S: Final = 5.0
 #: Marker in the spool directory: this gateway has had a broker session before.
 _SESSION_MARKER: Final = "mqtt-session"
+#: Topic a retiring gateway sends itself a marker on, behind what its session queued.
+_RETIRE_TOPIC: Final = "fleet/gateways/{client_id}/retired"
 #: Timestamps of 15 digits and more are microseconds (ms reach 15 digits in year 33658).
 _MICROS_DIGITS: Final = 15
 
@@ -144,6 +148,9 @@ class Gateway:
         self._drained = asyncio.Event()
         self._drained.set()
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=settings.max_pending_batches)
+        self._retire_topic: str | None = None
+        self._retire_seen = asyncio.Event()
+        self._spool_empty = asyncio.Event()  # set by the replay loop when it finds none
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -208,6 +215,51 @@ class Gateway:
             group.create_task(self._replay_loop(), name="gateway-replay")
             group.create_task(self._write_loop(), name="gateway-writer")
             group.create_task(self._connection_loop(), name="gateway-ingest")
+
+    async def retire(self) -> None:
+        """Take this instance out of its shared group, storing everything it holds.
+
+        For scaling down (README, "Several gateways"): Mosquitto keeps routing a stopped
+        member's share to its session until the session expires, and then deletes it.
+        This resumes the instance's session, unsubscribes (nothing new is routed to it),
+        stores what the broker had queued for it up to a marker it sends itself after
+        the UNSUBACK (the broker sends one client's messages first in, first out),
+        replays its spool into InfluxDB, and then ends the session. Run it while the
+        instance itself is stopped.
+
+        Raises:
+            ConfigError: no ``shared_group`` and ``instance`` set, or the broker refused
+                our credentials.
+            BrokerUnavailableError: the broker went away meanwhile; run it again.
+        """
+        settings = self._settings
+        if not settings.shared_group or not settings.instance:
+            raise ConfigError("only a gateway with shared_group and instance set can retire")
+        client_id = settings.session_client_id
+        self._retire_topic = _RETIRE_TOPIC.format(client_id=client_id)
+        async with asyncio.TaskGroup() as group:
+            helpers = [
+                group.create_task(self._replay_loop(), name="gateway-replay"),
+                group.create_task(self._write_loop(), name="gateway-writer"),
+            ]
+            client = self._new_client()
+            async with client:
+                self._client = client
+                self._check_session(client)
+                helpers.append(group.create_task(self._consume(client), name="gateway-retire"))
+                filters = shared_filters(_INGEST_FILTERS, settings.shared_group)
+                await client.unsubscribe(*filters, SYS_DROPPED_TOPIC)
+                await client.subscribe(self._retire_topic, qos=1)
+                await client.publish(self._retire_topic, b"retired", qos=1)
+                await self._retire_seen.wait()
+                await self.drain()
+                await self._spool_empty.wait()
+                await cancel_and_wait(*helpers)
+        # A clean start with no expiry replaces the session, which ends at the disconnect.
+        async with self._mqtt.client(client_id, clean_start=True, session_expiry_s=0):
+            pass
+        (Path(settings.instance_spool_dir) / _SESSION_MARKER).unlink(missing_ok=True)
+        _LOG.info("%s retired: everything it held is stored, its session is ended", client_id)
 
     # -- broker side ---------------------------------------------------------------
 
@@ -325,12 +377,16 @@ class Gateway:
             append = lines.append
             counts: Counter[str] = Counter()
             newest = 0
+            retire_seen = False
             for message in messages:
                 target = route(message.topic)
                 try:
                     if target is None:
                         if message.topic == SYS_DROPPED_TOPIC:
                             self._note_broker_dropped(message.payload)
+                            continue
+                        if message.topic == self._retire_topic:
+                            retire_seen = True
                             continue
                         raise RejectedError("bad_topic", "not a devices/{id}/{channel} topic")  # noqa: TRY301
                     device_id, channel = target
@@ -359,6 +415,8 @@ class Gateway:
             connection.outstanding += len(messages)
             self._drained.clear()
             await self._enqueue(_Batch(lines, messages, newest, connection))
+            if retire_seen:
+                self._retire_seen.set()
 
     async def _enqueue(self, batch: _Batch) -> None:
         """Queue a batch for the writer; give up on it when the connection is gone.
@@ -517,6 +575,7 @@ class Gateway:
             metrics.spooled += len(lines)
             metrics.last_progress_s = time.time()
             self._sync_spool_gauges()
+            self._spool_empty.clear()
             self._spool_ready.set()
             return
 
@@ -575,6 +634,7 @@ class Gateway:
         while True:
             if not len(spool):
                 self._spool_ready.clear()
+                self._spool_empty.set()
                 if metrics.influx_up:
                     await self._spool_ready.wait()
                     continue

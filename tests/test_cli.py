@@ -129,6 +129,13 @@ def test_an_unknown_setting_is_refused() -> None:
     assert "gateway.batch_size" in err
 
 
+def test_only_a_gateway_instance_of_a_shared_group_can_retire() -> None:
+    proc = fixloop("gateway", "--retire", env={"FIXLOOP_GATEWAY__INSTANCE": "gw-1"})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "gateway --retire needs gateway.shared_group and gateway.instance" in err
+
+
 def test_sim_runs_a_fleet_against_any_broker(make_mosquitto: MakeMosquitto, tmp_path: Path) -> None:
     settings = SimSettings(
         devices=4, fault_rate_per_device_month=100.0, fleet_secret=SecretStr(FLEET_SECRET)

@@ -25,7 +25,12 @@ from conftest import GATEWAY_PASSWORD, MakeInfluxd, MakeMosquitto, device_pw
 
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from gateway.service import Gateway
+from gateway.settings import GatewaySettings
+from wire.influx import InfluxSettings
 from wire.mqtt import Message, MqttClient
+from wire.settings import MqttSettings
+from wire.tasks import cancel_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -190,7 +195,13 @@ async def wait_for(predicate: Callable[[], object], timeout_s: float, what: str)
         await asyncio.sleep(0.1)
 
 
-async def fleet_burst(broker: MosquittoServer, base_ms: int) -> int:
+async def fleet_burst(
+    broker: MosquittoServer,
+    base_ms: int,
+    devices: tuple[str, ...] = DEVICES,
+    seqs: range = range(READINGS_PER_DEVICE),
+    pace_s: float = 0.02,
+) -> int:
     """Every device publishes its readings at QoS 1, paced; returns how many were sent."""
 
     async def one(device_id: str) -> None:
@@ -201,16 +212,16 @@ async def fleet_burst(broker: MosquittoServer, base_ms: int) -> int:
             username=device_id,
             password=device_pw(device_id),
         ) as client:
-            for seq in range(READINGS_PER_DEVICE):
+            for seq in seqs:
                 body = {"v": 1, "id": device_id, "seq": seq, "ts": base_ms + seq * 1000}
                 body["metrics"] = {"t": seq * 0.5}
                 await client.publish(f"devices/{device_id}/telemetry", orjson.dumps(body), qos=1)
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(pace_s)
 
     async with asyncio.TaskGroup() as group:
-        for device_id in DEVICES:
+        for device_id in devices:
             group.create_task(one(device_id))
-    return len(DEVICES) * READINGS_PER_DEVICE
+    return len(devices) * len(seqs)
 
 
 def stored_seqs(influx: InfluxdServer) -> dict[str, list[int]]:
@@ -265,3 +276,61 @@ async def test_a_gateway_killed_mid_burst_loses_nothing_and_stores_nothing_twice
     for device_id, device_seqs in seqs.items():
         assert sorted(device_seqs) == list(range(READINGS_PER_DEVICE)), device_id
     assert total_points(influx) == sent
+
+
+async def test_a_retired_gateway_stores_its_share_and_leaves_the_group(
+    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    devices = DEVICES[:10]
+    broker = make_mosquitto(device_ids=devices)
+    influx = make_influxd()
+    mqtt = MqttSettings(
+        host=broker.host, port=broker.port, username=GATEWAY_USER, password=GATEWAY_PASSWORD
+    )
+    store = InfluxSettings(url=influx.url)
+
+    def settings(instance: str) -> GatewaySettings:
+        # A small Receive Maximum: most of the stopped member's share waits queued.
+        return GatewaySettings(
+            spool_dir=tmp_path / "spool",
+            metrics_port=0,
+            batch_linger_s=0.02,
+            shared_group="ingest",
+            instance=instance,
+            receive_maximum=50,
+        )
+
+    base_ms = int(time.time() * 1000) - 86_400_000
+    # b joins the group and stops: its persistent session stays a member.
+    async with Gateway(mqtt, store, settings("b")) as b:
+        task = asyncio.create_task(b.run())
+        async with asyncio.timeout(20):
+            await b.wait_subscribed()
+        await cancel_and_wait(task)
+    async with Gateway(mqtt, store, settings("a")) as a:
+        task = asyncio.create_task(a.run())
+        try:
+            async with asyncio.timeout(20):
+                await a.wait_subscribed()
+            sent = await fleet_burst(broker, base_ms, devices, range(100), pace_s=0)
+            await wait_for(lambda: total_points(influx) >= sent // 2, 60, "a's half stored")
+            assert total_points(influx) < sent  # b's share waits for b at the broker
+            # Devices keep publishing while b retires: what the broker routes to b
+            # before it unsubscribes, b stores; after that, a does.
+            during = asyncio.create_task(
+                fleet_burst(broker, base_ms, devices, range(100, 200), pace_s=0.005)
+            )
+            async with Gateway(mqtt, store, settings("b")) as b:
+                async with asyncio.timeout(60):
+                    await b.retire()
+                assert b.metrics.stored > 0
+            sent += await during
+            # b has left the group: a gets everything published from now on.
+            sent += await fleet_burst(broker, base_ms, devices, range(200, 230), pace_s=0)
+            await wait_for(lambda: total_points(influx) >= sent, 60, "the later ones stored")
+        finally:
+            await cancel_and_wait(task)
+    for device_id, device_seqs in stored_seqs(influx).items():
+        assert sorted(device_seqs) == list(range(230)), device_id
+    async with mqtt.client("fixloop-gateway-b", clean_start=False, session_expiry_s=0) as probe:
+        assert not probe.session_present  # the retired session is gone

@@ -934,3 +934,31 @@ async def test_mosquitto_session_resumption(make_mosquitto: MakeMosquitto) -> No
     async with resuming() as client:
         assert not client.session_present
         assert client.sessions_lost == 1
+
+
+async def test_mosquitto_unsubscribe_stops_routing_but_keeps_the_queue(
+    mosquitto: MosquittoServer,
+) -> None:
+    """After UNSUBACK nothing new is routed to the session; what was queued still comes."""
+
+    def member() -> MqttClient:
+        return gateway_client(mosquitto, "leaver", clean_start=False, session_expiry_s=600)
+
+    async with member() as client:
+        await client.subscribe(TELEMETRY, qos=1)
+    async with device_client(mosquitto) as device:
+        await device.publish(TELEMETRY, b"queued", qos=1)
+        async with member() as client:
+            await client.unsubscribe(TELEMETRY)
+            await device.publish(TELEMETRY, b"after", qos=1)
+            await client.unsubscribe(TELEMETRY)  # no subscription any more: 0x11, no error
+            await client.subscribe(f"devices/{DEVICE_IDS[0]}/events", qos=1)
+            await device.publish(f"devices/{DEVICE_IDS[0]}/events", b"marker", qos=1)
+            got: list[bytes] = []
+            async with asyncio.timeout(WAIT_S):
+                while b"marker" not in got:
+                    await client.wait_messages()
+                    batch = client.take(10)
+                    client.ack_many(batch)
+                    got += [m.payload for m in batch]
+    assert got == [b"queued", b"marker"]

@@ -13,7 +13,7 @@ write" rule needs.
 
 It speaks the subset of MQTT 5.0 (OASIS standard, 2019) that fixloop uses: CONNECT
 with will, credentials, clean start, session expiry, Receive Maximum and Maximum
-Packet Size; SUBSCRIBE; PUBLISH at QoS 0 and 1 in both directions with manual PUBACK
+Packet Size; SUBSCRIBE and UNSUBSCRIBE; PUBLISH at QoS 0 and 1 in both directions with manual PUBACK
 for incoming messages; PINGREQ; DISCONNECT. QoS 2 and topic aliases are not used
 anywhere in fixloop and are refused.
 
@@ -99,6 +99,8 @@ _PUBLISH: Final = 3
 _PUBACK: Final = 4
 _SUBSCRIBE: Final = 8
 _SUBACK: Final = 9
+_UNSUBSCRIBE: Final = 10
+_UNSUBACK: Final = 11
 _PINGREQ: Final = 12
 _PINGRESP: Final = 13
 _DISCONNECT: Final = 14
@@ -224,10 +226,10 @@ class Puback(NamedTuple):
 
 
 class Suback(NamedTuple):
-    """A SUBACK: one reason code per topic filter of the SUBSCRIBE.
+    """A SUBACK or UNSUBACK: one reason code per topic filter of the (UN)SUBSCRIBE.
 
     Attributes:
-        packet_id: the SUBSCRIBE's packet id.
+        packet_id: the (UN)SUBSCRIBE's packet id.
         reasons: the reason codes, one byte each.
     """
 
@@ -406,7 +408,7 @@ def _decode_control(first: int, body: bytes) -> ControlPacket:
             if end != size:
                 raise MqttProtocolError("bytes after the CONNACK's properties")
         return Connack(bool(body[0] & 1), body[1], props)
-    if kind == _SUBACK:
+    if kind in (_SUBACK, _UNSUBACK):
         if size < 3:
             raise MqttProtocolError("SUBACK shorter than its packet id and properties")
         _, end = _parse_properties(body, 2, size)
@@ -1110,6 +1112,36 @@ class MqttClient:
         if worst >= 0x80:
             raise PermanentError(
                 f"the broker refused subscription to {list(topic_filters)} (0x{worst:02x})"
+            )
+
+    async def unsubscribe(self, *topic_filters: str) -> None:
+        """Unsubscribe from topic filters and wait for the UNSUBACK.
+
+        After it, the broker routes no new message to us through these filters; what
+        it had already queued in our session still comes.
+
+        Raises:
+            PermanentError: the broker refused (a reason code of 0x80 or more).
+            BrokerUnavailableError: the connection dropped or no UNSUBACK came in time.
+        """
+        packet_id = self._packet_id()
+        body = struct.pack("!H", packet_id) + b"\x00" + b"".join(map(_utf8, topic_filters))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # UNSUBACKs answer from the same packet-id space as SUBACKs (MQTT 5.0, 2.2.1).
+        self._subscribes[packet_id] = future
+        try:
+            self._write(_packet(0xA2, body))
+            async with asyncio.timeout(self._connect_timeout_s):
+                worst = await future
+        except TimeoutError as exc:
+            raise BrokerUnavailableError(
+                f"no UNSUBACK within {self._connect_timeout_s:g} s for {list(topic_filters)}"
+            ) from exc
+        finally:
+            self._subscribes.pop(packet_id, None)
+        if worst >= 0x80:
+            raise PermanentError(
+                f"the broker refused to unsubscribe {list(topic_filters)} (0x{worst:02x})"
             )
 
     async def publish(
