@@ -576,6 +576,10 @@ def test_emqx_cluster_file_replaces_the_broker_with_durable_replicated_sessions(
         assert env["EMQX_DURABLE_STORAGE__MESSAGES__REPLICATION_FACTOR"] == "3"
         assert env["EMQX_CLUSTER__STATIC__SEEDS"].count("emqx@") == 3
         assert env["EMQX_AUTHORIZATION__NO_MATCH"] == "deny"
+        # devices' client ids are their user names, as on Mosquitto's device listener
+        zone = env["EMQX_LISTENERS__SSL__DEFAULT__ZONE"]
+        assert env[f"EMQX_ZONES__{zone.upper()}__MQTT__USE_USERNAME_AS_CLIENTID"] == "true"
+        assert not any(k.startswith("EMQX_LISTENERS__TCP__") for k in env)  # services pick
         assert "broker" in node["networks"]["default"]["aliases"]
         assert any(v.endswith(":/opt/emqx/data") for v in node["volumes"])
         assert f"{node['volumes'][-1].split(':')[0]}" in cluster["volumes"]
