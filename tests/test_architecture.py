@@ -552,10 +552,11 @@ def test_init_checker_lets_reexports_pass() -> None:
 
 #: Modules that take no ``_private`` name from a sibling module either: what they share
 #: with it is public in a module of its own (``notifier.edge`` for the owner API's routes,
-#: and ``notifier.api``'s middleware, bodies, views and words inside it).
-_NO_SIBLING_PRIVATES = (
-    "notifier/admin.py",
-    *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notifier" / "api").glob("*.py")),
+#: and, inside ``notifier.api`` and ``notifier.admin``, their public helper modules).
+_NO_SIBLING_PRIVATES = tuple(
+    str(path.relative_to(ROOT))
+    for package in ("api", "admin")
+    for path in sorted((ROOT / "notifier" / package).glob("*.py"))
 )
 
 
