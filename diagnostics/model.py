@@ -4,7 +4,12 @@ A diagnosis names one fault hypothesis for one device, with its confidence, the
 predicted time to failure (wear-type faults), the features that drove it, the remedies
 from the fault catalog in the order to try, and the evidence (device codes, scores).
 ``status`` says whether this message opens, updates or closes it; a device has at most
-one diagnosis per fault, identified by :attr:`Diagnosis.key`. The JSON form (orjson) is
+one open diagnosis per fault, identified by :attr:`Diagnosis.key`. Each opening of it
+has a stable id (:attr:`Diagnosis.id`: device, fault and the device time it opened),
+carried by its open, update and closed messages alike: it comes from the device's own
+data, so two diagnostics workers that score the same readings (a partition moved from
+one to the other, ARCHITECTURE "Diagnostics partitioned by device") give the same id,
+and a consumer can tell a repeated message from a new diagnosis. The JSON form (orjson) is
 what the notifier reads; decoding refuses anything malformed with a
 :class:`~wire.errors.RejectedError`.
 """
@@ -12,7 +17,7 @@ what the notifier reads; decoding refuses anything malformed with a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
 
 import orjson
@@ -34,6 +39,8 @@ __all__ = [
 DIAGNOSIS_VERSION: Final = 1
 DiagnosisStatus = Literal["open", "update", "closed"]
 _STATUSES: Final = frozenset(("open", "update", "closed"))
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MS: Final = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +99,12 @@ class Diagnosis:
         """The diagnosis id: ``device_id/fault`` (one open per device and fault)."""
         return f"{self.device_id}/{self.fault}"
 
+    @property
+    def id(self) -> str:
+        """This opening's stable id: ``device_id/fault/opened_at`` (epoch ms, device time)."""
+        opened_ms = (self.opened_at - _EPOCH) // _MS
+        return f"{self.device_id}/{self.fault}/{opened_ms}"
+
 
 def encode_diagnosis(diagnosis: Diagnosis) -> bytes:
     """Return the JSON form of ``diagnosis`` for ``fleet/diagnoses``."""
@@ -99,6 +112,7 @@ def encode_diagnosis(diagnosis: Diagnosis) -> bytes:
     return orjson.dumps(
         {
             "v": DIAGNOSIS_VERSION,
+            "id": diagnosis.id,
             "device_id": diagnosis.device_id,
             "model": diagnosis.model,
             "fault": diagnosis.fault,
