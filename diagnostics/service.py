@@ -64,6 +64,7 @@ from wire.supervisor import StageHealth, supervise
 __all__ = [
     "DiagnosticsService",
     "backfill_lifetimes",
+    "health_lines",
     "load_engine",
     "mismatch_lines",
     "stored_registry",
@@ -226,6 +227,29 @@ def mismatch_lines(mismatches: Iterable[Mismatch], worker: str, ts_ms: int) -> l
         tags = {"model": found.model, "worker": worker}
         lines.append(point_line(MISMATCH_MEASUREMENT, tags, fields, ts_ms))
     return lines
+
+
+def health_lines(result: EngineResult) -> list[bytes]:
+    """Line-protocol points of a round's scores (measurement ``health``; late ones skipped)."""
+    scores = result.scores
+    return [
+        point_line(
+            HEALTH_MEASUREMENT,
+            {"device": device_id},
+            {"score": score, "baseline": baseline, "fleet": fleet},
+            ts_ms,
+        )
+        for device_id, ts_ms, score, baseline, fleet, late in zip(
+            scores.device_ids,
+            scores.ts_ms,
+            scores.score,
+            scores.baseline,
+            scores.fleet,
+            scores.late,
+            strict=True,
+        )
+        if not late
+    ]
 
 
 def _decode(messages: Iterable[Message], now_ms: int) -> list[Reading | Event]:
@@ -421,26 +445,7 @@ class DiagnosticsService:
         await self._write_mismatches()
         if not result.scores:
             return
-        scores = result.scores
-        lines = [
-            point_line(
-                HEALTH_MEASUREMENT,
-                {"device": device_id},
-                {"score": score, "baseline": baseline, "fleet": fleet},
-                ts_ms,
-            )
-            for device_id, ts_ms, score, baseline, fleet, late in zip(
-                scores.device_ids,
-                scores.ts_ms,
-                scores.score,
-                scores.baseline,
-                scores.fleet,
-                scores.late,
-                strict=True,
-            )
-            if not late
-        ]
-        await self._write_scores(lines)
+        await self._write_scores(health_lines(result))
 
     async def _write_mismatches(self) -> None:
         """Write the mismatch counts when they changed, at most every ``mismatch_every_s``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 __all__ = ["DiagnosticsSettings"]
 
@@ -34,6 +34,18 @@ class DiagnosticsSettings(BaseModel):
         metrics_host: where ``fixloop diagnostics`` serves ``/metrics`` and ``/health``
             (``0.0.0.0`` in a container, so the compose network can scrape it).
         metrics_port: their port (0: a free one).
+        partitions: spread the devices over this many partitions, each handled by one
+            worker at a time (:mod:`diagnostics.partition`); the gateway's
+            ``republish_partitions`` must be the same. 0 (the default): no partitions,
+            the service reads the device topics itself.
+        lease_url: PostgreSQL database of the partitions' leases and checkpoints
+            (``postgresql://user:password@host/db``), for several workers; without it one
+            worker holds every partition and keeps its checkpoints in memory.
+        lease_ttl_s: how long a partition's lease lasts unrenewed (renewed every third
+            of it): a dead worker's partitions move after about this long.
+        checkpoint_every_s: how often a partition's state is checkpointed (and the
+            messages it covers acknowledged): a partition that moves replays this much.
+        checkpoint_max_messages: a checkpoint at the latest after this many messages.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,3 +64,8 @@ class DiagnosticsSettings(BaseModel):
     lifetime_backfill: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9_109, ge=0, le=65_535)
+    partitions: int = Field(0, ge=0, le=4_096)
+    lease_url: SecretStr | None = None
+    lease_ttl_s: float = Field(15.0, ge=1.0, le=600.0)
+    checkpoint_every_s: float = Field(5.0, gt=0, le=600.0)
+    checkpoint_max_messages: int = Field(20_000, ge=1, le=60_000)

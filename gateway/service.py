@@ -44,6 +44,7 @@ from typing import Final, Self
 import orjson
 
 from gateway.metrics import GatewayMetrics, MetricsServer
+from gateway.republish import Republisher
 from gateway.settings import GatewaySettings
 from gateway.spool import Spool
 from wire.consumer import consume_forever, shared_filters
@@ -151,6 +152,10 @@ class Gateway:
         self._retire_topic: str | None = None
         self._retire_seen = asyncio.Event()
         self._spool_empty = asyncio.Event()  # set by the replay loop when it finds none
+        #: republishes stored messages for partitioned diagnostics, when configured
+        self.republisher = (
+            Republisher(settings.republish_partitions) if settings.republish_partitions else None
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -506,8 +511,21 @@ class Gateway:
             for more in batches[1:]:
                 lines.extend(more.lines)
             await self._store(lines)
+            if self.republisher is not None:
+                await self._republish(batches)
             for batch in batches:
                 self._settle(batch, stored=True)
+
+    async def _republish(self, batches: list[_Batch]) -> None:
+        """Hand stored messages to their diagnostics partitions (:mod:`gateway.republish`)."""
+        assert self.republisher is not None
+        client = batches[0].connection.client
+        try:
+            await self.republisher.republish(client, [m for b in batches for m in b.messages])
+        except BrokerUnavailableError as exc:
+            # not acknowledged then: the broker delivers the batch again, and it is
+            # stored (overwriting itself) and republished again
+            _LOG.warning("stored batch not republished (%s); the broker resends it", exc)
 
     def _settle(self, batch: _Batch, *, stored: bool) -> None:
         """Acknowledge a stored batch (if its connection is up) or count it as dropped."""

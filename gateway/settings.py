@@ -35,6 +35,13 @@ class GatewaySettings(BaseModel):
         pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,31}$",
         description="this gateway's stable name among several: its session and spool",
     )
+    republish_partitions: int = Field(
+        0,
+        ge=0,
+        le=4_096,
+        description="republish stored device messages on this many diagnostics partitions"
+        " (0: off; diagnostics' partitions must match)",
+    )
     batch_max_points: int = Field(5_000, ge=1, le=100_000)
     batch_linger_s: float = Field(0.1, ge=0, le=10)
     max_pending_batches: int = Field(8, ge=1, le=1_000)
