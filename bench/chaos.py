@@ -59,7 +59,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fixloop.broker import DEFAULT_AUTOSAVE_INTERVAL_S, GATEWAY_USER
-from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from fixloop.server import free_port
+from fixloop.stack import InfluxdServer, MosquittoServer
 from wire.errors import BrokerUnavailableError, PermanentError
 from wire.mqtt import MqttClient
 from wire.protocol.credentials import device_password

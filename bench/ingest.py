@@ -527,7 +527,7 @@ def print_collapsed(path: Path, top: int = 25) -> None:
 
 
 def _free_port() -> int:
-    from fixloop.stack import free_port
+    from fixloop.server import free_port
 
     return free_port()
 

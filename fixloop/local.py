@@ -53,8 +53,9 @@ from fixloop.dynsec import DynsecClient
 from fixloop.dynsec_cli import local_admin_password
 from fixloop.opsusers import ops_users_file
 from fixloop.registry_cli import service_onboarding
+from fixloop.server import free_port
 from fixloop.settings import Settings, StackSettings
-from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from fixloop.stack import InfluxdServer, MosquittoServer
 from gateway.service import Gateway
 from notifier.loop import OwnerLoop
 from notifier.service import NotifierService

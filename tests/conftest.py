@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from fixloop.broker import GATEWAY_USER
-from fixloop.stack import InfluxdServer, MosquittoServer, PostgresServer
+from fixloop.pgserver import PostgresServer
+from fixloop.stack import InfluxdServer, MosquittoServer
 from wire.protocol.credentials import device_password
 
 FLEET_SECRET = "test-fleet-secret-0123456789"

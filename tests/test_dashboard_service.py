@@ -34,7 +34,8 @@ from diagnostics.service import DiagnosticsService
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.observe import diagnostics_endpoint, notifier_endpoint
 from fixloop.opsusers import ROLES
-from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from fixloop.server import free_port
+from fixloop.stack import InfluxdServer, MosquittoServer
 from notifier.errors import ConflictError, NotFoundError
 from notifier.model import Case, DeviceRecord, Owner
 from notifier.postgres import PostgresStore

@@ -29,7 +29,8 @@ from test_device_e2e import WATCHER, WATCHER_PASSWORD, Watcher, device_settings,
 
 from device import Device, DeviceSettings, TlsSettings
 from fixloop.broker import GATEWAY_USER
-from fixloop.stack import MosquittoServer, free_port
+from fixloop.server import free_port
+from fixloop.stack import MosquittoServer
 from wire.protocol import decode_reading
 
 pytestmark = pytest.mark.integration

@@ -651,7 +651,7 @@ async def test_a_firmware_image_with_the_wrong_checksum_is_not_installed(
 
 def test_a_new_firmware_that_keeps_crashing_is_rolled_back(tmp_path: Path) -> None:
     """Boots that never reach a verdict (a crash loop) count; past the limit: roll back."""
-    from fixloop.stack import free_port
+    from fixloop.server import free_port
 
     settings = DeviceSettings(
         "dev-001", "127.0.0.1", tmp_path, port=free_port(), max_boot_attempts=2

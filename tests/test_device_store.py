@@ -16,7 +16,7 @@ import pytest
 from device import ContractError, Device, DeviceConfigError, DeviceError, DeviceSettings
 from device.contract import encode_event, encode_reading
 from device.store import DeviceStore
-from fixloop.stack import free_port
+from fixloop.server import free_port
 
 DEV = "dev-001"
 NOW_MS = 1_740_816_070_000

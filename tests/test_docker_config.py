@@ -60,8 +60,9 @@ from fixloop.observe import (
     diagnostics_metrics,
     notifier_metrics,
 )
+from fixloop.server import free_port
 from fixloop.settings import Settings
-from fixloop.stack import MosquittoServer, free_port
+from fixloop.stack import MosquittoServer
 from gateway.metrics import GatewayMetrics
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings

@@ -24,7 +24,8 @@ import pytest
 from conftest import GATEWAY_PASSWORD, MakeInfluxd, MakeMosquitto, device_pw
 
 from fixloop.broker import GATEWAY_USER
-from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from fixloop.server import free_port
+from fixloop.stack import InfluxdServer, MosquittoServer
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from wire.influx import InfluxSettings

@@ -21,7 +21,8 @@ from conftest import MakeInfluxd
 from pydantic import SecretStr
 from yarl import URL
 
-from fixloop.stack import InfluxdServer, free_port
+from fixloop.server import free_port
+from fixloop.stack import InfluxdServer
 from wire.errors import PermanentError, StoreUnavailableError
 from wire.influx import InfluxClient, InfluxSettings, WriteOutcome
 from wire.lineproto import reading_to_line

@@ -38,7 +38,8 @@ from conftest import GATEWAY_PASSWORD, MakeMosquitto, device_pw
 from diagnostics import Diagnosis, encode_diagnosis
 from diagnostics.catalog import Remedy
 from fixloop.broker import GATEWAY_USER
-from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from fixloop.server import free_port
+from fixloop.stack import InfluxdServer, MosquittoServer
 from notifier.model import DeviceRecord, Owner, PushChannel
 from notifier.postgres import PostgresStore
 from wire.mqtt import MqttClient

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 import notifier.postgres
 from fixloop.cli import main
 from fixloop.failures import recorded_failures
-from fixloop.stack import PostgresServer, free_port
+from fixloop.pgserver import PostgresServer
+from fixloop.server import free_port
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import Appointment, Case, Owner
 from notifier.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore, redacted_url

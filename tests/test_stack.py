@@ -38,7 +38,8 @@ from fixloop.broker import (
     render_mosquitto_conf,
     render_password_file,
 )
-from fixloop.stack import InfluxdServer, MosquittoServer, free_port
+from fixloop.server import free_port
+from fixloop.stack import InfluxdServer, MosquittoServer
 from wire.errors import ConfigError
 
 pytestmark = pytest.mark.integration
