@@ -45,13 +45,12 @@ from fixloop.broker import (
     STALL_BUDGET_S,
     STALL_DESIGN_RATE,
     Listener,
-    docker_files,
     hash_password,
-    main,
     render_acl,
     render_mosquitto_conf,
     render_password_file,
 )
+from fixloop.broker_cli import docker_files, main
 from fixloop.cli import _parser
 from fixloop.config import load_settings
 from fixloop.observe import (

@@ -17,13 +17,8 @@ import pytest
 import yaml
 from conftest import FLEET_SECRET, MakeMosquitto, device_pw
 
-from fixloop.broker import (
-    DOCKER_DYNSEC_FILE,
-    DOCKER_DYNSEC_PLUGIN,
-    DYNSEC_ADMIN_USER,
-    docker_files,
-    main,
-)
+from fixloop.broker import DYNSEC_ADMIN_USER
+from fixloop.broker_cli import DOCKER_DYNSEC_FILE, DOCKER_DYNSEC_PLUGIN, docker_files, main
 from fixloop.dynsec import DynsecClient
 from wire.errors import ConfigError, PermanentError
 from wire.mqtt import MqttClient
