@@ -38,7 +38,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diagnostics import CATALOG, Diagnosis, encode_diagnosis
-from fixloop.stack import InfluxdServer, MosquittoServer, PostgresServer
+from fixloop.pgserver import PostgresServer
+from fixloop.stack import InfluxdServer, MosquittoServer
 from notifier.model import DeviceRecord, Owner
 from notifier.service import NotifierService
 from notifier.settings import NotifierSettings
