@@ -116,6 +116,7 @@ class _Held:
     valid_until: float
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    connected: bool = False
 
 
 def _key(diagnosis: Diagnosis) -> str:
@@ -179,6 +180,11 @@ class PartitionedDiagnostics:
         self.checkpoints = 0
         self.checkpoint_bytes = 0
         self.stages = StageHealth()
+
+    @property
+    def connected(self) -> bool:
+        """Whether every partition held has its broker session up (none held: True)."""
+        return all(h.connected for h in self._held.values() if not h.stop.is_set())
 
     @property
     def unknown_readings(self) -> int:
@@ -284,6 +290,8 @@ class PartitionedDiagnostics:
             _LOG.warning("partition %d stopped (%s); taken up again next round", number, exc)
         except PermanentError:
             _LOG.exception("partition %d stopped; taken up again next round", number)
+        finally:
+            held.connected = False
 
     def _restore(self, number: int, checkpoint: bytes | None) -> PartitionState:
         if checkpoint is not None:
@@ -316,6 +324,7 @@ class PartitionedDiagnostics:
         )
         async with client:
             await client.subscribe(partition_filter(number), qos=1)
+            held.connected = True
             _LOG.info(
                 "partition %d served by %s (epoch %d, session resumed: %s, %d devices)",
                 number,
@@ -345,6 +354,7 @@ class PartitionedDiagnostics:
             # handed over: checkpoint what was handled, acknowledge it, free the lease
             self._alive(held)
             await self._checkpoint(held, state, client, unacked)
+            held.connected = False
         await self._store.release(self.worker_id, number, epoch)
         _LOG.info("partition %d released by %s", number, self.worker_id)
 

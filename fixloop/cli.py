@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from diagnostics.settings import DiagnosticsSettings
 from fixloop.config import in_data_dir, load_settings
 from fixloop.dynsec_cli import add_credentials_parser, run_credentials
 from fixloop.opsusers import add_parser as add_ops_users_parser
@@ -352,11 +353,41 @@ async def _diagnostics(settings: Settings, stop: asyncio.Event) -> None:
     from fixloop.observe import diagnostics_endpoint
 
     config = in_data_dir(settings).diagnostics
+    if config.partitions:
+        await _partitioned_diagnostics(settings, config, stop)
+        return
     async with (
         DiagnosticsService(settings.mqtt, settings.influx, config) as service,
         diagnostics_endpoint(service, config.metrics_host, config.metrics_port),
     ):
         await _run_until_stop(service.run(), stop)
+
+
+async def _partitioned_diagnostics(
+    settings: Settings, config: DiagnosticsSettings, stop: asyncio.Event
+) -> None:
+    """One worker of partitioned diagnostics (leases in PostgreSQL, else sole owner)."""
+    from diagnostics.leases import PartitionStore, PostgresPartitionStore, SoleOwnerStore
+    from diagnostics.partition import PartitionedDiagnostics
+    from fixloop.observe import diagnostics_endpoint
+
+    async with contextlib.AsyncExitStack() as stack:
+        store: PartitionStore = SoleOwnerStore()
+        if config.lease_url is not None:
+            store = await stack.enter_async_context(
+                PostgresPartitionStore(config.lease_url.get_secret_value())
+            )
+        else:
+            _LOG.info(
+                "no diagnostics.lease_url: this worker holds all %d partitions", config.partitions
+            )
+        worker = await stack.enter_async_context(
+            PartitionedDiagnostics(settings.mqtt, settings.influx, config, store)
+        )
+        await stack.enter_async_context(
+            diagnostics_endpoint(worker, config.metrics_host, config.metrics_port)
+        )
+        await _run_until_stop(worker.run(), stop)
 
 
 async def _notifier(settings: Settings, stop: asyncio.Event) -> None:

@@ -32,6 +32,7 @@ import orjson
 from aiohttp import web
 
 from dashboard.service import DashboardService
+from diagnostics.partition import PartitionedDiagnostics
 from diagnostics.service import DiagnosticsService
 from notifier.service import NotifierService
 from notifier.store import CaseStore
@@ -187,7 +188,7 @@ class ServiceEndpoint:
 # -- the services ----------------------------------------------------------------------
 
 
-def diagnostics_metrics(service: DiagnosticsService) -> list[Metric]:
+def diagnostics_metrics(service: DiagnosticsService | PartitionedDiagnostics) -> list[Metric]:
     """The diagnostics service's metric families."""
     p = "fixloop_diagnostics"
     engine = service.engine
@@ -227,7 +228,7 @@ def diagnostics_metrics(service: DiagnosticsService) -> list[Metric]:
     ]
 
 
-def diagnostics_health(service: DiagnosticsService) -> Health:
+def diagnostics_health(service: DiagnosticsService | PartitionedDiagnostics) -> Health:
     """The diagnostics service's problems and details."""
     problems = [f"stage_down:{name}" for name in sorted(service.stages.down)]
     if service.engine is None:
@@ -410,7 +411,7 @@ async def _store_answers(store: CaseStore | None) -> list[str]:
     return []
 
 
-async def diagnostics_ready(service: DiagnosticsService) -> list[str]:
+async def diagnostics_ready(service: DiagnosticsService | PartitionedDiagnostics) -> list[str]:
     """What keeps the diagnostics service from scoring now: its models, its broker."""
     problems = []
     if service.engine is None:
@@ -438,7 +439,9 @@ async def dashboard_ready(service: DashboardService) -> list[str]:
     return problems
 
 
-def diagnostics_endpoint(service: DiagnosticsService, host: str, port: int) -> ServiceEndpoint:
+def diagnostics_endpoint(
+    service: DiagnosticsService | PartitionedDiagnostics, host: str, port: int
+) -> ServiceEndpoint:
     """The diagnostics service's ``/metrics``, ``/health``, ``/livez``, ``/readyz``."""
     return ServiceEndpoint(
         "diagnostics",

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ from pydantic import SecretStr
 from test_diagnostics_e2e import FAULTS, INTERVAL_S, healthy_engine
 
 from device_sim import FleetRunner, SimSettings
+from diagnostics.leases import SoleOwnerStore
 from diagnostics.model import Diagnosis, decode_diagnosis
+from diagnostics.partition import PartitionedDiagnostics
 from diagnostics.service import load_engine
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import GATEWAY_USER
@@ -35,6 +38,7 @@ from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from wire.influx import InfluxSettings
 from wire.mqtt import Message, MqttClient
+from wire.partitions import partition_of
 from wire.protocol import Event, Reading, decode_event, decode_reading
 from wire.settings import MqttSettings
 
@@ -299,3 +303,92 @@ async def test_partitions_move_without_missed_false_or_repeated_diagnoses(
     assert diagnosed >= set(faulty), f"missed {set(faulty) - diagnosed}"
     false_alarms = [(d.device_id, d.fault) for d in seen if d.device_id not in faulty]
     assert not false_alarms, f"false alarms: {false_alarms}"
+
+
+async def test_one_worker_holds_every_partition_without_a_shared_store(
+    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    """No PostgreSQL: one worker holds all partitions; a restart resumes its checkpoints."""
+    influx = make_influxd()
+    sim = SimSettings(
+        devices=6,
+        seed=7,
+        interval_s=600.0,
+        duration_s=86_400.0,
+        start_offset_s=86_400.0,
+        speed="max",
+        fleet_secret=SecretStr(FLEET_SECRET),
+        mqtt_port=1,
+    )
+    runner = FleetRunner(sim)
+    broker = make_mosquitto(device_ids=runner.fleet.device_ids, connection_messages=False)
+    runner.settings = sim.model_copy(update={"mqtt_port": broker.port})
+    mqtt = MqttSettings(
+        host=broker.host, port=broker.port, username=GATEWAY_USER, password=GATEWAY_PASSWORD
+    )
+    influx_settings = InfluxSettings(url=influx.url)
+    settings = DiagnosticsSettings(
+        client_id="solo",
+        model_path=tmp_path / "none.pkl",
+        partitions=4,
+        checkpoint_every_s=0.2,
+        write_scores=False,
+        lifetime_backfill=False,
+    )
+    store = SoleOwnerStore()
+    handled: list[tuple[int, str, int, int]] = []
+
+    def note(partition: int, items: Sequence[Reading | Event]) -> None:
+        handled.extend(
+            (partition, i.device_id, i.ts_ms, i.seq) for i in items if isinstance(i, Reading)
+        )
+
+    async with Gateway(
+        mqtt,
+        influx_settings,
+        GatewaySettings(spool_dir=tmp_path / "spool", metrics_port=0, republish_partitions=4),
+    ) as gateway:
+        ingest = asyncio.create_task(gateway.run())
+        try:
+            await gateway.wait_subscribed()
+            first = PartitionedDiagnostics(
+                mqtt, influx_settings, settings, store, worker_id="solo", on_handled=note
+            )
+            async with first:
+                work = asyncio.create_task(first.run())
+                deadline = time.monotonic() + 60
+                while first.partitions_held != set(range(4)) or not first.connected:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+                async with runner:
+                    report = await runner.run()
+                readings = sum(report.readings_per_device.values())
+                await gateway.drain()
+                while len(handled) < readings:
+                    assert time.monotonic() < deadline + 60, (len(handled), readings)
+                    await asyncio.sleep(0.05)
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            assert first.checkpoints >= 4
+            assert gateway.republisher is not None
+            assert gateway.republisher.republished >= readings
+
+            # a restarted worker resumes from the checkpoints: nothing handled twice
+            second = PartitionedDiagnostics(
+                mqtt, influx_settings, settings, store, worker_id="solo", on_handled=note
+            )
+            async with second:
+                work = asyncio.create_task(second.run())
+                while second.partitions_held != set(range(4)) or not second.connected:
+                    assert time.monotonic() < deadline + 120
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(1.0)
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+        finally:
+            ingest.cancel()
+            await asyncio.gather(ingest, return_exceptions=True)
+    assert len(handled) == len(set(handled)) == readings
+    assert {p for p, *_ in handled} == set(range(4))
+    for partition, device, _, _ in handled:
+        assert partition_of(device, 4) == partition
