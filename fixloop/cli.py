@@ -392,7 +392,7 @@ async def _partitioned_diagnostics(
 
 async def _notifier(settings: Settings, stop: asyncio.Event) -> None:
     from fixloop.observe import notifier_endpoint
-    from fixloop.registry_cli import service_onboarding
+    from fixloop.onboarding import service_onboarding
     from notifier.service import NotifierService
 
     config = in_data_dir(settings).notifier

@@ -51,8 +51,8 @@ from fixloop.config import ensure_fleet_secret
 from fixloop.demo import DemoPeople, SimulatedPeople, demo_faults, plan_history_faults, seed_people
 from fixloop.dynsec import DynsecClient
 from fixloop.dynsec_cli import local_admin_password
+from fixloop.onboarding import service_onboarding
 from fixloop.opsusers import ops_users_file
-from fixloop.registry_cli import service_onboarding
 from fixloop.server import free_port
 from fixloop.settings import Settings, StackSettings
 from fixloop.stack import InfluxdServer, MosquittoServer

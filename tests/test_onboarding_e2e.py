@@ -34,7 +34,7 @@ from diagnostics import Diagnosis, encode_diagnosis
 from diagnostics.product import load_product
 from fixloop.broker import GATEWAY_USER
 from fixloop.config import load_settings
-from fixloop.registry_cli import case_store_path, service_onboarding
+from fixloop.onboarding import case_store_path, service_onboarding
 from fixloop.stack import InfluxdServer
 from notifier.push import verify_webhook_signature
 from notifier.service import NotifierService

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from test_owner_api import ClientFactory, FakeActions, FakeHealth
 
 from fixloop.cli import main
-from fixloop.registry_cli import service_onboarding
+from fixloop.onboarding import service_onboarding
 from fixloop.settings import BrokerSettings, Settings, StackSettings
 from fixloop.stack import MosquittoServer
 from notifier.api import API_PREFIX, create_api
