@@ -827,7 +827,7 @@ def _services_with_env() -> Iterator[tuple[str, dict[str, Any]]]:
         {**EXAMPLE_ENV, "EMQX_COOKIE": "c", "EMQX_LICENSE_KEY": "k"},
     )
     yield from ((f"emqx:{n}", s) for n, s in emqx["services"].items())
-    # the other overlays shipped beside it
+    # the other compose files shipped beside it (overlays, and the cluster profile)
     for overlay in sorted(DOCKER.glob("compose.*.yaml")):
         if overlay.name == "compose.emqx.yaml":
             continue
