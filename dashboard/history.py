@@ -5,7 +5,7 @@ it: InfluxDB 1.6 reads about 150,000 points a second on the development machine,
 day of a 10,000-device fleet scored every 10 minutes takes some 10 s, and far longer at
 real reporting rates. So the counts are made once per fixed step of :data:`STEP_S`, as
 soon as a step is needed and has closed (:data:`SETTLE_S` after its end), with
-:func:`~dashboard.fleet.health_timeline` over the step and the ``silent_after_s`` before
+:func:`~dashboard.health.health_timeline` over the step and the ``silent_after_s`` before
 it. A step that ended :data:`SETTLE_S` before the fleet's newest score is *final*: its
 counts are kept in memory and written to the ``fleet_health`` measurement (fields per
 level, one point per step), and a restarted dashboard, or another one beside it, reads
@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Final
 
-from dashboard.fleet import LEVELS, health_timeline
+from dashboard.health import LEVELS, health_timeline
 from dashboard.influxql import Measurements, first_scores, score_buckets
 from wire.errors import PermanentError, TransientError
 from wire.influx import InfluxClient
@@ -83,7 +83,7 @@ def bucketed(
     """Steps merged into buckets of ``width_ms``: the mean count per level (one decimal).
 
     Args:
-        counts: step start (epoch ms) to its counts in :data:`~dashboard.fleet.LEVELS`
+        counts: step start (epoch ms) to its counts in :data:`~dashboard.health.LEVELS`
             order.
         start_ms: where the first bucket may start (buckets are aligned to the epoch).
         width_ms: the buckets' width.
@@ -163,7 +163,7 @@ class HealthHistory:
         """Every closed step from the one holding ``start`` up to ``end``, as counted yet.
 
         Returns:
-            Step start (epoch ms) to the devices per level (:data:`~dashboard.fleet.LEVELS`
+            Step start (epoch ms) to the devices per level (:data:`~dashboard.health.LEVELS`
             order), oldest first, and how many steps are still being counted behind the
             answer; steps not yet closed are left out.
         """

@@ -37,7 +37,8 @@ from test_dashboard import (
 
 from dashboard.app import create_app
 from dashboard.charts import CHARTS, Table, csv_filename, to_csv
-from dashboard.fleet import LEVELS, fleet_health, health_level, health_timeline, with_boot_firmware
+from dashboard.fleet import with_boot_firmware
+from dashboard.health import LEVELS, fleet_health, health_level, health_timeline
 from dashboard.history import HealthHistory, bucketed
 from dashboard.keys import HISTORY_KEY
 from dashboard.settings import DashboardSettings

@@ -15,7 +15,8 @@ from typing import Any, Final
 from aiohttp import web
 
 from dashboard import charts, influxql, stats
-from dashboard.fleet import LEVELS, FleetHealth, Snapshot, fleet_health, overview
+from dashboard.fleet import Snapshot
+from dashboard.health import LEVELS, FleetHealth, fleet_health, overview
 from dashboard.history import STEP_S, bucketed
 from dashboard.keys import (
     CACHE_KEY,
