@@ -58,6 +58,34 @@ _SCHEMA: Final = (
 )
 
 
+def _known_counter(name: str) -> str:
+    """Return ``name`` if it is a kept counter (``dropped``, ``expired``, ``refused``).
+
+    Raises:
+        DeviceConfigError: it is not.
+    """
+    if name not in _COUNTERS:
+        raise DeviceConfigError(f"unknown counter {name!r}")
+    return name
+
+
+class _Numbered:
+    """What both stores keep alike: the last ``seq`` and the messages stored since opened."""
+
+    _seq: int
+    _appended: int
+
+    @property
+    def seq(self) -> int:
+        """The last sequence number used (0 before the first message)."""
+        return self._seq
+
+    @property
+    def appended(self) -> int:
+        """Messages stored since the store was opened (tells a reader that more came)."""
+        return self._appended
+
+
 class OutboxRow(NamedTuple):
     """One message waiting for its PUBACK (a named tuple: cheap to make per message).
 
@@ -152,7 +180,7 @@ class DeviceState(Protocol):
         ...
 
 
-class DeviceStore:
+class DeviceStore(_Numbered):
     """The device's SQLite state; thread-safe (one connection behind a lock).
 
     Open with :meth:`open`; close with :meth:`close` or a ``with`` block.
@@ -248,16 +276,6 @@ class DeviceStore:
         self._count += 1
 
     # -- outbox -------------------------------------------------------------------------
-    @property
-    def seq(self) -> int:
-        """The last sequence number used (0 before the first message)."""
-        return self._seq
-
-    @property
-    def appended(self) -> int:
-        """Messages stored since the store was opened (tells a reader that more came)."""
-        return self._appended
-
     @property
     def count(self) -> int:
         """Messages in the outbox."""
@@ -361,8 +379,8 @@ class DeviceStore:
         """Remove messages (acknowledged, or given up on and counted in ``counter``)."""
         if not ids:
             return
-        if counter is not None and counter not in _COUNTERS:
-            raise DeviceConfigError(f"unknown counter {counter!r}")
+        if counter is not None:
+            _known_counter(counter)
         with self._changed:
             with self._tx() as db:
                 removed = 0
@@ -383,10 +401,8 @@ class DeviceStore:
 
     def counter(self, name: str) -> int:
         """A persisted counter: ``dropped``, ``expired`` or ``refused``."""
-        if name not in _COUNTERS:
-            raise DeviceConfigError(f"unknown counter {name!r}")
         with self._lock:
-            return int(self._state(name) or 0)
+            return int(self._state(_known_counter(name)) or 0)
 
     # -- named state --------------------------------------------------------------------
     def get(self, key: str) -> object | None:
@@ -407,7 +423,7 @@ class DeviceStore:
             self._put(db, f"kv:{key}", json.dumps(value))
 
 
-class MemoryDeviceStore:
+class MemoryDeviceStore(_Numbered):
     """The device's state in memory, with :class:`DeviceStore`'s rules; thread-safe.
 
     What a simulated device keeps on its flash: it lives as long as the object, so it
@@ -435,16 +451,6 @@ class MemoryDeviceStore:
 
     def close(self) -> None:
         """Nothing to release (the state stays with the object)."""
-
-    @property
-    def seq(self) -> int:
-        """The last sequence number used (0 before the first message)."""
-        return self._seq
-
-    @property
-    def appended(self) -> int:
-        """Messages stored since the store was made (tells a reader that more came)."""
-        return self._appended
 
     @property
     def count(self) -> int:
@@ -537,8 +543,8 @@ class MemoryDeviceStore:
 
     def remove(self, ids: Sequence[int], *, counter: str | None = None) -> None:
         """Remove messages (acknowledged, or given up on and counted in ``counter``)."""
-        if counter is not None and counter not in _COUNTERS:
-            raise DeviceConfigError(f"unknown counter {counter!r}")
+        if counter is not None:
+            _known_counter(counter)
         with self._changed:
             outbox = self._outbox
             before = len(outbox)
@@ -561,9 +567,7 @@ class MemoryDeviceStore:
 
     def counter(self, name: str) -> int:
         """A kept counter: ``dropped``, ``expired`` or ``refused``."""
-        if name not in _COUNTERS:
-            raise DeviceConfigError(f"unknown counter {name!r}")
-        return self._counters[name]
+        return self._counters[_known_counter(name)]
 
     def get(self, key: str) -> object | None:
         """A JSON value kept under ``key`` (OTA progress, reset reason), or ``None``."""
