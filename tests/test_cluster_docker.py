@@ -279,6 +279,10 @@ def test_the_emqx_nodes_form_one_cluster_with_devices_named_by_their_user() -> N
         }
         assert "./emqx/acl.conf:/opt/emqx/etc/fixloop-acl.conf:ro" in services[node]["volumes"]
     assert len(set(names)) == 3
+    # the shared groups the services subscribe with are allowed them, as the plain topics
+    acl = (DOCKER / "emqx" / "acl.conf").read_text(encoding="utf-8")
+    assert '"$share/+/devices/#"' in acl  # gateways (and diagnostics workers)
+    assert '"$share/+/fleet/#"' in acl  # notifiers
 
 
 # -- the probes the healthchecks ask exist ---------------------------------------------------
