@@ -32,6 +32,9 @@ lease in the store (:meth:`~notifier.store.CaseStore.take_lease`) on the case's 
 move on. A case's timer (a command to send again, a fix to check) is a row in the store:
 any instance takes the due ones (``FOR UPDATE SKIP LOCKED``), and a remote fix waiting
 for its device keeps a timer too, so a fix whose instance died is sent again elsewhere.
+A step and the message it calls for are one transaction (:meth:`OwnerLoop._commit`,
+with a :class:`StepNotifier`): an instance that dies mid-step never leaves a case moved
+and its owner not told.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from typing import Any, Final, Protocol, Self, runtime_checkable
 
 from diagnostics import CATALOG, Diagnosis, ModelCatalog
 from notifier.actions import HealthPoint, HealthReader
@@ -65,13 +68,14 @@ from notifier.model import (
     AuditEntry,
     Case,
     CaseState,
+    Notification,
     Owner,
     Rating,
     Slot,
     Task,
 )
 from notifier.scheduling import PlannerConfig, check_bookable, plan_slots, urgency_from
-from notifier.store import CaseStore, CaseTimer, TimerKind
+from notifier.store import CaseStore, CaseTimer, NewMessage, TimerKind
 from wire.errors import PermanentError, TransientError
 from wire.protocol import CommandAction, Event
 
@@ -82,6 +86,8 @@ __all__ = [
     "Notice",
     "OwnerLoop",
     "OwnerNotifier",
+    "StepNotifier",
+    "notice_key",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -191,6 +197,23 @@ class OwnerNotifier(Protocol):
 
     async def notify(self, owner: Owner, case: Case, notice: Notice) -> None:
         """Tell the owner; must not raise for delivery trouble (it keeps the message)."""
+
+
+@runtime_checkable
+class StepNotifier(OwnerNotifier, Protocol):
+    """An :class:`OwnerNotifier` whose messages are kept in the step that calls for them.
+
+    The case machine has the message written first (:meth:`prepare`), keeps it with the
+    case's step in one transaction (:meth:`~notifier.store.CaseStore.update_case`), and
+    hands what was kept to delivery (:meth:`hand_over`): a process that dies between the
+    two no longer leaves a case moved and its owner not told.
+    """
+
+    async def prepare(self, owner: Owner, case: Case, notice: Notice) -> NewMessage:
+        """Write the message for the case as it will be stored."""
+
+    def hand_over(self, owner: Owner, kept: Notification, urgent: bool) -> None:
+        """Deliver a message the step kept (or count it, kept ``held``)."""
 
 
 class DeviceCommander(Protocol):
@@ -422,9 +445,13 @@ class OwnerLoop:
         *,
         actor: Actor = "system",
         evidence: dict[str, Any] | None = None,
+        tell: Sequence[Notice] = (),
         **changes: Any,
     ) -> Case:
-        """Move a case to ``state`` (audited, stored by compare-and-set, published)."""
+        """Move a case to ``state`` (audited, stored by compare-and-set, published).
+
+        The owner is told ``tell`` in the same step (:meth:`_commit`).
+        """
         if state not in TRANSITIONS[case.state]:
             raise IllegalTransitionError(f"a case cannot go from {case.state} to {state}")
         moved = replace(case, state=state, updated_at=self._clock(), **changes)
@@ -438,18 +465,75 @@ class OwnerLoop:
             from_state=case.state,
             to_state=state,
         )
-        # the move and its line in the trail are one transaction: a reader (or a crash)
-        # never sees a case in a state its trail does not explain
-        await self.store.update_case(moved, expected_state=case.state, audit=entry)
+        await self._commit(case, moved, [entry], tell)
         _LOG.info("case %s: %s -> %s (%s)", case.case_id, case.state, state, reason)
-        await self._publish(moved)
         return moved
 
-    async def _save(self, case: Case, **changes: Any) -> Case:
+    async def _save(
+        self,
+        case: Case,
+        *,
+        entries: Sequence[AuditEntry] = (),
+        tell: Sequence[Notice] = (),
+        **changes: Any,
+    ) -> Case:
+        """Change a case in its state (by compare-and-set, with ``entries`` and ``tell``)."""
         changed = replace(case, updated_at=self._clock(), **changes)
-        await self.store.update_case(changed, expected_state=case.state)
-        await self._publish(changed)
+        await self._commit(case, changed, list(entries), tell)
         return changed
+
+    async def _commit(
+        self, before: Case, after: Case, entries: list[AuditEntry], tell: Sequence[Notice]
+    ) -> None:
+        """Store one step of a case: the case, its lines in the trail, its messages.
+
+        One transaction (a reader, or a crash, never sees a case in a state its trail does
+        not explain, nor a step whose message is missing); then the change is published
+        and the messages kept are handed to delivery. A notifier that cannot write its
+        messages first (a test's) tells the owner after the step instead.
+        """
+        prepared: list[tuple[Notice, NewMessage]] = []
+        after_step: list[Notice] = []
+        owner = await self.store.get_owner(after.owner_id) if tell else None
+        steps = self.notifier if isinstance(self.notifier, StepNotifier) else None
+        if owner is not None and steps is None:
+            after_step = list(tell)
+        elif owner is not None and steps is not None:
+            for notice in tell:
+                try:
+                    prepared.append((notice, await steps.prepare(owner, after, notice)))
+                except TransientError:
+                    raise
+                except Exception:
+                    # the step goes on; a person sees in the trail the owner was not told
+                    self._case_failed(after.case_id, f"telling the owner ({notice.kind})")
+                    entries.append(self._told_entry(after, notice, told=False))
+        entries.extend(self._told_entry(after, notice, told=True) for notice, _ in prepared)
+        kept = await self.store.update_case(
+            after,
+            expected_state=before.state,
+            audit=entries,
+            messages=[message for _, message in prepared],
+        )
+        await self._publish(after)
+        if owner is not None and steps is not None:
+            for (notice, _), message in zip(prepared, kept, strict=True):
+                if message is not None:
+                    steps.hand_over(owner, message, notice.urgent)
+        for notice in after_step:
+            await self._tell(after, notice)
+
+    def _told_entry(self, case: Case, notice: Notice, *, told: bool) -> AuditEntry:
+        return AuditEntry(
+            case_id=case.case_id,
+            at=self._clock(),
+            actor="system",
+            action="notify" if told else "notify_failed",
+            reason=f"told the owner: {notice.kind}"
+            if told
+            else f"could not tell the owner: {notice.kind}",
+            evidence={"kind": notice.kind, "action": notice.action, "urgent": notice.urgent},
+        )
 
     async def _publish(self, case: Case) -> None:
         try:
@@ -474,21 +558,9 @@ class OwnerLoop:
         except Exception:
             # the case goes on; a person sees in the trail that the owner was not told
             self._case_failed(case.case_id, f"telling the owner ({notice.kind})")
-            await self._audit(
-                case,
-                "system",
-                "notify_failed",
-                f"could not tell the owner: {notice.kind}",
-                {"kind": notice.kind, "action": notice.action, "urgent": notice.urgent},
-            )
+            await self.store.add_audit(self._told_entry(case, notice, told=False))
             return
-        await self._audit(
-            case,
-            "system",
-            "notify",
-            f"told the owner: {notice.kind}",
-            {"kind": notice.kind, "action": notice.action, "urgent": notice.urgent},
-        )
+        await self.store.add_audit(self._told_entry(case, notice, told=True))
 
     async def _owned_case(self, owner_id: str, case_id: str) -> Case:
         case = await self.store.get_case(case_id)
@@ -689,15 +761,14 @@ class OwnerLoop:
                 policy == "ask_if_interrupting" and action in INTERRUPTING
             )
             if ask:
-                case = await self._move(
+                return await self._move(
                     case,
                     "awaiting_consent",
                     f"{action} interrupts use; the owner's policy ({policy}) asks first",
                     evidence={"action": action, "after": why},
+                    tell=[Notice("consent_request", action=action)],
                     pending_action=action,
                 )
-                await self._tell(case, Notice("consent_request", action=action))
-                return case
             return await self._start_fix(case, action, f"{why}; {policy} allows {action}")
         if self._has_service(case):
             return await self._propose(case, f"{why}; no remote remedy left")
@@ -793,18 +864,23 @@ class OwnerLoop:
                 return
             reason = error or (result.detail if result is not None else None) or "no answer"
             refusals = await self._refusals(case, action)
-            await self._audit(
-                case,
-                "system",
-                "command_refused",
-                f"{action} not done: {reason}",
-                {"action": action, "reason": reason, "refusals": refusals + 1},
+            refused = AuditEntry(
+                case_id=case.case_id,
+                at=self._clock(),
+                actor="system",
+                action="command_refused",
+                reason=f"{action} not done: {reason}",
+                evidence={"action": action, "reason": reason, "refusals": refusals + 1},
             )
             if refusals + 1 < self.config.max_refusals:
+                # the refusal and the owner's message are one step
+                tell = []
                 if refusals == 0 and result is not None:
-                    await self._tell(case, Notice("fix_waiting", action=action, reason=reason))
+                    tell = [Notice("fix_waiting", action=action, reason=reason)]
+                case = await self._save(case, entries=[refused], tell=tell)
                 await self._set_timer(case, "retry", self.config.retry_after_s)
                 return
+            await self.store.add_audit(refused)
             await self._after_failed_remedy(case, f"{action} could not be done: {reason}")
 
     async def _refusals(self, case: Case, action: str) -> int:
@@ -830,9 +906,14 @@ class OwnerLoop:
         return await self._to_person(case, f"{why}; nothing else to try remotely")
 
     async def _to_person(self, case: Case, reason: str) -> Case:
-        case = await self._move(case, "escalated", reason, needs_person=reason)
+        case = await self._move(
+            case,
+            "escalated",
+            reason,
+            tell=[Notice("not_fixed_escalated")],
+            needs_person=reason,
+        )
         await self.store.add_task(Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock()))
-        await self._tell(case, Notice("not_fixed_escalated"))
         return case
 
     # -- verification ---------------------------------------------------------------------
@@ -864,16 +945,17 @@ class OwnerLoop:
 
     async def _resolved(self, case: Case, evidence: dict[str, Any]) -> Case:
         visited = case.appointment_id is not None
-        case = await self._move(
+        last = case.tried[-1] if case.tried else None
+        return await self._move(
             case,
             "resolved",
             "the device's scores stayed at its healthy baseline after the fix",
             evidence=evidence,
+            tell=[
+                Notice("resolved" if visited else "fixed_remotely", action=last),
+                Notice("rating_request"),
+            ],
         )
-        last = case.tried[-1] if case.tried else None
-        await self._tell(case, Notice("resolved" if visited else "fixed_remotely", action=last))
-        await self._tell(case, Notice("rating_request"))
-        return case
 
     async def _not_verified(self, case: Case, why: str, evidence: dict[str, Any]) -> Case:
         await self._audit(case, "system", "verification_failed", why, evidence)
@@ -948,10 +1030,10 @@ class OwnerLoop:
                 "slots": [s.start.isoformat() for s in slots],
                 "failure_at": None if case.failure_at is None else case.failure_at.isoformat(),
             },
+            tell=[notice or Notice("appointment_offer", slots=tuple(slots))],
             appointment_id=appointment.appointment_id,
             pending_action=None,
         )
-        await self._tell(case, notice or Notice("appointment_offer", slots=tuple(slots)))
         return case
 
     async def _booked_visit(self, case: Case, change: str) -> Appointment:
@@ -1025,12 +1107,12 @@ class OwnerLoop:
                 reason,
                 actor="owner",
                 evidence={"moves": moves, "limit": limit},
+                tell=[Notice("visit_move_limit", appointment=visit)],
                 needs_person=reason,
             )
             await self.store.add_task(
                 Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
             )
-            await self._tell(case, Notice("visit_move_limit", appointment=visit))
             raise ConflictError(
                 f"this visit has been moved {moves} times already; someone from our service "
                 "team will call you to find a time that suits you"
@@ -1148,8 +1230,8 @@ class OwnerLoop:
                     "technician_id": technician.technician_id,
                     "start": slot.start.isoformat(),
                 },
+                tell=[Notice("appointment_booked", appointment=appointment)],
             )
-            await self._tell(case, Notice("appointment_booked", appointment=appointment))
             return appointment
 
     async def request_other_slots(self, owner_id: str, case_id: str) -> Appointment:
@@ -1206,18 +1288,28 @@ class OwnerLoop:
             if case.urgency in ("high", "critical"):
                 reason = f"the owner declined a visit for an {case.urgency}-urgency fault"
                 case = await self._move(
-                    case, "escalated", reason, actor="owner", needs_person=reason
+                    case,
+                    "escalated",
+                    reason,
+                    actor="owner",
+                    tell=[]
+                    if cancelled is None
+                    else [Notice("visit_cancelled_call", appointment=cancelled)],
+                    needs_person=reason,
                 )
                 await self.store.add_task(
                     Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock())
                 )
-                if cancelled is not None:
-                    await self._tell(case, Notice("visit_cancelled_call", appointment=cancelled))
                 return case
-            case = await self._move(case, "dismissed", "the owner declined a visit", actor="owner")
-            if cancelled is not None:
-                await self._tell(case, Notice("visit_cancelled", appointment=cancelled))
-            return case
+            return await self._move(
+                case,
+                "dismissed",
+                "the owner declined a visit",
+                actor="owner",
+                tell=[]
+                if cancelled is None
+                else [Notice("visit_cancelled", appointment=cancelled)],
+            )
 
     async def rate(
         self,
@@ -1298,8 +1390,8 @@ class OwnerLoop:
                 "the technician completed the visit",
                 actor="technician",
                 evidence={"technician_id": technician_id, "note": note is not None},
+                tell=[Notice("visit_done_checking")],
             )
-            await self._tell(case, Notice("visit_done_checking"))
             case = await self._move(
                 case, "verifying", "checking the device after the visit", fix_at=fix_at
             )
@@ -1357,8 +1449,9 @@ class OwnerLoop:
         """Remind owners of booked visits that start within ``reminder_before_s``, once.
 
         A reminder is kept in the case's audit trail (``visit_reminder``, with the visit's
-        id), so a restart does not send it again; a visit moved to a new time is a new
-        visit and is reminded of in its turn.
+        id) in the same step as its message, so a restart or another instance does not
+        send it again; a visit moved to a new time is a new visit and is reminded of in
+        its turn.
         """
         before = timedelta(seconds=self.config.reminder_before_s)
         if before <= timedelta(0):
@@ -1372,27 +1465,39 @@ class OwnerLoop:
                 continue
             if case.appointment_id != visit.appointment_id:
                 continue
-            async with self._lock(f"{case.device_id}/{case.fault}"):
-                entries = await self.store.audit(case.case_id)
-                if any(
-                    e.action == "visit_reminder"
-                    and e.evidence.get("appointment_id") == visit.appointment_id
-                    for e in entries
-                ):
+            try:
+                async with self._lock(f"{case.device_id}/{case.fault}"):
+                    case = await self._fresh(case)
+                    if case.state != "booked" or case.appointment_id != visit.appointment_id:
+                        continue
+                    entries = await self.store.audit(case.case_id)
+                    if any(
+                        e.action == "visit_reminder"
+                        and e.evidence.get("appointment_id") == visit.appointment_id
+                        for e in entries
+                    ):
+                        self._reminded.add(visit.appointment_id)
+                        continue
+                    reminded = AuditEntry(
+                        case_id=case.case_id,
+                        at=self._clock(),
+                        actor="system",
+                        action="visit_reminder",
+                        reason="the visit is near: the owner is reminded of it",
+                        evidence={
+                            "appointment_id": visit.appointment_id,
+                            "start": None if visit.start is None else visit.start.isoformat(),
+                        },
+                    )
+                    # the reminder's line in the trail and the message are one step
+                    await self._save(
+                        case,
+                        entries=[reminded],
+                        tell=[Notice("appointment_reminder", appointment=visit)],
+                    )
                     self._reminded.add(visit.appointment_id)
-                    continue
-                await self._audit(
-                    case,
-                    "system",
-                    "visit_reminder",
-                    "the visit is near: the owner is reminded of it",
-                    {
-                        "appointment_id": visit.appointment_id,
-                        "start": None if visit.start is None else visit.start.isoformat(),
-                    },
-                )
-                self._reminded.add(visit.appointment_id)
-                await self._tell(case, Notice("appointment_reminder", appointment=visit))
+            except (ConflictError, TransientError) as exc:
+                _LOG.warning("case %s: %s; its reminder is tried again later", case.case_id, exc)
 
     async def _expire(self, now: datetime) -> None:
         limit = timedelta(seconds=self.config.consent_expiry_s)

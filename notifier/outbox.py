@@ -69,7 +69,7 @@ from notifier.push import (
     WebPushSender,
 )
 from notifier.settings import PushSettings
-from notifier.store import CaseStore
+from notifier.store import CaseStore, NewMessage
 from wire.errors import TransientError
 
 __all__ = ["Outbox", "build_dispatcher", "in_quiet_hours"]
@@ -268,8 +268,13 @@ class Outbox:
             days_to_failure=days,
         )
 
-    async def notify(self, owner: Owner, case: Case, notice: Notice) -> None:
-        """Write the message, keep it, and queue it for delivery (or hold it)."""
+    async def prepare(self, owner: Owner, case: Case, notice: Notice) -> NewMessage:
+        """Write the message for ``case`` as it will be kept (``held`` in quiet hours).
+
+        The store keeps it once per key and counts the daily limit when it writes it
+        (:meth:`~notifier.store.CaseStore.add_message`, or with the case's step in
+        :meth:`~notifier.store.CaseStore.update_case`); :meth:`hand_over` delivers it.
+        """
         ctx = await self._context(owner, case, notice)
         message = render(notice.kind, owner.language, ctx)
         now = self._clock()
@@ -286,7 +291,7 @@ class Outbox:
             status="held" if quiet else "queued",
         )
         # the daily limit is counted where every instance writes (urgent ones pass)
-        kept = await self._store.add_message(
+        return NewMessage(
             notification,
             key=notice_key(case, notice),
             holder=self._holder,
@@ -294,15 +299,31 @@ class Outbox:
             max_per_day=None if notice.urgent else owner.max_per_day,
             since=now - _DAY,
         )
-        if kept is None:
-            self.duplicates += 1
-            _LOG.info("case %s: %s was written before; not again", case.case_id, notice.kind)
-            return
+
+    def hand_over(self, owner: Owner, kept: Notification, urgent: bool) -> None:
+        """Queue a kept message for delivery (one kept ``held`` waits for a digest)."""
         self.written += 1
         if kept.status == "held":
             self.held += 1
             return
-        self._enqueue(owner, kept, notice.urgent)
+        self._enqueue(owner, kept, urgent)
+
+    async def notify(self, owner: Owner, case: Case, notice: Notice) -> None:
+        """Write the message, keep it once, and queue it for delivery (or hold it)."""
+        message = await self.prepare(owner, case, notice)
+        kept = await self._store.add_message(
+            message.notification,
+            key=message.key,
+            holder=message.holder,
+            claim_until=message.claim_until,
+            max_per_day=message.max_per_day,
+            since=message.since,
+        )
+        if kept is None:
+            self.duplicates += 1
+            _LOG.info("case %s: %s was written before; not again", case.case_id, notice.kind)
+            return
+        self.hand_over(owner, kept, notice.urgent)
 
     def _enqueue(self, owner: Owner, notification: Notification, urgent: bool) -> None:
         if self._size >= _QUEUE_MAX:

@@ -129,7 +129,7 @@ from notifier.rows import (
 )
 from notifier.schema import render
 from notifier.sqlite import _PRINCIPAL_KINDS, ERASED_OWNER
-from notifier.store import CaseTimer, Principal, PrincipalKind
+from notifier.store import CaseTimer, NewMessage, Principal, PrincipalKind
 from wire.errors import ConfigError, StoreUnavailableError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostgresRegistry", "PostgresStore", "redacted_url"]
@@ -231,6 +231,45 @@ async def _audit_event(
         reason,
         json_text(evidence),
     )
+
+
+async def _add_message(conn: _Conn, message: NewMessage) -> Notification | None:
+    """:meth:`PostgresStore.add_message` inside its transaction.
+
+    The owner's row is locked (``FOR UPDATE``) for the count and the write.
+    """
+    notification = message.notification
+    known = await conn.fetchval(
+        "SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", notification.owner_id
+    )
+    if known is None:
+        return None
+    if await conn.fetchval("SELECT 1 FROM notifications WHERE idem_key = $1", message.key):
+        return None
+    if notification.status == "queued" and message.max_per_day is not None:
+        pushed = await conn.fetchval(
+            "SELECT count(*) FROM notifications WHERE owner_id = $1 "
+            "AND created_at >= $2 AND status IN ('sent', 'queued', 'failed')",
+            notification.owner_id,
+            ts(message.since or notification.created_at),
+        )
+        if pushed >= message.max_per_day:
+            notification = replace(notification, status="held")
+    queued = notification.status == "queued"
+    row = {
+        **notification_row(notification),
+        "idem_key": message.key,
+        "claimed_by": message.holder if queued else None,
+        "claimed_until": ts(message.claim_until) if queued else None,
+    }
+    marks = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+    # the owner's row lock orders writers of one key; this is belt and braces
+    status = await conn.execute(
+        f"INSERT INTO notifications ({', '.join(row)}) VALUES ({marks}) "
+        "ON CONFLICT (idem_key) DO NOTHING",
+        *row.values(),
+    )
+    return notification if _count(status) > 0 else None
 
 
 async def _link_subject(conn: _Conn, issuer: str, subject: str, owner_id: str) -> str:
@@ -756,12 +795,22 @@ class PostgresStore:
         return await self._run(job)
 
     async def update_case(
-        self, case: Case, *, expected_state: str, audit: AuditEntry | None = None
-    ) -> None:
+        self,
+        case: Case,
+        *,
+        expected_state: str,
+        audit: AuditEntry | Sequence[AuditEntry] | None = None,
+        messages: Sequence[NewMessage] = (),
+    ) -> list[Notification | None]:
         """Replace a case if its stored state is still ``expected_state``.
 
-        ``audit``, when given, is appended in the same transaction, so the change and
-        its entry in the trail are kept (or lost) together.
+        ``audit`` is appended and ``messages`` kept (as by :meth:`add_message`) in the
+        same transaction, so the change, its lines in the trail and what it tells the
+        owner are kept (or lost) together. The owners' rows are locked before the case's,
+        in the order :meth:`erase_owner` takes them.
+
+        Returns:
+            Each message as kept (``None``: its key was kept before, or no owner).
 
         Raises:
             ConflictError: the stored case moved on (or does not exist), or the new
@@ -772,10 +821,16 @@ class PostgresStore:
         updates = ", ".join(f"{column} = ${i}" for i, column in enumerate(columns, start=3))
         values = [row[column] for column in columns]
 
-        entry_row = None if audit is None else audit_row(audit)
+        entries = [] if audit is None else [audit] if isinstance(audit, AuditEntry) else audit
+        entry_rows = [audit_row(entry) for entry in entries]
+        owners = sorted({message.notification.owner_id for message in messages})
 
-        async def job(conn: _Conn) -> None:
+        async def job(conn: _Conn) -> list[Notification | None]:
             async with conn.transaction():
+                for owner_id in owners:
+                    await conn.execute(
+                        "SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", owner_id
+                    )
                 try:
                     status = await conn.execute(
                         f"UPDATE cases SET {updates} WHERE case_id = $1 AND state = $2",
@@ -792,10 +847,11 @@ class PostgresStore:
                         f"case {case.case_id!r} is not in state {expected_state!r} "
                         "(or does not exist)"
                     )
-                if entry_row is not None:
+                for entry_row in entry_rows:
                     await _insert(conn, "audit", entry_row)
+                return [await _add_message(conn, message) for message in messages]
 
-        await self._run(job)
+        return await self._run(job)
 
     async def cases(
         self,
@@ -1243,39 +1299,11 @@ class PostgresStore:
         notifiers writing to one owner at once count each other's messages, and an
         erasure waits for it as for :meth:`add_notification`.
         """
+        message = NewMessage(notification, key, holder, claim_until, max_per_day, since)
 
         async def job(conn: _Conn) -> Notification | None:
-            message = notification
             async with conn.transaction():
-                known = await conn.fetchval(
-                    "SELECT 1 FROM owners WHERE owner_id = $1 FOR UPDATE", message.owner_id
-                )
-                if known is None:
-                    return None
-                if await conn.fetchval("SELECT 1 FROM notifications WHERE idem_key = $1", key):
-                    return None
-                if message.status == "queued" and max_per_day is not None:
-                    pushed = await conn.fetchval(
-                        "SELECT count(*) FROM notifications WHERE owner_id = $1 "
-                        "AND created_at >= $2 AND status IN ('sent', 'queued', 'failed')",
-                        message.owner_id,
-                        ts(since or message.created_at),
-                    )
-                    if pushed >= max_per_day:
-                        message = replace(message, status="held")
-                queued = message.status == "queued"
-                row = {
-                    **notification_row(message),
-                    "idem_key": key,
-                    "claimed_by": holder if queued else None,
-                    "claimed_until": ts(claim_until) if queued else None,
-                }
-                try:
-                    await _insert(conn, "notifications", row)
-                except asyncpg.UniqueViolationError:
-                    # the owner's row lock orders writers, so this is only a belt and braces
-                    return None
-            return message
+                return await _add_message(conn, message)
 
         return await self._run(job)
 

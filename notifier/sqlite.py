@@ -98,7 +98,7 @@ from notifier.rows import (
     ts_opt,
 )
 from notifier.schema import render
-from notifier.store import CaseTimer, Principal
+from notifier.store import CaseTimer, NewMessage, Principal
 from wire.errors import ConfigError, StoreUnavailableError
 
 __all__ = ["ERASED_OWNER", "MIGRATIONS", "SCHEMA_VERSION", "SqliteStore"]
@@ -219,16 +219,10 @@ def _link_subject(conn: sqlite3.Connection, issuer: str, subject: str, owner_id:
     return str(row[0])
 
 
-def _add_message(
-    conn: sqlite3.Connection,
-    notification: Notification,
-    key: str,
-    holder: str,
-    claim_until: datetime,
-    max_per_day: int | None,
-    since: datetime | None,
-) -> Notification | None:
+def _add_message(conn: sqlite3.Connection, message: NewMessage) -> Notification | None:
     """:meth:`SqliteStore.add_message` inside its transaction."""
+    notification, key, max_per_day = message.notification, message.key, message.max_per_day
+    holder, claim_until, since = message.holder, message.claim_until, message.since
     if (
         conn.execute("SELECT 1 FROM owners WHERE owner_id = ?", (notification.owner_id,)).fetchone()
         is None
@@ -707,12 +701,21 @@ class SqliteStore:
         return await self._run(job)
 
     async def update_case(
-        self, case: Case, *, expected_state: str, audit: AuditEntry | None = None
-    ) -> None:
+        self,
+        case: Case,
+        *,
+        expected_state: str,
+        audit: AuditEntry | Sequence[AuditEntry] | None = None,
+        messages: Sequence[NewMessage] = (),
+    ) -> list[Notification | None]:
         """Replace a case if its stored state is still ``expected_state``.
 
-        ``audit``, when given, is appended in the same transaction, so the change and
-        its entry in the trail are kept (or lost) together.
+        ``audit`` is appended and ``messages`` kept (as by :meth:`add_message`) in the
+        same transaction, so the change, its lines in the trail and what it tells the
+        owner are kept (or lost) together.
+
+        Returns:
+            Each message as kept (``None``: its key was kept before, or no owner).
 
         Raises:
             ConflictError: the stored case moved on (or does not exist), or the new
@@ -722,9 +725,10 @@ class SqliteStore:
         updates = ", ".join(f"{column} = :{column}" for column in row if column != "case_id")
         params = {**row, "expected_state": expected_state}
 
-        entry_row = None if audit is None else audit_row(audit)
+        entries = [] if audit is None else [audit] if isinstance(audit, AuditEntry) else audit
+        entry_rows = [audit_row(entry) for entry in entries]
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: sqlite3.Connection) -> list[Notification | None]:
             with _transaction(conn):
                 try:
                     cursor = conn.execute(
@@ -743,10 +747,11 @@ class SqliteStore:
                         f"case {case.case_id!r} is not in state {expected_state!r} "
                         "(or does not exist)"
                     )
-                if entry_row is not None:
+                for entry_row in entry_rows:
                     _insert(conn, "audit", entry_row)
+                return [_add_message(conn, message) for message in messages]
 
-        await self._run(job)
+        return await self._run(job)
 
     async def cases(
         self,
@@ -1207,7 +1212,7 @@ class SqliteStore:
         def job(conn: sqlite3.Connection) -> Notification | None:
             with _transaction(conn):
                 return _add_message(
-                    conn, notification, key, holder, claim_until, max_per_day, since
+                    conn, NewMessage(notification, key, holder, claim_until, max_per_day, since)
                 )
 
         return await self._run(job)

@@ -37,7 +37,7 @@ from notifier.model import (
 if TYPE_CHECKING:  # the registry module imports this one
     from notifier.registry import DeviceRegistry
 
-__all__ = ["CaseStore", "CaseTimer", "Principal", "PrincipalKind", "TimerKind"]
+__all__ = ["CaseStore", "CaseTimer", "NewMessage", "Principal", "PrincipalKind", "TimerKind"]
 
 PrincipalKind = Literal["owner", "technician", "ops"]
 #: Who an API token stands for: ``(kind, id)``.
@@ -61,6 +61,27 @@ class CaseTimer:
     case_id: str
     what: TimerKind
     due: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """An owner message to keep once (:meth:`CaseStore.add_message`).
+
+    Attributes:
+        notification: the message, ``queued`` or ``held``.
+        key: its idempotency key (unique in the store).
+        holder: who claims it for delivery, if it is kept ``queued``.
+        claim_until: until when.
+        max_per_day: the owner's daily limit (``None``: not counted, an urgent one).
+        since: the start of the day counted.
+    """
+
+    notification: Notification
+    key: str
+    holder: str
+    claim_until: datetime
+    max_per_day: int | None = None
+    since: datetime | None = None
 
 
 class CaseStore(Protocol):
@@ -167,11 +188,21 @@ class CaseStore(Protocol):
         """Return the open case of a device and fault, if any."""
 
     async def update_case(
-        self, case: Case, *, expected_state: str, audit: AuditEntry | None = None
-    ) -> None:
+        self,
+        case: Case,
+        *,
+        expected_state: str,
+        audit: AuditEntry | Sequence[AuditEntry] | None = None,
+        messages: Sequence[NewMessage] = (),
+    ) -> list[Notification | None]:
         """Replace a case if its stored state is still ``expected_state``.
 
-        ``audit``, when given, is appended in the same transaction.
+        ``audit`` (one entry or several) is appended and ``messages`` are kept as by
+        :meth:`add_message`, in the same transaction: a case's step, its lines in the
+        trail and what it tells the owner are kept, or lost, together.
+
+        Returns:
+            Each message as kept (``None``: its key was kept before, or no owner).
 
         Raises:
             ConflictError: the stored case moved on (or does not exist).

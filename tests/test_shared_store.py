@@ -9,17 +9,19 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from test_case_store import make_case, make_owner
 
+from notifier.errors import ConflictError
 from notifier.model import Notification
 from notifier.postgres import PostgresStore
 from notifier.rows import case_row
 from notifier.sqlite import MIGRATIONS, SqliteStore
-from notifier.store import CaseTimer
+from notifier.store import CaseTimer, NewMessage
 
 Store = SqliteStore | PostgresStore
 
@@ -226,3 +228,43 @@ async def test_cases_waiting_on_a_timer_get_one_when_a_store_is_migrated(tmp_pat
         assert await store.get_timer("c-verify") == CaseTimer("c-verify", "verify", at(5))
         assert await store.get_timer("c-fix") == CaseTimer("c-fix", "retry", at(6))
         assert await store.get_timer("c-booked") is None
+
+
+async def test_a_step_keeps_its_messages_in_its_transaction(stores: list[Store]) -> None:
+    a, b, _ = stores
+    await a.put_owner(make_owner(max_per_day=1))
+    case = make_case(state="opened")
+    await a.add_case(case)
+    moved = replace(case, state="awaiting_consent", updated_at=at(60))
+
+    def message(n: int) -> NewMessage:
+        return NewMessage(
+            note(f"n-{n}"),
+            key=f"case-1/consent_request/{n}",
+            holder="a",
+            claim_until=at(90),
+            max_per_day=1,
+            since=T0 - timedelta(days=1),
+        )
+
+    # two instances race for one step: the loser keeps neither the move nor its message
+    results = await asyncio.gather(
+        a.update_case(moved, expected_state="opened", messages=[message(1)]),
+        b.update_case(moved, expected_state="opened", messages=[message(2)]),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, ConflictError) for r in results) == 1
+    [kept] = next(r for r in results if isinstance(r, list))
+    assert kept is not None
+    assert kept.status == "queued"
+    assert [n.notification_id for n in await a.notifications("owner-1")] == [kept.notification_id]
+    # the daily limit is counted in the step too, and a key kept before is not kept again
+    again = replace(moved, updated_at=at(61))
+    winner = message(int(kept.notification_id.removeprefix("n-")))
+    second, repeated = await a.update_case(
+        again, expected_state="awaiting_consent", messages=[message(3), winner]
+    )
+    assert second is not None
+    assert second.status == "held"
+    assert repeated is None
+    assert len(await a.notifications("owner-1")) == 2
