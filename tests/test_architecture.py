@@ -337,6 +337,7 @@ def test_the_layout_table_reads_as_written() -> None:
         "wire.protocol",
         "wire.errors",
         "wire.mqtt",
+        "wire.mqtt_packets",
     }
     assert LAYOUT["dashboard"] == Layer(frozenset({"notifier", "diagnostics", "wire"}))
     assert LAYOUT["fixloop"] == Layer(None, numeric=True)

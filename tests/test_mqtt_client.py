@@ -35,14 +35,13 @@ from hypothesis import strategies as st
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import MosquittoServer
 from wire.errors import BrokerUnavailableError, PermanentError
-from wire.mqtt import (
+from wire.mqtt import MqttClient, MqttUsageError
+from wire.mqtt_packets import (
     Connack,
     ControlPacket,
     Disconnect,
     Message,
-    MqttClient,
     MqttProtocolError,
-    MqttUsageError,
     PacketParser,
     PacketTooLargeError,
     Pingresp,
