@@ -33,6 +33,7 @@ import asyncpg
 import pytest
 from test_docker_config import DOCKER, EXAMPLE_ENV, _parse_command, _settings_fields, render
 
+from diagnostics.leases import PostgresPartitionStore
 from fixloop.config import load_settings
 from fixloop.observe import ServiceEndpoint
 from fixloop.pgserver import PostgresServer
@@ -43,7 +44,7 @@ from notifier.postgres import PostgresStore
 
 CLUSTER = DOCKER / "compose.cluster.yaml"
 STANDBY_SCRIPT = DOCKER / "cluster" / "postgres" / "standby.sh"
-PRIMARY_SCRIPT = DOCKER / "cluster" / "postgres" / "10-replication.sh"
+PRIMARY_SCRIPT = DOCKER / "cluster" / "postgres" / "10-init.sh"
 ROLES = ("gateway", "diagnostics", "notifier", "dashboard")
 EMQX_NODES = ("emqx1", "emqx2", "emqx3")
 #: The probe each fixloop service's healthcheck asks: ready to take work.
@@ -88,13 +89,10 @@ def test_every_variable_it_reads_is_in_the_example_and_required_ones_fail_withou
             render(text, without)
 
 
-def test_there_are_several_of_each_fixloop_service_but_diagnostics() -> None:
+def test_there_are_several_of_each_fixloop_service() -> None:
     counts = Counter(kind for _, kind, _ in fixloop_services())
-    assert counts["gateway"] >= 2
-    assert counts["notifier"] >= 2
-    assert counts["dashboard"] >= 2
-    # diagnostics partitioned by device is not part of fixloop yet: one worker
-    assert counts["diagnostics"] == 1
+    assert set(counts) == set(ROLES)
+    assert all(count >= 2 for count in counts.values()), counts
 
 
 def test_images_are_pinned_and_emqx_is_an_apache_licensed_version() -> None:
@@ -166,6 +164,7 @@ def test_each_process_has_its_own_instance_session_and_spool(
     monkeypatch.chdir(tmp_path)
     services = rendered()["services"]
     sessions: list[str] = []
+    partitioned: set[tuple[str, int]] = set()
     spools: set[tuple[str, str]] = set()
     for name, kind, service in fixloop_services():
         settings = settings_of(service)
@@ -184,9 +183,24 @@ def test_each_process_has_its_own_instance_session_and_spool(
             assert notifier.store_url is not None, name
             sessions.append(notifier.session_client_id)
         elif kind == "diagnostics":
-            sessions.append(settings.diagnostics.client_id)
+            # a partition's session ({client_id}-p{n}) moves with its lease between
+            # workers: one name for all of them, none another service's
+            diagnostics = settings.diagnostics
+            assert diagnostics.partitions > 0, name
+            assert diagnostics.lease_url is not None, name
+            partitioned.add((diagnostics.client_id, diagnostics.partitions))
     # two clients with one id push each other off the broker
     assert len(sessions) == len(set(sessions)), sessions
+    # every worker the same partitions, and the gateways republish on exactly those
+    assert len(partitioned) == 1, partitioned
+    (diagnostics_id, partitions), *_ = partitioned
+    assert not any(s.startswith(f"{diagnostics_id}-") for s in sessions)
+    republished = {
+        settings_of(s).gateway.republish_partitions
+        for _, k, s in fixloop_services()
+        if k == "gateway"
+    }
+    assert republished == {partitions}
     gateways = [n for n, k, _ in fixloop_services() if k == "gateway"]
     assert len(spools) == len(gateways)
     assert len({volume for volume, _ in spools}) == len(gateways)  # a volume each
@@ -242,6 +256,15 @@ def test_hosts_and_ports_are_the_services_own(
         assert dsn.path == f"/{postgres_env['POSTGRES_DB']}"
         assert hosts.split(",") == ["postgres-primary:5432", "postgres-standby:5432"]
         assert urllib.parse.parse_qs(dsn.query) == {"target_session_attrs": ["read-write"]}
+        lease_url = settings.diagnostics.lease_url
+        if role(name) == "diagnostics":
+            assert lease_url is not None
+            leases = urllib.parse.urlsplit(lease_url.get_secret_value())
+            assert leases.netloc == dsn.netloc  # the same servers, user and password
+            assert leases.query == dsn.query
+            # a database of its own: the case store's holds only the case store's tables
+            assert leases.path == "/fixloop_partitions" != dsn.path
+            assert "CREATE DATABASE fixloop_partitions" in PRIMARY_SCRIPT.read_text()
         # the metrics port the healthcheck probes is where the service serves
         section = getattr(settings, role(name) or "")
         assert section.metrics_host == "0.0.0.0", name
@@ -351,7 +374,7 @@ def _unprivileged() -> dict[str, Any]:
 
 
 def run_primary_script(env: dict[str, str], as_user: dict[str, Any]) -> None:
-    """``10-replication.sh`` as the image runs it at the primary's first start."""
+    """``10-init.sh`` as the image runs it at the primary's first start."""
     subprocess.run(["bash", str(PRIMARY_SCRIPT)], env=env, check=True, timeout=60, **as_user)
 
 
@@ -399,7 +422,7 @@ async def test_the_standby_streams_the_primary_and_takes_over_when_promoted() ->
     services = rendered()["services"]
     env_of_image = services["postgres-primary"]["environment"]
     mounts = dict(v.split(":")[:2] for v in services["postgres-primary"]["volumes"])
-    assert mounts["./cluster/postgres/10-replication.sh"].startswith("/docker-entrypoint-initdb.d/")
+    assert mounts["./cluster/postgres/10-init.sh"].startswith("/docker-entrypoint-initdb.d/")
     standby_service = services["postgres-standby"]
     assert standby_service["entrypoint"] == ["/usr/local/bin/fixloop-standby.sh"]
     assert (
@@ -482,6 +505,8 @@ async def test_the_standby_streams_the_primary_and_takes_over_when_promoted() ->
                     await conn.execute("INSERT INTO cases_after VALUES (2)")
                     names = await conn.fetch("SELECT application_name FROM pg_stat_replication")
                     assert [r[0] for r in names] == ["standby1"]  # synchronous_standby_names
+                    databases = await conn.fetch("SELECT datname FROM pg_database")
+                    assert "fixloop_partitions" in {r[0] for r in databases}
                 finally:
                     await conn.close()
                 await _wait(lambda: standby_has("cases_after"), "streamed changes")
@@ -491,6 +516,10 @@ async def test_the_standby_streams_the_primary_and_takes_over_when_promoted() ->
                 both = f"postgresql://{user}@{hosts}/fixloop?target_session_attrs=read-write"
                 async with PostgresStore(both) as store:
                     assert await store.get_case("none") is None  # migrated on the primary
+                # the partitions' leases, in their own database, through the same hosts
+                leases = both.replace("/fixloop?", "/fixloop_partitions?")
+                async with PostgresPartitionStore(leases):
+                    pass
                 c = await asyncpg.connect(primary.url())
                 try:
                     assert await c.fetchval("SELECT count(*) FROM cases") == 0
