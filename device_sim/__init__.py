@@ -6,7 +6,7 @@ library; of the backend it imports only the shared device protocol and MQTT clie
 (:mod:`wire.protocol`, :mod:`wire.mqtt`) and the error tree.
 """
 
-from device_sim.appliances import SelfTestResult
+from device_sim.appliance import SelfTestResult
 from device_sim.clock import SimClock
 from device_sim.device import DEFAULT_FIRMWARE, Outbound, SimDevice
 from device_sim.faults import (

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Final
 
 from device.contract import MetricValue
-from device_sim.appliances import Appliance, Notice
+from device_sim.appliance import Appliance, Notice
 from device_sim.environment import local_hour
 from wire.errors import ConfigError
 

@@ -41,7 +41,8 @@ from device import (
 from device import SelfTestResult as LibrarySelfTest
 from device.contract import status_topic
 from device.ota import version_key
-from device_sim.appliances import Appliance, Notice, make_appliance
+from device_sim.appliance import Appliance, Notice
+from device_sim.appliances import make_appliance
 from device_sim.described import DescribedAppliance, SimProduct
 from device_sim.faults import (
     FAULTS,

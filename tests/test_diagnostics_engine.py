@@ -478,7 +478,7 @@ def test_a_slow_one_sided_drift_is_diagnosed_before_failure() -> None:
     """A fouling coil: the efficiency falls for weeks, the baseline must not follow it."""
     import random
 
-    from device_sim.appliances import HeatPump
+    from device_sim.heat_pump import HeatPump
 
     engine = DiagnosticsEngine(registry={"hp-1": "heat_pump"})
     pump = HeatPump(random.Random(3))
