@@ -964,3 +964,32 @@ async def test_mosquitto_unsubscribe_stops_routing_but_keeps_the_queue(
                     client.ack_many(batch)
                     got += [m.payload for m in batch]
     assert got == [b"queued", b"marker"]
+
+
+async def test_a_publish_gets_its_puback_while_the_consumer_is_full(
+    mosquitto: MosquittoServer,
+) -> None:
+    """A consumer that publishes before it takes more gets its PUBACK all the same.
+
+    The client holds ``max_buffered`` unacknowledged messages, so it stops reading for
+    back-pressure; a QoS-1 publish it makes then (the gateway republishing a stored
+    batch before acknowledging it) must still read its PUBACK, else neither side moves.
+    """
+    async with (
+        gateway_client(mosquitto, "full", keepalive_s=0, receive_maximum=10, max_buffered=10)
+        as client,
+        device_client(mosquitto) as device,
+    ):  # fmt: skip
+        await client.subscribe(TELEMETRY, qos=1)
+        for n in range(50):
+            await device.publish(TELEMETRY, n.to_bytes(4, "big"), qos=1)
+        await until(lambda: client.pending >= 10)
+        await client.publish("fleet/partitions/0/x/telemetry", b"again", qos=1, timeout_s=30)
+        taken: list[Message] = []
+        while len(taken) < 50:
+            async with asyncio.timeout(WAIT_S):
+                await client.wait_messages()
+            batch = client.take(100)
+            client.ack_many(batch)
+            taken += batch
+        assert [int.from_bytes(m.payload, "big") for m in taken] == list(range(50))

@@ -531,9 +531,15 @@ class MqttClient:
         self._update_reading()
 
     def _update_reading(self) -> None:
+        # A publish waiting for its PUBACK keeps the socket read, as a ping does: a
+        # consumer that publishes before it takes more (the gateway republishing a
+        # stored batch) would otherwise wait for a PUBACK behind messages it never
+        # reads. Memory stays bounded: the broker sends no more QoS-1 messages than
+        # our Receive Maximum (at most max_buffered) unacknowledged.
         want = (
             self._awaiting_pong
             or bool(self._ping_waiters)
+            or bool(self._publishes)
             or not (self._backpressure or self._gathering)
         )
         if want == self._reading:
@@ -600,6 +606,8 @@ class MqttClient:
                 self._send_quota.release()
             if not future.done():
                 future.set_result(packet.reason)
+            if not self._publishes:
+                self._update_reading()
         elif isinstance(packet, Pingresp):
             self.pings_answered += 1
             answered = self.pings_answered
@@ -814,6 +822,7 @@ class MqttClient:
                     self._publishes.pop(packet_id, None)
                     quota.release()
                     raise
+                self._update_reading()
                 # Cancelled or timed out, the packet id stays in flight until its PUBACK.
                 reason = await future
         except TimeoutError as exc:
