@@ -245,20 +245,20 @@ class PartitionedDiagnostics:
             _LOG.warning("leases not renewed (%s); partitions stop when they run out", exc)
             return
         valid_until = started + ttl_s * _LEASE_MARGIN
+        leases = holding.leases
         for number, held in list(self._held.items()):
-            if held.task is not None and held.task.done():
+            assert held.task is not None
+            if held.task.done():
                 del self._held[number]
-                continue
-            if holding.leases.get(number) != held.epoch:
+            elif leases.get(number) != held.epoch:
                 _LOG.warning("partition %d: lease lost; stopping without a checkpoint", number)
-                assert held.task is not None
                 held.task.cancel()
                 del self._held[number]
-                continue
-            held.valid_until = valid_until
-        serving = [n for n, h in self._held.items() if not h.stop.is_set()]
-        extra = len(serving) - holding.fair_share
-        for number in sorted(serving, reverse=True)[: max(0, extra)]:
+            else:
+                held.valid_until = valid_until
+        share = holding.fair_share
+        serving = sorted(n for n, h in self._held.items() if not h.stop.is_set())
+        for number in serving[share:]:
             _LOG.info(
                 "partition %d handed over: %d workers share %d partitions",
                 number,
@@ -266,17 +266,22 @@ class PartitionedDiagnostics:
                 self._settings.partitions,
             )
             self._held[number].stop.set()
-        if extra >= 0:
-            self.partitions_held = {n for n, h in self._held.items() if not h.stop.is_set()}
-            return
-        for number, epoch in sorted(holding.leases.items()):
-            if number in self._held or len(serving) >= holding.fair_share:
+        serving = serving[:share]
+        for number, epoch in sorted(leases.items()):
+            if number in self._held:
                 continue
-            held = _Held(number, epoch, valid_until)
-            held.task = group.create_task(self._serve(held), name=f"diagnostics-p{number}")
-            self._held[number] = held
-            serving.append(number)
-        self.partitions_held = {n for n, h in self._held.items() if not h.stop.is_set()}
+            if len(serving) < share:
+                held = _Held(number, epoch, valid_until)
+                held.task = group.create_task(self._serve(held), name=f"diagnostics-p{number}")
+                self._held[number] = held
+                serving.append(number)
+            else:
+                # held beyond the share and not served (its task ended): free it
+                try:
+                    await self._store.release(self.worker_id, number, epoch)
+                except StoreUnavailableError as exc:
+                    _LOG.warning("partition %d not released (%s); it runs out", number, exc)
+        self.partitions_held = set(serving)
 
     # -- one partition -----------------------------------------------------------------
 
