@@ -27,10 +27,10 @@ from device.core import (
     Interlock,
     ResetReason,
     SelfTestResult,
-    SendQueue,
 )
 from device.errors import CommandError, ContractError, DeviceConfigError, DeviceError, OtaError
 from device.ota import Firmware
+from device.sender import SendQueue
 from device.settings import DeviceSettings, TlsSettings
 from device.store import DeviceState, DeviceStore, MemoryDeviceStore
 

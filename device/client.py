@@ -47,6 +47,11 @@ The library is synchronous and thread-based, like paho-mqtt itself: the program 
 from any thread; handlers run on the library's worker thread. Everything but the
 transport (contract checks, ``seq``, outbox and send policy, commands, interlocks, OTA)
 is :mod:`device.core`, which the simulator (``device_sim``) runs on its own transport.
+
+This module stays whole (about 710 lines): it is one transport, :class:`Device`, whose
+network thread, command worker and the program's calls share one connection's state
+(the paho client, the send queue, the connected and stopping events); split, each part
+would reach into the others'.
 """
 
 from __future__ import annotations
@@ -84,10 +89,10 @@ from device.core import (
     Interlock,
     ResetReason,
     SelfTestResult,
-    SendQueue,
 )
 from device.errors import ContractError, DeviceConfigError, DeviceError
 from device.ota import Firmware
+from device.sender import SendQueue
 from device.settings import DeviceSettings
 from device.store import DeviceStore
 

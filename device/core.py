@@ -4,8 +4,8 @@
 checks every message against the contract and stores it in the outbox before it may
 leave (:mod:`device.store`), reports the boot, decodes commands, answers each command id
 once behind the device's interlocks, runs the firmware-update state machine
-(:mod:`device.ota`) and keeps the counters. :class:`SendQueue` is the outbox's send
-policy for one connection: in order, a bounded number in flight, at a pace, messages
+(:mod:`device.ota`) and keeps the counters. :class:`~device.sender.SendQueue` is the
+outbox's send policy for one connection: in order, a bounded number in flight, at a pace, messages
 past the gateway's backfill window dropped and counted, each one removed only when the
 broker has acknowledged it.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,6 @@ from typing import Final, Literal
 from device.contract import (
     COMMAND_ACTIONS,
     INTERRUPTING_ACTIONS,
-    MAX_AGE_MS,
     WORD_PATTERN,
     Command,
     CommandAction,
@@ -48,7 +46,7 @@ from device.contract import (
 )
 from device.errors import CommandError, ContractError, DeviceConfigError, OtaError
 from device.ota import Firmware, PendingUpdate, download_image, parse_update, version_key
-from device.store import DeviceState, OutboxRow
+from device.store import DeviceState
 
 __all__ = [
     "CommandHandler",
@@ -57,7 +55,6 @@ __all__ = [
     "Interlock",
     "ResetReason",
     "SelfTestResult",
-    "SendQueue",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -66,10 +63,6 @@ ResetReason = Literal["power_on", "restart_command", "firmware_update", "watchdo
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
-#: Messages read from the outbox at a time.
-_BATCH: Final = 200
-#: Spare minute: a message this close to the gateway's backfill window is not sent.
-_EXPIRY_MARGIN_MS: Final = 60_000
 _WORD_RE: Final = re.compile(WORD_PATTERN)
 #: The reset reason a successful command that restarts the device leaves for the next boot.
 _RESTARTS: Final[Mapping[str, ResetReason]] = {
@@ -619,117 +612,3 @@ class DeviceCore:
             then=firmware.activate,
         )
         return result, {"ota": pending.to_json(), "reset_reason": "firmware_update"}
-
-
-class SendQueue:
-    """Which outbox messages one connection publishes next, and what became of them.
-
-    In outbox order; at most ``max_inflight`` unacknowledged; with ``rate_per_s``, a
-    token bucket (burst ``max_inflight``) on ``monotonic`` time; a message whose ``ts``
-    is within a minute of the gateway's backfill window is not sent but dropped and
-    counted (``expired``). A message leaves the outbox only when :meth:`acked` (or,
-    given up on, :meth:`refused`) and :meth:`settle` say so; a new connection starts
-    again from the oldest message still in the outbox (:meth:`restart`), so a message
-    whose PUBACK was lost is published again (the gateway stores it once).
-
-    Not thread-safe: one transport thread or task uses it.
-
-    Args:
-        store: the outbox.
-        clock_ms: the device's wall clock, epoch milliseconds (for the backfill window).
-        max_inflight: most messages sent and not yet acknowledged.
-        rate_per_s: most messages a second; ``None``: as fast as acknowledgements come.
-        monotonic: the clock of the rate, in seconds.
-    """
-
-    def __init__(
-        self,
-        store: DeviceState,
-        *,
-        clock_ms: Callable[[], int] = _wall_ms,
-        max_inflight: int = 20,
-        rate_per_s: float | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if max_inflight < 1 or (rate_per_s is not None and rate_per_s <= 0):
-            raise DeviceConfigError("max_inflight must be at least 1 and rate_per_s positive")
-        self._store = store
-        self._clock_ms = clock_ms
-        self.max_inflight = max_inflight
-        self._rate_per_s = rate_per_s
-        self._monotonic = monotonic
-        self._tokens = float(max_inflight)
-        self._tokens_at = monotonic()
-        self._queue: deque[OutboxRow] = deque()
-        self._cursor = 0
-        self._seen_appends = -1
-        self._acked: list[int] = []
-        self._refused: list[int] = []
-        self._expired: list[int] = []
-        self.published = 0
-
-    def restart(self) -> None:
-        """A new connection: start again from the oldest message in the outbox."""
-        self._queue.clear()
-        self._cursor = 0
-        self._seen_appends = -1
-
-    def next(self, inflight: int = 0) -> list[OutboxRow]:
-        """The messages to publish now, in order, with ``inflight`` still unacknowledged."""
-        budget = self.max_inflight - inflight
-        if self._rate_per_s is not None:
-            now = self._monotonic()
-            self._tokens = min(
-                float(self.max_inflight),
-                self._tokens + (now - self._tokens_at) * self._rate_per_s,
-            )
-            self._tokens_at = now
-            budget = min(budget, int(self._tokens))
-        rows: list[OutboxRow] = []
-        if budget <= 0:
-            return rows
-        queue = self._queue
-        oldest_ms = self._clock_ms() - MAX_AGE_MS + _EXPIRY_MARGIN_MS
-        while len(rows) < budget:
-            if not queue:
-                store = self._store
-                appends = store.appended
-                if appends == self._seen_appends:
-                    break  # nothing new since the outbox was last read to its end
-                fresh = store.pending(self._cursor, _BATCH)
-                if len(fresh) < _BATCH:
-                    self._seen_appends = appends
-                if not fresh:
-                    break
-                queue.extend(fresh)
-            row = queue.popleft()
-            self._cursor = row.id
-            if row.ts_ms < oldest_ms:
-                self._expired.append(row.id)
-                continue
-            rows.append(row)
-        if self._rate_per_s is not None:
-            self._tokens -= len(rows)
-        return rows
-
-    def acked(self, row_id: int) -> None:
-        """The broker acknowledged message ``row_id``."""
-        self._acked.append(row_id)
-        self.published += 1
-
-    def refused(self, row_id: int) -> None:
-        """The broker refused message ``row_id`` for good (counted as ``refused``)."""
-        self._refused.append(row_id)
-
-    def settle(self) -> None:
-        """Remove what was acknowledged, refused or expired from the outbox."""
-        store = self._store
-        if self._acked:
-            store.remove(self._acked)
-            self._acked.clear()
-        if self._refused:
-            store.remove(self._refused, counter="refused")
-            self._refused.clear()
-        if self._expired:
-            store.remove(self._expired, counter="expired")
-            self._expired.clear()
