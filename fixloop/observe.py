@@ -282,7 +282,37 @@ def notifier_metrics(service: NotifierService) -> list[Metric]:
             0 if loop is None else loop.timer_errors,
         ),
         _one(
+            f"{p}_case_leases_taken_total",
+            "counter",
+            "Leases on cases this notifier took in the case store (one per case step).",
+            0 if loop is None else loop.leases_taken,
+        ),
+        _one(
+            f"{p}_case_lease_waits_total",
+            "counter",
+            "Case steps that waited for another notifier's lease on the case.",
+            0 if loop is None else loop.lease_waits,
+        ),
+        _one(
+            f"{p}_case_leases_overrun_total",
+            "counter",
+            "Case steps that outlived their lease (notifier.lease_s too short).",
+            0 if loop is None else loop.leases_overrun,
+        ),
+        _one(
             f"{p}_notifications_written_total", "counter", "Owner messages written.", out("written")
+        ),
+        _one(
+            f"{p}_notifications_written_before_total",
+            "counter",
+            "Owner messages not written again: the store had their idempotency key.",
+            out("duplicates"),
+        ),
+        _one(
+            f"{p}_notifications_claimed_elsewhere_total",
+            "counter",
+            "Queued owner messages not pushed here: another notifier held their claim.",
+            out("claimed_elsewhere"),
         ),
         _one(
             f"{p}_notifications_sent_total",
