@@ -551,3 +551,18 @@ async def test_the_standby_streams_the_primary_and_takes_over_when_promoted() ->
             primary.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_the_readmes_commands_name_real_services_and_commands() -> None:
+    services = rendered()["services"]
+    readme = (DOCKER / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Production on clustered engines", 1)[1].split("\n## ", 1)[0]
+    prefix = r"docker compose -f docker/compose\.cluster\.yaml"
+    runs = re.findall(rf"{prefix} (?:run --rm(?: --no-deps)?|exec) ([\w-]+) ([^`\n]+)", section)
+    assert {"dashboard-1", "postgres-standby"} <= {service for service, _ in runs}
+    for service, argv in runs:
+        assert service in services, service
+        if role(service) is not None:
+            _parse_command(argv.split("#")[0].split())
+    for named in re.findall(rf"{prefix} up -d ([\w -]+)", section):
+        assert set(named.split()) <= set(services), named
