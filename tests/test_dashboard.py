@@ -27,8 +27,9 @@ from dashboard.auth import OpsUser, hash_password, verify_password
 from dashboard.feed import CaseFeed
 from dashboard.fleet import FleetCache, Snapshot, apply_changes
 from dashboard.influxql import Measurements, bucket_s
+from dashboard.insight import binomial_sf, fleet_insight, population
 from dashboard.settings import DashboardSettings
-from dashboard.stats import binomial_sf, fleet_insight, outcomes, population
+from dashboard.stats import outcomes
 from fixloop.stack import InfluxdServer
 from notifier.model import (
     Appointment,

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from dashboard import ops, stats
+from dashboard import insight, ops, stats
 from dashboard.auth import (
     has_role,
 )
@@ -358,15 +358,15 @@ async def _insight(request: web.Request) -> web.StreamResponse:
         # the registry's groups are kept while the registry stays the same
         grouped = cache.reused("population", (snapshot.devices,))
         if grouped is None:
-            grouped = await asyncio.to_thread(stats.population, snapshot.devices.values())
+            grouped = await asyncio.to_thread(insight.population, snapshot.devices.values())
             cache.remember("population", (snapshot.devices,), grouped)
         # and each fault's rates while its cases stay the same: a change recounts one fault
-        kept: stats.InsightKept | None = cache.reused(key, (grouped,))
+        kept: insight.InsightKept | None = cache.reused(key, (grouped,))
         if kept is None:
             kept = {}
             cache.remember(key, (grouped,), kept)
         groups = await asyncio.to_thread(
-            stats.fleet_insight,
+            insight.fleet_insight,
             list(snapshot.devices.values()),
             cases,
             grouped=grouped,
