@@ -290,7 +290,7 @@ def test_a_numeric_time_column_named_like_time_is_read_as_epoch(tmp_path: Path, 
 
 
 def test_epoch_milliseconds_are_read_as_seconds() -> None:
-    from diagnostics.csvdetect import _numeric_time
+    from diagnostics.csvread import _numeric_time
 
     sample = [[str(1_700_000_000_000 + 300_000 * i), "1.0"] for i in range(50)]
     assert _numeric_time(["ts", "value"], sample, ",") == (0, 0.001)
