@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import pickle
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,8 +43,15 @@ FAULTS = {
 def healthy_engine() -> DiagnosticsEngine:
     """An engine with fleet models learnt from a healthy simulated fleet (other seed).
 
-    Same season as the test fleet: heat pumps work to the weather.
+    Same season as the test fleet: heat pumps work to the weather. The models are learnt
+    once per test session (the same data every time); every engine gets its own copy.
     """
+    return DiagnosticsEngine(fleet_models=pickle.loads(_healthy_fleet_models()))
+
+
+@functools.cache
+def _healthy_fleet_models() -> bytes:
+    """The fleet models of :func:`healthy_engine`, pickled (a copy for each engine)."""
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=14)
     fleet = Fleet(6, start=start, seed=101, interval_s=INTERVAL_S)
     items: list[Reading | Event] = []
@@ -55,7 +64,7 @@ def healthy_engine() -> DiagnosticsEngine:
                 items.append(decode_event(device_id, payload, ts))
     engine = DiagnosticsEngine(collect_training=0.2, seed=3)
     engine.process(items)
-    return DiagnosticsEngine(fleet_models=engine.fit_fleet_models(seed=3))
+    return pickle.dumps(engine.fit_fleet_models(seed=3))
 
 
 async def test_faulty_devices_are_diagnosed_and_healthy_ones_are_not(
