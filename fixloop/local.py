@@ -5,29 +5,21 @@ loopback ports with their data in one folder, the gateway, the diagnostics servi
 the notifier (the owner loop and its REST API, with simulated owners and technicians
 playing their part) and a simulated fleet;
 prints where everything is; on Ctrl-C stops the fleet first, lets the gateway drain,
-then stops the gateway and the servers.
+then stops the gateway and the servers. The data folder it holds is
+:mod:`fixloop.datafolder`, the accounts it makes :mod:`fixloop.stackaccounts`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import fcntl
-import json
 import logging
-import os
-import socket
 import sys
-import time
 from collections import Counter
 from collections.abc import (
     AsyncIterator,
     Callable,
     Coroutine,
-    Iterable,
-    Iterator,
-    Mapping,
     Sequence,
 )
 from dataclasses import dataclass, field
@@ -39,39 +31,41 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from dashboard.app import create_app
-from dashboard.auth import MappingUsers, OpsUser, UserStore, hash_password
 from dashboard.feed import CaseFeed
 from dashboard.keys import SESSIONS_KEY, STREAMS_KEY
 from dashboard.service import follow_users
 from dashboard.users import OpsUsersFile
 from device_sim import FleetRunner
 from diagnostics.service import DiagnosticsService
-from fixloop.broker import DYNSEC_ADMIN_USER, GATEWAY_USER
+from fixloop.broker import GATEWAY_USER
 from fixloop.config import ensure_fleet_secret
+from fixloop.datafolder import _SIM_CLOCK_FILE, _folder_lock, _history_to_replay, _ports
 from fixloop.demo import DemoPeople, SimulatedPeople, demo_faults, plan_history_faults, seed_people
-from fixloop.dynsec import DynsecClient
 from fixloop.dynsec_cli import local_admin_password
 from fixloop.onboarding import service_onboarding
-from fixloop.opsusers import ops_users_file
-from fixloop.server import free_port
 from fixloop.settings import Settings, StackSettings
 from fixloop.stack import InfluxdServer, MosquittoServer
+from fixloop.stackaccounts import (
+    _LEGACY_CLIENT_IDS,
+    _ensure_accounts,
+    _ops_users,
+    _retire_sessions,
+    service_password,
+    stack_client_ids,
+)
 from gateway.service import Gateway
 from notifier.loop import OwnerLoop
 from notifier.service import NotifierService
-from wire.errors import BrokerUnavailableError, ConfigError
 from wire.influx import InfluxClient
-from wire.mqtt import MqttClient
-from wire.protocol.credentials import derive, device_password
+from wire.protocol.credentials import device_password
 from wire.settings import MqttSettings
 
-__all__ = ["run_local_stack", "service_password", "stack_client_ids"]
+__all__ = ["run_local_stack"]
 
 _LOG = logging.getLogger(__name__)
 
 _STATUS_EVERY_S: Final = 15.0
 _DRAIN_TIMEOUT_S: Final = 15.0
-_DEMO_HISTORY_S: Final = 6 * 3600.0
 _DEMO_VERIFY: Final = {"settle_s": 60.0, "verify_window_s": 180.0, "retry_after_s": 30.0}
 
 
@@ -97,32 +91,6 @@ async def _serve(app: web.Application, port: int) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{bound}/ops/"
     finally:
         await runner.cleanup()
-
-
-def _ops_users(settings: Settings, fleet_secret: str) -> tuple[UserStore, str]:
-    """The dashboard's ops users, and how to log in, for the banner.
-
-    The users of the data folder's ops users file (``fixloop ops-users add``), read again
-    when it changes; only while it has none, the demo's ``ops`` user with a password
-    derived from the fleet secret.
-
-    Raises:
-        ConfigError: the users file cannot be read or is malformed.
-    """
-    path = ops_users_file(settings)
-    from_file = OpsUsersFile(path)
-    found = from_file.load()
-    if found:
-        names = ", ".join(sorted(found))
-        return from_file, f"log in as an ops user of {path}: {names}"
-    password = derive(fleet_secret, "demo ops password", "ops").hex()[:16]
-    demo = MappingUsers({"ops": OpsUser("ops", "admin", hash_password(password), "Ops")})
-    return demo, f"log in as ops, password {password}"
-
-
-def service_password(fleet_secret: str, user: str) -> str:
-    """Password of a service user of the local stack (a key of its own, not a device's)."""
-    return base64.urlsafe_b64encode(derive(fleet_secret, "service password", user)[:18]).decode()
 
 
 def _banner(
@@ -192,24 +160,6 @@ async def _report(
         )
 
 
-_SIM_CLOCK_FILE: Final = "sim_clock"
-
-
-def _history_to_replay(data_dir: Path) -> float:
-    """How far before now the simulated fleet starts: 6 hours, or the gap since last time.
-
-    A data folder that already holds history continues it: the fleet replays only the
-    time since the simulated clock of the last run (``sim_clock``, kept every few
-    seconds), so a restart never lays a second series over the readings already stored.
-    """
-    try:
-        last = float((data_dir / _SIM_CLOCK_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return _DEMO_HISTORY_S
-    gap = time.time() - last
-    return min(_DEMO_HISTORY_S, max(0.0, gap))
-
-
 async def _keep_sim_clock(data_dir: Path, runner: FleetRunner) -> None:
     """Keep the simulated clock in the data folder (also written on the way out)."""
     path = data_dir / _SIM_CLOCK_FILE
@@ -222,148 +172,9 @@ async def _keep_sim_clock(data_dir: Path, runner: FleetRunner) -> None:
             path.write_text(f"{runner.fleet.now.timestamp():.3f}\n")
 
 
-@contextlib.contextmanager
-def _folder_lock(data_dir: Path) -> Iterator[None]:
-    """Hold the data folder for this process (released by the kernel if it is killed).
-
-    Raises:
-        ConfigError: another live `fixloop up` holds it.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / "fixloop.lock"
-    with path.open("a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            raise ConfigError(
-                f"another fixloop up is running on {data_dir} (pid {holder}): stop it first, "
-                "or give this one its own --data-dir"
-            ) from exc
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _ports(data_dir: Path, wanted: dict[str, int]) -> dict[str, int]:
-    """The local stack's ports: as set, else the ones this folder used last, if free.
-
-    Stable addresses across restarts, so that a saved dashboard link or a
-    ``fixloop train`` against the demo's InfluxDB keeps working; a port now taken by
-    something else is replaced by a free one (and remembered).
-
-    Args:
-        data_dir: the stack's data folder (``ports.json`` is kept there).
-        wanted: name -> port from the settings (0: not set).
-    """
-    path = data_dir / "ports.json"
-    try:
-        last = json.loads(path.read_text())
-    except (OSError, ValueError):
-        last = {}
-    chosen: dict[str, int] = {}
-    for name, port in wanted.items():
-        if port:
-            chosen[name] = port
-            continue
-        stored = last.get(name) if isinstance(last, dict) else None
-        before = stored if isinstance(stored, int) else 0
-        taken = set(chosen.values())
-        if 0 < before < 65536 and before not in taken and _port_free(before):
-            chosen[name] = before
-            continue
-        port = free_port()
-        while port in taken:
-            port = free_port()
-        chosen[name] = port
-    with contextlib.suppress(OSError):
-        path.write_text(json.dumps(chosen, indent=1) + "\n")
-    return chosen
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-async def _ensure_accounts(
-    broker: MosquittoServer,
-    admin_password: str,
-    services: Mapping[str, str],
-    devices: Mapping[str, str],
-) -> None:
-    """Give the stack's services and simulated devices their accounts in the plugin.
-
-    The plugin's file outlives a run (accounts issued or revoked meanwhile stay so); a
-    data folder that held fewer devices, or whose simulated devices were revoked, gets
-    them (again) here, as the simulated fleet needs every one of its devices.
-    """
-    admin = MqttClient(
-        broker.host,
-        broker.port,
-        client_id="fixloop-up-admin",
-        username=DYNSEC_ADMIN_USER,
-        password=admin_password,
-    )
-    async with DynsecClient(admin) as dynsec:
-        await dynsec.ensure_service_accounts(services)
-        report = await dynsec.ensure_devices(devices)
-    if report.created or report.enabled:
-        _LOG.info(
-            "broker accounts: %d simulated devices added, %d revoked ones issued again",
-            len(report.created),
-            len(report.enabled),
-        )
-
-
-#: Client ids the stack's parts used before they had a suffix of their own.
-_LEGACY_CLIENT_IDS: Final = frozenset(
-    ("fixloop-gateway", "fixloop-diagnostics", "fixloop-notifier")
-)
-
-
-def stack_client_ids(fleet_secret: str) -> dict[str, str]:
-    """The MQTT client ids of the stack's parts (``gateway``, ``diagnostics``, ``notifier``).
-
-    Each is the part's name with a suffix derived from the data folder's fleet secret:
-    the same at every start (the broker keeps the gateway's and the diagnostics'
-    persistent sessions for these ids), unlike any other stack's, and not to be guessed
-    by a device. The broker lets any client with valid credentials take over a client
-    id (the older connection is closed), so a device, or a second service process left
-    with the default id, could otherwise push a part of the stack off the broker.
-    """
-    suffix = derive(fleet_secret, "stack client id", "suffix").hex()[:8]
-    return {part: f"fixloop-{part}-{suffix}" for part in ("gateway", "diagnostics", "notifier")}
-
-
 def _unless_set(chosen: set[str], **defaults: object) -> dict[str, object]:
     """The stack's defaults for the settings the user did not set."""
     return {key: value for key, value in defaults.items() if key not in chosen}
-
-
-async def _retire_sessions(mqtt: MqttSettings, client_ids: Iterable[str]) -> None:
-    """End the broker sessions of client ids the stack no longer uses.
-
-    A data folder of an earlier version holds persistent sessions for the bare part
-    names; the broker would go on queueing every device message for them until they
-    expire (a week for the gateway's). A clean start discards a session, and a
-    session expiry of 0 ends the new one at the disconnect.
-    """
-    for client_id in sorted(client_ids):
-        with contextlib.suppress(BrokerUnavailableError):
-            async with mqtt.client(client_id, clean_start=True, session_expiry_s=0):
-                pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,7 +176,7 @@ def test_sim_without_a_fleet_secret_says_so(mosquitto: MosquittoServer) -> None:
 
 
 def test_one_stack_per_data_folder(tmp_path: Path) -> None:
-    from fixloop.local import _folder_lock
+    from fixloop.datafolder import _folder_lock
     from wire.errors import ConfigError
 
     busy = pytest.raises(ConfigError, match=r"another fixloop up is running .* \(pid \d+\)")
@@ -189,7 +189,7 @@ def test_one_stack_per_data_folder(tmp_path: Path) -> None:
 def test_the_local_stack_keeps_its_ports_across_restarts(tmp_path: Path) -> None:
     import socket
 
-    from fixloop.local import _ports
+    from fixloop.datafolder import _ports
 
     first = _ports(tmp_path, {"mqtt": 0, "influx": 0, "api": 8123})
     assert first["api"] == 8123
@@ -206,7 +206,7 @@ def test_the_local_stack_keeps_its_ports_across_restarts(tmp_path: Path) -> None
 def test_a_restart_replays_only_the_gap_since_the_last_run(tmp_path: Path) -> None:
     import time as clock
 
-    from fixloop.local import _DEMO_HISTORY_S, _history_to_replay
+    from fixloop.datafolder import _DEMO_HISTORY_S, _history_to_replay
 
     assert _history_to_replay(tmp_path) == _DEMO_HISTORY_S  # a new folder: 6 hours
     (tmp_path / "sim_clock").write_text(f"{clock.time() - 600:.3f}\n")

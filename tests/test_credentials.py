@@ -6,7 +6,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fixloop.demo import demo_token
-from fixloop.local import service_password
+from fixloop.stackaccounts import service_password
 from wire.protocol import is_valid_device_id
 from wire.protocol.credentials import device_password, purpose_key
 

@@ -19,8 +19,8 @@ from conftest import DEVICE_IDS, DYNSEC_ADMIN_PASSWORD, FLEET_SECRET, MakeMosqui
 from fixloop.broker import DYNSEC_ADMIN_USER
 from fixloop.cli import main
 from fixloop.dynsec_cli import local_admin_password
-from fixloop.local import service_password
 from fixloop.stack import MosquittoServer
+from fixloop.stackaccounts import service_password
 from wire.errors import ConfigError
 from wire.mqtt import MqttClient
 

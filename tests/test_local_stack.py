@@ -121,7 +121,7 @@ def wait_for_more(influx_url: str, than: int, timeout_s: float = 60.0) -> int:
 
 def test_a_rogue_client_with_a_taken_id_does_not_stop_the_stack(tmp_path: Path) -> None:
     from device_sim import FleetRunner, SimSettings
-    from fixloop.local import stack_client_ids
+    from fixloop.stackaccounts import stack_client_ids
     from wire.protocol.credentials import device_password
 
     data_dir = tmp_path / "stack"
