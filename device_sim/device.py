@@ -17,6 +17,11 @@ pure fleet for tests and benchmarks); with ``publish=False`` a transport
 and only what the broker acknowledged leaves the outbox. Output messages are
 ``(emit_ms, topic, payload)``: the sim time the device sent it, the topic and the bytes;
 ``online``/``offline`` on the status topic mark the link coming up and going down.
+
+This module stays whole (about 690 lines): :class:`SimDevice` is one simulated device,
+whose faults, outages, boots, commands and physics steps all read and change the same
+state in sim time; the physics are apart (:mod:`device_sim.appliance` and one module per
+model).
 """
 
 from __future__ import annotations
