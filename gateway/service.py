@@ -43,6 +43,7 @@ from typing import Final, Self
 
 import orjson
 
+from gateway.adoption import STATE_FILTER, PeerStates, state_payload, state_topic
 from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.republish import Republisher
 from gateway.settings import GatewaySettings
@@ -58,7 +59,7 @@ from wire.errors import (
 )
 from wire.influx import InfluxClient, InfluxSettings, Precision
 from wire.lineproto import event_to_line, telemetry_line
-from wire.mqtt import Message, MqttClient
+from wire.mqtt import Message, MqttClient, Will
 from wire.protocol.codec import decode_event, validate_reading
 from wire.protocol.topics import REJECTED_TOPIC, split_device_topic
 from wire.settings import MqttSettings
@@ -152,6 +153,15 @@ class Gateway:
         self._retire_topic: str | None = None
         self._retire_seen = asyncio.Event()
         self._spool_empty = asyncio.Event()  # set by the replay loop when it finds none
+        #: the group's members by their retained states, when dead ones are adopted
+        self._peers = (
+            PeerStates(settings.shared_group, settings.instance)
+            if settings.adopt_after_s and settings.shared_group and settings.instance
+            else None
+        )
+        #: instances whose sessions this gateway holds now (gateway.adoption)
+        self._adopting: set[str] = set()
+        self._announce = asyncio.Event()  # a new connection: say "up" at once
         #: republishes stored messages for partitioned diagnostics, when configured
         self.republisher = (
             Republisher(settings.republish_partitions) if settings.republish_partitions else None
@@ -220,6 +230,8 @@ class Gateway:
             group.create_task(self._replay_loop(), name="gateway-replay")
             group.create_task(self._write_loop(), name="gateway-writer")
             group.create_task(self._connection_loop(), name="gateway-ingest")
+            if self._peers is not None:
+                group.create_task(self._adoption_loop(), name="gateway-adoption")
 
     async def retire(self) -> None:
         """Take this instance out of its shared group, storing everything it holds.
@@ -260,22 +272,94 @@ class Gateway:
                 await self.drain()
                 await self._spool_empty.wait()
                 await cancel_and_wait(*helpers)
-        # A clean start with no expiry replaces the session, which ends at the disconnect.
-        async with self._mqtt.client(client_id, clean_start=True, session_expiry_s=0):
-            pass
+        # A clean start with no expiry replaces the session, which ends at the disconnect;
+        # an empty retained state tells the group the instance is gone, not down.
+        async with self._mqtt.client(client_id, clean_start=True, session_expiry_s=0) as end:
+            await end.publish(state_topic(client_id), b"", qos=1, retain=True)
         (Path(settings.instance_spool_dir) / _SESSION_MARKER).unlink(missing_ok=True)
         _LOG.info("%s retired: everything it held is stored, its session is ended", client_id)
 
     # -- broker side ---------------------------------------------------------------
 
-    def _new_client(self) -> MqttClient:
+    def _new_client(self, client_id: str | None = None, instance: str | None = None) -> MqttClient:
+        """A client for our session, or for an adopted member's (``client_id``, ``instance``)."""
+        settings = self._settings
+        will = None
+        if self._peers is not None:
+            # The broker says "down" for us (or for the member we hold) if we die.
+            topic = state_topic(client_id or settings.session_client_id)
+            down = state_payload("down", self._peers.group, instance or self._peers.instance)
+            will = Will(topic, down)
         return self._mqtt.client(
-            self._settings.session_client_id,
+            client_id or settings.session_client_id,
             clean_start=False,
-            session_expiry_s=self._settings.session_expiry_s,
-            receive_maximum=self._settings.receive_maximum,
-            max_buffered=max(self._settings.batch_max_points * 4, 10_000),
+            session_expiry_s=settings.session_expiry_s,
+            receive_maximum=settings.receive_maximum,
+            max_buffered=max(settings.batch_max_points * 4, 10_000),
+            will=will,
+            # A clean stop says "down" too: the others then adopt what the broker keeps.
+            will_on_disconnect=will is not None,
         )
+
+    async def _adoption_loop(self) -> None:
+        """Announce that we are up; adopt members that died (:mod:`gateway.adoption`)."""
+        peers = self._peers
+        assert peers is not None
+        settings = self._settings
+        after_s = settings.adopt_after_s or 0.0
+        up = state_payload("up", peers.group, peers.instance)
+        announced: MqttClient | None = None
+        async with asyncio.TaskGroup() as tasks:
+            while True:
+                try:
+                    async with asyncio.timeout(min(1.0, after_s / 2)):
+                        await self._announce.wait()
+                except TimeoutError:
+                    pass
+                self._announce.clear()
+                client = self._client
+                if client is None:
+                    continue
+                if client is not announced:
+                    topic = state_topic(settings.session_client_id)
+                    try:
+                        await client.publish(topic, up, qos=1, retain=True)
+                    except BrokerUnavailableError:
+                        continue
+                    announced = client
+                for instance, client_id in peers.due(time.monotonic(), after_s, self._adopting):
+                    self._adopting.add(instance)
+                    tasks.create_task(
+                        self._adopt(instance, client_id), name=f"gateway-adopt-{instance}"
+                    )
+
+    async def _adopt(self, instance: str, client_id: str) -> None:
+        """Hold a dead member's session: store and acknowledge its messages as ours.
+
+        Ends when the connection does: the member came back under its name (the broker
+        hands it its session) or the broker went away.
+        """
+        peers = self._peers
+        assert peers is not None
+        settings = self._settings
+        client = self._new_client(client_id, instance)
+        adopted = state_payload("adopted", peers.group, instance, by=peers.instance)
+        try:
+            async with client:
+                _LOG.warning(
+                    "%s is down: %s holds its session until it is back",
+                    client_id,
+                    settings.session_client_id,
+                )
+                await client.publish(state_topic(client_id), adopted, qos=1, retain=True)
+                await self._consume(client, main=False)
+        except BrokerUnavailableError as exc:
+            _LOG.warning("%s's session is no longer held here: %s", client_id, exc)
+        except (ConfigError, PermanentError) as exc:
+            _LOG.error("cannot hold %s's session: %s", client_id, exc)
+        finally:
+            self._adopting.discard(instance)
+            peers.released(instance, time.monotonic())
 
     async def _connection_loop(self) -> None:
         def subscribed(client: MqttClient) -> None:
@@ -283,12 +367,15 @@ class Gateway:
             self.metrics.mqtt_connected = True
             self._check_session(client)
             self._subscribed.set()
+            self._announce.set()
 
         def lost() -> None:
             self._client = None
             self.metrics.mqtt_connected = False
 
         filters = shared_filters(_INGEST_FILTERS, self._settings.shared_group)
+        if self._peers is not None:
+            filters.append(STATE_FILTER)
         await consume_forever(
             self._new_client,
             [*filters, SYS_DROPPED_TOPIC],
@@ -321,7 +408,7 @@ class Gateway:
             except OSError as exc:
                 _LOG.warning("cannot write %s: %s", marker, exc)
 
-    async def _consume(self, client: MqttClient) -> None:
+    async def _consume(self, client: MqttClient, *, main: bool = True) -> None:
         # Overflow policy "block": a full queue stops the reader, the client stops
         # reading its socket, and the broker keeps the messages in our session. The
         # writer is not tied to this connection: what was received is stored even if
@@ -332,9 +419,9 @@ class Gateway:
         try:
             await self._read_loop(connection)
         finally:
-            # Disconnected from now on (for /health), while the writer finishes.
-            self._client = None
-            self.metrics.mqtt_connected = False
+            if main:  # disconnected from now on (for /health), while the writer finishes
+                self._client = None
+                self.metrics.mqtt_connected = False
             task = asyncio.current_task()
             if task is None or not task.cancelling():  # shutting down: nothing to wait for
                 await self._finish(connection)
@@ -392,6 +479,9 @@ class Gateway:
                             continue
                         if message.topic == self._retire_topic:
                             retire_seen = True
+                            continue
+                        if self._peers is not None and message.topic.startswith("fleet/"):
+                            self._peers.note(message.topic, message.payload, time.monotonic())
                             continue
                         raise RejectedError("bad_topic", "not a devices/{id}/{channel} topic")  # noqa: TRY301
                     device_id, channel = target

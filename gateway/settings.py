@@ -42,6 +42,11 @@ class GatewaySettings(BaseModel):
         description="republish stored device messages on this many diagnostics partitions"
         " (0: off; diagnostics' partitions must match)",
     )
+    adopt_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="with instance: take over a member's session after it died this long",
+    )
     batch_max_points: int = Field(5_000, ge=1, le=100_000)
     batch_linger_s: float = Field(0.1, ge=0, le=10)
     max_pending_batches: int = Field(8, ge=1, le=1_000)
@@ -62,7 +67,10 @@ class GatewaySettings(BaseModel):
     max_abs_value: float = Field(1e12, gt=0)
 
     @model_validator(mode="after")
-    def _session_id_fits(self) -> GatewaySettings:
+    def _consistent(self) -> GatewaySettings:
+        if self.adopt_after_s is not None and not (self.shared_group and self.instance):
+            msg = "adopt_after_s needs shared_group and instance"
+            raise ValueError(msg)
         if len(self.session_client_id) > _MAX_CLIENT_ID:
             msg = f"client_id and instance together exceed {_MAX_CLIENT_ID} characters"
             raise ValueError(msg)

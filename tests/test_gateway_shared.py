@@ -141,7 +141,12 @@ class GatewayProcess:
     """One ``fixloop gateway`` process of the group, under its instance name."""
 
     def __init__(
-        self, broker: MosquittoServer, influx: InfluxdServer, root: Path, instance: str
+        self,
+        broker: MosquittoServer,
+        influx: InfluxdServer,
+        root: Path,
+        instance: str,
+        **settings: str,
     ) -> None:
         self.instance = instance
         self.log = root / f"gateway-{instance}.log"
@@ -157,6 +162,7 @@ class GatewayProcess:
             "FIXLOOP_GATEWAY__SHARED_GROUP": "ingest",
             "FIXLOOP_GATEWAY__INSTANCE": instance,
             "FIXLOOP_GATEWAY__METRICS_PORT": str(self.metrics_port),
+            **{f"FIXLOOP_GATEWAY__{key.upper()}": value for key, value in settings.items()},
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -225,9 +231,14 @@ async def fleet_burst(
     return len(devices) * len(seqs)
 
 
-async def fleet_until(broker: MosquittoServer, base_ms: int, stop: asyncio.Event) -> dict[str, int]:
-    """Every device publishes readings at QoS 1, paced, until ``stop``; how many each sent."""
-    sent = dict.fromkeys(DEVICES, 0)
+async def fleet_until(
+    broker: MosquittoServer, base_ms: int, stop: asyncio.Event, sent: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Every device publishes readings at QoS 1, paced, until ``stop``.
+
+    Returns how many each has sent; ``sent`` continues an earlier run's numbering.
+    """
+    sent = dict(sent) if sent else dict.fromkeys(DEVICES, 0)
 
     async def one(device_id: str) -> None:
         async with MqttClient(
@@ -366,3 +377,55 @@ async def test_a_retired_gateway_stores_its_share_and_leaves_the_group(
         assert sorted(device_seqs) == list(range(230)), device_id
     async with mqtt.client("fixloop-gateway-b", clean_start=False, session_expiry_s=0) as probe:
         assert not probe.session_present  # the retired session is gone
+
+
+async def test_a_dead_gateways_share_is_adopted_by_a_live_one_until_it_returns(
+    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    broker = make_mosquitto(device_ids=DEVICES)
+    influx = make_influxd()
+    gateways = [
+        GatewayProcess(broker, influx, tmp_path, name, adopt_after_s="1") for name in INSTANCES
+    ]
+    victim, adopter = gateways[0], gateways[1]  # the first live one by name adopts
+    base_ms = int(time.time() * 1000) - 86_400_000
+    try:
+        for gateway in gateways:
+            gateway.start()
+        await wait_for(
+            lambda: all(g.subscribed_times() for g in gateways), 30, "every gateway subscribed"
+        )
+        stop = asyncio.Event()
+        burst = asyncio.create_task(fleet_until(broker, base_ms, stop))
+        await wait_for(lambda: total_points(influx) >= 2_000, 60, "2,000 readings stored")
+        victim.kill()
+        at_kill = total_points(influx)
+        await wait_for(lambda: total_points(influx) >= at_kill + 2_000, 60, "2,000 more")
+        stop.set()
+        sent_by_device = await burst
+        # Not started again: what the broker holds for it is stored by the adopter.
+        await wait_for(
+            lambda: total_points(influx) >= sum(sent_by_device.values()),
+            60,
+            "every reading stored while the victim stays dead",
+        )
+        assert b"holds its session" in adopter.log.read_bytes()
+        # Back under its name, the victim takes its session over again.
+        victim.start()
+        await wait_for(lambda: victim.subscribed_times() == 2, 30, "the victim back")
+        stop = asyncio.Event()
+        burst = asyncio.create_task(fleet_until(broker, base_ms, stop, sent_by_device))
+        await wait_for(lambda: victim.stored() >= 300, 60, "the victim storing its share")
+        stop.set()
+        sent_by_device = await burst
+        sent = sum(sent_by_device.values())
+        await wait_for(lambda: total_points(influx) >= sent, 60, "every reading stored")
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+    assert b"session resumed: True" in victim.log.read_bytes()
+    assert b"no longer held here" in adopter.log.read_bytes()
+    seqs = stored_seqs(influx)
+    for device_id in DEVICES:
+        assert sorted(seqs[device_id]) == list(range(sent_by_device[device_id])), device_id
+    assert total_points(influx) == sent

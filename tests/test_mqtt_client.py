@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import MosquittoServer
 from wire.errors import BrokerUnavailableError, PermanentError
-from wire.mqtt import MqttClient, MqttUsageError
+from wire.mqtt import MqttClient, MqttUsageError, Will
 from wire.mqtt_packets import (
     Connack,
     ControlPacket,
@@ -993,3 +993,22 @@ async def test_a_publish_gets_its_puback_while_the_consumer_is_full(
             client.ack_many(batch)
             taken += batch
         assert [int.from_bytes(m.payload, "big") for m in taken] == list(range(50))
+
+
+async def test_mosquitto_publishes_the_will_on_a_disconnect_that_asks_for_it(
+    mosquitto: MosquittoServer,
+) -> None:
+    """DISCONNECT with reason 0x04 has the broker publish the will; a plain one does not."""
+    topic = "fleet/gateways/leaver/state"
+    async with gateway_client(mosquitto, "watcher") as watcher:
+        await watcher.subscribe(topic, qos=1)
+        for asks in (False, True):
+            will = Will(topic, b"asked" if asks else b"plain", retain=False)
+            async with gateway_client(mosquitto, "leaver", will=will, will_on_disconnect=asks):
+                pass
+        got: list[bytes] = []
+        async with asyncio.timeout(WAIT_S):
+            while b"asked" not in got:  # a will of the first would have come before
+                await watcher.wait_messages()
+                got += [m.payload for m in watcher.take(10)]
+        assert got == [b"asked"]

@@ -111,6 +111,9 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
+#: DISCONNECT with reason 0x04, "Disconnect with Will Message" (MQTT 5.0, 3.14.2.1).
+_DISCONNECT_WITH_WILL_PACKET: Final = b"\xe0\x01\x04"
+
 
 # Reason codes in CONNACK that no retry can cure (MQTT 5.0, 3.2.2.2).
 _CONNACK_FATAL: Final = {
@@ -236,6 +239,8 @@ class MqttClient:
             Alive replaces it when the CONNACK carries one.
         receive_maximum: how many unacknowledged QoS-1 messages the broker may send us.
         will: the last will, or None.
+        will_on_disconnect: have the broker publish the will on our DISCONNECT too
+            (reason 0x04), so a clean stop announces itself as a crash does.
         tls: a TLS context, or None for plain TCP.
         connect_timeout_s: how long to wait for the TCP connection and CONNACK, and for
             a SUBACK.
@@ -272,6 +277,7 @@ class MqttClient:
         max_packet_size: int = 1_048_576,
         publish_timeout_s: float = 30.0,
         ping_timeout_s: float | None = None,
+        will_on_disconnect: bool = False,
     ) -> None:
         if not 1 <= receive_maximum <= 65_535:
             raise ConfigError("receive_maximum must be between 1 and 65535")
@@ -303,6 +309,7 @@ class MqttClient:
         self._keepalive_s = keepalive_s
         self._receive_maximum = receive_maximum
         self._will = will
+        self._will_on_disconnect = will_on_disconnect and will is not None
         self._tls = tls
         self._connect_timeout_s = connect_timeout_s
         self._max_buffered = max_buffered
@@ -454,7 +461,9 @@ class MqttClient:
             await asyncio.wait([task])
         protocol = self._protocol
         if protocol is not None and protocol.transport is not None and not self._closed:
-            protocol.transport.write(_DISCONNECT_PACKET)
+            protocol.transport.write(
+                _DISCONNECT_WITH_WILL_PACKET if self._will_on_disconnect else _DISCONNECT_PACKET
+            )
             protocol.transport.close()
         self._closed = True
         self._fail(BrokerUnavailableError("client disconnected"))

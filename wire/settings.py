@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from wire.mqtt import MqttClient
+from wire.mqtt import MqttClient, Will
 
 __all__ = ["MqttSettings"]
 
@@ -49,6 +49,8 @@ class MqttSettings(BaseModel):
         session_expiry_s: int = 0,
         receive_maximum: int = 65_535,
         max_buffered: int = 100_000,
+        will: Will | None = None,
+        will_on_disconnect: bool = False,
     ) -> MqttClient:
         """Build (not connect) an MQTT client for a service with these settings."""
         return MqttClient(
@@ -64,4 +66,6 @@ class MqttSettings(BaseModel):
             tls=self.tls_context(),
             connect_timeout_s=self.connect_timeout_s,
             max_buffered=max_buffered,
+            will=will,
+            will_on_disconnect=will_on_disconnect,
         )
