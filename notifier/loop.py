@@ -661,9 +661,7 @@ class OwnerLoop:
             to_state="opened",
         )
         await self._publish(case)
-        if case.urgency == "critical":
-            await self._tell(case, Notice("urgent_safety", urgent=True))
-        return await self._advance(case, "the case opened")
+        return await self._advance(case, "the case opened", tell=_opening(case))
 
     async def start_campaign(self, device_ids: Sequence[str], action: str, reason: str) -> int:
         """Open a pre-emptive case with ``action`` as its remedy on each device.
@@ -713,7 +711,9 @@ class OwnerLoop:
                     if case.state != "opened":
                         continue
                     await self._publish(case)
-                    await self._advance(case, "the case was waiting for its first step")
+                    await self._advance(
+                        case, "the case was waiting for its first step", tell=_opening(case)
+                    )
             except (ConflictError, TransientError) as exc:
                 _LOG.warning("case %s: %s; its first step is tried again later", case.case_id, exc)
             except Exception:
@@ -751,8 +751,12 @@ class OwnerLoop:
         return case
 
     # -- deciding the next step ----------------------------------------------------------
-    async def _advance(self, case: Case, why: str) -> Case:
-        """Pick the next remedy for a case that is not waiting on anything."""
+    async def _advance(self, case: Case, why: str, *, tell: Sequence[Notice] = ()) -> Case:
+        """Pick the next remedy for a case that is not waiting on anything.
+
+        ``tell``: messages to keep with that step besides its own (a new case's urgent
+        safety message).
+        """
         action = self._next_remote(case)
         if action is not None:
             owner = await self.store.get_owner(case.owner_id)
@@ -766,20 +770,27 @@ class OwnerLoop:
                     "awaiting_consent",
                     f"{action} interrupts use; the owner's policy ({policy}) asks first",
                     evidence={"action": action, "after": why},
-                    tell=[Notice("consent_request", action=action)],
+                    tell=[*tell, Notice("consent_request", action=action)],
                     pending_action=action,
                 )
-            return await self._start_fix(case, action, f"{why}; {policy} allows {action}")
+            return await self._start_fix(
+                case, action, f"{why}; {policy} allows {action}", tell=tell
+            )
         if self._has_service(case):
-            return await self._propose(case, f"{why}; no remote remedy left")
-        return await self._to_person(case, f"{why}; the catalog has no remedy for this fault")
+            return await self._propose(case, f"{why}; no remote remedy left", tell=tell)
+        return await self._to_person(
+            case, f"{why}; the catalog has no remedy for this fault", tell=tell
+        )
 
-    async def _start_fix(self, case: Case, action: str, reason: str) -> Case:
+    async def _start_fix(
+        self, case: Case, action: str, reason: str, *, tell: Sequence[Notice] = ()
+    ) -> Case:
         case = await self._move(
             case,
             "remote_fix",
             reason,
             evidence={"action": action},
+            tell=tell,
             pending_action=action,
             tried=(*case.tried, action),
         )
@@ -905,12 +916,12 @@ class OwnerLoop:
             return await self._propose(case, f"{why}; a technician is needed")
         return await self._to_person(case, f"{why}; nothing else to try remotely")
 
-    async def _to_person(self, case: Case, reason: str) -> Case:
+    async def _to_person(self, case: Case, reason: str, *, tell: Sequence[Notice] = ()) -> Case:
         case = await self._move(
             case,
             "escalated",
             reason,
-            tell=[Notice("not_fixed_escalated")],
+            tell=[*tell, Notice("not_fixed_escalated")],
             needs_person=reason,
         )
         await self.store.add_task(Task(uuid.uuid4().hex[:16], case.case_id, reason, self._clock()))
@@ -987,12 +998,18 @@ class OwnerLoop:
         )
 
     async def _propose(
-        self, case: Case, why: str, *, exclude: Sequence[Slot] = (), actor: Actor = "system"
+        self,
+        case: Case,
+        why: str,
+        *,
+        exclude: Sequence[Slot] = (),
+        actor: Actor = "system",
+        tell: Sequence[Notice] = (),
     ) -> Case:
         slots = await self._plan(case, exclude=exclude)
         if not slots:
-            return await self._to_person(case, f"{why}; no technician has a free slot")
-        return await self._offer(case, slots, why, actor=actor)
+            return await self._to_person(case, f"{why}; no technician has a free slot", tell=tell)
+        return await self._offer(case, slots, why, actor=actor, tell=tell)
 
     async def _offer(
         self,
@@ -1002,6 +1019,7 @@ class OwnerLoop:
         *,
         actor: Actor = "system",
         notice: Notice | None = None,
+        tell: Sequence[Notice] = (),
     ) -> Case:
         """Offer ``slots`` to the owner: a new proposal, the case moved, the owner told."""
         part = self._service_part(case)
@@ -1030,7 +1048,7 @@ class OwnerLoop:
                 "slots": [s.start.isoformat() for s in slots],
                 "failure_at": None if case.failure_at is None else case.failure_at.isoformat(),
             },
-            tell=[notice or Notice("appointment_offer", slots=tuple(slots))],
+            tell=[*tell, notice or Notice("appointment_offer", slots=tuple(slots))],
             appointment_id=appointment.appointment_id,
             pending_action=None,
         )
@@ -1522,6 +1540,19 @@ class OwnerLoop:
 
 
 _REMINDER_CHECK: Final = timedelta(seconds=60)
+
+
+def _opening(case: Case) -> list[Notice]:
+    """What a new case tells its owner with its first step: a safety warning if critical.
+
+    Keyed by the case alone: a first step made again (after a crash, by another
+    instance) does not warn twice.
+    """
+    if case.urgency != "critical":
+        return []
+    return [Notice("urgent_safety", urgent=True, key=f"{case.case_id}/urgent_safety")]
+
+
 #: Due timers taken from the store at a time.
 _TIMER_BATCH: Final = 100
 _URGENCY_RANK: Final = {"low": 0, "normal": 1, "high": 2, "critical": 3}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -131,3 +132,35 @@ async def test_a_case_held_by_a_dead_notifier_moves_on_when_its_lease_runs_out(
         assert await store_a.take_lease(
             "w-ann/firmware_bug", "c", now=clock(), until=clock() + timedelta(seconds=1)
         )
+
+
+async def test_a_critical_case_warns_its_owner_once_with_its_first_step(
+    stores: tuple[Store, Store],
+) -> None:
+    store, _ = stores
+    await store.put_device(DeviceRecord("f-ann", "ann", "fridge", "2.3.1"))
+    clock = ManualClock(T0)
+    outbox = Outbox(store, None, clock=clock)
+    loop = OwnerLoop(store, Commander(), Health(), outbox, config=CONFIG, clock=clock)
+    async with loop:
+        case = await loop.handle_diagnosis(diagnosis("f-ann", "fridge", "refrigerant_leak"))
+    assert case is not None
+    assert case.urgency == "critical"
+    kept = [n for n in await store.notifications("ann") if n.case_id == case.case_id]
+    assert sorted(n.kind for n in kept) == ["not_fixed_escalated", "urgent_safety"]
+    [warning] = [n for n in kept if n.kind == "urgent_safety"]
+    # kept in the first step's transaction, under a key of the case alone: a first step
+    # made again would not warn twice
+    trail = await store.audit(case.case_id)
+    first_step = next(
+        i for i, e in enumerate(trail) if e.action == "transition" and e.from_state == "opened"
+    )
+    assert trail[first_step + 1].action == "notify", [(e.action, e.at, e.evidence) for e in trail]
+    assert trail[first_step + 1].evidence["kind"] == "urgent_safety"
+    again = await store.add_message(
+        replace(warning, notification_id="again"),
+        key=f"{case.case_id}/urgent_safety",
+        holder="x",
+        claim_until=T0,
+    )
+    assert again is None
