@@ -13,9 +13,9 @@ import signal
 import subprocess
 import urllib.parse
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from fixloop.server import LOOPBACK, _find_binary, _parent_death_signal, _Server
+from fixloop.server import LOOPBACK, _find_binary, _Server
 from wire.errors import ConfigError
 
 __all__ = ["PostgresServer"]
@@ -36,6 +36,9 @@ class PostgresServer(_Server):
     """
 
     name = "postgres"
+    # Fast shutdown: clients are disconnected, data kept. SIGTERM would wait for every
+    # client to leave, and a pool keeps its connections.
+    stop_signal = signal.SIGINT
 
     def __init__(
         self,
@@ -174,33 +177,8 @@ class PostgresServer(_Server):
             command += ["-c", f"{key}={value}"]
         return command
 
-    def _spawn(self, command: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            command,
-            cwd=self.root,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_parent_death_signal() if self.die_with_parent else None,
-            **self._as_user(self._user()),
-        )
-
-    def stop(self) -> None:
-        """Stop the server: fast shutdown (SIGINT: clients are disconnected, data kept).
-
-        SIGTERM would wait for every client to leave, and a pool keeps its connections.
-        """
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        proc.wait()
+    def _spawn_options(self) -> dict[str, Any]:
+        return self._as_user(self._user())
 
     def _ready(self) -> bool:
         done = subprocess.run(

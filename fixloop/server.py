@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Final, Self
+from typing import IO, Any, Final, Self
 
 from wire.errors import ConfigError
 
@@ -105,6 +105,8 @@ class _Server:
     """Process handling shared by the servers: start, wait until ready, stop, restart."""
 
     name: str = "server"
+    #: The signal that asks the server to stop.
+    stop_signal: signal.Signals = signal.SIGTERM
 
     def __init__(
         self,
@@ -281,19 +283,24 @@ class _Server:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=_parent_death_signal() if self.die_with_parent else None,
+            **self._spawn_options(),
         )
+
+    def _spawn_options(self) -> dict[str, Any]:
+        """More ``subprocess.Popen`` arguments of this server (none by default)."""
+        return {}
 
     def _failure(self, what: str) -> str:
         tail = self.log_tail().replace("\n", "\n  ")
         return f"{self.name} {what} (log {self.log_path}):\n  {tail}"
 
     def stop(self) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after ``stop_timeout_s``; wait for it."""
+        """Stop the server: ``stop_signal``, then SIGKILL after ``stop_timeout_s``; wait for it."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(self.stop_signal)
             try:
                 proc.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
