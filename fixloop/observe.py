@@ -26,19 +26,21 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import orjson
 from aiohttp import web
 
-from dashboard.service import DashboardService
-from diagnostics.partition import PartitionedDiagnostics
-from diagnostics.service import DiagnosticsService
-from notifier.service import NotifierService
-from notifier.store import CaseStore
 from wire.errors import StoreUnavailableError
 from wire.exposition import CONTENT_TYPE, Metric, render_metrics
 from wire.supervisor import StageHealth
+
+if TYPE_CHECKING:  # only named in annotations: a service's process loads no other's code
+    from dashboard.service import DashboardService
+    from diagnostics.partition import PartitionedDiagnostics
+    from diagnostics.service import DiagnosticsService
+    from notifier.service import NotifierService
+    from notifier.store import CaseStore
 
 __all__ = [
     "READY_TIMEOUT_S",

@@ -316,10 +316,9 @@ async def dashboard_process(
     if store_url is not None:
         env["FIXLOOP_NOTIFIER__STORE_URL"] = store_url
     await _seed_store(_case_store(env, tmp_path))
-    added = await asyncio.to_thread(
-        _cli, ["ops-users", "add", "ada", "--role", "admin"], env, FIRST_PW + "\n"
-    )
-    assert added.returncode == 0, added.stderr
+    # the file `fixloop ops-users add` writes (that command: test_ops_users_by_command)
+    ada = await asyncio.to_thread(hash_password, FIRST_PW)
+    OpsUsersFile(tmp_path / "ops-users.json").add("ada", "admin", ada)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -505,7 +504,7 @@ def test_fixloop_dashboard_refuses_to_start_without_users_or_store(tmp_path: Pat
     assert no_users.returncode == 2
     assert "no ops users" in no_users.stderr
     assert "fixloop ops-users add" in no_users.stderr
-    assert _cli(["ops-users", "add", "ada"], env, FIRST_PW + "\n").returncode == 0
+    OpsUsersFile(tmp_path / "users.json").add("ada", "viewer", hash_password(FIRST_PW))
     no_store = _cli(["dashboard"], env)
     assert no_store.returncode == 2
     assert "cases.sqlite3 not found" in no_store.stderr
