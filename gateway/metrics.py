@@ -54,6 +54,9 @@ class GatewayMetrics:
         dropped_unacked: messages received but neither stored nor acknowledged when the
             connection ended (left to the broker to deliver again).
         broker_dropped: messages the broker says it dropped (``$SYS`` counter), -1 unknown.
+        adopted_sessions: sessions of dead members of the shared group held now
+            (:mod:`gateway.adoption`).
+        adoptions: times this gateway took over a dead member's session.
         last_progress_s: wall time of the last point made durable (or of the start).
         stall_after_s: ``/health`` fails once messages wait this long with no progress.
     """
@@ -80,6 +83,8 @@ class GatewayMetrics:
     session_lost: int = 0
     dropped_unacked: int = 0
     broker_dropped: int = -1
+    adopted_sessions: int = 0
+    adoptions: int = 0
     started_s: float = field(default_factory=time.time)
     last_progress_s: float = field(default_factory=time.time)
     stall_after_s: float = 60.0
@@ -199,6 +204,18 @@ class GatewayMetrics:
             [({}, self.broker_dropped)],
         )
         metric(
+            "adopted_sessions",
+            "gauge",
+            "Sessions of dead gateways of the shared group held by this one now.",
+            [({}, self.adopted_sessions)],
+        )
+        metric(
+            "adoptions_total",
+            "counter",
+            "Times this gateway took over a dead gateway's session.",
+            [({}, self.adoptions)],
+        )
+        metric(
             "seconds_since_progress",
             "gauge",
             "Seconds since a point was last made durable.",
@@ -243,6 +260,7 @@ class GatewayMetrics:
             "spool_writable": self.spool_writable,
             "seconds_since_progress": round(max(0.0, now - self.last_progress_s), 3),
             "session_lost": self.session_lost,
+            "adopted_sessions": self.adopted_sessions,
             "influx_up": self.influx_up,
             "spool_batches": self.spool_batches,
             "unacked": self.unacked,

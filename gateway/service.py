@@ -344,8 +344,12 @@ class Gateway:
         settings = self._settings
         client = self._new_client(client_id, instance)
         adopted = state_payload("adopted", peers.group, instance, by=peers.instance)
+        holding = False
         try:
             async with client:
+                holding = True
+                self.metrics.adopted_sessions += 1
+                self.metrics.adoptions += 1
                 _LOG.warning(
                     "%s is down: %s holds its session until it is back",
                     client_id,
@@ -358,6 +362,8 @@ class Gateway:
         except (ConfigError, PermanentError) as exc:
             _LOG.error("cannot hold %s's session: %s", client_id, exc)
         finally:
+            if holding:
+                self.metrics.adopted_sessions -= 1
             self._adopting.discard(instance)
             peers.released(instance, time.monotonic())
 

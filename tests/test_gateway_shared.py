@@ -175,13 +175,16 @@ class GatewayProcess:
     def subscribed_times(self) -> int:
         return self.log.read_bytes().count(b" subscribed to ")
 
-    def stored(self) -> int:
+    def metric(self, name: str) -> int:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             for line in response.read().decode().splitlines():
-                if line.startswith("fixloop_gateway_stored_points_total "):
+                if line.startswith(f"fixloop_gateway_{name} "):
                     return int(float(line.split()[1]))
-        raise AssertionError("no stored_points_total in /metrics")
+        raise AssertionError(f"no {name} in /metrics")
+
+    def stored(self) -> int:
+        return self.metric("stored_points_total")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -410,12 +413,15 @@ async def test_a_dead_gateways_share_is_adopted_by_a_live_one_until_it_returns(
             "every reading stored while the victim stays dead",
         )
         assert b"holds its session" in adopter.log.read_bytes()
+        assert adopter.metric("adopted_sessions") == 1
         # Back under its name, the victim takes its session over again.
         victim.start()
         await wait_for(lambda: victim.subscribed_times() == 2, 30, "the victim back")
         stop = asyncio.Event()
         burst = asyncio.create_task(fleet_until(broker, base_ms, stop, sent_by_device))
         await wait_for(lambda: victim.stored() >= 300, 60, "the victim storing its share")
+        await wait_for(lambda: adopter.metric("adopted_sessions") == 0, 30, "the session back")
+        assert adopter.metric("adoptions_total") >= 1
         stop.set()
         sent_by_device = await burst
         sent = sum(sent_by_device.values())
