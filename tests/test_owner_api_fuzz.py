@@ -3,9 +3,10 @@
 A real notifier (its owner loop, store, MQTT and InfluxDB) serves the API; schemathesis
 reads ``/openapi.json`` and sends a bounded number of generated requests per operation
 (examples, boundary values, fuzzing and stateful sequences) as an owner, a technician
-and ops at once (three runs side by side, each with its own fixed seed), checking every answer against the document (status codes, headers, bodies)
-and that none is a 5xx. Then hypothesis sends profile changes of every shape. Afterwards
-the service must still be whole: ``/health`` green, and a new diagnosis still opens a
+and ops at once (three runs side by side, each with its own fixed seed), checking every
+answer against the document (status codes, headers, bodies) and that none is a 5xx.
+Then hypothesis sends profile changes of every shape. Afterwards the service must
+still be whole: ``/health`` green, and a new diagnosis still opens a
 case and reaches the owner's store.
 """
 
