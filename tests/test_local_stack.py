@@ -250,7 +250,7 @@ def test_every_fault_the_demo_injects_is_a_case_and_the_banner_owner_sees_the_fi
     import urllib.request
 
     data_dir = tmp_path / "stack"
-    proc = up(data_dir, "--devices", "6", env={"FIXLOOP_STACK__DEMO_FAULT_EVERY_S": "4"})
+    proc = up(data_dir, "--devices", "6", env={"FIXLOOP_STACK__DEMO_FAULT_EVERY_S": "1"})
     log: list[str] = []
     assert proc.stderr is not None
     reader = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
