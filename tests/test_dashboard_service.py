@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -201,32 +202,52 @@ def _cli(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.Co
     )
 
 
+def _clis(
+    *calls: tuple[list[str], str], env: dict[str, str]
+) -> list[subprocess.CompletedProcess[str]]:
+    """Run commands side by side (arguments, stdin): none may change what another reads."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: _cli(call[0], env, call[1]), calls))
+
+
 def test_ops_users_by_command(tmp_path: Path) -> None:
     env = {**os.environ, "FIXLOOP_DASHBOARD__USERS_FILE": str(tmp_path / "users.json")}
-    added = _cli(["ops-users", "add", "ada", "--role", "admin", "--name", "Ada"], env, "pw\n")
+    # commands that are refused change nothing, so they run beside the one before them
+    added, refused = _clis(
+        (["ops-users", "add", "ada", "--role", "admin", "--name", "Ada"], "pw\n"),
+        # the password is never an argument
+        (["ops-users", "add", "bob", "--password", "x" * 20], ""),
+        env=env,
+    )
     assert added.returncode == 1
     assert "at least 12 characters" in added.stderr
+    assert refused.returncode == 2
+    assert "unrecognized arguments" in refused.stderr
     added = _cli(["ops-users", "add", "ada", "--role", "admin"], env, FIRST_PW + "\n")
     assert added.returncode == 0, added.stderr
     assert "ops user ada added (admin)" in added.stdout
-    again = _cli(["ops-users", "add", "ada"], env, FIRST_PW + "\n")
+    again, vera = _clis(
+        (["ops-users", "add", "ada"], FIRST_PW + "\n"),
+        (["ops-users", "add", "vera"], "vera's long password\n"),
+        env=env,
+    )
     assert again.returncode == 1
     assert "exists" in again.stderr
-    assert _cli(["ops-users", "add", "vera"], env, "vera's long password\n").returncode == 0
+    assert vera.returncode == 0, vera.stderr
     listed = _cli(["ops-users", "list"], env)
     assert listed.stdout.splitlines() == ["ada\tadmin\t", "vera\tviewer\t"]
-    missing = _cli(["ops-users", "passwd", "nobody"], env, SECOND_PW + "\n")
+    missing, changed = _clis(
+        (["ops-users", "passwd", "nobody"], SECOND_PW + "\n"),
+        (["ops-users", "passwd", "ada"], SECOND_PW + "\n"),
+        env=env,
+    )
     assert missing.returncode == 1
     assert "no ops user nobody" in missing.stderr
-    assert _cli(["ops-users", "passwd", "ada"], env, SECOND_PW + "\n").returncode == 0
+    assert changed.returncode == 0, changed.stderr
     assert _cli(["ops-users", "remove", "vera"], env).returncode == 0
     users = OpsUsersFile(tmp_path / "users.json").load()
     assert set(users) == {"ada"}
     assert verify_password(SECOND_PW, users["ada"].password_hash)
-    # the password is never an argument
-    refused = _cli(["ops-users", "add", "bob", "--password", "x" * 20], env)
-    assert refused.returncode == 2
-    assert "unrecognized arguments" in refused.stderr
 
 
 # -- fixloop dashboard, a process against real servers ---------------------------------
