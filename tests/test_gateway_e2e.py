@@ -17,11 +17,13 @@ import orjson
 import pytest
 from conftest import (
     DEVICE_IDS,
+    FLEET_SECRET,
     GATEWAY_PASSWORD,
     MakeInfluxd,
     MakeMosquitto,
     device_pw,
 )
+from test_mqtt_client import TunedMosquitto
 
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
@@ -357,18 +359,29 @@ async def test_a_lost_broker_session_is_counted(
 
 
 async def test_messages_the_broker_drops_are_reported(
-    make_mosquitto: MakeMosquitto, influxd: InfluxdServer, tmp_path: Path
+    influxd: InfluxdServer, tmp_path: Path
 ) -> None:
-    # Past max_queued_messages the broker drops; the gateway reads its $SYS counter.
-    broker = make_mosquitto(max_queued_messages=10)
-    spool = tmp_path / "spool"
-    async with running_gateway(broker, influxd.url, spool):
-        pass  # the session exists; the broker queues for it from now on
-    await publish_burst(broker, 50, int(time.time() * 1000) - 60_000)
-    async with running_gateway(broker, influxd.url, spool) as gw:
-        # Mosquitto publishes $SYS every sys_interval (10 s).
-        await wait_for(lambda: gw.metrics.broker_dropped > 0, 25, "the drop count", 0.2)
-        assert "fixloop_gateway_broker_dropped_messages" in gw.metrics.render()
+    # Past max_queued_messages the broker drops; the gateway reads its $SYS counter,
+    # which mosquitto publishes every sys_interval: 1 s here instead of the shipped 10 s.
+    broker = TunedMosquitto(
+        tmp_path / "mosquitto",
+        extra=["sys_interval 1"],
+        users={GATEWAY_USER: GATEWAY_PASSWORD},
+        device_ids=DEVICE_IDS,
+        fleet_secret=FLEET_SECRET,
+        max_queued_messages=10,
+    )
+    broker.start()
+    try:
+        spool = tmp_path / "spool"
+        async with running_gateway(broker, influxd.url, spool):
+            pass  # the session exists; the broker queues for it from now on
+        await publish_burst(broker, 50, int(time.time() * 1000) - 60_000)
+        async with running_gateway(broker, influxd.url, spool) as gw:
+            await wait_for(lambda: gw.metrics.broker_dropped > 0, 25, "the drop count", 0.2)
+            assert "fixloop_gateway_broker_dropped_messages" in gw.metrics.render()
+    finally:
+        broker.stop()
 
 
 def test_health_names_every_reason_the_gateway_cannot_take_data() -> None:
