@@ -205,7 +205,12 @@ def start_gateway(
     metrics_port: int,
     profile: str | None,
     instance: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """Start ``fixloop gateway`` in its own process; return once it is connected.
+
+    ``extra_env`` adds settings (for example ``FIXLOOP_GATEWAY__REPUBLISH_PARTITIONS``).
+    """
     shared = (
         {"FIXLOOP_GATEWAY__SHARED_GROUP": "ingest", "FIXLOOP_GATEWAY__INSTANCE": instance}
         if instance
@@ -221,6 +226,7 @@ def start_gateway(
         "FIXLOOP_INFLUX__URL": influx.url,
         "FIXLOOP_GATEWAY__SPOOL_DIR": str(root / "spool"),
         "FIXLOOP_GATEWAY__METRICS_PORT": str(metrics_port),
+        **(extra_env or {}),
     }
     command = [sys.executable]
     if profile and profile.endswith(".txt"):  # sampling profile, little overhead
