@@ -26,8 +26,6 @@ from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.covariance import LedoitWolf
-from sklearn.ensemble import IsolationForest
 
 from wire.errors import ConfigError
 
@@ -121,6 +119,11 @@ class FleetModel:
             1.0,
             rows=int(rows.shape[0]),
         )
+        # scikit-learn only where a model is fitted (or an isolation forest unpickled): a
+        # process scoring with Gaussian models or per-device baselines never loads it
+        from sklearn.covariance import LedoitWolf
+        from sklearn.ensemble import IsolationForest
+
         if method == "gaussian":
             cov = LedoitWolf().fit(z).covariance_
             result.precision = np.linalg.pinv(cov).astype(np.float32)
