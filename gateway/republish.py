@@ -11,19 +11,17 @@ the gateway again and it is republished again: duplicates are possible, losses a
 the workers drop a device's item that is not newer than the last one they handled.
 
 Order: the publishes of a batch are written in the batch's order on the gateway's one
-connection (send quota is granted first come, first served), and the broker keeps a
-session's messages in order, so one gateway hands each partition its devices' messages
-in the order it received them.
+connection (:meth:`~wire.mqtt.MqttClient.publish_many`, pipelined, no task per
+message), and the broker keeps a session's messages in order, so one gateway hands each
+partition its devices' messages in the order it received them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Final
 
-from wire.errors import PermanentError
 from wire.mqtt import Message, MqttClient
 from wire.partitions import partition_of, partition_topic
 from wire.protocol.topics import split_device_topic
@@ -75,19 +73,16 @@ class Republisher:
             BrokerUnavailableError: the connection dropped before every PUBACK came; the
                 batch is not acknowledged then, and the broker delivers it again.
         """
-        sends = []
+        sends: list[tuple[str, bytes]] = []
         for message in messages:
             topic = self._topic(message.topic)
             if topic is not None:
-                sends.append(client.publish(topic, message.payload, qos=1))
+                sends.append((topic, message.payload))
         if not sends:
             return
-        outcomes = await asyncio.gather(*sends, return_exceptions=True)
-        for outcome in outcomes:
+        for outcome in await client.publish_many(sends):
             if outcome is None:
                 self.republished += 1
-            elif isinstance(outcome, PermanentError):
+            else:
                 self.refused += 1
                 _LOG.warning("a device message was not republished: %s", outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome  # BrokerUnavailableError and anything unforeseen

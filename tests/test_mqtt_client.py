@@ -1012,3 +1012,28 @@ async def test_mosquitto_publishes_the_will_on_a_disconnect_that_asks_for_it(
                 await watcher.wait_messages()
                 got += [m.payload for m in watcher.take(10)]
         assert got == [b"asked"]
+
+
+async def test_publish_many_sends_in_order_within_the_send_quota(
+    mosquitto: MosquittoServer,
+) -> None:
+    """Many QoS-1 messages go out in order, never more in flight than the broker allows."""
+    async with (
+        gateway_client(mosquitto, "reader", keepalive_s=0) as reader,
+        gateway_client(mosquitto, "writer", keepalive_s=0) as writer,
+    ):
+        await reader.subscribe("fleet/many/#", qos=1)
+        writer.server_max_packet_size = 200  # as if the broker took no bigger packet
+        sends = [(f"fleet/many/{n % 7}", n.to_bytes(4, "big")) for n in range(3_000)]
+        sends.insert(10, ("fleet/many/big", bytes(500)))
+        outcomes = await writer.publish_many(sends, timeout_s=60)
+        assert [i for i, o in enumerate(outcomes) if o is not None] == [10]
+        taken: list[Message] = []
+        while len(taken) < 3_000:
+            async with asyncio.timeout(WAIT_S):
+                await reader.wait_messages()
+            batch = reader.take(5_000)
+            reader.ack_many(batch)
+            taken += batch
+        assert [int.from_bytes(m.payload, "big") for m in taken] == list(range(3_000))
+        assert not writer._publishes  # every packet id given back

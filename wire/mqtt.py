@@ -72,7 +72,7 @@ import ssl
 import struct
 import termios
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -840,6 +840,79 @@ class MqttClient:
             ) from exc
         if reason >= 0x80:
             raise PermanentError(f"the broker refused the message on {topic} (0x{reason:02x})")
+
+    async def publish_many(
+        self, messages: Sequence[tuple[str, bytes]], *, timeout_s: float | None = None
+    ) -> list[PermanentError | None]:
+        """Publish many QoS-1 messages in order, pipelined; return after every PUBACK.
+
+        The packets go out in as few socket writes as the send quota allows, with no task
+        per message (the gateway republishes whole batches this way).
+
+        Args:
+            messages: ``(topic, payload)`` pairs, published in this order.
+            timeout_s: how long to wait for send quota and every PUBACK (default
+                ``publish_timeout_s``).
+
+        Returns:
+            Per message, ``None`` when the broker took it, else the
+            :class:`PermanentError` saying why it refused it or could not take it.
+
+        Raises:
+            BrokerUnavailableError: the connection dropped before every PUBACK came, or
+                they did not come in time (the messages stay in flight).
+        """
+        quota = self._send_quota
+        if quota is None:
+            raise BrokerUnavailableError("not connected to the MQTT broker")
+        timeout = self._publish_timeout_s if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        outcomes: list[PermanentError | None] = [None] * len(messages)
+        waits: list[tuple[int, asyncio.Future[int]]] = []
+        chunk: list[bytes] = []
+        unsent: list[int] = []
+        try:
+            async with asyncio.timeout(timeout):
+                for index, (topic, payload) in enumerate(messages):
+                    packet = encode_publish(topic, payload, 1, False, 0)
+                    if len(packet) > self.server_max_packet_size:
+                        outcomes[index] = PermanentError(
+                            f"message on {topic} of {len(packet)} bytes exceeds the "
+                            f"broker's Maximum Packet Size of {self.server_max_packet_size}"
+                        )
+                        continue
+                    if quota.locked() and chunk:
+                        self._write(b"".join(chunk))
+                        chunk, unsent = [], []
+                        self._update_reading()
+                    await quota.acquire()
+                    packet_id = self._packet_id()
+                    future: asyncio.Future[int] = loop.create_future()
+                    self._publishes[packet_id] = future
+                    unsent.append(packet_id)
+                    waits.append((index, future))
+                    chunk.append(encode_publish(topic, payload, 1, False, packet_id))
+                if chunk:
+                    self._write(b"".join(chunk))
+                    chunk, unsent = [], []
+                self._update_reading()
+                for index, future in waits:
+                    reason = await future
+                    if reason >= 0x80:
+                        outcomes[index] = PermanentError(
+                            f"the broker refused the message on {messages[index][0]} "
+                            f"(0x{reason:02x})"
+                        )
+        except TimeoutError as exc:
+            raise BrokerUnavailableError(
+                f"no PUBACK within {timeout:g} s for {len(waits)} messages"
+            ) from exc
+        finally:
+            # ids taken for packets never written get no PUBACK: give them back
+            for packet_id in unsent:
+                if self._publishes.pop(packet_id, None) is not None and self._send_quota:
+                    self._send_quota.release()
+        return outcomes
 
     async def ping(self, timeout_s: float | None = None) -> None:
         """Send a PINGREQ and wait for its PINGRESP (a round trip through the broker).
