@@ -67,6 +67,8 @@ _LOG = logging.getLogger(__name__)
 CHECKPOINT_VERSION: Final = 1
 #: Share of the lease time after which a partition whose lease was not renewed stops.
 _LEASE_MARGIN: Final = 0.8
+#: Longest time between two lease rounds (renewal, hand-over to a joining worker).
+_ROUND_MAX_S: Final = 5.0
 #: Longest wait for messages before the stop and lease checks run again.
 _POLL_S: Final = 0.5
 _FINAL_STATUSES: Final = frozenset(("open", "closed"))
@@ -227,7 +229,7 @@ class PartitionedDiagnostics:
             try:
                 while True:
                     await self._lease_round(group, ttl_s)
-                    await asyncio.sleep(ttl_s / 3)
+                    await asyncio.sleep(min(ttl_s / 3, _ROUND_MAX_S))
             finally:
                 # shutting down: each partition checkpoints, acknowledges and frees its
                 # lease, so its successor starts at once instead of after the lease time

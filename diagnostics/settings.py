@@ -42,10 +42,13 @@ class DiagnosticsSettings(BaseModel):
             (``postgresql://user:password@host/db``), for several workers; without it one
             worker holds every partition and keeps its checkpoints in memory.
         lease_ttl_s: how long a partition's lease lasts unrenewed (renewed every third
-            of it): a dead worker's partitions move after about this long.
+            of it, at least every 5 s): a dead worker's partitions move after about
+            this long.
         checkpoint_every_s: how often a partition's state is checkpointed (and the
             messages it covers acknowledged): a partition that moves replays this much.
-        checkpoint_max_messages: a checkpoint at the latest after this many messages.
+        checkpoint_max_messages: a checkpoint at the latest after this many messages of
+            a partition. Mosquitto sends a backlog on as the earlier messages are
+            acknowledged, so this paces a partition's catch-up (``bench/partitions.py``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -67,5 +70,5 @@ class DiagnosticsSettings(BaseModel):
     partitions: int = Field(0, ge=0, le=4_096)
     lease_url: SecretStr | None = None
     lease_ttl_s: float = Field(15.0, ge=1.0, le=600.0)
-    checkpoint_every_s: float = Field(5.0, gt=0, le=600.0)
-    checkpoint_max_messages: int = Field(20_000, ge=1, le=60_000)
+    checkpoint_every_s: float = Field(2.0, gt=0, le=600.0)
+    checkpoint_max_messages: int = Field(2_000, ge=1, le=60_000)
