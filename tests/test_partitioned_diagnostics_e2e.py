@@ -211,8 +211,9 @@ async def test_partitions_move_without_missed_false_or_repeated_diagnoses(
                 await gateway.wait_subscribed()
                 async with runner:
                     fleet_run = asyncio.create_task(runner.run())
-                    # the third worker joins at a third of the readings, the first dies
-                    # (SIGKILL: no checkpoint, no release) at two thirds
+                    # the third worker joins at a third of the readings handled, the first
+                    # dies (SIGKILL: no checkpoint, no release) at two thirds, whether or
+                    # not the fleet has sent its last reading by then
                     joined = killed = False
                     while not fleet_run.done() or not killed:
                         handled = a.handled() + b.handled() + c.handled()
@@ -224,7 +225,6 @@ async def test_partitions_move_without_missed_false_or_repeated_diagnoses(
                         elif joined and not killed and handled >= expected * 2 / 3:
                             await a.stop(signal.SIGKILL)
                             killed = True
-                        assert not (fleet_run.done() and not killed), "the fleet ran too fast"
                         await asyncio.sleep(0.05)
                     report = await fleet_run
                 readings = sum(report.readings_per_device.values())
