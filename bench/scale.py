@@ -497,7 +497,9 @@ async def run_size(
             result.stored_s = time.perf_counter() - started
             progress(size, "stored; waiting until the diagnostics workers are quiet")
             # done when no live worker scored anything for longer than a lease takes to
-            # move (the dead worker's partitions) and a checkpoint to replay
+            # move (the dead worker's partitions) and a checkpoint to replay; the last
+            # change seen (at the earliest the first look, once all is stored) is when
+            # every reading was scored by
             quiet_s = 2 * LEASE_TTL_S + 2
             scored, changed = -1.0, time.perf_counter()
             while time.perf_counter() - changed < quiet_s:
@@ -617,7 +619,7 @@ def print_results(results: list[Result]) -> None:
     for r in results:
         print(
             f"size {r.size}: the fleet sent its last reading at {r.fleet_s:.1f} s, every "
-            f"reading was stored at {r.stored_s:.1f} s and scored at {r.scored_s:.1f} s"
+            f"reading was stored at {r.stored_s:.1f} s and scored by {r.scored_s:.1f} s"
         )
     for r in results:
         print(f"size {r.size} kills: " + "; ".join(r.kills))
