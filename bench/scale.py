@@ -622,7 +622,7 @@ def print_results(results: list[Result]) -> None:
             f"reading was stored at {r.stored_s:.1f} s and scored by {r.scored_s:.1f} s"
         )
     for r in results:
-        print(f"size {r.size} kills: " + "; ".join(r.kills))
+        print(f"size {r.size} kills: " + ("; ".join(r.kills) or "none (--no-kill)"))
     print(limit_line(results))
 
 
