@@ -42,6 +42,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -502,7 +503,7 @@ async def run_size(
             # every reading was scored by
             quiet_s = 2 * LEASE_TTL_S + 2
             scored, changed = -1.0, time.perf_counter()
-            while time.perf_counter() - changed < quiet_s:
+            while time.perf_counter() - changed < quiet_s or not await live_hold_all(workers):
                 now_scored = sum([await asyncio.to_thread(w.scored) for w in workers])
                 if now_scored != scored:
                     scored, changed = now_scored, time.perf_counter()
@@ -571,6 +572,13 @@ async def run_size(
     result.pushed = sum(pushed.values())
     result.pushed_twice = sum(n - 1 for n in pushed.values() if n > 1)
     return result
+
+
+async def live_hold_all(workers: list[Diagnostics]) -> bool:
+    """Every partition is leased, and only to live workers (none to a killed one)."""
+    live = {f"{socket.gethostname()}-{w.pid()}" for w in workers if w.pid() is not None}
+    owners = await _owners(workers[0].env["FIXLOOP_DIAGNOSTICS__LEASE_URL"])
+    return sum(owners.values()) == PARTITIONS and set(owners) <= live
 
 
 async def restart(process: Gateway | Notifier) -> None:
