@@ -55,7 +55,7 @@ class GatewayMetrics:
             connection ended (left to the broker to deliver again).
         broker_dropped: messages the broker says it dropped (``$SYS`` counter), -1 unknown.
         adopted_sessions: sessions of dead members of the shared group held now
-            (:mod:`gateway.adoption`).
+            (:mod:`wire.adoption`).
         adoptions: times this gateway took over a dead member's session.
         last_progress_s: wall time of the last point made durable (or of the start).
         stall_after_s: ``/health`` fails once messages wait this long with no progress.

@@ -43,11 +43,11 @@ from typing import Final, Self
 
 import orjson
 
-from gateway.adoption import STATE_FILTER, PeerStates, state_payload, state_topic
 from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.republish import Republisher
 from gateway.settings import GatewaySettings
 from gateway.spool import Spool
+from wire.adoption import SessionAdoption, state_topic
 from wire.consumer import consume_forever, shared_filters
 from wire.errors import (
     BrokerUnavailableError,
@@ -153,15 +153,21 @@ class Gateway:
         self._retire_topic: str | None = None
         self._retire_seen = asyncio.Event()
         self._spool_empty = asyncio.Event()  # set by the replay loop when it finds none
-        #: the group's members by their retained states, when dead ones are adopted
-        self._peers = (
-            PeerStates(settings.shared_group, settings.instance)
+        #: announces this gateway to its shared group and adopts dead members' sessions
+        self.adoption = (
+            SessionAdoption(
+                role="gateways",
+                group=settings.shared_group,
+                instance=settings.instance,
+                client_id=settings.session_client_id,
+                after_s=settings.adopt_after_s,
+                new_client=self._new_client,
+                consume=lambda client: self._consume(client, main=False),
+                on_hold=self._note_hold,
+            )
             if settings.adopt_after_s and settings.shared_group and settings.instance
             else None
         )
-        #: instances whose sessions this gateway holds now (gateway.adoption)
-        self._adopting: set[str] = set()
-        self._announce = asyncio.Event()  # a new connection: say "up" at once
         #: republishes stored messages for partitioned diagnostics, when configured
         self.republisher = (
             Republisher(settings.republish_partitions) if settings.republish_partitions else None
@@ -230,8 +236,8 @@ class Gateway:
             group.create_task(self._replay_loop(), name="gateway-replay")
             group.create_task(self._write_loop(), name="gateway-writer")
             group.create_task(self._connection_loop(), name="gateway-ingest")
-            if self._peers is not None:
-                group.create_task(self._adoption_loop(), name="gateway-adoption")
+            if self.adoption is not None:
+                group.create_task(self.adoption.run(), name="gateway-adoption")
 
     async def retire(self) -> None:
         """Take this instance out of its shared group, storing everything it holds.
@@ -275,21 +281,17 @@ class Gateway:
         # A clean start with no expiry replaces the session, which ends at the disconnect;
         # an empty retained state tells the group the instance is gone, not down.
         async with self._mqtt.client(client_id, clean_start=True, session_expiry_s=0) as end:
-            await end.publish(state_topic(client_id), b"", qos=1, retain=True)
+            await end.publish(state_topic("gateways", client_id), b"", qos=1, retain=True)
         (Path(settings.instance_spool_dir) / _SESSION_MARKER).unlink(missing_ok=True)
         _LOG.info("%s retired: everything it held is stored, its session is ended", client_id)
 
     # -- broker side ---------------------------------------------------------------
 
-    def _new_client(self, client_id: str | None = None, instance: str | None = None) -> MqttClient:
-        """A client for our session, or for an adopted member's (``client_id``, ``instance``)."""
+    def _new_client(self, client_id: str | None = None, will: Will | None = None) -> MqttClient:
+        """A client for our session, or for an adopted member's (``client_id``, its ``will``)."""
         settings = self._settings
-        will = None
-        if self._peers is not None:
-            # The broker says "down" for us (or for the member we hold) if we die.
-            topic = state_topic(client_id or settings.session_client_id)
-            down = state_payload("down", self._peers.group, instance or self._peers.instance)
-            will = Will(topic, down)
+        if will is None and self.adoption is not None:
+            will = self.adoption.will()  # the broker says "down" for us if we die
         return self._mqtt.client(
             client_id or settings.session_client_id,
             clean_start=False,
@@ -301,71 +303,11 @@ class Gateway:
             will_on_disconnect=will is not None,
         )
 
-    async def _adoption_loop(self) -> None:
-        """Announce that we are up; adopt members that died (:mod:`gateway.adoption`)."""
-        peers = self._peers
-        assert peers is not None
-        settings = self._settings
-        after_s = settings.adopt_after_s or 0.0
-        up = state_payload("up", peers.group, peers.instance)
-        announced: MqttClient | None = None
-        async with asyncio.TaskGroup() as tasks:
-            while True:
-                try:
-                    async with asyncio.timeout(min(1.0, after_s / 2)):
-                        await self._announce.wait()
-                except TimeoutError:
-                    pass
-                self._announce.clear()
-                client = self._client
-                if client is None:
-                    continue
-                if client is not announced:
-                    topic = state_topic(settings.session_client_id)
-                    try:
-                        await client.publish(topic, up, qos=1, retain=True)
-                    except BrokerUnavailableError:
-                        continue
-                    announced = client
-                for instance, client_id in peers.due(time.monotonic(), after_s, self._adopting):
-                    self._adopting.add(instance)
-                    tasks.create_task(
-                        self._adopt(instance, client_id), name=f"gateway-adopt-{instance}"
-                    )
-
-    async def _adopt(self, instance: str, client_id: str) -> None:
-        """Hold a dead member's session: store and acknowledge its messages as ours.
-
-        Ends when the connection does: the member came back under its name (the broker
-        hands it its session) or the broker went away.
-        """
-        peers = self._peers
-        assert peers is not None
-        settings = self._settings
-        client = self._new_client(client_id, instance)
-        adopted = state_payload("adopted", peers.group, instance, by=peers.instance)
-        holding = False
-        try:
-            async with client:
-                holding = True
-                self.metrics.adopted_sessions += 1
-                self.metrics.adoptions += 1
-                _LOG.warning(
-                    "%s is down: %s holds its session until it is back",
-                    client_id,
-                    settings.session_client_id,
-                )
-                await client.publish(state_topic(client_id), adopted, qos=1, retain=True)
-                await self._consume(client, main=False)
-        except BrokerUnavailableError as exc:
-            _LOG.warning("%s's session is no longer held here: %s", client_id, exc)
-        except (ConfigError, PermanentError) as exc:
-            _LOG.error("cannot hold %s's session: %s", client_id, exc)
-        finally:
-            if holding:
-                self.metrics.adopted_sessions -= 1
-            self._adopting.discard(instance)
-            peers.released(instance, time.monotonic())
+    def _note_hold(self, change: int) -> None:
+        """A hold on a dead member's session started (1) or ended (-1)."""
+        self.metrics.adopted_sessions += change
+        if change > 0:
+            self.metrics.adoptions += 1
 
     async def _connection_loop(self) -> None:
         def subscribed(client: MqttClient) -> None:
@@ -373,15 +315,18 @@ class Gateway:
             self.metrics.mqtt_connected = True
             self._check_session(client)
             self._subscribed.set()
-            self._announce.set()
+            if self.adoption is not None:
+                self.adoption.connected(client)
 
         def lost() -> None:
             self._client = None
             self.metrics.mqtt_connected = False
+            if self.adoption is not None:
+                self.adoption.lost()
 
         filters = shared_filters(_INGEST_FILTERS, self._settings.shared_group)
-        if self._peers is not None:
-            filters.append(STATE_FILTER)
+        if self.adoption is not None:
+            filters.append(self.adoption.state_filter)
         await consume_forever(
             self._new_client,
             [*filters, SYS_DROPPED_TOPIC],
@@ -486,8 +431,9 @@ class Gateway:
                         if message.topic == self._retire_topic:
                             retire_seen = True
                             continue
-                        if self._peers is not None and message.topic.startswith("fleet/"):
-                            self._peers.note(message.topic, message.payload, time.monotonic())
+                        if self.adoption is not None and self.adoption.note(
+                            message.topic, message.payload
+                        ):
                             continue
                         raise RejectedError("bad_topic", "not a devices/{id}/{channel} topic")  # noqa: TRY301
                     device_id, channel = target

@@ -1,13 +1,13 @@
-"""Who adopts a dead gateway's session: the bookkeeping of gateway.adoption, no I/O."""
+"""Who adopts a dead member's session: the bookkeeping of wire.adoption, no I/O."""
 
 from __future__ import annotations
 
-from gateway.adoption import PeerStates, state_payload, state_topic
+from wire.adoption import PeerStates, state_payload, state_topic
 
 
 def told(peers: PeerStates, instance: str, state: str, now_s: float, by: str | None = None) -> None:
     payload = state_payload(state, "ingest", instance, by=by)  # type: ignore[arg-type]
-    peers.note(state_topic(f"fixloop-gateway-{instance}"), payload, now_s)
+    peers.note(state_topic("gateways", f"fixloop-gateway-{instance}"), payload, now_s)
 
 
 def test_the_first_live_member_adopts_one_down_long_enough() -> None:
@@ -46,12 +46,26 @@ def test_when_the_first_member_dies_the_next_adopts() -> None:
 
 def test_foreign_malformed_own_and_cleared_states_are_ignored() -> None:
     a = PeerStates("ingest", "a")
-    a.note(state_topic("x"), state_payload("down", "other-group", "x"), 0.0)
-    a.note(state_topic("y"), b"not json", 0.0)
+    a.note(state_topic("gateways", "x"), state_payload("down", "other-group", "x"), 0.0)
+    a.note(state_topic("gateways", "y"), b"not json", 0.0)
     a.note("fleet/gateways/z/retired", state_payload("down", "ingest", "z"), 0.0)
-    a.note(state_topic("w"), b'{"state": "gone", "group": "ingest", "instance": "w"}', 0.0)
+    a.note(
+        state_topic("gateways", "w"), b'{"state": "gone", "group": "ingest", "instance": "w"}', 0.0
+    )
     told(a, "a", "down", 0.0)  # about ourselves
     assert a.due(100.0, 1.0, set()) == []
     told(a, "c", "down", 0.0)
-    a.note(state_topic("fixloop-gateway-c"), b"", 1.0)  # retired: its state cleared
+    a.note(state_topic("gateways", "fixloop-gateway-c"), b"", 1.0)  # retired: its state cleared
     assert a.due(100.0, 1.0, set()) == []
+
+
+def test_each_role_reads_only_its_own_members_states() -> None:
+    gateways = PeerStates("g", "a", "gateways")
+    notifiers = PeerStates("g", "a", "notifiers")
+    for peers in (gateways, notifiers):
+        peers.note(
+            state_topic("notifiers", "fixloop-notifier-c"), state_payload("down", "g", "c"), 0.0
+        )
+    assert gateways.due(100.0, 1.0, set()) == []
+    assert notifiers.due(100.0, 1.0, set()) == [("c", "fixloop-notifier-c")]
+    assert notifiers.state_filter == "fleet/notifiers/+/state"
