@@ -352,6 +352,18 @@ def notifier_metrics(service: NotifierService) -> list[Metric]:
             "Owner messages whose time budget ran out before delivery (marked failed).",
             out("out_of_time"),
         ),
+        _one(
+            f"{p}_adopted_sessions",
+            "gauge",
+            "Sessions of dead notifiers of the shared group held by this one now.",
+            0 if service.adoption is None else service.adoption.held,
+        ),
+        _one(
+            f"{p}_adoptions_total",
+            "counter",
+            "Times this notifier took over a dead notifier's session.",
+            0 if service.adoption is None else service.adoption.adoptions,
+        ),
         *_stage_metrics(
             p, service.stages, ["case-timers", "push-delivery", "digests", "diagnoses"]
         ),
@@ -366,6 +378,7 @@ def notifier_health(service: NotifierService) -> Health:
         **_stage_health(service.stages),
         "diagnoses_handled": service.diagnoses_handled,
         "diagnoses_failed": service.diagnoses_failed,
+        "adopted_sessions": 0 if service.adoption is None else service.adoption.held,
         "notifications_failed_internally": 0 if outbox is None else outbox.errors,
         "notifications_out_of_time": 0 if outbox is None else outbox.out_of_time,
     }

@@ -265,7 +265,7 @@ class Gateway:
                 group.create_task(self._replay_loop(), name="gateway-replay"),
                 group.create_task(self._write_loop(), name="gateway-writer"),
             ]
-            client = self._new_client()
+            client = self._own_client()
             async with client:
                 self._client = client
                 self._check_session(client)
@@ -287,21 +287,22 @@ class Gateway:
 
     # -- broker side ---------------------------------------------------------------
 
-    def _new_client(self, client_id: str | None = None, will: Will | None = None) -> MqttClient:
-        """A client for our session, or for an adopted member's (``client_id``, its ``will``)."""
+    def _new_client(self, client_id: str, will: Will | None) -> MqttClient:
+        """A client for a session: ours, or an adopted member's (with its ``will``)."""
         settings = self._settings
-        if will is None and self.adoption is not None:
-            will = self.adoption.will()  # the broker says "down" for us if we die
-        return self._mqtt.client(
-            client_id or settings.session_client_id,
-            clean_start=False,
+        return self._mqtt.session_client(
+            client_id,
             session_expiry_s=settings.session_expiry_s,
             receive_maximum=settings.receive_maximum,
             max_buffered=max(settings.batch_max_points * 4, 10_000),
             will=will,
-            # A clean stop says "down" too: the others then adopt what the broker keeps.
-            will_on_disconnect=will is not None,
         )
+
+    def _own_client(self) -> MqttClient:
+        """A client for our session; in a group that adopts, its will says "down"."""
+        if self.adoption is not None:
+            return self.adoption.own_client()
+        return self._new_client(self._settings.session_client_id, None)
 
     def _note_hold(self, change: int) -> None:
         """A hold on a dead member's session started (1) or ended (-1)."""
@@ -328,7 +329,7 @@ class Gateway:
         if self.adoption is not None:
             filters.append(self.adoption.state_filter)
         await consume_forever(
-            self._new_client,
+            self._own_client,
             [*filters, SYS_DROPPED_TOPIC],
             self._consume,
             on_subscribed=subscribed,

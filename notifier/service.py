@@ -13,6 +13,9 @@ is in the store: a lease per case, the cases' timers as due rows, owner messages
 once per idempotency key and claimed for delivery (:mod:`notifier.loop`,
 :mod:`notifier.outbox`). Nothing a second notifier needs lives in this process's memory:
 the dashboard follows ``fleet/cases`` on the broker, which every notifier publishes to.
+With ``adopt_after_s`` a live notifier of the group takes over a dead one's diagnoses
+session until it is back (:mod:`wire.adoption`): the broker gives a dead member's share
+to no other.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ from notifier.outbox import Outbox, build_dispatcher
 from notifier.settings import NotifierSettings
 from notifier.store import CaseStore
 from notifier.stores import case_store
+from wire.adoption import SessionAdoption
 from wire.commands import CommandChannel
 from wire.consumer import consume_forever, shared_filters
 from wire.errors import BrokerUnavailableError, PermanentError, RejectedError, TransientError
 from wire.influx import InfluxClient, InfluxSettings
-from wire.mqtt import MqttClient, MqttUsageError
+from wire.mqtt import MqttClient, MqttUsageError, Will
 from wire.protocol import CASES_TOPIC, DIAGNOSES_TOPIC, Event
 from wire.settings import MqttSettings
 from wire.supervisor import StageHealth, supervise
@@ -155,6 +159,20 @@ class NotifierService:
         #: MQTT client ids of the command channel and of the ``fleet/cases`` publisher
         self.command_client_id = f"{settings.client_id}-commands-{instance}"
         self.publisher_client_id = f"{settings.client_id}-cases-{instance}"
+        #: announces this notifier to its shared group and adopts dead members' sessions
+        self.adoption = (
+            SessionAdoption(
+                role="notifiers",
+                group=settings.shared_group,
+                instance=settings.instance,
+                client_id=settings.session_client_id,
+                after_s=settings.adopt_after_s,
+                new_client=self._diagnoses_client,
+                consume=self._consume,
+            )
+            if settings.adopt_after_s and settings.shared_group and settings.instance
+            else None
+        )
 
     async def __aenter__(self) -> Self:
         settings = self._settings
@@ -314,16 +332,15 @@ class NotifierService:
             group.create_task(supervise("digests", self._digests, stages), name="digests")
             group.create_task(supervise("queued-sweep", self._sweep, stages), name="queued-sweep")
             group.create_task(supervise("firmware", self._keep_firmware, stages), name="firmware")
+            filters = shared_filters([DIAGNOSES_TOPIC], settings.shared_group)
+            if self.adoption is not None:
+                filters.append(self.adoption.state_filter)
+                group.create_task(supervise("adoption", self.adoption.run, stages), name="adoption")
             await supervise(
                 "diagnoses",
                 lambda: consume_forever(
-                    lambda: self._mqtt.client(
-                        settings.session_client_id,
-                        clean_start=False,
-                        session_expiry_s=settings.session_expiry_s,
-                        max_buffered=_BATCH_MAX * 4,
-                    ),
-                    shared_filters([DIAGNOSES_TOPIC], settings.shared_group),
+                    self._own_diagnoses_client,
+                    filters,
                     self._consume,
                     on_subscribed=self._on_subscribed,
                     on_lost=self._on_lost,
@@ -331,12 +348,31 @@ class NotifierService:
                 stages,
             )
 
-    def _on_subscribed(self, _client: MqttClient) -> None:
+    def _diagnoses_client(self, client_id: str, will: Will | None) -> MqttClient:
+        """A client for a diagnoses session: ours, or an adopted member's (with its ``will``)."""
+        return self._mqtt.session_client(
+            client_id,
+            session_expiry_s=self._settings.session_expiry_s,
+            max_buffered=_BATCH_MAX * 4,
+            will=will,
+        )
+
+    def _own_diagnoses_client(self) -> MqttClient:
+        """A client for our diagnoses session; in a group that adopts, its will says "down"."""
+        if self.adoption is not None:
+            return self.adoption.own_client()
+        return self._diagnoses_client(self._settings.session_client_id, None)
+
+    def _on_subscribed(self, client: MqttClient) -> None:
         self.connected = True
         self._subscribed.set()
+        if self.adoption is not None:
+            self.adoption.connected(client)
 
     def _on_lost(self) -> None:
         self.connected = False
+        if self.adoption is not None:
+            self.adoption.lost()
 
     async def _health(self, _request: web.Request) -> web.Response:
         """``GET /health``: 200 while every stage runs, 503 while any is down."""
@@ -421,6 +457,8 @@ class NotifierService:
             await client.wait_messages()
             messages = client.take(_BATCH_MAX)
             for message in messages:
+                if self.adoption is not None and self.adoption.note(message.topic, message.payload):
+                    continue
                 try:
                     diagnosis = decode_diagnosis(message.payload)
                 except RejectedError as exc:

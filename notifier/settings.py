@@ -159,6 +159,9 @@ class NotifierSettings(BaseModel):
             what it had for a dead shared subscriber for that session only).
         lease_s: how long a notifier's lease on a case lasts, and how long a timer it
             took stays hidden from the others; a dead notifier's cases move on after it.
+        adopt_after_s: with ``shared_group`` and ``instance``: a notifier of the group
+            that has been down this long has its diagnoses session taken over by the
+            first live one by name until it is back (``None``: off; ``wire.adoption``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -167,6 +170,7 @@ class NotifierSettings(BaseModel):
     shared_group: str | None = Field(None, pattern=r"^[^/+#]+$")
     instance: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,31}$")
     lease_s: float = Field(30.0, ge=1.0, le=3_600.0)
+    adopt_after_s: float | None = Field(None, gt=0)
     session_expiry_s: int = Field(86_400, ge=0)
     db_path: Path = Path(".fixloop/cases.sqlite3")
     store_url: SecretStr | None = None
@@ -202,6 +206,12 @@ class NotifierSettings(BaseModel):
         several (two clients with one id push each other off the broker).
         """
         return f"{self.client_id}-{self.instance}" if self.instance else self.client_id
+
+    @model_validator(mode="after")
+    def _adoption_named(self) -> NotifierSettings:
+        if self.adopt_after_s is not None and not (self.shared_group and self.instance):
+            raise ValueError("adopt_after_s needs shared_group and instance")
+        return self
 
     @field_validator("store_url")
     @classmethod

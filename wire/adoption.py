@@ -155,7 +155,8 @@ class SessionAdoption:
 
     The service subscribes its own session to :attr:`state_filter` too, gives every
     message it receives (on its session or an adopted one) to :meth:`note` first, builds
-    its own client with :meth:`will`, and tells :meth:`connected` and :meth:`lost`.
+    its own client with :meth:`own_client` (its will says ``down``), and tells
+    :meth:`connected` and :meth:`lost`.
 
     Args:
         role: the members' kind (``gateways``, ``notifiers``): their state topics.
@@ -211,6 +212,10 @@ class SessionAdoption:
         peers = self.peers
         down = state_payload("down", peers.group, instance or peers.instance)
         return Will(self.state_topic(client_id), down)
+
+    def own_client(self) -> MqttClient:
+        """A client for this member's own session, its will saying ``down``."""
+        return self._new_client(self._client_id, self.will())
 
     def note(self, topic: str, payload: bytes) -> bool:
         """Take in a message if it is a member's state; whether it was one."""

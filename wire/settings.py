@@ -69,3 +69,27 @@ class MqttSettings(BaseModel):
             will=will,
             will_on_disconnect=will_on_disconnect,
         )
+
+    def session_client(
+        self,
+        client_id: str,
+        *,
+        session_expiry_s: int,
+        receive_maximum: int = 65_535,
+        max_buffered: int = 100_000,
+        will: Will | None = None,
+    ) -> MqttClient:
+        """Build a client that resumes a persistent session (no clean start).
+
+        A will, if given, is published on a clean stop too (DISCONNECT 0x04): a member
+        of a shared group says it is down either way (:mod:`wire.adoption`).
+        """
+        return self.client(
+            client_id,
+            clean_start=False,
+            session_expiry_s=session_expiry_s,
+            receive_maximum=receive_maximum,
+            max_buffered=max_buffered,
+            will=will,
+            will_on_disconnect=will is not None,
+        )
