@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -390,6 +390,31 @@ async def test_failed_check_after_a_visit_goes_to_a_person(rig: Rig) -> None:
     assert rig.told.kinds(case.case_id)[-1] == "not_fixed_escalated"
 
 
+async def test_a_case_handed_to_a_person_is_not_opened_again_by_its_diagnosis(rig: Rig) -> None:
+    opening = diagnosis("w-ann", "washer", "bearing_wear", ttf_days=6, source="model")
+    case = await rig.loop.handle_diagnosis(opening)
+    assert case is not None
+    booked = await rig.loop.choose_slot("ann", case.case_id, 0)
+    rig.clock.now = booked.end or T0
+    await rig.loop.complete_visit("tina", booked.appointment_id)
+    rig.health.add("w-ann", rig.clock.now, 60, 0.8)
+    await rig.tick()
+    assert (await rig.case(case.case_id)).state == "escalated"
+    told = len(rig.told.kinds(case.case_id))
+    # the device is still diagnosed with the same opening: updates open no second case
+    for hours in (1, 2, 3):
+        update = replace(opening, status="update", updated_at=T0 + timedelta(hours=hours))
+        assert await rig.loop.handle_diagnosis(update) is None
+    assert [c.case_id for c in await rig.store.cases(device_id="w-ann")] == [case.case_id]
+    assert len(rig.told.kinds(case.case_id)) == told
+    assert rig.loop.repeats_of_closed == 3
+    # a new opening (a later device time) is a new case
+    later = replace(opening, opened_at=T0 + timedelta(days=2), updated_at=T0 + timedelta(days=2))
+    again = await rig.loop.handle_diagnosis(later)
+    assert again is not None
+    assert again.case_id != case.case_id
+
+
 async def test_failed_remote_check_tries_the_next_remedy(rig: Rig) -> None:
     case = await rig.loop.handle_diagnosis(diagnosis("w-ann", "washer", "controller_hang"))
     assert case is not None
@@ -448,8 +473,12 @@ async def test_unowned_devices_open_no_case_and_unanswered_requests_expire(rig: 
     rig.clock.advance(rig.loop.config.consent_expiry_s + 1)
     await rig.tick()
     assert (await rig.case(case.case_id)).state == "expired"
-    # a closed case does not block a new one for the same fault
-    again = await rig.loop.handle_diagnosis(diagnosis("w-cem", "washer", "firmware_bug"))
+    # the same opening, repeated, opens no second case ...
+    assert await rig.loop.handle_diagnosis(diagnosis("w-cem", "washer", "firmware_bug")) is None
+    # ... but a closed case does not block a new opening of the same fault
+    again = await rig.loop.handle_diagnosis(
+        diagnosis("w-cem", "washer", "firmware_bug", at=rig.clock.now)
+    )
     assert again is not None
     assert again.case_id != case.case_id
 

@@ -99,6 +99,8 @@ class OwnerLoop:
         self._resume_due = datetime.min.replace(tzinfo=UTC)
         self.diagnoses_seen = 0
         self.unowned = 0
+        #: Diagnoses whose opening already had a case, now closed: no second case opened.
+        self.repeats_of_closed = 0
 
     async def __aenter__(self) -> Self:
         await self._remote.__aenter__()
@@ -168,8 +170,27 @@ class OwnerLoop:
                     )
                 return case
             if case is None:
+                if await self._had_its_case(diagnosis):
+                    self.repeats_of_closed += 1
+                    return None
                 return await self._open(diagnosis)
             return await self._update(case, diagnosis)
+
+    async def _had_its_case(self, diagnosis: Diagnosis) -> bool:
+        """Whether this diagnosis' opening (its stable id) already opened a case, now closed.
+
+        A case handed to a person (escalated), dismissed or expired is closed while the
+        device may still be diagnosed with the same fault: its updates must not open a new
+        case (and tell the owner again) on every message.
+        """
+        for case in await self.store.cases(device_id=diagnosis.device_id, limit=20):
+            if case.fault != diagnosis.fault:
+                continue
+            for entry in await self.store.audit(case.case_id):
+                if entry.to_state == "opened":
+                    return bool(entry.evidence.get("diagnosis_id") == diagnosis.id)
+            return False
+        return False
 
     def _remedies(self, diagnosis: Diagnosis) -> tuple[str, ...]:
         """The case's remedies: curing remote actions and visits, in catalog order."""
@@ -484,6 +505,7 @@ def _diff(old: Case, new: Case) -> dict[str, Any]:
 def _diagnosis_evidence(diagnosis: Diagnosis) -> dict[str, Any]:
     ttf = diagnosis.time_to_failure
     return {
+        "diagnosis_id": diagnosis.id,
         "status": diagnosis.status,
         "source": diagnosis.source,
         "confidence": round(diagnosis.confidence, 3),
