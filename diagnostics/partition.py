@@ -44,7 +44,7 @@ from typing import Final, Self
 from diagnostics.engine import DiagnosticsEngine, EngineResult
 from diagnostics.leases import PartitionStore
 from diagnostics.model import Diagnosis, encode_diagnosis
-from diagnostics.service import health_lines, load_engine, stored_registry
+from diagnostics.service import health_lines, load_engine, registry_or_empty
 from diagnostics.settings import DiagnosticsSettings
 from wire.errors import (
     BrokerUnavailableError,
@@ -198,11 +198,7 @@ class PartitionedDiagnostics:
         await self._influx.__aenter__()
         try:
             if self.engine is None:
-                try:
-                    registry = await stored_registry(self._influx)
-                except (StoreUnavailableError, PermanentError) as exc:
-                    _LOG.warning("cannot read the device registry from InfluxDB yet: %s", exc)
-                    registry = {}
+                registry = await registry_or_empty(self._influx)
                 self.engine = await asyncio.to_thread(load_engine, self._settings, registry)
             self._template = await asyncio.to_thread(pickle.dumps, self.engine, 5)
         except BaseException:

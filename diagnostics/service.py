@@ -67,6 +67,7 @@ __all__ = [
     "health_lines",
     "load_engine",
     "mismatch_lines",
+    "registry_or_empty",
     "stored_registry",
 ]
 
@@ -205,6 +206,18 @@ async def stored_registry(influx: InfluxClient) -> dict[str, str]:
     return registry
 
 
+async def registry_or_empty(influx: InfluxClient) -> dict[str, str]:
+    """:func:`stored_registry`, or no device when InfluxDB cannot say yet (warned).
+
+    A starting service learns devices from their boot events as they come.
+    """
+    try:
+        return await stored_registry(influx)
+    except (StoreUnavailableError, PermanentError) as exc:
+        _LOG.warning("cannot read the device registry from InfluxDB yet: %s", exc)
+        return {}
+
+
 def mismatch_lines(mismatches: Iterable[Mismatch], worker: str, ts_ms: int) -> list[bytes]:
     """Line-protocol points of the mismatch counts (one per model) at ``ts_ms``.
 
@@ -325,11 +338,7 @@ class DiagnosticsService:
         self._influx = InfluxClient(self._influx_settings)
         await self._influx.__aenter__()
         if self.engine is None:
-            try:
-                registry = await stored_registry(self._influx)
-            except (StoreUnavailableError, PermanentError) as exc:
-                _LOG.warning("cannot read the device registry from InfluxDB yet: %s", exc)
-                registry = {}
+            registry = await registry_or_empty(self._influx)
             _LOG.info("diagnostics knows %d devices from stored boot events", len(registry))
             try:
                 self.engine = await asyncio.to_thread(load_engine, self._settings, registry)
