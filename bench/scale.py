@@ -71,10 +71,10 @@ from pydantic import SecretStr  # noqa: E402
 from test_action_links import ALL_WEEK  # noqa: E402
 from test_diagnostics_e2e import FAULTS, INTERVAL_S, healthy_engine  # noqa: E402
 from test_notifier_instances import NotifierProcess, Receiver  # noqa: E402
-from test_partitioned_diagnostics_e2e import _owners  # noqa: E402
 
 from device_sim import FleetRunner, SimSettings  # noqa: E402
 from diagnostics import CATALOG  # noqa: E402
+from diagnostics.leases import PostgresPartitionStore  # noqa: E402
 from diagnostics.model import Diagnosis, decode_diagnosis  # noqa: E402
 from fixloop.broker import GATEWAY_USER  # noqa: E402
 from fixloop.pgserver import PostgresServer  # noqa: E402
@@ -419,7 +419,7 @@ async def run_size(
             worker.start()
 
         async def partitions_held() -> bool:
-            owners = await _owners(lease_url)
+            owners = await holders(lease_url)
             return sum(owners.values()) == PARTITIONS and len(owners) == size
 
         await wait_until(partitions_held, 120, "the workers to hold every partition")
@@ -574,10 +574,16 @@ async def run_size(
     return result
 
 
+async def holders(lease_url: str) -> dict[str, int]:
+    """Partitions held under a live lease, by worker."""
+    async with PostgresPartitionStore(lease_url) as store:
+        return await store.holders()
+
+
 async def live_hold_all(workers: list[Diagnostics]) -> bool:
     """Every partition is leased, and only to live workers (none to a killed one)."""
     live = {f"{socket.gethostname()}-{w.pid()}" for w in workers if w.pid() is not None}
-    owners = await _owners(workers[0].env["FIXLOOP_DIAGNOSTICS__LEASE_URL"])
+    owners = await holders(workers[0].env["FIXLOOP_DIAGNOSTICS__LEASE_URL"])
     return sum(owners.values()) == PARTITIONS and set(owners) <= live
 
 

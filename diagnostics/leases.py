@@ -97,6 +97,10 @@ class PartitionStore(Protocol):
         """Remember published diagnosis changes; False if the lease is lost."""
         ...
 
+    async def holders(self) -> dict[str, int]:
+        """How many partitions each worker holds under a live lease, by worker."""
+        ...
+
 
 class SoleOwnerStore:
     """One worker holds every partition; checkpoints live in memory (no shared store)."""
@@ -127,6 +131,10 @@ class SoleOwnerStore:
         saved = self._saved.get(partition, Saved(None, frozenset()))
         self._saved[partition] = Saved(saved.checkpoint, saved.published | set(keys))
         return True
+
+    async def holders(self) -> dict[str, int]:
+        """Nobody is named: the sole worker holds what it was given, without leases."""
+        return {}
 
 
 _SCHEMA = """
@@ -312,3 +320,12 @@ class PostgresPartitionStore:
             list(keys),
         )
         return done is not None
+
+    async def holders(self) -> dict[str, int]:
+        """Live leases counted by worker (none before the tables exist)."""
+        rows = await self._run(
+            "fetch",
+            "SELECT owner, count(*) AS held FROM diagnostics_partitions "
+            "WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
+        )
+        return {str(r["owner"]): int(r["held"]) for r in rows}

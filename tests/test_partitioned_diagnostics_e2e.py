@@ -20,7 +20,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 from conftest import FLEET_SECRET, GATEWAY_PASSWORD, MakeInfluxd, MakeMosquitto, PostgresDatabases
@@ -28,7 +27,7 @@ from pydantic import SecretStr
 from test_diagnostics_e2e import FAULTS, INTERVAL_S, healthy_engine
 
 from device_sim import FleetRunner, SimSettings
-from diagnostics.leases import SoleOwnerStore
+from diagnostics.leases import PostgresPartitionStore, SoleOwnerStore
 from diagnostics.model import Diagnosis, decode_diagnosis
 from diagnostics.partition import PartitionedDiagnostics
 from diagnostics.service import load_engine
@@ -89,17 +88,8 @@ class Worker:
 
 
 async def _owners(url: str) -> Counter[str]:
-    conn = await asyncpg.connect(url)
-    try:
-        rows = await conn.fetch(
-            "SELECT owner FROM diagnostics_partitions WHERE owner IS NOT NULL "
-            "AND expires_at > now()"
-        )
-    except asyncpg.UndefinedTableError:
-        return Counter()
-    finally:
-        await conn.close()
-    return Counter(r["owner"] for r in rows)
+    async with PostgresPartitionStore(url) as store:
+        return Counter(await store.holders())
 
 
 async def _wait_owners(url: str, expected: dict[str, int], workers: list[Worker]) -> None:
