@@ -22,12 +22,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from conftest import GATEWAY_PASSWORD, MakeMosquitto
-from test_notifier_instances import NotifierProcess, Receiver, diagnosis, wait_for
+from test_notifier_instances import NotifierProcess, Receiver, diagnosis, seed, wait_for
 
 from diagnostics import encode_diagnosis
 from fixloop.broker import GATEWAY_USER
 from fixloop.stack import InfluxdServer, MosquittoServer
-from notifier.model import DeviceRecord, Owner, PushChannel
 from notifier.postgres import PostgresStore
 from wire.mqtt import MqttClient
 from wire.protocol import DIAGNOSES_TOPIC
@@ -48,25 +47,6 @@ def metric(notifier: NotifierProcess, name: str) -> int:
             if line.startswith(f"fixloop_notifier_{name} "):
                 return int(float(line.split()[1]))
     raise AssertionError(f"no {name} in /metrics")
-
-
-async def seed(store: PostgresStore, hook_url: str) -> None:
-    """Owners who are asked first (no command goes to a device), each with a webhook."""
-    for device_id in DEVICES:
-        owner_id = f"owner-{device_id}"
-        await store.put_owner(
-            Owner(owner_id, owner_id, consent="always_ask", quiet_start=None, quiet_end=None)
-        )
-        await store.put_channel(
-            PushChannel(
-                f"hook-{device_id}",
-                owner_id,
-                "webhook",
-                f"{hook_url}/{owner_id}",
-                {"secret": "webhook-secret-0123456789abcdef"},
-            )
-        )
-        await store.put_device(DeviceRecord(device_id, owner_id, "washer", "2.3.1"))
 
 
 async def publish(broker: MosquittoServer, device_ids: tuple[str, ...]) -> None:
@@ -120,7 +100,14 @@ async def test_a_dead_notifiers_diagnoses_get_cases_only_with_adoption(
     await hooks.start_server()
     conn = await asyncpg.connect(pg_url)
     async with PostgresStore(pg_url) as store:
-        await seed(store, str(hooks.make_url("/hook")))
+        # owners who are asked first: no command goes to a device
+        await seed(
+            store,
+            str(hooks.make_url("/hook")),
+            DEVICES,
+            lambda _: "always_ask",
+            max_per_day=3,  # the default daily limit
+        )
     notifiers = [NotifierProcess(broker, influxd, pg_url, tmp_path, name) for name in INSTANCES]
     if adopt:
         for notifier in notifiers:

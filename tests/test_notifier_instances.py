@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -238,17 +238,24 @@ async def publish_diagnoses(broker: MosquittoServer, killed: asyncio.Event) -> N
             await asyncio.sleep(0.05)
 
 
-async def seed(store: PostgresStore, hook_url: str) -> None:
-    for device_id in DEVICES:
+async def seed(
+    store: PostgresStore,
+    hook_url: str,
+    devices: Sequence[str] = DEVICES,
+    consent_of: Callable[[str], str] = policy_of,
+    max_per_day: int = 50,
+) -> None:
+    """An owner per device, with the consent ``consent_of`` gives, each with a webhook."""
+    for device_id in devices:
         owner_id = f"owner-{device_id}"
         await store.put_owner(
             Owner(
                 owner_id,
                 owner_id,
-                consent=policy_of(device_id),  # type: ignore[arg-type]
+                consent=consent_of(device_id),  # type: ignore[arg-type]
                 quiet_start=None,
                 quiet_end=None,
-                max_per_day=50,
+                max_per_day=max_per_day,
             )
         )
         await store.put_channel(
