@@ -278,7 +278,12 @@ async def test_fcm_assertion_token_and_message_format(
         {"action": "decline_fix", "label": "Not now", "url": MESSAGE.actions[1].url},
         {"action": "details", "label": "Details", "url": None},
     ]
-    assert first["android"] == {"priority": "high", "ttl": "600s", "collapse_key": "case-c1"}
+    assert first["android"] == {
+        "priority": "high",
+        "ttl": "600s",
+        "collapse_key": "case-c1",
+        "notification": {"tag": "case-c1"},
+    }
     apns = first["apns"]["headers"]
     assert apns["apns-priority"] == "10"
     assert apns["apns-collapse-id"] == "case-c1"

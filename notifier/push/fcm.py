@@ -81,6 +81,9 @@ def fcm_message(token: str, message: PushMessage, *, now_s: float) -> dict[str, 
     }
     if message.collapse_key:
         android["collapse_key"] = message.collapse_key
+        # the drawer keeps one notification per key, as apns-collapse-id does on iOS: a
+        # message pushed again (a notifier killed before it kept "sent") replaces the first
+        android["notification"] = {"tag": message.collapse_key}
         apns_headers["apns-collapse-id"] = message.collapse_key.encode()[:_MAX_COLLAPSE].decode(
             "utf-8", "ignore"
         )
