@@ -18,6 +18,15 @@ actions, and the same product, fault, action, reason and state phrases.
 :func:`catalogue_problems` (:mod:`notifier.messages.languages`) lists any difference (the
 tests require none). :mod:`notifier.messages.rendering` writes a message or a case's
 history from a language's words.
+
+Dates are written from each language's own :class:`~notifier.messages.catalogue.Calendar`
+(ten lines of abbreviations and patterns), not with Babel: CLDR's forms are not the ones
+our owners read (French ``mar. 1er déc.`` and ``14 h`` against CLDR's ``mar. 1 déc.`` and
+``14:00``; English ``Tue 1 Dec`` against ``Tue, Dec 1``), so every language would need
+overrides on top of a 9 MB dependency. Plurals likewise: the two counted phrases
+(minutes, updates) have a form for one and one for more (``duration_one``,
+``duration``), all English, German and French need for counts of one or more; a
+language with more plural forms would be the time to adopt CLDR's rules.
 """
 
 from notifier.messages.catalogue import (
