@@ -25,7 +25,7 @@ from conftest import PostgresDatabases
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import notifier.sqlite
+import notifier.sqlite.schema
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import (
     OPEN_STATES,
@@ -1320,7 +1320,7 @@ async def test_failed_migration_leaves_the_file_as_it_was(
 ) -> None:
     make_v1_file(db_path)
     broken = ("CREATE TABLE extra (x INTEGER)", "CREATE INDEX oops ON no_such_table (x)")
-    monkeypatch.setattr(notifier.sqlite, "MIGRATIONS", (*MIGRATIONS, broken))
+    monkeypatch.setattr(notifier.sqlite.schema, "MIGRATIONS", (*MIGRATIONS, broken))
     with pytest.raises(ConfigError, match=f"to version {SCHEMA_VERSION + 1} failed"):
         await SqliteStore(db_path).open()
     version, names = schema_of(db_path)
