@@ -23,7 +23,7 @@ import pytest
 from conftest import PostgresDatabases
 from pydantic import ValidationError
 
-import notifier.postgres
+import notifier.postgres.connect
 from fixloop.cli import main
 from fixloop.failures import recorded_failures
 from fixloop.pgserver import PostgresServer
@@ -154,7 +154,7 @@ async def test_a_failed_migration_leaves_the_database_as_it_was(
     async with PostgresStore(empty_url) as store:
         await store.put_owner(Owner("owner-1", "Ana"))
     broken = ("CREATE TABLE extra (x INTEGER)", "INSERT INTO no_such_table VALUES (1)")
-    monkeypatch.setattr(notifier.postgres, "MIGRATIONS", (*MIGRATIONS, broken))
+    monkeypatch.setattr(notifier.postgres.connect, "MIGRATIONS", (*MIGRATIONS, broken))
     with pytest.raises(ConfigError, match=f"to version {SCHEMA_VERSION + 1} failed"):
         await PostgresStore(empty_url).open()
     tables, versions = await tables_and_version(empty_url)
