@@ -8,29 +8,32 @@ the device's own baseline and, once trained, the product model's
 :class:`~diagnostics.fleet.FleetModel`, and hands the scores and the device's events to a
 :class:`~diagnostics.policy.DiagnosisPolicy`.
 
+The engine's parts, by job: this module routes items to product models in rounds,
+handles events, scores a round and trains and saves fleet models;
+:mod:`diagnostics.modelstate` holds what is kept per product model (device slots, the
+tables, the detector core of metrics no file describes, the training sample);
+:mod:`diagnostics.scoring` hands a round's verdicts to the policy on both scoring paths;
+:mod:`diagnostics.peers` sets devices against their peers; :mod:`diagnostics.scores`
+holds the types handed out (re-exported here).
+
 A device's product model comes from its ``boot`` event (``data["model"]``) or from the
 ``registry`` given to the engine. The product files (:mod:`diagnostics.product`) say what
 each model's features and faults are; any model is scored, described or not. A model
 without a file gets the *generic product*: every metric the device sends (numbers, and
 booleans as 0/1) is scored on its own, by default (``generic_scoring="detector"``) by the
-detector core that ``fixloop detect`` runs (:class:`~diagnostics.detector.DetectorTable`,
-one slot per device, one column per metric, NaN where a reading lacks one; the reading's
-own time in seconds), so what is benchmarked offline is what runs live. The live settings
-(:data:`LIVE_DETECTOR`) add to ``fixloop detect``'s two things a service needs: a first
-day of each device's own time learnt before it may raise an alert (as a device's baseline
-must cover a day before it is trusted), and the drift statistic against a long baseline
-(a slow leak or wear, which the core's levels would follow). A core alert event opens,
-through the policy, the generic ``unusual_behaviour`` diagnosis with its evidence (which
-metrics, how far, since when); it closes when the core re-arms. Where a model has
-:data:`PEER_MIN_DEVICES` comparable devices, each is also set against its peers every
-:data:`PEER_EVERY_S` of device time (:func:`peer_outliers`), so that a device born
-faulty, whose own history takes the fault for its normal, is found too. With
+detector core that ``fixloop detect`` runs (:class:`~diagnostics.detector.DetectorTable`),
+so what is benchmarked offline is what runs live, with the live settings of
+:data:`LIVE_DETECTOR`. A core alert event opens, through the policy, the generic
+``unusual_behaviour`` diagnosis with its evidence (which metrics, how far, since when);
+it closes when the core re-arms. Where a model has :data:`PEER_MIN_DEVICES` comparable
+devices, each is also set against its peers (:mod:`diagnostics.peers`), so that a device
+born faulty, whose own history takes the fault for its normal, is found too. With
 ``generic_scoring="baseline"`` each metric's streaming level is instead a feature scored
 against the device's own baseline, as a product file's features are, and the policy
-names ``unusual_behaviour`` from the generic product's signature. A
-described model's device that sends metrics its file does not list gets those scored
-the same way (a table of their own per model), next to its product features. Both
-mismatches are counted (:attr:`DiagnosticsEngine.unknown_readings`,
+names ``unusual_behaviour`` from the generic product's signature. A described model's
+device that sends metrics its file does not list gets those scored the same way (a
+table of their own per model), next to its product features. Both mismatches are
+counted (:attr:`DiagnosticsEngine.unknown_readings`,
 :attr:`DiagnosticsEngine.unlisted_metrics`). A device whose model is not known at all
 (no boot seen, not in the registry) is scored as model ``unknown``.
 
@@ -44,34 +47,40 @@ current state but changes nothing: late data is history, never a live spike. In-
 backfill is processed normally on its own timestamps.
 
 Trained fleet models are saved in a versioned format: a pickle of a dict holding
-``format_version`` and the models, next to a JSON manifest (``<path>.json``).
+``format_version`` and the models, next to a JSON manifest (``<path>.json``); see
+:func:`~diagnostics.fleet.save_fleet_models`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import pickle
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, Literal, cast, overload
+from typing import Any, Final, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 
-from diagnostics.baseline import BaselineRows, BaselineTable
+from diagnostics import scoring
+from diagnostics.baseline import BaselineTable
 from diagnostics.catalog import ModelCatalog
-from diagnostics.csvdetect import surprise
-from diagnostics.detector import DetectorConfig, DetectorTable, SlotLevels, StepResult
+from diagnostics.detector import DetectorConfig
 from diagnostics.features import FeatureSpec, FeatureTable, spec_of
-from diagnostics.fleet import FleetMethod, FleetModel
+from diagnostics.fleet import (
+    FORMAT_VERSION,
+    FleetMethod,
+    FleetModel,
+    load_fleet_models,
+    save_fleet_models,
+)
 from diagnostics.kernels import round_masks
 from diagnostics.lifetimes import LifetimeModels, LiveLifetimes
-from diagnostics.model import Contribution, Diagnosis
+from diagnostics.model import Diagnosis
+from diagnostics.modelstate import GenericMetrics, ModelState
+from diagnostics.peers import PEER_CHECKS, PEER_EVERY_S, PEER_MIN_DEVICES, PEER_Z, peer_outliers
 from diagnostics.policy import DiagnosisPolicy, PolicyConfig
 from diagnostics.product import ProductSet, builtin_products
+from diagnostics.scores import EngineResult, Mismatch, ReadingScore, ReadingScores, ScoreColumns
 from wire.errors import ConfigError
 from wire.protocol import Event, Reading
 
@@ -94,349 +103,27 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
-F64 = npt.NDArray[np.float64]
-I64 = npt.NDArray[np.int64]
 #: How metrics no product file describes are scored (see :class:`DiagnosticsEngine`).
 GenericScoring = Literal["baseline", "detector"]
 #: Settings of the detector core for metrics no product file describes, in the service:
 #: ``fixloop detect``'s, plus a day of each device's own time learnt before an alert (a
-#: new device's on/off cycles, states and spreads are learnt, not reported) and the
-#: drift statistic over a long baseline of 2,000 readings (a slow leak, wear).
+#: new device's on/off cycles, states and spreads are learnt, not reported, as a device's
+#: baseline must cover a day before it is trusted) and the drift statistic over a long
+#: baseline of 2,000 readings (a slow leak, wear, which the core's levels would follow).
 LIVE_DETECTOR: Final = DetectorConfig(warmup_s=86_400.0, drift_rows=2_000.0)
-#: Version of the saved-model format.
-FORMAT_VERSION: Final = 1
-_MAX_TRAINING_ROWS: Final = 40_000
 _NO_SCORES: Final = np.zeros(0, dtype=np.float32)
 #: The model of a device whose model is not known at all (no boot seen, no registry entry).
 UNKNOWN_MODEL: Final = "unknown"
 _MAX_MODEL_LENGTH: Final = 64
-
-
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    """What one product model's devices send that no product file describes.
-
-    Attributes:
-        model: the product model (:data:`UNKNOWN_MODEL` for devices that never said).
-        has_file: whether a product file describes the model.
-        count: without a file, its readings (every metric scored generically); with
-            one, the metric values its file does not list.
-        metrics: the metrics concerned, sorted: without a file every metric seen, with
-            one those its file does not list.
-    """
-
-    model: str
-    has_file: bool
-    count: int
-    metrics: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ReadingScore:
-    """The score of one reading.
-
-    Attributes:
-        device_id: the device.
-        ts_ms: the reading's own time.
-        score: combined anomaly score in ``[0, 1]`` (higher = more anomalous; at least the
-            policy's open threshold while a wear indicator drifts away, see the trend trigger).
-        baseline: the device-baseline score.
-        fleet: the fleet-model score (0 without a fleet model, or once the device's own
-            baseline is warm for most features).
-        late: the reading was older than the device's last one: scored, changed nothing.
-    """
-
-    device_id: str
-    ts_ms: int
-    score: float
-    baseline: float
-    fleet: float
-    late: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ReadingScores(Sequence[ReadingScore]):
-    """The scores of many readings, held by column; a sequence of :class:`ReadingScore`.
-
-    The engine scores readings in arrays and the service writes them out column by
-    column, so a round's scores are never turned into one object per reading unless a
-    caller indexes or iterates.
-
-    Attributes:
-        device_ids: each reading's device.
-        ts_ms: each reading's own time.
-        score: combined anomaly scores (see :attr:`ReadingScore.score`).
-        baseline: device-baseline scores.
-        fleet: fleet-model scores.
-        late: which readings were late.
-    """
-
-    device_ids: tuple[str, ...] = ()
-    ts_ms: tuple[int, ...] = ()
-    score: tuple[float, ...] = ()
-    baseline: tuple[float, ...] = ()
-    fleet: tuple[float, ...] = ()
-    late: tuple[bool, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.device_ids)
-
-    @overload
-    def __getitem__(self, index: int) -> ReadingScore: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> ReadingScores: ...
-
-    def __getitem__(self, index: int | slice) -> ReadingScore | ReadingScores:
-        if isinstance(index, slice):
-            return ReadingScores(*(column[index] for column in self._columns()))
-        return ReadingScore(*(column[index] for column in self._columns()))
-
-    def __iter__(self) -> Iterator[ReadingScore]:
-        return map(ReadingScore, *self._columns())
-
-    def _columns(self) -> tuple[tuple[Any, ...], ...]:
-        return (self.device_ids, self.ts_ms, self.score, self.baseline, self.fleet, self.late)
-
-
-@dataclass(slots=True)
-class _ScoreColumns:
-    """The columns of :class:`ReadingScores` while a batch is being scored (private)."""
-
-    device_ids: list[str] = field(default_factory=list)
-    ts_ms: list[int] = field(default_factory=list)
-    score: list[float] = field(default_factory=list)
-    baseline: list[float] = field(default_factory=list)
-    fleet: list[float] = field(default_factory=list)
-    late: list[bool] = field(default_factory=list)
-
-    def freeze(self) -> ReadingScores:
-        return ReadingScores(
-            tuple(self.device_ids),
-            tuple(self.ts_ms),
-            tuple(self.score),
-            tuple(self.baseline),
-            tuple(self.fleet),
-            tuple(self.late),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class EngineResult:
-    """What one call of :meth:`DiagnosticsEngine.process` produced.
-
-    Attributes:
-        scores: one per reading of a device of known model, in input order per device.
-        diagnoses: diagnosis changes (open, update, closed), in the order they happened.
-    """
-
-    scores: ReadingScores
-    diagnoses: tuple[Diagnosis, ...]
-
-
-_NO_TIME: Final = np.iinfo(np.int64).min
-#: Peer checks of metrics no file describes: how often (device time), from how many
-#: comparable devices, how far (in the peers' spread) a device must stand, at how many
-#: checks in a row, before a case opens; a device is back once under half that far.
-PEER_EVERY_S: Final = 3_600.0
-PEER_MIN_DEVICES: Final = 20
-PEER_Z: Final = 6.0
-PEER_CHECKS: Final = 2
-_PEER_MIN_ROWS: Final = 100
-#: From this many readings the metric columns are gathered column by column.
-_BY_COLUMN: Final = 64
-
-
-@dataclass(slots=True)
-class _Generic:
-    """The metrics of one product model that no file describes, on the detector core.
-
-    One slot per device, one column per metric in the order first seen (private).
-    ``last_ts_ms`` keeps the engine's rule for late readings: not newer than the device's
-    last one (the core itself takes an equal time as a repeat).
-    """
-
-    table: DetectorTable
-    names: tuple[str, ...]
-    slots: dict[str, int] = field(default_factory=dict)
-    last_ts_ms: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    #: per slot, whether its alert was up at its last row (the policy hears of the fall)
-    was_up: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
-    #: device time of the last peer check, and per slot the checks in a row it stood out
-    peer_at_ms: int = _NO_TIME
-    peer_runs: dict[int, int] = field(default_factory=dict)
-
-    def widen(self, names: Sequence[str]) -> None:
-        self.table.add_columns(len(names))
-        self.names = (*self.names, *names)
-
-    def slots_of(self, device_ids: Sequence[str]) -> npt.NDArray[np.intp]:
-        slots = self.slots
-        found = [slots.get(d) for d in device_ids]
-        if None in found:
-            found = [slots.setdefault(d, len(slots)) for d in device_ids]
-            table = self.table
-            if len(slots) > table.n_slots:
-                grow = max(len(slots) - table.n_slots, table.n_slots, 16)
-                table.add_slots(grow)
-                more = np.full(grow, _NO_TIME, dtype=np.int64)
-                self.last_ts_ms = np.concatenate([self.last_ts_ms, more])
-                self.was_up = np.concatenate([self.was_up, np.zeros(grow, dtype=np.bool_)])
-        return np.array(found, dtype=np.intp)
-
-    def step(
-        self,
-        slots: npt.NDArray[np.intp],
-        ts_ms: I64,
-        values: F64,
-        late: npt.NDArray[np.bool_] | None,
-    ) -> tuple[StepResult, npt.NDArray[np.bool_]]:
-        """Score and learn one round (each slot at most once); late rows are scored only."""
-        last = self.last_ts_ms
-        stale = ts_ms <= last[slots]
-        if late is not None:
-            stale |= late
-        t_s = ts_ms / 1000.0
-        table = self.table
-        if not _count(stale):
-            result = table.step(slots, t_s, values)
-        else:
-            live = ~stale
-            parts = [
-                (rows, table.step(slots[rows], t_s[rows], values[rows], learn=learn))
-                for rows, learn in ((np.flatnonzero(live), True), (np.flatnonzero(stale), False))
-            ]
-            n = len(slots)
-            result = StepResult(
-                np.empty(n),
-                np.empty(n, dtype=np.bool_),
-                np.empty(n, dtype=np.bool_),
-                np.empty((n, values.shape[1])),
-                np.empty(n, dtype=np.int8),
-            )
-            for rows, part in parts:
-                result.score[rows] = part.score
-                result.event[rows] = part.event
-                result.active[rows] = part.active
-                result.deviation[rows] = part.deviation
-                result.flags[rows] = part.flags
-        fresh = slots[~stale]
-        last[fresh] = ts_ms[~stale]
-        return result, stale
-
-    def values(self, readings: Sequence[Reading]) -> F64:
-        """The readings' metrics as rows (NaN where a reading lacks one, booleans 0/1)."""
-        n = len(readings)
-        names = self.names
-        nan = math.nan
-        if n < _BY_COLUMN:
-            rows: F64 = np.array(
-                [[r.metrics.get(name, nan) for name in names] for r in readings], dtype=np.float64
-            ).reshape(n, len(names))
-            return rows
-        metrics = [r.metrics for r in readings]
-        rows = np.empty((n, len(names)), dtype=np.float64)
-        for j, name in enumerate(names):
-            rows[:, j] = np.fromiter((m.get(name, nan) for m in metrics), np.float64, n)
-        return rows
-
-
-@dataclass(slots=True)
-class _ModelState:
-    """Everything the engine keeps for one product model (mutable, private).
-
-    ``described`` is how many of the spec's features come from a product file;
-    ``known`` the metrics scored either way; ``has_file`` whether a product file
-    describes the model. Metrics no file describes are scored by ``generic``, the
-    detector core (for a model without a file: all of them).
-    """
-
-    spec: FeatureSpec
-    features: FeatureTable
-    baseline: BaselineTable
-    described: int = 0
-    known: frozenset[str] = frozenset()
-    has_file: bool = False
-    slots: dict[str, int] = field(default_factory=dict)
-    watched: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(64, dtype=np.bool_))
-    fleet: FleetModel | None = None
-    training: list[F32] = field(default_factory=list)
-    training_seen: int = 0
-    training_held: int = 0
-    indicators: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, np.bool_))
-    generic: _Generic | None = None
-
-    def slot(self, device_id: str) -> int:
-        slot = self.slots.get(device_id)
-        if slot is None:
-            slot = self.slots[device_id] = len(self.slots)
-            if slot >= self.features.capacity:
-                self.features.ensure(slot + 1)
-                self.baseline.ensure(slot + 1)
-                grown = np.zeros(self.features.capacity, dtype=np.bool_)
-                grown[: len(self.watched)] = self.watched
-                self.watched = grown
-        return slot
-
-
 _count: Final = np.count_nonzero  # much cheaper than ``.any()`` on the small rows here
+#: Where checkpoints pickled before :mod:`diagnostics.modelstate` held these classes
+#: find them (a partition's checkpoint is a pickle of the whole engine).
+_ModelState = ModelState
+_Generic = GenericMetrics
 
 
 def _first(pair: tuple[int, Diagnosis]) -> int:
     return pair[0]
-
-
-def peer_outliers(
-    levels: SlotLevels, names: Sequence[str], *, warmup_s: float = 0.0
-) -> tuple[dict[int, tuple[Contribution, ...]], set[int], dict[int, int]]:
-    """Slots whose metrics stand far from their peers', and slots back among them.
-
-    Per metric, the slots compared are those past their warm-up (:data:`_PEER_MIN_ROWS`
-    rows and ``warmup_s`` of their own time) where the metric has changed and does not
-    switch between states (a switching metric's level says how it is used, not how it
-    is). With at least :data:`PEER_MIN_DEVICES` of them, a slot's deviation is its slow
-    level's distance from their median over the peers' spread: the larger of the
-    median absolute deviation (x 1.4826) and the median of the slots' own long-run
-    spreads, so that a fleet of near-identical devices does not make noise news.
-
-    Returns:
-        the slots with a metric :data:`PEER_Z` or more away (drivers, largest first),
-        the slots compared whose metrics are all under half that, and per slot compared
-        the most peers it had.
-    """
-    level, spread = levels.level, levels.spread
-    elapsed = np.nan_to_num(levels.elapsed_s, nan=np.inf)
-    warm = (levels.rows >= _PEER_MIN_ROWS) & (elapsed >= warmup_s)
-    deviation = np.full(level.shape, np.nan)
-    peers: dict[int, int] = {}
-    for c in range(min(level.shape[1], len(names))):
-        members = np.flatnonzero(
-            warm & levels.scored[:, c] & ~levels.switches[:, c] & np.isfinite(level[:, c])
-        )
-        if members.size < PEER_MIN_DEVICES:
-            continue
-        values = level[members, c]
-        center = float(np.median(values))
-        mad = 1.4826 * float(np.median(np.abs(values - center)))
-        scale = max(mad, float(np.median(spread[members, c])), 1e-12 * (1.0 + abs(center)))
-        deviation[members, c] = (values - center) / scale
-        for slot in members.tolist():
-            peers[slot] = max(peers.get(slot, 0), int(members.size))
-    far: dict[int, tuple[Contribution, ...]] = {}
-    near: set[int] = set()
-    for slot in peers:
-        row = deviation[slot]
-        size = np.abs(np.nan_to_num(row, nan=0.0))
-        if size.max() >= PEER_Z:
-            order = [int(c) for c in np.argsort(-size) if size[c] >= PEER_Z]
-            total = float(size[order].sum())
-            far[slot] = tuple(
-                Contribution(names[c], (names[c],), round(float(row[c]), 3), size[c] / total)
-                for c in order[:5]
-            )
-        elif size.max() < PEER_Z / 2:
-            near.add(slot)
-    return far, near, peers
 
 
 class DiagnosticsEngine:
@@ -493,7 +180,7 @@ class DiagnosticsEngine:
         self._collect = collect_training
         self._rng = np.random.default_rng(seed)
         self._tau_days = baseline_tau_days
-        self._state: dict[str, _ModelState] = {}
+        self._state: dict[str, ModelState] = {}
         self.unknown_readings = 0
         self.unlisted_metrics = 0
         self.unlisted: dict[str, set[str]] = {}
@@ -533,14 +220,14 @@ class DiagnosticsEngine:
             catalog = self._catalogs[model] = ModelCatalog(model, {**own, **rest})
         return catalog
 
-    def _model_state(self, model: str) -> _ModelState:
+    def _model_state(self, model: str) -> ModelState:
         state = self._state.get(model)
         if state is None:
             product = self.products.get(model)
             spec = spec_of(self.products.generic if product is None else product, model)
             self._catalog(model)
             indicators = self.policy.drift_indicators(spec)
-            state = self._state[model] = _ModelState(
+            state = self._state[model] = ModelState(
                 spec,
                 FeatureTable(spec),
                 BaselineTable(spec, tau_days=self._tau_days, trend_features=indicators),
@@ -551,44 +238,13 @@ class DiagnosticsEngine:
             )
         return state
 
-    def _widen(self, state: _ModelState, first: dict[str, Any]) -> None:
+    def _widen(self, state: ModelState, first: dict[str, Any]) -> None:
         """Score metrics no file describes (new columns start cold)."""
         if self.generic_scoring == "baseline":
-            self._widen_baseline(state, first)
-            return
-        state.known = state.known | first.keys()
-        names = tuple(first)
-        if state.generic is None:
-            state.generic = _Generic(DetectorTable(0, len(names), self._detector), names)
+            state.widen_baseline(first, self.policy.drift_indicators)
         else:
-            state.generic.widen(names)
+            state.widen_detector(first, self._detector)
         _LOG.info("%s: scoring metrics no product file lists: %s", state.spec.model, sorted(first))
-
-    def _widen_baseline(self, state: _ModelState, first: dict[str, Any]) -> None:
-        """Append metrics no file describes to a model's features (new columns start cold)."""
-        spec = state.spec.with_metrics(first)
-        state.spec = spec
-        state.known = state.known | first.keys()
-        state.features.widen(spec)
-        old = state.baseline
-        width = len(old.min_count)
-        indicators = self.policy.drift_indicators(spec)
-        new = BaselineTable(
-            spec,
-            tau_days=old.tau_days,
-            freeze_z=old.freeze_z,
-            warmup_s=old.warmup_s,
-            capacity=old.capacity,
-            trend_features=indicators,
-        )
-        for name in ("mean", "var", "count", "learnt_s", "first_s", "side_z"):
-            getattr(new, name)[:, :width] = getattr(old, name)
-        # the tracked (wear indicator) columns are the product's own: the same runs
-        new.run_s[:] = old.run_s
-        new.run_side[:] = old.run_side
-        state.baseline = new
-        state.indicators = indicators
-        _LOG.info("%s: scoring metrics no product file lists: %s", spec.model, sorted(first))
 
     def model_of(self, device_id: str) -> str | None:
         """Return the product model of ``device_id`` if known."""
@@ -648,7 +304,7 @@ class DiagnosticsEngine:
             if n == len(rounds):
                 rounds.append([])
             rounds[n].append(i)
-        scores = _ScoreColumns()
+        scores = ScoreColumns()
         caused: list[tuple[int, Diagnosis]] = []
         for members in rounds:
             self._round_of_items(batch, members, scores, caused)
@@ -660,7 +316,7 @@ class DiagnosticsEngine:
         self,
         batch: Sequence[Reading | Event],
         members: list[int],
-        scores: _ScoreColumns,
+        scores: ScoreColumns,
         caused: list[tuple[int, Diagnosis]],
     ) -> None:
         # distinct devices: their events and readings do not interact, events go first
@@ -724,46 +380,25 @@ class DiagnosticsEngine:
 
     def _round(
         self,
-        state: _ModelState,
+        state: ModelState,
         readings: list[Reading],
         order: list[int],
-        scores: _ScoreColumns,
+        scores: ScoreColumns,
         caused: list[tuple[int, Diagnosis]],
     ) -> None:
         # metrics no product file describes are scored generically (new ones get a
         # column of their own) and counted; a described model's readings usually have none
-        known = state.known
-        first: dict[str, Any] = {}
-        extra: list[int] = []  # readings with metrics the file does not list
+        first, extra, unlisted = state.undescribed(readings)
+        model = state.spec.model
         if state.has_file:
-            listed = state.spec.listed
-            unlisted = 0
-            for k, reading in enumerate(readings):
-                metrics = reading.metrics
-                if listed.issuperset(metrics):
-                    continue
-                extra.append(k)
-                for name, value in metrics.items():  # in the reading's order: deterministic
-                    if name not in listed:
-                        unlisted += 1
-                        if name not in known:
-                            first.setdefault(name, value)
             if unlisted:
                 self.unlisted_metrics += unlisted
-                model = state.spec.model
                 self.unlisted_by_model[model] = self.unlisted_by_model.get(model, 0) + unlisted
                 if first:
-                    self.unlisted.setdefault(state.spec.model, set()).update(first)
+                    self.unlisted.setdefault(model, set()).update(first)
         else:
             self.unknown_readings += len(readings)
-            model = state.spec.model
             self.unknown_by_model[model] = self.unknown_by_model.get(model, 0) + len(readings)
-            for reading in readings:
-                metrics = reading.metrics
-                if not known.issuperset(metrics):
-                    for name, value in metrics.items():
-                        if name not in known:
-                            first.setdefault(name, value)
         if first:
             self._widen(state, first)
         if state.generic is None:
@@ -819,9 +454,10 @@ class DiagnosticsEngine:
             drifting[:, baseline.trend_columns] = flags
         baseline.learn(slots, level, now_s, learn, bz, features.trend[slots])
         if self._collect > 0.0 and state.described:
-            self._sample(state, level[learn][:, : state.described])
+            state.sample(level[learn][:, : state.described], self._collect, self._rng)
         if _count(judge):
-            self._judge(
+            scoring.judge(
+                self.policy,
                 state,
                 readings,
                 order,
@@ -837,7 +473,9 @@ class DiagnosticsEngine:
         if extra:
             # the unlisted metrics on the detector core: the reading's score is the higher
             picked = [readings[k] for k in extra]
-            _, generic = self._detect(state, picked, [order[k] for k in extra], late[extra], caused)
+            _, generic = scoring.detect(
+                self.policy, state, picked, [order[k] for k in extra], late[extra], caused
+            )
             for k, value in zip(extra, generic.tolist(), strict=True):
                 reported[k] = max(reported[k], value)
         if self.lifetimes is not None and self.lifetimes.watches(state.spec.model):
@@ -851,10 +489,10 @@ class DiagnosticsEngine:
 
     def _generic_round(
         self,
-        state: _ModelState,
+        state: ModelState,
         readings: list[Reading],
         order: list[int],
-        scores: _ScoreColumns,
+        scores: ScoreColumns,
         caused: list[tuple[int, Diagnosis]],
     ) -> None:
         """A round of a model without a file: every metric on the detector core."""
@@ -863,7 +501,7 @@ class DiagnosticsEngine:
             late = np.zeros(n, dtype=np.bool_)
             score = np.zeros(n)
         else:
-            late, score = self._detect(state, readings, order, None, caused)
+            late, score = scoring.detect(self.policy, state, readings, order, None, caused)
         if _count(late):
             self.late_readings += int(_count(late))
         values: list[float] = score.tolist()
@@ -877,130 +515,7 @@ class DiagnosticsEngine:
         scores.fleet += [0.0] * n
         scores.late += late_list
 
-    def _detect(
-        self,
-        state: _ModelState,
-        readings: list[Reading],
-        order: list[int],
-        late: npt.NDArray[np.bool_] | None,
-        caused: list[tuple[int, Diagnosis]],
-    ) -> tuple[npt.NDArray[np.bool_], F64]:
-        """Step the model's detector table with ``readings`` and hand its verdicts on.
-
-        Returns:
-            which readings were late (scored, nothing learnt) and each reading's score
-            (``fixloop detect``'s scale: 0.5 at the core's operating point).
-        """
-        generic = state.generic
-        assert generic is not None
-        device_ids = [r.device_id for r in readings]
-        ts_ms = np.array([r.ts_ms for r in readings], dtype=np.int64)
-        slots = generic.slots_of(device_ids)
-        result, stale = generic.step(slots, ts_ms, generic.values(readings), late)
-        score = surprise(result.score, generic.table.config.alpha)
-        # the policy hears of the rows whose alert is up, or was up at the slot's last row
-        was_up = generic.was_up
-        heard = (result.active | was_up[slots]) & ~stale
-        if _count(heard):
-            picked = np.flatnonzero(heard)
-            rows: list[int] = picked.tolist()
-            made = self.policy.on_detections(
-                [device_ids[k] for k in rows], state.spec.model, generic.names,
-                ts_ms[picked].tolist(), score[picked], result.event[picked],
-                result.active[picked], result.deviation[picked],
-            )  # fmt: skip
-            caused += [(order[rows[k]], d) for k, d in made]
-        live = ~stale
-        was_up[slots[live]] = result.active[live]
-        if _count(live):
-            now_ms = int(ts_ms[live].max())
-            if now_ms - generic.peer_at_ms >= PEER_EVERY_S * 1000:
-                generic.peer_at_ms = now_ms
-                peered = self._peer_check(state.spec.model, generic, now_ms)
-                caused += [(max(order), d) for d in peered]
-        return stale, score
-
-    def _peer_check(self, model: str, generic: _Generic, now_ms: int) -> list[Diagnosis]:
-        """Compare each device's metrics with its peers' (where enough are comparable)."""
-        config = generic.table.config
-        far, near, peers = peer_outliers(
-            generic.table.levels(), generic.names, warmup_s=config.warmup_s
-        )
-        ids = {slot: device for device, slot in generic.slots.items()}
-        runs = generic.peer_runs
-        made: list[Diagnosis] = []
-        for slot in sorted(runs.keys() - far.keys()):
-            del runs[slot]
-        for slot, drivers in sorted(far.items()):
-            runs[slot] = runs.get(slot, 0) + 1
-            if runs[slot] >= PEER_CHECKS:
-                made += self.policy.on_peers(ids[slot], model, now_ms, drivers, peers[slot])
-        for slot in sorted(near):
-            made += self.policy.on_peers(ids[slot], model, now_ms, (), peers[slot])
-        return made
-
-    def _judge(
-        self,
-        state: _ModelState,
-        readings: list[Reading],
-        order: list[int],
-        slots: npt.NDArray[np.intp],
-        picked: npt.NDArray[np.intp],
-        rows: BaselineRows,
-        level: F32,
-        score: F32,
-        drifting: npt.NDArray[np.bool_] | None,
-        caused: list[tuple[int, Diagnosis]],
-    ) -> None:
-        """Hand the ``picked`` rows' deviations to the policy (watched or scoring high)."""
-        bz = rows.z[picked]
-        mean = rows.mean[picked]
-        level = level[picked]
-        fleet = state.fleet
-        if fleet is not None:
-            # the fleet model knows the product's own features; the rest have no peers
-            width = len(fleet.features)
-            fz = np.zeros_like(bz)
-            fz[:, :width] = fleet.standardize(level[:, :width])
-            center = np.full(bz.shape[1], np.nan, dtype=np.float32)
-            center[:width] = fleet.center
-            # per feature the stronger witness: the device's own baseline, or its peers
-            z = np.where(np.abs(bz) >= np.abs(fz), bz, fz)
-            reference = np.where(rows.warm[picked], mean, center)
-        else:
-            z, reference = bz, mean
-        change = level - reference
-        members = picked.tolist()
-        made, watched = self.policy.on_scores(
-            [readings[i].device_id for i in members],
-            state.spec,
-            [readings[i].ts_ms for i in members],
-            score[picked],
-            z,
-            change,
-            None if drifting is None else drifting[picked],
-        )
-        if made:
-            caused += [(order[members[k]], d) for k, d in made]
-        state.watched[slots[picked]] = watched
-
     # -- training ------------------------------------------------------------------------
-    def _sample(self, state: _ModelState, rows: F32) -> None:
-        if rows.shape[0] == 0:
-            return
-        take = self._rng.random(rows.shape[0]) < self._collect
-        picked = rows[take]
-        if picked.shape[0] == 0:
-            return
-        state.training_seen += picked.shape[0]
-        state.training.append(picked.copy())
-        state.training_held += picked.shape[0]
-        if state.training_held > 2 * _MAX_TRAINING_ROWS:
-            merged = np.concatenate(state.training)
-            keep = self._rng.choice(merged.shape[0], _MAX_TRAINING_ROWS, replace=False)
-            state.training = [merged[np.sort(keep)]]
-            state.training_held = _MAX_TRAINING_ROWS
-
     def training_rows(self, model: str) -> F32:
         """Return the healthy feature-level rows sampled so far for ``model`` (a copy)."""
         state = self._state.get(model)
@@ -1037,19 +552,7 @@ class DiagnosticsEngine:
     # -- persistence ---------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Save the trained fleet models to ``path`` and a JSON manifest to ``path.json``."""
-        models = self.fleet_models
-        blob: dict[str, Any] = {"format_version": FORMAT_VERSION, "fleet_models": models}
-        path.write_bytes(pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "models": {
-                m: {"method": f.method, "features": list(f.features), "rows": f.rows}
-                for m, f in models.items()
-            },
-        }
-        path.with_name(path.name + ".json").write_bytes(
-            orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
-        )
+        save_fleet_models(self.fleet_models, path)
 
     @classmethod
     def load(
@@ -1067,16 +570,10 @@ class DiagnosticsEngine:
         Raises:
             ConfigError: the file is missing, unreadable or of another format version.
         """
-        try:
-            blob = pickle.loads(path.read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise ConfigError(f"cannot read diagnostics models from {path}: {exc}") from exc
-        if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{path}: not a diagnostics model file of version {FORMAT_VERSION}")
         return cls(
             registry=registry,
             policy=policy,
-            fleet_models=blob["fleet_models"],
+            fleet_models=load_fleet_models(path),
             products=products,
             lifetimes=lifetimes,
             generic_scoring=generic_scoring,
@@ -1086,10 +583,7 @@ class DiagnosticsEngine:
     @property
     def devices(self) -> int:
         """Devices with scoring state."""
-        return sum(
-            len(s.slots) if s.has_file or s.generic is None else len(s.generic.slots)
-            for s in self._state.values()
-        )
+        return sum(s.devices for s in self._state.values())
 
     def state_bytes(self) -> int:
         """Approximate bytes of per-device state held (arrays, id maps, policy).
@@ -1099,13 +593,7 @@ class DiagnosticsEngine:
         """
         total = 0
         for state in self._state.values():
-            rows = len(state.slots)
-            total += rows * (state.features.state_bytes() + state.baseline.state_bytes() + 1)
-            total += 150 * len(state.slots)
-            generic = state.generic
-            if generic is not None and generic.table.n_slots:
-                per_slot = generic.table.state_bytes() // generic.table.n_slots
-                total += len(generic.slots) * (per_slot + 8 + (0 if state.has_file else 150))
+            total += state.state_bytes()
         if self.lifetimes is not None:
             total += self.lifetimes.state_bytes()
         total += 100 * len(self._models)

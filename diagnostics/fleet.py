@@ -16,24 +16,40 @@ Two methods, chosen by name:
   deviations only.
 
 ``fit`` is CPU work: call it off the event loop (``asyncio.to_thread``, STYLE.md rule 13).
+
+Trained fleet models are saved in a versioned format (:func:`save_fleet_models`): a
+pickle of a dict holding ``format_version`` and the models, next to a JSON manifest
+(``<path>.json``).
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from wire.errors import ConfigError
 
-__all__ = ["FleetMethod", "FleetModel"]
+__all__ = [
+    "FORMAT_VERSION",
+    "FleetMethod",
+    "FleetModel",
+    "load_fleet_models",
+    "save_fleet_models",
+]
 
 _LOG = logging.getLogger(__name__)
 F32 = npt.NDArray[np.float32]
 FleetMethod = Literal["gaussian", "isolation_forest"]
+#: Version of the saved-model format.
+FORMAT_VERSION: Final = 1
 _MIN_ROWS: Final = 50
 _CALIBRATION_QUANTILE: Final = 0.999
 _BUILD_TOLERANCE: Final = 0.2
@@ -164,3 +180,35 @@ class FleetModel:
         z = self.standardize(levels)
         d = np.maximum(self._distance(z), 0.0) / (4.0 * self.reference)
         return (d / (d + 1.0)).astype(np.float32), z
+
+
+def save_fleet_models(models: Mapping[str, FleetModel], path: Path) -> None:
+    """Save fleet models by product model to ``path`` and a JSON manifest to ``path.json``."""
+    blob: dict[str, Any] = {"format_version": FORMAT_VERSION, "fleet_models": models}
+    path.write_bytes(pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "models": {
+            m: {"method": f.method, "features": list(f.features), "rows": f.rows}
+            for m, f in models.items()
+        },
+    }
+    path.with_name(path.name + ".json").write_bytes(
+        orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
+    )
+
+
+def load_fleet_models(path: Path) -> dict[str, FleetModel]:
+    """Read the fleet models saved at ``path`` (only trusted files: it is a pickle).
+
+    Raises:
+        ConfigError: the file is missing, unreadable or of another format version.
+    """
+    try:
+        blob = pickle.loads(path.read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        raise ConfigError(f"cannot read diagnostics models from {path}: {exc}") from exc
+    if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"{path}: not a diagnostics model file of version {FORMAT_VERSION}")
+    models: dict[str, FleetModel] = blob["fleet_models"]
+    return models

@@ -134,6 +134,26 @@ def test_late_rows_change_nothing_and_the_engine_pickles_mid_stream() -> None:
     assert run(clone, rest)[0] == run(twin, rest)[0] == run(engine, rest)[0]
 
 
+def test_a_checkpoint_naming_the_engines_former_classes_still_loads() -> None:
+    # a partition's checkpoint is a pickle of the whole engine; those written before the
+    # per-model state moved to diagnostics.modelstate name it in diagnostics.engine
+    readings = compressor("c1", 2, seed=3)
+    engine = DiagnosticsEngine(registry={"c1": "compressor"}, generic_scoring="detector")
+    half = len(readings) // 2
+    run(engine, list(readings[:half]))
+    blob = pickle.dumps(engine, 2)  # protocol 2 names each class in plain text
+    for new, old in (
+        (b"cdiagnostics.modelstate\nModelState\n", b"cdiagnostics.engine\n_ModelState\n"),
+        (b"cdiagnostics.modelstate\nGenericMetrics\n", b"cdiagnostics.engine\n_Generic\n"),
+    ):
+        assert new in blob
+        blob = blob.replace(new, old)
+    assert b"diagnostics.modelstate" not in blob
+    clone = pickle.loads(blob)
+    rest: list[Reading | Event] = list(readings[half:])
+    assert run(clone, rest) == run(engine, rest)
+
+
 def test_unlisted_metrics_of_a_described_model_run_on_the_core() -> None:
     engine = DiagnosticsEngine(registry={"w1": "washer"}, generic_scoring="detector")
     rng = np.random.default_rng(4)
