@@ -48,12 +48,13 @@ URL, wrong credentials, a missing database, a failed migration)
 Where each part is: :mod:`notifier.postgres.store` (:class:`PostgresStore`, composed of
 the query classes below), :mod:`notifier.postgres.connect` (the pool, the migrations,
 :func:`redacted_url`), :mod:`notifier.postgres.sql` (statement building blocks, lock
-keys), :mod:`notifier.postgres.owners` (owners, tokens, subjects, devices, channels, the
-owner's export and erasure), :mod:`notifier.postgres.cases` (cases, audit trail,
-ratings, tasks), :mod:`notifier.postgres.messages` (notifications and the outbox's
-claims), :mod:`notifier.postgres.timers` (leases and timers),
-:mod:`notifier.postgres.visits` (technicians and appointments) and
-:mod:`notifier.postgres.registry` (:class:`PostgresRegistry`).
+keys), :mod:`notifier.postgres.owners` (owners, tokens, subjects, devices, channels,
+one-tap links), :mod:`notifier.postgres.cases` (cases, audit trail, ratings, tasks),
+:mod:`notifier.postgres.messages` (notifications and the outbox's claims),
+:mod:`notifier.postgres.visits` (technicians and appointments),
+:mod:`notifier.postgres.timers` (leases and timers), :mod:`notifier.postgres.rights`
+(the owner's export and erasure) and :mod:`notifier.postgres.registry`
+(:class:`PostgresRegistry`).
 """
 
 from notifier.postgres.connect import MIGRATIONS, SCHEMA_VERSION, redacted_url

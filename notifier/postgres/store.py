@@ -1,8 +1,9 @@
 """The PostgreSQL case store, composed (notifier; :mod:`notifier.postgres`).
 
 :class:`PostgresStore` is the pool (:class:`~notifier.postgres.connect.PooledStore`)
-with the queries of each concern: owners, cases, messages, visits, leases and timers;
-:meth:`PostgresStore.registry` hands out the device registry in the same database.
+with the queries of each concern: owners, cases, messages, visits, leases and timers,
+and the owner's rights; :meth:`PostgresStore.registry` hands out the device registry in
+the same database.
 """
 
 from __future__ import annotations
@@ -11,13 +12,16 @@ from notifier.postgres.cases import CaseQueries
 from notifier.postgres.messages import MessageQueries
 from notifier.postgres.owners import OwnerQueries
 from notifier.postgres.registry import PostgresRegistry
-from notifier.postgres.timers import TimerQueries
+from notifier.postgres.rights import RightsQueries
+from notifier.postgres.timers import LeaseQueries
 from notifier.postgres.visits import VisitQueries
 
 __all__ = ["PostgresStore"]
 
 
-class PostgresStore(OwnerQueries, CaseQueries, MessageQueries, VisitQueries, TimerQueries):
+class PostgresStore(
+    OwnerQueries, CaseQueries, MessageQueries, VisitQueries, LeaseQueries, RightsQueries
+):
     """The case store in a PostgreSQL database. Implements :class:`~notifier.store.CaseStore`.
 
     Use as ``async with PostgresStore(url) as store:``, or ``store = await

@@ -18,10 +18,10 @@ from notifier.store import CaseTimer
 if TYPE_CHECKING:
     from notifier.postgres.sql import Conn
 
-__all__ = ["TimerQueries"]
+__all__ = ["LeaseQueries"]
 
 
-class TimerQueries(PooledStore):
+class LeaseQueries(PooledStore):
     """The lease and timer queries of :class:`~notifier.postgres.PostgresStore`."""
 
     # -- notifiers side by side: leases and timers ---------------------------------------------
