@@ -3,6 +3,8 @@
 Pipeline order (telegraf's): input (broker, QoS-1 persistent session) -> parse and
 validate (:mod:`wire.protocol.codec`) -> line protocol (:mod:`wire.lineproto`)
 -> batch -> output (InfluxDB, or the on-disk spool while it is away) -> acknowledge.
+This module is the broker side (sessions, reading, batching, acknowledging); the store
+side, InfluxDB and the spool and the spool's replay, is :mod:`gateway.durable`.
 
 Delivery rule (ARCHITECTURE "Delivery and safety rules"): a message is acknowledged
 to the broker only after its point is in InfluxDB or in the spool. Until then the
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -43,21 +44,19 @@ from typing import Final, Self
 
 import orjson
 
+from gateway.durable import PREVIEW_BYTES, DurableStore
 from gateway.metrics import GatewayMetrics, MetricsServer
 from gateway.republish import Republisher
 from gateway.settings import GatewaySettings
-from gateway.spool import Spool
 from wire.adoption import SessionAdoption, state_topic
 from wire.consumer import consume_forever, shared_filters
 from wire.errors import (
     BrokerUnavailableError,
     ConfigError,
-    PermanentError,
     RejectedError,
-    StoreUnavailableError,
     WriteRejectedError,
 )
-from wire.influx import InfluxClient, InfluxSettings, Precision
+from wire.influx import InfluxSettings
 from wire.lineproto import event_to_line, telemetry_line
 from wire.mqtt import Message, MqttClient, Will
 from wire.protocol.codec import decode_event, validate_reading
@@ -71,7 +70,6 @@ _LOG = logging.getLogger(__name__)
 
 _INGEST_FILTERS: Final = ("devices/+/telemetry", "devices/+/events")
 _TOPIC_CACHE_MAX: Final = 200_000
-_PREVIEW_BYTES: Final = 200
 _LOUD_REJECTS_PER_REASON: Final = 20
 _MIN_CHUNK: Final = 1_000
 _GATHER_S: Final = 0.01
@@ -85,8 +83,6 @@ _FINISH_ON_LOST_S: Final = 5.0
 _SESSION_MARKER: Final = "mqtt-session"
 #: Topic a retiring gateway sends itself a marker on, behind what its session queued.
 _RETIRE_TOPIC: Final = "fleet/gateways/{client_id}/retired"
-#: Timestamps of 15 digits and more are microseconds (ms reach 15 digits in year 33658).
-_MICROS_DIGITS: Final = 15
 
 
 @dataclass(slots=True, eq=False)
@@ -109,13 +105,6 @@ class _Batch:
     connection: _Connection
 
 
-def _precision(record: bytes) -> Precision:
-    """The timestamp unit of a spooled batch (older spools hold milliseconds)."""
-    first = record.split(b"\n", 1)[0]
-    stamp = first.rsplit(b" ", 1)[-1]
-    return "us" if len(stamp) >= _MICROS_DIGITS else "ms"
-
-
 class Gateway:
     """The ingest service, an async context manager; :meth:`run` works until cancelled.
 
@@ -135,15 +124,15 @@ class Gateway:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._mqtt = mqtt
-        self._influx_settings = influx
         self._settings = settings
         self._clock = clock
         self._limits = settings.limits()
         self.metrics = GatewayMetrics(stall_after_s=settings.stall_after_s)
-        self._influx: InfluxClient | None = None
-        self._spool: Spool | None = None
+        #: InfluxDB first, the spool while it is away, and the spool's replay
+        self._durable = DurableStore(
+            influx, settings, self.metrics, clock=clock, reporter=lambda: self._client
+        )
         self._metrics_server: MetricsServer | None = None
-        self._spool_ready = asyncio.Event()
         self._topics: dict[str, tuple[str, str] | None] = {}
         self._client: MqttClient | None = None
         self._subscribed = asyncio.Event()
@@ -152,7 +141,6 @@ class Gateway:
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=settings.max_pending_batches)
         self._retire_topic: str | None = None
         self._retire_seen = asyncio.Event()
-        self._spool_empty = asyncio.Event()  # set by the replay loop when it finds none
         #: announces this gateway to its shared group and adopts dead members' sessions
         self.adoption = (
             SessionAdoption(
@@ -177,27 +165,12 @@ class Gateway:
 
     async def __aenter__(self) -> Self:
         settings = self._settings
-        self._spool = Spool(
-            settings.instance_spool_dir,
-            fsync=settings.spool_fsync,
-            max_bytes=settings.spool_max_bytes,
-        )
-        self._sync_spool_gauges()
-        self.metrics.spool_writable = True
-        self._influx = InfluxClient(self._influx_settings)
-        await self._influx.__aenter__()
-        try:
-            await self._influx.ensure_database()
-            self.metrics.influx_up = True
-        except StoreUnavailableError as exc:
-            _LOG.warning("InfluxDB is not reachable yet (%s); spooling until it is", exc)
+        await self._durable.__aenter__()
         if settings.metrics_port or settings.metrics_host:
             self._metrics_server = MetricsServer(
                 self.metrics, settings.metrics_host, settings.metrics_port
             )
             await self._metrics_server.__aenter__()
-        if len(self._spool):
-            self._spool_ready.set()
         return self
 
     async def __aexit__(
@@ -208,10 +181,7 @@ class Gateway:
     ) -> None:
         if self._metrics_server is not None:
             await self._metrics_server.__aexit__(exc_type, exc, tb)
-        if self._influx is not None:
-            await self._influx.__aexit__(exc_type, exc, tb)
-        if self._spool is not None:
-            self._spool.close()
+        await self._durable.__aexit__(exc_type, exc, tb)
 
     @property
     def metrics_port(self) -> int | None:
@@ -233,7 +203,7 @@ class Gateway:
             ConfigError: the broker refused our credentials.
         """
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._replay_loop(), name="gateway-replay")
+            group.create_task(self._durable.replay_loop(), name="gateway-replay")
             group.create_task(self._write_loop(), name="gateway-writer")
             group.create_task(self._connection_loop(), name="gateway-ingest")
             if self.adoption is not None:
@@ -262,7 +232,7 @@ class Gateway:
         self._retire_topic = _RETIRE_TOPIC.format(client_id=client_id)
         async with asyncio.TaskGroup() as group:
             helpers = [
-                group.create_task(self._replay_loop(), name="gateway-replay"),
+                group.create_task(self._durable.replay_loop(), name="gateway-replay"),
                 group.create_task(self._write_loop(), name="gateway-writer"),
             ]
             client = self._own_client()
@@ -276,7 +246,7 @@ class Gateway:
                 await client.publish(self._retire_topic, b"retired", qos=1)
                 await self._retire_seen.wait()
                 await self.drain()
-                await self._spool_empty.wait()
+                await self._durable.spool_empty.wait()
                 await cancel_and_wait(*helpers)
         # A clean start with no expiry replaces the session, which ends at the disconnect;
         # an empty retained state tells the group the instance is gone, not down.
@@ -345,8 +315,7 @@ class Gateway:
         session held is gone from the broker: only a broker that persists (see the
         README's delivery section) keeps it.
         """
-        assert self._spool is not None
-        marker = Path(self._spool.directory) / _SESSION_MARKER
+        marker = Path(self._durable.spool_directory) / _SESSION_MARKER
         if not client.session_present and marker.exists():
             self.metrics.session_lost += 1
             _LOG.error(
@@ -511,7 +480,7 @@ class Gateway:
             "reason": reason,
             "detail": detail,
             "size": len(message.payload),
-            "preview": message.payload[:_PREVIEW_BYTES].decode("utf-8", "replace"),
+            "preview": message.payload[:PREVIEW_BYTES].decode("utf-8", "replace"),
         }
         try:
             await client.publish(REJECTED_TOPIC, orjson.dumps(report), qos=0)
@@ -553,7 +522,7 @@ class Gateway:
             lines = first.lines
             for more in batches[1:]:
                 lines.extend(more.lines)
-            await self._store(lines)
+            await self._durable.store(lines)
             if self.republisher is not None:
                 await self._republish(batches)
             for batch in batches:
@@ -593,178 +562,3 @@ class Gateway:
             connection.idle.set()
         if not metrics.unacked:
             self._drained.set()
-
-    # -- store side ----------------------------------------------------------------
-
-    async def _store(self, lines: list[bytes]) -> None:
-        """Make ``lines`` durable: InfluxDB, else the spool; retry until one holds.
-
-        InfluxDB first while the spool is empty (no overtaking of spooled data needed:
-        points are idempotent, order only keeps replay simple); directly again whenever
-        the spool refuses writes (a full disk must not stop ingest while InfluxDB is up).
-        """
-        if not lines:
-            return
-        assert self._spool is not None
-        metrics = self.metrics
-        backoff_s = 0.2
-        while True:
-            if (metrics.influx_up and not len(self._spool)) or not metrics.spool_writable:
-                try:
-                    await self._write_influx(lines)
-                except StoreUnavailableError as exc:
-                    _LOG.warning("InfluxDB write failed (%s); spooling", exc)
-                    metrics.influx_up = False
-                else:
-                    metrics.last_progress_s = time.time()
-                    return
-            try:
-                await asyncio.to_thread(self._spool.append, b"\n".join(lines))
-            except (StoreUnavailableError, PermanentError) as exc:
-                metrics.spool_errors += 1
-                metrics.spool_writable = False
-                _LOG.error(
-                    "cannot spool (%s) and InfluxDB is away; holding acknowledgements, "
-                    "retrying in %.1f s",
-                    exc,
-                    backoff_s,
-                )
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, self._settings.retry_max_s)
-                continue
-            metrics.spool_writable = True
-            metrics.spooled += len(lines)
-            metrics.last_progress_s = time.time()
-            self._sync_spool_gauges()
-            self._spool_empty.clear()
-            self._spool_ready.set()
-            return
-
-    async def _write_influx(self, lines: list[bytes], precision: Precision = "us") -> int:
-        assert self._influx is not None
-        started = time.perf_counter()
-        outcome = await self._influx.write(lines, precision=precision)
-        elapsed = time.perf_counter() - started
-        metrics = self.metrics
-        metrics.write_seconds_sum += elapsed
-        metrics.write_count += 1
-        metrics.last_write_s = elapsed
-        metrics.influx_up = True
-        metrics.stored += outcome.written
-        for line, error in outcome.rejected:
-            metrics.store_rejected += 1
-            _LOG.warning("InfluxDB refused a point: %s", error)
-            client = self._client
-            if client is not None:
-                report = {
-                    "ts": int(self._clock() * 1000),
-                    "reason": "store_refused",
-                    "detail": error[:500],
-                    "preview": line[:_PREVIEW_BYTES].decode("utf-8", "replace"),
-                }
-                try:
-                    await client.publish(REJECTED_TOPIC, orjson.dumps(report), qos=0)
-                except BrokerUnavailableError:
-                    _LOG.debug("could not report a refused point: broker connection lost")
-        return outcome.written
-
-    def _sync_spool_gauges(self) -> None:
-        assert self._spool is not None
-        self.metrics.spool_batches = len(self._spool)
-        self.metrics.spool_bytes = self._spool.pending_bytes
-        self.metrics.spool_disk_bytes = self._spool.disk_bytes
-
-    async def _replay_loop(self) -> None:
-        """Drain the spool into InfluxDB, oldest first; probe InfluxDB on a timer.
-
-        While InfluxDB is away it is probed with backoff whatever the spool holds (an
-        empty spool must not leave it untried). Spool errors are counted, logged and
-        retried with backoff; they never end the loop.
-        """
-        assert self._spool is not None
-        spool = self._spool
-        metrics = self.metrics
-        backoff_s = 0.2
-
-        def next_backoff() -> float:
-            nonlocal backoff_s
-            pause = backoff_s * (0.5 + random.random())
-            backoff_s = min(backoff_s * 2, self._settings.retry_max_s)
-            return pause
-
-        while True:
-            if not len(spool):
-                self._spool_ready.clear()
-                self._spool_empty.set()
-                if metrics.influx_up:
-                    await self._spool_ready.wait()
-                    continue
-                try:
-                    async with asyncio.timeout(next_backoff()):
-                        await self._spool_ready.wait()
-                    continue
-                except TimeoutError:
-                    pass
-                if await self._probe_influx():
-                    backoff_s = 0.2
-                continue
-            try:
-                batch = await asyncio.to_thread(spool.peek)
-            except StoreUnavailableError as exc:
-                metrics.spool_errors += 1
-                _LOG.error("cannot read the spool (%s); retrying", exc)
-                await asyncio.sleep(next_backoff())
-                continue
-            if batch is None:
-                self._sync_spool_gauges()
-                continue
-            try:
-                written = await self._write_influx(batch.split(b"\n"), _precision(batch))
-            except StoreUnavailableError as exc:
-                metrics.influx_up = False
-                pause = next_backoff()
-                _LOG.info("InfluxDB still away (%s); retrying in %.1f s", exc, pause)
-                await asyncio.sleep(pause)
-                continue
-            backoff_s = 0.2
-            metrics.replayed += written
-            metrics.last_progress_s = time.time()
-            await self._pop_written(spool)
-            self._sync_spool_gauges()
-            if not len(spool):
-                # Emptied, its segments are deleted: it can take writes again (the next
-                # append says otherwise if the disk is still full).
-                metrics.spool_writable = True
-                _LOG.info("spool drained; writing to InfluxDB directly again")
-
-    async def _probe_influx(self) -> bool:
-        """Try InfluxDB (creating the database if it came up empty); True when it answers."""
-        assert self._influx is not None
-        try:
-            await self._influx.ensure_database()
-        except (StoreUnavailableError, PermanentError) as exc:
-            _LOG.info("InfluxDB still away (%s)", exc)
-            return False
-        _LOG.info("InfluxDB is back")
-        self.metrics.influx_up = True
-        return True
-
-    async def _pop_written(self, spool: Spool) -> None:
-        """Remove the batch just written; retry until the cursor is saved.
-
-        Until then a restart would write the batch again, which is harmless (points
-        overwrite themselves), so the loop only waits, it never gives up.
-        """
-        pause = 0.2
-        while True:
-            try:
-                await asyncio.to_thread(spool.pop)
-            except IndexError:
-                return
-            except StoreUnavailableError as exc:
-                self.metrics.spool_errors += 1
-                _LOG.error("cannot remove a replayed batch from the spool (%s); retrying", exc)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, self._settings.retry_max_s)
-            else:
-                return
