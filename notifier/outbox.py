@@ -2,8 +2,9 @@
 
 The case machine says *what* happened (a :class:`~notifier.loop.Notice`); the outbox
 writes it in the owner's language (:mod:`notifier.messages`), keeps it in the case
-store, and delivers it through the owner's push channels (:mod:`notifier.push`) on a
-worker of its own, so that a slow push service never holds up the case machine.
+store, and delivers it through the owner's push channels (:mod:`notifier.push`; the
+dispatcher the settings call for is :mod:`notifier.dispatcher`) on a worker of its own,
+so that a slow push service never holds up the case machine.
 
 Owners are not flooded: during their quiet hours (in their own time zone) and past
 their daily limit a message is *held*, unless it is urgent; held messages go out as one
@@ -16,12 +17,13 @@ One-tap buttons carry a signed link (:mod:`notifier.links`) to the owner API, so
 a tap works without signing in, for that one action on that one case, once.
 
 **Fair delivery** (issue 12). Several delivery workers (:class:`~notifier.push.DeliveryLimits`
-``workers``) take messages owner by owner in turn, and at most ``per_owner`` of one
-owner's messages are out at a time, so one owner's backlog or slow channels hold at most
-that share of the workers while everyone else's messages go on; each message has a
-time budget (``budget_s``, all channels and retries included), past which it is recorded
-as ``failed`` and its worker moves on. A retired channel is used again only after the
-owner re-verifies it (:meth:`Outbox.verify_channel`: a test message that arrives).
+``workers``) take messages owner by owner in turn (:mod:`notifier.turns`), and at most
+``per_owner`` of one owner's messages are out at a time, so one owner's backlog or slow
+channels hold at most that share of the workers while everyone else's messages go on;
+each message has a time budget (``budget_s``, all channels and retries included), past
+which it is recorded as ``failed`` and its worker moves on. A retired channel is used
+again only after the owner re-verifies it (:meth:`Outbox.verify_channel`: a test
+message that arrives).
 
 **Side by side** (issue 15). Notifier instances share one store, so what must hold for
 all of them is decided there: each message is kept once per idempotency key
@@ -39,50 +41,33 @@ digest is keyed by the messages it covers).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import secrets
 import uuid
-from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import orjson
-
+from notifier.dispatcher import build_dispatcher
 from notifier.links import ActionLinks
 from notifier.loop import Notice, notice_key
 from notifier.messages import MessageContext, render
 from notifier.model import AuditEntry, Case, Notification, Owner, PushChannel
-from notifier.push import (
-    DeliveryLimits,
-    FcmSender,
-    NtfySender,
-    PushAction,
-    PushDispatcher,
-    PushMessage,
-    PushSender,
-    WebhookSender,
-    WebPushSender,
-)
-from notifier.settings import PushSettings
+from notifier.push import DeliveryLimits, PushAction, PushDispatcher, PushMessage
 from notifier.store import CaseStore, NewMessage
+from notifier.turns import Delivery, OwnerTurns
 from wire.errors import TransientError
 
 __all__ = ["Outbox", "build_dispatcher", "in_quiet_hours"]
 
 _LOG = logging.getLogger(__name__)
-_QUEUE_MAX: Final = 10_000
 _DAY: Final = timedelta(days=1)
 #: how old a ``queued`` notification must be before :meth:`Outbox.sweep` takes it: the
 #: process that wrote it has had this long to hand it to its own delivery
 _SWEEP_AGE: Final = timedelta(seconds=30)
-#: ids of delivered notifications remembered, so a sweep that read the store just
-#: before a delivery's outcome was kept does not send it again
-_RECENT_MAX: Final = 10_000
 #: How much longer than a message's time budget its delivery claim lasts (the claim is
 #: renewed right before the push, so it must cover one delivery and keeping its outcome).
 _CLAIM_MARGIN_S: Final = 10.0
@@ -120,61 +105,8 @@ def in_quiet_hours(owner: Owner, at: datetime) -> bool:
     return local >= start or local < end
 
 
-@contextlib.asynccontextmanager
-async def build_dispatcher(settings: PushSettings) -> AsyncIterator[PushDispatcher]:
-    """Open the push senders the settings allow and yield a dispatcher over them."""
-    async with contextlib.AsyncExitStack() as stack:
-        senders: dict[str, PushSender] = {}
-        senders["ntfy"] = await stack.enter_async_context(
-            NtfySender(
-                token=None
-                if settings.ntfy_token is None
-                else settings.ntfy_token.get_secret_value(),
-                timeout_s=settings.timeout_s,
-                allow_internal=settings.webhook_allow_private,
-            )
-        )
-        senders["webhook"] = await stack.enter_async_context(
-            WebhookSender(
-                timeout_s=settings.timeout_s, allow_internal=settings.webhook_allow_private
-            )
-        )
-        if settings.fcm_service_account is not None:
-            account = orjson.loads(settings.fcm_service_account.read_bytes())
-            senders["fcm"] = await stack.enter_async_context(
-                FcmSender(account, base_url=settings.fcm_base_url, timeout_s=settings.timeout_s)
-            )
-        if settings.vapid_private_key is not None:
-            senders["webpush"] = await stack.enter_async_context(
-                WebPushSender(
-                    settings.vapid_private_key.get_secret_value(),
-                    subject=settings.vapid_subject,
-                    timeout_s=settings.timeout_s,
-                    allow_internal=settings.webhook_allow_private,
-                )
-            )
-        yield PushDispatcher(
-            senders,
-            attempts=settings.attempts,
-            max_failures=settings.max_failures,
-            limits=DeliveryLimits(
-                workers=settings.workers,
-                per_owner=settings.per_owner,
-                per_channel=settings.per_channel,
-                budget_s=settings.message_budget_s,
-            ),
-        )
-
-
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class _Item:
-    owner: Owner
-    notification: Notification
-    urgent: bool
 
 
 class Outbox:
@@ -210,21 +142,10 @@ class Outbox:
         if limits is None:
             limits = DeliveryLimits() if dispatcher is None else dispatcher.limits
         self._limits = limits
-        # messages waiting, by owner; owners with one waiting and a free share, in turn
-        self._waiting: dict[str, deque[_Item]] = {}
-        self._turns: deque[str] = deque()
-        self._in_turns: set[str] = set()
-        self._out: Counter[str] = Counter()
-        self._size = 0
-        self._unfinished = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._ready = asyncio.Event()
+        #: messages waiting for delivery, owner by owner in turn (issue 12)
+        self._turns = OwnerTurns(limits.per_owner)
         self._holder = holder or f"notifier-{secrets.token_hex(4)}"
         self._claim = timedelta(seconds=limits.budget_s + _CLAIM_MARGIN_S)
-        # notifications handed to delivery and not finished, and the latest finished
-        self._pending: set[str] = set()
-        self._recent: OrderedDict[str, None] = OrderedDict()
         self.written = 0
         self.sent = 0
         self.held = 0
@@ -326,62 +247,12 @@ class Outbox:
         self.hand_over(owner, kept, notice.urgent)
 
     def _enqueue(self, owner: Owner, notification: Notification, urgent: bool) -> None:
-        if self._size >= _QUEUE_MAX:
+        if not self._turns.put(Delivery(owner, notification, urgent)):
             # the message stays in the store (status queued) and in the owner's app
             self.dropped += 1
             _LOG.warning(
                 "outbox full: notification %s kept, not pushed", notification.notification_id
             )
-            return
-        owner_id = owner.owner_id
-        self._pending.add(notification.notification_id)
-        self._waiting.setdefault(owner_id, deque()).append(_Item(owner, notification, urgent))
-        self._size += 1
-        self._unfinished += 1
-        self._idle.clear()
-        self._offer(owner_id)
-
-    def _offer(self, owner_id: str) -> None:
-        """Give the owner a turn if they have a message waiting and a free share."""
-        if (
-            owner_id in self._waiting
-            and owner_id not in self._in_turns
-            and self._out[owner_id] < self._limits.per_owner
-        ):
-            self._turns.append(owner_id)
-            self._in_turns.add(owner_id)
-            self._ready.set()
-
-    async def _next(self) -> _Item:
-        """The next message to deliver: the oldest of the owner whose turn it is."""
-        while not self._turns:
-            self._ready.clear()
-            await self._ready.wait()
-        owner_id = self._turns.popleft()
-        self._in_turns.discard(owner_id)
-        waiting = self._waiting[owner_id]
-        item = waiting.popleft()
-        if not waiting:
-            del self._waiting[owner_id]
-        self._size -= 1
-        self._out[owner_id] += 1
-        self._offer(owner_id)  # to the back of the line, if they may have another out
-        return item
-
-    def _finished(self, item: _Item) -> None:
-        notification_id = item.notification.notification_id
-        self._pending.discard(notification_id)
-        self._recent[notification_id] = None
-        if len(self._recent) > _RECENT_MAX:
-            self._recent.popitem(last=False)
-        owner_id = item.owner.owner_id
-        self._out[owner_id] -= 1
-        if self._out[owner_id] <= 0:
-            del self._out[owner_id]
-        self._offer(owner_id)
-        self._unfinished -= 1
-        if self._unfinished == 0:
-            self._idle.set()
 
     async def _over_limit(self, owner: Owner, now: datetime) -> bool:
         recent = await self._store.notifications(owner.owner_id, since=now - _DAY)
@@ -544,7 +415,7 @@ class Outbox:
     async def _work(self) -> None:
         """One delivery worker: one message at a time, each failure kept to its message."""
         while True:
-            item = await self._next()
+            item = await self._turns.next()
             owner, notification, urgent = item.owner, item.notification, item.urgent
             try:
                 await self.deliver(owner, notification, urgent)
@@ -563,7 +434,7 @@ class Outbox:
                 )
                 await self._mark_failed(notification)
             finally:
-                self._finished(item)
+                self._turns.finished(item)
 
     async def _mark_failed(self, notification: Notification) -> None:
         try:
@@ -595,7 +466,7 @@ class Outbox:
         taken = 0
         for notification in found:
             notification_id = notification.notification_id
-            if notification_id in self._pending or notification_id in self._recent:
+            if self._turns.knows(notification_id):
                 continue
             owner = await self._store.get_owner(notification.owner_id)
             if owner is None:
@@ -609,7 +480,7 @@ class Outbox:
 
     async def drain(self) -> None:
         """Wait until every queued notification was tried (needs :meth:`run` running)."""
-        await self._idle.wait()
+        await self._turns.drain()
 
     async def flush(self) -> int:
         """Send one digest to each owner with held messages who can be reached now."""

@@ -36,13 +36,14 @@ from diagnostics import decode_diagnosis
 from notifier.admin import Onboarding
 from notifier.api import create_api
 from notifier.devicedata import InfluxDeviceData
+from notifier.dispatcher import build_dispatcher
 from notifier.errors import InvalidRequestError
 from notifier.health import InfluxHealth
 from notifier.links import ActionLinks
 from notifier.loop import LoopConfig, OwnerLoop
 from notifier.model import Case
 from notifier.oidc import OidcOwners
-from notifier.outbox import Outbox, build_dispatcher
+from notifier.outbox import Outbox
 from notifier.settings import NotifierSettings
 from notifier.store import CaseStore
 from notifier.stores import case_store
