@@ -4,10 +4,11 @@
 checks every message against the contract and stores it in the outbox before it may
 leave (:mod:`device.store`), reports the boot, decodes commands, answers each command id
 once behind the device's interlocks, runs the firmware-update state machine
-(:mod:`device.ota`) and keeps the counters. :class:`~device.sender.SendQueue` is the
-outbox's send policy for one connection: in order, a bounded number in flight, at a pace, messages
-past the gateway's backfill window dropped and counted, each one removed only when the
-broker has acknowledged it.
+(:class:`~device.ota.FirmwareUpdates`) and keeps the counters. What handlers and
+self-tests return, and the hooks a device registers, are :mod:`device.handlers`.
+:class:`~device.sender.SendQueue` is the outbox's send policy for one connection: in
+order, a bounded number in flight, at a pace, messages past the gateway's backfill
+window dropped and counted, each one removed only when the broker has acknowledged it.
 
 Two transports use them: :class:`device.client.Device` (paho-mqtt, one process per
 appliance, threads) and the simulator's fleet runner (``device_sim``: thousands of
@@ -20,10 +21,8 @@ threads calls :meth:`DeviceCore.handle_command` from one thread at a time.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final, Literal
@@ -31,12 +30,10 @@ from typing import Final, Literal
 from device.contract import (
     COMMAND_ACTIONS,
     INTERRUPTING_ACTIONS,
-    WORD_PATTERN,
     Command,
     CommandAction,
     DataValue,
     EventKind,
-    Refusal,
     check_device_id,
     decode_command,
     encode_event,
@@ -44,8 +41,9 @@ from device.contract import (
     events_topic,
     telemetry_topic,
 )
-from device.errors import CommandError, ContractError, DeviceConfigError, OtaError
-from device.ota import Firmware, PendingUpdate, download_image, parse_update, version_key
+from device.errors import CommandError, ContractError, DeviceConfigError
+from device.handlers import CommandHandler, CommandResult, Interlock, SelfTestResult, event_word
+from device.ota import Firmware, FirmwareUpdates, PendingUpdate
 from device.store import DeviceState
 
 __all__ = [
@@ -63,64 +61,11 @@ ResetReason = Literal["power_on", "restart_command", "firmware_update", "watchdo
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _MS: Final = timedelta(milliseconds=1)
-_WORD_RE: Final = re.compile(WORD_PATTERN)
 #: The reset reason a successful command that restarts the device leaves for the next boot.
 _RESTARTS: Final[Mapping[str, ResetReason]] = {
     "restart": "restart_command",
     "firmware_update": "firmware_update",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    """What a command handler did; becomes the ``command_result`` event.
-
-    Attributes:
-        ok: whether the device did it.
-        detail: plain words for people (why not, or what happens now).
-        code: a short word (an error code, the new firmware version).
-        data: named values to report with it.
-        then: run after the result is stored and the command acknowledged (and, when
-            connected, published): the restart itself, so the answer is not lost with
-            the process. After a ``restart`` or ``firmware_update`` with ``then``, the
-            next boot reports reset reason ``restart_command`` or ``firmware_update``.
-    """
-
-    ok: bool
-    detail: str | None = None
-    code: str | None = None
-    data: Mapping[str, DataValue] = field(default_factory=dict)
-    then: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SelfTestResult:
-    """A self-test's verdict; becomes a ``selftest`` event.
-
-    Attributes:
-        passed: whether everything passed.
-        code: verdict or first fault code (``PASS``, ``E21``).
-        detail: what was found, in plain words.
-        data: the measurements.
-    """
-
-    passed: bool
-    code: str | None = None
-    detail: str | None = None
-    data: Mapping[str, DataValue] = field(default_factory=dict)
-
-
-#: A command handler: gets the command, returns what it did.
-CommandHandler = Callable[[Command], CommandResult]
-#: An interlock: ``None`` when the action is safe now, else why not.
-Interlock = Callable[[], Refusal | None]
-
-
-def _word(value: str | None) -> str | None:
-    """``value`` when it can be an event ``code``, else ``None`` (a free-form version)."""
-    if value is None or _WORD_RE.fullmatch(value) is None:
-        return None
-    return value
 
 
 def _wall_ms() -> int:
@@ -172,10 +117,6 @@ class DeviceCore:
         self.firmware_version = firmware_version
         self._clock_ms = clock_ms
         self._firmware = firmware
-        self._ota_dir = ota_dir
-        self._max_boot_attempts = max_boot_attempts
-        self._max_image_bytes = max_image_bytes
-        self._download_timeout_s = download_timeout_s
         self._telemetry_topic = telemetry_topic(device_id)
         self._events_topic = events_topic(device_id)
         self._handlers: dict[str, tuple[CommandHandler, bool]] = {}
@@ -183,6 +124,21 @@ class DeviceCore:
         self.commands = 0
         self.duplicates = 0
         self.bad_commands = 0
+        #: the firmware-update state machine, with OTA hooks
+        self._updates = (
+            None
+            if firmware is None or ota_dir is None
+            else FirmwareUpdates(
+                self.device_id,
+                firmware,
+                ota_dir,
+                store,
+                self._event,
+                max_boot_attempts=max_boot_attempts,
+                max_image_bytes=max_image_bytes,
+                download_timeout_s=download_timeout_s,
+            )
+        )
 
     # -- registration -------------------------------------------------------------------
     def on_command(
@@ -258,14 +214,14 @@ class DeviceCore:
         self._event(
             "boot",
             None,
-            code=_word(version),
+            code=event_word(version),
             data=data,
             state={"reset_reason": None, "running": True},
         )
         _LOG.debug("%s booted (%s, firmware %s)", self.device_id, reason, version)
         pending = PendingUpdate.from_json(store.get("ota"))
-        if pending is not None and self._firmware is not None:
-            self._check_update(self._firmware, pending)
+        if pending is not None and self._updates is not None:
+            self._updates.settle(pending)
 
     def stop(self) -> None:
         """Note a clean stop (the next ``boot`` event says ``clean_shutdown: true``)."""
@@ -459,8 +415,8 @@ class DeviceCore:
     def _run(self, command: Command) -> tuple[CommandResult, dict[str, object | None]]:
         action = command.action
         registered = self._handlers.get(action)
-        firmware = self._firmware if action == "firmware_update" else None
-        if registered is None and firmware is None:
+        updates = self._updates if action == "firmware_update" else None
+        if registered is None and updates is None:
             return CommandResult(False, f"this device does not do {action}"), {}
         if registered is None or registered[1]:
             refused = self._refusal(action)
@@ -470,8 +426,8 @@ class DeviceCore:
         try:
             if registered is not None:
                 result = registered[0](command)
-            elif firmware is not None:
-                result, state = self._firmware_update(command, firmware)
+            elif updates is not None:
+                result, state = updates.run(command)
             else:  # pragma: no cover - excluded above
                 return CommandResult(False, f"this device does not do {action}"), {}
         except CommandError as exc:
@@ -502,113 +458,3 @@ class DeviceCore:
         if self._firmware is not None:
             return self._firmware.version()
         return self.firmware_version
-
-    def _check_update(self, firmware: Firmware, pending: PendingUpdate) -> None:
-        store = self.store
-        attempts = pending.attempts + 1
-        store.put("ota", {**pending.to_json(), "attempts": attempts})
-        running = firmware.version()
-        if running != pending.version:
-            self._event(
-                "error",
-                None,
-                code="OTA_BOOT_FAILED",
-                command_id=pending.command_id,
-                ok=False,
-                detail=f"firmware {pending.version} did not boot; running {running}",
-                data={"version": pending.version, "running": running},
-                state={"ota": None},
-            )
-            return
-        verdict: bool | None = None
-        if attempts <= self._max_boot_attempts:
-            try:
-                verdict = firmware.boot_ok()
-            except Exception:
-                _LOG.exception("%s: the boot check of %s failed", self.device_id, pending.version)
-                verdict = False
-        if verdict:
-            self._event(
-                "info",
-                None,
-                code=_word(pending.version),
-                command_id=pending.command_id,
-                ok=True,
-                detail=f"firmware {pending.version} is running (was {pending.previous})",
-                data={"version": pending.version, "previous": pending.previous},
-                state={"ota": None},
-            )
-            return
-        why = (
-            "failed its boot check"
-            if verdict is False
-            else f"stopped {attempts - 1} times before its boot check"
-        )
-        self._event(
-            "error",
-            None,
-            code="OTA_ROLLBACK",
-            command_id=pending.command_id,
-            ok=False,
-            detail=f"firmware {pending.version} {why}; rolling back to {pending.previous}",
-            data={"version": pending.version, "previous": pending.previous},
-            state={"ota": None, "reset_reason": "firmware_update"},
-        )
-        _LOG.warning("%s: rolling back %s to %s", self.device_id, running, pending.previous)
-        try:
-            firmware.rollback(pending.previous)
-        except OtaError as exc:
-            self._event(
-                "error",
-                None,
-                code="OTA_ROLLBACK_FAILED",
-                command_id=pending.command_id,
-                ok=False,
-                detail=f"rollback to {pending.previous} failed: {exc}"[:500],
-            )
-
-    def _firmware_update(
-        self, command: Command, firmware: Firmware
-    ) -> tuple[CommandResult, dict[str, object | None]]:
-        try:
-            request = parse_update(command.args)
-        except OtaError as exc:
-            return CommandResult(False, str(exc)), {}
-        installed = firmware.version()
-        if request.version == installed:
-            return CommandResult(True, f"already on {installed}; nothing to do"), {}
-        try:
-            older = version_key(request.version) < version_key(installed)
-        except ValueError:
-            older = False  # an installed version of another scheme: no order to keep
-        if older:
-            detail = f"{request.version} is older than the installed {installed}; not installed"
-            return CommandResult(False, detail), {}
-        folder = self._ota_dir
-        if folder is None:  # pragma: no cover - refused in __init__
-            raise DeviceConfigError(f"{self.device_id}: no ota_dir")
-        try:
-            image = download_image(
-                request,
-                folder,
-                max_bytes=self._max_image_bytes,
-                timeout_s=self._download_timeout_s,
-            )
-        except OtaError as exc:
-            code = "OTA_CHECKSUM" if "checksum" in str(exc) else "OTA_DOWNLOAD"
-            _LOG.warning("%s: %s", self.device_id, exc)
-            return CommandResult(False, str(exc)[:500], code), {}
-        try:
-            firmware.install(image, request.version)
-        except OtaError as exc:
-            return CommandResult(False, f"install failed: {exc}"[:500], "OTA_INSTALL"), {}
-        finally:
-            image.unlink(missing_ok=True)
-        pending = PendingUpdate(request.version, installed, command.id)
-        result = CommandResult(
-            True,
-            f"updated from {installed} to {request.version}; restarting",
-            _word(request.version),
-            then=firmware.activate,
-        )
-        return result, {"ota": pending.to_json(), "reset_reason": "firmware_update"}

@@ -20,6 +20,7 @@ package manager, a container swap). The sequence:
 
 Both outcome events carry the update's ``command_id``; they are ``info``/``error``
 events, not a second ``command_result`` (every command is answered exactly once).
+:class:`FirmwareUpdates` runs this sequence for :class:`~device.core.DeviceCore`.
 """
 
 from __future__ import annotations
@@ -31,13 +32,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Final, Protocol
 
-from device.contract import ArgValue
+from device.contract import ArgValue, Command, DataValue, EventKind
 from device.errors import OtaError
+from device.handlers import CommandResult, event_word
+from device.store import DeviceState
 
-__all__ = ["Firmware", "PendingUpdate", "UpdateRequest", "download_image", "parse_update"]
+__all__ = [
+    "EventWriter",
+    "Firmware",
+    "FirmwareUpdates",
+    "PendingUpdate",
+    "UpdateRequest",
+    "download_image",
+    "parse_update",
+]
 
 _LOG = logging.getLogger(__name__)
 
@@ -206,3 +218,172 @@ def download_image(
     part.replace(target)
     _LOG.info("firmware %s downloaded (%d bytes, sha256 checked)", request.version, size)
     return target
+
+
+class EventWriter(Protocol):
+    """How the updates store an event: the device core's own writer (numbered, checked)."""
+
+    def __call__(
+        self,
+        kind: EventKind,
+        ts: datetime | None,
+        *,
+        code: str | None = None,
+        command_id: str | None = None,
+        ok: bool | None = None,
+        detail: str | None = None,
+        data: Mapping[str, DataValue] | None = None,
+        state: Mapping[str, object | None] | None = None,
+    ) -> int:
+        """Store an event; return its ``seq``."""
+        ...
+
+
+class FirmwareUpdates:
+    """One device's firmware updates: the ``firmware_update`` command and the boot after.
+
+    The steps of the module's sequence that run on the device: :meth:`run` does steps 1
+    to 3 and leaves the restart to the command's ``then`` (step 4); :meth:`settle` is
+    step 5, at the next boot.
+
+    Args:
+        device_id: the device (for the log).
+        firmware: the device maker's updater hooks.
+        ota_dir: where images are downloaded.
+        store: the device store (the pending update is kept there).
+        report: stores the outcome events.
+        max_boot_attempts: boots of a new firmware without a verdict before it is
+            rolled back (a crash loop).
+        max_image_bytes: largest firmware image accepted.
+        download_timeout_s: limit on connecting to the image server and on each read.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        firmware: Firmware,
+        ota_dir: Path,
+        store: DeviceState,
+        report: EventWriter,
+        *,
+        max_boot_attempts: int,
+        max_image_bytes: int,
+        download_timeout_s: float,
+    ) -> None:
+        self.device_id = device_id
+        self.store = store
+        self._firmware = firmware
+        self._ota_dir = ota_dir
+        self._report = report
+        self._max_boot_attempts = max_boot_attempts
+        self._max_image_bytes = max_image_bytes
+        self._download_timeout_s = download_timeout_s
+
+    def settle(self, pending: PendingUpdate) -> None:
+        """At a boot, confirm the pending update (a good boot) or roll it back."""
+        firmware = self._firmware
+        store = self.store
+        attempts = pending.attempts + 1
+        store.put("ota", {**pending.to_json(), "attempts": attempts})
+        running = firmware.version()
+        if running != pending.version:
+            self._report(
+                "error",
+                None,
+                code="OTA_BOOT_FAILED",
+                command_id=pending.command_id,
+                ok=False,
+                detail=f"firmware {pending.version} did not boot; running {running}",
+                data={"version": pending.version, "running": running},
+                state={"ota": None},
+            )
+            return
+        verdict: bool | None = None
+        if attempts <= self._max_boot_attempts:
+            try:
+                verdict = firmware.boot_ok()
+            except Exception:
+                _LOG.exception("%s: the boot check of %s failed", self.device_id, pending.version)
+                verdict = False
+        if verdict:
+            self._report(
+                "info",
+                None,
+                code=event_word(pending.version),
+                command_id=pending.command_id,
+                ok=True,
+                detail=f"firmware {pending.version} is running (was {pending.previous})",
+                data={"version": pending.version, "previous": pending.previous},
+                state={"ota": None},
+            )
+            return
+        why = (
+            "failed its boot check"
+            if verdict is False
+            else f"stopped {attempts - 1} times before its boot check"
+        )
+        self._report(
+            "error",
+            None,
+            code="OTA_ROLLBACK",
+            command_id=pending.command_id,
+            ok=False,
+            detail=f"firmware {pending.version} {why}; rolling back to {pending.previous}",
+            data={"version": pending.version, "previous": pending.previous},
+            state={"ota": None, "reset_reason": "firmware_update"},
+        )
+        _LOG.warning("%s: rolling back %s to %s", self.device_id, running, pending.previous)
+        try:
+            firmware.rollback(pending.previous)
+        except OtaError as exc:
+            self._report(
+                "error",
+                None,
+                code="OTA_ROLLBACK_FAILED",
+                command_id=pending.command_id,
+                ok=False,
+                detail=f"rollback to {pending.previous} failed: {exc}"[:500],
+            )
+
+    def run(self, command: Command) -> tuple[CommandResult, dict[str, object | None]]:
+        """Do a ``firmware_update`` command; return its result and the state to keep."""
+        firmware = self._firmware
+        try:
+            request = parse_update(command.args)
+        except OtaError as exc:
+            return CommandResult(False, str(exc)), {}
+        installed = firmware.version()
+        if request.version == installed:
+            return CommandResult(True, f"already on {installed}; nothing to do"), {}
+        try:
+            older = version_key(request.version) < version_key(installed)
+        except ValueError:
+            older = False  # an installed version of another scheme: no order to keep
+        if older:
+            detail = f"{request.version} is older than the installed {installed}; not installed"
+            return CommandResult(False, detail), {}
+        try:
+            image = download_image(
+                request,
+                self._ota_dir,
+                max_bytes=self._max_image_bytes,
+                timeout_s=self._download_timeout_s,
+            )
+        except OtaError as exc:
+            code = "OTA_CHECKSUM" if "checksum" in str(exc) else "OTA_DOWNLOAD"
+            _LOG.warning("%s: %s", self.device_id, exc)
+            return CommandResult(False, str(exc)[:500], code), {}
+        try:
+            firmware.install(image, request.version)
+        except OtaError as exc:
+            return CommandResult(False, f"install failed: {exc}"[:500], "OTA_INSTALL"), {}
+        finally:
+            image.unlink(missing_ok=True)
+        pending = PendingUpdate(request.version, installed, command.id)
+        result = CommandResult(
+            True,
+            f"updated from {installed} to {request.version}; restarting",
+            event_word(request.version),
+            then=firmware.activate,
+        )
+        return result, {"ota": pending.to_json(), "reset_reason": "firmware_update"}
