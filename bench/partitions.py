@@ -14,8 +14,10 @@ Two measurements on private servers (mosquitto, influxd, PostgreSQL for the leas
 2. **Republish**: the same messages queued in the gateway's session on
    ``devices/{id}/...``, then drained by the gateway into InfluxDB, once with
    ``republish_partitions`` 0 and once with the partitions, a ``mosquitto_sub`` taking the
-   republished messages as the workers would. Printed: the gateway's msg/s, the messages
-   the broker took and sent, and the broker's CPU seconds (per 1,000 device messages).
+   republished messages as the workers would; off and on alternate for ``--rounds``.
+   Printed: the gateway's msg/s and CPU seconds, the messages the broker took and sent,
+   the broker's CPU seconds (per 1,000 device messages), and per round the ratios of on
+   to off (measured in the same run, minutes apart).
 
 The machine has 2 cores shared by the broker, the workers and everything else on it (and
 by other work: figures vary between runs), so the ratio says what 2 cores allow, not what
@@ -25,6 +27,7 @@ Usage::
 
     python bench/partitions.py                # 400 devices, 2 days, 12 partitions, 2 rounds
     python bench/partitions.py --devices 300 --days 3 --workers 1,2,3 --rounds 3
+    python bench/partitions.py --workers ''   # the republish only (off and on, 2 rounds)
 """
 
 from __future__ import annotations
@@ -250,15 +253,16 @@ async def gateway_run(
     messages: list[tuple[str, bytes]],
     partitions: int,
     influx: InfluxdServer,
+    run: int = 0,
 ) -> tuple[float, float, int]:
     """Drain the queued messages through the gateway; (msg/s, broker CPU s, broker msgs)."""
-    run_root = root / f"gateway-{partitions}"
+    run_root = root / f"gateway-{partitions}-{run}"
     run_root.mkdir()
     broker = new_broker(run_root / "broker")
     mqtt = MqttSettings(
         host=broker.host, port=broker.port, username=GATEWAY_USER, password=GATEWAY_PASSWORD
     )
-    influx_settings = InfluxSettings(url=influx.url, database=f"bench_rp{partitions}")
+    influx_settings = InfluxSettings(url=influx.url, database=f"bench_rp{partitions}_{run}")
     settings = GatewaySettings(
         spool_dir=run_root / "spool", metrics_port=0, republish_partitions=partitions
     )
@@ -282,6 +286,7 @@ async def gateway_run(
         before = cpu_seconds(broker.pid)
         async with Gateway(mqtt, influx_settings, settings) as gateway:
             started = time.perf_counter()
+            own_cpu = time.process_time()  # this process is the gateway in the drain
             task = asyncio.create_task(gateway.run())
             try:
                 deadline = time.monotonic() + 900
@@ -290,6 +295,7 @@ async def gateway_run(
                 if sub is not None:
                     await asyncio.wait_for(sub.wait(), 600)
                 elapsed = time.perf_counter() - started
+                own_cpu = time.process_time() - own_cpu
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -301,7 +307,8 @@ async def gateway_run(
             f"  republish {'on, ' + str(partitions) + ' partitions' if partitions else 'off'}: "
             f"gateway {total / elapsed:,.0f} msg/s, broker {broker_messages:,} PUBLISH "
             f"packets in the drain, broker CPU {broker_cpu:.1f} s "
-            f"({broker_cpu / total * 1e3 * 1e3:.0f} ms per 1,000 device messages)",
+            f"({broker_cpu / total * 1e3 * 1e3:.0f} ms per 1,000 device messages); gateway "
+            f"CPU {own_cpu:.1f} s of {elapsed:.1f} s",
             flush=True,
         )
         return total / elapsed, broker_cpu, broker_messages
@@ -316,12 +323,14 @@ async def main() -> None:
     parser.add_argument("--devices", type=int, default=400)
     parser.add_argument("--days", type=float, default=2.0)
     parser.add_argument("--partitions", type=int, default=12)
-    parser.add_argument("--workers", default="1,2,3")
+    parser.add_argument("--workers", default="1,2,3", help="'' for none")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--checkpoint-s", type=float, default=2.0)
     parser.add_argument("--checkpoint-messages", type=int, default=2_000)
     parser.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--rounds", type=int, default=2, help="runs of each worker count")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of each worker count and republish setting"
+    )
     args = parser.parse_args()
     # the sessions' first connections find no session to resume: expected, not news
     logging.getLogger("wire.mqtt").setLevel(logging.ERROR)
@@ -339,7 +348,7 @@ async def main() -> None:
         pg = PostgresServer(pg_root, durable=False, die_with_parent=True).start()
         try:
             print("Workers (queued partition messages drained by N worker processes):")
-            counts = [int(x) for x in args.workers.split(",")]
+            counts = [int(x) for x in args.workers.split(",") if x]
             rates: dict[int, list[float]] = {n: [] for n in counts}
             for round_ in range(args.rounds):  # alternating, so drift hits every count
                 for n in counts:
@@ -367,13 +376,15 @@ async def main() -> None:
             if not args.gateway:
                 return
             print("Republish (queued device messages drained by the gateway into InfluxDB):")
-            off = await gateway_run(root, messages, 0, influx)
-            on = await gateway_run(root, messages, args.partitions, influx)
-            print(
-                f"  with republish: gateway throughput x{on[0] / off[0]:.2f}, broker CPU "
-                f"x{on[1] / off[1]:.2f}, broker PUBLISH packets x{on[2] / off[2]:.0f}",
-                flush=True,
-            )
+            for round_ in range(args.rounds):  # off and on alternate: drift hits both
+                off = await gateway_run(root, messages, 0, influx, round_)
+                on = await gateway_run(root, messages, args.partitions, influx, round_)
+                print(
+                    f"  round {round_ + 1}, with republish: gateway throughput "
+                    f"x{on[0] / off[0]:.2f}, broker CPU x{on[1] / off[1]:.2f}, broker "
+                    f"PUBLISH packets x{on[2] / off[2]:.0f}",
+                    flush=True,
+                )
         finally:
             pg.stop()
             influx.stop()

@@ -7,7 +7,9 @@ This module is the broker side (sessions, reading, batching, acknowledging); the
 side, InfluxDB and the spool and the spool's replay, is :mod:`gateway.durable`.
 
 Delivery rule (ARCHITECTURE "Delivery and safety rules"): a message is acknowledged
-to the broker only after its point is in InfluxDB or in the spool. Until then the
+to the broker only after its point is in InfluxDB or in the spool (and, republishing
+for partitioned diagnostics, its republished copy is acknowledged by the broker:
+pipelined, :mod:`gateway.republish`). Until then the
 broker keeps it in our persistent session, so a crash of the gateway at any moment
 loses nothing: the broker redelivers and the replayed points overwrite themselves
 (series and timestamp come from the device; telemetry's time carries ``seq`` below the
@@ -33,6 +35,7 @@ until the same instance comes back (README, "Several gateways"; pinned by
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -488,6 +491,16 @@ class Gateway:
             _LOG.debug("could not report a refused message: broker connection lost")
 
     async def _write_loop(self) -> None:
+        if self.republisher is None:
+            await self._write_batches()
+            return
+        async with asyncio.TaskGroup() as group:
+            # settles the stored batches as their republished copies are acknowledged,
+            # while the writer goes on with the next ones (gateway.republish)
+            group.create_task(self.republisher.run(), name="gateway-republish")
+            await self._write_batches()
+
+    async def _write_batches(self) -> None:
         loop = asyncio.get_running_loop()
         queue = self._queue
         max_points = self._settings.batch_max_points
@@ -523,24 +536,27 @@ class Gateway:
             for more in batches[1:]:
                 lines.extend(more.lines)
             await self._durable.store(lines)
-            if self.republisher is not None:
-                await self._republish(batches)
-            for batch in batches:
-                self._settle(batch, stored=True)
+            if self.republisher is None:
+                for batch in batches:
+                    self._settle(batch, stored=True)
+            else:
+                # acknowledged once their republished copies are (gateway.republish)
+                await self.republisher.submit(
+                    first.connection.client,
+                    [m for b in batches for m in b.messages],
+                    functools.partial(self._settle_all, batches),
+                )
 
-    async def _republish(self, batches: list[_Batch]) -> None:
-        """Hand stored messages to their diagnostics partitions (:mod:`gateway.republish`)."""
-        assert self.republisher is not None
-        client = batches[0].connection.client
-        try:
-            await self.republisher.republish(client, [m for b in batches for m in b.messages])
-        except BrokerUnavailableError as exc:
-            # not acknowledged then: the broker delivers the batch again, and it is
-            # stored (overwriting itself) and republished again
-            _LOG.warning("stored batch not republished (%s); the broker resends it", exc)
+    def _settle_all(self, batches: list[_Batch], republished: bool) -> None:
+        for batch in batches:
+            self._settle(batch, stored=True, ack=republished)
 
-    def _settle(self, batch: _Batch, *, stored: bool) -> None:
-        """Acknowledge a stored batch (if its connection is up) or count it as dropped."""
+    def _settle(self, batch: _Batch, *, stored: bool, ack: bool = True) -> None:
+        """Acknowledge a stored batch (if its connection is up) or count it as dropped.
+
+        ``ack`` false: stored but not to be acknowledged (its republish failed); the
+        broker delivers it again, and it overwrites itself.
+        """
         metrics = self.metrics
         connection = batch.connection
         messages = batch.messages
@@ -548,7 +564,7 @@ class Gateway:
             if batch.newest_ts_ms > metrics.last_point_ts_ms:
                 metrics.last_point_ts_ms = batch.newest_ts_ms
             client = connection.client
-            if client.connected:
+            if ack and client.connected:
                 try:
                     client.ack_many(messages)
                     metrics.acked += sum(1 for m in messages if m.qos)

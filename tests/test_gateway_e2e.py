@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 
 import aiohttp
@@ -35,6 +35,7 @@ from wire.errors import PermanentError
 from wire.influx import InfluxClient, InfluxSettings
 from wire.mqtt import MqttClient
 from wire.settings import MqttSettings
+from wire.tasks import cancel_and_wait
 
 pytestmark = pytest.mark.integration
 
@@ -231,7 +232,12 @@ async def test_influxdb_outage_under_load_loses_nothing(
 
 
 def gateway_process(
-    broker: MosquittoServer, influx: InfluxdServer, spool_dir: Path, log: Path
+    broker: MosquittoServer,
+    influx: InfluxdServer,
+    spool_dir: Path,
+    log: Path,
+    *,
+    republish_partitions: int = 0,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -242,6 +248,7 @@ def gateway_process(
         "FIXLOOP_INFLUX__URL": influx.url,
         "FIXLOOP_GATEWAY__SPOOL_DIR": str(spool_dir),
         "FIXLOOP_GATEWAY__METRICS_PORT": "0",
+        "FIXLOOP_GATEWAY__REPUBLISH_PARTITIONS": str(republish_partitions),
     }
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -249,15 +256,82 @@ def gateway_process(
         )
 
 
-@pytest.mark.parametrize("influx_down", [False, True], ids=["influx-up", "spool-holds-data"])
+@pytest.mark.parametrize(
+    ("influx_down", "republish"),
+    [(False, False), (True, False), (False, True)],
+    ids=["influx-up", "spool-holds-data", "republished-pipelined"],
+)
 async def test_gateway_killed_mid_burst_loses_nothing(
-    mosquitto: MosquittoServer, make_influxd: MakeInfluxd, tmp_path: Path, influx_down: bool
+    mosquitto: MosquittoServer,
+    make_influxd: MakeInfluxd,
+    tmp_path: Path,
+    influx_down: bool,
+    republish: bool,
 ) -> None:
+    """SIGKILLed mid-burst and started again, the gateway stores every reading.
+
+    Republishing for partitioned diagnostics (pipelined: a batch's republished copies
+    wait for their PUBACKs while the next batch is stored), every reading also reaches
+    its partition topic: a device message is acknowledged only after both.
+    """
     influx = make_influxd()
     log = tmp_path / "gateway.log"
     spool = tmp_path / "spool"
     base_ms = int(time.time() * 1000) - 86_400_000
-    gateway = gateway_process(mosquitto, influx, spool, log)
+    partitions = 4 if republish else 0
+    republished: set[tuple[str, int]] = set()
+    async with AsyncExitStack() as stack:
+        if republish:
+            # a persistent session, as a partition's worker has: it misses nothing
+            worker = await stack.enter_async_context(
+                gateway_mqtt(mosquitto).client(
+                    "partitions-stand-in", clean_start=False, session_expiry_s=600
+                )
+            )
+            await worker.subscribe("fleet/partitions/#", qos=1)
+
+            async def watch() -> None:
+                while True:
+                    await worker.wait_messages()
+                    batch = worker.take(10_000)
+                    for message in batch:
+                        device_id = message.topic.split("/")[3]
+                        republished.add((device_id, orjson.loads(message.payload)["seq"]))
+                    worker.ack_many(batch)
+
+            watcher = asyncio.create_task(watch())
+            stack.push_async_callback(cancel_and_wait, watcher)
+        sent = await _kill_mid_burst(
+            mosquitto,
+            influx,
+            spool,
+            log,
+            base_ms,
+            influx_down=influx_down,
+            partitions=partitions,
+            also=lambda sent: not republish or len(republished) >= sent,
+        )
+    if republish:
+        expected = {(d, seq) for d in DEVICE_IDS for seq in range(sent // len(DEVICE_IDS))}
+        assert republished == expected
+
+
+async def _kill_mid_burst(
+    mosquitto: MosquittoServer,
+    influx: InfluxdServer,
+    spool: Path,
+    log: Path,
+    base_ms: int,
+    *,
+    influx_down: bool,
+    partitions: int,
+    also: Callable[[int], bool] = lambda sent: True,
+) -> int:
+    """Start a gateway, SIGKILL it mid-burst, start it again; return the readings sent.
+
+    The restarted gateway runs until every reading is stored and ``also(sent)`` holds.
+    """
+    gateway = gateway_process(mosquitto, influx, spool, log, republish_partitions=partitions)
     try:
         # The session must exist before the burst so the broker queues for it.
         await wait_for(lambda: b"subscribed" in log.read_bytes(), 20, "the gateway to subscribe")
@@ -287,7 +361,7 @@ async def test_gateway_killed_mid_burst_loses_nothing(
         sent = await publisher  # the broker keeps the gateway's queue meanwhile
         if influx_down:
             await asyncio.to_thread(influx.start)
-        gateway = gateway_process(mosquitto, influx, spool, log)
+        gateway = gateway_process(mosquitto, influx, spool, log, republish_partitions=partitions)
         await wait_for(lambda: b"resumed: True" in log.read_bytes(), 20, "the session resumed")
 
         async def all_stored() -> bool:
@@ -297,10 +371,13 @@ async def test_gateway_killed_mid_burst_loses_nothing(
         while not await all_stored():
             assert time.monotonic() < deadline, f"only {await count_points(influx.url)} of {sent}"
             await asyncio.sleep(0.3)
+        # still running: what it has not acknowledged yet is its own to finish
+        await wait_for(lambda: also(sent), 60, "the rest of the work")
     finally:
         gateway.terminate()
         gateway.wait(10)
     assert gateway.returncode in (0, -signal.SIGTERM)
+    return sent
 
 
 async def health(port: int | None) -> tuple[int, dict[str, object]]:

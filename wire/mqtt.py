@@ -101,6 +101,7 @@ from wire.mqtt_packets import (
 )
 
 __all__ = [
+    "InFlight",
     "Message",
     "MqttClient",
     "MqttProtocolError",
@@ -196,6 +197,44 @@ class _Protocol(asyncio.Protocol):
             self._client._protocol_error(exc)
             return
         self._client._on_data(len(data))
+
+
+@dataclass(slots=True, eq=False)
+class InFlight:
+    """QoS-1 messages written by :meth:`MqttClient.send_many`, waiting for their PUBACKs.
+
+    Attributes:
+        outcomes: per message, ``None`` or why it could not be sent (filled by
+            :meth:`acked` with the broker's refusals).
+        waits: ``(index, PUBACK future)`` of each message written.
+        topics: the messages' topics (for the errors).
+    """
+
+    outcomes: list[PermanentError | None]
+    waits: list[tuple[int, asyncio.Future[int]]]
+    topics: list[str]
+
+    def done(self) -> bool:
+        """Whether every PUBACK came (or the connection ended)."""
+        return all(future.done() for _, future in self.waits)
+
+    async def acked(self) -> list[PermanentError | None]:
+        """Wait for every PUBACK; per message ``None`` when the broker took it.
+
+        No timeout of its own: the futures end with the connection, whose keep-alive
+        notices a silent broker; wrap it in :func:`asyncio.timeout` to bound it.
+
+        Raises:
+            BrokerUnavailableError: the connection dropped before every PUBACK came.
+        """
+        outcomes = self.outcomes
+        for index, future in self.waits:
+            reason = await future
+            if reason >= 0x80:
+                outcomes[index] = PermanentError(
+                    f"the broker refused the message on {self.topics[index]} (0x{reason:02x})"
+                )
+        return outcomes
 
 
 class MqttClient:
@@ -680,6 +719,9 @@ class MqttClient:
             for future in pending.values():
                 if not future.done():
                     future.set_exception(BrokerUnavailableError(str(error)))
+                    # marked retrieved: a caller that no longer waits (cancelled, or
+                    # waiting for an earlier one of many) must not have each logged
+                    future.exception()
             pending.clear()
         waiters, self._ping_waiters = self._ping_waiters, []
         for _, waiter in waiters:
@@ -847,7 +889,7 @@ class MqttClient:
         """Publish many QoS-1 messages in order, pipelined; return after every PUBACK.
 
         The packets go out in as few socket writes as the send quota allows, with no task
-        per message (the gateway republishes whole batches this way).
+        per message (:meth:`send_many`, then :meth:`InFlight.acked`).
 
         Args:
             messages: ``(topic, payload)`` pairs, published in this order.
@@ -862,57 +904,79 @@ class MqttClient:
             BrokerUnavailableError: the connection dropped before every PUBACK came, or
                 they did not come in time (the messages stay in flight).
         """
+        timeout = self._publish_timeout_s if timeout_s is None else timeout_s
+        sent: InFlight | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                sent = await self.send_many(messages)
+                return await sent.acked()
+        except TimeoutError as exc:
+            count = len(sent.waits) if sent is not None else 0
+            raise BrokerUnavailableError(
+                f"no PUBACK within {timeout:g} s for {count} messages"
+            ) from exc
+
+    async def send_many(
+        self, messages: Sequence[tuple[str, bytes]], *, timeout_s: float | None = None
+    ) -> InFlight:
+        """Write many QoS-1 messages in order, pipelined; return without their PUBACKs.
+
+        The packets go out in as few socket writes as the send quota (the broker's
+        Receive Maximum) allows; this waits only for quota. The PUBACKs are awaited with
+        :meth:`InFlight.acked`, so a caller can go on (the gateway stores its next batch)
+        while they come.
+
+        Args:
+            messages: ``(topic, payload)`` pairs, published in this order.
+            timeout_s: how long to wait for send quota (default ``publish_timeout_s``).
+
+        Raises:
+            BrokerUnavailableError: not connected, the connection dropped, or no send
+                quota came in time; the messages written before stay in flight.
+        """
         quota = self._send_quota
         if quota is None:
             raise BrokerUnavailableError("not connected to the MQTT broker")
         timeout = self._publish_timeout_s if timeout_s is None else timeout_s
         loop = asyncio.get_running_loop()
-        outcomes: list[PermanentError | None] = [None] * len(messages)
-        waits: list[tuple[int, asyncio.Future[int]]] = []
+        sent = InFlight([None] * len(messages), [], [t for t, _ in messages])
+        waits = sent.waits
         chunk: list[bytes] = []
         unsent: list[int] = []
         try:
             async with asyncio.timeout(timeout):
                 for index, (topic, payload) in enumerate(messages):
-                    packet = encode_publish(topic, payload, 1, False, 0)
-                    if len(packet) > self.server_max_packet_size:
-                        outcomes[index] = PermanentError(
-                            f"message on {topic} of {len(packet)} bytes exceeds the "
-                            f"broker's Maximum Packet Size of {self.server_max_packet_size}"
-                        )
-                        continue
                     if quota.locked() and chunk:
                         self._write(b"".join(chunk))
                         chunk, unsent = [], []
                         self._update_reading()
                     await quota.acquire()
                     packet_id = self._packet_id()
+                    packet = encode_publish(topic, payload, 1, False, packet_id)
+                    if len(packet) > self.server_max_packet_size:
+                        quota.release()
+                        sent.outcomes[index] = PermanentError(
+                            f"message on {topic} of {len(packet)} bytes exceeds the "
+                            f"broker's Maximum Packet Size of {self.server_max_packet_size}"
+                        )
+                        continue
                     future: asyncio.Future[int] = loop.create_future()
                     self._publishes[packet_id] = future
                     unsent.append(packet_id)
                     waits.append((index, future))
-                    chunk.append(encode_publish(topic, payload, 1, False, packet_id))
+                    chunk.append(packet)
                 if chunk:
                     self._write(b"".join(chunk))
                     chunk, unsent = [], []
                 self._update_reading()
-                for index, future in waits:
-                    reason = await future
-                    if reason >= 0x80:
-                        outcomes[index] = PermanentError(
-                            f"the broker refused the message on {messages[index][0]} "
-                            f"(0x{reason:02x})"
-                        )
         except TimeoutError as exc:
-            raise BrokerUnavailableError(
-                f"no PUBACK within {timeout:g} s for {len(waits)} messages"
-            ) from exc
+            raise BrokerUnavailableError(f"no send quota within {timeout:g} s") from exc
         finally:
             # ids taken for packets never written get no PUBACK: give them back
             for packet_id in unsent:
                 if self._publishes.pop(packet_id, None) is not None and self._send_quota:
                     self._send_quota.release()
-        return outcomes
+        return sent
 
     async def ping(self, timeout_s: float | None = None) -> None:
         """Send a PINGREQ and wait for its PINGRESP (a round trip through the broker).
