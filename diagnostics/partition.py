@@ -23,9 +23,31 @@ a worker holds some partitions under leases (:mod:`diagnostics.leases`) and, for
 
 Each partition has its own engine, so what a device's diagnosis depends on (its own
 history, and the peers it is compared with: the devices of its partition) is the same
-whichever worker holds it. A device's items not newer than the last one handled
-(``(ts_ms, seq)``, readings and events apart) are dropped: repeats after a gateway
-crash. A worker that cannot renew a lease stops that partition before the lease ends.
+whichever worker holds it. A worker that cannot renew a lease stops that partition
+before the lease ends.
+
+Order across gateways (issue 15): one gateway hands a partition its messages in the
+order it received them, but several gateways sharing the device topics do not: a
+device's reading stored by a slower gateway reaches the partition after a newer one
+stored by a faster gateway. So a partition holds each item ``reorder_hold_s`` (2 s)
+after it arrived, in a per-device buffer that is part of the checkpointed
+:class:`PartitionState`, and scores a device's items in ``(ts_ms, seq)`` order: when an
+item's hold ends, it and every held item of its device and kind not newer than it go
+to the engine, sorted (at most ``reorder_max_items`` are held per partition; beyond it
+the oldest arrivals end their hold early). A reading overtaken by less than the hold is
+therefore scored in its place. Held items are covered by the checkpoint that
+acknowledges their messages, so a partition that moves keeps them; nothing is lost.
+
+An item not newer than the last one of its device and kind already scored or held
+(``(ts_ms, seq)``, readings and events apart) is not scored: a repeat (a gateway that
+crashed after its republish and before its acknowledgement republishes again), or a
+reading overtaken by more than the hold (a gateway that stalled, or a dead gateway's
+share delivered on its return). It is counted (:attr:`PartitionedDiagnostics.late_items`),
+and it is in InfluxDB all the same: the gateway stored it before republishing it.
+Scoring it would change nothing anyway (the engine takes a reading older than the
+device's last one as history: scored, no state changed, never a diagnosis), and not
+scoring it keeps a repeat from being scored twice; so the diagnoses are those of the
+device's readings in order, none false and none twice.
 """
 
 from __future__ import annotations
@@ -36,6 +58,7 @@ import os
 import pickle
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -81,32 +104,93 @@ class _LeaseLostError(Exception):
     """The worker no longer holds the partition: stop without saving."""
 
 
+_Key = tuple[int, int]  # (ts_ms, seq)
+_Slot = tuple[str, bool]  # (device id, is a reading)
+
+
 @dataclass(slots=True)
 class PartitionState:
     """What a checkpoint holds for one partition.
 
     Attributes:
         engine: the partition's engine.
-        last_reading: per device, ``(ts_ms, seq)`` of the last reading handled.
+        last_reading: per device, ``(ts_ms, seq)`` of the last reading scored.
         last_event: per device, ``(ts_ms, seq)`` of the last event handled.
+        held: items waiting for their hold to end, per device and kind, by key.
+        arrivals: ``(arrived at, device, is a reading, key)`` in arrival order (wall
+            clock seconds; an entry may outlive its item, released with a newer one).
     """
 
     engine: DiagnosticsEngine
-    last_reading: dict[str, tuple[int, int]] = field(default_factory=dict)
-    last_event: dict[str, tuple[int, int]] = field(default_factory=dict)
+    last_reading: dict[str, _Key] = field(default_factory=dict)
+    last_event: dict[str, _Key] = field(default_factory=dict)
+    held: dict[_Slot, dict[_Key, Reading | Event]] = field(default_factory=dict)
+    arrivals: deque[tuple[float, str, bool, _Key]] = field(default_factory=deque)
 
-    def fresh(self, items: Sequence[Reading | Event]) -> list[Reading | Event]:
-        """The items newer than the last one handled of their device and kind."""
-        kept: list[Reading | Event] = []
+    def admit(self, items: Sequence[Reading | Event], now_s: float) -> int:
+        """Hold the items newer than the last one scored or held of their device and kind.
+
+        Returns:
+            How many items were not held: not newer than that (late, or repeats).
+        """
+        late = 0
+        held = self.held
+        arrivals = self.arrivals
         for item in items:
-            last = self.last_reading if isinstance(item, Reading) else self.last_event
+            reading = isinstance(item, Reading)
+            last = self.last_reading if reading else self.last_event
             key = (item.ts_ms, item.seq)
             before = last.get(item.device_id)
-            if before is not None and key <= before:
+            slot = (item.device_id, reading)
+            waiting = held.get(slot)
+            if (before is not None and key <= before) or (waiting and key in waiting):
+                late += 1
                 continue
-            last[item.device_id] = key
-            kept.append(item)
-        return kept
+            if waiting is None:
+                waiting = held[slot] = {}
+            waiting[key] = item
+            arrivals.append((now_s, item.device_id, reading, key))
+        return late
+
+    def release(self, now_s: float, hold_s: float, max_held: int) -> list[Reading | Event]:
+        """The held items whose hold ended, and older ones of their device and kind.
+
+        Sorted by ``(ts_ms, seq)``; each device's items are then newer than any of its
+        scored before.
+        """
+        arrivals = self.arrivals
+        until = now_s - hold_s
+        cut: dict[_Slot, _Key] = {}
+        while arrivals and (arrivals[0][0] <= until or len(arrivals) > max_held):
+            _, device_id, reading, key = arrivals.popleft()
+            slot = (device_id, reading)
+            if slot not in cut or key > cut[slot]:
+                cut[slot] = key
+        released: list[Reading | Event] = []
+        held = self.held
+        for slot, newest in cut.items():
+            waiting = held.get(slot)
+            if not waiting:
+                continue
+            ready = sorted(k for k in waiting if k <= newest)
+            if not ready:
+                continue
+            released += [waiting.pop(k) for k in ready]
+            if not waiting:
+                del held[slot]
+            last = self.last_reading if slot[1] else self.last_event
+            last[slot[0]] = ready[-1]
+        if len(cut) > 1:
+            released.sort(key=_item_key)
+        return released
+
+    def next_release_s(self, hold_s: float) -> float | None:
+        """When the next hold ends (wall clock), or None when nothing is held."""
+        return self.arrivals[0][0] + hold_s if self.arrivals else None
+
+
+def _item_key(item: Reading | Event) -> _Key:
+    return (item.ts_ms, item.seq)
 
 
 @dataclass(slots=True, eq=False)
@@ -143,6 +227,10 @@ class PartitionedDiagnostics:
         partitions_held: the partitions being served now.
         takeovers: partitions started (claimed, or restarted after an error).
         repeats_skipped: diagnosis changes not published again after a move.
+        held_items: items held for reordering now (all partitions).
+        late_items: items not scored because one of their device and kind as new or
+            newer was already scored or held: repeats, or overtaken by more than
+            ``reorder_hold_s`` (stored in InfluxDB all the same).
         checkpoints: checkpoints saved.
         checkpoint_bytes: size of the last checkpoint saved.
     """
@@ -179,6 +267,8 @@ class PartitionedDiagnostics:
         self.items_failed = 0
         self.takeovers = 0
         self.repeats_skipped = 0
+        self.late_items = 0
+        self._held_items: dict[int, int] = {}
         self.checkpoints = 0
         self.checkpoint_bytes = 0
         self.stages = StageHealth()
@@ -187,6 +277,11 @@ class PartitionedDiagnostics:
     def connected(self) -> bool:
         """Whether every partition held has its broker session up (none held: True)."""
         return all(h.connected for h in self._held.values() if not h.stop.is_set())
+
+    @property
+    def held_items(self) -> int:
+        """Items held for reordering now, in every partition served."""
+        return sum(self._held_items.values())
 
     @property
     def unknown_readings(self) -> int:
@@ -295,6 +390,7 @@ class PartitionedDiagnostics:
             _LOG.exception("partition %d stopped; taken up again next round", number)
         finally:
             held.connected = False
+            self._held_items.pop(number, None)
 
     def _restore(self, number: int, checkpoint: bytes | None) -> PartitionState:
         if checkpoint is not None:
@@ -304,6 +400,10 @@ class PartitionedDiagnostics:
                 _LOG.exception("partition %d: checkpoint unreadable; starting afresh", number)
             else:
                 if version == CHECKPOINT_VERSION and isinstance(state, PartitionState):
+                    # saved before the reorder buffer: nothing held
+                    for name, empty in (("held", dict), ("arrivals", deque)):
+                        if not hasattr(state, name):
+                            setattr(state, name, empty())
                     return state
                 _LOG.error("partition %d: checkpoint of version %r ignored", number, version)
         return PartitionState(pickle.loads(self._template))
@@ -338,15 +438,18 @@ class PartitionedDiagnostics:
             )
             unacked: list[Message] = []
             saved_at = time.monotonic()
+            hold_s = settings.reorder_hold_s
             while not held.stop.is_set():
                 self._alive(held)
                 due = saved_at + settings.checkpoint_every_s - time.monotonic()
+                release_s = state.next_release_s(hold_s)
+                if release_s is not None:
+                    due = min(due, release_s - self._clock())
                 await client.wait_messages(min(_POLL_S, max(0.01, due)))
                 messages = client.take(settings.batch_max)
-                if messages:
-                    self._alive(held)
-                    await self._handle(client, held, state, messages, repeats)
-                    unacked += messages
+                self._alive(held)
+                await self._handle(client, held, state, messages, repeats)
+                unacked += messages
                 if unacked and (
                     time.monotonic() - saved_at >= settings.checkpoint_every_s
                     or len(unacked) >= settings.checkpoint_max_messages
@@ -396,7 +499,15 @@ class PartitionedDiagnostics:
         messages: Sequence[Message],
         repeats: set[str],
     ) -> None:
-        items = state.fresh(self._decode(messages))
+        now_s = self._clock()
+        if messages:
+            late = state.admit(self._decode(messages), now_s)
+            if late:
+                self.late_items += late
+                _LOG.debug("partition %d: %d items late or repeated", held.partition, late)
+        settings = self._settings
+        items = state.release(now_s, settings.reorder_hold_s, settings.reorder_max_items)
+        self._held_items[held.partition] = sum(len(w) for w in state.held.values())
         if not items:
             return
         engine = state.engine

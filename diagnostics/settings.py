@@ -49,6 +49,12 @@ class DiagnosticsSettings(BaseModel):
         checkpoint_max_messages: a checkpoint at the latest after this many messages of
             a partition. Mosquitto sends a backlog on as the earlier messages are
             acknowledged, so this paces a partition's catch-up (``bench/partitions.py``).
+        reorder_hold_s: a partition holds each device item this long after it arrived
+            and scores a device's held items in ``(ts, seq)`` order, so that readings
+            reaching the partition out of order through different gateways are scored
+            in order (:mod:`diagnostics.partition`). 0: no hold.
+        reorder_max_items: at most this many items held per partition; beyond it the
+            oldest arrivals are released early.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -72,3 +78,5 @@ class DiagnosticsSettings(BaseModel):
     lease_ttl_s: float = Field(15.0, ge=1.0, le=600.0)
     checkpoint_every_s: float = Field(2.0, gt=0, le=600.0)
     checkpoint_max_messages: int = Field(2_000, ge=1, le=60_000)
+    reorder_hold_s: float = Field(2.0, ge=0, le=60.0)
+    reorder_max_items: int = Field(10_000, ge=1, le=1_000_000)
