@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
 
 from notifier.model import (
     Appointment,
@@ -37,9 +37,19 @@ from notifier.model import (
 if TYPE_CHECKING:  # the registry module imports this one
     from notifier.registry import DeviceRegistry
 
-__all__ = ["CaseStore", "CaseTimer", "NewMessage", "Principal", "PrincipalKind", "TimerKind"]
+__all__ = [
+    "PRINCIPAL_KINDS",
+    "CaseStore",
+    "CaseTimer",
+    "NewMessage",
+    "Principal",
+    "PrincipalKind",
+    "TimerKind",
+]
 
 PrincipalKind = Literal["owner", "technician", "ops"]
+#: every :data:`PrincipalKind`, to check a kind read from outside
+PRINCIPAL_KINDS: Final[frozenset[str]] = frozenset(get_args(PrincipalKind))
 #: Who an API token stands for: ``(kind, id)``.
 Principal = tuple[PrincipalKind, str]
 

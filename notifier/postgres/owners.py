@@ -29,8 +29,7 @@ from notifier.rows import (
     token_hash,
     ts,
 )
-from notifier.sqlite import _PRINCIPAL_KINDS
-from notifier.store import Principal
+from notifier.store import PRINCIPAL_KINDS, Principal
 
 if TYPE_CHECKING:
     from notifier.postgres.sql import Conn
@@ -86,7 +85,7 @@ class OwnerQueries(PooledStore):
         kind, principal_id = principal
         if not token:
             raise InvalidRequestError("an API token must not be empty")
-        if kind not in _PRINCIPAL_KINDS:
+        if kind not in PRINCIPAL_KINDS:
             raise InvalidRequestError(f"unknown principal kind {kind!r}")
         row = {"token_sha256": token_hash(token), "kind": kind, "principal_id": principal_id}
         await self._run(lambda conn: upsert(conn, "tokens", "token_sha256", row))

@@ -25,11 +25,10 @@ import asyncpg
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import OPEN_STATES, DeviceRecord
 from notifier.postgres.sql import REGISTRY_LOCK, Params, insert, row_count, where_sql
-from notifier.registry import (
-    _MODEL,
-    _PRINTABLE,
-    _SELECT,
-    TOKEN_ID_CHARS,
+from notifier.registry.claims import TOKEN_ID_CHARS, claim_digest, new_claim_code, sha256_hex
+from notifier.registry.csvimport import MODEL_NAME, PRINTABLE, check_firmware, check_new_device
+from notifier.registry.model import (
+    CheckedDevice,
     ClaimOutcome,
     DeviceState,
     NewDevice,
@@ -37,14 +36,8 @@ from notifier.registry import (
     RegisteredDevice,
     ReleaseOutcome,
     RowOutcome,
-    _Checked,
-    _sha256,
-    check_firmware,
-    check_new_device,
-    claim_digest,
-    new_claim_code,
 )
-from notifier.registry import _device as _registered
+from notifier.registry.rows import REGISTERED_SELECT, registered_device
 from notifier.rows import device_row, dt, json_text, ts
 from notifier.store import PrincipalKind
 
@@ -97,11 +90,11 @@ class PostgresRegistry:
         Raises:
             InvalidRequestError: the model or name breaks the rules.
         """
-        if not _MODEL.fullmatch(line.model):
+        if not MODEL_NAME.fullmatch(line.model):
             raise InvalidRequestError(
                 f"{line.model!r} is not a product model name (lower-case letters, digits, _)"
             )
-        if not _PRINTABLE.fullmatch(line.name):
+        if not PRINTABLE.fullmatch(line.name):
             raise InvalidRequestError("a product line's name is 1 to 80 printable characters")
 
         async def job(conn: Conn) -> ProductLine:
@@ -150,7 +143,7 @@ class PostgresRegistry:
         holds the registry's advisory lock (two imports at once take turns).
         """
         checked = [
-            _Checked(i, device, check_new_device(device)) for i, device in enumerate(devices)
+            CheckedDevice(i, device, check_new_device(device)) for i, device in enumerate(devices)
         ]
         codes: dict[int, str] = {}
         digests: dict[int, str] = {}
@@ -230,8 +223,10 @@ class PostgresRegistry:
         """Return a registered device (with its owner, if it has one)."""
 
         async def job(conn: Conn) -> RegisteredDevice | None:
-            row = await conn.fetchrow(f"{_SELECT} WHERE registry.device_id = $1", device_id)
-            return None if row is None else _registered(row)
+            row = await conn.fetchrow(
+                f"{REGISTERED_SELECT} WHERE registry.device_id = $1", device_id
+            )
+            return None if row is None else registered_device(row)
 
         result: RegisteredDevice | None = await self._run(job)
         return result
@@ -284,10 +279,11 @@ class PostgresRegistry:
             clauses.append("registry.retired_at IS NULL AND devices.owner_id IS NULL")
         if after is not None:
             clauses.append(f"registry.device_id > {p(after)}")
-        sql = f"{_SELECT} {where_sql(clauses)} ORDER BY registry.device_id LIMIT {p(max(limit, 0))}"
+        order = f"ORDER BY registry.device_id LIMIT {p(max(limit, 0))}"
+        sql = f"{REGISTERED_SELECT} {where_sql(clauses)} {order}"
 
         async def job(conn: Conn) -> list[RegisteredDevice]:
-            return [_registered(row) for row in await conn.fetch(sql, *p.values)]
+            return [registered_device(row) for row in await conn.fetch(sql, *p.values)]
 
         result: list[RegisteredDevice] = await self._run(job)
         return result
@@ -322,9 +318,11 @@ class PostgresRegistry:
                     f"device {device_id} retired by {actor}",
                     {"device_id": device_id, "actor": actor},
                 )
-                retired = await conn.fetchrow(f"{_SELECT} WHERE registry.device_id = $1", device_id)
+                retired = await conn.fetchrow(
+                    f"{REGISTERED_SELECT} WHERE registry.device_id = $1", device_id
+                )
             assert retired is not None
-            return _registered(retired)
+            return registered_device(retired)
 
         result: RegisteredDevice = await self._run(job)
         return result
@@ -359,9 +357,11 @@ class PostgresRegistry:
                 if locked is None:
                     raise NotFoundError("no device has this claim code")
                 # read after the lock: a claim that held it is committed now
-                row = await conn.fetchrow(f"{_SELECT} WHERE registry.device_id = $1", locked)
+                row = await conn.fetchrow(
+                    f"{REGISTERED_SELECT} WHERE registry.device_id = $1", locked
+                )
                 assert row is not None
-                device = _registered(row)
+                device = registered_device(row)
                 if device.retired_at is not None:
                     raise ConflictError("this device is out of service and cannot be claimed")
                 if device.owner_id == owner_id:
@@ -498,7 +498,7 @@ class PostgresRegistry:
 
     async def add_invite(self, invite: str, owner_id: str, expires_at: datetime) -> None:
         """Keep an invite code's digest for an owner until it expires."""
-        values = (_sha256(invite), owner_id, ts(expires_at))
+        values = (sha256_hex(invite), owner_id, ts(expires_at))
 
         async def job(conn: Conn) -> None:
             await conn.execute(
@@ -514,7 +514,7 @@ class PostgresRegistry:
         Raises:
             NotFoundError: no such invite, it was used, it expired, or its owner is gone.
         """
-        digest = _sha256(invite)
+        digest = sha256_hex(invite)
         cutoff = ts(now)
 
         async def job(conn: Conn) -> str:
@@ -579,7 +579,7 @@ def _line(row: asyncpg.Record) -> ProductLine:
 
 async def _clashes(
     conn: Conn,
-    row: _Checked,
+    row: CheckedDevice,
     models: set[str],
     digest: str,
     seen_ids: dict[str, int],

@@ -12,9 +12,8 @@ Where things are: :mod:`notifier.registry.model` (the records, the
 (claim codes, invite codes, tokens and their digests), :mod:`notifier.registry.csvimport`
 (checking a device to register, reading a device file), :mod:`notifier.registry.rows` (a
 registered device's row, for both registries) and :mod:`notifier.registry.sqlite`
-(:class:`SqliteRegistry`). The few private helpers the PostgreSQL registry shares
-(``_device``, ``_SELECT``, ``_Checked``, ``_MODEL``, ``_PRINTABLE``, ``_sha256``) are
-imported here too, so :mod:`notifier.postgres` finds them where it always did.
+(:class:`SqliteRegistry`). The PostgreSQL registry imports the helpers it shares with
+the SQLite one from those modules.
 
 How it works:
 
@@ -61,9 +60,6 @@ from notifier.registry.claims import (
     normalise_claim_code,
     token_id,
 )
-from notifier.registry.claims import _sha256 as _sha256
-from notifier.registry.csvimport import _MODEL as _MODEL
-from notifier.registry.csvimport import _PRINTABLE as _PRINTABLE
 from notifier.registry.csvimport import (
     DEVICE_COLUMNS,
     ParsedRow,
@@ -84,9 +80,6 @@ from notifier.registry.model import (
     RowOutcome,
     TokenInfo,
 )
-from notifier.registry.model import _Checked as _Checked
-from notifier.registry.rows import _SELECT as _SELECT
-from notifier.registry.rows import _device as _device
 from notifier.registry.sqlite import REGISTRY_STEPS, SqliteRegistry
 
 __all__ = [

@@ -78,10 +78,11 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _sha256(text: str) -> str:
+def sha256_hex(text: str) -> str:
+    """The hex SHA-256 of ``text`` (how invite codes are kept)."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def token_id(token: str) -> str:
     """The id that names a token (the first hex digits of its stored digest)."""
-    return _sha256(token)[:TOKEN_ID_CHARS]
+    return sha256_hex(token)[:TOKEN_ID_CHARS]

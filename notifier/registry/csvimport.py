@@ -19,11 +19,11 @@ from notifier.registry.claims import normalise_claim_code
 from notifier.registry.model import NewDevice
 from wire.protocol import is_valid_device_id
 
-_MODEL: Final = re.compile(r"[a-z][a-z0-9_]{0,39}")
+MODEL_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _SERIAL: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,63}")
 _REGION: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 _FIRMWARE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,31}")
-_PRINTABLE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,80}")
+PRINTABLE: Final = re.compile(r"[^\x00-\x1f\x7f]{1,80}")
 
 
 def check_firmware(firmware: str) -> str:
@@ -48,7 +48,7 @@ def check_new_device(device: NewDevice) -> list[tuple[str, str]]:
                 "starting with a letter or digit, at most 64)",
             )
         )
-    if not _MODEL.fullmatch(device.model):
+    if not MODEL_NAME.fullmatch(device.model):
         errors.append(("model", f"{device.model!r} is not a product model name"))
     if not _SERIAL.fullmatch(device.serial):
         errors.append(
@@ -62,7 +62,7 @@ def check_new_device(device: NewDevice) -> list[tuple[str, str]]:
         errors.append(("region", f"{device.region!r} is not a region name"))
     if device.firmware is not None and not _FIRMWARE.fullmatch(device.firmware):
         errors.append(("firmware", f"{device.firmware!r} is not a firmware version"))
-    if device.batch is not None and not _PRINTABLE.fullmatch(device.batch):
+    if device.batch is not None and not PRINTABLE.fullmatch(device.batch):
         errors.append(("batch", "a batch is 1 to 80 printable characters"))
     if device.claim_code is not None:
         try:

@@ -170,7 +170,7 @@ class TokenInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class _Checked:
+class CheckedDevice:
     """A registration row after its own checks (errors empty: ready to insert)."""
 
     index: int

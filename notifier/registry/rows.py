@@ -1,8 +1,9 @@
 """The device registry's rows, read the same by both registries (notifier).
 
 A registered device is its ``registry`` row joined with the case store's ``devices`` row
-that names its owner (:data:`_SELECT`); :func:`_device` reads such a row (``sqlite3.Row``
-or asyncpg's ``Record``) back into a :class:`~notifier.registry.model.RegisteredDevice`.
+that names its owner (:data:`REGISTERED_SELECT`); :func:`registered_device` reads such a
+row (``sqlite3.Row`` or asyncpg's ``Record``) back into a
+:class:`~notifier.registry.model.RegisteredDevice`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from notifier.registry.model import RegisteredDevice
 from notifier.rows import Row, dt
 
 
-def _device(row: Row) -> RegisteredDevice:
+def registered_device(row: Row) -> RegisteredDevice:
+    """The registered device a :data:`REGISTERED_SELECT` row describes."""
     return RegisteredDevice(
         device_id=row["device_id"],
         model=row["model"],
@@ -30,7 +32,7 @@ def _device(row: Row) -> RegisteredDevice:
     )
 
 
-_SELECT: Final = (
+REGISTERED_SELECT: Final = (
     "SELECT registry.*, devices.owner_id AS owner_id FROM registry "
     "LEFT JOIN devices ON devices.device_id = registry.device_id"
 )

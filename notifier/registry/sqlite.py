@@ -24,9 +24,10 @@ from typing import Final, Protocol, TypeVar
 
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import OPEN_STATES, DeviceRecord
-from notifier.registry.claims import TOKEN_ID_CHARS, _sha256, claim_digest, new_claim_code
-from notifier.registry.csvimport import _MODEL, _PRINTABLE, check_firmware, check_new_device
+from notifier.registry.claims import TOKEN_ID_CHARS, claim_digest, new_claim_code, sha256_hex
+from notifier.registry.csvimport import MODEL_NAME, PRINTABLE, check_firmware, check_new_device
 from notifier.registry.model import (
+    CheckedDevice,
     ClaimOutcome,
     DeviceState,
     NewDevice,
@@ -34,9 +35,8 @@ from notifier.registry.model import (
     RegisteredDevice,
     ReleaseOutcome,
     RowOutcome,
-    _Checked,
 )
-from notifier.registry.rows import _SELECT, _device
+from notifier.registry.rows import REGISTERED_SELECT, registered_device
 from notifier.rows import dt, ts
 from notifier.schema import STEPS, render_step
 from notifier.store import PrincipalKind
@@ -103,11 +103,11 @@ class SqliteRegistry:
         Raises:
             InvalidRequestError: the model or name breaks the rules.
         """
-        if not _MODEL.fullmatch(line.model):
+        if not MODEL_NAME.fullmatch(line.model):
             raise InvalidRequestError(
                 f"{line.model!r} is not a product model name (lower-case letters, digits, _)"
             )
-        if not _PRINTABLE.fullmatch(line.name):
+        if not PRINTABLE.fullmatch(line.name):
             raise InvalidRequestError("a product line's name is 1 to 80 printable characters")
 
         def job(conn: sqlite3.Connection) -> ProductLine:
@@ -169,7 +169,7 @@ class SqliteRegistry:
             One outcome per row, in order.
         """
         checked = [
-            _Checked(i, device, check_new_device(device)) for i, device in enumerate(devices)
+            CheckedDevice(i, device, check_new_device(device)) for i, device in enumerate(devices)
         ]
         codes: dict[int, str] = {}
         digests: dict[int, str] = {}
@@ -249,7 +249,7 @@ class SqliteRegistry:
     @staticmethod
     def _clashes(
         conn: sqlite3.Connection,
-        row: _Checked,
+        row: CheckedDevice,
         models: set[str],
         digest: str,
         seen_ids: dict[str, int],
@@ -303,8 +303,10 @@ class SqliteRegistry:
         """Return a registered device (with its owner, if it has one)."""
 
         def job(conn: sqlite3.Connection) -> RegisteredDevice | None:
-            row = conn.execute(f"{_SELECT} WHERE registry.device_id = ?", (device_id,)).fetchone()
-            return None if row is None else _device(row)
+            row = conn.execute(
+                f"{REGISTERED_SELECT} WHERE registry.device_id = ?", (device_id,)
+            ).fetchone()
+            return None if row is None else registered_device(row)
 
         return await self._run(job)
 
@@ -360,8 +362,10 @@ class SqliteRegistry:
         params.append(max(limit, 0))
 
         def job(conn: sqlite3.Connection) -> list[RegisteredDevice]:
-            rows = conn.execute(f"{_SELECT} {where} ORDER BY registry.device_id LIMIT ?", params)
-            return [_device(row) for row in rows]
+            rows = conn.execute(
+                f"{REGISTERED_SELECT} {where} ORDER BY registry.device_id LIMIT ?", params
+            )
+            return [registered_device(row) for row in rows]
 
         return await self._run(job)
 
@@ -379,7 +383,7 @@ class SqliteRegistry:
         def job(conn: sqlite3.Connection) -> RegisteredDevice:
             with _transaction(conn):
                 row = conn.execute(
-                    f"{_SELECT} WHERE registry.device_id = ?", (device_id,)
+                    f"{REGISTERED_SELECT} WHERE registry.device_id = ?", (device_id,)
                 ).fetchone()
                 if row is None:
                     raise NotFoundError(f"there is no registered device {device_id}")
@@ -397,8 +401,10 @@ class SqliteRegistry:
                     f"device {device_id} retired by {actor}",
                     {"device_id": device_id, "actor": actor},
                 )
-                return _device(
-                    conn.execute(f"{_SELECT} WHERE registry.device_id = ?", (device_id,)).fetchone()
+                return registered_device(
+                    conn.execute(
+                        f"{REGISTERED_SELECT} WHERE registry.device_id = ?", (device_id,)
+                    ).fetchone()
                 )
 
         return await self._run(job)
@@ -425,10 +431,12 @@ class SqliteRegistry:
                     is None
                 ):
                     raise NotFoundError("there is no such owner")
-                row = conn.execute(f"{_SELECT} WHERE registry.claim_hash = ?", (digest,)).fetchone()
+                row = conn.execute(
+                    f"{REGISTERED_SELECT} WHERE registry.claim_hash = ?", (digest,)
+                ).fetchone()
                 if row is None:
                     raise NotFoundError("no device has this claim code")
-                device = _device(row)
+                device = registered_device(row)
                 if device.retired_at is not None:
                     raise ConflictError("this device is out of service and cannot be claimed")
                 if device.owner_id == owner_id:
@@ -583,7 +591,7 @@ class SqliteRegistry:
 
     async def add_invite(self, invite: str, owner_id: str, expires_at: datetime) -> None:
         """Keep an invite code's digest for an owner until it expires."""
-        row = (_sha256(invite), owner_id, ts(expires_at))
+        row = (sha256_hex(invite), owner_id, ts(expires_at))
         await self._run(
             lambda conn: conn.execute(
                 "INSERT INTO invites (invite_sha256, owner_id, expires_at) VALUES (?, ?, ?)", row
@@ -596,7 +604,7 @@ class SqliteRegistry:
         Raises:
             NotFoundError: no such invite, it was used, it expired, or its owner is gone.
         """
-        digest = _sha256(invite)
+        digest = sha256_hex(invite)
         cutoff = ts(now)
 
         def job(conn: sqlite3.Connection) -> str:

@@ -44,7 +44,6 @@ Errors: a locked or failing database raises :class:`~wire.errors.StoreUnavailabl
 file that cannot be opened or migrated :class:`~wire.errors.ConfigError`.
 """
 
-from notifier.sqlite.owners import _PRINCIPAL_KINDS as _PRINCIPAL_KINDS  # notifier.postgres's
 from notifier.sqlite.rights import ERASED_OWNER
 from notifier.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 from notifier.sqlite.store import SqliteStore

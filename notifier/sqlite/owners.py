@@ -12,7 +12,6 @@ import json
 import logging
 import sqlite3
 from datetime import UTC, datetime
-from typing import Final
 
 from notifier.errors import ConflictError, InvalidRequestError, NotFoundError
 from notifier.model import DeviceRecord, Owner, PushChannel
@@ -31,11 +30,9 @@ from notifier.rows import (
 )
 from notifier.sqlite.base import StoreBase
 from notifier.sqlite.sql import transaction, upsert
-from notifier.store import Principal
+from notifier.store import PRINCIPAL_KINDS, Principal
 
 _LOG = logging.getLogger(__name__)
-
-_PRINCIPAL_KINDS: Final = frozenset(("owner", "technician", "ops"))
 
 
 def _link_subject(conn: sqlite3.Connection, issuer: str, subject: str, owner_id: str) -> str:
@@ -79,7 +76,7 @@ class OwnerQueries(StoreBase):
         kind, principal_id = principal
         if not token:
             raise InvalidRequestError("an API token must not be empty")
-        if kind not in _PRINCIPAL_KINDS:
+        if kind not in PRINCIPAL_KINDS:
             raise InvalidRequestError(f"unknown principal kind {kind!r}")
         row = {"token_sha256": token_hash(token), "kind": kind, "principal_id": principal_id}
         await self._run(lambda conn: upsert(conn, "tokens", "token_sha256", row))
