@@ -4,7 +4,8 @@ Two measurements on private servers (mosquitto, influxd, PostgreSQL for the leas
 
 1. **Workers**: N worker processes (``tests/partition_worker.py``: leases in PostgreSQL,
    checkpoints every ``--checkpoint-s`` (2 s) or
-   ``--checkpoint-messages`` (2,000), baselines-only engines, scores not written)
+   ``--checkpoint-messages`` (2,000), items held ``--reorder-hold-s`` (2 s) for order,
+   baselines-only engines, scores not written)
    start and share
    the partitions; then they are frozen (SIGSTOP), a simulated fleet's messages
    (telemetry and events) are published on ``fleet/partitions/{p}/...`` and queued by the
@@ -145,6 +146,7 @@ async def workers_run(
     pg: PostgresServer,
     checkpoint_s: float,
     checkpoint_messages: int,
+    reorder_hold_s: float,
 ) -> float:
     """Start ``n`` workers, let them share the partitions, freeze them, queue the
     messages, thaw them and time the drain; return msg/s."""
@@ -169,6 +171,7 @@ async def workers_run(
                 "lease_ttl_s": 300.0,  # no failover here: frozen workers keep their leases
                 "checkpoint_every_s": checkpoint_s,
                 "checkpoint_max_messages": checkpoint_messages,
+                "reorder_hold_s": reorder_hold_s,
                 "write_scores": False,
                 "lifetime_backfill": False,
             },
@@ -327,6 +330,7 @@ async def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--checkpoint-s", type=float, default=2.0)
     parser.add_argument("--checkpoint-messages", type=int, default=2_000)
+    parser.add_argument("--reorder-hold-s", type=float, default=2.0)
     parser.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--rounds", type=int, default=2, help="runs of each worker count and republish setting"
@@ -364,6 +368,7 @@ async def main() -> None:
                             pg,
                             args.checkpoint_s,
                             args.checkpoint_messages,
+                            args.reorder_hold_s,
                         )
                     )
             best = {n: max(r) for n, r in rates.items()}

@@ -53,6 +53,7 @@ device's readings in order, none false and none twice.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import pickle
@@ -62,7 +63,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self, cast
 
 from diagnostics.engine import DiagnosticsEngine, EngineResult
 from diagnostics.leases import PartitionStore
@@ -116,7 +117,8 @@ class PartitionState:
         engine: the partition's engine.
         last_reading: per device, ``(ts_ms, seq)`` of the last reading scored.
         last_event: per device, ``(ts_ms, seq)`` of the last event handled.
-        held: items waiting for their hold to end, per device and kind, by key.
+        held: items waiting for their hold to end, per device and kind, sorted by key.
+        held_count: how many items are held.
         arrivals: ``(arrived at, device, is a reading, key)`` in arrival order (wall
             clock seconds; an entry may outlive its item, released with a newer one).
     """
@@ -124,8 +126,9 @@ class PartitionState:
     engine: DiagnosticsEngine
     last_reading: dict[str, _Key] = field(default_factory=dict)
     last_event: dict[str, _Key] = field(default_factory=dict)
-    held: dict[_Slot, dict[_Key, Reading | Event]] = field(default_factory=dict)
+    held: dict[_Slot, list[tuple[_Key, Reading | Event]]] = field(default_factory=dict)
     arrivals: deque[tuple[float, str, bool, _Key]] = field(default_factory=deque)
+    held_count: int = 0
 
     def admit(self, items: Sequence[Reading | Event], now_s: float) -> int:
         """Hold the items newer than the last one scored or held of their device and kind.
@@ -141,14 +144,22 @@ class PartitionState:
             last = self.last_reading if reading else self.last_event
             key = (item.ts_ms, item.seq)
             before = last.get(item.device_id)
-            slot = (item.device_id, reading)
-            waiting = held.get(slot)
-            if (before is not None and key <= before) or (waiting and key in waiting):
+            if before is not None and key <= before:
                 late += 1
                 continue
+            slot = (item.device_id, reading)
+            waiting = held.get(slot)
             if waiting is None:
-                waiting = held[slot] = {}
-            waiting[key] = item
+                held[slot] = [(key, item)]
+            elif waiting[-1][0] < key:
+                waiting.append((key, item))  # the usual case: in order
+            else:
+                at = bisect.bisect_left(waiting, (key,))
+                if waiting[at][0] == key:
+                    late += 1  # a repeat of a held one
+                    continue
+                waiting.insert(at, (key, item))
+            self.held_count += 1
             arrivals.append((now_s, item.device_id, reading, key))
         return late
 
@@ -170,16 +181,17 @@ class PartitionState:
         held = self.held
         for slot, newest in cut.items():
             waiting = held.get(slot)
-            if not waiting:
-                continue
-            ready = sorted(k for k in waiting if k <= newest)
-            if not ready:
-                continue
-            released += [waiting.pop(k) for k in ready]
-            if not waiting:
-                del held[slot]
+            if not waiting or waiting[0][0] > newest:
+                continue  # released already, with a newer one
+            count = bisect.bisect_left(waiting, ((newest[0], newest[1] + 1),))
+            released += [item for _, item in waiting[:count]]
             last = self.last_reading if slot[1] else self.last_event
-            last[slot[0]] = ready[-1]
+            last[slot[0]] = waiting[count - 1][0]
+            if count == len(waiting):
+                del held[slot]
+            else:
+                del waiting[:count]
+            self.held_count -= count
         if len(cut) > 1:
             released.sort(key=_item_key)
         return released
@@ -187,6 +199,46 @@ class PartitionState:
     def next_release_s(self, hold_s: float) -> float | None:
         """When the next hold ends (wall clock), or None when nothing is held."""
         return self.arrivals[0][0] + hold_s if self.arrivals else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Held readings as plain tuples: a checkpoint holds up to reorder_max_items of
+        # them, and pickling tuples takes a seventh of the time of the dataclasses.
+        return {
+            "engine": self.engine,
+            "last_reading": self.last_reading,
+            "last_event": self.last_event,
+            "held": {
+                slot: [(key, _pack(item)) for key, item in waiting]
+                for slot, waiting in self.held.items()
+            },
+            "arrivals": self.arrivals,
+            "held_count": self.held_count,
+        }
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple):  # saved before the reorder buffer: (None, slots)
+            state = state[1]
+        self.engine = state["engine"]
+        self.last_reading = state["last_reading"]
+        self.last_event = state["last_event"]
+        self.held = {
+            slot: [(key, _unpack(item)) for key, item in waiting]
+            for slot, waiting in state.get("held", {}).items()
+        }
+        self.arrivals = state.get("arrivals", deque())
+        self.held_count = state.get("held_count", 0)
+
+
+def _pack(item: Reading | Event) -> tuple[Any, ...]:
+    if isinstance(item, Reading):
+        return (item.device_id, item.seq, item.ts_ms, item.metrics, item.status)
+    return (item,)  # events are few: as they are
+
+
+def _unpack(packed: tuple[Any, ...]) -> Reading | Event:
+    if len(packed) == 1:
+        return cast(Event, packed[0])
+    return Reading(*packed)
 
 
 def _item_key(item: Reading | Event) -> _Key:
@@ -400,10 +452,6 @@ class PartitionedDiagnostics:
                 _LOG.exception("partition %d: checkpoint unreadable; starting afresh", number)
             else:
                 if version == CHECKPOINT_VERSION and isinstance(state, PartitionState):
-                    # saved before the reorder buffer: nothing held
-                    for name, empty in (("held", dict), ("arrivals", deque)):
-                        if not hasattr(state, name):
-                            setattr(state, name, empty())
                     return state
                 _LOG.error("partition %d: checkpoint of version %r ignored", number, version)
         return PartitionState(pickle.loads(self._template))
@@ -507,7 +555,7 @@ class PartitionedDiagnostics:
                 _LOG.debug("partition %d: %d items late or repeated", held.partition, late)
         settings = self._settings
         items = state.release(now_s, settings.reorder_hold_s, settings.reorder_max_items)
-        self._held_items[held.partition] = sum(len(w) for w in state.held.values())
+        self._held_items[held.partition] = state.held_count
         if not items:
             return
         engine = state.engine

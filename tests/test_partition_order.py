@@ -192,3 +192,15 @@ async def test_readings_overtaken_between_gateways_are_scored_in_order_none_lost
             await asyncio.gather(work, return_exceptions=True)
     assert len(handled) == len(set(handled)) == total + 1
     assert worker.late_items == len(late)
+
+
+def test_a_checkpoint_from_before_the_buffer_loads_with_nothing_held() -> None:
+    part = state()
+    # how Python pickled the state of the slotted class without a __getstate__
+    part.__setstate__((None, {"engine": None, "last_reading": {"a": (5, 1)}, "last_event": {}}))
+    assert part.last_reading == {"a": (5, 1)}
+    assert part.held == {}
+    assert not part.arrivals
+    assert part.held_count == 0
+    assert part.admit([reading("a", 2)], now_s=0.0) == 0
+    assert [r.seq for r in part.release(1.0, hold_s=1.0, max_held=10)] == [2]
