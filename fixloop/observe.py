@@ -226,6 +226,20 @@ def diagnostics_metrics(service: DiagnosticsService | PartitionedDiagnostics) ->
             "Product models with a trained fleet model.",
             0 if engine is None else len(engine.fleet_models),
         ),
+        # a partitioned worker's reorder buffer (diagnostics.partition); 0 unpartitioned
+        _one(
+            f"{p}_late_items_total",
+            "counter",
+            "Items not scored: repeats, or older than one of their device already scored "
+            "(stored in InfluxDB all the same).",
+            getattr(service, "late_items", 0),
+        ),
+        _one(
+            f"{p}_held_items",
+            "gauge",
+            "Items held for reordering now.",
+            getattr(service, "held_items", 0),
+        ),
         *_stage_metrics(p, service.stages, ["diagnostics"]),
     ]
 

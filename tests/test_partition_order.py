@@ -24,6 +24,7 @@ from diagnostics.leases import SoleOwnerStore
 from diagnostics.partition import PartitionedDiagnostics, PartitionState
 from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import GATEWAY_USER
+from fixloop.observe import diagnostics_metrics
 from fixloop.stack import MosquittoServer
 from wire.influx import InfluxSettings
 from wire.partitions import partition_of, partition_topic
@@ -191,7 +192,9 @@ async def test_readings_overtaken_between_gateways_are_scored_in_order_none_lost
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
     assert len(handled) == len(set(handled)) == total + 1
-    assert worker.late_items == len(late)
+    metrics = {m.name: m.samples for m in diagnostics_metrics(worker)}
+    assert metrics["fixloop_diagnostics_late_items_total"] == (({}, len(late)),)
+    assert metrics["fixloop_diagnostics_held_items"] == (({}, 0),)
 
 
 def test_a_checkpoint_from_before_the_buffer_loads_with_nothing_held() -> None:
