@@ -20,6 +20,7 @@ from typing import Literal, Self
 
 from aiohttp import web
 
+from gateway.republish import Republisher
 from wire.exposition import CONTENT_TYPE, Metric, render_metrics
 
 __all__ = ["GatewayMetrics", "MetricsServer"]
@@ -57,6 +58,8 @@ class GatewayMetrics:
         adopted_sessions: sessions of dead members of the shared group held now
             (:mod:`wire.adoption`).
         adoptions: times this gateway took over a dead member's session.
+        republish: the republisher for partitioned diagnostics, when configured
+            (:mod:`gateway.republish`; its counters are rendered, 0 without one).
         last_progress_s: wall time of the last point made durable (or of the start).
         stall_after_s: ``/health`` fails once messages wait this long with no progress.
     """
@@ -85,6 +88,7 @@ class GatewayMetrics:
     broker_dropped: int = -1
     adopted_sessions: int = 0
     adoptions: int = 0
+    republish: Republisher | None = None
     started_s: float = field(default_factory=time.time)
     last_progress_s: float = field(default_factory=time.time)
     stall_after_s: float = 60.0
@@ -214,6 +218,31 @@ class GatewayMetrics:
             "counter",
             "Times this gateway took over a dead gateway's session.",
             [({}, self.adoptions)],
+        )
+        republish = self.republish
+        metric(
+            "republished_total",
+            "counter",
+            "Stored device messages the broker took on their diagnostics partition's topic.",
+            [({}, republish.republished if republish else 0)],
+        )
+        metric(
+            "republish_failed_total",
+            "counter",
+            "Stored device messages whose republish failed (left for the broker to resend).",
+            [({}, republish.failed if republish else 0)],
+        )
+        metric(
+            "republish_refused_total",
+            "counter",
+            "Stored device messages the broker refused on a partition topic (skipped).",
+            [({}, republish.refused if republish else 0)],
+        )
+        metric(
+            "republish_in_flight",
+            "gauge",
+            "Republished messages waiting for their PUBACK now.",
+            [({}, republish.in_flight if republish else 0)],
         )
         metric(
             "seconds_since_progress",

@@ -163,6 +163,7 @@ class Gateway:
         self.republisher = (
             Republisher(settings.republish_partitions) if settings.republish_partitions else None
         )
+        self.metrics.republish = self.republisher
 
     # -- lifecycle -----------------------------------------------------------------
 

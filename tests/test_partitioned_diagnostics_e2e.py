@@ -362,6 +362,13 @@ async def test_one_worker_holds_every_partition_without_a_shared_store(
             assert first.checkpoints >= 4
             assert gateway.republisher is not None
             assert gateway.republisher.republished >= readings
+            await gateway.drain()  # every batch acknowledged: no republish in flight
+            exposed = gateway.metrics.render().splitlines()
+            assert f"fixloop_gateway_republished_total {gateway.republisher.republished}" in (
+                exposed
+            )
+            assert "fixloop_gateway_republish_in_flight 0" in exposed
+            assert "fixloop_gateway_republish_failed_total 0" in exposed
 
             # a restarted worker resumes from the checkpoints: nothing handled twice
             second = PartitionedDiagnostics(
