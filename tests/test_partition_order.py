@@ -17,7 +17,9 @@ from typing import cast
 
 import orjson
 import pytest
-from conftest import GATEWAY_PASSWORD, MakeInfluxd
+from conftest import DEVICE_IDS, GATEWAY_PASSWORD, MakeInfluxd
+from test_gateway_e2e import device_client
+from test_gateway_e2e import reading as gateway_reading
 
 from diagnostics.engine import DiagnosticsEngine
 from diagnostics.leases import SoleOwnerStore
@@ -26,6 +28,8 @@ from diagnostics.settings import DiagnosticsSettings
 from fixloop.broker import GATEWAY_USER
 from fixloop.observe import diagnostics_metrics
 from fixloop.stack import MosquittoServer
+from gateway.service import Gateway
+from gateway.settings import GatewaySettings
 from wire.influx import InfluxSettings
 from wire.partitions import partition_of, partition_topic
 from wire.protocol import Event, Reading
@@ -207,3 +211,98 @@ def test_a_checkpoint_from_before_the_buffer_loads_with_nothing_held() -> None:
     assert part.held_count == 0
     assert part.admit([reading("a", 2)], now_s=0.0) == 0
     assert [r.seq for r in part.release(1.0, hold_s=1.0, max_held=10)] == [2]
+
+
+@pytest.mark.integration
+async def test_two_gateways_hand_a_partition_readings_out_of_order_all_scored_in_order(
+    mosquitto: MosquittoServer, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    """Two real gateways share the device topics (round-robin); one lingers a second
+    before it stores and republishes, so each device's readings reach their partition
+    out of order. The worker scores every one, in order, none counted late."""
+    influx = make_influxd()
+    mqtt = MqttSettings(
+        host=mosquitto.host, port=mosquitto.port, username=GATEWAY_USER, password=GATEWAY_PASSWORD
+    )
+    influx_settings = InfluxSettings(url=influx.url)
+    settings = DiagnosticsSettings(
+        client_id="order-gw",
+        model_path=tmp_path / "none.pkl",
+        partitions=PARTITIONS,
+        checkpoint_every_s=0.5,
+        reorder_hold_s=8.0,  # well past the slow gateway's linger: no timing at stake
+        write_scores=False,
+        lifetime_backfill=False,
+    )
+    handled: list[tuple[str, int]] = []
+
+    def note(partition: int, items: Sequence[Reading | Event]) -> None:
+        handled.extend((i.device_id, i.seq) for i in items if isinstance(i, Reading))
+
+    def gateway(instance: str, linger_s: float) -> Gateway:
+        return Gateway(
+            mqtt,
+            influx_settings,
+            GatewaySettings(
+                spool_dir=tmp_path / "spool",
+                metrics_port=0,
+                shared_group="ingest",
+                instance=instance,
+                batch_linger_s=linger_s,
+                republish_partitions=PARTITIONS,
+            ),
+        )
+
+    devices = DEVICE_IDS[:3]
+    count = 30
+    arrived: list[tuple[str, int]] = []
+    worker = PartitionedDiagnostics(
+        mqtt, influx_settings, settings, SoleOwnerStore(), on_handled=note
+    )
+    async with (
+        gateway("fast", 0.0) as fast,
+        gateway("slow", 1.0) as slow,
+        worker,
+        mqtt.client("partition-watch") as watch,
+    ):
+        await watch.subscribe("fleet/partitions/#", qos=1)
+        tasks = [asyncio.create_task(g.run()) for g in (fast, slow)]
+        tasks.append(asyncio.create_task(worker.run()))
+        try:
+            for g in (fast, slow):
+                await g.wait_subscribed()
+            await wait_until(
+                lambda: worker.partitions_held == set(range(PARTITIONS)) and worker.connected,
+                "the partitions",
+            )
+            base_ms = int(time.time() * 1000) - 3_600_000
+            for device_id in devices:
+                async with device_client(mosquitto, device_id) as device:
+                    for seq in range(count):
+                        body = gateway_reading(device_id, seq, base_ms + seq * 1000)
+                        await device.publish(f"devices/{device_id}/telemetry", body, qos=1)
+            total = len(devices) * count
+
+            async def watched() -> None:
+                while len(arrived) < total:
+                    await watch.wait_messages()
+                    batch = watch.take(1_000)
+                    watch.ack_many(batch)
+                    arrived.extend(
+                        (m.topic.split("/")[3], orjson.loads(m.payload)["seq"]) for m in batch
+                    )
+
+            async with asyncio.timeout(60):
+                await watched()
+            await wait_until(lambda: len(handled) >= total, "every reading scored")
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    # the partitions did get them out of order: the slow gateway's came late
+    assert any(
+        [s for d, s in arrived if d == device_id] != list(range(count)) for device_id in devices
+    )
+    for device_id in devices:
+        assert [s for d, s in handled if d == device_id] == list(range(count))
+    assert worker.late_items == 0
