@@ -155,7 +155,10 @@ def test_every_refusal_reason_is_listed() -> None:
     for path in [*(ROOT / "wire").rglob("*.py"), *(ROOT / "gateway").rglob("*.py")]:
         text = path.read_text(encoding="utf-8")
         codes |= set(re.findall(r'RejectedError\(\s*"([a-z_]+)"', text))
-    service = (ROOT / "gateway" / "service.py").read_text(encoding="utf-8")
+    service = "".join(
+        (ROOT / "gateway" / name).read_text(encoding="utf-8")
+        for name in ("service.py", "durable.py")
+    )
     for reason in ("unstorable", "store_refused"):
         assert f'"{reason}"' in service
         codes.add(reason)
