@@ -13,13 +13,12 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from fixloop.server import free_port
+from fixloop.server import ephemeral_range, lasting_port, port_free
 from wire.errors import ConfigError
 
 __all__: list[str] = []
@@ -80,7 +79,8 @@ def _ports(data_dir: Path, wanted: dict[str, int]) -> dict[str, int]:
 
     Stable addresses across restarts, so that a saved dashboard link or a
     ``fixloop train`` against the demo's InfluxDB keeps working; a port now taken by
-    something else is replaced by a free one (and remembered).
+    something else is replaced by a free one (and remembered). Chosen ports lie below
+    the kernel's ephemeral range, which no outgoing connection takes its port from.
 
     Args:
         data_dir: the stack's data folder (``ports.json`` is kept there).
@@ -92,30 +92,23 @@ def _ports(data_dir: Path, wanted: dict[str, int]) -> dict[str, int]:
     except (OSError, ValueError):
         last = {}
     chosen: dict[str, int] = {}
+    low, high = ephemeral_range()
     for name, port in wanted.items():
         if port:
             chosen[name] = port
             continue
         stored = last.get(name) if isinstance(last, dict) else None
         before = stored if isinstance(stored, int) else 0
-        taken = set(chosen.values())
-        if 0 < before < 65536 and before not in taken and _port_free(before):
+        taken = frozenset(chosen.values())
+        # A port in the ephemeral range (kept by an older release) is given up: an
+        # outgoing connection may hold it when the server binds.
+        lasting = 0 < before < 65536 and not low <= before <= high
+        if lasting and before not in taken and port_free(before):
             chosen[name] = before
             continue
-        port = free_port()
-        while port in taken:
-            port = free_port()
-        chosen[name] = port
+        chosen[name] = lasting_port(taken=taken)
     with contextlib.suppress(OSError):
         path.write_text(json.dumps(chosen, indent=1) + "\n")
     return chosen
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,13 +28,17 @@ from typing import IO, Any, Final, Self
 
 from wire.errors import ConfigError
 
-__all__ = ["LOOPBACK", "free_port"]
+__all__ = ["LOOPBACK", "free_port", "lasting_port"]
 
 
 LOOPBACK: Final = "127.0.0.1"
 _POLL_S: Final = 0.02
 _LOG = logging.getLogger(__name__)
 _LOG_TAIL_LINES: Final = 15
+_EPHEMERAL_RANGE_FILE: Final = "/proc/sys/net/ipv4/ip_local_port_range"
+_DEFAULT_EPHEMERAL: Final = (32768, 60999)
+# Lasting ports are picked at random from here up to the ephemeral range.
+_LASTING_FIRST: Final = 20000
 # Debian installs mosquitto in /usr/sbin, which a non-root PATH often lacks.
 _EXTRA_BIN_DIRS: Final = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
@@ -44,6 +49,51 @@ def free_port(host: str = LOOPBACK) -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux's default if unknown)."""
+    try:
+        low, high = (int(part) for part in Path(_EPHEMERAL_RANGE_FILE).read_text().split())
+    except (OSError, ValueError):
+        return _DEFAULT_EPHEMERAL
+    return (low, high) if 0 < low <= high < 65536 else _DEFAULT_EPHEMERAL
+
+
+def lasting_port(host: str = LOOPBACK, taken: frozenset[int] = frozenset()) -> int:
+    """Return a free TCP port outside the kernel's ephemeral range, for a server kept long.
+
+    A port from :func:`free_port` lies in the range the kernel hands to outgoing
+    connections, so between choosing it and binding it (or between two runs that reuse
+    it) any client on the machine, including the stack's own, may hold it as its local
+    port and the bind fails. Ports below the range are never handed out that way.
+
+    Args:
+        host: the address to bind.
+        taken: ports already chosen for something else.
+
+    Raises:
+        ConfigError: no port below the ephemeral range is free.
+    """
+    low, _ = ephemeral_range()
+    first = min(_LASTING_FIRST, max(1024, low // 2))
+    candidates = list(range(first, low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port not in taken and port_free(port, host):
+            return port
+    raise ConfigError(f"no free TCP port on {host} between {first} and {low - 1}")
+
+
+def port_free(port: int, host: str = LOOPBACK) -> bool:
+    """True if a server could listen on ``host:port`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _find_binary(name: str, binary: str | None, package: str) -> str:

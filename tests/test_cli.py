@@ -203,6 +203,24 @@ def test_the_local_stack_keeps_its_ports_across_restarts(tmp_path: Path) -> None
     assert again["influx"] == first["influx"]
 
 
+def test_the_local_stack_chooses_ports_no_outgoing_connection_can_hold(tmp_path: Path) -> None:
+    """A port in the ephemeral range may be held by a client's connection when the server binds."""
+    import json
+
+    from fixloop.datafolder import _ports
+    from fixloop.server import ephemeral_range, free_port
+
+    low, high = ephemeral_range()
+    old = free_port()  # what an older release remembered: inside the range
+    assert low <= old <= high
+    (tmp_path / "ports.json").write_text(json.dumps({"mqtt": old}))
+    chosen = _ports(tmp_path, {"mqtt": 0, "influx": 0, "dashboard": 0})
+    assert chosen["mqtt"] != old
+    assert all(0 < port < low for port in chosen.values()), chosen
+    assert len(set(chosen.values())) == 3
+    assert _ports(tmp_path, {"mqtt": 0, "influx": 0, "dashboard": 0}) == chosen
+
+
 def test_a_restart_replays_only_the_gap_since_the_last_run(tmp_path: Path) -> None:
     import time as clock
 
