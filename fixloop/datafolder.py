@@ -110,5 +110,3 @@ def _ports(data_dir: Path, wanted: dict[str, int]) -> dict[str, int]:
     with contextlib.suppress(OSError):
         path.write_text(json.dumps(chosen, indent=1) + "\n")
     return chosen
-
-
