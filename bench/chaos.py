@@ -151,7 +151,7 @@ class Result:
 
 
 def payload(device_id: str, seq: int, base_ms: int) -> bytes:
-    """A reading; two consecutive readings share a millisecond (issue 13, item 5)."""
+    """A reading; two consecutive readings share a millisecond."""
     body = {
         "v": 1,
         "id": device_id,

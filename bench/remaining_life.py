@@ -23,7 +23,7 @@ history's units that lived longer than the cut's age, 0 if none did), each with 
 ratio of RMSEs.
 The RMSE is also given by how many rows the cut holds (short partial histories). With
 ``--missing``, that share of metric cells is left empty at random in both files. The
-goal (issue 11): RMSE <= 13 cycles.
+goal: RMSE <= 13 cycles.
 
 Published figures on FD001's separate test set (one cut per unit, chosen by NASA, a
 different distribution of cuts than the uniform one here): SVR 21, CNN 18.5, deep LSTM

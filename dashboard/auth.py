@@ -15,7 +15,7 @@ is checked, per source address and per account (:class:`LoginLimiter`); past a f
 failures each further one opens a delay that doubles, during which that source (or, for
 sources the account has not logged in from, that account) is refused without checking a
 password. Nobody is locked out: the right password from a clean address still gets in while
-a guessing address waits (issue 12).
+a guessing address waits.
 
 Roles are ordered: ``viewer`` reads, ``agent`` also works person-needed cases (take over,
 write to the owner, close), ``admin`` also starts campaigns.
@@ -287,7 +287,7 @@ class SessionStore:
         """Return the live session of an id without extending it, or ``None``.
 
         For what the browser does on its own (the live stream and its heartbeats): only
-        requests a person makes keep a session alive (issue 12).
+        requests a person makes keep a session alive.
         """
         key = _digest(session_id)
         session = self._sessions.get(key)

@@ -28,7 +28,7 @@ The resolution time of a case comes from its audit trail (the ``transition`` to
 What InfluxDB says of each device is read with the scores (:class:`DeviceSignals`): when
 it was last heard from (its newest reading or score) and the firmware its newest boot
 event names. The snapshot's registry carries that firmware in place of the stored one
-(issue 14: the device's own word is newer than the record), so the overview, the
+(the device's own word is newer than the record), so the overview, the
 insight, the outcomes and campaigns all group by the firmware a device runs now. A
 device not heard from for ``silent_after_s`` is *silent*, whatever its last score said
 (:func:`~dashboard.health.fleet_health`); :func:`~dashboard.health.health_timeline`

@@ -1,7 +1,7 @@
 """The ops dashboard's live stream: case changes as server-sent events (dashboard).
 
 ``GET /ops/api/events`` follows :class:`~dashboard.feed.CaseFeed` while the session
-lives; a session that ends (logout, expiry) ends the stream (issue 12).
+lives; a session that ends (logout, expiry) ends the stream.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
 
     The session is looked at before every event and heartbeat, never extended (only a
     person's requests extend it); once it has ended (logout) or expired, the stream says
-    ``logout`` and closes (issue 12). Logout also wakes the stream at once, and the wait
+    ``logout`` and closes. Logout also wakes the stream at once, and the wait
     for the next event never outlasts the session.
     """
     session_of(request)

@@ -136,7 +136,7 @@ def _public(path: str) -> bool:
 
 # Requests the page makes on its own (the live stream and its reconnects, refreshes after
 # a live change, which say so in _BACKGROUND_HEADER): they need a session but do not
-# extend it, so an open page alone never keeps a session alive (issue 12).
+# extend it, so an open page alone never keeps a session alive.
 _PASSIVE: Final = frozenset(("/ops/api/events",))
 
 

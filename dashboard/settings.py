@@ -100,7 +100,7 @@ class DashboardSettings(BaseModel):
         Returns:
             ``cookie_secure`` when set; else whether ``public_url`` is ``https`` or
             ``over_tls``: a browser that reaches the dashboard over HTTPS never sends the
-            cookie over plain HTTP (issue 12), while a plain-HTTP local install still
+            cookie over plain HTTP, while a plain-HTTP local install still
             gets one.
         """
         if self.cookie_secure is not None:

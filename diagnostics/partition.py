@@ -26,7 +26,7 @@ history, and the peers it is compared with: the devices of its partition) is the
 whichever worker holds it. A worker that cannot renew a lease stops that partition
 before the lease ends.
 
-Order across gateways (issue 15): one gateway hands a partition its messages in the
+Order across gateways: one gateway hands a partition its messages in the
 order it received them, but several gateways sharing the device topics do not: a
 device's reading stored by a slower gateway reaches the partition after a newer one
 stored by a faster gateway. So a partition holds each item ``reorder_hold_s`` (2 s)

@@ -2,8 +2,8 @@
 
 Place in the pipeline: beside :mod:`diagnostics.predictor`. That one extrapolates the trend
 of a feature whose failure level the product's catalog states; this one needs no catalog:
-it learns what the approach to failure looks like from units that did fail (issue 11, item
-5), and is what ``fixloop ttf`` runs (:mod:`diagnostics.ttfcsv` reads the files).
+it learns what the approach to failure looks like from units that did fail, and is
+what ``fixloop ttf`` runs (:mod:`diagnostics.ttfcsv` reads the files).
 
 A *history* is one unit's rows in time order, the last of which is its failure; a *partial
 history* is a running unit's rows so far. Any numeric metrics in any time unit. Fitting:

@@ -388,7 +388,7 @@ class DiagnosticsService:
                     clean_start=False,
                     session_expiry_s=settings.session_expiry_s,
                     # Never below the Receive Maximum (65,535 by default): the broker may
-                    # have that many messages in flight to us (issue 13).
+                    # have that many messages in flight to us.
                     max_buffered=max(settings.batch_max * 4, 65_535),
                 ),
                 shared_filters(_FILTERS, settings.shared_group),

@@ -12,7 +12,7 @@ diagnostics, notifier, dashboard) connect as named service users; the dashboard'
 (:data:`DASHBOARD_USER`) may only read ``fleet/#`` (it only follows ``fleet/cases``),
 wherever it is listed among the service users.
 
-Accounts live in one of two places (issue 14): a password file and ACL file written
+Accounts live in one of two places: a password file and ACL file written
 here (``accounts = "file"``: adding or removing a device means rewriting the file and
 reloading the broker), or Mosquitto's dynamic-security plugin (``"dynsec"``), whose
 accounts and roles change at run time over MQTT (:mod:`fixloop.dynsec`). For the plugin
@@ -85,7 +85,7 @@ __all__ = [
 #: plus the time a save takes (README "Delivery guarantees", measured by bench/chaos.py).
 DEFAULT_AUTOSAVE_INTERVAL_S: Final = 1
 #: The stall budget the queue bounds are sized from: a gateway may be away (or stalled)
-#: this long at the design message rate before the broker starts to drop (issue 13).
+#: this long at the design message rate before the broker starts to drop.
 STALL_BUDGET_S: Final = 300
 #: Design rate of the whole fleet's QoS-1 telemetry, messages per second.
 STALL_DESIGN_RATE: Final = 2_000

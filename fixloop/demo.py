@@ -189,7 +189,7 @@ class DemoFault:
 #: Faults the demo gives its fleet: ones the device reports itself, so each is a case
 #: within a known device time of its onset. Slow faults (wear, clogs, leaks) are named
 #: by the models only after hours of history and of drift, longer than a demo's replay
-#: (issue 14: in 7 minutes only 1 of 3 injected faults became a case).
+#: (measured: in 7 minutes only 1 of 3 injected faults became a case).
 #: ``crash_loop``: the watchdog reboots the device 3 to 20 minutes after onset, it boots
 #: within a minute; ``firmware_bug``: the first F07 within 2 hours; ``controller_hang``:
 #: E90 at the next reading.

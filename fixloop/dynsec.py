@@ -2,8 +2,8 @@
 
 Place in the pipeline: beside it, in the composition root. Devices reach the bus only
 with an account on the broker; this module issues, rotates and revokes those accounts
-(and keeps the services' accounts) while the broker runs, with no restart or reload
-(issue 14). It speaks the plugin's control API over MQTT with the project's own client
+(and keeps the services' accounts) while the broker runs, with no restart or reload.
+It speaks the plugin's control API over MQTT with the project's own client
 (:class:`wire.mqtt.MqttClient`): JSON commands published on
 ``$CONTROL/dynamic-security/v1``, answers on ``$CONTROL/dynamic-security/v1/response``,
 matched to their command by ``correlationData``.

@@ -1,7 +1,7 @@
 """Recorded failures, from the case store to ``fixloop train`` (composition root).
 
 The notifier knows which devices failed and when; diagnostics learns remaining life from
-them (issue 11, item 5). Data flows one way (diagnostics -> notifier), so the failures go
+them. Data flows one way (diagnostics -> notifier), so the failures go
 back as data: ``fixloop`` reads them here and hands them to
 :func:`diagnostics.training.train_from_influx`.
 

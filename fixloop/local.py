@@ -198,7 +198,7 @@ async def _start_broker(
 ) -> None:
     """Step: mosquitto up, with the gateway's and the devices' accounts."""
     # Launched from this (the main) thread: the servers get SIGTERM when it ends, so a
-    # kill -9 of `fixloop up` takes them along (issue 14); a leftover of an older run
+    # kill -9 of `fixloop up` takes them along; a leftover of an older run
     # is stopped by launch() itself.
     steps.callback(broker.stop)
     broker.launch()
@@ -258,7 +258,7 @@ async def _run_stages(
                 )
                 # Faults a device reports only after a while go into the history the
                 # fleet replays, so each is a case by the time it reaches the present;
-                # the live fleet gets faults that are cases at once (issue 14).
+                # the live fleet gets faults that are cases at once.
                 planned = plan_history_faults(runner, datetime.now(UTC), first_for=shown)
                 async with runner:
                     forever.append(

@@ -4,7 +4,7 @@ Place in the pipeline: the gateway's writer (:class:`~gateway.service.Gateway`) 
 each batch of lines to :meth:`DurableStore.store` and acknowledges its messages to the
 broker only once it returns, the batch being in InfluxDB or in the spool
 (:mod:`gateway.spool`). :meth:`DurableStore.replay_loop` drains the spool into InfluxDB,
-oldest first, and probes InfluxDB on a timer whatever the spool holds (issue 13); spool
+oldest first, and probes InfluxDB on a timer whatever the spool holds; spool
 errors are counted, logged and retried with backoff and never end it. Points InfluxDB
 refuses are counted and reported on the rejected topic through the gateway's current
 broker connection.

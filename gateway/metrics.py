@@ -96,7 +96,7 @@ class GatewayMetrics:
     def problems(self, now_s: float | None = None) -> list[str]:
         """Why the gateway cannot take data now; empty when it can.
 
-        Ingest is never stuck without saying so (issue 13): not connected, messages
+        Ingest is never stuck without saying so: not connected, messages
         waiting with nothing made durable for ``stall_after_s``, or a spool that refuses
         writes each turn ``/health`` red.
         """

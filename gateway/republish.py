@@ -14,7 +14,7 @@ is stored (overwriting itself) and republished again: duplicates are possible, l
 are not; the workers drop a device's item that is not newer than the last one they
 scored.
 
-Pipelined (issue 15): the writer does not wait for a batch's PUBACKs before it stores
+Pipelined: the writer does not wait for a batch's PUBACKs before it stores
 the next batch. :meth:`Republisher.submit` writes a stored batch's publishes and queues
 it; :meth:`Republisher.run` waits for each queued batch's PUBACKs, in the order the
 batches were submitted, and only then settles it (the acknowledgement to the broker).

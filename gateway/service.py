@@ -15,7 +15,7 @@ loses nothing: the broker redelivers and the replayed points overwrite themselve
 (series and timestamp come from the device; telemetry's time carries ``seq`` below the
 millisecond, so two readings of one millisecond keep both).
 
-Progress or say so (issue 13): InfluxDB is probed on a timer whatever the spool holds,
+Progress or say so: InfluxDB is probed on a timer whatever the spool holds,
 and tried directly when the spool refuses writes; spool errors are retried with backoff
 and never end :meth:`Gateway.run`; batches received before a disconnect are stored (or,
 after a bound, dropped knowingly for the broker to resend) by a writer that outlives the
@@ -23,7 +23,7 @@ connection, so a full queue never holds up the reconnect; ``/health`` turns 503 
 gateway is not connected, has made nothing durable for ``stall_after_s`` while messages
 wait, or the spool cannot take writes; a lost broker session is counted and logged.
 
-Several gateways (issue 15): with ``shared_group`` set, gateways share the device
+Several gateways: with ``shared_group`` set, gateways share the device
 topics through an MQTT 5 shared subscription, each under its ``instance`` name with
 its own persistent session (client id ``client_id-instance``) and its own spool
 (``spool_dir/instance``). Mosquitto does not hand a dead member's messages to the
@@ -312,7 +312,7 @@ class Gateway:
         )
 
     def _check_session(self, client: MqttClient) -> None:
-        """Count and log a persistent session the broker no longer had (issue 13).
+        """Count and log a persistent session the broker no longer had.
 
         A marker file in the spool directory remembers that a session existed, so a
         broker that lost it while the gateway was also down is noticed too. What the lost
@@ -443,7 +443,7 @@ class Gateway:
         """Queue a batch for the writer; give up on it when the connection is gone.
 
         A reader blocked on a full queue must still see its connection end, or the
-        reconnect would wait for the writer (issue 13).
+        reconnect would wait for the writer.
         """
         client = batch.connection.client
         while True:

@@ -15,7 +15,7 @@ On disk, a spool is one directory:
 * ``cursor``: the read position (segment number, offset) and its CRC-32, replaced
   atomically (write, sync, rename) by every :meth:`Spool.pop`. Segments before the
   cursor are deleted once the cursor has moved past them. Replayed space is reclaimed
-  in the active segment too (issue 13): when the spool empties, or once a quarter of
+  in the active segment too: when the spool empties, or once a quarter of
   ``segment_bytes`` of the segment being written has been read, the next record goes to
   a new segment, so the read part can be deleted.
 * ``lock``: an exclusive ``flock`` so that two processes never share one spool.

@@ -16,7 +16,7 @@ it has failed ``max_failures`` deliveries in a row.
 One-tap buttons carry a signed link (:mod:`notifier.links`) to the owner API, so that
 a tap works without signing in, for that one action on that one case, once.
 
-**Fair delivery** (issue 12). Several delivery workers (:class:`~notifier.push.DeliveryLimits`
+**Fair delivery**. Several delivery workers (:class:`~notifier.push.DeliveryLimits`
 ``workers``) take messages owner by owner in turn (:mod:`notifier.turns`), and at most
 ``per_owner`` of one owner's messages are out at a time, so one owner's backlog or slow
 channels hold at most that share of the workers while everyone else's messages go on;
@@ -25,7 +25,7 @@ which it is recorded as ``failed`` and its worker moves on. A retired channel is
 again only after the owner re-verifies it (:meth:`Outbox.verify_channel`: a test
 message that arrives).
 
-**Side by side** (issue 15). Notifier instances share one store, so what must hold for
+**Side by side**. Notifier instances share one store, so what must hold for
 all of them is decided there: each message is kept once per idempotency key
 (:func:`~notifier.loop.notice_key`: a race or a step done again after a crash writes no
 second message), the daily limit is counted in the same transaction as the write, and a
@@ -142,7 +142,7 @@ class Outbox:
         if limits is None:
             limits = DeliveryLimits() if dispatcher is None else dispatcher.limits
         self._limits = limits
-        #: messages waiting for delivery, owner by owner in turn (issue 12)
+        #: messages waiting for delivery, owner by owner in turn
         self._turns = OwnerTurns(limits.per_owner)
         self._holder = holder or f"notifier-{secrets.token_hex(4)}"
         self._claim = timedelta(seconds=limits.budget_s + _CLAIM_MARGIN_S)

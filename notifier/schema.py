@@ -296,7 +296,7 @@ _V5: Final[Step] = (
 # Deliveries that no process took are found by status (Outbox.sweep), all owners at once.
 _V6: Final[Step] = ("CREATE INDEX notifications_by_status ON notifications (status, created_at)",)
 
-# Notifiers side by side on one store (issue 15):
+# Notifiers side by side on one store:
 # * a case is handled by one notifier at a time: it holds the lease on the case's key
 #   (device/fault) until it lets go or ``until_at`` passes (a notifier that died);
 # * a case's timer (a command to retry, a check to run) is a due row; a notifier takes

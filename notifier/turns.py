@@ -1,4 +1,4 @@
-"""Fair delivery order for the outbox: owner by owner in turn, a share each (issue 12).
+"""Fair delivery order for the outbox: owner by owner in turn, a share each.
 
 Place in the pipeline: the :class:`~notifier.outbox.Outbox` puts each message it is to
 push here and its delivery workers take them back out. Messages wait per owner; owners

@@ -1,6 +1,6 @@
 """The quick chaos scenarios (bench/chaos.py) on real servers: nothing acknowledged is lost.
 
-Issue 13's goals as assertions: 0 lost in every scenario except a broker crash, whose
+The durability goals as assertions: 0 lost in every scenario except a broker crash, whose
 loss stays within the broker's save bound; no point stored twice; a full spool disk
 turns ``/health`` red instead of silently stalling.
 """

@@ -1,4 +1,4 @@
-"""The dashboard's charts, silent devices and firmware from boot events (issue 14).
+"""The dashboard's charts, silent devices and firmware from boot events.
 
 Unit tests of the aggregations on known seeds (health over time, cases and fixes per
 day, failure rates, the silent level, boot firmware, CSV), then the routes against a

@@ -1,4 +1,4 @@
-"""The ops login against parallel guessing and lock-out (issue 12).
+"""The ops login against parallel guessing and lock-out.
 
 Every attempt is counted before its password is hashed, so 200 parallel guesses reach the
 hash only as often as the limit allows; a guessing address is slowed by a delay that

@@ -1,4 +1,4 @@
-"""The ops session's cookie and the live stream's lifetime (issue 12).
+"""The ops session's cookie and the live stream's lifetime.
 
 The session cookie is ``HttpOnly``, ``SameSite=Strict``, and ``Secure`` whenever the
 dashboard's public URL is ``https`` (or as the setting forces it). The live case stream

@@ -202,7 +202,7 @@ def test_docker_broker_config_is_deliberate() -> None:
     assert settings["allow_anonymous"] == "false"
     assert settings["per_listener_settings"] == "false"
     assert settings["persistence"] == "true"
-    # Durability bound (issue 13): saved every second, by time, not by change count.
+    # Durability bound: saved every second, by time, not by change count.
     assert settings["autosave_interval"] == "1"
     assert settings["autosave_on_changes"] == "false"
     # Queue bounds from the stated stall budget, never unbounded.
@@ -561,7 +561,7 @@ def test_passwd_entry_point_refuses_a_missing_password(
 
 
 def test_emqx_cluster_file_replaces_the_broker_with_durable_replicated_sessions() -> None:
-    # Issue 13: for production, a broker whose durable sessions survive a node crash.
+    # For production, a broker whose durable sessions survive a node crash.
     base: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
     text = (DOCKER / "compose.emqx.yaml").read_text(encoding="utf-8")
     cluster: dict[str, Any] = yaml.safe_load(text)

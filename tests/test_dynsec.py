@@ -1,4 +1,4 @@
-"""Device broker accounts issued and revoked at run time (issue 14, item 1).
+"""Device broker accounts issued and revoked at run time.
 
 Against a real mosquitto with its dynamic-security plugin (``dynsec_mosquitto``): an
 issued device connects and publishes on its own topics only; revoking it disconnects

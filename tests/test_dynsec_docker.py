@@ -1,4 +1,4 @@
-"""The production broker with accounts in the dynamic-security plugin (issue 14).
+"""The production broker with accounts in the dynamic-security plugin.
 
 ``docker/compose.dynsec.yaml`` swaps the broker's config for ``mosquitto-dynsec.conf``
 and gives the plugin a folder it may write; ``python -m fixloop.broker dynsec-init``

@@ -1,5 +1,5 @@
 """``fixloop up`` with ``broker.accounts = "dynsec"``: accounts issued and revoked while
-the demo runs, kept across its restarts (issue 14, item 1)."""
+the demo runs, kept across its restarts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The registry learns a device's firmware from its boot events (issue 14).
+"""The registry learns a device's firmware from its boot events.
 
 A real mosquitto and influxd, the notifier service on a SQLite case store: a device
 publishes boot events on its own topic, and the registry (and the claimed device's

@@ -391,7 +391,7 @@ async def health(port: int | None) -> tuple[int, dict[str, object]]:
 async def test_full_spool_says_so_and_ingest_resumes_when_influxdb_returns(
     mosquitto: MosquittoServer, make_influxd: MakeInfluxd, tmp_path: Path
 ) -> None:
-    # Issue 13: with InfluxDB away and the spool full the gateway holds acknowledgements
+    # With InfluxDB away and the spool full the gateway holds acknowledgements
     # (the broker keeps the messages) and /health is 503; once InfluxDB is back it writes
     # again although nothing new could be spooled, and everything arrives.
     influx = make_influxd()
@@ -479,7 +479,7 @@ def test_health_names_every_reason_the_gateway_cannot_take_data() -> None:
 async def test_batches_received_before_a_disconnect_are_stored(
     make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
 ) -> None:
-    # Issue 13: the writer outlives the connection. Batches taken from the broker while
+    # The writer outlives the connection. Batches taken from the broker while
     # InfluxDB hangs are stored after the broker is gone, not dropped with the connection.
     broker = make_mosquitto()
     influx = make_influxd()

@@ -291,7 +291,7 @@ def test_event_round_trip(
 
 
 def test_micros_keep_same_millisecond_readings_apart() -> None:
-    # Issue 13: seq sets the microseconds below the device's millisecond, so two readings
+    # seq sets the microseconds below the device's millisecond, so two readings
     # of one millisecond are two points, and a redelivered one is the same point again.
     first = telemetry_line("dev-1", 41, 1_700_000_000_123, {"t": 1.5}, None, micros=True)
     second = telemetry_line("dev-1", 42, 1_700_000_000_123, {"t": 1.5}, None, micros=True)

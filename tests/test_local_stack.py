@@ -1,5 +1,5 @@
 """``fixloop up`` as a demo: its servers die with it, it shrugs off a rogue client, and
-every fault it injects becomes a case the printed owner can see (issue 14)."""
+every fault it injects becomes a case the printed owner can see."""
 
 from __future__ import annotations
 

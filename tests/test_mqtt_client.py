@@ -1,6 +1,6 @@
 """The MQTT client on its own: parser properties, a scripted broker, and real mosquitto.
 
-Three layers (issue 13, item 3):
+Three layers:
 
 * Property-based: packets built by a reference encoder written here (independent of the
   client's encoder) are split at random points and fed to :class:`PacketParser`; the

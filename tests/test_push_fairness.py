@@ -1,4 +1,4 @@
-"""Fair, bounded push delivery and retired channels (issue 12).
+"""Fair, bounded push delivery and retired channels.
 
 One owner's slow channels hold at most their share of the delivery workers while another
 owner's message goes out; a message's time budget ends it however many channels and

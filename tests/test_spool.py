@@ -390,7 +390,7 @@ def test_failed_append_leaves_nothing_behind(
 def test_cursor_is_saved_in_place_when_the_disk_is_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Only a pop frees space, so a full disk must not stop the cursor save (issue 13).
+    # Only a pop frees space, so a full disk must not stop the cursor save.
     with Spool(tmp_path / "spool") as spool:
         for i in range(3):
             spool.append(batch(i))

@@ -5,8 +5,8 @@ The gateway decodes device payloads into frozen :class:`~wire.protocol.Reading` 
 them into line-protocol lines, which :mod:`wire.influx` writes (or
 :mod:`gateway.spool` keeps while InfluxDB is away). Timestamps are epoch milliseconds
 (writes use ``precision=ms``), except that the gateway writes telemetry in microseconds
-with a sub-millisecond offset from ``seq`` (``telemetry_line(..., micros=True)``, issue 13:
-same-millisecond readings keep both).
+with a sub-millisecond offset from ``seq`` (``telemetry_line(..., micros=True)``), so
+same-millisecond readings keep both.
 
 Escaping follows the line protocol reference
 (https://docs.influxdata.com/influxdb/v1/write_protocols/line_protocol_reference/):

@@ -22,7 +22,7 @@ Packet Size; SUBSCRIBE and UNSUBSCRIBE; PUBLISH at QoS 0 and 1 in both direction
 for incoming messages; PINGREQ; DISCONNECT. QoS 2 and topic aliases are not used
 anywhere in fixloop and are refused.
 
-Limits, both ways (issue 13):
+Limits, both ways:
 
 * We announce our Maximum Packet Size (``max_packet_size``) in CONNECT; a packet
   whose fixed header says it is larger is refused as soon as the header is read (never
@@ -330,7 +330,7 @@ class MqttClient:
             raise ConfigError("publish_timeout_s and ping_timeout_s must be positive")
         if max_buffered < receive_maximum:
             # The broker may have Receive Maximum messages in flight to us; announce no
-            # more than we buffer (issue 13).
+            # more than we buffer.
             _LOG.debug(
                 "%s: Receive Maximum %d lowered to max_buffered %d",
                 client_id,
@@ -646,7 +646,7 @@ class MqttClient:
         if isinstance(packet, Puback):
             future = self._publishes.pop(packet.packet_id, None)
             if future is None:
-                # Not ours in flight: it must not free send quota (issue 13).
+                # Not ours in flight: it must not free send quota.
                 self.unknown_acks += 1
                 _LOG.debug("%s: PUBACK for unknown packet id %d", self.client_id, packet[0])
                 return

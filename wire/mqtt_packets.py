@@ -399,7 +399,7 @@ class PacketParser:
                 if end > size:
                     break
                 if first >> 4 == 3:  # PUBLISH
-                    # Every length is checked against the packet's end (issue 13).
+                    # Every length is checked against the packet's end.
                     if length < 4:
                         raise MqttProtocolError("PUBLISH shorter than a topic and properties")
                     j = i + 2 + ((buf[i] << 8) | buf[i + 1])

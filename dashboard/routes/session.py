@@ -1,7 +1,7 @@
 """The ops dashboard's page, login, logout and session routes (dashboard).
 
-Logins are throttled per source and per account before the password is checked
-(issue 12) and audited; the session lives in a cookie with a CSRF token beside it.
+Logins are throttled per source and per account before the password is checked and
+audited; the session lives in a cookie with a CSRF token beside it.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ async def log_in(request: web.Request) -> web.StreamResponse:
     except ValidationError:
         return send_error(400, "send a user name and a password")
     limiter, source = request.app[LIMITER_KEY], _client(request)
-    # counted before the password is checked, with no await in between (issue 12)
+    # counted before the password is checked, with no await in between
     wait_s = limiter.begin(login.username, source)
     if wait_s > 0:
         await _audit_login(request, "login_throttled", login.username, source, wait_s)
@@ -171,7 +171,7 @@ def _cookie_attributes(request: web.Request) -> dict[str, Any]:
     ``SameSite=Strict`` breaks no flow here: a link into the dashboard from another site
     arrives without the cookie, but it only loads the page, whose own API requests are
     same-site and carry it. ``Secure`` whenever the dashboard is reached over HTTPS
-    (:meth:`DashboardSettings.secure_cookie`; issue 12).
+    (:meth:`DashboardSettings.secure_cookie`).
     """
     secure = request.app[SETTINGS_KEY].secure_cookie(over_tls=request.secure)
     return {"path": "/ops", "httponly": True, "samesite": "Strict", "secure": secure}

@@ -65,7 +65,7 @@ __all__ = ["ROUTES"]
 
 _LOG = logging.getLogger(__name__)
 
-#: Most push channels one owner may keep, active or retired (issue 12).
+#: Most push channels one owner may keep, active or retired.
 _MAX_CHANNELS: Final = 20
 _ID: Final = "{id}"
 
@@ -142,7 +142,7 @@ async def _add_channel(request: web.Request) -> web.Response:
     for channel in existing:
         if channel.kind == body.kind and channel.target == body.target:
             # the same subscription again (an app reinstall): refresh its keys, keep its id
-            # and its state: a retired channel comes back only by re-verification (issue 12)
+            # and its state: a retired channel comes back only by re-verification
             renewed = replace(channel, keys=keys)
             await store.put_channel(renewed)
             return json_response(channel_view(renewed))

@@ -24,7 +24,7 @@ as tasks of the loop's task group; a lock per case keeps a diagnosis, a command 
 and an owner's request from interleaving on one case, and the store's compare-and-set on
 the state catches anything else.
 
-**Side by side** (issue 15). Any number of case machines may share one store (notifier
+**Side by side**. Any number of case machines may share one store (notifier
 instances on PostgreSQL; one on SQLite takes the same paths). The lock per case is a
 lease in the store (:meth:`~notifier.store.CaseStore.take_lease`) on the case's key
 (device and fault), held by one instance while it handles the case and expiring after

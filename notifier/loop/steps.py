@@ -2,7 +2,7 @@
 
 Part of :mod:`notifier.loop`. :class:`CaseSteps` holds what the remote fix, the
 verification and the visits share: the lock on a case (this process's lock plus the
-store's lease, issue 15), the audit trail, a move or a save by compare-and-set with its
+store's lease), the audit trail, a move or a save by compare-and-set with its
 messages in the same transaction (:meth:`CaseSteps.commit`), publishing the change,
 handing a case to a person, and the counters of steps that failed.
 """

@@ -6,7 +6,7 @@ with the rules and outcomes of :class:`~notifier.registry.SqliteRegistry`: a cla
 the device's registry row, a registration the registry as a whole (an advisory lock;
 imports are rare), a release the device.
 
-A little over the ~600 lines of a module (issue 16) on purpose: it is one class, the whole
+This module stays a little over 600 lines on purpose: it is one class, the whole
 registry interface on PostgreSQL, best read in one piece beside the SQLite one.
 """
 

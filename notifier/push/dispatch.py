@@ -21,7 +21,7 @@ retired like a dead one. This is the one place channels are retired: the report'
 ``updated`` holds every channel whose record changed (``retired`` the ones among them
 now inactive).
 
-**Bounded time** (issue 12). Each message has a time budget (:class:`DeliveryLimits`
+**Bounded time**. Each message has a time budget (:class:`DeliveryLimits`
 ``budget_s``) for everything: every channel, every retry and every pause. A pause that
 would end past it is not taken (``Retry-After`` is honoured only within the budget: a
 longer one gives the channel up for this message); a send still running when it ends is
