@@ -274,6 +274,16 @@ class CaseStore(Protocol):
             Whether it was removed.
         """
 
+    async def postpone_timer(self, timer: CaseTimer, due: datetime) -> bool:
+        """Move a taken timer to ``due`` unless it was set again since (its ``due`` changed).
+
+        A timer set meanwhile (the case's next step, here or by another instance) is
+        newer than the one taken and stays.
+
+        Returns:
+            Whether it was moved.
+        """
+
     # -- technicians and appointments ----------------------------------------------
     async def put_technician(self, technician: Technician) -> None:
         """Insert or replace a technician."""

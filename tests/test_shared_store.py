@@ -14,14 +14,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import ManualClock
 from test_case_store import make_case, make_owner
+from test_owner_loop import T0 as LOOP_T0
+from test_owner_loop import Commander, Health, Told, diagnosis
 
 from notifier.errors import ConflictError
-from notifier.model import Notification
+from notifier.loop import LoopConfig, OwnerLoop
+from notifier.model import DeviceRecord, Notification, Owner
 from notifier.postgres import PostgresStore
 from notifier.rows import case_row
 from notifier.sqlite import MIGRATIONS, SqliteStore
 from notifier.store import CaseTimer, NewMessage
+from wire.protocol import Event
 
 Store = SqliteStore | PostgresStore
 
@@ -115,6 +120,65 @@ async def test_due_timers_are_taken_once_and_fire_again_if_not_finished(
     back = await c.take_timers(now=at(175), hold_until=at(235), limit=100)
     assert sorted(t.case_id for t in back) == sorted([again.case_id, *(t.case_id for t in dead)])
     assert await a.get_timer(finished[0].case_id) is None
+
+
+async def test_a_timer_set_again_while_its_taker_waits_for_the_case_stays(
+    open_store: Callable[[], Store],
+) -> None:
+    """A notifier that took a case's timer but cannot have the case tries again later.
+
+    Another notifier holds the case (its lease) and sets the case's next timer meanwhile
+    (its command was answered: a check is due). The first one gives up waiting and puts
+    back only the timer it took: the other's newer timer is the case's next step and
+    stays; overwritten, the check would never run and the case would wait for good.
+    """
+    clock = ManualClock(LOOP_T0)
+    refused = Event(
+        "w-ann",
+        5,
+        int(LOOP_T0.timestamp() * 1000),
+        "command_result",
+        command_id="x",
+        ok=False,
+        detail="refused: door open",
+    )
+    commander = Commander(script={"cleaning_cycle": [refused]})
+    config = LoopConfig(retry_after_s=120, tick_s=0.01, lease_s=1.0, firmware={"washer": "2.4.0"})
+    async with open_store() as store:
+        await store.put_owner(Owner("ann", "Ann", consent="fix_and_tell"))
+        await store.put_device(DeviceRecord("w-ann", "ann", "washer", "2.3.1"))
+        async with OwnerLoop(
+            store, commander, Health(), Told(), config=config, clock=clock, holder="mine"
+        ) as loop:
+            case = await loop.handle_diagnosis(
+                diagnosis("w-ann", "washer", "drain_clog", ttf_days=10, source="model")
+            )
+            assert case is not None
+            async with asyncio.timeout(10):
+                while loop.commands_running:  # noqa: ASYNC110 - polls the loop's own count
+                    await asyncio.sleep(0.001)
+            retry = await store.get_timer(case.case_id)
+            assert retry is not None
+            assert retry.what == "retry"
+            # another notifier holds the case
+            key = f"{case.device_id}/{case.fault}"
+            assert await store.take_lease(
+                key, "other", now=clock(), until=clock() + timedelta(hours=1)
+            )
+            clock.advance(121)
+            hold = clock() + timedelta(seconds=config.lease_s)
+            tick = asyncio.create_task(loop.tick())
+            async with asyncio.timeout(10):
+                while (await store.get_timer(case.case_id)) != replace(retry, due=hold):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            # taken; the taker waits for the case (lease_s + 5 s) while the holder sets
+            # the case's next timer
+            assert not tick.done()
+            check = CaseTimer(case.case_id, "verify", clock() + timedelta(seconds=30))
+            await store.set_timer(check)
+            await tick
+            assert loop.lease_waits >= 1
+            assert await store.get_timer(case.case_id) == check
 
 
 def note(notification_id: str, *, minutes: float = 0, status: str = "queued") -> Notification:

@@ -446,9 +446,9 @@ class OwnerLoop:
         except (ConflictError, TransientError) as exc:
             _LOG.warning("case %s: %s; trying again", case_id, exc)
             with contextlib.suppress(TransientError):
-                await self.store.set_timer(
-                    CaseTimer(case_id, timer.what, now + timedelta(seconds=5))
-                )
+                # the timer taken, not the case's: a timer set meanwhile (the holder of
+                # the case's lease went on with it) is its next step and stays
+                await self.store.postpone_timer(timer, now + timedelta(seconds=5))
         except Exception:
             # one case that trips its timer must not stop every other case's
             self._steps.case_failed(case_id, f"its {timer.what} timer")

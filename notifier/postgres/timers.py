@@ -119,3 +119,17 @@ class LeaseQueries(PooledStore):
             return row_count(status) > 0
 
         return await self._run(job)
+
+    async def postpone_timer(self, timer: CaseTimer, due: datetime) -> bool:
+        """Move a taken timer to ``due`` unless it was set again since."""
+
+        async def job(conn: Conn) -> bool:
+            status = await conn.execute(
+                "UPDATE case_timers SET due_at = $3 WHERE case_id = $1 AND due_at = $2",
+                timer.case_id,
+                ts(timer.due),
+                ts(due),
+            )
+            return row_count(status) > 0
+
+        return await self._run(job)

@@ -105,3 +105,16 @@ class LeaseQueries(StoreBase):
                 return cursor.rowcount > 0
 
         return await self._run(job)
+
+    async def postpone_timer(self, timer: CaseTimer, due: datetime) -> bool:
+        """Move a taken timer to ``due`` unless it was set again since."""
+
+        def job(conn: sqlite3.Connection) -> bool:
+            with transaction(conn):
+                cursor = conn.execute(
+                    "UPDATE case_timers SET due_at = ? WHERE case_id = ? AND due_at = ?",
+                    (ts(due), timer.case_id, ts(timer.due)),
+                )
+                return cursor.rowcount > 0
+
+        return await self._run(job)
