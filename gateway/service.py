@@ -144,6 +144,8 @@ class Gateway:
         self._queue: asyncio.Queue[_Batch] = asyncio.Queue(maxsize=settings.max_pending_batches)
         self._retire_topic: str | None = None
         self._retire_seen = asyncio.Event()
+        #: messages settled without an acknowledgement (the broker holds them still)
+        self._left_unacked = 0
         #: announces this gateway to its shared group and adopts dead members' sessions
         self.adoption = (
             SessionAdoption(
@@ -222,18 +224,22 @@ class Gateway:
         stores what the broker had queued for it up to a marker it sends itself after
         the UNSUBACK (the broker sends one client's messages first in, first out),
         replays its spool into InfluxDB, and then ends the session. Run it while the
-        instance itself is stopped.
+        instance itself is stopped. A message it received and could not acknowledge (a
+        republished copy not acknowledged, the connection lost) is still the session's:
+        the session is then kept, and the retire says so.
 
         Raises:
             ConfigError: no ``shared_group`` and ``instance`` set, or the broker refused
                 our credentials.
-            BrokerUnavailableError: the broker went away meanwhile; run it again.
+            BrokerUnavailableError: the broker went away meanwhile, or a message was
+                left unacknowledged; run it again.
         """
         settings = self._settings
         if not settings.shared_group or not settings.instance:
             raise ConfigError("only a gateway with shared_group and instance set can retire")
         client_id = settings.session_client_id
         self._retire_topic = _RETIRE_TOPIC.format(client_id=client_id)
+        left_before = self._left_unacked
         async with asyncio.TaskGroup() as group:
             helpers = [
                 group.create_task(self._durable.replay_loop(), name="gateway-replay"),
@@ -252,6 +258,13 @@ class Gateway:
                 await self.drain()
                 await self._durable.spool_empty.wait()
                 await cancel_and_wait(*helpers)
+        left = self._left_unacked - left_before
+        if left:
+            # ending the session would lose them (for partitioned diagnostics at least:
+            # a stored batch whose republish failed is left for the broker to resend)
+            raise BrokerUnavailableError(
+                f"{left} messages were not acknowledged; the session keeps them: retire again"
+            )
         # A clean start with no expiry replaces the session, which ends at the disconnect;
         # an empty retained state tells the group the instance is gone, not down.
         async with self._mqtt.client(client_id, clean_start=True, session_expiry_s=0) as end:
@@ -561,6 +574,7 @@ class Gateway:
         metrics = self.metrics
         connection = batch.connection
         messages = batch.messages
+        acked = False
         if stored:
             if batch.newest_ts_ms > metrics.last_point_ts_ms:
                 metrics.last_point_ts_ms = batch.newest_ts_ms
@@ -569,10 +583,13 @@ class Gateway:
                 try:
                     client.ack_many(messages)
                     metrics.acked += sum(1 for m in messages if m.qos)
+                    acked = True
                 except BrokerUnavailableError:
                     pass  # stored anyway; the broker sends it again and it overwrites itself
         else:
             metrics.dropped_unacked += len(messages)
+        if not acked:
+            self._left_unacked += len(messages)
         metrics.unacked = max(0, metrics.unacked - len(messages))
         connection.outstanding = max(0, connection.outstanding - len(messages))
         if not connection.outstanding:

@@ -28,6 +28,7 @@ from fixloop.server import free_port
 from fixloop.stack import InfluxdServer, MosquittoServer
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
+from wire.errors import BrokerUnavailableError
 from wire.influx import InfluxSettings
 from wire.mqtt import Message, MqttClient
 from wire.settings import MqttSettings
@@ -380,6 +381,73 @@ async def test_a_retired_gateway_stores_its_share_and_leaves_the_group(
         assert sorted(device_seqs) == list(range(230)), device_id
     async with mqtt.client("fixloop-gateway-b", clean_start=False, session_expiry_s=0) as probe:
         assert not probe.session_present  # the retired session is gone
+
+
+async def test_a_retire_that_left_messages_unacknowledged_keeps_the_session(
+    make_mosquitto: MakeMosquitto, make_influxd: MakeInfluxd, tmp_path: Path
+) -> None:
+    """A retire ends the session only once everything it held is acknowledged.
+
+    Republishing for partitioned diagnostics, a batch whose republished copies were not
+    acknowledged is stored but left unacknowledged, for the broker to deliver again.
+    Ending the session then would take those messages from partitioned diagnostics for
+    good: the retire says so instead, keeps the session, and a second retire finishes.
+    """
+    devices = DEVICES[:3]
+    broker = make_mosquitto(device_ids=devices)
+    influx = make_influxd()
+    mqtt = MqttSettings(
+        host=broker.host, port=broker.port, username=GATEWAY_USER, password=GATEWAY_PASSWORD
+    )
+    store = InfluxSettings(url=influx.url)
+    settings = GatewaySettings(
+        spool_dir=tmp_path / "spool",
+        batch_linger_s=0.02,
+        shared_group="ingest",
+        instance="b",
+        republish_partitions=1,
+    )
+    async with Gateway(mqtt, store, settings) as b:
+        task = asyncio.create_task(b.run())
+        async with asyncio.timeout(20):
+            await b.wait_subscribed()
+        await cancel_and_wait(task)
+    # partitioned diagnostics' session for the one partition
+    partition = mqtt.client("diagnostics-p0", clean_start=False, session_expiry_s=600)
+    async with partition:
+        await partition.subscribe("fleet/partitions/0/#", qos=1)
+    base_ms = int(time.time() * 1000) - 86_400_000
+    sent = await fleet_burst(broker, base_ms, devices, range(5), pace_s=0)
+
+    async with Gateway(mqtt, store, settings) as b:
+        assert b.republisher is not None
+        b.republisher.puback_timeout_s = 0  # no republished copy is acknowledged in time
+        with pytest.raises(BrokerUnavailableError, match="not acknowledged"):
+            async with asyncio.timeout(60):
+                await b.retire()
+        assert b.republisher.failed > 0
+    async with Gateway(mqtt, store, settings) as b:
+        async with asyncio.timeout(60):
+            await b.retire()
+    async with mqtt.client("fixloop-gateway-b", clean_start=False, session_expiry_s=0) as probe:
+        assert not probe.session_present  # the retired session is gone
+    copies: set[tuple[str, int]] = set()
+    async with partition:
+        for message in await take_all(partition):
+            body = orjson.loads(message.payload)
+            copies.add((body["id"], body["seq"]))
+    assert copies == {(d, seq) for d in devices for seq in range(5)}
+    assert total_points(influx) == sent
+
+
+async def take_all(client: MqttClient, quiet_s: float = 1.0) -> list[Message]:
+    """Every message until none came for ``quiet_s``, acknowledged."""
+    got: list[Message] = []
+    while await client.wait_messages(quiet_s):
+        batch = client.take(10_000)
+        client.ack_many(batch)
+        got += batch
+    return got
 
 
 async def test_a_dead_gateways_share_is_adopted_by_a_live_one_until_it_returns(
