@@ -210,7 +210,17 @@ async def test_implements_the_case_store_protocol(store: Store) -> None:
         for name, value in vars(CaseStore).items()
         if not name.startswith("_") and inspect.iscoroutinefunction(value)
     }
-    assert len(protocol_methods) == 53
+    store_methods = {
+        name
+        for name, value in inspect.getmembers(type(store))
+        if not name.startswith("_") and inspect.iscoroutinefunction(value)
+    }
+    # Both ways: every protocol method is implemented, and the store has no public
+    # coroutine method the protocol leaves out (callers typed on the protocol could not
+    # reach it); `open` is the backend's own step, taken before the store is handed out.
+    # The filter must see the methods at all, hence the named few.
+    assert {"add_case", "take_timers", "postpone_timer"} <= protocol_methods
+    assert store_methods - {"open"} == protocol_methods
     assert protocol_methods <= set(dir(as_protocol))
     for name in protocol_methods:
         assert inspect.signature(getattr(type(store), name)) == inspect.signature(
