@@ -203,18 +203,19 @@ async def with_case(store: Store, case: Case | None = None) -> Case:
 # -- round trips ------------------------------------------------------------------------------
 
 
+def public_coroutines(cls: type) -> set[str]:
+    """The names of ``cls``'s public coroutine methods, inherited ones included."""
+    return {
+        name
+        for name, value in inspect.getmembers(cls)
+        if not name.startswith("_") and inspect.iscoroutinefunction(value)
+    }
+
+
 async def test_implements_the_case_store_protocol(store: Store) -> None:
     as_protocol: CaseStore = store
-    protocol_methods = {
-        name
-        for name, value in vars(CaseStore).items()
-        if not name.startswith("_") and inspect.iscoroutinefunction(value)
-    }
-    store_methods = {
-        name
-        for name, value in inspect.getmembers(type(store))
-        if not name.startswith("_") and inspect.iscoroutinefunction(value)
-    }
+    protocol_methods = public_coroutines(CaseStore)
+    store_methods = public_coroutines(type(store))
     # Both ways: every protocol method is implemented, and the store has no public
     # coroutine method the protocol leaves out (callers typed on the protocol could not
     # reach it); `open` is the backend's own step, taken before the store is handed out.
